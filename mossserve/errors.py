@@ -1,0 +1,20 @@
+"""Errors that mean "the caller did something wrong" rather than "mossserve is broken".
+
+The CLI prints these without a traceback and the server maps them to HTTP 4xx.
+"""
+
+
+class MossServeError(Exception):
+    """Base class of every error mossserve raises on purpose."""
+
+
+class InvalidRequestError(MossServeError, ValueError):
+    """A request (text, voice, codes, options) that cannot be served as given."""
+
+
+class CheckpointError(MossServeError):
+    """A checkpoint directory or file that does not match what its config promises."""
+
+
+class AudioError(InvalidRequestError):
+    """Audio that cannot be read, is empty, silent, too long, or in an unsupported format."""

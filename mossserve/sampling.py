@@ -1,0 +1,61 @@
+"""Sampling settings of one request.
+
+The Delay family samples its text head with one setting and its audio heads with another; audio
+settings may be given per codebook (a sequence of n_vq values) as well as one value for all.
+A temperature <= 0 means greedy (argmax) for that head group, as in the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Sequence, Union
+
+from .errors import InvalidRequestError
+
+PerCodebook = Union[float, Sequence[float]]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    text_temperature: float = 1.5
+    text_top_p: float = 1.0
+    text_top_k: int = 50
+    audio_temperature: PerCodebook = 1.7
+    audio_top_p: PerCodebook = 0.8
+    audio_top_k: Union[int, Sequence[int]] = 25
+    audio_repetition_penalty: PerCodebook = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def greedy(cls, **overrides) -> "SamplingParams":
+        """Argmax for every head; the repetition penalty still applies where set."""
+        return cls(text_temperature=0.0, audio_temperature=0.0, **overrides)
+
+    def with_overrides(self, **overrides) -> "SamplingParams":
+        """Replace the fields given (None values are ignored)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def per_codebook(self, name: str, n_vq: int) -> list[float]:
+        """One value per codebook for an audio field, validated."""
+        value = getattr(self, name)
+        values = [value] * n_vq if isinstance(value, (int, float)) else list(value)
+        if len(values) != n_vq:
+            raise InvalidRequestError(f"{name} has {len(values)} values; the model has {n_vq} codebooks")
+        return [float(v) for v in values]
+
+    def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "seed":
+                if value is not None and (not isinstance(value, int) or value < 0):
+                    raise InvalidRequestError(f"seed must be a non-negative integer, got {value!r}")
+                continue
+            values = [value] if isinstance(value, (int, float)) else list(value)
+            for v in values:
+                if not isinstance(v, (int, float)) or v != v:
+                    raise InvalidRequestError(f"{f.name} must be a number, got {v!r}")
+                if f.name.endswith("top_p") and not 0.0 < v <= 1.0:
+                    raise InvalidRequestError(f"{f.name} must be in (0, 1], got {v}")
+                if f.name.endswith("top_k") and (v < 0 or int(v) != v):
+                    raise InvalidRequestError(f"{f.name} must be a non-negative integer (0 = off), got {v}")
+                if f.name.endswith("repetition_penalty") and v <= 0:
+                    raise InvalidRequestError(f"{f.name} must be > 0, got {v}")

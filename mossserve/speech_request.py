@@ -1,0 +1,182 @@
+"""`SpeechRequest`: what a caller asks for, with the fields the HTTP API carries.
+
+A voice is either a path to an audio file (encoded by the codec when the request runs), a path
+to a `.npy` file of codes, or codes themselves: an int array `(frames, codebooks)`, time first.
+Family-specific checks (codebook count, code range, which fields a model supports) happen in
+the family's prompt builder; this module checks what every family agrees on.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from .errors import InvalidRequestError
+
+FRAMES_PER_SECOND = 12.5
+MODES = ("generation", "continuation")
+
+Voice = Union[str, Path, np.ndarray, None]
+
+
+@dataclass
+class Speaker:
+    """One dialogue speaker: a reference voice and, optionally, what it says."""
+
+    voice: Voice = None
+    reference_text: str | None = None
+
+
+@dataclass
+class SpeechRequest:
+    input: str | None = None
+    voice: Voice = None
+    reference_text: str | None = None
+    instructions: str | None = None
+    duration_tokens: int | None = None
+    duration_seconds: float | None = None
+    speakers: list[Speaker] | None = None
+    mode: str | None = None
+    language: str | None = None
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        self.voice = normalize_voice(self.voice, "voice")
+        if self.speakers is not None:
+            if not isinstance(self.speakers, (list, tuple)):
+                raise InvalidRequestError("speakers must be a list of {voice, reference_text}")
+            self.speakers = [_speaker(s, i) for i, s in enumerate(self.speakers)]
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("input", "reference_text", "instructions", "language", "task"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidRequestError(f"{name} must be a string, got {type(value).__name__}")
+        if self.mode is not None and self.mode not in MODES:
+            raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.duration_tokens is not None and self.duration_seconds is not None:
+            raise InvalidRequestError("give duration_tokens or duration_seconds, not both")
+        if self.duration_tokens is not None:
+            if isinstance(self.duration_tokens, bool) or not isinstance(self.duration_tokens, (int, np.integer)):
+                raise InvalidRequestError(f"duration_tokens must be an integer, got {self.duration_tokens!r}")
+            if self.duration_tokens <= 0:
+                raise InvalidRequestError(f"duration_tokens must be positive, got {self.duration_tokens}")
+        if self.duration_seconds is not None:
+            if isinstance(self.duration_seconds, bool) or not isinstance(self.duration_seconds, (int, float)):
+                raise InvalidRequestError(f"duration_seconds must be a number, got {self.duration_seconds!r}")
+            if not self.duration_seconds > 0 or self.duration_seconds == float("inf"):
+                raise InvalidRequestError(f"duration_seconds must be positive, got {self.duration_seconds}")
+        if self.speakers is not None and not 1 <= len(self.speakers) <= 5:
+            raise InvalidRequestError(f"speakers must hold 1 to 5 entries, got {len(self.speakers)}")
+
+    @property
+    def expected_frames(self) -> int | None:
+        """The requested duration in codec frames (12.5 per second), if any."""
+        if self.duration_tokens is not None:
+            return int(self.duration_tokens)
+        if self.duration_seconds is not None:
+            return max(1, round(self.duration_seconds * FRAMES_PER_SECOND))
+        return None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> "SpeechRequest":
+        if not isinstance(data, dict):
+            raise InvalidRequestError("a request must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidRequestError(f"unknown request field(s): {', '.join(unknown)}")
+        values = dict(data)
+        if "voice" in values:
+            values["voice"] = resolve_path_or_codes(values["voice"], base_dir)
+        if values.get("speakers") is not None and isinstance(values["speakers"], list):
+            values["speakers"] = [
+                {**s, "voice": resolve_path_or_codes(s.get("voice"), base_dir)} if isinstance(s, dict) else s
+                for s in values["speakers"]
+            ]
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "SpeechRequest":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidRequestError(f"request file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(data, base_dir=path.parent)
+
+
+def _speaker(value: Any, index: int) -> Speaker:
+    if isinstance(value, Speaker):
+        speaker = value
+    elif isinstance(value, dict):
+        unknown = sorted(set(value) - {"voice", "reference_text"})
+        if unknown:
+            raise InvalidRequestError(f"speakers[{index}]: unknown field(s) {', '.join(unknown)}")
+        speaker = Speaker(**value)
+    else:
+        raise InvalidRequestError(f"speakers[{index}] must be an object with voice and reference_text")
+    speaker.voice = normalize_voice(speaker.voice, f"speakers[{index}].voice")
+    if speaker.reference_text is not None and not isinstance(speaker.reference_text, str):
+        raise InvalidRequestError(f"speakers[{index}].reference_text must be a string")
+    return speaker
+
+
+def resolve_path_or_codes(value: Any, base_dir: Path | None) -> Any:
+    """In JSON a voice is a path (relative to the working directory, else to the JSON file) or codes."""
+    if isinstance(value, str) and base_dir is not None:
+        path = Path(value)
+        if not path.is_absolute() and not path.exists() and (base_dir / path).exists():
+            return str(base_dir / path)
+    return value
+
+
+def normalize_voice(value: Voice | list, name: str) -> Voice:
+    """Codes become an int64 array (frames, codebooks); a `.npy` path is loaded; audio paths stay paths."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        path = Path(value)
+        if path.suffix.lower() == ".npy":
+            return load_codes(path, name)
+        if not path.is_file():
+            raise InvalidRequestError(f"{name}: audio file not found: {path}")
+        return path
+    if isinstance(value, (list, tuple)):
+        try:
+            value = np.asarray(value)
+        except ValueError:
+            raise InvalidRequestError(f"{name}: codes must be a rectangular list of integer lists") from None
+    if isinstance(value, np.ndarray) or hasattr(value, "numpy"):
+        return check_codes(np.asarray(value), name)
+    raise InvalidRequestError(f"{name} must be an audio path, a .npy path or codes, got {type(value).__name__}")
+
+
+def load_codes(path: Path, name: str = "codes") -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InvalidRequestError(f"{name}: codes file not found: {path}") from None
+    except (ValueError, OSError) as e:
+        raise InvalidRequestError(f"{name}: cannot read codes from {path}: {e}") from None
+    return check_codes(array, name)
+
+
+def check_codes(array: np.ndarray, name: str = "codes") -> np.ndarray:
+    """Shape (frames, codebooks), integers, at least one frame; range is checked by the family."""
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+        if np.issubdtype(array.dtype, np.floating) and array.size and np.all(array == np.round(array)):
+            array = array.astype(np.int64)
+        else:
+            raise InvalidRequestError(f"{name}: codes must be integers, got dtype {array.dtype}")
+    if array.ndim != 2:
+        raise InvalidRequestError(f"{name}: codes must be 2-D (frames, codebooks), got shape {tuple(array.shape)}")
+    if array.shape[0] == 0:
+        raise InvalidRequestError(f"{name}: codes have zero frames")
+    return array.astype(np.int64, copy=False)
