@@ -78,8 +78,8 @@ class SpeechRequest:
         """The requested duration in codec frames (12.5 per second), if any."""
         if self.duration_tokens is not None:
             return int(self.duration_tokens)
-        if self.duration_seconds is not None:
-            return max(1, round(self.duration_seconds * FRAMES_PER_SECOND))
+        if self.duration_seconds is not None:  # truncated, as the upstream apps convert seconds
+            return max(1, int(self.duration_seconds * FRAMES_PER_SECOND))
         return None
 
     @classmethod

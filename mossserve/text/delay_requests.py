@@ -1,0 +1,212 @@
+"""A `SpeechRequest` as a Delay-family conversation and mode, the way the upstream apps build them.
+
+Upstream (OpenMOSS/MOSS-TTS @ 58b20a0) builds prompts in its demo apps and model cards; we
+follow them per task:
+
+* `tts` (MOSS-TTS, `clis/moss_tts_app.py`): text alone, or with `language` / duration `tokens`;
+  a voice clones (user `reference=[codes]`, generation). Continuation is the app's
+  "Continuation + Clone": the user text is the voice's transcript followed by the new text, the
+  voice is both the reference and the assistant's audio prefix. As in the app, duration control
+  is off in continuation. The transcript and the text are joined with one space (the model
+  card concatenates them; the normalizer removes the space again where Chinese needs none).
+  Without `mode`, a voice with `reference_text` means continuation, a voice alone cloning.
+* `dialogue` (MOSS-TTSD, `clis/moss_ttsd_app.py` and its model card): the input needs `[Sk]`
+  tags for speakers 1..len(speakers) (1..5 without speakers). A speaker gives a voice and its
+  transcript together or neither. With at least one voice: `reference` is indexed by speaker
+  (None where no voice), each cloned speaker's transcript (prefixed `[Sk] ` unless it starts
+  with its tag) goes before the dialogue, joined by spaces as in the model card, and the
+  assistant prefix is the cloned speakers' codes concatenated in time; mode continuation.
+  Otherwise the dialogue alone, generation. Not applied: the app's optional dialogue clean-up
+  (tag rewriting, bracket/quote removal, punctuation folding, merging same-speaker turns), and
+  the app encodes the concatenated waveforms as one clip where we concatenate codes.
+* `voice_design` (MOSS-VoiceGenerator, `clis/moss_voice_generator_app.py`): text +
+  instruction, both required; generation.
+* `sound_effect` (MOSS-SoundEffect, its app and model card): the input is the `ambient_sound`
+  description (not normalized, `text` stays None), optional duration as `tokens`; generation.
+
+Inputs are stripped as the apps strip them; a field the task does not use is refused.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import InvalidRequestError
+from ..speech_request import SpeechRequest, check_codes
+from .delay_prompt import AssistantMessage, UserMessage, build_assistant_message, build_user_message
+
+TASKS = ("tts", "dialogue", "voice_design", "sound_effect")
+MAX_SPEAKERS = 5
+EncodeVoice = Callable[[Path], np.ndarray]
+Conversation = list[UserMessage | AssistantMessage]
+
+# Request fields each task reads (besides `input` and `mode`, which every task reads).
+_TASK_FIELDS = {
+    "tts": {"voice", "reference_text", "duration", "language"},
+    "dialogue": {"speakers"},
+    "voice_design": {"instructions"},
+    "sound_effect": {"duration"},
+}
+
+
+def infer_task(request: SpeechRequest) -> str:
+    """speakers -> dialogue; instructions without a voice -> voice_design; otherwise tts."""
+    if request.speakers is not None:
+        return "dialogue"
+    if request.instructions is not None and request.voice is None:
+        return "voice_design"
+    return "tts"
+
+
+def delay_conversation(
+    request: SpeechRequest,
+    *,
+    n_vq: int,
+    audio_vocab_size: int,
+    task: str | None = None,
+    encode_voice: EncodeVoice | None = None,
+) -> tuple[Conversation, str]:
+    """(conversation, mode) for the Delay prompt builder.
+
+    The task is the request's, else `task` (a model-level default), else inferred. Voices are
+    codes (frames, n_vq) or audio paths, which `encode_voice` (the codec) turns into codes.
+    """
+    task = request.task or task or infer_task(request)
+    if task not in TASKS:
+        raise InvalidRequestError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    _reject_unused(request, task)
+    build = {"tts": _tts, "dialogue": _dialogue, "voice_design": _voice_design, "sound_effect": _sound_effect}[task]
+    return build(request, _VoiceCodes(n_vq, audio_vocab_size, encode_voice))
+
+
+def _tts(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversation, str]:
+    has_voice = request.voice is not None
+    transcript = _stripped(request.reference_text)
+    language = _stripped(request.language)
+    if transcript is not None and not has_voice:
+        raise InvalidRequestError("reference_text is the transcript of a voice; give the voice too")
+    mode = request.mode or ("continuation" if transcript is not None else "generation")
+    if mode == "generation":
+        if transcript is not None:
+            raise InvalidRequestError("reference_text is used only in continuation mode (cloning does not need it)")
+        text = _required(request.input, "input")
+        reference = [codes(request.voice, "voice")] if has_voice else None
+        return [_user(text, reference=reference, tokens=request.expected_frames, language=language)], mode
+    if not has_voice:
+        raise InvalidRequestError("continuation needs a voice: its codes are the audio prefix the model continues")
+    if request.expected_frames is not None:
+        raise InvalidRequestError("duration control is not available in continuation mode")
+    text = _required(request.input, "input")
+    if transcript is not None:
+        text = f"{transcript} {text}"
+    voice = codes(request.voice, "voice")
+    return [_user(text, reference=[voice], language=language), build_assistant_message([voice])], mode
+
+
+def _dialogue(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversation, str]:
+    text = _required(request.input, "input")
+    speakers = request.speakers or []
+    tags = [int(k) for k in re.findall(r"\[S(\d+)\]", text)]
+    if not tags:
+        raise InvalidRequestError("a dialogue needs speaker tags such as [S1], [S2] in input")
+    limit = len(speakers) or MAX_SPEAKERS
+    if max(tags) > limit:
+        raise InvalidRequestError(f"input uses [S{max(tags)}] but there are only {limit} speakers")
+    transcripts = []
+    for k, speaker in enumerate(speakers, 1):
+        transcript = _stripped(speaker.reference_text)
+        if (speaker.voice is None) != (transcript is None):
+            raise InvalidRequestError(f"speakers[{k - 1}]: give voice and reference_text together (or neither)")
+        if transcript is not None:
+            transcripts.append(transcript if transcript.startswith(f"[S{k}]") else f"[S{k}] {transcript}")
+    if not transcripts:
+        if request.mode == "continuation":
+            raise InvalidRequestError("dialogue continuation needs at least one speaker with a voice")
+        return [_user(text)], "generation"
+    if request.mode == "generation":
+        raise InvalidRequestError("a dialogue with speaker voices runs in continuation mode (their audio is a prefix)")
+    reference = [codes(s.voice, f"speakers[{k}].voice") for k, s in enumerate(speakers)]
+    user = _user(" ".join(transcripts + [text]), reference=reference)
+    prefix = np.concatenate([v for v in reference if v is not None])
+    return [user, build_assistant_message([prefix])], "continuation"
+
+
+def _voice_design(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversation, str]:
+    _require_generation(request, "voice_design")
+    text = _required(request.input, "input")
+    instruction = _required(request.instructions, "instructions", "voice_design needs instructions (the voice)")
+    return [_user(text, instruction=instruction)], "generation"
+
+
+def _sound_effect(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversation, str]:
+    _require_generation(request, "sound_effect")
+    description = _required(request.input, "input", "sound_effect needs a sound description in input")
+    return [build_user_message(ambient_sound=description, tokens=request.expected_frames)], "generation"
+
+
+class _VoiceCodes:
+    """Turns a request voice into checked codes (frames, n_vq), encoding audio with the codec."""
+
+    def __init__(self, n_vq: int, audio_vocab_size: int, encode_voice: EncodeVoice | None):
+        self.n_vq, self.audio_vocab_size, self.encode_voice = n_vq, audio_vocab_size, encode_voice
+
+    def __call__(self, voice: Any, name: str) -> np.ndarray | None:
+        if voice is None:
+            return None
+        if isinstance(voice, (str, Path)):
+            if self.encode_voice is None:
+                raise InvalidRequestError(f"{name} is an audio file; encoding it needs the codec (or give codes)")
+            voice = self.encode_voice(Path(voice))
+        codes = check_codes(np.asarray(voice), name)
+        if codes.shape[1] != self.n_vq:
+            raise InvalidRequestError(f"{name}: codes have {codes.shape[1]} codebooks; this model has {self.n_vq}")
+        if codes.min() < 0 or codes.max() >= self.audio_vocab_size:
+            raise InvalidRequestError(f"{name}: codes must lie in 0..{self.audio_vocab_size - 1}")
+        return codes
+
+
+def _user(text: str, **fields: Any) -> UserMessage:
+    message = build_user_message(text=text, **fields)
+    if not message.text:
+        raise InvalidRequestError("input is empty after text normalization")
+    return message
+
+
+def _required(value: str | None, name: str, message: str | None = None) -> str:
+    value = _stripped(value)
+    if value is None:
+        raise InvalidRequestError(message or f"{name} is empty: there is nothing to say")
+    return value
+
+
+def _stripped(value: str | None) -> str | None:
+    """Blank strings count as absent, as in the apps."""
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _reject_unused(request: SpeechRequest, task: str) -> None:
+    given = {
+        "voice": request.voice is not None,
+        "reference_text": request.reference_text is not None,
+        "instructions": request.instructions is not None,
+        "duration": request.duration_tokens is not None or request.duration_seconds is not None,
+        "speakers": request.speakers is not None,
+        "language": request.language is not None,
+    }
+    for name, present in given.items():
+        if present and name not in _TASK_FIELDS[task]:
+            label = "duration_tokens / duration_seconds" if name == "duration" else name
+            per_speaker = task == "dialogue" and name in ("voice", "reference_text")
+            hint = " (give voices per speaker in speakers)" if per_speaker else ""
+            raise InvalidRequestError(f"{label} is not used by the {task} task{hint}")
+
+
+def _require_generation(request: SpeechRequest, task: str) -> None:
+    if request.mode not in (None, "generation"):
+        raise InvalidRequestError(f"the {task} task supports only generation mode, got {request.mode!r}")

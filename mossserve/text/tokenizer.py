@@ -1,0 +1,66 @@
+"""The text tokenizer of a checkpoint, read from its `tokenizer.json` with the `tokenizers` library.
+
+No transformers: the published `tokenizer.json` already holds everything that encoding and
+decoding need (BPE, NFC normalizer, Qwen2 split, byte-level mapping, added tokens). Added tokens
+are matched verbatim in the raw text, so a special-token spelling inside user text becomes that
+token, as in the reference. No BOS/EOS is ever added. `tokenizer_config.json` is read for the
+spellings of the EOS and PAD tokens.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from tokenizers import Tokenizer
+
+from ..errors import CheckpointError
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, eos_token: str | None = None, pad_token: str | None = None):
+        self.tokenizer = tokenizer
+        self.eos_token = eos_token
+        self.pad_token = pad_token
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "TextTokenizer":
+        path = Path(path)
+        tokenizer_file, config_file = path / "tokenizer.json", path / "tokenizer_config.json"
+        for file in (tokenizer_file, config_file):
+            if not file.is_file():
+                raise CheckpointError(f"{file} not found: a checkpoint needs tokenizer.json and tokenizer_config.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception on bad files
+            raise CheckpointError(f"{tokenizer_file} cannot be read as a tokenizer: {e}") from None
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_file} must hold a JSON object")
+        return cls(tokenizer, _token_spelling(config.get("eos_token")), _token_spelling(config.get("pad_token")))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.tokenizer.id_to_token(int(token_id))
+
+    def tokens(self, text: str) -> list[str]:
+        """The token spellings of `encode(text)` (byte-level form, e.g. 'Ġ' for a space)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).tokens
+
+
+def _token_spelling(value: object) -> str | None:
+    """tokenizer_config.json writes a token as a string or as an AddedToken dict with 'content'."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
