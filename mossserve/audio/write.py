@@ -1,0 +1,52 @@
+"""Whole audio files: wav, pcm, flac, mp3, opus (and .npy for files)."""
+
+import io
+from os import PathLike
+
+import numpy as np
+import soundfile as sf
+
+from mossserve.audio.av_encoder import AVEncoder
+from mossserve.audio.formats import check_format, format_from_path
+from mossserve.audio.samples import as_channels_first, to_s16
+
+
+def encode_audio(samples: np.ndarray, sample_rate: int, format: str, wav_float: bool = False) -> bytes:
+    """The bytes of a whole file in `format` (one of FORMATS).
+
+    wav is 16-bit PCM (`wav_float=True`: 32-bit float, unclipped); pcm is raw s16le, channels
+    interleaved; flac is 16-bit. mp3 and opus may be written at another rate than `sample_rate`
+    (see formats.RATES). Integer formats clip to [-1, 1] and round.
+    """
+    format = check_format(format)
+    x = as_channels_first(samples)
+    if format == "pcm":
+        return to_s16(x).T.astype("<i2").tobytes()
+    if format in ("wav", "flac"):
+        buffer = io.BytesIO()
+        if format == "wav" and wav_float:
+            sf.write(buffer, x.T, sample_rate, format="WAV", subtype="FLOAT")
+        else:
+            sf.write(buffer, to_s16(x).T, sample_rate, format=format.upper(), subtype="PCM_16")
+        return buffer.getvalue()
+    encoder = AVEncoder(format, sample_rate, x.shape[0], seekable=True)
+    encoder.write(x)
+    return encoder.close()
+
+
+def write_audio(
+    path: str | PathLike, samples: np.ndarray, sample_rate: int, format: str | None = None, wav_float: bool = False
+) -> None:
+    """Write a file; the format comes from the extension unless given.
+
+    `.npy` holds the raw float32 samples, unclipped: `(n,)` for mono, `(channels, n)` otherwise.
+    """
+    format = format_from_path(path) if format is None else format.lower().lstrip(".")
+    if format == "npy":
+        x = as_channels_first(samples)
+        with open(path, "wb") as f:
+            np.save(f, x[0] if x.shape[0] == 1 else x)
+        return
+    data = encode_audio(samples, sample_rate, format, wav_float=wav_float)
+    with open(path, "wb") as f:
+        f.write(data)

@@ -1,0 +1,221 @@
+"""Reading, loading and resampling audio: the real recordings, bytes and file objects, bad input."""
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mossserve.audio import StreamEncoder, encode_audio, load_audio, read_audio, resample
+from mossserve.errors import AudioError, InvalidRequestError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "audio"
+MANIFEST = {e["file"]: e for e in json.loads((FIXTURES / "audio_manifest.json").read_text())}
+FILES = sorted(p.name for p in FIXTURES.iterdir() if p.name in MANIFEST)
+
+
+def expected_samples(entry: dict) -> int:
+    # read_audio uses libsndfile where it can (so mpg123 counts for mp3), FFmpeg otherwise (m4a).
+    return entry["samples_libsndfile"] if entry["samples_libsndfile"] is not None else entry["samples_ffmpeg"]
+
+
+def sine(rate: int, freq: float = 1000.0, seconds: float = 1.0, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(round(rate * seconds)) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+def test_fixture_copies_cover_every_decoder_path():
+    suffixes = {Path(name).suffix for name in FILES}
+    assert {".wav", ".mp3", ".m4a"} <= suffixes
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_fixture_decodes_as_the_manifest_says(name):
+    entry = MANIFEST[name]
+    x, rate = read_audio(FIXTURES / name)
+    assert x.dtype == np.float32
+    assert rate == entry["sample_rate"]
+    assert x.shape == (entry["channels"], expected_samples(entry))
+    assert abs(float(np.abs(x).max()) - entry["peak"]) < 6e-5  # manifest peaks have 4 decimals
+
+
+@pytest.mark.parametrize("name", ["reference_zh.wav", "reference_en_3.mp3", "reference_en.m4a"])
+def test_bytes_and_file_objects_decode_like_the_path(name):
+    path = FIXTURES / name
+    x, rate = read_audio(path)
+    from_bytes, rate_b = read_audio(path.read_bytes())
+    with open(path, "rb") as f:
+        from_file, rate_f = read_audio(f)
+    assert rate == rate_b == rate_f
+    np.testing.assert_array_equal(x, from_bytes)
+    np.testing.assert_array_equal(x, from_file)
+
+
+@pytest.mark.parametrize("format,subtype", [("OGG", "VORBIS"), ("OGG", "OPUS"), ("FLAC", "PCM_16"), ("WAV", "FLOAT")])
+def test_other_libsndfile_formats_decode(format, subtype):
+    buffer = io.BytesIO()
+    sf.write(buffer, sine(24000, amplitude=0.25), 24000, format=format, subtype=subtype)
+    x, rate = read_audio(buffer.getvalue())
+    assert rate == 24000 and x.shape == (1, 24000)
+    assert abs(float(np.abs(x).max()) - 0.25) < 0.02
+
+
+def test_streamed_flac_of_unknown_length_falls_back_to_ffmpeg():
+    encoder = StreamEncoder("flac", 24000)
+    data = encoder.write(sine(24000)) + encoder.close()
+    with pytest.raises((ValueError, sf.LibsndfileError)):
+        sf.read(io.BytesIO(data))  # libsndfile cannot read a FLAC without its length
+    x, rate = read_audio(data)
+    assert rate == 24000 and x.shape == (1, 24000)
+
+
+# sha256 of the float32 clips stored in the MOSS-Audio-Tokenizer codec fixtures (goldens.json):
+# load_audio must prepare reference audio exactly as those fixtures were prepared.
+CODEC_CLIPS = [
+    ("reference_zh.wav", 0.10, 2.50, "6fd11bffdf963d84c97bcefb9fe5d939b0797edb2bbdd63b4c16acf74c20ee59"),
+    ("reference_02_s1.wav", 0.50, 2.56, "3d2dcc3d3e09f6aabae5088be0e6975b7ad380b07063d4d2c3b1b0e59aab90e0"),
+    ("demo_gt.wav", 1.00, 2.20, "cf93d8414887724668b4f97ab45f62558811559f60d7e6ce18967eb5cf983573"),
+]
+
+
+@pytest.mark.parametrize("name,start,dur,sha", CODEC_CLIPS)
+def test_load_audio_reproduces_the_codec_fixture_clips(name, start, dur, sha):
+    x = load_audio(FIXTURES / name, 24000)
+    a = round(start * 24000)
+    clip = x[0, a : a + round(dur * 24000)]
+    assert hashlib.sha256(clip.astype("<f4").tobytes()).hexdigest() == sha
+
+
+def test_load_audio_averages_stereo_to_mono():
+    # the stereo fixtures hold the same signal twice, so build channels that differ
+    left, right = sine(24000, 440.0), sine(24000, 1000.0, amplitude=0.2)
+    mono = load_audio(encode_audio(np.stack([left, right]), 24000, "flac"), 24000)
+    assert mono.shape == (1, 24000)
+    expected = (np.round(left * 32767) / 32768 + np.round(right * 32767) / 32768) / 2
+    np.testing.assert_allclose(mono[0], expected, atol=1e-7)
+
+
+def test_load_audio_duplicates_mono_for_two_channels():
+    mono = load_audio(FIXTURES / "demo_gt.wav", 24000)
+    stereo = load_audio(FIXTURES / "demo_gt.wav", 24000, channels=2)
+    assert stereo.shape == (2, mono.shape[1])
+    np.testing.assert_array_equal(stereo[0], mono[0])
+    np.testing.assert_array_equal(stereo[1], mono[0])
+
+
+def test_load_audio_resamples_to_the_target_rate():
+    x = load_audio(FIXTURES / "reference_02_s1.wav", 24000)  # 124620 samples at 16 kHz
+    assert x.dtype == np.float32
+    assert x.shape == (1, 124620 * 3 // 2)
+
+
+@pytest.mark.parametrize("src,dst", [(16000, 24000), (44100, 24000), (48000, 24000), (24000, 48000)])
+def test_resample_keeps_frequency_and_level(src, dst):
+    x = sine(src, freq=1000.0)
+    y = resample(x, src, dst)
+    assert y.dtype == np.float32 and y.shape == (dst,)
+    spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    assert abs(np.argmax(spectrum) * dst / len(y) - 1000.0) <= 1.0
+    edge = dst // 20  # leave out the filter's start-up and tail
+    assert rms(y[edge:-edge]) == pytest.approx(rms(x), rel=0.01)
+
+
+def test_resample_keeps_channels_apart():
+    x = np.stack([sine(44100, 440.0), sine(44100, 3000.0, amplitude=0.2)])
+    y = resample(x, 44100, 24000)
+    assert y.shape == (2, 24000)
+    np.testing.assert_allclose(y[1], resample(x[1], 44100, 24000), atol=1e-6)
+    assert rms(y[0]) > 2 * rms(y[1])
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_audio_error_is_an_invalid_request():
+    assert issubclass(AudioError, InvalidRequestError)
+
+
+def test_random_bytes_are_refused():
+    data = np.random.default_rng(0).bytes(4096)
+    with pytest.raises(AudioError, match="not a supported audio format"):
+        read_audio(data)
+
+
+def test_text_file_is_refused(tmp_path):
+    path = tmp_path / "notes.wav"
+    path.write_text("this is not audio\n" * 100)
+    with pytest.raises(AudioError, match="not a supported audio format"):
+        load_audio(path, 24000)
+
+
+def test_empty_data_and_empty_file_are_refused(tmp_path):
+    with pytest.raises(AudioError, match="empty"):
+        read_audio(b"")
+    with pytest.raises(AudioError, match="empty"):
+        read_audio(io.BytesIO(b""))
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(AudioError, match="empty"):
+        read_audio(tmp_path / "empty.wav")
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(AudioError, match="not found"):
+        read_audio(tmp_path / "nope.wav")
+
+
+@pytest.mark.parametrize("name,keep", [("demo_gt.wav", 30), ("reference_en_0.mp3", 200), ("reference_en.m4a", 5000)])
+def test_truncated_files_are_refused(name, keep):
+    with pytest.raises(AudioError, match="cannot decode"):
+        read_audio((FIXTURES / name).read_bytes()[:keep])
+
+
+def test_header_without_samples_is_refused():
+    header_only = (FIXTURES / "demo_gt.wav").read_bytes()[:44]
+    assert read_audio(header_only)[0].shape == (1, 0)
+    with pytest.raises(AudioError, match="no samples"):
+        load_audio(header_only, 24000)
+
+
+def test_silent_audio_is_refused():
+    zeros = encode_audio(np.zeros(24000, np.float32), 24000, "wav")
+    with pytest.raises(AudioError, match="silent"):
+        load_audio(zeros, 24000)
+    with pytest.raises(AudioError, match="silent"):
+        load_audio(zeros, 24000, min_peak=0)
+    hiss = encode_audio(sine(24000, amplitude=3e-4), 24000, "wav")
+    with pytest.raises(AudioError, match="silent"):
+        load_audio(hiss, 24000)
+    assert load_audio(hiss, 24000, min_peak=1e-4).shape == (1, 24000)
+
+
+def test_too_long_audio_is_refused():
+    with pytest.raises(AudioError, match="too long.*limit is 5 s"):
+        load_audio(FIXTURES / "demo_gt.wav", 24000, max_seconds=5)  # 5.067 s
+    assert load_audio(FIXTURES / "demo_gt.wav", 24000, max_seconds=5.1).shape[1] == 121600
+
+
+def test_too_long_audio_is_refused_while_decoding_with_ffmpeg():
+    with pytest.raises(AudioError, match="too long.*limit is 1 s"):
+        load_audio(FIXTURES / "reference_en.m4a", 24000, max_seconds=1)
+
+
+def test_non_finite_samples_are_refused():
+    x = sine(24000)
+    x[100] = np.nan
+    buffer = io.BytesIO()
+    sf.write(buffer, x, 24000, format="WAV", subtype="FLOAT")
+    with pytest.raises(AudioError, match="NaN or infinity"):
+        load_audio(buffer.getvalue(), 24000)
+
+
+def test_unmappable_channel_count_is_refused():
+    three = encode_audio(np.stack([sine(24000)] * 3), 24000, "wav")
+    with pytest.raises(AudioError, match="3-channel"):
+        load_audio(three, 24000, channels=2)
