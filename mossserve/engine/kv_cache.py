@@ -1,0 +1,54 @@
+"""Slot-based KV cache: one fixed-size slot per running request, allocated once.
+
+Slots (not pages) because a talker request's length is bounded and known at admission
+(prompt + max new frames), the batch is small (tens of requests), and a slot makes the
+decode-step gather a plain index. docs/engine.md has the reasoning.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidRequestError
+
+
+class SlotKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, num_slots, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self.lengths = [0] * num_slots
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free KV cache slot")
+        slot = self._free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self._free:
+            raise RuntimeError(f"slot {slot} released twice")
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+
+def check_capacity(cache: SlotKVCache, starts: list[int], num_tokens: int) -> None:
+    longest = max(starts) + num_tokens
+    if longest > cache.max_len:
+        raise InvalidRequestError(f"sequence of {longest} positions exceeds the cache length {cache.max_len}")

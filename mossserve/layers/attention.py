@@ -1,0 +1,45 @@
+"""Qwen3 self-attention (qk-norm, rotary, GQA) reading and writing a slot KV cache."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch_context import BatchContext
+from .norms import RMSNorm
+from .rotary import RotaryEmbedding
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.qkv_proj = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: BatchContext,
+        rotary: RotaryEmbedding,
+        cache_k: torch.Tensor | None,
+        cache_v: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x (B, T, H); cache_k/v (slots, kv_heads, max_len, d) of this layer, or None."""
+        batch, length, _ = x.shape
+        d = self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q = self.q_norm(q.view(batch, length, self.heads, d)).transpose(1, 2)
+        k = self.k_norm(k.view(batch, length, self.kv_heads, d)).transpose(1, 2)
+        v = v.view(batch, length, self.kv_heads, d).transpose(1, 2)
+        q, k = rotary(q, k, ctx.positions)
+        if cache_k is not None:
+            rows = ctx.slots[:, None]
+            cache_k[rows, :, ctx.positions] = k.transpose(1, 2)
+            cache_v[rows, :, ctx.positions] = v.transpose(1, 2)
+            k = cache_k[ctx.slots, :, : ctx.kv_len]
+            v = cache_v[ctx.slots, :, : ctx.kv_len]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.heads * d))

@@ -1,0 +1,30 @@
+"""Where the new tokens of one forward call sit: per row a cache slot and a start position."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BatchContext:
+    """Where the tokens of one forward call go: per row a slot and a start position.
+
+    Row b appends T tokens at positions start[b] .. start[b]+T-1 of its slot and attends to
+    every earlier position of that slot (causal by absolute position).
+    """
+
+    positions: torch.Tensor  # (B, T) absolute positions of the new tokens
+    slots: torch.Tensor | None  # (B,) slot of each row, None = no cache (plain causal attention)
+    kv_len: int  # keys to read per row: max(start + T)
+    mask: torch.Tensor  # (B, 1, T, kv_len) True = may attend
+
+    @classmethod
+    def build(cls, starts: list[int], num_tokens: int, slots: list[int] | None, device: torch.device) -> "BatchContext":
+        start = torch.tensor(starts, dtype=torch.int64, device=device)
+        positions = start[:, None] + torch.arange(num_tokens, device=device)[None, :]
+        kv_len = int(max(starts)) + num_tokens
+        keys = torch.arange(kv_len, device=device)
+        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        slot_tensor = None if slots is None else torch.tensor(slots, dtype=torch.int64, device=device)
+        return cls(positions=positions, slots=slot_tensor, kv_len=kv_len, mask=mask)

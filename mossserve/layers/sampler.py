@@ -1,0 +1,89 @@
+"""Batched logits processing and sampling, in the reference's order.
+
+Order per row: temperature -> repetition penalty -> top-k -> top-p -> softmax -> one draw.
+Every setting is a per-row tensor, so one call serves rows of different requests and
+codebooks. Randomness comes in from outside as exponential noise: a draw is
+`argmax(probs / noise)`, which is exactly what torch's CPU `multinomial(probs, 1)` computes
+from `noise = empty_like(probs).exponential_(1)`. The caller decides which generator fills
+which rows (per-request streams, or the reference's one shared stream).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its temperature; rows with temperature <= 0 are greedy and stay as they are."""
+    return logits / torch.where(temperature > 0, temperature, torch.ones_like(temperature)).unsqueeze(-1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Logits of ids seen in the history: positive ones divided by the penalty, the rest multiplied."""
+    penalty = penalty.unsqueeze(-1)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen & (penalty != 1.0), penalized, logits)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k largest logits (k <= 0: keep all)."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    if bool((k >= vocab).all()):
+        return logits
+    k_max = int(k.max())
+    values, indices = torch.topk(logits, k_max, dim=-1)
+    keep = torch.arange(k_max, device=logits.device) < k.unsqueeze(-1)
+    filtered = torch.full_like(logits, float("-inf"))
+    return filtered.scatter_(-1, indices, torch.where(keep, values, filtered[:, :k_max]))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest prefix of the sorted distribution whose mass before each token is <= p."""
+    active = top_p < 1.0
+    if not bool(active.any()):
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs, sorted_indices = torch.sort(probs, descending=True, dim=-1)
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    remove_sorted = cumulative > top_p.unsqueeze(-1)
+    remove_sorted[..., 1:] = remove_sorted[..., :-1].clone()
+    remove_sorted[..., 0] = False
+    remove_sorted &= active.unsqueeze(-1)
+    remove = torch.zeros_like(remove_sorted).scatter_(-1, sorted_indices, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    penalty: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row. Rows with temperature <= 0 take the argmax after the penalty.
+
+    `noise` (rows, vocab) holds exponential draws for the sampled rows (any values for greedy
+    rows); it may be None when every row is greedy.
+    """
+    logits = apply_temperature(logits.float(), temperature)
+    if penalty is not None and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, penalty)
+    greedy = temperature <= 0
+    tokens = torch.argmax(logits, dim=-1)
+    if bool(greedy.all()):
+        return tokens
+    if noise is None:
+        raise ValueError("sampled rows need noise")
+    filtered = apply_top_p(apply_top_k(logits, top_k), top_p)
+    probs = torch.softmax(filtered, dim=-1)
+    drawn = torch.argmax(probs / noise, dim=-1)
+    return torch.where(greedy, tokens, drawn)
+
+
+def exponential_noise(rows: int, vocab: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """The draws torch's CPU multinomial makes for `rows` one-sample calls batched in one call."""
+    noise = torch.empty(rows, vocab, dtype=torch.float32, device=generator.device if generator is not None else device)
+    noise.exponential_(1, generator=generator)
+    return noise.to(device)

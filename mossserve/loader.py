@@ -1,0 +1,141 @@
+"""Checkpoints as published: a directory (or Hugging Face hub id) with config.json and safetensors.
+
+Weights are read with safetensors only (no pickle) straight into modules built on the meta
+device, so a bf16 8B model never exists in fp32 in memory. The mapping from published names to
+our parameters is a `layout`: name -> (parameter, first row), which lets one fused parameter
+(q|k|v, gate|up, all audio heads) take several published tensors. Loading is strict: every
+published tensor is consumed and every parameter row filled, or the error names the tensor.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .errors import CheckpointError
+
+Layout = dict[str, tuple[str, int]]
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise CheckpointError(f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_model_dir(name_or_path: str | Path, allow_patterns: list[str] | None = None) -> Path:
+    """A local directory as is; otherwise a hub id downloaded (or taken from the local hub cache)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; give the checkpoint directory")
+    text = str(name_or_path)
+    if not HUB_ID.match(text):
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=allow_patterns))
+    except Exception as e:  # the hub client raises many types: offline, not found, gated
+        raise CheckpointError(f"{text} is not a local directory and could not be fetched from the hub: {e}") from None
+
+
+def weight_files(model_dir: Path, stem: str = "model") -> list[Path]:
+    """`model.safetensors`, or the shards listed by `model.safetensors.index.json`."""
+    index = model_dir / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index} lists {file.name}, which is missing")
+        return files
+    single = model_dir / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{model_dir}: no {stem}.safetensors or {stem}.safetensors.index.json")
+
+
+def build_on_meta(factory: Callable[[], ModuleT], dtype: torch.dtype, device: torch.device | str) -> ModuleT:
+    """Construct without allocating or initialising, then allocate uninitialised storage."""
+    with torch.device("meta"):
+        module = factory()
+    return module.to(dtype=dtype).to_empty(device=device)
+
+
+def load_weights(module: nn.Module, files: list[Path], layout: Layout) -> None:
+    """Fill every parameter of `module` from `files` as `layout` says; strict."""
+    params = dict(module.named_parameters())
+    segments = _segments(params, layout)
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name not in layout:
+                        unexpected.append(name)
+                        continue
+                    param_name, row = layout[name]
+                    expected = segments[name]
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != expected:
+                        raise CheckpointError(f"{file.name}: tensor {name} has shape {list(shape)}, expected {list(expected)}")
+                    if name in filled:
+                        raise CheckpointError(f"tensor {name} appears in more than one file")
+                    target = params[param_name].data
+                    with torch.no_grad():
+                        target[row : row + shape[0]].copy_(f.get_tensor(name))
+                    filled.add(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot read ({e})") from None
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor(s) in checkpoint: {_names(unexpected)}")
+    missing = sorted(set(layout) - filled)
+    if missing:
+        raise CheckpointError(f"missing tensor(s) in checkpoint: {_names(missing)}")
+
+
+def _segments(params: dict[str, nn.Parameter], layout: Layout) -> dict[str, tuple[int, ...]]:
+    """The shape each published tensor must have: its row range of the target parameter."""
+    by_param: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for name, (param_name, row) in layout.items():
+        if param_name not in params:
+            raise AssertionError(f"layout maps {name} to unknown parameter {param_name}")
+        by_param[param_name].append((row, name))
+    uncovered = sorted(set(params) - set(by_param))
+    if uncovered:
+        raise AssertionError(f"parameters without a published tensor: {uncovered}")
+    shapes = {}
+    for param_name, entries in by_param.items():
+        param = params[param_name]
+        entries.sort()
+        ends = [row for row, _ in entries[1:]] + [param.shape[0]]
+        for (row, name), end in zip(entries, ends):
+            shapes[name] = (end - row, *param.shape[1:])
+    return shapes
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,75 @@
+"""The talker-family seam: what the engine needs from a model family, and nothing more.
+
+A family turns a request into a prompt matrix, keeps per-slot decode state in tensors (so a
+batch of requests at different points of their lives is one gather), and turns the last
+hidden state of every row into that row's next input row. The engine owns slots, the KV
+cache, batching and streaming; the family owns everything model-specific.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..sampling import SamplingParams
+from ..speech_request import SpeechRequest
+from .qwen3_config import Qwen3Config
+
+EncodeVoice = Callable[[Path], np.ndarray]
+
+
+@dataclass
+class Prompt:
+    """A request's prompt matrix (T, columns) plus what its family needs to start decoding."""
+
+    rows: np.ndarray
+    start_length: int = 0  # prompt rows that belong to the returned audio (continuation prefix)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepOutput:
+    """Per batch row: the next input row, a completed audio frame (if any), and whether it ended."""
+
+    rows: torch.Tensor  # (B, columns) int64
+    frames: torch.Tensor  # (B, codebooks) int64, meaningful where has_frame
+    has_frame: torch.Tensor  # (B,) bool
+    new_segment: torch.Tensor  # (B,) bool: this frame follows a gap and starts a new clip
+    finished: torch.Tensor  # (B,) bool
+
+
+class TalkerFamily(ABC):
+    model: nn.Module
+    backbone_config: Qwen3Config  # sizes of the KV cache
+    columns: int  # width of a prompt row: text column + one per codebook
+    codebooks: int
+    sample_rate: int
+    max_new_frames: int  # default cap on generated steps
+    source: Path | None = None  # the checkpoint directory it was loaded from
+
+    @abstractmethod
+    def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt: ...
+
+    @abstractmethod
+    def default_sampling(self) -> SamplingParams: ...
+
+    @abstractmethod
+    def new_state(self, max_slots: int, device: torch.device) -> object:
+        """Per-slot decode state tables for up to `max_slots` concurrent requests."""
+
+    @abstractmethod
+    def admit(self, state: object, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
+        """Start a request in `slot`; returns the audio segments (F_i, codebooks) already complete in
+        the prompt (a continuation prefix); generated frames extend the last one unless they follow a gap."""
+
+    def release(self, state: object, slot: int) -> None:
+        """Forget the request in `slot`."""
+
+    @abstractmethod
+    def step(self, state: object, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
+        """hidden (B, H): last hidden state of each row; slots (B,) their slots."""

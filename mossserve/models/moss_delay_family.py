@@ -1,0 +1,307 @@
+"""The Delay family (MOSS-TTS, MOSS-TTSD, MOSS-VoiceGenerator, MOSS-SoundEffect) behind the seam.
+
+Per slot it keeps the reference's decode state (audio length, delay counter, audio mode,
+stopping, step), the repetition-penalty history as presence masks, the sampling settings as
+tensors, and a window of the last n_vq rows that de-delays frames online: frame t is complete
+once row t + n_vq - 1 is out. One `step` serves a batch of requests at different steps.
+
+Randomness follows the reference: per step a request draws, in order, noise for its text row,
+its codebook-0 row and its other codebooks (only for rows it samples). Each request has its own
+generator, so a seeded request replays the reference's seeded run whatever runs beside it;
+`shared_generator` instead reproduces the reference's static batch, where one generator and one
+repetition history serve the whole batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InvalidRequestError
+from ..layers.sampler import exponential_noise, sample
+from ..sampling import SamplingParams
+from ..speech_request import SpeechRequest
+from .delay_pattern import dedelay, segments
+from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily
+from .moss_delay import MossDelayModel
+from .moss_delay_config import MossDelayConfig
+
+INACTIVE = -1
+LITERAL_DELAY_SLOT_ID = 151662  # the reference masks this id at step 0 literally, not from the config
+
+
+@dataclass
+class DelayState:
+    audio_len: torch.Tensor  # (S,) int64
+    delayed: torch.Tensor  # (S,) int64, INACTIVE or 1..n_vq
+    is_audio: torch.Tensor  # (S,) bool
+    stopping: torch.Tensor  # (S,) bool
+    steps: torch.Tensor  # (S,) int64, steps taken
+    seen_first: torch.Tensor  # (S, A+1) bool, codebook-0 history
+    seen_rest: torch.Tensor  # (S, A+1) bool, union history of codebooks 1..
+    window: torch.Tensor  # (S, n_vq, n_vq) last n_vq audio rows, oldest first
+    pushed: torch.Tensor  # (S,) int64 rows pushed into the window
+    after_gap: torch.Tensor  # (S,) bool: no frame yet, or the last complete frame was all pad
+    text_temperature: torch.Tensor  # (S,)
+    text_top_k: torch.Tensor
+    text_top_p: torch.Tensor
+    audio_temperature: torch.Tensor  # (S, n_vq)
+    audio_top_k: torch.Tensor
+    audio_top_p: torch.Tensor
+    audio_penalty: torch.Tensor
+    admitted: torch.Tensor  # (S,) bool
+    generators: list[torch.Generator | None]
+    shared_generator: torch.Generator | None = None
+
+
+class MossDelayFamily(TalkerFamily):
+    def __init__(self, model: MossDelayModel, tokenizer, default_task: str | None = None,
+                 sampling_defaults: SamplingParams | None = None, max_new_frames: int = 4096) -> None:
+        self.model = model
+        self.config: MossDelayConfig = model.config
+        self.backbone_config = self.config.language
+        self.tokenizer = tokenizer
+        self.default_task = default_task
+        self.codebooks = self.config.n_vq
+        self.columns = 1 + self.config.n_vq
+        self.sample_rate = self.config.sampling_rate
+        self._sampling_defaults = sampling_defaults or SamplingParams()
+        self.max_new_frames = max_new_frames
+        self._text_masks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---- prompts -------------------------------------------------------------------------
+    def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
+        from ..text.delay_requests import delay_conversation
+
+        conversation, mode = delay_conversation(
+            request,
+            n_vq=self.config.n_vq,
+            audio_vocab_size=self.config.audio_vocab_size,
+            task=request.task or self.default_task,
+            encode_voice=encode_voice,
+        )
+        return self.prompt_from_conversation(conversation, mode)
+
+    def prompt_from_conversation(self, conversation: list, mode: str) -> Prompt:
+        from ..text.delay_prompt import DelayPromptBuilder
+
+        input_ids, _ = DelayPromptBuilder(self.tokenizer, self.config)([conversation], mode=mode)
+        return self.prompt_from_rows(input_ids[0])
+
+    def prompt_from_rows(self, rows: np.ndarray) -> Prompt:
+        """A prompt matrix as is (e.g. `say --prompt-matrix`), checked against this model."""
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.columns or rows.shape[0] == 0:
+            raise InvalidRequestError(f"prompt matrix must have shape (T, {self.columns}), got {tuple(rows.shape)}")
+        if not np.issubdtype(rows.dtype, np.integer):
+            raise InvalidRequestError(f"prompt matrix must hold integers, got {rows.dtype}")
+        cfg = self.config
+        if rows[:, 0].min() < 0 or rows[:, 0].max() >= cfg.language.vocab_size:
+            raise InvalidRequestError(f"prompt text ids must lie in 0..{cfg.language.vocab_size - 1}")
+        if rows[:, 1:].min() < 0 or rows[:, 1:].max() > cfg.audio_pad_code:
+            raise InvalidRequestError(f"prompt audio codes must lie in 0..{cfg.audio_pad_code}")
+        starts = np.nonzero(rows[:, 0] == cfg.im_start_token_id)[0]
+        start_idx = (int(starts[-1]) if len(starts) else -1) + 3
+        return Prompt(rows=rows.astype(np.int64), start_length=len(rows) - start_idx, info={"start_idx": start_idx})
+
+    def default_sampling(self) -> SamplingParams:
+        return self._sampling_defaults
+
+    # ---- decode state --------------------------------------------------------------------
+    def new_state(self, max_slots: int, device: torch.device, shared_seed: int | None = None) -> DelayState:
+        n, codes = self.config.n_vq, self.config.audio_vocab_size + 1
+        i64 = dict(dtype=torch.int64, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
+        return DelayState(
+            audio_len=torch.zeros(max_slots, **i64),
+            delayed=torch.full((max_slots,), INACTIVE, **i64),
+            is_audio=torch.zeros(max_slots, dtype=torch.bool, device=device),
+            stopping=torch.zeros(max_slots, dtype=torch.bool, device=device),
+            steps=torch.zeros(max_slots, **i64),
+            seen_first=torch.zeros(max_slots, codes, dtype=torch.bool, device=device),
+            seen_rest=torch.zeros(max_slots, codes, dtype=torch.bool, device=device),
+            window=torch.full((max_slots, n, n), self.config.audio_pad_code, **i64),
+            pushed=torch.zeros(max_slots, **i64),
+            after_gap=torch.ones(max_slots, dtype=torch.bool, device=device),
+            text_temperature=torch.ones(max_slots, **f32),
+            text_top_k=torch.zeros(max_slots, **i64),
+            text_top_p=torch.ones(max_slots, **f32),
+            audio_temperature=torch.ones(max_slots, n, **f32),
+            audio_top_k=torch.zeros(max_slots, n, **i64),
+            audio_top_p=torch.ones(max_slots, n, **f32),
+            audio_penalty=torch.ones(max_slots, n, **f32),
+            admitted=torch.zeros(max_slots, dtype=torch.bool, device=device),
+            generators=[None] * max_slots,
+            shared_generator=None if shared_seed is None else torch.Generator().manual_seed(shared_seed),
+        )
+
+    def admit(self, state: DelayState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
+        cfg, n = self.config, self.config.n_vq
+        sampling.validate()
+        rows = prompt.rows
+        text = rows[:, 0]
+        audio_starts = np.nonzero(text == cfg.audio_start_token_id)[0]
+        continuing = text[-1] in (cfg.audio_start_token_id, cfg.audio_assistant_gen_slot_token_id)
+        in_audio = bool(continuing and len(audio_starts))
+        device = state.audio_len.device
+        state.audio_len[slot] = len(rows) - int(audio_starts[-1]) if in_audio else 0
+        state.delayed[slot] = INACTIVE
+        state.is_audio[slot] = in_audio
+        state.stopping[slot] = False
+        state.steps[slot] = 0
+        state.seen_first[slot] = False
+        state.seen_first[slot, torch.from_numpy(np.unique(rows[:, 1])).to(device)] = True
+        state.seen_rest[slot] = False
+        state.seen_rest[slot, torch.from_numpy(np.unique(rows[:, 2:])).to(device)] = True
+        tail = rows[prompt.info["start_idx"] :, 1:]
+        window = np.full((n, n), cfg.audio_pad_code, dtype=np.int64)
+        kept = tail[-n:]
+        window[n - len(kept) :] = kept
+        state.window[slot] = torch.from_numpy(window).to(device)
+        state.pushed[slot] = len(tail)
+        complete = dedelay(tail)
+        state.after_gap[slot] = len(complete) == 0 or bool((complete[-1] == cfg.audio_pad_code).all())
+        state.text_temperature[slot] = float(sampling.text_temperature)
+        state.text_top_k[slot] = int(sampling.text_top_k or 0)
+        state.text_top_p[slot] = float(sampling.text_top_p if sampling.text_top_p is not None else 1.0)
+        for name, table in (("audio_temperature", state.audio_temperature), ("audio_top_p", state.audio_top_p),
+                            ("audio_repetition_penalty", state.audio_penalty)):
+            table[slot] = torch.tensor(sampling.per_codebook(name, n), device=device)
+        state.audio_top_k[slot] = torch.tensor([int(k) for k in sampling.per_codebook("audio_top_k", n)], device=device)
+        state.admitted[slot] = True
+        seed = sampling.seed if sampling.seed is not None else int(torch.seed())
+        state.generators[slot] = torch.Generator().manual_seed(seed)
+        return segments(complete, cfg.audio_pad_code)
+
+    def release(self, state: DelayState, slot: int) -> None:
+        state.admitted[slot] = False
+        state.generators[slot] = None
+
+    # ---- one decode step -----------------------------------------------------------------
+    def step(self, state: DelayState, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
+        cfg, n = self.config, self.config.n_vq
+        batch, device = hidden.shape[0], hidden.device
+        audio_len, delayed = state.audio_len[slots], state.delayed[slots]
+        is_audio, stopping, steps = state.is_audio[slots], state.stopping[slots], state.steps[slots]
+        inactive = delayed == INACTIVE
+
+        text = torch.full((batch,), cfg.pad_token_id, dtype=torch.int64, device=device)
+        text = torch.where(~stopping & ~inactive & (delayed < n), cfg.audio_assistant_delay_slot_token_id, text)
+        audio_eos = ~stopping & (delayed == n)
+        text = torch.where(audio_eos, cfg.audio_end_token_id, text)
+        is_audio = is_audio & ~audio_eos
+        text_rows = torch.nonzero(~stopping & inactive).flatten()
+        if len(text_rows):
+            text[text_rows] = self._sample_text(state, hidden[text_rows], slots[text_rows], is_audio[text_rows], steps[text_rows])
+        is_audio = is_audio | (text == cfg.audio_start_token_id)
+        stopping = stopping | (text == cfg.im_end_token_id)
+
+        codebook = torch.arange(n, device=device)
+        sampled = (audio_len[:, None] > codebook) & (inactive[:, None] | (codebook >= delayed[:, None]))
+        codes = torch.full((batch, n), cfg.audio_pad_code, dtype=torch.int64, device=device)
+        audio_rows = torch.nonzero(sampled.any(dim=1)).flatten()
+        if len(audio_rows):
+            drawn = self._sample_audio(state, hidden[audio_rows], slots[audio_rows], sampled[audio_rows])
+            codes[audio_rows] = torch.where(sampled[audio_rows], drawn, cfg.audio_pad_code)
+
+        opens_slot = (text == cfg.audio_start_token_id) | (text == cfg.audio_assistant_gen_slot_token_id) | (
+            text == cfg.audio_assistant_delay_slot_token_id)
+        audio_len = torch.where(text == cfg.audio_end_token_id, 0, audio_len + opens_slot.long())
+        delayed = torch.where(inactive & (text == cfg.audio_assistant_delay_slot_token_id), 0, delayed)
+        delayed = torch.where(delayed != INACTIVE, delayed + 1, delayed)
+        delayed = torch.where(delayed > n, INACTIVE, delayed)
+
+        state.audio_len[slots], state.delayed[slots] = audio_len, delayed
+        state.is_audio[slots], state.stopping[slots], state.steps[slots] = is_audio, stopping, steps + 1
+        state.seen_first[slots, codes[:, 0]] = True
+        state.seen_rest[slots[:, None], codes[:, 1:]] = True
+        window = torch.cat([state.window[slots, 1:], codes[:, None, :]], dim=1)
+        state.window[slots] = window
+        state.pushed[slots] += 1
+        frames = window.diagonal(dim1=1, dim2=2)
+        complete = state.pushed[slots] >= n
+        all_pad = (frames == cfg.audio_pad_code).all(dim=1)
+        has_frame = complete & ~all_pad
+        after_gap = state.after_gap[slots]
+        state.after_gap[slots] = torch.where(complete, all_pad, after_gap)
+        return StepOutput(rows=torch.cat([text[:, None], codes], dim=1), frames=frames, has_frame=has_frame,
+                          new_segment=has_frame & after_gap, finished=stopping)
+
+    def _sample_text(self, state: DelayState, hidden: torch.Tensor, slots: torch.Tensor,
+                     is_audio: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        logits = self.model.text_logits(hidden)
+        audio_mask, text_mask = self._masks(logits.device)
+        logits = logits.masked_fill(torch.where(is_audio[:, None], audio_mask, text_mask), float("-inf"))
+        logits[:, LITERAL_DELAY_SLOT_ID] = torch.where(steps == 0, float("-inf"), logits[:, LITERAL_DELAY_SLOT_ID])
+        logits[:, cfg.im_end_token_id] = torch.where(steps <= cfg.n_vq, float("-inf"), logits[:, cfg.im_end_token_id])
+        temperature = state.text_temperature[slots]
+        drawing = temperature > 0
+        noise = None
+        if bool(drawing.any()):
+            noise = torch.ones_like(logits)
+            noise[drawing] = self._noise(state, slots, drawing.long(), logits.shape[-1], logits.device)
+        return sample(logits, temperature, state.text_top_k[slots], state.text_top_p[slots], noise=noise)
+
+    def _sample_audio(self, state: DelayState, hidden: torch.Tensor, slots: torch.Tensor,
+                      sampled: torch.Tensor) -> torch.Tensor:
+        """Sample every (row, codebook) flagged in `sampled` (R, n); returns (R, n) codes."""
+        n, codes = self.config.n_vq, self.config.audio_vocab_size + 1
+        logits = self.model.audio_logits(hidden).reshape(-1, codes)
+        seen_first, seen_rest = state.seen_first, state.seen_rest
+        if state.shared_generator is not None:
+            seen_first = seen_first[state.admitted].any(0, keepdim=True).expand_as(seen_first)
+            seen_rest = seen_rest[state.admitted].any(0, keepdim=True).expand_as(seen_rest)
+        seen = torch.cat([seen_first[slots][:, None], seen_rest[slots][:, None].expand(-1, n - 1, -1)], dim=1)
+        temperature = state.audio_temperature[slots]
+        drawing = sampled & (temperature > 0)
+        noise = None
+        if bool(drawing.any()):
+            noise = torch.ones(len(slots), n, codes, device=logits.device)
+            first = self._noise(state, slots, drawing[:, 0].long(), codes, logits.device)
+            rest = self._noise(state, slots, drawing[:, 1:].sum(1), codes, logits.device)
+            if first is not None:
+                noise[:, 0][drawing[:, 0]] = first
+            if rest is not None:
+                noise[:, 1:][drawing[:, 1:]] = rest
+            noise = noise.reshape(-1, codes)
+        tokens = sample(
+            logits,
+            temperature.flatten(),
+            state.audio_top_k[slots].flatten(),
+            state.audio_top_p[slots].flatten(),
+            penalty=state.audio_penalty[slots].flatten(),
+            seen=seen.reshape(-1, codes),
+            noise=noise,
+        )
+        return tokens.view(len(slots), n)
+
+    def _noise(self, state: DelayState, slots: torch.Tensor, counts: torch.Tensor, vocab: int,
+               device: torch.device) -> torch.Tensor | None:
+        """Exponential noise for `counts[i]` rows of request i, in batch order: one call per request
+        from its own generator, or one call for all from the shared generator."""
+        total = int(counts.sum())
+        if total == 0:
+            return None
+        if state.shared_generator is not None:
+            return exponential_noise(total, vocab, state.shared_generator, device)
+        parts = [
+            exponential_noise(count, vocab, state.generators[slot], device)
+            for slot, count in zip(slots.tolist(), counts.tolist())
+            if count
+        ]
+        return torch.cat(parts)
+
+    def _masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Banned text ids in audio mode (all but the two slot tokens) and in text mode."""
+        if device not in self._text_masks:
+            cfg = self.config
+            vocab = cfg.language.vocab_size
+            audio = torch.ones(vocab, dtype=torch.bool, device=device)
+            audio[[cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id]] = False
+            text = torch.zeros(vocab, dtype=torch.bool, device=device)
+            text[[cfg.pad_token_id, cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id,
+                  cfg.audio_end_token_id]] = True
+            self._text_masks[device] = (audio, text)
+        return self._text_masks[device]

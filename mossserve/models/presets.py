@@ -1,0 +1,59 @@
+"""Per-model generation defaults: the model cards' recommended settings, keyed by task.
+
+Delay checkpoints share one class and one config format; which model a directory holds
+(MOSS-TTS, -TTSD, -VoiceGenerator, -SoundEffect) is only visible in its published name. A
+`generation_config.json` in the checkpoint, when present, overrides these values.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ..sampling import SamplingParams
+
+
+
+@dataclass(frozen=True)
+class Preset:
+    task: str
+    sampling: SamplingParams
+    max_new_frames: int
+
+
+PRESETS = {
+    "tts": Preset("tts", SamplingParams(audio_temperature=1.7, audio_top_p=0.8, audio_top_k=25, audio_repetition_penalty=1.0), 4096),
+    "dialogue": Preset("dialogue", SamplingParams(audio_temperature=1.1, audio_top_p=0.9, audio_top_k=50, audio_repetition_penalty=1.1), 2000),
+    "voice_design": Preset("voice_design", SamplingParams(audio_temperature=1.5, audio_top_p=0.6, audio_top_k=50, audio_repetition_penalty=1.1), 4096),
+    "sound_effect": Preset("sound_effect", SamplingParams(audio_temperature=1.5, audio_top_p=0.6, audio_top_k=50, audio_repetition_penalty=1.2), 4096),
+}
+
+NAME_PATTERNS = (
+    ("dialogue", re.compile(r"ttsd", re.I)),
+    ("voice_design", re.compile(r"voice[-_ ]?generator", re.I)),
+    ("sound_effect", re.compile(r"sound[-_ ]?effect", re.I)),
+)
+
+
+def task_from_name(name: str) -> str:
+    """The task a published checkpoint name implies (MOSS-TTSD-v1.0 -> dialogue, ...)."""
+    for task, pattern in NAME_PATTERNS:
+        if pattern.search(name):
+            return task
+    return "tts"
+
+
+def preset_for(model_dir: Path, name: str) -> Preset:
+    preset = PRESETS[task_from_name(name)]
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return preset
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    known = {f.name for f in fields(SamplingParams)} - {"seed"}
+    sampling = preset.sampling.with_overrides(**{k: v for k, v in values.items() if k in known})
+    return Preset(preset.task, sampling, int(values.get("max_new_tokens", preset.max_new_frames)))

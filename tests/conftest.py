@@ -1,0 +1,69 @@
+"""Shared test fixtures: paths of the copied golden data and loaded tiny checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+DELAY_DIR = FIXTURES / "moss_tts_delay"
+TOKENIZER_DIR = FIXTURES / "moss_tokenizer"
+CODEC_DIR = FIXTURES / "moss_audio_tokenizer"
+AUDIO_DIR = FIXTURES / "audio"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", params=["tiny_nvq32", "tiny_nvq16"])
+def delay_checkpoint(request) -> Path:
+    return DELAY_DIR / request.param
+
+
+_delay_models: dict[Path, object] = {}
+
+
+def load_delay_model(path: Path):
+    """The fixture's MossDelayModel, loaded once per session (fp32, cpu)."""
+    from mossserve.loader import build_on_meta, load_weights, weight_files
+    from mossserve.models.moss_delay import MossDelayModel
+    from mossserve.models.moss_delay_config import MossDelayConfig
+
+    if path not in _delay_models:
+        config = MossDelayConfig.from_file(path / "config.json")
+        model = build_on_meta(lambda: MossDelayModel(config), torch.float32, "cpu")
+        load_weights(model, weight_files(path), model.checkpoint_layout())
+        _delay_models[path] = model.eval().requires_grad_(False)
+    return _delay_models[path]
+
+
+@pytest.fixture(scope="session")
+def delay_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """The Delay fixture checkpoints as published directories: config, weights and tokenizer."""
+    root = tmp_path_factory.mktemp("delay_models")
+    dirs = {}
+    for name in ("tiny_nvq32", "tiny_nvq16"):
+        out = root / name
+        out.mkdir()
+        for file in ("config.json", "model.safetensors"):
+            (out / file).symlink_to(DELAY_DIR / name / file)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            (out / file).symlink_to(TOKENIZER_DIR / file)
+        dirs[name] = out
+    return dirs
+
+
+_tts: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def delay_tts(delay_model_dirs):
+    """name -> TTS on that fixture checkpoint with the tiny codec."""
+    from mossserve.api import TTS
+
+    def get(name: str):
+        if name not in _tts:
+            _tts[name] = TTS.from_pretrained(delay_model_dirs[name], codec=CODEC_DIR / "tiny")
+        return _tts[name]
+
+    return get
