@@ -12,12 +12,27 @@ TOKENIZER_DIR = FIXTURES / "moss_tokenizer"
 CODEC_DIR = FIXTURES / "moss_audio_tokenizer"
 AUDIO_DIR = FIXTURES / "audio"
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and CI cores are shared
 
 
 @pytest.fixture(scope="session", params=["tiny_nvq32", "tiny_nvq16"])
 def delay_checkpoint(request) -> Path:
     return DELAY_DIR / request.param
+
+
+@pytest.fixture(scope="session")
+def codec_models():
+    """The two codec fixture variants (same weights, 10 s and 0.3 s windows)."""
+    from mossserve.models.codecs import MossAudioTokenizer
+
+    return {v: MossAudioTokenizer.from_pretrained(CODEC_DIR / v) for v in ("tiny", "tiny_ctx")}
+
+
+@pytest.fixture(scope="session")
+def codec_goldens():
+    from safetensors.torch import load_file
+
+    return {v: load_file(CODEC_DIR / v / "goldens.safetensors") for v in ("tiny", "tiny_ctx")}
 
 
 _delay_models: dict[Path, object] = {}

@@ -1,0 +1,15 @@
+"""Audio codecs behind one seam (base.Codec): MOSS-Audio-Tokenizer now, Fish's DAC later."""
+from .base import Codec, StreamingDecoder
+from .moss_audio_tokenizer import DecodeOutput, EncodeOutput, MossAudioTokenizer
+from .moss_audio_tokenizer_config import MossAudioTokenizerConfig
+from .moss_streaming import MossStreamingDecoder
+
+__all__ = [
+    "Codec",
+    "DecodeOutput",
+    "EncodeOutput",
+    "MossAudioTokenizer",
+    "MossAudioTokenizerConfig",
+    "MossStreamingDecoder",
+    "StreamingDecoder",
+]
