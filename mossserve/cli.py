@@ -1,0 +1,236 @@
+"""`mossserve`: prompt | say | codec (see CONTRACTS.md for the forms outside scripts rely on)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidRequestError, MossServeError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except MossServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mossserve", description="Speech synthesis with the MOSS-TTS family.")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    prompt = commands.add_parser("prompt", help="write a request's prompt matrix (T, 1 + codebooks) as .npy")
+    add_model_args(prompt)
+    source = prompt.add_mutually_exclusive_group(required=True)
+    source.add_argument("--request", type=Path, help="a SpeechRequest as JSON")
+    source.add_argument("--conversation", type=Path, help="a conversation as JSON (the reference processor's messages)")
+    prompt.add_argument("--mode", choices=["generation", "continuation"], help="conversation mode (default: by the last role)")
+    prompt.add_argument("-o", "--output", type=Path, required=True)
+    prompt.set_defaults(run=run_prompt)
+
+    say = commands.add_parser("say", help="synthesize speech (or codes) from text or a request")
+    add_model_args(say)
+    say.add_argument("text", nargs="?", help="the text to speak")
+    say.add_argument("--request", type=Path, help="a SpeechRequest as JSON")
+    say.add_argument("--conversation", type=Path, help="a conversation as JSON")
+    say.add_argument("--mode", choices=["generation", "continuation"], help="conversation mode (default: by the last role)")
+    say.add_argument("--prompt-matrix", type=Path, help="a prompt matrix .npy (T, 1 + codebooks)")
+    say.add_argument("--voice", help="reference voice: an audio file or a .npy of codes (frames, codebooks)")
+    say.add_argument("--greedy", action="store_true", help="argmax decoding (the model's other rules kept)")
+    say.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    say.add_argument("--max-frames", type=int, help="cap on generated steps")
+    say.add_argument("--temperature", type=float, help="audio temperature, every codebook")
+    say.add_argument("--top-p", type=float, help="audio top-p, every codebook")
+    say.add_argument("--top-k", type=int, help="audio top-k, every codebook")
+    say.add_argument("--repetition-penalty", type=float, help="audio repetition penalty, every codebook")
+    say.add_argument("--codes-out", type=Path, help="write the generated codes (frames, codebooks) as int64 .npy")
+    say.add_argument("-o", "--output", type=Path, help="write audio; the extension picks the format (wav, flac, mp3, opus, pcm, npy)")
+    say.set_defaults(run=run_say)
+
+    codec = commands.add_parser("codec", help="encode audio to codes or decode codes to audio")
+    codec_commands = codec.add_subparsers(metavar="ACTION", required=True)
+    encode = codec_commands.add_parser("encode", help="audio file -> codes (frames, n_q) int64 .npy")
+    encode.add_argument("audio", type=Path)
+    decode = codec_commands.add_parser("decode", help="codes (frames, n_q) .npy -> audio file")
+    decode.add_argument("codes", type=Path)
+    for action, run in ((encode, run_codec_encode), (decode, run_codec_decode)):
+        action.add_argument("--codec", required=True, help="codec checkpoint directory or hub id")
+        action.add_argument("-o", "--output", type=Path, required=True)
+        action.add_argument("--n-quantizers", type=int, help="use the first K quantizers")
+        action.add_argument("--device", default="cpu")
+        action.set_defaults(run=run)
+    bench = commands.add_parser("bench", help="benchmarks (figures for docs and issues, not tests)")
+    bench.add_argument("target", choices=["codec"], help="codec: streaming decode, many streams batched vs one at a time")
+    bench.add_argument("--codec", help="codec checkpoint (default: a bench-size random one)")
+    bench.add_argument("--streams", type=int, default=32)
+    bench.add_argument("--seconds", type=float, default=4.0, help="audio per stream")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(run=run_bench)
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint directory or hub id (default: the bundled demo checkpoint)")
+    parser.add_argument("--codec", help="codec directory or hub id (default: the model's own)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def load_tts(args: argparse.Namespace):
+    from .api import TTS
+
+    tts = TTS.from_pretrained(args.model, codec=args.codec, device=args.device, dtype=args.dtype)
+    if tts.is_demo:
+        print("note: no --model given; using the bundled tiny random-weight demo checkpoint "
+              "(it produces noise, not speech)", file=sys.stderr)
+    return tts
+
+
+def build_prompts(tts, args: argparse.Namespace) -> list:
+    """The prompt(s) a command's input describes."""
+    from .speech_request import SpeechRequest
+    from .text.conversation import load_conversations
+
+    if getattr(args, "prompt_matrix", None) is not None:
+        try:
+            rows = np.load(args.prompt_matrix, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InvalidRequestError(f"cannot read prompt matrix {args.prompt_matrix}: {e}") from None
+        return [tts.talker.prompt_from_rows(rows)]
+    if args.conversation is not None:
+        conversations = load_conversations(args.conversation, encode_voice=tts.encode_voice)
+        return [tts.talker.prompt_from_conversation(c, args.mode or default_mode(c)) for c in conversations]
+    if args.request is not None:
+        request = SpeechRequest.from_json(args.request)
+    else:
+        text = getattr(args, "text", None)
+        if text is None:
+            raise InvalidRequestError("give TEXT, --request, --conversation or --prompt-matrix")
+        request = SpeechRequest(input=text, voice=getattr(args, "voice", None))
+    return [tts.prompt(request)]
+
+
+def default_mode(conversation: list) -> str:
+    return "continuation" if type(conversation[-1]).__name__ == "AssistantMessage" else "generation"
+
+
+def run_prompt(args: argparse.Namespace) -> None:
+    tts = load_tts(args)
+    prompts = build_prompts(tts, args)
+    if len(prompts) != 1:
+        raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
+    np.save(args.output, prompts[0].rows.astype(np.int64))
+    print(f"wrote {args.output}: prompt matrix {prompts[0].rows.shape}", file=sys.stderr)
+
+
+def run_say(args: argparse.Namespace) -> None:
+    given = [x is not None for x in (args.text, args.request, args.conversation, args.prompt_matrix)]
+    if sum(given) != 1:
+        raise InvalidRequestError("give exactly one of TEXT, --request, --conversation, --prompt-matrix")
+    if args.voice is not None and args.text is None:
+        raise InvalidRequestError("--voice goes with TEXT; put the voice inside the request or conversation")
+    if args.output is None and args.codes_out is None:
+        raise InvalidRequestError("give -o OUT (audio) and/or --codes-out CODES.npy")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise InvalidRequestError("--max-frames must be at least 1")
+    tts = load_tts(args)
+    prompts = build_prompts(tts, args)
+    if len(prompts) != 1:
+        raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
+    sampling = tts.talker.default_sampling()
+    if args.greedy:
+        sampling = sampling.with_overrides(text_temperature=0.0, audio_temperature=0.0)
+    elif args.temperature is not None:
+        sampling = sampling.with_overrides(audio_temperature=args.temperature)
+    sampling = sampling.with_overrides(audio_top_p=args.top_p, audio_top_k=args.top_k,
+                                       audio_repetition_penalty=args.repetition_penalty, seed=args.seed)
+    sampling.validate()
+    generation = tts.generate(prompts, sampling, args.max_frames)[0]
+    frames = generation.frames
+    ended = "stopped" if generation.stopped else "hit the step cap"
+    if args.codes_out is not None:
+        np.save(args.codes_out, frames.astype(np.int64))
+        print(f"wrote {args.codes_out}: codes {frames.shape} ({ended} after {len(generation.rows)} steps)", file=sys.stderr)
+    if args.output is not None:
+        from .audio import write_audio
+
+        if len(frames) == 0:
+            raise InvalidRequestError(f"the model produced no audio frames ({ended} after {len(generation.rows)} steps)")
+        audio = tts.decode(generation)
+        write_audio(args.output, audio.samples, audio.sample_rate)
+        print(f"wrote {args.output}: {audio.duration:.2f} s at {audio.sample_rate} Hz", file=sys.stderr)
+
+
+def load_codec_arg(args: argparse.Namespace):
+    from .models.registry import load_codec
+
+    return load_codec(args.codec, device=args.device)
+
+
+def run_codec_encode(args: argparse.Namespace) -> None:
+    import torch
+
+    from .audio import load_audio
+
+    codec = load_codec_arg(args)
+    samples = load_audio(args.audio, codec.sample_rate, channels=codec.channels)
+    with torch.inference_mode():
+        codes = codec.encode(torch.from_numpy(samples).to(codec.device), n_quantizers=args.n_quantizers)
+    out = codes.T.cpu().numpy().astype(np.int64)
+    np.save(args.output, out)
+    print(f"wrote {args.output}: codes {out.shape}", file=sys.stderr)
+
+
+def run_codec_decode(args: argparse.Namespace) -> None:
+    import torch
+
+    from .audio import write_audio
+    from .speech_request import load_codes
+
+    codec = load_codec_arg(args)
+    codes = load_codes(args.codes, "codes")
+    if codes.shape[1] > codec.num_quantizers:
+        raise InvalidRequestError(f"{args.codes} has {codes.shape[1]} codebooks; the codec has {codec.num_quantizers}")
+    if codes.min() < 0 or codes.max() >= codec.codebook_size:
+        raise InvalidRequestError(f"{args.codes}: codes must lie in 0..{codec.codebook_size - 1}")
+    with torch.inference_mode():
+        wave = codec.decode(torch.from_numpy(codes.T.copy()).to(codec.device), n_quantizers=args.n_quantizers)
+    samples = wave.float().cpu().numpy()
+    write_audio(args.output, samples, codec.sample_rate)
+    print(f"wrote {args.output}: {samples.shape[-1] / codec.sample_rate:.2f} s at {codec.sample_rate} Hz", file=sys.stderr)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from .bench.codec import run_codec_bench
+    from .loader import parse_dtype
+
+    if args.streams < 1 or args.seconds <= 0:
+        raise InvalidRequestError("--streams must be >= 1 and --seconds > 0")
+    result = run_codec_bench(streams=args.streams, seconds=args.seconds, checkpoint=args.codec,
+                             device=args.device, dtype=parse_dtype(args.dtype))
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"codec streaming decode, {result['streams']} streams x {result['audio_seconds_per_stream']:.1f} s "
+          f"({result['parameters'] / 1e6:.1f} M parameters, {result['device']}, {result['dtype']})")
+    print(f"  batched      {result['batched_audio_s_per_s']:8.1f} audio s / s")
+    print(f"  one at a time {result['sequential_audio_s_per_s']:7.1f} audio s / s")
+    print(f"  speedup      {result['speedup']:8.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

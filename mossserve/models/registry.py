@@ -1,0 +1,57 @@
+"""From a checkpoint directory (or hub id) to a loaded talker family, by config.json's model_type."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..loader import build_on_meta, load_weights, parse_dtype, resolve_model_dir, weight_files
+from .config_utils import read_json
+from .family import TalkerFamily
+
+TALKER_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+
+
+def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> TalkerFamily:
+    model_dir = resolve_model_dir(model, allow_patterns=TALKER_FILES)
+    config = read_json(model_dir / "config.json")
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    if model_type == "moss_tts_delay" or "MossTTSDelayModel" in architectures:
+        talker = _load_delay(model_dir, str(model), config, torch.device(device), parse_dtype(dtype))
+        talker.source = model_dir
+        return talker
+    raise CheckpointError(
+        f"{model_dir / 'config.json'}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}) "
+        "is not supported; supported: moss_tts_delay")
+
+
+def _load_delay(model_dir: Path, name: str, config: dict, device: torch.device, dtype: torch.dtype) -> TalkerFamily:
+    from ..text.tokenizer import TextTokenizer
+    from .moss_delay import MossDelayModel
+    from .moss_delay_config import MossDelayConfig
+    from .moss_delay_family import MossDelayFamily
+    from .presets import preset_for
+
+    delay_config = MossDelayConfig.from_dict(config, str(model_dir / "config.json"))
+    files = weight_files(model_dir)
+    tokenizer = TextTokenizer.from_dir(model_dir)
+    model = build_on_meta(lambda: MossDelayModel(delay_config), dtype, device)
+    load_weights(model, files, model.checkpoint_layout())
+    preset = preset_for(model_dir, name)
+    return MossDelayFamily(model.eval().requires_grad_(False), tokenizer, default_task=preset.task,
+                           sampling_defaults=preset.sampling, max_new_frames=preset.max_new_frames)
+
+
+def load_codec(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+    """A codec checkpoint directory or hub id -> a loaded codec (the codec seam)."""
+    from .codecs.moss_audio_tokenizer import MossAudioTokenizer
+
+    codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", "*.safetensors"])
+    config = read_json(codec_dir / "config.json")
+    model_type = config.get("model_type")
+    if model_type in ("speech_tokenizer", "moss-audio-tokenizer", "moss_audio_tokenizer") or "MossAudioTokenizerModel" in (
+            config.get("architectures") or []):
+        return MossAudioTokenizer.from_pretrained(codec_dir, device=device, dtype=None if dtype is None else parse_dtype(dtype))
+    raise CheckpointError(f"{codec_dir / 'config.json'}: codec type {model_type!r} is not supported; supported: MOSS-Audio-Tokenizer")

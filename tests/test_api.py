@@ -1,0 +1,85 @@
+"""The Python API: loading (local, hub cache, demo), codec resolution, synthesis, dtypes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import CODEC_DIR, DELAY_DIR, TOKENIZER_DIR
+from delay_cases import generation_cases
+from mossserve import SamplingParams, SpeechRequest
+from mossserve.api import DEFAULT_MOSS_CODEC, TTS, default_codec
+
+
+def test_hub_id_resolves_from_the_hub_cache_offline(tmp_path: Path) -> None:
+    """A hub id is fetched with huggingface_hub; here from a pre-filled cache with the hub offline."""
+    snapshot = tmp_path / "hub" / "models--test-org--tiny-delay" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for file in ("config.json", "model.safetensors"):
+        shutil.copy(DELAY_DIR / "tiny_nvq16" / file, snapshot / file)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / file, snapshot / file)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    code = "from mossserve import TTS; t = TTS.from_pretrained('test-org/tiny-delay'); print(t.talker.codebooks, t.talker.source)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "16" and "0123abcd" in proc.stdout
+    missing = subprocess.run([sys.executable, "-c", "from mossserve import TTS; TTS.from_pretrained('test-org/absent')"],
+                             capture_output=True, text=True, env=env)
+    assert missing.returncode != 0 and "could not be fetched from the hub" in missing.stderr
+
+
+def test_default_codec(tmp_path: Path) -> None:
+    assert default_codec(None) == DEFAULT_MOSS_CODEC
+    assert default_codec(tmp_path) == DEFAULT_MOSS_CODEC
+    (tmp_path / "processor_config.json").write_text(json.dumps({"audio_tokenizer": {"audio_tokenizer_name_or_path": "org/codec"}}))
+    assert default_codec(tmp_path) == "org/codec"
+    (tmp_path / "codec").mkdir()
+    (tmp_path / "codec" / "config.json").write_text("{}")
+    assert default_codec(tmp_path) == tmp_path / "codec"
+
+
+def test_demo_checkpoint_runs_without_a_model() -> None:
+    tts = TTS.from_pretrained()
+    assert tts.is_demo
+    audio = tts.synthesize(SpeechRequest(input="Hello."), SamplingParams.greedy())
+    assert audio.sample_rate == 24000 and audio.samples.shape == (1, 6 * 1920)
+
+
+def test_synthesis_decodes_the_codes(delay_tts) -> None:
+    tts = delay_tts("tiny_nvq16")
+    audio = tts.synthesize(SpeechRequest(input="Hello."), SamplingParams.greedy())
+    with torch.inference_mode():
+        expected = tts.codec.decode(torch.from_numpy(audio.codes[:, :16].T.copy()), n_quantizers=16).numpy()
+    assert audio.codes.shape == (8, 16)
+    np.testing.assert_allclose(audio.samples, expected, atol=1e-5)
+
+
+def test_continuation_audio_drops_the_prefix_as_the_reference_does(delay_tts) -> None:
+    """The reference cuts start_length / frames of the first segment (one frame more than the prefix)."""
+    tts = delay_tts("tiny_nvq32")
+    case = next(c for c in generation_cases(DELAY_DIR / "tiny_nvq32") if c.name == "continuation")
+    generation = tts.generate([tts.talker.prompt_from_rows(case.prompts[0])], SamplingParams.greedy(), 77)[0]
+    assert generation.start_length == 13 and generation.segment_lengths == [18]
+    audio = tts.decode(generation)
+    with torch.inference_mode():
+        whole = tts.codec.decode(torch.from_numpy(generation.frames.T.copy())).numpy()
+    cut = int(whole.shape[-1] * 13 / 18)
+    np.testing.assert_allclose(audio.samples, whole[:, cut:], atol=1e-5)
+
+
+def test_bfloat16_runs_every_greedy_case(delay_model_dirs) -> None:
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq32"], dtype="bfloat16")
+    for case in generation_cases(DELAY_DIR / "tiny_nvq32"):
+        prompts = [tts.talker.prompt_from_rows(p) for p in case.prompts]
+        for result in tts.generate(prompts, SamplingParams.greedy(), case.max_new_tokens):
+            assert len(result.rows) >= 1
+            assert result.frames.shape[1] == 32 and (result.frames < 1024).all()

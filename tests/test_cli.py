@@ -1,0 +1,179 @@
+"""The command line as CONTRACTS.md writes it: prompt, say and codec, and errors without tracebacks."""
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CODEC_DIR, DELAY_DIR, TOKENIZER_DIR
+from mossserve.cli import main
+
+PROMPTS16 = np.load(TOKENIZER_DIR / "prompts_nvq16.npz")
+GEN16 = np.load(DELAY_DIR / "tiny_nvq16" / "goldens_gen.npz")
+GEN32 = np.load(DELAY_DIR / "tiny_nvq32" / "goldens_gen.npz")
+
+
+def run(args: list[str], capsys) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_prompt_from_request_matches_processor_golden(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """clone_zh: a request with a voice as a .npy of codes gives the processor's matrix."""
+    case = json.loads((TOKENIZER_DIR / "prompts_nvq16.json").read_text())
+    clone = next(c for c in case["cases"] if c["id"] == "clone_zh")
+    message = clone["conversations"][0][0]
+    codes = PROMPTS16[f"clone_zh/{message['reference'][0]}"]
+    np.save(tmp_path / "voice.npy", codes)
+    (tmp_path / "req.json").write_text(json.dumps({"input": message["fields"]["text"], "voice": "voice.npy"}))
+    code, err = run(["prompt", "--model", delay_model_dirs["tiny_nvq16"], "--request", tmp_path / "req.json",
+                     "-o", tmp_path / "p.npy"], capsys)
+    assert code == 0, err
+    prompt = np.load(tmp_path / "p.npy")
+    assert prompt.dtype == np.int64
+    assert np.array_equal(prompt, PROMPTS16["clone_zh/input_ids"][0])
+
+
+def test_prompt_from_conversation(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    conv = [{"role": "user", "text": "Hello."}]
+    (tmp_path / "conv.json").write_text(json.dumps(conv))
+    code, err = run(["prompt", "--model", delay_model_dirs["tiny_nvq16"], "--conversation", tmp_path / "conv.json",
+                     "-o", tmp_path / "p.npy"], capsys)
+    assert code == 0, err
+    assert np.load(tmp_path / "p.npy").shape[1] == 17
+
+
+@pytest.mark.parametrize("name,golden", [("tiny_nvq16", GEN16), ("tiny_nvq32", GEN32)])
+def test_say_prompt_matrix_greedy_matches_reference(delay_model_dirs, tmp_path: Path, capsys, name, golden) -> None:
+    np.save(tmp_path / "p.npy", golden["tts/prompt_input_ids"][0])
+    code, err = run(["say", "--model", delay_model_dirs[name], "--prompt-matrix", tmp_path / "p.npy", "--greedy",
+                     "--codes-out", tmp_path / "c.npy"], capsys)
+    assert code == 0, err
+    codes = np.load(tmp_path / "c.npy")
+    assert codes.dtype == np.int64
+    assert np.array_equal(codes, golden["tts/segments_0"])
+
+
+def test_say_seed_replays_reference_sampled_golden(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """The `sampled` golden: torch.manual_seed(1234), text 1.5/top-k 50, audio 1.7/0.8/25, penalty 1.3."""
+    np.save(tmp_path / "p.npy", GEN32["sampled/prompt_input_ids"][0])
+    code, err = run(["say", "--model", delay_model_dirs["tiny_nvq32"], "--prompt-matrix", tmp_path / "p.npy",
+                     "--seed", 1234, "--temperature", 1.7, "--top-p", 0.8, "--top-k", 25,
+                     "--repetition-penalty", 1.3, "--max-frames", 77, "--codes-out", tmp_path / "c.npy"], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.load(tmp_path / "c.npy"), GEN32["sampled/segments_0"])
+
+
+def test_say_max_frames_caps_steps(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    np.save(tmp_path / "p.npy", GEN32["max_new_tokens_in_delay_tail/prompt_input_ids"][0])
+    code, err = run(["say", "--model", delay_model_dirs["tiny_nvq32"], "--prompt-matrix", tmp_path / "p.npy",
+                     "--greedy", "--max-frames", 33, "--codes-out", tmp_path / "c.npy"], capsys)
+    assert code == 0, err
+    assert "hit the step cap after 33 steps" in err
+    assert np.array_equal(np.load(tmp_path / "c.npy"), GEN32["max_new_tokens_in_delay_tail/segments_0"])
+
+
+def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """`say --codes-out c.npy` then `codec decode c.npy -o out.wav` just works (time first)."""
+    code, err = run(["say", "Hello.", "--model", delay_model_dirs["tiny_nvq32"], "--codec", CODEC_DIR / "tiny",
+                     "--greedy", "--codes-out", tmp_path / "c.npy", "-o", tmp_path / "say.npy"], capsys)
+    assert code == 0, err
+    codes = np.load(tmp_path / "c.npy")
+    code, err = run(["codec", "decode", tmp_path / "c.npy", "--codec", CODEC_DIR / "tiny", "-o", tmp_path / "out.npy"], capsys)
+    assert code == 0, err
+    decoded = np.load(tmp_path / "out.npy")
+    assert decoded.shape == (len(codes) * 1920,)
+    np.testing.assert_allclose(decoded, np.load(tmp_path / "say.npy"), atol=1e-5)
+    code, err = run(["codec", "decode", tmp_path / "c.npy", "--codec", CODEC_DIR / "tiny", "-o", tmp_path / "out.wav"], capsys)
+    assert code == 0 and (tmp_path / "out.wav").stat().st_size > 44
+
+
+@pytest.mark.parametrize("args,message", [
+    (["say", "Hi.", "--model", "/nonexistent/model", "--codes-out", "c.npy"], "checkpoint directory not found"),
+    (["say", "   ", "--codes-out", "c.npy"], "input"),
+    (["say", "Hi."], "give -o OUT"),
+    (["say", "Hi.", "--max-frames", "0", "--codes-out", "c.npy"], "--max-frames"),
+    (["say", "Hi.", "--top-p", "1.5", "--codes-out", "c.npy"], "top_p"),
+    (["say", "--request", "missing.json", "--codes-out", "c.npy"], "request file not found"),
+])
+def test_errors_are_clear(args, message, capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run(args, capsys)
+    assert code == 2
+    assert "error: " in err and message in err
+    assert "Traceback" not in err
+
+
+def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
+    (tmp_path / "req.json").write_text(json.dumps({"input": "Hi", "duration_seconds": -2}))
+    proc = subprocess.run([sys.executable, "-m", "mossserve.cli", "say", "--request", str(tmp_path / "req.json"),
+                           "--codes-out", str(tmp_path / "c.npy")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "duration_seconds must be positive" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_codec_json(capsys) -> None:
+    code = main(["bench", "codec", "--streams", "3", "--seconds", "0.5", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["streams"] == 3 and out["speedup"] > 0
+    assert out["max_abs_diff_batched_vs_sequential"] < 1e-3
+
+
+@functools.cache
+def codec_goldens() -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(CODEC_DIR / "tiny" / "goldens.safetensors")
+
+
+def codec_golden(name: str) -> np.ndarray:
+    return codec_goldens()[name]
+
+
+@pytest.mark.parametrize("n_q", [None, 8])
+def test_codec_encode_writes_time_first_golden_codes(tmp_path: Path, capsys, n_q) -> None:
+    import soundfile
+
+    soundfile.write(tmp_path / "zh.wav", codec_golden("clip/zh"), 24000, subtype="FLOAT")
+    args = ["codec", "encode", tmp_path / "zh.wav", "--codec", CODEC_DIR / "tiny", "-o", tmp_path / "c.npy"]
+    code, err = run(args + (["--n-quantizers", n_q] if n_q else []), capsys)
+    assert code == 0, err
+    codes = np.load(tmp_path / "c.npy")
+    expected = codec_golden("encode/zh/audio_codes")[:, 0, :31].T
+    assert codes.dtype == np.int64 and np.array_equal(codes, expected[:, : n_q or 32])
+
+
+def test_codec_stereo_files_in_and_out(tmp_path: Path, capsys) -> None:
+    """A stereo (v2-style) codec reads a stereo file and writes stereo audio, time-first codes between."""
+    import soundfile
+
+    from test_codec_v2 import v2_config, write_checkpoint
+
+    codec_dir = write_checkpoint(tmp_path / "v2", v2_config())
+    mono = codec_golden("clip/en")  # 61440 samples: read as interleaved stereo at 12 kHz
+    soundfile.write(tmp_path / "st.wav", np.stack([mono[0::2], mono[1::2]], axis=1), 12000, subtype="FLOAT")
+    code, err = run(["codec", "encode", tmp_path / "st.wav", "--codec", codec_dir, "-o", tmp_path / "c.npy"], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.load(tmp_path / "c.npy"), codec_golden("encode/en/audio_codes")[:, 0, :32].T)
+    code, err = run(["codec", "decode", tmp_path / "c.npy", "--codec", codec_dir, "-o", tmp_path / "out.npy"], capsys)
+    assert code == 0, err
+    audio = np.load(tmp_path / "out.npy")
+    golden = codec_golden("decode/en/k32/audio")[0, 0]
+    assert audio.shape == (2, golden.size // 2)
+    np.testing.assert_allclose(audio, np.stack([golden[0::2], golden[1::2]]), atol=1e-3)
+    code, err = run(["codec", "decode", tmp_path / "c.npy", "--codec", codec_dir, "-o", tmp_path / "out.flac"], capsys)
+    assert code == 0 and soundfile.info(tmp_path / "out.flac").channels == 2
+
+
+def test_codec_decode_rejects_codes_that_do_not_fit(tmp_path: Path, capsys) -> None:
+    np.save(tmp_path / "wide.npy", np.zeros((3, 40), dtype=np.int64))
+    np.save(tmp_path / "big.npy", np.full((3, 32), 5000, dtype=np.int64))
+    for name, message in (("wide.npy", "40 codebooks"), ("big.npy", "0..1023")):
+        code, err = run(["codec", "decode", tmp_path / name, "--codec", CODEC_DIR / "tiny", "-o", tmp_path / "o.wav"], capsys)
+        assert code == 2 and message in err and "Traceback" not in err

@@ -1,0 +1,112 @@
+"""Loading published checkpoints: sharded and single-file layouts, dtypes, and clear errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import DELAY_DIR, TOKENIZER_DIR
+from mossserve.errors import CheckpointError
+from mossserve.models.registry import load_talker
+
+SOURCE = DELAY_DIR / "tiny_nvq16"
+
+
+def make_checkpoint(tmp_path: Path, tensors: dict[str, torch.Tensor] | None = None,
+                    config: dict | None = None, name: str = "ckpt") -> Path:
+    out = tmp_path / name
+    out.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / name, out / name)
+    cfg = json.loads((SOURCE / "config.json").read_text()) if config is None else config
+    (out / "config.json").write_text(json.dumps(cfg))
+    save_file(load_file(SOURCE / "model.safetensors") if tensors is None else tensors,
+              out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def published() -> dict[str, torch.Tensor]:
+    return load_file(SOURCE / "model.safetensors")
+
+
+def test_single_file_loads(tmp_path: Path) -> None:
+    talker = load_talker(make_checkpoint(tmp_path))
+    assert talker.codebooks == 16
+
+
+def test_sharded_equals_single_file(tmp_path: Path) -> None:
+    tensors = published()
+    names = sorted(tensors)
+    out = make_checkpoint(tmp_path)
+    (out / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, out / file, metadata={"format": "pt"})
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    sharded = load_talker(out).model.state_dict()
+    single = load_talker(make_checkpoint(tmp_path, name="single")).model.state_dict()
+    assert sharded.keys() == single.keys()
+    assert all(torch.equal(sharded[k], single[k]) for k in sharded)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_dtypes(tmp_path: Path, dtype: str) -> None:
+    talker = load_talker(make_checkpoint(tmp_path), dtype=dtype)
+    assert {p.dtype for p in talker.model.parameters()} == {getattr(torch, dtype)}
+
+
+def test_missing_tensor(tmp_path: Path) -> None:
+    tensors = published()
+    del tensors["language_model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"missing tensor.*layers\.1\.mlp\.up_proj\.weight"):
+        load_talker(make_checkpoint(tmp_path, tensors))
+
+
+def test_unexpected_tensor(tmp_path: Path) -> None:
+    tensors = published()
+    tensors["lm_heads.99.weight"] = torch.zeros(3, 8)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor.*lm_heads\.99\.weight"):
+        load_talker(make_checkpoint(tmp_path, tensors))
+
+
+def test_wrong_shape(tmp_path: Path) -> None:
+    tensors = published()
+    tensors["emb_ext.3.weight"] = torch.zeros(1024, 8)
+    with pytest.raises(CheckpointError, match=r"emb_ext\.3\.weight has shape \[1024, 8\], expected \[1025, 8\]"):
+        load_talker(make_checkpoint(tmp_path, tensors))
+
+
+def test_missing_config_field(tmp_path: Path) -> None:
+    config = json.loads((SOURCE / "config.json").read_text())
+    del config["language_config"]["num_hidden_layers"]
+    with pytest.raises(CheckpointError, match="missing config field 'num_hidden_layers'"):
+        load_talker(make_checkpoint(tmp_path, config=config))
+
+
+def test_corrupt_safetensors(tmp_path: Path) -> None:
+    out = make_checkpoint(tmp_path)
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_talker(out)
+
+
+def test_missing_shard(tmp_path: Path) -> None:
+    out = make_checkpoint(tmp_path)
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors, which is missing"):
+        load_talker(out)
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_talker(tmp_path / "nowhere")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="bert"):
+        load_talker(tmp_path)
