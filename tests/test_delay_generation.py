@@ -7,6 +7,7 @@ import pytest
 from conftest import DELAY_DIR, load_delay_model
 from delay_cases import generation_cases
 from mossserve.engine.static_batch import generate_static
+from mossserve.errors import InvalidRequestError
 from mossserve.models.delay_pattern import dedelay, segments
 from mossserve.models.moss_delay_family import MossDelayFamily
 from mossserve.sampling import SamplingParams
@@ -97,3 +98,43 @@ def test_seeded_request_is_reproducible_and_seed_dependent() -> None:
     other = generate_static(fam, [prompt], [case.sampling.with_overrides(seed=case.seed + 1)], case.max_new_tokens)[0]
     assert np.array_equal(first.rows, again.rows)
     assert not np.array_equal(first.rows, other.rows)
+
+
+def test_per_codebook_settings() -> None:
+    """Audio settings given per codebook: all-zero temperatures are greedy; a wrong count is refused."""
+    fam = family("tiny_nvq16")
+    case = get_case("tiny_nvq16", "tts")
+    prompt = fam.prompt_from_rows(case.prompts[0])
+    greedy = generate_static(fam, [prompt], [SamplingParams.greedy()], 77)[0]
+    per_codebook = SamplingParams(text_temperature=0.0, audio_temperature=[0.0] * 16, audio_top_k=list(range(1, 17)),
+                                  audio_top_p=[0.5] * 16, audio_repetition_penalty=[1.0] * 16)
+    assert np.array_equal(generate_static(fam, [prompt], [per_codebook], 77)[0].rows, greedy.rows)
+    with pytest.raises(InvalidRequestError, match="audio_temperature has 3 values; the model has 16 codebooks"):
+        generate_static(fam, [prompt], [SamplingParams(audio_temperature=[1.0, 1.0, 1.0])], 77)
+
+
+def test_segments_split_on_all_pad_frames() -> None:
+    frames = np.array([[1, 2], [PAD_CODE] * 2, [PAD_CODE] * 2, [3, PAD_CODE], [4, 5], [PAD_CODE] * 2])
+    runs = segments(frames, PAD_CODE)
+    assert [r.tolist() for r in runs] == [[[1, 2]], [[3, PAD_CODE], [4, 5]]]
+    assert segments(frames[1:3], PAD_CODE) == []
+
+
+def test_output_starts_after_the_last_im_start_even_past_the_prompt() -> None:
+    """A prompt whose last `<|im_start|>` is its second-to-last row: the reference's output starts
+    at that index + 3, after the first generated row, and its frames must skip that row too.
+    Here the prompt ends in `<|audio_start|>`, so the skipped row already carries a code."""
+    fam = family("tiny_nvq32")
+    base = get_case("tiny_nvq32", "tts").prompts[0]
+    tail = np.full((2, 33), PAD_CODE)
+    tail[:, 0] = [151644, 151652]  # <|im_start|>, <|audio_start|>
+    rows = np.concatenate([base, tail])
+    prompt = fam.prompt_from_rows(rows)
+    assert prompt.start_length == -1
+    result = generate_static(fam, [prompt], [SamplingParams.greedy()], 60)[0]
+    assert result.rows[0, 1] != PAD_CODE
+    output_ids = np.concatenate([rows, result.rows])[prompt.info["start_idx"]:]
+    offline = segments(dedelay(output_ids[:, 1:]), PAD_CODE)
+    assert offline
+    assert np.array_equal(result.frames, np.concatenate(offline))
+    assert result.segment_lengths == [len(s) for s in offline]

@@ -22,15 +22,9 @@ def dedelay(audio_rows: np.ndarray) -> np.ndarray:
 
 def segments(frames: np.ndarray, pad_code: int) -> list[np.ndarray]:
     """Contiguous runs of frames that are not entirely pad: what the reference decodes, one clip each."""
-    keep = ~(frames == pad_code).all(axis=1)
-    runs, start = [], None
-    for t, k in enumerate(np.append(keep, False)):
-        if k and start is None:
-            start = t
-        elif not k and start is not None:
-            runs.append(frames[start:t])
-            start = None
-    return runs
+    keep = np.concatenate([[False], ~(frames == pad_code).all(axis=1), [False]])
+    edges = np.flatnonzero(np.diff(keep.astype(np.int8)))
+    return [frames[start:end] for start, end in zip(edges[0::2], edges[1::2])]
 
 
 def split_segments(frames: np.ndarray, lengths: list[int]) -> list[np.ndarray]:

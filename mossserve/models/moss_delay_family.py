@@ -42,6 +42,7 @@ class DelayState:
     seen_rest: torch.Tensor  # (S, A+1) bool, union history of codebooks 1..
     window: torch.Tensor  # (S, n_vq, n_vq) last n_vq audio rows, oldest first
     pushed: torch.Tensor  # (S,) int64 rows pushed into the window
+    skip: torch.Tensor  # (S,) int64 generated rows still before the returned output (start_idx > T)
     after_gap: torch.Tensor  # (S,) bool: no frame yet, or the last complete frame was all pad
     text_temperature: torch.Tensor  # (S,)
     text_top_k: torch.Tensor
@@ -62,6 +63,7 @@ class MossDelayFamily(TalkerFamily):
         self.config: MossDelayConfig = model.config
         self.backbone_config = self.config.language
         self.tokenizer = tokenizer
+        self._builder = None
         self.default_task = default_task
         self.codebooks = self.config.n_vq
         self.columns = 1 + self.config.n_vq
@@ -84,10 +86,14 @@ class MossDelayFamily(TalkerFamily):
         return self.prompt_from_conversation(conversation, mode)
 
     def prompt_from_conversation(self, conversation: list, mode: str) -> Prompt:
+        """A conversation as the reference processor takes it (text/delay_prompt.py)."""
         from ..text.delay_prompt import DelayPromptBuilder
 
-        input_ids, _ = DelayPromptBuilder(self.tokenizer, self.config)([conversation], mode=mode)
-        return self.prompt_from_rows(input_ids[0])
+        if self._builder is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model was loaded without a tokenizer; give a prompt matrix")
+            self._builder = DelayPromptBuilder(self.tokenizer, self.config)
+        return self.prompt_from_rows(self._builder.build(conversation, mode))
 
     def prompt_from_rows(self, rows: np.ndarray) -> Prompt:
         """A prompt matrix as is (e.g. `say --prompt-matrix`), checked against this model."""
@@ -123,6 +129,7 @@ class MossDelayFamily(TalkerFamily):
             seen_rest=torch.zeros(max_slots, codes, dtype=torch.bool, device=device),
             window=torch.full((max_slots, n, n), self.config.audio_pad_code, **i64),
             pushed=torch.zeros(max_slots, **i64),
+            skip=torch.zeros(max_slots, **i64),
             after_gap=torch.ones(max_slots, dtype=torch.bool, device=device),
             text_temperature=torch.ones(max_slots, **f32),
             text_top_k=torch.zeros(max_slots, **i64),
@@ -155,6 +162,7 @@ class MossDelayFamily(TalkerFamily):
         state.seen_rest[slot] = False
         state.seen_rest[slot, torch.from_numpy(np.unique(rows[:, 2:])).to(device)] = True
         tail = rows[prompt.info["start_idx"] :, 1:]
+        state.skip[slot] = max(0, prompt.info["start_idx"] - len(rows))
         window = np.full((n, n), cfg.audio_pad_code, dtype=np.int64)
         kept = tail[-n:]
         window[n - len(kept) :] = kept
@@ -216,11 +224,15 @@ class MossDelayFamily(TalkerFamily):
         state.is_audio[slots], state.stopping[slots], state.steps[slots] = is_audio, stopping, steps + 1
         state.seen_first[slots, codes[:, 0]] = True
         state.seen_rest[slots[:, None], codes[:, 1:]] = True
-        window = torch.cat([state.window[slots, 1:], codes[:, None, :]], dim=1)
+        skip = state.skip[slots]
+        pushing = skip == 0
+        window = torch.where(pushing[:, None, None], torch.cat([state.window[slots, 1:], codes[:, None, :]], dim=1),
+                             state.window[slots])
         state.window[slots] = window
-        state.pushed[slots] += 1
+        state.skip[slots] = (skip - 1).clamp(min=0)
+        state.pushed[slots] += pushing.long()
         frames = window.diagonal(dim1=1, dim2=2)
-        complete = state.pushed[slots] >= n
+        complete = pushing & (state.pushed[slots] >= n)
         all_pad = (frames == cfg.audio_pad_code).all(dim=1)
         has_frame = complete & ~all_pad
         after_gap = state.after_gap[slots]
