@@ -123,7 +123,7 @@ def build_prompts(tts, args: argparse.Namespace) -> list:
 
 
 def default_mode(conversation: list) -> str:
-    return "continuation" if type(conversation[-1]).__name__ == "AssistantMessage" else "generation"
+    return "continuation" if conversation[-1].role == "assistant" else "generation"
 
 
 def run_prompt(args: argparse.Namespace) -> None:

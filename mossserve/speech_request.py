@@ -8,9 +8,9 @@ the family's prompt builder; this module checks what every family agrees on.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 
@@ -20,6 +20,7 @@ FRAMES_PER_SECOND = 12.5
 MODES = ("generation", "continuation")
 
 Voice = Union[str, Path, np.ndarray, None]
+EncodeVoice = Callable[[Path], np.ndarray]  # an audio file -> codes (frames, codebooks), by the codec
 
 
 @dataclass

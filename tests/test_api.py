@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import CODEC_DIR, DELAY_DIR, TOKENIZER_DIR
+from conftest import DELAY_DIR, TOKENIZER_DIR
 from delay_cases import generation_cases
 from mossserve import SamplingParams, SpeechRequest
 from mossserve.api import DEFAULT_MOSS_CODEC, TTS, default_codec

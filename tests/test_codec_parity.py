@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from mossserve.models.codecs import MossAudioTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "moss_audio_tokenizer"
 WAVE_TOL = 1e-3

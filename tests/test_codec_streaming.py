@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mossserve.errors import InvalidRequestError
 from mossserve.models.codecs import MossAudioTokenizer

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import AUDIO_DIR, CODEC_DIR
+from conftest import AUDIO_DIR
 from mossserve.audio import load_audio
 from mossserve.audio.loudness import normalize_loudness
 from mossserve.errors import InvalidRequestError

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidRequestError
 
 
 class SlotKVCache:
@@ -30,10 +29,6 @@ class SlotKVCache:
         self.lengths = [0] * num_slots
         self._free = list(range(num_slots - 1, -1, -1))
 
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
     def allocate(self) -> int:
         if not self._free:
             raise RuntimeError("no free KV cache slot")
@@ -46,9 +41,3 @@ class SlotKVCache:
             raise RuntimeError(f"slot {slot} released twice")
         self.lengths[slot] = 0
         self._free.append(slot)
-
-
-def check_capacity(cache: SlotKVCache, starts: list[int], num_tokens: int) -> None:
-    longest = max(starts) + num_tokens
-    if longest > cache.max_len:
-        raise InvalidRequestError(f"sequence of {longest} positions exceeds the cache length {cache.max_len}")

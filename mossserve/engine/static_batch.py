@@ -54,7 +54,7 @@ def generate_static(
     slots = [cache.allocate() for _ in prompts]
     segments: list[list[list[np.ndarray]]] = [
         [[seg] for seg in family.admit(state, s, p, c)] for s, p, c in zip(slots, prompts, samplings)]
-    rows: list[list[torch.Tensor]] = [[] for _ in prompts]
+    rows: list[list[np.ndarray]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
 
     last_hidden = []
@@ -69,9 +69,9 @@ def generate_static(
         out = family.step(state, hidden, torch.tensor([slots[i] for i in running], device=device))
         finished = out.finished.tolist()
         has_frame, new_segment = out.has_frame.tolist(), out.new_segment.tolist()
-        frames = out.frames.cpu().numpy()
+        frames, step_rows = out.frames.cpu().numpy(), out.rows.cpu().numpy()
         for row, i in enumerate(running):
-            rows[i].append(out.rows[row])
+            rows[i].append(step_rows[row])
             if has_frame[row]:
                 if new_segment[row] or not segments[i]:
                     segments[i].append([])
@@ -91,7 +91,7 @@ def generate_static(
         cache.release(slot)
     return [
         Generation(
-            rows=torch.stack(r).cpu().numpy() if r else np.zeros((0, family.columns), dtype=np.int64),
+            rows=np.stack(r) if r else np.zeros((0, family.columns), dtype=np.int64),
             frames=np.concatenate([np.concatenate(seg) for seg in segs]).astype(np.int64)
             if segs else np.zeros((0, family.codebooks), dtype=np.int64),
             segment_lengths=[sum(len(f) for f in seg) for seg in segs],

@@ -7,7 +7,7 @@ from torch import nn
 
 from .batch_context import BatchContext
 from .norms import RMSNorm
-from .rotary import RotaryEmbedding
+from .rotary import apply_rotary
 
 
 class Qwen3Attention(nn.Module):
@@ -23,18 +23,19 @@ class Qwen3Attention(nn.Module):
         self,
         x: torch.Tensor,
         ctx: BatchContext,
-        rotary: RotaryEmbedding,
+        rotary: tuple[torch.Tensor, torch.Tensor],
         cache_k: torch.Tensor | None,
         cache_v: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x (B, T, H); cache_k/v (slots, kv_heads, max_len, d) of this layer, or None."""
+        """x (B, T, H); rotary: (cos, sin) of the new positions; cache_k/v (slots, kv_heads, max_len, d)
+        of this layer, or None."""
         batch, length, _ = x.shape
         d = self.head_dim
         q, k, v = self.qkv_proj(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q = self.q_norm(q.view(batch, length, self.heads, d)).transpose(1, 2)
         k = self.k_norm(k.view(batch, length, self.kv_heads, d)).transpose(1, 2)
         v = v.view(batch, length, self.kv_heads, d).transpose(1, 2)
-        q, k = rotary(q, k, ctx.positions)
+        q, k = apply_rotary(q, k, *rotary)
         if cache_k is not None:
             rows = ctx.slots[:, None]
             cache_k[rows, :, ctx.positions] = k.transpose(1, 2)

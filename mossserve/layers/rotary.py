@@ -27,12 +27,15 @@ class RotaryEmbedding:
         angles = torch.cat([angles, angles], dim=-1)
         self.cos_table, self.sin_table = angles.cos(), angles.sin()
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (B, nh, T, d), k (B, nkv, T, d), positions (B, T) -> rotated q, k."""
-        self.reserve(int(positions.max()) + 1, positions.device)
-        cos = self.cos_table[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin_table[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    def cos_sin(self, positions: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, d) at `positions` (B, T), all below `length`; once per forward, shared by every layer."""
+        self.reserve(length, positions.device)
+        return self.cos_table[positions].unsqueeze(1).to(dtype), self.sin_table[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, nh, T, d), k (B, nkv, T, d) rotated by the tables of `RotaryEmbedding.cos_sin`."""
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

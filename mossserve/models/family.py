@@ -10,17 +10,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..sampling import SamplingParams
-from ..speech_request import SpeechRequest
+from ..speech_request import EncodeVoice, SpeechRequest
 from .qwen3_config import Qwen3Config
-
-EncodeVoice = Callable[[Path], np.ndarray]
 
 
 @dataclass

@@ -261,11 +261,14 @@ class MossDelayFamily(TalkerFamily):
         """Sample every (row, codebook) flagged in `sampled` (R, n); returns (R, n) codes."""
         n, codes = self.config.n_vq, self.config.audio_vocab_size + 1
         logits = self.model.audio_logits(hidden).reshape(-1, codes)
-        seen_first, seen_rest = state.seen_first, state.seen_rest
-        if state.shared_generator is not None:
-            seen_first = seen_first[state.admitted].any(0, keepdim=True).expand_as(seen_first)
-            seen_rest = seen_rest[state.admitted].any(0, keepdim=True).expand_as(seen_rest)
-        seen = torch.cat([seen_first[slots][:, None], seen_rest[slots][:, None].expand(-1, n - 1, -1)], dim=1)
+        penalty, seen = state.audio_penalty[slots], None
+        if bool((penalty != 1.0).any()):  # the history matters only where a penalty is set
+            seen_first, seen_rest = state.seen_first, state.seen_rest
+            if state.shared_generator is not None:
+                seen_first = seen_first[state.admitted].any(0, keepdim=True).expand_as(seen_first)
+                seen_rest = seen_rest[state.admitted].any(0, keepdim=True).expand_as(seen_rest)
+            seen = torch.cat([seen_first[slots][:, None], seen_rest[slots][:, None].expand(-1, n - 1, -1)], dim=1)
+            seen = seen.reshape(-1, codes)
         temperature = state.audio_temperature[slots]
         drawing = sampled & (temperature > 0)
         noise = None
@@ -283,8 +286,8 @@ class MossDelayFamily(TalkerFamily):
             temperature.flatten(),
             state.audio_top_k[slots].flatten(),
             state.audio_top_p[slots].flatten(),
-            penalty=state.audio_penalty[slots].flatten(),
-            seen=seen.reshape(-1, codes),
+            penalty=penalty.flatten(),
+            seen=seen,
             noise=noise,
         )
         return tokens.view(len(slots), n)

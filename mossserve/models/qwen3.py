@@ -53,10 +53,11 @@ class Qwen3Model(nn.Module):
         cache_k/v: (layers, slots, kv_heads, max_len, d) or None for a cache-free pass.
         hidden_states, if given, collects the input and every layer's output (before the final norm).
         """
+        rotary = self.rotary.cos_sin(ctx.positions, ctx.kv_len, x.dtype)
         for i, layer in enumerate(self.layers):
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = layer(x, ctx, self.rotary, None if cache_k is None else cache_k[i], None if cache_v is None else cache_v[i])
+            x = layer(x, ctx, rotary, None if cache_k is None else cache_k[i], None if cache_v is None else cache_v[i])
         if hidden_states is not None:
             hidden_states.append(x)
         return self.norm(x)

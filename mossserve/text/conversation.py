@@ -21,11 +21,16 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InvalidRequestError
-from ..speech_request import normalize_voice, resolve_path_or_codes
-from .delay_prompt import AUDIO_PLACEHOLDER, AssistantMessage, UserMessage, build_assistant_message, build_user_message
+from ..speech_request import EncodeVoice, normalize_voice, resolve_path_or_codes
+from .delay_prompt import (
+    AUDIO_PLACEHOLDER,
+    AssistantMessage,
+    Conversation,
+    UserMessage,
+    build_assistant_message,
+    build_user_message,
+)
 
-EncodeVoice = Callable[[Path], np.ndarray]
-Conversation = list[UserMessage | AssistantMessage]
 _TEXT_FIELDS = ("text", "instruction", "quality", "sound_event", "ambient_sound", "language")
 _ASSISTANT_FIELDS = ("audio_codes_list", "audio_codes", "content")
 

@@ -96,6 +96,7 @@ class AssistantMessage:
 
 
 Message = UserMessage | AssistantMessage
+Conversation = list[Message]
 
 
 def build_user_message(

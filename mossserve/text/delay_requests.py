@@ -30,18 +30,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from ..errors import InvalidRequestError
-from ..speech_request import SpeechRequest, check_codes
-from .delay_prompt import AssistantMessage, UserMessage, build_assistant_message, build_user_message
+from ..speech_request import EncodeVoice, SpeechRequest, check_codes
+from .delay_prompt import (
+    Conversation,
+    UserMessage,
+    build_assistant_message,
+    build_user_message,
+)
 
 TASKS = ("tts", "dialogue", "voice_design", "sound_effect")
 MAX_SPEAKERS = 5
-EncodeVoice = Callable[[Path], np.ndarray]
-Conversation = list[UserMessage | AssistantMessage]
 
 # Request fields each task reads (besides `input` and `mode`, which every task reads).
 _TASK_FIELDS = {
