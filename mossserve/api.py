@@ -1,24 +1,31 @@
-"""`TTS`: the offline Python entry point.
+"""`TTS`: the offline Python entry point, over the same engine the server uses.
 
     tts = TTS.from_pretrained("OpenMOSS-Team/MOSS-TTS", device="cuda", dtype="bfloat16")
     codes = tts.generate_codes(SpeechRequest(input="Hello."))      # (frames, n_vq)
     audio = tts.synthesize(SpeechRequest(input="Hello.", voice="me.wav"))
+    for chunk in tts.stream(SpeechRequest(input="Hello.")): ...    # audio while the talker runs
+    audios = tts.synthesize_batch([SpeechRequest(input=t) for t in texts])
 
-The codec loads lazily: generating codes from codes-only prompts never needs it.
+One request and many take one code path: every call submits to the engine (continuous
+batching, streaming decode), which starts on first use. The codec loads lazily: generating
+codes from codes-only prompts never needs it.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
-import torch
 
-from .errors import InvalidRequestError
-from .engine.static_batch import Generation, generate_static
-from .models.delay_pattern import split_segments
-from .models.family import Prompt, TalkerFamily
+from .config import ChunkSchedule, EngineConfig
+from .engine.engine import Engine
+from .engine.request import AudioChunk, Generation
+from .errors import MossServeError, RequestAborted
 from .models.config_utils import read_json
+from .models.family import Prompt, TalkerFamily
 from .models.registry import load_codec, load_talker
 from .sampling import SamplingParams
 from .speech_request import SpeechRequest
@@ -32,6 +39,7 @@ class Audio:
     samples: np.ndarray  # float32 (channels, samples)
     sample_rate: int
     codes: np.ndarray  # (frames, codebooks) the audio was decoded from
+    generation: Generation | None = None
 
     @property
     def duration(self) -> float:
@@ -40,20 +48,25 @@ class Audio:
 
 class TTS:
     def __init__(self, talker: TalkerFamily, codec: str | Path | None = None, device: str = "cpu",
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", engine_config: EngineConfig | None = None) -> None:
         self.talker = talker
         self.device = device
         self.dtype = dtype
+        self.engine_config = engine_config or EngineConfig()
         self._codec_source = codec
         self._codec = None
+        self._speakers = None
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, codec: str | Path | None = None,
-                        device: str = "cpu", dtype: str = "float32") -> "TTS":
+                        device: str = "cpu", dtype: str = "float32",
+                        engine_config: EngineConfig | None = None) -> "TTS":
         """`model`: a checkpoint directory or hub id (None: the bundled demo checkpoint, noise only).
         `codec`: a codec directory or hub id; by default the one bundled with or named by the model."""
         talker = load_talker(DEMO_MODEL if model is None else model, device=device, dtype=dtype)
-        return cls(talker, codec, device=device, dtype=dtype)
+        return cls(talker, codec, device=device, dtype=dtype, engine_config=engine_config)
 
     @property
     def is_demo(self) -> bool:
@@ -62,10 +75,39 @@ class TTS:
     @property
     def codec(self):
         """The codec, loaded on first use (see `default_codec`)."""
-        if self._codec is None:
-            source = self._codec_source or default_codec(self.talker.source)
-            self._codec = load_codec(source, device=self.device)
-        return self._codec
+        with self._lock:
+            if self._codec is None:
+                source = self._codec_source or default_codec(self.talker.source)
+                self._codec = load_codec(source, device=self.device)
+            return self._codec
+
+    @property
+    def engine(self) -> Engine:
+        """The engine every call runs on, started on first use."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = Engine(self.talker, lambda: self.codec, self.engine_config)
+                self._engine.start()
+            return self._engine
+
+    @property
+    def speakers(self):
+        """Reference voices -> codes, cached by content (engine/speakers.py)."""
+        from .engine.speakers import SpeakerCache
+
+        codec = self.codec
+        with self._lock:
+            if self._speakers is None:
+                self._speakers = SpeakerCache(codec, n_quantizers=self.talker.codebooks)
+            return self._speakers
+
+    def close(self) -> None:
+        """Stop the engine's threads (they are daemons: a script need not call this)."""
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+        if self._speakers is not None:
+            self._speakers.close()
 
     # ---- prompts --------------------------------------------------------------------------
     def prompt(self, request: SpeechRequest) -> Prompt:
@@ -73,51 +115,94 @@ class TTS:
 
     def encode_voice(self, path: Path) -> np.ndarray:
         """Reference audio file -> codes (frames, codebooks), prepared as the reference prepares it."""
-        from .audio import load_audio
-        from .audio.loudness import normalize_loudness
-
-        codec = self.codec
-        samples = load_audio(path, codec.sample_rate, channels=codec.channels)
-        samples = normalize_loudness(samples)
-        with torch.inference_mode():
-            wave = torch.from_numpy(samples).to(codec.device)
-            codes = codec.encode(wave, n_quantizers=self.talker.codebooks)
-        return codes.T.cpu().numpy().astype(np.int64)
+        return self.speakers.encode(path)
 
     # ---- generation -----------------------------------------------------------------------
+    def run(self, prompts: list[Prompt], sampling: SamplingParams | list[SamplingParams] | None = None,
+            max_new_frames: int | None = None, decode_audio: bool = True, schedule: ChunkSchedule | None = None,
+            on_chunk: Callable[[int, AudioChunk], None] | None = None,
+            raise_errors: bool = True) -> list[tuple[Generation, Audio | None]]:
+        """Run prompts through continuous batching; per prompt its generation and (with
+        `decode_audio`) its audio. `on_chunk(index, chunk)` sees every chunk as it arrives.
+        A request that fails raises, or with `raise_errors=False` comes back with
+        `finish_reason == "error"`, its message in `generation.error` and no audio."""
+        samplings = sampling if isinstance(sampling, list) else [sampling or self.talker.default_sampling()] * len(prompts)
+        outbox: queue.Queue = queue.Queue()
+        engine, ids = self.engine, []
+        try:
+            for index, (prompt, params) in enumerate(zip(prompts, samplings)):
+                ids.append(engine.add_request(prompt, params, lambda c, i=index: outbox.put((i, c)),
+                                              max_new_frames=max_new_frames, schedule=schedule,
+                                              decode_audio=decode_audio).id)
+            chunks: list[list[AudioChunk]] = [[] for _ in prompts]
+            open_count = len(prompts)
+            while open_count:
+                index, chunk = outbox.get()
+                chunks[index].append(chunk)
+                if on_chunk is not None:
+                    on_chunk(index, chunk)
+                open_count -= chunk.final
+        except BaseException:
+            for request_id in ids:
+                engine.abort(request_id)
+            raise
+        return [self._result(c, decode_audio, raise_errors) for c in chunks]
+
+    def stream(self, request: SpeechRequest | Prompt, sampling: SamplingParams | None = None,
+               max_new_frames: int | None = None, schedule: ChunkSchedule | None = None) -> Iterator[AudioChunk]:
+        """Audio chunks of one request as the codec produces them; the last one is `final`.
+        Leaving the loop early aborts the request."""
+        prompt = request if isinstance(request, Prompt) else self.prompt(request)
+        outbox: queue.Queue = queue.Queue()
+        engine = self.engine
+        handle = engine.add_request(prompt, sampling or self.talker.default_sampling(), outbox.put,
+                                    max_new_frames=max_new_frames, schedule=schedule)
+        done = False
+        try:
+            while not done:
+                chunk = outbox.get()
+                done = chunk.final
+                if chunk.final and chunk.error is not None:
+                    raise MossServeError(f"request {chunk.request_id} failed: {chunk.error}")
+                if chunk.final and chunk.finish_reason == "aborted":
+                    raise RequestAborted(f"request {chunk.request_id} was aborted")
+                yield chunk
+        finally:
+            if not done:
+                engine.abort(handle.id)
+
     def generate(self, prompts: list[Prompt], sampling: SamplingParams | list[SamplingParams] | None = None,
                  max_new_frames: int | None = None) -> list[Generation]:
-        samplings = sampling if isinstance(sampling, list) else [sampling or self.talker.default_sampling()] * len(prompts)
-        cap = self.talker.max_new_frames if max_new_frames is None else max_new_frames
-        limit = self.talker.backbone_config.max_position_embeddings
-        caps = [min(cap, limit - len(p.rows)) for p in prompts]
-        for p, c in zip(prompts, caps):
-            if c < 1:
-                raise InvalidRequestError(f"prompt of {len(p.rows)} positions leaves no room to generate (limit {limit})")
-        return generate_static(self.talker, prompts, samplings, caps)
+        """Codes only (no codec), through continuous batching."""
+        return [g for g, _ in self.run(prompts, sampling, max_new_frames, decode_audio=False)]
 
     def generate_codes(self, request: SpeechRequest, sampling: SamplingParams | None = None,
                        max_new_frames: int | None = None) -> np.ndarray:
         """The frames the reference hands to its codec, (frames, codebooks) int64."""
         return self.generate([self.prompt(request)], sampling, max_new_frames)[0].frames
 
-    def synthesize(self, request: SpeechRequest, sampling: SamplingParams | None = None,
+    def synthesize(self, request: SpeechRequest | Prompt, sampling: SamplingParams | None = None,
                    max_new_frames: int | None = None) -> Audio:
-        return self.decode(self.generate([self.prompt(request)], sampling, max_new_frames)[0])
+        return self.synthesize_batch([request], sampling, max_new_frames)[0]
 
-    def decode(self, generation: Generation) -> Audio:
-        """Each audio segment decoded on its own; in continuation the prefix is cut off, as the reference does."""
-        codec = self.codec
-        pieces = []
-        with torch.inference_mode():
-            for index, segment in enumerate(split_segments(generation.frames, generation.segment_lengths)):
-                wave = codec.decode(torch.from_numpy(segment.T.copy()).to(codec.device)).float().cpu().numpy()
-                if index == 0 and generation.start_length > 0:
-                    ratio = min(generation.start_length / len(segment), 1.0)
-                    wave = wave[:, int(wave.shape[-1] * ratio):]
-                pieces.append(wave)
-        samples = np.concatenate(pieces, axis=-1) if pieces else np.zeros((codec.channels, 0), dtype=np.float32)
-        return Audio(samples=samples.astype(np.float32), sample_rate=codec.sample_rate, codes=generation.frames)
+    def synthesize_batch(self, requests: list[SpeechRequest | Prompt],
+                         sampling: SamplingParams | list[SamplingParams] | None = None,
+                         max_new_frames: int | None = None) -> list[Audio]:
+        """Every request through continuous batching; their audio in order."""
+        prompts = [r if isinstance(r, Prompt) else self.prompt(r) for r in requests]
+        return [audio for _, audio in self.run(prompts, sampling, max_new_frames)]
+
+    def _result(self, chunks: list[AudioChunk], with_audio: bool, raise_errors: bool) -> tuple[Generation, Audio | None]:
+        final = chunks[-1]
+        if final.error is not None and raise_errors:
+            raise MossServeError(f"request {final.request_id} failed: {final.error}")
+        generation = final.generation
+        if not with_audio or final.error is not None:
+            return generation, None
+        pieces = [c.audio for c in chunks if c.audio is not None]
+        samples = np.concatenate(pieces, axis=-1) if pieces else np.zeros((self.codec.channels, 0), dtype=np.float32)
+        return generation, Audio(samples.astype(np.float32, copy=False), self.codec.sample_rate, generation.frames,
+                                 generation)
 
 
 def default_codec(model_dir: Path | None) -> str | Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidRequestError, MossServeError
+from .progress import Progress
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     say = commands.add_parser("say", help="synthesize speech (or codes) from text or a request")
     add_model_args(say)
     say.add_argument("text", nargs="?", help="the text to speak")
+    say.add_argument("--text-file", type=Path, help="read the text to speak from a file")
+    say.add_argument("--batch", type=Path, help="a JSONL file, one SpeechRequest per line, all run together")
+    say.add_argument("--out-dir", type=Path, help="with --batch: writes NNNN.<format> audio and NNNN.npy codes")
+    say.add_argument("--format", default="wav", help="with --batch: audio format (wav, flac, mp3, opus, pcm, npy)")
+    say.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar on stderr (default: when stderr is a terminal)")
+    say.add_argument("--max-running", type=int, help="requests decoded at once (default 16)")
     say.add_argument("--request", type=Path, help="a SpeechRequest as JSON")
     say.add_argument("--conversation", type=Path, help="a conversation as JSON")
     say.add_argument("--mode", choices=["generation", "continuation"], help="conversation mode (default: by the last role)")
@@ -91,7 +99,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def load_tts(args: argparse.Namespace):
     from .api import TTS
 
-    tts = TTS.from_pretrained(args.model, codec=args.codec, device=args.device, dtype=args.dtype)
+    from .config import EngineConfig
+
+    config = EngineConfig(max_running=getattr(args, "max_running", None) or EngineConfig.max_running)
+    tts = TTS.from_pretrained(args.model, codec=args.codec, device=args.device, dtype=args.dtype, engine_config=config)
     if tts.is_demo:
         print("note: no --model given; using the bundled tiny random-weight demo checkpoint "
               "(it produces noise, not speech)", file=sys.stderr)
@@ -135,20 +146,63 @@ def run_prompt(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}: prompt matrix {prompts[0].rows.shape}", file=sys.stderr)
 
 
-def run_say(args: argparse.Namespace) -> None:
-    given = [x is not None for x in (args.text, args.request, args.conversation, args.prompt_matrix)]
-    if sum(given) != 1:
-        raise InvalidRequestError("give exactly one of TEXT, --request, --conversation, --prompt-matrix")
-    if args.voice is not None and args.text is None:
-        raise InvalidRequestError("--voice goes with TEXT; put the voice inside the request or conversation")
-    if args.output is None and args.codes_out is None:
+def run_say(args: argparse.Namespace) -> int:
+    sources = (args.text, args.text_file, args.request, args.conversation, args.prompt_matrix, args.batch)
+    if sum(x is not None for x in sources) != 1:
+        raise InvalidRequestError("give exactly one of TEXT, --text-file, --request, --conversation, "
+                                  "--prompt-matrix, --batch")
+    if args.voice is not None and args.text is None and args.text_file is None:
+        raise InvalidRequestError("--voice goes with TEXT or --text-file; put the voice inside the request")
+    if args.batch is not None:
+        if args.out_dir is None or args.output is not None or args.codes_out is not None:
+            raise InvalidRequestError("--batch writes into --out-dir (not -o / --codes-out)")
+    elif args.output is None and args.codes_out is None:
         raise InvalidRequestError("give -o OUT (audio) and/or --codes-out CODES.npy")
     if args.max_frames is not None and args.max_frames < 1:
         raise InvalidRequestError("--max-frames must be at least 1")
+    if args.max_running is not None and args.max_running < 1:
+        raise InvalidRequestError("--max-running must be at least 1")
+    if args.text_file is not None:
+        try:
+            args.text = args.text_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidRequestError(f"cannot read {args.text_file}: {e}") from None
+        if not args.text:
+            raise InvalidRequestError(f"{args.text_file} is empty")
     tts = load_tts(args)
+    if args.batch is not None:
+        return say_batch(tts, args)
     prompts = build_prompts(tts, args)
     if len(prompts) != 1:
         raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
+    progress = Progress(1, args.progress)
+    generation, audio = tts.run(prompts, sampling_from_args(tts, args), args.max_frames,
+                                decode_audio=args.output is not None,
+                                on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final))[0]
+    progress.close()
+    frames = generation.frames
+    ended = f"{_ENDINGS[generation.finish_reason]} after {len(generation.rows)} steps"
+    if args.codes_out is not None:
+        np.save(args.codes_out, frames.astype(np.int64))
+        print(f"wrote {args.codes_out}: codes {frames.shape} ({ended})", file=sys.stderr)
+    if args.output is not None:
+        from .audio import write_audio
+
+        if len(frames) == 0:
+            raise InvalidRequestError(f"the model produced no audio frames ({ended})")
+        write_audio(args.output, audio.samples, audio.sample_rate)
+        print(f"wrote {args.output}: {audio.duration:.2f} s at {audio.sample_rate} Hz ({ended})", file=sys.stderr)
+    return 0
+
+
+_ENDINGS = {"stop": "stopped", "length": "hit the step cap", "runaway": "cut by the runaway guard"}
+
+
+def _chunk_seconds(chunk) -> float:
+    return 0.0 if chunk.audio is None else chunk.audio.shape[-1] / chunk.sample_rate
+
+
+def sampling_from_args(tts, args: argparse.Namespace):
     sampling = tts.talker.default_sampling()
     if args.greedy:
         sampling = sampling.with_overrides(text_temperature=0.0, audio_temperature=0.0)
@@ -157,20 +211,42 @@ def run_say(args: argparse.Namespace) -> None:
     sampling = sampling.with_overrides(audio_top_p=args.top_p, audio_top_k=args.top_k,
                                        audio_repetition_penalty=args.repetition_penalty, seed=args.seed)
     sampling.validate()
-    generation = tts.generate(prompts, sampling, args.max_frames)[0]
-    frames = generation.frames
-    ended = "stopped" if generation.stopped else "hit the step cap"
-    if args.codes_out is not None:
-        np.save(args.codes_out, frames.astype(np.int64))
-        print(f"wrote {args.codes_out}: codes {frames.shape} ({ended} after {len(generation.rows)} steps)", file=sys.stderr)
-    if args.output is not None:
-        from .audio import write_audio
+    return sampling
 
-        if len(frames) == 0:
-            raise InvalidRequestError(f"the model produced no audio frames ({ended} after {len(generation.rows)} steps)")
-        audio = tts.decode(generation)
-        write_audio(args.output, audio.samples, audio.sample_rate)
-        print(f"wrote {args.output}: {audio.duration:.2f} s at {audio.sample_rate} Hz", file=sys.stderr)
+
+def say_batch(tts, args: argparse.Namespace) -> int:
+    """Every line of --batch through continuous batching; NNNN.<format> and NNNN.npy per line."""
+    from .audio import write_audio
+    from .audio.formats import check_format
+    from .speech_request import load_requests_jsonl
+
+    if args.format != "npy":
+        check_format(args.format)
+    requests = load_requests_jsonl(args.batch)
+    prompts = []
+    for number, request in enumerate(requests, 1):
+        try:
+            prompts.append(tts.prompt(request))
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"{args.batch}, request {number}: {e}") from None
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(len(prompts), args.progress)
+    failed = 0
+    results = tts.run(prompts, sampling_from_args(tts, args), args.max_frames, raise_errors=False,
+                      on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final))
+    progress.close()
+    for index, (generation, audio) in enumerate(results):
+        name = f"{index:04d}"
+        if generation.finish_reason == "error":
+            failed += 1
+            print(f"request {index + 1} failed: {generation.error}", file=sys.stderr)
+            continue
+        np.save(args.out_dir / f"{name}.npy", generation.frames.astype(np.int64))
+        write_audio(args.out_dir / f"{name}.{args.format}", audio.samples, audio.sample_rate)
+    total = sum(a.duration for g, a in results if g.finish_reason != "error")
+    print(f"wrote {len(results) - failed} of {len(results)} requests to {args.out_dir} ({total:.1f} s of audio)",
+          file=sys.stderr)
+    return 1 if failed else 0
 
 
 def load_codec_arg(args: argparse.Namespace):

@@ -18,3 +18,11 @@ class CheckpointError(MossServeError):
 
 class AudioError(InvalidRequestError):
     """Audio that cannot be read, is empty, silent, too long, or in an unsupported format."""
+
+
+class EngineFullError(MossServeError):
+    """The engine's queue is full: retry later (HTTP 503)."""
+
+
+class RequestAborted(MossServeError):
+    """The request was aborted before it finished."""

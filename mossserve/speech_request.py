@@ -181,3 +181,25 @@ def check_codes(array: np.ndarray, name: str = "codes") -> np.ndarray:
     if array.shape[0] == 0:
         raise InvalidRequestError(f"{name}: codes have zero frames")
     return array.astype(np.int64, copy=False)
+
+
+def load_requests_jsonl(path: str | Path) -> list[SpeechRequest]:
+    """One SpeechRequest per non-empty line; an error names the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InvalidRequestError(f"batch file not found: {path}") from None
+    requests = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            requests.append(SpeechRequest.from_dict(json.loads(line), base_dir=path.parent))
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(f"{path}:{number}: not valid JSON: {e}") from None
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"{path}:{number}: {e}") from None
+    if not requests:
+        raise InvalidRequestError(f"{path} holds no requests")
+    return requests

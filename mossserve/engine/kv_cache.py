@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 
-
 class SlotKVCache:
     def __init__(
         self,
@@ -35,6 +34,10 @@ class SlotKVCache:
         slot = self._free.pop()
         self.lengths[slot] = 0
         return slot
+
+    @property
+    def used(self) -> int:
+        return self.num_slots - len(self._free)
 
     def release(self, slot: int) -> None:
         if slot in self._free:

@@ -1,10 +1,9 @@
-"""A static-batch driver over the talker-family seam: all requests start together, each
-leaves the batch when it ends. The continuous-batching scheduler replaces the admission
-policy, not this per-step code.
+"""The reference's static batch over the talker-family seam: all requests start together, each
+leaves the batch when it ends, and `shared_seed` gives the whole batch one generator and one
+repetition history as the reference's batched `generate` does. Serving runs on the engine
+(engine.py); this exists to check that the family reproduces the reference's batched goldens.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,15 +13,7 @@ from ..layers.batch_context import BatchContext
 from ..models.family import Prompt, TalkerFamily
 from ..sampling import SamplingParams
 from .kv_cache import SlotKVCache
-
-
-@dataclass
-class Generation:
-    rows: np.ndarray  # (steps, columns): every row emitted, the stop row included
-    frames: np.ndarray  # (F, codebooks): frames complete in the prompt, then generated ones
-    segment_lengths: list[int]  # frames splits into clips decoded separately
-    stopped: bool  # ended by the model, not by the step cap
-    start_length: int  # prompt rows that belong to the audio (continuation prefix)
+from .request import Generation
 
 
 @torch.inference_mode()

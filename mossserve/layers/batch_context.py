@@ -23,8 +23,12 @@ class BatchContext:
     def build(cls, starts: list[int], num_tokens: int, slots: list[int] | None, device: torch.device) -> "BatchContext":
         start = torch.tensor(starts, dtype=torch.int64, device=device)
         positions = start[:, None] + torch.arange(num_tokens, device=device)[None, :]
-        kv_len = int(max(starts)) + num_tokens
-        keys = torch.arange(kv_len, device=device)
-        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
         slot_tensor = None if slots is None else torch.tensor(slots, dtype=torch.int64, device=device)
-        return cls(positions=positions, slots=slot_tensor, kv_len=kv_len, mask=mask)
+        return cls.from_positions(positions, slot_tensor, int(max(starts)) + num_tokens)
+
+    @classmethod
+    def from_positions(cls, positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int) -> "BatchContext":
+        """From device tensors, without a host sync: the form a captured CUDA graph replays."""
+        keys = torch.arange(kv_len, device=positions.device)
+        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        return cls(positions=positions, slots=slots, kv_len=kv_len, mask=mask)

@@ -74,16 +74,22 @@ class MossDelayFamily(TalkerFamily):
 
     # ---- prompts -------------------------------------------------------------------------
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
-        from ..text.delay_requests import delay_conversation
+        from ..text.delay_requests import delay_conversation, infer_task
 
+        task = request.task or self.default_task or infer_task(request)
         conversation, mode = delay_conversation(
             request,
             n_vq=self.config.n_vq,
             audio_vocab_size=self.config.audio_vocab_size,
-            task=request.task or self.default_task,
+            task=task,
             encode_voice=encode_voice,
         )
-        return self.prompt_from_conversation(conversation, mode)
+        prompt = self.prompt_from_conversation(conversation, mode)
+        # What the engine's runaway guard bounds a generation by (sound effects have no text to go by).
+        prompt.info["runaway_guard"] = task != "sound_effect"
+        prompt.info["text_tokens"] = len(self.tokenizer.encode(request.input or ""))
+        prompt.info["duration_frames"] = request.expected_frames
+        return prompt
 
     def prompt_from_conversation(self, conversation: list, mode: str) -> Prompt:
         """A conversation as the reference processor takes it (text/delay_prompt.py)."""

@@ -1,0 +1,66 @@
+"""EngineConfig: the limits, chunk schedule and guards an engine is built for."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class ChunkSchedule:
+    """Frames per audio chunk: a small first chunk for latency, larger ones after it for efficiency."""
+
+    first: int = 2
+    rest: int = 12
+
+    def size(self, index: int) -> int:
+        return self.first if index == 0 else self.rest
+
+    def validate(self, max_chunk_frames: int) -> None:
+        if not 1 <= self.first <= max_chunk_frames or not 1 <= self.rest <= max_chunk_frames:
+            raise InvalidRequestError(f"chunk sizes must lie in 1..{max_chunk_frames} frames, got "
+                                      f"first={self.first}, rest={self.rest}")
+
+
+@dataclass(frozen=True)
+class RunawayGuard:
+    """Ends a generation that outgrows its text or loops on one frame, and reports it as "runaway".
+
+    The frame bound is `min_frames + frames_per_token * text tokens` (speech runs about 3-4 frames
+    per token; the default allows four times that), and at least `duration_factor` times a
+    requested duration. Sound effects have no text to bound them, so the guard skips them.
+    """
+
+    enabled: bool = True
+    min_frames: int = 125
+    frames_per_token: float = 15.0
+    duration_factor: float = 2.0
+    repeat_frames: int = 50  # the same frame this many times in a row: stuck (4 s at 12.5 Hz)
+
+    def frame_bound(self, text_tokens: int | None, duration_frames: int | None) -> int | None:
+        if not self.enabled or text_tokens is None:
+            return None
+        bound = self.min_frames + int(self.frames_per_token * text_tokens)
+        if duration_frames:
+            bound = max(bound, int(self.duration_factor * duration_frames) + self.min_frames)
+        return bound
+
+
+@dataclass
+class EngineConfig:
+    max_running: int = 16  # requests decoding at once (KV cache slots)
+    max_queued: int = 256  # waiting requests beyond which new work is refused
+    max_len: int | None = None  # prompt + generated positions per request (default: the model's limit)
+    prefill_tokens: int = 512  # prompt tokens prefilled per engine step, so long prompts do not stall decoding
+    chunk_schedule: ChunkSchedule = field(default_factory=ChunkSchedule)
+    max_chunk_frames: int = 25  # the largest chunk a request's schedule may ask for
+    codec_streams: int | None = None  # concurrent codec streams (default: 2 x max_running)
+    runaway: RunawayGuard = field(default_factory=RunawayGuard)
+    cuda_graphs: bool = True  # capture decode steps on CUDA
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    threaded: bool = True  # talker and codec on their own threads; False: `Engine.step()` drives both
+
+    def validate(self) -> None:
+        if self.max_running < 1 or self.max_queued < 0 or self.prefill_tokens < 1:
+            raise InvalidRequestError("max_running and prefill_tokens must be >= 1, max_queued >= 0")
+        self.chunk_schedule.validate(self.max_chunk_frames)

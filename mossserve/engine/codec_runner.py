@@ -1,0 +1,175 @@
+"""Batched streaming codec decode across every active request, on its own thread.
+
+Each round takes the oldest queued chunk of every request (one per request keeps each
+request's audio in order) and decodes them all in one call of the streaming decoder. On CUDA
+the thread works on its own stream, so codec rounds overlap the talker's steps. A request's
+chunks are decoded in one decoder stream per clip; a chunk that fails to decode fails only
+its request (the round is retried one chunk at a time to find it).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import traceback
+from collections import deque
+from typing import Callable
+
+import torch
+
+from ..models.codecs.base import Codec, StreamingDecoder
+from .pipeline import CodecWork
+from .request import AudioChunk, EngineRequest
+
+
+class CodecRunner:
+    def __init__(self, get_codec: Callable[[], Codec], max_streams: int, max_chunk_frames: int, n_quantizers: int,
+                 on_final: Callable[[EngineRequest], None], on_error: Callable[[EngineRequest, str], None]) -> None:
+        self._get_codec = get_codec
+        self.max_streams, self.max_chunk_frames, self.n_quantizers = max_streams, max_chunk_frames, n_quantizers
+        self._on_final, self._on_error = on_final, on_error
+        self._decoder: StreamingDecoder | None = None
+        self._queue: deque[CodecWork] = deque()
+        self._streams: dict[str, tuple[int, int]] = {}  # request id -> (segment, decoder stream id)
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._cuda_stream = None
+
+    # ---- called from other threads -------------------------------------------------------
+    def submit(self, work: CodecWork) -> None:
+        with self._lock:
+            self._queue.append(work)
+            self._lock.notify()
+
+    def drop(self, request: EngineRequest) -> None:
+        """Forget a request's queued chunks and stream; no chunk of it is delivered after this returns."""
+        with self._lock:
+            self._drop(request)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="mossserve-codec", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # ---- one round ---------------------------------------------------------------------
+    def run_once(self) -> bool:
+        """Decode the next chunk of every request that has one (up to the free streams); False if idle."""
+        with self._lock:
+            batch = self._take()
+        if not batch:
+            return False
+        decoder = self._ensure_decoder()
+        with self._lock:
+            for work in batch:
+                current = self._streams.get(work.request.id)
+                if len(work.codes) and (current is None or current[0] != work.segment):
+                    self._close_stream(work.request.id)
+                    self._streams[work.request.id] = (work.segment, decoder.open())
+        decoding = [w for w in batch if len(w.codes)]
+        audio = self._decode(decoding) if decoding else {}
+        with self._lock:
+            for work in batch:
+                rid = work.request.id
+                if work.request.dropped:
+                    continue
+                if rid in audio:
+                    if isinstance(audio[rid], str):
+                        self._drop(work.request)
+                        self._on_error(work.request, audio[rid])
+                        continue
+                    wave = audio[rid][:, work.trim * self._decoder.samples_per_frame:]
+                    if wave.shape[-1]:
+                        work.request.sink(AudioChunk(rid, wave, self._codec.sample_rate, work.frame_start,
+                                                     work.frame_start + len(work.codes), work.codes, work.segment))
+                if work.end_segment:
+                    self._close_stream(rid)
+                if work.final:
+                    self._on_final(work.request)
+        return True
+
+    def _take(self) -> list[CodecWork]:
+        """The oldest chunk of each request, as far as decoder streams allow; the rest stay queued."""
+        taken, seen, kept = [], set(), deque()
+        free = self.max_streams - len(self._streams)
+        for work in self._queue:
+            if work.request.dropped:
+                continue
+            rid = work.request.id
+            needs_stream = len(work.codes) and rid not in self._streams
+            if rid in seen or (needs_stream and free <= 0):
+                seen.add(rid)
+                kept.append(work)
+                continue
+            seen.add(rid)
+            free -= bool(needs_stream)
+            taken.append(work)
+        self._queue = kept
+        return taken
+
+    def _decode(self, batch: list[CodecWork]) -> dict[str, object]:
+        """request id -> audio (channels, samples) as numpy, or an error message."""
+        ids = [self._streams[w.request.id][1] for w in batch]
+        chunks = [torch.from_numpy(w.codes.T.copy()) for w in batch]
+        try:
+            waves = self._run_decoder(ids, chunks)
+            return {w.request.id: wave for w, wave in zip(batch, waves)}
+        except Exception:  # find the culprit: one chunk at a time
+            if len(batch) == 1:
+                return {batch[0].request.id: f"codec decode failed: {traceback.format_exc(limit=1).strip()}"}
+            out = {}
+            for w, sid, chunk in zip(batch, ids, chunks):
+                try:
+                    out[w.request.id] = self._run_decoder([sid], [chunk])[0]
+                except Exception as e:  # noqa: BLE001 - reported to that request only
+                    out[w.request.id] = f"codec decode failed: {e}"
+            return out
+
+    def _run_decoder(self, ids: list[int], chunks: list[torch.Tensor]) -> list:
+        stream = torch.cuda.stream(self._cuda_stream) if self._cuda_stream is not None else contextlib.nullcontext()
+        with stream, torch.inference_mode():
+            waves = self._decoder.decode(ids, chunks)
+            return [w.float().cpu().numpy() for w in waves]
+
+    def _ensure_decoder(self) -> StreamingDecoder:
+        if self._decoder is None:
+            self._codec = self._get_codec()
+            self._decoder = self._codec.streaming_decoder(self.max_streams, self.max_chunk_frames, self.n_quantizers)
+            device = torch.device(self._codec.device)
+            if device.type == "cuda":
+                self._cuda_stream = torch.cuda.Stream(device)
+        return self._decoder
+
+    def _drop(self, request: EngineRequest) -> None:
+        request.dropped = True
+        self._queue = deque(w for w in self._queue if w.request is not request)
+        self._close_stream(request.id)
+
+    def _close_stream(self, request_id: str) -> None:
+        entry = self._streams.pop(request_id, None)
+        if entry is not None:
+            self._decoder.close(entry[1])
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stop:
+                    self._lock.wait()
+                if self._stop:
+                    return
+            self.run_once()

@@ -1,0 +1,315 @@
+"""The engine: continuous batching of talker steps, streaming frames through the codec.
+
+One engine step admits waiting requests into free slots, runs one batched decode row for every
+decoding request and a budgeted piece of prefill for new ones, lets the family turn all the
+resulting hidden states into next rows and frames at once, and hands finished frames to the
+pipeline. With `threaded` (the default) the talker loop and the codec runner each run on
+their own thread; otherwise `step()` drives both, which tests use to place events exactly.
+
+Locks: `_lock` guards the queue, the live-request table and closing; the codec runner has its
+own. The engine never calls into the codec runner while holding `_lock` (the codec runner
+calls back into the engine while holding its own), so the two cannot deadlock.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..config import ChunkSchedule, EngineConfig
+from ..errors import InvalidRequestError
+from ..models.codecs.base import Codec
+from ..models.family import Prompt, TalkerFamily
+from ..sampling import SamplingParams
+from .codec_runner import CodecRunner
+from .pipeline import Pipeline
+from .request import AudioChunk, EngineRequest, Sink, Status
+from .scheduler import Scheduler
+from .talker_runner import TalkerRunner
+
+
+class Engine:
+    def __init__(self, family: TalkerFamily, get_codec: Callable[[], Codec] | None = None,
+                 config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        config.validate()
+        self.family = family
+        self.max_len = min(config.max_len or family.backbone_config.max_position_embeddings,
+                           family.backbone_config.max_position_embeddings)
+        device = next(family.model.parameters()).device
+        mode = "graphs" if device.type == "cuda" and config.cuda_graphs else "eager"
+        self.runner = TalkerRunner(family, config.max_running, self.max_len, config.prefill_tokens, mode,
+                                   config.graph_batch_sizes)
+        self.scheduler = Scheduler(config.max_running, config.max_queued, config.prefill_tokens)
+        self._get_codec = get_codec
+        self.codec = CodecRunner(get_codec or _no_codec, config.codec_streams or 2 * config.max_running,
+                                 config.max_chunk_frames, family.codebooks, self._codec_done, self._codec_failed)
+        self.pipeline = Pipeline(self.codec.submit, self._deliver, family.codebooks, family.sample_rate,
+                                 config.max_chunk_frames)
+        self._lock = threading.Condition()
+        self._live: dict[str, EngineRequest] = {}
+        self._aborts: list[EngineRequest] = []
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.counts = {"finished": 0, "aborted": 0, "failed": 0, "steps": 0}
+
+    # ---- the caller's side (any thread) --------------------------------------------------
+    def add_request(self, prompt: Prompt, sampling: SamplingParams, sink: Sink, *, request_id: str | None = None,
+                    max_new_frames: int | None = None, schedule: ChunkSchedule | None = None,
+                    decode_audio: bool = True, guard: bool = True) -> EngineRequest:
+        """Queue a request; its chunks go to `sink` (from the engine's threads), the last one `final`.
+
+        Raises InvalidRequestError for a request that cannot run and EngineFullError when the
+        queue is full; nothing is queued then."""
+        sampling.validate()
+        schedule = schedule or self.config.chunk_schedule
+        schedule.validate(self.config.max_chunk_frames)
+        length = len(prompt.rows)
+        if length >= self.max_len:
+            raise InvalidRequestError(f"the prompt has {length} positions; this engine allows {self.max_len} "
+                                      "(prompt and generated audio together)")
+        cap = self.family.max_new_frames if max_new_frames is None else max_new_frames
+        if cap < 1:
+            raise InvalidRequestError(f"max_new_frames must be at least 1, got {cap}")
+        if decode_audio and self._get_codec is None:
+            raise InvalidRequestError("this engine has no codec: ask for codes only")
+        guard = guard and self.config.runaway.enabled and prompt.info.get("runaway_guard", True)
+        request = EngineRequest(
+            id=request_id or f"req-{next(self._ids)}",
+            prompt=prompt, sampling=sampling, sink=sink,
+            max_new_frames=min(cap, self.max_len - length),
+            frame_bound=self.config.runaway.frame_bound(prompt.info.get("text_tokens"),
+                                                        prompt.info.get("duration_frames")) if guard else None,
+            repeat_limit=self.config.runaway.repeat_frames if guard else None,
+            schedule=schedule, decode_audio=decode_audio,
+        )
+        with self._lock:
+            if request.id in self._live:
+                raise InvalidRequestError(f"request id {request.id!r} is already in use")
+            self.scheduler.add(request)
+            self._live[request.id] = request
+            self._lock.notify()
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """End a request now, wherever it is; False if it is unknown or already over."""
+        with self._lock:
+            request = self._live.get(request_id)
+            if request is None:
+                return False
+            self._aborts.append(request)
+            self._lock.notify()
+        return True
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "running": len(self.scheduler.running),
+                "queued": len(self.scheduler.waiting),
+                "live": len(self._live),
+                "cache_slots_used": self.runner.slots_in_use,
+                "cache_slots": self.config.max_running,
+                "codec_streams_open": self.codec.open_streams,
+                "codec_chunks_queued": self.codec.queued,
+                **self.counts,
+            }
+
+    # ---- threads -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None and self.config.threaded:
+            self._stop = False
+            self.codec.start()
+            self._thread = threading.Thread(target=self._loop, name="mossserve-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.codec.stop()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._aborts or self.scheduler.waiting or self.scheduler.running) and not self._stop:
+                    self._lock.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    def run_until_idle(self) -> None:
+        """Unthreaded: step until every request is closed."""
+        while self._live:
+            self.step()
+
+    # ---- one step --------------------------------------------------------------------------
+    def step(self) -> None:
+        with self._lock:
+            aborts, self._aborts = self._aborts, []
+            admitted = self.scheduler.admit()
+        for request in aborts:  # a request closed already failed in the codec
+            self._end(request, Status.FAILED if request.closed else Status.ABORTED,
+                      request.finish_reason if request.closed else "aborted")
+        for request in admitted:
+            self._admit(request)
+        ready, hidden = self._forward()
+        if ready:
+            self._advance(ready, hidden)
+        self.counts["steps"] += 1
+        if not self.config.threaded:
+            while self.codec.run_once():
+                pass
+
+    def _admit(self, request: EngineRequest) -> None:
+        try:
+            request.slot = self.runner.allocate()
+            prefix = self.family.admit(self.runner.state, request.slot, request.prompt, request.sampling)
+            for clip in prefix:
+                request.segment_lengths.append(len(clip))
+                request.frames.extend(clip)
+            self.pipeline.start(request, prefix)
+        except Exception as e:  # noqa: BLE001 - this request fails, the engine goes on
+            self._end(request, Status.FAILED, "error", _message(e))
+
+    def _forward(self) -> tuple[list[EngineRequest], torch.Tensor | None]:
+        """Decode rows for the decoding requests and a prefill piece for new ones; returns the
+        requests that now have a hidden state to step from, and those states."""
+        parts, ready = [], []
+        decoding = self.scheduler.decoding()
+        if decoding:
+            try:
+                parts.append(self.runner.decode([r.slot for r in decoding]))
+                ready.extend(decoding)
+            except Exception as e:  # noqa: BLE001
+                self._fail_all(decoding, e)
+        prefill = self.scheduler.prefill_batch()
+        if prefill:
+            requests = [r for r, _ in prefill]
+            try:
+                hidden = self.runner.prefill([r.slot for r in requests],
+                                             [r.prompt.rows[r.prefilled : r.prefilled + n] for r, n in prefill])
+            except Exception as e:  # noqa: BLE001
+                self._fail_all(requests, e)
+            else:
+                done = []
+                for row, (request, n) in enumerate(prefill):
+                    request.prefilled += n
+                    if request.prefilled == request.prompt_length:
+                        request.status = Status.DECODING
+                        done.append(row)
+                if done:
+                    parts.append(hidden[done])
+                    ready.extend(requests[row] for row in done)
+        return ready, torch.cat(parts) if parts else None
+
+    def _advance(self, ready: list[EngineRequest], hidden: torch.Tensor) -> None:
+        try:
+            out = self.runner.step(hidden, [r.slot for r in ready])
+        except Exception as e:  # noqa: BLE001
+            self._fail_all(ready, e)
+            return
+        rows, frames = out.rows.cpu().numpy(), out.frames.cpu().numpy()
+        has_frame, new_segment, finished = out.has_frame.tolist(), out.new_segment.tolist(), out.finished.tolist()
+        for i, request in enumerate(ready):
+            request.rows.append(rows[i])
+            request.steps += 1
+            if has_frame[i]:
+                self._add_frame(request, frames[i], new_segment[i])
+            reason = self._finish_reason(request, finished[i])
+            if reason is not None:
+                self._end(request, Status.FINISHED, reason)
+
+    def _add_frame(self, request: EngineRequest, frame: np.ndarray, new_segment: bool) -> None:
+        starts_clip = new_segment or not request.segment_lengths
+        request.repeats = request.repeats + 1 if (request.frames and not starts_clip
+                                                  and np.array_equal(frame, request.frames[-1])) else 0
+        if starts_clip:
+            request.segment_lengths.append(0)
+        request.segment_lengths[-1] += 1
+        request.frames.append(frame)
+        self.pipeline.push(request, frame, starts_clip)
+
+    def _finish_reason(self, request: EngineRequest, stopped: bool) -> str | None:
+        if stopped:
+            return "stop"
+        if request.frame_bound is not None and request.steps >= request.frame_bound:
+            return "runaway"
+        if request.repeat_limit is not None and request.repeats + 1 >= request.repeat_limit:
+            return "runaway"
+        if request.steps >= request.max_new_frames:
+            return "length"
+        return None
+
+    # ---- endings ---------------------------------------------------------------------------
+    def _end(self, request: EngineRequest, status: Status, reason: str, error: str | None = None) -> None:
+        """Take `request` out of the talker; a finished one's output drains through the codec,
+        an aborted or failed one is dropped and closed at once."""
+        if request.status.done:
+            return
+        running = request.status in (Status.PREFILL, Status.DECODING)
+        with self._lock:
+            self.scheduler.remove(request)
+        if running and request.slot >= 0:
+            self.runner.release(request.slot)
+            request.slot = -1
+        request.status, request.finish_reason = status, reason
+        if status is Status.FINISHED:
+            self.pipeline.finish(request)
+            if not request.decode_audio:
+                self._close(request)
+            return
+        if running:
+            self.pipeline.drop(request)
+            self.codec.drop(request)
+        self._close(request, error)
+
+    def _fail_all(self, requests: list[EngineRequest], error: Exception) -> None:
+        message = _message(error)
+        for request in requests:
+            self._end(request, Status.FAILED, "error", message)
+
+    def _codec_done(self, request: EngineRequest) -> None:
+        self._close(request)
+
+    def _codec_failed(self, request: EngineRequest, message: str) -> None:
+        """A chunk of `request` failed to decode: close it with the error; the talker side lets go
+        at the next step."""
+        request.finish_reason = "error"
+        self._close(request, message)
+        with self._lock:
+            if not request.status.done:
+                self._aborts.append(request)
+                self._lock.notify()
+
+    def _close(self, request: EngineRequest, error: str | None = None) -> None:
+        with self._lock:
+            if request.closed:
+                return
+            request.closed = True
+            self._live.pop(request.id, None)
+            reason = request.finish_reason or "error"
+            self.counts[{"aborted": "aborted", "error": "failed"}.get(reason, "finished")] += 1
+        generation = request.generation(self.family.codebooks, self.family.columns)
+        generation.finish_reason, generation.error = reason, error
+        n = len(request.frames)
+        request.sink(AudioChunk(request.id, None, self.family.sample_rate, n, n,
+                                np.zeros((0, self.family.codebooks), dtype=np.int64),
+                                final=True, finish_reason=reason, error=error, generation=generation))
+
+    def _deliver(self, request: EngineRequest, chunk: AudioChunk) -> None:
+        request.sink(chunk)
+
+
+def _message(error: Exception) -> str:
+    return str(error) if isinstance(error, InvalidRequestError) else f"{type(error).__name__}: {error}"
+
+
+def _no_codec() -> Codec:
+    raise InvalidRequestError("this engine has no codec")

@@ -1,0 +1,65 @@
+"""Admission and continuous batching: who waits, who prefills, who decodes this step.
+
+Requests join whenever a slot is free and leave the moment they end; the waiting queue is
+bounded so that an overloaded engine refuses new work instead of growing without limit.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from ..errors import EngineFullError
+from .request import EngineRequest, Status
+
+
+class Scheduler:
+    def __init__(self, max_running: int, max_queued: int, prefill_tokens: int) -> None:
+        self.max_running, self.max_queued, self.prefill_tokens = max_running, max_queued, prefill_tokens
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []  # admission order
+
+    def add(self, request: EngineRequest) -> None:
+        if len(self.waiting) >= self.max_queued:
+            raise EngineFullError(f"the engine is full: {len(self.running)} running and {len(self.waiting)} "
+                                  f"queued (max_queued={self.max_queued}); retry later")
+        self.waiting.append(request)
+
+    def admit(self) -> list[EngineRequest]:
+        """Waiting requests that get a slot now, oldest first."""
+        admitted = []
+        while self.waiting and len(self.running) < self.max_running:
+            request = self.waiting.popleft()
+            request.status = Status.PREFILL
+            self.running.append(request)
+            admitted.append(request)
+        return admitted
+
+    def prefill_batch(self) -> list[tuple[EngineRequest, int]]:
+        """(request, prompt rows to prefill now) within the step's token budget, oldest first.
+
+        The budget counts padded tokens (rows x the longest piece), so one long prompt is
+        prefilled over several steps while the running batch keeps decoding between them.
+        """
+        batch: list[tuple[EngineRequest, int]] = []
+        for request in self.running:
+            if request.status is not Status.PREFILL:
+                continue
+            remaining = request.prompt_length - request.prefilled
+            width = max([n for _, n in batch] + [min(remaining, self.prefill_tokens)])
+            if batch and width * (len(batch) + 1) > self.prefill_tokens:
+                break
+            batch.append((request, min(remaining, self.prefill_tokens)))
+        return batch
+
+    def decoding(self) -> list[EngineRequest]:
+        return [r for r in self.running if r.status is Status.DECODING]
+
+    def remove(self, request: EngineRequest) -> bool:
+        """Take a request out of the queue or the batch; False if it was in neither."""
+        if request in self.running:
+            self.running.remove(request)
+            return True
+        try:
+            self.waiting.remove(request)
+            return True
+        except ValueError:
+            return False
