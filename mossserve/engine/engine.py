@@ -153,10 +153,11 @@ class Engine:
     def step(self) -> None:
         with self._lock:
             aborts, self._aborts = self._aborts, []
-            admitted = self.scheduler.admit()
         for request in aborts:  # a request closed already failed in the codec
             self._end(request, Status.FAILED if request.closed else Status.ABORTED,
                       request.finish_reason if request.closed else "aborted")
+        with self._lock:
+            admitted = self.scheduler.admit()
         for request in admitted:
             self._admit(request)
         ready, hidden = self._forward()

@@ -1,0 +1,167 @@
+"""A bench-size random MOSS-TTS (Delay) checkpoint in the published on-disk format.
+
+`build_delay_checkpoint` writes what a released Delay checkpoint directory holds: config.json
+(the bundled demo's, resized), model.safetensors with the published tensor names (`language_model.*`
+of a Qwen3 backbone, `emb_ext.{j}`, `lm_heads.{0..n_vq}`), the demo's real tokenizer files (the
+vocabulary and every special-token id are the published ones), and a bench-size random codec in
+`codec/` (the codec bench's builder). It loads through the real loader like any checkpoint.
+
+Default ("bench size"): Qwen3 hidden 512, 8 layers, 8 query / 4 KV heads of 64, MLP 1536, n_vq 32,
+the full 151,936-token vocabulary (its embedding and text head are most of the 180 M parameters,
+as in the released models, where the text head is read at every step too).
+
+Weights are N(0, 0.02) (norm gains 1 + 0.02 N) from one seeded generator, tensors in sorted
+name order: every build is byte-identical. Random weights alone would leave audio mode at a
+random step (or never enter it), so one residual dimension is reserved as a control channel, as
+in the test fixtures' weight surgery (tests/fixtures/moss_tts_delay/README.md, section 4):
+
+1. no layer writes dim 0 (row 0 of every `o_proj` and `down_proj` is zero) and the final norm's
+   gain there is 1, so dim 0 of the heads' input has the sign of the current row's embedding;
+2. `emb_ext[j][:, 0] = 0`; the text embeddings of `\\n` (the last prompt token), `<|audio_start|>`
+   and `<|audio_assistant_gen_slot|>` are +CONTROL on dim 0;
+3. text head column 0 is zero except `<|audio_start|>` and `<|audio_assistant_gen_slot|>` (+1)
+   and `<|audio_assistant_delay_slot|>` (-1).
+
+So greedy decoding answers the prompt with `<|audio_start|>` and then chooses a gen slot over the
+delay slot at every step: each request generates audio until its step cap, the same number of
+frames for every request, with frames that follow from the random audio heads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import codec as codec_bench
+
+STD = 0.02
+CONTROL = 4.0  # dim-0 value of the control embeddings (the other entries are ~0.02)
+NEWLINE_ID = 198  # "\n" in the Qwen tokenizer: the generation prompt's last token
+RECIPE = "v1"  # bump when the recipe changes: cached checkpoints are keyed by it
+
+BENCH_SIZE = dict(hidden=512, layers=8, intermediate=1536, heads=8, kv_heads=4, head_dim=64, n_vq=32)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def demo_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "demo" / "moss_tts_tiny"
+
+
+def delay_config(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, head_dim: int,
+                 n_vq: int) -> dict:
+    """The demo's config.json with the backbone resized (token ids, vocabulary, audio vocabulary kept)."""
+    config = json.loads((demo_dir() / "config.json").read_text())
+    config["hidden_size"] = hidden
+    config["n_vq"] = n_vq
+    language = config["language_config"]
+    language.update(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                    layer_types=["full_attention"] * layers, max_window_layers=layers)
+    return config
+
+
+def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Published tensor name -> shape for a Delay config (the names the released checkpoints use)."""
+    lang = config["language_config"]
+    h, inter, vocab = lang["hidden_size"], lang["intermediate_size"], lang["vocab_size"]
+    q, kv, d = lang["num_attention_heads"], lang["num_key_value_heads"], lang["head_dim"]
+    codes = config["audio_vocab_size"] + 1
+    shapes: dict[str, tuple[int, ...]] = {"language_model.embed_tokens.weight": (vocab, h),
+                                          "language_model.norm.weight": (h,), "lm_heads.0.weight": (vocab, h)}
+    for i in range(lang["num_hidden_layers"]):
+        p = f"language_model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q * d, h),
+            p + "self_attn.k_proj.weight": (kv * d, h),
+            p + "self_attn.v_proj.weight": (kv * d, h),
+            p + "self_attn.o_proj.weight": (h, q * d),
+            p + "self_attn.q_norm.weight": (d,),
+            p + "self_attn.k_norm.weight": (d,),
+            p + "mlp.gate_proj.weight": (inter, h),
+            p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        })
+    for j in range(config["n_vq"]):
+        shapes[f"emb_ext.{j}.weight"] = (codes, h)
+        shapes[f"lm_heads.{j + 1}.weight"] = (codes, h)
+    return shapes
+
+
+def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in sorted(tensor_shapes(config).items()):
+        t = torch.randn(shape, generator=gen) * STD
+        if name.endswith("norm.weight"):  # RMSNorm gains (input/post layernorm, q/k norm, final norm)
+            t += 1.0
+        tensors[name] = t
+    # The control channel (see the module docstring).
+    for name, t in tensors.items():
+        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            t[0] = 0.0
+        elif name.startswith("emb_ext."):
+            t[:, 0] = 0.0
+    tensors["language_model.norm.weight"][0] = 1.0
+    embed, text_head = tensors["language_model.embed_tokens.weight"], tensors["lm_heads.0.weight"]
+    for token in (NEWLINE_ID, config["audio_start_token_id"], config["audio_assistant_gen_slot_token_id"]):
+        embed[token, 0] = CONTROL
+    text_head[:, 0] = 0.0
+    text_head[config["audio_start_token_id"], 0] = 1.0
+    text_head[config["audio_assistant_gen_slot_token_id"], 0] = 1.0
+    text_head[config["audio_assistant_delay_slot_token_id"], 0] = -1.0
+    return {name: t.contiguous() for name, t in tensors.items()}
+
+
+def build_delay_checkpoint(directory: str | Path, *, hidden: int = 512, layers: int = 8, intermediate: int = 1536,
+                           heads: int = 8, kv_heads: int = 4, head_dim: int = 64, n_vq: int = 32, seed: int = 0,
+                           codec_config: dict | None = None) -> Path:
+    """Write a random Delay checkpoint directory (config, weights, tokenizer, codec/); returns it."""
+    directory = Path(directory)
+    config = delay_config(hidden, layers, intermediate, heads, kv_heads, head_dim, n_vq)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(random_weights(config, seed), directory / "model.safetensors", metadata={"format": "pt"})
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(demo_dir() / name, directory / name)
+    codec_bench.write_random_checkpoint(directory / "codec", codec_config or codec_bench.bench_config(), seed)
+    (directory / "README.md").write_text(
+        "Random-weight MOSS-TTS (Delay) checkpoint for `mossserve bench` (noise, not speech); "
+        "built by mossserve/bench/checkpoint.py.\n")
+    return directory
+
+
+def cache_root() -> Path:
+    root = os.environ.get("MOSSSERVE_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "mossserve"
+
+
+def bench_checkpoint(seed: int = 0, root: Path | None = None, **sizes) -> Path:
+    """The bench checkpoint under the cache (`$MOSSSERVE_CACHE` or ~/.cache/mossserve), built once.
+
+    Built into a temporary sibling and renamed into place, so an interrupted build is never used."""
+    s = {**BENCH_SIZE, **sizes}
+    name = f"delay-h{s['hidden']}-l{s['layers']}-nvq{s['n_vq']}-i{s['intermediate']}-q{s['heads']}kv{s['kv_heads']}" \
+           f"d{s['head_dim']}-seed{seed}-{RECIPE}"
+    target = (root or cache_root()) / "bench" / name
+    if (target / "model.safetensors").is_file() and (target / "codec" / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build_delay_checkpoint(tmp, seed=seed, **s)
+        try:
+            tmp.rename(target)
+        except OSError:  # built meanwhile by another process
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

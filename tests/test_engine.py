@@ -1,0 +1,345 @@
+"""The engine: continuous batching against the reference goldens, seeds, aborts, limits, failures.
+
+Most tests drive an unthreaded engine step by step, so that requests join, finish and are
+aborted at exactly chosen steps; the stress test runs the threaded engine.
+"""
+from __future__ import annotations
+
+import queue
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CODEC_DIR, DELAY_DIR, load_delay_model
+from delay_cases import generation_cases
+from mossserve.config import ChunkSchedule, EngineConfig, RunawayGuard
+from mossserve.engine.engine import Engine
+from mossserve.engine.talker_runner import TalkerRunner
+from mossserve.errors import EngineFullError, InvalidRequestError
+from mossserve.models.codecs import MossAudioTokenizer
+from mossserve.models.moss_delay_family import MossDelayFamily
+from mossserve.sampling import SamplingParams
+
+PAD_TEXT, PAD_CODE = 151643, 1024
+_codec = {}
+
+
+def codec() -> MossAudioTokenizer:
+    if "tiny" not in _codec:
+        _codec["tiny"] = MossAudioTokenizer.from_pretrained(CODEC_DIR / "tiny")
+    return _codec["tiny"]
+
+
+def family(checkpoint: str) -> MossDelayFamily:
+    return MossDelayFamily(load_delay_model(DELAY_DIR / checkpoint), tokenizer=None)
+
+
+class Outbox:
+    """Collects every request's chunks."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[str, list] = {}
+
+    def sink(self, chunk) -> None:
+        self.chunks.setdefault(chunk.request_id, []).append(chunk)
+
+    def final(self, request_id: str):
+        chunks = self.chunks[request_id]
+        assert chunks[-1].final and sum(c.final for c in chunks) == 1
+        return chunks[-1]
+
+
+def golden_requests(checkpoint: str, seeded: bool = False):
+    """(name, prompt rows, sampling, cap, golden rows, golden frames, golden segment lengths) per fixture request
+    that a single request reproduces: every greedy one, and the seeded single request."""
+    out = []
+    for case in generation_cases(DELAY_DIR / checkpoint):
+        if (case.seed is not None) != seeded or (seeded and len(case.prompts) > 1):
+            continue
+        g = case.golden
+        for b, rows in enumerate(case.prompts):
+            out.append((f"{case.name}/{b}", rows, case.sampling, case.max_new_tokens, g["new_rows"][b],
+                        g[f"segments_{b}"], list(g[f"segment_lengths_{b}"])))
+    return out
+
+
+def check_against_golden(generation, golden_rows, golden_frames, golden_lengths, columns: int) -> None:
+    steps = len(generation.rows)
+    assert np.array_equal(generation.rows, golden_rows[:steps])
+    pad_row = np.array([PAD_TEXT] + [PAD_CODE] * (columns - 1))
+    assert (golden_rows[steps:] == pad_row).all(), "the request ended before the reference did"
+    assert np.array_equal(generation.frames, golden_frames.reshape(-1, columns - 1))
+    assert generation.segment_lengths == golden_lengths
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_nvq32", "tiny_nvq16"])
+@pytest.mark.parametrize("prefill_tokens", [512, 16])
+def test_continuous_batching_reproduces_every_greedy_golden(checkpoint: str, prefill_tokens: int) -> None:
+    """Requests join at staggered steps, finish at different steps, and decoys around them are
+    aborted (waiting, prefilling and decoding); every request still equals its golden. With
+    prefill_tokens=16, long prompts are prefilled in pieces between decode steps."""
+    fam = family(checkpoint)
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=5, prefill_tokens=prefill_tokens))
+    outbox = Outbox()
+    requests = golden_requests(checkpoint)
+    pending = list(requests)
+    decoys, step = [], 0
+    while pending or engine.stats()["live"]:
+        if pending and step % 3 == 0:  # one new request every third step
+            name, rows, sampling, cap, *_ = pending.pop(0)
+            engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink, request_id=name,
+                               max_new_frames=cap, decode_audio=False)
+            decoy = engine.add_request(fam.prompt_from_rows(rows), SamplingParams(seed=step), outbox.sink,
+                                       request_id=f"decoy-{step}", max_new_frames=cap, decode_audio=False)
+            decoys.append((decoy.id, step + (step % 4) * 3))  # aborted 0..9 steps later
+        for decoy_id, when in decoys:
+            if when == step:
+                engine.abort(decoy_id)
+        engine.step()
+        step += 1
+    for name, _, _, _, rows, frames, lengths in requests:
+        final = outbox.final(name)
+        assert final.finish_reason in ("stop", "length")
+        check_against_golden(final.generation, rows, frames, lengths, fam.columns)
+        codes = np.concatenate([c.codes for c in outbox.chunks[name]])
+        assert np.array_equal(codes, final.generation.frames)
+    reasons = {outbox.final(d).finish_reason for d, _ in decoys}
+    assert "aborted" in reasons
+    stats = engine.stats()
+    assert stats["cache_slots_used"] == 0 and stats["running"] == 0 and stats["live"] == 0
+
+
+def test_static_shape_decode_steps_match_the_goldens() -> None:
+    """The fixed-shape decode (padded batch, bucketed key length: what CUDA graphs capture) gives the goldens."""
+    fam = family("tiny_nvq32")
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=6))
+    engine.runner = TalkerRunner(fam, 6, engine.max_len, 512, mode="static", batch_sizes=(1, 2, 4, 8))
+    outbox = Outbox()
+    requests = golden_requests("tiny_nvq32")
+    for name, rows, _, cap, *_ in requests:
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink, request_id=name,
+                           max_new_frames=cap, decode_audio=False)
+    engine.run_until_idle()
+    for name, _, _, _, rows, frames, lengths in requests:
+        check_against_golden(outbox.final(name).generation, rows, frames, lengths, fam.columns)
+    assert {size for size, _ in engine.runner._steps} >= {4, 6}  # padded up to a captured size
+    assert engine.runner.slots_in_use == 0
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_nvq32", "tiny_nvq16"])
+def test_seeded_request_gives_the_same_codes_alone_and_in_a_crowd(checkpoint: str) -> None:
+    """The seeded golden (the reference's seeded run) replays alone and among other sampled requests."""
+    fam = family(checkpoint)
+    (name, rows, sampling, cap, golden_rows, golden_frames, lengths), = golden_requests(checkpoint, seeded=True)
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=8))
+    outbox = Outbox()
+    others = golden_requests(checkpoint)
+    for i, (_, other_rows, *_rest) in enumerate(others[:4]):
+        engine.add_request(fam.prompt_from_rows(other_rows), sampling.with_overrides(seed=100 + i), outbox.sink,
+                           max_new_frames=cap, decode_audio=False)
+    engine.step()
+    engine.step()
+    engine.add_request(fam.prompt_from_rows(rows), sampling, outbox.sink, request_id=name, max_new_frames=cap,
+                       decode_audio=False)
+    for i, (_, other_rows, *_rest) in enumerate(others[4:8]):
+        engine.add_request(fam.prompt_from_rows(other_rows), sampling.with_overrides(seed=200 + i), outbox.sink,
+                           max_new_frames=cap, decode_audio=False)
+    engine.run_until_idle()
+    check_against_golden(outbox.final(name).generation, golden_rows, golden_frames, lengths, fam.columns)
+
+
+def test_streamed_chunks_follow_the_schedule_and_equal_the_offline_decode() -> None:
+    fam = family("tiny_nvq32")
+    engine = Engine(fam, codec, EngineConfig(threaded=False, max_running=4))
+    outbox = Outbox()
+    requests = golden_requests("tiny_nvq32")
+    schedules = {}
+    for i, (name, rows, _, cap, *_) in enumerate(requests):
+        schedules[name] = ChunkSchedule(2, 12) if i % 2 == 0 else ChunkSchedule(3, 5)
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink, request_id=name,
+                           max_new_frames=cap, schedule=schedules[name])
+    engine.run_until_idle()
+    spf = codec().samples_per_frame
+    checked_continuation, checked_schedule = False, set()
+    for name, *_ in requests:
+        final = outbox.final(name)
+        generation = final.generation
+        chunks = outbox.chunks[name][:-1]
+        assert final.audio is None and not final.codes.size
+        # Offline: every clip decoded at once; the prefix frames' samples cut from the first clip.
+        expected, at = [np.zeros((codec().channels, 0), dtype=np.float32)], 0
+        for index, length in enumerate(generation.segment_lengths):
+            clip = generation.frames[at : at + length]
+            at += length
+            with torch.inference_mode():
+                wave = codec().decode(torch.from_numpy(clip.T.copy())).numpy()
+            if index == 0 and generation.start_length > 0:
+                wave = wave[:, min(generation.start_length, length) * spf :]
+                checked_continuation = True
+            expected.append(wave)
+        streamed = np.concatenate([expected[0]] + [c.audio for c in chunks], axis=-1)
+        # The codec spec's waveform rule is <= 1e-3 (fp32 lands near 2e-5); batched chunks stay well inside.
+        np.testing.assert_allclose(streamed, np.concatenate(expected, axis=-1), rtol=0, atol=1e-4)
+        # Chunk sizes follow the schedule, except where a clip or the request ends. (In continuation
+        # the prompt's frames go first and the first start_length frames' audio is cut, so chunks
+        # that hold only cut audio are not delivered: check those by their audio alone.)
+        assert all(c.audio.shape[-1] == (c.frame_end - max(c.frame_start, generation.start_length)) * spf
+                   for c in chunks)
+        if chunks:
+            assert chunks[-1].frame_end == len(generation.frames)
+        if generation.start_length == 0 and chunks:
+            clip_ends = set(np.cumsum(generation.segment_lengths).tolist())
+            sizes = [c.frame_end - c.frame_start for c in chunks]
+            assert [c.frame_start for c in chunks] == [0, *np.cumsum(sizes)[:-1].tolist()]
+            for k, (chunk, size) in enumerate(zip(chunks, sizes)):
+                if chunk.frame_end not in clip_ends:
+                    assert size == schedules[name].size(k), (name, sizes)
+                checked_schedule.add(schedules[name])
+    assert checked_continuation and len(checked_schedule) == 2
+
+
+def test_hundreds_of_requests_with_random_aborts_leave_nothing_behind(delay_tts) -> None:
+    """500 short requests on the threaded engine, a third aborted at random moments: every request
+    ends exactly once, and every slot, codec stream and table entry is returned."""
+    tts = delay_tts("tiny_nvq16")
+    fam = tts.talker
+    engine = Engine(fam, lambda: tts.codec, EngineConfig(max_running=8, max_queued=600))
+    engine.start()
+    try:
+        rng = random.Random(0)
+        case_rows = [r for _, r, *_ in golden_requests("tiny_nvq16")]
+        finals: queue.Queue = queue.Queue()
+        counts: dict[str, int] = {}
+
+        def sink(chunk) -> None:
+            counts[chunk.request_id] = counts.get(chunk.request_id, 0) + 1
+            if chunk.final:
+                finals.put(chunk)
+
+        ids = []
+        for i in range(500):
+            request = engine.add_request(fam.prompt_from_rows(rng.choice(case_rows)), SamplingParams(seed=i), sink,
+                                         max_new_frames=rng.randint(1, 20), decode_audio=rng.random() < 0.5)
+            ids.append(request.id)
+            if rng.random() < 0.33:
+                engine.abort(rng.choice(ids))
+        ended = [finals.get(timeout=300) for _ in ids]
+        assert sorted(c.request_id for c in ended) == sorted(ids)
+        assert {c.finish_reason for c in ended} <= {"stop", "length", "aborted"}
+        assert any(c.finish_reason == "aborted" for c in ended)
+        engine.shutdown()  # joins both threads: nothing is mid-flight
+        stats = engine.stats()
+        assert stats["cache_slots_used"] == 0 and stats["codec_streams_open"] == 0
+        assert stats["live"] == stats["running"] == stats["queued"] == stats["codec_chunks_queued"] == 0
+        assert stats["finished"] + stats["aborted"] == 500 and stats["failed"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_full_queue_refuses_new_work_and_the_engine_keeps_serving() -> None:
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=1, max_queued=2))
+    outbox = Outbox()
+    (name, rows, _, cap, golden_rows, frames, lengths), *_ = golden_requests("tiny_nvq16")
+    prompt = fam.prompt_from_rows(rows)
+    engine.add_request(prompt, SamplingParams.greedy(), outbox.sink, request_id="a", max_new_frames=cap, decode_audio=False)
+    engine.step()  # "a" runs; the queue is empty again
+    engine.add_request(prompt, SamplingParams.greedy(), outbox.sink, request_id="b", max_new_frames=cap, decode_audio=False)
+    engine.add_request(prompt, SamplingParams.greedy(), outbox.sink, request_id="c", max_new_frames=cap, decode_audio=False)
+    with pytest.raises(EngineFullError, match="full"):
+        engine.add_request(prompt, SamplingParams.greedy(), outbox.sink, request_id="d", decode_audio=False)
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request(prompt, SamplingParams.greedy(), outbox.sink, request_id="b", decode_audio=False)
+    with pytest.raises(InvalidRequestError, match="no codec"):
+        engine.add_request(prompt, SamplingParams.greedy(), outbox.sink)
+    engine.run_until_idle()
+    for rid in "abc":
+        check_against_golden(outbox.final(rid).generation, golden_rows, frames, lengths, fam.columns)
+    assert "d" not in outbox.chunks
+
+
+def test_an_error_inside_one_request_fails_only_that_request(monkeypatch) -> None:
+    """A request whose admission raises, and one whose codec decode raises, fail with a message;
+    the requests beside them finish with their golden output."""
+    fam = family("tiny_nvq32")
+    requests = golden_requests("tiny_nvq32")[:3]
+    bad_admit = fam.prompt_from_rows(requests[0][1])
+    admit = fam.admit
+
+    def failing_admit(state, slot, prompt, sampling):
+        if prompt is bad_admit:
+            raise RuntimeError("boom in admit")
+        return admit(state, slot, prompt, sampling)
+
+    monkeypatch.setattr(fam, "admit", failing_admit)
+    engine = Engine(fam, codec, EngineConfig(threaded=False, max_running=4))
+    outbox = Outbox()
+    engine.add_request(bad_admit, SamplingParams.greedy(), outbox.sink, request_id="bad-admit", decode_audio=False)
+    bad_codec = engine.add_request(fam.prompt_from_rows(requests[1][1]), SamplingParams.greedy(), outbox.sink,
+                                   request_id="bad-codec")
+    for name, rows, _, cap, *_ in requests:
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink, request_id=name,
+                           max_new_frames=cap)
+    engine.step()
+    decoder = engine.codec._ensure_decoder()
+    decode = decoder.decode
+    bad_stream = []
+
+    def failing_decode(stream_ids, chunks):
+        sid = engine.codec._streams.get(bad_codec.id, (None, None))[1]
+        if sid in stream_ids:
+            bad_stream.append(sid)
+            raise RuntimeError("boom in the codec")
+        return decode(stream_ids, chunks)
+
+    monkeypatch.setattr(decoder, "decode", failing_decode)
+    engine.run_until_idle()
+    assert outbox.final("bad-admit").finish_reason == "error" and "boom in admit" in outbox.final("bad-admit").error
+    assert outbox.final("bad-codec").finish_reason == "error" and "boom in the codec" in outbox.final("bad-codec").error
+    assert bad_stream
+    for name, _, _, _, rows, frames, lengths in requests:
+        final = outbox.final(name)
+        assert final.finish_reason == "stop"
+        check_against_golden(final.generation, rows, frames, lengths, fam.columns)
+        assert sum(c.audio.shape[-1] for c in outbox.chunks[name][:-1]) > 0
+    stats = engine.stats()
+    assert stats["failed"] == 2 and stats["cache_slots_used"] == 0 and stats["codec_streams_open"] == 0
+
+
+def test_runaway_guard_ends_a_generation_past_its_text_bound() -> None:
+    fam = family("tiny_nvq16")
+    guard = RunawayGuard(min_frames=4, frames_per_token=1.0)
+    engine = Engine(fam, None, EngineConfig(threaded=False, runaway=guard))
+    outbox = Outbox()
+    (name, rows, _, cap, *_), = [r for r in golden_requests("tiny_nvq16") if r[0] == "tts/0"]
+    prompt = fam.prompt_from_rows(rows)
+    prompt.info.update(text_tokens=3)
+    engine.add_request(prompt, SamplingParams.greedy(), outbox.sink, request_id="guarded", decode_audio=False)
+    unguarded = fam.prompt_from_rows(rows)
+    unguarded.info.update(text_tokens=3, runaway_guard=False)  # e.g. a sound effect
+    engine.add_request(unguarded, SamplingParams.greedy(), outbox.sink, request_id="free", decode_audio=False)
+    engine.add_request(prompt, SamplingParams.greedy(), outbox.sink, request_id="off", decode_audio=False, guard=False)
+    engine.run_until_idle()
+    guarded = outbox.final("guarded")
+    assert guarded.finish_reason == "runaway" and len(guarded.generation.rows) == 7
+    assert outbox.final("free").finish_reason == "stop" and outbox.final("off").finish_reason == "stop"
+    assert guard.frame_bound(10, 200) == max(4 + 10, 2 * 200 + 4)
+    assert RunawayGuard(enabled=False).frame_bound(10, None) is None
+
+
+def test_runaway_guard_ends_a_loop_on_one_frame() -> None:
+    """Greedy decoding with a huge repetition bonus on the tiny model loops on one frame; the guard ends it."""
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, None, EngineConfig(threaded=False, runaway=RunawayGuard(repeat_frames=5)))
+    outbox = Outbox()
+    rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+    sampling = SamplingParams.greedy().with_overrides(audio_repetition_penalty=0.01)  # < 1 favours repeats
+    engine.add_request(fam.prompt_from_rows(rows), sampling, outbox.sink, request_id="loop", max_new_frames=200,
+                       decode_audio=False)
+    engine.run_until_idle()
+    final = outbox.final("loop")
+    frames = final.generation.frames
+    assert final.finish_reason == "runaway"
+    assert (frames[-5:] == frames[-1]).all() and len(frames) >= 5
