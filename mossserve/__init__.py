@@ -1,17 +1,29 @@
 """mossserve: inference and serving for the MOSS-TTS family and Fish Audio S2 Pro."""
 from .api import TTS, Audio
-from .errors import AudioError, CheckpointError, InvalidRequestError, MossServeError
+from .config import ChunkSchedule, EngineConfig, RunawayGuard
+from .engine.async_engine import AsyncEngine, RequestStream
+from .engine.request import AudioChunk, Generation
+from .errors import AudioError, CheckpointError, EngineFullError, InvalidRequestError, MossServeError, RequestAborted
 from .sampling import SamplingParams
 from .speech_request import Speaker, SpeechRequest
 
 __all__ = [
+    "AsyncEngine",
     "Audio",
-    "TTS",
+    "AudioChunk",
     "AudioError",
     "CheckpointError",
+    "ChunkSchedule",
+    "EngineConfig",
+    "EngineFullError",
+    "Generation",
     "InvalidRequestError",
     "MossServeError",
+    "RequestAborted",
+    "RequestStream",
+    "RunawayGuard",
     "SamplingParams",
     "Speaker",
     "SpeechRequest",
+    "TTS",
 ]

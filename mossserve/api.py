@@ -101,6 +101,12 @@ class TTS:
                 self._speakers = SpeakerCache(codec, n_quantizers=self.talker.codebooks)
             return self._speakers
 
+    def stats(self) -> dict:
+        stats = self.engine.stats()
+        if self._speakers is not None:
+            stats["speakers"] = self._speakers.stats()
+        return stats
+
     def close(self) -> None:
         """Stop the engine's threads (they are daemons: a script need not call this)."""
         if self._engine is not None:

@@ -50,7 +50,7 @@ class RunawayGuard:
 class EngineConfig:
     max_running: int = 16  # requests decoding at once (KV cache slots)
     max_queued: int = 256  # waiting requests beyond which new work is refused
-    max_len: int | None = None  # prompt + generated positions per request (default: the model's limit)
+    max_len: int = 8192  # prompt + generated positions per request (capped by the model's limit); sizes the KV cache
     prefill_tokens: int = 512  # prompt tokens prefilled per engine step, so long prompts do not stall decoding
     chunk_schedule: ChunkSchedule = field(default_factory=ChunkSchedule)
     max_chunk_frames: int = 25  # the largest chunk a request's schedule may ask for
@@ -61,6 +61,6 @@ class EngineConfig:
     threaded: bool = True  # talker and codec on their own threads; False: `Engine.step()` drives both
 
     def validate(self) -> None:
-        if self.max_running < 1 or self.max_queued < 0 or self.prefill_tokens < 1:
-            raise InvalidRequestError("max_running and prefill_tokens must be >= 1, max_queued >= 0")
+        if self.max_running < 1 or self.max_queued < 0 or self.prefill_tokens < 1 or self.max_len < 2:
+            raise InvalidRequestError("max_running and prefill_tokens must be >= 1, max_queued >= 0, max_len >= 2")
         self.chunk_schedule.validate(self.max_chunk_frames)

@@ -95,7 +95,7 @@ class CodecRunner:
                         continue
                     wave = audio[rid][:, work.trim * self._decoder.samples_per_frame:]
                     if wave.shape[-1]:
-                        work.request.sink(AudioChunk(rid, wave, self._codec.sample_rate, work.frame_start,
+                        work.request.emit(AudioChunk(rid, wave, self._codec.sample_rate, work.frame_start,
                                                      work.frame_start + len(work.codes), work.codes, work.segment))
                 if work.end_segment:
                     self._close_stream(rid)

@@ -37,8 +37,7 @@ class Engine:
         self.config = config = config or EngineConfig()
         config.validate()
         self.family = family
-        self.max_len = min(config.max_len or family.backbone_config.max_position_embeddings,
-                           family.backbone_config.max_position_embeddings)
+        self.max_len = min(config.max_len, family.backbone_config.max_position_embeddings)
         device = next(family.model.parameters()).device
         mode = "graphs" if device.type == "cuda" and config.cuda_graphs else "eager"
         self.runner = TalkerRunner(family, config.max_running, self.max_len, config.prefill_tokens, mode,
@@ -219,6 +218,9 @@ class Engine:
         rows, frames = out.rows.cpu().numpy(), out.frames.cpu().numpy()
         has_frame, new_segment, finished = out.has_frame.tolist(), out.new_segment.tolist(), out.finished.tolist()
         for i, request in enumerate(ready):
+            if request.sink_broken:  # its consumer went away
+                self._end(request, Status.ABORTED, "aborted")
+                continue
             request.rows.append(rows[i])
             request.steps += 1
             if has_frame[i]:
@@ -300,12 +302,12 @@ class Engine:
         generation = request.generation(self.family.codebooks, self.family.columns)
         generation.finish_reason, generation.error = reason, error
         n = len(request.frames)
-        request.sink(AudioChunk(request.id, None, self.family.sample_rate, n, n,
+        request.emit(AudioChunk(request.id, None, self.family.sample_rate, n, n,
                                 np.zeros((0, self.family.codebooks), dtype=np.int64),
                                 final=True, finish_reason=reason, error=error, generation=generation))
 
     def _deliver(self, request: EngineRequest, chunk: AudioChunk) -> None:
-        request.sink(chunk)
+        request.emit(chunk)
 
 
 def _message(error: Exception) -> str:

@@ -86,6 +86,14 @@ class EngineRequest:
     error: str | None = None
     dropped: bool = False  # the codec delivers nothing more for it
     closed: bool = False  # its final chunk went out
+    sink_broken: bool = False  # its consumer raised (went away): abort it
+
+    def emit(self, chunk: AudioChunk) -> None:
+        """Hand a chunk to the consumer; a consumer that raises never takes an engine thread down."""
+        try:
+            self.sink(chunk)
+        except Exception:  # noqa: BLE001 - the consumer's problem; the engine aborts the request
+            self.sink_broken = True
 
     @property
     def prompt_length(self) -> int:

@@ -1,0 +1,110 @@
+"""`AsyncEngine`: the engine for asyncio callers (the HTTP server, voice agents).
+
+    engine = AsyncEngine.from_pretrained("OpenMOSS-Team/MOSS-TTS", device="cuda", dtype="bfloat16")
+    stream = await engine.submit(SpeechRequest(input="Hello.", voice="me.wav"))
+    async for chunk in stream:          # AudioChunk: audio, sample_rate, frame range, codes
+        ...                             # the last chunk is `final` (finish reason, whole generation)
+
+`submit` returns once the request is queued, so bad input and a full queue raise there (before
+a server has sent a byte); reference voices are encoded through the speaker cache first, where
+concurrent requests with the same voice share one encode and cold voices arriving together are
+encoded in one batch. Leaving the loop early (or `stream.aclose()`) aborts the request.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ChunkSchedule, EngineConfig
+from ..errors import MossServeError
+from ..models.family import Prompt
+from ..sampling import SamplingParams
+from ..speech_request import SpeechRequest
+from .request import AudioChunk
+
+
+class RequestStream:
+    """The chunks of one request, in order; raises MossServeError if the request fails."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, chunks: asyncio.Queue) -> None:
+        self.request_id = request_id
+        self._engine, self._chunks, self._done = engine, chunks, False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> AudioChunk:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._chunks.get()
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+        if chunk.final:
+            self._done = True
+            if chunk.error is not None:
+                raise MossServeError(f"request {chunk.request_id} failed: {chunk.error}")
+        return chunk
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, tts) -> None:
+        """`tts`: a `mossserve.TTS`, whose talker, codec, speaker cache and engine this one drives."""
+        self.tts = tts
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path | None = None, codec: str | Path | None = None, device: str = "cpu",
+                        dtype: str = "float32", config: EngineConfig | None = None) -> "AsyncEngine":
+        from ..api import TTS
+
+        return cls(TTS.from_pretrained(model, codec, device=device, dtype=dtype, engine_config=config))
+
+    async def submit(self, request: SpeechRequest | Prompt, sampling: SamplingParams | None = None, *,
+                     request_id: str | None = None, max_new_frames: int | None = None,
+                     schedule: ChunkSchedule | None = None, decode_audio: bool = True) -> RequestStream:
+        prompt = request if isinstance(request, Prompt) else await self.prompt(request)
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+
+        def sink(chunk: AudioChunk) -> None:  # called on an engine thread
+            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+
+        handle = self.tts.engine.add_request(prompt, sampling or self.tts.talker.default_sampling(), sink,
+                                             request_id=request_id, max_new_frames=max_new_frames,
+                                             schedule=schedule, decode_audio=decode_audio)
+        return RequestStream(self, handle.id, chunks)
+
+    async def prompt(self, request: SpeechRequest) -> Prompt:
+        """The request's prompt, its audio voices encoded through the speaker cache (all at once)."""
+        paths = voice_paths(request)
+        codes = dict(zip(paths, await asyncio.gather(*(self.encode_voice(p) for p in paths))))
+        return await asyncio.to_thread(self.tts.talker.build_prompt, request, lambda path: codes[Path(path)])
+
+    async def encode_voice(self, source: str | Path | bytes) -> np.ndarray:
+        """Reference audio -> codes (frames, codebooks), cached by content."""
+        future = await asyncio.to_thread(self.tts.speakers.request, source)
+        return await asyncio.wrap_future(future)
+
+    def abort(self, request_id: str) -> bool:
+        return self.tts.engine.abort(request_id)
+
+    def stats(self) -> dict:
+        """Running and queued requests, cache slots in use, codec streams, speaker cache."""
+        return self.tts.stats()
+
+    def close(self) -> None:
+        self.tts.close()
+
+
+def voice_paths(request: SpeechRequest) -> list[Path]:
+    """The audio files a request's voices point at (codes need no encoding)."""
+    voices = [request.voice] + [s.voice for s in request.speakers or []]
+    return list(dict.fromkeys(Path(v) for v in voices if isinstance(v, (str, Path))))

@@ -1,0 +1,67 @@
+"""`mossserve say` on the engine: a text file, `--batch requests.jsonl --out-dir DIR`, the progress bar."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from conftest import AUDIO_DIR, CODEC_DIR
+from mossserve.api import TTS
+from mossserve.cli import main
+from mossserve.sampling import SamplingParams
+from mossserve.speech_request import SpeechRequest
+
+
+def run(args: list, capsys) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_say_reads_text_from_a_file(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    model = delay_model_dirs["tiny_nvq16"]
+    (tmp_path / "t.txt").write_text("Hello from a file.\n", encoding="utf-8")
+    code, err = run(["say", "--text-file", tmp_path / "t.txt", "--model", model, "--codec", CODEC_DIR / "tiny",
+                     "--greedy", "--codes-out", tmp_path / "a.npy"], capsys)
+    assert code == 0, err
+    code, err = run(["say", "Hello from a file.", "--model", model, "--codec", CODEC_DIR / "tiny", "--greedy",
+                     "--codes-out", tmp_path / "b.npy"], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def test_say_batch_runs_every_line_and_matches_one_at_a_time(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    model = delay_model_dirs["tiny_nvq16"]
+    shutil.copy(AUDIO_DIR / "reference_zh.wav", tmp_path / "voice.wav")
+    lines = [{"input": "First line."}, {"input": "Second, with a voice.", "voice": "voice.wav"},
+             {"input": "Third.", "duration_seconds": 1.0}]
+    (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n", encoding="utf-8")
+    code, err = run(["say", "--batch", tmp_path / "requests.jsonl", "--out-dir", tmp_path / "out", "--model", model,
+                     "--codec", CODEC_DIR / "tiny", "--greedy", "--max-frames", "30", "--max-running", "2",
+                     "--progress"], capsys)
+    assert code == 0, err
+    assert "3 of 3 requests" in err and "\r[" in err  # the progress bar was drawn
+    tts = TTS.from_pretrained(model, codec=CODEC_DIR / "tiny")
+    try:
+        for index, line in enumerate(lines):
+            request = SpeechRequest.from_dict(line, base_dir=tmp_path)
+            expected = tts.synthesize(request, SamplingParams.greedy(), max_new_frames=30)
+            assert np.array_equal(np.load(tmp_path / "out" / f"{index:04d}.npy"), expected.codes)
+            samples, rate = sf.read(tmp_path / "out" / f"{index:04d}.wav", dtype="float32", always_2d=True)
+            assert rate == expected.sample_rate and samples.shape[0] == expected.samples.shape[-1]
+    finally:
+        tts.close()
+
+
+def test_say_batch_errors_name_the_line(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    batch = tmp_path / "requests.jsonl"
+    batch.write_text('{"input": "fine"}\n{"input": "x", "colour": "red"}\n', encoding="utf-8")
+    code, err = run(["say", "--batch", batch, "--out-dir", tmp_path / "out", "--model",
+                     delay_model_dirs["tiny_nvq16"]], capsys)
+    assert code == 2 and "requests.jsonl:2" in err and "colour" in err
+    code, err = run(["say", "--batch", batch, "-o", tmp_path / "x.wav"], capsys)
+    assert code == 2 and "--out-dir" in err
+    code, err = run(["say", "--text-file", tmp_path / "missing.txt", "-o", tmp_path / "x.wav"], capsys)
+    assert code == 2 and "missing.txt" in err

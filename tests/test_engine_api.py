@@ -1,0 +1,133 @@
+"""TTS.stream / synthesize / synthesize_batch and AsyncEngine over the threaded engine."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import AUDIO_DIR, CODEC_DIR
+from mossserve import AsyncEngine, AudioError, EngineConfig, EngineFullError, MossServeError, SamplingParams, SpeechRequest
+from mossserve.api import TTS
+
+TEXTS = ["Hello there.", "A longer sentence, to stop at another step.", "Short.", "你好，世界。"]
+
+
+def test_stream_concatenates_to_synthesize_and_starts_small(delay_tts) -> None:
+    tts = delay_tts("tiny_nvq16")
+    request = SpeechRequest(input="Hello, streaming world.")
+    audio = tts.synthesize(request, SamplingParams.greedy())
+    chunks = list(tts.stream(request, SamplingParams.greedy()))
+    assert chunks[-1].final and chunks[-1].finish_reason in ("stop", "length")
+    data = [c for c in chunks if c.audio is not None]
+    assert data[0].frame_end - data[0].frame_start == 2  # the default schedule's first chunk
+    streamed = np.concatenate([c.audio for c in data], axis=-1)
+    np.testing.assert_array_equal(streamed, audio.samples)
+    assert np.array_equal(np.concatenate([c.codes for c in data]), audio.codes)
+
+
+def test_leaving_a_stream_early_aborts_the_request(delay_tts) -> None:
+    tts = delay_tts("tiny_nvq16")
+    stream = tts.stream(SpeechRequest(input="Stop listening after the first chunk."), SamplingParams.greedy(),
+                        max_new_frames=60)
+    first = next(stream)
+    assert not first.final
+    stream.close()  # the generator's finally aborts the request
+    tts.synthesize(SpeechRequest(input="Still serving."), SamplingParams.greedy(), max_new_frames=5)
+    stats = tts.stats()
+    assert stats["live"] == 0 and stats["cache_slots_used"] == 0
+    assert stats["aborted"] >= 1
+
+
+def test_synthesize_batch_returns_each_request_in_order(delay_tts) -> None:
+    tts = delay_tts("tiny_nvq32")
+    requests = [SpeechRequest(input=t) for t in TEXTS]
+    together = tts.synthesize_batch(requests, SamplingParams.greedy())
+    for request, audio in zip(requests, together):
+        alone = tts.synthesize(request, SamplingParams.greedy())
+        assert np.array_equal(alone.codes, audio.codes)
+        np.testing.assert_allclose(alone.samples, audio.samples, rtol=0, atol=1e-4)
+    assert len({a.codes.tobytes() for a in together}) > 1  # not all alike, so the order is checked
+
+
+def test_a_seed_replays_in_any_company(delay_tts) -> None:
+    tts = delay_tts("tiny_nvq32")
+    seeded = tts.talker.default_sampling().with_overrides(seed=7)
+    alone = tts.generate_codes(SpeechRequest(input=TEXTS[1]), seeded)
+    crowd = [SpeechRequest(input=t) for t in TEXTS]
+    samplings = [tts.talker.default_sampling().with_overrides(seed=100 + i) for i in range(len(crowd))]
+    samplings[1] = seeded
+    results = tts.generate([tts.prompt(r) for r in crowd], samplings)
+    assert np.array_equal(results[1].frames, alone)
+    assert not np.array_equal(results[0].frames[: len(alone)], alone[: len(results[0].frames)])
+
+
+def test_async_engine_shares_one_encode_per_voice_and_survives_bad_voices(delay_model_dirs, tmp_path: Path) -> None:
+    voice = tmp_path / "me.wav"
+    shutil.copy(AUDIO_DIR / "reference_zh.wav", voice)
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("this is not audio")
+    engine = AsyncEngine.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny")
+
+    async def collect(request: SpeechRequest):
+        stream = await engine.submit(request, SamplingParams.greedy(), max_new_frames=20)
+        return [chunk async for chunk in stream]
+
+    async def main():
+        with pytest.raises(AudioError, match="notes.wav"):
+            await engine.submit(SpeechRequest(input="Bad voice.", voice=not_audio))
+        results = await asyncio.gather(*(collect(SpeechRequest(input=t, voice=voice)) for t in TEXTS))
+        stream = await engine.submit(SpeechRequest(input="Abort me."), SamplingParams.greedy(), max_new_frames=60)
+        await stream.__anext__()
+        await stream.aclose()
+        return results
+
+    try:
+        results = asyncio.run(main())
+        speakers = engine.stats()["speakers"]
+        assert speakers["encodes"] == 1  # four requests, one voice: one encode (the bad voice never encodes)
+        assert speakers["hits"] + speakers["misses"] == len(TEXTS) + 1
+        reference = engine.tts.synthesize_batch([SpeechRequest(input=t, voice=voice) for t in TEXTS],
+                                                SamplingParams.greedy(), max_new_frames=20)
+        for chunks, audio in zip(results, reference):
+            assert chunks[-1].final
+            assert np.array_equal(np.concatenate([c.codes for c in chunks]), audio.codes)
+        stats = engine.stats()
+        assert stats["live"] == 0 and stats["cache_slots_used"] == 0 and stats["aborted"] == 1
+    finally:
+        engine.close()
+
+
+def test_async_engine_refuses_work_beyond_its_queue(delay_model_dirs) -> None:
+    engine = AsyncEngine(TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                                             engine_config=EngineConfig(max_running=1, max_queued=1, threaded=False)))
+    prompt = engine.tts.prompt(SpeechRequest(input="Queued."))
+
+    async def main():
+        first = await engine.submit(prompt, decode_audio=False)
+        with pytest.raises(EngineFullError):
+            await engine.submit(prompt, decode_audio=False)
+        engine.tts.engine.run_until_idle()
+        return [c async for c in first]
+
+    try:
+        chunks = asyncio.run(main())
+        assert chunks[-1].final and chunks[-1].finish_reason in ("stop", "length", "runaway")
+    finally:
+        engine.close()
+
+
+def test_a_failed_request_raises_in_its_stream_only(delay_tts, monkeypatch) -> None:
+    tts = delay_tts("tiny_nvq16")
+    engine = tts.engine
+    prompt = tts.prompt(SpeechRequest(input="This one fails."))
+    admit = tts.talker.admit
+    monkeypatch.setattr(tts.talker, "admit",
+                        lambda state, slot, p, s: (_ for _ in ()).throw(RuntimeError("boom")) if p is prompt
+                        else admit(state, slot, p, s))
+    with pytest.raises(MossServeError, match="boom"):
+        list(tts.stream(prompt, SamplingParams.greedy()))
+    assert len(tts.synthesize(SpeechRequest(input="Fine."), SamplingParams.greedy(), max_new_frames=5).codes) >= 0
+    assert engine.stats()["live"] == 0
