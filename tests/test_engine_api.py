@@ -72,8 +72,7 @@ def test_async_engine_shares_one_encode_per_voice_and_survives_bad_voices(delay_
     engine = AsyncEngine.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny")
 
     async def collect(request: SpeechRequest):
-        stream = await engine.submit(request, SamplingParams.greedy(), max_new_frames=20)
-        return [chunk async for chunk in stream]
+        return [chunk async for chunk in engine.submit(request, SamplingParams.greedy(), max_new_frames=20)]
 
     async def main():
         with pytest.raises(AudioError, match="notes.wav"):

@@ -1,12 +1,11 @@
 """`AsyncEngine`: the engine for asyncio callers (the HTTP server, voice agents).
 
     engine = AsyncEngine.from_pretrained("OpenMOSS-Team/MOSS-TTS", device="cuda", dtype="bfloat16")
-    stream = await engine.submit(SpeechRequest(input="Hello.", voice="me.wav"))
-    async for chunk in stream:          # AudioChunk: audio, sample_rate, frame range, codes
-        ...                             # the last chunk is `final` (finish reason, whole generation)
+    async for chunk in engine.submit(SpeechRequest(input="Hello.", voice="me.wav")):
+        ...     # AudioChunk: audio, sample_rate, frame range, codes; the last one is `final`
 
-`submit` returns once the request is queued, so bad input and a full queue raise there (before
-a server has sent a byte); reference voices are encoded through the speaker cache first, where
+`await engine.submit(...)` returns the stream once the request is queued, so bad input and a
+full queue raise there (before a server has sent a byte); reference voices are encoded through the speaker cache first, where
 concurrent requests with the same voice share one encode and cold voices arriving together are
 encoded in one batch. Leaving the loop early (or `stream.aclose()`) aborts the request.
 """
@@ -26,16 +25,25 @@ from .request import AudioChunk
 
 
 class RequestStream:
-    """The chunks of one request, in order; raises MossServeError if the request fails."""
+    """The chunks of one request, in order; raises MossServeError if the request fails.
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, chunks: asyncio.Queue) -> None:
-        self.request_id = request_id
-        self._engine, self._chunks, self._done = engine, chunks, False
+    Both `async for chunk in engine.submit(...)` and `stream = await engine.submit(...)` work;
+    awaiting first raises bad input or a full queue before any chunk is read."""
+
+    def __init__(self, engine: "AsyncEngine") -> None:
+        self.request_id: str | None = None
+        self._engine, self._chunks, self._done = engine, asyncio.Queue(), False
+        self._started: asyncio.Future | None = None
+
+    def __await__(self):
+        yield from self._started.__await__()
+        return self
 
     def __aiter__(self) -> "RequestStream":
         return self
 
     async def __anext__(self) -> AudioChunk:
+        await self._started
         if self._done:
             raise StopAsyncIteration
         try:
@@ -52,7 +60,8 @@ class RequestStream:
     async def aclose(self) -> None:
         if not self._done:
             self._done = True
-            self._engine.abort(self.request_id)
+            if self.request_id is not None:
+                self._engine.abort(self.request_id)
 
 
 class AsyncEngine:
@@ -67,12 +76,20 @@ class AsyncEngine:
 
         return cls(TTS.from_pretrained(model, codec, device=device, dtype=dtype, engine_config=config))
 
-    async def submit(self, request: SpeechRequest | Prompt, sampling: SamplingParams | None = None, *,
-                     request_id: str | None = None, max_new_frames: int | None = None,
-                     schedule: ChunkSchedule | None = None, decode_audio: bool = True) -> RequestStream:
+    def submit(self, request: SpeechRequest | Prompt, sampling: SamplingParams | None = None, *,
+               request_id: str | None = None, max_new_frames: int | None = None,
+               schedule: ChunkSchedule | None = None, decode_audio: bool = True) -> RequestStream:
+        """Queue a request (from a running event loop); iterate the result for its chunks."""
+        stream = RequestStream(self)
+        stream._started = asyncio.ensure_future(self._start(stream, request, sampling, request_id, max_new_frames,
+                                                            schedule, decode_audio))
+        return stream
+
+    async def _start(self, stream: RequestStream, request: SpeechRequest | Prompt, sampling: SamplingParams | None,
+                     request_id: str | None, max_new_frames: int | None, schedule: ChunkSchedule | None,
+                     decode_audio: bool) -> None:
         prompt = request if isinstance(request, Prompt) else await self.prompt(request)
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue = asyncio.Queue()
+        loop, chunks = asyncio.get_running_loop(), stream._chunks
 
         def sink(chunk: AudioChunk) -> None:  # called on an engine thread
             loop.call_soon_threadsafe(chunks.put_nowait, chunk)
@@ -80,7 +97,7 @@ class AsyncEngine:
         handle = self.tts.engine.add_request(prompt, sampling or self.tts.talker.default_sampling(), sink,
                                              request_id=request_id, max_new_frames=max_new_frames,
                                              schedule=schedule, decode_audio=decode_audio)
-        return RequestStream(self, handle.id, chunks)
+        stream.request_id = handle.id
 
     async def prompt(self, request: SpeechRequest) -> Prompt:
         """The request's prompt, its audio voices encoded through the speaker cache (all at once)."""
