@@ -78,10 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--device", default="cpu")
         action.set_defaults(run=run)
     bench = commands.add_parser("bench", help="benchmarks (figures for docs and issues, not tests)")
-    bench.add_argument("target", choices=["codec"], help="codec: streaming decode, many streams batched vs one at a time")
-    bench.add_argument("--codec", help="codec checkpoint (default: a bench-size random one)")
-    bench.add_argument("--streams", type=int, default=32)
-    bench.add_argument("--seconds", type=float, default=4.0, help="audio per stream")
+    bench.add_argument("target", nargs="?", choices=["codec"],
+                       help="none: the engine (throughput at concurrency 1/4/16, streaming TTFA); "
+                            "codec: streaming decode, many streams batched vs one at a time")
+    bench.add_argument("--codec", help="codec checkpoint (default: a bench-size random one; engine: the model's own)")
+    bench.add_argument("--streams", type=int, default=32, help="codec: streams")
+    bench.add_argument("--seconds", type=float, default=4.0, help="codec: audio per stream")
+    bench.add_argument("--family", default="delay", help="engine: model family (supported: delay)")
+    bench.add_argument("--model", help="engine: checkpoint directory or hub id (default: a bench-size random one)")
+    bench.add_argument("--frames", type=int, default=40, help="engine: frames generated per request")
+    bench.add_argument("--requests", type=int, default=16, help="engine: requests per run")
+    bench.add_argument("--ttfa-runs", type=int, default=5, help="engine: TTFA measurements (median)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--json", action="store_true", help="print one JSON object")
@@ -170,8 +177,13 @@ def run_say(args: argparse.Namespace) -> int:
         if not args.text:
             raise InvalidRequestError(f"{args.text_file} is empty")
     tts = load_tts(args)
-    if args.batch is not None:
-        return say_batch(tts, args)
+    try:
+        return say_batch(tts, args) if args.batch is not None else say_one(tts, args)
+    finally:
+        tts.close()
+
+
+def say_one(tts, args: argparse.Namespace) -> int:
     prompts = build_prompts(tts, args)
     if len(prompts) != 1:
         raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
@@ -291,6 +303,17 @@ def run_codec_decode(args: argparse.Namespace) -> None:
 def run_bench(args: argparse.Namespace) -> None:
     import json
 
+    if args.target is None:  # the engine bench
+        from .bench.engine import format_table, run_engine_bench
+
+        if args.frames < 1 or args.requests < 1 or args.ttfa_runs < 1:
+            raise InvalidRequestError("--frames, --requests and --ttfa-runs must be >= 1")
+        log = None if args.json else (lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
+        result = run_engine_bench(family=args.family, model=args.model, codec=args.codec, device=args.device,
+                                  dtype=args.dtype, frames=args.frames, requests=args.requests,
+                                  ttfa_runs=args.ttfa_runs, log=log)
+        print(json.dumps(result) if args.json else format_table(result))
+        return
     from .bench.codec import run_codec_bench
     from .loader import parse_dtype
 

@@ -7,8 +7,8 @@ vocabulary and every special-token id are the published ones), and a bench-size 
 `codec/` (the codec bench's builder). It loads through the real loader like any checkpoint.
 
 Default ("bench size"): Qwen3 hidden 512, 8 layers, 8 query / 4 KV heads of 64, MLP 1536, n_vq 32,
-the full 151,936-token vocabulary (its embedding and text head are most of the 180 M parameters,
-as in the released models, where the text head is read at every step too).
+the full 151,936-token vocabulary: 214 M parameters, of which the text embedding and the text
+head hold 156 M (in the released models too the text head is read at every decode step).
 
 Weights are N(0, 0.02) (norm gains 1 + 0.02 N) from one seeded generator, tensors in sorted
 name order: every build is byte-identical. Random weights alone would leave audio mode at a
@@ -44,7 +44,7 @@ CONTROL = 4.0  # dim-0 value of the control embeddings (the other entries are ~0
 NEWLINE_ID = 198  # "\n" in the Qwen tokenizer: the generation prompt's last token
 RECIPE = "v1"  # bump when the recipe changes: cached checkpoints are keyed by it
 
-BENCH_SIZE = dict(hidden=512, layers=8, intermediate=1536, heads=8, kv_heads=4, head_dim=64, n_vq=32)
+BENCH_SIZE = {"hidden": 512, "layers": 8, "intermediate": 1536, "heads": 8, "kv_heads": 4, "head_dim": 64, "n_vq": 32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -142,20 +142,25 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "mossserve"
 
 
+def checkpoint_path(seed: int = 0, root: Path | None = None, **sizes) -> Path:
+    """Where the cache keeps the checkpoint of these sizes and seed (built or not)."""
+    s = {**BENCH_SIZE, **sizes}
+    name = (f"delay-h{s['hidden']}-l{s['layers']}-nvq{s['n_vq']}-i{s['intermediate']}-q{s['heads']}kv{s['kv_heads']}"
+            f"d{s['head_dim']}-seed{seed}-{RECIPE}")
+    return (root or cache_root()) / "bench" / name
+
+
 def bench_checkpoint(seed: int = 0, root: Path | None = None, **sizes) -> Path:
     """The bench checkpoint under the cache (`$MOSSSERVE_CACHE` or ~/.cache/mossserve), built once.
 
     Built into a temporary sibling and renamed into place, so an interrupted build is never used."""
-    s = {**BENCH_SIZE, **sizes}
-    name = f"delay-h{s['hidden']}-l{s['layers']}-nvq{s['n_vq']}-i{s['intermediate']}-q{s['heads']}kv{s['kv_heads']}" \
-           f"d{s['head_dim']}-seed{seed}-{RECIPE}"
-    target = (root or cache_root()) / "bench" / name
+    target = checkpoint_path(seed, root, **sizes)
     if (target / "model.safetensors").is_file() and (target / "codec" / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_delay_checkpoint(tmp, seed=seed, **s)
+        build_delay_checkpoint(tmp, seed=seed, **{**BENCH_SIZE, **sizes})
         try:
             tmp.rename(target)
         except OSError:  # built meanwhile by another process

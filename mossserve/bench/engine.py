@@ -1,0 +1,405 @@
+"""End-to-end engine benchmark: continuous-batching throughput and streaming time to first audio.
+
+Everything runs in one process on one loaded talker and codec, through the engine the server and
+`TTS` use (threaded talker loop, streaming pipeline, batched codec runner), with full synthesis:
+every request's frames are decoded to audio.
+
+* Throughput at concurrency c (1, 4, 16): an engine with `EngineConfig(max_running=c)` gets all
+  requests at once (continuous batching) and runs them to their last audio chunk; throughput =
+  audio seconds (generated frames / frame rate, counted from the results) / wall seconds.
+  `sequential_throughput` is the concurrency-1 run: one request in the talker at a time, batch
+  size 1, same code path. `speedup_16` = throughput at 16 / sequential.
+* TTFA: one request at a time on the concurrency-1 engine with the default chunk schedule (first
+  chunk 2 frames); wall time from `add_request` to the sink receiving the first chunk that holds
+  audio, median of `ttfa_runs`. Each run is aborted once its first audio arrives.
+* TTFA floor: the same work timed piece by piece in this thread while the engine is idle, on the
+  same model and codec: prefill of the prompt, every talker step (decode forward + family step)
+  until the first chunk's frames exist (a Delay frame t is complete n_vq steps after its first
+  codebook), one codec decode of that chunk on a fresh stream. Floor rounds alternate with the
+  TTFA runs (so that both see the machine alike); the pieces' medians are summed.
+  `ttfa_ratio` = TTFA / floor: what the engine adds (threads, queues, scheduling) on top.
+
+Every request is greedy, submitted with `guard=False` and a fixed step cap, so with the random
+bench checkpoint (built to stay in audio mode, see checkpoint.py) every request generates the same
+number of frames; the frames each request actually produced are reported. Each engine is warmed
+up with one short request before it is timed. Thread settings are left as they are.
+"""
+from __future__ import annotations
+
+import queue
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InvalidRequestError, MossServeError
+
+SUPPORTED_FAMILIES = ("delay",)
+CONCURRENCY = (1, 4, 16)
+TARGETS = {"speedup_16": 5.0, "ttfa_ratio": 1.3}  # from the issue; reported, not asserted
+RANDOM_MODEL = "random bench checkpoint"
+
+TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Please leave the package at the front door.",
+    "It is going to rain in the afternoon, so take an umbrella.",
+    "Our flight departs at seven thirty tomorrow morning.",
+    "She sells sea shells by the sea shore.",
+    "The meeting has been moved to Thursday at noon.",
+    "Turn left at the next traffic light and keep going.",
+    "Thank you for calling, how can I help you today?",
+    "The museum opens at nine and closes at five.",
+    "A cup of tea would be lovely right now.",
+    "Remember to water the plants while I am away.",
+    "The train to the city leaves from platform four.",
+    "We found a small cafe near the river last weekend.",
+    "Your order has shipped and should arrive on Monday.",
+    "The children built a sandcastle on the beach.",
+    "Could you speak a little more slowly, please?",
+)
+
+
+@dataclass
+class _Result:
+    chunks: list = field(default_factory=list)
+    first_audio_at: float | None = None
+    done_at: float | None = None
+    arrived: threading.Event = field(default_factory=threading.Event)  # first audio, or the end
+
+
+class _Collector:
+    """Sinks for a set of requests: each chunk is stamped on arrival (in the engine's thread)."""
+
+    def __init__(self, count: int) -> None:
+        self.results = [_Result() for _ in range(count)]
+        self.finals: queue.Queue = queue.Queue()
+
+    def sink(self, index: int) -> Callable:
+        def receive(chunk) -> None:
+            now = time.perf_counter()
+            result = self.results[index]
+            result.chunks.append(chunk)
+            if result.first_audio_at is None and chunk.audio is not None and chunk.audio.shape[-1]:
+                result.first_audio_at = now
+                result.arrived.set()
+            if chunk.final:
+                result.done_at = now
+                result.arrived.set()
+                self.finals.put(index)
+        return receive
+
+    def wait(self, count: int, timeout: float = 3600.0) -> None:
+        for _ in range(count):
+            self.finals.get(timeout=timeout)
+
+
+def run_engine_bench(family: str = "delay", model: str | Path | None = None, codec: str | Path | None = None,
+                     device: str = "cpu", dtype: str = "float32", frames: int = 40, requests: int = 16,
+                     ttfa_runs: int = 5, seed: int = 0,
+                     log: Callable[[str], None] | None = None) -> dict:
+    """Run the engine bench and return its figures (see the module docstring)."""
+    from ..api import TTS
+    from ..config import EngineConfig
+    from ..sampling import SamplingParams
+    from ..speech_request import SpeechRequest
+
+    if family not in SUPPORTED_FAMILIES:
+        raise InvalidRequestError(f"unknown model family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    if frames < 1 or requests < 1 or ttfa_runs < 1:
+        raise InvalidRequestError("frames, requests and ttfa_runs must be >= 1")
+    say = log or (lambda message: None)
+    started = time.perf_counter()
+
+    model_dir = model if model is not None else _bench_checkpoint(seed, say)
+    say(f"loading {model_dir}")
+    tts = TTS.from_pretrained(model_dir, codec=codec, device=device, dtype=dtype)
+    talker, codec_model = tts.talker, tts.codec
+    prompts = [tts.prompt(SpeechRequest(input=TEXTS[i % len(TEXTS)])) for i in range(requests)]
+    sampling = SamplingParams.greedy()
+    n_vq = talker.codebooks
+    # Rows generated before frame 0 completes (Delay: the audio-start row, then n_vq - 1 rows of
+    # the delay pattern); checked against the warm-up below.
+    lead = n_vq
+    steps = frames + lead
+    defaults = EngineConfig()
+
+    def config(c: int) -> EngineConfig:
+        return EngineConfig(max_running=c)  # the defaults otherwise
+
+    max_len = min(defaults.max_len, talker.backbone_config.max_position_embeddings)
+
+    def new_engine(c: int):
+        from ..engine.engine import Engine
+
+        engine = Engine(talker, lambda: codec_model, config(c))
+        engine.start()
+        return engine
+
+    def submit(engine, prompt, cap: int, sink, schedule=None):
+        return engine.add_request(prompt, sampling, sink, max_new_frames=cap, schedule=schedule,
+                                  decode_audio=True, guard=False)
+
+    def warm_up(engine) -> tuple[int, int, str]:
+        collector = _Collector(1)
+        warm_steps = lead + defaults.chunk_schedule.first + 2
+        submit(engine, prompts[0], warm_steps, collector.sink(0))
+        collector.wait(1)
+        generation = collector.results[0].chunks[-1].generation
+        if generation.error:
+            raise MossServeError(f"warm-up request failed: {generation.error}")
+        return len(generation.rows), len(generation.frames), generation.finish_reason
+
+    def run_all(engine) -> tuple[float, list[_Result]]:
+        collector = _Collector(len(prompts))
+        start = time.perf_counter()
+        for i, prompt in enumerate(prompts):
+            submit(engine, prompt, steps, collector.sink(i))
+        collector.wait(len(prompts))
+        return max(r.done_at for r in collector.results) - start, collector.results
+
+    throughput, wall, audio_s, produced, reasons = {}, {}, {}, {}, {}
+    ttfa_values: list[float] = []
+    decoded_ok = True
+    for c in CONCURRENCY:
+        engine = new_engine(c)
+        try:
+            say(f"concurrency {c}: warming up")
+            warm_rows, warm_frames, warm_reason = warm_up(engine)
+            if warm_reason == "length" and warm_rows - warm_frames != lead:
+                lead = warm_rows - warm_frames  # the model's own offset (none of ours differs today)
+                steps = frames + lead
+            say(f"concurrency {c}: {len(prompts)} requests x {steps} steps")
+            elapsed, results = run_all(engine)
+            generations = [r.chunks[-1].generation for r in results]
+            errors = [g.error for g in generations if g.error]
+            if errors:
+                raise MossServeError(f"a bench request failed: {errors[0]}")
+            counts = [len(g.frames) for g in generations]
+            samples = [sum(ch.audio.shape[-1] for ch in r.chunks if ch.audio is not None) for r in results]
+            decoded_ok &= all(s == n * codec_model.samples_per_frame for s, n in zip(samples, counts))
+            key = str(c)
+            audio_s[key] = sum(counts) / codec_model.frame_rate
+            wall[key] = elapsed
+            throughput[key] = audio_s[key] / elapsed
+            produced[key] = {"min": min(counts), "max": max(counts), "steps_max": max(len(g.rows) for g in generations)}
+            reasons[key] = sorted({g.finish_reason for g in generations})
+            say(f"concurrency {c}: {throughput[key]:.2f} audio s / s ({audio_s[key]:.1f} s audio in {elapsed:.1f} s)")
+            if c == 1:
+                # TTFA runs and floor rounds alternate, so that both see the machine alike; the
+                # floor is timed while the engine is idle (its threads wait, nothing else runs).
+                say("TTFA: streaming runs alternating with the floor, piece by piece")
+                floor_timer = _FloorTimer(talker, codec_model, prompts[0], sampling, config(1))
+                floor_timer.round()  # warm-up
+                for _ in range(ttfa_runs):
+                    _wait_idle(engine)
+                    ttfa_values.append(_time_first_audio(engine, submit, prompts[0], steps))
+                    _wait_idle(engine)
+                    floor_timer.round()
+                floor = floor_timer.summary(discard=1)
+                say(f"TTFA runs: {', '.join(f'{t:.3f}' for t in ttfa_values)} s; floor rounds: "
+                    f"{', '.join(f'{t:.3f}' for t in floor['rounds_s'])} s")
+        finally:
+            engine.shutdown()
+            engine = None  # free its KV cache before the next engine allocates one
+
+    ttfa = statistics.median(ttfa_values)
+    sequential = throughput["1"]
+    result = {
+        "benchmark": "engine",
+        "family": family,
+        "model": RANDOM_MODEL if model is None else str(model),
+        "model_dir": str(talker.source),
+        "parameters": sum(p.numel() for p in talker.model.parameters()),
+        "codec_parameters": sum(p.numel() for p in codec_model.parameters()),
+        "device": device,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "requests": len(prompts),
+        "frames_per_request": frames,
+        "frame_rate": codec_model.frame_rate,
+        "steps_per_request": steps,
+        "frames_generated": produced,
+        "finish_reasons": reasons,
+        "decoded_audio_matches_frames": decoded_ok,
+        "max_len": max_len,
+        "throughput": throughput,
+        "audio_seconds": audio_s,
+        "wall_s": wall,
+        "sequential_throughput": sequential,
+        "sequential_mode": "the concurrency-1 run: max_running=1, one request in the talker at a time",
+        "speedup_16": throughput["16"] / sequential,
+        "ttfa_s": ttfa,
+        "ttfa_runs_s": ttfa_values,
+        "ttfa_floor_s": floor["total_s"],
+        "ttfa_floor": floor,
+        "ttfa_ratio": ttfa / floor["total_s"],
+        "targets": dict(TARGETS),
+        "peak_rss_mb": peak_rss_mb(),
+        "bench_wall_s": time.perf_counter() - started,
+    }
+    return result
+
+
+def _time_first_audio(engine, submit, prompt, steps: int) -> float:
+    """Seconds from add_request to the first chunk with audio (default chunk schedule); the
+    request is aborted then, and the engine is idle again when this returns."""
+    collector = _Collector(1)
+    start = time.perf_counter()
+    handle = submit(engine, prompt, steps, collector.sink(0))
+    result = collector.results[0]
+    result.arrived.wait()
+    engine.abort(handle.id)
+    collector.wait(1)
+    if result.first_audio_at is None:
+        raise MossServeError("the TTFA request ended without audio")
+    return result.first_audio_at - start
+
+
+def _wait_idle(engine, settle: float = 0.05) -> None:
+    """Until the engine holds no request, then a moment for a codec round still in flight."""
+    while True:
+        stats = engine.stats()
+        if not (stats["live"] or stats["running"] or stats["queued"] or stats["codec_chunks_queued"]):
+            break
+        time.sleep(0.005)
+    time.sleep(settle)
+
+
+class _FloorTimer:
+    """The TTFA floor, piece by piece in the calling thread, on the same model and codec: prefill
+    of the prompt, each talker step (decode forward + family step, with the host copy the engine
+    makes) until the first chunk's frames exist, one codec decode of that chunk on a fresh stream.
+    Talker runner and decoder are built like the engine's (same mode, limits and schedule)."""
+
+    def __init__(self, talker, codec_model, prompt, sampling, config) -> None:
+        from ..engine.talker_runner import TalkerRunner
+
+        self.talker, self.codec, self.prompt, self.sampling, self.config = talker, codec_model, prompt, sampling, config
+        self.device = next(talker.model.parameters()).device
+        mode = "graphs" if self.device.type == "cuda" and config.cuda_graphs else "eager"
+        max_len = min(config.max_len, talker.backbone_config.max_position_embeddings)
+        self.runner = TalkerRunner(talker, 1, max_len, config.prefill_tokens, mode, config.graph_batch_sizes)
+        self.decoder = codec_model.streaming_decoder(1, config.max_chunk_frames, talker.codebooks)
+        self.first = config.chunk_schedule.first
+        self.rounds: list[tuple[float, list[float], float]] = []
+
+    def round(self) -> None:
+        runner, talker, prompt, piece = self.runner, self.talker, self.prompt, self.config.prefill_tokens
+        slot = runner.allocate()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        talker.admit(runner.state, slot, prompt, self.sampling)
+        hidden = None
+        for start in range(0, len(prompt.rows), piece):
+            hidden = runner.prefill([slot], [prompt.rows[start : start + piece]])
+        _sync(self.device)
+        prefill_s = time.perf_counter() - t0
+        frames, step_times, finished = [], [], False
+        while len(frames) < self.first and not finished:
+            t0 = time.perf_counter()
+            if step_times:
+                hidden = runner.decode([slot])
+            out = runner.step(hidden, [slot])
+            out.rows.cpu().numpy()  # the engine copies every step's rows to the host too
+            if bool(out.has_frame[0]):
+                frames.append(out.frames[0].cpu().numpy())
+            finished = bool(out.finished[0])
+            step_times.append(time.perf_counter() - t0)
+        runner.release(slot)
+        if len(frames) < self.first:
+            raise MossServeError(f"the model stopped after {len(frames)} frames; the TTFA floor needs {self.first}")
+        codes = torch.from_numpy(np.stack(frames).T.copy()).to(self.codec.device)
+        stream = self.decoder.open()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.decoder.decode([stream], [codes])[0].float().cpu().numpy()
+        codec_s = time.perf_counter() - t0
+        self.decoder.close(stream)
+        self.rounds.append((prefill_s, step_times, codec_s))
+
+    def summary(self, discard: int = 0) -> dict:
+        rounds = self.rounds[discard:]
+        prefill_s = statistics.median(r[0] for r in rounds)
+        steps_s = statistics.median(sum(r[1]) for r in rounds)
+        codec_s = statistics.median(r[2] for r in rounds)
+        return {
+            "total_s": prefill_s + steps_s + codec_s,  # the sum of the pieces' medians
+            "prefill_s": prefill_s,
+            "prompt_rows": len(self.prompt.rows),
+            "steps": len(rounds[0][1]),
+            "steps_s": steps_s,
+            "step_s_median": statistics.median(t for r in rounds for t in r[1]),
+            "codec_first_chunk_s": codec_s,
+            "first_chunk_frames": self.first,
+            "rounds_s": [r[0] + sum(r[1]) + r[2] for r in rounds],
+        }
+
+
+def _bench_checkpoint(seed: int, say: Callable[[str], None]) -> Path:
+    """The cached bench checkpoint; a missing one is built in a child process so that building
+    it does not count in this process's peak memory."""
+    from .checkpoint import BENCH_SIZE, cache_root
+
+    path = _cached_path(seed)
+    if path is not None:
+        return path
+    say(f"building the bench checkpoint under {cache_root() / 'bench'} (once)")
+    code = f"from mossserve.bench.checkpoint import bench_checkpoint; print(bench_checkpoint(seed={seed}))"
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise MossServeError(f"building the bench checkpoint failed:\n{proc.stderr.strip()}")
+    path = _cached_path(seed)
+    if path is None:
+        raise MossServeError(f"the bench checkpoint ({BENCH_SIZE}) was not found after building it")
+    return path
+
+
+def _cached_path(seed: int) -> Path | None:
+    from .checkpoint import checkpoint_path
+
+    path = checkpoint_path(seed)
+    complete = (path / "model.safetensors").is_file() and (path / "codec" / "model.safetensors").is_file()
+    return path if complete else None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def format_table(result: dict) -> str:
+    """A short human-readable summary of `run_engine_bench`'s result."""
+    floor = result["ttfa_floor"]
+    lines = [
+        (f"engine bench: {result['family']} family, {result['model']} ({result['parameters'] / 1e6:.1f} M "
+         f"parameters), {result['device']} {result['dtype']}, {result['threads']} threads"),
+        (f"{result['requests']} requests x {result['frames_per_request']} frames "
+         f"({result['frames_per_request'] / result['frame_rate']:.1f} s audio each), greedy, audio decoded"),
+        "  concurrency   audio s / s   wall s",
+    ]
+    for key, value in result["throughput"].items():
+        lines.append(f"  {key:>11}   {value:11.2f}   {result['wall_s'][key]:6.1f}")
+    lines += [
+        f"  speedup 16 vs sequential: {result['speedup_16']:.2f}x (target >= {TARGETS['speedup_16']:g})",
+        (f"  TTFA (streaming, 1 request): {result['ttfa_s'] * 1000:.0f} ms median of {len(result['ttfa_runs_s'])}; "
+         f"floor {result['ttfa_floor_s'] * 1000:.0f} ms = prefill {floor['prefill_s'] * 1000:.0f} + "
+         f"{floor['steps']} steps {floor['steps_s'] * 1000:.0f} + codec {floor['codec_first_chunk_s'] * 1000:.0f}; "
+         f"ratio {result['ttfa_ratio']:.2f} (target <= {TARGETS['ttfa_ratio']:g})"),
+        f"  peak RSS {result['peak_rss_mb']:.0f} MB; bench took {result['bench_wall_s']:.0f} s",
+    ]
+    return "\n".join(lines)

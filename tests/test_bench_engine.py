@@ -1,0 +1,110 @@
+"""`mossserve bench` (the engine bench) and its random bench checkpoint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mossserve.api import DEMO_MODEL
+from mossserve.cli import build_parser, main
+
+CONTRACT = ("family", "device", "throughput", "sequential_throughput", "speedup_16", "ttfa_s", "ttfa_floor_s",
+            "ttfa_ratio", "peak_rss_mb", "frames_per_request", "requests", "model", "dtype", "wall_s")
+SMALL = {"hidden": 64, "layers": 2, "intermediate": 128, "heads": 2, "kv_heads": 1, "head_dim": 32}
+
+
+def test_bench_json_has_every_contract_key(capsys) -> None:
+    code = main(["bench", "--model", str(DEMO_MODEL), "--frames", "3", "--requests", "2", "--ttfa-runs", "1",
+                 "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    for key in CONTRACT:
+        assert key in out, key
+    assert out["family"] == "delay" and out["device"] == "cpu" and out["dtype"] == "float32"
+    assert out["model"] == str(DEMO_MODEL)
+    assert out["requests"] == 2 and out["frames_per_request"] == 3
+    assert set(out["throughput"]) == set(out["wall_s"]) == {"1", "4", "16"}
+    for value in [*out["throughput"].values(), *out["wall_s"].values(), out["sequential_throughput"],
+                  out["speedup_16"], out["ttfa_s"], out["ttfa_floor_s"], out["ttfa_ratio"], out["peak_rss_mb"]]:
+        assert isinstance(value, float) and value > 0
+    assert out["sequential_throughput"] == out["throughput"]["1"]
+    assert out["speedup_16"] == pytest.approx(out["throughput"]["16"] / out["sequential_throughput"])
+    assert out["ttfa_ratio"] == pytest.approx(out["ttfa_s"] / out["ttfa_floor_s"])
+    # Every request ran to its step cap (n_vq lead steps + 3 frames) and every frame was decoded.
+    for counts in out["frames_generated"].values():
+        assert counts == {"min": 3, "max": 3, "steps_max": 3 + 32}
+    assert out["decoded_audio_matches_frames"] is True
+    assert out["ttfa_floor"]["steps"] == 32 + 2  # the first 2-frame chunk needs n_vq + 2 steps
+
+
+def test_bench_table_and_targets(capsys) -> None:
+    code = main(["bench", "--model", str(DEMO_MODEL), "--frames", "2", "--requests", "1", "--ttfa-runs", "1"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "concurrency" in captured.out and "TTFA" in captured.out and "speedup 16" in captured.out
+    assert "bench:" in captured.err  # progress goes to stderr
+
+
+def test_bench_target_is_optional_and_codec_stays() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["bench"]).target is None
+    assert parser.parse_args(["bench", "codec"]).target == "codec"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--family", "ar", "--json"], "supported: delay"),
+    (["bench", "--frames", "0"], "--frames"),
+])
+def test_bench_errors_are_clear(args, message, capsys) -> None:
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_checkpoint_mirrors_the_published_layout() -> None:
+    from safetensors import safe_open
+
+    from mossserve.bench.checkpoint import delay_config, tensor_shapes
+
+    config = delay_config(hidden=8, layers=2, intermediate=24, heads=4, kv_heads=2, head_dim=4, n_vq=32)
+    assert config == json.loads((DEMO_MODEL / "config.json").read_text())
+    with safe_open(DEMO_MODEL / "model.safetensors", "pt") as f:
+        published = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    assert tensor_shapes(config) == published
+    bench = delay_config(hidden=512, layers=8, intermediate=1536, heads=8, kv_heads=4, head_dim=64, n_vq=32)
+    assert bench["language_config"]["hidden_size"] == 512 and len(bench["language_config"]["layer_types"]) == 8
+
+
+def test_checkpoint_is_deterministic_loads_and_stays_in_audio(tmp_path: Path) -> None:
+    from mossserve.api import TTS
+    from mossserve.bench.checkpoint import bench_checkpoint, build_delay_checkpoint
+    from mossserve.models.registry import load_talker
+    from mossserve.sampling import SamplingParams
+    from mossserve.speech_request import SpeechRequest
+
+    a = build_delay_checkpoint(tmp_path / "a", **SMALL)
+    b = build_delay_checkpoint(tmp_path / "b", **SMALL)
+    for name in ("config.json", "model.safetensors", "codec/config.json", "codec/model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+    talker = load_talker(a)
+    assert talker.config.language.hidden_size == 64 and talker.codebooks == 32
+    tts = TTS(talker, codec=a / "codec")
+    try:
+        prompts = [tts.prompt(SpeechRequest(input=t)) for t in ("Hello there.", "A longer sentence to speak.")]
+        generations = tts.generate(prompts, SamplingParams.greedy(), max_new_frames=40)
+    finally:
+        tts.close()
+    for g in generations:  # never leaves audio mode: the step cap ends it, n_vq steps before frame 0
+        assert g.finish_reason == "length" and len(g.rows) == 40 and len(g.frames) == 40 - 32
+        assert np.isfinite(g.frames).all() and (g.frames < 1024).all()
+        assert (g.rows[1:, 0] == talker.config.audio_assistant_gen_slot_token_id).all()
+
+    cached = bench_checkpoint(root=tmp_path / "cache", **SMALL)
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    assert bench_checkpoint(root=tmp_path / "cache", **SMALL) == cached  # built once
+    assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (cached / "model.safetensors").read_bytes() == (a / "model.safetensors").read_bytes()
+    assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]  # no temporary left
