@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.batch_context import BatchContext
+from ..layers.heads import project
 from .moss_delay_config import MossDelayConfig
 from .qwen3 import Qwen3Model
 
@@ -44,12 +45,14 @@ class MossDelayModel(nn.Module):
     ) -> torch.Tensor:
         return self.language_model(self.embed(rows), ctx, cache_k, cache_v, hidden_states)
 
-    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.text_head(hidden).float()
+    def text_logits(self, hidden: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., H) -> text logits over the vocabulary, or over `ids` only."""
+        weight = self.text_head.weight if ids is None else self.text_head.weight[ids]
+        return project(hidden, weight).float()
 
     def audio_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., n_vq, A + 1) with the pad code's logit at -inf, as the reference sets it."""
-        logits = self.audio_head(hidden).float().unflatten(-1, (self.config.n_vq, self.codes_per_head))
+        logits = project(hidden, self.audio_head.weight).float().unflatten(-1, (self.config.n_vq, self.codes_per_head))
         logits[..., self.config.audio_pad_code] = float("-inf")
         return logits
 

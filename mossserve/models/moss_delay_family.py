@@ -70,7 +70,7 @@ class MossDelayFamily(TalkerFamily):
         self.sample_rate = self.config.sampling_rate
         self._sampling_defaults = sampling_defaults or SamplingParams()
         self.max_new_frames = max_new_frames
-        self._text_masks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_masks: dict[torch.device, torch.Tensor] = {}
 
     # ---- prompts -------------------------------------------------------------------------
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
@@ -248,19 +248,39 @@ class MossDelayFamily(TalkerFamily):
 
     def _sample_text(self, state: DelayState, hidden: torch.Tensor, slots: torch.Tensor,
                      is_audio: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """In audio mode only the two slot tokens can win, so those rows compute two columns of the
+        text head instead of the whole vocabulary (the same draw: banned ids have probability 0,
+        and the noise of the full width is still drawn so random streams stay the reference's)."""
         cfg = self.config
-        logits = self.model.text_logits(hidden)
-        audio_mask, text_mask = self._masks(logits.device)
-        logits = logits.masked_fill(torch.where(is_audio[:, None], audio_mask, text_mask), float("-inf"))
-        logits[:, LITERAL_DELAY_SLOT_ID] = torch.where(steps == 0, float("-inf"), logits[:, LITERAL_DELAY_SLOT_ID])
-        logits[:, cfg.im_end_token_id] = torch.where(steps <= cfg.n_vq, float("-inf"), logits[:, cfg.im_end_token_id])
+        vocab = cfg.language.vocab_size
         temperature = state.text_temperature[slots]
         drawing = temperature > 0
         noise = None
         if bool(drawing.any()):
-            noise = torch.ones_like(logits)
-            noise[drawing] = self._noise(state, slots, drawing.long(), logits.shape[-1], logits.device)
-        return sample(logits, temperature, state.text_top_k[slots], state.text_top_p[slots], noise=noise)
+            noise = torch.ones(len(slots), vocab, device=hidden.device)
+            noise[drawing] = self._noise(state, slots, drawing.long(), vocab, hidden.device)
+        tokens = torch.empty(len(slots), dtype=torch.int64, device=hidden.device)
+        for rows, columns in ((torch.nonzero(is_audio).flatten(), self._slot_ids(hidden.device)),
+                              (torch.nonzero(~is_audio).flatten(), None)):
+            if not len(rows):
+                continue
+            logits = self.model.text_logits(hidden[rows], columns)
+            ids = columns if columns is not None else torch.arange(vocab, device=hidden.device)
+            if columns is None:
+                logits = logits.masked_fill(self._text_mask(hidden.device), float("-inf"))
+            step0 = (steps[rows] == 0)[:, None] & (ids == LITERAL_DELAY_SLOT_ID)
+            early = (steps[rows] <= cfg.n_vq)[:, None] & (ids == cfg.im_end_token_id)
+            logits = logits.masked_fill(step0 | early, float("-inf"))
+            picked = sample(logits, temperature[rows], state.text_top_k[slots][rows], state.text_top_p[slots][rows],
+                            noise=None if noise is None else noise[rows][:, ids])
+            tokens[rows] = ids[picked]
+        return tokens
+
+    def _slot_ids(self, device: torch.device) -> torch.Tensor:
+        """The text ids allowed in audio mode, ascending (argmax ties break as over the whole vocabulary)."""
+        cfg = self.config
+        ids = sorted([cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id])
+        return torch.tensor(ids, device=device)
 
     def _sample_audio(self, state: DelayState, hidden: torch.Tensor, slots: torch.Tensor,
                       sampled: torch.Tensor) -> torch.Tensor:
@@ -314,15 +334,12 @@ class MossDelayFamily(TalkerFamily):
         ]
         return torch.cat(parts)
 
-    def _masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Banned text ids in audio mode (all but the two slot tokens) and in text mode."""
+    def _text_mask(self, device: torch.device) -> torch.Tensor:
+        """Text ids banned in text mode."""
         if device not in self._text_masks:
             cfg = self.config
-            vocab = cfg.language.vocab_size
-            audio = torch.ones(vocab, dtype=torch.bool, device=device)
-            audio[[cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id]] = False
-            text = torch.zeros(vocab, dtype=torch.bool, device=device)
-            text[[cfg.pad_token_id, cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id,
+            mask = torch.zeros(cfg.language.vocab_size, dtype=torch.bool, device=device)
+            mask[[cfg.pad_token_id, cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id,
                   cfg.audio_end_token_id]] = True
-            self._text_masks[device] = (audio, text)
+            self._text_masks[device] = mask
         return self._text_masks[device]
