@@ -105,7 +105,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def load_tts(args: argparse.Namespace):
     from .api import TTS
-
     from .config import EngineConfig
 
     config = EngineConfig(max_running=getattr(args, "max_running", None) or EngineConfig.max_running)

@@ -19,6 +19,7 @@ import torch
 from ..models.codecs.base import Codec, StreamingDecoder
 from .pipeline import CodecWork
 from .request import AudioChunk, EngineRequest
+from .worker import Worker
 
 
 class CodecRunner:
@@ -31,8 +32,7 @@ class CodecRunner:
         self._queue: deque[CodecWork] = deque()
         self._streams: dict[str, tuple[int, int]] = {}  # request id -> (segment, decoder stream id)
         self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stop = False
+        self._worker = Worker("mossserve-codec", self._lock, lambda: bool(self._queue), self.run_once)
         self._cuda_stream = None
 
     # ---- called from other threads -------------------------------------------------------
@@ -55,17 +55,10 @@ class CodecRunner:
         return len(self._streams)
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="mossserve-codec", daemon=True)
-            self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        with self._lock:
-            self._stop = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._worker.stop()
 
     # ---- one round ---------------------------------------------------------------------
     def run_once(self) -> bool:
@@ -164,12 +157,3 @@ class CodecRunner:
         entry = self._streams.pop(request_id, None)
         if entry is not None:
             self._decoder.close(entry[1])
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._queue and not self._stop:
-                    self._lock.wait()
-                if self._stop:
-                    return
-            self.run_once()

@@ -29,6 +29,7 @@ from .pipeline import Pipeline
 from .request import AudioChunk, EngineRequest, Sink, Status
 from .scheduler import Scheduler
 from .talker_runner import TalkerRunner
+from .worker import Worker
 
 
 class Engine:
@@ -52,8 +53,7 @@ class Engine:
         self._live: dict[str, EngineRequest] = {}
         self._aborts: list[EngineRequest] = []
         self._ids = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._stop = False
+        self._worker = Worker("mossserve-engine", self._lock, self._has_work, self.step)
         self.counts = {"finished": 0, "aborted": 0, "failed": 0, "steps": 0}
 
     # ---- the caller's side (any thread) --------------------------------------------------
@@ -119,29 +119,17 @@ class Engine:
 
     # ---- threads -------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None and self.config.threaded:
-            self._stop = False
+        """Run the talker loop and the codec runner on their own threads (with `threaded`)."""
+        if self.config.threaded:
             self.codec.start()
-            self._thread = threading.Thread(target=self._loop, name="mossserve-engine", daemon=True)
-            self._thread.start()
+            self._worker.start()
 
     def shutdown(self) -> None:
-        with self._lock:
-            self._stop = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._worker.stop()
         self.codec.stop()
 
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not (self._aborts or self.scheduler.waiting or self.scheduler.running) and not self._stop:
-                    self._lock.wait()
-                if self._stop:
-                    return
-            self.step()
+    def _has_work(self) -> bool:
+        return bool(self._aborts or self.scheduler.waiting or self.scheduler.running)
 
     def run_until_idle(self) -> None:
         """Unthreaded: step until every request is closed."""
