@@ -343,3 +343,27 @@ def test_runaway_guard_ends_a_loop_on_one_frame() -> None:
     frames = final.generation.frames
     assert final.finish_reason == "runaway"
     assert (frames[-5:] == frames[-1]).all() and len(frames) >= 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_steps_match_the_goldens() -> None:
+    from mossserve.loader import build_on_meta, load_weights, weight_files
+    from mossserve.models.moss_delay import MossDelayModel
+    from mossserve.models.moss_delay_config import MossDelayConfig
+
+    path = DELAY_DIR / "tiny_nvq32"
+    config = MossDelayConfig.from_file(path / "config.json")
+    model = build_on_meta(lambda: MossDelayModel(config), torch.float32, "cuda")
+    load_weights(model, weight_files(path), model.checkpoint_layout())
+    fam = MossDelayFamily(model.eval().requires_grad_(False), tokenizer=None)
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=6, max_len=1024))
+    assert engine.runner.mode == "graphs"
+    outbox = Outbox()
+    requests = golden_requests("tiny_nvq32")
+    for name, rows, _, cap, *_ in requests:
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink, request_id=name,
+                           max_new_frames=cap, decode_audio=False)
+    engine.run_until_idle()
+    for name, _, _, _, rows, frames, lengths in requests:
+        check_against_golden(outbox.final(name).generation, rows, frames, lengths, fam.columns)
+    assert all(step.graph is not None for step in engine.runner._steps.values())

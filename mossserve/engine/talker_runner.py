@@ -147,12 +147,15 @@ class TalkerRunner:
 
     def _capture(self, step: StaticStep, keys: int) -> None:
         """Warm up on a side stream (allocations, rotary tables), then capture one replayable step.
+        A graph keeps raw pointers: anything it reads (rotary tables) must never be reallocated.
 
         The fresh buffers point every row at the scratch slot, so warm-up and capture touch no
         request's cache."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
+            if self._graph_pool is None:  # tables sized for the longest bucket, so no capture ever regrows them
+                self._static_forward(step, self.cache.max_len)
             for _ in range(2):
                 self._static_forward(step, keys)
         torch.cuda.current_stream(self.device).wait_stream(side)
