@@ -367,3 +367,43 @@ def test_cuda_graph_decode_steps_match_the_goldens() -> None:
     for name, _, _, _, rows, frames, lengths in requests:
         check_against_golden(outbox.final(name).generation, rows, frames, lengths, fam.columns)
     assert all(step.graph is not None for step in engine.runner._steps.values())
+
+
+def test_a_long_prefill_does_not_stall_the_running_batch() -> None:
+    """With a budget of 16 prompt positions per step, a long prompt is prefilled over many steps,
+    and a request already decoding emits a row in every one of them."""
+    fam = family("tiny_nvq32")
+    engine = Engine(fam, None, EngineConfig(threaded=False, prefill_tokens=16))
+    outbox = Outbox()
+    requests = {name: (rows, cap) for name, rows, _, cap, *_ in golden_requests("tiny_nvq32")}
+    short_rows, _ = requests["tts/0"]
+    long_rows, _ = requests["continuation/0"]
+    running = engine.add_request(fam.prompt_from_rows(short_rows), SamplingParams.greedy(), outbox.sink,
+                                 max_new_frames=200, decode_audio=False, guard=False)
+    while running.steps == 0:
+        engine.step()
+    waiting = engine.add_request(fam.prompt_from_rows(long_rows), SamplingParams.greedy(), outbox.sink,
+                                 decode_audio=False)
+    prefill_steps = 0
+    while waiting.prefilled < len(long_rows):
+        before = running.steps
+        engine.step()
+        prefill_steps += 1
+        assert running.steps == before + 1 or running.status.done
+    assert prefill_steps == -(-len(long_rows) // 16) > 3
+
+
+def test_prompt_and_generation_fit_max_len() -> None:
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_len=80))
+    outbox = Outbox()
+    rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+    with pytest.raises(InvalidRequestError, match="allows 80"):
+        engine.add_request(fam.prompt_from_rows(np.concatenate([rows, rows, rows])), SamplingParams.greedy(),
+                           outbox.sink, decode_audio=False)
+    request = engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink,
+                                 max_new_frames=1000, decode_audio=False, guard=False)
+    assert request.max_new_frames == 80 - len(rows) > 0
+    engine.run_until_idle()
+    generation = outbox.final(request.id).generation
+    assert len(rows) + len(generation.rows) <= 80

@@ -242,7 +242,11 @@ class Engine:
     def _end(self, request: EngineRequest, status: Status, reason: str, error: str | None = None) -> None:
         """Take `request` out of the talker; a finished one's output drains through the codec,
         an aborted or failed one is dropped and closed at once."""
-        if request.status.done:
+        if request.status.done:  # out of the talker, maybe still draining through the codec
+            if status is not Status.FINISHED and not request.closed:
+                self.codec.drop(request)
+                request.status, request.finish_reason = status, reason
+                self._close(request, error)
             return
         running = request.status in (Status.PREFILL, Status.DECODING)
         with self._lock:
