@@ -407,3 +407,24 @@ def test_prompt_and_generation_fit_max_len() -> None:
     engine.run_until_idle()
     generation = outbox.final(request.id).generation
     assert len(rows) + len(generation.rows) <= 80
+
+
+def test_abort_reaches_a_request_still_draining_through_the_codec(monkeypatch) -> None:
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, codec, EngineConfig(threaded=False))
+    outbox = Outbox()
+    rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+    run_once = engine.codec.run_once
+    monkeypatch.setattr(engine.codec, "run_once", lambda: False)  # hold the codec back
+    request = engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink)
+    while not request.status.done:
+        engine.step()
+    assert engine.codec.queued > 0 and request.id not in outbox.chunks
+    engine.abort(request.id)
+    engine.step()
+    monkeypatch.setattr(engine.codec, "run_once", run_once)
+    engine.step()
+    (final,) = outbox.chunks[request.id]
+    assert final.final and final.finish_reason == "aborted"
+    stats = engine.stats()
+    assert stats["live"] == stats["codec_chunks_queued"] == stats["codec_streams_open"] == 0
