@@ -233,6 +233,7 @@ def test_hundreds_of_requests_with_random_aborts_leave_nothing_behind(delay_tts)
         stats = engine.stats()
         assert stats["cache_slots_used"] == 0 and stats["codec_streams_open"] == 0
         assert stats["live"] == stats["running"] == stats["queued"] == stats["codec_chunks_queued"] == 0
+        assert stats["outputs_open"] == 0 and not any(engine.runner.state.admitted)
         assert stats["finished"] + stats["aborted"] == 500 and stats["failed"] == 0
     finally:
         engine.shutdown()

@@ -112,6 +112,7 @@ class Engine:
                 "live": len(self._live),
                 "cache_slots_used": self.runner.slots_in_use,
                 "cache_slots": self.config.max_running,
+                "outputs_open": len(self.pipeline),
                 "codec_streams_open": self.codec.open_streams,
                 "codec_chunks_queued": self.codec.queued,
                 **self.counts,

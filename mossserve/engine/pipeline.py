@@ -46,6 +46,10 @@ class Pipeline:
         self.sample_rate, self.max_chunk_frames = sample_rate, max_chunk_frames
         self._streams: dict[str, OutputStream] = {}
 
+    def __len__(self) -> int:
+        """Requests whose output is open."""
+        return len(self._streams)
+
     def start(self, request: EngineRequest, prefix: list[np.ndarray]) -> None:
         """Open the request's output; `prefix` holds the clips complete in its prompt."""
         stream = self._streams[request.id] = OutputStream(trim_left=request.prompt.start_length)
