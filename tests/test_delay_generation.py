@@ -138,3 +138,30 @@ def test_output_starts_after_the_last_im_start_even_past_the_prompt() -> None:
     assert offline
     assert np.array_equal(result.frames, np.concatenate(offline))
     assert result.segment_lengths == [len(s) for s in offline]
+
+
+def test_unseeded_audio_mode_text_draw_has_the_right_distribution() -> None:
+    """An unseeded request draws text noise only for the two slot tokens it can choose in audio mode;
+    the choice must still follow softmax(logits / temperature) over those two."""
+    import torch
+
+    fam = family("tiny_nvq32")
+    rows = get_case("tiny_nvq32", "tts").prompts[0]
+    n = 4000
+    state = fam.new_state(n, torch.device("cpu"))
+    sampling = SamplingParams(text_temperature=1.5, text_top_k=50, text_top_p=1.0)
+    prompt = fam.prompt_from_rows(rows)
+    for slot in range(n):
+        fam.admit(state, slot, prompt, sampling)
+    assert not state.replay.any()
+    ids = fam._slot_ids(torch.device("cpu"))
+    hidden = torch.randn(1, fam.backbone_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    gap = (fam.model.text_logits(hidden, ids)[0, 1] - fam.model.text_logits(hidden, ids)[0, 0]).item()
+    hidden = (hidden * 0.9 / gap).expand(n, -1)  # a logit gap of 0.9: p near 0.35, far from 0 and 1
+    slots = torch.arange(n)
+    steps = torch.full((n,), 5)
+    tokens = fam._sample_text(state, hidden, slots, torch.ones(n, dtype=torch.bool), steps)
+    p = torch.softmax(fam.model.text_logits(hidden[:1], ids)[0] / 1.5, dim=-1)[0].item()
+    share = (tokens == ids[0]).float().mean().item()
+    assert set(tokens.tolist()) <= set(ids.tolist()) and 0.2 < p < 0.5
+    assert abs(share - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (share, p)

@@ -52,6 +52,7 @@ class DelayState:
     audio_top_p: torch.Tensor
     audio_penalty: torch.Tensor
     admitted: torch.Tensor  # (S,) bool
+    replay: torch.Tensor  # (S,) bool: seeded, so its draws follow the reference's random stream exactly
     generators: list[torch.Generator | None]
     shared_generator: torch.Generator | None = None
 
@@ -145,6 +146,7 @@ class MossDelayFamily(TalkerFamily):
             audio_top_p=torch.ones(max_slots, n, **f32),
             audio_penalty=torch.ones(max_slots, n, **f32),
             admitted=torch.zeros(max_slots, dtype=torch.bool, device=device),
+            replay=torch.zeros(max_slots, dtype=torch.bool, device=device),
             generators=[None] * max_slots,
             shared_generator=None if shared_seed is None else torch.Generator().manual_seed(shared_seed),
         )
@@ -186,6 +188,7 @@ class MossDelayFamily(TalkerFamily):
         state.admitted[slot] = True
         seed = sampling.seed if sampling.seed is not None else int(torch.seed())
         state.generators[slot] = torch.Generator().manual_seed(seed)
+        state.replay[slot] = sampling.seed is not None or state.shared_generator is not None
         return segments(complete, cfg.audio_pad_code)
 
     def release(self, state: DelayState, slot: int) -> None:
@@ -249,16 +252,20 @@ class MossDelayFamily(TalkerFamily):
     def _sample_text(self, state: DelayState, hidden: torch.Tensor, slots: torch.Tensor,
                      is_audio: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         """In audio mode only the two slot tokens can win, so those rows compute two columns of the
-        text head instead of the whole vocabulary (the same draw: banned ids have probability 0,
-        and the noise of the full width is still drawn so random streams stay the reference's)."""
+        text head instead of the whole vocabulary (the same draw: banned ids have probability 0).
+
+        A seeded request still draws noise over the whole vocabulary, as the reference's
+        multinomial does, so that its random stream stays the reference's; an unseeded one draws
+        noise only for the columns it samples from, which is the same distribution."""
         cfg = self.config
         vocab = cfg.language.vocab_size
         temperature = state.text_temperature[slots]
         drawing = temperature > 0
-        noise = None
-        if bool(drawing.any()):
-            noise = torch.ones(len(slots), vocab, device=hidden.device)
-            noise[drawing] = self._noise(state, slots, drawing.long(), vocab, hidden.device)
+        replay = drawing & state.replay[slots]
+        full_noise = None
+        if bool(replay.any()):
+            full_noise = self._noise(state, slots[replay], torch.ones_like(slots[replay]), vocab, hidden.device)
+        replay_rank = torch.cumsum(replay.long(), 0) - 1
         tokens = torch.empty(len(slots), dtype=torch.int64, device=hidden.device)
         for rows, columns in ((torch.nonzero(is_audio).flatten(), self._slot_ids(hidden.device)),
                               (torch.nonzero(~is_audio).flatten(), None)):
@@ -271,8 +278,18 @@ class MossDelayFamily(TalkerFamily):
             step0 = (steps[rows] == 0)[:, None] & (ids == LITERAL_DELAY_SLOT_ID)
             early = (steps[rows] <= cfg.n_vq)[:, None] & (ids == cfg.im_end_token_id)
             logits = logits.masked_fill(step0 | early, float("-inf"))
+            noise = None
+            if bool(drawing[rows].any()):
+                noise = torch.ones(len(rows), len(ids), device=hidden.device)
+                exact, narrow = replay[rows], drawing[rows] & ~replay[rows]
+                if bool(exact.any()):
+                    noise[exact] = full_noise[replay_rank[rows][exact]][:, ids]
+                if bool(narrow.any()):
+                    picked_slots = slots[rows][narrow]
+                    noise[narrow] = self._noise(state, picked_slots, torch.ones_like(picked_slots), len(ids),
+                                                hidden.device)
             picked = sample(logits, temperature[rows], state.text_top_k[slots][rows], state.text_top_p[slots][rows],
-                            noise=None if noise is None else noise[rows][:, ids])
+                            noise=noise)
             tokens[rows] = ids[picked]
         return tokens
 
