@@ -28,7 +28,8 @@ class RunawayGuard:
 
     The frame bound is `min_frames + frames_per_token * text tokens` (speech runs about 3-4 frames
     per token; the default allows four times that), and at least `duration_factor` times a
-    requested duration. Sound effects have no text to bound them, so the guard skips them.
+    requested duration. A loop is `repeat_frames` frames in a row whose first `repeat_codebooks`
+    codes are the same. Sound effects have no text to bound them, so the guard skips them.
     """
 
     enabled: bool = True
@@ -36,6 +37,7 @@ class RunawayGuard:
     frames_per_token: float = 15.0
     duration_factor: float = 2.0
     repeat_frames: int = 50  # the same frame this many times in a row: stuck (4 s at 12.5 Hz)
+    repeat_codebooks: int = 4  # frames count as the same when their first codebooks agree (the fine ones may dither)
 
     def frame_bound(self, text_tokens: int | None, duration_frames: int | None) -> int | None:
         if not self.enabled or text_tokens is None:

@@ -343,7 +343,7 @@ def test_runaway_guard_ends_a_loop_on_one_frame() -> None:
     final = outbox.final("loop")
     frames = final.generation.frames
     assert final.finish_reason == "runaway"
-    assert (frames[-5:] == frames[-1]).all() and len(frames) >= 5
+    assert (frames[-5:, :4] == frames[-1, :4]).all() and len(frames) >= 5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -45,6 +45,7 @@ class Engine:
                                    config.graph_batch_sizes)
         self.scheduler = Scheduler(config.max_running, config.max_queued, config.prefill_tokens)
         self._get_codec = get_codec
+        self._repeat_codebooks = config.runaway.repeat_codebooks
         self.codec = CodecRunner(get_codec or _no_codec, config.codec_streams or 2 * config.max_running,
                                  config.max_chunk_frames, family.codebooks, self._codec_done, self._codec_failed)
         self.pipeline = Pipeline(self.codec.submit, self._deliver, family.codebooks, family.sample_rate,
@@ -220,8 +221,9 @@ class Engine:
 
     def _add_frame(self, request: EngineRequest, frame: np.ndarray, new_segment: bool) -> None:
         starts_clip = new_segment or not request.segment_lengths
-        request.repeats = request.repeats + 1 if (request.frames and not starts_clip
-                                                  and np.array_equal(frame, request.frames[-1])) else 0
+        k = self._repeat_codebooks
+        same = bool(request.frames) and np.array_equal(frame[:k], request.frames[-1][:k])
+        request.repeats = request.repeats + 1 if same and not starts_clip else 0
         if starts_clip:
             request.segment_lengths.append(0)
         request.segment_lengths[-1] += 1
