@@ -67,9 +67,6 @@ class TalkerRunner:
         self.family.release(self.state, slot)
         self.cache.release(slot)
 
-    def position(self, slot: int) -> int:
-        return self.cache.lengths[slot]
-
     # ---- forward passes ------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, slots: list[int], pieces: list[np.ndarray]) -> torch.Tensor:
