@@ -429,3 +429,34 @@ def test_abort_reaches_a_request_still_draining_through_the_codec(monkeypatch) -
     assert final.final and final.finish_reason == "aborted"
     stats = engine.stats()
     assert stats["live"] == stats["codec_chunks_queued"] == stats["codec_streams_open"] == 0
+
+
+def test_a_bug_in_a_round_fails_the_requests_in_flight_and_serving_goes_on(monkeypatch, caplog) -> None:
+    """An exception that escapes the per-request guards (a bug) must not leave callers waiting
+    forever or stop the threads: the requests in flight end with the error, later ones run."""
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, codec, EngineConfig(max_running=4))
+    engine.start()
+    try:
+        rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+        finals: queue.Queue = queue.Queue()
+        sink = lambda chunk: finals.put(chunk) if chunk.final else None  # noqa: E731
+        push = engine.pipeline.push
+        monkeypatch.setattr(engine.pipeline, "push", lambda *a: (_ for _ in ()).throw(RuntimeError("talker bug")))
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), sink)
+        final = finals.get(timeout=60)
+        assert final.finish_reason == "error" and "talker bug" in final.error
+        monkeypatch.setattr(engine.pipeline, "push", push)
+        take = engine.codec._take
+        monkeypatch.setattr(engine.codec, "_take", lambda: (_ for _ in ()).throw(RuntimeError("codec bug")))
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), sink)
+        final = finals.get(timeout=60)
+        assert final.finish_reason == "error" and "codec bug" in final.error
+        monkeypatch.setattr(engine.codec, "_take", take)
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), sink)
+        assert finals.get(timeout=60).finish_reason == "stop"
+        engine.shutdown()
+        stats = engine.stats()
+        assert stats["live"] == stats["cache_slots_used"] == stats["codec_streams_open"] == stats["outputs_open"] == 0
+    finally:
+        engine.shutdown()

@@ -32,7 +32,7 @@ class CodecRunner:
         self._queue: deque[CodecWork] = deque()
         self._streams: dict[str, tuple[int, int]] = {}  # request id -> (segment, decoder stream id)
         self._lock = threading.Condition()
-        self._worker = Worker("mossserve-codec", self._lock, lambda: bool(self._queue), self.run_once)
+        self._worker = Worker("mossserve-codec", self._lock, lambda: bool(self._queue), self.run_once, self._crashed)
         self._cuda_stream = None
 
     # ---- called from other threads -------------------------------------------------------
@@ -147,6 +147,14 @@ class CodecRunner:
             if device.type == "cuda":
                 self._cuda_stream = torch.cuda.Stream(device)
         return self._decoder
+
+    def _crashed(self, error: Exception) -> None:
+        """A round failed outside the decoder (a bug): fail every request with codec work."""
+        with self._lock:
+            requests = {id(w.request): w.request for w in self._queue}
+            for request in requests.values():
+                self._drop(request)
+                self._on_error(request, f"codec stage failed: {type(error).__name__}: {error}")
 
     def _drop(self, request: EngineRequest) -> None:
         request.dropped = True

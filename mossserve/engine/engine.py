@@ -54,7 +54,7 @@ class Engine:
         self._live: dict[str, EngineRequest] = {}
         self._aborts: list[EngineRequest] = []
         self._ids = itertools.count()
-        self._worker = Worker("mossserve-engine", self._lock, self._has_work, self.step)
+        self._worker = Worker("mossserve-engine", self._lock, self._has_work, self.step, self._crashed)
         self.counts = {"finished": 0, "aborted": 0, "failed": 0, "steps": 0}
 
     # ---- the caller's side (any thread) --------------------------------------------------
@@ -129,6 +129,13 @@ class Engine:
     def shutdown(self) -> None:
         self._worker.stop()
         self.codec.stop()
+
+    def _crashed(self, error: Exception) -> None:
+        """A step failed outside the per-request guards (a bug): end every request in the talker with
+        the error, so that no caller waits forever, and keep serving."""
+        with self._lock:
+            requests = list(self.scheduler.running) + list(self.scheduler.waiting)
+        self._fail_all(requests, error)
 
     def _has_work(self) -> bool:
         return bool(self._aborts or self.scheduler.waiting or self.scheduler.running)
