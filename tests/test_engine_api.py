@@ -130,3 +130,25 @@ def test_a_failed_request_raises_in_its_stream_only(delay_tts, monkeypatch) -> N
         list(tts.stream(prompt, SamplingParams.greedy()))
     assert len(tts.synthesize(SpeechRequest(input="Fine."), SamplingParams.greedy(), max_new_frames=5).codes) >= 0
     assert engine.stats()["live"] == 0
+
+
+def test_a_dropped_tts_frees_its_engine_and_threads(delay_model_dirs) -> None:
+    """Engine, codec and speaker threads hold their owners weakly: a TTS that goes out of scope
+    (or is created again in a notebook) is collected with its KV cache, and its threads end."""
+    import gc
+    import threading
+    import weakref
+
+    before = set(threading.enumerate())
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny")
+    tts.synthesize(SpeechRequest(input="Goodbye.", voice=AUDIO_DIR / "reference_zh.wav"), SamplingParams.greedy(),
+                   max_new_frames=5)
+    threads = [t for t in threading.enumerate() if t not in before]
+    assert {t.name for t in threads} == {"mossserve-engine", "mossserve-codec", "mossserve-speakers"}
+    refs = [weakref.ref(x) for x in (tts, tts.engine, tts.speakers)]
+    del tts
+    gc.collect()
+    assert all(r() is None for r in refs)
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive()

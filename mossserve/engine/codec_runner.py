@@ -32,7 +32,7 @@ class CodecRunner:
         self._queue: deque[CodecWork] = deque()
         self._streams: dict[str, tuple[int, int]] = {}  # request id -> (segment, decoder stream id)
         self._lock = threading.Condition()
-        self._worker = Worker("mossserve-codec", self._lock, lambda: bool(self._queue), self.run_once, self._crashed)
+        self._worker = Worker("mossserve-codec", self._lock, self._has_work, self.run_once, self._crashed)
         self._cuda_stream = None
 
     # ---- called from other threads -------------------------------------------------------
@@ -147,6 +147,9 @@ class CodecRunner:
             if device.type == "cuda":
                 self._cuda_stream = torch.cuda.Stream(device)
         return self._decoder
+
+    def _has_work(self) -> bool:
+        return bool(self._queue)
 
     def _crashed(self, error: Exception) -> None:
         """A round failed outside the decoder (a bug): fail every request with codec work."""

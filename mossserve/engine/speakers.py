@@ -11,7 +11,6 @@ voices that arrive together are encoded in one `codec.encode_batch` call by a wo
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
@@ -26,6 +25,7 @@ import torch
 from ..audio import load_audio
 from ..audio.loudness import normalize_loudness
 from ..errors import AudioError
+from .worker import Worker
 
 VoiceSource = str | PathLike | bytes | bytearray | memoryview
 Key = tuple[str, int]  # (sha256 of the file's bytes, n_quantizers)
@@ -63,9 +63,8 @@ class SpeakerCache:
         self._cond = threading.Condition()
         self._closed = False
         self._hits = self._misses = self._encodes = self._batches = 0
-        self._worker: threading.Thread | None = None
+        self._worker = Worker("mossserve-speakers", self._cond, self._has_pending, self.run_pending, self._round_failed)
         if start_worker:
-            self._worker = threading.Thread(target=self._work, name="speaker-cache", daemon=True)
             self._worker.start()
 
     # ---- public -------------------------------------------------------------------------------
@@ -135,20 +134,16 @@ class SpeakerCache:
             self._closed = True
             jobs, self._pending = self._pending, []
             self._cond.notify_all()
-        if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join()
+        self._worker.stop()
         for job in jobs:
             self._finish(job, error=RuntimeError("SpeakerCache closed before the voice was encoded"))
 
     # ---- internals ----------------------------------------------------------------------------
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending or self._closed)
-                if self._closed:
-                    return
-            with contextlib.suppress(Exception):  # already delivered to that round's futures
-                self.run_pending()
+    def _has_pending(self) -> bool:
+        return bool(self._pending) and not self._closed
+
+    def _round_failed(self, error: Exception) -> None:
+        """Nothing to do: `run_pending` has already handed the error to that round's futures."""
 
     def _run(self, jobs: list[_Job]) -> int:
         ready: list[tuple[_Job, np.ndarray]] = []

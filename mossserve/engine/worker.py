@@ -1,8 +1,14 @@
-"""A daemon thread that does one round of work whenever there is some, and sleeps on a condition otherwise."""
+"""A daemon thread that does one round of work whenever there is some, and sleeps on a condition otherwise.
+
+It holds its owner's methods weakly: a running thread never keeps an engine (and its model, KV
+cache and codec) alive, and once the owner is collected the thread ends. So a `TTS` that goes out
+of scope, or is created again in a notebook, frees its memory without an explicit `close()`.
+"""
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 
 log = logging.getLogger("mossserve")
@@ -11,13 +17,15 @@ log = logging.getLogger("mossserve")
 class Worker:
     def __init__(self, name: str, condition: threading.Condition, has_work: Callable[[], bool],
                  work: Callable[[], object], on_crash: Callable[[Exception], None]) -> None:
-        """`has_work` is checked with `condition` held; whoever adds work notifies `condition`.
-        `on_crash` gets an exception that escaped a round (a bug), so that the requests in flight
-        end with an error instead of waiting forever; the thread goes on."""
-        self.name, self._condition, self._has_work, self._work = name, condition, has_work, work
-        self._on_crash = on_crash
+        """Three bound methods of one owner. `has_work` is checked with `condition` held; whoever
+        adds work notifies `condition`. `on_crash` gets an exception that escaped a round (a bug),
+        so that the requests in flight end with an error instead of waiting forever; the thread
+        goes on."""
+        self.name, self._condition = name, condition
+        self._has_work, self._work, self._on_crash = (weakref.WeakMethod(m) for m in (has_work, work, on_crash))
         self._thread: threading.Thread | None = None
         self._stop = False
+        weakref.finalize(has_work.__self__, self._halt)
 
     def start(self) -> None:
         if self._thread is None:
@@ -27,21 +35,44 @@ class Worker:
 
     def stop(self) -> None:
         """Finish the round in progress, then end the thread."""
+        self._halt()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def _halt(self) -> None:
         with self._condition:
             self._stop = True
             self._condition.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
 
     def _loop(self) -> None:
-        while True:
-            with self._condition:
-                self._condition.wait_for(lambda: self._stop or self._has_work())
-                if self._stop:
-                    return
+        while self._wait_for_work():
+            work = self._work()
+            if work is None:
+                return
             try:
-                self._work()
+                work()
             except Exception as e:  # noqa: BLE001 - a bug must not silently stop serving
                 log.exception("%s: a round failed", self.name)
-                self._on_crash(e)
+                self._report(e)
+            del work  # hold no reference to the owner while waiting
+
+    def _report(self, error: Exception) -> None:
+        crashed = self._on_crash()
+        if crashed is not None:
+            crashed(error)
+
+    def _wait_for_work(self) -> bool:
+        """True when there is work; False when stopped or the owner is gone. No strong reference
+        to the owner is held while waiting."""
+        with self._condition:
+            while not self._stop:
+                has_work = self._has_work()
+                if has_work is None:
+                    return False
+                ready = has_work()
+                del has_work
+                if ready:
+                    return True
+                self._condition.wait()
+            return False
