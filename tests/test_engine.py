@@ -74,6 +74,19 @@ def check_against_golden(generation, golden_rows, golden_frames, golden_lengths,
     assert generation.segment_lengths == golden_lengths
 
 
+def run_greedy_goldens(engine: Engine, checkpoint: str) -> None:
+    """Every greedy golden request of `checkpoint`, all submitted at once, each checked against its golden."""
+    fam = engine.family
+    outbox = Outbox()
+    requests = golden_requests(checkpoint)
+    for name, rows, _, cap, *_ in requests:
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink, request_id=name,
+                           max_new_frames=cap, decode_audio=False)
+    engine.run_until_idle()
+    for name, _, _, _, rows, frames, lengths in requests:
+        check_against_golden(outbox.final(name).generation, rows, frames, lengths, fam.columns)
+
+
 @pytest.mark.parametrize("checkpoint", ["tiny_nvq32", "tiny_nvq16"])
 @pytest.mark.parametrize("prefill_tokens", [512, 16])
 def test_continuous_batching_reproduces_every_greedy_golden(checkpoint: str, prefill_tokens: int) -> None:
@@ -116,14 +129,7 @@ def test_static_shape_decode_steps_match_the_goldens() -> None:
     fam = family("tiny_nvq32")
     engine = Engine(fam, None, EngineConfig(threaded=False, max_running=6))
     engine.runner = TalkerRunner(fam, 6, engine.max_len, 512, mode="static", batch_sizes=(1, 2, 4, 8))
-    outbox = Outbox()
-    requests = golden_requests("tiny_nvq32")
-    for name, rows, _, cap, *_ in requests:
-        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink, request_id=name,
-                           max_new_frames=cap, decode_audio=False)
-    engine.run_until_idle()
-    for name, _, _, _, rows, frames, lengths in requests:
-        check_against_golden(outbox.final(name).generation, rows, frames, lengths, fam.columns)
+    run_greedy_goldens(engine, "tiny_nvq32")
     assert {size for size, _ in engine.runner._steps} >= {4, 6}  # padded up to a captured size
     assert engine.runner.slots_in_use == 0
 
@@ -359,14 +365,7 @@ def test_cuda_graph_decode_steps_match_the_goldens() -> None:
     fam = MossDelayFamily(model.eval().requires_grad_(False), tokenizer=None)
     engine = Engine(fam, None, EngineConfig(threaded=False, max_running=6, max_len=1024))
     assert engine.runner.mode == "graphs"
-    outbox = Outbox()
-    requests = golden_requests("tiny_nvq32")
-    for name, rows, _, cap, *_ in requests:
-        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink, request_id=name,
-                           max_new_frames=cap, decode_audio=False)
-    engine.run_until_idle()
-    for name, _, _, _, rows, frames, lengths in requests:
-        check_against_golden(outbox.final(name).generation, rows, frames, lengths, fam.columns)
+    run_greedy_goldens(engine, "tiny_nvq32")
     assert all(step.graph is not None for step in engine.runner._steps.values())
 
 

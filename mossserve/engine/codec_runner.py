@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import traceback
 from collections import deque
 from typing import Callable
 
@@ -28,6 +27,7 @@ class CodecRunner:
         self._get_codec = get_codec
         self.max_streams, self.max_chunk_frames, self.n_quantizers = max_streams, max_chunk_frames, n_quantizers
         self._on_final, self._on_error = on_final, on_error
+        self._codec: Codec | None = None  # loaded with the decoder, on first use
         self._decoder: StreamingDecoder | None = None
         self._queue: deque[CodecWork] = deque()
         self._streams: dict[str, tuple[int, int]] = {}  # request id -> (segment, decoder stream id)
@@ -122,9 +122,9 @@ class CodecRunner:
         try:
             waves = self._run_decoder(ids, chunks)
             return {w.request.id: wave for w, wave in zip(batch, waves)}
-        except Exception:  # find the culprit: one chunk at a time
+        except Exception as e:  # noqa: BLE001 - find the culprit: one chunk at a time
             if len(batch) == 1:
-                return {batch[0].request.id: f"codec decode failed: {traceback.format_exc(limit=1).strip()}"}
+                return {batch[0].request.id: f"codec decode failed: {e}"}
             out = {}
             for w, sid, chunk in zip(batch, ids, chunks):
                 try:

@@ -48,11 +48,11 @@ class Engine:
         self._repeat_codebooks = config.runaway.repeat_codebooks
         self.codec = CodecRunner(get_codec or _no_codec, config.codec_streams or 2 * config.max_running,
                                  config.max_chunk_frames, family.codebooks, self._codec_done, self._codec_failed)
-        self.pipeline = Pipeline(self.codec.submit, self._deliver, family.codebooks, family.sample_rate,
+        self.pipeline = Pipeline(self.codec.submit, family.codebooks, family.sample_rate,
                                  config.max_chunk_frames)
         self._lock = threading.Condition()
         self._live: dict[str, EngineRequest] = {}
-        self._aborts: list[EngineRequest] = []
+        self._endings: list[tuple[EngineRequest, Status, str, str | None]] = []  # asked from other threads
         self._ids = itertools.count()
         self._worker = Worker("mossserve-engine", self._lock, self._has_work, self.step, self._crashed)
         self.counts = {"finished": 0, "aborted": 0, "failed": 0, "steps": 0}
@@ -101,7 +101,7 @@ class Engine:
             request = self._live.get(request_id)
             if request is None:
                 return False
-            self._aborts.append(request)
+            self._endings.append((request, Status.ABORTED, "aborted", None))
             self._lock.notify()
         return True
 
@@ -138,7 +138,7 @@ class Engine:
         self._fail_all(requests, error)
 
     def _has_work(self) -> bool:
-        return bool(self._aborts or self.scheduler.waiting or self.scheduler.running)
+        return bool(self._endings or self.scheduler.waiting or self.scheduler.running)
 
     def run_until_idle(self) -> None:
         """Unthreaded: step until every request is closed."""
@@ -148,10 +148,9 @@ class Engine:
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> None:
         with self._lock:
-            aborts, self._aborts = self._aborts, []
-        for request in aborts:  # a request closed already failed in the codec
-            self._end(request, Status.FAILED if request.closed else Status.ABORTED,
-                      request.finish_reason if request.closed else "aborted")
+            endings, self._endings = self._endings, []
+        for request, status, reason, error in endings:
+            self._end(request, status, reason, error)
         with self._lock:
             admitted = self.scheduler.admit()
         for request in admitted:
@@ -284,32 +283,23 @@ class Engine:
         self._close(request)
 
     def _codec_failed(self, request: EngineRequest, message: str) -> None:
-        """A chunk of `request` failed to decode: close it with the error; the talker side lets go
-        at the next step."""
-        request.finish_reason = "error"
-        self._close(request, message)
+        """A chunk of `request` failed to decode (the codec has dropped it): end it at the next step."""
         with self._lock:
-            if not request.status.done:
-                self._aborts.append(request)
-                self._lock.notify()
+            self._endings.append((request, Status.FAILED, "error", message))
+            self._lock.notify()
 
     def _close(self, request: EngineRequest, error: str | None = None) -> None:
         with self._lock:
             if request.closed:
                 return
-            request.closed = True
+            request.closed, request.error = True, error
             self._live.pop(request.id, None)
-            reason = request.finish_reason or "error"
-            self.counts[{"aborted": "aborted", "error": "failed"}.get(reason, "finished")] += 1
-        generation = request.generation(self.family.codebooks, self.family.columns)
-        generation.finish_reason, generation.error = reason, error
+            self.counts[{"aborted": "aborted", "error": "failed"}.get(request.finish_reason, "finished")] += 1
         n = len(request.frames)
         request.emit(AudioChunk(request.id, None, self.family.sample_rate, n, n,
-                                np.zeros((0, self.family.codebooks), dtype=np.int64),
-                                final=True, finish_reason=reason, error=error, generation=generation))
-
-    def _deliver(self, request: EngineRequest, chunk: AudioChunk) -> None:
-        request.emit(chunk)
+                                np.zeros((0, self.family.codebooks), dtype=np.int64), final=True,
+                                finish_reason=request.finish_reason, error=error,
+                                generation=request.generation(self.family.codebooks, self.family.columns)))
 
 
 def _message(error: Exception) -> str:

@@ -40,9 +40,9 @@ class OutputStream:
 
 
 class Pipeline:
-    def __init__(self, submit, emit, codebooks: int, sample_rate: int, max_chunk_frames: int) -> None:
-        """submit(CodecWork) queues codec work; emit(request, chunk) delivers a codes-only chunk."""
-        self._submit, self._emit, self.codebooks = submit, emit, codebooks
+    def __init__(self, submit, codebooks: int, sample_rate: int, max_chunk_frames: int) -> None:
+        """submit(CodecWork) queues codec work; codes-only chunks go straight to the request."""
+        self._submit, self.codebooks = submit, codebooks
         self.sample_rate, self.max_chunk_frames = sample_rate, max_chunk_frames
         self._streams: dict[str, OutputStream] = {}
 
@@ -95,7 +95,7 @@ class Pipeline:
         stream.pending = []
         if not request.decode_audio:
             if len(codes):
-                self._emit(request, AudioChunk(request.id, None, self.sample_rate, start, start + len(codes),
+                request.emit(AudioChunk(request.id, None, self.sample_rate, start, start + len(codes),
                                                codes.astype(np.int64), max(stream.segment, 0)))
             return
         if not len(codes) and not final:

@@ -83,7 +83,7 @@ class EngineRequest:
     segment_lengths: list[int] = field(default_factory=list)
     repeats: int = 0  # how many times the newest frame repeats the one before it
     finish_reason: str | None = None
-    error: str | None = None
+    error: str | None = None  # why it failed
     dropped: bool = False  # the codec delivers nothing more for it
     closed: bool = False  # its final chunk went out
     sink_broken: bool = False  # its consumer raised (went away): abort it
@@ -107,4 +107,5 @@ class EngineRequest:
             stopped=self.finish_reason == "stop",
             start_length=self.prompt.start_length,
             finish_reason=self.finish_reason or "stop",
+            error=self.error,
         )

@@ -43,16 +43,15 @@ class TalkerRunner:
             raise ValueError(f"mode must be eager, static or graphs, got {mode!r}")
         weight = next(family.model.parameters())
         self.family, self.device, self.mode = family, weight.device, mode
-        self.max_len = max_len
         backbone = family.backbone_config
         static = mode != "eager"
-        self.cache = SlotKVCache(backbone.num_hidden_layers, max_running + int(static), max_len + prefill_tokens,
+        slots = max_running + int(static)  # fixed-shape steps pad into one scratch slot
+        self.cache = SlotKVCache(backbone.num_hidden_layers, slots, max_len + prefill_tokens,
                                  backbone.num_key_value_heads, backbone.head_dim, weight.dtype, self.device)
         self.scratch_slot = self.cache.allocate() if static else -1
-        self.state = family.new_state(max_running + int(static), self.device)
-        self.next_rows = torch.zeros(max_running + int(static), family.columns, dtype=torch.int64, device=self.device)
-        sizes = sorted({min(s, max_running) for s in batch_sizes} | {max_running})
-        self.batch_sizes = sizes
+        self.state = family.new_state(slots, self.device)
+        self.next_rows = torch.zeros(slots, family.columns, dtype=torch.int64, device=self.device)
+        self.batch_sizes = sorted({min(s, max_running) for s in batch_sizes} | {max_running})
         self._steps: dict[tuple[int, int], StaticStep] = {}
         self._graph_pool = None
 
@@ -88,7 +87,7 @@ class TalkerRunner:
         """Each slot's next row (from its last step) -> hidden states (B, H)."""
         rows = self.next_rows[torch.tensor(slots, device=self.device)]
         starts = [self.cache.lengths[s] for s in slots]
-        if self.mode == "eager" or len(slots) > self.batch_sizes[-1]:
+        if self.mode == "eager":
             ctx = BatchContext.build(starts, 1, slots, self.device)
             hidden = self.family.model(rows[:, None], ctx, self.cache.k, self.cache.v)[:, -1]
         else:

@@ -72,6 +72,7 @@ class MossDelayFamily(TalkerFamily):
         self._sampling_defaults = sampling_defaults or SamplingParams()
         self.max_new_frames = max_new_frames
         self._text_masks: dict[torch.device, torch.Tensor] = {}
+        self._slot_id_tables: dict[torch.device, torch.Tensor] = {}
 
     # ---- prompts -------------------------------------------------------------------------
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
@@ -295,9 +296,11 @@ class MossDelayFamily(TalkerFamily):
 
     def _slot_ids(self, device: torch.device) -> torch.Tensor:
         """The text ids allowed in audio mode, ascending (argmax ties break as over the whole vocabulary)."""
-        cfg = self.config
-        ids = sorted([cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id])
-        return torch.tensor(ids, device=device)
+        if device not in self._slot_id_tables:
+            cfg = self.config
+            ids = sorted([cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id])
+            self._slot_id_tables[device] = torch.tensor(ids, device=device)
+        return self._slot_id_tables[device]
 
     def _sample_audio(self, state: DelayState, hidden: torch.Tensor, slots: torch.Tensor,
                       sampled: torch.Tensor) -> torch.Tensor:
