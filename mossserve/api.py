@@ -107,6 +107,13 @@ class TTS:
             stats["speakers"] = self._speakers.stats()
         return stats
 
+    def wait_idle(self) -> None:
+        """Block until the engine and speaker threads are between rounds with nothing to do."""
+        if self._engine is not None:
+            self._engine.wait_idle()
+        if self._speakers is not None:
+            self._speakers.wait_idle()
+
     def close(self) -> None:
         """Stop the engine's threads (they are daemons: a script need not call this)."""
         if self._engine is not None:

@@ -199,9 +199,9 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
                 floor_timer = _FloorTimer(talker, codec_model, prompts[0], sampling, config(1))
                 floor_timer.round()  # warm-up
                 for _ in range(ttfa_runs):
-                    _wait_idle(engine)
+                    engine.wait_idle()
                     ttfa_values.append(_time_first_audio(engine, submit, prompts[0], steps))
-                    _wait_idle(engine)
+                    engine.wait_idle()
                     floor_timer.round()
                 floor = floor_timer.summary(discard=1)
                 say(f"TTFA runs: {', '.join(f'{t:.3f}' for t in ttfa_values)} s; floor rounds: "
@@ -261,16 +261,6 @@ def _time_first_audio(engine, submit, prompt, steps: int) -> float:
     if result.first_audio_at is None:
         raise MossServeError("the TTFA request ended without audio")
     return result.first_audio_at - start
-
-
-def _wait_idle(engine, settle: float = 0.05) -> None:
-    """Until the engine holds no request, then a moment for a codec round still in flight."""
-    while True:
-        stats = engine.stats()
-        if not (stats["live"] or stats["running"] or stats["queued"] or stats["codec_chunks_queued"]):
-            break
-        time.sleep(0.005)
-    time.sleep(settle)
 
 
 class _FloorTimer:

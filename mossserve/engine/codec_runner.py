@@ -60,6 +60,9 @@ class CodecRunner:
     def stop(self) -> None:
         self._worker.stop()
 
+    def wait_idle(self) -> None:
+        self._worker.wait_idle()
+
     # ---- one round ---------------------------------------------------------------------
     def run_once(self) -> bool:
         """Decode the next chunk of every request that has one (up to the free streams); False if idle."""

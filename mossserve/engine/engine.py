@@ -130,6 +130,14 @@ class Engine:
         self._worker.stop()
         self.codec.stop()
 
+    def wait_idle(self) -> None:
+        """Block until the talker and codec threads are between rounds with nothing to do. Call it
+        once the requests you care about have ended (a graceful drain, or before dropping the
+        engine: a thread in a round holds its owner until the round ends)."""
+        self.codec.wait_idle()
+        self._worker.wait_idle()
+        self.codec.wait_idle()
+
     def _crashed(self, error: Exception) -> None:
         """A step failed outside the per-request guards (a bug): end every request in the talker with
         the error, so that no caller waits forever, and keep serving."""

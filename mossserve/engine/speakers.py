@@ -128,6 +128,10 @@ class SpeakerCache:
             return {"entries": len(self._entries), "hits": self._hits, "misses": self._misses,
                     "encodes": self._encodes, "batches": self._batches}
 
+    def wait_idle(self) -> None:
+        """Block until no voice is being encoded or waiting to be."""
+        self._worker.wait_idle()
+
     def close(self) -> None:
         """Stop the worker after its current round; voices still queued fail with RuntimeError."""
         with self._cond:

@@ -25,11 +25,13 @@ class Worker:
         self._has_work, self._work, self._on_crash = (weakref.WeakMethod(m) for m in (has_work, work, on_crash))
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._busy = False  # in a round, holding a strong reference to the owner
+        self._looping = False  # the thread is in its loop (it may end on its own once the owner is gone)
         weakref.finalize(has_work.__self__, self._halt)
 
     def start(self) -> None:
         if self._thread is None:
-            self._stop = False
+            self._stop, self._looping = False, True
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
 
@@ -40,22 +42,38 @@ class Worker:
             self._thread.join()
         self._thread = None
 
+    def wait_idle(self) -> None:
+        """Block until the thread is between rounds with no work left (or not running), so that it
+        holds no reference to its owner. With work arriving all the time this waits for a gap."""
+        with self._condition:
+            while self._busy or (self._looping and not self._stop and self._pending()):
+                self._condition.wait()
+
+    def _pending(self) -> bool:
+        has_work = self._has_work()
+        return has_work is not None and has_work()
+
     def _halt(self) -> None:
         with self._condition:
             self._stop = True
             self._condition.notify_all()
 
     def _loop(self) -> None:
-        while self._wait_for_work():
-            work = self._work()
-            if work is None:
-                return
-            try:
-                work()
-            except Exception as e:  # noqa: BLE001 - a bug must not silently stop serving
-                log.exception("%s: a round failed", self.name)
-                self._report(e)
-            del work  # hold no reference to the owner while waiting
+        try:
+            while self._wait_for_work():
+                work = self._work()
+                if work is None:
+                    return
+                try:
+                    work()
+                except Exception as e:  # noqa: BLE001 - a bug must not silently stop serving
+                    log.exception("%s: a round failed", self.name)
+                    self._report(e)
+                del work  # hold no reference to the owner while waiting
+        finally:
+            with self._condition:
+                self._busy = self._looping = False
+                self._condition.notify_all()
 
     def _report(self, error: Exception) -> None:
         crashed = self._on_crash()
@@ -67,12 +85,13 @@ class Worker:
         to the owner is held while waiting."""
         with self._condition:
             while not self._stop:
-                has_work = self._has_work()
-                if has_work is None:
+                if self._has_work() is None:
                     return False
-                ready = has_work()
-                del has_work
-                if ready:
+                if self._pending():
+                    self._busy = True
                     return True
+                if self._busy:
+                    self._busy = False
+                    self._condition.notify_all()
                 self._condition.wait()
             return False
