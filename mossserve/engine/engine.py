@@ -134,7 +134,6 @@ class Engine:
         """Block until the talker and codec threads are between rounds with nothing to do. Call it
         once the requests you care about have ended (a graceful drain, or before dropping the
         engine: a thread in a round holds its owner until the round ends)."""
-        self.codec.wait_idle()
         self._worker.wait_idle()
         self.codec.wait_idle()
 

@@ -26,12 +26,11 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._busy = False  # in a round, holding a strong reference to the owner
-        self._looping = False  # the thread is in its loop (it may end on its own once the owner is gone)
         weakref.finalize(has_work.__self__, self._halt)
 
     def start(self) -> None:
         if self._thread is None:
-            self._stop, self._looping = False, True
+            self._stop = False
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
 
@@ -46,12 +45,13 @@ class Worker:
         """Block until the thread is between rounds with no work left (or not running), so that it
         holds no reference to its owner. With work arriving all the time this waits for a gap."""
         with self._condition:
-            while self._busy or (self._looping and not self._stop and self._pending()):
+            while self._busy or (self._thread is not None and not self._stop and self._pending()):
                 self._condition.wait()
 
-    def _pending(self) -> bool:
+    def _pending(self) -> bool | None:
+        """Whether the owner has work; None once it is gone. Holds no reference past the call."""
         has_work = self._has_work()
-        return has_work is not None and has_work()
+        return None if has_work is None else has_work()
 
     def _halt(self) -> None:
         with self._condition:
@@ -72,7 +72,7 @@ class Worker:
                 del work  # hold no reference to the owner while waiting
         finally:
             with self._condition:
-                self._busy = self._looping = False
+                self._busy = False
                 self._condition.notify_all()
 
     def _report(self, error: Exception) -> None:
@@ -85,9 +85,10 @@ class Worker:
         to the owner is held while waiting."""
         with self._condition:
             while not self._stop:
-                if self._has_work() is None:
+                pending = self._pending()
+                if pending is None:
                     return False
-                if self._pending():
+                if pending:
                     self._busy = True
                     return True
                 if self._busy:
