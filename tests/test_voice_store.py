@@ -1,0 +1,205 @@
+"""VoiceStore: voices stored once, used by name, surviving restarts and concurrent adds."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mossserve.errors import InvalidRequestError
+from mossserve.serve.voices import VoiceExistsError, VoiceStore, validate_voice_name
+
+SR = 24000
+
+
+def sample(seed: int = 0, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Audio (channels, samples) float32 and codes (frames, codebooks) int32 (stored as int64)."""
+    rng = np.random.default_rng(seed)
+    audio = rng.uniform(-1, 1, (channels, SR // 2)).astype(np.float32)
+    codes = rng.integers(0, 1024, (6, 4)).astype(np.int32)
+    return audio, codes
+
+
+def add(store: VoiceStore, name: str, seed: int = 0, channels: int = 1):
+    audio, codes = sample(seed, channels)
+    voice = store.add(name, audio, SR, codes, f"transcript {seed}", codec=f"codec-{seed}", sha256=f"{seed:064x}")
+    return voice, audio, codes
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = VoiceStore(tmp_path)
+    yield store
+    store.close()
+
+
+def assert_stored(store: VoiceStore, name: str, audio: np.ndarray, codes: np.ndarray) -> None:
+    stored = store.codes(name)
+    assert stored.dtype == np.int64 and np.array_equal(stored, codes)
+    samples, rate = sf.read(store.audio_path(name), dtype="float32", always_2d=True)
+    assert rate == SR and np.array_equal(samples.T, audio)
+
+
+def test_add_get_list_codes_round_trip(store, tmp_path) -> None:
+    voice, audio, codes = add(store, "alice", seed=1, channels=2)
+    bob, bob_audio, bob_codes = add(store, "Bob-2", seed=2)
+    assert voice.to_json() == {
+        "name": "alice", "transcript": "transcript 1", "created_at": voice.created_at, "duration_s": 0.5,
+        "sample_rate": SR, "frames": 6, "codebooks": 4, "codec": "codec-1", "sha256": f"{1:064x}"}
+    assert isinstance(voice.created_at, float)
+    assert store.get("alice") == voice and store.get("carol") is None
+    assert store.list() == [bob, voice]  # sorted by name: uppercase before lowercase
+    assert_stored(store, "alice", audio, codes)
+    assert_stored(store, "Bob-2", bob_audio, bob_codes)
+    assert store.audio_path("alice") == tmp_path / "voices" / "alice" / "reference.wav"
+    assert (tmp_path / "voices" / "alice" / "codes.npy").is_file()
+    assert (tmp_path / "mossserve.db").is_file()
+
+
+def test_voices_survive_a_restart(tmp_path) -> None:
+    first = VoiceStore(tmp_path)
+    voice, audio, codes = add(first, "alice", seed=3)
+    other, *_ = add(first, "v1.0_test", seed=4)
+    first.close()
+    second = VoiceStore(tmp_path)
+    try:
+        assert second.list() == [voice, other]
+        assert second.get("alice") == voice
+        assert_stored(second, "alice", audio, codes)
+    finally:
+        second.close()
+
+
+def test_delete_removes_row_and_files(store, tmp_path) -> None:
+    add(store, "alice")
+    kept, audio, codes = add(store, "bob", seed=5)
+    assert store.delete("alice") is True
+    assert store.get("alice") is None and store.list() == [kept]
+    assert not (tmp_path / "voices" / "alice").exists()
+    assert store.delete("alice") is False
+    with pytest.raises(InvalidRequestError, match="not found"):
+        store.audio_path("alice")
+    assert_stored(store, "bob", audio, codes)
+    again, audio, codes = add(store, "alice", seed=6)  # the name is free again
+    assert store.get("alice") == again
+    assert_stored(store, "alice", audio, codes)
+
+
+def test_duplicate_name_is_refused_and_leaves_the_first_voice(store, tmp_path) -> None:
+    voice, audio, codes = add(store, "alice", seed=7)
+    for name in ("alice", "ALICE"):  # names are unique regardless of case
+        with pytest.raises(VoiceExistsError, match="already exists"):
+            add(store, name, seed=8)
+    assert store.list() == [voice] and store.get("Alice") == voice
+    assert_stored(store, "alice", audio, codes)
+    assert sorted(p.name for p in (tmp_path / "voices").iterdir()) == ["alice"]
+
+
+BAD_NAMES = ["", ".", "..", "../x", "a/b", "a\\b", "/abs", ".hidden", "-x", "_x", "a b", " a", "a\tb", "a\nb",
+             "alice\n", "x" * 65, "nul\x00", "é", "caf\u00e9", "a:b", "a*b", 5, None, b"alice"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+def test_bad_names_are_refused_everywhere(store, tmp_path, name) -> None:
+    with pytest.raises(InvalidRequestError, match="1 to 64 characters"):
+        validate_voice_name(name)
+    with pytest.raises(InvalidRequestError, match="invalid voice name"):
+        add(store, name)
+    for method in (store.get, store.codes, store.audio_path, store.delete):
+        with pytest.raises(InvalidRequestError, match="invalid voice name"):
+            method(name)
+    assert store.list() == [] and list((tmp_path / "voices").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["alice", "Bob-2", "v1.0_test", "0", "a..b", "x" * 64])
+def test_good_names_are_accepted(store, name) -> None:
+    assert validate_voice_name(name) == name
+    voice, audio, codes = add(store, name)
+    assert store.get(name) == voice and voice.name == name
+    assert_stored(store, name, audio, codes)
+
+
+def test_concurrent_adds_of_one_name_have_exactly_one_winner(store, tmp_path) -> None:
+    n = 8
+    barrier = threading.Barrier(n)
+    results: list[object] = [None] * n
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = add(store, "alice", seed=i)
+        except Exception as e:  # noqa: BLE001 - recorded and checked below
+            results[i] = e
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in results if isinstance(r, tuple)]
+    losers = [r for r in results if isinstance(r, VoiceExistsError)]
+    assert len(winners) == 1 and len(losers) == n - 1, results
+    voice, audio, codes = winners[0]
+    assert store.list() == [voice]
+    assert_stored(store, "alice", audio, codes)
+    assert sorted(p.name for p in (tmp_path / "voices").iterdir()) == ["alice"]  # no stray temp dirs
+    assert sorted(p.name for p in (tmp_path / "voices" / "alice").iterdir()) == ["codes.npy", "reference.wav"]
+
+
+def test_replace_codes_updates_codes_and_codec(store, tmp_path) -> None:
+    voice, audio, _ = add(store, "alice")
+    new = np.arange(30, dtype=np.int16).reshape(10, 3)
+    updated = store.replace_codes("ALICE", new, codec="codec-v2")
+    assert updated.name == "alice" and (updated.frames, updated.codebooks, updated.codec) == (10, 3, "codec-v2")
+    assert updated.created_at == voice.created_at and updated.sha256 == voice.sha256
+    assert store.get("alice") == updated
+    assert_stored(store, "alice", audio, new)
+    assert sorted(p.name for p in (tmp_path / "voices" / "alice").iterdir()) == ["codes.npy", "reference.wav"]
+    store.close()
+    reopened = VoiceStore(tmp_path)
+    try:
+        assert reopened.get("alice") == updated
+        assert np.array_equal(reopened.codes("alice"), new)
+    finally:
+        reopened.close()
+
+
+def test_missing_voice_is_an_invalid_request(store) -> None:
+    for method in (store.codes, store.audio_path):
+        with pytest.raises(InvalidRequestError, match="voice 'ghost' not found"):
+            method("ghost")
+    with pytest.raises(InvalidRequestError, match="voice 'ghost' not found"):
+        store.replace_codes("ghost", np.zeros((1, 1), dtype=np.int64), codec="c")
+    assert store.list() == []
+
+
+def test_leftovers_of_a_crash_are_cleaned_or_replaced(tmp_path) -> None:
+    """A crash can leave a temp dir (mid-write) or a voice dir without a row (before commit)."""
+    (tmp_path / "voices" / ".tmp-crashed").mkdir(parents=True)
+    (tmp_path / "voices" / ".tmp-crashed" / "codes.npy").write_bytes(b"partial")
+    (tmp_path / "voices" / "alice").mkdir()
+    (tmp_path / "voices" / "alice" / "codes.npy").write_bytes(b"orphan")
+    store = VoiceStore(tmp_path)
+    try:
+        assert store.list() == [] and store.get("alice") is None
+        assert sorted(p.name for p in (tmp_path / "voices").iterdir()) == ["alice"]
+        voice, audio, codes = add(store, "alice")
+        assert store.list() == [voice]
+        assert_stored(store, "alice", audio, codes)
+    finally:
+        store.close()
+
+
+def test_a_failed_write_leaves_neither_row_nor_files(store, tmp_path, monkeypatch) -> None:
+    def broken_write(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("mossserve.serve.voices.sf.write", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        add(store, "alice")
+    assert store.list() == [] and list((tmp_path / "voices").iterdir()) == []
+    monkeypatch.undo()
+    voice, audio, codes = add(store, "alice")  # the name was not taken by the failed add
+    assert store.list() == [voice]
+    assert_stored(store, "alice", audio, codes)
