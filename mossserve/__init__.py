@@ -1,4 +1,6 @@
 """mossserve: inference and serving for the MOSS-TTS family and Fish Audio S2 Pro."""
+__version__ = "0.1.0"
+
 from .api import TTS, Audio
 from .config import ChunkSchedule, EngineConfig, RunawayGuard
 from .engine.async_engine import AsyncEngine, RequestStream

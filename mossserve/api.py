@@ -58,6 +58,7 @@ class TTS:
         self._speakers = None
         self._engine: Engine | None = None
         self._lock = threading.Lock()
+        self.closed = False
 
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, codec: str | Path | None = None,
@@ -73,12 +74,16 @@ class TTS:
         return self.talker.source == DEMO_MODEL
 
     @property
+    def codec_source(self) -> str | Path:
+        """Where the codec comes from: the one given, else `default_codec`."""
+        return self._codec_source or default_codec(self.talker.source)
+
+    @property
     def codec(self):
-        """The codec, loaded on first use (see `default_codec`)."""
+        """The codec, loaded on first use."""
         with self._lock:
             if self._codec is None:
-                source = self._codec_source or default_codec(self.talker.source)
-                self._codec = load_codec(source, device=self.device)
+                self._codec = load_codec(self.codec_source, device=self.device)
             return self._codec
 
     @property
@@ -116,6 +121,7 @@ class TTS:
 
     def close(self) -> None:
         """Stop the engine's threads (they are daemons: a script need not call this)."""
+        self.closed = True
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None

@@ -1,7 +1,8 @@
-"""`mossserve`: prompt | say | codec (see CONTRACTS.md for the forms outside scripts rely on)."""
+"""`mossserve`: prompt | say | codec | bench | serve (see CONTRACTS.md for the forms outside scripts rely on)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -93,6 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=run_bench)
+
+    serve = commands.add_parser("serve", help="the HTTP server: OpenAI's speech API, voices, metrics")
+    add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("MOSSSERVE_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $MOSSSERVE_API_KEY; none: open)")
+    serve.add_argument("--data-dir", type=Path, help="voices and their database (default: $MOSSSERVE_DATA_DIR, "
+                                                      "else ~/.local/share/mossserve)")
+    serve.add_argument("--model-name", help="the model id clients send and /v1/models lists")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="allow browser calls from ORIGIN (repeatable; '*' for any)")
+    serve.add_argument("--max-running", type=int, default=16, help="requests decoded together (batch slots)")
+    serve.add_argument("--max-queued", type=int, default=256, help="waiting requests before 503")
+    serve.add_argument("--max-input-chars", type=int, default=4096)
+    serve.add_argument("--max-voice-seconds", type=float, default=60.0, help="longest reference audio")
+    serve.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body (uploads)")
+    serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is stopped")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(run=run_serve)
     return parser
 
 
@@ -328,6 +349,26 @@ def run_bench(args: argparse.Namespace) -> None:
     print(f"  batched      {result['batched_audio_s_per_s']:8.1f} audio s / s")
     print(f"  one at a time {result['sequential_audio_s_per_s']:7.1f} audio s / s")
     print(f"  speedup      {result['speedup']:8.2f}x")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    try:
+        from .serve.run import serve
+        from .serve.settings import ServerSettings, default_data_dir
+    except ImportError as e:
+        raise MossServeError(f"the server needs the serve extra ({e.name} is missing): "
+                             "pip install 'mossserve[serve]'") from None
+    from .config import EngineConfig
+
+    engine = EngineConfig(max_running=args.max_running, max_queued=args.max_queued)
+    engine.validate()
+    settings = ServerSettings(
+        model=args.model, codec=args.codec, device=args.device, dtype=args.dtype, model_name=args.model_name,
+        host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir or default_data_dir(),
+        cors_origins=tuple(args.cors_origin), max_input_chars=args.max_input_chars,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_voice_seconds=args.max_voice_seconds,
+        request_timeout_s=args.request_timeout, engine=engine)
+    serve(settings, log_level=args.log_level)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,25 @@ def delay_tts(delay_model_dirs):
         return _tts[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_tts():
+    """A TTS on the bundled demo checkpoint (six frames of noise per request), shared by the server tests."""
+    from mossserve.api import TTS
+
+    tts = TTS.from_pretrained(None)
+    yield tts
+    tts.close()
+
+
+@pytest.fixture
+def server_app(demo_tts, tmp_path):
+    """make(**settings) -> a server app on the demo TTS with a fresh data directory (the TTS stays open)."""
+    from mossserve.serve import ServerSettings, create_app
+
+    def make(tts=None, **settings):
+        settings.setdefault("data_dir", tmp_path / "data")
+        return create_app(ServerSettings(**settings), tts=tts or demo_tts)
+
+    return make

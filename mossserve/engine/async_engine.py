@@ -32,6 +32,7 @@ class RequestStream:
 
     def __init__(self, engine: "AsyncEngine") -> None:
         self.request_id: str | None = None
+        self.prompt: Prompt | None = None  # set once the request is queued
         self._engine, self._chunks, self._done = engine, asyncio.Queue(), False
         self._started: asyncio.Future | None = None
 
@@ -89,6 +90,7 @@ class AsyncEngine:
                      request_id: str | None, max_new_frames: int | None, schedule: ChunkSchedule | None,
                      decode_audio: bool) -> None:
         prompt = request if isinstance(request, Prompt) else await self.prompt(request)
+        stream.prompt = prompt
         loop, chunks = asyncio.get_running_loop(), stream._chunks
 
         def sink(chunk: AudioChunk) -> None:  # called on an engine thread

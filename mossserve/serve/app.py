@@ -1,0 +1,148 @@
+"""The FastAPI application: routes, auth, CORS, body limits, error format and lifetime.
+
+    app = create_app(ServerSettings(model="OpenMOSS-Team/MOSS-TTS", device="cuda"))
+
+One engine per process, loaded when the app is created (a bad model fails before the server
+listens) and closed when it shuts down.
+"""
+from __future__ import annotations
+
+import hmac
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..api import TTS
+from . import errors, speech, voice_routes
+from .errors import APIError
+from .settings import ServerSettings
+from .speech import outcome_for
+from .state import ServerState
+
+EXPOSED_HEADERS = ["X-Request-Id", "X-Finish-Reason", "X-Audio-Seconds", "Retry-After"]
+
+
+def create_app(settings: ServerSettings | None = None, tts: TTS | None = None) -> FastAPI:
+    """`tts`: serve an already loaded model (kept open when the app stops); else load `settings.model`."""
+    settings = settings or ServerSettings()
+    state = ServerState.create(settings, tts)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        state.close()
+
+    app = FastAPI(title="mossserve", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.server = state
+    _install_errors(app, state)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
+                       refused=lambda: state.metrics.requests.labels("other", "client_error").inc())
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=EXPOSED_HEADERS)
+    authorized = [Depends(api_key_check(settings.api_key))]
+    app.include_router(speech.router, dependencies=authorized)
+    app.include_router(voice_routes.router, dependencies=authorized)
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "owned_by": "mossserve",
+                                            "created": 0}]}
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: the model is loaded and the engine takes requests."""
+        if state.closing or state.tts.closed:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        stats = state.tts.stats()
+        return JSONResponse({"status": "ready", "model": state.model_name, "running": stats["running"],
+                             "queued": stats["queued"]})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def api_key_check(api_key: str | None):
+    """A dependency that wants `Authorization: Bearer <api_key>` (nothing when no key is set)."""
+    expected = api_key.encode() if api_key else None
+
+    async def check(request: Request) -> None:
+        if expected is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(token.strip().encode(), expected):
+            raise APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def _install_errors(app: FastAPI, state: ServerState) -> None:
+    """OpenAI-style error bodies, each refusal counted by endpoint and outcome."""
+    def count(request: Request, status: int) -> None:
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", None) or "other"
+        state.metrics.requests.labels(endpoint, outcome_for(status)).inc()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        if isinstance(e.__cause__, UnicodeDecodeError):  # FastAPI's generic 400 for a body that is not UTF-8
+            count(request, 422)
+            return errors.error_response(422, f"the request body is not valid JSON: it is not UTF-8 text "
+                                              f"({e.__cause__.reason} at byte {e.__cause__.start})")
+        count(request, e.status_code)
+        if isinstance(e, APIError):
+            return errors.error_response(e.status_code, e.message, e.param, e.code, e.headers)
+        return errors.error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        count(request, 422)
+        return errors.error_response(422, *errors.describe_validation(e.errors()))
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes with 413: at once when Content-Length says so, else as
+    soon as a chunked body passes the limit."""
+
+    def __init__(self, app, limit: int, refused) -> None:
+        self.app, self.limit, self.refused = app, limit, refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            self.refused()  # before routing: counted under endpoint "other"
+            return await errors.error_response(413, self._message(), code="body_too_large")(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise APIError(413, self._message(), code="body_too_large")
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than this server's limit of {self.limit} bytes"

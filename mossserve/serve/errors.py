@@ -1,0 +1,81 @@
+"""Errors as OpenAI's API writes them: `{"error": {"message", "type", "param", "code"}}`.
+
+Every refusal the server makes goes through `APIError`; the app's handlers turn FastAPI's own
+validation errors and mossserve's errors into the same shape, so a client sees one format.
+"""
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from ..errors import AudioError, EngineFullError, InvalidRequestError
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_overloaded",
+    504: "timeout_error",
+}
+
+
+class APIError(HTTPException):
+    """A refusal with an OpenAI-style body. An HTTPException so FastAPI re-raises it unchanged
+    even from inside body parsing (the body-size limit raises it there)."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message, headers)
+        self.message, self.param, self.code = message, param, code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_event(message: str, code: str | None = None) -> dict:
+    """The same error as an SSE event, for failures after a stream has started."""
+    return {"type": "error", "error": {"message": message, "type": "server_error", "code": code}}
+
+
+def from_mossserve(e: Exception, retry_after_s: int) -> APIError:
+    """mossserve's own errors -> the status a client should see."""
+    if isinstance(e, EngineFullError):
+        return APIError(503, f"the server is at capacity ({e}); retry shortly", code="queue_full",
+                        headers={"Retry-After": str(retry_after_s)})
+    if isinstance(e, AudioError):
+        return APIError(400, str(e), code="invalid_audio")
+    if isinstance(e, InvalidRequestError):
+        return APIError(400, str(e))
+    return APIError(500, f"internal error: {e}")
+
+
+def describe_validation(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) for pydantic's first error: which field, what was wrong, what it got."""
+    first = errors[0]
+    location = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    param = ".".join(location) or None
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
+    if first.get("type") == "missing":
+        if param is None:
+            return "the request body is empty: send a JSON object with at least 'input'", None
+        return f"{param} is required", param
+    if first.get("type") == "extra_forbidden":
+        return f"unknown field {param!r}", param
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
+        return "the request body must be a JSON object (Content-Type: application/json)", None
+    if param is None:
+        return f"invalid request body: {message}", None
+    shown = repr(first.get("input"))
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return f"{param}: {message} (got {shown})", param

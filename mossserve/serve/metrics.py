@@ -1,0 +1,85 @@
+"""Prometheus metrics of one server: request outcomes, latency, speed, and the engine's load.
+
+Each app has its own registry (several servers in one process, as in tests, do not collide).
+Engine gauges are read from `engine.stats()` at scrape time, so they are never stale.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+OUTCOMES = ("ok", "client_error", "rejected", "disconnected", "timeout", "error")
+
+_ENGINE_GAUGES = {
+    "queued": ("mossserve_queue_depth", "requests waiting for a batch slot"),
+    "running": ("mossserve_running_requests", "requests in the running batch"),
+    "cache_slots_used": ("mossserve_kv_cache_slots_used", "KV cache slots in use"),
+    "cache_slots": ("mossserve_kv_cache_slots", "KV cache slots in all"),
+    "codec_streams_open": ("mossserve_codec_streams_open", "streaming codec decoders in use"),
+}
+
+
+class _EngineCollector:
+    def __init__(self, stats: Callable[[], dict | None]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        stats = self._stats()
+        if stats is None:
+            return
+        for key, (name, doc) in _ENGINE_GAUGES.items():
+            yield GaugeMetricFamily(name, doc, value=stats[key])
+        speakers = stats.get("speakers")
+        if speakers is not None:
+            yield GaugeMetricFamily("mossserve_speaker_cache_entries", "voices held encoded in memory",
+                                    value=speakers["entries"])
+            for key in ("hits", "misses"):
+                yield GaugeMetricFamily(f"mossserve_speaker_cache_{key}", f"speaker cache {key} since start",
+                                        value=speakers[key])
+
+
+class Metrics:
+    def __init__(self, engine_stats: Callable[[], dict | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mossserve_requests", "requests by endpoint and outcome",
+                                ["endpoint", "outcome"], registry=self.registry)
+        self.ttfa = Histogram("mossserve_time_to_first_audio_seconds", "request arrival to first audio bytes",
+                              buckets=(0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30), registry=self.registry)
+        self.rtf = Histogram("mossserve_real_time_factor", "wall time / audio duration of finished requests",
+                             buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5), registry=self.registry)
+        self.audio_seconds = Counter("mossserve_audio_seconds", "audio produced", registry=self.registry)
+        self.underruns = Counter("mossserve_stream_underruns",
+                                 "streamed chunks that arrived after a real-time player would have run dry",
+                                 registry=self.registry)
+        self.registry.register(_EngineCollector(engine_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StreamClock:
+    """Times one request: first audio from the engine, underruns of a streamed one (a player
+    started at the first chunk would have run out of audio before this chunk came), and the
+    real-time factor at the end."""
+
+    def __init__(self, metrics: Metrics, streamed: bool) -> None:
+        self.metrics, self.streamed, self.start = metrics, streamed, time.perf_counter()
+        self.first: float | None = None
+        self.audio_s = 0.0
+
+    def audio(self, seconds: float) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.metrics.ttfa.observe(now - self.start)
+        elif self.streamed and now - self.first > self.audio_s:
+            self.metrics.underruns.inc()
+        self.audio_s += seconds
+
+    def finish(self) -> None:
+        if self.audio_s > 0:
+            self.metrics.audio_seconds.inc(self.audio_s)
+            self.metrics.rtf.observe((time.perf_counter() - self.start) / self.audio_s)

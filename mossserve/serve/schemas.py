@@ -1,0 +1,58 @@
+"""The request bodies of the speech API: OpenAI's fields plus the MOSS extensions.
+
+Strict: a field of the wrong type, an unknown field or an out-of-range number is a 422 naming
+the field, never silently coerced or ignored. What a model cannot do (instructions on a model
+without voice design, speakers on a single-speaker model) is refused later by the model's own
+prompt builder with a message that says so.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from ..audio.formats import FORMATS
+
+ResponseFormat = Literal[FORMATS]  # wav, pcm, flac, mp3, opus
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _voice_id(value: object) -> object:
+    """OpenAI's newer object form of `voice`, `{"id": name}`, is the name."""
+    return value["id"] if isinstance(value, dict) and set(value) == {"id"} else value
+
+
+class SpeakerBody(Body):
+    """One dialogue speaker: a stored voice or inline reference audio, and its transcript."""
+
+    voice: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    ref_audio: Annotated[str, Field(min_length=1)] | None = None
+    ref_text: str | None = None
+
+
+class SpeechBody(Body):
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    input: Annotated[str, Field(min_length=1)]
+    voice: Annotated[str, Field(min_length=1, max_length=64), BeforeValidator(_voice_id)] | None = None
+    response_format: ResponseFormat = "mp3"
+    speed: Annotated[float, Field(ge=0.25, le=4.0)] = 1.0
+    instructions: str | None = None
+    stream: bool = False
+    stream_format: Literal["audio", "sse"] | None = None
+    # MOSS extensions
+    ref_audio: Annotated[str, Field(min_length=1)] | None = None
+    ref_text: str | None = None
+    speakers: Annotated[list[SpeakerBody], Field(min_length=1, max_length=5)] | None = None
+    language: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    duration_seconds: Annotated[float, Field(gt=0, le=3600)] | None = None
+    duration_tokens: Annotated[int, Field(gt=0, le=45000)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=10)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=100000)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+    initial_chunk_frames: Annotated[int, Field(ge=1)] | None = None

@@ -1,0 +1,38 @@
+"""ServerSettings: everything `mossserve serve` is started with, in one place."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import EngineConfig
+
+DATA_DIR_ENV = "MOSSSERVE_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """$MOSSSERVE_DATA_DIR, else ~/.local/share/mossserve (voices and their database live here)."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "mossserve"
+
+
+@dataclass
+class ServerSettings:
+    model: str | None = None  # checkpoint directory or hub id; None: the bundled demo checkpoint
+    codec: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    model_name: str | None = None  # the id clients send as `model` (default: from `model`)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # Bearer token required on /v1/* when set
+    data_dir: Path = field(default_factory=default_data_dir)
+    cors_origins: tuple[str, ...] = ()  # allowed browser origins ("*" for any); none: CORS off
+    max_input_chars: int = 4096  # OpenAI's limit; longer text is refused, never cut
+    max_body_bytes: int = 25 * 1024 * 1024  # request bodies (voice uploads, inline reference audio)
+    max_voice_seconds: float = 60.0  # reference audio, uploaded or inline
+    request_timeout_s: float = 300.0  # a request still running after this is aborted
+    retry_after_s: int = 1  # what a refused request is told to wait
+    engine: EngineConfig = field(default_factory=EngineConfig)

@@ -1,0 +1,230 @@
+"""`POST /v1/audio/speech`: OpenAI's speech API on the engine, whole, streamed or as SSE events.
+
+A request is checked and queued before any byte is sent, so bad input and a full queue get a
+proper status. After that, audio flows as the engine produces it; a client that goes away
+aborts its request at once (a watcher listens for the disconnect instead of waiting for the
+next write to fail), and so does the per-request timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio
+from ..config import ChunkSchedule
+from ..engine.async_engine import RequestStream
+from ..engine.request import AudioChunk
+from ..errors import MossServeError
+from ..sampling import SamplingParams
+from ..speech_request import SpeechRequest
+from .errors import APIError, error_event, from_mossserve
+from .metrics import StreamClock
+from .schemas import SpeechBody
+from .state import ServerState
+
+router = APIRouter()
+ENDPOINT = "/v1/audio/speech"
+
+
+class ClientGone(Exception):
+    """The client disconnected; nobody is left to answer."""
+
+
+@router.post(ENDPOINT)
+async def speech(body: SpeechBody, request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    clock = StreamClock(state.metrics, streamed=body.stream or body.stream_format == "sse")
+    deadline = time.monotonic() + state.settings.request_timeout_s
+    stream = await submit(state, body)
+    run = Run(state, stream, deadline, clock, watch_disconnect(request, state, stream))
+    if body.stream_format == "sse":
+        return StreamingResponse(run.sse(body.response_format), media_type="text/event-stream",
+                                 headers={**run.headers(), "Cache-Control": "no-cache"})
+    if body.stream:
+        return StreamingResponse(run.audio(body.response_format), media_type=MEDIA_TYPES[body.response_format],
+                                 headers=run.headers())
+    return await run.whole(body.response_format)
+
+
+async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
+    """Check everything, resolve voices, and queue the request (or raise the APIError to send)."""
+    if state.closing:
+        raise APIError(503, "the server is shutting down", headers={"Retry-After": str(state.settings.retry_after_s)})
+    if not state.accepts_model(body.model):
+        raise APIError(404, f"model {body.model!r} is not served here; this server runs {state.model_name!r}",
+                       param="model", code="model_not_found")
+    if body.speed != 1.0:
+        raise APIError(400, f"speed {body.speed} is not supported: the MOSS models speak at their own pace "
+                            "(only 1.0 is accepted; duration_seconds sets a target length on models with duration control)",
+                       param="speed")
+    if len(body.input) > state.settings.max_input_chars:
+        raise APIError(400, f"input has {len(body.input)} characters; this server takes at most "
+                            f"{state.settings.max_input_chars} per request (split longer text)", param="input",
+                       code="input_too_long")
+    try:
+        speech_request = await to_speech_request(state, body)
+        stream = state.engine.submit(speech_request, sampling_for(state, body), max_new_frames=body.max_new_tokens,
+                                     schedule=schedule_for(state, body))
+        return await stream
+    except MossServeError as e:
+        raise from_mossserve(e, state.settings.retry_after_s) from None
+
+
+async def to_speech_request(state: ServerState, body: SpeechBody) -> SpeechRequest:
+    voice, _ = await state.resolver.main_voice(body)
+    speakers = await state.resolver.speakers(body.speakers) if body.speakers is not None else None
+    return SpeechRequest(input=body.input, voice=voice, reference_text=body.ref_text, instructions=body.instructions,
+                         duration_tokens=body.duration_tokens, duration_seconds=body.duration_seconds,
+                         speakers=speakers, language=body.language)
+
+
+def sampling_for(state: ServerState, body: SpeechBody) -> SamplingParams:
+    """The model's settings with the request's overrides on the audio heads; temperature 0 is greedy
+    everywhere (the text head too), so it means what it says."""
+    params = state.tts.talker.default_sampling().with_overrides(
+        audio_temperature=body.temperature, audio_top_p=body.top_p, audio_top_k=body.top_k,
+        audio_repetition_penalty=body.repetition_penalty, seed=body.seed)
+    if body.temperature == 0:
+        params = params.with_overrides(text_temperature=0.0)
+    params.validate()
+    return params
+
+
+def schedule_for(state: ServerState, body: SpeechBody) -> ChunkSchedule | None:
+    """The engine's chunk schedule with the request's first chunk size."""
+    if body.initial_chunk_frames is None:
+        return None
+    config = state.tts.engine_config
+    if body.initial_chunk_frames > config.max_chunk_frames:
+        raise APIError(400, f"initial_chunk_frames must lie in 1..{config.max_chunk_frames}, "
+                            f"got {body.initial_chunk_frames}", param="initial_chunk_frames")
+    return ChunkSchedule(first=body.initial_chunk_frames, rest=config.chunk_schedule.rest)
+
+
+def watch_disconnect(request: Request, state: ServerState, stream: RequestStream) -> asyncio.Task:
+    """Abort the request the moment its client disconnects (the body has been read, so the next
+    ASGI message can only be the disconnect)."""
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        state.engine.abort(stream.request_id)
+
+    return asyncio.create_task(watch())
+
+
+@dataclass
+class Run:
+    """One queued request on its way to the client."""
+
+    state: ServerState
+    stream: RequestStream
+    deadline: float
+    clock: StreamClock
+    watcher: asyncio.Task
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Request-Id": self.stream.request_id}
+
+    async def chunks(self):
+        """The request's chunks until the final one; raises ClientGone, or APIError on timeout or failure."""
+        try:
+            while True:
+                try:
+                    chunk: AudioChunk = await asyncio.wait_for(anext(self.stream), self.deadline - time.monotonic())
+                except (TimeoutError, asyncio.TimeoutError):
+                    raise APIError(504, f"the request ran past the server's {self.state.settings.request_timeout_s:g} s "
+                                        "timeout and was stopped", code="timeout") from None
+                except MossServeError as e:
+                    raise APIError(500, str(e), code="generation_failed") from None
+                if chunk.audio is not None and chunk.audio.shape[-1]:
+                    self.clock.audio(chunk.audio.shape[-1] / chunk.sample_rate)
+                yield chunk
+                if chunk.final:
+                    if chunk.finish_reason == "aborted":
+                        self.count("disconnected" if self.watcher.done() else "error")
+                        raise ClientGone()
+                    self.clock.finish()
+                    self.count("ok")
+                    return
+        finally:
+            self.watcher.cancel()
+            await self.stream.aclose()
+
+    def count(self, outcome: str) -> None:
+        self.state.metrics.requests.labels(ENDPOINT, outcome).inc()
+
+    async def whole(self, format: str) -> Response:
+        pieces, final = [], None
+        try:
+            async for chunk in self.chunks():
+                if chunk.audio is not None:
+                    pieces.append(chunk.audio)
+                final = chunk
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
+        channels = self.state.tts.codec.channels
+        samples = np.concatenate(pieces, axis=-1) if pieces else np.zeros((channels, 0), np.float32)
+        data = await asyncio.to_thread(encode_audio, samples, final.sample_rate, format)
+        return Response(data, media_type=MEDIA_TYPES[format],
+                        headers={**self.headers(), "X-Finish-Reason": final.finish_reason or "stop",
+                                 "X-Audio-Seconds": f"{samples.shape[-1] / final.sample_rate:.3f}"})
+
+    async def audio(self, format: str):
+        """Encoded bytes as they are produced; a failure mid-stream ends the connection without
+        the final chunk, so the client sees an incomplete body rather than a short file."""
+        encoder = None
+        try:
+            async for chunk in self.chunks():
+                encoder = encoder or StreamEncoder(format, chunk.sample_rate, self.state.tts.codec.channels)
+                if chunk.audio is not None and chunk.audio.shape[-1] and (data := encoder.write(chunk.audio)):
+                    yield data
+            if encoder is not None and (tail := encoder.close()):
+                yield tail
+        except ClientGone:
+            return
+        except APIError as e:  # after the headers: only dropping the connection tells the client
+            self.count(outcome_for(e.status_code))
+            raise
+
+    async def sse(self, format: str):
+        """OpenAI's `speech.audio.delta` events (base64 of the encoded bytes), then `speech.audio.done`."""
+        encoder, final = None, None
+        try:
+            async for chunk in self.chunks():
+                encoder = encoder or StreamEncoder(format, chunk.sample_rate, self.state.tts.codec.channels)
+                if chunk.audio is not None and chunk.audio.shape[-1] and (data := encoder.write(chunk.audio)):
+                    yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+                final = chunk
+            if encoder is not None and (tail := encoder.close()):
+                yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode()})
+        except ClientGone:
+            return
+        except APIError as e:
+            self.count(outcome_for(e.status_code))
+            yield _event(error_event(e.message, e.code))
+            return
+        frames = final.frame_end if final is not None else 0
+        prompt_rows = len(self.stream.prompt.rows)
+        yield _event({"type": "speech.audio.done", "finish_reason": final.finish_reason,
+                      "usage": {"input_tokens": prompt_rows, "output_tokens": frames,
+                                "total_tokens": prompt_rows + frames}})
+
+
+def outcome_for(status: int) -> str:
+    """The metrics label of a request refused or failed with `status`."""
+    if status in (429, 503):
+        return "rejected"
+    if status == 504:
+        return "timeout"
+    return "client_error" if status < 500 else "error"
+
+
+def _event(data: dict) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()

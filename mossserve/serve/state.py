@@ -1,0 +1,65 @@
+"""What every route shares: the engine, the voice store, the metrics and the settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..api import TTS
+from ..engine.async_engine import AsyncEngine
+from .metrics import Metrics
+from .references import VoiceResolver
+from .settings import ServerSettings
+from .voices import VoiceStore
+
+DEMO_MODEL_NAME = "moss-tts-demo"
+# Model ids OpenAI clients send; they mean the loaded model, so unmodified clients work.
+OPENAI_MODELS = frozenset({"tts-1", "tts-1-hd", "gpt-4o-mini-tts"})
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    tts: TTS
+    engine: AsyncEngine
+    voices: VoiceStore
+    metrics: Metrics
+    resolver: VoiceResolver
+    model_name: str
+    owns_tts: bool
+    closing: bool = False
+
+    @classmethod
+    def create(cls, settings: ServerSettings, tts: TTS | None = None) -> ServerState:
+        """Load the model (unless given one) and bring up the codec, speaker cache and engine
+        now, so the first request pays for none of it."""
+        owns_tts = tts is None
+        if tts is None:
+            tts = TTS.from_pretrained(settings.model, settings.codec, device=settings.device, dtype=settings.dtype,
+                                      engine_config=settings.engine)
+        tts.speakers.max_seconds = settings.max_voice_seconds
+        tts.engine  # noqa: B018 - starts the engine threads
+        voices = VoiceStore(Path(settings.data_dir))
+        engine = AsyncEngine(tts)
+        codec_id = f"{tts.codec_source}@{tts.talker.codebooks}"
+        metrics = Metrics(lambda: None if tts.closed else tts.stats())
+        return cls(settings, tts, engine, voices, metrics, VoiceResolver(voices, engine, codec_id, tts.talker.codebooks),
+                   served_name(settings, tts), owns_tts)
+
+    def accepts_model(self, name: str | None) -> bool:
+        return name is None or name == self.model_name or name in OPENAI_MODELS
+
+    def close(self) -> None:
+        self.closing = True
+        self.voices.close()
+        if self.owns_tts:
+            self.tts.close()
+
+
+def served_name(settings: ServerSettings, tts: TTS) -> str:
+    """`--model-name`, else the model's hub id or directory name."""
+    if settings.model_name:
+        return settings.model_name
+    if settings.model is None or tts.is_demo:
+        return DEMO_MODEL_NAME
+    return str(settings.model).rstrip("/") if "/" in str(settings.model) and not Path(settings.model).exists() \
+        else Path(settings.model).name

@@ -1,0 +1,112 @@
+"""The voice library: upload a reference once, use it by name in every request after.
+
+An upload is decoded and checked (format, length, silence) the way a request's inline reference
+is, encoded once by the engine's codec through the speaker cache, and stored with its audio so a
+server loaded with another codec can re-encode it.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from fastapi import APIRouter, Form, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+
+from ..audio import load_audio
+from ..errors import MossServeError
+from .errors import APIError, from_mossserve
+from .state import ServerState
+from .voices import Voice, VoiceExistsError, validate_voice_name
+
+router = APIRouter()
+
+
+def voice_json(voice: Voice) -> dict:
+    return {"id": voice.name, "object": "voice", **voice.to_json()}
+
+
+@router.post("/v1/audio/voices", status_code=201)
+async def upload_voice(request: Request, name: str = Form(...), file: UploadFile | None = None,
+                       audio_sample: UploadFile | None = None, transcript: str | None = Form(None)) -> JSONResponse:
+    """multipart: `name`, the audio as `file` (or `audio_sample`, OpenAI's field name), `transcript`."""
+    state: ServerState = request.app.state.server
+    form = await request.form()  # the form FastAPI parsed: it keeps only the last of repeated fields
+    if len(form.getlist("file")) + len(form.getlist("audio_sample")) > 1:
+        raise APIError(400, "send the reference audio as exactly one multipart file field: file (or audio_sample)",
+                       param="file")
+    upload = _one_file(file, audio_sample)
+    name = _checked_name(name)
+    if transcript is not None and not transcript.strip():
+        transcript = None
+    if await asyncio.to_thread(state.voices.get, name) is not None:
+        raise APIError(409, f"a voice named {name!r} already exists (delete it first to replace it)",
+                       param="name", code="voice_exists")
+    data = await upload.read()
+    if not data:
+        raise APIError(400, "the uploaded audio file is empty", param="file", code="invalid_audio")
+    codec = state.tts.codec
+    try:
+        audio = await asyncio.to_thread(load_audio, data, codec.sample_rate, codec.channels,
+                                        state.settings.max_voice_seconds)
+        codes = await state.engine.encode_voice(data)
+        voice = await asyncio.to_thread(state.voices.add, name, audio, codec.sample_rate, codes, transcript,
+                                        state.resolver.codec_id, hashlib.sha256(data).hexdigest())
+    except VoiceExistsError as e:
+        raise APIError(409, str(e), param="name", code="voice_exists") from None
+    except MossServeError as e:
+        raise from_mossserve(e, state.settings.retry_after_s) from None
+    return JSONResponse(voice_json(voice), status_code=201)
+
+
+@router.get("/v1/audio/voices")
+async def list_voices(request: Request) -> dict:
+    state: ServerState = request.app.state.server
+    voices = await asyncio.to_thread(state.voices.list)
+    return {"object": "list", "data": [voice_json(v) for v in voices]}
+
+
+@router.get("/v1/audio/voices/{name}")
+async def get_voice(name: str, request: Request) -> dict:
+    return voice_json(await _stored(request, name))
+
+
+@router.get("/v1/audio/voices/{name}/audio")
+async def get_voice_audio(name: str, request: Request) -> FileResponse:
+    """The stored reference audio (as the codec heard it), for listening back."""
+    state: ServerState = request.app.state.server
+    await _stored(request, name)
+    return FileResponse(state.voices.audio_path(name), media_type="audio/wav")
+
+
+@router.delete("/v1/audio/voices/{name}")
+async def delete_voice(name: str, request: Request) -> dict:
+    state: ServerState = request.app.state.server
+    if not await asyncio.to_thread(state.voices.delete, _checked_name(name)):
+        raise _not_found(name)
+    return {"id": name, "object": "voice.deleted", "deleted": True}
+
+
+async def _stored(request: Request, name: str) -> Voice:
+    state: ServerState = request.app.state.server
+    voice = await asyncio.to_thread(state.voices.get, _checked_name(name))
+    if voice is None:
+        raise _not_found(name)
+    return voice
+
+
+def _checked_name(name: str) -> str:
+    try:
+        return validate_voice_name(name)
+    except MossServeError as e:
+        raise APIError(400, str(e), param="name", code="invalid_voice_name") from None
+
+
+def _not_found(name: str) -> APIError:
+    return APIError(404, f"no voice named {name!r}", param="name", code="voice_not_found")
+
+
+def _one_file(file: UploadFile | None, audio_sample: UploadFile | None) -> UploadFile:
+    if (file is None) == (audio_sample is None):
+        raise APIError(400, "send the reference audio as exactly one multipart file field: file (or audio_sample)",
+                       param="file")
+    return file or audio_sample

@@ -1,0 +1,308 @@
+"""The HTTP server end to end: the real openai client, streaming, SSE, disconnects, load, auth."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+
+from mossserve.audio import read_audio
+from mossserve.speech_request import SpeechRequest
+from server_harness import StepGate, live_server
+
+SEED = 7
+TEXT = "Hello from the server."
+
+
+@pytest.fixture(scope="module")
+def served(demo_tts, tmp_path_factory):
+    """One live server on the demo checkpoint for the tests that need no special settings."""
+    from mossserve.serve import ServerSettings, create_app
+
+    app = create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("served")), tts=demo_tts)
+    with live_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def reference_audio(demo_tts):
+    """What the engine itself produces for TEXT with SEED: the expected audio of every response."""
+    from mossserve.sampling import SamplingParams
+
+    sampling = demo_tts.talker.default_sampling().with_overrides(seed=SEED)
+    assert isinstance(sampling, SamplingParams)
+    return demo_tts.synthesize(SpeechRequest(input=TEXT), sampling)
+
+
+def client(url: str, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)
+
+
+def decoded(data: bytes, format: str) -> tuple[np.ndarray, int]:
+    if format == "pcm":
+        return np.frombuffer(data, "<i2").astype(np.float32)[None] / 32768.0, 24000
+    return read_audio(data)
+
+
+@pytest.mark.parametrize("format", ["wav", "pcm", "flac", "mp3", "opus"])
+def test_openai_client_every_format(served, reference_audio, format) -> None:
+    response = client(served).audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format=format,
+                                                  extra_body={"seed": SEED})
+    samples, rate = decoded(response.content, format)
+    expected = np.clip(reference_audio.samples, -1, 1)  # 16-bit formats clip (the demo is loud noise)
+    assert reference_audio.duration > 0.2
+    if format in ("wav", "pcm", "flac"):  # lossless at 16 bits: the engine's samples
+        assert rate == reference_audio.sample_rate and samples.shape == expected.shape
+        np.testing.assert_allclose(samples, expected, atol=2 / 32768)
+    else:  # lossy: the same length within a codec frame
+        assert abs(samples.shape[-1] / rate - reference_audio.duration) < 0.07
+
+
+@pytest.mark.parametrize("format", ["wav", "pcm", "mp3"])
+def test_openai_client_streaming_response(served, reference_audio, format) -> None:
+    speech = client(served).audio.speech
+    with speech.with_streaming_response.create(model="tts-1", voice="echo", input=TEXT, response_format=format,
+                                               extra_body={"seed": SEED, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("audio/")
+        parts = list(response.iter_bytes())
+    samples, rate = decoded(b"".join(parts), format)
+    if format == "mp3":
+        assert abs(samples.shape[-1] / rate - reference_audio.duration) < 0.07
+    else:
+        np.testing.assert_allclose(samples, np.clip(reference_audio.samples, -1, 1), atol=2 / 32768)
+
+
+def sse_events(url: str, body: dict, headers: dict | None = None) -> list[dict]:
+    with httpx.stream("POST", url + "/v1/audio/speech", json=body, headers=headers, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    return [json.loads(line[len("data: "):]) for line in lines]
+
+
+@pytest.mark.parametrize("format", ["pcm", "wav"])
+def test_sse_reassembles_to_the_non_streamed_audio(served, format) -> None:
+    body = {"input": TEXT, "seed": SEED, "response_format": format, "initial_chunk_frames": 1}
+    whole = httpx.post(served + "/v1/audio/speech", json=body, timeout=60)
+    events = sse_events(served, {**body, "stream_format": "sse"})
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert [e["type"] for e in events] == ["speech.audio.delta"] * len(deltas) + ["speech.audio.done"]
+    assert len(deltas) >= 2  # the audio arrived in pieces
+    done = events[-1]
+    assert done["usage"]["output_tokens"] > 0 and done["finish_reason"] == "stop"
+    streamed = b"".join(base64.b64decode(e["audio"]) for e in deltas)
+    if format == "pcm":
+        assert streamed == whole.content
+    else:  # the streamed wav header says "until the end"; the samples are the same
+        np.testing.assert_array_equal(sf.read(io.BytesIO(streamed))[0], sf.read(io.BytesIO(whole.content))[0])
+
+
+def test_models_health_ready_and_metrics(served) -> None:
+    assert client(served).models.list().data[0].id == "moss-tts-demo"
+    assert httpx.get(served + "/health").json() == {"status": "ok"}
+    ready = httpx.get(served + "/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    httpx.post(served + "/v1/audio/speech", json={"input": TEXT, "stream": True, "response_format": "pcm"}).raise_for_status()
+    metrics = httpx.get(served + "/metrics").text
+    for name in ("mossserve_requests_total{endpoint=\"/v1/audio/speech\",outcome=\"ok\"}",
+                 "mossserve_time_to_first_audio_seconds_count", "mossserve_real_time_factor_count",
+                 "mossserve_queue_depth", "mossserve_running_requests", "mossserve_kv_cache_slots_used",
+                 "mossserve_speaker_cache_entries", "mossserve_stream_underruns_total"):
+        assert name in metrics, name
+    ttfa = [line for line in metrics.splitlines() if line.startswith("mossserve_time_to_first_audio_seconds_count")]
+    assert float(ttfa[0].split()[-1]) >= 1
+
+
+def test_64_concurrent_streams_complete(demo_tts, served) -> None:
+    def one(i: int) -> int:
+        with httpx.stream("POST", served + "/v1/audio/speech", timeout=120,
+                          json={"input": f"Request number {i}.", "stream": True, "response_format": "pcm",
+                                "seed": i}) as response:
+            assert response.status_code == 200
+            return len(b"".join(response.iter_bytes()))
+
+    with ThreadPoolExecutor(64) as pool:
+        sizes = list(pool.map(one, range(64)))
+    assert all(size > 0 and size % 2 == 0 for size in sizes)
+    demo_tts.wait_idle()
+    stats = demo_tts.stats()
+    assert stats["running"] == stats["queued"] == stats["live"] == stats["cache_slots_used"] == 0
+
+
+@pytest.fixture
+def gate(demo_tts):
+    gate = StepGate(demo_tts.talker)
+    yield gate
+    gate.remove()
+
+
+def watch_aborts(monkeypatch, engine) -> threading.Event:
+    """An event set once the server has asked the engine to abort a request."""
+    aborted, abort = threading.Event(), engine.abort
+
+    def recording_abort(request_id: str) -> bool:
+        result = abort(request_id)
+        aborted.set()
+        return result
+
+    monkeypatch.setattr(engine, "abort", recording_abort)
+    return aborted
+
+
+@pytest.mark.parametrize("stream_format", ["audio", "sse"])
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(demo_tts, served, gate, monkeypatch, stream_format) -> None:
+    engine = demo_tts.engine
+    aborted = watch_aborts(monkeypatch, engine)
+    before = engine.stats()["aborted"]
+    body = {"input": TEXT, "stream": True, "stream_format": stream_format, "response_format": "pcm",
+            "initial_chunk_frames": 1}
+    gate.armed.set()
+    with httpx.stream("POST", served + "/v1/audio/speech", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        first = next(response.iter_raw())
+        held = gate.held.wait(timeout=30)  # the request is stopped mid-generation, certainly alive
+        assert held, (first[:200], engine.stats(), gate.frames_seen)
+        assert engine.stats()["live"] == 1
+    # leaving the block closed the connection
+    assert aborted.wait(timeout=30)
+    gate.release()
+    demo_tts.wait_idle()
+    stats = engine.stats()
+    assert stats["aborted"] == before + 1
+    assert stats["running"] == stats["live"] == stats["cache_slots_used"] == stats["codec_streams_open"] == 0
+
+
+def test_a_non_streamed_request_is_aborted_when_its_client_leaves(demo_tts, served, gate, monkeypatch) -> None:
+    engine = demo_tts.engine
+    aborted = watch_aborts(monkeypatch, engine)
+    gate.armed.set()
+    failed = threading.Event()
+
+    def post() -> None:
+        try:
+            httpx.post(served + "/v1/audio/speech", json={"input": TEXT, "response_format": "wav"}, timeout=5)
+        except httpx.TimeoutException:
+            failed.set()
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    assert gate.held.wait(timeout=30)
+    thread.join()  # the client gives up after its 5 s timeout and closes the connection
+    assert failed.is_set()
+    assert aborted.wait(timeout=30)
+    gate.release()
+    demo_tts.wait_idle()
+    assert engine.stats()["live"] == 0
+
+
+def test_a_full_queue_answers_503_with_retry_after(server_app, tmp_path) -> None:
+    from mossserve.api import TTS
+    from mossserve.config import EngineConfig
+
+    tts = TTS.from_pretrained(None, engine_config=EngineConfig(max_running=1, max_queued=1))
+    gate = StepGate(tts.talker)
+    try:
+        with live_server(server_app(tts=tts, engine=tts.engine_config)) as url:
+            body = {"input": TEXT, "stream": True, "response_format": "pcm", "initial_chunk_frames": 1}
+            gate.armed.set()
+            with httpx.Client(base_url=url, timeout=60) as http:
+                with http.stream("POST", "/v1/audio/speech", json=body) as running:
+                    assert running.status_code == 200
+                    assert gate.held.wait(timeout=30)  # one running, held mid-generation
+                    with http.stream("POST", "/v1/audio/speech", json=body) as queued:
+                        assert queued.status_code == 200 and tts.stats()["queued"] == 1
+                        refused = http.post("/v1/audio/speech", json=body)
+                        assert refused.status_code == 503
+                        assert refused.headers["retry-after"] == "1"
+                        assert "capacity" in refused.json()["error"]["message"]
+                        with pytest.raises(openai.InternalServerError):
+                            client(url).audio.speech.create(model="tts-1", voice="alloy", input=TEXT)
+                        gate.release()
+                        assert len(b"".join(queued.iter_bytes())) > 0
+                    assert len(b"".join(running.iter_bytes())) > 0
+                assert http.post("/v1/audio/speech", json=body).status_code == 200  # room again
+            assert "outcome=\"rejected\"" in httpx.get(url + "/metrics").text
+    finally:
+        gate.remove()
+        tts.close()
+
+
+def test_a_request_past_its_timeout_is_stopped(demo_tts, server_app, gate) -> None:
+    with live_server(server_app(request_timeout_s=0.5)) as url:
+        gate.armed.set()
+        response = httpx.post(url + "/v1/audio/speech", json={"input": TEXT, "initial_chunk_frames": 1}, timeout=60)
+        gate.release()
+    assert response.status_code == 504
+    assert "timeout" in response.json()["error"]["message"]
+    demo_tts.wait_idle()
+    assert demo_tts.stats()["live"] == 0
+
+
+def test_api_key(server_app) -> None:
+    with live_server(server_app(api_key="s3cret")) as url:
+        with pytest.raises(openai.AuthenticationError, match="missing API key"):
+            httpx_client = httpx.post(url + "/v1/audio/speech", json={"input": TEXT})
+            assert httpx_client.status_code == 401
+            raise openai.AuthenticationError(httpx_client.json()["error"]["message"], response=httpx_client,
+                                             body=httpx_client.json())
+        with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+            client(url, api_key="wrong").audio.speech.create(model="tts-1", voice="alloy", input=TEXT)
+        with pytest.raises(openai.AuthenticationError):
+            client(url, api_key="wrong").models.list()
+        assert client(url, api_key="s3cret").audio.speech.create(model="tts-1", voice="alloy", input=TEXT).content
+        assert httpx.get(url + "/health").status_code == 200  # probes need no key
+    with live_server(server_app()) as url:  # no key configured: open
+        assert client(url, api_key="anything").models.list().data
+
+
+def test_cors(server_app) -> None:
+    with live_server(server_app(cors_origins=("http://localhost:3000",))) as url:
+        preflight = httpx.options(url + "/v1/audio/speech", headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,authorization"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = httpx.options(url + "/v1/audio/speech", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+    with live_server(server_app()) as url:  # CORS off by default
+        response = httpx.get(url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert "access-control-allow-origin" not in response.headers
+
+
+def test_mossserve_serve_command(tmp_path) -> None:
+    """The CLI: serves the demo checkpoint with no --model; a bad model fails before listening."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mossserve = str(Path(sys.executable).parent / "mossserve")
+    bad = subprocess.run([mossserve, "serve", "--model", str(tmp_path / "missing"),
+                          "--port", str(port)], check=False, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "error:" in bad.stderr
+    env = {"MOSSSERVE_DATA_DIR": str(tmp_path / "data"), "PATH": ""}
+    server = subprocess.Popen([mossserve, "serve", "--port", str(port), "--log-level", "info"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in server.stdout:  # uvicorn says when it listens
+            if "Uvicorn running on" in line:
+                break
+        url = f"http://127.0.0.1:{port}"
+        assert client(url).audio.speech.create(model="moss-tts-demo", voice="default", input=TEXT,
+                                               response_format="wav").content
+        assert (tmp_path / "data" / "mossserve.db").is_file()  # the data dir came from the environment
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,204 @@
+"""Malformed requests against a live server: each gets the right 4xx, an OpenAI-style error body
+and a message that names what was wrong; the server keeps serving good requests afterwards."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+from unittest.mock import ANY
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from server_harness import live_server
+
+SPEECH = "/v1/audio/speech"
+VOICES = "/v1/audio/voices"
+MAX_INPUT_CHARS = 200
+MAX_BODY_BYTES = 200_000
+JSON = {"content-type": "application/json"}
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+               413: "request_too_large", 422: "invalid_request_error"}
+
+
+@pytest.fixture(scope="module")
+def server(demo_tts, tmp_path_factory):
+    from mossserve.serve import ServerSettings, create_app
+
+    settings = ServerSettings(data_dir=tmp_path_factory.mktemp("bad_inputs"), max_input_chars=MAX_INPUT_CHARS,
+                              max_body_bytes=MAX_BODY_BYTES)
+    with live_server(create_app(settings, tts=demo_tts)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def wav_b64(samples: np.ndarray, rate: int = 24000) -> str:
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="WAV", subtype="PCM_16")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def chunked(data: bytes) -> Callable[[], dict]:
+    """A body sent without Content-Length (a generator makes httpx use chunked encoding)."""
+    return lambda: {"content": (data[i:i + 65536] for i in range(0, len(data), 65536)), "headers": JSON}
+
+
+class Case(NamedTuple):
+    status: int
+    needle: str  # a distinctive part of the error message
+    request: dict | Callable[[], dict]
+    method: str = "POST"
+    path: str = SPEECH
+    param: Any = ANY
+    code: Any = ANY
+
+
+def bad(id: str, status: int, needle: str, body: Any = None, *, raw: bytes | None = None, **kw):
+    """One table row; `body` is sent as JSON (merged over {"input": "hi"} when it is a dict)."""
+    if raw is not None:
+        request = {"content": raw, "headers": JSON}
+    elif isinstance(body, dict):
+        request = {"json": {"input": "hi", **body}}
+    elif callable(body):
+        request = body
+    else:
+        request = {} if body is None else {"json": body}
+    return pytest.param(Case(status, needle, request, **kw), id=id)
+
+
+BIG = b'{"input": "hi", "ref_audio": "' + b"A" * (MAX_BODY_BYTES + 50_000) + b'"}'
+NOT_AUDIO = base64.b64encode(b"this is plain text, not an audio file " * 8).decode()
+SILENCE = wav_b64(np.zeros(24000, np.float32))
+
+CASES = [
+    # the body itself
+    bad("invalid-json", 422, "not valid JSON", raw=b'{"input": "hi",', param=None),
+    bad("invalid-utf8", 422, "JSON", raw=b'{"input": "\xff\xfe"}'),
+    bad("json-array", 422, "must be a JSON object", [1, 2], param=None),
+    bad("json-string", 422, "must be a JSON object", "say hi", param=None),
+    bad("empty-body", 422, "body", raw=b"", param=None),
+    bad("too-big-content-length", 413, f"limit of {MAX_BODY_BYTES} bytes", raw=BIG, code="body_too_large"),
+    bad("too-big-chunked", 413, f"limit of {MAX_BODY_BYTES} bytes", chunked(BIG), code="body_too_large"),
+    # input
+    bad("missing-input", 422, "input is required", raw=b'{"voice": "alloy"}', param="input"),
+    bad("empty-input", 422, "at least 1 character", {"input": ""}, param="input"),
+    bad("blank-input", 400, "input is empty", {"input": "   "}),
+    bad("input-int", 422, "valid string", {"input": 5}, param="input"),
+    bad("input-null", 422, "valid string", {"input": None}, param="input"),
+    bad("input-too-long", 400, f"at most {MAX_INPUT_CHARS}", {"input": "a" * (MAX_INPUT_CHARS + 1)},
+        param="input", code="input_too_long"),
+    bad("unknown-field", 422, "unknown field 'foo'", {"foo": 1}, param="foo"),
+    bad("unknown-model", 404, "model 'nope' is not served", {"model": "nope"}, param="model",
+        code="model_not_found"),
+    # OpenAI options
+    bad("speed-2.0", 400, "speed 2.0 is not supported", {"speed": 2.0}, param="speed"),
+    bad("speed-0.1", 422, "greater than or equal to 0.25", {"speed": 0.1}, param="speed"),
+    bad("speed-fast", 422, "valid number", {"speed": "fast"}, param="speed"),
+    bad("format-ogg", 422, "'ogg'", {"response_format": "ogg"}, param="response_format"),
+    bad("stream-format-chunks", 422, "'chunks'", {"stream_format": "chunks"}, param="stream_format"),
+    bad("stream-yes", 422, "valid boolean", {"stream": "yes"}, param="stream"),
+    # voices and references
+    bad("voice-int", 422, "valid string", {"voice": 123}, param="voice"),
+    bad("voice-empty", 422, "at least 1 character", {"voice": ""}, param="voice"),
+    bad("voice-unknown", 400, "'nobody' is not a stored voice", {"voice": "nobody"}, param="voice",
+        code="voice_not_found"),
+    bad("voice-object-unknown", 400, "'nobody' is not a stored voice", {"voice": {"id": "nobody"}},
+        param="voice", code="voice_not_found"),
+    bad("voice-path-tricks", 400, "'../etc/passwd' is not a stored voice", {"voice": "../etc/passwd"},
+        param="voice", code="voice_not_found"),
+    bad("ref-audio-not-base64", 400, "neither a stored voice name nor base64", {"ref_audio": "not base64!"},
+        param="ref_audio"),
+    bad("ref-audio-data-url-not-base64", 400, "not a base64 one", {"ref_audio": "data:audio/wav,abc"},
+        param="ref_audio"),
+    bad("ref-audio-not-audio", 400, "cannot decode", {"ref_audio": NOT_AUDIO}, code="invalid_audio"),
+    bad("ref-audio-silence", 400, "silent", {"ref_audio": SILENCE}, code="invalid_audio"),
+    bad("ref-text-without-voice", 400, "give the voice too", {"ref_text": "Hello."}),
+    # sampling and generation controls
+    bad("seed-negative", 422, "greater than or equal to 0", {"seed": -1}, param="seed"),
+    bad("seed-bool", 422, "valid integer", {"seed": True}, param="seed"),
+    bad("seed-2**63", 422, "less than 9223372036854775808", {"seed": 2**63}, param="seed"),
+    bad("temperature-negative", 422, "greater than or equal to 0", {"temperature": -1}, param="temperature"),
+    bad("temperature-string", 422, "valid number", {"temperature": "0.5"}, param="temperature"),
+    bad("temperature-nan", 422, "temperature", raw=b'{"input": "hi", "temperature": NaN}', param="temperature"),
+    bad("top-p-0", 422, "greater than 0", {"top_p": 0}, param="top_p"),
+    bad("top-p-1.5", 422, "less than or equal to 1", {"top_p": 1.5}, param="top_p"),
+    bad("top-k-negative", 422, "greater than or equal to 0", {"top_k": -3}, param="top_k"),
+    bad("top-k-float", 422, "valid integer", {"top_k": 2.5}, param="top_k"),
+    bad("repetition-penalty-0", 422, "greater than 0", {"repetition_penalty": 0}, param="repetition_penalty"),
+    bad("max-new-tokens-0", 422, "greater than or equal to 1", {"max_new_tokens": 0}, param="max_new_tokens"),
+    bad("initial-chunk-frames-0", 422, "greater than or equal to 1", {"initial_chunk_frames": 0},
+        param="initial_chunk_frames"),
+    bad("initial-chunk-frames-1000", 400, "initial_chunk_frames must lie in 1..", {"initial_chunk_frames": 1000}),
+    bad("duration-seconds-negative", 422, "greater than 0", {"duration_seconds": -1}, param="duration_seconds"),
+    bad("duration-tokens-0", 422, "greater than 0", {"duration_tokens": 0}, param="duration_tokens"),
+    bad("both-durations", 400, "not both", {"duration_seconds": 1.0, "duration_tokens": 10}),
+    # what the tts task does not take
+    bad("instructions", 400, "instructions is not used by the tts task", {"instructions": "Whisper."}),
+    bad("speakers-1", 400, "speakers is not used by the tts task", {"speakers": [{}]}),
+    bad("speakers-6", 422, "at most 5", {"speakers": [{}] * 6}, param="speakers"),
+    bad("speakers-unknown-field", 422, "unknown field", {"speakers": [{"name": "a"}]}, param="speakers.0.name"),
+    bad("speaker-voice-and-ref-audio", 400, "give voice or ref_audio, not both",
+        {"speakers": [{"voice": "alice", "ref_audio": SILENCE}]}),
+    # other routes
+    bad("get-voice-dotfile", 400, "invalid voice name '.hidden'", method="GET", path=f"{VOICES}/.hidden",
+        param="name", code="invalid_voice_name"),
+    bad("delete-voice-space", 400, "invalid voice name 'a b'", method="DELETE", path=f"{VOICES}/a%20b",
+        param="name", code="invalid_voice_name"),
+    bad("get-voice-65-chars", 400, "1 to 64 characters", method="GET", path=f"{VOICES}/{'x' * 65}",
+        code="invalid_voice_name"),
+    bad("get-voice-non-ascii", 400, "invalid voice name 'é'", method="GET", path=f"{VOICES}/%C3%A9",
+        code="invalid_voice_name"),
+    bad("get-voice-unknown", 404, "no voice named 'nobody'", method="GET", path=f"{VOICES}/nobody",
+        code="voice_not_found"),
+    bad("get-voice-audio-unknown", 404, "no voice named 'nobody'", method="GET", path=f"{VOICES}/nobody/audio",
+        code="voice_not_found"),
+    bad("delete-voice-unknown", 404, "no voice named 'nobody'", method="DELETE", path=f"{VOICES}/nobody",
+        code="voice_not_found"),
+    bad("unknown-route", 404, "Not Found", method="GET", path="/v1/audio/nothing"),
+    bad("get-on-speech", 405, "Method Not Allowed", method="GET", path=SPEECH),
+    bad("put-on-voices", 405, "Method Not Allowed", method="PUT", path=VOICES),
+]
+
+# Speech refusals that reach the route, hence are counted in the metrics (a 413 may be refused
+# by the body-limit middleware before routing).
+counted = []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_request(server, case: Case):
+    request = case.request() if callable(case.request) else case.request
+    r = server.request(case.method, case.path, **request)
+    assert r.status_code == case.status, r.text
+    assert_error(r.json(), case.status, case.needle, case.param, case.code)
+    if case.path == SPEECH and case.status != 413:
+        counted.append(case)
+
+
+def assert_error(body: dict, status: int, needle: str, param: Any = ANY, code: Any = ANY) -> None:
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert needle in error["message"], error["message"]
+    assert error["type"] == ERROR_TYPES[status]
+    assert error["param"] == param, error
+    assert error["code"] == code, error
+
+
+def test_server_still_serves_after_bad_requests(server):
+    server.post(SPEECH, json={"input": "hi", "speed": 3.0})  # one more refusal, so this test stands alone
+    r = server.post(SPEECH, json={"input": "Still here.", "response_format": "wav"})
+    assert r.status_code == 200, r.text
+    audio, rate = sf.read(io.BytesIO(r.content), dtype="float32")
+    assert rate == 24000 and len(audio) > 0 and np.isfinite(audio).all()
+
+    assert server.get("/health").json() == {"status": "ok"}
+    metrics = server.get("/metrics").text
+    found = re.search(r'^mossserve_requests_total\{endpoint="/v1/audio/speech",outcome="client_error"\} (\S+)$',
+                      metrics, re.MULTILINE)
+    assert found, metrics
+    assert float(found.group(1)) >= len(counted) + 1
+    ok = re.search(r'^mossserve_requests_total\{endpoint="/v1/audio/speech",outcome="ok"\} (\S+)$', metrics,
+                   re.MULTILINE)
+    assert ok and float(ok.group(1)) >= 1

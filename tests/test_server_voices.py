@@ -1,0 +1,216 @@
+"""The voice library over HTTP: upload, list, fetch, use by name or inline, delete, persistence
+across restarts, and refusals of bad names and bad audio."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import AUDIO_DIR
+from server_harness import live_server
+
+VOICES = "/v1/audio/voices"
+SPEECH = "/v1/audio/speech"
+MAX_BODY_BYTES = 700_000
+MAX_VOICE_SECONDS = 5.0
+REFERENCE = (AUDIO_DIR / "reference_zh.wav").read_bytes()  # 3.1 s, 48 kHz mono, 448 KB
+TOO_LONG = (AUDIO_DIR / "reference_en_0.mp3").read_bytes()  # 6.6 s, 90 KB
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+_samples, _rate = sf.read(io.BytesIO(REFERENCE), dtype="float32")
+SHORT = wav_bytes(_samples[:_rate], _rate)  # the first second, 96 KB
+TOO_BIG = wav_bytes(np.tile(_samples, 3), _rate)  # 896 KB: over the body limit
+
+
+def make_app(demo_tts, data_dir):
+    from mossserve.serve import ServerSettings, create_app
+
+    return create_app(ServerSettings(data_dir=data_dir, max_body_bytes=MAX_BODY_BYTES,
+                                     max_voice_seconds=MAX_VOICE_SECONDS), tts=demo_tts)
+
+
+@pytest.fixture(scope="module")
+def server(demo_tts, tmp_path_factory):
+    with live_server(make_app(demo_tts, tmp_path_factory.mktemp("voices"))) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def upload(client: httpx.Client, name: str, audio: bytes = REFERENCE, transcript: str | None = None,
+           field: str = "file") -> httpx.Response:
+    data = {"name": name} if transcript is None else {"name": name, "transcript": transcript}
+    return client.post(VOICES, data=data, files={field: ("voice.wav", audio, "audio/wav")})
+
+
+def speak(client: httpx.Client, **body) -> np.ndarray:
+    """A wav request that must succeed; returns the decoded samples."""
+    r = client.post(SPEECH, json={"input": "Hello.", "response_format": "wav", **body})
+    assert r.status_code == 200, r.text
+    audio, rate = sf.read(io.BytesIO(r.content), dtype="float32")
+    assert rate == 24000 and len(audio) > 0
+    return audio
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def speaker_stats(demo_tts) -> dict:
+    return demo_tts.stats()["speakers"]
+
+
+@pytest.fixture(scope="module")
+def alice(server) -> dict:
+    r = upload(server, "alice", transcript="A Chinese reference.")
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_upload_returns_the_voice(alice, demo_tts):
+    assert alice["id"] == alice["name"] == "alice" and alice["object"] == "voice"
+    assert alice["transcript"] == "A Chinese reference."
+    assert alice["duration_s"] == pytest.approx(3.112, abs=0.01)
+    assert alice["sample_rate"] == 24000
+    assert alice["frames"] > 0 and alice["codebooks"] == demo_tts.talker.codebooks
+    assert alice["sha256"] == hashlib.sha256(REFERENCE).hexdigest()
+
+
+def test_list_get_and_audio(server, alice):
+    listed = server.get(VOICES).json()
+    assert listed["object"] == "list" and alice in listed["data"]
+    assert server.get(f"{VOICES}/alice").json() == alice
+    r = server.get(f"{VOICES}/alice/audio")
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+    audio, rate = sf.read(io.BytesIO(r.content))
+    assert rate == alice["sample_rate"] and len(audio) / rate == pytest.approx(alice["duration_s"], abs=1e-3)
+
+
+@pytest.mark.parametrize("body", [
+    {"voice": "alice"},
+    {"voice": {"id": "alice"}},
+    {"ref_audio": "alice"},
+    {"ref_audio": base64.b64encode(REFERENCE).decode()},
+    {"ref_audio": "data:audio/wav;base64," + base64.b64encode(REFERENCE).decode()},
+], ids=["voice", "voice-object", "ref-audio-name", "ref-audio-base64", "ref-audio-data-url"])
+def test_speech_with_the_voice(server, alice, demo_tts, body):
+    before = speaker_stats(demo_tts)["encodes"]
+    speak(server, **body)
+    assert speaker_stats(demo_tts)["encodes"] == before  # encoded once, at upload
+
+
+def test_voice_and_inline_audio_together_is_refused(server, alice):
+    r = server.post(SPEECH, json={"input": "Hi.", "voice": "alice", "ref_audio": base64.b64encode(SHORT).decode()})
+    assert "not both" in error_of(r, 400)["message"]
+
+
+def test_openai_client_with_stored_voice(server, alice):
+    import openai
+
+    client = openai.OpenAI(base_url=str(server.base_url.join("/v1")), api_key="x", max_retries=0)
+    response = client.audio.speech.create(model="tts-1", voice="alice", input="Hello.", response_format="wav")
+    audio, rate = sf.read(io.BytesIO(response.content))
+    assert rate == 24000 and len(audio) > 0
+
+
+@pytest.mark.parametrize("name", ["alice", "ALICE"])
+def test_name_taken(server, alice, name):
+    error = error_of(upload(server, name, SHORT), 409)
+    assert error["code"] == "voice_exists" and "already exists" in error["message"]
+    assert server.get(f"{VOICES}/alice").json() == alice  # untouched
+
+
+def test_delete(server):
+    assert upload(server, "bob", SHORT).status_code == 201
+    r = server.delete(f"{VOICES}/bob")
+    assert r.status_code == 200 and r.json() == {"id": "bob", "object": "voice.deleted", "deleted": True}
+    for method, path in [("GET", "bob"), ("GET", "bob/audio"), ("DELETE", "bob")]:
+        assert error_of(server.request(method, f"{VOICES}/{path}"), 404)["code"] == "voice_not_found"
+    assert "bob" not in [v["name"] for v in server.get(VOICES).json()["data"]]
+    error = error_of(server.post(SPEECH, json={"input": "Hi.", "voice": "bob"}), 400)
+    assert error["code"] == "voice_not_found" and "'bob'" in error["message"]
+    # the name is free again
+    assert upload(server, "bob", SHORT).status_code == 201
+
+
+def test_voices_survive_a_restart(demo_tts, tmp_path):
+    with live_server(make_app(demo_tts, tmp_path)) as url:
+        r = httpx.post(url + VOICES, data={"name": "carol"}, files={"file": ("c.wav", SHORT, "audio/wav")})
+        assert r.status_code == 201, r.text
+        carol = r.json()
+    codes = tmp_path / "voices" / "carol" / "codes.npy"
+    stored, mtime = codes.read_bytes(), codes.stat().st_mtime_ns
+
+    with live_server(make_app(demo_tts, tmp_path)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get(VOICES).json()["data"] == [carol]
+        before = speaker_stats(demo_tts)
+        speak(client, voice="carol")
+        speak(client, ref_audio="carol")
+        assert speaker_stats(demo_tts) == before  # the stored codes were used, nothing encoded or looked up
+    assert codes.read_bytes() == stored and codes.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("name", ["../x", ".hidden", "a b", "a/b", "x" * 65, "é"])
+def test_bad_names_are_refused(server, name):
+    error = error_of(upload(server, name, SHORT), 400)
+    assert error["code"] == "invalid_voice_name" and error["param"] == "name"
+    assert "invalid voice name" in error["message"] and "1 to 64 characters" in error["message"]
+    assert all(v["name"] != name for v in server.get(VOICES).json()["data"])
+
+
+def test_file_over_the_body_limit(server):
+    error = error_of(upload(server, "huge", TOO_BIG), 413)
+    assert error["code"] == "body_too_large" and str(MAX_BODY_BYTES) in error["message"]
+
+
+@pytest.mark.parametrize("audio, needle", [
+    (np.random.default_rng(0).bytes(20_000), "cannot decode"),
+    (REFERENCE[:30], "cannot decode"),  # cut inside the RIFF header
+    (REFERENCE[:44], "no samples"),  # a header and no data
+    (b"", "empty"),
+], ids=["random-bytes", "truncated-header", "header-only", "empty"])
+def test_corrupt_audio(server, audio, needle):
+    error = error_of(upload(server, "corrupt", audio), 400)
+    assert error["code"] == "invalid_audio" and needle in error["message"]
+    error_of(server.get(f"{VOICES}/corrupt"), 404)
+
+
+def test_audio_over_max_voice_seconds(server):
+    error = error_of(upload(server, "long", TOO_LONG), 400)
+    assert error["code"] == "invalid_audio" and "too long" in error["message"] and "5 s" in error["message"]
+    # the same limit holds for inline reference audio
+    r = server.post(SPEECH, json={"input": "Hi.", "ref_audio": base64.b64encode(TOO_LONG).decode()})
+    assert "too long" in error_of(r, 400)["message"]
+
+
+def test_missing_fields(server):
+    error = error_of(server.post(VOICES, data={"name": "nofile"}), 400)
+    assert error["param"] == "file" and "file" in error["message"]
+    r = server.post(VOICES, files={"file": ("v.wav", SHORT, "audio/wav")})
+    assert error_of(r, 422)["message"] == "name is required"
+
+
+def test_audio_sample_field_is_accepted(server):
+    r = upload(server, "dave", SHORT, field="audio_sample")  # OpenAI's name for the file field
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("fields", [("file", "audio_sample"), ("file", "file")],
+                         ids=["file-and-audio_sample", "file-twice"])
+def test_two_files_are_refused(server, fields):
+    files = [(f, (f"{i}.wav", SHORT, "audio/wav")) for i, f in enumerate(fields)]
+    error = error_of(server.post(VOICES, data={"name": "twofiles"}, files=files), 400)
+    assert "exactly one" in error["message"]
+    error_of(server.get(f"{VOICES}/twofiles"), 404)
