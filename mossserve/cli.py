@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--top-p", type=float, help="audio top-p, every codebook")
     say.add_argument("--top-k", type=int, help="audio top-k, every codebook")
     say.add_argument("--repetition-penalty", type=float, help="audio repetition penalty, every codebook")
+    say.add_argument("--depth", type=int, help="Local model: codebooks generated per frame, 1..n_vq (default all); "
+                                              "codes-out then holds that many columns")
     say.add_argument("--codes-out", type=Path, help="write the generated codes (frames, codebooks) as int64 .npy")
     say.add_argument("-o", "--output", type=Path, help="write audio; the extension picks the format (wav, flac, mp3, opus, pcm, npy)")
     say.set_defaults(run=run_say)
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ttfa-runs", type=int, default=5, help="engine: TTFA measurements (median)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--compare-upstream", metavar="DIR", type=Path,
+                       help="engine: run the requests of a directory written by upstream_delay.py, side by side "
+                            "with the reference's figures, and check the generated rows")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=run_bench)
 
@@ -169,8 +174,9 @@ def run_prompt(args: argparse.Namespace) -> None:
     prompts = build_prompts(tts, args)
     if len(prompts) != 1:
         raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
-    np.save(args.output, prompts[0].rows.astype(np.int64))
-    print(f"wrote {args.output}: prompt matrix {prompts[0].rows.shape}", file=sys.stderr)
+    rows = prompts[0].info.get("matrix", prompts[0].rows)  # the processor's matrix (a family may run a variant)
+    np.save(args.output, rows.astype(np.int64))
+    print(f"wrote {args.output}: prompt matrix {rows.shape}", file=sys.stderr)
 
 
 def run_say(args: argparse.Namespace) -> int:
@@ -203,8 +209,18 @@ def run_say(args: argparse.Namespace) -> int:
         tts.close()
 
 
+def with_depth(tts, prompts: list, depth: int | None) -> list:
+    """`--depth K` (Local family): every prompt generates K codebooks per frame."""
+    if depth is None:
+        return prompts
+    if not hasattr(tts.talker, "with_depth"):
+        raise InvalidRequestError("--depth is for the Local model (MOSS-TTS-Local-Transformer); "
+                                  "this model always generates all its codebooks")
+    return [tts.talker.with_depth(p, depth) for p in prompts]
+
+
 def say_one(tts, args: argparse.Namespace) -> int:
-    prompts = build_prompts(tts, args)
+    prompts = with_depth(tts, build_prompts(tts, args), args.depth)
     if len(prompts) != 1:
         raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
     progress = Progress(1, args.progress)
@@ -261,6 +277,7 @@ def say_batch(tts, args: argparse.Namespace) -> int:
             prompts.append(tts.prompt(request))
         except InvalidRequestError as e:
             raise InvalidRequestError(f"{args.batch}, request {number}: {e}") from None
+    prompts = with_depth(tts, prompts, args.depth)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(len(prompts), args.progress)
     failed = 0
@@ -323,12 +340,20 @@ def run_codec_decode(args: argparse.Namespace) -> None:
 def run_bench(args: argparse.Namespace) -> None:
     import json
 
+    log = None if args.json else (lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
+    if args.compare_upstream is not None:
+        from .bench.compare import run_compare_upstream
+
+        if args.target is not None:
+            raise InvalidRequestError("--compare-upstream is an engine bench; drop the 'codec' target")
+        result = run_compare_upstream(args.compare_upstream, device=args.device, dtype=args.dtype, log=log)
+        print(json.dumps(result, indent=None if args.json else 1))
+        return
     if args.target is None:  # the engine bench
         from .bench.engine import format_table, run_engine_bench
 
         if args.frames < 1 or args.requests < 1 or args.ttfa_runs < 1:
             raise InvalidRequestError("--frames, --requests and --ttfa-runs must be >= 1")
-        log = None if args.json else (lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
         result = run_engine_bench(family=args.family, model=args.model, codec=args.codec, device=args.device,
                                   dtype=args.dtype, frames=args.frames, requests=args.requests,
                                   ttfa_runs=args.ttfa_runs, log=log)

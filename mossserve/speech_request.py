@@ -43,6 +43,7 @@ class SpeechRequest:
     mode: str | None = None
     language: str | None = None
     task: str | None = None
+    depth: int | None = None  # Local family: codebooks generated per frame (1..n_vq; None = all)
 
     def __post_init__(self) -> None:
         self.voice = normalize_voice(self.voice, "voice")
@@ -71,6 +72,9 @@ class SpeechRequest:
                 raise InvalidRequestError(f"duration_seconds must be a number, got {self.duration_seconds!r}")
             if not self.duration_seconds > 0 or self.duration_seconds == float("inf"):
                 raise InvalidRequestError(f"duration_seconds must be positive, got {self.duration_seconds}")
+        if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, (int, np.integer))
+                                       or self.depth < 1):
+            raise InvalidRequestError(f"depth must be a positive integer, got {self.depth!r}")
         if self.speakers is not None and not 1 <= len(self.speakers) <= 5:
             raise InvalidRequestError(f"speakers must hold 1 to 5 entries, got {len(self.speakers)}")
 

@@ -137,10 +137,24 @@ class CodecRunner:
             return out
 
     def _run_decoder(self, ids: list[int], chunks: list[torch.Tensor]) -> list:
+        """One decode call per codebook count in the round: a request at reduced depth (fewer
+        codebooks than the decoder's count) is decoded with that many quantizers."""
         stream = torch.cuda.stream(self._cuda_stream) if self._cuda_stream is not None else contextlib.nullcontext()
+        waves: list = [None] * len(chunks)
+        full = getattr(self._decoder, "n_quantizers", None)
         with stream, torch.inference_mode():
-            waves = self._decoder.decode(ids, chunks)
-            return [w.float().cpu().numpy() for w in waves]
+            if full is None or all(int(c.shape[0]) >= full for c in chunks):
+                return [w.float().cpu().numpy() for w in self._decoder.decode(ids, chunks)]
+            for rows in sorted({min(int(c.shape[0]), full) for c in chunks}, reverse=True):
+                group = [i for i, c in enumerate(chunks) if min(int(c.shape[0]), full) == rows]
+                self._decoder.n_quantizers = rows
+                try:
+                    decoded = self._decoder.decode([ids[i] for i in group], [chunks[i] for i in group])
+                finally:
+                    self._decoder.n_quantizers = full
+                for i, wave in zip(group, decoded):
+                    waves[i] = wave.float().cpu().numpy()
+        return waves
 
     def _ensure_decoder(self) -> StreamingDecoder:
         if self._decoder is None:

@@ -25,7 +25,7 @@ from ..models.codecs.base import Codec
 from ..models.family import Prompt, TalkerFamily
 from ..sampling import SamplingParams
 from .codec_runner import CodecRunner
-from .pipeline import Pipeline
+from .pipeline import Pipeline, frame_width
 from .request import AudioChunk, EngineRequest, Sink, Status
 from .scheduler import Scheduler
 from .talker_runner import TalkerRunner
@@ -174,6 +174,7 @@ class Engine:
         try:
             request.slot = self.runner.allocate()
             prefix = self.family.admit(self.runner.state, request.slot, request.prompt, request.sampling)
+            prefix = [clip[:, : frame_width(request)] for clip in prefix]
             for clip in prefix:
                 request.segment_lengths.append(len(clip))
                 request.frames.extend(clip)
@@ -227,7 +228,7 @@ class Engine:
             request.rows.append(rows[i])
             request.steps += 1
             if has_frame[i]:
-                self._add_frame(request, frames[i], new_segment[i])
+                self._add_frame(request, frames[i][: frame_width(request)], new_segment[i])
             reason = self._finish_reason(request, finished[i])
             if reason is not None:
                 self._end(request, Status.FINISHED, reason)

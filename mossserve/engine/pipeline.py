@@ -39,6 +39,12 @@ class OutputStream:
     trim_left: int = 0  # prefix frames still to cut
 
 
+def frame_width(request: EngineRequest) -> int | None:
+    """Codebooks a request's frames hand on (`Prompt.info["codebooks"]`, e.g. a reduced depth,
+    decoded with that many quantizers); None: all of the family's."""
+    return request.prompt.info.get("codebooks")
+
+
 class Pipeline:
     def __init__(self, submit, codebooks: int, sample_rate: int, max_chunk_frames: int) -> None:
         """submit(CodecWork) queues codec work; codes-only chunks go straight to the request."""

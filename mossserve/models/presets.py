@@ -45,8 +45,10 @@ def task_from_name(name: str) -> str:
     return "tts"
 
 
-def preset_for(model_dir: Path, name: str) -> Preset:
-    preset = PRESETS[task_from_name(name)]
+def preset_for(model_dir: Path, name: str, base: Preset | None = None) -> Preset:
+    """The preset for a checkpoint (by its name, or `base` for a family with its own defaults),
+    with the checkpoint's generation_config.json applied."""
+    preset = base or PRESETS[task_from_name(name)]
     path = model_dir / "generation_config.json"
     if not path.is_file():
         return preset

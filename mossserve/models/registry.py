@@ -1,4 +1,5 @@
-"""From a checkpoint directory (or hub id) to a loaded talker family, by config.json's model_type."""
+"""From a checkpoint directory (or hub id) to a loaded talker family, by config.json's model_type
+(Delay and Local share "moss_tts_delay"; Local has a depth transformer in its config)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,12 +20,19 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     if model_type == "moss_tts_delay" or "MossTTSDelayModel" in architectures:
-        talker = _load_delay(model_dir, str(model), config, torch.device(device), parse_dtype(dtype))
+        from .moss_local_config import is_local_config
+
+        load = _load_local if is_local_config(config) else _load_delay
+        talker = load(model_dir, str(model), config, torch.device(device), parse_dtype(dtype))
         talker.source = model_dir
         return talker
+    from .moss_realtime_family import is_realtime_config, load_realtime
+
+    if is_realtime_config(config):
+        return load_realtime(model_dir, str(model), config, torch.device(device), parse_dtype(dtype))
     raise CheckpointError(
         f"{model_dir / 'config.json'}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}) "
-        "is not supported; supported: moss_tts_delay")
+        "is not supported; supported: moss_tts_delay (Delay and Local), moss_tts_realtime")
 
 
 def _load_delay(model_dir: Path, name: str, config: dict, device: torch.device, dtype: torch.dtype) -> TalkerFamily:
@@ -42,6 +50,24 @@ def _load_delay(model_dir: Path, name: str, config: dict, device: torch.device, 
     preset = preset_for(model_dir, name)
     return MossDelayFamily(model.eval().requires_grad_(False), tokenizer, default_task=preset.task,
                            sampling_defaults=preset.sampling, max_new_frames=preset.max_new_frames)
+
+
+def _load_local(model_dir: Path, name: str, config: dict, device: torch.device, dtype: torch.dtype) -> TalkerFamily:
+    """MOSS-TTS-Local-Transformer: upstream's `MossTTSDelayConfig` with a depth transformer."""
+    from ..text.tokenizer import TextTokenizer
+    from .moss_local import MossLocalModel
+    from .moss_local_config import MossLocalConfig
+    from .moss_local_family import LOCAL_SAMPLING, MossLocalFamily
+    from .presets import Preset, preset_for
+
+    local_config = MossLocalConfig.from_dict(config, str(model_dir / "config.json"))
+    tokenizer = TextTokenizer.from_dir(model_dir)
+    model = build_on_meta(lambda: MossLocalModel(local_config), dtype, device)
+    load_weights(model, weight_files(model_dir), model.checkpoint_layout())
+    model.drop_unused_weights()
+    preset = preset_for(model_dir, name, base=Preset("tts", LOCAL_SAMPLING, 4096))
+    return MossLocalFamily(model.eval().requires_grad_(False), tokenizer, sampling_defaults=preset.sampling,
+                           max_new_frames=preset.max_new_frames)
 
 
 def load_codec(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):

@@ -156,12 +156,20 @@ def message_parts(message: Message | dict) -> tuple[str, str, list[Any]]:
 
 
 class DelayPromptBuilder:
-    """Builds prompt matrices from conversations; token ids and n_vq come from the model config."""
+    """Builds prompt matrices from conversations; token ids and n_vq come from the model config.
+
+    `delayed = False` (the Local family's processor) drops the delay pattern: an audio block is
+    its frames' slot rows only, each row holding one whole frame. `opens_audio` (Local too) ends
+    a generation prompt with an `<|audio_start|>` row, so the model starts on the first frame."""
+
+    delayed: ClassVar[bool] = True
+    opens_audio: ClassVar[bool] = False
 
     def __init__(self, tokenizer: TextTokenizer, config: MossDelayConfig):
         self.tokenizer = tokenizer
         self.config = config
         self.n_vq = config.n_vq
+        self.delay_rows = self.n_vq - 1 if self.delayed else 0  # slot rows a block has beyond its frames
         # Spellings are looked up from the configured ids, as the reference does.
         self.audio_start = self._spelling(config.audio_start_token_id)
         self.audio_end = self._spelling(config.audio_end_token_id)
@@ -212,6 +220,10 @@ class DelayPromptBuilder:
             text = self.templated(role, content, add_prompt) if apply_chat_template else content
             expanded, codes = self.expand(role, text, codes)
             pieces.append(self.rows(expanded, codes, truncate=mode == "continuation" and role == "assistant"))
+        if mode == "generation" and self.opens_audio:
+            opening = np.full((1, 1 + self.n_vq), self.config.audio_pad_code, dtype=np.int64)
+            opening[0, 0] = self.config.audio_start_token_id
+            pieces.append(opening)
         return np.concatenate(pieces)
 
     @staticmethod
@@ -228,7 +240,7 @@ class DelayPromptBuilder:
         if count != len(codes):
             raise InvalidRequestError(f"a {role} message has {count} {AUDIO_PLACEHOLDER} placeholders, {len(codes)} code tensors")
         gen, delay = (self.user_slot, self.user_slot) if role == "user" else (self.gen_slot, self.delay_slot)
-        blocks = iter(f"{self.audio_start}{gen * len(c)}{delay * (self.n_vq - 1)}{self.audio_end}" for c in codes)
+        blocks = iter(f"{self.audio_start}{gen * len(c)}{delay * self.delay_rows}{self.audio_end}" for c in codes)
         return re.sub(re.escape(AUDIO_PLACEHOLDER), lambda _: next(blocks), text), codes
 
     def rows(self, expanded: str, codes: list[np.ndarray], truncate: bool = False) -> np.ndarray:
@@ -240,9 +252,9 @@ class DelayPromptBuilder:
             raise InvalidRequestError("audio blocks in the message text do not match its code tensors")
         audio = np.full((len(ids), self.n_vq), self.config.audio_pad_code, dtype=np.int64)
         for start, end, block in zip(starts, ends, codes):
-            if end != start + len(block) + self.n_vq:
+            if end != start + len(block) + self.delay_rows + 1:
                 raise InvalidRequestError("audio blocks in the message text do not match its code tensors")
-            audio[start + 1 : end] = delay_pattern(block, self.config.audio_pad_code)
+            audio[start + 1 : end] = delay_pattern(block, self.config.audio_pad_code) if self.delayed else block
         if truncate and codes:  # keep up to the last frame's slot of the last block
             keep = starts[-1] + 1 + len(codes[-1])
             ids, audio = ids[:keep], audio[:keep]

@@ -201,9 +201,12 @@ def _reject_unused(request: SpeechRequest, task: str) -> None:
         "duration": request.duration_tokens is not None or request.duration_seconds is not None,
         "speakers": request.speakers is not None,
         "language": request.language is not None,
+        "depth": request.depth is not None,
     }
     for name, present in given.items():
         if present and name not in _TASK_FIELDS[task]:
+            if name == "depth":
+                raise InvalidRequestError("depth is used only by the Local model (MOSS-TTS-Local-Transformer)")
             label = "duration_tokens / duration_seconds" if name == "duration" else name
             per_speaker = task == "dialogue" and name in ("voice", "reference_text")
             hint = " (give voices per speaker in speakers)" if per_speaker else ""

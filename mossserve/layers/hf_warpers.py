@@ -1,0 +1,36 @@
+"""Hugging Face's top-k and top-p warpers, batched with per-row settings.
+
+The Local and Realtime references sample through HF's logits processors, which differ from the
+Delay reference's own sampler (layers/sampler.py): top-k keeps every logit tied with the k-th
+value, and top-p sorts ascending and removes tokens whose cumulative probability is <= 1 - p
+(never the most probable one). One implementation serves both families.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def apply_top_k_hf(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Remove each row's logits below its k-th largest, ties kept (k <= 0 or >= vocab: keep all)."""
+    vocab = logits.shape[-1]
+    active = (top_k > 0) & (top_k < vocab)
+    if not bool(active.any()):
+        return logits
+    k = torch.where(active, top_k, 1)
+    kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])
+    return logits.masked_fill(active[:, None] & (logits < kth), float("-inf"))
+
+
+def apply_top_p_hf(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Sort ascending, softmax, cumulative sum; remove tokens at or below 1 - p, keeping the most
+    probable. 1 - p is taken in double and compared in the logits' dtype, as HF compares a tensor
+    with a Python float."""
+    active = top_p < 1.0
+    if not bool(active.any()):
+        return logits
+    sorted_logits, sorted_indices = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p.double()).to(cumulative.dtype)[:, None]
+    remove[:, -1] = False
+    remove &= active[:, None]
+    return logits.masked_fill(remove.scatter(1, sorted_indices, remove), float("-inf"))

@@ -1,0 +1,237 @@
+"""The Local family (MOSS-TTS-Local-Transformer) behind the talker seam.
+
+Per step, every running row's backbone state goes through the depth loop at once: one depth-
+transformer step for the whole batch per channel c = 0 (text), 1..K, each followed by the choice
+of that channel's token for every row. Each request has its own depth K (variable bitrate): a row
+takes part in channels 0..K and its row holds SKIPPED above K, so the backbone ignores those
+channels (upstream embeds only channels 0..K, prompt rows included). Its frames hand K codebooks
+on (`Prompt.info["codebooks"]`), which the engine decodes with K quantizers.
+
+Randomness follows upstream `_sample` (fixtures/moss_tts_local/README.md section 6): per frame one
+multinomial draw per sampled channel 0, 1, .., K, each over that channel's whole vocabulary. Every
+request draws from its own generator, so a seeded request replays upstream's `torch.manual_seed`
+run alone or in any batch; `shared_seed` (static batch only) gives the batch one generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InvalidRequestError
+from ..layers.sampler import exponential_noise
+from ..sampling import SamplingParams
+from ..speech_request import SpeechRequest
+from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily
+from .moss_local import SKIPPED, MossLocalModel
+from .moss_local_config import MossLocalConfig
+from .moss_local_sampling import choose
+
+# Upstream `generate` defaults (text: no repetition penalty; audio: 1.1 over the whole column).
+LOCAL_SAMPLING = SamplingParams(text_temperature=1.5, text_top_p=1.0, text_top_k=50, audio_temperature=1.0,
+                                audio_top_p=0.95, audio_top_k=50, audio_repetition_penalty=1.1)
+
+
+@dataclass
+class LocalState:
+    depth: torch.Tensor  # (S,) int64: codebooks generated per frame
+    after_gap: torch.Tensor  # (S,) bool: the next frame starts a new clip
+    seen: torch.Tensor  # (S, n_vq, A + 1) bool: codes in each codebook's column so far (prompt included)
+    text_temperature: torch.Tensor  # (S,) float32
+    text_top_k: torch.Tensor  # (S,) int64
+    text_top_p: torch.Tensor  # (S,) float64 (HF takes 1 - p in double)
+    audio_temperature: torch.Tensor  # (S, n_vq) float32
+    audio_top_k: torch.Tensor  # (S, n_vq) int64
+    audio_top_p: torch.Tensor  # (S, n_vq) float64
+    audio_penalty: torch.Tensor  # (S, n_vq) float32
+    generators: list[torch.Generator | None]
+    shared_generator: torch.Generator | None = None
+
+
+class MossLocalFamily(TalkerFamily):
+    def __init__(self, model: MossLocalModel, tokenizer, sampling_defaults: SamplingParams | None = None,
+                 max_new_frames: int = 4096) -> None:
+        self.model = model
+        self.config: MossLocalConfig = model.config
+        self.backbone_config = self.config.language
+        self.tokenizer = tokenizer
+        self._builder = None
+        self.codebooks = self.config.n_vq
+        self.columns = self.config.channels
+        self.sample_rate = self.config.sampling_rate
+        self._sampling_defaults = sampling_defaults or LOCAL_SAMPLING
+        self.max_new_frames = max_new_frames
+
+    # ---- prompts -------------------------------------------------------------------------
+    def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
+        from ..text.local_prompt import local_conversation
+
+        conversation, mode = local_conversation(request, n_vq=self.config.n_vq,
+                                                audio_vocab_size=self.config.audio_vocab_size,
+                                                encode_voice=encode_voice)
+        prompt = self.prompt_from_conversation(conversation, mode)
+        prompt.info["text_tokens"] = len(self.tokenizer.encode(request.input or ""))
+        prompt.info["duration_frames"] = request.expected_frames
+        return prompt if request.depth is None else self.with_depth(prompt, request.depth)
+
+    def prompt_from_conversation(self, conversation: list, mode: str) -> Prompt:
+        """A conversation as upstream's processor takes it (text/local_prompt.py)."""
+        from ..text.local_prompt import LocalPromptBuilder
+
+        if self._builder is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model was loaded without a tokenizer; give a prompt matrix")
+            self._builder = LocalPromptBuilder(self.tokenizer, self.config)
+        return self.prompt_from_rows(self._builder.build(conversation, mode))
+
+    def prompt_from_rows(self, rows: np.ndarray) -> Prompt:
+        """A prompt matrix as is (e.g. `say --prompt-matrix`), checked against this model; full depth."""
+        rows = np.asarray(rows)
+        cfg = self.config
+        if rows.ndim != 2 or rows.shape[1] != self.columns or rows.shape[0] == 0:
+            raise InvalidRequestError(f"prompt matrix must have shape (T, {self.columns}), got {tuple(rows.shape)}")
+        if not np.issubdtype(rows.dtype, np.integer):
+            raise InvalidRequestError(f"prompt matrix must hold integers, got {rows.dtype}")
+        if rows[:, 0].min() < 0 or rows[:, 0].max() >= cfg.language.vocab_size:
+            raise InvalidRequestError(f"prompt text ids must lie in 0..{cfg.language.vocab_size - 1}")
+        if rows[:, 1:].min() < 0 or rows[:, 1:].max() > cfg.audio_pad_code:
+            raise InvalidRequestError(f"prompt audio codes must lie in 0..{cfg.audio_pad_code}")
+        starts = np.flatnonzero(rows[:, 0] == cfg.audio_start_token_id)
+        # Upstream returns the rows from the last <|audio_start|>; those already in the prompt are the prefix.
+        start_length = len(rows) - int(starts[-1]) - 1 if len(starts) else 0
+        rows = rows.astype(np.int64)
+        return Prompt(rows=rows, start_length=start_length, info={"depth": cfg.n_vq, "matrix": rows})
+
+    def with_depth(self, prompt: Prompt, depth: int) -> Prompt:
+        """The prompt at depth K: channels above K become SKIPPED (not embedded), frames hand K codebooks on."""
+        n = self.config.n_vq
+        if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 1 <= depth <= n:
+            raise InvalidRequestError(f"depth must be an integer in 1..{n} (codebooks per frame), got {depth!r}")
+        rows = prompt.info.get("matrix", prompt.rows).copy()
+        rows[:, 1 + depth :] = SKIPPED
+        info = {**prompt.info, "depth": int(depth), "codebooks": int(depth)}
+        return Prompt(rows=rows, start_length=prompt.start_length, info=info)
+
+    def default_sampling(self) -> SamplingParams:
+        return self._sampling_defaults
+
+    # ---- decode state --------------------------------------------------------------------
+    def new_state(self, max_slots: int, device: torch.device, shared_seed: int | None = None) -> LocalState:
+        n, codes = self.config.n_vq, self.config.audio_vocab_size + 1
+        return LocalState(
+            depth=torch.full((max_slots,), n, dtype=torch.int64, device=device),
+            after_gap=torch.ones(max_slots, dtype=torch.bool, device=device),
+            seen=torch.zeros(max_slots, n, codes, dtype=torch.bool, device=device),
+            text_temperature=torch.ones(max_slots, dtype=torch.float32, device=device),
+            text_top_k=torch.zeros(max_slots, dtype=torch.int64, device=device),
+            text_top_p=torch.ones(max_slots, dtype=torch.float64, device=device),
+            audio_temperature=torch.ones(max_slots, n, dtype=torch.float32, device=device),
+            audio_top_k=torch.zeros(max_slots, n, dtype=torch.int64, device=device),
+            audio_top_p=torch.ones(max_slots, n, dtype=torch.float64, device=device),
+            audio_penalty=torch.ones(max_slots, n, dtype=torch.float32, device=device),
+            generators=[None] * max_slots,
+            shared_generator=None if shared_seed is None else torch.Generator().manual_seed(shared_seed),
+        )
+
+    def admit(self, state: LocalState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
+        cfg, n = self.config, self.config.n_vq
+        sampling.validate()
+        depth = int(prompt.info.get("depth", n))
+        device = state.depth.device
+        rows = prompt.rows
+        codes = torch.from_numpy(rows[:, 1:]).to(device)
+        codes = torch.where(codes >= 0, codes, cfg.audio_pad_code)  # SKIPPED channels are never sampled
+        state.seen[slot] = False
+        state.seen[slot].scatter_(1, codes.T, True)
+        state.depth[slot] = depth
+        state.text_temperature[slot] = float(sampling.text_temperature)
+        state.text_top_k[slot] = int(sampling.text_top_k or 0)
+        state.text_top_p[slot] = float(sampling.text_top_p if sampling.text_top_p is not None else 1.0)
+        for name, table in (("audio_temperature", state.audio_temperature), ("audio_top_p", state.audio_top_p),
+                            ("audio_repetition_penalty", state.audio_penalty)):
+            table[slot] = torch.tensor(sampling.per_codebook(name, n), dtype=table.dtype, device=device)
+        state.audio_top_k[slot] = torch.tensor([int(k) for k in sampling.per_codebook("audio_top_k", n)], device=device)
+        seed = sampling.seed if sampling.seed is not None else int(torch.seed())
+        state.generators[slot] = torch.Generator().manual_seed(seed)
+        prefix, ends_in_gap = self._prefix_segments(rows, depth)
+        state.after_gap[slot] = ends_in_gap
+        return prefix
+
+    def _prefix_segments(self, rows: np.ndarray, depth: int) -> tuple[list[np.ndarray], bool]:
+        """The prompt's audio after its last <|audio_start|> (upstream decodes it with the new frames):
+        runs of rows whose first `depth` codes are not all pad; and whether it ends on a gap."""
+        cfg = self.config
+        starts = np.flatnonzero(rows[:, 0] == cfg.audio_start_token_id)
+        tail = rows[int(starts[-1]) + 1 :, 1:] if len(starts) else rows[:0, 1:]
+        pad = (tail[:, :depth] == cfg.audio_pad_code).all(axis=1)
+        keep = np.concatenate([[False], ~pad, [False]])
+        edges = np.flatnonzero(np.diff(keep.astype(np.int8)))
+        segments = [tail[a:b] for a, b in zip(edges[0::2], edges[1::2])]
+        return segments, len(tail) == 0 or bool(pad[-1])
+
+    def release(self, state: LocalState, slot: int) -> None:
+        state.generators[slot] = None
+
+    # ---- one decode step -----------------------------------------------------------------
+    def step(self, state: LocalState, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
+        """The depth loop for every row at once: one depth-transformer step per channel."""
+        cfg, model = self.config, self.model
+        batch = hidden.shape[0]
+        depth = state.depth[slots]
+        deepest = int(depth.max())
+        cache = model.new_depth_cache(batch, deepest + 1)
+        tokens = torch.full((batch, self.columns), SKIPPED, dtype=torch.int64, device=hidden.device)
+        x = model.depth_input(hidden)
+        for channel in range(deepest + 1):
+            logits = model.depth_logits(x, cache, channel)
+            if channel:
+                logits[:, cfg.audio_pad_code] = float("-inf")
+            active = depth >= channel
+            chosen = self._choose(state, slots, channel, logits, active)
+            tokens[:, channel] = torch.where(active, chosen, SKIPPED)
+            if channel < deepest:
+                x = model.token_input(channel, chosen)
+        finished = tokens[:, 0] == cfg.audio_end_token_id
+        new_segment = state.after_gap[slots]
+        state.after_gap[slots] = False
+        return StepOutput(rows=tokens, frames=tokens[:, 1:], has_frame=torch.ones_like(finished),
+                          new_segment=new_segment, finished=finished)
+
+    def _choose(self, state: LocalState, slots: torch.Tensor, channel: int, logits: torch.Tensor,
+                active: torch.Tensor) -> torch.Tensor:
+        """Every row's token on `channel` (greedy or sampled per its settings); rows past their depth
+        draw nothing. Updates the channel's repetition history."""
+        if channel == 0:
+            temperature, top_k, top_p = state.text_temperature[slots], state.text_top_k[slots], state.text_top_p[slots]
+            penalty = seen = None
+        else:
+            c = channel - 1
+            temperature, top_k = state.audio_temperature[slots, c], state.audio_top_k[slots, c]
+            top_p, penalty = state.audio_top_p[slots, c], state.audio_penalty[slots, c]
+            seen = state.seen[slots, c]
+        drawing = active & (temperature > 0)
+        noise = self._noise(state, slots, drawing, logits.shape[-1], logits.device)
+        if seen is not None and not bool((penalty[drawing] != 1.0).any()):
+            seen = None  # no sampled row is penalised: skip the history
+        chosen = choose(logits, torch.where(active, temperature, 0.0), top_k, top_p, noise, penalty, seen)
+        if channel:
+            rows = slots[active]
+            state.seen[rows, channel - 1, chosen[active]] = True
+        return chosen
+
+    def _noise(self, state: LocalState, slots: torch.Tensor, drawing: torch.Tensor, vocab: int,
+               device: torch.device) -> torch.Tensor | None:
+        """Exponential noise (B, vocab) for the drawing rows, in batch order: one draw per request
+        from its own generator (upstream's one multinomial call per channel), or from the shared one."""
+        rows = torch.nonzero(drawing).flatten().tolist()
+        if not rows:
+            return None
+        noise = torch.ones(len(slots), vocab, device=device)
+        if state.shared_generator is not None:
+            noise[rows] = exponential_noise(len(rows), vocab, state.shared_generator, device)
+            return noise
+        slot_ids = slots.tolist()
+        for row in rows:
+            noise[row] = exponential_noise(1, vocab, state.generators[slot_ids[row]], device)[0]
+        return noise

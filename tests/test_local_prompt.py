@@ -1,0 +1,126 @@
+"""Local prompt matrices against upstream's processor goldens, and SpeechRequest -> conversation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from local_cases import (
+    LOCAL_DIR,
+    N_VQ,
+    TOKENIZER_DIR,
+    conversations,
+    goldens,
+    local_family,
+    meta,
+)
+
+from mossserve.errors import InvalidRequestError
+from mossserve.models.moss_local import SKIPPED
+from mossserve.models.moss_local_config import MossLocalConfig
+from mossserve.speech_request import SpeechRequest
+from mossserve.text.local_prompt import LocalPromptBuilder
+from mossserve.text.tokenizer import TextTokenizer
+
+CASES = list(meta("prompts")["cases"])
+
+
+@pytest.fixture(scope="module")
+def builder() -> LocalPromptBuilder:
+    return LocalPromptBuilder(TextTokenizer.from_dir(TOKENIZER_DIR), MossLocalConfig.from_file(LOCAL_DIR / "config.json"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prompt_matrices_match_the_processor(builder: LocalPromptBuilder, case: str) -> None:
+    batch, mode = conversations(case)
+    ids, mask = builder(batch, mode)
+    g = goldens("prompts")
+    assert np.array_equal(ids, g[f"{case}.input_ids"])
+    assert np.array_equal(mask, g[f"{case}.attention_mask"].astype(bool))
+
+
+def test_every_prompt_case_is_checked() -> None:
+    assert set(CASES) == {"tts_zh", "tts_en", "tts_pinyin", "clone", "clone_two_speakers_fields", "continuation",
+                          "continuation_clone", "assistant_merge_placeholders", "batch_zh_clone2"}
+
+
+def test_rendered_text_column(builder: LocalPromptBuilder) -> None:
+    """The text column decodes to upstream's rendered string (generation mode opens the audio)."""
+    info = meta("prompts")["cases"]["clone"]
+    batch, mode = conversations("clone")
+    ids, _ = builder(batch, mode)
+    assert ids[0, :, 0].tolist() == info["text_column_ids"][0]
+    assert ids[0, -1, 0] == 151652 and (ids[0, -1, 1:] == 1024).all()
+
+
+def _golden_rows(case: str) -> np.ndarray:
+    g = goldens("prompts")
+    mask = g[f"{case}.attention_mask"][0].astype(bool)
+    return g[f"{case}.input_ids"][0][mask]
+
+
+@pytest.mark.parametrize("case,request_fields", [
+    ("tts_en", {"input": "Hello there! This is a tiny test of the MOSS local transformer."}),
+    ("tts_zh", {"input": "今天天气真不错，我们一起去公园散步吧。"}),
+    ("tts_pinyin", {"input": "nin2 hao3，qing3 wen4 nin2 lai2 zi4 na3 zuo4 cheng2 shi4？", "language": "Chinese"}),
+    ("clone", {"input": "Please read this sentence in the reference voice.", "voice": "clone"}),
+])
+def test_speech_requests_build_the_processor_prompts(case: str, request_fields: dict) -> None:
+    fields = dict(request_fields)
+    if "voice" in fields:
+        fields["voice"] = goldens("prompts")[f"ref.{fields['voice']}"]
+    prompt = local_family(with_tokenizer=True).build_prompt(SpeechRequest(**fields))
+    assert np.array_equal(prompt.rows, _golden_rows(case))
+    assert prompt.start_length == 0 and prompt.info["depth"] == N_VQ and "codebooks" not in prompt.info
+
+
+def test_request_fields_fill_the_template() -> None:
+    """Instruction, duration tokens and language land in the user template; continuation puts the
+    voice in the reference and as the assistant's prefix, with the transcript before the text."""
+    fam = local_family(with_tokenizer=True)
+    voice = goldens("prompts")["ref.cont"]
+    prompt = fam.build_prompt(SpeechRequest(input="Hello.", instructions=" Speak slowly. ", duration_tokens=40,
+                                            language="English"))
+    text = fam.tokenizer.decode(prompt.rows[:, 0].tolist())
+    assert "- Instruction:\nSpeak slowly.\n- Tokens:\n40\n" in text and "- Language:\nEnglish\n" in text
+    cont = fam.build_prompt(SpeechRequest(input="And more.", voice=voice, reference_text="Some words."))
+    assert cont.start_length == len(voice)
+    assert np.array_equal(cont.rows[-len(voice):, 1:], voice)
+    assert (cont.rows[-len(voice):, 0] == 151656).all()
+    assert "Some words. And more." in fam.tokenizer.decode(cont.rows[:, 0].tolist())
+
+
+def test_depth_masks_channels_above_k_and_keeps_the_matrix() -> None:
+    fam = local_family(with_tokenizer=True)
+    prompt = fam.build_prompt(SpeechRequest(input="Hi.", voice=goldens("prompts")["ref.clone"], depth=8))
+    assert prompt.info["depth"] == prompt.info["codebooks"] == 8
+    assert (prompt.rows[:, 9:] == SKIPPED).all()
+    assert np.array_equal(prompt.rows[:, :9], prompt.info["matrix"][:, :9])
+    assert (prompt.info["matrix"][:, 9:] != SKIPPED).all()
+    again = fam.with_depth(prompt, 16)  # always derived from the processor's matrix
+    assert np.array_equal(again.rows[:, :17], prompt.info["matrix"][:, :17]) and (again.rows[:, 17:] == SKIPPED).all()
+
+
+@pytest.mark.parametrize("depth", [0, 33, -1, 2.5, True])
+def test_depth_out_of_range_is_refused(depth) -> None:
+    fam = local_family(with_tokenizer=True)
+    prompt = fam.prompt_from_rows(_golden_rows("tts_en"))
+    with pytest.raises(InvalidRequestError, match="depth must be an integer in 1..32"):
+        fam.with_depth(prompt, depth)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"input": "x", "task": "dialogue"}, "only the tts task"),
+    ({"input": "[S1] x", "speakers": [{"voice": None}]}, "speakers"),
+    ({"input": "x", "reference_text": "y"}, "give the voice too"),
+])
+def test_unsupported_requests_are_refused(fields: dict, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        local_family(with_tokenizer=True).build_prompt(SpeechRequest(**fields))
+
+
+def test_delay_requests_refuse_depth() -> None:
+    from mossserve.text.delay_requests import delay_conversation
+
+    with pytest.raises(InvalidRequestError, match="depth is used only by the Local model"):
+        delay_conversation(SpeechRequest(input="x", depth=4), n_vq=32, audio_vocab_size=1024)
+    with pytest.raises(InvalidRequestError, match="depth must be a positive integer"):
+        SpeechRequest(input="x", depth=0)
