@@ -3,6 +3,8 @@
 The Delay family samples its text head with one setting and its audio heads with another; audio
 settings may be given per codebook (a sequence of n_vq values) as well as one value for all.
 A temperature <= 0 means greedy (argmax) for that head group, as in the reference.
+`audio_repetition_window` limits the repetition history to the last N generated frames (the
+Realtime family's window; 0 = the whole history, which is what the Delay family always uses).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class SamplingParams:
     audio_top_p: PerCodebook = 0.8
     audio_top_k: Union[int, Sequence[int]] = 25
     audio_repetition_penalty: PerCodebook = 1.0
+    audio_repetition_window: int = 0
     seed: int | None = None
 
     @classmethod
@@ -48,6 +51,10 @@ class SamplingParams:
             if f.name == "seed":
                 if value is not None and (not isinstance(value, int) or value < 0):
                     raise InvalidRequestError(f"seed must be a non-negative integer, got {value!r}")
+                continue
+            if f.name == "audio_repetition_window":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise InvalidRequestError(f"audio_repetition_window must be a non-negative integer (0 = all), got {value!r}")
                 continue
             values = [value] if isinstance(value, (int, float)) else list(value)
             for v in values:

@@ -1,0 +1,254 @@
+"""The Realtime family (MOSS-TTS-Realtime) behind the seam: the offline path (README §5.8).
+
+A plain request becomes the offline prompt (system prompt, voice context, `<|im_start|>assistant\\n`)
+plus the prefill rows: the first P = min(n, 12) text ids with BOS in codebook 0 of the last.
+Per slot the state keeps the text ids still to feed, the sampling settings and the repetition
+history; each `step` runs the local depth loop for the whole batch at once (one local-transformer
+call per codebook position) and returns `[next text id or <|text_pad|>, frame]` as the next row.
+A frame whose codebook 0 is EOS (1026) ends the request and is not handed on.
+
+Randomness follows the reference: one multinomial per codebook per frame, in codebook order,
+each from the request's own generator, so a seeded request replays the reference's seeded run
+alone or in a batch. The repetition history is per request, per codebook: token counts over the
+last `audio_repetition_window` frames (0: all), kept with a ring of those frames so that a frame
+leaving the window is subtracted; the first frame is never penalised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InvalidRequestError
+from ..layers.sampler import apply_repetition_penalty, exponential_noise
+from ..sampling import SamplingParams
+from ..speech_request import EncodeVoice, SpeechRequest
+from .family import Prompt, StepOutput, TalkerFamily
+from .moss_realtime import MossRealtimeModel
+from .moss_realtime_config import MossRealtimeConfig
+from .moss_realtime_sampling import sample_codes
+
+# The reference's generation defaults (inferencer.py, the model card); window 50 frames.
+DEFAULT_SAMPLING = SamplingParams(audio_temperature=0.8, audio_top_p=0.6, audio_top_k=30,
+                                  audio_repetition_penalty=1.1, audio_repetition_window=50)
+DEFAULT_MAX_LENGTH = 1000  # inferencer.py's max_length: steps after the first frame, so 1001 frames at most
+UNSUPPORTED_FIELDS = ("reference_text", "instructions", "duration_tokens", "duration_seconds", "speakers")
+
+
+@dataclass
+class RealtimeState:
+    text: torch.Tensor  # (S, cap) int64: assistant text ids still to feed after the prefill
+    text_len: torch.Tensor  # (S,) int64
+    text_pos: torch.Tensor  # (S,) int64: next id to feed
+    frames: torch.Tensor  # (S,) int64: frames generated so far
+    counts: torch.Tensor  # (S, 16, codes) int32: history tokens per codebook within the window
+    ring: torch.Tensor  # (S, W, 16) int64: the last `window` frames, frame k at k % window
+    window: torch.Tensor  # (S,) int64, 0 = the whole history
+    temperature: torch.Tensor  # (S, 16) float32, <= 0 greedy
+    top_k: torch.Tensor  # (S, 16) int64, 0 = off
+    top_p: torch.Tensor  # (S, 16) float64: 1 - p is formed in double, as the reference's Python float
+    penalty: torch.Tensor  # (S, 16) float32
+    generators: list[torch.Generator | None]
+
+
+class MossRealtimeFamily(TalkerFamily):
+    def __init__(self, model: MossRealtimeModel, tokenizer, max_new_frames: int = DEFAULT_MAX_LENGTH + 1,
+                 sampling_defaults: SamplingParams | None = None) -> None:
+        self.model = model
+        self.config: MossRealtimeConfig = model.config
+        self.backbone_config = self.config.language
+        self.tokenizer = tokenizer
+        self.codebooks = self.config.rvq
+        self.columns = 1 + self.config.rvq
+        self.sample_rate = self.config.sampling_rate
+        self.max_new_frames = max_new_frames
+        self._sampling_defaults = sampling_defaults or DEFAULT_SAMPLING
+        self._builder = None
+
+    # ---- prompts -------------------------------------------------------------------------
+    @property
+    def builder(self):
+        from ..text.realtime_prompt import RealtimePromptBuilder
+
+        if self._builder is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model was loaded without a tokenizer; give a prompt matrix")
+            self._builder = RealtimePromptBuilder(self.tokenizer, self.config)
+        return self._builder
+
+    def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
+        """The offline path: system prompt (+ voice context) + assistant start + prefill rows."""
+        given = [name for name in UNSUPPORTED_FIELDS if getattr(request, name) is not None]
+        if given or request.mode == "continuation":
+            raise InvalidRequestError(f"MOSS-TTS-Realtime takes input and voice only; not {', '.join(given or ['continuation'])}")
+        if not request.input:
+            raise InvalidRequestError("input text is required")
+        voice = request.voice
+        if voice is not None and not isinstance(voice, np.ndarray):
+            if encode_voice is None:
+                raise InvalidRequestError("a reference audio voice needs a codec to encode it; give codes (frames, 16)")
+            voice = encode_voice(Path(voice))
+        voice = None if voice is None else self.builder.check_codes(voice, "voice")
+        return self.offline_prompt(self.tokenizer.encode(request.input), voice)
+
+    def offline_prompt(self, text_ids: list[int], voice: np.ndarray | None = None) -> Prompt:
+        """Prompt for assistant text ids and optional time-major voice codes (T, 16)."""
+        from ..text.realtime_prompt import prefill_length
+
+        prefilled = prefill_length(len(text_ids), ended=False)
+        rows = np.concatenate([self.builder.offline(voice), self.builder.prefill(text_ids[:prefilled])])
+        return self.prompt_from_rows(rows, text_ids[prefilled:], text_tokens=len(text_ids))
+
+    def prompt_from_rows(self, rows: np.ndarray, text_ids: list[int] | tuple = (), text_tokens: int | None = None) -> Prompt:
+        """A prompt matrix as is (its last row starts the audio), then `text_ids` fed one per step."""
+        rows = np.asarray(rows)
+        cfg = self.config
+        if rows.ndim != 2 or rows.shape[1] != self.columns or rows.shape[0] == 0:
+            raise InvalidRequestError(f"prompt matrix must have shape (T, {self.columns}), got {tuple(rows.shape)}")
+        if not np.issubdtype(rows.dtype, np.integer):
+            raise InvalidRequestError(f"prompt matrix must hold integers, got {rows.dtype}")
+        ids = np.asarray(text_ids, dtype=np.int64)
+        for name, values in (("prompt text ids", rows[:, 0]), ("text ids", ids)):
+            if len(values) and (values.min() < 0 or values.max() >= cfg.language.vocab_size):
+                raise InvalidRequestError(f"{name} must lie in 0..{cfg.language.vocab_size - 1}")
+        if rows[:, 1:].min() < 0 or rows[:, 1:].max() > cfg.audio_eos_code:
+            raise InvalidRequestError(f"prompt audio codes must lie in 0..{cfg.audio_eos_code}")
+        info = {"text_ids": ids, "runaway_guard": True,
+                "text_tokens": int(text_tokens if text_tokens is not None else len(ids))}
+        return Prompt(rows=rows.astype(np.int64), info=info)
+
+    def default_sampling(self) -> SamplingParams:
+        return self._sampling_defaults
+
+    # ---- decode state --------------------------------------------------------------------
+    def new_state(self, max_slots: int, device: torch.device) -> RealtimeState:
+        n, codes = self.codebooks, self.config.audio_vocab_size
+        i64 = {"dtype": torch.int64, "device": device}
+        return RealtimeState(
+            text=torch.zeros(max_slots, 1, **i64),
+            text_len=torch.zeros(max_slots, **i64),
+            text_pos=torch.zeros(max_slots, **i64),
+            frames=torch.zeros(max_slots, **i64),
+            counts=torch.zeros(max_slots, n, codes, dtype=torch.int32, device=device),
+            ring=torch.zeros(max_slots, 1, n, **i64),
+            window=torch.zeros(max_slots, **i64),
+            temperature=torch.ones(max_slots, n, dtype=torch.float32, device=device),
+            top_k=torch.zeros(max_slots, n, **i64),
+            top_p=torch.ones(max_slots, n, dtype=torch.float64, device=device),
+            penalty=torch.ones(max_slots, n, dtype=torch.float32, device=device),
+            generators=[None] * max_slots,
+        )
+
+    def admit(self, state: RealtimeState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
+        sampling.validate()
+        n, device = self.codebooks, state.text.device
+        self.restart(state, slot, prompt.info.get("text_ids", ()))
+        window = int(sampling.audio_repetition_window)
+        if window > state.ring.shape[1]:
+            state.ring = _grow(state.ring, 1, window, 0)
+        state.window[slot] = window
+        for name, table in (("audio_temperature", state.temperature), ("audio_top_p", state.top_p),
+                            ("audio_repetition_penalty", state.penalty)):
+            table[slot] = torch.tensor(sampling.per_codebook(name, n), dtype=table.dtype, device=device)
+        state.top_k[slot] = torch.tensor([int(k) for k in sampling.per_codebook("audio_top_k", n)], device=device)
+        seed = sampling.seed if sampling.seed is not None else int(torch.seed())
+        state.generators[slot] = torch.Generator().manual_seed(seed)
+        return []
+
+    def restart(self, state: RealtimeState, slot: int, text_ids: list[int] | tuple = ()) -> None:
+        """A new turn in the same slot (a streaming session): the repetition history and the frame count
+        start over, the generator goes on, and `text_ids` become the ids still to feed."""
+        ids = torch.as_tensor(np.asarray(text_ids, dtype=np.int64), device=state.text.device)
+        if len(ids) > state.text.shape[1]:
+            state.text = _grow(state.text, 1, len(ids), 0)
+        state.text[slot, : len(ids)] = ids
+        state.text_len[slot], state.text_pos[slot], state.frames[slot] = len(ids), 0, 0
+        state.counts[slot] = 0
+
+    def release(self, state: RealtimeState, slot: int) -> None:
+        state.generators[slot] = None
+
+    # ---- one decode step -----------------------------------------------------------------
+    def step(self, state: RealtimeState, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
+        cfg = self.config
+        frames = self.depth_loop(state, hidden, slots)
+        self._remember(state, slots, frames)
+        pos, length = state.text_pos[slots], state.text_len[slots]
+        text = state.text[slots, pos.clamp(max=state.text.shape[1] - 1)]
+        text = torch.where(pos < length, text, cfg.text_pad_id)
+        first = state.frames[slots] == 0
+        state.text_pos[slots] = pos + 1
+        state.frames[slots] += 1
+        finished = frames[:, 0] == cfg.audio_eos_code
+        return StepOutput(rows=torch.cat([text[:, None], frames], dim=1), frames=frames, has_frame=~finished,
+                          new_segment=~finished & first, finished=finished)
+
+    def depth_loop(self, state: RealtimeState, hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One frame per row: hidden (B, H) -> codes (B, 16), one batched local step per codebook."""
+        local, batch = self.model.local, hidden.shape[0]
+        cache = local.new_cache(batch, hidden.device, hidden.dtype)
+        penalty = torch.where((state.frames[slots] > 0)[:, None], state.penalty[slots], 1.0)
+        seen = state.counts[slots] > 0
+        temperature, top_k, top_p = state.temperature[slots], state.top_k[slots], state.top_p[slots]
+        codes = torch.empty(batch, self.codebooks, dtype=torch.int64, device=hidden.device)
+        x = hidden
+        for i in range(self.codebooks):
+            logits = apply_repetition_penalty(local.step(x, i, cache), seen[:, i], penalty[:, i])
+            noise = self._noise(state, slots, temperature[:, i] > 0, logits.shape[-1], hidden.device)
+            codes[:, i] = sample_codes(logits, temperature[:, i], top_k[:, i], top_p[:, i], noise)
+            if i + 1 < self.codebooks:
+                x = local.embed_codes(i, codes[:, i])
+        return codes
+
+    def _noise(self, state: RealtimeState, slots: torch.Tensor, drawing: torch.Tensor, vocab: int,
+               device: torch.device) -> torch.Tensor | None:
+        """Exponential noise (B, vocab) for the rows that draw, each from its request's generator."""
+        if not bool(drawing.any()):
+            return None
+        noise = torch.ones(len(slots), vocab, device=device)
+        for row in torch.nonzero(drawing).flatten().tolist():
+            noise[row] = exponential_noise(1, vocab, state.generators[int(slots[row])], device)[0]
+        return noise
+
+    def _remember(self, state: RealtimeState, slots: torch.Tensor, frames: torch.Tensor) -> None:
+        """Add this frame to each row's history; the frame `window` frames back leaves it."""
+        k, window = state.frames[slots], state.window[slots]
+        windowed = window > 0
+        index = torch.where(windowed, k % window.clamp(min=1), 0)
+        leaving = (windowed & (k >= window)).int()
+        counts = state.counts[slots]
+        old = state.ring[slots, index]
+        counts.scatter_add_(2, old[:, :, None], -leaving[:, None, None].expand(-1, self.codebooks, 1).contiguous())
+        counts.scatter_add_(2, frames[:, :, None], torch.ones_like(frames[:, :, None], dtype=torch.int32))
+        state.counts[slots] = counts
+        state.ring[slots, index] = frames
+
+
+def _grow(table: torch.Tensor, dim: int, size: int, fill: int) -> torch.Tensor:
+    """`table` widened along `dim` to at least `size` (doubling), old contents kept."""
+    shape = list(table.shape)
+    shape[dim] = max(size, 2 * shape[dim])
+    out = torch.full(shape, fill, dtype=table.dtype, device=table.device)
+    out.narrow(dim, 0, table.shape[dim]).copy_(table)
+    return out
+
+
+def is_realtime_config(config: dict) -> bool:
+    """A MOSS-TTS-Realtime config.json (model_type or architectures)."""
+    return config.get("model_type") == "moss_tts_realtime" or "MossTTSRealtime" in (config.get("architectures") or [])
+
+
+def load_realtime(model_dir: Path, name: str, config: dict, device: torch.device, dtype: torch.dtype) -> TalkerFamily:
+    """Config, weights (strict) and tokenizer of a Realtime checkpoint directory -> the family.
+    `name` is what the caller asked for (a hub id or path); kept for the registry's signature."""
+    from ..text.tokenizer import TextTokenizer
+    from .moss_realtime import load_realtime_model
+
+    realtime_config = MossRealtimeConfig.from_dict(config, str(Path(model_dir) / "config.json"))
+    model = load_realtime_model(Path(model_dir), realtime_config, device, dtype)
+    tokenizer = TextTokenizer.from_dir(model_dir)
+    family = MossRealtimeFamily(model, tokenizer)
+    family.source = Path(model_dir)
+    return family
