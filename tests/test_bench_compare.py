@@ -1,0 +1,79 @@
+"""`bench --compare-upstream`: mossserve on a directory laid out as upstream_delay.py writes it.
+
+The directory is assembled from the Delay fixture: its checkpoint, greedy cases' prompts as
+`requests/NN.prompt.npy`, and the reference's generated rows (the fixture goldens) as
+`upstream_generation.npz`; the timing figures in `upstream_bench.json` are inputs (only ratios
+are computed from them)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DELAY_DIR, TOKENIZER_DIR
+from delay_cases import generation_cases
+
+from mossserve.bench.compare import run_compare_upstream
+from mossserve.errors import InvalidRequestError
+
+CASES = ("continuation", "tts", "clone", "duration_language")
+
+
+def upstream_dir(root: Path) -> Path:
+    checkpoint = DELAY_DIR / "tiny_nvq32"
+    for name in ("config.json", "model.safetensors"):
+        (root / name).symlink_to(checkpoint / name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / name).symlink_to(TOKENIZER_DIR / name)
+    (root / "requests").mkdir()
+    cases = {c.name: c for c in generation_cases(checkpoint)}
+    rows = {}
+    for i, name in enumerate(CASES):
+        case = cases[name]
+        assert len(case.prompts) == 1 and case.sampling.audio_temperature == 0
+        np.save(root / "requests" / f"{i:02d}.prompt.npy", case.prompts[0])
+        rows[f"{i:02d}"] = case.golden["new_rows"][0]
+    np.savez(root / "upstream_generation.npz", **rows)
+    steps = max(r.shape[0] for r in rows.values())
+    (root / "upstream_bench.json").write_text(json.dumps({
+        "steps_per_request": steps, "upstream_sequential_audio_s_per_s": 2.0, "upstream_batch16_audio_s_per_s": 4.0}))
+    return root
+
+
+def test_rows_equal_the_reference_and_figures_are_reported(tmp_path: Path) -> None:
+    result = run_compare_upstream(upstream_dir(tmp_path))
+    assert result["rows_equal"] is True and result["first_divergence"] is None
+    assert result["requests"] == len(CASES)
+    for key in ("mossserve_1_audio_s_per_s", "mossserve_16_audio_s_per_s", "ratio_1", "ratio_16"):
+        assert result[key] > 0
+    assert result["ratio_1"] == pytest.approx(result["mossserve_1_audio_s_per_s"] / 2.0, rel=1e-2)
+    assert result["ratio_16"] == pytest.approx(result["mossserve_16_audio_s_per_s"] / 4.0, rel=1e-2)
+
+
+def test_the_first_divergence_is_reported(tmp_path: Path) -> None:
+    root = upstream_dir(tmp_path)
+    with np.load(root / "upstream_generation.npz") as data:
+        rows = {k: data[k].copy() for k in data.files}
+    rows["02"][3, 5] += 1
+    np.savez(root / "upstream_generation.npz", **rows)
+    result = run_compare_upstream(root)
+    assert result["rows_equal"] is False
+    assert result["first_divergence"]["request"] == 2
+    assert (result["first_divergence"]["step"], result["first_divergence"]["column"]) == (3, 5)
+    assert result["first_divergence"]["reference"] == result["first_divergence"]["mossserve"] + 1
+
+
+def test_a_directory_without_the_reference_files_is_refused(tmp_path: Path) -> None:
+    root = upstream_dir(tmp_path)
+    (root / "upstream_generation.npz").unlink()
+    with pytest.raises(InvalidRequestError, match="upstream_generation.npz is missing"):
+        run_compare_upstream(root)
+
+
+def test_the_command_prints_one_json_object(tmp_path: Path, capsys) -> None:
+    from mossserve.cli import main
+
+    assert main(["bench", "--compare-upstream", str(upstream_dir(tmp_path)), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["rows_equal"] is True and result["ratio_16"] > 0
