@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,12 +24,13 @@ import numpy as np
 from .config import ChunkSchedule, EngineConfig
 from .engine.engine import Engine
 from .engine.request import AudioChunk, Generation
-from .errors import MossServeError, RequestAborted
+from .errors import InvalidRequestError, MossServeError, RequestAborted
 from .models.config_utils import read_json
 from .models.family import Prompt, TalkerFamily
 from .models.registry import load_codec, load_talker
 from .sampling import SamplingParams
 from .speech_request import SpeechRequest
+from .text.realtime_session import SessionScript
 
 DEMO_MODEL = Path(__file__).parent / "demo" / "moss_tts_tiny"
 DEFAULT_MOSS_CODEC = "OpenMOSS-Team/MOSS-Audio-Tokenizer"
@@ -140,11 +142,14 @@ class TTS:
     def run(self, prompts: list[Prompt], sampling: SamplingParams | list[SamplingParams] | None = None,
             max_new_frames: int | None = None, decode_audio: bool = True, schedule: ChunkSchedule | None = None,
             on_chunk: Callable[[int, AudioChunk], None] | None = None,
-            raise_errors: bool = True) -> list[tuple[Generation, Audio | None]]:
+            raise_errors: bool = True, session: str | None = None) -> list[tuple[Generation, Audio | None]]:
         """Run prompts through continuous batching; per prompt its generation and (with
         `decode_audio`) its audio. `on_chunk(index, chunk)` sees every chunk as it arrives.
         A request that fails raises, or with `raise_errors=False` comes back with
-        `finish_reason == "error"`, its message in `generation.error` and no audio."""
+        `finish_reason == "error"`, its message in `generation.error` and no audio. With `session`,
+        the prompts are turns of that session (one at a time: each continues the context)."""
+        if session is not None and len(prompts) != 1:
+            raise InvalidRequestError("a session takes one turn at a time")
         samplings = sampling if isinstance(sampling, list) else [sampling or self.talker.default_sampling()] * len(prompts)
         outbox: queue.Queue = queue.Queue()
         engine, ids = self.engine, []
@@ -152,7 +157,7 @@ class TTS:
             for index, (prompt, params) in enumerate(zip(prompts, samplings)):
                 ids.append(engine.add_request(prompt, params, lambda c, i=index: outbox.put((i, c)),
                                               max_new_frames=max_new_frames, schedule=schedule,
-                                              decode_audio=decode_audio).id)
+                                              decode_audio=decode_audio, session=session).id)
             chunks: list[list[AudioChunk]] = [[] for _ in prompts]
             open_count = len(prompts)
             while open_count:
@@ -166,6 +171,30 @@ class TTS:
                 engine.abort(request_id)
             raise
         return [self._result(c, decode_audio, raise_errors) for c in chunks]
+
+    def run_session(self, script: SessionScript, sampling: SamplingParams | None = None,
+                    max_new_frames: int | None = None, decode_audio: bool = True,
+                    on_chunk: Callable[[int, AudioChunk], None] | None = None) -> list[tuple[Generation, Audio | None]]:
+        """A session script's turns in order (CONTRACTS.md), each continuing the context of the
+        turns before it, a fresh context at `new_context`; per turn its generation and audio."""
+        if not self.talker.supports_sessions:
+            raise InvalidRequestError("this model does not run session scripts (multi-turn contexts)")
+        engine, results, session = self.engine, [], None
+        try:
+            for index, turn in enumerate(script.turns):
+                first = session is None or turn.new_context
+                if first:
+                    if session is not None:
+                        engine.close_session(session)
+                    session = f"script-{uuid.uuid4().hex}"
+                prompt = self.talker.turn_prompt(turn, first, script.voice)
+                results += self.run([prompt], sampling, max_new_frames, decode_audio,
+                                    on_chunk=on_chunk and (lambda _, chunk, i=index: on_chunk(i, chunk)),
+                                    session=session)
+        finally:
+            if session is not None:
+                engine.close_session(session)
+        return results
 
     def stream(self, request: SpeechRequest | Prompt, sampling: SamplingParams | None = None,
                max_new_frames: int | None = None, schedule: ChunkSchedule | None = None) -> Iterator[AudioChunk]:

@@ -56,6 +56,7 @@ class EngineConfig:
     prefill_tokens: int = 512  # prompt tokens prefilled per engine step, so long prompts do not stall decoding
     chunk_schedule: ChunkSchedule = field(default_factory=ChunkSchedule)
     max_chunk_frames: int = 25  # the largest chunk a request's schedule may ask for
+    max_sessions: int = 64  # open sessions (multi-turn contexts); idle ones give their slots up when needed
     codec_streams: int | None = None  # concurrent codec streams (default: 2 x max_running)
     runaway: RunawayGuard = field(default_factory=RunawayGuard)
     cuda_graphs: bool = True  # capture decode steps on CUDA

@@ -79,16 +79,18 @@ class AsyncEngine:
 
     def submit(self, request: SpeechRequest | Prompt, sampling: SamplingParams | None = None, *,
                request_id: str | None = None, max_new_frames: int | None = None,
-               schedule: ChunkSchedule | None = None, decode_audio: bool = True) -> RequestStream:
-        """Queue a request (from a running event loop); iterate the result for its chunks."""
+               schedule: ChunkSchedule | None = None, decode_audio: bool = True,
+               session: str | None = None) -> RequestStream:
+        """Queue a request (from a running event loop); iterate the result for its chunks. With
+        `session`, the request is that session's next turn (docs/engine.md, "Sessions")."""
         stream = RequestStream(self)
         stream._started = asyncio.ensure_future(self._start(stream, request, sampling, request_id, max_new_frames,
-                                                            schedule, decode_audio))
+                                                            schedule, decode_audio, session))
         return stream
 
     async def _start(self, stream: RequestStream, request: SpeechRequest | Prompt, sampling: SamplingParams | None,
                      request_id: str | None, max_new_frames: int | None, schedule: ChunkSchedule | None,
-                     decode_audio: bool) -> None:
+                     decode_audio: bool, session: str | None) -> None:
         prompt = request if isinstance(request, Prompt) else await self.prompt(request)
         stream.prompt = prompt
         loop, chunks = asyncio.get_running_loop(), stream._chunks
@@ -98,7 +100,7 @@ class AsyncEngine:
 
         handle = self.tts.engine.add_request(prompt, sampling or self.tts.talker.default_sampling(), sink,
                                              request_id=request_id, max_new_frames=max_new_frames,
-                                             schedule=schedule, decode_audio=decode_audio)
+                                             schedule=schedule, decode_audio=decode_audio, session=session)
         stream.request_id = handle.id
 
     async def prompt(self, request: SpeechRequest) -> Prompt:
@@ -114,6 +116,13 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> bool:
         return self.tts.engine.abort(request_id)
+
+    def push_input(self, request_id: str, piece: object = None, end: bool = False) -> bool:
+        """Input for a running request whose prompt is open (a turn's text arriving while it speaks)."""
+        return self.tts.engine.push_input(request_id, piece, end)
+
+    def close_session(self, session_id: str) -> bool:
+        return self.tts.engine.close_session(session_id)
 
     def stats(self) -> dict:
         """Running and queued requests, cache slots in use, codec streams, speaker cache."""

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from typing import Callable
 
 import numpy as np
 import torch
 
 from ..config import ChunkSchedule, EngineConfig
-from ..errors import InvalidRequestError
+from ..errors import EngineFullError, InvalidRequestError
 from ..models.codecs.base import Codec
 from ..models.family import Prompt, TalkerFamily
 from ..sampling import SamplingParams
@@ -28,6 +29,7 @@ from .codec_runner import CodecRunner
 from .pipeline import Pipeline, frame_width
 from .request import AudioChunk, EngineRequest, Sink, Status
 from .scheduler import Scheduler
+from .sessions import Session, Sessions
 from .talker_runner import TalkerRunner
 from .worker import Worker
 
@@ -53,6 +55,8 @@ class Engine:
         self._lock = threading.Condition()
         self._live: dict[str, EngineRequest] = {}
         self._endings: list[tuple[EngineRequest, Status, str, str | None]] = []  # asked from other threads
+        self.sessions = Sessions(config.max_sessions)
+        self._session_closes: list[str] = []  # asked from other threads
         self._ids = itertools.count()
         self._worker = Worker("mossserve-engine", self._lock, self._has_work, self.step, self._crashed)
         self.counts = {"finished": 0, "aborted": 0, "failed": 0, "steps": 0}
@@ -60,14 +64,18 @@ class Engine:
     # ---- the caller's side (any thread) --------------------------------------------------
     def add_request(self, prompt: Prompt, sampling: SamplingParams, sink: Sink, *, request_id: str | None = None,
                     max_new_frames: int | None = None, schedule: ChunkSchedule | None = None,
-                    decode_audio: bool = True, guard: bool = True) -> EngineRequest:
+                    decode_audio: bool = True, guard: bool = True, session: str | None = None) -> EngineRequest:
         """Queue a request; its chunks go to `sink` (from the engine's threads), the last one `final`.
+        With `session`, the request is the next turn of that session (engine/sessions.py): its prompt
+        continues the context of the session's earlier turns.
 
         Raises InvalidRequestError for a request that cannot run and EngineFullError when the
         queue is full; nothing is queued then."""
         sampling.validate()
         schedule = schedule or self.config.chunk_schedule
         schedule.validate(self.config.max_chunk_frames)
+        if session is not None and not self.family.supports_sessions:
+            raise InvalidRequestError("this model does not keep sessions (multi-turn contexts)")
         length = len(prompt.rows)
         if length >= self.max_len:
             raise InvalidRequestError(f"the prompt has {length} positions; this engine allows {self.max_len} "
@@ -85,15 +93,81 @@ class Engine:
             frame_bound=self.config.runaway.frame_bound(prompt.info.get("text_tokens"),
                                                         prompt.info.get("duration_frames")) if guard else None,
             repeat_limit=self.config.runaway.repeat_frames if guard else None,
-            schedule=schedule, decode_audio=decode_audio,
+            schedule=schedule, decode_audio=decode_audio, open=bool(prompt.info.get("open", False)),
         )
         with self._lock:
             if request.id in self._live:
                 raise InvalidRequestError(f"request id {request.id!r} is already in use")
-            self.scheduler.add(request)
+            if session is not None:
+                request.session = self._join_session(session, request)
+            try:
+                self.scheduler.add(request)
+            except EngineFullError:
+                if request.session is not None:
+                    request.session.turn = None
+                raise
             self._live[request.id] = request
             self._lock.notify()
         return request
+
+    def _join_session(self, session_id: str, request: EngineRequest):
+        """The session `request` is the next turn of (the caller holds the lock)."""
+        session = self.sessions.open(session_id)
+        room = self.max_len - session.fed - request.prompt_length
+        if room <= 0:
+            raise InvalidRequestError(f"session {session_id!r} holds {session.fed} positions; with this turn's "
+                                      f"{request.prompt_length} it would pass the engine's {self.max_len}: "
+                                      "start a new session")
+        request.max_new_frames = min(request.max_new_frames, room)
+        session.turn = request
+        return session
+
+    def push_input(self, request_id: str, piece: object = None, end: bool = False) -> bool:
+        """Input for a running request whose prompt is open (text arriving while it speaks), in order;
+        `end=True` says no more comes. False if the request is unknown, over, or takes no input."""
+        with self._lock:
+            request = self._live.get(request_id)
+            if request is None or request.status.done or not request.prompt.info.get("open"):
+                return False
+            request.inputs.append((piece, end))
+            self._lock.notify()
+        return True
+
+    def _apply_inputs(self, request: EngineRequest) -> None:
+        """Hand the request's pushed input to its family (engine thread, in order)."""
+        with self._lock:
+            inputs, request.inputs = request.inputs, []
+        try:
+            for piece, end in inputs:
+                update = self.family.push_input(self.runner.state, request.slot, piece, end)
+                if update.prompt_rows is not None:
+                    prompt = request.prompt
+                    request.prompt = Prompt(np.concatenate([prompt.rows, update.prompt_rows]), prompt.start_length,
+                                            prompt.info)
+                if update.seal:
+                    request.open = False
+                if update.next_row is not None:
+                    self.runner.next_rows[request.slot] = torch.as_tensor(update.next_row, device=self.runner.next_rows.device)
+                    request.rows[-1] = np.asarray(update.next_row)
+                    request.waiting_input = False
+        except Exception as e:  # noqa: BLE001 - bad input fails its request only
+            self._end(request, Status.FAILED, "error", _message(e))
+
+    def _can_progress(self, request: EngineRequest) -> bool:
+        if request.inputs:
+            return True
+        if request.status is Status.PREFILL:
+            return request.prefilled < request.prompt_length or not request.open
+        return request.status is Status.DECODING and not request.waiting_input
+
+    def close_session(self, session_id: str) -> bool:
+        """Forget a session: its turn in flight is aborted and its slot freed; False if unknown."""
+        with self._lock:
+            if session_id not in self.sessions.by_id or session_id in self._session_closes:
+                return False
+            self._session_closes.append(session_id)
+            self._lock.notify()
+        return True
 
     def abort(self, request_id: str) -> bool:
         """End a request now, wherever it is; False if it is unknown or already over."""
@@ -116,6 +190,8 @@ class Engine:
                 "outputs_open": len(self.pipeline),
                 "codec_streams_open": self.codec.open_streams,
                 "codec_chunks_queued": self.codec.queued,
+                "sessions": len(self.sessions.by_id),
+                "sessions_holding_slots": sum(x.slot >= 0 for x in self.sessions.by_id.values()),
                 **self.counts,
             }
 
@@ -145,23 +221,33 @@ class Engine:
         self._fail_all(requests, error)
 
     def _has_work(self) -> bool:
-        return bool(self._endings or self.scheduler.waiting or self.scheduler.running)
+        if self._endings or self._session_closes:
+            return True
+        if self.scheduler.waiting and len(self.scheduler.running) < self.config.max_running:
+            return True
+        return any(self._can_progress(r) for r in self.scheduler.running)
 
     def run_until_idle(self) -> None:
-        """Unthreaded: step until every request is closed."""
-        while self._live:
+        """Unthreaded: step while anything can progress (requests waiting for input stay)."""
+        while self._has_work():
             self.step()
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> None:
         with self._lock:
             endings, self._endings = self._endings, []
+            closes, self._session_closes = self._session_closes, []
         for request, status, reason, error in endings:
             self._end(request, status, reason, error)
+        for session_id in closes:
+            self._close_session(session_id)
         with self._lock:
-            admitted = self.scheduler.admit()
+            admitted = self.scheduler.admit(self._free_slots(), self._holds_slot)
         for request in admitted:
             self._admit(request)
+        for request in list(self.scheduler.running):
+            if request.inputs and request.slot >= 0 and not request.status.done:
+                self._apply_inputs(request)
         ready, hidden = self._forward()
         if ready:
             self._advance(ready, hidden)
@@ -170,10 +256,73 @@ class Engine:
             while self.codec.run_once():
                 pass
 
+    # ---- sessions ---------------------------------------------------------------------------
+    def _holds_slot(self, request: EngineRequest) -> bool:
+        return request.session is not None and request.session.slot >= 0
+
+    def _free_slots(self) -> int:
+        """Slots for waiting requests; idle sessions give theirs up (least recently used first)
+        when the request next in line needs one (the caller holds the lock)."""
+        free = self.config.max_running - len(self.scheduler.running) - self.sessions.idle_slots()
+        if free <= 0 and self.scheduler.waiting and not self._holds_slot(self.scheduler.waiting[0]):
+            session = self.sessions.least_recently_used_idle()
+            if session is not None:
+                self._give_up_slot(session)
+                free += 1
+        return free
+
+    def _give_up_slot(self, session: Session) -> None:
+        session.saved = self.family.save_session(self.runner.state, session.slot)
+        self.runner.release(session.slot)
+        session.slot = -1
+
+    def _start_turn(self, request: EngineRequest) -> list[np.ndarray]:
+        """Admit a session's turn: in its warm slot, or in a new one after its context is prefilled again."""
+        session: Session = request.session
+        if session.slot >= 0:
+            request.slot = session.slot
+            return self.family.continue_session(self.runner.state, request.slot, request.prompt, request.sampling)
+        request.slot = session.slot = self.runner.allocate()
+        if not session.started:
+            session.started = True
+            return self.family.admit(self.runner.state, request.slot, request.prompt, request.sampling)
+        self.family.restore_session(self.runner.state, request.slot, session.saved)
+        prompt = request.prompt
+        request.prompt = Prompt(np.concatenate(session.context + [prompt.rows]), prompt.start_length, prompt.info)
+        session.context, session.fed, session.saved = [], 0, None
+        return self.family.continue_session(self.runner.state, request.slot, request.prompt, request.sampling)
+
+    def _end_turn(self, request: EngineRequest, status: Status) -> bool:
+        """A session's turn leaves the talker; True if the session keeps the slot (the caller must not free it)."""
+        session: Session = request.session
+        session.turn, session.last_used = None, time.monotonic()
+        if status is Status.FAILED or request.slot < 0:
+            if status is Status.FAILED:  # its cache may hold half a step: the session cannot go on
+                self.sessions.by_id.pop(session.id, None)
+            return False
+        fed = [request.prompt.rows[: request.prefilled]]
+        if len(request.rows) > 1:  # every row the request emitted but the last went back in
+            fed.append(np.stack(request.rows[:-1]))
+        session.context.extend(fed)
+        session.fed += sum(len(rows) for rows in fed)
+        return self.sessions.by_id.get(session.id) is session
+
+    def _close_session(self, session_id: str) -> None:
+        session = self.sessions.by_id.pop(session_id, None)
+        if session is None:
+            return
+        if session.turn is not None:
+            self._end(session.turn, Status.ABORTED, "aborted")  # gone from the table: the slot is freed
+        elif session.slot >= 0:
+            self.runner.release(session.slot)
+
     def _admit(self, request: EngineRequest) -> None:
         try:
-            request.slot = self.runner.allocate()
-            prefix = self.family.admit(self.runner.state, request.slot, request.prompt, request.sampling)
+            if request.session is not None:
+                prefix = self._start_turn(request)
+            else:
+                request.slot = self.runner.allocate()
+                prefix = self.family.admit(self.runner.state, request.slot, request.prompt, request.sampling)
             prefix = [clip[:, : frame_width(request)] for clip in prefix]
             for clip in prefix:
                 request.segment_lengths.append(len(clip))
@@ -186,7 +335,7 @@ class Engine:
         """Decode rows for the decoding requests and a prefill piece for new ones; returns the
         requests that now have a hidden state to step from, and those states."""
         parts, ready = [], []
-        decoding = self.scheduler.decoding()
+        decoding = [r for r in self.scheduler.decoding() if not r.waiting_input]
         if decoding:
             try:
                 parts.append(self.runner.decode([r.slot for r in decoding]))
@@ -205,7 +354,7 @@ class Engine:
                 done = []
                 for row, (request, n) in enumerate(prefill):
                     request.prefilled += n
-                    if request.prefilled == request.prompt_length:
+                    if request.prefilled == request.prompt_length and not request.open:
                         request.status = Status.DECODING
                         done.append(row)
                 if done:
@@ -221,6 +370,7 @@ class Engine:
             return
         rows, frames = out.rows.cpu().numpy(), out.frames.cpu().numpy()
         has_frame, new_segment, finished = out.has_frame.tolist(), out.new_segment.tolist(), out.finished.tolist()
+        waiting = out.waiting.tolist() if out.waiting is not None else [False] * len(ready)
         for i, request in enumerate(ready):
             if request.sink_broken:  # its consumer went away
                 self._end(request, Status.ABORTED, "aborted")
@@ -232,6 +382,8 @@ class Engine:
             reason = self._finish_reason(request, finished[i])
             if reason is not None:
                 self._end(request, Status.FINISHED, reason)
+            elif waiting[i]:
+                request.waiting_input = True
 
     def _add_frame(self, request: EngineRequest, frame: np.ndarray, new_segment: bool) -> None:
         starts_clip = new_segment or not request.segment_lengths
@@ -268,9 +420,10 @@ class Engine:
         running = request.status in (Status.PREFILL, Status.DECODING)
         with self._lock:
             self.scheduler.remove(request)
-        if running and request.slot >= 0:
+            keeps_slot = request.session is not None and self._end_turn(request, status)
+        if running and request.slot >= 0 and not keeps_slot:
             self.runner.release(request.slot)
-            request.slot = -1
+        request.slot = -1
         request.status, request.finish_reason = status, reason
         if status is Status.FINISHED:
             self.pipeline.finish(request)

@@ -87,6 +87,10 @@ class EngineRequest:
     dropped: bool = False  # the codec delivers nothing more for it
     closed: bool = False  # its final chunk went out
     sink_broken: bool = False  # its consumer raised (went away): abort it
+    session: object = None  # the Session (engine/sessions.py) this request is a turn of
+    open: bool = False  # its prompt may still grow (input streams in): it cannot start decoding yet
+    inputs: list = field(default_factory=list)  # (piece, end) pushed, not yet handed to the family
+    waiting_input: bool = False  # its next row needs input that has not come yet
 
     def emit(self, chunk: AudioChunk) -> None:
         """Hand a chunk to the consumer; a consumer that raises never takes an engine thread down."""

@@ -6,6 +6,7 @@ bounded so that an overloaded engine refuses new work instead of growing without
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from ..errors import EngineFullError
 from .request import EngineRequest, Status
@@ -23,10 +24,15 @@ class Scheduler:
                                   f"queued (max_queued={self.max_queued}); retry later")
         self.waiting.append(request)
 
-    def admit(self) -> list[EngineRequest]:
-        """Waiting requests that get a slot now, oldest first."""
+    def admit(self, free: int, holds_slot: Callable[[EngineRequest], bool]) -> list[EngineRequest]:
+        """Waiting requests that start now, oldest first: those that need a slot while `free` slots
+        last, and those that bring their own (a session's next turn)."""
         admitted = []
-        while self.waiting and len(self.running) < self.max_running:
+        while self.waiting:
+            if not holds_slot(self.waiting[0]):
+                if free <= 0:
+                    break
+                free -= 1
             request = self.waiting.popleft()
             request.status = Status.PREFILL
             self.running.append(request)
@@ -44,6 +50,8 @@ class Scheduler:
             if request.status is not Status.PREFILL:
                 continue
             remaining = request.prompt_length - request.prefilled
+            if remaining == 0:  # an open prompt, all prefilled, waiting for its input
+                continue
             width = max([n for _, n in batch] + [min(remaining, self.prefill_tokens)])
             if batch and width * (len(batch) + 1) > self.prefill_tokens:
                 break

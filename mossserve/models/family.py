@@ -38,6 +38,16 @@ class StepOutput:
     has_frame: torch.Tensor  # (B,) bool
     new_segment: torch.Tensor  # (B,) bool: this frame follows a gap and starts a new clip
     finished: torch.Tensor  # (B,) bool
+    waiting: torch.Tensor | None = None  # (B,) bool: the next row needs input not yet pushed (see push_input)
+
+
+@dataclass
+class InputUpdate:
+    """What input pushed to a running request changes (`TalkerFamily.push_input`)."""
+
+    prompt_rows: np.ndarray | None = None  # rows to add to the prompt (prefilled before the first step)
+    seal: bool = False  # the prompt is complete: its last row leads to the first step
+    next_row: np.ndarray | None = None  # the next input row of a request that was waiting for input
 
 
 class TalkerFamily(ABC):
@@ -66,6 +76,27 @@ class TalkerFamily(ABC):
 
     def release(self, state: object, slot: int) -> None:
         """Forget the request in `slot`."""
+
+    # ---- streaming input: text arriving while the request runs (families that support it) -----
+    def push_input(self, state: object, slot: int, piece: object, end: bool) -> InputUpdate:
+        """More input for the request in `slot` (whose prompt said `info["open"]`); `end`: no more comes.
+        Called on the engine thread, in the order the pieces were pushed."""
+        raise NotImplementedError
+
+    # ---- sessions: turns that continue one context (families that support them) -----------
+    supports_sessions: bool = False
+
+    def continue_session(self, state: object, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
+        """The next turn of a session in `slot`, whose KV cache holds the earlier turns; like `admit`."""
+        raise NotImplementedError
+
+    def save_session(self, state: object, slot: int) -> object:
+        """What a session's later turns need from `slot` when the session gives the slot up (its
+        context is then prefilled again into another slot, where `restore_session` puts this back)."""
+        raise NotImplementedError
+
+    def restore_session(self, state: object, slot: int, saved: object) -> None:
+        raise NotImplementedError
 
     @abstractmethod
     def step(self, state: object, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:

@@ -25,7 +25,7 @@ from ..errors import InvalidRequestError
 from ..layers.sampler import apply_repetition_penalty, exponential_noise
 from ..sampling import SamplingParams
 from ..speech_request import EncodeVoice, SpeechRequest
-from .family import Prompt, StepOutput, TalkerFamily
+from .family import InputUpdate, Prompt, StepOutput, TalkerFamily
 from .moss_realtime import MossRealtimeModel
 from .moss_realtime_config import MossRealtimeConfig
 from .moss_realtime_sampling import sample_codes
@@ -51,6 +51,12 @@ class RealtimeState:
     top_p: torch.Tensor  # (S, 16) float64: 1 - p is formed in double, as the reference's Python float
     penalty: torch.Tensor  # (S, 16) float32
     generators: list[torch.Generator | None]
+    # streaming input (a turn whose text arrives while it speaks)
+    ended: torch.Tensor  # (S,) bool: no more text comes (then text pads follow the text)
+    waiting: torch.Tensor  # (S,) bool: the last step found no text to feed next
+    last_frame: torch.Tensor  # (S, 16) int64: the frame the next row carries
+    prefilled: torch.Tensor  # (S,) bool: the turn's prefill rows have been handed to the engine
+    texts: list  # per slot: the TextSegmentStream cutting pushed text, or None
 
 
 class MossRealtimeFamily(TalkerFamily):
@@ -101,6 +107,40 @@ class MossRealtimeFamily(TalkerFamily):
         rows = np.concatenate([self.builder.offline(voice), self.builder.prefill(text_ids[:prefilled])])
         return self.prompt_from_rows(rows, text_ids[prefilled:], text_tokens=len(text_ids))
 
+    def turn_prompt(self, turn, first: bool, voice: np.ndarray | None = None) -> Prompt:
+        """A session turn whose text is all known (a session script, CONTRACTS.md): the turn's input,
+        the prefill rows the reference's session feeds for the turn's pushes, and the rest of its
+        text, one id per step."""
+        from ..text.realtime_session import split_text
+
+        prefill, rest = split_text(turn, self.tokenizer.encode)
+        rows = np.concatenate([self.turn_input(turn, first, voice), self.builder.prefill(prefill)])
+        return self.prompt_from_rows(rows, rest, text_tokens=len(prefill) + len(rest))
+
+    def open_turn_prompt(self, turn, first: bool, voice: np.ndarray | None = None) -> Prompt:
+        """A session turn whose text streams in (`push_input`): the turn's input only, left open."""
+        prompt = self.prompt_from_rows(self.turn_input(turn, first, voice))
+        prompt.info["open"] = True
+        return prompt
+
+    def turn_input(self, turn, first: bool, voice: np.ndarray | None = None) -> np.ndarray:
+        """README §5.4: the system prompt and voice on a context's first turn; then the user turn with
+        audio, the text-only user turn, or no user turn: the assistant's opening as the offline path
+        has it (a layout of ours; the reference's sessions always have a user turn)."""
+        from ..text.realtime_prompt import ASSISTANT_OPEN, orient_codes
+
+        b = self.builder
+        if turn.user_audio is not None:
+            rows = b.user_turn(turn.user_text, b.check_codes(orient_codes(turn.user_audio), "user_audio"))
+        elif turn.user_text is not None:
+            rows = b.text_only_turn(turn.user_text)
+        else:
+            rows = b.rows(ASSISTANT_OPEN if first else "<|im_end|>\n" + ASSISTANT_OPEN)
+        if first:
+            voice = None if voice is None else b.check_codes(orient_codes(voice), "voice")
+            rows = np.concatenate([b.system(voice), rows])
+        return rows
+
     def prompt_from_rows(self, rows: np.ndarray, text_ids: list[int] | tuple = (), text_tokens: int | None = None) -> Prompt:
         """A prompt matrix as is (its last row starts the audio), then `text_ids` fed one per step."""
         rows = np.asarray(rows)
@@ -139,12 +179,34 @@ class MossRealtimeFamily(TalkerFamily):
             top_p=torch.ones(max_slots, n, dtype=torch.float64, device=device),
             penalty=torch.ones(max_slots, n, dtype=torch.float32, device=device),
             generators=[None] * max_slots,
+            ended=torch.ones(max_slots, dtype=torch.bool, device=device),
+            waiting=torch.zeros(max_slots, dtype=torch.bool, device=device),
+            last_frame=torch.zeros(max_slots, n, **i64),
+            prefilled=torch.ones(max_slots, dtype=torch.bool, device=device),
+            texts=[None] * max_slots,
         )
 
     def admit(self, state: RealtimeState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
+        self.continue_session(state, slot, prompt, sampling)
+        seed = sampling.seed if sampling.seed is not None else int(torch.seed())
+        state.generators[slot] = torch.Generator().manual_seed(seed)
+        return []
+
+    # ---- sessions (README §5.6-5.7): later turns keep the cache and the random stream --------
+    supports_sessions = True
+
+    def continue_session(self, state: RealtimeState, slot: int, prompt: Prompt,
+                         sampling: SamplingParams) -> list[np.ndarray]:
+        """A new turn in `slot`: its text and sampling settings; history and frame count start over,
+        the generator goes on (the reference seeds once per session)."""
+        from ..text.realtime_segment import TextSegmentStream
+
         sampling.validate()
         n, device = self.codebooks, state.text.device
         self.restart(state, slot, prompt.info.get("text_ids", ()))
+        streaming = bool(prompt.info.get("open"))
+        state.ended[slot] = state.prefilled[slot] = not streaming
+        state.texts[slot] = TextSegmentStream(self.tokenizer.encode) if streaming else None
         window = int(sampling.audio_repetition_window)
         if window > state.ring.shape[1]:
             state.ring = _grow(state.ring, 1, window, 0)
@@ -153,9 +215,13 @@ class MossRealtimeFamily(TalkerFamily):
                             ("audio_repetition_penalty", state.penalty)):
             table[slot] = torch.tensor(sampling.per_codebook(name, n), dtype=table.dtype, device=device)
         state.top_k[slot] = torch.tensor([int(k) for k in sampling.per_codebook("audio_top_k", n)], device=device)
-        seed = sampling.seed if sampling.seed is not None else int(torch.seed())
-        state.generators[slot] = torch.Generator().manual_seed(seed)
         return []
+
+    def save_session(self, state: RealtimeState, slot: int) -> torch.Generator | None:
+        return state.generators[slot]
+
+    def restore_session(self, state: RealtimeState, slot: int, saved: torch.Generator | None) -> None:
+        state.generators[slot] = saved
 
     def restart(self, state: RealtimeState, slot: int, text_ids: list[int] | tuple = ()) -> None:
         """A new turn in the same slot (a streaming session): the repetition history and the frame count
@@ -166,9 +232,58 @@ class MossRealtimeFamily(TalkerFamily):
         state.text[slot, : len(ids)] = ids
         state.text_len[slot], state.text_pos[slot], state.frames[slot] = len(ids), 0, 0
         state.counts[slot] = 0
+        state.waiting[slot] = False
 
     def release(self, state: RealtimeState, slot: int) -> None:
         state.generators[slot] = None
+        state.texts[slot] = None
+
+    # ---- streaming input (README §5.6): text pushed while the turn speaks ----------------------
+    def push_input(self, state: RealtimeState, slot: int, piece: object, end: bool) -> InputUpdate:
+        """A text delta (str) or token ids (list of int), cut and tokenised as the reference session
+        does; the prefill rows go out at the first push that leaves 12 ids pending (or at the end),
+        and a turn that was waiting for text gets its next row."""
+        from ..text.realtime_prompt import DELAY_TOKENS, prefill_length
+
+        if state.texts[slot] is None:
+            raise InvalidRequestError("this request takes no more input")
+        if isinstance(piece, str):
+            ids = state.texts[slot].push(piece)
+        elif piece is None:
+            ids = []
+        else:
+            ids = [int(i) for i in piece]
+            if any(i < 0 or i >= self.config.language.vocab_size for i in ids):
+                raise InvalidRequestError(f"text ids must lie in 0..{self.config.language.vocab_size - 1}")
+        if end:
+            ids += state.texts[slot].end()
+            state.ended[slot] = True
+        self._append_text(state, slot, ids)
+        update = InputUpdate()
+        pending = int(state.text_len[slot] - state.text_pos[slot])
+        ended = bool(state.ended[slot])
+        if not state.prefilled[slot]:
+            if pending >= DELAY_TOKENS or (ended and pending):
+                count = prefill_length(pending, ended)
+                update.prompt_rows = self.builder.prefill(state.text[slot, :count].tolist())
+                update.seal = True
+                state.text_pos[slot], state.prefilled[slot] = count, True
+            elif ended:
+                raise InvalidRequestError("the turn's text is empty: nothing to say")
+        elif bool(state.waiting[slot]) and (pending or ended):
+            pos = int(state.text_pos[slot])
+            token = int(state.text[slot, pos]) if pending else self.config.text_pad_id
+            state.text_pos[slot] = pos + (1 if pending else 0)
+            state.waiting[slot] = False
+            update.next_row = np.concatenate([[token], state.last_frame[slot].cpu().numpy()])
+        return update
+
+    def _append_text(self, state: RealtimeState, slot: int, ids: list[int]) -> None:
+        length = int(state.text_len[slot])
+        if length + len(ids) > state.text.shape[1]:
+            state.text = _grow(state.text, 1, length + len(ids), 0)
+        state.text[slot, length : length + len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
+        state.text_len[slot] = length + len(ids)
 
     # ---- one decode step -----------------------------------------------------------------
     def step(self, state: RealtimeState, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
@@ -176,14 +291,18 @@ class MossRealtimeFamily(TalkerFamily):
         frames = self.depth_loop(state, hidden, slots)
         self._remember(state, slots, frames)
         pos, length = state.text_pos[slots], state.text_len[slots]
+        has_text = pos < length
         text = state.text[slots, pos.clamp(max=state.text.shape[1] - 1)]
-        text = torch.where(pos < length, text, cfg.text_pad_id)
+        text = torch.where(has_text, text, cfg.text_pad_id)
         first = state.frames[slots] == 0
-        state.text_pos[slots] = pos + 1
-        state.frames[slots] += 1
         finished = frames[:, 0] == cfg.audio_eos_code
+        waiting = ~has_text & ~state.ended[slots] & ~finished  # its next text has not been pushed yet
+        state.text_pos[slots] = pos + has_text.long()
+        state.frames[slots] += 1
+        state.waiting[slots] = waiting
+        state.last_frame[slots] = frames
         return StepOutput(rows=torch.cat([text[:, None], frames], dim=1), frames=frames, has_frame=~finished,
-                          new_segment=~finished & first, finished=finished)
+                          new_segment=~finished & first, finished=finished, waiting=waiting)
 
     def depth_loop(self, state: RealtimeState, hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """One frame per row: hidden (B, H) -> codes (B, 16), one batched local step per codebook."""

@@ -1,0 +1,124 @@
+"""A Realtime session script (CONTRACTS.md): turns of a voice-agent conversation, and how one
+turn's streamed text becomes what the backbone is fed.
+
+The reference's session applies every push as it comes: text is cut into segments, each
+tokenised alone; the prefill happens at the first push that leaves 12 ids pending (the first 12
+of them), or at the end of the text (everything pending); after it one id is fed per step, then
+text pads. Given the pushes in order, `split_text` replays that rule, so a turn whose pieces are
+all known feeds exactly what the reference's session feeds however fast the pieces arrive.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidRequestError
+from ..speech_request import load_codes, resolve_path_or_codes
+from .realtime_prompt import DELAY_TOKENS, prefill_length
+from .realtime_segment import TextSegmentStream
+
+
+@dataclass
+class RealtimeTurn:
+    """One turn: what the user said (text, audio codes (U, 16)) and the assistant's text as pushed."""
+
+    pieces: list[str] = field(default_factory=list)  # text deltas, in order (one piece: the whole text)
+    token_chunks: list[list[int]] = field(default_factory=list)  # or token-id chunks
+    user_text: str | None = None
+    user_audio: np.ndarray | None = None
+    new_context: bool = False
+
+
+@dataclass
+class SessionScript:
+    voice: np.ndarray | None
+    turns: list[RealtimeTurn]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> SessionScript:
+        unknown = sorted(set(data) - {"voice", "turns"})
+        if unknown:
+            raise InvalidRequestError(f"unknown session field(s): {', '.join(unknown)}")
+        turns = data.get("turns")
+        if not isinstance(turns, list) or not turns:
+            raise InvalidRequestError("a session script needs a non-empty list of turns")
+        return cls(_codes(data.get("voice"), "voice", base_dir), [_turn(t, i, base_dir) for i, t in enumerate(turns)])
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> SessionScript:
+        path = Path(path)
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), base_dir=path.parent)
+
+
+def is_session_script(data: Any) -> bool:
+    return isinstance(data, dict) and "turns" in data
+
+
+def split_text(turn: RealtimeTurn, encode) -> tuple[list[int], list[int]]:
+    """(prefill ids, ids fed one per step after them), as the reference's session decides them."""
+    stream, pending, prefill = TextSegmentStream(encode), [], None
+    pushes = [stream.push(piece) for piece in turn.pieces] + [list(chunk) for chunk in turn.token_chunks]
+    for ids in pushes:
+        pending += ids
+        if prefill is None and len(pending) >= DELAY_TOKENS:
+            count = prefill_length(len(pending), ended=False)
+            prefill, pending = pending[:count], pending[count:]
+    pending += stream.end()
+    if prefill is None:
+        if not pending:
+            raise InvalidRequestError("the turn's text is empty: nothing to say")
+        prefill, pending = pending, []  # prefill_length(n, ended=True) == n
+    return prefill, pending
+
+
+def _turn(value: Any, index: int, base_dir: Path | None) -> RealtimeTurn:
+    where = f"turns[{index}]"
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{where} must be an object")
+    unknown = sorted(set(value) - {"user_text", "user_audio", "input", "input_tokens", "new_context"})
+    if unknown:
+        raise InvalidRequestError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    if ("input" in value) == ("input_tokens" in value):
+        raise InvalidRequestError(f"{where}: give input (text or its pieces) or input_tokens, not both or neither")
+    turn = RealtimeTurn(user_text=value.get("user_text"), new_context=bool(value.get("new_context", False)),
+                        user_audio=_codes(value.get("user_audio"), f"{where}.user_audio", base_dir))
+    if turn.user_text is not None and not isinstance(turn.user_text, str):
+        raise InvalidRequestError(f"{where}.user_text must be a string")
+    if turn.user_audio is not None and turn.user_text is None:
+        raise InvalidRequestError(f"{where}: user_audio needs user_text (the user turn layout has both)")
+    text = value.get("input")
+    if text is not None:
+        pieces = [text] if isinstance(text, str) else text
+        if not isinstance(pieces, list) or not all(isinstance(p, str) for p in pieces):
+            raise InvalidRequestError(f"{where}.input must be a string or a list of strings")
+        turn.pieces = pieces
+    else:
+        chunks = value["input_tokens"]
+        if not isinstance(chunks, list) or not all(
+                isinstance(c, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in c) for c in chunks):
+            raise InvalidRequestError(f"{where}.input_tokens must be a list of token-id lists")
+        turn.token_chunks = chunks
+    return turn
+
+
+def _codes(value: Any, name: str, base_dir: Path | None) -> np.ndarray | None:
+    """Codes as nested lists or a `.npy` path (relative to the script), kept as given: the turn
+    layouts apply the reference's orientation rule."""
+    if value is None:
+        return None
+    value = resolve_path_or_codes(value, base_dir)
+    if isinstance(value, str):
+        if not value.endswith(".npy"):
+            raise InvalidRequestError(f"{name}: give codes (nested lists) or a .npy file, got {value!r}")
+        return load_codes(Path(value), name)
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise InvalidRequestError(f"{name}: codes must be a rectangular list of integer lists") from None
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise InvalidRequestError(f"{name}: codes must be 2-D integers, got {array.dtype} {array.shape}")
+    return array.astype(np.int64)

@@ -1,0 +1,211 @@
+"""Realtime sessions through the engine (CONTRACTS.md session scripts, README §5.4-5.7): the
+reference's streaming-session goldens turn by turn, sessions batched together, a session that
+gives its slot up and prefills its context again, and the session bookkeeping."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from realtime_cases import REALTIME_DIR, golden, golden_json, realtime_family
+
+from mossserve.cli import main
+from mossserve.config import EngineConfig
+from mossserve.engine.engine import Engine
+from mossserve.errors import InvalidRequestError
+from mossserve.text.realtime_session import SessionScript
+
+RUNS = golden_json("generation")["runs"]
+
+
+def codes(name: str) -> list:
+    return golden("prompts")[f"codes.{name}"].numpy().tolist()
+
+
+def pushes(ops: list[dict]) -> dict:
+    """A turn's `input` / `input_tokens` from the reference's recorded calls."""
+    text = [op["arg"] for op in ops if op["op"] == "push_text"]
+    tokens = [op["arg"] for op in ops if op["op"] == "push_text_tokens"]
+    return {"input_tokens": tokens} if tokens else {"input": text}
+
+
+def script(run: str) -> dict:
+    """The golden run as a session script (voice and user audio exactly as the reference got them)."""
+    r = RUNS[run]
+    if run == "stream_multiturn":
+        turns = [{"user_text": t["reset_turn"]["user_text"], "user_audio": user, **pushes(t["ops"])}
+                 for t, user in zip(r["turns"], [codes("user1"), codes("user2")])]
+        return {"voice": np.asarray(codes("voice")).T.tolist(), "turns": turns}
+    if run == "stream_text_only_short":
+        text = golden_json("prompts")["cases"]["text_only_turn"]["args"]["text"]
+        return {"turns": [{"user_text": text, **pushes(r["turns"][0]["ops"])}]}
+    if run == "stream_zh_user_short_text":
+        t = r["turns"][0]
+        return {"voice": codes("voice"), "turns": [{"user_text": t["reset_turn"]["user_text"],
+                                                    "user_audio": codes("user_zh"), **pushes(t["ops"])}]}
+    assert run == "stream_sampled"
+    return {"voice": np.asarray(codes("voice")).T.tolist(),
+            "turns": [{"user_text": r["user_text"], "user_audio": codes("user_short"), "input": r["push"]}]}
+
+
+def turn_frames(run: str) -> list[np.ndarray]:
+    """Each turn's frames as the reference session returned them (the EOS frame last)."""
+    g = golden("generation")
+    return [g[f"{run}.turn{i}.frames"].numpy() for i in range(len(script(run)["turns"]))]
+
+
+@pytest.mark.parametrize("run", ["stream_multiturn", "stream_text_only_short", "stream_zh_user_short_text"])
+def test_session_scripts_replay_the_reference(run: str, tmp_path: Path) -> None:
+    path = tmp_path / "session.json"
+    path.write_text(json.dumps(script(run), ensure_ascii=False))
+    out = tmp_path / "codes.npy"
+    assert main(["say", "--model", str(REALTIME_DIR), "--request", str(path), "--greedy", "--codes-out", str(out)]) == 0
+    expected = np.concatenate([f[:-1] for f in turn_frames(run)])  # each turn without its EOS frame
+    assert np.array_equal(np.load(out), expected)
+
+
+def test_a_seeded_session_replays_the_reference_sampled_run(tmp_path: Path) -> None:
+    path = tmp_path / "session.json"
+    path.write_text(json.dumps(script("stream_sampled")))
+    out = tmp_path / "codes.npy"
+    seed = str(RUNS["stream_sampled"]["seed"])
+    assert main(["say", "--model", str(REALTIME_DIR), "--request", str(path), "--seed", seed,
+                 "--codes-out", str(out)]) == 0
+    assert np.array_equal(np.load(out), golden("generation")["stream_sampled.turn0.frames"].numpy()[:-1])
+
+
+def greedy():
+    return realtime_family().default_sampling().with_overrides(audio_temperature=0.0)
+
+
+class Turns:
+    """Turn prompts of the golden scripts, and an outbox that keeps each request's generation."""
+
+    def __init__(self) -> None:
+        self.fam = realtime_family()
+        self.generations: dict[str, object] = {}
+
+    def prompt(self, run: str, index: int):
+        s = SessionScript.from_dict(script(run))
+        return self.fam.turn_prompt(s.turns[index], index == 0, s.voice)
+
+    def add(self, engine: Engine, run: str, index: int, session: str, request_id: str | None = None):
+        rid = request_id or f"{session}/{index}"
+        engine.add_request(self.prompt(run, index), greedy(), self.sink, request_id=rid, decode_audio=False,
+                           session=session)
+        return rid
+
+    def sink(self, chunk) -> None:
+        if chunk.final:
+            self.generations[chunk.request_id] = chunk.generation
+
+    def frames(self, request_id: str) -> np.ndarray:
+        return self.generations[request_id].frames
+
+
+def test_sessions_run_batched_together() -> None:
+    turns = Turns()
+    engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=4))
+    a0 = turns.add(engine, "stream_multiturn", 0, "a")
+    b0 = turns.add(engine, "stream_zh_user_short_text", 0, "b")
+    c0 = turns.add(engine, "stream_text_only_short", 0, "c")
+    engine.run_until_idle()
+    a1 = turns.add(engine, "stream_multiturn", 1, "a")
+    engine.run_until_idle()
+    assert np.array_equal(turns.frames(a0), turn_frames("stream_multiturn")[0][:-1])
+    assert np.array_equal(turns.frames(a1), turn_frames("stream_multiturn")[1][:-1])
+    assert np.array_equal(turns.frames(b0), turn_frames("stream_zh_user_short_text")[0][:-1])
+    assert np.array_equal(turns.frames(c0), turn_frames("stream_text_only_short")[0][:-1])
+    assert_context(engine, "a", turns.generations[a1])
+    stats = engine.stats()
+    assert stats["sessions"] == 3 and stats["sessions_holding_slots"] == 3 and stats["running"] == 0
+
+
+def assert_context(engine: Engine, session: str, last_turn) -> None:
+    """What the session has fed: the reference's context when turn 1's prefill ran, then turn 1's step rows."""
+    context = golden("generation")["stream_multiturn.turn1.context_input_ids"].numpy()
+    fed = np.concatenate(engine.sessions.by_id[session].context)
+    assert np.array_equal(fed[: len(context)], context)
+    assert np.array_equal(fed[len(context):], last_turn.rows[:-1])
+    assert engine.sessions.by_id[session].fed == len(fed)
+
+
+def test_a_session_that_gave_its_slot_up_continues_exactly() -> None:
+    """One slot: session a's idle slot goes to another request; a's next turn prefills its context again."""
+    turns = Turns()
+    engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=1))
+    a0 = turns.add(engine, "stream_multiturn", 0, "a")
+    engine.run_until_idle()
+    other = turns.add(engine, "stream_zh_user_short_text", 0, "b")
+    engine.run_until_idle()
+    assert engine.stats()["sessions_holding_slots"] == 1  # b now; a gave its slot up
+    a1 = turns.add(engine, "stream_multiturn", 1, "a")
+    engine.run_until_idle()
+    assert np.array_equal(turns.frames(a0), turn_frames("stream_multiturn")[0][:-1])
+    assert np.array_equal(turns.frames(other), turn_frames("stream_zh_user_short_text")[0][:-1])
+    assert np.array_equal(turns.frames(a1), turn_frames("stream_multiturn")[1][:-1])
+    assert_context(engine, "a", turns.generations[a1])
+
+
+def test_one_turn_at_a_time_and_closing_frees_the_slot() -> None:
+    turns = Turns()
+    engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=2))
+    turns.add(engine, "stream_multiturn", 0, "a")
+    with pytest.raises(InvalidRequestError, match="already has a turn in flight"):
+        turns.add(engine, "stream_multiturn", 1, "a", request_id="again")
+    engine.run_until_idle()
+    assert engine.stats()["cache_slots_used"] == 1  # the idle session holds its slot
+    assert engine.close_session("a") and not engine.close_session("a")
+    engine.run_until_idle()
+    assert engine.stats()["cache_slots_used"] == 0 and engine.stats()["sessions"] == 0
+
+
+def test_closing_a_session_aborts_its_turn_in_flight() -> None:
+    turns = Turns()
+    engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=2))
+    rid = turns.add(engine, "stream_multiturn", 0, "a")
+    engine.step()
+    engine.close_session("a")
+    engine.run_until_idle()
+    assert turns.generations[rid].finish_reason == "aborted"
+    assert engine.stats()["cache_slots_used"] == 0
+
+
+def test_models_without_sessions_refuse_them(delay_tts) -> None:
+    tts = delay_tts("tiny_nvq32")
+    from mossserve.speech_request import SpeechRequest
+
+    with pytest.raises(InvalidRequestError, match="does not keep sessions"):
+        tts.engine.add_request(tts.prompt(SpeechRequest(input="Hi.")), tts.talker.default_sampling(), print,
+                               session="s")
+
+
+@pytest.mark.parametrize("run", ["stream_multiturn", "stream_zh_user_short_text", "stream_text_only_short"])
+def test_text_pushed_while_speaking_replays_the_reference_push_by_push(run: str) -> None:
+    """Each push makes the engine produce exactly the frames the reference session produced for it:
+    audio starts before the text has finished, and the frames equal the goldens."""
+    fam = realtime_family()
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=2))
+    s = SessionScript.from_dict(script(run))
+    spoke_early = False
+    for index, spec in enumerate(RUNS[run]["turns"]):
+        handle = engine.add_request(fam.open_turn_prompt(s.turns[index], index == 0, s.voice), greedy(),
+                                    lambda chunk: None, decode_audio=False, session="a")
+        engine.run_until_idle()
+        assert handle.steps == 0  # nothing to say before the text comes
+        ops = spec["ops"]
+        for k, op in enumerate(ops):
+            before = handle.steps
+            if op["op"] == "drain(max_steps=1) loop":
+                continue  # the engine drains by itself after the end (counted with end_text)
+            ended = op["op"] == "end_text"
+            assert engine.push_input(handle.id, None if ended else op["arg"], end=ended)
+            engine.run_until_idle()
+            expected = op["frames"] + (ops[k + 1]["frames_total"] if ended and k + 1 < len(ops) else 0)
+            assert handle.steps - before == expected, (k, op)
+            spoke_early |= not ended and handle.steps > 0
+        assert handle.status.done
+        assert np.array_equal(np.stack(handle.frames), turn_frames(run)[index][:-1])
+    assert spoke_early or run == "stream_text_only_short"  # that one's 9 ids wait for the end (no 12 pending)
+    assert not engine.push_input(handle.id, "more")  # over: no more input
