@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..api import TTS
-from . import errors, speech, voice_routes
+from . import errors, realtime, speech, voice_routes
 from .errors import APIError
 from .settings import ServerSettings
 from .speech import outcome_for
@@ -48,6 +48,7 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None) -
     authorized = [Depends(api_key_check(settings.api_key))]
     app.include_router(speech.router, dependencies=authorized)
     app.include_router(voice_routes.router, dependencies=authorized)
+    app.include_router(realtime.router)  # checks the key itself (a websocket has no error responses)
 
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> dict:

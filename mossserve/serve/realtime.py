@@ -1,0 +1,272 @@
+"""`ws /v1/realtime/speech`: a voice agent's speech session on a model with sessions (Realtime).
+
+The client streams the assistant's text as it is written; the server streams audio back as soon
+as it exists, turn after turn, in one engine session whose context (earlier turns' text, user
+audio and generated audio) stays in the KV cache. JSON messages, one per frame:
+
+client -> server
+  session.update  {"session": {voice | voice_codes, response_format, seed, temperature, top_p,
+                   top_k, repetition_penalty, initial_chunk_frames, include_codes}, "new_context"}
+  turn.start      {user_text, user_audio (base64 / data URL / stored voice) | user_audio_codes}
+  text.delta      {"delta": "..."} or {"tokens": [ids]}  (starts a turn with no user turn if none is open)
+  text.done       the turn's text is complete
+  turn.cancel     stop the turn now (the session goes on)
+server -> client
+  session.created {session_id, model, sample_rate, response_format}
+  turn.started    {turn_id}
+  audio.delta     {turn_id, audio: base64 bytes of response_format[, codes]}
+  audio.done      {turn_id, finish_reason, frames}
+  error           {error: {message, type, code}}  (the session goes on)
+
+Sessions on one model are batched together by the engine like any other requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import uuid
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import Field, ValidationError
+
+from ..audio import StreamEncoder
+from ..config import ChunkSchedule
+from ..errors import MossServeError
+from ..text.realtime_session import RealtimeTurn
+from .errors import APIError, describe_validation, from_mossserve
+from .schemas import Body, ResponseFormat
+from .state import ServerState
+
+router = APIRouter()
+Codes = list[list[int]]
+
+
+class SessionSettings(Body):
+    voice: Annotated[str, Field(min_length=1)] | None = None  # a stored voice, base64 or a data URL
+    voice_codes: Codes | None = None  # (T, 16) time-major
+    response_format: ResponseFormat = "pcm"
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=10)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=100000)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    initial_chunk_frames: Annotated[int, Field(ge=1)] | None = None
+    include_codes: bool = False
+
+
+class SessionUpdate(Body):
+    type: Literal["session.update"]
+    session: SessionSettings = SessionSettings()
+    new_context: bool = False
+
+
+class TurnStart(Body):
+    type: Literal["turn.start"]
+    user_text: Annotated[str, Field(min_length=1)] | None = None
+    user_audio: Annotated[str, Field(min_length=1)] | None = None
+    user_audio_codes: Codes | None = None
+
+
+class TextDelta(Body):
+    type: Literal["text.delta"]
+    delta: str | None = None
+    tokens: list[int] | None = None
+
+
+class Simple(Body):
+    type: Literal["text.done", "turn.cancel"]
+
+
+KINDS = {"session.update": SessionUpdate, "turn.start": TurnStart, "text.delta": TextDelta,
+         "text.done": Simple, "turn.cancel": Simple}
+
+
+@router.websocket("/v1/realtime/speech")
+async def realtime_speech(websocket: WebSocket) -> None:
+    state: ServerState = websocket.app.state.server
+    if not _authorized(state, websocket):
+        await websocket.close(code=1008, reason="missing or invalid API key (Authorization: Bearer <key>)")
+        return
+    await websocket.accept()
+    if not state.tts.talker.supports_sessions:
+        await websocket.send_json(_error(f"{state.model_name} has no realtime sessions; use /v1/audio/speech",
+                                         "unsupported_model"))
+        await websocket.close(code=1003)
+        return
+    await RealtimeSession(state, websocket).run()
+
+
+class RealtimeSession:
+    def __init__(self, state: ServerState, websocket: WebSocket) -> None:
+        self.state, self.ws = state, websocket
+        self.settings = SessionSettings()
+        self.voice = None  # (T, 16) codes of the session's voice
+        self.id = f"ws-{uuid.uuid4().hex}"
+        self.first = True  # the next turn opens the context (system prompt, voice)
+        self.turn_id: str | None = None  # the open turn
+        self.request_id: str | None = None
+        self.sender: asyncio.Task | None = None
+        self.turns = 0
+
+    async def run(self) -> None:
+        await self.send({"type": "session.created", "session_id": self.id, "model": self.state.model_name,
+                         "sample_rate": self.state.tts.codec.sample_rate,
+                         "response_format": self.settings.response_format})
+        try:
+            while True:
+                text = await self.ws.receive_text()
+                try:
+                    await self.handle(_json(text))
+                except APIError as e:
+                    await self.send(_error(e.message, e.code))
+                except MossServeError as e:
+                    error = from_mossserve(e, self.state.settings.retry_after_s)
+                    await self.send(_error(error.message, error.code))
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the client left (RuntimeError: a send after the close)
+        finally:
+            if self.sender is not None:
+                self.sender.cancel()
+            self.state.engine.close_session(self.id)
+
+    async def handle(self, data: object) -> None:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind not in KINDS:
+            raise APIError(400, f"unknown message type {kind!r}; expected one of {', '.join(KINDS)}", code="bad_message")
+        try:
+            message = KINDS[kind].model_validate(data)
+        except ValidationError as e:
+            raise APIError(400, describe_validation(e.errors())[0], code="bad_message") from None
+        if isinstance(message, SessionUpdate):
+            await self.update(message)
+        elif isinstance(message, TurnStart):
+            await self.start_turn(message)
+        elif isinstance(message, TextDelta):
+            await self.text(message)
+        elif message.type == "text.done":
+            self.push(None, end=True)
+        else:
+            self.cancel()
+
+    async def update(self, message: SessionUpdate) -> None:
+        if self.turn_id is not None:
+            raise APIError(400, "a turn is in progress: update the session between turns", code="turn_in_progress")
+        if message.new_context:
+            self.state.engine.close_session(self.id)
+            self.id, self.first = f"ws-{uuid.uuid4().hex}", True
+        settings = message.session
+        given = settings.model_fields_set
+        if given & {"voice", "voice_codes"}:
+            if not self.first:
+                raise APIError(400, "the voice is set before the context's first turn (send new_context to change it)",
+                               code="voice_fixed")
+            self.voice = await self.codes(settings.voice, settings.voice_codes, "voice")
+        self.settings = self.settings.model_copy(update={k: getattr(settings, k) for k in given})
+
+    async def start_turn(self, message: TurnStart | None) -> None:
+        if self.turn_id is not None:
+            raise APIError(400, "a turn is in progress: send text.done and wait for audio.done, or turn.cancel",
+                           code="turn_in_progress")
+        user_audio = None
+        if message is not None:
+            user_audio = await self.codes(message.user_audio, message.user_audio_codes, "user_audio")
+            if user_audio is not None and message.user_text is None:
+                raise APIError(400, "user_audio needs user_text (the user turn has both)", code="bad_message")
+        turn = RealtimeTurn(user_text=message.user_text if message else None,
+                            user_audio=None if user_audio is None else user_audio.T)  # (16, T): unambiguous
+        talker, s = self.state.tts.talker, self.settings
+        prompt = await asyncio.to_thread(talker.open_turn_prompt, turn, self.first,
+                                         None if self.voice is None else self.voice.T)
+        sampling = talker.default_sampling().with_overrides(
+            audio_temperature=s.temperature, audio_top_p=s.top_p, audio_top_k=s.top_k,
+            audio_repetition_penalty=s.repetition_penalty, seed=s.seed)
+        config = self.state.tts.engine_config
+        schedule = None
+        if s.initial_chunk_frames is not None:
+            if s.initial_chunk_frames > config.max_chunk_frames:
+                raise APIError(400, f"initial_chunk_frames must lie in 1..{config.max_chunk_frames}", code="bad_message")
+            schedule = ChunkSchedule(first=s.initial_chunk_frames, rest=config.chunk_schedule.rest)
+        stream = await self.state.engine.submit(prompt, sampling, schedule=schedule, session=self.id)
+        self.first, self.turns = False, self.turns + 1
+        self.turn_id, self.request_id = f"turn-{self.turns}", stream.request_id
+        await self.send({"type": "turn.started", "turn_id": self.turn_id})
+        self.sender = asyncio.create_task(self.send_audio(stream, self.turn_id))
+
+    async def text(self, message: TextDelta) -> None:
+        if (message.delta is None) == (message.tokens is None):
+            raise APIError(400, "text.delta carries delta (text) or tokens (ids), one of them", code="bad_message")
+        if self.turn_id is None:
+            await self.start_turn(None)
+        self.push(message.delta if message.delta is not None else message.tokens, end=False)
+
+    def push(self, piece, end: bool) -> None:
+        if self.request_id is None or not self.state.engine.push_input(self.request_id, piece, end):
+            raise APIError(400, "no turn is taking text (start one with turn.start or text.delta)", code="no_turn")
+
+    def cancel(self) -> None:
+        if self.request_id is None:
+            raise APIError(400, "no turn to cancel", code="no_turn")
+        self.state.engine.abort(self.request_id)
+
+    async def send_audio(self, stream, turn_id: str) -> None:
+        """The turn's audio as it is produced, then audio.done; the session is free for the next turn."""
+        encoder, final = None, None
+        try:
+            async for chunk in stream:
+                final = chunk
+                if chunk.audio is None or not chunk.audio.shape[-1]:
+                    continue
+                encoder = encoder or StreamEncoder(self.settings.response_format, chunk.sample_rate,
+                                                   self.state.tts.codec.channels)
+                event = {"type": "audio.delta", "turn_id": turn_id,
+                         "audio": base64.b64encode(encoder.write(chunk.audio)).decode()}
+                if self.settings.include_codes:
+                    event["codes"] = chunk.codes.tolist()
+                await self.send(event)
+            if encoder is not None and (tail := encoder.close()):
+                await self.send({"type": "audio.delta", "turn_id": turn_id, "audio": base64.b64encode(tail).decode()})
+            await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": final.finish_reason,
+                             "frames": final.frame_end})
+        except MossServeError as e:
+            await self.send(_error(str(e), "generation_failed"))
+            await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": "error", "frames": 0})
+        finally:
+            if self.turn_id == turn_id:
+                self.turn_id = self.request_id = None
+
+    async def codes(self, audio: str | None, codes: Codes | None, name: str):
+        """A voice as (T, 16) codes: given codes, or audio (stored voice / base64) through the codec."""
+        if audio is not None and codes is not None:
+            raise APIError(400, f"give {name} as audio or as codes, not both", code="bad_message")
+        if codes is not None:
+            array = np.asarray(codes, dtype=np.int64)
+            return self.state.tts.talker.builder.check_codes(array, name)
+        if audio is None:
+            return None
+        return await self.state.resolver.audio(audio, name)
+
+    async def send(self, event: dict) -> None:
+        await self.ws.send_json(event)
+
+
+def _json(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise APIError(400, "a message must be one JSON object per text frame", code="bad_message") from None
+
+
+def _error(message: str, code: str | None) -> dict:
+    return {"type": "error", "error": {"message": message, "type": "invalid_request_error", "code": code}}
+
+
+def _authorized(state: ServerState, websocket: WebSocket) -> bool:
+    key = state.settings.api_key
+    if not key:
+        return True
+    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
