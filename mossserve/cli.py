@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--codec", help="codec checkpoint (default: a bench-size random one; engine: the model's own)")
     bench.add_argument("--streams", type=int, default=32, help="codec: streams")
     bench.add_argument("--seconds", type=float, default=4.0, help="codec: audio per stream")
-    bench.add_argument("--family", default="delay", help="engine: model family (supported: delay)")
+    bench.add_argument("--family", default="delay",
+                       help="engine: model family of the bench checkpoint or --model (delay, local, realtime)")
     bench.add_argument("--model", help="engine: checkpoint directory or hub id (default: a bench-size random one)")
     bench.add_argument("--frames", type=int, default=40, help="engine: frames generated per request")
     bench.add_argument("--requests", type=int, default=16, help="engine: requests per run")
@@ -220,6 +221,8 @@ def with_depth(tts, prompts: list, depth: int | None) -> list:
 
 
 def say_one(tts, args: argparse.Namespace) -> int:
+    if args.request is not None and _is_session_script(args.request):
+        return say_session(tts, args)
     prompts = with_depth(tts, build_prompts(tts, args), args.depth)
     if len(prompts) != 1:
         raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
@@ -241,6 +244,41 @@ def say_one(tts, args: argparse.Namespace) -> int:
         write_audio(args.output, audio.samples, audio.sample_rate)
         print(f"wrote {args.output}: {audio.duration:.2f} s at {audio.sample_rate} Hz ({ended})", file=sys.stderr)
     return 0
+
+
+def say_session(tts, args: argparse.Namespace) -> int:
+    """A Realtime session script: every turn in one session; codes and audio of all turns, in order."""
+    from .text.realtime_session import SessionScript
+
+    script = SessionScript.from_json(args.request)
+    results = tts.run_session(script, sampling_from_args(tts, args), args.max_frames,
+                              decode_audio=args.output is not None)
+    frames = np.concatenate([g.frames for g, _ in results]).astype(np.int64)
+    ended = ", ".join(f"turn {i}: {_ENDINGS[g.finish_reason]} after {len(g.rows)} steps"
+                      for i, (g, _) in enumerate(results))
+    if args.codes_out is not None:
+        np.save(args.codes_out, frames)
+        print(f"wrote {args.codes_out}: codes {frames.shape} ({ended})", file=sys.stderr)
+    if args.output is not None:
+        from .audio import write_audio
+
+        if len(frames) == 0:
+            raise InvalidRequestError(f"the model produced no audio frames ({ended})")
+        samples = np.concatenate([audio.samples for _, audio in results], axis=-1)
+        write_audio(args.output, samples, results[0][1].sample_rate)
+        print(f"wrote {args.output}: {samples.shape[-1] / results[0][1].sample_rate:.2f} s ({ended})", file=sys.stderr)
+    return 0
+
+
+def _is_session_script(path: Path) -> bool:
+    import json
+
+    from .text.realtime_session import is_session_script
+
+    try:
+        return is_session_script(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False  # SpeechRequest.from_json reports what is wrong with it
 
 
 _ENDINGS = {"stop": "stopped", "length": "hit the step cap", "runaway": "cut by the runaway guard"}

@@ -1,4 +1,5 @@
-"""A bench-size random MOSS-TTS (Delay) checkpoint in the published on-disk format.
+"""A bench-size random MOSS-TTS (Delay) checkpoint in the published on-disk format (Local and
+Realtime: family_checkpoints.py; `bench_checkpoint(family=...)` caches any of the three).
 
 `build_delay_checkpoint` writes what a released Delay checkpoint directory holds: config.json
 (the bundled demo's, resized), model.safetensors with the published tensor names (`language_model.*`
@@ -142,25 +143,46 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "mossserve"
 
 
-def checkpoint_path(seed: int = 0, root: Path | None = None, **sizes) -> Path:
-    """Where the cache keeps the checkpoint of these sizes and seed (built or not)."""
-    s = {**BENCH_SIZE, **sizes}
-    name = (f"delay-h{s['hidden']}-l{s['layers']}-nvq{s['n_vq']}-i{s['intermediate']}-q{s['heads']}kv{s['kv_heads']}"
-            f"d{s['head_dim']}-seed{seed}-{RECIPE}")
+def family_sizes(family: str) -> dict:
+    """The bench size of a family's checkpoint (the builder's keyword arguments)."""
+    from .family_checkpoints import LOCAL_BENCH_SIZE, REALTIME_BENCH_SIZE
+
+    sizes = {"delay": BENCH_SIZE, "local": LOCAL_BENCH_SIZE, "realtime": REALTIME_BENCH_SIZE}
+    if family not in sizes:
+        raise ValueError(f"no bench checkpoint for family {family!r}")
+    return dict(sizes[family])
+
+
+def checkpoint_path(seed: int = 0, root: Path | None = None, family: str = "delay", **sizes) -> Path:
+    """Where the cache keeps the checkpoint of this family, sizes and seed (built or not)."""
+    s = {**family_sizes(family), **sizes}
+    if family == "delay":
+        name = (f"delay-h{s['hidden']}-l{s['layers']}-nvq{s['n_vq']}-i{s['intermediate']}-q{s['heads']}kv{s['kv_heads']}"
+                f"d{s['head_dim']}-seed{seed}-{RECIPE}")
+    else:
+        name = f"{family}-" + "-".join(f"{k}{v}" for k, v in sorted(s.items())) + f"-seed{seed}-{RECIPE}"
     return (root or cache_root()) / "bench" / name
 
 
-def bench_checkpoint(seed: int = 0, root: Path | None = None, **sizes) -> Path:
+def build_checkpoint(family: str, directory: str | Path, seed: int = 0, **sizes) -> Path:
+    """Write the random bench checkpoint of `family` (delay, local, realtime) into `directory`."""
+    from .family_checkpoints import build_local_checkpoint, build_realtime_checkpoint
+
+    builders = {"delay": build_delay_checkpoint, "local": build_local_checkpoint, "realtime": build_realtime_checkpoint}
+    return builders[family](directory, seed=seed, **{**family_sizes(family), **sizes})
+
+
+def bench_checkpoint(seed: int = 0, root: Path | None = None, family: str = "delay", **sizes) -> Path:
     """The bench checkpoint under the cache (`$MOSSSERVE_CACHE` or ~/.cache/mossserve), built once.
 
     Built into a temporary sibling and renamed into place, so an interrupted build is never used."""
-    target = checkpoint_path(seed, root, **sizes)
+    target = checkpoint_path(seed, root, family, **sizes)
     if (target / "model.safetensors").is_file() and (target / "codec" / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_delay_checkpoint(tmp, seed=seed, **{**BENCH_SIZE, **sizes})
+        build_checkpoint(family, tmp, seed, **sizes)
         try:
             tmp.rename(target)
         except OSError:  # built meanwhile by another process

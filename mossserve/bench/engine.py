@@ -19,14 +19,27 @@ every request's frames are decoded to audio.
   TTFA runs (so that both see the machine alike); the pieces' medians are summed.
   `ttfa_ratio` = TTFA / floor: what the engine adds (threads, queues, scheduling) on top.
 
-Every request is greedy, submitted with `guard=False` and a fixed step cap, so with the random
-bench checkpoint (built to stay in audio mode, see checkpoint.py) every request generates the same
-number of frames; the frames each request actually produced are reported. Each engine is warmed
-up with one short request before it is timed. Thread settings are left as they are.
+* Floors (`floors`, see floors.py and docs/bench.md), measured after the runs (and after
+  `peak_rss_mb` is taken): memory read bandwidth and GEMM throughput of this machine, and one
+  decode step of this model counted op by op (weight bytes at batch 1, FLOPs at batch 16).
+  Batch-1 floor = weight bytes / bandwidth; batch-16 floor = FLOPs / GEMM throughput, or the
+  weight bytes / bandwidth where that is higher. Measured step times come from the throughput
+  runs: wall / talker steps (requests run in waves of c, each for the longest request's steps),
+  so they include prefill, scheduling and audio decoding; `fraction_*` = floor / measured.
+
+Every family (`--family delay|local|realtime`) runs the same way; with no `--model` the bench
+builds a bench-size random checkpoint of that family (checkpoint.py, family_checkpoints.py), made
+never to stop by itself. Every request is greedy, submitted with `guard=False` and a fixed step
+cap, so every request generates the same number of frames; the frames each request actually
+produced are reported. The steps before frame 0 (Delay: n_vq, Local and Realtime: 0) are read
+from the first warm-up (rows - frames) and added to the cap. Each engine is warmed up with one
+short request before it is timed. Thread settings are left as they are.
 """
 from __future__ import annotations
 
+import math
 import queue
+import re
 import resource
 import statistics
 import subprocess
@@ -41,8 +54,10 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError, MossServeError
+from .floors import count_step, floors, gemm_throughput, memory_bandwidth
 
-SUPPORTED_FAMILIES = ("delay",)
+SUPPORTED_FAMILIES = ("delay", "local", "realtime")
+FAMILY_CLASSES = {"MossDelayFamily": "delay", "MossLocalFamily": "local", "MossRealtimeFamily": "realtime"}
 CONCURRENCY = (1, 4, 16)
 TARGETS = {"speedup_16": 5.0, "ttfa_ratio": 1.3}  # from the issue; reported, not asserted
 RANDOM_MODEL = "random bench checkpoint"
@@ -103,7 +118,7 @@ class _Collector:
 
 def run_engine_bench(family: str = "delay", model: str | Path | None = None, codec: str | Path | None = None,
                      device: str = "cpu", dtype: str = "float32", frames: int = 40, requests: int = 16,
-                     ttfa_runs: int = 5, seed: int = 0,
+                     ttfa_runs: int = 5, seed: int = 0, bandwidth_mb: float = 256.0,
                      log: Callable[[str], None] | None = None) -> dict:
     """Run the engine bench and return its figures (see the module docstring)."""
     from ..api import TTS
@@ -118,18 +133,24 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
     say = log or (lambda message: None)
     started = time.perf_counter()
 
-    model_dir = model if model is not None else _bench_checkpoint(seed, say)
+    model_dir = model if model is not None else _bench_checkpoint(seed, say, family)
     say(f"loading {model_dir}")
     tts = TTS.from_pretrained(model_dir, codec=codec, device=device, dtype=dtype)
     talker, codec_model = tts.talker, tts.codec
+    loaded = FAMILY_CLASSES.get(type(talker).__name__)
+    if loaded is not None and loaded != family:
+        raise InvalidRequestError(f"{model_dir} is a {loaded} checkpoint; pass --family {loaded}")
     prompts = [tts.prompt(SpeechRequest(input=TEXTS[i % len(TEXTS)])) for i in range(requests)]
     sampling = SamplingParams.greedy()
     n_vq = talker.codebooks
-    # Rows generated before frame 0 completes (Delay: the audio-start row, then n_vq - 1 rows of
-    # the delay pattern); checked against the warm-up below.
-    lead = n_vq
-    steps = frames + lead
+    # Rows generated before frame 0 completes: taken from the warm-up (rows - frames of a request
+    # that ran to its cap). Delay: n_vq (the audio-start row, then n_vq - 1 rows of the delay
+    # pattern); Local and Realtime: 0 (every step yields a frame). The warm-up's cap leaves room
+    # for n_vq of them and a few frames.
     defaults = EngineConfig()
+    warm_steps = n_vq + defaults.chunk_schedule.first + 2
+    lead: int | None = None  # set by the first warm-up
+    steps = frames
 
     def config(c: int) -> EngineConfig:
         return EngineConfig(max_running=c)  # the defaults otherwise
@@ -149,7 +170,6 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
 
     def warm_up(engine) -> tuple[int, int, str]:
         collector = _Collector(1)
-        warm_steps = lead + defaults.chunk_schedule.first + 2
         submit(engine, prompts[0], warm_steps, collector.sink(0))
         collector.wait(1)
         generation = collector.results[0].chunks[-1].generation
@@ -173,8 +193,11 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
         try:
             say(f"concurrency {c}: warming up")
             warm_rows, warm_frames, warm_reason = warm_up(engine)
-            if warm_reason == "length" and warm_rows - warm_frames != lead:
-                lead = warm_rows - warm_frames  # the model's own offset (none of ours differs today)
+            if lead is None:
+                if warm_reason != "length" or warm_frames < 1:
+                    raise MossServeError(f"the warm-up request stopped early ({warm_reason}, {warm_rows} steps, "
+                                         f"{warm_frames} frames): the bench needs a model that runs to its step cap")
+                lead = warm_rows - warm_frames
                 steps = frames + lead
             say(f"concurrency {c}: {len(prompts)} requests x {steps} steps")
             elapsed, results = run_all(engine)
@@ -210,6 +233,27 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
             engine.shutdown()
             engine = None  # free its KV cache before the next engine allocates one
 
+    peak_rss = peak_rss_mb()  # before the limits below allocate their test tensors
+    say("floors: counting a decode step's weight bytes and FLOPs at batch 1 and 16")
+    step_counts = {b: count_step(talker, prompts, sampling, defaults.prefill_tokens, b) for b in (1, 16)}
+    say("floors: measuring memory bandwidth and GEMM throughput")
+    bandwidth = memory_bandwidth(bandwidth_mb)
+    backbone = talker.backbone_config
+    gemm = gemm_throughput(next(talker.model.parameters()).dtype, backbone.hidden_size, backbone.intermediate_size)
+    # Talker steps of each run: requests run in waves of c, each wave for the longest request's steps.
+    engine_steps = {key: math.ceil(len(prompts) / int(key)) * produced[key]["steps_max"] for key in wall}
+    floor_figures = floors(bandwidth["gb_s"], gemm["gflop_s"], step_counts[1], step_counts[16],
+                           wall["1"] / engine_steps["1"], wall["16"] / engine_steps["16"])
+    floor_figures.update(
+        engine_steps={key: engine_steps[key] for key in ("1", "16")},
+        memory_bandwidth=bandwidth,
+        gemm=gemm,
+        weight_bytes_by_group=_grouped(step_counts[1]["weight_bytes_by_parameter"]),
+        parameter_bytes=sum(p.numel() * p.element_size() for p in talker.model.parameters()),
+    )
+    say(f"floors: step at 1 {floor_figures['step_s_1'] * 1000:.1f} ms vs floor {floor_figures['step_floor_s_1'] * 1000:.1f}"
+        f" ms; at 16 {floor_figures['step_s_16'] * 1000:.1f} ms vs floor {floor_figures['step_floor_s_16'] * 1000:.1f} ms")
+
     ttfa = statistics.median(ttfa_values)
     sequential = throughput["1"]
     result = {
@@ -242,10 +286,21 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
         "ttfa_floor": floor,
         "ttfa_ratio": ttfa / floor["total_s"],
         "targets": dict(TARGETS),
-        "peak_rss_mb": peak_rss_mb(),
+        "floors": floor_figures,
+        "ttfa_lead_steps": lead,
+        "peak_rss_mb": peak_rss,
         "bench_wall_s": time.perf_counter() - started,
     }
     return result
+
+
+def _grouped(read: dict[str, int]) -> dict[str, int]:
+    """Bytes read per parameter, with the layer index folded: `language_model.layers.*.mlp...`."""
+    groups: dict[str, int] = {}
+    for name, nbytes in read.items():
+        key = re.sub(r"\.\d+\.", ".*.", name)
+        groups[key] = groups.get(key, 0) + nbytes
+    return groups
 
 
 def _time_first_audio(engine, submit, prompt, steps: int) -> float:
@@ -334,29 +389,30 @@ class _FloorTimer:
         }
 
 
-def _bench_checkpoint(seed: int, say: Callable[[str], None]) -> Path:
+def _bench_checkpoint(seed: int, say: Callable[[str], None], family: str = "delay") -> Path:
     """The cached bench checkpoint; a missing one is built in a child process so that building
     it does not count in this process's peak memory."""
-    from .checkpoint import BENCH_SIZE, cache_root
+    from .checkpoint import cache_root, family_sizes
 
-    path = _cached_path(seed)
+    path = _cached_path(seed, family)
     if path is not None:
         return path
-    say(f"building the bench checkpoint under {cache_root() / 'bench'} (once)")
-    code = f"from mossserve.bench.checkpoint import bench_checkpoint; print(bench_checkpoint(seed={seed}))"
+    say(f"building the {family} bench checkpoint under {cache_root() / 'bench'} (once)")
+    code = ("from mossserve.bench.checkpoint import bench_checkpoint; "
+            f"print(bench_checkpoint(seed={seed}, family={family!r}))")
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise MossServeError(f"building the bench checkpoint failed:\n{proc.stderr.strip()}")
-    path = _cached_path(seed)
+    path = _cached_path(seed, family)
     if path is None:
-        raise MossServeError(f"the bench checkpoint ({BENCH_SIZE}) was not found after building it")
+        raise MossServeError(f"the {family} bench checkpoint ({family_sizes(family)}) was not found after building it")
     return path
 
 
-def _cached_path(seed: int) -> Path | None:
+def _cached_path(seed: int, family: str = "delay") -> Path | None:
     from .checkpoint import checkpoint_path
 
-    path = checkpoint_path(seed)
+    path = checkpoint_path(seed, family=family)
     complete = (path / "model.safetensors").is_file() and (path / "codec" / "model.safetensors").is_file()
     return path if complete else None
 
@@ -374,7 +430,7 @@ def _sync(device: torch.device) -> None:
 
 def format_table(result: dict) -> str:
     """A short human-readable summary of `run_engine_bench`'s result."""
-    floor = result["ttfa_floor"]
+    floor, fl = result["ttfa_floor"], result["floors"]
     lines = [
         (f"engine bench: {result['family']} family, {result['model']} ({result['parameters'] / 1e6:.1f} M "
          f"parameters), {result['device']} {result['dtype']}, {result['threads']} threads"),
@@ -390,6 +446,12 @@ def format_table(result: dict) -> str:
          f"floor {result['ttfa_floor_s'] * 1000:.0f} ms = prefill {floor['prefill_s'] * 1000:.0f} + "
          f"{floor['steps']} steps {floor['steps_s'] * 1000:.0f} + codec {floor['codec_first_chunk_s'] * 1000:.0f}; "
          f"ratio {result['ttfa_ratio']:.2f} (target <= {TARGETS['ttfa_ratio']:g})"),
+        (f"  step at 1: {fl['step_s_1'] * 1000:.1f} ms, floor {fl['step_floor_s_1'] * 1000:.1f} ms "
+         f"({fl['weight_bytes_per_step'] / 1e6:.0f} MB of weights at {fl['memory_bandwidth_gb_s']:.1f} GB/s): "
+         f"{fl['fraction_1'] * 100:.0f}% of the floor's speed"),
+        (f"  step at 16: {fl['step_s_16'] * 1000:.1f} ms, floor {fl['step_floor_s_16'] * 1000:.1f} ms "
+         f"({fl['flops_per_step_16'] / 1e9:.2f} GFLOP at {fl['gemm_gflop_s']:.0f} GFLOP/s, {fl['bound_16']}-bound): "
+         f"{fl['fraction_16'] * 100:.0f}%"),
         f"  peak RSS {result['peak_rss_mb']:.0f} MB; bench took {result['bench_wall_s']:.0f} s",
     ]
     return "\n".join(lines)
