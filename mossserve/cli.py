@@ -156,6 +156,8 @@ def build_prompts(tts, args: argparse.Namespace) -> list:
     if args.conversation is not None:
         conversations = load_conversations(args.conversation, encode_voice=tts.encode_voice)
         return [tts.talker.prompt_from_conversation(c, args.mode or default_mode(c)) for c in conversations]
+    if args.request is not None and _is_session_script(args.request):
+        return [session_first_turn(tts, args.request)]
     if args.request is not None:
         request = SpeechRequest.from_json(args.request)
     else:
@@ -268,6 +270,17 @@ def say_session(tts, args: argparse.Namespace) -> int:
         write_audio(args.output, samples, results[0][1].sample_rate)
         print(f"wrote {args.output}: {samples.shape[-1] / results[0][1].sample_rate:.2f} s ({ended})", file=sys.stderr)
     return 0
+
+
+def session_first_turn(tts, path: Path):
+    """A session script's first turn as a prompt (its input and prefill rows): what `prompt` writes for a
+    script, since later turns' contexts hold audio that only generation produces."""
+    from .text.realtime_session import SessionScript
+
+    if not tts.talker.supports_sessions:
+        raise InvalidRequestError(f"{path} is a session script; this model does not run sessions")
+    script = SessionScript.from_json(path)
+    return tts.talker.turn_prompt(script.turns[0], True, script.voice)
 
 
 def _is_session_script(path: Path) -> bool:

@@ -209,3 +209,11 @@ def test_text_pushed_while_speaking_replays_the_reference_push_by_push(run: str)
         assert np.array_equal(np.stack(handle.frames), turn_frames(run)[index][:-1])
     assert spoke_early or run == "stream_text_only_short"  # that one's 9 ids wait for the end (no 12 pending)
     assert not engine.push_input(handle.id, "more")  # over: no more input
+
+
+def test_prompt_of_a_session_script_is_its_first_turns_prefill(tmp_path: Path) -> None:
+    path = tmp_path / "session.json"
+    path.write_text(json.dumps(script("stream_multiturn")))
+    out = tmp_path / "prompt.npy"
+    assert main(["prompt", "--model", str(REALTIME_DIR), "--request", str(path), "-o", str(out)]) == 0
+    assert np.array_equal(np.load(out), golden("generation")["stream_multiturn.turn0.prefill_input_ids"].numpy())
