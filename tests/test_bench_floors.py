@@ -172,6 +172,11 @@ def test_engine_bench_reports_floors_for_every_family(family, tiny_checkpoints) 
     assert f["weight_bytes_per_step"] == sum(f["weight_bytes_by_group"].values()) < f["parameter_bytes"]
     assert f["gemm_gflop_s"] == max(f["gemm"]["square_gflop_s"], f["gemm"]["decode_shaped_gflop_s"])
     assert "step at 16" in format_table(out)
+    if family == "realtime":  # its text can stream in: the time from that text to the first audio
+        assert out["text_to_first_audio_s"] > 0 and len(out["text_to_first_audio_runs_s"]) == 1
+        assert "text to first audio" in format_table(out)
+    else:
+        assert out["text_to_first_audio_s"] is None
 
 
 def test_engine_bench_refuses_a_checkpoint_of_another_family() -> None:

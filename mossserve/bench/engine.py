@@ -187,6 +187,7 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
 
     throughput, wall, audio_s, produced, reasons = {}, {}, {}, {}, {}
     ttfa_values: list[float] = []
+    text_ttfa_values: list[float] = []  # families with streaming text input (Realtime)
     decoded_ok = True
     for c in CONCURRENCY:
         engine = new_engine(c)
@@ -229,6 +230,10 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
                 floor = floor_timer.summary(discard=1)
                 say(f"TTFA runs: {', '.join(f'{t:.3f}' for t in ttfa_values)} s; floor rounds: "
                     f"{', '.join(f'{t:.3f}' for t in floor['rounds_s'])} s")
+                if talker.supports_sessions:
+                    say("text to first audio: turns whose text streams in")
+                    text_ttfa_values = [_time_first_audio_after_text(engine, talker, sampling, i)
+                                        for i in range(ttfa_runs)]
         finally:
             engine.shutdown()
             engine = None  # free its KV cache before the next engine allocates one
@@ -282,6 +287,8 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
         "speedup_16": throughput["16"] / sequential,
         "ttfa_s": ttfa,
         "ttfa_runs_s": ttfa_values,
+        "text_to_first_audio_s": statistics.median(text_ttfa_values) if text_ttfa_values else None,
+        "text_to_first_audio_runs_s": text_ttfa_values or None,
         "ttfa_floor_s": floor["total_s"],
         "ttfa_floor": floor,
         "ttfa_ratio": ttfa / floor["total_s"],
@@ -292,6 +299,36 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
         "bench_wall_s": time.perf_counter() - started,
     }
     return result
+
+
+def _time_first_audio_after_text(engine, talker, sampling, run: int) -> float:
+    """A session turn (a user turn, then the assistant's text streaming in, as from an LLM): its input is
+    prefilled while no text has come; the clock starts with the push that lets it speak (the prefill's
+    text ids and the first chunk's) and stops at its first audio. The turn is closed at once."""
+    from ..text.realtime_prompt import DELAY_TOKENS
+    from ..text.realtime_session import RealtimeTurn
+
+    prompt = talker.open_turn_prompt(RealtimeTurn(user_text="Could you tell me the way to the station?"), True)
+    arrived, first_audio = threading.Event(), []
+
+    def sink(chunk) -> None:
+        if not first_audio and chunk.audio is not None and chunk.audio.shape[-1]:
+            first_audio.append(time.perf_counter())
+        if first_audio or chunk.final:
+            arrived.set()
+
+    session = f"bench-text-{run}"
+    ids = talker.tokenizer.encode(TEXTS[run % len(TEXTS)] + " " + TEXTS[(run + 1) % len(TEXTS)])
+    handle = engine.add_request(prompt, sampling, sink, session=session, guard=False)
+    engine.wait_idle()  # the turn's input is in the cache; it waits for text
+    start = time.perf_counter()
+    engine.push_input(handle.id, ids[: DELAY_TOKENS + engine.config.chunk_schedule.first])
+    arrived.wait(timeout=600)
+    engine.close_session(session)
+    engine.wait_idle()
+    if not first_audio:
+        raise MossServeError("a streamed-text turn ended without audio")
+    return first_audio[0] - start
 
 
 def _grouped(read: dict[str, int]) -> dict[str, int]:
@@ -446,6 +483,8 @@ def format_table(result: dict) -> str:
          f"floor {result['ttfa_floor_s'] * 1000:.0f} ms = prefill {floor['prefill_s'] * 1000:.0f} + "
          f"{floor['steps']} steps {floor['steps_s'] * 1000:.0f} + codec {floor['codec_first_chunk_s'] * 1000:.0f}; "
          f"ratio {result['ttfa_ratio']:.2f} (target <= {TARGETS['ttfa_ratio']:g})"),
+        *([(f"  text to first audio (a turn whose text streams in): {result['text_to_first_audio_s'] * 1000:.0f} ms "
+            f"median of {len(result['text_to_first_audio_runs_s'])}")] if result["text_to_first_audio_s"] else []),
         (f"  step at 1: {fl['step_s_1'] * 1000:.1f} ms, floor {fl['step_floor_s_1'] * 1000:.1f} ms "
          f"({fl['weight_bytes_per_step'] / 1e6:.0f} MB of weights at {fl['memory_bandwidth_gb_s']:.1f} GB/s): "
          f"{fl['fraction_1'] * 100:.0f}% of the floor's speed"),
