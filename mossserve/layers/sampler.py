@@ -67,12 +67,14 @@ def sample(
     `noise` (rows, vocab) holds exponential draws for the sampled rows (any values for greedy
     rows); it may be None when every row is greedy.
     """
-    logits = apply_temperature(logits.float(), temperature)
+    greedy = temperature <= 0
+    all_greedy = bool(greedy.all())
+    # Greedy rows are divided by 1, which changes nothing: an all-greedy batch skips the division.
+    logits = logits.float() if all_greedy else apply_temperature(logits.float(), temperature)
     if penalty is not None and seen is not None:
         logits = apply_repetition_penalty(logits, seen, penalty)
-    greedy = temperature <= 0
     tokens = torch.argmax(logits, dim=-1)
-    if bool(greedy.all()):
+    if all_greedy:
         return tokens
     if noise is None:
         raise ValueError("sampled rows need noise")
@@ -87,3 +89,43 @@ def exponential_noise(rows: int, vocab: int, generator: torch.Generator | None, 
     noise = torch.empty(rows, vocab, dtype=torch.float32, device=generator.device if generator is not None else device)
     noise.exponential_(1, generator=generator)
     return noise.to(device)
+
+
+BITS = 53  # a draw's uniform is (random64 & (2**53 - 1)) * 2**-53, its noise -log1p(-uniform)
+
+
+def exponential_bits(rows: int, vocab: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The 53 random bits behind each draw of `exponential_noise(rows, vocab, generator, ...)`, as int64.
+
+    It takes exactly the generator's numbers that `exponential_noise` takes (one 64-bit draw per
+    element, in the same order) at a third of the cost, so a caller that needs the noise of a few
+    columns only can turn just those into noise (`noise_from_bits`) and leave the stream where the
+    full draw would. `bits_match_noise` checks that this torch build draws this way."""
+    bits = torch.empty(rows, vocab, dtype=torch.int64, device=generator.device if generator is not None else "cpu")
+    return bits.random_(0, 1 << BITS, generator=generator)
+
+
+def noise_from_bits(bits: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The exponential noise `exponential_noise` makes of these bits (bit-exact: see `bits_match_noise`)."""
+    uniform = bits.double() * 2.0 ** -BITS
+    return (-torch.log1p(-uniform)).float().to(device)
+
+
+_BITS_MATCH: dict[int, bool] = {}
+
+
+def bits_match_noise(vocab: int) -> bool:
+    """Whether `exponential_bits` + `noise_from_bits` reproduce `exponential_noise` exactly, values
+    and the generator's state after, on this torch build (checked once per width, on a few seeds)."""
+    if vocab not in _BITS_MATCH:
+        ok = True
+        for seed in (0, 1, 12345):
+            full, fast = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            noise = exponential_noise(2, vocab, full, torch.device("cpu"))
+            bits = exponential_bits(2, vocab, fast)
+            ok = ok and torch.equal(noise_from_bits(bits, torch.device("cpu")), noise)
+            for width in (1, 2, 3):  # a few columns alone (another kernel path than the whole row)
+                ok = ok and torch.equal(noise_from_bits(bits[:, -width:], torch.device("cpu")), noise[:, -width:])
+            ok = ok and torch.equal(full.get_state(), fast.get_state())
+        _BITS_MATCH[vocab] = ok
+    return _BITS_MATCH[vocab]

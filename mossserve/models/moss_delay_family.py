@@ -19,7 +19,13 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
-from ..layers.sampler import exponential_noise, sample
+from ..layers.sampler import (
+    bits_match_noise,
+    exponential_bits,
+    exponential_noise,
+    noise_from_bits,
+    sample,
+)
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
 from .delay_pattern import dedelay, segments
@@ -73,6 +79,7 @@ class MossDelayFamily(TalkerFamily):
         self.max_new_frames = max_new_frames
         self._text_masks: dict[torch.device, torch.Tensor] = {}
         self._slot_id_tables: dict[torch.device, torch.Tensor] = {}
+        self._audio_allowed: dict[torch.device, torch.Tensor] = {}
 
     # ---- prompts -------------------------------------------------------------------------
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
@@ -125,8 +132,8 @@ class MossDelayFamily(TalkerFamily):
     # ---- decode state --------------------------------------------------------------------
     def new_state(self, max_slots: int, device: torch.device, shared_seed: int | None = None) -> DelayState:
         n, codes = self.config.n_vq, self.config.audio_vocab_size + 1
-        i64 = dict(dtype=torch.int64, device=device)
-        f32 = dict(dtype=torch.float32, device=device)
+        i64 = {"dtype": torch.int64, "device": device}
+        f32 = {"dtype": torch.float32, "device": device}
         return DelayState(
             audio_len=torch.zeros(max_slots, **i64),
             delayed=torch.full((max_slots,), INACTIVE, **i64),
@@ -252,47 +259,159 @@ class MossDelayFamily(TalkerFamily):
 
     def _sample_text(self, state: DelayState, hidden: torch.Tensor, slots: torch.Tensor,
                      is_audio: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """In audio mode only the two slot tokens can win, so those rows compute two columns of the
-        text head instead of the whole vocabulary (the same draw: banned ids have probability 0).
+        """Text tokens for rows in text mode (the whole head) and in audio mode (two columns).
 
-        A seeded request still draws noise over the whole vocabulary, as the reference's
-        multinomial does, so that its random stream stays the reference's; an unseeded one draws
-        noise only for the columns it samples from, which is the same distribution."""
+        In audio mode only the two slot tokens can win, so those rows compute two columns of the
+        text head instead of 151,936 and sample over those two: every other id is at -inf, so
+        temperature, top-k, top-p, softmax and the draw reduce to the same operations on the two
+        (docs/performance.md). The two-column logits may differ from the full head's in the last
+        bits (another matmul shape), so a greedy or seeded row whose choice lies within the
+        rounding bound of the head (a near-tie), or that meets a tie-break the full vector would
+        settle (top-k 1 or top-p on equal values), a non-finite logit or a zero noise draw, takes
+        the full head instead: its token is the full computation's, whatever the shape.
+
+        A seeded request still takes its text noise over the whole vocabulary from its generator,
+        as the reference's multinomial does, so its random stream stays the reference's; in audio
+        mode it takes the raw bits (a third of the cost of the noise) and turns only the two
+        columns into noise. An unseeded one draws noise only for the two columns, which is the
+        same distribution."""
         cfg = self.config
-        vocab = cfg.language.vocab_size
-        temperature = state.text_temperature[slots]
+        vocab, device = cfg.language.vocab_size, hidden.device
+        temperature, top_k, top_p = state.text_temperature[slots], state.text_top_k[slots], state.text_top_p[slots]
         drawing = temperature > 0
         replay = drawing & state.replay[slots]
-        full_noise = None
-        if bool(replay.any()):
-            full_noise = self._noise(state, slots[replay], torch.ones_like(slots[replay]), vocab, hidden.device)
-        replay_rank = torch.cumsum(replay.long(), 0) - 1
-        tokens = torch.empty(len(slots), dtype=torch.int64, device=hidden.device)
-        for rows, columns in ((torch.nonzero(is_audio).flatten(), self._slot_ids(hidden.device)),
-                              (torch.nonzero(~is_audio).flatten(), None)):
-            if not len(rows):
-                continue
-            logits = self.model.text_logits(hidden[rows], columns)
-            ids = columns if columns is not None else torch.arange(vocab, device=hidden.device)
-            if columns is None:
-                logits = logits.masked_fill(self._text_mask(hidden.device), float("-inf"))
-            step0 = (steps[rows] == 0)[:, None] & (ids == LITERAL_DELAY_SLOT_ID)
-            early = (steps[rows] <= cfg.n_vq)[:, None] & (ids == cfg.im_end_token_id)
-            logits = logits.masked_fill(step0 | early, float("-inf"))
-            noise = None
-            if bool(drawing[rows].any()):
-                noise = torch.ones(len(rows), len(ids), device=hidden.device)
-                exact, narrow = replay[rows], drawing[rows] & ~replay[rows]
-                if bool(exact.any()):
-                    noise[exact] = full_noise[replay_rank[rows][exact]][:, ids]
-                if bool(narrow.any()):
-                    picked_slots = slots[rows][narrow]
-                    noise[narrow] = self._noise(state, picked_slots, torch.ones_like(picked_slots), len(ids),
-                                                hidden.device)
-            picked = sample(logits, temperature[rows], state.text_top_k[slots][rows], state.text_top_p[slots][rows],
-                            noise=noise)
-            tokens[rows] = ids[picked]
+        ids = self._slot_ids(device)
+        tokens = torch.empty(len(slots), dtype=torch.int64, device=device)
+        narrow = torch.nonzero(is_audio).flatten()
+        full = ~is_audio
+
+        # Noise: the seeded rows in batch order (the shared generator's order), then the others.
+        fast_bits = bits_match_noise(vocab)
+        full_noise: dict[int, torch.Tensor] = {}
+        kept_bits: dict[int, torch.Tensor] = {}
+        window = torch.ones(len(narrow), len(ids), device=device)
+        position = torch.full((len(slots),), -1, dtype=torch.int64)
+        position[narrow.cpu()] = torch.arange(len(narrow))
+        cpu_ids = ids.cpu()
+        slot_list, audio_list, position_list = slots.tolist(), is_audio.tolist(), position.tolist()
+        zero_draw = torch.zeros(len(slots), dtype=torch.bool, device=device)
+        for row in torch.nonzero(replay).flatten().tolist():
+            generator = state.shared_generator if state.shared_generator is not None else state.generators[slot_list[row]]
+            if audio_list[row] and fast_bits:
+                bits = exponential_bits(1, vocab, generator)
+                # A zero noise makes a NaN that the full vector would pick. (numpy: one thread; a torch
+                # reduction over 151,936 values costs far more on a busy CPU.)
+                if int(bits.numpy().min()) == 0:
+                    full_noise[row] = noise_from_bits(bits, device)[0]
+                    zero_draw[row] = True
+                else:
+                    kept_bits[row] = bits
+                    window[position_list[row]] = noise_from_bits(bits[0, cpu_ids], device)
+            else:
+                full_noise[row] = exponential_noise(1, vocab, generator, device)[0]
+                if audio_list[row]:
+                    window[position_list[row]] = full_noise[row][ids]
+                    zero_draw[row] = bool((full_noise[row] == 0).any())
+        loose = drawing & ~replay
+        for rows, width in ((torch.nonzero(loose & is_audio).flatten(), len(ids)),
+                            (torch.nonzero(loose & ~is_audio).flatten(), vocab)):
+            if len(rows):
+                drawn = self._noise(state, slots[rows], torch.ones_like(rows), width, device)
+                if width == vocab:
+                    full_noise.update(zip(rows.tolist(), drawn))
+                else:
+                    window[position[rows.cpu()].to(device)] = drawn
+
+        if len(narrow):
+            logits, bound = self._narrow_text_logits(hidden[narrow], ids, steps[narrow])
+            checked = ~drawing[narrow] | replay[narrow]  # greedy and seeded rows must match the full head
+            exact = self._narrow_is_exact(logits, bound, temperature[narrow], top_k[narrow], top_p[narrow], window)
+            wide = (checked & ~exact) | zero_draw[narrow]
+            full[narrow[wide]] = True
+            keep = ~wide
+            if bool(keep.any()):
+                picked = sample(logits[keep], temperature[narrow][keep], top_k[narrow][keep], top_p[narrow][keep],
+                                noise=window[keep])
+                tokens[narrow[keep]] = ids[picked]
+
+        # The whole head for text-mode rows, as one batch.
+        rows = torch.nonzero(full & ~is_audio).flatten()
+        if len(rows):
+            tokens[rows] = self._full_text(hidden[rows], self._text_mask(device), rows, steps, temperature, top_k,
+                                           top_p, drawing, full_noise, kept_bits)
+        # Audio-mode rows that two columns could not decide (near-ties, ties, zero draws: rare), one at
+        # a time, so that their answer is the one of the row alone whatever else is in the batch.
+        for row in torch.nonzero(full & is_audio).flatten().tolist():
+            one = torch.tensor([row], device=device)
+            tokens[one] = self._full_text(hidden[one], ~self._audio_text_allowed(device), one, steps, temperature,
+                                          top_k, top_p, drawing, full_noise, kept_bits)
         return tokens
+
+    def _full_text(self, hidden: torch.Tensor, banned: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor,
+                   temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, drawing: torch.Tensor,
+                   full_noise: dict[int, torch.Tensor], kept_bits: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Text tokens of `rows` from the whole head, the reference's masks and whole-vocabulary noise."""
+        cfg = self.config
+        vocab, device = cfg.language.vocab_size, hidden.device
+        every = torch.arange(vocab, device=device)
+        logits = self.model.text_logits(hidden)
+        step0 = (steps[rows] == 0)[:, None] & (every == LITERAL_DELAY_SLOT_ID)
+        early = (steps[rows] <= cfg.n_vq)[:, None] & (every == cfg.im_end_token_id)
+        logits = logits.masked_fill(banned | step0 | early, float("-inf"))
+        noise = None
+        if bool(drawing[rows].any()):
+            noise = torch.ones(len(rows), vocab, device=device)
+            for i, row in enumerate(rows.tolist()):
+                if row in full_noise:
+                    noise[i] = full_noise[row]
+                elif row in kept_bits:  # a seeded audio-mode row that needs the whole vector after all
+                    noise[i] = noise_from_bits(kept_bits[row], device)[0]
+        return sample(logits, temperature[rows], top_k[rows], top_p[rows], noise=noise)
+
+    def _narrow_text_logits(self, hidden: torch.Tensor, ids: torch.Tensor,
+                            steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The audio-mode text logits at `ids` (masked as the full vector is), and a bound on how far
+        any other matmul of the same head (the full one) may put each of them: for a dot product of
+        H terms summed in fp32 in any order |error| <= H * 2**-24 * sum|w x| (doubled here), plus the
+        rounding of a low-precision output and TF32 inputs where those are in use."""
+        cfg = self.config
+        weight = self.model.text_head.weight[ids]
+        logits = self.model.text_logits(hidden, ids)
+        magnitude = (weight.abs().float() @ hidden.abs().float().T).T
+        per_term = hidden.shape[-1] * 2.0 ** -23
+        if weight.dtype == torch.float32 and weight.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+            per_term += 2.0 ** -9
+        elif weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cuda":
+            per_term += 4 * torch.finfo(weight.dtype).eps  # reduced-precision split-K reductions
+        bound = per_term * magnitude + torch.finfo(weight.dtype).eps * logits.abs()
+        step0 = (steps == 0)[:, None] & (ids == LITERAL_DELAY_SLOT_ID)
+        early = (steps <= cfg.n_vq)[:, None] & (ids == cfg.im_end_token_id)
+        return logits.masked_fill(step0 | early, float("-inf")), bound
+
+    @staticmethod
+    def _narrow_is_exact(logits: torch.Tensor, bound: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                         top_p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Rows (R, 2) whose draw over the two columns is the full vector's whatever the last bits of
+        the logits: every decision (argmax; top-k 1; the top-p cut; probs / noise) clears the
+        logits' rounding bound by a margin (4x the bound, plus 1e-5 for softmax and division)."""
+        finite = torch.isfinite(logits)
+        # One slot token at -inf (the delay slot at step 0), the other finite: that one wins.
+        single = (finite[:, 0] ^ finite[:, 1]) & (logits == float("-inf")).any(1)
+        both = finite.all(1)
+        greedy = temperature <= 0
+        t = torch.where(greedy, torch.ones_like(temperature), temperature).double()
+        a, b = logits[:, 0].double(), logits[:, 1].double()
+        d = torch.where(both, (a - b) / t, torch.zeros_like(a))
+        tolerance = 4 * bound.double().sum(1) / t + 1e-5 * (1 + d.abs())
+        clear = d.abs() > tolerance
+        p_big = torch.sigmoid(d.abs())
+        cut = (top_p < 1) & (p_big > top_p)
+        top_p_clear = (top_p >= 1) | ((p_big - top_p).abs() > tolerance + 1e-6)
+        both_kept = (top_k != 1) & ~cut
+        log_ratio = noise[:, 0].double().log() - noise[:, 1].double().log()
+        draw_clear = ~both_kept | ((d - log_ratio).abs() > tolerance)
+        sampled = ((top_k != 1) | clear) & top_p_clear & draw_clear
+        return single | (both & torch.where(greedy, clear, sampled))
 
     def _slot_ids(self, device: torch.device) -> torch.Tensor:
         """The text ids allowed in audio mode, ascending (argmax ties break as over the whole vocabulary)."""
@@ -319,13 +438,23 @@ class MossDelayFamily(TalkerFamily):
         drawing = sampled & (temperature > 0)
         noise = None
         if bool(drawing.any()):
-            noise = torch.ones(len(slots), n, codes, device=logits.device)
-            first = self._noise(state, slots, drawing[:, 0].long(), codes, logits.device)
-            rest = self._noise(state, slots, drawing[:, 1:].sum(1), codes, logits.device)
-            if first is not None:
-                noise[:, 0][drawing[:, 0]] = first
-            if rest is not None:
-                noise[:, 1:][drawing[:, 1:]] = rest
+            if state.shared_generator is None:
+                # Per-request generators: a request's codebook-0 row and its other rows are consecutive
+                # draws from its own stream, so one call per request draws both, in codebook order.
+                drawn = self._noise(state, slots, drawing.sum(1), codes, logits.device)
+                if bool(drawing.all()):
+                    noise = drawn
+                else:
+                    noise = torch.ones(len(slots), n, codes, device=logits.device)
+                    noise[drawing] = drawn
+            else:  # the shared stream: every codebook-0 row first, then the rest
+                noise = torch.ones(len(slots), n, codes, device=logits.device)
+                first = self._noise(state, slots, drawing[:, 0].long(), codes, logits.device)
+                rest = self._noise(state, slots, drawing[:, 1:].sum(1), codes, logits.device)
+                if first is not None:
+                    noise[:, 0][drawing[:, 0]] = first
+                if rest is not None:
+                    noise[:, 1:][drawing[:, 1:]] = rest
             noise = noise.reshape(-1, codes)
         tokens = sample(
             logits,
@@ -353,6 +482,14 @@ class MossDelayFamily(TalkerFamily):
             if count
         ]
         return torch.cat(parts)
+
+    def _audio_text_allowed(self, device: torch.device) -> torch.Tensor:
+        """Text ids allowed in audio mode (the two slot tokens), as a vocabulary mask."""
+        if device not in self._audio_allowed:
+            allowed = torch.zeros(self.config.language.vocab_size, dtype=torch.bool, device=device)
+            allowed[self._slot_ids(device)] = True
+            self._audio_allowed[device] = allowed
+        return self._audio_allowed[device]
 
     def _text_mask(self, device: torch.device) -> torch.Tensor:
         """Text ids banned in text mode."""
