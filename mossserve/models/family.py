@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InvalidRequestError
 from ..sampling import SamplingParams
 from ..speech_request import EncodeVoice, SpeechRequest
 from .qwen3_config import Qwen3Config
@@ -27,6 +28,21 @@ class Prompt:
     rows: np.ndarray
     start_length: int = 0  # prompt rows that belong to the returned audio (continuation prefix)
     info: dict = field(default_factory=dict)
+
+
+def checked_rows(rows: np.ndarray, columns: int, vocab_size: int, max_code: int) -> np.ndarray:
+    """A prompt matrix as a user gives it (`say --prompt-matrix`), checked: shape (T, columns),
+    integers, text ids in 0..vocab_size - 1, codes in 0..max_code. Returned as int64."""
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[1] != columns or rows.shape[0] == 0:
+        raise InvalidRequestError(f"prompt matrix must have shape (T, {columns}), got {tuple(rows.shape)}")
+    if not np.issubdtype(rows.dtype, np.integer):
+        raise InvalidRequestError(f"prompt matrix must hold integers, got {rows.dtype}")
+    if rows[:, 0].min() < 0 or rows[:, 0].max() >= vocab_size:
+        raise InvalidRequestError(f"prompt text ids must lie in 0..{vocab_size - 1}")
+    if rows[:, 1:].min() < 0 or rows[:, 1:].max() > max_code:
+        raise InvalidRequestError(f"prompt audio codes must lie in 0..{max_code}")
+    return rows.astype(np.int64)
 
 
 @dataclass

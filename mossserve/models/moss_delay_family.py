@@ -29,7 +29,7 @@ from ..layers.sampler import (
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
 from .delay_pattern import dedelay, segments
-from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily
+from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily, checked_rows
 from .moss_delay import MossDelayModel
 from .moss_delay_config import MossDelayConfig
 
@@ -112,19 +112,11 @@ class MossDelayFamily(TalkerFamily):
 
     def prompt_from_rows(self, rows: np.ndarray) -> Prompt:
         """A prompt matrix as is (e.g. `say --prompt-matrix`), checked against this model."""
-        rows = np.asarray(rows)
-        if rows.ndim != 2 or rows.shape[1] != self.columns or rows.shape[0] == 0:
-            raise InvalidRequestError(f"prompt matrix must have shape (T, {self.columns}), got {tuple(rows.shape)}")
-        if not np.issubdtype(rows.dtype, np.integer):
-            raise InvalidRequestError(f"prompt matrix must hold integers, got {rows.dtype}")
         cfg = self.config
-        if rows[:, 0].min() < 0 or rows[:, 0].max() >= cfg.language.vocab_size:
-            raise InvalidRequestError(f"prompt text ids must lie in 0..{cfg.language.vocab_size - 1}")
-        if rows[:, 1:].min() < 0 or rows[:, 1:].max() > cfg.audio_pad_code:
-            raise InvalidRequestError(f"prompt audio codes must lie in 0..{cfg.audio_pad_code}")
+        rows = checked_rows(rows, self.columns, cfg.language.vocab_size, cfg.audio_pad_code)
         starts = np.nonzero(rows[:, 0] == cfg.im_start_token_id)[0]
         start_idx = (int(starts[-1]) if len(starts) else -1) + 3
-        return Prompt(rows=rows.astype(np.int64), start_length=len(rows) - start_idx, info={"start_idx": start_idx})
+        return Prompt(rows=rows, start_length=len(rows) - start_idx, info={"start_idx": start_idx})
 
     def default_sampling(self) -> SamplingParams:
         return self._sampling_defaults

@@ -23,7 +23,7 @@ from ..errors import InvalidRequestError
 from ..layers.sampler import exponential_noise
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
-from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily
+from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily, checked_rows
 from .moss_local import SKIPPED, MossLocalModel
 from .moss_local_config import MossLocalConfig
 from .moss_local_sampling import choose
@@ -87,20 +87,11 @@ class MossLocalFamily(TalkerFamily):
 
     def prompt_from_rows(self, rows: np.ndarray) -> Prompt:
         """A prompt matrix as is (e.g. `say --prompt-matrix`), checked against this model; full depth."""
-        rows = np.asarray(rows)
         cfg = self.config
-        if rows.ndim != 2 or rows.shape[1] != self.columns or rows.shape[0] == 0:
-            raise InvalidRequestError(f"prompt matrix must have shape (T, {self.columns}), got {tuple(rows.shape)}")
-        if not np.issubdtype(rows.dtype, np.integer):
-            raise InvalidRequestError(f"prompt matrix must hold integers, got {rows.dtype}")
-        if rows[:, 0].min() < 0 or rows[:, 0].max() >= cfg.language.vocab_size:
-            raise InvalidRequestError(f"prompt text ids must lie in 0..{cfg.language.vocab_size - 1}")
-        if rows[:, 1:].min() < 0 or rows[:, 1:].max() > cfg.audio_pad_code:
-            raise InvalidRequestError(f"prompt audio codes must lie in 0..{cfg.audio_pad_code}")
+        rows = checked_rows(rows, self.columns, cfg.language.vocab_size, cfg.audio_pad_code)
         starts = np.flatnonzero(rows[:, 0] == cfg.audio_start_token_id)
         # Upstream returns the rows from the last <|audio_start|>; those already in the prompt are the prefix.
         start_length = len(rows) - int(starts[-1]) - 1 if len(starts) else 0
-        rows = rows.astype(np.int64)
         return Prompt(rows=rows, start_length=start_length, info={"depth": cfg.n_vq, "matrix": rows})
 
     def with_depth(self, prompt: Prompt, depth: int) -> Prompt:

@@ -25,7 +25,7 @@ from ..errors import InvalidRequestError
 from ..layers.sampler import apply_repetition_penalty, exponential_noise
 from ..sampling import SamplingParams
 from ..speech_request import EncodeVoice, SpeechRequest
-from .family import InputUpdate, Prompt, StepOutput, TalkerFamily
+from .family import InputUpdate, Prompt, StepOutput, TalkerFamily, checked_rows
 from .moss_realtime import MossRealtimeModel
 from .moss_realtime_config import MossRealtimeConfig
 from .moss_realtime_sampling import sample_codes
@@ -143,21 +143,14 @@ class MossRealtimeFamily(TalkerFamily):
 
     def prompt_from_rows(self, rows: np.ndarray, text_ids: list[int] | tuple = (), text_tokens: int | None = None) -> Prompt:
         """A prompt matrix as is (its last row starts the audio), then `text_ids` fed one per step."""
-        rows = np.asarray(rows)
         cfg = self.config
-        if rows.ndim != 2 or rows.shape[1] != self.columns or rows.shape[0] == 0:
-            raise InvalidRequestError(f"prompt matrix must have shape (T, {self.columns}), got {tuple(rows.shape)}")
-        if not np.issubdtype(rows.dtype, np.integer):
-            raise InvalidRequestError(f"prompt matrix must hold integers, got {rows.dtype}")
+        rows = checked_rows(rows, self.columns, cfg.language.vocab_size, cfg.audio_eos_code)
         ids = np.asarray(text_ids, dtype=np.int64)
-        for name, values in (("prompt text ids", rows[:, 0]), ("text ids", ids)):
-            if len(values) and (values.min() < 0 or values.max() >= cfg.language.vocab_size):
-                raise InvalidRequestError(f"{name} must lie in 0..{cfg.language.vocab_size - 1}")
-        if rows[:, 1:].min() < 0 or rows[:, 1:].max() > cfg.audio_eos_code:
-            raise InvalidRequestError(f"prompt audio codes must lie in 0..{cfg.audio_eos_code}")
+        if len(ids) and (ids.min() < 0 or ids.max() >= cfg.language.vocab_size):
+            raise InvalidRequestError(f"text ids must lie in 0..{cfg.language.vocab_size - 1}")
         info = {"text_ids": ids, "runaway_guard": True,
                 "text_tokens": int(text_tokens if text_tokens is not None else len(ids))}
-        return Prompt(rows=rows.astype(np.int64), info=info)
+        return Prompt(rows=rows, info=info)
 
     def default_sampling(self) -> SamplingParams:
         return self._sampling_defaults
