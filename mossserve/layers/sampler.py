@@ -9,6 +9,8 @@ which rows (per-request streams, or the reference's one shared stream).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -73,15 +75,20 @@ def sample(
     logits = logits.float() if all_greedy else apply_temperature(logits.float(), temperature)
     if penalty is not None and seen is not None:
         logits = apply_repetition_penalty(logits, seen, penalty)
-    tokens = torch.argmax(logits, dim=-1)
-    if all_greedy:
-        return tokens
+    return draw(torch.argmax(logits, dim=-1), greedy, noise,
+                lambda: torch.softmax(apply_top_p(apply_top_k(logits, top_k), top_p), dim=-1))
+
+
+def draw(greedy_tokens: torch.Tensor, greedy: torch.Tensor, noise: torch.Tensor | None,
+         probs: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Greedy rows keep `greedy_tokens`; the others take argmax(probs / noise), which is what torch's
+    CPU `multinomial(probs, 1)` computes from that exponential noise. `probs` is only computed (and
+    `noise` only needed) when some row samples."""
+    if bool(greedy.all()):
+        return greedy_tokens
     if noise is None:
         raise ValueError("sampled rows need noise")
-    filtered = apply_top_p(apply_top_k(logits, top_k), top_p)
-    probs = torch.softmax(filtered, dim=-1)
-    drawn = torch.argmax(probs / noise, dim=-1)
-    return torch.where(greedy, tokens, drawn)
+    return torch.where(greedy, greedy_tokens, torch.argmax(probs() / noise, dim=-1))
 
 
 def exponential_noise(rows: int, vocab: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

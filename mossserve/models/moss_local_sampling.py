@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.hf_warpers import apply_top_k_hf, apply_top_p_hf
-from ..layers.sampler import apply_repetition_penalty
+from ..layers.sampler import apply_repetition_penalty, draw
 
 
 def choose(
@@ -26,15 +26,8 @@ def choose(
 ) -> torch.Tensor:
     """One token per row of logits (R, V). Rows with temperature <= 0: argmax. Sampled rows draw
     argmax(probs / noise), which is torch's CPU `multinomial(probs, 1)` given its exponential noise."""
-    greedy = temperature <= 0
-    tokens = torch.argmax(logits, dim=-1)
-    if bool(greedy.all()):
-        return tokens
-    if noise is None:
-        raise ValueError("sampled rows need noise")
-    processed = processed_logits(logits, temperature, top_k, top_p, penalty, seen)
-    drawn = torch.argmax(torch.softmax(processed, dim=-1) / noise, dim=-1)
-    return torch.where(greedy, tokens, drawn)
+    return draw(torch.argmax(logits, dim=-1), temperature <= 0, noise,
+                lambda: torch.softmax(processed_logits(logits, temperature, top_k, top_p, penalty, seen), dim=-1))
 
 
 def processed_logits(

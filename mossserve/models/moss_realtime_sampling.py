@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.hf_warpers import apply_top_k_hf, apply_top_p_hf
+from ..layers.sampler import draw
 
 
 def window_seen(history: torch.Tensor, window: int | None, vocab: int) -> torch.Tensor:
@@ -35,11 +36,6 @@ def sample_codes(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     """One code per row from (already penalized) logits (B, V). Rows with temperature <= 0 take the first
     maximum; the others draw with `noise` (B, V) (any values in greedy rows; None if every row is greedy)."""
     greedy = temperature <= 0
-    tokens = torch.argmax(logits, dim=-1)
-    if bool(greedy.all()):
-        return tokens
-    if noise is None:
-        raise ValueError("sampled rows need noise")
     safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
-    _, probs = filtered_probs(logits, safe_temperature, top_k, top_p)
-    return torch.where(greedy, tokens, torch.argmax(probs / noise, dim=-1))
+    return draw(torch.argmax(logits, dim=-1), greedy, noise,
+                lambda: filtered_probs(logits, safe_temperature, top_k, top_p)[1])
