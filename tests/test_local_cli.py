@@ -122,7 +122,7 @@ def test_depth_on_a_delay_model_is_refused(delay_model_dirs, tmp_path: Path, cap
 
 
 def test_fixture_copy_is_complete() -> None:
-    """The tests read only this copy of the fixture (never ../shared)."""
+    """The tests read only this copy of the fixture, never the project-external original."""
     for name in ("config.json", "model.safetensors", "prompts.safetensors", "generation.safetensors",
                  "teacher_forced.safetensors", "sampling_ops.safetensors", "README.md"):
         assert (LOCAL_DIR / name).is_file()

@@ -6,10 +6,10 @@ channels are summed by one embedding_bag, and all audio heads are one matmul.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers.batch_context import BatchContext
+from ..layers.code_embedding import sum_code_embeddings
 from ..layers.heads import project
 from .moss_delay_config import MossDelayConfig
 from .qwen3 import Qwen3Model
@@ -28,12 +28,8 @@ class MossDelayModel(nn.Module):
 
     def embed(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (B, T, 1 + n_vq) -> (B, T, H): text embedding + every codebook's embedding."""
-        batch, length, _ = rows.shape
         text = self.language_model.embed_tokens(rows[..., 0])
-        offsets = torch.arange(self.config.n_vq, device=rows.device) * self.codes_per_head
-        audio_ids = (rows[..., 1:] + offsets).reshape(batch * length, -1)
-        audio = F.embedding_bag(audio_ids, self.audio_embed, mode="sum")
-        return text + audio.view(batch, length, -1)
+        return text + sum_code_embeddings(rows[..., 1:], self.audio_embed, self.codes_per_head)
 
     def forward(
         self,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.batch_context import BatchContext
+from ..layers.code_embedding import sum_code_embeddings
 from ..layers.heads import project
 from .moss_local_config import MossLocalConfig
 from .moss_local_transformer import BridgeMLPs, DepthCache, LocalTransformer, rms_norm
@@ -43,15 +44,9 @@ class MossLocalModel(nn.Module):
     # ---- backbone --------------------------------------------------------------------------
     def embed(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (B, T, 1 + n_vq) -> (B, T, H): text embedding + the embeddings of every code that is not SKIPPED."""
-        batch, length, _ = rows.shape
-        text = self.text_embed(rows[..., 0])
         codes = rows[..., 1:]
-        kept = codes != SKIPPED
-        offsets = torch.arange(self.config.n_vq, device=rows.device) * self.codes_per_head
-        ids = (torch.where(kept, codes, 0) + offsets).reshape(batch * length, -1)
-        weights = kept.reshape(batch * length, -1).to(self.audio_embed.dtype)
-        audio = F.embedding_bag(ids, self.audio_embed, per_sample_weights=weights, mode="sum")
-        return text + audio.view(batch, length, -1)
+        return self.text_embed(rows[..., 0]) + sum_code_embeddings(codes, self.audio_embed, self.codes_per_head,
+                                                                   kept=codes != SKIPPED)
 
     def forward(
         self,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.batch_context import BatchContext
+from ..layers.code_embedding import sum_code_embeddings
 from ..layers.heads import project
 from ..layers.norms import RMSNorm
 from ..layers.rotary import RotaryEmbedding
@@ -87,11 +88,8 @@ class MossRealtimeModel(nn.Module):
 
     def embed(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (B, T, 17) -> (B, T, H): text embedding + the sixteen codebook embeddings."""
-        batch, length, _ = rows.shape
         text = self.language_model.embed_tokens(rows[..., 0])
-        offsets = torch.arange(self.config.rvq, device=rows.device) * self.codes
-        audio = F.embedding_bag((rows[..., 1:] + offsets).reshape(batch * length, -1), self.audio_embed, mode="sum")
-        return text + audio.view(batch, length, -1)
+        return text + sum_code_embeddings(rows[..., 1:], self.audio_embed, self.codes)
 
     def forward(self, rows: torch.Tensor, ctx: BatchContext, cache_k: torch.Tensor | None = None,
                 cache_v: torch.Tensor | None = None, hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
