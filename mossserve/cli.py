@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=16, help="engine: requests per run")
     bench.add_argument("--ttfa-runs", type=int, default=5, help="engine: TTFA measurements (median)")
     bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     bench.add_argument("--compare-upstream", metavar="DIR", type=Path,
                        help="engine: run the requests of a directory written by upstream_delay.py, side by side "
                             "with the reference's figures, and check the generated rows")
@@ -127,7 +127,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the bundled demo checkpoint)")
     parser.add_argument("--codec", help="codec directory or hub id (default: the model's own)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
 
 
 def load_tts(args: argparse.Namespace):
@@ -416,7 +416,7 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.streams < 1 or args.seconds <= 0:
         raise InvalidRequestError("--streams must be >= 1 and --seconds > 0")
     result = run_codec_bench(streams=args.streams, seconds=args.seconds, checkpoint=args.codec,
-                             device=args.device, dtype=parse_dtype(args.dtype))
+                             device=args.device, dtype=parse_dtype(args.dtype, args.device))
     if args.json:
         print(json.dumps(result))
         return

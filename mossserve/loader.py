@@ -27,13 +27,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 matmuls run on native instructions here: a CUDA device that supports them, or a
+    CPU with AVX512-BF16 or AMX. Elsewhere (AVX2 CPUs) oneDNN emulates bf16, slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name, or "auto": bfloat16 where `native_bf16(device)`, else float32."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise CheckpointError(f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if dtype not in DTYPES:
-        raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}, auto")
     return DTYPES[dtype]
 
 

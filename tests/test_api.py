@@ -76,12 +76,3 @@ def test_continuation_audio_drops_the_prefix_as_the_reference_does(delay_tts) ->
     cut = 13 * tts.codec.samples_per_frame
     assert 0 <= cut - int(whole.shape[-1] * 13 / 18) <= 1
     np.testing.assert_allclose(audio.samples, whole[:, cut:], atol=1e-5)
-
-
-def test_bfloat16_runs_every_greedy_case(delay_model_dirs) -> None:
-    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq32"], dtype="bfloat16")
-    for case in generation_cases(DELAY_DIR / "tiny_nvq32"):
-        prompts = [tts.talker.prompt_from_rows(p) for p in case.prompts]
-        for result in tts.generate(prompts, SamplingParams.greedy(), case.max_new_tokens):
-            assert len(result.rows) >= 1
-            assert result.frames.shape[1] == 32 and (result.frames < 1024).all()

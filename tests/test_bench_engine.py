@@ -11,7 +11,8 @@ from mossserve.api import DEMO_MODEL
 from mossserve.cli import build_parser, main
 
 CONTRACT = ("family", "device", "throughput", "sequential_throughput", "speedup_16", "ttfa_s", "ttfa_floor_s",
-            "ttfa_ratio", "peak_rss_mb", "frames_per_request", "requests", "model", "dtype", "wall_s")
+            "ttfa_ratio", "peak_rss_mb", "frames_per_request", "requests", "model", "dtype", "wall_s", "cpu",
+            "cpu_capability", "native_bf16")
 SMALL = {"hidden": 64, "layers": 2, "intermediate": 128, "heads": 2, "kv_heads": 1, "head_dim": 32}
 
 

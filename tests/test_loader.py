@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DELAY_DIR, TOKENIZER_DIR
 from mossserve.errors import CheckpointError
+from mossserve.loader import parse_dtype
 from mossserve.models.registry import load_talker
 
 SOURCE = DELAY_DIR / "tiny_nvq16"
@@ -58,6 +59,20 @@ def test_sharded_equals_single_file(tmp_path: Path) -> None:
 def test_low_precision_dtypes(tmp_path: Path, dtype: str) -> None:
     talker = load_talker(make_checkpoint(tmp_path), dtype=dtype)
     assert {p.dtype for p in talker.model.parameters()} == {getattr(torch, dtype)}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bfloat16_only_where_it_runs_natively(monkeypatch, tmp_path: Path, native: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    expected = torch.bfloat16 if native else torch.float32
+    assert parse_dtype("auto", "cpu") == expected
+    assert {p.dtype for p in load_talker(make_checkpoint(tmp_path), dtype="auto").model.parameters()} == {expected}
+
+
+def test_an_unknown_dtype_is_a_clear_error() -> None:
+    with pytest.raises(CheckpointError, match="unsupported dtype 'float8'.*auto"):
+        parse_dtype("float8")
 
 
 def test_missing_tensor(tmp_path: Path) -> None:

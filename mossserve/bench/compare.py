@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidRequestError, MossServeError
+from .machine import machine_info
 
 FRAME_RATE = 12.5
 
@@ -64,8 +65,7 @@ def run_compare_upstream(directory: str | Path, device: str = "cpu", dtype: str 
     divergence = _first_divergence([g.rows for g in generations], expected)
     return {
         "directory": str(root),
-        "device": device,
-        "dtype": dtype,
+        **machine_info(device, dtype),
         "requests": len(prompts),
         "steps_per_request": steps,
         "mossserve_1_audio_s_per_s": round(figures[1], 3),

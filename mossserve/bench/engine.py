@@ -27,7 +27,7 @@ every request's frames are decoded to audio.
   runs: wall / talker steps (requests run in waves of c, each for the longest request's steps),
   so they include prefill, scheduling and audio decoding; `fraction_*` = floor / measured.
 
-Every family (`--family delay|local|realtime`) runs the same way; with no `--model` the bench
+Every family (`--family delay|local|realtime|fish`) runs the same way; with no `--model` the bench
 builds a bench-size random checkpoint of that family (checkpoint.py, family_checkpoints.py), made
 never to stop by itself. Every request is greedy, submitted with `guard=False` and a fixed step
 cap, so every request generates the same number of frames; the frames each request actually
@@ -55,9 +55,11 @@ import torch
 
 from ..errors import InvalidRequestError, MossServeError
 from .floors import count_step, floors, gemm_throughput, memory_bandwidth
+from .machine import machine_info
 
-SUPPORTED_FAMILIES = ("delay", "local", "realtime")
-FAMILY_CLASSES = {"MossDelayFamily": "delay", "MossLocalFamily": "local", "MossRealtimeFamily": "realtime"}
+SUPPORTED_FAMILIES = ("delay", "local", "realtime", "fish")
+FAMILY_CLASSES = {"MossDelayFamily": "delay", "MossLocalFamily": "local", "MossRealtimeFamily": "realtime",
+                  "FishS2Family": "fish"}
 CONCURRENCY = (1, 4, 16)
 TARGETS = {"speedup_16": 5.0, "ttfa_ratio": 1.3}  # from the issue; reported, not asserted
 RANDOM_MODEL = "random bench checkpoint"
@@ -268,8 +270,7 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
         "model_dir": str(talker.source),
         "parameters": sum(p.numel() for p in talker.model.parameters()),
         "codec_parameters": sum(p.numel() for p in codec_model.parameters()),
-        "device": device,
-        "dtype": dtype,
+        **machine_info(device, dtype),
         "threads": torch.get_num_threads(),
         "requests": len(prompts),
         "frames_per_request": frames,
@@ -471,6 +472,8 @@ def format_table(result: dict) -> str:
     lines = [
         (f"engine bench: {result['family']} family, {result['model']} ({result['parameters'] / 1e6:.1f} M "
          f"parameters), {result['device']} {result['dtype']}, {result['threads']} threads"),
+        (f"CPU {result['cpu']} ({result['cpu_capability']}, "
+         f"{'native' if result['native_bf16'] else 'emulated'} bf16)"),
         (f"{result['requests']} requests x {result['frames_per_request']} frames "
          f"({result['frames_per_request'] / result['frame_rate']:.1f} s audio each), greedy, audio decoded"),
         "  concurrency   audio s / s   wall s",
