@@ -44,6 +44,7 @@ class SpeechRequest:
     language: str | None = None
     task: str | None = None
     depth: int | None = None  # Local family: codebooks generated per frame (1..n_vq; None = all)
+    chunk_length: int | None = None  # Fish S2 Pro: UTF-8 bytes of speaker turns per text batch (None = 300)
 
     def __post_init__(self) -> None:
         self.voice = normalize_voice(self.voice, "voice")
@@ -75,6 +76,10 @@ class SpeechRequest:
         if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, (int, np.integer))
                                        or self.depth < 1):
             raise InvalidRequestError(f"depth must be a positive integer, got {self.depth!r}")
+        if self.chunk_length is not None and (isinstance(self.chunk_length, bool)
+                                              or not isinstance(self.chunk_length, (int, np.integer))
+                                              or self.chunk_length < 1):
+            raise InvalidRequestError(f"chunk_length must be a positive integer (bytes), got {self.chunk_length!r}")
         if self.speakers is not None and not 1 <= len(self.speakers) <= 5:
             raise InvalidRequestError(f"speakers must hold 1 to 5 entries, got {len(self.speakers)}")
 
