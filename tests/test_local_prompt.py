@@ -124,3 +124,12 @@ def test_delay_requests_refuse_depth() -> None:
         delay_conversation(SpeechRequest(input="x", depth=4), n_vq=32, audio_vocab_size=1024)
     with pytest.raises(InvalidRequestError, match="depth must be a positive integer"):
         SpeechRequest(input="x", depth=0)
+
+
+def test_moss_families_refuse_fish_chunk_length() -> None:
+    from mossserve.text.delay_requests import delay_conversation
+
+    with pytest.raises(InvalidRequestError, match="chunk_length is used only by Fish S2 Pro"):
+        delay_conversation(SpeechRequest(input="x", chunk_length=40), n_vq=32, audio_vocab_size=1024)
+    with pytest.raises(InvalidRequestError, match="chunk_length is used only by Fish S2 Pro"):
+        local_family(with_tokenizer=True).build_prompt(SpeechRequest(input="x", chunk_length=40))

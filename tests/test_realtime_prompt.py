@@ -123,3 +123,13 @@ def test_offline_request_prompt_equals_the_reference_prefill() -> None:
 def test_offline_requests_that_cannot_run(request_fields) -> None:
     with pytest.raises(InvalidRequestError):
         realtime_family().build_prompt(SpeechRequest(**request_fields))
+
+
+@pytest.mark.parametrize("field", [{"depth": 4}, {"chunk_length": 40}, {"instructions": "calm"}])
+def test_requests_with_fields_of_other_families_are_refused(field: dict) -> None:
+    from realtime_cases import realtime_family
+
+    from mossserve.speech_request import SpeechRequest
+
+    with pytest.raises(InvalidRequestError, match="takes input and voice only"):
+        realtime_family().build_prompt(SpeechRequest(input="Hello.", **field))

@@ -34,7 +34,8 @@ from .moss_realtime_sampling import sample_codes
 DEFAULT_SAMPLING = SamplingParams(audio_temperature=0.8, audio_top_p=0.6, audio_top_k=30,
                                   audio_repetition_penalty=1.1, audio_repetition_window=50)
 DEFAULT_MAX_LENGTH = 1000  # inferencer.py's max_length: steps after the first frame, so 1001 frames at most
-UNSUPPORTED_FIELDS = ("reference_text", "instructions", "duration_tokens", "duration_seconds", "speakers")
+UNSUPPORTED_FIELDS = ("reference_text", "instructions", "duration_tokens", "duration_seconds", "speakers", "depth",
+                      "chunk_length")
 
 
 @dataclass

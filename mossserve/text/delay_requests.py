@@ -202,11 +202,14 @@ def _reject_unused(request: SpeechRequest, task: str) -> None:
         "speakers": request.speakers is not None,
         "language": request.language is not None,
         "depth": request.depth is not None,
+        "chunk_length": request.chunk_length is not None,
     }
     for name, present in given.items():
         if present and name not in _TASK_FIELDS[task]:
             if name == "depth":
                 raise InvalidRequestError("depth is used only by the Local model (MOSS-TTS-Local-Transformer)")
+            if name == "chunk_length":
+                raise InvalidRequestError("chunk_length is used only by Fish S2 Pro")
             label = "duration_tokens / duration_seconds" if name == "duration" else name
             per_speaker = task == "dialogue" and name in ("voice", "reference_text")
             hint = " (give voices per speaker in speakers)" if per_speaker else ""
