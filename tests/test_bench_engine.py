@@ -12,7 +12,7 @@ from mossserve.cli import build_parser, main
 
 CONTRACT = ("family", "device", "throughput", "sequential_throughput", "speedup_16", "ttfa_s", "ttfa_floor_s",
             "ttfa_ratio", "peak_rss_mb", "frames_per_request", "requests", "model", "dtype", "wall_s", "cpu",
-            "cpu_capability", "native_bf16")
+            "cpu_capability", "native_bf16", "ttfa_16_s", "ttfa_16_max_s", "ttfa_16_vs_1")
 SMALL = {"hidden": 64, "layers": 2, "intermediate": 128, "heads": 2, "kv_heads": 1, "head_dim": 32}
 
 
@@ -33,6 +33,8 @@ def test_bench_json_has_every_contract_key(capsys) -> None:
     assert out["sequential_throughput"] == out["throughput"]["1"]
     assert out["speedup_16"] == pytest.approx(out["throughput"]["16"] / out["sequential_throughput"])
     assert out["ttfa_ratio"] == pytest.approx(out["ttfa_s"] / out["ttfa_floor_s"])
+    assert 0 < out["ttfa_16_s"] <= out["ttfa_16_max_s"] <= out["wall_s"]["16"]
+    assert out["ttfa_16_vs_1"] == pytest.approx(out["ttfa_16_s"] / out["ttfa_s"])
     # Every request ran to its step cap (n_vq lead steps + 3 frames) and every frame was decoded.
     for counts in out["frames_generated"].values():
         assert counts == {"min": 3, "max": 3, "steps_max": 3 + 32}
