@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body (uploads)")
     serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is stopped")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--no-playground", dest="playground", action="store_false",
+                       help="do not serve the web playground at /")
     serve.set_defaults(run=run_serve)
     return parser
 
@@ -443,7 +445,7 @@ def run_serve(args: argparse.Namespace) -> None:
         host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir or default_data_dir(),
         cors_origins=tuple(args.cors_origin), max_input_chars=args.max_input_chars,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_voice_seconds=args.max_voice_seconds,
-        request_timeout_s=args.request_timeout, engine=engine)
+        request_timeout_s=args.request_timeout, playground=args.playground, engine=engine)
     serve(settings, log_level=args.log_level)
 
 

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+./scripts/install_browser.sh  # Chromium for the playground tests (once)
 exec .venv/bin/python -m pytest "$@"

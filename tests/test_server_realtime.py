@@ -186,6 +186,13 @@ def test_the_api_key_guards_the_socket(server_app) -> None:
             pass
         with connect(ws_url, open_timeout=30, additional_headers={"Authorization": "Bearer k"}) as ws:
             assert json.loads(ws.recv(timeout=30))["type"] == "error"  # admitted; the demo model has no sessions
+        # A browser cannot set headers: the key as a subprotocol, which the server selects back.
+        with pytest.raises(InvalidStatus, match="403"), connect(ws_url, open_timeout=30,
+                                                                  subprotocols=["mossserve-api-key.wrong"]):
+            pass
+        with connect(ws_url, open_timeout=30, subprotocols=["mossserve-api-key.k"]) as ws:
+            assert ws.subprotocol == "mossserve-api-key.k"
+            assert json.loads(ws.recv(timeout=30))["type"] == "error"
 
 
 def test_plain_speech_requests_on_the_realtime_and_local_models(url: str, tmp_path) -> None:
@@ -195,6 +202,7 @@ def test_plain_speech_requests_on_the_realtime_and_local_models(url: str, tmp_pa
 
     from mossserve.api import TTS
     from mossserve.serve import ServerSettings, create_app
+    from mossserve.speech_request import SpeechRequest
 
     base = url.replace("ws://", "http://").rsplit("/v1/", 1)[0]
     body = {"input": "Welcome to the world of MOSS TTS Realtime.", "response_format": "wav", "temperature": 0}
@@ -210,6 +218,19 @@ def test_plain_speech_requests_on_the_realtime_and_local_models(url: str, tmp_pa
             response = httpx.post(local + "/v1/audio/speech", json={"input": "Hello there.", "response_format": "wav",
                                                                      "temperature": 0}, timeout=60)
             assert response.status_code == 200 and float(response.headers["x-audio-seconds"]) > 0
+            # depth K: the Python API's audio at that depth; out of range is the family's own 400.
+            shallow = httpx.post(local + "/v1/audio/speech", json={"input": "Hello there.", "response_format": "pcm",
+                                                                    "temperature": 0, "depth": 4}, timeout=60)
+            assert shallow.status_code == 200
+            samples = np.frombuffer(shallow.content, dtype="<i2").astype(np.float32) / 32768
+            expected = tts.synthesize(SpeechRequest(input="Hello there.", depth=4), tts.talker.default_sampling()
+                                      .with_overrides(audio_temperature=0.0, text_temperature=0.0)).samples[0]
+            assert len(samples) == len(expected)
+            np.testing.assert_allclose(samples, np.clip(expected, -1, 1), atol=2 / 32768)
+            deep = httpx.post(local + "/v1/audio/speech", json={"input": "Hello there.", "depth": 99}, timeout=60)
+            assert deep.status_code == 400 and "depth must be an integer in 1..32" in deep.json()["error"]["message"]
+            fish_only = httpx.post(local + "/v1/audio/speech", json={"input": "Hello.", "chunk_length": 40}, timeout=60)
+            assert fish_only.status_code == 400 and "chunk_length" in fish_only.json()["error"]["message"]
     finally:
         tts.close()
 

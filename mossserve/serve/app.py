@@ -20,6 +20,7 @@ from .. import __version__
 from ..api import TTS
 from . import errors, realtime, speech, voice_routes
 from .errors import APIError
+from .playground_routes import model_capabilities, mount_playground
 from .settings import ServerSettings
 from .speech import outcome_for
 from .state import ServerState
@@ -53,7 +54,7 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None) -
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> dict:
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "owned_by": "mossserve",
-                                            "created": 0}]}
+                                            "created": 0, "mossserve": model_capabilities(state.tts)}]}
 
     @app.get("/health")
     async def health() -> dict:
@@ -73,6 +74,8 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None) -
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    if settings.playground:
+        mount_playground(app)
     return app
 
 

@@ -81,6 +81,7 @@ class Simple(Body):
     type: Literal["text.done", "turn.cancel"]
 
 
+KEY_PROTOCOL = "mossserve-api-key."
 KINDS = {"session.update": SessionUpdate, "turn.start": TurnStart, "text.delta": TextDelta,
          "text.done": Simple, "turn.cancel": Simple}
 
@@ -89,9 +90,10 @@ KINDS = {"session.update": SessionUpdate, "turn.start": TurnStart, "text.delta":
 async def realtime_speech(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.server
     if not _authorized(state, websocket):
-        await websocket.close(code=1008, reason="missing or invalid API key (Authorization: Bearer <key>)")
+        await websocket.close(code=1008, reason="missing or invalid API key (Authorization: Bearer <key>, "
+                                                f"or the subprotocol {KEY_PROTOCOL}<key>)")
         return
-    await websocket.accept()
+    await websocket.accept(subprotocol=_key_protocol(websocket))
     if not state.tts.talker.supports_sessions:
         await websocket.send_json(_error(f"{state.model_name} has no realtime sessions; use /v1/audio/speech",
                                          "unsupported_model"))
@@ -264,9 +266,18 @@ def _error(message: str, code: str | None) -> dict:
     return {"type": "error", "error": {"message": message, "type": "invalid_request_error", "code": code}}
 
 
+def _key_protocol(websocket: WebSocket) -> str | None:
+    """The offered subprotocol that carries an API key, if any: a browser cannot set headers on a
+    websocket, so it sends the key as `mossserve-api-key.<key>` (the server must select it back)."""
+    offered = websocket.headers.get("sec-websocket-protocol", "")
+    return next((p.strip() for p in offered.split(",") if p.strip().startswith(KEY_PROTOCOL)), None)
+
+
 def _authorized(state: ServerState, websocket: WebSocket) -> bool:
     key = state.settings.api_key
     if not key:
         return True
     scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    if scheme.lower() != "bearer":
+        token = (_key_protocol(websocket) or "").removeprefix(KEY_PROTOCOL)
+    return bool(token) and hmac.compare_digest(token.strip().encode(), key.encode())

@@ -56,3 +56,5 @@ class SpeechBody(Body):
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
     max_new_tokens: Annotated[int, Field(ge=1)] | None = None
     initial_chunk_frames: Annotated[int, Field(ge=1)] | None = None
+    depth: Annotated[int, Field(ge=1)] | None = None  # Local: codebooks per frame (1..n_vq)
+    chunk_length: Annotated[int, Field(ge=1, le=100000)] | None = None  # Fish S2 Pro: UTF-8 bytes per text batch

@@ -35,4 +35,5 @@ class ServerSettings:
     max_voice_seconds: float = 60.0  # reference audio, uploaded or inline
     request_timeout_s: float = 300.0  # a request still running after this is aborted
     retry_after_s: int = 1  # what a refused request is told to wait
+    playground: bool = True  # the web page at `/` (docs/playground.md)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -82,7 +82,8 @@ async def to_speech_request(state: ServerState, body: SpeechBody) -> SpeechReque
     speakers = await state.resolver.speakers(body.speakers) if body.speakers is not None else None
     return SpeechRequest(input=body.input, voice=voice, reference_text=body.ref_text, instructions=body.instructions,
                          duration_tokens=body.duration_tokens, duration_seconds=body.duration_seconds,
-                         speakers=speakers, language=body.language)
+                         speakers=speakers, language=body.language, depth=body.depth,
+                         chunk_length=body.chunk_length)
 
 
 def sampling_for(state: ServerState, body: SpeechBody) -> SamplingParams:

@@ -1,0 +1,176 @@
+// The Speech tab: one POST /v1/audio/speech streamed as SSE (pcm deltas), played while it is
+// generated; time to first audio, real-time factor, waveform, download in any format.
+
+import { ApiError, clearError, dataUrl, fromBase64, postJson, showError, sseEvents } from "./api.js";
+import { recordButton } from "./recorder.js";
+import { drawWave, StreamPlayer, wavBlob } from "./player.js";
+import { voiceOptions } from "./voices.js";
+
+const $ = (id) => document.getElementById(id);
+const MAX_SPEAKERS = 5;
+
+export class SpeechTab {
+  constructor(model) {
+    this.model = model; // {id, mossserve: {sample_rate, channels, ...}}
+    this.player = new StreamPlayer();
+    this.recorded = null; // a microphone recording used as the reference
+    this.lastBody = null; // the request behind the audio on screen (with its seed), for downloads
+    this.abort = null;
+    this.status = "idle";
+    this.ttfaMs = null;
+    this.rtf = null;
+    $("speak").addEventListener("click", () => this.speak());
+    $("stop").addEventListener("click", () => this.abort && this.abort.abort());
+    $("download").addEventListener("click", () => this.download());
+    $("add-speaker").addEventListener("click", () => this.addSpeaker());
+    $("ref-file").addEventListener("change", () => {
+      this.recorded = null;
+      $("ref-status").textContent = "";
+    });
+    recordButton($("ref-record"), $("ref-status"), (blob) => {
+      this.recorded = blob;
+      $("ref-file").value = "";
+    });
+  }
+
+  addSpeaker() {
+    const box = $("speakers");
+    if (box.children.length >= MAX_SPEAKERS) return;
+    const row = document.createElement("div");
+    row.className = "row speaker";
+    row.innerHTML = `<span>[S${box.children.length + 1}]</span>
+      <label>voice <select class="voice-select speaker-voice"></select></label>
+      <label>transcript <input class="speaker-text" size="40"></label>
+      <button type="button" class="remove">×</button>`;
+    row.querySelector(".remove").addEventListener("click", () => {
+      row.remove();
+      [...box.children].forEach((r, i) => (r.firstElementChild.textContent = `[S${i + 1}]`));
+    });
+    box.appendChild(row);
+    voiceOptions(row.querySelector("select"));
+  }
+
+  // The request from the form; only fields the user set are sent, and always a seed, so the
+  // download in another format is the same audio.
+  async body() {
+    const body = { model: this.model.id, input: $("text").value };
+    const text = (id) => $(id).value.trim();
+    const number = (id) => (text(id) === "" ? undefined : Number(text(id)));
+    if ($("voice").value) body.voice = $("voice").value;
+    const file = $("ref-file").files[0];
+    if (this.recorded || file) body.ref_audio = await dataUrl(this.recorded || file);
+    const offered = (id) => !$(id).closest("[data-family]")?.hidden; // the loaded family has this option
+    if (offered("ref-text") && text("ref-text")) body.ref_text = text("ref-text");
+    if (offered("instructions")) {
+      if (text("instructions")) body.instructions = text("instructions");
+      if (text("language")) body.language = text("language");
+      body.duration_seconds = number("duration");
+    }
+    if (offered("depth")) body.depth = number("depth");
+    if (offered("speakers")) {
+      const speakers = [...document.querySelectorAll("#speakers .speaker")].map((row) => {
+        const speaker = {};
+        const voice = row.querySelector(".speaker-voice").value;
+        const transcript = row.querySelector(".speaker-text").value.trim();
+        if (voice) speaker.voice = voice;
+        if (transcript) speaker.ref_text = transcript;
+        return speaker;
+      });
+      if (speakers.length) body.speakers = speakers;
+    }
+    body.seed = number("seed") ?? Math.floor(Math.random() * 2 ** 31);
+    body.temperature = number("temperature");
+    body.top_p = number("top-p");
+    body.top_k = number("top-k");
+    body.repetition_penalty = number("repetition-penalty");
+    body.max_new_tokens = number("max-frames");
+    return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== undefined));
+  }
+
+  setStatus(status) {
+    this.status = status;
+    $("stat-status").textContent = status;
+  }
+
+  async speak() {
+    clearError();
+    this.abort?.abort();
+    const abort = (this.abort = new AbortController());
+    const { sample_rate: rate, channels } = this.model.mossserve;
+    this.player.reset(rate, channels);
+    this.ttfaMs = this.rtf = null;
+    for (const id of ["stat-ttfa", "stat-rtf", "stat-duration", "stat-finish"]) $(id).textContent = "–";
+    $("stat-samples").textContent = "0";
+    $("stat-gaps").textContent = "0";
+    $("download").disabled = true;
+    drawWave($("wave"), new Int16Array(0), 1);
+    this.setStatus("generating");
+    try {
+      const body = await this.body();
+      $("stat-seed").textContent = body.seed;
+      const started = performance.now();
+      const response = await postJson("/v1/audio/speech",
+        { ...body, stream: true, stream_format: "sse", response_format: "pcm" }, { signal: abort.signal });
+      let finish = null;
+      for await (const event of sseEvents(response)) {
+        if (event.type === "speech.audio.delta") {
+          if (this.ttfaMs === null) {
+            this.ttfaMs = performance.now() - started;
+            $("stat-ttfa").textContent = this.ttfaMs.toFixed(0);
+          }
+          this.player.push(fromBase64(event.audio));
+          $("stat-samples").textContent = this.player.samples;
+          $("stat-gaps").textContent = this.player.underruns;
+          $("stat-duration").textContent = this.player.seconds().toFixed(2);
+          drawWave($("wave"), this.player.pcm(), channels);
+        } else if (event.type === "speech.audio.done") {
+          finish = event.finish_reason;
+        } else if (event.type === "error") {
+          throw new ApiError(event.error?.message || "the stream failed");
+        }
+      }
+      if (finish === null) throw new ApiError("the stream ended before the audio was complete");
+      const wall = (performance.now() - started) / 1000;
+      this.rtf = this.player.seconds() > 0 ? wall / this.player.seconds() : null;
+      $("stat-rtf").textContent = this.rtf === null ? "–" : this.rtf.toFixed(2);
+      $("stat-finish").textContent = finish;
+      this.lastBody = body;
+      $("download").disabled = false;
+      this.setStatus("done");
+    } catch (error) {
+      this.player.stop();
+      if (error.name === "AbortError") {
+        this.setStatus("stopped");
+      } else {
+        this.setStatus("error");
+        showError(error);
+      }
+    }
+  }
+
+  // wav and pcm from the received samples; other formats: the same request (same seed) again.
+  async download() {
+    const format = $("download-format").value;
+    const { sample_rate: rate, channels } = this.model.mossserve;
+    try {
+      let blob;
+      if (format === "wav") {
+        blob = wavBlob(this.player.pcm(), rate, channels);
+      } else if (format === "pcm") {
+        blob = new Blob([this.player.pcm()], { type: "audio/pcm" });
+      } else {
+        this.setStatus(`encoding ${format}`);
+        blob = await (await postJson("/v1/audio/speech", { ...this.lastBody, response_format: format })).blob();
+        this.setStatus("done");
+      }
+      const link = document.createElement("a");
+      link.href = URL.createObjectURL(blob);
+      link.download = `speech.${format}`;
+      link.click();
+      setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+    } catch (error) {
+      this.setStatus("error");
+      showError(error);
+    }
+  }
+}

@@ -1,0 +1,358 @@
+"""The web playground in a real headless Chromium against live servers (the demo checkpoint and
+the Realtime fixture): speech streamed into the page is the audio the API returns for the same
+request, the first-audio figure shows, an uploaded voice is used, realtime turns play and can be
+cancelled, and the server's own error message reaches the page. Screenshots of each state go to
+test-artifacts/playground/."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+import soundfile as sf
+from browser import chromium
+from conftest import AUDIO_DIR, CODEC_DIR
+from realtime_cases import REALTIME_DIR
+from server_harness import live_server
+from websockets.sync.client import connect
+
+from mossserve.serve.playground_routes import PLAYGROUND_DIR
+
+SEED = 7
+TEXT = "Hello from the playground."
+VOICE_FILE = AUDIO_DIR / "reference_zh.wav"
+# The page's received PCM as base64 (the test compares it byte for byte with the API's answer).
+PCM_JS = """const pcm = window.playground[arguments[0]].player.pcm();
+const bytes = new Uint8Array(pcm.buffer); let s = '';
+for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+return btoa(s);"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def demo_url(demo_tts, tmp_path_factory):
+    from mossserve.serve import ServerSettings, create_app
+
+    app = create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("playground")), tts=demo_tts)
+    with live_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def realtime_tts():
+    from mossserve.api import TTS
+
+    tts = TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny")
+    yield tts
+    tts.close()
+
+
+@pytest.fixture(scope="module")
+def realtime_url(realtime_tts, tmp_path_factory):
+    from mossserve.serve import ServerSettings, create_app
+
+    app = create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("playground_rt")), tts=realtime_tts)
+    with live_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def local_url(tmp_path_factory):
+    from local_cases import make_model_dir
+
+    from mossserve.api import TTS
+    from mossserve.serve import ServerSettings, create_app
+
+    tts = TTS.from_pretrained(make_model_dir(tmp_path_factory.mktemp("local") / "model"), codec=CODEC_DIR / "tiny")
+    app = create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("playground_local")), tts=tts)
+    with live_server(app) as url:
+        yield url
+    tts.close()
+
+
+def page_pcm(browser, tab: str) -> bytes:
+    return base64.b64decode(browser.js(PCM_JS, tab))
+
+
+def api_audio(url: str, format: str, **body) -> bytes:
+    response = httpx.post(f"{url}/v1/audio/speech", json={"response_format": format, **body}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def api_pcm(url: str, **body) -> bytes:
+    return api_audio(url, "pcm", **body)
+
+
+def speak(browser, text: str, seed: int, voice: str = "") -> None:
+    browser.fill("#text", text)
+    browser.select("#voice", voice)
+    if not browser.el("details").get_attribute("open"):
+        browser.click("details summary")
+    browser.fill("#seed", str(seed))
+    browser.click("#speak")
+    browser.wait("window.playground.speech.status !== 'generating'")
+
+
+def test_speak_plays_the_apis_audio_and_shows_first_audio(browser, demo_url) -> None:
+    browser.open(demo_url)
+    assert browser.text("#model").startswith("moss-tts-demo · delay")
+    speak(browser, TEXT, SEED)
+    browser.screenshot("speech")
+    assert browser.js("return window.playground.speech.status") == "done", browser.errors()
+    expected = api_pcm(demo_url, input=TEXT, seed=SEED)
+    assert page_pcm(browser, "speech") == expected
+    samples = len(expected) // 2
+    assert int(browser.text("#stat-samples")) == samples
+    assert browser.text("#stat-duration") == f"{samples / 24000:.2f}"
+    assert float(browser.text("#stat-ttfa")) > 0
+    assert float(browser.text("#stat-rtf")) > 0
+    assert browser.text("#stat-finish") == "stop"
+    assert not browser.el("#download").get_attribute("disabled")
+
+
+def test_download_in_any_format(browser, demo_url) -> None:
+    browser.open(demo_url)
+    speak(browser, TEXT, SEED)
+    assert browser.js("return window.playground.speech.status") == "done", browser.errors()
+    browser.select("#download-format", "wav")  # built in the page from the received samples
+    samples, rate = sf.read(io.BytesIO(browser.downloaded_after("#download", "speech.wav")), dtype="int16")
+    assert rate == 24000 and samples.tobytes() == api_pcm(demo_url, input=TEXT, seed=SEED)
+    for format in ("flac", "mp3"):  # the same request (same seed) again, in that format
+        browser.select("#download-format", format)
+        data = browser.downloaded_after("#download", f"speech.{format}")
+        assert data == api_audio(demo_url, format, input=TEXT, seed=SEED)
+
+
+def test_recorded_voice_uploads_and_plays(browser, demo_url) -> None:
+    """The microphone path with Chromium's fake capture device (a beep)."""
+    browser.open(demo_url)
+    browser.click('nav button[data-tab="voices"]')
+    browser.fill("#voice-name", "mic")
+    browser.click("#voice-record")
+    browser.wait("document.getElementById('voice-rec-status').textContent === 'recording…'")
+    browser.js("window.recordingStarted = performance.now()")
+    browser.wait("performance.now() - window.recordingStarted > 1500")  # the recording's length
+    browser.click("#voice-record")
+    browser.wait("document.getElementById('voice-rec-status').textContent.startsWith('recorded')")
+    browser.click("#voice-upload")
+    browser.wait("window.playground.voices.status !== 'uploading'")
+    assert browser.js("return window.playground.voices.status") == "uploaded", browser.errors()
+    stored = httpx.get(f"{demo_url}/v1/audio/voices/mic").json()
+    assert 1.5 <= stored["duration_s"] < 5
+    browser.click('#voice-list tr[data-voice="mic"] button.play')
+    browser.wait("document.getElementById('voice-audio').duration > 0")
+    assert browser.js("return document.getElementById('voice-audio').duration") == pytest.approx(
+        stored["duration_s"], abs=0.05)
+    assert httpx.delete(f"{demo_url}/v1/audio/voices/mic").status_code == 200
+
+
+def test_uploaded_voice_is_listed_and_used(browser, demo_url) -> None:
+    browser.open(demo_url)
+    browser.click('nav button[data-tab="voices"]')
+    browser.fill("#voice-name", "alice")
+    browser.el("#voice-file").send_keys(str(VOICE_FILE.resolve()))
+    browser.fill("#voice-transcript", "A reference.")
+    browser.click("#voice-upload")
+    browser.wait("window.playground.voices.status !== 'uploading'")
+    assert browser.js("return window.playground.voices.status") == "uploaded", browser.errors()
+    browser.screenshot("voices")
+    row = browser.el('#voice-list tr[data-voice="alice"]')
+    assert "A reference." in row.text
+    listed = httpx.get(f"{demo_url}/v1/audio/voices").json()["data"]
+    assert [v["id"] for v in listed] == ["alice"]
+
+    browser.click('nav button[data-tab="speech"]')
+    speak(browser, TEXT, SEED, voice="alice")
+    browser.screenshot("speech-voice")
+    assert browser.js("return window.playground.speech.status") == "done", browser.errors()
+    with_voice = api_pcm(demo_url, input=TEXT, seed=SEED, voice="alice")
+    assert page_pcm(browser, "speech") == with_voice
+    assert with_voice != api_pcm(demo_url, input=TEXT, seed=SEED)  # the voice made a difference
+
+    browser.click('nav button[data-tab="voices"]')
+    browser.click('#voice-list tr[data-voice="alice"] button.delete')
+    browser.wait("!document.querySelector('#voice-list tr')")
+    assert httpx.get(f"{demo_url}/v1/audio/voices").json()["data"] == []
+
+
+def test_invalid_request_shows_the_servers_message(browser, demo_url) -> None:
+    browser.open(demo_url)
+    browser.fill("#instructions", "a calm voice")
+    speak(browser, TEXT, SEED)
+    browser.screenshot("error")
+    response = httpx.post(f"{demo_url}/v1/audio/speech", timeout=60,
+                          json={"input": TEXT, "instructions": "a calm voice", "seed": SEED})
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert browser.js("return window.playground.speech.status") == "error"
+    assert browser.el("#error").is_displayed()
+    assert browser.text("#error") == message
+
+
+def test_dialogue_speakers_reach_the_server(browser, demo_url) -> None:
+    """The speakers the page collects are sent as `speakers` (this tts model refuses them, with its reason)."""
+    browser.open(demo_url)
+    browser.click("#add-speaker")
+    browser.click("#add-speaker")
+    assert [el.text for el in browser.driver.find_elements("css selector", "#speakers .speaker span")] == ["[S1]", "[S2]"]
+    browser.fill("#speakers .speaker:first-child .speaker-text", "Hi, I am one.")
+    speak(browser, "[S1] Hello. [S2] Hi.", SEED)
+    response = httpx.post(f"{demo_url}/v1/audio/speech", timeout=60, json={
+        "input": "[S1] Hello. [S2] Hi.", "seed": SEED, "speakers": [{"ref_text": "Hi, I am one."}, {}]})
+    assert response.status_code == 400 and "speakers" in response.json()["error"]["message"]
+    assert browser.text("#error") == response.json()["error"]["message"]
+
+
+def direct_turns(url: str, turns_deltas: list[list[str]]) -> list[bytes]:
+    """The same turns straight over the websocket: one session, temperature 0, these deltas."""
+    ws_url = url.replace("http://", "ws://") + "/v1/realtime/speech"
+    turns = []
+    with connect(ws_url, open_timeout=30) as ws:
+        assert json.loads(ws.recv(timeout=60))["type"] == "session.created"
+        for deltas in turns_deltas:
+            ws.send(json.dumps({"type": "session.update", "session": {"response_format": "pcm", "temperature": 0}}))
+            for delta in deltas:
+                ws.send(json.dumps({"type": "text.delta", "delta": delta}))
+            ws.send(json.dumps({"type": "text.done"}))
+            audio = b""
+            while (event := json.loads(ws.recv(timeout=60)))["type"] != "audio.done":
+                assert event["type"] in ("turn.started", "audio.delta"), event
+                audio += base64.b64decode(event.get("audio", ""))
+            assert event["finish_reason"] == "stop"
+            turns.append(audio)
+    return turns
+
+
+def test_realtime_turns_play_in_one_context(browser, realtime_url) -> None:
+    """Turn 1 pasted and sent (one delta), turn 2 typed live (one delta per key, Enter ends it)."""
+    from selenium.webdriver.common.keys import Keys
+
+    texts = ["Hello there, this is the first turn.", "And a second, typed."]
+    browser.open(realtime_url)
+    browser.click('nav button[data-tab="realtime"]')
+    browser.fill("#rt-temperature", "0")
+    expected = direct_turns(realtime_url, [[texts[0]], list(texts[1])])
+    for n, (text, audio) in enumerate(zip(texts, expected), 1):
+        if n == 1:
+            browser.fill("#rt-text", text)
+            browser.click("#rt-send")
+        else:
+            browser.click("#rt-live")
+            browser.el("#rt-text").send_keys(text, Keys.ENTER)
+        browser.wait(f"window.playground.realtime.turns.length === {n}")
+        assert browser.js("return window.playground.realtime.status") == "done", browser.errors()
+        assert page_pcm(browser, "realtime") == audio
+        assert int(browser.text("#rt-samples")) == len(audio) // 2
+        assert float(browser.text("#rt-ttfa")) > 0
+    browser.screenshot("realtime")
+    history = browser.driver.find_elements("css selector", "#rt-history li")
+    assert [li.text.split(" — ")[0] for li in history] == texts
+
+
+def test_realtime_text_typed_live_plays_and_cancels(browser, realtime_url) -> None:
+    browser.open(realtime_url)
+    browser.click('nav button[data-tab="realtime"]')
+    browser.fill("#rt-temperature", "0")
+    browser.click("#rt-live")
+    browser.el("#rt-text").send_keys("Typed one key at a time, this text keeps the turn open while it speaks")
+    browser.wait("window.playground.realtime.player.samples > 0")  # audio before the text is done
+    browser.click("#rt-cancel")
+    browser.wait("window.playground.realtime.turns.length === 1")
+    browser.screenshot("realtime-cancelled")
+    assert browser.js("return window.playground.realtime.turns[0].finish") == "aborted"
+    assert browser.text("#rt-finish") == "aborted"
+
+
+def test_api_key_entered_in_the_page_is_sent(browser, server_app) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    with live_server(server_app(api_key="sesame")) as url:
+        browser.driver.get(url)
+        browser.wait("!document.getElementById('error').hidden")
+        message = httpx.get(f"{url}/v1/models").json()["error"]["message"]
+        assert browser.text("#error") == message and "API key" in message
+        browser.el("#api-key").send_keys("sesame", Keys.ENTER)  # stored, then the page reloads with it
+        browser.wait("window.playground && window.playground.ready")
+        assert browser.el("#error").get_attribute("hidden") is not None
+        assert browser.text("#model").startswith("moss-tts-demo")
+        browser.js("localStorage.clear()")
+
+
+def test_models_lists_the_capabilities_the_page_reads(demo_url, realtime_url) -> None:
+    demo = httpx.get(f"{demo_url}/v1/models").json()["data"][0]
+    assert demo["id"] == "moss-tts-demo" and demo["object"] == "model"
+    assert demo["mossserve"] == {"family": "delay", "task": "tts", "sessions": False, "codebooks": 32,
+                                 "sample_rate": 24000, "channels": 1}
+    realtime = httpx.get(f"{realtime_url}/v1/models").json()["data"][0]["mossserve"]
+    assert realtime["family"] == "realtime" and realtime["sessions"] is True and realtime["codebooks"] == 16
+
+
+def test_page_and_assets_are_served_and_self_contained(demo_url) -> None:
+    page = httpx.get(demo_url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assets = re.findall(r'(?:src|href)="(/playground/[^"]+)"', page.text)
+    assert sorted(assets) == ["/playground/main.js", "/playground/style.css"]
+    for path in assets:
+        assert httpx.get(demo_url + path).status_code == 200
+    js = httpx.get(demo_url + "/playground/main.js")
+    assert js.headers["content-type"].split(";")[0] in ("text/javascript", "application/javascript")
+    for file in Path(PLAYGROUND_DIR).iterdir():  # no CDN, no fonts from elsewhere: works offline
+        assert not re.search(r"https?://", file.read_text()), file.name
+
+
+def test_no_playground_setting_and_flag(server_app) -> None:
+    from starlette.testclient import TestClient
+
+    from mossserve.cli import build_parser
+
+    with TestClient(server_app(playground=False)) as client:
+        assert client.get("/").status_code == 404
+        assert client.get("/playground/main.js").status_code == 404
+        assert client.get("/v1/models").status_code == 200
+    assert build_parser().parse_args(["serve", "--no-playground"]).playground is False
+    assert build_parser().parse_args(["serve"]).playground is True
+
+
+def test_local_depth_set_in_the_page_is_sent(browser, local_url) -> None:
+    browser.open(local_url)
+    assert browser.text("#model").endswith("· local") or "local" in browser.text("#model")
+    assert browser.el("#depth").is_displayed() and not browser.el("#speakers").is_displayed()
+    browser.fill("#depth", "4")
+    speak(browser, "Hello there.", SEED)
+    browser.screenshot("local-depth")
+    assert browser.js("return window.playground.speech.status") == "done", browser.errors()
+    shallow = api_pcm(local_url, input="Hello there.", seed=SEED, depth=4)
+    assert page_pcm(browser, "speech") == shallow
+    assert shallow != api_pcm(local_url, input="Hello there.", seed=SEED)  # the depth changed the audio
+
+
+def test_realtime_tab_works_with_an_api_key(browser, realtime_tts, tmp_path) -> None:
+    """Browsers cannot set websocket headers: the page sends the key as a subprotocol."""
+    from selenium.webdriver.common.keys import Keys
+
+    from mossserve.serve import ServerSettings, create_app
+
+    app = create_app(ServerSettings(data_dir=tmp_path / "data", api_key="sesame"), tts=realtime_tts)
+    with live_server(app) as url:
+        browser.driver.get(url)
+        browser.wait("!document.getElementById('error').hidden")
+        browser.el("#api-key").send_keys("sesame", Keys.ENTER)
+        browser.wait("window.playground && window.playground.ready")
+        browser.click('nav button[data-tab="realtime"]')
+        browser.fill("#rt-temperature", "0")
+        browser.fill("#rt-text", "Hello with a key.")
+        browser.click("#rt-send")
+        browser.wait("window.playground.realtime.turns.length === 1")
+        assert browser.js("return window.playground.realtime.status") == "done", browser.errors()
+        assert browser.js("return window.playground.realtime.player.samples") > 0
+        browser.js("localStorage.clear()")
