@@ -105,7 +105,8 @@ class TTS:
         codec = self.codec
         with self._lock:
             if self._speakers is None:
-                self._speakers = SpeakerCache(codec, n_quantizers=self.talker.codebooks)
+                self._speakers = SpeakerCache(codec, n_quantizers=self.talker.codebooks,
+                                              normalize_loudness=self.talker.normalizes_reference_loudness)
             return self._speakers
 
     def stats(self) -> dict:
@@ -256,9 +257,14 @@ class TTS:
 def default_codec(model_dir: Path | None) -> str | Path:
     """A `codec/` directory inside the model, else the codec its processor_config.json names
     (`audio_tokenizer_name_or_path`, top level or under `audio_tokenizer`, as the reference
-    processor reads it), else the published MOSS-Audio-Tokenizer."""
+    processor reads it), else the published MOSS-Audio-Tokenizer. A Fish S2 Pro directory
+    (codec.pth / codec.safetensors beside the model) is its own codec source."""
+    from .models.codecs.fish_dac_loader import is_fish_codec_dir
+
     if model_dir is None:
         return DEFAULT_MOSS_CODEC
+    if is_fish_codec_dir(model_dir):
+        return Path(model_dir)
     bundled = Path(model_dir) / "codec"
     if (bundled / "config.json").is_file():
         return bundled

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--streams", type=int, default=32, help="codec: streams")
     bench.add_argument("--seconds", type=float, default=4.0, help="codec: audio per stream")
     bench.add_argument("--family", default="delay",
-                       help="engine: model family of the bench checkpoint or --model (delay, local, realtime)")
+                       help="engine: model family of the bench checkpoint or --model (delay, local, realtime, fish)")
     bench.add_argument("--model", help="engine: checkpoint directory or hub id (default: a bench-size random one)")
     bench.add_argument("--frames", type=int, default=40, help="engine: frames generated per request")
     bench.add_argument("--requests", type=int, default=16, help="engine: requests per run")

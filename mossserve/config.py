@@ -1,7 +1,7 @@
 """EngineConfig: the limits, chunk schedule and guards an engine is built for."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import InvalidRequestError
 
@@ -30,6 +30,8 @@ class RunawayGuard:
     per token; the default allows four times that), and at least `duration_factor` times a
     requested duration. A loop is `repeat_frames` frames in a row whose first `repeat_codebooks`
     codes are the same. Sound effects have no text to bound them, so the guard skips them.
+    Frame counts are at `frame_rate` (the MOSS codec's 12.5 Hz); the engine scales them to its
+    family's rate (`at_frame_rate`), so that they mean the same seconds of audio for Fish's 21.5 Hz.
     """
 
     enabled: bool = True
@@ -38,6 +40,13 @@ class RunawayGuard:
     duration_factor: float = 2.0
     repeat_frames: int = 50  # the same frame this many times in a row: stuck (4 s at 12.5 Hz)
     repeat_codebooks: int = 4  # frames count as the same when their first codebooks agree (the fine ones may dither)
+    frame_rate: float = 12.5  # the rate the frame counts above are given at
+
+    def at_frame_rate(self, frame_rate: float) -> "RunawayGuard":
+        """The same durations in frames of another rate."""
+        f = frame_rate / self.frame_rate
+        return replace(self, min_frames=round(self.min_frames * f), frames_per_token=self.frames_per_token * f,
+                       repeat_frames=max(1, round(self.repeat_frames * f)), frame_rate=frame_rate)
 
     def frame_bound(self, text_tokens: int | None, duration_frames: int | None) -> int | None:
         if not self.enabled or text_tokens is None:

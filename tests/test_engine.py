@@ -336,6 +336,16 @@ def test_runaway_guard_ends_a_generation_past_its_text_bound() -> None:
     assert RunawayGuard(enabled=False).frame_bound(10, None) is None
 
 
+def test_runaway_guard_means_the_same_seconds_at_another_frame_rate() -> None:
+    """Fish S2 Pro runs at 44100 / 2048 = 21.5 frames/s: the default guard's 4 s loop and 10 s floor."""
+    fish = RunawayGuard().at_frame_rate(44100 / 2048)
+    assert fish.repeat_frames == round(50 * 44100 / 2048 / 12.5) == 86
+    assert fish.min_frames == round(125 * 44100 / 2048 / 12.5) and fish.frame_rate == 44100 / 2048
+    assert fish.frame_bound(10, None) == fish.min_frames + int(15.0 * 44100 / 2048 / 12.5 * 10)
+    assert RunawayGuard().at_frame_rate(12.5) == RunawayGuard()
+    assert Engine(family("tiny_nvq16"), None, EngineConfig(threaded=False)).guard == RunawayGuard()
+
+
 def test_runaway_guard_ends_a_loop_on_one_frame() -> None:
     """Greedy decoding with a huge repetition bonus on the tiny model loops on one frame; the guard ends it."""
     fam = family("tiny_nvq16")

@@ -146,8 +146,9 @@ def cache_root() -> Path:
 def family_sizes(family: str) -> dict:
     """The bench size of a family's checkpoint (the builder's keyword arguments)."""
     from .family_checkpoints import LOCAL_BENCH_SIZE, REALTIME_BENCH_SIZE
+    from .fish_checkpoint import FISH_BENCH_SIZE
 
-    sizes = {"delay": BENCH_SIZE, "local": LOCAL_BENCH_SIZE, "realtime": REALTIME_BENCH_SIZE}
+    sizes = {"delay": BENCH_SIZE, "local": LOCAL_BENCH_SIZE, "realtime": REALTIME_BENCH_SIZE, "fish": FISH_BENCH_SIZE}
     if family not in sizes:
         raise ValueError(f"no bench checkpoint for family {family!r}")
     return dict(sizes[family])
@@ -165,11 +166,19 @@ def checkpoint_path(seed: int = 0, root: Path | None = None, family: str = "dela
 
 
 def build_checkpoint(family: str, directory: str | Path, seed: int = 0, **sizes) -> Path:
-    """Write the random bench checkpoint of `family` (delay, local, realtime) into `directory`."""
+    """Write the random bench checkpoint of `family` (delay, local, realtime, fish) into `directory`."""
     from .family_checkpoints import build_local_checkpoint, build_realtime_checkpoint
+    from .fish_checkpoint import build_fish_checkpoint
 
-    builders = {"delay": build_delay_checkpoint, "local": build_local_checkpoint, "realtime": build_realtime_checkpoint}
+    builders = {"delay": build_delay_checkpoint, "local": build_local_checkpoint, "realtime": build_realtime_checkpoint,
+                "fish": build_fish_checkpoint}
     return builders[family](directory, seed=seed, **{**family_sizes(family), **sizes})
+
+
+def is_complete(path: Path) -> bool:
+    """A built bench checkpoint: the talker weights and the codec's (in `codec/`, or beside them for Fish)."""
+    codec_files = (path / "codec" / "model.safetensors", path / "codec.safetensors")
+    return (path / "model.safetensors").is_file() and any(f.is_file() for f in codec_files)
 
 
 def bench_checkpoint(seed: int = 0, root: Path | None = None, family: str = "delay", **sizes) -> Path:
@@ -177,7 +186,7 @@ def bench_checkpoint(seed: int = 0, root: Path | None = None, family: str = "del
 
     Built into a temporary sibling and renamed into place, so an interrupted build is never used."""
     target = checkpoint_path(seed, root, family, **sizes)
-    if (target / "model.safetensors").is_file() and (target / "codec" / "model.safetensors").is_file():
+    if is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

@@ -30,6 +30,7 @@ from ..models.codecs.moss_audio_tokenizer import MossAudioTokenizer
 from ..models.codecs.moss_audio_tokenizer_config import MossAudioTokenizerConfig
 from ..models.codecs.moss_audio_tokenizer_loader import checkpoint_layout
 from ..models.codecs.moss_streaming import MossStreamingDecoder
+from ..models.registry import load_codec
 
 CHUNK_SCHEDULE = (2, 4, 8, 12)  # frames per step: a small first chunk for latency, then larger
 
@@ -133,8 +134,11 @@ def run_codec_bench(streams: int = 32, seconds: float = 4.0, checkpoint: str | P
                     repeats: int = 3) -> dict:
     """Decode `streams` random code streams of `seconds` each, batched and one at a time."""
     with tempfile.TemporaryDirectory() as tmp:
-        source = checkpoint or write_random_checkpoint(Path(tmp) / "codec", bench_config(), seed)
-        codec = MossAudioTokenizer.from_pretrained(source, device=device, dtype=dtype)
+        if checkpoint is None:
+            source = write_random_checkpoint(Path(tmp) / "codec", bench_config(), seed)
+            codec = MossAudioTokenizer.from_pretrained(source, device=device, dtype=dtype)
+        else:  # any codec behind the seam: a MOSS-Audio-Tokenizer or a Fish S2 Pro directory
+            codec = load_codec(checkpoint, device=device, dtype=dtype)
     frames = max(1, round(seconds * codec.frame_rate))
     gen = torch.Generator().manual_seed(seed)
     codes = [torch.randint(0, codec.codebook_size, (codec.num_quantizers, frames), generator=gen).to(device)

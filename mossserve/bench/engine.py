@@ -61,8 +61,6 @@ from .floors import count_step, floors, gemm_throughput, memory_bandwidth
 from .machine import machine_info
 
 SUPPORTED_FAMILIES = ("delay", "local", "realtime", "fish")
-FAMILY_CLASSES = {"MossDelayFamily": "delay", "MossLocalFamily": "local", "MossRealtimeFamily": "realtime",
-                  "FishS2Family": "fish"}
 CONCURRENCY = (1, 4, 16)
 TARGETS = {"speedup_16": 5.0, "ttfa_ratio": 1.3, "ttfa_16_vs_1": 2.0}  # from the issue; reported, not asserted
 RANDOM_MODEL = "random bench checkpoint"
@@ -142,9 +140,8 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
     say(f"loading {model_dir}")
     tts = TTS.from_pretrained(model_dir, codec=codec, device=device, dtype=dtype)
     talker, codec_model = tts.talker, tts.codec
-    loaded = FAMILY_CLASSES.get(type(talker).__name__)
-    if loaded is not None and loaded != family:
-        raise InvalidRequestError(f"{model_dir} is a {loaded} checkpoint; pass --family {loaded}")
+    if talker.name != family:
+        raise InvalidRequestError(f"{model_dir} is a {talker.name} checkpoint; pass --family {talker.name}")
     prompts = [tts.prompt(SpeechRequest(input=TEXTS[i % len(TEXTS)])) for i in range(requests)]
     sampling = SamplingParams.greedy()
     n_vq = talker.codebooks
@@ -459,11 +456,10 @@ def _bench_checkpoint(seed: int, say: Callable[[str], None], family: str = "dela
 
 
 def _cached_path(seed: int, family: str = "delay") -> Path | None:
-    from .checkpoint import checkpoint_path
+    from .checkpoint import checkpoint_path, is_complete
 
     path = checkpoint_path(seed, family=family)
-    complete = (path / "model.safetensors").is_file() and (path / "codec" / "model.safetensors").is_file()
-    return path if complete else None
+    return path if is_complete(path) else None
 
 
 def peak_rss_mb() -> float:

@@ -47,7 +47,8 @@ class Engine:
                                    config.graph_batch_sizes)
         self.scheduler = Scheduler(config.max_running, config.max_queued, config.prefill_tokens)
         self._get_codec = get_codec
-        self._repeat_codebooks = config.runaway.repeat_codebooks
+        self.guard = config.runaway.at_frame_rate(family.frame_rate)
+        self._repeat_codebooks = self.guard.repeat_codebooks
         self.codec = CodecRunner(get_codec or _no_codec, config.codec_streams or 2 * config.max_running,
                                  config.max_chunk_frames, family.codebooks, self._codec_done, self._codec_failed)
         self.pipeline = Pipeline(self.codec.submit, family.codebooks, family.sample_rate,
@@ -76,7 +77,7 @@ class Engine:
         schedule.validate(self.config.max_chunk_frames)
         if session is not None and not self.family.supports_sessions:
             raise InvalidRequestError("this model does not keep sessions (multi-turn contexts)")
-        length = len(prompt.rows)
+        length = len(prompt.rows) + prompt.later_rows
         if length >= self.max_len:
             raise InvalidRequestError(f"the prompt has {length} positions; this engine allows {self.max_len} "
                                       "(prompt and generated audio together)")
@@ -85,14 +86,14 @@ class Engine:
             raise InvalidRequestError(f"max_new_frames must be at least 1, got {cap}")
         if decode_audio and self._get_codec is None:
             raise InvalidRequestError("this engine has no codec: ask for codes only")
-        guard = guard and self.config.runaway.enabled and prompt.info.get("runaway_guard", True)
+        guard = guard and self.guard.enabled and prompt.info.get("runaway_guard", True)
         request = EngineRequest(
             id=request_id or f"req-{next(self._ids)}",
             prompt=prompt, sampling=sampling, sink=sink,
             max_new_frames=min(cap, self.max_len - length),
-            frame_bound=self.config.runaway.frame_bound(prompt.info.get("text_tokens"),
-                                                        prompt.info.get("duration_frames")) if guard else None,
-            repeat_limit=self.config.runaway.repeat_frames if guard else None,
+            frame_bound=self.guard.frame_bound(prompt.info.get("text_tokens"),
+                                               prompt.info.get("duration_frames")) if guard else None,
+            repeat_limit=self.guard.repeat_frames if guard else None,
             schedule=schedule, decode_audio=decode_audio, open=bool(prompt.info.get("open", False)),
         )
         with self._lock:
@@ -371,6 +372,7 @@ class Engine:
         rows, frames = out.rows.cpu().numpy(), out.frames.cpu().numpy()
         has_frame, new_segment, finished = out.has_frame.tolist(), out.new_segment.tolist(), out.finished.tolist()
         waiting = out.waiting.tolist() if out.waiting is not None else [False] * len(ready)
+        more = out.prompt_rows if out.prompt_rows is not None else [None] * len(ready)
         for i, request in enumerate(ready):
             if request.sink_broken:  # its consumer went away
                 self._end(request, Status.ABORTED, "aborted")
@@ -382,6 +384,10 @@ class Engine:
             reason = self._finish_reason(request, finished[i])
             if reason is not None:
                 self._end(request, Status.FINISHED, reason)
+            elif more[i] is not None:  # back to prefill: the family continues the prompt
+                prompt = request.prompt
+                request.prompt = Prompt(np.concatenate([prompt.rows, more[i]]), prompt.start_length, prompt.info)
+                request.status = Status.PREFILL
             elif waiting[i]:
                 request.waiting_input = True
 

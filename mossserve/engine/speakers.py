@@ -48,7 +48,7 @@ class SpeakerCache:
     """
 
     def __init__(self, codec, n_quantizers: int, max_entries: int = 256, start_worker: bool = True,
-                 max_seconds: float | None = None) -> None:
+                 max_seconds: float | None = None, normalize_loudness: bool = True) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         if not 1 <= n_quantizers <= codec.num_quantizers:
@@ -57,6 +57,7 @@ class SpeakerCache:
         self.n_quantizers = n_quantizers
         self.max_entries = max_entries
         self.max_seconds = max_seconds  # passed to load_audio: longer references are refused
+        self.normalize_loudness = normalize_loudness  # the MOSS processors' -20 dBFS; Fish's reference has none
         self._entries: OrderedDict[Key, np.ndarray] = OrderedDict()
         self._inflight: dict[Key, Future] = {}  # queued or being encoded
         self._pending: list[_Job] = []  # queued, not yet taken by a round
@@ -175,8 +176,8 @@ class SpeakerCache:
         return encoded
 
     def _prepare(self, job: _Job) -> np.ndarray:
-        """The file's samples as the MOSS processor prepares a reference: codec rate and channels,
-        loudness toward -20 dBFS."""
+        """The file's samples as the model's processor prepares a reference: codec rate and channels,
+        and for the MOSS models loudness toward -20 dBFS."""
         codec = self.codec
         try:
             samples = load_audio(job.data, codec.sample_rate, channels=codec.channels, max_seconds=self.max_seconds)
@@ -185,7 +186,7 @@ class SpeakerCache:
         if samples.shape[-1] < codec.samples_per_frame:
             raise AudioError(f"{job.label}: audio is shorter than one codec frame "
                              f"({codec.samples_per_frame / codec.sample_rate * 1000:g} ms)")
-        return normalize_loudness(samples)
+        return normalize_loudness(samples) if self.normalize_loudness else samples
 
     def _encode(self, clips: list[np.ndarray]) -> list[np.ndarray]:
         """One encode_batch call -> each clip's valid frames, int64 (frames, n_quantizers)."""

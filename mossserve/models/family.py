@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ class Prompt:
     rows: np.ndarray
     start_length: int = 0  # prompt rows that belong to the returned audio (continuation prefix)
     info: dict = field(default_factory=dict)
+    later_rows: int = 0  # rows the family will add to the prompt while it runs (StepOutput.prompt_rows)
 
 
 def checked_rows(rows: np.ndarray, columns: int, vocab_size: int, max_code: int) -> np.ndarray:
@@ -55,6 +57,10 @@ class StepOutput:
     new_segment: torch.Tensor  # (B,) bool: this frame follows a gap and starts a new clip
     finished: torch.Tensor  # (B,) bool
     waiting: torch.Tensor | None = None  # (B,) bool: the next row needs input not yet pushed (see push_input)
+    # Per row, None or rows (n, columns) the request's prompt continues with: the engine prefills them
+    # after everything already in the cache and steps from their last hidden state; the row emitted
+    # in this step is not fed back (e.g. Fish: the next text batch of one growing conversation).
+    prompt_rows: list[np.ndarray | None] | None = None
 
 
 @dataclass
@@ -67,11 +73,17 @@ class InputUpdate:
 
 
 class TalkerFamily(ABC):
+    name: ClassVar[str]  # delay, local, realtime, fish: what /v1/models, the bench and the docs call it
+    # A reference voice is audio plus its transcript (Fish): a stored voice's transcript is then the
+    # request's reference_text unless one is given (for Delay, reference_text means continuation).
+    voice_needs_transcript: ClassVar[bool] = False
+    normalizes_reference_loudness: ClassVar[bool] = True  # the MOSS processors bring a reference to -20 dBFS
     model: nn.Module
     backbone_config: Qwen3Config  # sizes of the KV cache
     columns: int  # width of a prompt row: text column + one per codebook
     codebooks: int
     sample_rate: int
+    frame_rate: float = 12.5  # audio frames per second (the MOSS-Audio-Tokenizer's rate)
     max_new_frames: int  # default cap on generated steps
     source: Path | None = None  # the checkpoint directory it was loaded from
 

@@ -64,6 +64,7 @@ class DelayState:
 
 
 class MossDelayFamily(TalkerFamily):
+    name = "delay"
     def __init__(self, model: MossDelayModel, tokenizer, default_task: str | None = None,
                  sampling_defaults: SamplingParams | None = None, max_new_frames: int = 4096) -> None:
         self.model = model

@@ -50,6 +50,7 @@ class LocalState:
 
 
 class MossLocalFamily(TalkerFamily):
+    name = "local"
     def __init__(self, model: MossLocalModel, tokenizer, sampling_defaults: SamplingParams | None = None,
                  max_new_frames: int = 4096) -> None:
         self.model = model

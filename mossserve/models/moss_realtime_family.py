@@ -61,6 +61,7 @@ class RealtimeState:
 
 
 class MossRealtimeFamily(TalkerFamily):
+    name = "realtime"
     def __init__(self, model: MossRealtimeModel, tokenizer, max_new_frames: int = DEFAULT_MAX_LENGTH + 1,
                  sampling_defaults: SamplingParams | None = None) -> None:
         self.model = model

@@ -23,16 +23,22 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
         from .moss_local_config import is_local_config
 
         load = _load_local if is_local_config(config) else _load_delay
-        talker = load(model_dir, str(model), config, torch.device(device), parse_dtype(dtype))
+        talker = load(model_dir, str(model), config, torch.device(device), parse_dtype(dtype, device))
         talker.source = model_dir
         return talker
     from .moss_realtime_family import is_realtime_config, load_realtime
 
     if is_realtime_config(config):
-        return load_realtime(model_dir, str(model), config, torch.device(device), parse_dtype(dtype))
+        return load_realtime(model_dir, str(model), config, torch.device(device), parse_dtype(dtype, device))
+    from .fish_s2_config import is_fish_config
+
+    if is_fish_config(config):
+        from .fish_s2_family import load_fish
+
+        return load_fish(model_dir, config, torch.device(device), parse_dtype(dtype, device))
     raise CheckpointError(
         f"{model_dir / 'config.json'}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}) "
-        "is not supported; supported: moss_tts_delay (Delay and Local), moss_tts_realtime")
+        "is not supported; supported: moss_tts_delay (Delay and Local), moss_tts_realtime, fish_qwen3_omni")
 
 
 def _load_delay(model_dir: Path, name: str, config: dict, device: torch.device, dtype: torch.dtype) -> TalkerFamily:
@@ -71,13 +77,19 @@ def _load_local(model_dir: Path, name: str, config: dict, device: torch.device, 
 
 
 def load_codec(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
-    """A codec checkpoint directory or hub id -> a loaded codec (the codec seam)."""
+    """A codec checkpoint directory or hub id -> a loaded codec (the codec seam). A directory
+    holding `codec.safetensors` / `codec.pth` (a Fish S2 Pro model) is the Fish modded DAC."""
+    from .codecs.fish_dac_loader import CODEC_FILES, is_fish_codec_dir, load_fish_dac
     from .codecs.moss_audio_tokenizer import MossAudioTokenizer
 
+    codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", *CODEC_FILES])
+    if is_fish_codec_dir(codec_dir):
+        return load_fish_dac(codec_dir, device=device, dtype=None if dtype is None else parse_dtype(dtype, device))
     codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", "*.safetensors"])
     config = read_json(codec_dir / "config.json")
     model_type = config.get("model_type")
     if model_type in ("speech_tokenizer", "moss-audio-tokenizer", "moss_audio_tokenizer") or "MossAudioTokenizerModel" in (
             config.get("architectures") or []):
-        return MossAudioTokenizer.from_pretrained(codec_dir, device=device, dtype=None if dtype is None else parse_dtype(dtype))
-    raise CheckpointError(f"{codec_dir / 'config.json'}: codec type {model_type!r} is not supported; supported: MOSS-Audio-Tokenizer")
+        return MossAudioTokenizer.from_pretrained(codec_dir, device=device, dtype=None if dtype is None else parse_dtype(dtype, device))
+    raise CheckpointError(f"{codec_dir / 'config.json'}: codec type {model_type!r} is not supported; supported: "
+                          "MOSS-Audio-Tokenizer, or a Fish S2 Pro directory with codec.pth / codec.safetensors")

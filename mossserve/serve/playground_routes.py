@@ -27,9 +27,9 @@ def mount_playground(app: FastAPI) -> None:
 
 
 def model_capabilities(tts: TTS) -> dict:
-    """What a client needs to offer the right options: the family (delay, local, realtime), its
+    """What a client needs to offer the right options: the family (delay, local, realtime, fish), its
     default task, whether it has realtime sessions, and the audio it returns."""
     talker = tts.talker
-    return {"family": type(talker).__name__.removeprefix("Moss").removesuffix("Family").lower(),
+    return {"family": talker.name,
             "task": getattr(talker, "default_task", None), "sessions": talker.supports_sessions,
             "codebooks": talker.codebooks, "sample_rate": tts.codec.sample_rate, "channels": tts.codec.channels}

@@ -78,9 +78,12 @@ async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
 
 
 async def to_speech_request(state: ServerState, body: SpeechBody) -> SpeechRequest:
-    voice, _ = await state.resolver.main_voice(body)
+    voice, transcript = await state.resolver.main_voice(body)
     speakers = await state.resolver.speakers(body.speakers) if body.speakers is not None else None
-    return SpeechRequest(input=body.input, voice=voice, reference_text=body.ref_text, instructions=body.instructions,
+    reference_text = body.ref_text
+    if reference_text is None and state.tts.talker.voice_needs_transcript:
+        reference_text = transcript
+    return SpeechRequest(input=body.input, voice=voice, reference_text=reference_text, instructions=body.instructions,
                          duration_tokens=body.duration_tokens, duration_seconds=body.duration_seconds,
                          speakers=speakers, language=body.language, depth=body.depth,
                          chunk_length=body.chunk_length)

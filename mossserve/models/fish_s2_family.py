@@ -1,0 +1,250 @@
+"""The Fish S2 Pro family behind the talker seam.
+
+Per engine step, for every running row at once: slow logits + the semantic mask -> the slow token
+(normal sample, and the repetition-aware re-sample, README section 7.2) -> the fast AR over the
+frame's N positions, one fast step for the whole batch per codebook. A row's next input is the
+column [token, c_0 .. c_{N-1}].
+
+Randomness follows the reference's draw order (section 7.3): per generated column, U[0,1) over
+the vocabulary for the normal sample, again for the high sample, then over C for each codebook
+1..N-1. Each request draws from its own generator, so a seeded request replays the reference's
+`torch.manual_seed` run alone or in any batch. Greedy rows (top_k = 1) draw nothing.
+
+Multi-batch texts (speaker turns grouped by chunk_length, section 3.4) run as one request: when a
+batch ends with <|im_end|> and another follows, the step hands the engine that batch's prompt tail
+(`StepOutput.prompt_rows`) to prefill after the frames already in the cache, which is exactly the
+reference's next prompt (the earlier codes as a VQ part) in one growing conversation.
+
+Decisions where the reference has bugs (docs/fish.md): a generation cut by the frame cap keeps its
+last frame (the reference drops it); one frame (`max_new_tokens=1`) works; the token of a batch's
+first step is not tested for <|im_end|> (as the reference: it is fed back and decoding goes on).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InvalidRequestError
+from ..loader import build_on_meta, load_weights, weight_files
+from ..sampling import SamplingParams
+from ..speech_request import SpeechRequest
+from .config_utils import read_json
+from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily, checked_rows
+from .fish_s2 import FishS2Model
+from .fish_s2_config import FishS2Config
+from .fish_s2_sampling import HIGH_TEMPERATURE, HIGH_TOP_P, RAS_WINDOW, choose, repeated
+
+SAMPLE_RATE = 44100  # the modded DAC's rate when codec_config.json does not say
+FRAME_SAMPLES = 2048  # samples per code frame (hop 512 x 4): 21.5 frames per second at 44.1 kHz
+# The reference HTTP server's sampling defaults (README section 7.4). Its frame cap (1024 per text
+# batch) is not copied: here one cap covers all batches of a request, so the default is 4096 frames
+# (~190 s), with the engine's runaway guard bounding a generation by its text.
+FISH_SAMPLING = SamplingParams(audio_temperature=0.8, audio_top_p=0.8, audio_top_k=30)
+
+
+@dataclass
+class FishState:
+    temperature: torch.Tensor  # (S,) float32
+    top_p: torch.Tensor  # (S,) float32
+    top_k: torch.Tensor  # (S,) int64: 1 = greedy
+    first: torch.Tensor  # (S,) bool: the next step is a batch's prefill step (no repetition check)
+    window: torch.Tensor  # (S, RAS_WINDOW) int64: slow tokens of the last decode steps (0 = empty)
+    window_pos: torch.Tensor  # (S,) int64: where the next decode token goes (a ring)
+    generators: list[torch.Generator | None]
+    pending: list[list[np.ndarray]]  # per slot: later batches' prompt tails
+
+
+class FishS2Family(TalkerFamily):
+    name = "fish"
+    voice_needs_transcript = True
+    normalizes_reference_loudness = False  # the reference encodes the audio as it is
+
+    def __init__(self, model: FishS2Model, tokenizer=None, sampling_defaults: SamplingParams | None = None,
+                 max_new_frames: int = 4096, sample_rate: int = SAMPLE_RATE) -> None:
+        self.model = model
+        self.config: FishS2Config = model.config
+        self.backbone_config = self.config.slow
+        self.tokenizer = tokenizer
+        self.codebooks = self.config.num_codebooks
+        self.columns = self.config.columns
+        self.sample_rate = sample_rate
+        self.frame_rate = sample_rate / FRAME_SAMPLES
+        self.max_new_frames = max_new_frames
+        self._sampling_defaults = sampling_defaults or FISH_SAMPLING
+        self._builder = None
+        c = self.config
+        weight = model.fast_output.weight
+        mask = torch.full((c.slow.vocab_size,), float("-inf"), device=weight.device)
+        mask[c.semantic_start : c.semantic_end + 1] = 0.0
+        mask[c.eos_token_id] = 0.0
+        self.mask = mask  # section 6: only semantic tokens and <|im_end|> may be sampled
+
+    # ---- prompts -------------------------------------------------------------------------
+    def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
+        builder = self.builder()
+        plan = builder.plan(request, encode_voice)
+        rows = builder.prompt(plan, 0)
+        tails = [builder.next_batch_rows(plan, b) for b in range(1, plan.num_batches)]
+        prompt = self.prompt_from_rows(rows, tails)
+        prompt.info["text_tokens"] = sum(len(self.tokenizer.encode(text)) for text in plan.batches)
+        return prompt
+
+    def builder(self):
+        from ..text.fish_prompt import FishPromptBuilder
+
+        if self._builder is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model was loaded without a tokenizer; give a prompt matrix")
+            c = self.config
+            self._builder = FishPromptBuilder(self.tokenizer, c.num_codebooks, c.codebook_size,
+                                              c.slow.max_position_embeddings)
+        return self._builder
+
+    def prompt_from_rows(self, rows: np.ndarray, tails: list[np.ndarray] = ()) -> Prompt:
+        """Batch 0's prompt matrix (T, 1 + N) and the prompt tails of later batches, checked."""
+        c = self.config
+        rows = checked_rows(rows, self.columns, c.slow.vocab_size, c.codebook_size - 1)
+        tails = [checked_rows(t, self.columns, c.slow.vocab_size, c.codebook_size - 1) for t in tails]
+        return Prompt(rows=rows, info={"continuations": tails}, later_rows=sum(len(t) for t in tails))
+
+    def default_sampling(self) -> SamplingParams:
+        return self._sampling_defaults
+
+    # ---- decode state --------------------------------------------------------------------
+    def new_state(self, max_slots: int, device: torch.device) -> FishState:
+        return FishState(
+            temperature=torch.ones(max_slots, dtype=torch.float32, device=device),
+            top_p=torch.ones(max_slots, dtype=torch.float32, device=device),
+            top_k=torch.ones(max_slots, dtype=torch.int64, device=device),
+            first=torch.ones(max_slots, dtype=torch.bool, device=device),
+            window=torch.zeros(max_slots, RAS_WINDOW, dtype=torch.int64, device=device),
+            window_pos=torch.zeros(max_slots, dtype=torch.int64, device=device),
+            generators=[None] * max_slots,
+            pending=[[] for _ in range(max_slots)],
+        )
+
+    def admit(self, state: FishState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
+        sampling.validate()
+        temperature, top_p, top_k = fish_settings(sampling)
+        state.temperature[slot], state.top_p[slot], state.top_k[slot] = temperature, top_p, top_k
+        state.generators[slot] = None if top_k == 1 else torch.Generator().manual_seed(
+            sampling.seed if sampling.seed is not None else int(torch.seed()))
+        state.pending[slot] = list(prompt.info.get("continuations", []))
+        self._start_batch(state, slot)
+        return []
+
+    def _start_batch(self, state: FishState, slot: int) -> None:
+        state.first[slot] = True
+        state.window[slot] = 0
+        state.window_pos[slot] = 0
+
+    def release(self, state: FishState, slot: int) -> None:
+        state.generators[slot] = None
+        state.pending[slot] = []
+
+    # ---- one decode step -----------------------------------------------------------------
+    def step(self, state: FishState, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
+        c, model = self.config, self.model
+        temperature, top_p, top_k = state.temperature[slots], state.top_p[slots], state.top_k[slots]
+        first = state.first[slots]
+        vocab, size = c.slow.vocab_size, c.codebook_size
+        uniform = self._uniform(state, slots, top_k, 2 * vocab + (c.num_codebooks - 1) * size, hidden.device)
+        u_normal, u_high, u_fast = (None, None, None) if uniform is None else uniform.split(
+            [vocab, vocab, (c.num_codebooks - 1) * size], dim=-1)
+
+        logits = model.logits(hidden) + self.mask
+        normal = choose(logits, temperature, top_p, top_k, u_normal)
+        high = choose(logits, torch.full_like(temperature, HIGH_TEMPERATURE), torch.full_like(top_p, HIGH_TOP_P),
+                      top_k, u_high)
+        use_high = repeated(normal, state.window[slots], c.semantic_start, c.semantic_end) & ~first
+        tokens = torch.where(use_high, high, normal)
+        self._remember(state, slots[~first], tokens[~first])
+
+        codes = self._fast(hidden, tokens, temperature, top_p, top_k, u_fast)
+        rows = torch.cat([tokens[:, None], codes], dim=1)
+        ends = (tokens == c.eos_token_id) & ~first
+        state.first[slots] = False
+        ending = torch.nonzero(ends).flatten().tolist()
+        slot_ids = slots.tolist()
+        prompt_rows: list[np.ndarray | None] = [None] * len(slot_ids)
+        for row in ending:
+            slot = slot_ids[row]
+            if state.pending[slot]:  # the next batch of this request's text
+                prompt_rows[row] = state.pending[slot].pop(0)
+                self._start_batch(state, slot)
+        more = torch.tensor([p is not None for p in prompt_rows], device=hidden.device)
+        return StepOutput(rows=rows, frames=codes, has_frame=~ends, new_segment=torch.zeros_like(ends),
+                          finished=ends & ~more, prompt_rows=prompt_rows if ending else None)
+
+    def _fast(self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+              top_k: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
+        """The frame's codes (B, N): c_0 from the slow token, c_1.. from the fast AR, all rows at once."""
+        c, model = self.config, self.model
+        size = c.codebook_size
+        cache = model.new_fast_cache(hidden.shape[0])
+        model.fast_step(model.fast_start(hidden), 0, cache, with_logits=False)  # position 0's logits are unused
+        code = (tokens - c.semantic_start).clamp(0, size - 1)
+        codes = [code]
+        for i in range(1, c.num_codebooks):
+            logits = model.fast_step(model.fast_input(code), i, cache)
+            u = None if uniform is None else uniform[:, (i - 1) * size : i * size]
+            code = choose(logits, temperature, top_p, top_k, u)
+            codes.append(code)
+        return torch.stack(codes, dim=1)
+
+    def _remember(self, state: FishState, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Put decode-step tokens into their rows' repetition windows."""
+        position = state.window_pos[slots]
+        state.window[slots, position] = tokens
+        state.window_pos[slots] = (position + 1) % RAS_WINDOW
+
+    def _uniform(self, state: FishState, slots: torch.Tensor, top_k: torch.Tensor, width: int,
+                 device: torch.device) -> torch.Tensor | None:
+        """One column's U[0,1) draws (B, width) for the sampled rows, each from its request's generator.
+        One `rand(width)` equals the reference's consecutive rand_like calls (tests/test_fish_sampling.py)."""
+        rows = torch.nonzero(top_k != 1).flatten().tolist()
+        if not rows:
+            return None
+        uniform = torch.full((len(slots), width), 0.5, device=device)
+        slot_ids = slots.tolist()
+        for row in rows:
+            uniform[row] = torch.rand(width, generator=state.generators[slot_ids[row]]).to(device)
+        return uniform
+
+
+def fish_settings(sampling: SamplingParams) -> tuple[float, float, int]:
+    """(temperature, top_p, top_k) of a request: Fish samples every token with one setting (the audio
+    one); temperature <= 0 means greedy, which the reference spells top_k = 1."""
+    values = []
+    for name in ("audio_temperature", "audio_top_p", "audio_top_k"):
+        value = getattr(sampling, name)
+        if not isinstance(value, (int, float)):
+            raise InvalidRequestError(f"{name}: Fish S2 Pro takes one value for all codebooks, got {value!r}")
+        values.append(value)
+    temperature, top_p, top_k = values
+    if temperature <= 0:
+        return 1.0, float(top_p), 1
+    return float(temperature), float(top_p), int(top_k)
+
+
+def load_fish(model_dir: Path, config: dict, device: torch.device, dtype: torch.dtype) -> FishS2Family:
+    """A `fish_qwen3_omni` checkpoint directory (sharded safetensors + index, tokenizer) -> the family."""
+    from ..text.fish_tokenizer import FishTokenizer
+
+    fish_config = FishS2Config.from_dict(config, str(model_dir / "config.json"))
+    tokenizer = None
+    if (model_dir / "tokenizer.json").is_file():
+        tokenizer = FishTokenizer.from_dir(model_dir, semantic_fallback=(fish_config.semantic_start,
+                                                                          fish_config.semantic_end))
+        fish_config = fish_config.with_semantic_range(tokenizer.semantic_start, tokenizer.semantic_end)
+    model = build_on_meta(lambda: FishS2Model(fish_config), dtype, device)
+    load_weights(model, weight_files(model_dir), model.checkpoint_layout())
+    model.to_rotate_half()
+    codec_config = model_dir / "codec_config.json"
+    sample_rate = int(read_json(codec_config).get("sample_rate", SAMPLE_RATE)) if codec_config.is_file() else SAMPLE_RATE
+    family = FishS2Family(model.eval().requires_grad_(False), tokenizer, sample_rate=sample_rate)
+    family.source = model_dir
+    return family

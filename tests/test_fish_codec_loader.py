@@ -1,0 +1,158 @@
+"""Loading the Fish S2 Pro codec (fixtures/fish_s2_pro/README.md 2.5): `.pth` only through
+weights_only, `.safetensors` preferred, both weight-norm spellings, strict names and shapes.
+Every variation starts from the fixture's own files, changed in a temporary directory."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mossserve.api import default_codec
+from mossserve.errors import CheckpointError
+from mossserve.models.codecs.fish_dac import FishDac
+from mossserve.models.codecs.fish_dac_loader import load_fish_dac_file
+from mossserve.models.registry import load_codec
+
+FISH_DIR = Path(__file__).parent / "fixtures" / "fish_s2_pro"
+CONV_G = "decoder.model.6.conv.parametrizations.weight.original0"
+PROJ_V = "quantizer.quantizer.quantizers.3.out_proj.weight_v"
+W3 = "quantizer.pre_module.layers.1.feed_forward.w3.weight"
+
+
+@pytest.fixture(scope="module")
+def tensors() -> dict[str, torch.Tensor]:
+    return load_file(FISH_DIR / "codec.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    return load_fish_dac_file(FISH_DIR / "codec.safetensors").state_dict()
+
+
+def write(directory: Path, tensors: dict[str, torch.Tensor], kind: str = "safetensors", config: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    if config:
+        shutil.copy(FISH_DIR / "codec_config.json", directory)
+    if kind == "safetensors":
+        save_file(tensors, directory / "codec.safetensors")
+    else:
+        torch.save(tensors, directory / "codec.pth")
+    return directory
+
+
+def assert_same_modules(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+def test_pth_and_safetensors_give_identical_modules(reference) -> None:
+    assert_same_modules(load_fish_dac_file(FISH_DIR / "codec.pth").state_dict(), reference)
+
+
+def test_fixture_pth_is_a_flat_weights_only_state_dict(tensors) -> None:
+    loaded = torch.load(FISH_DIR / "codec.pth", weights_only=True)
+    assert loaded.keys() == tensors.keys()
+
+
+def _swap_spelling(name: str) -> str:
+    """parametrizations.weight.original0/1 <-> weight_g/weight_v."""
+    for new, old in ((".weight_g", ".parametrizations.weight.original0"), (".weight_v", ".parametrizations.weight.original1")):
+        if name.endswith(old):
+            return name[: -len(old)] + new
+        if name.endswith(new):
+            return name[: -len(new)] + old
+    return name
+
+
+def test_both_weight_norm_spellings(tmp_path, tensors, reference) -> None:
+    swapped = {_swap_spelling(k): v for k, v in tensors.items()}
+    assert sum(k.endswith(".weight_g") for k in swapped) > sum(k.endswith(".weight_g") for k in tensors)
+    model = FishDac.from_pretrained(write(tmp_path, swapped))
+    assert_same_modules(model.state_dict(), reference)
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "generator"])
+def test_wrapped_pth(tmp_path, tensors, reference, wrap) -> None:
+    """The reference also accepts the dict under "state_dict" or with a "generator." prefix
+    (training checkpoints; other modules' tensors are dropped)."""
+    if wrap == "state_dict":
+        saved = {"state_dict": tensors}
+    else:
+        saved = {f"generator.{k}": v for k, v in tensors.items()} | {"discriminator.w": torch.zeros(2)}
+    model = FishDac.from_pretrained(write(tmp_path, saved, kind="pth"))
+    assert_same_modules(model.state_dict(), reference)
+
+
+def test_safetensors_preferred_over_pth(tmp_path, tensors) -> None:
+    write(tmp_path, tensors)
+    (tmp_path / "codec.pth").write_bytes(b"not a checkpoint")
+    assert isinstance(FishDac.from_pretrained(tmp_path), FishDac)
+
+
+def test_without_codec_config_the_published_shapes_are_expected(tmp_path, tensors) -> None:
+    """(The published codec has 4 encoder and 8 quantizer transformer layers; the tiny one fewer.)"""
+    with pytest.raises(CheckpointError, match=r"do not match the codec config: missing \d+ tensor\(s\): encoder\.block\.4\.block\.5\.layers\.1\."):
+        FishDac.from_pretrained(write(tmp_path, tensors, config=False))
+
+
+@pytest.mark.parametrize("removed, named", [
+    ([CONV_G], CONV_G),
+    ([PROJ_V], PROJ_V),
+    ([W3], W3),
+    ([CONV_G, CONV_G.replace("original0", "original1")], "decoder.model.6.conv.weight"),
+    (["quantizer.semantic_quantizer.quantizers.0.codebook.weight"], "quantizer.semantic_quantizer.quantizers.0.codebook.weight"),
+])
+def test_missing_tensor_is_named(tmp_path, tensors, removed, named) -> None:
+    changed = {k: v for k, v in tensors.items() if k not in removed}
+    with pytest.raises(CheckpointError, match=rf"missing 1 tensor\(s\): {re.escape(named)}$"):
+        FishDac.from_pretrained(write(tmp_path, changed))
+
+
+def test_unexpected_tensor_is_named(tmp_path, tensors) -> None:
+    changed = dict(tensors)
+    changed["quantizer.quantizer.quantizers.9.codebook.weight"] = torch.zeros(1024, 8)  # a 10th residual stage
+    with pytest.raises(CheckpointError, match=r"unexpected 1 tensor\(s\): quantizer\.quantizer\.quantizers\.9\.codebook\.weight"):
+        FishDac.from_pretrained(write(tmp_path, changed))
+
+
+def test_both_spellings_of_one_weight_is_an_error(tmp_path, tensors) -> None:
+    changed = dict(tensors)
+    changed[_swap_spelling(CONV_G)] = tensors[CONV_G].clone()
+    with pytest.raises(CheckpointError, match="fill the same parameter"):
+        FishDac.from_pretrained(write(tmp_path, changed))
+
+
+def test_wrong_shape_is_named(tmp_path, tensors) -> None:
+    changed = dict(tensors)
+    changed["quantizer.upsample.0.1.gamma"] = torch.zeros(65)
+    with pytest.raises(CheckpointError, match=r"quantizer\.upsample\.0\.1\.gamma gives shape \[65\], expected \[64\]"):
+        FishDac.from_pretrained(write(tmp_path, changed))
+
+
+def test_pickled_objects_are_refused(tmp_path, tensors) -> None:
+    """codec.pth is read with weights_only=True: anything but tensors and plain containers fails."""
+    write(tmp_path, {"weights": tensors, "callback": print}, kind="pth", config=True)
+    with pytest.raises(CheckpointError, match="cannot read codec weights"):
+        FishDac.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["codec.safetensors", "codec.pth"])
+def test_unreadable_files(tmp_path, name) -> None:
+    (tmp_path / name).write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="cannot read codec weights"):
+        FishDac.from_pretrained(tmp_path)
+
+
+def test_directory_without_codec_weights(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no codec weights"):
+        FishDac.from_pretrained(tmp_path)
+
+
+def test_registry_and_default_codec_take_a_fish_model_directory() -> None:
+    assert isinstance(load_codec(FISH_DIR), FishDac)
+    assert Path(default_codec(FISH_DIR)) == FISH_DIR

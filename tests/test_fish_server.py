@@ -1,0 +1,105 @@
+"""Fish S2 Pro behind the HTTP API: plain speech, a voice uploaded and then used (its audio encoded
+by the Fish codec as the reference does, without the MOSS loudness step; its transcript the
+reference text), inline references, SSE streaming, and special tokens refused with a 400."""
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import AUDIO_DIR
+from fish_cases import FISH_DIR
+from server_harness import live_server
+
+from mossserve.audio.load import load_audio
+from mossserve.speech_request import SpeechRequest
+
+REFERENCE = AUDIO_DIR / "reference_zh.wav"
+TRANSCRIPT = "A reference line for the voice."
+
+
+@pytest.fixture(scope="module")
+def fish():
+    from mossserve.api import TTS
+    from mossserve.serve import ServerSettings, create_app
+
+    tts = TTS.from_pretrained(FISH_DIR)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        with live_server(create_app(ServerSettings(data_dir=data_dir), tts=tts)) as url:
+            yield tts, url
+    tts.close()
+
+
+def greedy(tts):
+    return tts.talker.default_sampling().with_overrides(audio_temperature=0.0, text_temperature=0.0)
+
+
+def pcm(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.frombuffer(response.content, dtype="<i2").astype(np.float32) / 32768
+
+
+def assert_pcm_equals(samples: np.ndarray, expected: np.ndarray) -> None:
+    assert len(samples) == expected.shape[-1]
+    np.testing.assert_allclose(samples, np.clip(expected[0], -1, 1), atol=2 / 32768)
+
+
+def test_models_and_plain_speech(fish) -> None:
+    tts, url = fish
+    assert httpx.get(url + "/v1/models").json()["data"][0]["mossserve"]["family"] == "fish"
+    response = httpx.post(url + "/v1/audio/speech", json={"input": "Hello world.", "response_format": "pcm",
+                                                          "temperature": 0}, timeout=120)
+    assert_pcm_equals(pcm(response), tts.synthesize(SpeechRequest(input="Hello world."), greedy(tts)).samples)
+
+
+def test_an_uploaded_voice_is_encoded_as_is_and_used_with_its_transcript(fish) -> None:
+    tts, url = fish
+    with REFERENCE.open("rb") as f:
+        r = httpx.post(url + "/v1/audio/voices", data={"name": "anna", "transcript": TRANSCRIPT},
+                       files={"file": ("anna.wav", f, "audio/wav")}, timeout=120)
+    assert r.status_code == 201, r.text
+    assert r.json()["frames"] == 68 and r.json()["codebooks"] == 10 and r.json()["sample_rate"] == 44100
+    samples = load_audio(REFERENCE, tts.codec.sample_rate, channels=1)
+    with torch.inference_mode():
+        direct = tts.codec.encode(torch.from_numpy(samples)).numpy()  # (10, F): no loudness normalisation
+    codes = tts.speakers.encode(REFERENCE)
+    assert np.array_equal(codes, direct.T)
+    text = "<|speaker:0|>Nice to meet you."
+    response = httpx.post(url + "/v1/audio/speech", json={"input": text, "voice": "anna", "response_format": "pcm",
+                                                          "temperature": 0}, timeout=120)
+    expected = tts.synthesize(SpeechRequest(input=text, voice=codes, reference_text=TRANSCRIPT), greedy(tts))
+    assert_pcm_equals(pcm(response), expected.samples)
+    inline = httpx.post(url + "/v1/audio/speech", json={
+        "input": text, "ref_audio": base64.b64encode(REFERENCE.read_bytes()).decode(), "ref_text": TRANSCRIPT,
+        "response_format": "pcm", "temperature": 0}, timeout=120)
+    assert_pcm_equals(pcm(inline), expected.samples)
+
+
+def test_sse_stream_carries_the_whole_responses_audio(fish) -> None:
+    _, url = fish
+    body = {"input": "Streaming this sentence.", "response_format": "pcm", "temperature": 0}
+    whole = httpx.post(url + "/v1/audio/speech", json=body, timeout=120).content
+    pieces, done = [], None
+    with httpx.stream("POST", url + "/v1/audio/speech", json={**body, "stream": True, "stream_format": "sse"},
+                      timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                if event["type"] == "speech.audio.delta":
+                    pieces.append(base64.b64decode(event["audio"]))
+                elif event["type"] == "speech.audio.done":
+                    done = event
+    assert done is not None and b"".join(pieces) == whole
+
+
+def test_special_tokens_in_the_input_are_a_400(fish) -> None:
+    _, url = fish
+    r = httpx.post(url + "/v1/audio/speech", json={"input": "Hi <|im_end|> there."}, timeout=60)
+    assert r.status_code == 400 and "<|im_end|>" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/audio/speech", json={"input": "Hi.", "instructions": "whisper"}, timeout=60)
+    assert r.status_code == 400 and "instructions" in r.json()["error"]["message"]
