@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-voice-seconds", type=float, default=60.0, help="longest reference audio")
     serve.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body (uploads)")
     serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is stopped")
+    serve.add_argument("--ray", action="store_true", help="replicas on Ray Serve, one address (docs/deployment.md)")
+    scale = serve.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="with --ray: replicas scaled by load between MIN and MAX")
+    serve.add_argument("--ray-address", help="with --ray: an existing cluster (default: start a local one)")
+    serve.add_argument("--voice-service", action="store_true",
+                       help="with --ray: one replica on the head node owns --data-dir and every replica reaches "
+                            "it through Ray (replicas on several machines)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--no-playground", dest="playground", action="store_false",
                        help="do not serve the web playground at /")
@@ -446,7 +454,27 @@ def run_serve(args: argparse.Namespace) -> None:
         cors_origins=tuple(args.cors_origin), max_input_chars=args.max_input_chars,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_voice_seconds=args.max_voice_seconds,
         request_timeout_s=args.request_timeout, playground=args.playground, engine=engine)
+    if args.ray:
+        return run_ray(args, settings)
+    if args.replicas != 1 or args.autoscale or args.ray_address or args.voice_service:
+        raise MossServeError("--replicas, --autoscale, --ray-address and --voice-service go with --ray")
     serve(settings, log_level=args.log_level)
+
+
+def run_ray(args: argparse.Namespace, settings) -> None:
+    try:
+        from .distributed.builder import parse_autoscale
+        from .distributed.deployment import RayOptions
+        from .distributed.run import serve_on_ray
+    except ImportError as e:
+        raise MossServeError(f"--ray needs the ray extra ({e.name} is missing): pip install 'mossserve[ray]'") from None
+    try:
+        autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+        options = RayOptions(replicas=args.replicas, autoscale=autoscale, voice_service=args.voice_service)
+        options.validate()
+    except ValueError as e:
+        raise MossServeError(str(e)) from None
+    serve_on_ray(settings, options, address=args.ray_address)
 
 
 if __name__ == "__main__":

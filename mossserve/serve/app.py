@@ -24,14 +24,17 @@ from .playground_routes import model_capabilities, mount_playground
 from .settings import ServerSettings
 from .speech import outcome_for
 from .state import ServerState
+from .voices import VoiceStore
 
 EXPOSED_HEADERS = ["X-Request-Id", "X-Finish-Reason", "X-Audio-Seconds", "Retry-After"]
 
 
-def create_app(settings: ServerSettings | None = None, tts: TTS | None = None) -> FastAPI:
-    """`tts`: serve an already loaded model (kept open when the app stops); else load `settings.model`."""
+def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, voices: VoiceStore | None = None
+               ) -> FastAPI:
+    """`tts`: serve an already loaded model (kept open when the app stops); else load `settings.model`.
+    `voices`: a store with VoiceStore's methods (Ray: one shared by every replica); else settings.data_dir's."""
     settings = settings or ServerSettings()
-    state = ServerState.create(settings, tts)
+    state = ServerState.create(settings, tts, voices)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

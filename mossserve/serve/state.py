@@ -29,7 +29,7 @@ class ServerState:
     closing: bool = False
 
     @classmethod
-    def create(cls, settings: ServerSettings, tts: TTS | None = None) -> ServerState:
+    def create(cls, settings: ServerSettings, tts: TTS | None = None, voices: VoiceStore | None = None) -> ServerState:
         """Load the model (unless given one) and bring up the codec, speaker cache and engine
         now, so the first request pays for none of it."""
         owns_tts = tts is None
@@ -38,7 +38,7 @@ class ServerState:
                                       engine_config=settings.engine)
         tts.speakers.max_seconds = settings.max_voice_seconds
         tts.engine  # noqa: B018 - starts the engine threads
-        voices = VoiceStore(Path(settings.data_dir))
+        voices = VoiceStore(Path(settings.data_dir)) if voices is None else voices
         engine = AsyncEngine(tts)
         codec_id = f"{tts.codec_source}@{tts.talker.codebooks}"
         metrics = Metrics(lambda: None if tts.closed else tts.stats())

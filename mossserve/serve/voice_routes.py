@@ -75,7 +75,7 @@ async def get_voice_audio(name: str, request: Request) -> FileResponse:
     """The stored reference audio (as the codec heard it), for listening back."""
     state: ServerState = request.app.state.server
     await _stored(request, name)
-    return FileResponse(state.voices.audio_path(name), media_type="audio/wav")
+    return FileResponse(await asyncio.to_thread(state.voices.audio_path, name), media_type="audio/wav")
 
 
 @router.delete("/v1/audio/voices/{name}")

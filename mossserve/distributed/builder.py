@@ -1,0 +1,66 @@
+"""`app_builder`: the application from string arguments, for `serve run` and Serve config files.
+
+    serve run mossserve.distributed:app_builder model=OpenMOSS-Team/MOSS-TTS device=cuda replicas=4
+
+    applications:
+      - name: mossserve
+        route_prefix: /
+        import_path: mossserve.distributed:app_builder
+        args: {model: OpenMOSS-Team/MOSS-TTS, device: cuda, dtype: bfloat16, autoscale: "1:8", data_dir: /mnt/voices}
+
+Keys are ServerSettings' and RayOptions' field names, plus max_running and max_queued (the engine's).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..config import EngineConfig
+from ..serve.settings import ServerSettings
+from .deployment import RayOptions, build_app
+
+_ENGINE_KEYS = ("max_running", "max_queued")
+
+
+def app_builder(args: dict[str, str]):
+    return build_app(*parse_args(args))
+
+
+def parse_args(args: dict[str, str]) -> tuple[ServerSettings, RayOptions]:
+    settings, options, engine = ServerSettings(), RayOptions(), EngineConfig()
+    for key, value in args.items():
+        target = next((t for t in (options, settings, engine) if key in _fields(t)), None)
+        if target is None:
+            raise ValueError(f"unknown argument {key!r}: expected one of "
+                             f"{sorted(_fields(options) | _fields(settings) | set(_ENGINE_KEYS))}")
+        setattr(target, key, _parse(key, value, getattr(target, key)))
+    engine.validate()
+    options.validate()
+    settings.engine = engine
+    return settings, options
+
+
+def _fields(target) -> set[str]:
+    names = {f.name for f in dataclasses.fields(target)}
+    return names & set(_ENGINE_KEYS) if isinstance(target, EngineConfig) else names - {"engine"}
+
+
+def _parse(key: str, value, default):
+    """A value from the command line or YAML, as the field's default is typed (None: text)."""
+    if key == "autoscale":
+        return parse_autoscale(str(value))
+    if key == "cors_origins":
+        return tuple(str(value).split(","))
+    if isinstance(default, bool):
+        return str(value).lower() in ("1", "true", "yes")
+    if isinstance(default, (int, float, Path)):
+        return type(default)(value)
+    return value
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """'MIN:MAX' -> (MIN, MAX)."""
+    low, sep, high = text.partition(":")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ValueError(f"autoscale wants MIN:MAX replicas, e.g. 1:4; got {text!r}")
+    return int(low), int(high)
