@@ -35,6 +35,9 @@ def test_bench_json_has_every_contract_key(capsys) -> None:
     assert out["ttfa_ratio"] == pytest.approx(out["ttfa_s"] / out["ttfa_floor_s"])
     assert 0 < out["ttfa_16_s"] <= out["ttfa_16_max_s"] <= out["wall_s"]["16"]
     assert out["ttfa_16_vs_1"] == pytest.approx(out["ttfa_16_s"] / out["ttfa_s"])
+    codec = out["codec_streaming"]
+    assert codec["streams"] == 16 and codec["batched_audio_s_per_s"] > 0 and codec["sequential_audio_s_per_s"] > 0
+    assert codec["speedup"] == pytest.approx(codec["batched_audio_s_per_s"] / codec["sequential_audio_s_per_s"])
     # Every request ran to its step cap (n_vq lead steps + 3 frames) and every frame was decoded.
     for counts in out["frames_generated"].values():
         assert counts == {"min": 3, "max": 3, "steps_max": 3 + 32}

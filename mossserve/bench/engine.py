@@ -18,6 +18,8 @@ every request's frames are decoded to audio.
   codebook), one codec decode of that chunk on a fresh stream. Floor rounds alternate with the
   TTFA runs (so that both see the machine alike); the pieces' medians are summed.
   `ttfa_ratio` = TTFA / floor: what the engine adds (threads, queues, scheduling) on top.
+* Codec streaming decode (`codec_streaming`, the family's own codec; codec.py): 16 streams of
+  2 s decoded chunk by chunk, batched vs one at a time.
 * First audio under load: in the concurrency-16 run all requests are submitted at once; `ttfa_16_s`
   is the median of their first-audio latencies (from the first submission), `ttfa_16_max_s` the
   last one, `ttfa_16_vs_1` = `ttfa_16_s` / TTFA.
@@ -57,6 +59,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError, MossServeError
+from .codec import run_codec_bench
 from .floors import count_step, floors, gemm_throughput, memory_bandwidth
 from .machine import machine_info
 
@@ -246,6 +249,8 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
             engine = None  # free its KV cache before the next engine allocates one
 
     peak_rss = peak_rss_mb()  # before the limits below allocate their test tensors
+    say("codec: streaming decode of 16 streams, batched vs one at a time")
+    codec_streaming = run_codec_bench(streams=16, seconds=2.0, checkpoint=tts.codec_source, device=device, repeats=2)
     say("floors: counting a decode step's weight bytes and FLOPs at batch 1 and 16")
     step_counts = {b: count_step(talker, prompts, sampling, defaults.prefill_tokens, b) for b in (1, 16)}
     say("floors: measuring memory bandwidth and GEMM throughput")
@@ -304,6 +309,8 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
         "targets": dict(TARGETS),
         "floors": floor_figures,
         "ttfa_lead_steps": lead,
+        "codec_streaming": {key: codec_streaming[key] for key in (
+            "streams", "audio_seconds_per_stream", "batched_audio_s_per_s", "sequential_audio_s_per_s", "speedup")},
         "peak_rss_mb": peak_rss,
         "bench_wall_s": time.perf_counter() - started,
     }
@@ -504,6 +511,10 @@ def format_table(result: dict) -> str:
         (f"  step at 16: {fl['step_s_16'] * 1000:.1f} ms, floor {fl['step_floor_s_16'] * 1000:.1f} ms "
          f"({fl['flops_per_step_16'] / 1e9:.2f} GFLOP at {fl['gemm_gflop_s']:.0f} GFLOP/s, {fl['bound_16']}-bound): "
          f"{fl['fraction_16'] * 100:.0f}%"),
+        (f"  codec streaming decode, {result['codec_streaming']['streams']} streams: batched "
+         f"{result['codec_streaming']['batched_audio_s_per_s']:.1f} vs one at a time "
+         f"{result['codec_streaming']['sequential_audio_s_per_s']:.1f} audio s / s "
+         f"({result['codec_streaming']['speedup']:.2f}x)"),
         f"  peak RSS {result['peak_rss_mb']:.0f} MB; bench took {result['bench_wall_s']:.0f} s",
     ]
     return "\n".join(lines)
