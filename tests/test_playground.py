@@ -356,3 +356,37 @@ def test_realtime_tab_works_with_an_api_key(browser, realtime_tts, tmp_path) -> 
         assert browser.js("return window.playground.realtime.status") == "done", browser.errors()
         assert browser.js("return window.playground.realtime.player.samples") > 0
         browser.js("localStorage.clear()")
+
+
+@pytest.fixture(scope="module")
+def fish_url(tmp_path_factory):
+    from fish_cases import FISH_DIR
+
+    from mossserve.api import TTS
+    from mossserve.serve import ServerSettings, create_app
+
+    tts = TTS.from_pretrained(FISH_DIR)
+    app = create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("playground_fish")), tts=tts)
+    with live_server(app) as url:
+        yield url
+    tts.close()
+
+
+def test_fish_reference_with_transcript_and_chunk_length_are_sent(browser, fish_url) -> None:
+    text = "<|speaker:0|>Good morning! How are you today?<|speaker:1|>I am fine, thanks."
+    transcript = "A reference line for the voice."
+    browser.open(fish_url)
+    assert "fish" in browser.text("#model")
+    assert browser.el("#chunk-length").is_displayed() and browser.el("#ref-text").is_displayed()
+    assert not browser.el("#depth").is_displayed() and not browser.el("#instructions").is_displayed()
+    browser.el("#ref-file").send_keys(str(VOICE_FILE.resolve()))
+    browser.fill("#ref-text", transcript)
+    browser.fill("#chunk-length", "40")
+    speak(browser, text, SEED)
+    browser.screenshot("fish")
+    assert browser.js("return window.playground.speech.status") == "done", browser.errors()
+    reference = "data:audio/wav;base64," + base64.b64encode(VOICE_FILE.read_bytes()).decode()
+    expected = api_pcm(fish_url, input=text, seed=SEED, ref_audio=reference, ref_text=transcript, chunk_length=40)
+    assert page_pcm(browser, "speech") == expected
+    one_batch = api_pcm(fish_url, input=text, seed=SEED, ref_audio=reference, ref_text=transcript)
+    assert one_batch != expected  # chunk_length 40 splits the turns into two batches

@@ -67,6 +67,7 @@ export class SpeechTab {
       body.duration_seconds = number("duration");
     }
     if (offered("depth")) body.depth = number("depth");
+    if (offered("chunk-length")) body.chunk_length = number("chunk-length");
     if (offered("speakers")) {
       const speakers = [...document.querySelectorAll("#speakers .speaker")].map((row) => {
         const speaker = {};
