@@ -29,6 +29,16 @@ def live_server(app) -> Iterator[str]:
         assert not thread.is_alive(), "the server did not stop"
 
 
+@contextmanager
+def serve_model(tts, data_dir, **settings) -> Iterator[str]:
+    """A live server for an already loaded `tts` (kept open after the block), its voices under
+    `data_dir`; `settings`: other ServerSettings fields. Yields its base URL."""
+    from mossserve.serve import ServerSettings, create_app
+
+    with live_server(create_app(ServerSettings(data_dir=data_dir, **settings), tts=tts)) as url:
+        yield url
+
+
 class StepGate:
     """Holds a family's decode step so a test can act while a request is certainly running.
 

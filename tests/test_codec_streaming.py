@@ -138,10 +138,10 @@ def test_multistream_equals_offline(codec_models, seed):
             continue
         chunks = [active[s][0][:, active[s][1]: active[s][1] + rng.randint(1, 12)] for s in ids]
         mixed_calls += len({c.shape[1] for c in chunks}) > 1
-        untouched = {s: _pool_rows(decoder, decoder._slots[s]) for s in active if s not in ids}
+        untouched = {s: _pool_rows(decoder, decoder.streams.row(s)) for s in active if s not in ids}
         outs = decoder.decode(ids, chunks)
         for s, rows in untouched.items():  # streams not in the call keep their state bit for bit
-            assert all(torch.equal(a, b) for a, b in zip(rows, _pool_rows(decoder, decoder._slots[s])))
+            assert all(torch.equal(a, b) for a, b in zip(rows, _pool_rows(decoder, decoder.streams.row(s))))
             idle[s] = idle.get(s, 0) + 1
             idle_max = max(idle_max, idle[s])
         for s, chunk, out in zip(ids, chunks, outs):
@@ -173,7 +173,7 @@ def test_state_does_not_grow_with_length(codec_models):
     for i, state in decoder._pool.items():
         ring = m.decoder[i].spec.context - 1 + 4 * _tokens_per_frame(m, i)
         assert all(t.shape[2] == ring for t in (*state.keys, *state.values))
-        assert int(state.offset[decoder._slots[sid]]) == 400 * _tokens_per_frame(m, i)
+        assert int(state.offset[decoder.streams.row(sid)]) == 400 * _tokens_per_frame(m, i)
 
 
 def _tokens_per_frame(m: MossAudioTokenizer, stage: int) -> int:

@@ -1,4 +1,4 @@
-"""Fish S2 Pro through the command line (../shared/CONTRACTS.md, "Fish S2 Pro"): `prompt` and `say`
+"""Fish S2 Pro through the command line (the "Fish S2 Pro" section of the outside contracts): `prompt` and `say`
 with a model directory, `--codes-out` holding every text batch's frames, seeded replay of the
 reference's sampled golden, and `say` audio equal to `codec decode` of its codes."""
 from __future__ import annotations

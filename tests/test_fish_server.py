@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from contextlib import closing
 
 import httpx
 import numpy as np
@@ -12,8 +13,9 @@ import pytest
 import torch
 from conftest import AUDIO_DIR
 from fish_cases import FISH_DIR
-from server_harness import live_server
+from server_harness import serve_model
 
+from mossserve.api import TTS
 from mossserve.audio.load import load_audio
 from mossserve.speech_request import SpeechRequest
 
@@ -22,17 +24,9 @@ TRANSCRIPT = "A reference line for the voice."
 
 
 @pytest.fixture(scope="module")
-def fish():
-    from mossserve.api import TTS
-    from mossserve.serve import ServerSettings, create_app
-
-    tts = TTS.from_pretrained(FISH_DIR)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as data_dir:
-        with live_server(create_app(ServerSettings(data_dir=data_dir), tts=tts)) as url:
-            yield tts, url
-    tts.close()
+def fish(tmp_path_factory):
+    with closing(TTS.from_pretrained(FISH_DIR)) as tts, serve_model(tts, tmp_path_factory.mktemp("fish")) as url:
+        yield tts, url
 
 
 def greedy(tts):

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import re
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -17,9 +18,10 @@ import soundfile as sf
 from browser import chromium
 from conftest import AUDIO_DIR, CODEC_DIR
 from realtime_cases import REALTIME_DIR
-from server_harness import live_server
+from server_harness import live_server, serve_model
 from websockets.sync.client import connect
 
+from mossserve.api import TTS
 from mossserve.serve.playground_routes import PLAYGROUND_DIR
 
 SEED = 7
@@ -40,28 +42,19 @@ def browser():
 
 @pytest.fixture(scope="module")
 def demo_url(demo_tts, tmp_path_factory):
-    from mossserve.serve import ServerSettings, create_app
-
-    app = create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("playground")), tts=demo_tts)
-    with live_server(app) as url:
+    with serve_model(demo_tts, tmp_path_factory.mktemp("playground")) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def realtime_tts():
-    from mossserve.api import TTS
-
-    tts = TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny")
-    yield tts
-    tts.close()
+    with closing(TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny")) as tts:
+        yield tts
 
 
 @pytest.fixture(scope="module")
 def realtime_url(realtime_tts, tmp_path_factory):
-    from mossserve.serve import ServerSettings, create_app
-
-    app = create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("playground_rt")), tts=realtime_tts)
-    with live_server(app) as url:
+    with serve_model(realtime_tts, tmp_path_factory.mktemp("playground_rt")) as url:
         yield url
 
 
@@ -69,14 +62,10 @@ def realtime_url(realtime_tts, tmp_path_factory):
 def local_url(tmp_path_factory):
     from local_cases import make_model_dir
 
-    from mossserve.api import TTS
-    from mossserve.serve import ServerSettings, create_app
-
-    tts = TTS.from_pretrained(make_model_dir(tmp_path_factory.mktemp("local") / "model"), codec=CODEC_DIR / "tiny")
-    app = create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("playground_local")), tts=tts)
-    with live_server(app) as url:
+    model = make_model_dir(tmp_path_factory.mktemp("local") / "model")
+    with closing(TTS.from_pretrained(model, codec=CODEC_DIR / "tiny")) as tts, \
+            serve_model(tts, tmp_path_factory.mktemp("playground_local")) as url:
         yield url
-    tts.close()
 
 
 def page_pcm(browser, tab: str) -> bytes:
@@ -340,10 +329,7 @@ def test_realtime_tab_works_with_an_api_key(browser, realtime_tts, tmp_path) -> 
     """Browsers cannot set websocket headers: the page sends the key as a subprotocol."""
     from selenium.webdriver.common.keys import Keys
 
-    from mossserve.serve import ServerSettings, create_app
-
-    app = create_app(ServerSettings(data_dir=tmp_path / "data", api_key="sesame"), tts=realtime_tts)
-    with live_server(app) as url:
+    with serve_model(realtime_tts, tmp_path / "data", api_key="sesame") as url:
         browser.driver.get(url)
         browser.wait("!document.getElementById('error').hidden")
         browser.el("#api-key").send_keys("sesame", Keys.ENTER)
@@ -362,14 +348,8 @@ def test_realtime_tab_works_with_an_api_key(browser, realtime_tts, tmp_path) -> 
 def fish_url(tmp_path_factory):
     from fish_cases import FISH_DIR
 
-    from mossserve.api import TTS
-    from mossserve.serve import ServerSettings, create_app
-
-    tts = TTS.from_pretrained(FISH_DIR)
-    app = create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("playground_fish")), tts=tts)
-    with live_server(app) as url:
+    with closing(TTS.from_pretrained(FISH_DIR)) as tts, serve_model(tts, tmp_path_factory.mktemp("fish")) as url:
         yield url
-    tts.close()
 
 
 def test_fish_reference_with_transcript_and_chunk_length_are_sent(browser, fish_url) -> None:

@@ -18,12 +18,13 @@ import numpy as np
 import openai
 import pytest
 from conftest import AUDIO_DIR, CODEC_DIR
-from mossserve.audio import read_audio
 from realtime_cases import REALTIME_DIR
-from server_harness import live_server
+from server_harness import serve_model
 from test_server_realtime import Client, codes, expected, multiturn
 from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect
+
+from mossserve.audio import read_audio
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -86,9 +87,7 @@ def wait_ready(url: str, cli: subprocess.Popen, log) -> None:
 @pytest.fixture(scope="module")
 def direct(demo_tts, tmp_path_factory):
     """The single-process server on the same checkpoint: the bytes every Ray response must equal."""
-    from mossserve.serve import ServerSettings, create_app
-
-    with live_server(create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("direct")), tts=demo_tts)) as url:
+    with serve_model(demo_tts, tmp_path_factory.mktemp("direct")) as url:
         yield url
 
 

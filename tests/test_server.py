@@ -15,10 +15,10 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+from server_harness import StepGate, live_server, serve_model
 
 from mossserve.audio import read_audio
 from mossserve.speech_request import SpeechRequest
-from server_harness import StepGate, live_server
 
 SEED = 7
 TEXT = "Hello from the server."
@@ -27,10 +27,7 @@ TEXT = "Hello from the server."
 @pytest.fixture(scope="module")
 def served(demo_tts, tmp_path_factory):
     """One live server on the demo checkpoint for the tests that need no special settings."""
-    from mossserve.serve import ServerSettings, create_app
-
-    app = create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("served")), tts=demo_tts)
-    with live_server(app) as url:
+    with serve_model(demo_tts, tmp_path_factory.mktemp("served")) as url:
         yield url
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 
 import numpy as np
 import pytest
 from conftest import CODEC_DIR
 from realtime_cases import REALTIME_DIR, golden, golden_json
-from server_harness import live_server
+from server_harness import live_server, serve_model
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -21,13 +22,10 @@ RUNS = golden_json("generation")["runs"]
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     from mossserve.api import TTS
-    from mossserve.serve import ServerSettings, create_app
 
-    tts = TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny")
-    app = create_app(ServerSettings(data_dir=tmp_path_factory.mktemp("realtime")), tts=tts)
-    with live_server(app) as base:
+    with closing(TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny")) as tts, \
+            serve_model(tts, tmp_path_factory.mktemp("realtime")) as base:
         yield base.replace("http://", "ws://") + "/v1/realtime/speech"
-    tts.close()
 
 
 def codes(name: str) -> list:
@@ -201,7 +199,6 @@ def test_plain_speech_requests_on_the_realtime_and_local_models(url: str, tmp_pa
     from local_cases import make_model_dir
 
     from mossserve.api import TTS
-    from mossserve.serve import ServerSettings, create_app
     from mossserve.speech_request import SpeechRequest
 
     base = url.replace("ws://", "http://").rsplit("/v1/", 1)[0]
@@ -212,9 +209,8 @@ def test_plain_speech_requests_on_the_realtime_and_local_models(url: str, tmp_pa
     assert refused.status_code == 400 and "instructions" in refused.json()["error"]["message"]
 
     tts = TTS.from_pretrained(make_model_dir(tmp_path / "local"), codec=CODEC_DIR / "tiny")
-    app = create_app(ServerSettings(data_dir=tmp_path / "data"), tts=tts)
     try:
-        with live_server(app) as local:
+        with serve_model(tts, tmp_path / "data") as local:
             response = httpx.post(local + "/v1/audio/speech", json={"input": "Hello there.", "response_format": "wav",
                                                                      "temperature": 0}, timeout=60)
             assert response.status_code == 200 and float(response.headers["x-audio-seconds"]) > 0

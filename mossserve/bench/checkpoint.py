@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,29 +67,50 @@ def delay_config(hidden: int, layers: int, intermediate: int, heads: int, kv_hea
     return config
 
 
+def qwen3_layer_shapes(prefix: str, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
+                       head_dim: int) -> dict[str, tuple[int, ...]]:
+    """Published (Hugging Face Qwen3) tensor name -> shape of `layers` decoder layers under `prefix`."""
+    shapes = {}
+    for i in range(layers):
+        p = f"{prefix}layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "self_attn.q_norm.weight": (head_dim,),
+            p + "self_attn.k_norm.weight": (head_dim,),
+            p + "mlp.gate_proj.weight": (intermediate, hidden),
+            p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+        })
+    return shapes
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]], seed: int,
+                   unit_gain: Callable[[str], bool] = lambda name: name.endswith("norm.weight")) -> dict[str, torch.Tensor]:
+    """N(0, STD) tensors drawn in name order from one seeded generator; norm gains (`unit_gain`) around 1."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in sorted(shapes.items()):
+        t = torch.randn(shape, generator=gen) * STD
+        if unit_gain(name):
+            t += 1.0
+        tensors[name] = t
+    return tensors
+
+
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Published tensor name -> shape for a Delay config (the names the released checkpoints use)."""
     lang = config["language_config"]
-    h, inter, vocab = lang["hidden_size"], lang["intermediate_size"], lang["vocab_size"]
-    q, kv, d = lang["num_attention_heads"], lang["num_key_value_heads"], lang["head_dim"]
+    h, vocab = lang["hidden_size"], lang["vocab_size"]
     codes = config["audio_vocab_size"] + 1
     shapes: dict[str, tuple[int, ...]] = {"language_model.embed_tokens.weight": (vocab, h),
                                           "language_model.norm.weight": (h,), "lm_heads.0.weight": (vocab, h)}
-    for i in range(lang["num_hidden_layers"]):
-        p = f"language_model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q * d, h),
-            p + "self_attn.k_proj.weight": (kv * d, h),
-            p + "self_attn.v_proj.weight": (kv * d, h),
-            p + "self_attn.o_proj.weight": (h, q * d),
-            p + "self_attn.q_norm.weight": (d,),
-            p + "self_attn.k_norm.weight": (d,),
-            p + "mlp.gate_proj.weight": (inter, h),
-            p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-        })
+    shapes.update(qwen3_layer_shapes("language_model.", lang["num_hidden_layers"], h, lang["intermediate_size"],
+                                     lang["num_attention_heads"], lang["num_key_value_heads"], lang["head_dim"]))
     for j in range(config["n_vq"]):
         shapes[f"emb_ext.{j}.weight"] = (codes, h)
         shapes[f"lm_heads.{j + 1}.weight"] = (codes, h)
@@ -96,13 +118,7 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, shape in sorted(tensor_shapes(config).items()):
-        t = torch.randn(shape, generator=gen) * STD
-        if name.endswith("norm.weight"):  # RMSNorm gains (input/post layernorm, q/k norm, final norm)
-            t += 1.0
-        tensors[name] = t
+    tensors = random_tensors(tensor_shapes(config), seed)
     # The control channel (see the module docstring).
     for name, t in tensors.items():
         if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):

@@ -139,6 +139,20 @@ def run_codec_bench(streams: int = 32, seconds: float = 4.0, checkpoint: str | P
             codec = MossAudioTokenizer.from_pretrained(source, device=device, dtype=dtype)
         else:  # any codec behind the seam: a MOSS-Audio-Tokenizer or a Fish S2 Pro directory
             codec = load_codec(checkpoint, device=device, dtype=dtype)
+    return {
+        "benchmark": "codec streaming decode",
+        "codec": "bench-size random MOSS-Audio-Tokenizer" if checkpoint is None else str(checkpoint),
+        "parameters": sum(p.numel() for p in codec.parameters()),
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        **streaming_figures(codec, streams, seconds, seed, repeats),
+    }
+
+
+def streaming_figures(codec, streams: int, seconds: float, seed: int = 0, repeats: int = 3) -> dict:
+    """A loaded codec's streaming decode of `streams` random streams, batched vs one at a time."""
+    device = codec.device
     frames = max(1, round(seconds * codec.frame_rate))
     gen = torch.Generator().manual_seed(seed)
     codes = [torch.randint(0, codec.codebook_size, (codec.num_quantizers, frames), generator=gen).to(device)
@@ -153,11 +167,11 @@ def run_codec_bench(streams: int = 32, seconds: float = 4.0, checkpoint: str | P
     def timed(run, decoder, *args) -> tuple[float, list[torch.Tensor]]:
         best = float("inf")
         for _ in range(repeats):
-            if device != "cpu":
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             out = run(decoder, codes, *args)
-            if device != "cpu":
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
         return best, out
@@ -166,12 +180,6 @@ def run_codec_bench(streams: int = 32, seconds: float = 4.0, checkpoint: str | P
     t_seq, out_s = timed(decode_sequential, one)
     audio_s = streams * frames / codec.frame_rate
     return {
-        "benchmark": "codec streaming decode",
-        "codec": "bench-size random MOSS-Audio-Tokenizer" if checkpoint is None else str(checkpoint),
-        "parameters": sum(p.numel() for p in codec.parameters()),
-        "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
         "streams": streams,
         "audio_seconds_per_stream": frames / codec.frame_rate,
         "chunk_schedule_frames": list(CHUNK_SCHEDULE),

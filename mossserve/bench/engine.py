@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError, MossServeError
-from .codec import run_codec_bench
+from .codec import streaming_figures
 from .floors import count_step, floors, gemm_throughput, memory_bandwidth
 from .machine import machine_info
 
@@ -250,7 +250,7 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
 
     peak_rss = peak_rss_mb()  # before the limits below allocate their test tensors
     say("codec: streaming decode of 16 streams, batched vs one at a time")
-    codec_streaming = run_codec_bench(streams=16, seconds=2.0, checkpoint=tts.codec_source, device=device, repeats=2)
+    codec_streaming = streaming_figures(codec_model, streams=16, seconds=2.0, repeats=2)
     say("floors: counting a decode step's weight bytes and FLOPs at batch 1 and 16")
     step_counts = {b: count_step(talker, prompts, sampling, defaults.prefill_tokens, b) for b in (1, 16)}
     say("floors: measuring memory bandwidth and GEMM throughput")

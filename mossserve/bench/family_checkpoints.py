@@ -35,7 +35,13 @@ import torch
 from safetensors.torch import save_file
 
 from . import codec as codec_bench
-from .checkpoint import STD, TOKENIZER_FILES, delay_config, demo_dir
+from .checkpoint import (
+    TOKENIZER_FILES,
+    delay_config,
+    demo_dir,
+    qwen3_layer_shapes,
+    random_tensors,
+)
 
 LOCAL_BENCH_SIZE = {"hidden": 512, "layers": 8, "intermediate": 1536, "heads": 8, "kv_heads": 4, "head_dim": 64,
                     "n_vq": 32, "local_hidden": 384, "local_ffn": 2240, "local_layers": 1, "bridge_ffn": 512}
@@ -48,38 +54,6 @@ POSITIVE_UNITS, POSITIVE_GAIN = 4, 100.0  # Local: the Q_0 units that write text
 # Realtime ones); the vocabulary and merges are the same as the demo tokenizer's.
 REALTIME_TOKEN_NAMES = {151652: "<|vision_start|>", 151653: "<|vision_end|>", 151654: "<|audio_pad|>",
                         151655: "<|text_pad|>", 151656: "<|video_pad|>", 151662: "<|fim_pad|>"}
-
-
-def _qwen3_layers(prefix: str, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
-                  head_dim: int) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for i in range(layers):
-        p = f"{prefix}layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
-            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
-            p + "self_attn.q_norm.weight": (head_dim,),
-            p + "self_attn.k_norm.weight": (head_dim,),
-            p + "mlp.gate_proj.weight": (intermediate, hidden),
-            p + "mlp.up_proj.weight": (intermediate, hidden),
-            p + "mlp.down_proj.weight": (hidden, intermediate),
-        })
-    return shapes
-
-
-def _random(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, shape in sorted(shapes.items()):
-        t = torch.randn(shape, generator=gen) * STD
-        if name.endswith("norm.weight") or name.startswith("layer_norm_before_lm_heads."):
-            t += 1.0
-        tensors[name] = t
-    return tensors
 
 
 def _write(directory: Path, config: dict, tensors: dict[str, torch.Tensor], tokenizer: dict[str, str],
@@ -115,8 +89,8 @@ def local_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     h, vocab, n_vq = lang["hidden_size"], lang["vocab_size"], config["n_vq"]
     q, kv, d = lang["num_attention_heads"], lang["num_key_value_heads"], lang["head_dim"]
     hl, f, codes = config["local_hidden_size"], config["additional_mlp_ffn_hidden_size"], config["audio_vocab_size"] + 1
-    shapes = _qwen3_layers("model.language_model.", lang["num_hidden_layers"], h, lang["intermediate_size"], q, kv, d)
-    shapes.update(_qwen3_layers("local_transformer.", config["local_num_layers"], hl, config["local_ffn_hidden_size"],
+    shapes = qwen3_layer_shapes("model.language_model.", lang["num_hidden_layers"], h, lang["intermediate_size"], q, kv, d)
+    shapes.update(qwen3_layer_shapes("local_transformer.", config["local_num_layers"], hl, config["local_ffn_hidden_size"],
                                 q, kv, d))
     shapes.update({
         "model.language_model.embed_tokens.weight": (vocab, h),
@@ -139,7 +113,8 @@ def local_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def local_random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    tensors = _random(local_tensor_shapes(config), seed)
+    tensors = random_tensors(local_tensor_shapes(config), seed, unit_gain=lambda name: name.endswith("norm.weight")
+                             or name.startswith("layer_norm_before_lm_heads."))
     gate = tensors["local_to_speech_embedding_mlps.0.gate_proj.weight"]
     up = tensors["local_to_speech_embedding_mlps.0.up_proj.weight"]
     down = tensors["local_to_speech_embedding_mlps.0.down_proj.weight"]
@@ -186,9 +161,9 @@ def realtime_config(hidden: int, layers: int, intermediate: int, heads: int, kv_
 def realtime_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     lang, local = config["language_config"], config["local_config"]
     h, vocab, codes, rvq = lang["hidden_size"], lang["vocab_size"], config["audio_vocab_size"], config["rvq"]
-    shapes = _qwen3_layers("language_model.", lang["num_hidden_layers"], h, lang["intermediate_size"],
+    shapes = qwen3_layer_shapes("language_model.", lang["num_hidden_layers"], h, lang["intermediate_size"],
                            lang["num_attention_heads"], lang["num_key_value_heads"], lang["head_dim"])
-    shapes.update(_qwen3_layers("local_transformer.model.", local["num_hidden_layers"], local["hidden_size"],
+    shapes.update(qwen3_layer_shapes("local_transformer.model.", local["num_hidden_layers"], local["hidden_size"],
                                 local["intermediate_size"], local["num_attention_heads"],
                                 local["num_key_value_heads"], local["head_dim"]))
     shapes.update({"embed_tokens.0.weight": (vocab, h), "language_model.embed_tokens.weight": (vocab, h),
@@ -202,7 +177,7 @@ def realtime_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def realtime_random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    tensors = _random(realtime_tensor_shapes(config), seed)
+    tensors = random_tensors(realtime_tensor_shapes(config), seed)
     pad = config["audio_pad_token"]
     for name, t in tensors.items():
         if name.startswith("local_transformer.local_lm_heads."):

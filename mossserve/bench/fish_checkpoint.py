@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import STD, TOKENIZER_FILES, demo_dir
+from .checkpoint import TOKENIZER_FILES, demo_dir, random_tensors
 
 FISH_BENCH_SIZE = {"hidden": 512, "layers": 8, "intermediate": 1536, "heads": 8, "kv_heads": 4, "head_dim": 64,
                    "fast_layers": 1, "codebooks": 10, "codebook_size": 4096}
@@ -100,11 +100,7 @@ def fish_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def fish_random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, shape in sorted(fish_tensor_shapes(config).items()):
-        t = torch.randn(shape, generator=gen) * STD
-        tensors[name] = t + 1.0 if name.endswith("norm.weight") else t
+    tensors = random_tensors(fish_tensor_shapes(config), seed)
     tensors["text_model.model.embeddings.weight"][config["eos_token_id"]] = 0.0  # never stops (module docstring)
     return tensors
 

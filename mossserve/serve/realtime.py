@@ -34,11 +34,20 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import Field, ValidationError
 
 from ..audio import StreamEncoder
-from ..config import ChunkSchedule
 from ..errors import MossServeError
 from ..text.realtime_session import RealtimeTurn
 from .errors import APIError, describe_validation, from_mossserve
-from .schemas import Body, ResponseFormat
+from .schemas import (
+    Body,
+    FirstChunkFrames,
+    RepetitionPenalty,
+    ResponseFormat,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+)
+from .speech import sampling_for, schedule_for
 from .state import ServerState
 
 router = APIRouter()
@@ -49,12 +58,12 @@ class SessionSettings(Body):
     voice: Annotated[str, Field(min_length=1)] | None = None  # a stored voice, base64 or a data URL
     voice_codes: Codes | None = None  # (T, 16) time-major
     response_format: ResponseFormat = "pcm"
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=10)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0, le=100000)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
-    initial_chunk_frames: Annotated[int, Field(ge=1)] | None = None
+    seed: Seed | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    initial_chunk_frames: FirstChunkFrames | None = None
     include_codes: bool = False
 
 
@@ -183,16 +192,8 @@ class RealtimeSession:
         talker, s = self.state.tts.talker, self.settings
         prompt = await asyncio.to_thread(talker.open_turn_prompt, turn, self.first,
                                          None if self.voice is None else self.voice.T)
-        sampling = talker.default_sampling().with_overrides(
-            audio_temperature=s.temperature, audio_top_p=s.top_p, audio_top_k=s.top_k,
-            audio_repetition_penalty=s.repetition_penalty, seed=s.seed)
-        config = self.state.tts.engine_config
-        schedule = None
-        if s.initial_chunk_frames is not None:
-            if s.initial_chunk_frames > config.max_chunk_frames:
-                raise APIError(400, f"initial_chunk_frames must lie in 1..{config.max_chunk_frames}", code="bad_message")
-            schedule = ChunkSchedule(first=s.initial_chunk_frames, rest=config.chunk_schedule.rest)
-        stream = await self.state.engine.submit(prompt, sampling, schedule=schedule, session=self.id)
+        stream = await self.state.engine.submit(prompt, sampling_for(self.state, s),
+                                                schedule=schedule_for(self.state, s, code="bad_message"), session=self.id)
         self.first, self.turns = False, self.turns + 1
         self.turn_id, self.request_id = f"turn-{self.turns}", stream.request_id
         await self.send({"type": "turn.started", "turn_id": self.turn_id})

@@ -7,7 +7,7 @@ prompt builder with a message that says so.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -18,6 +18,24 @@ ResponseFormat = Literal[FORMATS]  # wav, pcm, flac, mp3, opus
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# The sampling and first-chunk fields a speech request and a realtime session share.
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+Temperature = Annotated[float, Field(ge=0, le=10)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+TopK = Annotated[int, Field(ge=0, le=100000)]
+RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
+FirstChunkFrames = Annotated[int, Field(ge=1)]
+
+
+class SamplingFields(Protocol):
+    seed: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    repetition_penalty: float | None
+    initial_chunk_frames: int | None
 
 
 def _voice_id(value: object) -> object:
@@ -49,12 +67,12 @@ class SpeechBody(Body):
     language: Annotated[str, Field(min_length=1, max_length=32)] | None = None
     duration_seconds: Annotated[float, Field(gt=0, le=3600)] | None = None
     duration_tokens: Annotated[int, Field(gt=0, le=45000)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=10)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0, le=100000)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    seed: Seed | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     max_new_tokens: Annotated[int, Field(ge=1)] | None = None
-    initial_chunk_frames: Annotated[int, Field(ge=1)] | None = None
+    initial_chunk_frames: FirstChunkFrames | None = None
     depth: Annotated[int, Field(ge=1)] | None = None  # Local: codebooks per frame (1..n_vq)
     chunk_length: Annotated[int, Field(ge=1, le=100000)] | None = None  # Fish S2 Pro: UTF-8 bytes per text batch

@@ -26,7 +26,7 @@ from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
 from .errors import APIError, error_event, from_mossserve
 from .metrics import StreamClock
-from .schemas import SpeechBody
+from .schemas import SamplingFields, SpeechBody
 from .state import ServerState
 
 router = APIRouter()
@@ -89,7 +89,7 @@ async def to_speech_request(state: ServerState, body: SpeechBody) -> SpeechReque
                          chunk_length=body.chunk_length)
 
 
-def sampling_for(state: ServerState, body: SpeechBody) -> SamplingParams:
+def sampling_for(state: ServerState, body: SamplingFields) -> SamplingParams:
     """The model's settings with the request's overrides on the audio heads; temperature 0 is greedy
     everywhere (the text head too), so it means what it says."""
     params = state.tts.talker.default_sampling().with_overrides(
@@ -101,14 +101,14 @@ def sampling_for(state: ServerState, body: SpeechBody) -> SamplingParams:
     return params
 
 
-def schedule_for(state: ServerState, body: SpeechBody) -> ChunkSchedule | None:
-    """The engine's chunk schedule with the request's first chunk size."""
+def schedule_for(state: ServerState, body: SamplingFields, code: str | None = None) -> ChunkSchedule | None:
+    """The engine's chunk schedule with the request's first chunk size (`code`: the error's code)."""
     if body.initial_chunk_frames is None:
         return None
     config = state.tts.engine_config
     if body.initial_chunk_frames > config.max_chunk_frames:
         raise APIError(400, f"initial_chunk_frames must lie in 1..{config.max_chunk_frames}, "
-                            f"got {body.initial_chunk_frames}", param="initial_chunk_frames")
+                            f"got {body.initial_chunk_frames}", param="initial_chunk_frames", code=code)
     return ChunkSchedule(first=body.initial_chunk_frames, rest=config.chunk_schedule.rest)
 
 

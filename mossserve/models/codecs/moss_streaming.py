@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 from ...errors import InvalidRequestError
 from .moss_audio_tokenizer import MossAudioTokenizer
 from .moss_transformer import Patch, StageState
+from .stream_slots import StreamSlots
 
 
 class MossStreamingDecoder:
@@ -28,11 +29,10 @@ class MossStreamingDecoder:
                  n_quantizers: int | None = None, window: str = "exact"):
         if window not in ("exact", "ring"):
             raise InvalidRequestError(f"window must be 'exact' or 'ring', got {window!r}")
-        if max_streams < 1 or max_chunk_frames < 1:
-            raise InvalidRequestError("max_streams and max_chunk_frames must be >= 1")
         self.codec = codec
         self.max_streams, self.max_chunk_frames = max_streams, max_chunk_frames
         self.n_quantizers = codec.quantizers_to_use(n_quantizers, codec.num_quantizers)
+        self.streams = StreamSlots(max_streams, max_chunk_frames)
         self.ring = window == "ring"
         self.channels, self.samples_per_frame = codec.channels, codec.samples_per_frame
         if self.ring:
@@ -40,14 +40,11 @@ class MossStreamingDecoder:
         with torch.inference_mode():
             self._pool = codec.stream_states(codec.decoder, max_streams, max_chunk_frames)
         self._tokens_per_frame = _tokens_per_frame(codec)
-        self._slots: dict[int, int] = {}  # stream id -> pool row
         self._frames = [0] * max_streams  # frames decoded per pool row (host copy of the offsets)
-        self._free = list(range(max_streams - 1, -1, -1))
-        self._next_id = 0
 
     @property
     def num_open(self) -> int:
-        return len(self._slots)
+        return self.streams.num_open
 
     def state_bytes(self) -> int:
         """Bytes of decoder state held for all slots (fixed at construction)."""
@@ -55,35 +52,28 @@ class MossStreamingDecoder:
 
     @torch.inference_mode()
     def open(self) -> int:
-        if not self._free:
-            raise InvalidRequestError(f"all {self.max_streams} decoder streams are in use")
-        slot = self._free.pop()
+        sid, slot = self.streams.open()
         self._frames[slot] = 0
         for state in self._pool.values():
             state.offset[slot] = 0
             for t in (*state.keys, *state.values):
                 t[slot].zero_()
-        sid, self._next_id = self._next_id, self._next_id + 1
-        self._slots[sid] = slot
         return sid
 
     def close(self, stream_id: int) -> None:
-        if stream_id not in self._slots:
-            raise InvalidRequestError(f"stream {stream_id} is not open")
-        self._free.append(self._slots.pop(stream_id))
+        self.streams.close(stream_id)
 
     @torch.inference_mode()
     def decode(self, stream_ids: list[int], chunks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Next chunk (>= n_quantizers rows, t_i frames) of each listed stream -> audio
         (channels, t_i * samples_per_frame) float32 per stream, in order."""
-        self._check_call(stream_ids, chunks)
+        rows = self.streams.check_call(stream_ids, chunks, self.n_quantizers)
         device, k = self.codec.device, self.n_quantizers
         frames = [int(c.shape[1]) for c in chunks]
         codes = pad_sequence([c[:k].T.to(device) for c in chunks], batch_first=True).permute(2, 0, 1)
         if codes.is_floating_point() or bool(((codes < 0) | (codes >= self.codec.codebook_size)).any()):
             raise InvalidRequestError(f"codes must be integers in [0, {self.codec.codebook_size})")
         lengths = torch.tensor(frames, device=device)
-        rows = [self._slots[s] for s in stream_ids]
         done = max(self._frames[r] for r in rows)
         if len(stream_ids) == self.max_streams:  # every slot: decode in place, in slot order
             order = sorted(range(len(frames)), key=lambda b: rows[b])
@@ -103,18 +93,6 @@ class MossStreamingDecoder:
             self._frames[r] += t
         n = self.samples_per_frame
         return [audio[b, :, : t * n] for b, t in enumerate(frames)]
-
-    def _check_call(self, stream_ids: list[int], chunks: list[torch.Tensor]) -> None:
-        if not stream_ids or len(stream_ids) != len(chunks):
-            raise InvalidRequestError("decode needs one chunk per listed stream")
-        if len(set(stream_ids)) != len(stream_ids):
-            raise InvalidRequestError("a stream may appear once per call")
-        for sid, c in zip(stream_ids, chunks):
-            if sid not in self._slots:
-                raise InvalidRequestError(f"stream {sid} is not open")
-            if c.dim() != 2 or c.shape[0] < self.n_quantizers or not 1 <= c.shape[1] <= self.max_chunk_frames:
-                raise InvalidRequestError(f"stream {sid}: expected codes (>= {self.n_quantizers}, "
-                                          f"1..{self.max_chunk_frames}), got {tuple(c.shape)}")
 
     def _check_ring_fits(self) -> None:
         tokens_per_frame = 1

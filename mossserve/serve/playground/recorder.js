@@ -1,5 +1,6 @@
 // Microphone capture for a reference voice: the first click starts recording, the second stops
 // it and hands the recording (webm/ogg, which the server decodes with FFmpeg) to `done`.
+// `audioInput` pairs a file input with a record button: whichever was used last is the audio.
 
 import { showError } from "./api.js";
 
@@ -31,4 +32,24 @@ export function recordButton(button, status, done) {
       showError(`microphone: ${error.message}`);
     }
   });
+}
+
+export function audioInput(fileInput, button, status) {
+  let recorded = null;
+  fileInput.addEventListener("change", () => {
+    recorded = null;
+    status.textContent = "";
+  });
+  recordButton(button, status, (blob) => {
+    recorded = blob;
+    fileInput.value = "";
+  });
+  return {
+    audio: () => recorded || fileInput.files[0],
+    clear: () => {
+      recorded = null;
+      fileInput.value = "";
+      status.textContent = "";
+    },
+  };
 }

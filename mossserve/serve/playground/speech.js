@@ -2,7 +2,7 @@
 // generated; time to first audio, real-time factor, waveform, download in any format.
 
 import { ApiError, clearError, dataUrl, fromBase64, postJson, showError, sseEvents } from "./api.js";
-import { recordButton } from "./recorder.js";
+import { audioInput } from "./recorder.js";
 import { drawWave, StreamPlayer, wavBlob } from "./player.js";
 import { voiceOptions } from "./voices.js";
 
@@ -13,7 +13,7 @@ export class SpeechTab {
   constructor(model) {
     this.model = model; // {id, mossserve: {sample_rate, channels, ...}}
     this.player = new StreamPlayer();
-    this.recorded = null; // a microphone recording used as the reference
+    this.reference = audioInput($("ref-file"), $("ref-record"), $("ref-status")); // file or recording
     this.lastBody = null; // the request behind the audio on screen (with its seed), for downloads
     this.abort = null;
     this.status = "idle";
@@ -23,14 +23,6 @@ export class SpeechTab {
     $("stop").addEventListener("click", () => this.abort && this.abort.abort());
     $("download").addEventListener("click", () => this.download());
     $("add-speaker").addEventListener("click", () => this.addSpeaker());
-    $("ref-file").addEventListener("change", () => {
-      this.recorded = null;
-      $("ref-status").textContent = "";
-    });
-    recordButton($("ref-record"), $("ref-status"), (blob) => {
-      this.recorded = blob;
-      $("ref-file").value = "";
-    });
   }
 
   addSpeaker() {
@@ -57,8 +49,8 @@ export class SpeechTab {
     const text = (id) => $(id).value.trim();
     const number = (id) => (text(id) === "" ? undefined : Number(text(id)));
     if ($("voice").value) body.voice = $("voice").value;
-    const file = $("ref-file").files[0];
-    if (this.recorded || file) body.ref_audio = await dataUrl(this.recorded || file);
+    const reference = this.reference.audio();
+    if (reference) body.ref_audio = await dataUrl(reference);
     const offered = (id) => !$(id).closest("[data-family]")?.hidden; // the loaded family has this option
     if (offered("ref-text") && text("ref-text")) body.ref_text = text("ref-text");
     if (offered("instructions")) {

@@ -2,7 +2,7 @@
 // voice pickers of the other tabs, which follow the library.
 
 import { call, clearError, json, showError } from "./api.js";
-import { recordButton } from "./recorder.js";
+import { audioInput } from "./recorder.js";
 
 const $ = (id) => document.getElementById(id);
 let voices = [];
@@ -16,19 +16,11 @@ export function voiceOptions(select) {
 
 export class VoicesTab {
   constructor() {
-    this.recorded = null;
+    this.sample = audioInput($("voice-file"), $("voice-record"), $("voice-rec-status")); // file or recording
     this.status = "idle";
     $("voice-form").addEventListener("submit", (e) => {
       e.preventDefault();
       this.upload();
-    });
-    $("voice-file").addEventListener("change", () => {
-      this.recorded = null;
-      $("voice-rec-status").textContent = "";
-    });
-    recordButton($("voice-record"), $("voice-rec-status"), (blob) => {
-      this.recorded = blob;
-      $("voice-file").value = "";
     });
   }
 
@@ -72,7 +64,7 @@ export class VoicesTab {
 
   async upload() {
     clearError();
-    const file = this.recorded || $("voice-file").files[0];
+    const file = this.sample.audio();
     const form = new FormData();
     form.append("name", $("voice-name").value.trim());
     if (file) form.append("file", file, file.name || "recording.webm");
@@ -81,8 +73,7 @@ export class VoicesTab {
     try {
       await call("/v1/audio/voices", { method: "POST", body: form });
       $("voice-form").reset();
-      this.recorded = null;
-      $("voice-rec-status").textContent = "";
+      this.sample.clear();
       await this.refresh();
       this.status = "uploaded";
     } catch (error) {
