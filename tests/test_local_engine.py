@@ -3,12 +3,17 @@ fixture request in one batch equals its golden and its one-at-a-time run, mixed 
 batch, and reduced-depth audio is decoded with K quantizers."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from local_cases import CODEC_DIR, generation_runs, get_run, make_model_dir
 
 from mossserve.api import TTS
+from mossserve.config import EngineConfig
+from mossserve.engine.engine import Engine
+from mossserve.engine.talker_runner import TalkerRunner
 from mossserve.models.moss_local_family import LOCAL_SAMPLING, MossLocalFamily
 from mossserve.sampling import SamplingParams
 from mossserve.speech_request import SpeechRequest
@@ -119,3 +124,41 @@ def test_speech_request_with_depth(tts) -> None:
     shallow = tts.generate_codes(request, SamplingParams.greedy())
     prompt = tts.talker.with_depth(tts.talker.prompt_from_rows(run.prompts[0]), 8)
     assert shallow.shape[1] == 8 and np.array_equal(shallow, tts.generate([prompt], SamplingParams.greedy())[0].frames)
+
+
+def fixed_shape_run(fam, requests, mode: str) -> list:
+    """Every request in one engine whose runner decodes at fixed shapes (`mode` static or graphs):
+    the backbone step and the depth loop padded to 1, 2, 4, 8 or 12 rows."""
+    slots = len(requests) + 2
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=slots))
+    engine.runner = TalkerRunner(fam, slots, engine.max_len, 512, mode=mode, batch_sizes=(1, 2, 4, 8))
+    finals = {}
+    for i, (prompt, sampling, cap, *_) in enumerate(requests):
+        engine.add_request(prompt, sampling, lambda chunk: finals.update({chunk.request_id: chunk} if chunk.final else {}),
+                           request_id=str(i), max_new_frames=cap, decode_audio=False)
+    engine.run_until_idle()
+    calls = engine.runner.state.depth_calls
+    assert calls is not None and calls.graphs == (mode == "graphs")
+    assert slots in calls._shapes  # up to 10 rows at a time, padded to 12
+    return [finals[str(i)].generation for i in range(len(requests))]
+
+
+def check_fixture_goldens(requests, generations) -> None:
+    for (prompt, _, cap, run, b), g in zip(requests, generations):
+        n = min(len(g.rows), cap)
+        assert np.array_equal(np.where(g.rows[:n] == -1, 0, g.rows[:n]), run.frames[b, :n]), run.name
+        assert g.frames.shape[1] == run.depth and len(g.rows) == (run.stop_frames[b] or cap)
+
+
+def test_fixed_shape_depth_loop_gives_every_golden(tts) -> None:
+    """The depth loop at fixed shapes (what CUDA graphs capture): every fixture request, greedy, the
+    seeded sampled run and reduced depth, batched and padded, equals its golden."""
+    requests = fixture_requests(tts)
+    check_fixture_goldens(requests, fixed_shape_run(tts.talker, requests, "static"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_depth_loop_gives_every_golden(tts) -> None:
+    fam = MossLocalFamily(copy.deepcopy(tts.talker.model).to("cuda"), tokenizer=None)
+    requests = fixture_requests(tts)
+    check_fixture_goldens(requests, fixed_shape_run(fam, requests, "graphs"))

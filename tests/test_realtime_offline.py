@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from realtime_cases import golden, golden_json, realtime_family
+import torch
+from realtime_cases import REALTIME_DIR, golden, golden_json, realtime_family
 
 from mossserve.api import TTS
 from mossserve.config import EngineConfig
@@ -102,13 +103,32 @@ def test_goldens_among_staggered_sampled_decoys_and_pieced_prefill() -> None:
     assert engine.stats()["cache_slots_used"] == 0
 
 
-def test_static_shape_decode_matches_the_goldens() -> None:
-    fam = realtime_family()
+def fixed_shape_goldens(fam, mode: str) -> None:
+    """The backbone step and the local transformer's 16 positions at fixed shapes (2 rows padded to 4)
+    give the goldens; `mode` static runs them eagerly, graphs replays CUDA graphs."""
     engine = Engine(fam, None, EngineConfig(threaded=False, max_running=4))
-    engine.runner = TalkerRunner(fam, 4, engine.max_len, 512, mode="static", batch_sizes=(1, 4))
+    engine.runner = TalkerRunner(fam, 4, engine.max_len, 512, mode=mode, batch_sizes=(1, 4))
     outbox = run(engine, "offline_batch")
     for b in range(2):
         check("offline_batch", b, outbox.generation(f"offline_batch/{b}"))
+    calls = engine.runner.state.depth_calls
+    assert 4 in calls._shapes and calls.graphs == (mode == "graphs")
+    if mode == "graphs":
+        assert set(calls._shapes[4].graphs) == set(range(fam.codebooks))
+
+
+def test_static_shape_decode_matches_the_goldens() -> None:
+    fixed_shape_goldens(realtime_family(), "static")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_matches_the_goldens() -> None:
+    from mossserve.models.config_utils import read_json
+    from mossserve.models.moss_realtime_family import load_realtime
+
+    config = read_json(REALTIME_DIR / "config.json")
+    fam = load_realtime(REALTIME_DIR, str(REALTIME_DIR), config, torch.device("cuda"), torch.float32)
+    fixed_shape_goldens(fam, "graphs")
 
 
 def test_seeded_sampled_request_is_the_same_alone_and_in_a_crowd() -> None:

@@ -9,7 +9,8 @@ Decode runs one row per request. mode "eager" sizes every step to the batch and 
 longest sequence; "static" pads the batch to a fixed size and the keys to a fixed bucket so
 that the step has a fixed shape; "graphs" (CUDA) captures each static shape once in a CUDA
 graph and replays it, which removes the per-step launch cost of every layer. Padding rows of
-a static step read and write a scratch slot no request owns.
+a static step read and write a scratch slot no request owns. The family is told the mode, so
+that model calls inside its own step (a depth loop) run at fixed shapes too.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..layers.batch_context import BatchContext
+from ..layers.fixed_shape import capture_graph
 from ..models.family import StepOutput, TalkerFamily
 from .kv_cache import SlotKVCache
 
@@ -33,7 +35,7 @@ class StaticStep:
     positions: torch.Tensor  # (B, 1)
     slots: torch.Tensor  # (B,)
     hidden: torch.Tensor | None = None
-    graph: "torch.cuda.CUDAGraph | None" = None
+    graph: torch.cuda.CUDAGraph | None = None
 
 
 class TalkerRunner:
@@ -50,8 +52,9 @@ class TalkerRunner:
                                  backbone.num_key_value_heads, backbone.head_dim, weight.dtype, self.device)
         self.scratch_slot = self.cache.allocate() if static else -1
         self.state = family.new_state(slots, self.device)
-        self.next_rows = torch.zeros(slots, family.columns, dtype=torch.int64, device=self.device)
         self.batch_sizes = sorted({min(s, max_running) for s in batch_sizes} | {max_running})
+        family.set_decode_mode(self.state, mode, self.batch_sizes)
+        self.next_rows = torch.zeros(slots, family.columns, dtype=torch.int64, device=self.device)
         self._steps: dict[tuple[int, int], StaticStep] = {}
         self._graph_pool = None
 
@@ -142,22 +145,10 @@ class TalkerRunner:
         return step
 
     def _capture(self, step: StaticStep, keys: int) -> None:
-        """Warm up on a side stream (allocations, rotary tables), then capture one replayable step.
-        A graph keeps raw pointers: anything it reads (rotary tables) must never be reallocated.
-
-        The fresh buffers point every row at the scratch slot, so warm-up and capture touch no
-        request's cache."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            if self._graph_pool is None:  # tables sized for the longest bucket, so no capture ever regrows them
-                self._static_forward(step, self.cache.max_len)
-            for _ in range(2):
-                self._static_forward(step, keys)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._graph_pool is None:
+        """Capture one replayable step. The fresh buffers point every row at the scratch slot, so
+        warm-up and capture touch no request's cache."""
+        if self._graph_pool is None:  # tables sized for the longest bucket, so no capture ever regrows them
+            self._static_forward(step, self.cache.max_len)
             self._graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            step.hidden = self._static_forward(step, keys)
-        step.graph = graph
+        step.graph, step.hidden = capture_graph(lambda: self._static_forward(step, keys), self.device,
+                                                self._graph_pool)

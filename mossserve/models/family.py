@@ -126,6 +126,10 @@ class TalkerFamily(ABC):
     def restore_session(self, state: object, slot: int, saved: object) -> None:
         raise NotImplementedError
 
+    def set_decode_mode(self, state: object, mode: str, batch_sizes: list[int]) -> None:
+        """The runner's decode mode ("eager", "static" or "graphs") and padded batch sizes: a family whose
+        step makes model calls of its own (a depth transformer) runs them the same way."""
+
     @abstractmethod
     def step(self, state: object, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
         """hidden (B, H): last hidden state of each row; slots (B,) their slots."""

@@ -14,12 +14,14 @@ run alone or in any batch; `shared_seed` (static batch only) gives the batch one
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
+from ..layers.fixed_shape import FixedShapeCalls
 from ..layers.sampler import exponential_noise
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
@@ -47,6 +49,7 @@ class LocalState:
     audio_penalty: torch.Tensor  # (S, n_vq) float32
     generators: list[torch.Generator | None]
     shared_generator: torch.Generator | None = None
+    depth_calls: FixedShapeCalls | None = None  # the depth positions at fixed shapes (static / graphs mode)
 
 
 class MossLocalFamily(TalkerFamily):
@@ -166,17 +169,28 @@ class MossLocalFamily(TalkerFamily):
         state.generators[slot] = None
 
     # ---- one decode step -----------------------------------------------------------------
+    def set_decode_mode(self, state: LocalState, mode: str, batch_sizes: list[int]) -> None:
+        if mode == "eager":
+            return
+        model, local = self.model, self.config.local
+        weight = model.audio_head
+        state.depth_calls = FixedShapeCalls(
+            lambda channel, x, cache: model.depth_logits(x, cache, channel),
+            lambda size: model.new_depth_cache(size, self.config.channels),
+            local.hidden_size, weight.dtype, weight.device, batch_sizes, range(self.config.channels),
+            graphs=mode == "graphs")
+
     def step(self, state: LocalState, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
         """The depth loop for every row at once: one depth-transformer step per channel."""
         cfg, model = self.config, self.model
         batch = hidden.shape[0]
         depth = state.depth[slots]
         deepest = int(depth.max())
-        cache = model.new_depth_cache(batch, deepest + 1)
+        depth_logits = self._depth_logits(state, batch, deepest)
         tokens = torch.full((batch, self.columns), SKIPPED, dtype=torch.int64, device=hidden.device)
         x = model.depth_input(hidden)
         for channel in range(deepest + 1):
-            logits = model.depth_logits(x, cache, channel)
+            logits = depth_logits(x, channel)
             if channel:
                 logits[:, cfg.audio_pad_code] = float("-inf")
             active = depth >= channel
@@ -189,6 +203,15 @@ class MossLocalFamily(TalkerFamily):
         state.after_gap[slots] = False
         return StepOutput(rows=tokens, frames=tokens[:, 1:], has_frame=torch.ones_like(finished),
                           new_segment=new_segment, finished=finished)
+
+    def _depth_logits(self, state: LocalState, batch: int, deepest: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """(x, channel) -> that channel's raw logits for this frame's rows: the fixed-shape calls where
+        the runner decodes at fixed shapes, else one cache sized to this batch and depth."""
+        calls = state.depth_calls
+        if calls is not None and calls.fits(batch):
+            return lambda x, channel: calls(channel, x)
+        cache = self.model.new_depth_cache(batch, deepest + 1)
+        return lambda x, channel: self.model.depth_logits(x, cache, channel)
 
     def _choose(self, state: LocalState, slots: torch.Tensor, channel: int, logits: torch.Tensor,
                 active: torch.Tensor) -> torch.Tensor:

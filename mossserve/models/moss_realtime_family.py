@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
+from ..layers.fixed_shape import FixedShapeCalls
 from ..layers.sampler import apply_repetition_penalty, exponential_noise
 from ..sampling import SamplingParams
 from ..speech_request import EncodeVoice, SpeechRequest
@@ -58,6 +59,7 @@ class RealtimeState:
     last_frame: torch.Tensor  # (S, 16) int64: the frame the next row carries
     prefilled: torch.Tensor  # (S,) bool: the turn's prefill rows have been handed to the engine
     texts: list  # per slot: the TextSegmentStream cutting pushed text, or None
+    depth_calls: FixedShapeCalls | None = None  # the local transformer at fixed shapes (static / graphs mode)
 
 
 class MossRealtimeFamily(TalkerFamily):
@@ -299,17 +301,33 @@ class MossRealtimeFamily(TalkerFamily):
         return StepOutput(rows=torch.cat([text[:, None], frames], dim=1), frames=frames, has_frame=~finished,
                           new_segment=~finished & first, finished=finished, waiting=waiting)
 
+    def set_decode_mode(self, state: RealtimeState, mode: str, batch_sizes: list[int]) -> None:
+        if mode == "eager":
+            return
+        local = self.model.local
+        weight = local.heads
+        state.depth_calls = FixedShapeCalls(
+            lambda codebook, x, cache: local.step(x, codebook, cache),
+            lambda size: local.new_cache(size, weight.device, weight.dtype),
+            local.config.hidden_size, weight.dtype, weight.device, batch_sizes, range(self.codebooks),
+            graphs=mode == "graphs")
+
     def depth_loop(self, state: RealtimeState, hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """One frame per row: hidden (B, H) -> codes (B, 16), one batched local step per codebook."""
         local, batch = self.model.local, hidden.shape[0]
-        cache = local.new_cache(batch, hidden.device, hidden.dtype)
+        calls = state.depth_calls
+        if calls is not None and calls.fits(batch):
+            local_step = calls
+        else:
+            cache = local.new_cache(batch, hidden.device, hidden.dtype)
+            local_step = lambda codebook, x: local.step(x, codebook, cache)
         penalty = torch.where((state.frames[slots] > 0)[:, None], state.penalty[slots], 1.0)
         seen = state.counts[slots] > 0
         temperature, top_k, top_p = state.temperature[slots], state.top_k[slots], state.top_p[slots]
         codes = torch.empty(batch, self.codebooks, dtype=torch.int64, device=hidden.device)
         x = hidden
         for i in range(self.codebooks):
-            logits = apply_repetition_penalty(local.step(x, i, cache), seen[:, i], penalty[:, i])
+            logits = apply_repetition_penalty(local_step(i, x), seen[:, i], penalty[:, i])
             noise = self._noise(state, slots, temperature[:, i] > 0, logits.shape[-1], hidden.device)
             codes[:, i] = sample_codes(logits, temperature[:, i], top_k[:, i], top_p[:, i], noise)
             if i + 1 < self.codebooks:
