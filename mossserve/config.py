@@ -63,6 +63,9 @@ class EngineConfig:
     max_queued: int = 256  # waiting requests beyond which new work is refused
     max_len: int = 8192  # prompt + generated positions per request (capped by the model's limit); sizes the KV cache
     prefill_tokens: int = 512  # prompt tokens prefilled per engine step, so long prompts do not stall decoding
+    # A new prompt whose first rows (at least this many) equal a prompt already in the cache copies
+    # those rows' keys and values instead of computing them (the shared chat template); 0: never.
+    shared_prefix_rows: int = 16
     chunk_schedule: ChunkSchedule = field(default_factory=ChunkSchedule)
     max_chunk_frames: int = 25  # the largest chunk a request's schedule may ask for
     max_sessions: int = 64  # open sessions (multi-turn contexts); idle ones give their slots up when needed
@@ -73,6 +76,8 @@ class EngineConfig:
     threaded: bool = True  # talker and codec on their own threads; False: `Engine.step()` drives both
 
     def validate(self) -> None:
-        if self.max_running < 1 or self.max_queued < 0 or self.prefill_tokens < 1 or self.max_len < 2:
-            raise InvalidRequestError("max_running and prefill_tokens must be >= 1, max_queued >= 0, max_len >= 2")
+        if self.max_running < 1 or self.max_queued < 0 or self.prefill_tokens < 1 or self.max_len < 2 \
+                or self.shared_prefix_rows < 0:
+            raise InvalidRequestError("max_running and prefill_tokens must be >= 1, max_queued and shared_prefix_rows "
+                                      ">= 0, max_len >= 2")
         self.chunk_schedule.validate(self.max_chunk_frames)

@@ -383,7 +383,8 @@ def test_a_long_prefill_does_not_stall_the_running_batch() -> None:
     """With a budget of 16 prompt positions per step, a long prompt is prefilled over many steps,
     and a request already decoding emits a row in every one of them."""
     fam = family("tiny_nvq32")
-    engine = Engine(fam, None, EngineConfig(threaded=False, prefill_tokens=16))
+    # Every prompt row computed (no copied template prefix), so the count of prefill steps is known.
+    engine = Engine(fam, None, EngineConfig(threaded=False, prefill_tokens=16, shared_prefix_rows=0))
     outbox = Outbox()
     requests = {name: (rows, cap) for name, rows, _, cap, *_ in golden_requests("tiny_nvq32")}
     short_rows, _ = requests["tts/0"]

@@ -343,7 +343,7 @@ class Engine:
                 ready.extend(decoding)
             except Exception as e:  # noqa: BLE001
                 self._fail_all(decoding, e)
-        prefill = self.scheduler.prefill_batch()
+        prefill = self.scheduler.prefill_batch(self._share_prefixes())
         if prefill:
             requests = [r for r, _ in prefill]
             try:
@@ -362,6 +362,47 @@ class Engine:
                     parts.append(hidden[done])
                     ready.extend(requests[row] for row in done)
         return ready, torch.cat(parts) if parts else None
+
+    def _share_prefixes(self) -> frozenset[str]:
+        """Give each new prompt the cached keys and values of its longest prefix that another request
+        already holds (requests built from one chat template share most of their rows), so that
+        only the rest is prefilled; returns the ids of new prompts to hold for one step because an
+        earlier new prompt with the same prefix is prefilled now (they copy it next step).
+
+        Copies are of the same positions' values, and the copied rows are the same tokens at the
+        same positions, so the request continues from the keys and values its own prefill would
+        compute (up to the last bits a matmul's batch shape may move, as in any batched prefill)."""
+        least = self.config.shared_prefix_rows
+        if least <= 0:
+            return frozenset()
+        plain = [r for r in self.scheduler.running if _shares_prefixes(r)]
+        fresh = [r for r in plain if r.status is Status.PREFILL and r.prefilled == 0]
+        if not fresh:
+            return frozenset()
+        donors = [r for r in plain if r.prefilled > 0]
+        held, leaders = set(), []
+        for request in fresh:
+            rows, limit = request.prompt.rows, request.prompt_length - 1  # the last row is prefilled: its hidden state
+            donor, length = None, 0
+            for other in donors:
+                shared = min(_common_prefix(other.prompt.rows[: other.prefilled], rows), limit)
+                if shared > length:
+                    donor, length = other, shared
+            if length >= least:
+                self._copy_prefix(donor, request, length)
+                donors.append(request)
+            elif any(min(_common_prefix(leader.prompt.rows, rows), limit) >= least for leader in leaders):
+                held.add(request.id)
+            else:
+                leaders.append(request)
+        return frozenset(held)
+
+    def _copy_prefix(self, donor: EngineRequest, request: EngineRequest, length: int) -> None:
+        cache = self.runner.cache
+        for table in (cache.k, cache.v):
+            table[:, request.slot, :, :length] = table[:, donor.slot, :, :length]
+        cache.lengths[request.slot] = length
+        request.prefilled = length
 
     def _advance(self, ready: list[EngineRequest], hidden: torch.Tensor) -> None:
         try:
@@ -467,6 +508,21 @@ class Engine:
                                 np.zeros((0, self.family.codebooks), dtype=np.int64), final=True,
                                 finish_reason=request.finish_reason, error=error,
                                 generation=request.generation(self.family.codebooks, self.family.columns)))
+
+
+def _shares_prefixes(request: EngineRequest) -> bool:
+    """Whether the request's cache positions 0.. hold its prompt rows 0.. (no session context before
+    them, no prompt rows added while it runs, no prompt still arriving), in an allocated slot."""
+    prompt = request.prompt
+    return (request.session is None and request.slot >= 0 and not prompt.later_rows
+            and not prompt.info.get("open") and request.status in (Status.PREFILL, Status.DECODING))
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading rows of a and b are equal."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero((a[:n] != b[:n]).any(axis=1))
+    return int(differ[0]) if len(differ) else n
 
 
 def _message(error: Exception) -> str:

@@ -39,15 +39,16 @@ class Scheduler:
             admitted.append(request)
         return admitted
 
-    def prefill_batch(self) -> list[tuple[EngineRequest, int]]:
+    def prefill_batch(self, held: frozenset[str] = frozenset()) -> list[tuple[EngineRequest, int]]:
         """(request, prompt rows to prefill now) within the step's token budget, oldest first.
 
         The budget counts padded tokens (rows x the longest piece), so one long prompt is
         prefilled over several steps while the running batch keeps decoding between them.
+        Requests in `held` (ids) wait this step: they will copy a prefix another request computes now.
         """
         batch: list[tuple[EngineRequest, int]] = []
         for request in self.running:
-            if request.status is not Status.PREFILL:
+            if request.status is not Status.PREFILL or request.id in held:
                 continue
             remaining = request.prompt_length - request.prefilled
             if remaining == 0:  # an open prompt, all prefilled, waiting for its input

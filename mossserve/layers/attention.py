@@ -40,7 +40,20 @@ class Qwen3Attention(nn.Module):
             rows = ctx.slots[:, None]
             cache_k[rows, :, ctx.positions] = k.transpose(1, 2)
             cache_v[rows, :, ctx.positions] = v.transpose(1, 2)
-            k = cache_k[ctx.slots, :, : ctx.kv_len]
-            v = cache_v[ctx.slots, :, : ctx.kv_len]
+            k, v = cached_keys(cache_k, ctx), cached_keys(cache_v, ctx)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.heads * d))
+
+
+def cached_keys(cache: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+    """The rows' first `kv_len` cached positions (B, kv_heads, kv_len, d).
+
+    A run of consecutive slots (the usual decode batch) is a view of the cache; other slot lists
+    are gathered with `index_select`, which copies the same values as advanced indexing at a
+    third of the cost. Either way each (row, head) block keeps its (kv_len, d) layout with rows of
+    d contiguous values, so attention's kernels see the same operands with the same row strides
+    and return the same bits (tests/test_delay_step_attention.py)."""
+    keys = cache.narrow(2, 0, ctx.kv_len)
+    if ctx.slot_run_start is not None:
+        return keys.narrow(0, ctx.slot_run_start, len(ctx.slots))
+    return keys.index_select(0, ctx.slots)

@@ -18,13 +18,18 @@ class BatchContext:
     slots: torch.Tensor | None  # (B,) slot of each row, None = no cache (plain causal attention)
     kv_len: int  # keys to read per row: max(start + T)
     mask: torch.Tensor  # (B, 1, T, kv_len) True = may attend
+    # The first slot when the rows' slots are first, first + 1, ... (known on the host): attention then
+    # reads the cache as a view instead of gathering the rows' keys (layers/attention.py).
+    slot_run_start: int | None = None
 
     @classmethod
     def build(cls, starts: list[int], num_tokens: int, slots: list[int] | None, device: torch.device) -> "BatchContext":
         start = torch.tensor(starts, dtype=torch.int64, device=device)
         positions = start[:, None] + torch.arange(num_tokens, device=device)[None, :]
         slot_tensor = None if slots is None else torch.tensor(slots, dtype=torch.int64, device=device)
-        return cls.from_positions(positions, slot_tensor, int(max(starts)) + num_tokens)
+        ctx = cls.from_positions(positions, slot_tensor, int(max(starts)) + num_tokens)
+        ctx.slot_run_start = run_start(slots)
+        return ctx
 
     @classmethod
     def from_positions(cls, positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int) -> "BatchContext":
@@ -32,3 +37,10 @@ class BatchContext:
         keys = torch.arange(kv_len, device=positions.device)
         mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
         return cls(positions=positions, slots=slots, kv_len=kv_len, mask=mask)
+
+
+def run_start(slots: list[int] | None) -> int | None:
+    """slots[0] if the slots are consecutive and ascending (s, s + 1, ...), else None."""
+    if not slots or any(b - a != 1 for a, b in zip(slots, slots[1:])):
+        return None
+    return int(slots[0])
