@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from test_engine import Outbox, check_against_golden, family, golden_requests
 
 from mossserve.config import EngineConfig
 from mossserve.engine.engine import Engine, _common_prefix
 from mossserve.layers.attention import cached_keys
 from mossserve.layers.batch_context import BatchContext, run_start
 from mossserve.sampling import SamplingParams
-from test_engine import Outbox, check_against_golden, family, golden_requests
 
 
 def _run(shared_prefix_rows: int, copies: int = 3):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -41,6 +42,6 @@ class BatchContext:
 
 def run_start(slots: list[int] | None) -> int | None:
     """slots[0] if the slots are consecutive and ascending (s, s + 1, ...), else None."""
-    if not slots or any(b - a != 1 for a, b in zip(slots, slots[1:])):
+    if not slots or any(b - a != 1 for a, b in pairwise(slots)):
         return None
     return int(slots[0])
