@@ -69,10 +69,13 @@ class FishS2Model(nn.Module):
         """Final-normed slow states (B, T, D): the logits' input and the fast AR's start."""
         return self.slow(self.embed(rows), ctx, cache_k, cache_v, hidden_states)
 
+    def head_weight(self) -> torch.Tensor:
+        """The slow head (V, D): the tied token embedding unless the checkpoint has its own."""
+        return self.slow.embed_tokens.weight if self.output is None else self.output.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Raw slow logits (..., V), float32."""
-        weight = self.slow.embed_tokens.weight if self.output is None else self.output.weight
-        return project(hidden, weight).float()
+        return project(hidden, self.head_weight()).float()
 
     # ---- fast AR ---------------------------------------------------------------------------
     def new_fast_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """The Fish S2 Pro family behind the talker seam.
 
-Per engine step, for every running row at once: slow logits + the semantic mask -> the slow token
+Per engine step, for every running row at once: slow logits + the semantic mask (only the rows the
+mask allows, each choice certified or redone over the whole head: `slow_tokens`) -> the slow token
 (normal sample, and the repetition-aware re-sample, README section 7.2) -> the fast AR over the
 frame's N positions, one fast step for the whole batch per codebook. A row's next input is the
 column [token, c_0 .. c_{N-1}].
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
+from ..layers.head_bound import head_cannot_overflow, head_rounding_bound
+from ..layers.heads import project
 from ..loader import build_on_meta, load_weights, weight_files
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
@@ -35,7 +38,15 @@ from .config_utils import read_json
 from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily, checked_rows
 from .fish_s2 import FishS2Model
 from .fish_s2_config import FishS2Config
-from .fish_s2_sampling import HIGH_TEMPERATURE, HIGH_TOP_P, RAS_WINDOW, choose, repeated
+from .fish_s2_sampling import (
+    HIGH_TEMPERATURE,
+    HIGH_TOP_P,
+    RAS_WINDOW,
+    certified_argmax,
+    certified_draw,
+    choose,
+    repeated,
+)
 
 SAMPLE_RATE = 44100  # the modded DAC's rate when codec_config.json does not say
 FRAME_SAMPLES = 2048  # samples per code frame (hop 512 x 4): 21.5 frames per second at 44.1 kHz
@@ -43,6 +54,9 @@ FRAME_SAMPLES = 2048  # samples per code frame (hop 512 x 4): 21.5 frames per se
 # batch) is not copied: here one cap covers all batches of a request, so the default is 4096 frames
 # (~190 s), with the engine's runaway guard bounding a generation by its text.
 FISH_SAMPLING = SamplingParams(audio_temperature=0.8, audio_top_p=0.8, audio_top_k=30)
+# The narrow slow head decides only where its choice clears this multiple of the rounding bound
+# (the bound already covers both matmuls; the factor covers its higher-order terms and leaves room).
+BOUND_SAFETY = 2.0
 
 
 @dataclass
@@ -55,6 +69,16 @@ class FishState:
     window_pos: torch.Tensor  # (S,) int64: where the next decode token goes (a ring)
     generators: list[torch.Generator | None]
     pending: list[list[np.ndarray]]  # per slot: later batches' prompt tails
+
+
+@dataclass
+class NarrowHead:
+    """The slow head's rows that the semantic mask leaves finite, kept once per weight."""
+    source: torch.Tensor  # the whole head (V, D) these rows were taken from
+    ids: torch.Tensor  # (A,) ascending: the semantic ids and <|im_end|>
+    weight: torch.Tensor  # (A, D)
+    weight_abs: torch.Tensor  # (A, D) float32: |W|, for the rounding bound
+    max_row_norm: float  # of the whole head: no logit of the whole head can overflow below it
 
 
 class FishS2Family(TalkerFamily):
@@ -81,6 +105,7 @@ class FishS2Family(TalkerFamily):
         mask[c.semantic_start : c.semantic_end + 1] = 0.0
         mask[c.eos_token_id] = 0.0
         self.mask = mask  # section 6: only semantic tokens and <|im_end|> may be sampled
+        self._narrow: NarrowHead | None = None
 
     # ---- prompts -------------------------------------------------------------------------
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
@@ -147,7 +172,7 @@ class FishS2Family(TalkerFamily):
 
     # ---- one decode step -----------------------------------------------------------------
     def step(self, state: FishState, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
-        c, model = self.config, self.model
+        c = self.config
         temperature, top_p, top_k = state.temperature[slots], state.top_p[slots], state.top_k[slots]
         first = state.first[slots]
         vocab, size = c.slow.vocab_size, c.codebook_size
@@ -155,12 +180,7 @@ class FishS2Family(TalkerFamily):
         u_normal, u_high, u_fast = (None, None, None) if uniform is None else uniform.split(
             [vocab, vocab, (c.num_codebooks - 1) * size], dim=-1)
 
-        logits = model.logits(hidden) + self.mask
-        normal = choose(logits, temperature, top_p, top_k, u_normal)
-        high = choose(logits, torch.full_like(temperature, HIGH_TEMPERATURE), torch.full_like(top_p, HIGH_TOP_P),
-                      top_k, u_high)
-        use_high = repeated(normal, state.window[slots], c.semantic_start, c.semantic_end) & ~first
-        tokens = torch.where(use_high, high, normal)
+        tokens, _ = self.slow_tokens(hidden, temperature, top_p, top_k, u_normal, u_high, state.window[slots], first)
         self._remember(state, slots[~first], tokens[~first])
 
         codes = self._fast(hidden, tokens, temperature, top_p, top_k, u_fast)
@@ -178,6 +198,62 @@ class FishS2Family(TalkerFamily):
         more = torch.tensor([p is not None for p in prompt_rows], device=hidden.device)
         return StepOutput(rows=rows, frames=codes, has_frame=~ends, new_segment=torch.zeros_like(ends),
                           finished=ends & ~more, prompt_rows=prompt_rows if ending else None)
+
+    def slow_tokens(self, hidden: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                    u_normal: torch.Tensor | None, u_high: torch.Tensor | None, window: torch.Tensor,
+                    first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's slow token (B,), and which rows took the whole head (B,) bool.
+
+        The head's rows for the A allowed ids decide a row when its choice is certain for any rounding
+        of the whole head and of the sampler (fish_s2_sampling.certified_*); the rest (near-ties) take
+        the whole head one row at a time, so that their answer does not depend on the batch."""
+        head = self._narrow_head()
+        logits = project(hidden, head.weight).float()
+        bound = BOUND_SAFETY * head_rounding_bound(head.weight_abs, hidden, logits, head.weight)
+        index, ok_normal = certified_argmax(logits, bound)
+        ok_high = ok_normal.clone()
+        normal, high = head.ids[index], head.ids[index]  # greedy rows: the high sample is the argmax too
+        if u_normal is not None:
+            rows = torch.nonzero(top_k != 1).flatten()
+            count = len(rows)
+            picked, ok = certified_draw(  # the normal samples, then the high ones, in one batch
+                _twice(logits[rows]), _twice(bound[rows]),
+                torch.cat([temperature[rows], torch.full_like(temperature[rows], HIGH_TEMPERATURE)]),
+                torch.cat([top_p[rows], torch.full_like(top_p[rows], HIGH_TOP_P)]), _twice(top_k[rows]),
+                torch.cat([u_normal[rows][:, head.ids], u_high[rows][:, head.ids]]))
+            normal[rows], high[rows] = head.ids[picked[:count]], head.ids[picked[count:]]
+            ok_normal[rows], ok_high[rows] = ok[:count], ok[count:]
+        c = self.config
+        use_high = repeated(normal, window, c.semantic_start, c.semantic_end) & ~first
+        wide = ~head_cannot_overflow(hidden, head.max_row_norm) | ~ok_normal | (use_high & ~ok_high)
+        for row in torch.nonzero(wide).flatten().tolist():
+            one = slice(row, row + 1)
+            normal[one], high[one] = self._full_slow(hidden[one], temperature[one], top_p[one], top_k[one],
+                                                     None if u_normal is None else u_normal[one],
+                                                     None if u_high is None else u_high[one])
+        use_high = repeated(normal, window, c.semantic_start, c.semantic_end) & ~first
+        return torch.where(use_high, high, normal), wide
+
+    def _full_slow(self, hidden: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                   u_normal: torch.Tensor | None, u_high: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normal and the high sample over the whole head and the reference's mask."""
+        logits = self.model.logits(hidden) + self.mask
+        normal = choose(logits, temperature, top_p, top_k, u_normal)
+        high = choose(logits, torch.full_like(temperature, HIGH_TEMPERATURE), torch.full_like(top_p, HIGH_TOP_P),
+                      top_k, u_high)
+        return normal, high
+
+    def _narrow_head(self) -> NarrowHead:
+        """The allowed rows of the slow head, taken on first use (and again if the weight changes)."""
+        weight = self.model.head_weight()
+        if self._narrow is None or self._narrow.source is not weight:
+            c = self.config
+            ids = torch.arange(c.semantic_start, c.semantic_end + 1, device=weight.device)
+            ids = torch.cat([ids, torch.tensor([c.eos_token_id], device=weight.device)]).unique(sorted=True)
+            rows = weight.detach()[ids].contiguous()
+            norm = float(weight.detach().float().norm(dim=-1).max())
+            self._narrow = NarrowHead(weight, ids, rows, rows.abs().float(), norm)
+        return self._narrow
 
     def _fast(self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
               top_k: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
@@ -213,6 +289,10 @@ class FishS2Family(TalkerFamily):
         for row in rows:
             uniform[row] = torch.rand(width, generator=state.generators[slot_ids[row]]).to(device)
         return uniform
+
+
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x])
 
 
 def fish_settings(sampling: SamplingParams) -> tuple[float, float, int]:
