@@ -184,3 +184,24 @@ def test_engine_bench_refuses_a_checkpoint_of_another_family() -> None:
 
     with pytest.raises(InvalidRequestError, match="pass --family delay"):
         run_engine_bench(family="local", model=DEMO_MODEL, frames=1, requests=1, ttfa_runs=1)
+
+
+def test_fish_step_count_reads_the_allowed_rows_of_the_slow_head() -> None:
+    """Fish's slow head reads only the rows the semantic mask allows (and their magnitudes for the
+    rounding bound): the count includes those copies in full, and not the whole tied embedding."""
+    from fish_cases import family as fish_family
+
+    from mossserve.bench.floors import count_step
+    from mossserve.sampling import SamplingParams
+    from mossserve.speech_request import SpeechRequest
+
+    fam = fish_family()
+    prompts = [fam.build_prompt(SpeechRequest(input="Hello there."))]
+    read = count_step(fam, prompts, SamplingParams.greedy(), 512, 1)["weight_bytes_by_parameter"]
+    weights = fam.decode_weights()
+    for name in ("slow_head.allowed_rows", "slow_head.allowed_rows_abs"):
+        assert read[name] == weights[name].numel() * weights[name].element_size() > 0
+    allowed = weights["slow_head.allowed_rows"].shape[0]
+    head = fam.model.head_weight()
+    assert allowed == fam.config.semantic_end - fam.config.semantic_start + 2 < head.shape[0]
+    assert read.get("slow.embed_tokens.weight", 0) < head.numel() * head.element_size()

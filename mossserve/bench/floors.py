@@ -143,7 +143,7 @@ def count_step(talker, prompts: list, sampling, prefill_tokens: int, batch: int)
         hidden = runner.prefill(slots, [prompt.rows[start : start + prefill_tokens]] * batch)
     runner.step(hidden, slots)
     context = int(np.mean([runner.cache.lengths[s] for s in slots])) + 1
-    counter = _StepCounter(dict(talker.model.named_parameters()))
+    counter = _StepCounter(talker.decode_weights())  # after a first step: copies a family makes on first use exist
     with counter:
         hidden = runner.decode(slots)
         runner.step(hidden, slots)

@@ -126,6 +126,11 @@ class TalkerFamily(ABC):
     def restore_session(self, state: object, slot: int, saved: object) -> None:
         raise NotImplementedError
 
+    def decode_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight a decode step may read, by name: the model's parameters and any copy of some of
+        their rows the family keeps for its step (the bench counts the bytes a step reads from these)."""
+        return dict(self.model.named_parameters())
+
     def set_decode_mode(self, state: object, mode: str, batch_sizes: list[int]) -> None:
         """The runner's decode mode ("eager", "static" or "graphs") and padded batch sizes: a family whose
         step makes model calls of its own (a depth transformer) runs them the same way."""

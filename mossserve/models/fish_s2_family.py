@@ -243,6 +243,13 @@ class FishS2Family(TalkerFamily):
                       top_k, u_high)
         return normal, high
 
+    def decode_weights(self) -> dict[str, torch.Tensor]:
+        weights = super().decode_weights()
+        if self._narrow is not None:
+            weights.update({"slow_head.allowed_rows": self._narrow.weight,
+                            "slow_head.allowed_rows_abs": self._narrow.weight_abs})
+        return weights
+
     def _narrow_head(self) -> NarrowHead:
         """The allowed rows of the slow head, taken on first use (and again if the weight changes)."""
         weight = self.model.head_weight()

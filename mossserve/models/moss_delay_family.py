@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
+from ..layers.head_bound import head_rounding_bound
 from ..layers.sampler import (
     bits_match_noise,
     exponential_bits,
@@ -364,19 +365,11 @@ class MossDelayFamily(TalkerFamily):
     def _narrow_text_logits(self, hidden: torch.Tensor, ids: torch.Tensor,
                             steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The audio-mode text logits at `ids` (masked as the full vector is), and a bound on how far
-        any other matmul of the same head (the full one) may put each of them: for a dot product of
-        H terms summed in fp32 in any order |error| <= H * 2**-24 * sum|w x| (doubled here), plus the
-        rounding of a low-precision output and TF32 inputs where those are in use."""
+        any other matmul of the same head (the full one) may put each of them (layers/head_bound.py)."""
         cfg = self.config
         weight = self.model.text_head.weight[ids]
         logits = self.model.text_logits(hidden, ids)
-        magnitude = (weight.abs().float() @ hidden.abs().float().T).T
-        per_term = hidden.shape[-1] * 2.0 ** -23
-        if weight.dtype == torch.float32 and weight.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-            per_term += 2.0 ** -9
-        elif weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cuda":
-            per_term += 4 * torch.finfo(weight.dtype).eps  # reduced-precision split-K reductions
-        bound = per_term * magnitude + torch.finfo(weight.dtype).eps * logits.abs()
+        bound = head_rounding_bound(weight.abs().float(), hidden, logits, weight)
         step0 = (steps == 0)[:, None] & (ids == LITERAL_DELAY_SLOT_ID)
         early = (steps <= cfg.n_vq)[:, None] & (ids == cfg.im_end_token_id)
         return logits.masked_fill(step0 | early, float("-inf")), bound
