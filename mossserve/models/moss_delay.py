@@ -10,7 +10,7 @@ from torch import nn
 
 from ..layers.batch_context import BatchContext
 from ..layers.code_embedding import sum_code_embeddings
-from ..layers.heads import project
+from ..layers.heads import project, project_blocks
 from .moss_delay_config import MossDelayConfig
 from .qwen3 import Qwen3Model
 
@@ -48,7 +48,7 @@ class MossDelayModel(nn.Module):
 
     def audio_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., n_vq, A + 1) with the pad code's logit at -inf, as the reference sets it."""
-        logits = project(hidden, self.audio_head.weight).float().unflatten(-1, (self.config.n_vq, self.codes_per_head))
+        logits = project_blocks(hidden, self.audio_head.weight, self.config.n_vq).float()
         logits[..., self.config.audio_pad_code] = float("-inf")
         return logits
 
