@@ -52,7 +52,11 @@ def cluster(tmp_path_factory):
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="warning")
     port, log = free_port(), tmp_path_factory.mktemp("ray_cli") / "serve.log"
-    command = [sys.executable, "-m", "mossserve.cli", "serve", "--ray", "--replicas", "2", "--port", str(port),
+    # Ctrl-C must reach the command even where this test process was started with SIGINT ignored (a
+    # background job of a non-interactive shell), which a child would otherwise inherit.
+    run_cli = ("import signal, sys; from mossserve.cli import main; "
+               "signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(main(sys.argv[1:]))")
+    command = [sys.executable, "-c", run_cli, "serve", "--ray", "--replicas", "2", "--port", str(port),
                "--ray-address", ray.get_runtime_context().gcs_address, "--voice-service",
                "--data-dir", str(tmp_path_factory.mktemp("ray_demo"))]
     with open(log, "wb") as out:
@@ -67,10 +71,8 @@ def cluster(tmp_path_factory):
         yield url
     finally:
         cli.send_signal(signal.SIGINT)  # Ctrl-C: the command shuts Serve down and exits
-        # Serve stops every replica of both apps gracefully; on two cores at the end of the whole suite
-        # that once took longer than a minute, so the bound is generous (it only guards against a hang).
         try:
-            code = cli.wait(timeout=180)
+            code = cli.wait(timeout=90)
         except subprocess.TimeoutExpired:
             cli.kill()
             raise AssertionError(log.read_text()[-3000:]) from None
