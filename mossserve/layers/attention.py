@@ -52,7 +52,7 @@ def cached_keys(cache: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
     are gathered with `index_select`, which copies the same values as advanced indexing at a
     third of the cost. Either way each (row, head) block keeps its (kv_len, d) layout with rows of
     d contiguous values, so attention's kernels see the same operands with the same row strides
-    and return the same bits (tests/test_delay_step_attention.py)."""
+    and return the same bits (tests/test_delay_step_prefix.py)."""
     keys = cache.narrow(2, 0, ctx.kv_len)
     if ctx.slot_run_start is not None:
         return keys.narrow(0, ctx.slot_run_start, len(ctx.slots))

@@ -48,11 +48,12 @@ class FixedShapeCalls:
     `graphs`, each (size, key) is captured once (all keys of `keys` are run eagerly before the
     first capture, so tables a forward grows lazily reach their final size) and replayed.
     A call's output is a view of that (size, key)'s buffer, valid until the key runs again.
+    Without `batch_sizes` (eager decoding) every frame runs at its own size (`frame`).
     """
 
     def __init__(self, forward: Callable[[Hashable, torch.Tensor, object], torch.Tensor],
                  new_buffers: Callable[[int], object], width: int, dtype: torch.dtype,
-                 device: torch.device, batch_sizes: Sequence[int], keys: Sequence[Hashable],
+                 device: torch.device, keys: Sequence[Hashable], batch_sizes: Sequence[int] = (),
                  graphs: bool = False) -> None:
         self.forward, self.new_buffers = forward, new_buffers
         self.width, self.dtype, self.device = width, dtype, device
@@ -61,7 +62,15 @@ class FixedShapeCalls:
         self._pool: tuple | None = None
 
     def fits(self, batch: int) -> bool:
-        return batch <= self.batch_sizes[-1]
+        return bool(self.batch_sizes) and batch <= self.batch_sizes[-1]
+
+    def frame(self, batch: int) -> Callable[[Hashable, torch.Tensor], torch.Tensor]:
+        """The calls of one frame of `batch` rows, sharing one set of buffers: padded to a fixed size
+        where one fits, else at the batch's own size with fresh buffers."""
+        if self.fits(batch):
+            return self
+        buffers = self.new_buffers(batch)
+        return lambda key, x: self.forward(key, x, buffers)
 
     def __call__(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
         """x (B, width), B <= the largest size -> forward's output for those B rows."""

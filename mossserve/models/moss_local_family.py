@@ -14,7 +14,7 @@ run alone or in any batch; `shared_seed` (static batch only) gives the batch one
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,8 +48,8 @@ class LocalState:
     audio_top_p: torch.Tensor  # (S, n_vq) float64
     audio_penalty: torch.Tensor  # (S, n_vq) float32
     generators: list[torch.Generator | None]
+    depth_calls: FixedShapeCalls  # the depth positions (at fixed shapes in static / graphs mode)
     shared_generator: torch.Generator | None = None
-    depth_calls: FixedShapeCalls | None = None  # the depth positions at fixed shapes (static / graphs mode)
 
 
 class MossLocalFamily(TalkerFamily):
@@ -126,6 +126,7 @@ class MossLocalFamily(TalkerFamily):
             audio_top_p=torch.ones(max_slots, n, dtype=torch.float64, device=device),
             audio_penalty=torch.ones(max_slots, n, dtype=torch.float32, device=device),
             generators=[None] * max_slots,
+            depth_calls=self._depth_calls(),
             shared_generator=None if shared_seed is None else torch.Generator().manual_seed(shared_seed),
         )
 
@@ -170,15 +171,17 @@ class MossLocalFamily(TalkerFamily):
 
     # ---- one decode step -----------------------------------------------------------------
     def set_decode_mode(self, state: LocalState, mode: str, batch_sizes: list[int]) -> None:
-        if mode == "eager":
-            return
-        model, local = self.model, self.config.local
+        if mode != "eager":
+            state.depth_calls = self._depth_calls(batch_sizes, graphs=mode == "graphs")
+
+    def _depth_calls(self, batch_sizes: Sequence[int] = (), graphs: bool = False) -> FixedShapeCalls:
+        """The depth positions of a frame, at fixed sizes (static / graphs modes) or at each batch's own."""
+        model = self.model
         weight = model.audio_head
-        state.depth_calls = FixedShapeCalls(
-            lambda channel, x, cache: model.depth_logits(x, cache, channel),
-            lambda size: model.new_depth_cache(size, self.config.channels),
-            local.hidden_size, weight.dtype, weight.device, batch_sizes, range(self.config.channels),
-            graphs=mode == "graphs")
+        return FixedShapeCalls(lambda channel, x, cache: model.depth_logits(x, cache, channel),
+                               lambda size: model.new_depth_cache(size, self.config.channels),
+                               self.config.local.hidden_size, weight.dtype, weight.device, range(self.config.channels),
+                               batch_sizes, graphs)
 
     def step(self, state: LocalState, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
         """The depth loop for every row at once: one depth-transformer step per channel."""
@@ -186,11 +189,11 @@ class MossLocalFamily(TalkerFamily):
         batch = hidden.shape[0]
         depth = state.depth[slots]
         deepest = int(depth.max())
-        depth_logits = self._depth_logits(state, batch, deepest)
+        depth_logits = state.depth_calls.frame(batch)
         tokens = torch.full((batch, self.columns), SKIPPED, dtype=torch.int64, device=hidden.device)
         x = model.depth_input(hidden)
         for channel in range(deepest + 1):
-            logits = depth_logits(x, channel)
+            logits = depth_logits(channel, x)
             if channel:
                 logits[:, cfg.audio_pad_code] = float("-inf")
             active = depth >= channel
@@ -203,15 +206,6 @@ class MossLocalFamily(TalkerFamily):
         state.after_gap[slots] = False
         return StepOutput(rows=tokens, frames=tokens[:, 1:], has_frame=torch.ones_like(finished),
                           new_segment=new_segment, finished=finished)
-
-    def _depth_logits(self, state: LocalState, batch: int, deepest: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
-        """(x, channel) -> that channel's raw logits for this frame's rows: the fixed-shape calls where
-        the runner decodes at fixed shapes, else one cache sized to this batch and depth."""
-        calls = state.depth_calls
-        if calls is not None and calls.fits(batch):
-            return lambda x, channel: calls(channel, x)
-        cache = self.model.new_depth_cache(batch, deepest + 1)
-        return lambda x, channel: self.model.depth_logits(x, cache, channel)
 
     def _choose(self, state: LocalState, slots: torch.Tensor, channel: int, logits: torch.Tensor,
                 active: torch.Tensor) -> torch.Tensor:

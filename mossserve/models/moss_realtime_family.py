@@ -15,6 +15,7 @@ leaving the window is subtracted; the first frame is never penalised.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class RealtimeState:
     last_frame: torch.Tensor  # (S, 16) int64: the frame the next row carries
     prefilled: torch.Tensor  # (S,) bool: the turn's prefill rows have been handed to the engine
     texts: list  # per slot: the TextSegmentStream cutting pushed text, or None
-    depth_calls: FixedShapeCalls | None = None  # the local transformer at fixed shapes (static / graphs mode)
+    depth_calls: FixedShapeCalls  # the local transformer's positions (at fixed shapes in static / graphs mode)
 
 
 class MossRealtimeFamily(TalkerFamily):
@@ -181,6 +182,7 @@ class MossRealtimeFamily(TalkerFamily):
             last_frame=torch.zeros(max_slots, n, **i64),
             prefilled=torch.ones(max_slots, dtype=torch.bool, device=device),
             texts=[None] * max_slots,
+            depth_calls=self._depth_calls(),
         )
 
     def admit(self, state: RealtimeState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
@@ -302,25 +304,23 @@ class MossRealtimeFamily(TalkerFamily):
                           new_segment=~finished & first, finished=finished, waiting=waiting)
 
     def set_decode_mode(self, state: RealtimeState, mode: str, batch_sizes: list[int]) -> None:
-        if mode == "eager":
-            return
+        if mode != "eager":
+            state.depth_calls = self._depth_calls(batch_sizes, graphs=mode == "graphs")
+
+    def _depth_calls(self, batch_sizes: Sequence[int] = (), graphs: bool = False) -> FixedShapeCalls:
+        """The local transformer's positions of a frame, at fixed sizes (static / graphs modes) or at
+        each batch's own."""
         local = self.model.local
         weight = local.heads
-        state.depth_calls = FixedShapeCalls(
-            lambda codebook, x, cache: local.step(x, codebook, cache),
-            lambda size: local.new_cache(size, weight.device, weight.dtype),
-            local.config.hidden_size, weight.dtype, weight.device, batch_sizes, range(self.codebooks),
-            graphs=mode == "graphs")
+        return FixedShapeCalls(lambda codebook, x, cache: local.step(x, codebook, cache),
+                               lambda size: local.new_cache(size, weight.device, weight.dtype),
+                               local.config.hidden_size, weight.dtype, weight.device, range(self.codebooks),
+                               batch_sizes, graphs)
 
     def depth_loop(self, state: RealtimeState, hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """One frame per row: hidden (B, H) -> codes (B, 16), one batched local step per codebook."""
         local, batch = self.model.local, hidden.shape[0]
-        calls = state.depth_calls
-        if calls is not None and calls.fits(batch):
-            local_step = calls
-        else:
-            cache = local.new_cache(batch, hidden.device, hidden.dtype)
-            local_step = lambda codebook, x: local.step(x, codebook, cache)
+        local_step = state.depth_calls.frame(batch)
         penalty = torch.where((state.frames[slots] > 0)[:, None], state.penalty[slots], 1.0)
         seen = state.counts[slots] > 0
         temperature, top_k, top_p = state.temperature[slots], state.top_k[slots], state.top_p[slots]
