@@ -11,12 +11,15 @@ every request's frames are decoded to audio.
   size 1, same code path. `speedup_16` = throughput at 16 / sequential.
 * TTFA: one request at a time on the concurrency-1 engine with the default chunk schedule (first
   chunk 2 frames); wall time from `add_request` to the sink receiving the first chunk that holds
-  audio, median of `ttfa_runs`. Each run is aborted once its first audio arrives.
+  audio, median of `ttfa_runs`. Each run is aborted once its first audio arrives. Run i takes text
+  i + 1 (cycling), so each is a new text on a warm engine: the engine starts it from the prefix
+  (the chat template) that the previous request left in its free slot, and prefills the rest.
 * TTFA floor: the same work timed piece by piece in this thread while the engine is idle, on the
-  same model and codec: prefill of the prompt, every talker step (decode forward + family step)
-  until the first chunk's frames exist (a Delay frame t is complete n_vq steps after its first
-  codebook), one codec decode of that chunk on a fresh stream. Floor rounds alternate with the
-  TTFA runs (so that both see the machine alike); the pieces' medians are summed.
+  same model and codec: prefill of the rows the engine prefills (the kept prefix is put in the
+  slot untimed first), every talker step (decode forward + family step) until the first chunk's
+  frames exist (a Delay frame t is complete n_vq steps after its first codebook), one codec
+  decode of that chunk on a fresh stream. Floor rounds alternate with the TTFA runs (so that both
+  see the machine alike) on the same prompts; the pieces' medians are summed.
   `ttfa_ratio` = TTFA / floor: what the engine adds (threads, queues, scheduling) on top.
 * Codec streaming decode (`codec_streaming`, the family's own codec; codec.py): 16 streams of
   2 s decoded chunk by chunk, batched vs one at a time.
@@ -230,13 +233,14 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
                 # TTFA runs and floor rounds alternate, so that both see the machine alike; the
                 # floor is timed while the engine is idle (its threads wait, nothing else runs).
                 say("TTFA: streaming runs alternating with the floor, piece by piece")
-                floor_timer = _FloorTimer(talker, codec_model, prompts[0], sampling, config(1))
-                floor_timer.round()  # warm-up
-                for _ in range(ttfa_runs):
+                floor_timer = _FloorTimer(talker, codec_model, sampling, config(1))
+                floor_timer.round(prompts[0], prompts[-1])  # warm-up
+                for run in range(ttfa_runs):
+                    prompt, before = prompts[(run + 1) % len(prompts)], prompts[run % len(prompts) if run else -1]
                     engine.wait_idle()
-                    ttfa_values.append(_time_first_audio(engine, submit, prompts[0], steps))
+                    ttfa_values.append(_time_first_audio(engine, submit, prompt, steps))
                     engine.wait_idle()
-                    floor_timer.round()
+                    floor_timer.round(prompt, before)
                 floor = floor_timer.summary(discard=1)
                 say(f"TTFA runs: {', '.join(f'{t:.3f}' for t in ttfa_values)} s; floor rounds: "
                     f"{', '.join(f'{t:.3f}' for t in floor['rounds_s'])} s")
@@ -373,14 +377,15 @@ def _time_first_audio(engine, submit, prompt, steps: int) -> float:
 
 class _FloorTimer:
     """The TTFA floor, piece by piece in the calling thread, on the same model and codec: prefill
-    of the prompt, each talker step (decode forward + family step, with the host copy the engine
-    makes) until the first chunk's frames exist, one codec decode of that chunk on a fresh stream.
-    Talker runner and decoder are built like the engine's (same mode, limits and schedule)."""
+    of the prompt rows the engine prefills, each talker step (decode forward + family step, with
+    the host copy the engine makes) until the first chunk's frames exist, one codec decode of that
+    chunk on a fresh stream. Talker runner and decoder are built like the engine's (same mode,
+    limits and schedule)."""
 
-    def __init__(self, talker, codec_model, prompt, sampling, config) -> None:
+    def __init__(self, talker, codec_model, sampling, config) -> None:
         from ..engine.talker_runner import TalkerRunner
 
-        self.talker, self.codec, self.prompt, self.sampling, self.config = talker, codec_model, prompt, sampling, config
+        self.talker, self.codec, self.sampling, self.config = talker, codec_model, sampling, config
         self.device = next(talker.model.parameters()).device
         mode = "graphs" if self.device.type == "cuda" and config.cuda_graphs else "eager"
         max_len = min(config.max_len, talker.backbone_config.max_position_embeddings)
@@ -389,14 +394,24 @@ class _FloorTimer:
         self.first = config.chunk_schedule.first
         self.rounds: list[tuple[float, list[float], float]] = []
 
-    def round(self) -> None:
-        runner, talker, prompt, piece = self.runner, self.talker, self.prompt, self.config.prefill_tokens
+    def round(self, prompt, before) -> None:
+        """Time `prompt` as the engine runs it after `before` ended: from the prefix they share
+        (the rows the engine finds kept in its free slot), which is put in the slot untimed."""
+        from ..engine.engine import _common_prefix
+
+        runner, talker, piece = self.runner, self.talker, self.config.prefill_tokens
+        kept = min(_common_prefix(before.rows, prompt.rows), len(prompt.rows) - 1)
+        plain = not (prompt.later_rows or prompt.info.get("open"))  # as the engine keeps prefixes (engine.py)
+        kept = kept if plain and 0 < self.config.shared_prefix_rows <= kept else 0
         slot = runner.allocate()
+        with torch.inference_mode():
+            for start in range(0, kept, piece):
+                runner.prefill([slot], [prompt.rows[start : min(start + piece, kept)]])
         _sync(self.device)
         t0 = time.perf_counter()
         talker.admit(runner.state, slot, prompt, self.sampling)
         hidden = None
-        for start in range(0, len(prompt.rows), piece):
+        for start in range(kept, len(prompt.rows), piece):
             hidden = runner.prefill([slot], [prompt.rows[start : start + piece]])
         _sync(self.device)
         prefill_s = time.perf_counter() - t0
@@ -422,7 +437,7 @@ class _FloorTimer:
             self.decoder.decode([stream], [codes])[0].float().cpu().numpy()
         codec_s = time.perf_counter() - t0
         self.decoder.close(stream)
-        self.rounds.append((prefill_s, step_times, codec_s))
+        self.rounds.append((prefill_s, step_times, codec_s, len(prompt.rows) - kept))
 
     def summary(self, discard: int = 0) -> dict:
         rounds = self.rounds[discard:]
@@ -432,7 +447,7 @@ class _FloorTimer:
         return {
             "total_s": prefill_s + steps_s + codec_s,  # the sum of the pieces' medians
             "prefill_s": prefill_s,
-            "prompt_rows": len(self.prompt.rows),
+            "prefilled_rows": statistics.median(r[3] for r in rounds),
             "steps": len(rounds[0][1]),
             "steps_s": steps_s,
             "step_s_median": statistics.median(t for r in rounds for t in r[1]),

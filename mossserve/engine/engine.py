@@ -322,8 +322,11 @@ class Engine:
             if request.session is not None:
                 prefix = self._start_turn(request)
             else:
+                donor, length = self._kept_prefix(request)
                 request.slot = self.runner.allocate()
                 prefix = self.family.admit(self.runner.state, request.slot, request.prompt, request.sampling)
+                if length:  # now, before a later admission may hand the donor slot out
+                    self._copy_prefix(donor, request, length)
             prefix = [clip[:, : frame_width(request)] for clip in prefix]
             for clip in prefix:
                 request.segment_lengths.append(len(clip))
@@ -363,11 +366,21 @@ class Engine:
                     ready.extend(requests[row] for row in done)
         return ready, torch.cat(parts) if parts else None
 
+    def _kept_prefix(self, request: EngineRequest) -> tuple[int | None, int]:
+        """The free slot that still holds the longest prefix of a new plain prompt (at least
+        `shared_prefix_rows` rows; an ended request left it) and that prefix's length; (None, 0) if none does."""
+        least = self.config.shared_prefix_rows
+        if least <= 0 or not _plain_prompt(request):
+            return None, 0
+        slot, length = _longest_prefix(self.runner.cache.kept.items(), request.prompt.rows, request.prompt_length - 1)
+        return (slot, length) if length >= least else (None, 0)
+
     def _share_prefixes(self) -> frozenset[str]:
         """Give each new prompt the cached keys and values of its longest prefix that another request
-        already holds (requests built from one chat template share most of their rows), so that
-        only the rest is prefilled; returns the ids of new prompts to hold for one step because an
-        earlier new prompt with the same prefix is prefilled now (they copy it next step).
+        holds (requests built from one chat template share most of their rows; requests with one
+        voice share its reference audio too), so that only the rest is prefilled; returns the ids of
+        new prompts to hold for one step because an earlier new prompt with the same prefix is
+        prefilled now (they copy it next step). Prefixes kept in free slots were taken at admission.
 
         Copies are of the same positions' values, and the copied rows are the same tokens at the
         same positions, so the request continues from the keys and values its own prefill would
@@ -379,28 +392,25 @@ class Engine:
         fresh = [r for r in plain if r.status is Status.PREFILL and r.prefilled == 0]
         if not fresh:
             return frozenset()
-        donors = [r for r in plain if r.prefilled > 0]
+        donors = [(r.slot, r.prompt.rows[: r.prefilled]) for r in plain if r.prefilled > 0]
         held, leaders = set(), []
         for request in fresh:
             rows, limit = request.prompt.rows, request.prompt_length - 1  # the last row is prefilled: its hidden state
-            donor, length = None, 0
-            for other in donors:
-                shared = min(_common_prefix(other.prompt.rows[: other.prefilled], rows), limit)
-                if shared > length:
-                    donor, length = other, shared
+            donor, length = _longest_prefix(donors, rows, limit)
             if length >= least:
                 self._copy_prefix(donor, request, length)
-                donors.append(request)
+                donors.append((request.slot, rows[:length]))
             elif any(min(_common_prefix(leader.prompt.rows, rows), limit) >= least for leader in leaders):
                 held.add(request.id)
             else:
                 leaders.append(request)
         return frozenset(held)
 
-    def _copy_prefix(self, donor: EngineRequest, request: EngineRequest, length: int) -> None:
+    def _copy_prefix(self, donor: int, request: EngineRequest, length: int) -> None:
         cache = self.runner.cache
-        for table in (cache.k, cache.v):
-            table[:, request.slot, :, :length] = table[:, donor.slot, :, :length]
+        if donor != request.slot:  # a free slot handed back to the request whose prefix it kept: in place
+            for table in (cache.k, cache.v):
+                table[:, request.slot, :, :length] = table[:, donor, :, :length]
         cache.lengths[request.slot] = length
         request.prefilled = length
 
@@ -469,7 +479,7 @@ class Engine:
             self.scheduler.remove(request)
             keeps_slot = request.session is not None and self._end_turn(request, status)
         if running and request.slot >= 0 and not keeps_slot:
-            self.runner.release(request.slot)
+            self.runner.release(request.slot, self._rows_to_keep(request, status))
         request.slot = -1
         request.status, request.finish_reason = status, reason
         if status is Status.FINISHED:
@@ -481,6 +491,17 @@ class Engine:
             self.pipeline.drop(request)
             self.codec.drop(request)
         self._close(request, error)
+
+    def _rows_to_keep(self, request: EngineRequest, status: Status) -> np.ndarray | None:
+        """The rows whose keys and values an ending plain request leaves in its slot: the prompt rows
+        prefilled and every emitted row but the last (each went back in as the next step's input).
+        None for a failed request (its last step may have left half-written values)."""
+        if status is Status.FAILED or self.config.shared_prefix_rows <= 0 or not _shares_prefixes(request):
+            return None
+        fed = request.prompt.rows[: request.prefilled]
+        if request.prefilled == request.prompt_length and len(request.rows) > 1:
+            fed = np.concatenate([fed, np.stack(request.rows[:-1])])
+        return fed if len(fed) >= self.config.shared_prefix_rows else None
 
     def _fail_all(self, requests: list[EngineRequest], error: Exception) -> None:
         message = _message(error)
@@ -510,12 +531,27 @@ class Engine:
                                 generation=request.generation(self.family.codebooks, self.family.columns)))
 
 
-def _shares_prefixes(request: EngineRequest) -> bool:
-    """Whether the request's cache positions 0.. hold its prompt rows 0.. (no session context before
-    them, no prompt rows added while it runs, no prompt still arriving), in an allocated slot."""
+def _plain_prompt(request: EngineRequest) -> bool:
+    """Whether the request's cache positions 0.. are its prompt rows 0..: no session context before
+    them, no prompt rows added while it runs, no prompt still arriving."""
     prompt = request.prompt
-    return (request.session is None and request.slot >= 0 and not prompt.later_rows
-            and not prompt.info.get("open") and request.status in (Status.PREFILL, Status.DECODING))
+    return request.session is None and not prompt.later_rows and not prompt.info.get("open")
+
+
+def _shares_prefixes(request: EngineRequest) -> bool:
+    """A plain prompt in the talker, in an allocated slot."""
+    return _plain_prompt(request) and request.slot >= 0 and request.status in (Status.PREFILL, Status.DECODING)
+
+
+def _longest_prefix(candidates, rows: np.ndarray, limit: int) -> tuple[int | None, int]:
+    """The (slot, rows) candidate whose rows share the longest prefix with `rows` (at most `limit`):
+    its slot and that length; (None, 0) if none shares a row."""
+    best, length = None, 0
+    for slot, held in candidates:
+        shared = min(_common_prefix(held, rows), limit)
+        if shared > length:
+            best, length = slot, shared
+    return best, length
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:

@@ -62,12 +62,12 @@ class TalkerRunner:
     def slots_in_use(self) -> int:
         return self.cache.used - (self.scratch_slot >= 0)
 
-    def allocate(self) -> int:
-        return self.cache.allocate()
+    def allocate(self, slot: int | None = None) -> int:
+        return self.cache.allocate(slot)
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int, kept: np.ndarray | None = None) -> None:
         self.family.release(self.state, slot)
-        self.cache.release(slot)
+        self.cache.release(slot, kept)
 
     # ---- forward passes ------------------------------------------------------------------
     @torch.inference_mode()
