@@ -33,7 +33,7 @@ def test_bench_json_has_every_contract_key(capsys) -> None:
     assert out["sequential_throughput"] == out["throughput"]["1"]
     assert out["speedup_16"] == pytest.approx(out["throughput"]["16"] / out["sequential_throughput"])
     assert out["ttfa_ratio"] == pytest.approx(out["ttfa_s"] / out["ttfa_floor_s"])
-    assert 0 < out["ttfa_16_s"] <= out["ttfa_16_max_s"] <= out["wall_s"]["16"]
+    assert 0 < out["ttfa_16_s"] <= out["ttfa_16_max_s"] and len(out["ttfa_16_runs_s"]) == 1
     assert out["ttfa_16_vs_1"] == pytest.approx(out["ttfa_16_s"] / out["ttfa_s"])
     codec = out["codec_streaming"]
     assert codec["streams"] == 16 and codec["batched_audio_s_per_s"] > 0 and codec["sequential_audio_s_per_s"] > 0
