@@ -103,6 +103,10 @@ def test_a_prompt_seen_before_starts_from_the_slot_its_last_request_left() -> No
     prefilled.clear()
     _one_at_a_time(engine, requests, outbox, "again")
     assert prefilled == [1] * len(requests)
+    stats, total = engine.stats(), sum(len(rows) for _, rows, *_ in requests)
+    assert stats["prompt_rows_prefilled"] == first + len(requests)
+    assert stats["prompt_rows_reused"] == 2 * total - first - len(requests)
+    assert stats["cache_slots_kept"] == len(requests) and stats["cache_slots_used"] == 0
     for name, _, _, _, rows, frames, lengths in requests:
         for tag in ("first", "again"):
             check_against_golden(outbox.final(f"{name}#{tag}").generation, rows, frames, lengths, engine.family.columns)

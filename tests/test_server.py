@@ -115,7 +115,8 @@ def test_models_health_ready_and_metrics(served) -> None:
     for name in ("mossserve_requests_total{endpoint=\"/v1/audio/speech\",outcome=\"ok\"}",
                  "mossserve_time_to_first_audio_seconds_count", "mossserve_real_time_factor_count",
                  "mossserve_queue_depth", "mossserve_running_requests", "mossserve_kv_cache_slots_used",
-                 "mossserve_speaker_cache_entries", "mossserve_stream_underruns_total"):
+                 "mossserve_speaker_cache_entries", "mossserve_stream_underruns_total", "mossserve_kv_cache_slots_kept",
+                 "mossserve_prompt_rows_prefilled", "mossserve_prompt_rows_reused"):
         assert name in metrics, name
     ttfa = [line for line in metrics.splitlines() if line.startswith("mossserve_time_to_first_audio_seconds_count")]
     assert float(ttfa[0].split()[-1]) >= 1

@@ -60,7 +60,9 @@ class Engine:
         self._session_closes: list[str] = []  # asked from other threads
         self._ids = itertools.count()
         self._worker = Worker("mossserve-engine", self._lock, self._has_work, self.step, self._crashed)
-        self.counts = {"finished": 0, "aborted": 0, "failed": 0, "steps": 0}
+        # Prompt rows run through prefill, and rows started from keys and values already in the cache.
+        self.counts = {"finished": 0, "aborted": 0, "failed": 0, "steps": 0, "prompt_rows_prefilled": 0,
+                       "prompt_rows_reused": 0}
 
     # ---- the caller's side (any thread) --------------------------------------------------
     def add_request(self, prompt: Prompt, sampling: SamplingParams, sink: Sink, *, request_id: str | None = None,
@@ -188,6 +190,7 @@ class Engine:
                 "live": len(self._live),
                 "cache_slots_used": self.runner.slots_in_use,
                 "cache_slots": self.config.max_running,
+                "cache_slots_kept": len(self.runner.cache.kept),
                 "outputs_open": len(self.pipeline),
                 "codec_streams_open": self.codec.open_streams,
                 "codec_chunks_queued": self.codec.queued,
@@ -356,6 +359,7 @@ class Engine:
                 self._fail_all(requests, e)
             else:
                 done = []
+                self.counts["prompt_rows_prefilled"] += sum(n for _, n in prefill)
                 for row, (request, n) in enumerate(prefill):
                     request.prefilled += n
                     if request.prefilled == request.prompt_length and not request.open:
@@ -413,6 +417,7 @@ class Engine:
                 table[:, request.slot, :, :length] = table[:, donor, :, :length]
         cache.lengths[request.slot] = length
         request.prefilled = length
+        self.counts["prompt_rows_reused"] += length
 
     def _advance(self, ready: list[EngineRequest], hidden: torch.Tensor) -> None:
         try:

@@ -18,6 +18,10 @@ _ENGINE_GAUGES = {
     "running": ("mossserve_running_requests", "requests in the running batch"),
     "cache_slots_used": ("mossserve_kv_cache_slots_used", "KV cache slots in use"),
     "cache_slots": ("mossserve_kv_cache_slots", "KV cache slots in all"),
+    "cache_slots_kept": ("mossserve_kv_cache_slots_kept", "free KV cache slots holding a prompt prefix for reuse"),
+    "prompt_rows_prefilled": ("mossserve_prompt_rows_prefilled", "prompt rows run through prefill since start"),
+    "prompt_rows_reused": ("mossserve_prompt_rows_reused",
+                           "prompt rows started from keys and values already in the cache since start"),
     "codec_streams_open": ("mossserve_codec_streams_open", "streaming codec decoders in use"),
 }
 
