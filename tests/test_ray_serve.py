@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -52,10 +51,7 @@ def cluster(tmp_path_factory):
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="warning")
     port, log = free_port(), tmp_path_factory.mktemp("ray_cli") / "serve.log"
-    # Ctrl-C must reach the command even where this test process was started with SIGINT ignored (a
-    # background job of a non-interactive shell), which a child would otherwise inherit.
-    run_cli = ("import signal, sys; from mossserve.cli import main; "
-               "signal.signal(signal.SIGINT, signal.default_int_handler); sys.exit(main(sys.argv[1:]))")
+    run_cli = "import sys; from mossserve.cli import main; sys.exit(main(sys.argv[1:]))"
     command = [sys.executable, "-c", run_cli, "serve", "--ray", "--replicas", "2", "--port", str(port),
                "--ray-address", ray.get_runtime_context().gcs_address, "--voice-service",
                "--data-dir", str(tmp_path_factory.mktemp("ray_demo"))]
@@ -70,7 +66,7 @@ def cluster(tmp_path_factory):
         serve.run(realtime, name="rt", route_prefix="/rt", logging_config={"log_level": "WARNING"})
         yield url
     finally:
-        cli.send_signal(signal.SIGINT)  # Ctrl-C: the command shuts Serve down and exits
+        cli.terminate()  # SIGTERM, as a process manager stops it: the command shuts Serve down and exits 0
         try:
             code = cli.wait(timeout=90)
         except subprocess.TimeoutExpired:
