@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -303,4 +304,7 @@ def test_mossserve_serve_command(tmp_path) -> None:
         assert (tmp_path / "data" / "mossserve.db").is_file()  # the data dir came from the environment
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        rest = server.communicate(timeout=30)[0]
+    # SIGTERM is a graceful stop: uvicorn shuts the app down (the engine's lifespan ends), then exits
+    # with the signal it caught, so that a process manager sees why it stopped.
+    assert "Finished server process" in rest and server.returncode == -signal.SIGTERM, rest
