@@ -342,7 +342,9 @@ class Engine:
         """Decode rows for the decoding requests and a prefill piece for new ones; returns the
         requests that now have a hidden state to step from, and those states."""
         parts, ready = [], []
-        decoding = [r for r in self.scheduler.decoding() if not r.waiting_input]
+        # In slot order: when the rows' slots are consecutive (a full batch always is), attention
+        # reads the cache as a view instead of gathering every row's keys (layers/attention.py).
+        decoding = sorted((r for r in self.scheduler.decoding() if not r.waiting_input), key=lambda r: r.slot)
         if decoding:
             try:
                 parts.append(self.runner.decode([r.slot for r in decoding]))
