@@ -134,6 +134,38 @@ def test_static_shape_decode_steps_match_the_goldens() -> None:
     assert engine.runner.slots_in_use == 0
 
 
+def test_a_full_batch_reads_the_kv_cache_as_a_view(monkeypatch) -> None:
+    """Slots come out of order once a finished request has left a kept prefix behind (the free,
+    unlabelled slots go first); the decode batch still runs in slot order, so a full batch's
+    attention reads the cache as a view and gathers no row's keys."""
+    import mossserve.layers.batch_context as batch_context
+
+    fam = family("tiny_nvq32")
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=4))
+    outbox = Outbox()
+    requests = golden_requests("tiny_nvq32")
+    engine.add_request(fam.prompt_from_rows(requests[0][1]), SamplingParams.greedy(), outbox.sink,
+                       max_new_frames=2, decode_audio=False)
+    engine.run_until_idle()
+    runs = []
+    build = batch_context.BatchContext.build
+
+    def recording(starts, num_tokens, slots, device):
+        ctx = build(starts, num_tokens, slots, device)
+        if num_tokens == 1 and len(slots) == 4:
+            runs.append((list(slots), ctx.slot_run_start))
+        return ctx
+
+    monkeypatch.setattr(batch_context.BatchContext, "build", staticmethod(recording))
+    for name, rows, _, cap, *_ in requests[1:5]:
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink, request_id=name,
+                           max_new_frames=cap, decode_audio=False)
+    engine.run_until_idle()
+    assert runs and all(slots == [0, 1, 2, 3] and start == 0 for slots, start in runs)
+    for name, _, _, _, rows, frames, lengths in requests[1:5]:
+        check_against_golden(outbox.final(name).generation, rows, frames, lengths, fam.columns)
+
+
 @pytest.mark.parametrize("checkpoint", ["tiny_nvq32", "tiny_nvq16"])
 def test_seeded_request_gives_the_same_codes_alone_and_in_a_crowd(checkpoint: str) -> None:
     """The seeded golden (the reference's seeded run) replays alone and among other sampled requests."""
