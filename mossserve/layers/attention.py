@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch_context import BatchContext
+from .linear import Linear
 from .norms import RMSNorm
 from .rotary import apply_rotary
 
@@ -14,8 +15,8 @@ class Qwen3Attention(nn.Module):
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.qkv_proj = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.qkv_proj = Linear(hidden, (heads + 2 * kv_heads) * head_dim)
+        self.o_proj = Linear(heads * head_dim, hidden)
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
 
