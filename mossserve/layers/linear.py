@@ -2,7 +2,7 @@
 
 torch's CPU `F.linear` on one bf16 row is no faster than on sixteen (a GEMM kernel that converts
 slower than memory delivers); `torch.mv` reads the same weights about 1.3x faster and returns the
-same bits on the CPUs measured (docs/performance.md, "Choosing the dtype"). float32 and float16
+same bits on the CPU measured, an Intel Xeon with AMX (docs/performance.md, "Choosing the dtype"). float32 and float16
 keep `F.linear`: their matrix-vector products are no faster (float16's is slower).
 """
 from __future__ import annotations
