@@ -29,3 +29,14 @@ def project_blocks(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.
         return project(x, weight).unflatten(-1, (blocks, -1))
     heads = weight.view(blocks, -1, weight.shape[-1])
     return torch.bmm(heads, x.T.expand(blocks, -1, -1)).permute(2, 0, 1)
+
+
+def project_float32(x: torch.Tensor, weight: torch.Tensor, block_rows: int = 8192) -> torch.Tensor:
+    """x (..., H) @ weight (N, H).T in float32 products and output. A half-precision weight is
+    widened a block of rows at a time (its values are exact in float32), so a head too large to
+    widen whole gives logits that are not rounded to half precision: the rounding a certificate
+    over some of its rows (layers/head_bound.py) can bound as tightly as float32's."""
+    if weight.dtype == torch.float32:
+        return project(x, weight).float()
+    x = x.float()
+    return torch.cat([project(x, block.float()) for block in weight.split(block_rows)], dim=-1)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..layers.batch_context import BatchContext
 from ..layers.code_embedding import sum_code_embeddings
-from ..layers.heads import project
+from ..layers.heads import project, project_float32
 from ..layers.rotary_rounded import RoundedRotaryEmbedding, permute_heads
 from .fish_s2_config import FishS2Config
 from .qwen3 import Qwen3Model
@@ -74,8 +74,9 @@ class FishS2Model(nn.Module):
         return self.slow.embed_tokens.weight if self.output is None else self.output.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Raw slow logits (..., V), float32."""
-        return project(hidden, self.head_weight()).float()
+        """Raw slow logits (..., V), float32 products and output whatever the weight's dtype, as
+        the narrow slow head computes them (fish_s2_family.slow_tokens)."""
+        return project_float32(hidden, self.head_weight())
 
     # ---- fast AR ---------------------------------------------------------------------------
     def new_fast_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

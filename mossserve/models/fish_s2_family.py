@@ -76,7 +76,7 @@ class NarrowHead:
     """The slow head's rows that the semantic mask leaves finite, kept once per weight."""
     source: torch.Tensor  # the whole head (V, D) these rows were taken from
     ids: torch.Tensor  # (A,) ascending: the semantic ids and <|im_end|>
-    weight: torch.Tensor  # (A, D)
+    weight: torch.Tensor  # (A, D) float32, whatever the head's dtype
     weight_abs: torch.Tensor  # (A, D) float32: |W|, for the rounding bound
     max_row_norm: float  # of the whole head: no logit of the whole head can overflow below it
 
@@ -208,7 +208,7 @@ class FishS2Family(TalkerFamily):
         of the whole head and of the sampler (fish_s2_sampling.certified_*); the rest (near-ties) take
         the whole head one row at a time, so that their answer does not depend on the batch."""
         head = self._narrow_head()
-        logits = project(hidden, head.weight).float()
+        logits = project(hidden.float(), head.weight)
         bound = BOUND_SAFETY * head_rounding_bound(head.weight_abs, hidden, logits, head.weight)
         index, ok_normal = certified_argmax(logits, bound)
         ok_high = ok_normal.clone()
@@ -257,9 +257,11 @@ class FishS2Family(TalkerFamily):
             c = self.config
             ids = torch.arange(c.semantic_start, c.semantic_end + 1, device=weight.device)
             ids = torch.cat([ids, torch.tensor([c.eos_token_id], device=weight.device)]).unique(sorted=True)
-            rows = weight.detach()[ids].contiguous()
+            # float32 rows, bf16 weights too: logits in float32 are not rounded to bf16, so the
+            # certificate's bound stays float32's and near-ties (the whole head) stay rare
+            rows = weight.detach()[ids].float().contiguous()
             norm = float(weight.detach().float().norm(dim=-1).max())
-            self._narrow = NarrowHead(weight, ids, rows, rows.abs().float(), norm)
+            self._narrow = NarrowHead(weight, ids, rows, rows.abs(), norm)
         return self._narrow
 
     def _fast(self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
