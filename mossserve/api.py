@@ -162,7 +162,7 @@ class TTS:
             chunks: list[list[AudioChunk]] = [[] for _ in prompts]
             open_count = len(prompts)
             while open_count:
-                index, chunk = outbox.get()
+                index, chunk = self._next(outbox)
                 chunks[index].append(chunk)
                 if on_chunk is not None:
                     on_chunk(index, chunk)
@@ -209,7 +209,7 @@ class TTS:
         done = False
         try:
             while not done:
-                chunk = outbox.get()
+                chunk = self._next(outbox)
                 done = chunk.final
                 if chunk.final and chunk.error is not None:
                     raise MossServeError(f"request {chunk.request_id} failed: {chunk.error}")
@@ -240,6 +240,16 @@ class TTS:
         """Every request through continuous batching; their audio in order."""
         prompts = [r if isinstance(r, Prompt) else self.prompt(r) for r in requests]
         return [audio for _, audio in self.run(prompts, sampling, max_new_frames)]
+
+    def _next(self, outbox: queue.Queue):
+        """The next item a request's sink put in `outbox`. An unthreaded engine
+        (`EngineConfig(threaded=False)`) has no thread of its own, so it is stepped here until one exists."""
+        engine = self.engine
+        while not self.engine_config.threaded and outbox.empty():
+            if not engine.has_work():
+                raise MossServeError("the engine has nothing left to run, but the request has not ended")
+            engine.step()
+        return outbox.get()
 
     def _result(self, chunks: list[AudioChunk], with_audio: bool, raise_errors: bool) -> tuple[Generation, Audio | None]:
         final = chunks[-1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import DELAY_DIR, STREAMED_VS_WHOLE_ATOL, TOKENIZER_DIR
+from conftest import CODEC_DIR, DELAY_DIR, STREAMED_VS_WHOLE_ATOL, TOKENIZER_DIR
 from delay_cases import generation_cases
 from mossserve import SamplingParams, SpeechRequest
 from mossserve.api import DEFAULT_MOSS_CODEC, TTS, default_codec
@@ -76,3 +76,22 @@ def test_continuation_audio_drops_the_prefix_as_the_reference_does(delay_tts) ->
     cut = 13 * tts.codec.samples_per_frame
     assert 0 <= cut - int(whole.shape[-1] * 13 / 18) <= 1
     np.testing.assert_allclose(audio.samples, whole[:, cut:], atol=STREAMED_VS_WHOLE_ATOL)
+
+
+def test_an_unthreaded_engine_is_stepped_by_the_call(delay_model_dirs, delay_tts) -> None:
+    """With `EngineConfig(threaded=False)` nothing steps the engine but the call itself (it used to
+    wait forever): synthesize, a batch and a stream give what the threaded engine gives."""
+    from mossserve.config import EngineConfig
+
+    threaded = delay_tts("tiny_nvq32")
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq32"], codec=CODEC_DIR / "tiny",
+                              engine_config=EngineConfig(threaded=False))
+    requests = [SpeechRequest(input="Hello."), SpeechRequest(input="A second, longer sentence.")]
+    ours = tts.synthesize_batch(requests, SamplingParams.greedy(), 12)
+    theirs = threaded.synthesize_batch(requests, SamplingParams.greedy(), 12)
+    for a, b in zip(ours, theirs):
+        assert np.array_equal(a.codes, b.codes)
+        np.testing.assert_allclose(a.samples, b.samples, atol=STREAMED_VS_WHOLE_ATOL)
+    chunks = list(tts.stream(requests[1], SamplingParams.greedy(), 12))
+    assert chunks[-1].final and np.array_equal(chunks[-1].generation.frames, theirs[1].codes)
+    assert not tts.engine.has_work()

@@ -59,7 +59,7 @@ class Engine:
         self.sessions = Sessions(config.max_sessions)
         self._session_closes: list[str] = []  # asked from other threads
         self._ids = itertools.count()
-        self._worker = Worker("mossserve-engine", self._lock, self._has_work, self.step, self._crashed)
+        self._worker = Worker("mossserve-engine", self._lock, self.has_work, self.step, self._crashed)
         # Prompt rows run through prefill, and rows started from keys and values already in the cache.
         self.counts = {"finished": 0, "aborted": 0, "failed": 0, "steps": 0, "prompt_rows_prefilled": 0,
                        "prompt_rows_reused": 0}
@@ -224,7 +224,8 @@ class Engine:
             requests = list(self.scheduler.running) + list(self.scheduler.waiting)
         self._fail_all(requests, error)
 
-    def _has_work(self) -> bool:
+    def has_work(self) -> bool:
+        """Whether a step would make progress (what the talker thread waits for)."""
         if self._endings or self._session_closes:
             return True
         if self.scheduler.waiting and len(self.scheduler.running) < self.config.max_running:
@@ -233,7 +234,7 @@ class Engine:
 
     def run_until_idle(self) -> None:
         """Unthreaded: step while anything can progress (requests waiting for input stay)."""
-        while self._has_work():
+        while self.has_work():
             self.step()
 
     # ---- one step --------------------------------------------------------------------------
