@@ -5,21 +5,10 @@ N-major (out, in), as checkpoints store them and `layers/heads.py` multiplies th
 
     .venv/bin/python benchmarks/gemv_layouts.py
 """
-import time
-
 import torch
+from timing import best
 
 torch.set_num_threads(2)
-
-
-def best(fn, runs: int = 15) -> float:
-    fn()
-    fastest = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        fastest = min(fastest, time.perf_counter() - start)
-    return fastest
 
 
 shapes = [(1024, 512), (512, 512), (3072, 512), (512, 1536)] * 8 + [(32800, 512)]  # qkv, o, gate|up, down; heads
@@ -28,8 +17,8 @@ k_major = [w.t().contiguous() for w in n_major]
 total = sum(w.numel() * 4 for w in n_major)
 for batch in (1, 16):
     x = {k: torch.randn(batch, k) for k in (512, 1536)}
-    n = best(lambda: [w @ x[w.shape[1]].T for w in n_major])
-    k = best(lambda: [x[w.shape[0]] @ w for w in k_major])
+    n = best(lambda: [w @ x[w.shape[1]].T for w in n_major], 15)
+    k = best(lambda: [x[w.shape[0]] @ w for w in k_major], 15)
     print(f"batch {batch}: {total / 1e6:.0f} MB of weights; N-major {n * 1e3:.2f} ms ({total / n / 1e9:.1f} GB/s), "
           f"K-major {k * 1e3:.2f} ms ({total / k / 1e9:.1f} GB/s)")
 big = torch.randn(64 * 1024 * 1024)

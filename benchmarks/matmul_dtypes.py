@@ -9,22 +9,11 @@ reads at its own pace.
 
     .venv/bin/python benchmarks/matmul_dtypes.py
 """
-import time
-
 import torch
 import torch.nn.functional as F
+from timing import best
 
 SHAPES = [(1024, 512), (512, 512), (3072, 512), (512, 1536)] * 8 + [(32800, 512)]  # qkv, o, gate|up, down; heads
-
-
-def best(fn, runs: int = 7) -> float:
-    fn()
-    fastest = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        fastest = min(fastest, time.perf_counter() - start)
-    return fastest
 
 
 def main() -> None:
@@ -39,11 +28,11 @@ def main() -> None:
             total = sum(w.numel() * w.element_size() for w in weights)
             for rows in (1, 16):
                 x = {k: torch.randn(rows, k).to(dtype) for k in (512, 1536)}
-                linear = best(lambda: [F.linear(x[w.shape[1]], w) for w in weights])
+                linear = best(lambda: [F.linear(x[w.shape[1]], w) for w in weights], 7)
                 line = (f"  {str(dtype).removeprefix('torch.'):8s} {rows:2d} row(s), {total / 1e6:3.0f} MB: "
                         f"F.linear {linear * 1e3:6.2f} ms ({total / linear / 1e9:4.1f} GB/s)")
                 if rows == 1:
-                    mv = best(lambda: [torch.mv(w, x[w.shape[1]][0]) for w in weights])
+                    mv = best(lambda: [torch.mv(w, x[w.shape[1]][0]) for w in weights], 7)
                     line += f", torch.mv {mv * 1e3:6.2f} ms ({total / mv / 1e9:4.1f} GB/s)"
                 print(line)
 

@@ -423,12 +423,10 @@ class _FloorTimer:
     def round(self, prompt, before) -> None:
         """Time `prompt` as the engine runs it after `before` ended: from the prefix they share
         (the rows the engine finds kept in its free slot), which is put in the slot untimed."""
-        from ..engine.engine import _common_prefix
+        from ..engine.engine import kept_prefix
 
         runner, talker, piece = self.runner, self.talker, self.config.prefill_tokens
-        kept = min(_common_prefix(before.rows, prompt.rows), len(prompt.rows) - 1)
-        plain = not (prompt.later_rows or prompt.info.get("open"))  # as the engine keeps prefixes (engine.py)
-        kept = kept if plain and 0 < self.config.shared_prefix_rows <= kept else 0
+        _, kept = kept_prefix([(None, before.rows)], prompt, self.config.shared_prefix_rows)
         slot = runner.allocate()
         with torch.inference_mode():
             for start in range(0, kept, piece):

@@ -374,13 +374,11 @@ class Engine:
         return ready, torch.cat(parts) if parts else None
 
     def _kept_prefix(self, request: EngineRequest) -> tuple[int | None, int]:
-        """The free slot that still holds the longest prefix of a new plain prompt (at least
-        `shared_prefix_rows` rows; an ended request left it) and that prefix's length; (None, 0) if none does."""
-        least = self.config.shared_prefix_rows
-        if least <= 0 or not _plain_prompt(request):
+        """The free slot that still holds the longest prefix of a new plain prompt (an ended request
+        left it) and that prefix's length; (None, 0) if none does."""
+        if request.session is not None:
             return None, 0
-        slot, length = _longest_prefix(self.runner.cache.kept.items(), request.prompt.rows, request.prompt_length - 1)
-        return (slot, length) if length >= least else (None, 0)
+        return kept_prefix(self.runner.cache.kept.items(), request.prompt, self.config.shared_prefix_rows)
 
     def _share_prefixes(self) -> frozenset[str]:
         """Give each new prompt the cached keys and values of its longest prefix that another request
@@ -539,16 +537,26 @@ class Engine:
                                 generation=request.generation(self.family.codebooks, self.family.columns)))
 
 
-def _plain_prompt(request: EngineRequest) -> bool:
-    """Whether the request's cache positions 0.. are its prompt rows 0..: no session context before
-    them, no prompt rows added while it runs, no prompt still arriving."""
-    prompt = request.prompt
-    return request.session is None and not prompt.later_rows and not prompt.info.get("open")
+def _plain_prompt(prompt: Prompt) -> bool:
+    """Whether a request's cache positions 0.. are its prompt rows 0.. (outside a session): no prompt
+    rows added while it runs, no prompt still arriving."""
+    return not prompt.later_rows and not prompt.info.get("open")
 
 
 def _shares_prefixes(request: EngineRequest) -> bool:
-    """A plain prompt in the talker, in an allocated slot."""
-    return _plain_prompt(request) and request.slot >= 0 and request.status in (Status.PREFILL, Status.DECODING)
+    """A plain prompt outside a session in the talker, in an allocated slot."""
+    return (request.session is None and _plain_prompt(request.prompt) and request.slot >= 0
+            and request.status in (Status.PREFILL, Status.DECODING))
+
+
+def kept_prefix(candidates, prompt: Prompt, least: int) -> tuple[int | None, int]:
+    """Of (slot, rows) candidates that hold those rows' keys and values, the one sharing the longest
+    prefix with a plain `prompt` (never its last row, whose hidden state a step needs) and that
+    length; (None, 0) below `least` rows, for a prompt that is not plain, or with `least` <= 0 (off)."""
+    if least <= 0 or not _plain_prompt(prompt):
+        return None, 0
+    slot, length = _longest_prefix(candidates, prompt.rows, len(prompt.rows) - 1)
+    return (slot, length) if length >= least else (None, 0)
 
 
 def _longest_prefix(candidates, rows: np.ndarray, limit: int) -> tuple[int | None, int]:

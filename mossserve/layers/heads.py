@@ -36,7 +36,7 @@ def project_float32(x: torch.Tensor, weight: torch.Tensor, block_rows: int = 819
     widened a block of rows at a time (its values are exact in float32), so a head too large to
     widen whole gives logits that are not rounded to half precision: the rounding a certificate
     over some of its rows (layers/head_bound.py) can bound as tightly as float32's."""
-    if weight.dtype == torch.float32:
-        return project(x, weight).float()
     x = x.float()
+    if weight.dtype == torch.float32:
+        return project(x, weight)
     return torch.cat([project(x, block.float()) for block in weight.split(block_rows)], dim=-1)

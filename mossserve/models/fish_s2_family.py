@@ -30,7 +30,7 @@ import torch
 
 from ..errors import InvalidRequestError
 from ..layers.head_bound import head_cannot_overflow, head_rounding_bound
-from ..layers.heads import project
+from ..layers.heads import project_float32
 from ..loader import build_on_meta, load_weights, weight_files
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
@@ -208,7 +208,7 @@ class FishS2Family(TalkerFamily):
         of the whole head and of the sampler (fish_s2_sampling.certified_*); the rest (near-ties) take
         the whole head one row at a time, so that their answer does not depend on the batch."""
         head = self._narrow_head()
-        logits = project(hidden.float(), head.weight)
+        logits = project_float32(hidden, head.weight)
         bound = BOUND_SAFETY * head_rounding_bound(head.weight_abs, hidden, logits, head.weight)
         index, ok_normal = certified_argmax(logits, bound)
         ok_high = ok_normal.clone()
