@@ -16,10 +16,11 @@ mode that sees every aten op:
   norms, slices of stacked heads); embedding tables that are only gathered (`embedding`,
   `embedding_bag`, `index_select`) are not counted, and a weight read several times in a step
   (a depth transformer runs once per channel) is counted once: the least a step must move;
-* FLOPs: 2 m n k of every matmul (`linear`, `matmul`, `mm`, `addmm`, `bmm`, `baddbmm`), which covers every weight
-  of the step once per use (2 x params touched x batch, the depth loop's repeats included), plus
-  the attention of every fused `scaled_dot_product_attention` kernel (4 x batch x heads x queries
-  x keys x head_dim) over the context the step sees, reported apart as `attention_flops`.
+* FLOPs: 2 m n k of every matmul (`linear`, `matmul`, `mm`, `addmm`, `bmm`, `baddbmm`, `mv`,
+  `addmv`), which covers every weight of the step once per use (2 x params touched x batch, the
+  depth loop's repeats included), plus the attention of every fused
+  `scaled_dot_product_attention` kernel (4 x batch x heads x queries x keys x head_dim) over the
+  context the step sees, reported apart as `attention_flops`.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 # op -> index of its first matrix operand: FLOPs = 2 x output elements x that operand's last dim
-MATMULS = {aten.mm: 0, aten.addmm: 1, aten.bmm: 0, aten.baddbmm: 1, aten.linear: 0, aten.matmul: 0}
+MATMULS = {aten.mm: 0, aten.addmm: 1, aten.bmm: 0, aten.baddbmm: 1, aten.linear: 0, aten.matmul: 0, aten.mv: 0,
+           aten.addmv: 1}
 GATHERS = {aten.embedding, aten.embedding_bag, aten._embedding_bag, aten._embedding_bag_forward_only,
            aten.index_select, aten.index, aten.gather}  # op packets (every overload)
 ATTENTION = "scaled_dot_product"

@@ -2,33 +2,62 @@
 
 On CPU, `weight @ x.T` runs two to three times faster than `F.linear(x, weight)` when x has a
 handful of rows and the weight tens of thousands (the BLAS picks a slow kernel for the skinny
-operand); on GPU the two are the same and `F.linear` is kept.
+operand); one row is a matrix-vector product (`torch.mv`). On GPU the forms are the same and
+`F.linear` is kept.
 
 A weight that stacks several heads of equal size (the Delay family's 32 codebook heads) runs on
-CPU as one batched matmul over its blocks: each block's product is formed while the block is in
-cache. Measured on the bench checkpoint's heads (32 x 1,025 x 512, 2 threads, AVX2): 10.3 -> 4.8 ms
-at 1 row, 18.0 -> 11.0 ms at 16; from 2 rows on, this machine's MKL returns the same bits as the
-single matmul (same kernel and reduction order per block), at 1 row a GEMM instead of a GEMV.
+CPU, from two rows on, as one batched matmul over its blocks: each block's product is formed while
+the block is in cache (bench heads, 32 x 1,025 x 512, 2 threads: 18.0 -> 11.0 ms at 16 rows). At one
+row the faster form depends on the machine's BLAS: the blocks took 4.8 ms against the GEMV's 10.3
+on an AMD EPYC (AVX2), the GEMV 1.3 ms against the blocks' 2.6 on an Intel Xeon (AVX-512), about
+2.5 ms of a 16 ms engine step there. So the one-row form is timed once per weight shape and dtype
+in the process and the faster kept. The forms differ only in the last bits of the logits, as
+a row's logits alone and in a batch already do (the backbone's `F.linear` too; docs/performance.md).
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
+
+_one_row_gemv: dict[tuple, bool] = {}
 
 
 def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., H) @ weight (N, H).T -> (..., N)."""
     if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight)
+    if x.shape[0] == 1:
+        return torch.mv(weight, x[0]).unsqueeze(0)
     return (weight @ x.T).T
 
 
 def project_blocks(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tensor:
     """x (B, H) @ weight (blocks * R, H).T -> (B, blocks, R): `blocks` heads stacked in one weight."""
-    if x.device.type != "cpu" or x.dim() != 2:
+    if x.device.type != "cpu" or x.dim() != 2 or (x.shape[0] == 1 and _gemv_is_faster(x, weight, blocks)):
         return project(x, weight).unflatten(-1, (blocks, -1))
     heads = weight.view(blocks, -1, weight.shape[-1])
     return torch.bmm(heads, x.T.expand(blocks, -1, -1)).permute(2, 0, 1)
+
+
+def _gemv_is_faster(x: torch.Tensor, weight: torch.Tensor, blocks: int, rounds: int = 3) -> bool:
+    """Whether one matrix-vector product over the whole weight beats the blocks' products for one
+    row here: the better of `rounds` alternating timings, once per shape and dtype."""
+    key = (tuple(weight.shape), weight.dtype, blocks)
+    if key not in _one_row_gemv:
+        heads = weight.view(blocks, -1, weight.shape[-1])
+        forms = (lambda: torch.mv(weight, x[0]), lambda: torch.bmm(heads, x.T.expand(blocks, -1, -1)))
+        best = [float("inf")] * 2
+        for form in forms:
+            form()
+        for _ in range(rounds):
+            for i, form in enumerate(forms):
+                start = time.perf_counter()
+                form()
+                best[i] = min(best[i], time.perf_counter() - start)
+        _one_row_gemv[key] = best[0] < best[1]
+    return _one_row_gemv[key]
 
 
 def project_float32(x: torch.Tensor, weight: torch.Tensor, block_rows: int = 8192) -> torch.Tensor:

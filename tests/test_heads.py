@@ -1,0 +1,37 @@
+"""layers/heads.py: every CPU form of the stacked heads' product is the matmul's, and the one-row
+form is chosen once per shape and dtype."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mossserve.layers import heads
+
+
+def stacked(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    torch.manual_seed(0)
+    return (torch.randn(8 * 33, 48) * 0.1).to(dtype)
+
+
+@pytest.mark.parametrize("gemv", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_blocks_equal_the_matmul_in_either_one_row_form(gemv: bool, rows: int, monkeypatch) -> None:
+    weight = stacked()
+    x = torch.randn(rows, 48)
+    monkeypatch.setattr(heads, "_one_row_gemv", {(tuple(weight.shape), weight.dtype, 8): gemv})
+    out = heads.project_blocks(x, weight, 8)
+    assert out.shape == (rows, 8, 33)
+    torch.testing.assert_close(out, F.linear(x, weight).view(rows, 8, 33), rtol=1e-6, atol=1e-6)
+
+
+def test_the_one_row_form_is_timed_once_per_shape_and_dtype(monkeypatch) -> None:
+    monkeypatch.setattr(heads, "_one_row_gemv", {})
+    timed = []
+    monkeypatch.setattr(heads.time, "perf_counter", lambda: timed.append(1) or float(len(timed)))
+    for dtype in (torch.float32, torch.float32, torch.bfloat16):
+        weight = stacked(dtype)
+        x = torch.randn(1, 48).to(dtype)
+        torch.testing.assert_close(heads.project_blocks(x, weight, 8), F.linear(x, weight).view(1, 8, 33))
+    assert set(heads._one_row_gemv) == {((264, 48), torch.float32, 8), ((264, 48), torch.bfloat16, 8)}
+    assert len(timed) == 2 * 2 * 3 * 2  # two keys, two forms, three rounds, a start and an end each
