@@ -124,8 +124,10 @@ def test_rotary_tables_are_the_references_bf16_tables(codec) -> None:
     positions = torch.arange(golden.shape[0])[None]
     cos, sin = rotary.cos_sin(positions, golden.shape[0], torch.float32)
     half = golden.shape[1]
-    assert np.array_equal(cos[0, 0, :, :half].numpy(), golden[..., 0])
-    assert np.array_equal(sin[0, 0, :, :half].numpy(), golden[..., 1])
+    assert cos.shape == sin.shape == (1, golden.shape[0], 1, 2 * half)  # (B, T, 1, hd)
+    assert np.array_equal(cos[0, :, 0, :half].numpy(), golden[..., 0])
+    assert np.array_equal(sin[0, :, 0, half:].numpy(), golden[..., 1])
+    assert np.array_equal(sin[0, :, 0, :half].numpy(), -golden[..., 1])  # signed for rotate()
 
 
 def test_seam_attributes(codec) -> None:

@@ -49,7 +49,7 @@ def test_config_reads_what_the_reference_reads() -> None:
     assert (cfg.slow.hidden_size, cfg.slow.num_hidden_layers, cfg.slow.num_attention_heads) == (32, 2, 8)
     assert (cfg.slow.num_key_value_heads, cfg.slow.head_dim, cfg.slow.intermediate_size) == (2, 16, 88)
     assert (cfg.num_codebooks, cfg.codebook_size, cfg.eos_token_id) == (10, 4096, 1184)
-    assert cfg.slow_qk_norm and not cfg.fast_qk_norm and cfg.tie_word_embeddings
+    assert cfg.slow.qk_norm and not cfg.fast.qk_norm and cfg.tie_word_embeddings
     assert cfg.fast.rope_theta == cfg.slow.rope_theta and cfg.fast.rms_norm_eps == cfg.slow.rms_norm_eps
 
 
@@ -121,8 +121,9 @@ def test_rotary_tables_are_the_references_bf16_tables() -> None:
         table.reserve(length, torch.device("cpu"))
         half = head_dim // 2
         assert torch.equal(table.cos_table[:length, :half], torch.from_numpy(rope[name][..., 0])), name
-        assert torch.equal(table.sin_table[:length, :half], torch.from_numpy(rope[name][..., 1])), name
+        assert torch.equal(table.sin_table[:length, half:], torch.from_numpy(rope[name][..., 1])), name
         assert torch.equal(table.cos_table[:length, half:], table.cos_table[:length, :half])
+        assert torch.equal(table.sin_table[:length, :half], -table.sin_table[:length, half:])  # signed for rotate()
 
 
 def test_without_the_rounding_the_logits_miss() -> None:

@@ -1,4 +1,10 @@
-"""Rotary position embedding, rotate-half layout (Qwen/Llama): pairs are (i, i + d/2)."""
+"""Rotary position embedding, rotate-half layout (Qwen/Llama): pairs are (i, i + d/2).
+
+Rotate-half computes x * cos + cat(-x_hi, x_lo) * sin. Here the table keeps sin with its first
+half negated, so the rotation is x * cos + swap_halves(x) * sin: one `roll` instead of two slices,
+a negation and a concatenation, and the same products bit for bit (-a * b == a * -b in floating
+point).
+"""
 from __future__ import annotations
 
 import torch
@@ -24,20 +30,16 @@ class RotaryEmbedding:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         inv_freq = 1.0 / (self.theta**exponents)
         angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
-        angles = torch.cat([angles, angles], dim=-1)
-        self.cos_table, self.sin_table = angles.cos(), angles.sin()
+        self.cos_table = torch.cat([angles.cos(), angles.cos()], dim=-1)
+        self.sin_table = torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
     def cos_sin(self, positions: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, T, d) at `positions` (B, T), all below `length`; once per forward, shared by every layer."""
+        """cos and signed sin (B, T, 1, d) at `positions` (B, T), all below `length`, for x laid out
+        (B, T, heads, d); once per forward, shared by every layer."""
         self.reserve(length, positions.device)
-        return self.cos_table[positions].unsqueeze(1).to(dtype), self.sin_table[positions].unsqueeze(1).to(dtype)
+        return self.cos_table[positions].unsqueeze(2).to(dtype), self.sin_table[positions].unsqueeze(2).to(dtype)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, nh, T, d), k (B, nkv, T, d) rotated by the tables of `RotaryEmbedding.cos_sin`."""
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, d) rotated by the tables of `RotaryEmbedding.cos_sin`."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin

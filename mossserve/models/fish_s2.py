@@ -24,13 +24,9 @@ from .qwen3 import Qwen3Model
 from .qwen3_config import Qwen3Config
 
 
-def _transformer(config: Qwen3Config, qk_norm: bool) -> Qwen3Model:
+def _transformer(config: Qwen3Config) -> Qwen3Model:
     model = Qwen3Model(config)
     model.rotary = RoundedRotaryEmbedding(config.head_dim, config.rope_theta)
-    if not qk_norm:
-        for layer in model.layers:
-            layer.self_attn.q_norm = nn.Identity()
-            layer.self_attn.k_norm = nn.Identity()
     return model
 
 
@@ -39,10 +35,10 @@ class FishS2Model(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.slow = _transformer(c.slow, c.slow_qk_norm)
+        self.slow = _transformer(c.slow)
         self.codebook_embeddings = nn.Parameter(torch.empty(c.num_codebooks * c.codebook_size, c.slow.hidden_size))
         self.output = None if c.tie_word_embeddings else nn.Linear(c.slow.hidden_size, c.slow.vocab_size, bias=False)
-        self.fast = _transformer(c.fast, c.fast_qk_norm)
+        self.fast = _transformer(c.fast)
         self.fast_output = nn.Linear(c.fast.hidden_size, c.codebook_size, bias=False)
         self.project_in = None if c.fast.hidden_size == c.slow.hidden_size else nn.Linear(c.slow.hidden_size,
                                                                                           c.fast.hidden_size)
@@ -140,8 +136,8 @@ class FishS2Model(nn.Module):
                 w[:q_rows] = permute_heads(w[:q_rows], cfg.num_attention_heads, cfg.head_dim)
                 w[q_rows : q_rows + k_rows] = permute_heads(w[q_rows : q_rows + k_rows], cfg.num_key_value_heads,
                                                             cfg.head_dim)
-                for norm in (attn.q_norm, attn.k_norm):
-                    if not isinstance(norm, nn.Identity):
+                if attn.qk_norm:
+                    for norm in (attn.q_norm, attn.k_norm):
                         norm.weight.copy_(permute_heads(norm.weight, 1, cfg.head_dim))
 
 
@@ -159,7 +155,7 @@ def _transformer_layout(model: Qwen3Model, src: str, dst: str, embedding: str) -
             s + "feed_forward.w3.weight": (d + "mlp.gate_up_proj.weight", c.intermediate_size),
             s + "feed_forward.w2.weight": (d + "mlp.down_proj.weight", 0),
         })
-        if not isinstance(layer.self_attn.q_norm, nn.Identity):
+        if layer.self_attn.qk_norm:
             layout[s + "attention.q_norm.weight"] = (d + "self_attn.q_norm.weight", 0)
             layout[s + "attention.k_norm.weight"] = (d + "self_attn.k_norm.weight", 0)
     return layout

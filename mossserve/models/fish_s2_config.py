@@ -26,8 +26,6 @@ def is_fish_config(config: dict[str, Any]) -> bool:
 class FishS2Config:
     slow: Qwen3Config
     fast: Qwen3Config
-    slow_qk_norm: bool
-    fast_qk_norm: bool
     tie_word_embeddings: bool
     codebook_size: int  # C: fast vocabulary and codebook-embedding stride
     num_codebooks: int  # N codes per frame
@@ -44,13 +42,9 @@ class FishS2Config:
                 raise CheckpointError(f"{where}: {name}: attention biases are not supported")
             if part.get("use_moe"):
                 raise CheckpointError(f"{where}: {name}: use_moe=true is not supported")
-        slow = _transformer(text, {}, text, f"{where}: text_config")
-        fast = _transformer(audio, text, text, f"{where}: audio_decoder_config")
         return cls(
-            slow=slow,
-            fast=fast,
-            slow_qk_norm=bool(text.get("attention_qk_norm", False)),
-            fast_qk_norm=bool(audio.get("attention_qk_norm", text.get("attention_qk_norm", False))),
+            slow=_transformer(text, {}, text, f"{where}: text_config"),
+            fast=_transformer(audio, text, text, f"{where}: audio_decoder_config"),
             tie_word_embeddings=bool(text.get("tie_word_embeddings", True)),
             codebook_size=int(require(audio, "vocab_size", f"{where}: audio_decoder_config")),
             num_codebooks=int(require(audio, "num_codebooks", f"{where}: audio_decoder_config")),
@@ -101,4 +95,5 @@ def _transformer(part: dict[str, Any], inherit: dict[str, Any], text: dict[str, 
         rope_theta=float(text.get("rope_base", 10000.0)),
         vocab_size=int(require(part, "vocab_size", where)),
         max_position_embeddings=int(text.get("max_seq_len", 2048)),
+        qk_norm=bool(get("attention_qk_norm", False)),
     )

@@ -22,7 +22,8 @@ class Qwen3DecoderLayer(nn.Module):
         super().__init__()
         c = config
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Qwen3Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps)
+        self.self_attn = Qwen3Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                        c.rms_norm_eps, c.qk_norm)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size)
 

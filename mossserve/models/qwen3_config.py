@@ -20,6 +20,7 @@ class Qwen3Config:
     rope_theta: float
     vocab_size: int
     max_position_embeddings: int
+    qk_norm: bool = True  # RMSNorm of each q and k head (Qwen3); Fish's slow and fast AR may have none
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], where: str = "language_config") -> "Qwen3Config":

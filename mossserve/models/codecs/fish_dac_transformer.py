@@ -18,7 +18,7 @@ from torch import nn
 
 from ...layers.mlp import SwiGLU
 from ...layers.norms import RMSNorm
-from ...layers.rotary import apply_rotary
+from ...layers.rotary import rotate
 from ...layers.rotary_rounded import RoundedRotaryEmbedding
 from .fish_dac_config import WindowTransformerConfig
 from .fish_dac_modules import Streamable, StreamStep
@@ -50,8 +50,10 @@ class Attention(nn.Module):
         (offline, whole sequences from position 0: `mask` unused). Returns the output and the
         keys/values the queries attended over."""
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, k, *rotary)
+        qkv = self.wqkv(x).view(B, T, 3, self.heads, self.head_dim)
+        cos, sin = rotary  # (B, T, 1, hd): one more axis broadcasts them over q and k together
+        q, k = rotate(qkv[:, :, :2], cos.unsqueeze(2), sin.unsqueeze(2)).transpose(1, 3).unbind(2)  # (B, H, T, hd)
+        v = qkv[:, :, 2].transpose(1, 2)
         if context is not None:
             k, v = torch.cat([context[0], k], dim=2), torch.cat([context[1], v], dim=2)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
