@@ -74,6 +74,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps on CUDA
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
     threaded: bool = True  # talker and codec on their own threads; False: `Engine.step()` drives both
+    # The codec on a thread of its own (threaded only). None: on CUDA, where it overlaps the talker on
+    # its own stream; on CPU the talker's thread decodes between steps: one OpenMP pool (docs/performance.md).
+    codec_thread: bool | None = None
 
     def validate(self) -> None:
         if self.max_running < 1 or self.max_queued < 0 or self.prefill_tokens < 1 or self.max_len < 2 \

@@ -132,19 +132,23 @@ def test_a_failed_request_raises_in_its_stream_only(delay_tts, monkeypatch) -> N
     assert engine.stats()["live"] == 0
 
 
-def test_a_dropped_tts_frees_its_engine_and_threads(delay_model_dirs) -> None:
+@pytest.mark.parametrize("codec_thread", [True, None])
+def test_a_dropped_tts_frees_its_engine_and_threads(delay_model_dirs, codec_thread) -> None:
     """Engine, codec and speaker threads hold their owners weakly: a TTS that goes out of scope
-    (or is created again in a notebook) is collected with its KV cache, and its threads end."""
+    (or is created again in a notebook) is collected with its KV cache, and its threads end. On CPU
+    the codec runs on the engine's thread unless asked for a thread of its own."""
     import gc
     import threading
     import weakref
 
     before = set(threading.enumerate())
-    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny")
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                              engine_config=EngineConfig(codec_thread=codec_thread))
     tts.synthesize(SpeechRequest(input="Goodbye.", voice=AUDIO_DIR / "reference_zh.wav"), SamplingParams.greedy(),
                    max_new_frames=5)
     threads = [t for t in threading.enumerate() if t not in before]
-    assert {t.name for t in threads} == {"mossserve-engine", "mossserve-codec", "mossserve-speakers"}
+    codec = {"mossserve-codec"} if codec_thread else set()
+    assert {t.name for t in threads} == {"mossserve-engine", "mossserve-speakers"} | codec
     refs = {name: weakref.ref(x) for name, x in (("tts", tts), ("engine", tts.engine), ("speakers", tts.speakers))}
     tts.wait_idle()  # a thread still finishing the round that delivered the last chunk holds its owner
     del tts
@@ -153,3 +157,23 @@ def test_a_dropped_tts_frees_its_engine_and_threads(delay_model_dirs) -> None:
     for thread in threads:
         thread.join(timeout=30)
         assert not thread.is_alive()
+
+
+def test_the_codec_on_its_own_thread_or_between_steps_gives_the_same_audio(delay_model_dirs) -> None:
+    """On CPU the engine's thread decodes audio between steps (one OpenMP pool, engine/openmp.py);
+    a codec thread of its own (CUDA's default) streams the same chunks and audio."""
+    request = SpeechRequest(input="Between the steps.", voice=AUDIO_DIR / "reference_zh.wav")
+    results = []
+    for codec_thread in (None, True):
+        tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                                  engine_config=EngineConfig(codec_thread=codec_thread))
+        try:
+            chunks = list(tts.stream(request, SamplingParams.greedy(), max_new_frames=40))
+        finally:
+            tts.close()
+        results.append(chunks)
+    between, threaded = results
+    assert len(between) == len(threaded) > 2
+    for a, b in zip(between, threaded):
+        assert (a.frame_start, a.frame_end) == (b.frame_start, b.frame_end)
+        np.testing.assert_array_equal(a.audio, b.audio)

@@ -31,6 +31,7 @@ from .request import AudioChunk, EngineRequest, Sink, Status
 from .scheduler import Scheduler
 from .sessions import Session, Sessions
 from .talker_runner import TalkerRunner
+from .openmp import release_openmp_pool
 from .worker import Worker
 
 
@@ -43,6 +44,9 @@ class Engine:
         self.max_len = min(config.max_len, family.backbone_config.max_position_embeddings)
         device = next(family.model.parameters()).device
         mode = "graphs" if device.type == "cuda" and config.cuda_graphs else "eager"
+        self._on_cpu = device.type == "cpu"
+        codec_thread = config.codec_thread if config.codec_thread is not None else device.type == "cuda"
+        self._codec_between_steps = not (config.threaded and codec_thread)
         self.runner = TalkerRunner(family, config.max_running, self.max_len, config.prefill_tokens, mode,
                                    config.graph_batch_sizes)
         self.scheduler = Scheduler(config.max_running, config.max_queued, config.prefill_tokens)
@@ -203,7 +207,10 @@ class Engine:
     def start(self) -> None:
         """Run the talker loop and the codec runner on their own threads (with `threaded`)."""
         if self.config.threaded:
-            self.codec.start()
+            if not self._codec_between_steps:
+                self.codec.start()
+            if self._on_cpu:
+                release_openmp_pool()  # this thread's, made while the model loaded (docs/performance.md)
             self._worker.start()
 
     def shutdown(self) -> None:
@@ -257,7 +264,7 @@ class Engine:
         if ready:
             self._advance(ready, hidden)
         self.counts["steps"] += 1
-        if not self.config.threaded:
+        if self._codec_between_steps:
             while self.codec.run_once():
                 pass
 

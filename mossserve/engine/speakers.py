@@ -25,6 +25,7 @@ import torch
 from ..audio import load_audio
 from ..audio.loudness import normalize_loudness
 from ..errors import AudioError
+from .openmp import release_openmp_pool
 from .worker import Worker
 
 VoiceSource = str | PathLike | bytes | bytearray | memoryview
@@ -121,6 +122,9 @@ class SpeakerCache:
                 if not job.future.done():
                     self._finish(job, error=e)
             raise
+        finally:
+            # An idle OpenMP pool on this thread would slow every step of the talker's (engine/openmp.py).
+            release_openmp_pool()
 
     def stats(self) -> dict[str, int]:
         """hits: requests served without a new encode (cached, or joined one in flight);
