@@ -26,12 +26,12 @@ from ..models.codecs.base import Codec
 from ..models.family import Prompt, TalkerFamily
 from ..sampling import SamplingParams
 from .codec_runner import CodecRunner
+from .openmp import release_openmp_pool
 from .pipeline import Pipeline, frame_width
 from .request import AudioChunk, EngineRequest, Sink, Status
 from .scheduler import Scheduler
 from .sessions import Session, Sessions
 from .talker_runner import TalkerRunner
-from .openmp import release_openmp_pool
 from .worker import Worker
 
 
@@ -205,7 +205,8 @@ class Engine:
 
     # ---- threads -------------------------------------------------------------------------
     def start(self) -> None:
-        """Run the talker loop and the codec runner on their own threads (with `threaded`)."""
+        """Run the talker loop on its own thread (with `threaded`), and the codec runner on another
+        where `codec_thread` asks for it (by default on CUDA only; else it decodes between steps)."""
         if self.config.threaded:
             if not self._codec_between_steps:
                 self.codec.start()
