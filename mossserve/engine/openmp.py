@@ -12,6 +12,8 @@ done.
 from __future__ import annotations
 
 import ctypes
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 OMP_PAUSE_HARD = 2
@@ -19,15 +21,22 @@ OMP_PAUSE_HARD = 2
 
 def release_openmp_pool() -> bool:
     """Free this thread's GNU OpenMP pool; True if it was done."""
+    pause = _pause_function()
+    return pause is not None and pause(OMP_PAUSE_HARD) == 0
+
+
+@functools.cache
+def _pause_function() -> Callable[[int], int] | None:
+    """`omp_pause_resource_all` of the libgomp this process loaded, found once."""
     library = _loaded_libgomp()
     if library is None:
-        return False
+        return None
     try:
         pause = ctypes.CDLL(library).omp_pause_resource_all
     except (OSError, AttributeError):
-        return False
+        return None
     pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
-    return pause(OMP_PAUSE_HARD) == 0
+    return pause
 
 
 def _loaded_libgomp() -> str | None:
@@ -36,7 +45,7 @@ def _loaded_libgomp() -> str | None:
     if not maps.exists():
         return None
     for line in maps.read_text().splitlines():
-        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
-        if "libgomp" in Path(path).name:
-            return path
+        fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, path
+        if len(fields) == 6 and "libgomp" in Path(fields[5]).name:
+            return fields[5]
     return None

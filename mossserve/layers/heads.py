@@ -37,8 +37,12 @@ def project_blocks(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.
     """x (B, H) @ weight (blocks * R, H).T -> (B, blocks, R): `blocks` heads stacked in one weight."""
     if x.device.type != "cpu" or x.dim() != 2 or (x.shape[0] == 1 and _gemv_is_faster(x, weight, blocks)):
         return project(x, weight).unflatten(-1, (blocks, -1))
-    heads = weight.view(blocks, -1, weight.shape[-1])
-    return torch.bmm(heads, x.T.expand(blocks, -1, -1)).permute(2, 0, 1)
+    return _by_block(x, weight, blocks).permute(2, 0, 1)
+
+
+def _by_block(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tensor:
+    """(blocks, R, B): each stacked head's product with x, as one batched matmul."""
+    return torch.bmm(weight.view(blocks, -1, weight.shape[-1]), x.T.expand(blocks, -1, -1))
 
 
 def _gemv_is_faster(x: torch.Tensor, weight: torch.Tensor, blocks: int, rounds: int = 3) -> bool:
@@ -46,8 +50,7 @@ def _gemv_is_faster(x: torch.Tensor, weight: torch.Tensor, blocks: int, rounds: 
     row here: the better of `rounds` alternating timings, once per shape and dtype."""
     key = (tuple(weight.shape), weight.dtype, blocks)
     if key not in _one_row_gemv:
-        heads = weight.view(blocks, -1, weight.shape[-1])
-        forms = (lambda: torch.mv(weight, x[0]), lambda: torch.bmm(heads, x.T.expand(blocks, -1, -1)))
+        forms = (lambda: project(x, weight), lambda: _by_block(x, weight, blocks))
         best = [float("inf")] * 2
         for form in forms:
             form()

@@ -1,7 +1,7 @@
 """RMSNorm computed in fp32, as Qwen3 does, whatever the weight dtype.
 
-`F.rms_norm` computes Qwen3's x * rsqrt(mean(x^2) + eps) in one kernel with the same bits as
-the formula written out in eight ops (tests/test_norms_rotary.py checks it on this torch build).
+`F.rms_norm` computes Qwen3's x * rsqrt(mean(x^2) + eps) in one call (fewer dispatches) with the
+same bits as the formula written out in eight ops (tests/test_norms_rotary.py checks it on this torch build).
 """
 from __future__ import annotations
 

@@ -30,8 +30,8 @@ class RotaryEmbedding:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         inv_freq = 1.0 / (self.theta**exponents)
         angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
-        self.cos_table = torch.cat([angles.cos(), angles.cos()], dim=-1)
-        self.sin_table = torch.cat([-angles.sin(), angles.sin()], dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        self.cos_table, self.sin_table = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
     def cos_sin(self, positions: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin (B, T, 1, d) at `positions` (B, T), all below `length`, for x laid out

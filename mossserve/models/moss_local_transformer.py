@@ -38,14 +38,15 @@ class LocalAttention(Qwen3Attention):
 
     def step(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, position: int) -> torch.Tensor:
         """x (B, 1, H) at depth `position`; attends to positions 0..position of the cache."""
-        batch, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = self.q_norm(q.view(batch, 1, self.heads, d)).transpose(1, 2)
-        cache_k[:, :, position] = self.k_norm(k.view(batch, self.kv_heads, d))
-        cache_v[:, :, position] = v.view(batch, self.kv_heads, d)
+        batch = x.shape[0]
+        qkv = self.qkv_proj(x).view(batch, 1, self.heads + 2 * self.kv_heads, self.head_dim)
+        qk, v = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=2)
+        q, k = self._norm_qk(qk).split([self.heads, self.kv_heads], dim=2)
+        cache_k[:, :, position] = k[:, 0]
+        cache_v[:, :, position] = v[:, 0]
         keys, values = cache_k[:, :, : position + 1], cache_v[:, :, : position + 1]
-        out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=self.kv_heads != self.heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, 1, self.heads * d))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, 1, self.heads * self.head_dim))
 
 
 class LocalDecoderLayer(Qwen3DecoderLayer):
