@@ -30,7 +30,6 @@ frames for every request, with frames that follow from the random audio heads.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..cache import cache_root
 from . import codec as codec_bench
 
 STD = 0.02
@@ -117,7 +117,7 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_weights(config: dict, seed: int = 0, control: float = CONTROL) -> dict[str, torch.Tensor]:
     tensors = random_tensors(tensor_shapes(config), seed)
     # The control channel (see the module docstring).
     for name, t in tensors.items():
@@ -128,7 +128,7 @@ def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     tensors["language_model.norm.weight"][0] = 1.0
     embed, text_head = tensors["language_model.embed_tokens.weight"], tensors["lm_heads.0.weight"]
     for token in (NEWLINE_ID, config["audio_start_token_id"], config["audio_assistant_gen_slot_token_id"]):
-        embed[token, 0] = CONTROL
+        embed[token, 0] = control
     text_head[:, 0] = 0.0
     text_head[config["audio_start_token_id"], 0] = 1.0
     text_head[config["audio_assistant_gen_slot_token_id"], 0] = 1.0
@@ -138,13 +138,17 @@ def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def build_delay_checkpoint(directory: str | Path, *, hidden: int = 512, layers: int = 8, intermediate: int = 1536,
                            heads: int = 8, kv_heads: int = 4, head_dim: int = 64, n_vq: int = 32, seed: int = 0,
-                           codec_config: dict | None = None) -> Path:
-    """Write a random Delay checkpoint directory (config, weights, tokenizer, codec/); returns it."""
+                           codec_config: dict | None = None, control: float = CONTROL) -> Path:
+    """Write a random Delay checkpoint directory (config, weights, tokenizer, codec/); returns it.
+
+    `control`: the control embeddings' dim-0 value. The layers of a wider model grow the residual
+    stream more, so the released models' widths need a larger one for the control to stay the
+    largest logit (benchmarks/released_width.py)."""
     directory = Path(directory)
     config = delay_config(hidden, layers, intermediate, heads, kv_heads, head_dim, n_vq)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(random_weights(config, seed), directory / "model.safetensors", metadata={"format": "pt"})
+    save_file(random_weights(config, seed, control), directory / "model.safetensors", metadata={"format": "pt"})
     for name in TOKENIZER_FILES:
         shutil.copyfile(demo_dir() / name, directory / name)
     codec_bench.write_random_checkpoint(directory / "codec", codec_config or codec_bench.bench_config(), seed)
@@ -152,11 +156,6 @@ def build_delay_checkpoint(directory: str | Path, *, hidden: int = 512, layers: 
         "Random-weight MOSS-TTS (Delay) checkpoint for `mossserve bench` (noise, not speech); "
         "built by mossserve/bench/checkpoint.py.\n")
     return directory
-
-
-def cache_root() -> Path:
-    root = os.environ.get("MOSSSERVE_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "mossserve"
 
 
 def family_sizes(family: str) -> dict:
