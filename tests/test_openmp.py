@@ -7,13 +7,13 @@ import sys
 import torch
 
 from mossserve.engine import engine as engine_module
-from mossserve.engine.openmp import _loaded_libgomp, release_openmp_pool
+from mossserve.engine.openmp import loaded_libgomp, release_openmp_pool
 
 
 def test_the_pool_is_released_and_made_again_on_demand() -> None:
     data = torch.arange(1 << 21, dtype=torch.float64)
     expected = float(data.sum())  # a parallel region: this thread now has a pool
-    library = _loaded_libgomp()
+    library = loaded_libgomp()
     if sys.platform == "linux" and torch.__config__.parallel_info().count("OpenMP"):
         assert library is not None and "libgomp" in library
     assert release_openmp_pool() is (library is not None)

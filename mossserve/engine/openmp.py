@@ -28,7 +28,7 @@ def release_openmp_pool() -> bool:
 @functools.cache
 def _pause_function() -> Callable[[int], int] | None:
     """`omp_pause_resource_all` of the libgomp this process loaded, found once."""
-    library = _loaded_libgomp()
+    library = loaded_libgomp()
     if library is None:
         return None
     try:
@@ -39,7 +39,7 @@ def _pause_function() -> Callable[[int], int] | None:
     return pause
 
 
-def _loaded_libgomp() -> str | None:
+def loaded_libgomp() -> str | None:
     """The path of the libgomp this process has loaded (torch's own copy or the system's), if any."""
     maps = Path("/proc/self/maps")
     if not maps.exists():

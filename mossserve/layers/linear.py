@@ -1,9 +1,11 @@
-"""A bias-free projection whose one-row bf16 product on CPU runs as a matrix-vector product.
+"""A bias-free projection whose product of a few bf16 rows on CPU reads its weights once.
 
 torch's CPU `F.linear` on one bf16 row is no faster than on sixteen (a GEMM kernel that converts
-slower than memory delivers); `torch.mv` reads the same weights about 1.3x faster and returns the
-same bits on the CPU measured, an Intel Xeon with AMX (docs/performance.md, "Choosing the dtype"). float32 and float16
-keep `F.linear`: their matrix-vector products are no faster (float16's is slower).
+slower than memory delivers). Up to four bf16 rows run our own kernel where the CPU has
+AVX512-BF16 (layers/cpu_gemv.py); without it one row runs `torch.mv`, about 1.3x faster than
+`F.linear` with the same bits on the Intel Xeon with AMX measured (docs/performance.md, "Choosing
+the dtype"). float32 and float16 keep `F.linear`: their matrix-vector products are no faster
+(float16's is slower).
 """
 from __future__ import annotations
 
@@ -11,12 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_gemv import bf16_rows
+
 
 class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() == x.shape[-1]:
-            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            rows = x.reshape(-1, x.shape[-1])
+            out = bf16_rows(self.weight, rows)
+            if out is None and rows.shape[0] == 1:
+                out = torch.mv(self.weight, rows[0])
+            if out is not None:
+                return out.view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)

@@ -1,0 +1,139 @@
+"""The bf16 CPU kernel for one to four rows (layers/cpu_gemv.py): right sums, once rounded, and
+torch's own products wherever the kernel is not to be used."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+from mossserve.layers import cpu_gemv
+from mossserve.layers.linear import Linear
+
+needs_avx512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                                  reason="the kernel needs an AVX-512 CPU")
+
+
+@pytest.fixture
+def fresh_kernel(tmp_path, monkeypatch):
+    """bf16_kernel() looked up again, building into an empty cache."""
+    monkeypatch.setenv("MOSSSERVE_CACHE", str(tmp_path))
+    cpu_gemv.bf16_kernel.cache_clear()
+    yield tmp_path
+    cpu_gemv.bf16_kernel.cache_clear()
+
+
+def one_ulp(values: torch.Tensor) -> torch.Tensor:
+    """The bf16 spacing at each value (8 significant bits)."""
+    exponent = torch.frexp(values.abs().clamp_min(1e-30)).exponent
+    return torch.ldexp(torch.ones_like(values), exponent - 8)
+
+
+@needs_avx512
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n, k", [(1, 1), (3, 15), (4, 16), (5, 17), (1001, 700), (64, 512), (7, 1536)])
+def test_kernel_rounds_the_exact_product_once(fresh_kernel, m, n, k):
+    assert cpu_gemv.bf16_kernel() is not None, "AVX-512, a C compiler and torch's libgomp: the kernel must build"
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    exact = x.double() @ weight.double().T
+    got = cpu_gemv.bf16_rows(weight, x)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    # fp32 sums in another order than fp64's, then one rounding: within one bf16 step of the exact value.
+    assert ((got.double() - exact).abs() <= one_ulp(exact.float()).double()).all()
+
+
+@needs_avx512
+def test_a_row_gets_the_same_bits_alone_and_with_others(fresh_kernel):
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(300, 200, generator=gen).bfloat16()
+    x = torch.randn(4, 200, generator=gen).bfloat16()
+    together = cpu_gemv.bf16_rows(weight, x)
+    for i in range(4):
+        assert torch.equal(cpu_gemv.bf16_rows(weight, x[i : i + 1]), together[i : i + 1])
+    strided = torch.randn(4, 400, generator=gen).bfloat16()[:, ::2]  # rows that are not contiguous
+    assert torch.equal(cpu_gemv.bf16_rows(weight, strided), cpu_gemv.bf16_rows(weight, strided.contiguous()))
+
+
+@needs_avx512
+def test_kernel_matches_torch_mv_and_does_not_depend_on_threads(fresh_kernel):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(3072, 512, generator=gen).bfloat16()
+    x = torch.randn(1, 512, generator=gen).bfloat16()
+    assert cpu_gemv.bf16_kernel() is not None
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_gemv.bf16_rows(weight, x)
+        torch.set_num_threads(2)
+        two = cpu_gemv.bf16_rows(weight, x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each sum is formed by one thread
+    reference = torch.mv(weight, x[0]).float()
+    assert ((one.float() - reference).abs() <= one_ulp(reference)).all()
+
+
+@needs_avx512
+def test_kernel_propagates_nan_and_inf(fresh_kernel):
+    weight = torch.ones(4, 64, dtype=torch.bfloat16)
+    weight[1, 3] = float("inf")
+    weight[2, 5] = float("nan")
+    x = torch.ones(1, 64, dtype=torch.bfloat16)
+    got = cpu_gemv.bf16_rows(weight, x)[0]
+    assert got[0].item() == 64 and got[1].item() == float("inf") and got[2].isnan() and got[3].item() == 64
+
+
+@needs_avx512
+def test_the_build_is_cached(fresh_kernel):
+    compiler = os.environ.get("CC") or "cc"
+    first = cpu_gemv.build(compiler)
+    built_at = first.stat().st_mtime_ns
+    assert cpu_gemv.build(compiler) == first and first.stat().st_mtime_ns == built_at
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no scratch left behind
+
+
+@needs_avx512
+@pytest.mark.parametrize("shape", [(1, 1, 512), (1, 512), (2, 1, 512), (4, 512)])
+def test_linear_takes_the_kernel_for_up_to_four_bf16_rows(fresh_kernel, shape):
+    gen = torch.Generator().manual_seed(1)
+    layer = Linear(512, 1024).bfloat16().requires_grad_(False)
+    layer.weight.copy_(torch.randn(1024, 512, generator=gen))
+    x = torch.randn(shape, generator=gen).bfloat16()
+    rows = x.reshape(-1, 512)
+    expected = cpu_gemv.bf16_rows(layer.weight, rows)
+    assert torch.equal(layer(x), expected.view(*shape[:-1], -1))
+
+
+def test_five_rows_take_torch(fresh_kernel):
+    weight, x = torch.randn(16, 64).bfloat16(), torch.randn(5, 64).bfloat16()
+    assert cpu_gemv.bf16_rows(weight, x) is None
+
+
+def test_switched_off_by_the_environment(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("MOSSSERVE_CPU_KERNELS", "0")
+    assert cpu_gemv.bf16_kernel() is None
+    weight, x = torch.randn(8, 40).bfloat16(), torch.randn(1, 40).bfloat16()
+    assert cpu_gemv.bf16_rows(weight, x) is None
+    layer = Linear(40, 8).bfloat16().requires_grad_(False)
+    layer.weight.copy_(weight)
+    assert torch.equal(layer(x), torch.mv(weight, x[0]).unsqueeze(0))
+
+
+def test_a_failing_compiler_falls_back_to_torch_mv(fresh_kernel, monkeypatch, tmp_path):
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
+    failing.chmod(failing.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(failing))
+    assert cpu_gemv.bf16_kernel() is None
+    assert not list((tmp_path / "kernels").glob("*.so"))
+    weight, x = torch.randn(8, 40).bfloat16(), torch.randn(1, 40).bfloat16()
+    assert cpu_gemv.bf16_rows(weight, x) is None
+
+
+def test_other_dtypes_and_layouts_take_torch(fresh_kernel):
+    assert cpu_gemv.bf16_rows(torch.randn(16, 64), torch.randn(1, 64)) is None
+    transposed = torch.randn(64, 16).bfloat16().T  # not contiguous
+    assert cpu_gemv.bf16_rows(transposed, torch.randn(1, 64).bfloat16()) is None
