@@ -107,14 +107,15 @@ def test_bench_checkpoint_is_deterministic_loads_and_runs_to_the_cap(family, tin
     assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]
 
 
-def test_step_count_reads_weights_not_gathered_tables() -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: the CPU kernel's reads are counted too
+def test_step_count_reads_weights_not_gathered_tables(dtype) -> None:
     from mossserve.api import TTS
     from mossserve.bench.floors import count_step
     from mossserve.config import EngineConfig
     from mossserve.sampling import SamplingParams
     from mossserve.speech_request import SpeechRequest
 
-    tts = TTS.from_pretrained(DEMO_MODEL)
+    tts = TTS.from_pretrained(DEMO_MODEL, dtype=dtype)
     try:
         prompts = [tts.prompt(SpeechRequest(input="Hello there."))]
         one, sixteen = (count_step(tts.talker, prompts, SamplingParams.greedy(), EngineConfig().prefill_tokens, b)

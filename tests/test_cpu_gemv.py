@@ -137,3 +137,18 @@ def test_other_dtypes_and_layouts_take_torch(fresh_kernel):
     assert cpu_gemv.bf16_rows(torch.randn(16, 64), torch.randn(1, 64)) is None
     transposed = torch.randn(64, 16).bfloat16().T  # not contiguous
     assert cpu_gemv.bf16_rows(transposed, torch.randn(1, 64).bfloat16()) is None
+
+
+@needs_avx512
+def test_torch_products_switches_the_kernel_off_in_this_thread_only(fresh_kernel):
+    import threading
+
+    weight, x = torch.randn(8, 64).bfloat16(), torch.randn(1, 64).bfloat16()
+    elsewhere = []
+    with cpu_gemv.torch_products():
+        assert cpu_gemv.bf16_rows(weight, x) is None
+        thread = threading.Thread(target=lambda: elsewhere.append(cpu_gemv.bf16_rows(weight, x)))
+        thread.start()
+        thread.join()
+    assert elsewhere[0] is not None
+    assert cpu_gemv.bf16_rows(weight, x) is not None

@@ -17,6 +17,7 @@ thread a second worker pool). Anywhere else, or if the build fails, or with
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -26,7 +27,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -38,25 +40,35 @@ SOURCE = Path(__file__).with_name("cpu_gemv_bf16.c")
 MAX_ROWS = 4  # the kernel's limit: up to four rows share each read of the weights
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-shared", "-fPIC")
 log = logging.getLogger(__name__)
+_this_thread = threading.local()
 
 
 def bf16_rows(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """x (m, K) @ weight (N, K).T -> (m, N) by the kernel, for 1 to MAX_ROWS bf16 rows on CPU;
     None where the kernel is not to be used (the caller then runs torch's product)."""
-    if not kernel_takes(weight, x):
+    if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() != 2
+            or not 1 <= x.shape[0] <= MAX_ROWS or x.device.type != "cpu" or not weight.is_contiguous()
+            or getattr(_this_thread, "off", False)):
+        return None
+    kernel = bf16_kernel()
+    if kernel is None:
         return None
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
-    bf16_kernel()(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1], x.shape[0],
-                  torch.get_num_threads())
+    kernel(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1], x.shape[0],
+           torch.get_num_threads())
     return out
 
 
-def kernel_takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether `bf16_rows` runs the kernel for these operands."""
-    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
-            and 1 <= x.shape[0] <= MAX_ROWS and x.device.type == "cpu" and weight.is_contiguous()
-            and bf16_kernel() is not None)
+@contextlib.contextmanager
+def torch_products() -> Iterator[None]:
+    """torch's own products in this thread inside: the same weights read and the same FLOPs as the
+    kernel's, in ops that an op counter can see (the bench's floors)."""
+    _this_thread.off = True
+    try:
+        yield
+    finally:
+        _this_thread.off = False
 
 
 @functools.cache
