@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import Qwen3Attention
+from ..layers.linear import linear
 from ..layers.norms import RMSNorm
 from .qwen3 import Qwen3DecoderLayer, Qwen3Model
 from .qwen3_config import Qwen3Config
@@ -94,8 +95,8 @@ class BridgeMLPs(nn.Module):
 
     def forward(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
         gate_up = self.gate_up[index * 2 * self.ffn : (index + 1) * 2 * self.ffn]
-        gate, up = F.linear(x, gate_up).split(self.ffn, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down[index * self.size_out : (index + 1) * self.size_out])
+        gate, up = linear(x, gate_up).split(self.ffn, dim=-1)
+        return linear(F.silu(gate) * up, self.down[index * self.size_out : (index + 1) * self.size_out])
 
     def checkpoint_layout(self, names: list[str], param_prefix: str) -> dict[str, tuple[str, int]]:
         """names[i]: the published prefix of MLP i (…`.gate_proj.weight` etc. follow)."""
