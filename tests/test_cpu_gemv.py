@@ -152,3 +152,14 @@ def test_torch_products_switches_the_kernel_off_in_this_thread_only(fresh_kernel
         thread.join()
     assert elsewhere[0] is not None
     assert cpu_gemv.bf16_rows(weight, x) is not None
+
+
+@needs_avx512
+def test_a_product_autograd_records_takes_torch(fresh_kernel):
+    layer = Linear(64, 8).bfloat16()  # its weight requires grad
+    x = torch.randn(1, 64).bfloat16()
+    assert cpu_gemv.bf16_rows(layer.weight, x) is None
+    out = layer(x)
+    assert out.requires_grad and torch.equal(out, torch.mv(layer.weight, x[0]).unsqueeze(0))
+    with torch.inference_mode():
+        assert cpu_gemv.bf16_rows(layer.weight, x) is not None

@@ -45,10 +45,12 @@ _this_thread = threading.local()
 
 def bf16_rows(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """x (m, K) @ weight (N, K).T -> (m, N) by the kernel, for 1 to MAX_ROWS bf16 rows on CPU;
-    None where the kernel is not to be used (the caller then runs torch's product)."""
+    None where the kernel is not to be used (the caller then runs torch's product), which includes
+    a product autograd is to record."""
     if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() != 2
             or not 1 <= x.shape[0] <= MAX_ROWS or x.device.type != "cpu" or not weight.is_contiguous()
-            or getattr(_this_thread, "off", False)):
+            or getattr(_this_thread, "off", False)
+            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
         return None
     kernel = bf16_kernel()
     if kernel is None:
