@@ -80,7 +80,6 @@ def bf16_kernel() -> Callable | None:
         return None
     if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
-    torch.ones(1 << 16).sum()  # makes sure torch's OpenMP runtime is loaded before looking for it
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if loaded_libgomp() is None or compiler is None:
         return None
