@@ -3,10 +3,11 @@
  * Four rows of W at a time are read once for all m rows of x. bf16 values widen to fp32 exactly (a
  * 16-bit shift), the products are summed in fp32 by FMAs, and each sum is rounded once to bf16
  * (nearest, ties to even), as torch does. FMAs rather than AVX512-BF16 dot products: on the Xeon
- * measured the dot product instruction ran at a third of the FMAs' rate, enough to make a product
- * of two or more rows compute-bound. W's rows are split between `threads` OpenMP threads: built
- * with -fopenmp, this runs on the libgomp torch loaded, so the calling thread keeps the one pool it
- * has (mossserve/engine/openmp.py). Built and loaded by mossserve/layers/cpu_gemv.py. */
+ * measured the dot product instruction made a product of two or more rows compute-bound, and the
+ * FMAs were faster at every row count (docs/performance.md). W's rows are split between `threads`
+ * OpenMP threads: built with -fopenmp, this runs on the libgomp torch loaded, so the calling thread
+ * keeps the one pool it has (mossserve/engine/openmp.py). Built and loaded by
+ * mossserve/layers/cpu_gemv.py. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
