@@ -12,7 +12,7 @@ from mossserve.cli import build_parser, main
 
 CONTRACT = ("family", "device", "throughput", "sequential_throughput", "speedup_16", "ttfa_s", "ttfa_floor_s",
             "ttfa_ratio", "peak_rss_mb", "frames_per_request", "requests", "model", "dtype", "wall_s", "cpu",
-            "cpu_capability", "native_bf16", "ttfa_16_s", "ttfa_16_max_s", "ttfa_16_vs_1")
+            "cpu_capability", "native_bf16", "bf16_cpu_kernel", "ttfa_16_s", "ttfa_16_max_s", "ttfa_16_vs_1")
 SMALL = {"hidden": 64, "layers": 2, "intermediate": 128, "heads": 2, "kv_heads": 1, "head_dim": 32}
 
 
@@ -24,6 +24,7 @@ def test_bench_json_has_every_contract_key(capsys) -> None:
     for key in CONTRACT:
         assert key in out, key
     assert out["family"] == "delay" and out["device"] == "cpu" and out["dtype"] == "float32"
+    assert out["bf16_cpu_kernel"] is False  # a float32 run
     assert out["model"] == str(DEMO_MODEL)
     assert out["requests"] == 2 and out["frames_per_request"] == 3
     assert set(out["throughput"]) == set(out["wall_s"]) == {"1", "4", "16"}
@@ -114,3 +115,18 @@ def test_checkpoint_is_deterministic_loads_and_stays_in_audio(tmp_path: Path) ->
     assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
     assert (cached / "model.safetensors").read_bytes() == (a / "model.safetensors").read_bytes()
     assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_machine_info_says_whether_bf16_runs_the_cpu_kernel(monkeypatch) -> None:
+    from mossserve.bench.machine import machine_info
+    from mossserve.layers import cpu_gemv
+
+    available = cpu_gemv.bf16_kernel() is not None
+    assert machine_info("cpu", "bfloat16")["bf16_cpu_kernel"] is available
+    assert machine_info("cpu", "float32")["bf16_cpu_kernel"] is False
+    monkeypatch.setenv("MOSSSERVE_CPU_KERNELS", "0")
+    cpu_gemv.bf16_kernel.cache_clear()
+    try:
+        assert machine_info("cpu", "bfloat16")["bf16_cpu_kernel"] is False
+    finally:
+        cpu_gemv.bf16_kernel.cache_clear()

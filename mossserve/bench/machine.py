@@ -1,5 +1,6 @@
-"""What a bench figure was measured on: the CPU, the kernels torch picked for it, and whether bf16
-runs natively (without AVX512-BF16 or AMX, bf16 matmuls are emulated and slower than float32)."""
+"""What a bench figure was measured on: the CPU, the kernels torch picked for it, whether bf16
+runs natively (without AVX512-BF16 or AMX, bf16 matmuls are emulated and slower than float32), and
+whether a bf16 run's few-row products ran mossserve's own CPU kernel (layers/cpu_gemv.py)."""
 from __future__ import annotations
 
 import platform
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..layers.cpu_gemv import bf16_kernel
 from ..loader import native_bf16, parse_dtype
 
 
@@ -21,10 +23,13 @@ def cpu_model() -> str:
 
 def machine_info(device: str, dtype: str) -> dict:
     """Fields every bench result carries beside its figures."""
+    resolved = parse_dtype(dtype, device)
     return {
         "device": device,
-        "dtype": str(parse_dtype(dtype, device)).removeprefix("torch."),
+        "dtype": str(resolved).removeprefix("torch."),
         "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": native_bf16(device),
+        "bf16_cpu_kernel": torch.device(device).type == "cpu" and resolved == torch.bfloat16
+        and bf16_kernel() is not None,
     }
