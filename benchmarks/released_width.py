@@ -12,8 +12,7 @@ throughput, the batch-1 step against its weight-bandwidth floor, and bfloat16 ov
 """
 import sys
 
-from mossserve.bench.checkpoint import build_delay_checkpoint, is_complete
-from mossserve.cache import cache_root
+from mossserve.bench.checkpoint import bench_checkpoint
 from mossserve.bench.engine import run_engine_bench
 
 WIDTH = {"hidden": 2048, "intermediate": 6144, "heads": 16, "kv_heads": 8, "head_dim": 128, "n_vq": 16}
@@ -21,10 +20,7 @@ CONTROL = 64.0  # keeps the control logit on top through layers of this width (c
 
 layers = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 frames = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-path = cache_root() / "bench" / f"delay-h2048-l{layers}-nvq16-i6144-q16kv8d128-control{CONTROL:g}-seed0"
-if not is_complete(path):
-    print(f"building {path}", file=sys.stderr)
-    build_delay_checkpoint(path, layers=layers, control=CONTROL, **WIDTH)
+path = bench_checkpoint(family="delay", layers=layers, control=CONTROL, **WIDTH)  # built once, into the cache
 
 results = {}
 for dtype in ("float32", "bfloat16"):

@@ -160,7 +160,7 @@ def test_a_dropped_tts_frees_its_engine_and_threads(delay_model_dirs, codec_thre
 
 
 def test_the_codec_on_its_own_thread_or_between_steps_gives_the_same_audio(delay_model_dirs) -> None:
-    """On CPU the engine's thread decodes audio between steps (one OpenMP pool, engine/openmp.py);
+    """On CPU the engine's thread decodes audio between steps (one OpenMP pool, mossserve/openmp.py);
     a codec thread of its own (CUDA's default) streams the same chunks and audio."""
     request = SpeechRequest(input="Between the steps.", voice=AUDIO_DIR / "reference_zh.wav")
     results = []

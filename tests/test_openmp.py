@@ -1,4 +1,4 @@
-"""engine/openmp.py: the caller's GNU OpenMP pool is released when a CPU engine starts its thread,
+"""mossserve/openmp.py: the caller's GNU OpenMP pool is released when a CPU engine starts its thread,
 and parallel ops on the releasing thread still work (libgomp makes a new pool)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import torch
 
 from mossserve.engine import engine as engine_module
-from mossserve.engine.openmp import loaded_libgomp, release_openmp_pool
+from mossserve.openmp import loaded_libgomp, release_openmp_pool
 
 
 def test_the_pool_is_released_and_made_again_on_demand() -> None:

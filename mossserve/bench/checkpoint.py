@@ -170,11 +170,13 @@ def family_sizes(family: str) -> dict:
 
 
 def checkpoint_path(seed: int = 0, root: Path | None = None, family: str = "delay", **sizes) -> Path:
-    """Where the cache keeps the checkpoint of this family, sizes and seed (built or not)."""
+    """Where the cache keeps the checkpoint of this family, sizes and seed (built or not); a Delay
+    checkpoint's `control` other than the default is part of its name."""
     s = {**family_sizes(family), **sizes}
     if family == "delay":
+        control = f"-control{s['control']:g}" if s.get("control", CONTROL) != CONTROL else ""
         name = (f"delay-h{s['hidden']}-l{s['layers']}-nvq{s['n_vq']}-i{s['intermediate']}-q{s['heads']}kv{s['kv_heads']}"
-                f"d{s['head_dim']}-seed{seed}-{RECIPE}")
+                f"d{s['head_dim']}{control}-seed{seed}-{RECIPE}")
     else:
         name = f"{family}-" + "-".join(f"{k}{v}" for k, v in sorted(s.items())) + f"-seed{seed}-{RECIPE}"
     return (root or cache_root()) / "bench" / name

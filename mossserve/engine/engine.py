@@ -26,7 +26,7 @@ from ..models.codecs.base import Codec
 from ..models.family import Prompt, TalkerFamily
 from ..sampling import SamplingParams
 from .codec_runner import CodecRunner
-from .openmp import release_openmp_pool
+from ..openmp import release_openmp_pool
 from .pipeline import Pipeline, frame_width
 from .request import AudioChunk, EngineRequest, Sink, Status
 from .scheduler import Scheduler

@@ -25,7 +25,7 @@ import torch
 from ..audio import load_audio
 from ..audio.loudness import normalize_loudness
 from ..errors import AudioError
-from .openmp import release_openmp_pool
+from ..openmp import release_openmp_pool
 from .worker import Worker
 
 VoiceSource = str | PathLike | bytes | bytearray | memoryview
@@ -123,7 +123,7 @@ class SpeakerCache:
                     self._finish(job, error=e)
             raise
         finally:
-            # An idle OpenMP pool on this thread would slow every step of the talker's (engine/openmp.py).
+            # An idle OpenMP pool on this thread would slow every step of the talker's (mossserve/openmp.py).
             release_openmp_pool()
 
     def stats(self) -> dict[str, int]:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..cache import cache_root
-from ..engine.openmp import loaded_libgomp
+from ..openmp import loaded_libgomp
 
 SOURCE = Path(__file__).with_name("cpu_gemv_bf16.c")
 MAX_ROWS = 4  # the kernel's limit: up to four rows share each read of the weights

@@ -6,7 +6,7 @@
  * measured the dot product instruction made a product of two or more rows compute-bound, and the
  * FMAs were faster at every row count (docs/performance.md). W's rows are split between `threads`
  * OpenMP threads: built with -fopenmp, this runs on the libgomp torch loaded, so the calling thread
- * keeps the one pool it has (mossserve/engine/openmp.py). Built and loaded by
+ * keeps the one pool it has (mossserve/openmp.py). Built and loaded by
  * mossserve/layers/cpu_gemv.py. */
 #include <immintrin.h>
 #include <stdint.h>
