@@ -119,14 +119,14 @@ def test_checkpoint_is_deterministic_loads_and_stays_in_audio(tmp_path: Path) ->
 
 def test_machine_info_says_whether_bf16_runs_the_cpu_kernel(monkeypatch) -> None:
     from mossserve.bench.machine import machine_info
-    from mossserve.layers import cpu_gemv
+    from mossserve.layers import cpu_gemv, cpu_kernels
 
-    available = cpu_gemv.bf16_kernel() is not None
+    available = cpu_kernels.bf16_kernels() is not None
     assert machine_info("cpu", "bfloat16")["bf16_cpu_kernel"] is available
     assert machine_info("cpu", "float32")["bf16_cpu_kernel"] is False
     monkeypatch.setenv("MOSSSERVE_CPU_KERNELS", "0")
-    cpu_gemv.bf16_kernel.cache_clear()
+    cpu_kernels.bf16_kernels.cache_clear()
     try:
         assert machine_info("cpu", "bfloat16")["bf16_cpu_kernel"] is False
     finally:
-        cpu_gemv.bf16_kernel.cache_clear()
+        cpu_kernels.bf16_kernels.cache_clear()

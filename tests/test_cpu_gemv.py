@@ -1,5 +1,5 @@
-"""The bf16 CPU kernel for one to four rows (layers/cpu_gemv.py): right sums, once rounded, and
-torch's own products wherever the kernel is not to be used."""
+"""The bf16 CPU kernel for one to four rows (layers/cpu_gemv.py, built by layers/cpu_kernels.py):
+right sums, once rounded, and torch's own products wherever the kernel is not to be used."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from mossserve.layers import cpu_gemv
+from mossserve.layers import cpu_gemv, cpu_kernels
 from mossserve.layers.linear import Linear
 
 needs_avx512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
@@ -19,9 +19,9 @@ needs_avx512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AV
 def fresh_kernel(tmp_path, monkeypatch):
     """bf16_kernel() looked up again, building into an empty cache."""
     monkeypatch.setenv("MOSSSERVE_CACHE", str(tmp_path))
-    cpu_gemv.bf16_kernel.cache_clear()
+    cpu_kernels.bf16_kernels.cache_clear()
     yield tmp_path
-    cpu_gemv.bf16_kernel.cache_clear()
+    cpu_kernels.bf16_kernels.cache_clear()
 
 
 def one_ulp(values: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def one_ulp(values: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("n, k", [(1, 1), (3, 15), (4, 16), (5, 17), (1001, 700), (64, 512), (7, 1536)])
 def test_kernel_rounds_the_exact_product_once(fresh_kernel, m, n, k):
-    assert cpu_gemv.bf16_kernel() is not None, "AVX-512, a C compiler and torch's libgomp: the kernel must build"
+    assert cpu_kernels.bf16_kernels() is not None, "AVX-512, a C compiler and torch's libgomp: the kernel must build"
     gen = torch.Generator().manual_seed(n * 1000 + k)
     weight = torch.randn(n, k, generator=gen).bfloat16()
     x = torch.randn(m, k, generator=gen).bfloat16()
@@ -62,7 +62,7 @@ def test_kernel_matches_torch_mv_and_does_not_depend_on_threads(fresh_kernel):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(3072, 512, generator=gen).bfloat16()
     x = torch.randn(1, 512, generator=gen).bfloat16()
-    assert cpu_gemv.bf16_kernel() is not None
+    assert cpu_kernels.bf16_kernels() is not None
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -89,9 +89,9 @@ def test_kernel_propagates_nan_and_inf(fresh_kernel):
 @needs_avx512
 def test_the_build_is_cached(fresh_kernel):
     compiler = os.environ.get("CC") or "cc"
-    first = cpu_gemv.build(compiler)
+    first = cpu_kernels.build(compiler)
     built_at = first.stat().st_mtime_ns
-    assert cpu_gemv.build(compiler) == first and first.stat().st_mtime_ns == built_at
+    assert cpu_kernels.build(compiler) == first and first.stat().st_mtime_ns == built_at
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no scratch left behind
 
 
@@ -114,7 +114,7 @@ def test_five_rows_take_torch(fresh_kernel):
 
 def test_switched_off_by_the_environment(fresh_kernel, monkeypatch):
     monkeypatch.setenv("MOSSSERVE_CPU_KERNELS", "0")
-    assert cpu_gemv.bf16_kernel() is None
+    assert cpu_kernels.bf16_kernels() is None
     weight, x = torch.randn(8, 40).bfloat16(), torch.randn(1, 40).bfloat16()
     assert cpu_gemv.bf16_rows(weight, x) is None
     layer = Linear(40, 8).bfloat16().requires_grad_(False)
@@ -127,7 +127,7 @@ def test_a_failing_compiler_falls_back_to_torch_mv(fresh_kernel, monkeypatch, tm
     failing.write_text("#!/bin/sh\necho 'no compiler here' >&2\nexit 1\n")
     failing.chmod(failing.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("CC", str(failing))
-    assert cpu_gemv.bf16_kernel() is None
+    assert cpu_kernels.bf16_kernels() is None
     assert not list((tmp_path / "kernels").glob("*.so"))
     weight, x = torch.randn(8, 40).bfloat16(), torch.randn(1, 40).bfloat16()
     assert cpu_gemv.bf16_rows(weight, x) is None
@@ -145,7 +145,7 @@ def test_torch_products_switches_the_kernel_off_in_this_thread_only(fresh_kernel
 
     weight, x = torch.randn(8, 64).bfloat16(), torch.randn(1, 64).bfloat16()
     elsewhere = []
-    with cpu_gemv.torch_products():
+    with cpu_kernels.torch_products():
         assert cpu_gemv.bf16_rows(weight, x) is None
         thread = threading.Thread(target=lambda: elsewhere.append(cpu_gemv.bf16_rows(weight, x)))
         thread.start()

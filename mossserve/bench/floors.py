@@ -135,7 +135,7 @@ def count_step(talker, prompts: list, sampling, prefill_tokens: int, batch: int)
     `batch` times, is prefilled (and its first two steps taken) on a private eager runner, then one decode forward
     and one family step run under the counter."""
     from ..engine.talker_runner import TalkerRunner
-    from ..layers.cpu_gemv import torch_products
+    from ..layers.cpu_kernels import torch_products
 
     prompt = prompts[0]
     runner = TalkerRunner(talker, batch, len(prompt.rows) + 4, prefill_tokens, "eager")
@@ -148,7 +148,7 @@ def count_step(talker, prompts: list, sampling, prefill_tokens: int, batch: int)
     runner.step(runner.decode(slots), slots)  # a decode step too: one-time work (the heads' form timing) is done
     context = int(np.mean([runner.cache.lengths[s] for s in slots])) + 1
     counter = _StepCounter(talker.decode_weights())  # after two steps: copies a family makes on first use exist
-    with counter, torch_products():  # the bf16 CPU kernel runs outside aten, where the counter cannot see it
+    with counter, torch_products():  # the bf16 CPU kernel kernels run outside aten, where the counter cannot see them
         hidden = runner.decode(slots)
         runner.step(hidden, slots)
     for slot in slots:

@@ -1,6 +1,6 @@
 """What a bench figure was measured on: the CPU, the kernels torch picked for it, whether bf16
 runs natively (without AVX512-BF16 or AMX, bf16 matmuls are emulated and slower than float32), and
-whether a bf16 run's few-row products ran mossserve's own CPU kernel (layers/cpu_gemv.py)."""
+whether a bf16 run's few-row products and decoder layers ran mossserve's own CPU kernels (layers/cpu_kernels.py)."""
 from __future__ import annotations
 
 import platform
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..layers.cpu_gemv import bf16_kernel
+from ..layers.cpu_kernels import bf16_kernels
 from ..loader import native_bf16, parse_dtype
 
 
@@ -31,5 +31,5 @@ def machine_info(device: str, dtype: str) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": native_bf16(device),
         "bf16_cpu_kernel": torch.device(device).type == "cpu" and resolved == torch.bfloat16
-        and bf16_kernel() is not None,
+        and bf16_kernels() is not None,
     }

@@ -19,6 +19,7 @@ from ..layers.batch_context import BatchContext
 from ..layers.code_embedding import sum_code_embeddings
 from ..layers.heads import project
 from ..layers.norms import RMSNorm
+from ..layers.cpu_decode import decode_layers
 from ..layers.rotary import RotaryEmbedding
 from ..loader import build_on_meta, load_weights, weight_files
 from .moss_realtime_config import MossRealtimeConfig
@@ -71,6 +72,9 @@ class RealtimeLocalTransformer(nn.Module):
         return torch.stack([self.head(i, out[:, i]) for i in range(self.rvq)], dim=1)
 
     def _layers(self, x, ctx, cache_k, cache_v) -> torch.Tensor:
+        fused = decode_layers(self.layers, self.rotary, x, ctx, cache_k, cache_v)
+        if fused is not None:
+            return self.norm(fused)
         rotary = self.rotary.cos_sin(ctx.positions, ctx.kv_len, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, rotary, None if cache_k is None else cache_k[i], None if cache_v is None else cache_v[i])

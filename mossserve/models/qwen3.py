@@ -11,6 +11,7 @@ from torch import nn
 
 from ..layers.attention import Qwen3Attention
 from ..layers.batch_context import BatchContext
+from ..layers.cpu_decode import decode_layers
 from ..layers.mlp import SwiGLU
 from ..layers.norms import RMSNorm
 from ..layers.rotary import RotaryEmbedding
@@ -54,6 +55,9 @@ class Qwen3Model(nn.Module):
         cache_k/v: (layers, slots, kv_heads, max_len, d) or None for a cache-free pass.
         hidden_states, if given, collects the input and every layer's output (before the final norm).
         """
+        fused = None if hidden_states is not None else decode_layers(self.layers, self.rotary, x, ctx, cache_k, cache_v)
+        if fused is not None:
+            return self.norm(fused)
         rotary = self.rotary.cos_sin(ctx.positions, ctx.kv_len, x.dtype)
         for i, layer in enumerate(self.layers):
             if hidden_states is not None:

@@ -1,0 +1,260 @@
+/* bf16 kernels for a decode step of one to four rows on an AVX-512 CPU. Built and loaded by
+ * mossserve/layers/cpu_gemv.py; called through layers/cpu_gemv.py (products) and
+ * layers/cpu_decode.py (whole Qwen3 decoder layers).
+ *
+ * Products, y = x @ W.T for W (n, k), x (m, k), y (m, n), row-major: four rows of W at a time are
+ * read once for all m rows of x. bf16 values widen to fp32 exactly (a 16-bit shift), the products
+ * are summed in fp32 by FMAs, and each sum is rounded once to bf16 (nearest, ties to even), as
+ * torch does. FMAs rather than AVX512-BF16 dot products: on the Xeon measured the dot product
+ * instruction made a product of two or more rows compute-bound, and the FMAs were faster at every
+ * row count (docs/performance.md).
+ *
+ * Decoder layers: the whole of a Qwen3 layer (norms, projections, q/k norms, rotary, cache write,
+ * attention, SwiGLU, residuals) for every layer of a backbone in one call and one OpenMP parallel
+ * region, where torch spends about sixty small ops per layer. Every value torch's bf16 layer
+ * rounds to bf16 is rounded here at the same point; sums (norms, attention) run in fp32 in their
+ * own order. Work is split between `threads` OpenMP threads: built with -fopenmp, this runs on the
+ * libgomp torch loaded, so the calling thread keeps the one pool it has (mossserve/openmp.py). */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROWS 4
+#define MAX_HEAD_DIM 512
+
+static uint16_t round_to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays a quiet NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float widen(uint16_t value) {
+    uint32_t bits = (uint32_t)value << 16;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+/* value as the nearest bf16, kept in fp32: what a torch bf16 op stores and the next op reads */
+static inline float rounded(float value) { return widen(round_to_bf16(value)); }
+
+/* The 16 bf16 values at p under `mask` (zeros elsewhere), widened to fp32. */
+static inline __m512 load16(const uint16_t *p, __mmask16 mask) {
+    __m256i half = _mm256_maskz_loadu_epi16(mask, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+/* y[c][r] = x[c] . w[r] for `rows` rows of w and m rows of x. Called with constant rows and m, and
+ * every loop over them unrolled, so the sums live in registers. */
+static inline __attribute__((always_inline)) void dot_rows(const uint16_t *w, const uint16_t *x, uint16_t *y,
+                                                           int64_t n, int64_t k, int rows, int m) {
+    __m512 sums[4][MAX_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int c = 0; c < m; c++)
+            sums[r][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j += 16) {
+        /* all 16 lanes but in the last block of a k that is not a multiple of 16 */
+        __mmask16 mask = k - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - j)) - 1);
+        __m512 xs[MAX_ROWS];
+#pragma GCC unroll 4
+        for (int c = 0; c < m; c++)
+            xs[c] = load16(x + c * k + j, mask);
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++) {
+            __m512 ws = load16(w + r * k + j, mask);
+#pragma GCC unroll 4
+            for (int c = 0; c < m; c++)
+                sums[r][c] = _mm512_fmadd_ps(ws, xs[c], sums[r][c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+        for (int c = 0; c < m; c++)
+            y[c * n + r] = round_to_bf16(_mm512_reduce_add_ps(sums[r][c]));
+}
+
+/* This thread's share of y = x @ W.T: inside a parallel region W's row groups are split between
+ * the team (the loop's implicit barrier ends it); outside one, all of it. */
+static void gemm_team(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t n, int64_t k, int m) {
+    int64_t groups = (n + 3) / 4;
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t first = 4 * g;
+        const uint16_t *block = w + first * k;
+        if (n - first < 4)
+            dot_rows(block, x, y + first, n, k, (int)(n - first), m);
+        else if (m == 1)
+            dot_rows(block, x, y + first, n, k, 4, 1);
+        else if (m == 2)
+            dot_rows(block, x, y + first, n, k, 4, 2);
+        else if (m == 3)
+            dot_rows(block, x, y + first, n, k, 4, 3);
+        else
+            dot_rows(block, x, y + first, n, k, 4, 4);
+    }
+}
+
+void mossserve_gemm_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t n, int64_t k, int m,
+                         int threads) {
+#pragma omp parallel num_threads(threads)
+    gemm_team(w, x, y, n, k, m);
+}
+
+/* ---- decoder layers ---------------------------------------------------------------------------- */
+
+/* The sizes of a backbone and its cache, in the order layers/cpu_decode.py passes them. */
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, cache_slots, cache_len, qk_norm;
+} Dims;
+
+/* Per layer, the order of its weight pointers (layers/cpu_decode.py). */
+enum { INPUT_NORM, QKV, Q_NORM, K_NORM, O_PROJ, POST_NORM, GATE_UP, DOWN, WEIGHTS_PER_LAYER };
+
+/* out = weight * bf16(x * rsqrt(mean(x^2) + eps)), each product rounded: torch's RMSNorm on bf16,
+ * whose normalisation runs in fp32 (layers/norms.py). `out` may be x. */
+static void rms_norm(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t n, float eps) {
+    float squares = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        squares += widen(x[i]) * widen(x[i]);
+    float scale = 1.0f / sqrtf(squares / (float)n + eps);
+    for (int64_t i = 0; i < n; i++)
+        out[i] = round_to_bf16(widen(weight[i]) * rounded(widen(x[i]) * scale));
+}
+
+/* One q or k head in place: its q/k norm (if the model has one), then the rotate-half rotation at
+ * `position`, with torch's roundings (layers/attention.py, layers/rotary.py). */
+static void norm_and_rotate(uint16_t *head, const uint16_t *norm_weight, const float *cos_row, const float *sin_row,
+                            int64_t d, float eps) {
+    float v[MAX_HEAD_DIM];
+    if (norm_weight != NULL)
+        rms_norm(head, norm_weight, head, d, eps);
+    for (int64_t i = 0; i < d; i++)
+        v[i] = widen(head[i]);
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < d; i++) {
+        float turned = v[i < half ? i + half : i - half];
+        head[i] = round_to_bf16(rounded(v[i] * rounded(cos_row[i])) + rounded(turned * rounded(sin_row[i])));
+    }
+}
+
+/* Lanes of the 16-value block of a head of d values that starts at i. */
+static inline __mmask16 block_mask(int64_t d, int64_t i) {
+    return d - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+}
+
+/* One query head over the first `count` cached positions of its key/value head: softmax of the
+ * scaled scores in fp32, the weights rounded to bf16 before they meet the values (as torch's CPU
+ * flash attention does), the sum divided by the fp32 total and rounded once. */
+static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, uint16_t *out, int64_t count,
+                   int64_t d, float scale, float *scores) {
+    __m512 query[MAX_HEAD_DIM / 16], acc[MAX_HEAD_DIM / 16];
+    for (int64_t i = 0; i < d; i += 16) {
+        query[i / 16] = load16(q + i, block_mask(d, i));
+        acc[i / 16] = _mm512_setzero_ps();
+    }
+    float top = -INFINITY;
+    for (int64_t j = 0; j < count; j++) {
+        const uint16_t *key = keys + j * d;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 16)
+            sum = _mm512_fmadd_ps(query[i / 16], load16(key + i, block_mask(d, i)), sum);
+        scores[j] = _mm512_reduce_add_ps(sum) * scale;
+        top = scores[j] > top ? scores[j] : top;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < count; j++) {
+        float weight = expf(scores[j] - top);
+        total += weight;
+        __m512 w = _mm512_set1_ps(rounded(weight));
+        const uint16_t *value = values + j * d;
+        for (int64_t i = 0; i < d; i += 16)
+            acc[i / 16] = _mm512_fmadd_ps(w, load16(value + i, block_mask(d, i)), acc[i / 16]);
+    }
+    float spread[16];
+    for (int64_t i = 0; i < d; i += 16) {
+        _mm512_storeu_ps(spread, acc[i / 16]);
+        for (int64_t lane = 0; lane < 16 && i + lane < d; lane++)
+            out[i + lane] = round_to_bf16(spread[lane] / total);
+    }
+}
+
+/* x (m, hidden), the rows' residual stream, through every layer, in place. weights: layers x
+ * WEIGHTS_PER_LAYER pointers; cache_k/v (layers, cache_slots, kv_heads, cache_len, head_dim); row
+ * c writes position positions[c] of slot slots[c] and attends to positions 0..positions[c];
+ * cos/sin: fp32 rotary tables (positions, head_dim), sin with its first half negated. */
+void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, int layers, uint16_t *cache_k,
+                           uint16_t *cache_v, const int64_t *slots, const int64_t *positions, const float *cos_table,
+                           const float *sin_table, const Dims *dims, float eps, int threads) {
+    const int64_t H = dims->hidden, heads = dims->heads, kv = dims->kv_heads, d = dims->head_dim;
+    const int64_t I = dims->intermediate, qkv_width = (heads + 2 * kv) * d, group = heads / kv;
+    const int64_t layer_stride = dims->cache_slots * kv * dims->cache_len * d;
+    int64_t longest = 0;
+    for (int c = 0; c < m; c++)
+        longest = positions[c] + 1 > longest ? positions[c] + 1 : longest;
+    uint16_t *normed = malloc(sizeof(uint16_t) * m * (H + qkv_width + heads * d + H + 2 * I + I));
+    uint16_t *qkv = normed + m * H, *attended = qkv + m * qkv_width, *projected = attended + m * heads * d;
+    uint16_t *gate_up = projected + m * H, *activated = gate_up + m * 2 * I;
+    float *scores = malloc(sizeof(float) * threads * longest);
+    const float scale = 1.0f / sqrtf((float)d);
+
+#pragma omp parallel num_threads(threads)
+    for (int layer = 0; layer < layers; layer++) {
+        const uint16_t *const *w = weights + layer * WEIGHTS_PER_LAYER;
+        uint16_t *layer_k = cache_k + layer * layer_stride, *layer_v = cache_v + layer * layer_stride;
+#pragma omp for schedule(static)
+        for (int c = 0; c < m; c++)
+            rms_norm(x + c * H, w[INPUT_NORM], normed + c * H, H, eps);
+        gemm_team(w[QKV], normed, qkv, qkv_width, H, m);
+        /* q and k heads normed and rotated; k and v written to the cache */
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < m * (heads + 2 * kv); item++) {
+            int64_t c = item / (heads + 2 * kv), j = item % (heads + 2 * kv), p = positions[c];
+            uint16_t *head = qkv + c * qkv_width + j * d;
+            if (j < heads + kv) {
+                const uint16_t *norm = !dims->qk_norm ? NULL : j < heads ? w[Q_NORM] : w[K_NORM];
+                norm_and_rotate(head, norm, cos_table + p * d, sin_table + p * d, d, eps);
+            }
+            if (j >= heads) {
+                int64_t kv_head = (j - heads) % kv;
+                uint16_t *cache = j < heads + kv ? layer_k : layer_v;
+                memcpy(cache + ((slots[c] * kv + kv_head) * dims->cache_len + p) * d, head, sizeof(uint16_t) * d);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < m * heads; item++) {
+            int64_t c = item / heads, h = item % heads;
+            int64_t base = (slots[c] * kv + h / group) * dims->cache_len * d;
+            attend(qkv + c * qkv_width + h * d, layer_k + base, layer_v + base, attended + c * heads * d + h * d,
+                   positions[c] + 1, d, scale, scores + omp_get_thread_num() * longest);
+        }
+        gemm_team(w[O_PROJ], attended, projected, H, heads * d, m);
+#pragma omp for schedule(static)
+        for (int c = 0; c < m; c++) {
+            for (int64_t i = 0; i < H; i++)
+                x[c * H + i] = round_to_bf16(widen(x[c * H + i]) + widen(projected[c * H + i]));
+            rms_norm(x + c * H, w[POST_NORM], normed + c * H, H, eps);
+        }
+        gemm_team(w[GATE_UP], normed, gate_up, 2 * I, H, m);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < m * I; item++) {
+            int64_t c = item / I, i = item % I;
+            float g = widen(gate_up[c * 2 * I + i]);
+            activated[item] = round_to_bf16(rounded(g / (1.0f + expf(-g))) * widen(gate_up[c * 2 * I + I + i]));
+        }
+        gemm_team(w[DOWN], activated, projected, H, I, m);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < m * H; item++)
+            x[item] = round_to_bf16(widen(x[item]) + widen(projected[item]));
+    }
+    free(scores);
+    free(normed);
+}

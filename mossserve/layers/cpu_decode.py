@@ -1,0 +1,65 @@
+"""A decode step's Qwen3 decoder layers in one call of our bf16 CPU kernel (layers/cpu_kernels.py).
+
+Around its four products a Qwen3 layer runs about sixty small torch ops per decode step (norms,
+q/k norms, rotary, cache writes, attention, SwiGLU, residuals), each costing 2-20 us of dispatch
+whatever its size: at the bench checkpoint's width they took as long as the products. For one to
+four bf16 rows with one new token each, `cpu_bf16.c` runs every layer of the backbone in one call
+and one OpenMP region, rounding to bf16 wherever torch's bf16 layer does, so its output differs
+from torch's only by the order of the fp32 sums inside norms and attention (tests/test_cpu_decode.py).
+float32 keeps torch's layers: its results are to equal the reference's bit for bit.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from .batch_context import BatchContext
+from .cpu_kernels import MAX_ROWS, bf16_kernels, kernels_off
+from .rotary import RotaryEmbedding
+
+MAX_HEAD_DIM = 512  # cpu_bf16.c keeps a head in a fixed-size buffer
+
+
+def decode_layers(layers: nn.ModuleList, rotary: RotaryEmbedding, x: torch.Tensor, ctx: BatchContext,
+                  cache_k: torch.Tensor | None, cache_v: torch.Tensor | None) -> torch.Tensor | None:
+    """x (B, 1, H) through every layer of `layers` (models/qwen3.py's Qwen3DecoderLayer) with the
+    slot cache (layers, slots, kv_heads, max_len, d), by the kernel; None where it does not apply
+    (the caller then runs torch's layers): not a CPU bf16 decode step of 1 to MAX_ROWS rows, no
+    cache, a weight or cache that is not contiguous bf16, a head size the kernel does not take,
+    autograd recording, or the kernels off or unavailable."""
+    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 3 or x.shape[1] != 1
+            or not 1 <= x.shape[0] <= MAX_ROWS or cache_k is None or ctx.slots is None or kernels_off()):
+        return None
+    attention = layers[0].self_attn
+    d, heads, kv_heads = attention.head_dim, attention.heads, attention.kv_heads
+    tensors = [t for layer in layers for t in _layer_weights(layer)] + [cache_k, cache_v]
+    if (d % 2 or d > MAX_HEAD_DIM or heads % kv_heads or cache_k.dim() != 5 or cache_k.shape[0] != len(layers)
+            or any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in tensors)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        return None
+    kernels = bf16_kernels()
+    if kernels is None:
+        return None
+    weights = [t.data_ptr() for t in tensors[:-2]]
+    rotary.reserve(ctx.kv_len, x.device)
+    out = x.reshape(x.shape[0], -1).clone()
+    positions, slots = ctx.positions.reshape(-1).contiguous(), ctx.slots.contiguous()
+    dims = torch.tensor([out.shape[1], heads, kv_heads, d, layers[0].mlp.intermediate, cache_k.shape[1],
+                         cache_k.shape[3], int(attention.qk_norm)], dtype=torch.int64)
+    kernels.decode(out.data_ptr(), out.shape[0], (ctypes.c_void_p * len(weights))(*weights), len(layers),
+                   cache_k.data_ptr(), cache_v.data_ptr(), slots.data_ptr(), positions.data_ptr(),
+                   rotary.cos_table.data_ptr(), rotary.sin_table.data_ptr(), dims.data_ptr(), attention.eps,
+                   torch.get_num_threads())
+    return out.view(x.shape)
+
+
+def _layer_weights(layer: nn.Module) -> tuple[torch.Tensor, ...]:
+    """A layer's weights in the order cpu_bf16.c reads them; the q/k norms' places hold the input
+    norm's weight (unread) where the model has none."""
+    attention, mlp = layer.self_attn, layer.mlp
+    q_norm, k_norm = ((attention.q_norm.weight, attention.k_norm.weight) if attention.qk_norm
+                      else (layer.input_layernorm.weight,) * 2)
+    return (layer.input_layernorm.weight, attention.qkv_proj.weight, q_norm, k_norm, attention.o_proj.weight,
+            layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight)

@@ -1,0 +1,103 @@
+"""bf16 CPU kernels of our own (`cpu_bf16.c`), compiled here at first use, and the switch that
+turns them off.
+
+A decode step of a few streams multiplies a few rows by each weight and runs about sixty small
+ops per layer around those products. torch 2.13's CPU bf16 products of a few rows read weights
+well below memory bandwidth, and each small op costs 2-20 us of dispatch, so a bf16 step of one
+stream was hardly faster than a float32 one even on a CPU with native bf16. The library holds a
+product of one to four rows (layers/cpu_gemv.py) and whole Qwen3 decoder layers for such a step
+(layers/cpu_decode.py); docs/performance.md has the figures.
+
+It is built with the C compiler found (`$CC`, `cc` or `gcc`) into the cache
+(`$MOSSSERVE_CACHE/kernels`) once per source and compiler, and used only where it can help and
+cannot hurt: an x86-64 CPU with AVX-512 (torch's `AVX512` capability), and torch's OpenMP runtime
+being the GNU one that the kernels are linked against (a second runtime would give the calling
+thread a second worker pool). Anywhere else, or if the build fails, or with
+`MOSSSERVE_CPU_KERNELS=0`, torch's own ops run.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..cache import cache_root
+from ..openmp import loaded_libgomp
+
+SOURCE = Path(__file__).with_name("cpu_bf16.c")
+MAX_ROWS = 4  # the kernels' limit: up to four rows share each read of the weights
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-shared", "-fPIC")
+log = logging.getLogger(__name__)
+_this_thread = threading.local()
+
+
+@dataclass(frozen=True)
+class Bf16Kernels:
+    gemm: Callable  # (w, x, y, n, k, m, threads): y (m, n) = x (m, k) @ w (n, k).T
+    decode: Callable  # whole decoder layers, arguments in layers/cpu_decode.py
+
+
+@contextlib.contextmanager
+def torch_products() -> Iterator[None]:
+    """torch's own ops in this thread inside: the same weights read and the same FLOPs as the
+    kernels', in ops that an op counter can see (the bench's floors)."""
+    _this_thread.off = True
+    try:
+        yield
+    finally:
+        _this_thread.off = False
+
+
+def kernels_off() -> bool:
+    """Whether this thread is inside `torch_products()`."""
+    return getattr(_this_thread, "off", False)
+
+
+@functools.cache
+def bf16_kernels() -> Bf16Kernels | None:
+    """The compiled kernels, or None where they are not to be used (module docstring)."""
+    if os.environ.get("MOSSSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if loaded_libgomp() is None or compiler is None:
+        return None
+    try:
+        library = ctypes.CDLL(str(build(compiler)))
+    except (OSError, subprocess.SubprocessError) as error:
+        log.info("bf16 CPU kernels unavailable, torch's ops run: %s", error)
+        return None
+    gemm, decode = library.mossserve_gemm_bf16, library.mossserve_decode_bf16
+    gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    decode.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
+                       + [ctypes.c_float, ctypes.c_int])
+    gemm.restype = decode.restype = None
+    return Bf16Kernels(gemm=gemm, decode=decode)
+
+
+def build(compiler: str) -> Path:
+    """The shared library compiled from SOURCE by `compiler`, built once into the cache."""
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"bf16-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
+                           timeout=120)
+            os.replace(built, target)  # whole or not at all, when several processes build at once
+    return target

@@ -1,0 +1,207 @@
+"""layers/cpu_decode.py: a bf16 decode step's decoder layers in one call of our CPU kernel. It
+computes what torch's layers compute up to the order of fp32 sums, writes the cache where torch
+writes it and nowhere else, gives a row the same bits whatever runs beside it and on any thread
+count, reproduces the reference's teacher-forced logits through the cache within the bf16
+tolerance, and leaves every other case to torch's layers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import DELAY_DIR
+from realtime_cases import REALTIME_DIR, golden
+from test_bfloat16 import assert_within_bf16_tolerance, bf16_model
+
+import mossserve.models.qwen3 as qwen3
+from mossserve.layers import cpu_decode, cpu_kernels
+from mossserve.layers.batch_context import BatchContext
+from mossserve.models.qwen3 import Qwen3Model
+from mossserve.models.qwen3_config import Qwen3Config
+from mossserve.models.registry import load_talker
+
+needs_avx512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                                  reason="the kernel needs an AVX-512 CPU")
+LAYERS, SLOTS, CACHE_LEN, KV_HEADS = 2, 5, 40, 2
+
+
+def backbone(head_dim: int, qk_norm: bool = True, heads: int = 4) -> Qwen3Model:
+    config = Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=heads,
+                         num_key_value_heads=KV_HEADS, head_dim=head_dim, rms_norm_eps=1e-6, rope_theta=10000.0,
+                         vocab_size=32, max_position_embeddings=256, qk_norm=qk_norm)
+    torch.manual_seed(head_dim)
+    model = Qwen3Model(config)
+    with torch.no_grad():
+        for p in model.parameters():  # norms near one, projections that keep the stream's scale
+            p.copy_(1 + 0.1 * torch.randn_like(p) if p.dim() == 1 else 0.1 * torch.randn_like(p))
+    return model.bfloat16().requires_grad_(False)
+
+
+def random_cache(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    shape = (LAYERS, SLOTS, KV_HEADS, CACHE_LEN, head_dim)
+    return torch.randn(shape, generator=gen).bfloat16(), torch.randn(shape, generator=gen).bfloat16()
+
+
+def torch_layers(model: Qwen3Model, x, ctx, cache_k, cache_v) -> torch.Tensor:
+    """What Qwen3Model.forward runs without the kernel, before its final norm."""
+    rotary = model.rotary.cos_sin(ctx.positions, ctx.kv_len, x.dtype)
+    for i, layer in enumerate(model.layers):
+        x = layer(x, ctx, rotary, cache_k[i], cache_v[i])
+    return x
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in bf16 steps at the largest magnitude of a."""
+    step = torch.ldexp(torch.ones(()), torch.frexp(a.float().abs().max()).exponent - 8)
+    return float((a.float() - b.float()).abs().max() / step)
+
+
+@needs_avx512
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("head_dim, qk_norm", [(4, True), (6, False), (16, True), (24, True), (128, False)])
+def test_the_kernel_computes_torchs_layers(rows, head_dim, qk_norm):
+    model = backbone(head_dim, qk_norm)
+    cache_k, cache_v = random_cache(head_dim)
+    x = torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    positions, slots = [3, 17, 39, 0][:rows], [4, 0, 2, 1][:rows]
+    ctx = BatchContext.build(positions, 1, slots, x.device)
+    torch_k, torch_v, ours_k, ours_v = cache_k.clone(), cache_v.clone(), cache_k.clone(), cache_v.clone()
+    expected = torch_layers(model, x, ctx, torch_k, torch_v)
+    got = cpu_decode.decode_layers(model.layers, model.rotary, x, ctx, ours_k, ours_v)
+    assert got is not None and got.shape == x.shape and got.dtype == torch.bfloat16
+    # The sums inside norms and attention run in another order than torch's: a bf16 step or two.
+    assert ulps_apart(expected, got) <= 3
+    written = torch.zeros(SLOTS, CACHE_LEN, dtype=torch.bool)
+    written[slots, positions] = True
+    for ours, theirs, before in ((ours_k, torch_k, cache_k), (ours_v, torch_v, cache_v)):
+        at = written[None, :, None, :, None].expand_as(before)
+        assert torch.equal(ours[~at], before[~at]), "the kernel wrote outside the rows' positions"
+        assert ulps_apart(theirs[at], ours[at]) <= 3
+
+
+@needs_avx512
+def test_a_row_gets_the_same_bits_alone_among_others_and_on_one_thread():
+    model = backbone(16)
+    cache_k, cache_v = random_cache(16)
+    x = torch.randn(4, 1, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    positions, slots = [5, 12, 30, 21], [1, 2, 3, 4]
+
+    def run(rows: list[int]) -> torch.Tensor:
+        ctx = BatchContext.build([positions[r] for r in rows], 1, [slots[r] for r in rows], x.device)
+        return cpu_decode.decode_layers(model.layers, model.rotary, x[rows], ctx, cache_k.clone(), cache_v.clone())
+
+    together = run([0, 1, 2, 3])
+    for r in range(4):
+        assert torch.equal(run([r])[0], together[r])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if threads == 1 else 1)
+    try:
+        assert torch.equal(run([0, 1, 2, 3]), together)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_every_other_case_takes_torchs_layers(monkeypatch):
+    model = backbone(16)
+    cache_k, cache_v = random_cache(16)
+    one = torch.randn(1, 1, 64).bfloat16()
+    ctx = BatchContext.build([3], 1, [0], one.device)
+    five = torch.randn(5, 1, 64).bfloat16()
+    declined = [
+        (model.layers, one.float(), ctx, cache_k, cache_v),  # float32 stream
+        (model.layers, torch.randn(1, 2, 64).bfloat16(), BatchContext.build([3], 2, [0], one.device), cache_k,
+         cache_v),  # two new tokens: a prefill
+        (model.layers, five, BatchContext.build([1, 2, 3, 4, 5], 1, [0, 1, 2, 3, 4], one.device), cache_k,
+         cache_v),  # more rows than the kernel takes
+        (model.layers, one, BatchContext.build([3], 1, None, one.device), None, None),  # no cache
+        (model.layers, one, ctx, cache_k.float(), cache_v.float()),  # a float32 cache
+        (model.layers, one, ctx, cache_k.transpose(3, 4), cache_v.transpose(3, 4)),  # not contiguous
+    ]
+    for layers, x, c, k, v in declined:
+        assert cpu_decode.decode_layers(layers, model.rotary, x, c, k, v) is None
+    with cpu_kernels.torch_products():
+        assert cpu_decode.decode_layers(model.layers, model.rotary, one, ctx, cache_k, cache_v) is None
+    learning = backbone(16).requires_grad_(True)
+    assert cpu_decode.decode_layers(learning.layers, learning.rotary, one, ctx, cache_k, cache_v) is None
+    monkeypatch.setenv("MOSSSERVE_CPU_KERNELS", "0")
+    cpu_kernels.bf16_kernels.cache_clear()
+    try:
+        assert cpu_decode.decode_layers(model.layers, model.rotary, one, ctx, cache_k, cache_v) is None
+    finally:
+        cpu_kernels.bf16_kernels.cache_clear()
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[bool]:
+    """Whether each backbone call ran the kernel."""
+    calls: list[bool] = []
+
+    def counted(*args):
+        out = cpu_decode.decode_layers(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(qwen3, "decode_layers", counted)
+    return calls
+
+
+@needs_avx512
+@pytest.mark.parametrize("checkpoint", ["tiny_nvq32", "tiny_nvq16"])
+def test_delay_teacher_forced_logits_through_the_cache(checkpoint, fused_calls):
+    """The reference's teacher-forced logits, one row at a time through the cache by the kernel."""
+    from mossserve.models.moss_delay import MossDelayModel
+    from mossserve.models.moss_delay_config import MossDelayConfig
+
+    model = bf16_model(MossDelayModel, MossDelayConfig, DELAY_DIR / checkpoint)
+    lang = model.config.language
+    golden_tf = np.load(DELAY_DIR / checkpoint / "goldens_tf.npz")
+    case = "tf_clone_prompt"
+    g = {k[len(case) + 1 :]: golden_tf[k] for k in golden_tf.files if k.startswith(case + "/")}
+    ids, mask = torch.from_numpy(g["input_ids"]), g["attention_mask"]
+    valid = np.nonzero(mask[0])[0]
+    rows = ids[0:1, valid]
+    shape = (lang.num_hidden_layers, 1, lang.num_key_value_heads, len(valid), lang.head_dim)
+    cache_k, cache_v = torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        final = torch.cat([model(rows[:, t : t + 1], BatchContext.build([t], 1, [0], rows.device), cache_k, cache_v)
+                           for t in range(len(valid))], dim=1)
+        text, audio = model.text_logits(final)[0].float(), model.audio_logits(final)[0].float()
+    assert fused_calls and all(fused_calls)
+    assert_within_bf16_tolerance(text[:, g["text_logit_cols"]], g["text_logits_at_cols"][0, valid], "text logits")
+    positions = [p for p in g["full_positions"] if mask[0, p]]
+    index = [int(np.searchsorted(valid, p)) for p in positions]
+    full = g["audio_logits_full_at_positions"][0, [list(g["full_positions"]).index(p) for p in positions]]
+    assert_within_bf16_tolerance(audio[index], full, "audio logits")
+
+
+@needs_avx512
+def test_realtime_local_logits_through_the_cache(monkeypatch):
+    """Realtime's local transformer, one codebook position at a time through its cache by the kernel,
+    gives the reference's teacher-forced local logits within the bf16 tolerance."""
+    import mossserve.models.moss_realtime as moss_realtime
+
+    calls: list[bool] = []
+
+    def counted(*args):
+        out = cpu_decode.decode_layers(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(moss_realtime, "decode_layers", counted)
+    family = load_talker(REALTIME_DIR, dtype="bfloat16")
+    local = family.model.local
+    tf = golden("teacher_forced")
+    ids, codes = tf["input_ids"], tf["local_codes"]
+    with torch.inference_mode():
+        hidden = family.model(ids, BatchContext.build([0], ids.shape[1], None, ids.device))[0, tf["positions"]]
+        calls.clear()  # the backbone's prefill is not a decode step
+        logits = []
+        for rows in (slice(0, 3), slice(3, None)):  # the kernel takes up to four rows
+            h, c = hidden[rows], codes[rows]
+            cache = local.new_cache(h.shape[0], h.device, torch.bfloat16)
+            steps = [local.step(h, 0, cache)]
+            for position in range(1, local.rvq):
+                steps.append(local.step(local.embed_codes(position - 1, c[:, position - 1]), position, cache))
+            logits.append(torch.stack(steps, dim=1))
+    assert len(calls) == 2 * local.rvq and all(calls)
+    assert_within_bf16_tolerance(torch.cat(logits).float(), tf["local_logits"].numpy(), "local logits")
