@@ -69,6 +69,9 @@ static inline __attribute__((always_inline)) void dot_rows(const uint16_t *w, co
             xs[c] = load16(x + c * k + j, mask);
 #pragma GCC unroll 4
         for (int r = 0; r < rows; r++) {
+            /* the next group's rows, one block ahead: the hardware's prefetcher alone left the reads
+             * of these short rows at about three quarters of the rate (docs/performance.md) */
+            _mm_prefetch((const char *)(w + (r + 4) * k + j), _MM_HINT_T0);
             __m512 ws = load16(w + r * k + j, mask);
 #pragma GCC unroll 4
             for (int c = 0; c < m; c++)
