@@ -50,6 +50,51 @@ static inline __m512 load16(const uint16_t *p, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+/* Each lane rounded to the nearest bf16 (ties to even; a NaN stays a quiet NaN) and kept as fp32:
+ * round_to_bf16 for 16 values at once. */
+static inline __m512 rounded16(__m512 value) {
+    __m512i bits = _mm512_castps_si512(value);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+    up = _mm512_mask_or_epi32(up, nan, bits, _mm512_set1_epi32(0x400000));
+    return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* The lanes under `mask` of values already rounded by rounded16, stored as bf16 at p. */
+static inline void store16(uint16_t *p, __mmask16 mask, __m512 value) {
+    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(value), 16)));
+}
+
+/* e^x in each lane: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7
+ * (relative error below 1e-8, under fp32's own step), times 2^n by scalef (0 below fp32's range,
+ * inf above). A NaN stays NaN: max and min return their second operand when either is NaN. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln 2 in two parts */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    static const float taylor[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    for (int i = 0; i < 7; i++)
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(taylor[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* y = e^x for n values by exp16: the decoder layers' exponential, exported for its test. */
+void mossserve_exp_f32(const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mask = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, mask, exp16(_mm512_maskz_loadu_ps(mask, x + i)));
+    }
+}
+
+/* Lanes of the 16-value block that starts at i of a row of n values. */
+static inline __mmask16 block_mask(int64_t n, int64_t i) {
+    return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+}
+
 /* y[c][r] = x[c] . w[r] for `rows` rows of w and m rows of x. Called with constant rows and m, and
  * every loop over them unrolled, so the sums live in registers. */
 static inline __attribute__((always_inline)) void dot_rows(const uint16_t *w, const uint16_t *x, uint16_t *y,
@@ -149,11 +194,6 @@ static void norm_and_rotate(uint16_t *head, const uint16_t *norm_weight, const f
     }
 }
 
-/* Lanes of the 16-value block of a head of d values that starts at i. */
-static inline __mmask16 block_mask(int64_t d, int64_t i) {
-    return d - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
-}
-
 /* One query head over the first `count` cached positions of its key/value head: softmax of the
  * scaled scores in fp32, the weights rounded to bf16 before they meet the values (as torch's CPU
  * flash attention does), the sum divided by the fp32 total and rounded once. */
@@ -173,11 +213,17 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
         scores[j] = _mm512_reduce_add_ps(sum) * scale;
         top = scores[j] > top ? scores[j] : top;
     }
-    float total = 0.0f;
+    __m512 totals = _mm512_setzero_ps();
+    for (int64_t j = 0; j < count; j += 16) {
+        __mmask16 mask = block_mask(count, j);
+        __m512 weights = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), _mm512_set1_ps(top)));
+        weights = _mm512_maskz_mov_ps(mask, weights);
+        totals = _mm512_add_ps(totals, weights);
+        _mm512_mask_storeu_ps(scores + j, mask, rounded16(weights));
+    }
+    float total = _mm512_reduce_add_ps(totals);
     for (int64_t j = 0; j < count; j++) {
-        float weight = expf(scores[j] - top);
-        total += weight;
-        __m512 w = _mm512_set1_ps(rounded(weight));
+        __m512 w = _mm512_set1_ps(scores[j]);
         const uint16_t *value = values + j * d;
         for (int64_t i = 0; i < d; i += 16)
             acc[i / 16] = _mm512_fmadd_ps(w, load16(value + i, block_mask(d, i)), acc[i / 16]);
@@ -199,6 +245,7 @@ void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, i
                            const float *sin_table, const Dims *dims, float eps, int threads) {
     const int64_t H = dims->hidden, heads = dims->heads, kv = dims->kv_heads, d = dims->head_dim;
     const int64_t I = dims->intermediate, qkv_width = (heads + 2 * kv) * d, group = heads / kv;
+    const int64_t blocks = (I + 15) / 16;
     const int64_t layer_stride = dims->cache_slots * kv * dims->cache_len * d;
     int64_t longest = 0;
     for (int c = 0; c < m; c++)
@@ -248,10 +295,14 @@ void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, i
         }
         gemm_team(w[GATE_UP], normed, gate_up, 2 * I, H, m);
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < m * I; item++) {
-            int64_t c = item / I, i = item % I;
-            float g = widen(gate_up[c * 2 * I + i]);
-            activated[item] = round_to_bf16(rounded(g / (1.0f + expf(-g))) * widen(gate_up[c * 2 * I + I + i]));
+        for (int64_t item = 0; item < m * blocks; item++) { /* SiLU(gate) * up, 16 at a time */
+            int64_t c = item / blocks, i = item % blocks * 16;
+            __mmask16 mask = block_mask(I, i);
+            const uint16_t *gate = gate_up + c * 2 * I + i;
+            __m512 g = load16(gate, mask);
+            __m512 silu = rounded16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                                                    exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+            store16(activated + c * I + i, mask, rounded16(_mm512_mul_ps(silu, load16(gate + I, mask))));
         }
         gemm_team(w[DOWN], activated, projected, H, I, m);
 #pragma omp for schedule(static)
