@@ -1,12 +1,12 @@
-"""layers/heads.py: every CPU form of the stacked heads' product is the matmul's, and the one-row
-form is chosen once per shape and dtype."""
+"""layers/heads.py: every CPU form of the stacked heads' product is the matmul's, the one-row
+form is chosen once per shape and dtype, and a few bf16 rows take our kernel where it runs."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mossserve.layers import heads
+from mossserve.layers import cpu_gemv, heads
 
 
 def stacked(dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -29,9 +29,23 @@ def test_the_one_row_form_is_timed_once_per_shape_and_dtype(monkeypatch) -> None
     monkeypatch.setattr(heads, "_one_row_gemv", {})
     timed = []
     monkeypatch.setattr(heads.time, "perf_counter", lambda: timed.append(1) or float(len(timed)))
-    for dtype in (torch.float32, torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.float32, torch.float16):
         weight = stacked(dtype)
         x = torch.randn(1, 48).to(dtype)
         torch.testing.assert_close(heads.project_blocks(x, weight, 8), F.linear(x, weight).view(1, 8, 33))
-    assert set(heads._one_row_gemv) == {((264, 48), torch.float32, 8), ((264, 48), torch.bfloat16, 8)}
+    assert set(heads._one_row_gemv) == {((264, 48), torch.float32, 8), ((264, 48), torch.float16, 8)}
     assert len(timed) == 2 * 2 * 3 * 2  # two keys, two forms, three rounds, a start and an end each
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the kernel needs an AVX-512 CPU")
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_a_few_bf16_rows_take_the_kernel(rows: int, monkeypatch) -> None:
+    """One read of the stacked heads for all rows (layers/cpu_gemv.py), with no form to time."""
+    monkeypatch.setattr(heads, "_one_row_gemv", {})
+    weight = stacked(torch.bfloat16)
+    x = torch.randn(rows, 48).bfloat16()
+    expected = cpu_gemv.bf16_rows(weight, x)
+    assert expected is not None
+    assert torch.equal(heads.project_blocks(x, weight, 8), expected.view(rows, 8, 33))
+    assert torch.equal(heads.project(x, weight), expected)
+    assert heads._one_row_gemv == {}

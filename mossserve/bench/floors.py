@@ -144,11 +144,15 @@ def count_step(talker, prompts: list, sampling, prefill_tokens: int, batch: int)
         talker.admit(runner.state, slot, prompt, sampling)
     for start in range(0, len(prompt.rows), prefill_tokens):  # all rows at once, piece by piece
         hidden = runner.prefill(slots, [prompt.rows[start : start + prefill_tokens]] * batch)
-    runner.step(hidden, slots)
-    runner.step(runner.decode(slots), slots)  # a decode step too: one-time work (the heads' form timing) is done
+    # The bf16 CPU kernels run outside aten, where the counter cannot see them: the counted step runs
+    # torch's ops, and so does the decode step before it, which does their one-time work (the heads'
+    # form timing) outside the counter.
+    with torch_products():
+        runner.step(hidden, slots)
+        runner.step(runner.decode(slots), slots)
     context = int(np.mean([runner.cache.lengths[s] for s in slots])) + 1
     counter = _StepCounter(talker.decode_weights())  # after two steps: copies a family makes on first use exist
-    with counter, torch_products():  # the bf16 CPU kernel kernels run outside aten, where the counter cannot see them
+    with counter, torch_products():
         hidden = runner.decode(slots)
         runner.step(hidden, slots)
     for slot in slots:

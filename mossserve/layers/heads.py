@@ -13,6 +13,10 @@ on an AMD EPYC (AVX2), the GEMV 1.3 ms against the blocks' 2.6 on an Intel Xeon 
 2.5 ms of a 16 ms engine step there. So the one-row form is timed once per weight shape and dtype
 in the process and the faster kept. The forms differ only in the last bits of the logits, as
 a row's logits alone and in a batch already do (the backbone's `F.linear` too; docs/performance.md).
+
+One to four bf16 rows take our CPU kernel (layers/cpu_gemv.py) where it runs, whatever the head:
+one read of the weight for all rows, faster than `torch.mv` and the blocks in the engine (bench
+heads at one row: about 0.6 ms of a 4.7 ms bf16 step; docs/performance.md).
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .cpu_gemv import bf16_rows
+
 _one_row_gemv: dict[tuple, bool] = {}
 
 
@@ -28,6 +34,9 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., H) @ weight (N, H).T -> (..., N)."""
     if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight)
+    out = bf16_rows(weight, x)
+    if out is not None:
+        return out
     if x.shape[0] == 1:
         return torch.mv(weight, x[0]).unsqueeze(0)
     return (weight @ x.T).T
@@ -35,6 +44,9 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def project_blocks(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tensor:
     """x (B, H) @ weight (blocks * R, H).T -> (B, blocks, R): `blocks` heads stacked in one weight."""
+    out = bf16_rows(weight, x) if x.device.type == "cpu" and x.dim() == 2 else None
+    if out is not None:
+        return out.unflatten(-1, (blocks, -1))
     if x.device.type != "cpu" or x.dim() != 2 or (x.shape[0] == 1 and _gemv_is_faster(x, weight, blocks)):
         return project(x, weight).unflatten(-1, (blocks, -1))
     return _by_block(x, weight, blocks).permute(2, 0, 1)
