@@ -21,7 +21,7 @@ from mossserve.models.registry import load_talker
 
 needs_avx512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
                                   reason="the kernel needs an AVX-512 CPU")
-LAYERS, SLOTS, CACHE_LEN, KV_HEADS = 2, 5, 40, 2
+LAYERS, SLOTS, CACHE_LEN, KV_HEADS = 2, 17, 40, 2
 
 
 def backbone(head_dim: int, qk_norm: bool = True, heads: int = 4) -> Qwen3Model:
@@ -57,13 +57,14 @@ def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @needs_avx512
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
 @pytest.mark.parametrize("head_dim, qk_norm", [(4, True), (6, False), (16, True), (24, True), (128, False)])
 def test_the_kernel_computes_torchs_layers(rows, head_dim, qk_norm):
     model = backbone(head_dim, qk_norm)
     cache_k, cache_v = random_cache(head_dim)
     x = torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
-    positions, slots = [3, 17, 39, 0][:rows], [4, 0, 2, 1][:rows]
+    positions = [(7 * i + 3) % CACHE_LEN for i in range(rows)]
+    slots = [(5 * i + 4) % SLOTS for i in range(rows)]  # distinct, not in order
     ctx = BatchContext.build(positions, 1, slots, x.device)
     torch_k, torch_v, ours_k, ours_v = cache_k.clone(), cache_v.clone(), cache_k.clone(), cache_v.clone()
     expected = torch_layers(model, x, ctx, torch_k, torch_v)
@@ -83,20 +84,21 @@ def test_the_kernel_computes_torchs_layers(rows, head_dim, qk_norm):
 def test_a_row_gets_the_same_bits_alone_among_others_and_on_one_thread():
     model = backbone(16)
     cache_k, cache_v = random_cache(16)
-    x = torch.randn(4, 1, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
-    positions, slots = [5, 12, 30, 21], [1, 2, 3, 4]
+    x = torch.randn(6, 1, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    positions, slots = [5, 12, 30, 21, 0, 39], [1, 2, 3, 4, 9, 16]
 
     def run(rows: list[int]) -> torch.Tensor:
         ctx = BatchContext.build([positions[r] for r in rows], 1, [slots[r] for r in rows], x.device)
         return cpu_decode.decode_layers(model.layers, model.rotary, x[rows], ctx, cache_k.clone(), cache_v.clone())
 
-    together = run([0, 1, 2, 3])
-    for r in range(4):
+    together = run([0, 1, 2, 3, 4, 5])
+    for r in range(6):
         assert torch.equal(run([r])[0], together[r])
+    assert torch.equal(run([5, 4]), together[[5, 4]])
     threads = torch.get_num_threads()
     torch.set_num_threads(2 if threads == 1 else 1)
     try:
-        assert torch.equal(run([0, 1, 2, 3]), together)
+        assert torch.equal(run([0, 1, 2, 3, 4, 5]), together)
     finally:
         torch.set_num_threads(threads)
 
@@ -106,12 +108,12 @@ def test_every_other_case_takes_torchs_layers(monkeypatch):
     cache_k, cache_v = random_cache(16)
     one = torch.randn(1, 1, 64).bfloat16()
     ctx = BatchContext.build([3], 1, [0], one.device)
-    five = torch.randn(5, 1, 64).bfloat16()
+    many = torch.randn(17, 1, 64).bfloat16()
     declined = [
         (model.layers, one.float(), ctx, cache_k, cache_v),  # float32 stream
         (model.layers, torch.randn(1, 2, 64).bfloat16(), BatchContext.build([3], 2, [0], one.device), cache_k,
          cache_v),  # two new tokens: a prefill
-        (model.layers, five, BatchContext.build([1, 2, 3, 4, 5], 1, [0, 1, 2, 3, 4], one.device), cache_k,
+        (model.layers, many, BatchContext.build(list(range(17)), 1, list(range(17)), one.device), cache_k,
          cache_v),  # more rows than the kernel takes
         (model.layers, one, BatchContext.build([3], 1, None, one.device), None, None),  # no cache
         (model.layers, one, ctx, cache_k.float(), cache_v.float()),  # a float32 cache

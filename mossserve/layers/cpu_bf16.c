@@ -1,6 +1,6 @@
-/* bf16 kernels for a decode step of one to four rows on an AVX-512 CPU. Built and loaded by
- * mossserve/layers/cpu_gemv.py; called through layers/cpu_gemv.py (products) and
- * layers/cpu_decode.py (whole Qwen3 decoder layers).
+/* bf16 kernels for a decode step of a few rows on an AVX-512 CPU. Built and loaded by
+ * layers/cpu_kernels.py; called through layers/cpu_gemv.py (products) and layers/cpu_decode.py
+ * (whole Qwen3 decoder layers).
  *
  * Products, y = x @ W.T for W (n, k), x (m, k), y (m, n), row-major: four rows of W at a time are
  * read once for all m rows of x. bf16 values widen to fp32 exactly (a 16-bit shift), the products
@@ -10,8 +10,8 @@
  * row count (docs/performance.md).
  *
  * Decoder layers: the whole of a Qwen3 layer (norms, projections, q/k norms, rotary, cache write,
- * attention, SwiGLU, residuals) for every layer of a backbone in one call and one OpenMP parallel
- * region, where torch spends about sixty small ops per layer. Every value torch's bf16 layer
+ * attention, SwiGLU, residuals) for up to 16 rows, every layer of a backbone in one call and one
+ * OpenMP parallel region, where torch spends about sixty small ops per layer. Every value torch's bf16 layer
  * rounds to bf16 is rounded here at the same point; sums (norms, attention) run in fp32 in their
  * own order. Work is split between `threads` OpenMP threads: built with -fopenmp, this runs on the
  * libgomp torch loaded, so the calling thread keeps the one pool it has (mossserve/openmp.py). */
@@ -61,11 +61,6 @@ static inline __m512 rounded16(__m512 value) {
     return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-/* The lanes under `mask` of values already rounded by rounded16, stored as bf16 at p. */
-static inline void store16(uint16_t *p, __mmask16 mask, __m512 value) {
-    _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(value), 16)));
-}
-
 /* e^x in each lane: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7
  * (relative error below 1e-8, under fp32's own step), times 2^n by scalef (0 below fp32's range,
  * inf above). A NaN stays NaN: max and min return their second operand when either is NaN. */
@@ -95,9 +90,11 @@ static inline __mmask16 block_mask(int64_t n, int64_t i) {
     return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
 }
 
-/* y[c][r] = x[c] . w[r] for `rows` rows of w and m rows of x. Called with constant rows and m, and
- * every loop over them unrolled, so the sums live in registers. */
-static inline __attribute__((always_inline)) void dot_rows(const uint16_t *w, const uint16_t *x, uint16_t *y,
+/* y[c][r] = x[c] . w[r] for `rows` rows of w and m rows of x, x already widened to fp32 (its values
+ * are bf16's, so the products are the same; the widening is done once per product, not once per
+ * group of w, which at 16 rows halved the instructions competing with the FMAs). Called with
+ * constant rows and m, and every loop over them unrolled, so the sums live in registers. */
+static inline __attribute__((always_inline)) void dot_rows(const uint16_t *w, const float *x, uint16_t *y,
                                                            int64_t n, int64_t k, int rows, int m) {
     __m512 sums[4][MAX_ROWS];
 #pragma GCC unroll 4
@@ -111,7 +108,7 @@ static inline __attribute__((always_inline)) void dot_rows(const uint16_t *w, co
         __m512 xs[MAX_ROWS];
 #pragma GCC unroll 4
         for (int c = 0; c < m; c++)
-            xs[c] = load16(x + c * k + j, mask);
+            xs[c] = _mm512_maskz_loadu_ps(mask, x + c * k + j);
 #pragma GCC unroll 4
         for (int r = 0; r < rows; r++) {
             /* the next group's rows, one block ahead: the hardware's prefetcher alone left the reads
@@ -131,30 +128,41 @@ static inline __attribute__((always_inline)) void dot_rows(const uint16_t *w, co
 }
 
 /* This thread's share of y = x @ W.T: inside a parallel region W's row groups are split between
- * the team (the loop's implicit barrier ends it); outside one, all of it. */
-static void gemm_team(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t n, int64_t k, int m) {
+ * the team (the loop's implicit barrier ends it); outside one, all of it. More than MAX_ROWS rows
+ * of x are taken MAX_ROWS at a time against each group of W while the group is in cache, so W is
+ * still read from memory once. */
+static void gemm_team(const uint16_t *w, const float *x, uint16_t *y, int64_t n, int64_t k, int m) {
     int64_t groups = (n + 3) / 4;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
         int64_t first = 4 * g;
         const uint16_t *block = w + first * k;
-        if (n - first < 4)
-            dot_rows(block, x, y + first, n, k, (int)(n - first), m);
-        else if (m == 1)
-            dot_rows(block, x, y + first, n, k, 4, 1);
-        else if (m == 2)
-            dot_rows(block, x, y + first, n, k, 4, 2);
-        else if (m == 3)
-            dot_rows(block, x, y + first, n, k, 4, 3);
-        else
-            dot_rows(block, x, y + first, n, k, 4, 4);
+        for (int c = 0; c < m; c += MAX_ROWS) {
+            const float *xs = x + c * k;
+            uint16_t *ys = y + c * n + first;
+            int rows = m - c < MAX_ROWS ? m - c : MAX_ROWS;
+            if (n - first < 4)
+                dot_rows(block, xs, ys, n, k, (int)(n - first), rows);
+            else if (rows == 1)
+                dot_rows(block, xs, ys, n, k, 4, 1);
+            else if (rows == 2)
+                dot_rows(block, xs, ys, n, k, 4, 2);
+            else if (rows == 3)
+                dot_rows(block, xs, ys, n, k, 4, 3);
+            else
+                dot_rows(block, xs, ys, n, k, 4, 4);
+        }
     }
 }
 
 void mossserve_gemm_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t n, int64_t k, int m,
                          int threads) {
+    float *wide = malloc(sizeof(float) * m * k);
+    for (int64_t i = 0; i < m * k; i++)
+        wide[i] = widen(x[i]);
 #pragma omp parallel num_threads(threads)
-    gemm_team(w, x, y, n, k, m);
+    gemm_team(w, wide, y, n, k, m);
+    free(wide);
 }
 
 /* ---- decoder layers ---------------------------------------------------------------------------- */
@@ -167,15 +175,15 @@ typedef struct {
 /* Per layer, the order of its weight pointers (layers/cpu_decode.py). */
 enum { INPUT_NORM, QKV, Q_NORM, K_NORM, O_PROJ, POST_NORM, GATE_UP, DOWN, WEIGHTS_PER_LAYER };
 
-/* out = weight * bf16(x * rsqrt(mean(x^2) + eps)), each product rounded: torch's RMSNorm on bf16,
- * whose normalisation runs in fp32 (layers/norms.py). `out` may be x. */
-static void rms_norm(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t n, float eps) {
+/* out = weight * bf16(x * rsqrt(mean(x^2) + eps)), each product rounded to bf16 (and kept in fp32):
+ * torch's RMSNorm on bf16, whose normalisation runs in fp32 (layers/norms.py). */
+static void rms_norm(const uint16_t *x, const uint16_t *weight, float *out, int64_t n, float eps) {
     float squares = 0.0f;
     for (int64_t i = 0; i < n; i++)
         squares += widen(x[i]) * widen(x[i]);
     float scale = 1.0f / sqrtf(squares / (float)n + eps);
     for (int64_t i = 0; i < n; i++)
-        out[i] = round_to_bf16(widen(weight[i]) * rounded(widen(x[i]) * scale));
+        out[i] = rounded(widen(weight[i]) * rounded(widen(x[i]) * scale));
 }
 
 /* One q or k head in place: its q/k norm (if the model has one), then the rotate-half rotation at
@@ -184,9 +192,10 @@ static void norm_and_rotate(uint16_t *head, const uint16_t *norm_weight, const f
                             int64_t d, float eps) {
     float v[MAX_HEAD_DIM];
     if (norm_weight != NULL)
-        rms_norm(head, norm_weight, head, d, eps);
-    for (int64_t i = 0; i < d; i++)
-        v[i] = widen(head[i]);
+        rms_norm(head, norm_weight, v, d, eps);
+    else
+        for (int64_t i = 0; i < d; i++)
+            v[i] = widen(head[i]);
     int64_t half = d / 2;
     for (int64_t i = 0; i < d; i++) {
         float turned = v[i < half ? i + half : i - half];
@@ -197,7 +206,7 @@ static void norm_and_rotate(uint16_t *head, const uint16_t *norm_weight, const f
 /* One query head over the first `count` cached positions of its key/value head: softmax of the
  * scaled scores in fp32, the weights rounded to bf16 before they meet the values (as torch's CPU
  * flash attention does), the sum divided by the fp32 total and rounded once. */
-static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, uint16_t *out, int64_t count,
+static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, float *out, int64_t count,
                    int64_t d, float scale, float *scores) {
     __m512 query[MAX_HEAD_DIM / 16], acc[MAX_HEAD_DIM / 16];
     for (int64_t i = 0; i < d; i += 16) {
@@ -232,7 +241,7 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
     for (int64_t i = 0; i < d; i += 16) {
         _mm512_storeu_ps(spread, acc[i / 16]);
         for (int64_t lane = 0; lane < 16 && i + lane < d; lane++)
-            out[i + lane] = round_to_bf16(spread[lane] / total);
+            out[i + lane] = rounded(spread[lane] / total);
     }
 }
 
@@ -250,9 +259,11 @@ void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, i
     int64_t longest = 0;
     for (int c = 0; c < m; c++)
         longest = positions[c] + 1 > longest ? positions[c] + 1 : longest;
-    uint16_t *normed = malloc(sizeof(uint16_t) * m * (H + qkv_width + heads * d + H + 2 * I + I));
-    uint16_t *qkv = normed + m * H, *attended = qkv + m * qkv_width, *projected = attended + m * heads * d;
-    uint16_t *gate_up = projected + m * H, *activated = gate_up + m * 2 * I;
+    /* the products' inputs in fp32 (bf16 values), their outputs in bf16 */
+    float *normed = malloc(sizeof(float) * m * (H + heads * d + I));
+    float *attended = normed + m * H, *activated = attended + m * heads * d;
+    uint16_t *qkv = malloc(sizeof(uint16_t) * m * (qkv_width + H + 2 * I));
+    uint16_t *projected = qkv + m * qkv_width, *gate_up = projected + m * H;
     float *scores = malloc(sizeof(float) * threads * longest);
     const float scale = 1.0f / sqrtf((float)d);
 
@@ -302,7 +313,7 @@ void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, i
             __m512 g = load16(gate, mask);
             __m512 silu = rounded16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f),
                                                                     exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-            store16(activated + c * I + i, mask, rounded16(_mm512_mul_ps(silu, load16(gate + I, mask))));
+            _mm512_mask_storeu_ps(activated + c * I + i, mask, rounded16(_mm512_mul_ps(silu, load16(gate + I, mask))));
         }
         gemm_team(w[DOWN], activated, projected, H, I, m);
 #pragma omp for schedule(static)
@@ -310,5 +321,6 @@ void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, i
             x[item] = round_to_bf16(widen(x[item]) + widen(projected[item]));
     }
     free(scores);
+    free(qkv);
     free(normed);
 }

@@ -3,7 +3,7 @@
 Around its four products a Qwen3 layer runs about sixty small torch ops per decode step (norms,
 q/k norms, rotary, cache writes, attention, SwiGLU, residuals), each costing 2-20 us of dispatch
 whatever its size: at the bench checkpoint's width they took as long as the products. For one to
-four bf16 rows with one new token each, `cpu_bf16.c` runs every layer of the backbone in one call
+sixteen bf16 rows with one new token each, `cpu_bf16.c` runs every layer of the backbone in one call
 and one OpenMP region, rounding to bf16 wherever torch's bf16 layer does, so its output differs
 from torch's only by the order of the fp32 sums inside norms and attention (tests/test_cpu_decode.py).
 float32 keeps torch's layers: its results are to equal the reference's bit for bit.
@@ -16,21 +16,22 @@ import torch
 from torch import nn
 
 from .batch_context import BatchContext
-from .cpu_kernels import MAX_ROWS, bf16_kernels, kernels_off
+from .cpu_kernels import bf16_kernels, kernels_off
 from .rotary import RotaryEmbedding
 
 MAX_HEAD_DIM = 512  # cpu_bf16.c keeps a head in a fixed-size buffer
+MAX_DECODE_ROWS = 16
 
 
 def decode_layers(layers: nn.ModuleList, rotary: RotaryEmbedding, x: torch.Tensor, ctx: BatchContext,
                   cache_k: torch.Tensor | None, cache_v: torch.Tensor | None) -> torch.Tensor | None:
     """x (B, 1, H) through every layer of `layers` (models/qwen3.py's Qwen3DecoderLayer) with the
     slot cache (layers, slots, kv_heads, max_len, d), by the kernel; None where it does not apply
-    (the caller then runs torch's layers): not a CPU bf16 decode step of 1 to MAX_ROWS rows, no
+    (the caller then runs torch's layers): not a CPU bf16 decode step of 1 to MAX_DECODE_ROWS rows, no
     cache, a weight or cache that is not contiguous bf16, a head size the kernel does not take,
     autograd recording, or the kernels off or unavailable."""
     if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 3 or x.shape[1] != 1
-            or not 1 <= x.shape[0] <= MAX_ROWS or cache_k is None or ctx.slots is None or kernels_off()):
+            or not 1 <= x.shape[0] <= MAX_DECODE_ROWS or cache_k is None or ctx.slots is None or kernels_off()):
         return None
     attention = layers[0].self_attn
     d, heads, kv_heads = attention.head_dim, attention.heads, attention.kv_heads
