@@ -25,7 +25,8 @@ LAYERS, SLOTS, CACHE_LEN, KV_HEADS = 2, 17, 40, 2
 
 
 def backbone(head_dim: int, qk_norm: bool = True, heads: int = 4) -> Qwen3Model:
-    config = Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=heads,
+    # intermediate 100: gate|up has 200 rows (AMX blocks of 16 and a tail), down's k is not a multiple of 32
+    config = Qwen3Config(hidden_size=64, intermediate_size=100, num_hidden_layers=LAYERS, num_attention_heads=heads,
                          num_key_value_heads=KV_HEADS, head_dim=head_dim, rms_norm_eps=1e-6, rope_theta=10000.0,
                          vocab_size=32, max_position_embeddings=256, qk_norm=qk_norm)
     torch.manual_seed(head_dim)
@@ -81,26 +82,39 @@ def test_the_kernel_computes_torchs_layers(rows, head_dim, qk_norm):
 
 
 @needs_avx512
-def test_a_row_gets_the_same_bits_alone_among_others_and_on_one_thread():
+def test_a_row_gets_the_same_bits_whatever_its_company_and_thread_count():
+    """Within each product path (FMAs for one to four rows, AMX tiles from five where the CPU has
+    them) a row's bits do not depend on the other rows, their order, or the number of threads."""
     model = backbone(16)
     cache_k, cache_v = random_cache(16)
-    x = torch.randn(6, 1, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
-    positions, slots = [5, 12, 30, 21, 0, 39], [1, 2, 3, 4, 9, 16]
+    x = torch.randn(16, 1, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    positions = [(11 * i + 5) % CACHE_LEN for i in range(16)]
+    slots = [(3 * i + 1) % SLOTS for i in range(16)]
 
     def run(rows: list[int]) -> torch.Tensor:
         ctx = BatchContext.build([positions[r] for r in rows], 1, [slots[r] for r in rows], x.device)
         return cpu_decode.decode_layers(model.layers, model.rotary, x[rows], ctx, cache_k.clone(), cache_v.clone())
 
-    together = run([0, 1, 2, 3, 4, 5])
-    for r in range(6):
-        assert torch.equal(run([r])[0], together[r])
-    assert torch.equal(run([5, 4]), together[[5, 4]])
+    four = run([0, 1, 2, 3])
+    for r in range(4):
+        assert torch.equal(run([r])[0], four[r])
+    assert torch.equal(run([3, 1]), four[[3, 1]])
+    sixteen = run(list(range(16)))
+    assert torch.equal(run([9, 2, 15, 4, 11]), sixteen[[9, 2, 15, 4, 11]])
     threads = torch.get_num_threads()
     torch.set_num_threads(2 if threads == 1 else 1)
     try:
-        assert torch.equal(run([0, 1, 2, 3, 4, 5]), together)
+        assert torch.equal(run([0, 1, 2, 3]), four)
+        assert torch.equal(run(list(range(16))), sixteen)
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_avx512
+def test_five_rows_and_more_run_on_amx_where_the_cpu_has_it():
+    """So that the 7- and 16-row cases above test the AMX path on such a CPU (this host has it)."""
+    flags = open("/proc/cpuinfo").read().split()
+    assert cpu_kernels.bf16_kernels().amx == ("amx_bf16" in flags and "amx_tile" in flags)
 
 
 def test_every_other_case_takes_torchs_layers(monkeypatch):

@@ -15,14 +15,18 @@
  * rounds to bf16 is rounded here at the same point; sums (norms, attention) run in fp32 in their
  * own order. Work is split between `threads` OpenMP threads: built with -fopenmp, this runs on the
  * libgomp torch loaded, so the calling thread keeps the one pool it has (mossserve/openmp.py). */
+#include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define MAX_ROWS 4
+#define AMX_MIN_ROWS 5 /* from this many rows a product runs on AMX tiles, where the CPU has them */
 #define MAX_HEAD_DIM 512
 
 static uint16_t round_to_bf16(float value) {
@@ -127,32 +131,105 @@ static inline __attribute__((always_inline)) void dot_rows(const uint16_t *w, co
             y[c * n + r] = round_to_bf16(_mm512_reduce_add_ps(sums[r][c]));
 }
 
-/* This thread's share of y = x @ W.T: inside a parallel region W's row groups are split between
- * the team (the loop's implicit barrier ends it); outside one, all of it. More than MAX_ROWS rows
- * of x are taken MAX_ROWS at a time against each group of W while the group is in cache, so W is
- * still read from memory once. */
-static void gemm_team(const uint16_t *w, const float *x, uint16_t *y, int64_t n, int64_t k, int m) {
-    int64_t groups = (n + 3) / 4;
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        int64_t first = 4 * g;
-        const uint16_t *block = w + first * k;
-        for (int c = 0; c < m; c += MAX_ROWS) {
-            const float *xs = x + c * k;
-            uint16_t *ys = y + c * n + first;
-            int rows = m - c < MAX_ROWS ? m - c : MAX_ROWS;
-            if (n - first < 4)
-                dot_rows(block, xs, ys, n, k, (int)(n - first), rows);
-            else if (rows == 1)
-                dot_rows(block, xs, ys, n, k, 4, 1);
-            else if (rows == 2)
-                dot_rows(block, xs, ys, n, k, 4, 2);
-            else if (rows == 3)
-                dot_rows(block, xs, ys, n, k, 4, 3);
-            else
-                dot_rows(block, xs, ys, n, k, 4, 4);
-        }
+/* y = x @ W.T for W's rows first..first+3 (fewer at its end) and every row of x, MAX_ROWS rows of x
+ * at a time while those rows of W are in cache, so W is still read from memory once. */
+static void dot_group(const uint16_t *w, const float *x, uint16_t *y, int64_t n, int64_t k, int m, int64_t first) {
+    const uint16_t *block = w + first * k;
+    for (int c = 0; c < m; c += MAX_ROWS) {
+        const float *xs = x + c * k;
+        uint16_t *ys = y + c * n + first;
+        int rows = m - c < MAX_ROWS ? m - c : MAX_ROWS;
+        if (n - first < 4)
+            dot_rows(block, xs, ys, n, k, (int)(n - first), rows);
+        else if (rows == 1)
+            dot_rows(block, xs, ys, n, k, 4, 1);
+        else if (rows == 2)
+            dot_rows(block, xs, ys, n, k, 4, 2);
+        else if (rows == 3)
+            dot_rows(block, xs, ys, n, k, 4, 3);
+        else
+            dot_rows(block, xs, ys, n, k, 4, 4);
     }
+}
+
+/* This thread's share of y = x @ W.T: inside a parallel region W's row groups are split between
+ * the team (the loop's implicit barrier ends it); outside one, all of it. */
+static void gemm_team(const uint16_t *w, const float *x, uint16_t *y, int64_t n, int64_t k, int m) {
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < (n + 3) / 4; g++)
+        dot_group(w, x, y, n, k, m, 4 * g);
+}
+
+/* ---- AMX tiles, for products of five to sixteen rows ------------------------------------------ */
+
+/* Whether this process may use AMX bf16 tiles: the CPU has them and Linux grants their state
+ * (asked once; torch asks the same for its own AMX kernels). */
+static int amx_available(void) {
+    static int ready = -1;
+    if (ready < 0) {
+        unsigned a, b, c, d;
+        int cpu = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1);
+        ready = cpu && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    }
+    return ready;
+}
+
+/* amx_available, for the Python side (layers/cpu_kernels.py) */
+int mossserve_amx_available(void) { return amx_available(); }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t columns_bytes[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* This thread's tiles for m rows of x: 0 sums (16 weight rows x m, fp32), 1 weights (16 rows x 32
+ * bf16), 2 x (16 pairs of k x m columns). */
+static void configure_tiles(int m) {
+    TileConfig config = {.palette = 1};
+    config.rows[0] = config.rows[1] = config.rows[2] = 16;
+    config.columns_bytes[0] = config.columns_bytes[2] = (uint16_t)(4 * m);
+    config.columns_bytes[1] = 64;
+    _tile_loadconfig(&config);
+}
+
+/* y = x @ W.T inside the team on AMX tiles (k a multiple of 32): blocks of 16 weight rows against
+ * every row of x at once, the sums in fp32 and each rounded once; W's rows past its last full block
+ * by FMAs. x comes in fp32 and is laid out here, once, as the tiles read it: pairs of consecutive
+ * k, row after row of x ((k / 2, m, 2) bf16 in `pairs`). */
+static void amx_team(const uint16_t *w, const float *x, uint16_t *pairs, uint16_t *y, int64_t n, int64_t k, int m) {
+#pragma omp single
+    for (int64_t j = 0; j < k; j++)
+        for (int c = 0; c < m; c++)
+            pairs[(j / 2) * m * 2 + c * 2 + (j & 1)] = round_to_bf16(x[c * k + j]);
+    int64_t blocks = n / 16;
+    float sums[16 * 16];
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint16_t *rows = w + b * 16 * k;
+        _tile_zero(0);
+        for (int64_t j = 0; j < k; j += 32) {
+            _tile_loadd(1, rows + j, k * 2);
+            _tile_loadd(2, pairs + j * m, m * 4);
+            _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, sums, m * 4);
+        for (int r = 0; r < 16; r++)
+            for (int c = 0; c < m; c++)
+                y[c * n + b * 16 + r] = round_to_bf16(sums[r * m + c]);
+    }
+#pragma omp for schedule(static)
+    for (int64_t first = 16 * blocks; first < n; first += 4)
+        dot_group(w, x, y, n, k, m, first);
+}
+
+/* The team's product by AMX where it is set up (`pairs` given) and k allows, else by FMAs. */
+static void product_team(const uint16_t *w, const float *x, uint16_t *pairs, uint16_t *y, int64_t n, int64_t k,
+                         int m) {
+    if (pairs != NULL && k % 32 == 0)
+        amx_team(w, x, pairs, y, n, k, m);
+    else
+        gemm_team(w, x, y, n, k, m);
 }
 
 void mossserve_gemm_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t n, int64_t k, int m,
@@ -266,15 +343,21 @@ void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, i
     uint16_t *projected = qkv + m * qkv_width, *gate_up = projected + m * H;
     float *scores = malloc(sizeof(float) * threads * longest);
     const float scale = 1.0f / sqrtf((float)d);
+    int64_t widest = H > heads * d ? H : heads * d;
+    widest = widest > I ? widest : I;
+    uint16_t *pairs = m >= AMX_MIN_ROWS && amx_available() ? malloc(sizeof(uint16_t) * m * (widest + 32)) : NULL;
 
 #pragma omp parallel num_threads(threads)
+    {
+    if (pairs != NULL)
+        configure_tiles(m);
     for (int layer = 0; layer < layers; layer++) {
         const uint16_t *const *w = weights + layer * WEIGHTS_PER_LAYER;
         uint16_t *layer_k = cache_k + layer * layer_stride, *layer_v = cache_v + layer * layer_stride;
 #pragma omp for schedule(static)
         for (int c = 0; c < m; c++)
             rms_norm(x + c * H, w[INPUT_NORM], normed + c * H, H, eps);
-        gemm_team(w[QKV], normed, qkv, qkv_width, H, m);
+        product_team(w[QKV], normed, pairs, qkv, qkv_width, H, m);
         /* q and k heads normed and rotated; k and v written to the cache */
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < m * (heads + 2 * kv); item++) {
@@ -297,14 +380,14 @@ void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, i
             attend(qkv + c * qkv_width + h * d, layer_k + base, layer_v + base, attended + c * heads * d + h * d,
                    positions[c] + 1, d, scale, scores + omp_get_thread_num() * longest);
         }
-        gemm_team(w[O_PROJ], attended, projected, H, heads * d, m);
+        product_team(w[O_PROJ], attended, pairs, projected, H, heads * d, m);
 #pragma omp for schedule(static)
         for (int c = 0; c < m; c++) {
             for (int64_t i = 0; i < H; i++)
                 x[c * H + i] = round_to_bf16(widen(x[c * H + i]) + widen(projected[c * H + i]));
             rms_norm(x + c * H, w[POST_NORM], normed + c * H, H, eps);
         }
-        gemm_team(w[GATE_UP], normed, gate_up, 2 * I, H, m);
+        product_team(w[GATE_UP], normed, pairs, gate_up, 2 * I, H, m);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < m * blocks; item++) { /* SiLU(gate) * up, 16 at a time */
             int64_t c = item / blocks, i = item % blocks * 16;
@@ -315,11 +398,15 @@ void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, i
                                                                     exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
             _mm512_mask_storeu_ps(activated + c * I + i, mask, rounded16(_mm512_mul_ps(silu, load16(gate + I, mask))));
         }
-        gemm_team(w[DOWN], activated, projected, H, I, m);
+        product_team(w[DOWN], activated, pairs, projected, H, I, m);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < m * H; item++)
             x[item] = round_to_bf16(widen(x[item]) + widen(projected[item]));
     }
+    if (pairs != NULL)
+        _tile_release();
+    }
+    free(pairs);
     free(scores);
     free(qkv);
     free(normed);

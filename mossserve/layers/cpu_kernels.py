@@ -39,7 +39,8 @@ from ..openmp import loaded_libgomp
 
 SOURCE = Path(__file__).with_name("cpu_bf16.c")
 MAX_ROWS = 4  # the kernels' limit: up to four rows share each read of the weights
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared",
+         "-fPIC")
 log = logging.getLogger(__name__)
 _this_thread = threading.local()
 
@@ -48,6 +49,7 @@ _this_thread = threading.local()
 class Bf16Kernels:
     gemm: Callable  # (w, x, y, n, k, m, threads): y (m, n) = x (m, k) @ w (n, k).T
     decode: Callable  # whole decoder layers, arguments in layers/cpu_decode.py
+    amx: bool  # the decoder layers' products of 5-16 rows run on AMX tiles (the CPU has them, Linux allows them)
 
 
 @contextlib.contextmanager
@@ -86,7 +88,7 @@ def bf16_kernels() -> Bf16Kernels | None:
     decode.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
                        + [ctypes.c_float, ctypes.c_int])
     gemm.restype = decode.restype = None
-    return Bf16Kernels(gemm=gemm, decode=decode)
+    return Bf16Kernels(gemm=gemm, decode=decode, amx=bool(library.mossserve_amx_available()))
 
 
 def build(compiler: str) -> Path:
