@@ -107,9 +107,40 @@ def test_linear_takes_the_kernel_for_up_to_four_bf16_rows(fresh_kernel, shape):
     assert torch.equal(layer(x), expected.view(*shape[:-1], -1))
 
 
-def test_five_rows_take_torch(fresh_kernel):
-    weight, x = torch.randn(16, 64).bfloat16(), torch.randn(5, 64).bfloat16()
-    assert cpu_gemv.bf16_rows(weight, x) is None
+def test_more_rows_than_the_kernel_takes_take_torch(fresh_kernel):
+    weight = torch.randn(16, 64).bfloat16()
+    assert cpu_gemv.bf16_rows(weight, torch.randn(17, 64).bfloat16()) is None
+    kernels = cpu_kernels.bf16_kernels()
+    if kernels is None or not kernels.amx:
+        assert cpu_gemv.bf16_rows(weight, torch.randn(5, 64).bfloat16()) is None
+
+
+needs_amx = pytest.mark.skipif(not (cpu_kernels.bf16_kernels() and cpu_kernels.bf16_kernels().amx),
+                               reason="products of five rows and more run on AMX tiles")
+
+
+@needs_amx
+@pytest.mark.parametrize("m", [5, 8, 16])
+@pytest.mark.parametrize("n, k", [(16, 32), (37, 64), (1001, 704), (64, 96), (7, 1536)])
+def test_amx_rounds_the_exact_product_once(fresh_kernel, m, n, k):
+    """Blocks of 16 weight rows on tiles, the rows past them and a k that is not a multiple of 32
+    by FMAs: every sum within one bf16 step of the exact product."""
+    gen = torch.Generator().manual_seed(n * 1000 + k + m)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    exact = x.double() @ weight.double().T
+    got = cpu_gemv.bf16_rows(weight, x)
+    assert got is not None and got.shape == (m, n)
+    assert ((got.double() - exact).abs() <= one_ulp(exact.float()).double()).all()
+
+
+@needs_amx
+def test_on_amx_a_row_gets_the_same_bits_among_five_or_sixteen(fresh_kernel):
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(300, 256, generator=gen).bfloat16()
+    x = torch.randn(16, 256, generator=gen).bfloat16()
+    sixteen = cpu_gemv.bf16_rows(weight, x)
+    assert torch.equal(cpu_gemv.bf16_rows(weight, x[[3, 9, 0, 15, 7]]), sixteen[[3, 9, 0, 15, 7]])
 
 
 def test_switched_off_by_the_environment(fresh_kernel, monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mossserve.layers import cpu_gemv, heads
+from mossserve.layers import cpu_gemv, cpu_kernels, heads
 
 
 def stacked(dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -38,9 +38,13 @@ def test_the_one_row_form_is_timed_once_per_shape_and_dtype(monkeypatch) -> None
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the kernel needs an AVX-512 CPU")
-@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8])
 def test_a_few_bf16_rows_take_the_kernel(rows: int, monkeypatch) -> None:
-    """One read of the stacked heads for all rows (layers/cpu_gemv.py), with no form to time."""
+    """One read of the stacked heads for all rows (layers/cpu_gemv.py; eight where AMX runs), with no
+    form to time."""
+    kernels = cpu_kernels.bf16_kernels()
+    if rows > 4 and not (kernels and kernels.amx):
+        pytest.skip("five rows and more take the kernel where AMX runs")
     monkeypatch.setattr(heads, "_one_row_gemv", {})
     weight = stacked(torch.bfloat16)
     x = torch.randn(rows, 48).bfloat16()

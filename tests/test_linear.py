@@ -1,12 +1,12 @@
-"""layers/linear.py: up to four bf16 rows go to layers/cpu_gemv.py (one row to torch.mv where its
-kernel is not built) and give F.linear's product; other inputs take F.linear."""
+"""layers/linear.py: up to four bf16 rows (sixteen where AMX runs) go to layers/cpu_gemv.py (one row
+to torch.mv where its kernel is not built) and give F.linear's product; other inputs take F.linear."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mossserve.layers import linear
+from mossserve.layers import cpu_gemv, cpu_kernels, linear
 from mossserve.layers.linear import Linear
 
 
@@ -37,8 +37,20 @@ def test_up_to_four_bfloat16_rows_take_the_kernel_path(shape, monkeypatch) -> No
     torch.testing.assert_close(out.float(), exact, rtol=2 ** -7, atol=1e-2)
 
 
-@pytest.mark.parametrize("shape", [(5, 96), (2, 3, 96)])
-def test_five_or_more_bfloat16_rows_take_f_linear(shape) -> None:
+@pytest.mark.skipif(not (cpu_kernels.bf16_kernels() and cpu_kernels.bf16_kernels().amx),
+                    reason="five to sixteen rows take the kernel where AMX runs")
+@pytest.mark.parametrize("shape", [(5, 96), (2, 8, 96)])
+def test_five_to_sixteen_bfloat16_rows_take_the_amx_kernel(shape) -> None:
+    lin = layer(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(shape).to(torch.bfloat16)
+    out = lin(x)
+    assert torch.equal(out, cpu_gemv.bf16_rows(lin.weight, x.reshape(-1, 96)).view(*shape[:-1], 160))
+    exact = x.float() @ lin.weight.float().T
+    torch.testing.assert_close(out.float(), exact, rtol=2 ** -7, atol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(17, 96), (3, 6, 96)])
+def test_more_bfloat16_rows_than_the_kernel_takes_take_f_linear(shape) -> None:
     lin = layer(torch.bfloat16)
     x = torch.randn(shape).to(torch.bfloat16)
     assert torch.equal(lin(x), F.linear(x, lin.weight))

@@ -232,13 +232,23 @@ static void product_team(const uint16_t *w, const float *x, uint16_t *pairs, uin
         gemm_team(w, x, y, n, k, m);
 }
 
+/* y = x @ W.T for m bf16 rows of x (at most 16): FMAs for up to four rows, AMX tiles from five where
+ * the CPU has them. */
 void mossserve_gemm_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t n, int64_t k, int m,
                          int threads) {
     float *wide = malloc(sizeof(float) * m * k);
     for (int64_t i = 0; i < m * k; i++)
         wide[i] = widen(x[i]);
+    uint16_t *pairs = m >= AMX_MIN_ROWS && amx_available() ? malloc(sizeof(uint16_t) * m * (k + 32)) : NULL;
 #pragma omp parallel num_threads(threads)
-    gemm_team(w, wide, y, n, k, m);
+    {
+        if (pairs != NULL)
+            configure_tiles(m);
+        product_team(w, wide, pairs, y, n, k, m);
+        if (pairs != NULL)
+            _tile_release();
+    }
+    free(pairs);
     free(wide);
 }
 

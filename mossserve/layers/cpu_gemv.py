@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_kernels import MAX_ROWS, bf16_kernels, kernels_off
+from .cpu_kernels import MAX_AMX_ROWS, bf16_kernels, kernels_off
 
 
 def bf16_rows(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """x (m, K) @ weight (N, K).T -> (m, N) by the kernel, for 1 to MAX_ROWS bf16 rows on CPU;
-    None where the kernel is not to be used (the caller then runs torch's product), which includes
-    a product autograd is to record."""
+    """x (m, K) @ weight (N, K).T -> (m, N) by the kernel, for 1 to 4 bf16 rows on CPU (16 where
+    AMX takes five and more); None where the kernel is not to be used (the caller then runs
+    torch's product), which includes a product autograd is to record."""
     if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() != 2
-            or not 1 <= x.shape[0] <= MAX_ROWS or x.device.type != "cpu" or not weight.is_contiguous()
+            or not 1 <= x.shape[0] <= MAX_AMX_ROWS or x.device.type != "cpu" or not weight.is_contiguous()
             or kernels_off()
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
         return None
     kernels = bf16_kernels()
-    if kernels is None:
+    if kernels is None or x.shape[0] > kernels.max_rows:
         return None
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)

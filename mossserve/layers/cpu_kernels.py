@@ -5,15 +5,16 @@ A decode step of a few streams multiplies a few rows by each weight and runs abo
 ops per layer around those products. torch 2.13's CPU bf16 products of a few rows read weights
 well below memory bandwidth, and each small op costs 2-20 us of dispatch, so a bf16 step of one
 stream was hardly faster than a float32 one even on a CPU with native bf16. The library holds a
-product of one to four rows (layers/cpu_gemv.py) and whole Qwen3 decoder layers for such a step
-(layers/cpu_decode.py); docs/performance.md has the figures.
+product of one to four rows (layers/cpu_gemv.py) and whole Qwen3 decoder layers for a decode step
+of up to sixteen rows (layers/cpu_decode.py; their products of five rows and more on AMX tiles
+where the CPU has them); docs/performance.md has the figures.
 
-It is built with the C compiler found (`$CC`, `cc` or `gcc`) into the cache
-(`$MOSSSERVE_CACHE/kernels`) once per source and compiler, and used only where it can help and
-cannot hurt: an x86-64 CPU with AVX-512 (torch's `AVX512` capability), and torch's OpenMP runtime
-being the GNU one that the kernels are linked against (a second runtime would give the calling
-thread a second worker pool). Anywhere else, or if the build fails, or with
-`MOSSSERVE_CPU_KERNELS=0`, torch's own ops run.
+It is built with the C compiler found (`$CC`, `cc` or `gcc`; one that knows AVX-512 and AMX
+intrinsics: GCC 11 or clang 12 and later) into the cache (`$MOSSSERVE_CACHE/kernels`) once per
+source and compiler, and used only where it can help and cannot hurt: an x86-64 CPU with AVX-512
+(torch's `AVX512` capability), and torch's OpenMP runtime being the GNU one that the kernels are
+linked against (a second runtime would give the calling thread a second worker pool). Anywhere
+else, or if the build fails, or with `MOSSSERVE_CPU_KERNELS=0`, torch's own ops run.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from ..cache import cache_root
 from ..openmp import loaded_libgomp
 
 SOURCE = Path(__file__).with_name("cpu_bf16.c")
-MAX_ROWS = 4  # the kernels' limit: up to four rows share each read of the weights
+MAX_ROWS = 4  # rows of a product on FMAs; up to four rows share each read of the weights
+MAX_AMX_ROWS = 16  # rows of a product where AMX tiles take five and more
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile", "-mamx-bf16", "-fopenmp", "-shared",
          "-fPIC")
 log = logging.getLogger(__name__)
@@ -47,9 +49,13 @@ _this_thread = threading.local()
 
 @dataclass(frozen=True)
 class Bf16Kernels:
-    gemm: Callable  # (w, x, y, n, k, m, threads): y (m, n) = x (m, k) @ w (n, k).T
+    gemm: Callable  # (w, x, y, n, k, m, threads): y (m, n) = x (m, k) @ w (n, k).T, m up to max_rows
     decode: Callable  # whole decoder layers, arguments in layers/cpu_decode.py
-    amx: bool  # the decoder layers' products of 5-16 rows run on AMX tiles (the CPU has them, Linux allows them)
+    amx: bool  # products of 5-16 rows run on AMX tiles (the CPU has them, Linux allows them)
+
+    @property
+    def max_rows(self) -> int:
+        return MAX_AMX_ROWS if self.amx else MAX_ROWS
 
 
 @contextlib.contextmanager

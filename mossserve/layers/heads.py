@@ -14,9 +14,9 @@ on an AMD EPYC (AVX2), the GEMV 1.3 ms against the blocks' 2.6 on an Intel Xeon 
 in the process and the faster kept. The forms differ only in the last bits of the logits, as
 a row's logits alone and in a batch already do (the backbone's `F.linear` too; docs/performance.md).
 
-One to four bf16 rows take our CPU kernel (layers/cpu_gemv.py) where it runs, whatever the head:
-one read of the weight for all rows, faster than `torch.mv` and the blocks in the engine (bench
-heads at one row: about 0.6 ms of a 4.7 ms bf16 step; docs/performance.md).
+One to four bf16 rows (sixteen where AMX runs) take our CPU kernel (layers/cpu_gemv.py) where it
+runs, whatever the head: one read of the weight for all rows, faster than `torch.mv` and the blocks
+in the engine (bench heads at one row: about 0.6 ms of a 4.7 ms bf16 step; docs/performance.md).
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """A bias-free projection whose product of a few bf16 rows on CPU reads its weights once.
 
 torch's CPU `F.linear` on one bf16 row is no faster than on sixteen (a GEMM kernel that converts
-slower than memory delivers). Up to four bf16 rows run our own kernel on AVX-512 CPUs
-(layers/cpu_gemv.py); without it one row runs `torch.mv`, about 1.3x faster than
-`F.linear` with the same bits on the Intel Xeon with AMX measured (docs/performance.md, "Choosing
-the dtype"). float32 and float16 keep `F.linear`: their matrix-vector products are no faster
-(float16's is slower).
+slower than memory delivers). Up to four bf16 rows run our own kernel on AVX-512 CPUs, up to
+sixteen where it has AMX tiles (layers/cpu_gemv.py); without it one row runs `torch.mv`, about 1.3x
+faster than `F.linear` with the same bits on the Intel Xeon with AMX measured (docs/performance.md,
+"Choosing the dtype"). float32 and float16 keep `F.linear`: their matrix-vector products are no
+faster (float16's is slower).
 """
 from __future__ import annotations
 
