@@ -132,6 +132,8 @@ def test_every_other_case_takes_torchs_layers(monkeypatch):
         (model.layers, one, BatchContext.build([3], 1, None, one.device), None, None),  # no cache
         (model.layers, one, ctx, cache_k.float(), cache_v.float()),  # a float32 cache
         (model.layers, one, ctx, cache_k.transpose(3, 4), cache_v.transpose(3, 4)),  # not contiguous
+        (model.layers, one, BatchContext.build([CACHE_LEN], 1, [0], one.device), cache_k, cache_v),  # past the cache
+        (model.layers, one, BatchContext.build([3], 1, [SLOTS], one.device), cache_k, cache_v),  # no such slot
     ]
     for layers, x, c, k, v in declined:
         assert cpu_decode.decode_layers(layers, model.rotary, x, c, k, v) is None

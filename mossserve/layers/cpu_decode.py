@@ -43,10 +43,12 @@ def decode_layers(layers: nn.ModuleList, rotary: RotaryEmbedding, x: torch.Tenso
     kernels = bf16_kernels()
     if kernels is None:
         return None
+    positions, slots = ctx.positions.reshape(-1).contiguous(), ctx.slots.contiguous()
+    if ctx.kv_len > cache_k.shape[3] or not _within(positions, ctx.kv_len) or not _within(slots, cache_k.shape[1]):
+        return None  # torch's layers raise the indexing error; the kernel would write out of bounds
     weights = [t.data_ptr() for t in tensors[:-2]]
     rotary.reserve(ctx.kv_len, x.device)
     out = x.reshape(x.shape[0], -1).clone()
-    positions, slots = ctx.positions.reshape(-1).contiguous(), ctx.slots.contiguous()
     dims = torch.tensor([out.shape[1], heads, kv_heads, d, layers[0].mlp.intermediate, cache_k.shape[1],
                          cache_k.shape[3], int(attention.qk_norm)], dtype=torch.int64)
     kernels.decode(out.data_ptr(), out.shape[0], (ctypes.c_void_p * len(weights))(*weights), len(layers),
@@ -64,3 +66,8 @@ def _layer_weights(layer: nn.Module) -> tuple[torch.Tensor, ...]:
                       else (layer.input_layernorm.weight,) * 2)
     return (layer.input_layernorm.weight, attention.qkv_proj.weight, q_norm, k_norm, attention.o_proj.weight,
             layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight)
+
+
+def _within(indices: torch.Tensor, bound: int) -> bool:
+    """Every index in 0 .. bound - 1."""
+    return bool(((indices >= 0) & (indices < bound)).all())

@@ -17,9 +17,9 @@ from torch import nn
 
 from ..layers.batch_context import BatchContext
 from ..layers.code_embedding import sum_code_embeddings
+from ..layers.cpu_decode import decode_layers
 from ..layers.heads import project
 from ..layers.norms import RMSNorm
-from ..layers.cpu_decode import decode_layers
 from ..layers.rotary import RotaryEmbedding
 from ..loader import build_on_meta, load_weights, weight_files
 from .moss_realtime_config import MossRealtimeConfig
