@@ -246,3 +246,36 @@ def test_the_kernels_exponential_is_accurate_to_fp32(tmp_path, monkeypatch):
     out = torch.empty_like(edges)
     exp(edges.data_ptr(), out.data_ptr(), len(edges))
     assert out[:2].tolist() == [0.0, 0.0] and out[2:4].tolist() == [float("inf")] * 2 and out[4].isnan()
+
+
+@needs_avx512
+def test_local_depth_logits_through_the_kernel(monkeypatch):
+    """MOSS-TTS-Local's depth transformer (no rotary), one channel at a time through its per-frame
+    cache by the kernel, gives the reference's teacher-forced logits within the bf16 tolerance."""
+    import mossserve.models.moss_local_transformer as local_transformer
+    from local_cases import LOCAL_DIR, goldens
+
+    from mossserve.models.moss_local import MossLocalModel
+    from mossserve.models.moss_local_config import MossLocalConfig
+
+    calls: list[bool] = []
+
+    def counted(*args):
+        out = cpu_decode.decode_layers(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(local_transformer, "decode_layers", counted)
+    model = bf16_model(MossLocalModel, MossLocalConfig, LOCAL_DIR)
+    g = goldens("teacher_forced")
+    ids, mask = torch.from_numpy(g["tf_clone.input_ids"]), g["tf_clone.attention_mask"].astype(bool)
+    labels, positions = torch.from_numpy(g["tf_clone.labels"]), g["tf_clone.positions"]
+    valid = np.flatnonzero(mask[0])
+    rows = ids[0, valid]
+    with torch.no_grad():
+        final = model(rows[None], BatchContext.build([0], len(rows), None, rows.device))[0]
+        index = torch.from_numpy(np.searchsorted(valid, positions))
+        logits = model.teacher_forced_logits(final[index], labels[0, positions])
+    assert len(calls) == model.config.channels and all(calls)
+    assert_within_bf16_tolerance(torch.stack(logits[1:], dim=1), g["tf_clone.audio_logits"][0], "depth audio logits")
+    assert_within_bf16_tolerance(logits[0][:, 151643:151669], g["tf_clone.text_logits_special"][0], "depth text logits")

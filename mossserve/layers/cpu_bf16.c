@@ -273,8 +273,9 @@ static void rms_norm(const uint16_t *x, const uint16_t *weight, float *out, int6
         out[i] = rounded(widen(weight[i]) * rounded(widen(x[i]) * scale));
 }
 
-/* One q or k head in place: its q/k norm (if the model has one), then the rotate-half rotation at
- * `position`, with torch's roundings (layers/attention.py, layers/rotary.py). */
+/* One q or k head in place: its q/k norm (if the model has one), then the rotate-half rotation by
+ * the tables' rows (none for a model without rotary: cos_row NULL), with torch's roundings
+ * (layers/attention.py, layers/rotary.py). */
 static void norm_and_rotate(uint16_t *head, const uint16_t *norm_weight, const float *cos_row, const float *sin_row,
                             int64_t d, float eps) {
     float v[MAX_HEAD_DIM];
@@ -285,6 +286,10 @@ static void norm_and_rotate(uint16_t *head, const uint16_t *norm_weight, const f
             v[i] = widen(head[i]);
     int64_t half = d / 2;
     for (int64_t i = 0; i < d; i++) {
+        if (cos_row == NULL) {
+            head[i] = round_to_bf16(v[i]);
+            continue;
+        }
         float turned = v[i < half ? i + half : i - half];
         head[i] = round_to_bf16(rounded(v[i] * rounded(cos_row[i])) + rounded(turned * rounded(sin_row[i])));
     }
@@ -335,7 +340,8 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
 /* x (m, hidden), the rows' residual stream, through every layer, in place. weights: layers x
  * WEIGHTS_PER_LAYER pointers; cache_k/v (layers, cache_slots, kv_heads, cache_len, head_dim); row
  * c writes position positions[c] of slot slots[c] and attends to positions 0..positions[c];
- * cos/sin: fp32 rotary tables (positions, head_dim), sin with its first half negated. */
+ * cos/sin: fp32 rotary tables (positions, head_dim), sin with its first half negated, or NULL for
+ * a model without rotary (MOSS-TTS-Local's depth transformer). */
 void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, int layers, uint16_t *cache_k,
                            uint16_t *cache_v, const int64_t *slots, const int64_t *positions, const float *cos_table,
                            const float *sin_table, const Dims *dims, float eps, int threads) {
@@ -375,7 +381,8 @@ void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, i
             uint16_t *head = qkv + c * qkv_width + j * d;
             if (j < heads + kv) {
                 const uint16_t *norm = !dims->qk_norm ? NULL : j < heads ? w[Q_NORM] : w[K_NORM];
-                norm_and_rotate(head, norm, cos_table + p * d, sin_table + p * d, d, eps);
+                norm_and_rotate(head, norm, cos_table == NULL ? NULL : cos_table + p * d,
+                                sin_table == NULL ? NULL : sin_table + p * d, d, eps);
             }
             if (j >= heads) {
                 int64_t kv_head = (j - heads) % kv;

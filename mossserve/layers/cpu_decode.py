@@ -23,9 +23,10 @@ MAX_HEAD_DIM = 512  # cpu_bf16.c keeps a head in a fixed-size buffer
 MAX_DECODE_ROWS = 16
 
 
-def decode_layers(layers: nn.ModuleList, rotary: RotaryEmbedding, x: torch.Tensor, ctx: BatchContext,
+def decode_layers(layers: nn.ModuleList, rotary: RotaryEmbedding | None, x: torch.Tensor, ctx: BatchContext,
                   cache_k: torch.Tensor | None, cache_v: torch.Tensor | None) -> torch.Tensor | None:
-    """x (B, 1, H) through every layer of `layers` (models/qwen3.py's Qwen3DecoderLayer) with the
+    """x (B, 1, H) through every layer of `layers` (models/qwen3.py's Qwen3DecoderLayer, rotated by
+    `rotary`; None for layers without rotary, as MOSS-TTS-Local's depth transformer's) with the
     slot cache (layers, slots, kv_heads, max_len, d), by the kernel; None where it does not apply
     (the caller then runs torch's layers): not a CPU bf16 decode step of 1 to MAX_DECODE_ROWS rows, no
     cache, a weight or cache that is not contiguous bf16, a head size the kernel does not take,
@@ -47,13 +48,15 @@ def decode_layers(layers: nn.ModuleList, rotary: RotaryEmbedding, x: torch.Tenso
     if ctx.kv_len > cache_k.shape[3] or not _within(positions, ctx.kv_len) or not _within(slots, cache_k.shape[1]):
         return None  # torch's layers raise the indexing error; the kernel would write out of bounds
     weights = [t.data_ptr() for t in tensors[:-2]]
-    rotary.reserve(ctx.kv_len, x.device)
+    if rotary is not None:
+        rotary.reserve(ctx.kv_len, x.device)
     out = x.reshape(x.shape[0], -1).clone()
     dims = torch.tensor([out.shape[1], heads, kv_heads, d, layers[0].mlp.intermediate, cache_k.shape[1],
                          cache_k.shape[3], int(attention.qk_norm)], dtype=torch.int64)
     kernels.decode(out.data_ptr(), out.shape[0], (ctypes.c_void_p * len(weights))(*weights), len(layers),
                    cache_k.data_ptr(), cache_v.data_ptr(), slots.data_ptr(), positions.data_ptr(),
-                   rotary.cos_table.data_ptr(), rotary.sin_table.data_ptr(), dims.data_ptr(), attention.eps,
+                   None if rotary is None else rotary.cos_table.data_ptr(),
+                   None if rotary is None else rotary.sin_table.data_ptr(), dims.data_ptr(), attention.eps,
                    torch.get_num_threads())
     return out.view(x.shape)
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.attention import Qwen3Attention
+from ..layers.batch_context import BatchContext
+from ..layers.cpu_decode import decode_layers
 from ..layers.linear import linear
 from ..layers.norms import RMSNorm
 from .qwen3 import Qwen3DecoderLayer, Qwen3Model
@@ -72,6 +74,13 @@ class LocalTransformer(nn.Module):
     def step(self, x: torch.Tensor, cache: DepthCache, position: int) -> torch.Tensor:
         """x (B, H) at depth `position` -> the final-normed output there (B, H)."""
         h = x[:, None]
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:  # our kernel's case (layers/cpu_decode.py)
+            batch = x.shape[0]
+            ctx = BatchContext.from_positions(torch.full((batch, 1), position, dtype=torch.int64),
+                                              torch.arange(batch), position + 1)
+            fused = decode_layers(self.layers, None, h, ctx, cache.k, cache.v)
+            if fused is not None:
+                return self.norm(fused)[:, 0]
         for i, layer in enumerate(self.layers):
             h = layer.step(h, cache.k[i], cache.v[i], position)
         return self.norm(h)[:, 0]
