@@ -149,9 +149,8 @@ def test_every_other_case_takes_torchs_layers(monkeypatch):
         cpu_kernels.bf16_kernels.cache_clear()
 
 
-@pytest.fixture
-def fused_calls(monkeypatch) -> list[bool]:
-    """Whether each backbone call ran the kernel."""
+def count_kernel_calls(monkeypatch, module) -> list[bool]:
+    """Whether each call of `module`'s decode_layers ran the kernel."""
     calls: list[bool] = []
 
     def counted(*args):
@@ -159,8 +158,14 @@ def fused_calls(monkeypatch) -> list[bool]:
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(qwen3, "decode_layers", counted)
+    monkeypatch.setattr(module, "decode_layers", counted)
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[bool]:
+    """Whether each backbone call ran the kernel."""
+    return count_kernel_calls(monkeypatch, qwen3)
 
 
 @needs_avx512
@@ -198,14 +203,7 @@ def test_realtime_local_logits_through_the_cache(monkeypatch):
     gives the reference's teacher-forced local logits within the bf16 tolerance."""
     import mossserve.models.moss_realtime as moss_realtime
 
-    calls: list[bool] = []
-
-    def counted(*args):
-        out = cpu_decode.decode_layers(*args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(moss_realtime, "decode_layers", counted)
+    calls = count_kernel_calls(monkeypatch, moss_realtime)
     family = load_talker(REALTIME_DIR, dtype="bfloat16")
     local = family.model.local
     tf = golden("teacher_forced")
@@ -258,14 +256,7 @@ def test_local_depth_logits_through_the_kernel(monkeypatch):
     from mossserve.models.moss_local import MossLocalModel
     from mossserve.models.moss_local_config import MossLocalConfig
 
-    calls: list[bool] = []
-
-    def counted(*args):
-        out = cpu_decode.decode_layers(*args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(local_transformer, "decode_layers", counted)
+    calls = count_kernel_calls(monkeypatch, local_transformer)
     model = bf16_model(MossLocalModel, MossLocalConfig, LOCAL_DIR)
     g = goldens("teacher_forced")
     ids, mask = torch.from_numpy(g["tf_clone.input_ids"]), g["tf_clone.attention_mask"].astype(bool)

@@ -30,19 +30,24 @@ def one_ulp(values: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(values), exponent - 8)
 
 
+def assert_rounds_the_exact_product_once(m: int, n: int, k: int, seed: int) -> None:
+    """The kernel's product of random bf16 operands: fp32 sums in another order than fp64's, then one
+    rounding, so within one bf16 step of the exact value."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    exact = x.double() @ weight.double().T
+    got = cpu_gemv.bf16_rows(weight, x)
+    assert got is not None and got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert ((got.double() - exact).abs() <= one_ulp(exact.float()).double()).all()
+
+
 @needs_avx512
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("n, k", [(1, 1), (3, 15), (4, 16), (5, 17), (1001, 700), (64, 512), (7, 1536)])
 def test_kernel_rounds_the_exact_product_once(fresh_kernel, m, n, k):
     assert cpu_kernels.bf16_kernels() is not None, "AVX-512, a C compiler and torch's libgomp: the kernel must build"
-    gen = torch.Generator().manual_seed(n * 1000 + k)
-    weight = torch.randn(n, k, generator=gen).bfloat16()
-    x = torch.randn(m, k, generator=gen).bfloat16()
-    exact = x.double() @ weight.double().T
-    got = cpu_gemv.bf16_rows(weight, x)
-    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
-    # fp32 sums in another order than fp64's, then one rounding: within one bf16 step of the exact value.
-    assert ((got.double() - exact).abs() <= one_ulp(exact.float()).double()).all()
+    assert_rounds_the_exact_product_once(m, n, k, seed=n * 1000 + k)
 
 
 @needs_avx512
@@ -116,7 +121,7 @@ def test_more_rows_than_the_kernel_takes_take_torch(fresh_kernel):
 
 
 needs_amx = pytest.mark.skipif(not (cpu_kernels.bf16_kernels() and cpu_kernels.bf16_kernels().amx),
-                               reason="products of five rows and more run on AMX tiles")
+                               reason="needs a CPU with AMX tiles (products of five rows and more run on them)")
 
 
 @needs_amx
@@ -125,13 +130,7 @@ needs_amx = pytest.mark.skipif(not (cpu_kernels.bf16_kernels() and cpu_kernels.b
 def test_amx_rounds_the_exact_product_once(fresh_kernel, m, n, k):
     """Blocks of 16 weight rows on tiles, the rows past them and a k that is not a multiple of 32
     by FMAs: every sum within one bf16 step of the exact product."""
-    gen = torch.Generator().manual_seed(n * 1000 + k + m)
-    weight = torch.randn(n, k, generator=gen).bfloat16()
-    x = torch.randn(m, k, generator=gen).bfloat16()
-    exact = x.double() @ weight.double().T
-    got = cpu_gemv.bf16_rows(weight, x)
-    assert got is not None and got.shape == (m, n)
-    assert ((got.double() - exact).abs() <= one_ulp(exact.float()).double()).all()
+    assert_rounds_the_exact_product_once(m, n, k, seed=n * 1000 + k + m)
 
 
 @needs_amx

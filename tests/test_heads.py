@@ -44,7 +44,7 @@ def test_a_few_bf16_rows_take_the_kernel(rows: int, monkeypatch) -> None:
     form to time."""
     kernels = cpu_kernels.bf16_kernels()
     if rows > 4 and not (kernels and kernels.amx):
-        pytest.skip("five rows and more take the kernel where AMX runs")
+        pytest.skip("needs a CPU with AMX tiles (five rows and more take the kernel there)")
     monkeypatch.setattr(heads, "_one_row_gemv", {})
     weight = stacked(torch.bfloat16)
     x = torch.randn(rows, 48).bfloat16()

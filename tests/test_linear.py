@@ -38,7 +38,7 @@ def test_up_to_four_bfloat16_rows_take_the_kernel_path(shape, monkeypatch) -> No
 
 
 @pytest.mark.skipif(not (cpu_kernels.bf16_kernels() and cpu_kernels.bf16_kernels().amx),
-                    reason="five to sixteen rows take the kernel where AMX runs")
+                    reason="needs a CPU with AMX tiles (five to sixteen rows take the kernel there)")
 @pytest.mark.parametrize("shape", [(5, 96), (2, 8, 96)])
 def test_five_to_sixteen_bfloat16_rows_take_the_amx_kernel(shape) -> None:
     lin = layer(torch.bfloat16).requires_grad_(False)

@@ -254,9 +254,10 @@ void mossserve_gemm_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int6
 
 /* ---- decoder layers ---------------------------------------------------------------------------- */
 
-/* The sizes of a backbone and its cache, in the order layers/cpu_decode.py passes them. */
+/* The sizes of a backbone, its cache and its rotary tables (rows; 0 without), in the order
+ * layers/cpu_decode.py passes them. */
 typedef struct {
-    int64_t hidden, heads, kv_heads, head_dim, intermediate, cache_slots, cache_len, qk_norm;
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, cache_slots, cache_len, qk_norm, table_rows;
 } Dims;
 
 /* Per layer, the order of its weight pointers (layers/cpu_decode.py). */
@@ -341,14 +342,19 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
  * WEIGHTS_PER_LAYER pointers; cache_k/v (layers, cache_slots, kv_heads, cache_len, head_dim); row
  * c writes position positions[c] of slot slots[c] and attends to positions 0..positions[c];
  * cos/sin: fp32 rotary tables (positions, head_dim), sin with its first half negated, or NULL for
- * a model without rotary (MOSS-TTS-Local's depth transformer). */
-void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, int layers, uint16_t *cache_k,
+ * a model without rotary (MOSS-TTS-Local's depth transformer). Returns 0, or -1 without touching
+ * anything when a row's slot or position lies outside the cache or the tables. */
+int mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, int layers, uint16_t *cache_k,
                            uint16_t *cache_v, const int64_t *slots, const int64_t *positions, const float *cos_table,
                            const float *sin_table, const Dims *dims, float eps, int threads) {
     const int64_t H = dims->hidden, heads = dims->heads, kv = dims->kv_heads, d = dims->head_dim;
     const int64_t I = dims->intermediate, qkv_width = (heads + 2 * kv) * d, group = heads / kv;
     const int64_t blocks = (I + 15) / 16;
     const int64_t layer_stride = dims->cache_slots * kv * dims->cache_len * d;
+    for (int c = 0; c < m; c++)
+        if (slots[c] < 0 || slots[c] >= dims->cache_slots || positions[c] < 0 || positions[c] >= dims->cache_len
+            || (cos_table != NULL && positions[c] >= dims->table_rows))
+            return -1;
     int64_t longest = 0;
     for (int c = 0; c < m; c++)
         longest = positions[c] + 1 > longest ? positions[c] + 1 : longest;
@@ -427,4 +433,5 @@ void mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, i
     free(scores);
     free(qkv);
     free(normed);
+    return 0;
 }

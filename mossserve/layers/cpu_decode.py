@@ -11,6 +11,7 @@ float32 keeps torch's layers: its results are to equal the reference's bit for b
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 from torch import nn
@@ -21,6 +22,10 @@ from .rotary import RotaryEmbedding
 
 MAX_HEAD_DIM = 512  # cpu_bf16.c keeps a head in a fixed-size buffer
 MAX_DECODE_ROWS = 16
+# Each layer stack's weight Parameters in the kernel's order, gathered once: walking the modules
+# took 260 us a call on the bench checkpoint. Loading and dtype or device moves change a
+# Parameter's data in place, so its pointer, dtype and layout are read again at every call.
+_weights_of: weakref.WeakKeyDictionary[nn.ModuleList, tuple[torch.Tensor, ...]] = weakref.WeakKeyDictionary()
 
 
 def decode_layers(layers: nn.ModuleList, rotary: RotaryEmbedding | None, x: torch.Tensor, ctx: BatchContext,
@@ -29,14 +34,16 @@ def decode_layers(layers: nn.ModuleList, rotary: RotaryEmbedding | None, x: torc
     `rotary`; None for layers without rotary, as MOSS-TTS-Local's depth transformer's) with the
     slot cache (layers, slots, kv_heads, max_len, d), by the kernel; None where it does not apply
     (the caller then runs torch's layers): not a CPU bf16 decode step of 1 to MAX_DECODE_ROWS rows, no
-    cache, a weight or cache that is not contiguous bf16, a head size the kernel does not take,
-    autograd recording, or the kernels off or unavailable."""
+    cache, a weight or cache that is not contiguous bf16, a head size the kernel does not take, a
+    slot or position outside the cache, autograd recording, or the kernels off or unavailable."""
     if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 3 or x.shape[1] != 1
             or not 1 <= x.shape[0] <= MAX_DECODE_ROWS or cache_k is None or ctx.slots is None or kernels_off()):
         return None
     attention = layers[0].self_attn
     d, heads, kv_heads = attention.head_dim, attention.heads, attention.kv_heads
-    tensors = [t for layer in layers for t in _layer_weights(layer)] + [cache_k, cache_v]
+    if layers not in _weights_of:
+        _weights_of[layers] = tuple(t for layer in layers for t in _layer_weights(layer))
+    tensors = (*_weights_of[layers], cache_k, cache_v)
     if (d % 2 or d > MAX_HEAD_DIM or heads % kv_heads or cache_k.dim() != 5 or cache_k.shape[0] != len(layers)
             or any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in tensors)
             or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
@@ -45,20 +52,21 @@ def decode_layers(layers: nn.ModuleList, rotary: RotaryEmbedding | None, x: torc
     if kernels is None:
         return None
     positions, slots = ctx.positions.reshape(-1).contiguous(), ctx.slots.contiguous()
-    if ctx.kv_len > cache_k.shape[3] or not _within(positions, ctx.kv_len) or not _within(slots, cache_k.shape[1]):
-        return None  # torch's layers raise the indexing error; the kernel would write out of bounds
     weights = [t.data_ptr() for t in tensors[:-2]]
     if rotary is not None:
         rotary.reserve(ctx.kv_len, x.device)
     out = x.reshape(x.shape[0], -1).clone()
     dims = torch.tensor([out.shape[1], heads, kv_heads, d, layers[0].mlp.intermediate, cache_k.shape[1],
-                         cache_k.shape[3], int(attention.qk_norm)], dtype=torch.int64)
-    kernels.decode(out.data_ptr(), out.shape[0], (ctypes.c_void_p * len(weights))(*weights), len(layers),
+                         cache_k.shape[3], int(attention.qk_norm), 0 if rotary is None else len(rotary.cos_table)],
+                        dtype=torch.int64)
+    declined = kernels.decode(out.data_ptr(), out.shape[0], (ctypes.c_void_p * len(weights))(*weights), len(layers),
                    cache_k.data_ptr(), cache_v.data_ptr(), slots.data_ptr(), positions.data_ptr(),
                    None if rotary is None else rotary.cos_table.data_ptr(),
                    None if rotary is None else rotary.sin_table.data_ptr(), dims.data_ptr(), attention.eps,
                    torch.get_num_threads())
-    return out.view(x.shape)
+    # A slot or position outside the cache or the rotary tables: the kernel touched nothing, and torch's
+    # layers raise the indexing error.
+    return None if declined else out.view(x.shape)
 
 
 def _layer_weights(layer: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -69,8 +77,3 @@ def _layer_weights(layer: nn.Module) -> tuple[torch.Tensor, ...]:
                       else (layer.input_layernorm.weight,) * 2)
     return (layer.input_layernorm.weight, attention.qkv_proj.weight, q_norm, k_norm, attention.o_proj.weight,
             layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight)
-
-
-def _within(indices: torch.Tensor, bound: int) -> bool:
-    """Every index in 0 .. bound - 1."""
-    return bool(((indices >= 0) & (indices < bound)).all())

@@ -50,7 +50,7 @@ _this_thread = threading.local()
 @dataclass(frozen=True)
 class Bf16Kernels:
     gemm: Callable  # (w, x, y, n, k, m, threads): y (m, n) = x (m, k) @ w (n, k).T, m up to max_rows
-    decode: Callable  # whole decoder layers, arguments in layers/cpu_decode.py
+    decode: Callable  # whole decoder layers, arguments in layers/cpu_decode.py; nonzero: declined
     amx: bool  # products of 5-16 rows run on AMX tiles (the CPU has them, Linux allows them)
 
     @property
@@ -93,7 +93,7 @@ def bf16_kernels() -> Bf16Kernels | None:
     gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     decode.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
                        + [ctypes.c_float, ctypes.c_int])
-    gemm.restype = decode.restype = None
+    gemm.restype, decode.restype = None, ctypes.c_int
     return Bf16Kernels(gemm=gemm, decode=decode, amx=bool(library.mossserve_amx_available()))
 
 
