@@ -37,6 +37,11 @@ def family(checkpoint: str) -> MossDelayFamily:
     return MossDelayFamily(load_delay_model(DELAY_DIR / checkpoint), tokenizer=None)
 
 
+def torch_noise(rows: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """torch's own exponential draws, which the reference's multinomial makes (ours take a faster road)."""
+    return torch.empty(rows, vocab).exponential_(1, generator=generator)
+
+
 def copy_generator(generator: torch.Generator | None) -> torch.Generator | None:
     if generator is None:
         return None
@@ -84,7 +89,7 @@ def reference_text_token(fam, state, logits: torch.Tensor, slot: int, audio_mode
     temperature = state.text_temperature[slot : slot + 1]
     noise = None
     if float(temperature) > 0:
-        noise = exponential_noise(1, vocab, generator, CPU)
+        noise = torch_noise(1, vocab, generator)
         if noise_patch is not None:
             noise = noise_patch(noise)
     return int(sample(masked, temperature, state.text_top_k[slot : slot + 1], state.text_top_p[slot : slot + 1],
@@ -130,7 +135,7 @@ def reference_step(fam: MossDelayFamily, state: DelayState, hidden: torch.Tensor
                 continue  # forced to pad
             temperature = state.audio_temperature[slot, c : c + 1]
             seen = (state.seen_first if c == 0 else state.seen_rest)[slot : slot + 1]
-            noise = exponential_noise(1, codes_per_head, generator, CPU) if float(temperature) > 0 else None
+            noise = torch_noise(1, codes_per_head, generator) if float(temperature) > 0 else None
             codes[i, c] = sample(audio_logits[i, c][None], temperature, state.audio_top_k[slot, c : c + 1],
                                  state.audio_top_p[slot, c : c + 1], penalty=state.audio_penalty[slot, c : c + 1],
                                  seen=seen, noise=noise)[0]
@@ -148,7 +153,15 @@ SAMPLINGS = [
     SamplingParams(text_temperature=1.0, text_top_k=0, text_top_p=1.0, audio_repetition_penalty=1.3,
                    audio_top_k=[0, 25, 40, 0] * 8, seed=17),  # not 1: top-k ties are the sampler's (unchanged)
     SamplingParams.greedy(audio_repetition_penalty=1.2),
+    # Codebook 0 greedy, others sampled: a step whose only sampled codebook is greedy draws nothing.
+    SamplingParams(audio_temperature=[0.0, 1.0, 0.8, 1.2] * 8, seed=18),
 ]
+
+
+def for_codebooks(sampling: SamplingParams, n: int) -> SamplingParams:
+    """SAMPLINGS' per-codebook lists cut to a checkpoint's n_vq."""
+    return dataclasses.replace(sampling, **{name: getattr(sampling, name)[:n] for name in ("audio_top_k", "audio_temperature")
+                                            if isinstance(getattr(sampling, name), list)})
 
 
 def mixed_batch(fam: MossDelayFamily, rows: int, seed: int,
@@ -170,8 +183,7 @@ def mixed_batch(fam: MossDelayFamily, rows: int, seed: int,
     delta = weight[ids[0]] - weight[ids[1]]
     for slot in range(rows):
         sampling = SAMPLINGS[pick(len(SAMPLINGS))]
-        if isinstance(sampling.audio_top_k, list):
-            sampling = dataclasses.replace(sampling, audio_top_k=sampling.audio_top_k[:n])
+        sampling = for_codebooks(sampling, n)
         fam.admit(state, slot, prompts[pick(len(prompts))], sampling)
         mode = pick(6)
         state.stopping[slot] = mode == 5
@@ -189,12 +201,10 @@ def mixed_batch(fam: MossDelayFamily, rows: int, seed: int,
     return state, hidden, list(range(rows))
 
 
-@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
-@pytest.mark.parametrize("seed", range(6))
-def test_step_equals_the_full_computation(checkpoint: str, seed: int) -> None:
-    fam = family(checkpoint)
-    state, hidden, slots = mixed_batch(fam, 12, seed)
-    for _ in range(3):
+def assert_steps_match(fam: MossDelayFamily, state: DelayState, hidden: torch.Tensor, slots: list[int],
+                       steps: int = 3) -> None:
+    """`steps` family steps against reference_step: tokens, codes and the generators' states after."""
+    for _ in range(steps):
         reference = copy_state(state)
         texts, codes = reference_step(fam, reference, hidden, slots)
         out = fam.step(state, hidden, torch.tensor(slots))
@@ -203,6 +213,34 @@ def test_step_equals_the_full_computation(checkpoint: str, seed: int) -> None:
         for ours, theirs in zip(state.generators, reference.generators):
             assert torch.equal(ours.get_state(), theirs.get_state()), "a different number of draws"
         hidden = torch.roll(hidden, 1, dims=0)
+
+
+@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+@pytest.mark.parametrize("seed", range(6))
+def test_step_equals_the_full_computation(checkpoint: str, seed: int) -> None:
+    fam = family(checkpoint)
+    state, hidden, slots = mixed_batch(fam, 12, seed)
+    assert_steps_match(fam, state, hidden, slots)
+
+
+@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+@pytest.mark.parametrize("sampling", range(len(SAMPLINGS)))
+def test_batches_of_one_kind_equal_the_full_computation(checkpoint: str, sampling: int) -> None:
+    """Batches whose every row chooses its text and codes (the usual step, which selects no rows):
+    one request alone and four together, at the first codebook, in steady audio, in the delay tail."""
+    fam = family(checkpoint)
+    n = fam.config.n_vq
+    prompt = fam.prompt_from_rows(generation_cases(DELAY_DIR / f"tiny_nvq{n}")[0].prompts[0])
+    params = for_codebooks(SAMPLINGS[sampling], n)
+    generator = torch.Generator().manual_seed(sampling)
+    for rows in (1, 4):
+        for audio_len, delayed in ((1, INACTIVE), (100, INACTIVE), (100, 1 + n // 2)):
+            state = fam.new_state(rows, CPU)
+            for slot in range(rows):
+                fam.admit(state, slot, prompt, params)
+            state.is_audio[:], state.audio_len[:], state.delayed[:], state.steps[:] = True, audio_len, delayed, n + 1
+            hidden = torch.randn(rows, fam.backbone_config.hidden_size, generator=generator) * 3
+            assert_steps_match(fam, state, hidden, list(range(rows)), steps=2)
 
 
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
@@ -282,14 +320,14 @@ def test_a_zero_draw_gives_the_full_vectors_answer(monkeypatch) -> None:
 def test_bits_are_the_noise_and_take_the_same_draws(vocab: int) -> None:
     assert bits_match_noise(vocab)
     full, fast = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    noise = exponential_noise(3, vocab, full, CPU)
+    noise = torch_noise(3, vocab, full)
     bits = exponential_bits(3, vocab, fast)
     assert torch.equal(noise_from_bits(bits, CPU), noise)
     for columns in ([vocab - 1], [0, vocab - 1], list(range(0, vocab, 3))):  # columns alone, as the fast path takes them
         assert torch.equal(noise_from_bits(bits[:, columns], CPU), noise[:, columns])
     assert torch.equal(full.get_state(), fast.get_state())
     # and the stream goes on identically
-    assert torch.equal(exponential_noise(1, 11, full, CPU), exponential_noise(1, 11, fast, CPU))
+    assert torch.equal(torch_noise(1, 11, full), exponential_noise(1, 11, fast, CPU))
 
 
 def test_all_greedy_sampling_skips_only_a_division_by_one() -> None:

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import InvalidRequestError
 from ..layers.head_bound import head_rounding_bound
+from ..layers.heads import project
 from ..layers.sampler import (
     bits_match_noise,
     exponential_bits,
@@ -64,6 +65,11 @@ class DelayState:
     shared_generator: torch.Generator | None = None
 
 
+def _selected(mask: torch.Tensor) -> torch.Tensor | None:
+    """The rows of `mask` as an index, or None when it holds every row (the usual step: nothing to gather)."""
+    return None if bool(mask.all()) else torch.nonzero(mask).flatten()
+
+
 class MossDelayFamily(TalkerFamily):
     name = "delay"
     def __init__(self, model: MossDelayModel, tokenizer, default_task: str | None = None,
@@ -81,7 +87,12 @@ class MossDelayFamily(TalkerFamily):
         self.max_new_frames = max_new_frames
         self._text_masks: dict[torch.device, torch.Tensor] = {}
         self._slot_id_tables: dict[torch.device, torch.Tensor] = {}
+        # The text ids allowed in audio mode, ascending.
+        self.slot_token_ids = tuple(sorted([self.config.audio_assistant_gen_slot_token_id,
+                                            self.config.audio_assistant_delay_slot_token_id]))
         self._audio_allowed: dict[torch.device, torch.Tensor] = {}
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._openers: dict[torch.device, torch.Tensor] = {}
 
     # ---- prompts -------------------------------------------------------------------------
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
@@ -205,31 +216,34 @@ class MossDelayFamily(TalkerFamily):
         is_audio, stopping, steps = state.is_audio[slots], state.stopping[slots], state.steps[slots]
         inactive = delayed == INACTIVE
 
-        text = torch.full((batch,), cfg.pad_token_id, dtype=torch.int64, device=device)
-        text = torch.where(~stopping & ~inactive & (delayed < n), cfg.audio_assistant_delay_slot_token_id, text)
+        forced_text, next_delay = self._step_tables(device)
+        text = torch.where(stopping, cfg.pad_token_id, forced_text[delayed + 1])
         audio_eos = ~stopping & (delayed == n)
-        text = torch.where(audio_eos, cfg.audio_end_token_id, text)
         is_audio = is_audio & ~audio_eos
-        text_rows = torch.nonzero(~stopping & inactive).flatten()
-        if len(text_rows):
-            text[text_rows] = self._sample_text(state, hidden[text_rows], slots[text_rows], is_audio[text_rows], steps[text_rows])
+        rows = _selected(~stopping & inactive)  # the rows that choose their text token
+        if rows is None:
+            text = self._sample_text(state, hidden, slots, is_audio, steps)
+        elif len(rows):
+            text[rows] = self._sample_text(state, hidden[rows], slots[rows], is_audio[rows], steps[rows])
         is_audio = is_audio | (text == cfg.audio_start_token_id)
         stopping = stopping | (text == cfg.im_end_token_id)
 
+        # Codebook c is sampled once c codebooks are open and the delay tail has passed it (INACTIVE is
+        # -1: every codebook has).
         codebook = torch.arange(n, device=device)
-        sampled = (audio_len[:, None] > codebook) & (inactive[:, None] | (codebook >= delayed[:, None]))
-        codes = torch.full((batch, n), cfg.audio_pad_code, dtype=torch.int64, device=device)
-        audio_rows = torch.nonzero(sampled.any(dim=1)).flatten()
-        if len(audio_rows):
-            drawn = self._sample_audio(state, hidden[audio_rows], slots[audio_rows], sampled[audio_rows])
-            codes[audio_rows] = torch.where(sampled[audio_rows], drawn, cfg.audio_pad_code)
+        sampled = (audio_len[:, None] > codebook) & (codebook >= delayed[:, None])
+        rows = _selected(sampled.any(dim=1))
+        if rows is None:
+            codes = torch.where(sampled, self._sample_audio(state, hidden, slots, sampled), cfg.audio_pad_code)
+        else:
+            codes = torch.full((batch, n), cfg.audio_pad_code, dtype=torch.int64, device=device)
+            if len(rows):
+                drawn = self._sample_audio(state, hidden[rows], slots[rows], sampled[rows])
+                codes[rows] = torch.where(sampled[rows], drawn, cfg.audio_pad_code)
 
-        opens_slot = (text == cfg.audio_start_token_id) | (text == cfg.audio_assistant_gen_slot_token_id) | (
-            text == cfg.audio_assistant_delay_slot_token_id)
-        audio_len = torch.where(text == cfg.audio_end_token_id, 0, audio_len + opens_slot.long())
-        delayed = torch.where(inactive & (text == cfg.audio_assistant_delay_slot_token_id), 0, delayed)
-        delayed = torch.where(delayed != INACTIVE, delayed + 1, delayed)
-        delayed = torch.where(delayed > n, INACTIVE, delayed)
+        opens_slot = torch.isin(text, self._slot_openers(device))
+        audio_len = torch.where(text == cfg.audio_end_token_id, 0, audio_len + opens_slot)
+        delayed = next_delay[torch.where(inactive & (text == cfg.audio_assistant_delay_slot_token_id), 0, delayed) + 1]
 
         state.audio_len[slots], state.delayed[slots] = audio_len, delayed
         state.is_audio[slots], state.stopping[slots], state.steps[slots] = is_audio, stopping, steps + 1
@@ -237,19 +251,37 @@ class MossDelayFamily(TalkerFamily):
         state.seen_rest[slots[:, None], codes[:, 1:]] = True
         skip = state.skip[slots]
         pushing = skip == 0
-        window = torch.where(pushing[:, None, None], torch.cat([state.window[slots, 1:], codes[:, None, :]], dim=1),
-                             state.window[slots])
-        state.window[slots] = window
-        state.skip[slots] = (skip - 1).clamp(min=0)
-        state.pushed[slots] += pushing.long()
+        window = state.window[slots]
+        window = torch.where(pushing[:, None, None], torch.cat([window[:, 1:], codes[:, None, :]], dim=1), window)
+        pushed = state.pushed[slots] + pushing
+        state.window[slots], state.skip[slots], state.pushed[slots] = window, (skip - 1).clamp(min=0), pushed
         frames = window.diagonal(dim1=1, dim2=2)
-        complete = pushing & (state.pushed[slots] >= n)
+        complete = pushing & (pushed >= n)
         all_pad = (frames == cfg.audio_pad_code).all(dim=1)
         has_frame = complete & ~all_pad
         after_gap = state.after_gap[slots]
         state.after_gap[slots] = torch.where(complete, all_pad, after_gap)
         return StepOutput(rows=torch.cat([text[:, None], codes], dim=1), frames=frames, has_frame=has_frame,
                           new_segment=has_frame & after_gap, finished=stopping)
+
+    def _step_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lookups by delay counter + 1 (INACTIVE, 0 when a delay slot starts it, 1..n_vq): the forced
+        text token (a delay slot while the delay runs, the audio end at n_vq; INACTIVE rows choose
+        theirs) and the counter's next value (it ends past n_vq)."""
+        if device not in self._tables:
+            cfg, n = self.config, self.config.n_vq
+            forced = [cfg.pad_token_id] + [cfg.audio_assistant_delay_slot_token_id] * n + [cfg.audio_end_token_id]
+            following = [INACTIVE] + list(range(1, n + 1)) + [INACTIVE]
+            self._tables[device] = (torch.tensor(forced, device=device), torch.tensor(following, device=device))
+        return self._tables[device]
+
+    def _slot_openers(self, device: torch.device) -> torch.Tensor:
+        """Text tokens that open an audio slot (each adds one to the audio length)."""
+        if device not in self._openers:
+            cfg = self.config
+            ids = [cfg.audio_start_token_id, cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id]
+            self._openers[device] = torch.tensor(ids, device=device)
+        return self._openers[device]
 
     def _sample_text(self, state: DelayState, hidden: torch.Tensor, slots: torch.Tensor,
                      is_audio: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -264,31 +296,59 @@ class MossDelayFamily(TalkerFamily):
         settle (top-k 1 or top-p on equal values), a non-finite logit or a zero noise draw, takes
         the full head instead: its token is the full computation's, whatever the shape.
 
-        A seeded request still takes its text noise over the whole vocabulary from its generator,
-        as the reference's multinomial does, so its random stream stays the reference's; in audio
-        mode it takes the raw bits (a third of the cost of the noise) and turns only the two
-        columns into noise. An unseeded one draws noise only for the two columns, which is the
-        same distribution."""
-        cfg = self.config
-        vocab, device = cfg.language.vocab_size, hidden.device
+        Every row takes the two columns (a batch all in audio mode, the usual one, then needs no
+        selection); text-mode rows then take the whole head, as one batch."""
+        device = hidden.device
         temperature, top_k, top_p = state.text_temperature[slots], state.text_top_k[slots], state.text_top_p[slots]
         drawing = temperature > 0
         replay = drawing & state.replay[slots]
         ids = self._slot_ids(device)
-        tokens = torch.empty(len(slots), dtype=torch.int64, device=device)
-        narrow = torch.nonzero(is_audio).flatten()
-        full = ~is_audio
+        window, zero_draw, full_noise, kept_bits = self._text_noise(state, slots, drawing, replay, is_audio, ids)
 
-        # Noise: the seeded rows in batch order (the shared generator's order), then the others.
-        fast_bits = bits_match_noise(vocab)
+        logits, bound = self._narrow_text_logits(hidden, ids, steps)
+        exact = self._narrow_is_exact(logits, bound, temperature, top_k, top_p, window)
+        decided = is_audio & (exact | (drawing & ~replay))  # greedy and seeded rows must match the full head
+        if zero_draw is not None:
+            decided &= ~zero_draw
+        tokens = ids[sample(logits, temperature, top_k, top_p, noise=window)]
+        if bool(decided.all()):
+            return tokens
+
+        # The whole head for text-mode rows, as one batch.
+        rows = torch.nonzero(~is_audio).flatten()
+        if len(rows):
+            tokens[rows] = self._full_text(hidden[rows], self._text_mask(device), rows, steps, temperature, top_k,
+                                           top_p, drawing, full_noise, kept_bits)
+        # Audio-mode rows that two columns could not decide (near-ties, ties, zero draws: rare), one at
+        # a time, so that their answer is the one of the row alone whatever else is in the batch.
+        for row in torch.nonzero(is_audio & ~decided).flatten().tolist():
+            one = torch.tensor([row], device=device)
+            tokens[one] = self._full_text(hidden[one], ~self._audio_text_allowed(device), one, steps, temperature,
+                                          top_k, top_p, drawing, full_noise, kept_bits)
+        return tokens
+
+    def _text_noise(self, state: DelayState, slots: torch.Tensor, drawing: torch.Tensor, replay: torch.Tensor,
+                    is_audio: torch.Tensor, ids: torch.Tensor):
+        """The text draws of one step: the two columns' noise of every row (R, 2; ones where unused),
+        which audio-mode rows drew a zero, and the whole-vocabulary noise of rows that need it (by
+        row; a seeded audio-mode row keeps the raw bits instead). None, None, {}, {} when every row
+        is greedy.
+
+        Seeded rows draw first, in batch order (the shared generator's order), then the others. A
+        seeded request takes its noise over the whole vocabulary from its generator, as the
+        reference's multinomial does, so its random stream stays the reference's; in audio mode it
+        takes the raw bits (a third of the cost of the noise) and turns only the two columns into
+        noise. An unseeded one draws noise only for the two columns, which is the same distribution."""
         full_noise: dict[int, torch.Tensor] = {}
         kept_bits: dict[int, torch.Tensor] = {}
-        window = torch.ones(len(narrow), len(ids), device=device)
-        position = torch.full((len(slots),), -1, dtype=torch.int64)
-        position[narrow.cpu()] = torch.arange(len(narrow))
-        cpu_ids = ids.cpu()
-        slot_list, audio_list, position_list = slots.tolist(), is_audio.tolist(), position.tolist()
+        if not bool(drawing.any()):
+            return None, None, full_noise, kept_bits
+        vocab, device = self.config.language.vocab_size, ids.device
+        window = torch.ones(len(slots), len(ids), device=device)
         zero_draw = torch.zeros(len(slots), dtype=torch.bool, device=device)
+        fast_bits = bits_match_noise(vocab)
+        cpu_ids = ids.cpu()
+        slot_list, audio_list = slots.tolist(), is_audio.tolist()
         for row in torch.nonzero(replay).flatten().tolist():
             generator = state.shared_generator if state.shared_generator is not None else state.generators[slot_list[row]]
             if audio_list[row] and fast_bits:
@@ -300,11 +360,11 @@ class MossDelayFamily(TalkerFamily):
                     zero_draw[row] = True
                 else:
                     kept_bits[row] = bits
-                    window[position_list[row]] = noise_from_bits(bits[0, cpu_ids], device)
+                    window[row] = noise_from_bits(bits[0, cpu_ids], device)
             else:
                 full_noise[row] = exponential_noise(1, vocab, generator, device)[0]
                 if audio_list[row]:
-                    window[position_list[row]] = full_noise[row][ids]
+                    window[row] = full_noise[row][ids]
                     zero_draw[row] = bool((full_noise[row] == 0).any())
         loose = drawing & ~replay
         for rows, width in ((torch.nonzero(loose & is_audio).flatten(), len(ids)),
@@ -314,32 +374,8 @@ class MossDelayFamily(TalkerFamily):
                 if width == vocab:
                     full_noise.update(zip(rows.tolist(), drawn))
                 else:
-                    window[position[rows.cpu()].to(device)] = drawn
-
-        if len(narrow):
-            logits, bound = self._narrow_text_logits(hidden[narrow], ids, steps[narrow])
-            checked = ~drawing[narrow] | replay[narrow]  # greedy and seeded rows must match the full head
-            exact = self._narrow_is_exact(logits, bound, temperature[narrow], top_k[narrow], top_p[narrow], window)
-            wide = (checked & ~exact) | zero_draw[narrow]
-            full[narrow[wide]] = True
-            keep = ~wide
-            if bool(keep.any()):
-                picked = sample(logits[keep], temperature[narrow][keep], top_k[narrow][keep], top_p[narrow][keep],
-                                noise=window[keep])
-                tokens[narrow[keep]] = ids[picked]
-
-        # The whole head for text-mode rows, as one batch.
-        rows = torch.nonzero(full & ~is_audio).flatten()
-        if len(rows):
-            tokens[rows] = self._full_text(hidden[rows], self._text_mask(device), rows, steps, temperature, top_k,
-                                           top_p, drawing, full_noise, kept_bits)
-        # Audio-mode rows that two columns could not decide (near-ties, ties, zero draws: rare), one at
-        # a time, so that their answer is the one of the row alone whatever else is in the batch.
-        for row in torch.nonzero(full & is_audio).flatten().tolist():
-            one = torch.tensor([row], device=device)
-            tokens[one] = self._full_text(hidden[one], ~self._audio_text_allowed(device), one, steps, temperature,
-                                          top_k, top_p, drawing, full_noise, kept_bits)
-        return tokens
+                    window[rows] = drawn
+        return window, zero_draw, full_noise, kept_bits
 
     def _full_text(self, hidden: torch.Tensor, banned: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor,
                    temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, drawing: torch.Tensor,
@@ -368,25 +404,35 @@ class MossDelayFamily(TalkerFamily):
         any other matmul of the same head (the full one) may put each of them (layers/head_bound.py)."""
         cfg = self.config
         weight = self.model.text_head.weight[ids]
-        logits = self.model.text_logits(hidden, ids)
+        logits = project(hidden, weight).float()
         bound = head_rounding_bound(weight.abs().float(), hidden, logits, weight)
-        step0 = (steps == 0)[:, None] & (ids == LITERAL_DELAY_SLOT_ID)
-        early = (steps <= cfg.n_vq)[:, None] & (ids == cfg.im_end_token_id)
-        return logits.masked_fill(step0 | early, float("-inf")), bound
+        # The full vector's bans that can fall on a slot token: the delay slot at step 0, the end of
+        # the turn in the first n_vq + 1 steps.
+        for column, token in enumerate(self.slot_token_ids):
+            if token == LITERAL_DELAY_SLOT_ID:
+                logits[:, column].masked_fill_(steps == 0, float("-inf"))
+            if token == cfg.im_end_token_id:
+                logits[:, column].masked_fill_(steps <= cfg.n_vq, float("-inf"))
+        return logits, bound
 
     @staticmethod
     def _narrow_is_exact(logits: torch.Tensor, bound: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                         top_p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+                         top_p: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """Rows (R, 2) whose draw over the two columns is the full vector's whatever the last bits of
         the logits: every decision (argmax; top-k 1; the top-p cut; probs / noise) clears the
-        logits' rounding bound by a margin (4x the bound, plus 1e-5 for softmax and division)."""
+        logits' rounding bound by a margin (4x the bound, plus 1e-5 for softmax and division).
+        `noise` None: every row is greedy, and only the argmax needs to clear."""
         finite = torch.isfinite(logits)
         # One slot token at -inf (the delay slot at step 0), the other finite: that one wins.
         single = (finite[:, 0] ^ finite[:, 1]) & (logits == float("-inf")).any(1)
+        a, b = logits.double().unbind(1)
+        if noise is None:
+            # A pair with a non-finite logit makes d NaN or infinite, and so never clears.
+            d = (a - b).abs()
+            return single | (d > 4 * bound.double().sum(1) + 1e-5 * (1 + d))
         both = finite.all(1)
         greedy = temperature <= 0
         t = torch.where(greedy, torch.ones_like(temperature), temperature).double()
-        a, b = logits[:, 0].double(), logits[:, 1].double()
         d = torch.where(both, (a - b) / t, torch.zeros_like(a))
         tolerance = 4 * bound.double().sum(1) / t + 1e-5 * (1 + d.abs())
         clear = d.abs() > tolerance
@@ -402,9 +448,7 @@ class MossDelayFamily(TalkerFamily):
     def _slot_ids(self, device: torch.device) -> torch.Tensor:
         """The text ids allowed in audio mode, ascending (argmax ties break as over the whole vocabulary)."""
         if device not in self._slot_id_tables:
-            cfg = self.config
-            ids = sorted([cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id])
-            self._slot_id_tables[device] = torch.tensor(ids, device=device)
+            self._slot_id_tables[device] = torch.tensor(self.slot_token_ids, device=device)
         return self._slot_id_tables[device]
 
     def _sample_audio(self, state: DelayState, hidden: torch.Tensor, slots: torch.Tensor,
@@ -413,15 +457,18 @@ class MossDelayFamily(TalkerFamily):
         n, codes = self.config.n_vq, self.config.audio_vocab_size + 1
         logits = self.model.audio_logits(hidden).reshape(-1, codes)
         penalty, seen = state.audio_penalty[slots], None
-        if bool((penalty != 1.0).any()):  # the history matters only where a penalty is set
+        penalized = bool((penalty != 1.0).any())  # the history matters only where a penalty is set
+        temperature = state.audio_temperature[slots] * sampled  # codebooks not sampled: greedy (pads follow)
+        drawing = temperature > 0
+        if not penalized and not bool(drawing.any()):  # greedy: the argmax is all there is to do
+            return logits.argmax(dim=-1).view(len(slots), n)
+        if penalized:
             seen_first, seen_rest = state.seen_first, state.seen_rest
             if state.shared_generator is not None:
                 seen_first = seen_first[state.admitted].any(0, keepdim=True).expand_as(seen_first)
                 seen_rest = seen_rest[state.admitted].any(0, keepdim=True).expand_as(seen_rest)
             seen = torch.cat([seen_first[slots][:, None], seen_rest[slots][:, None].expand(-1, n - 1, -1)], dim=1)
             seen = seen.reshape(-1, codes)
-        temperature = state.audio_temperature[slots]
-        drawing = sampled & (temperature > 0)
         noise = None
         if bool(drawing.any()):
             if state.shared_generator is None:
