@@ -16,6 +16,7 @@ from mossserve.layers.sampler import (
     apply_top_p,
     exponential_noise,
     sample,
+    top_k_candidates,
 )
 
 OPS = np.load(DELAY_DIR / "sampling_ops.npz")
@@ -36,9 +37,12 @@ def test_sampling_ops(case: dict) -> None:
     x = apply_temperature(logits, full(case["temperature"]))
     x = apply_repetition_penalty(x, history_mask(rows, vocab), full(case["repetition_penalty"]))
     assert torch.equal(x, torch.from_numpy(OPS[f"{case['name']}/after_repetition_penalty"]))
-    x = apply_top_k(x, full(case["top_k"] or 0, torch.int64))
-    x = apply_top_p(x, full(case["top_p"] or 1.0))
-    assert torch.equal(x, torch.from_numpy(OPS[f"{case['name']}/filtered_logits"]))
+    filtered, candidates = top_k_candidates(x, full(case["top_k"] or 0, torch.int64))
+    assert torch.equal(filtered, apply_top_k(x, full(case["top_k"] or 0, torch.int64)))
+    expected = torch.from_numpy(OPS[f"{case['name']}/filtered_logits"])
+    assert torch.equal(apply_top_p(filtered, full(case["top_p"] or 1.0)), expected)  # the whole vector sorted
+    x = apply_top_p(filtered, full(case["top_p"] or 1.0), candidates)  # top-k's candidates alone, where they may
+    assert torch.equal(x, expected)
     probs = torch.softmax(x, dim=-1)
     torch.testing.assert_close(probs, torch.from_numpy(OPS[f"{case['name']}/probs"]), atol=1e-6, rtol=0)
 
@@ -70,3 +74,59 @@ def test_draw_equals_torch_multinomial(seed: int) -> None:
     expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).flatten()
     noise = exponential_noise(probs.shape[0], probs.shape[1], torch.Generator().manual_seed(seed), probs.device)
     assert torch.equal(torch.argmax(probs / noise, dim=-1), expected)
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 151936), (32, 1025), (3, 7)])
+def test_exponential_noise_is_torchs_own(rows: int, vocab: int) -> None:
+    """The noise made of random bits is torch's `exponential_`: the same values, the generator left
+    at the same point."""
+    ours, theirs = torch.Generator().manual_seed(rows), torch.Generator().manual_seed(rows)
+    expected = torch.empty(rows, vocab).exponential_(1, generator=theirs)
+    assert torch.equal(exponential_noise(rows, vocab, ours, torch.device("cpu")), expected)
+    assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_p_over_the_candidates_is_the_whole_sort(seed: int, monkeypatch) -> None:
+    """Top-p over top-k's candidates cuts where sorting the whole vector does, per-row k and p mixed,
+    rows of probabilities too small for float32 among them; with two candidates of equal probability
+    in a row it sorts the whole vector, whose order among them decides the cut."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, vocab = 64, 1025
+    # Logits a step apart (no two probabilities equal), scales where most probabilities underflow to 0.
+    steps = torch.stack([torch.randperm(vocab, generator=generator) for _ in range(rows)]).float()
+    logits = steps * torch.tensor([0.05, 0.5, 3.0, 60.0]).repeat(16)[:, None]
+    top_k = torch.randint(1, 60, (rows,), generator=generator)
+    top_p = torch.rand(rows, generator=generator).clamp(0.05, 1.0)
+    top_p[::5] = 1.0
+    sorts = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
+    filtered, candidates = top_k_candidates(logits, top_k)
+    fast = apply_top_p(filtered, top_p, candidates)
+    assert not sorts, "distinct probabilities need no sort"
+    assert torch.equal(fast, apply_top_p(filtered, top_p))
+    tied = logits.clone()
+    tied[3, candidates[3, 1]] = tied[3, candidates[3, 0]]  # the two largest equal: a cut between them
+    top_p[3] = 0.5 * torch.softmax(apply_top_k(tied, top_k.clamp(min=2))[3], dim=-1).max()
+    filtered, candidates = top_k_candidates(tied, top_k.clamp(min=2))
+    sorts.clear()
+    assert torch.equal(apply_top_p(filtered, top_p, candidates), apply_top_p(filtered, top_p))
+    assert sorts, "a tie takes the whole sort"
+
+
+def test_top_p_written_out() -> None:
+    """The cut by its definition, one row at a time: keep the largest probabilities while the mass
+    before each is at most p."""
+    generator = torch.Generator().manual_seed(9)
+    logits = torch.randn(8, 50, generator=generator) * 2
+    top_k = torch.tensor([0, 3, 10, 50, 7, 20, 1, 5])
+    top_p = torch.tensor([0.5, 0.9, 0.3, 0.95, 1.0, 0.6, 0.2, 0.99])
+    filtered, candidates = top_k_candidates(logits, top_k)
+    got = apply_top_p(filtered, top_p, candidates)
+    for row in range(8):
+        probs = torch.softmax(filtered[row].double(), dim=-1)
+        order = torch.argsort(probs, descending=True)
+        before = torch.cumsum(probs[order], 0) - probs[order]
+        keep = order[(before <= top_p[row]) | (torch.arange(50) == 0)] if top_p[row] < 1 else order[probs[order] > 0]
+        assert set(torch.nonzero(torch.isfinite(got[row])).flatten().tolist()) == set(keep[probs[keep] > 0].tolist())

@@ -49,7 +49,8 @@ _this_thread = threading.local()
 
 @dataclass(frozen=True)
 class Bf16Kernels:
-    gemm: Callable  # (w, x, y, n, k, m, threads): y (m, n) = x (m, k) @ w (n, k).T, m up to max_rows
+    gemm: Callable  # (w, x, y, n, k, m, wide, threads): y (m, n) = x (m, k) @ w (n, k).T, m up to max_rows;
+    # y bf16, or fp32 sums with `wide`
     decode: Callable  # whole decoder layers, arguments in layers/cpu_decode.py; nonzero: declined
     amx: bool  # products of 5-16 rows run on AMX tiles (the CPU has them, Linux allows them)
 
@@ -81,7 +82,7 @@ def bf16_kernels() -> Bf16Kernels | None:
         return None
     if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() != "AVX512":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = find_compiler()
     if loaded_libgomp() is None or compiler is None:
         return None
     try:
@@ -90,22 +91,26 @@ def bf16_kernels() -> Bf16Kernels | None:
         log.info("bf16 CPU kernels unavailable, torch's ops run: %s", error)
         return None
     gemm, decode = library.mossserve_gemm_bf16, library.mossserve_decode_bf16
-    gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     decode.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
                        + [ctypes.c_float, ctypes.c_int])
     gemm.restype, decode.restype = None, ctypes.c_int
     return Bf16Kernels(gemm=gemm, decode=decode, amx=bool(library.mossserve_amx_available()))
 
 
-def build(compiler: str) -> Path:
-    """The shared library compiled from SOURCE by `compiler`, built once into the cache."""
-    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"bf16-{key}.so"
+def find_compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build(compiler: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
+    """The shared library compiled from `source` by `compiler`, built once into the cache."""
+    key = hashlib.sha256(source.read_bytes() + "\0".join((compiler, *flags)).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"{source.stem}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
+            subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True, capture_output=True,
                            timeout=120)
             os.replace(built, target)  # whole or not at all, when several processes build at once
     return target

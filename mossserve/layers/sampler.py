@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from .cpu_random import BITS, random53
+
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """Divide each row by its temperature; rows with temperature <= 0 are greedy and stay as they are."""
@@ -28,31 +30,54 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep each row's k largest logits (k <= 0: keep all)."""
+    return top_k_candidates(logits, top_k)[0]
+
+
+def top_k_candidates(logits: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`apply_top_k`, and the entries it may keep: (rows, k_max) indices in descending order of
+    logit (a row of smaller k keeps the first k), None when every row keeps everything."""
     vocab = logits.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     if bool((k >= vocab).all()):
-        return logits
+        return logits, None
     k_max = int(k.max())
     values, indices = torch.topk(logits, k_max, dim=-1)
     keep = torch.arange(k_max, device=logits.device) < k.unsqueeze(-1)
     filtered = torch.full_like(logits, float("-inf"))
-    return filtered.scatter_(-1, indices, torch.where(keep, values, filtered[:, :k_max]))
+    return filtered.scatter_(-1, indices, torch.where(keep, values, filtered[:, :k_max])), indices
 
 
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest prefix of the sorted distribution whose mass before each token is <= p."""
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the smallest prefix of the sorted distribution whose mass before each token is <= p.
+
+    `candidates` (from `top_k_candidates`) hold every entry of nonzero probability, in descending
+    order of logit. Where their probabilities strictly decrease along it (no two equal), that is
+    the sorted order, and the other entries are zeros that add nothing to the cumulative sums: the
+    cut is computed over the candidates alone, the same as over the whole sorted vector (sorting
+    512 x 1,025 values took 17 ms, more than the rest of a bf16 step of 16 requests). Equal ones keep
+    the whole sort, whose order among equal values (torch's sort is not stable) decides which of
+    them a cut removes."""
     active = top_p < 1.0
     if not bool(active.any()):
         return logits
     probs = torch.softmax(logits, dim=-1)
+    if candidates is not None:
+        kept = probs.gather(-1, candidates)
+        if bool(((kept[:, :-1] > kept[:, 1:]) | (kept[:, 1:] == 0)).all()):
+            remove = _cut(kept, top_p, active)
+            return logits.scatter(-1, candidates, logits.gather(-1, candidates).masked_fill(remove, float("-inf")))
     sorted_probs, sorted_indices = torch.sort(probs, descending=True, dim=-1)
-    cumulative = torch.cumsum(sorted_probs, dim=-1)
-    remove_sorted = cumulative > top_p.unsqueeze(-1)
-    remove_sorted[..., 1:] = remove_sorted[..., :-1].clone()
-    remove_sorted[..., 0] = False
-    remove_sorted &= active.unsqueeze(-1)
-    remove = torch.zeros_like(remove_sorted).scatter_(-1, sorted_indices, remove_sorted)
+    remove = torch.zeros_like(sorted_probs, dtype=torch.bool).scatter_(-1, sorted_indices,
+                                                                       _cut(sorted_probs, top_p, active))
     return logits.masked_fill(remove, float("-inf"))
+
+
+def _cut(sorted_probs: torch.Tensor, top_p: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Which entries of each descending row top-p removes: those after the mass before them passes p."""
+    remove = torch.cumsum(sorted_probs, dim=-1) > top_p.unsqueeze(-1)
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    return remove & active.unsqueeze(-1)
 
 
 def sample(
@@ -75,8 +100,12 @@ def sample(
     logits = logits.float() if all_greedy else apply_temperature(logits.float(), temperature)
     if penalty is not None and seen is not None:
         logits = apply_repetition_penalty(logits, seen, penalty)
-    return draw(torch.argmax(logits, dim=-1), greedy, noise,
-                lambda: torch.softmax(apply_top_p(apply_top_k(logits, top_k), top_p), dim=-1))
+
+    def probs() -> torch.Tensor:
+        filtered, candidates = top_k_candidates(logits, top_k)
+        return torch.softmax(apply_top_p(filtered, top_p, candidates), dim=-1)
+
+    return draw(torch.argmax(logits, dim=-1), greedy, noise, probs)
 
 
 def draw(greedy_tokens: torch.Tensor, greedy: torch.Tensor, noise: torch.Tensor | None,
@@ -92,28 +121,44 @@ def draw(greedy_tokens: torch.Tensor, greedy: torch.Tensor, noise: torch.Tensor 
 
 
 def exponential_noise(rows: int, vocab: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """The draws torch's CPU multinomial makes for `rows` one-sample calls batched in one call."""
+    """The draws torch's CPU multinomial makes for `rows` one-sample calls batched in one call.
+
+    From a CPU generator they are made of the same random bits at a third of the cost where this
+    torch build draws them that way (`bits_match_noise`): `exponential_` takes ~35 ns a value, one
+    after another, the bits ~7 and the logarithm, vectorized, ~1."""
+    if (generator is None or generator.device.type == "cpu") and bits_match_noise(vocab):
+        return noise_from_bits(exponential_bits(rows, vocab, generator), device)
+    return _torch_exponential(rows, vocab, generator, device)
+
+
+def _torch_exponential(rows: int, vocab: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     noise = torch.empty(rows, vocab, dtype=torch.float32, device=generator.device if generator is not None else device)
     noise.exponential_(1, generator=generator)
     return noise.to(device)
 
 
-BITS = 53  # a draw's uniform is (random64 & (2**53 - 1)) * 2**-53, its noise -log1p(-uniform)
+# A draw's uniform is (random64 & (2**53 - 1)) * 2**-BITS, its noise -log1p(-uniform).
 
 
 def exponential_bits(rows: int, vocab: int, generator: torch.Generator | None) -> torch.Tensor:
-    """The 53 random bits behind each draw of `exponential_noise(rows, vocab, generator, ...)`, as int64.
+    """The 53 random bits behind each draw of torch's `exponential_` over (rows, vocab), as int64.
 
-    It takes exactly the generator's numbers that `exponential_noise` takes (one 64-bit draw per
-    element, in the same order) at a third of the cost, so a caller that needs the noise of a few
-    columns only can turn just those into noise (`noise_from_bits`) and leave the stream where the
-    full draw would. `bits_match_noise` checks that this torch build draws this way."""
+    It takes exactly the generator's numbers that `exponential_` takes (one 64-bit draw per element,
+    in the same order) without the logarithm, so a caller that needs the noise of a few columns only
+    can turn just those into noise (`noise_from_bits`) and leave the stream where the full draw
+    would. `bits_match_noise` checks that this torch build draws this way. torch's `random_` takes a
+    third of `exponential_`'s time; our draw of the same numbers (layers/cpu_random.py) a fraction
+    of that."""
+    if generator is not None:
+        bits = random53(rows, vocab, generator)  # the same numbers, drawn faster (layers/cpu_random.py)
+        if bits is not None:
+            return bits
     bits = torch.empty(rows, vocab, dtype=torch.int64, device=generator.device if generator is not None else "cpu")
     return bits.random_(0, 1 << BITS, generator=generator)
 
 
 def noise_from_bits(bits: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The exponential noise `exponential_noise` makes of these bits (bit-exact: see `bits_match_noise`)."""
+    """The exponential noise torch's `exponential_` makes of these bits (bit-exact: see `bits_match_noise`)."""
     uniform = bits.double() * 2.0 ** -BITS
     return (-torch.log1p(-uniform)).float().to(device)
 
@@ -122,13 +167,13 @@ _BITS_MATCH: dict[int, bool] = {}
 
 
 def bits_match_noise(vocab: int) -> bool:
-    """Whether `exponential_bits` + `noise_from_bits` reproduce `exponential_noise` exactly, values
+    """Whether `exponential_bits` + `noise_from_bits` reproduce torch's `exponential_` exactly, values
     and the generator's state after, on this torch build (checked once per width, on a few seeds)."""
     if vocab not in _BITS_MATCH:
         ok = True
         for seed in (0, 1, 12345):
             full, fast = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-            noise = exponential_noise(2, vocab, full, torch.device("cpu"))
+            noise = _torch_exponential(2, vocab, full, torch.device("cpu"))
             bits = exponential_bits(2, vocab, fast)
             ok = ok and torch.equal(noise_from_bits(bits, torch.device("cpu")), noise)
             for width in (1, 2, 3):  # a few columns alone (another kernel path than the whole row)
