@@ -119,7 +119,7 @@ def test_checkpoint_is_deterministic_loads_and_stays_in_audio(tmp_path: Path) ->
 
 def test_machine_info_says_whether_bf16_runs_the_cpu_kernel(monkeypatch) -> None:
     from mossserve.bench.machine import machine_info
-    from mossserve.layers import cpu_gemv, cpu_kernels
+    from mossserve.layers import cpu_kernels
 
     available = cpu_kernels.bf16_kernels() is not None
     assert machine_info("cpu", "bfloat16")["bf16_cpu_kernel"] is available

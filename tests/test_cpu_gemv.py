@@ -40,6 +40,10 @@ def assert_rounds_the_exact_product_once(m: int, n: int, k: int, seed: int) -> N
     got = cpu_gemv.bf16_rows(weight, x)
     assert got is not None and got.dtype == torch.bfloat16 and got.shape == (m, n)
     assert ((got.double() - exact).abs() <= one_ulp(exact.float()).double()).all()
+    # The fp32 sums themselves (for output heads): what was rounded, and within fp32 sums' error.
+    sums = cpu_gemv.bf16_rows(weight, x, torch.float32)
+    assert sums is not None and sums.dtype == torch.float32 and torch.equal(sums.bfloat16(), got)
+    assert ((sums.double() - exact).abs() <= k * 2.0 ** -24 * (x.double().abs() @ weight.double().abs().T)).all()
 
 
 @needs_avx512

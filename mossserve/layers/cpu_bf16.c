@@ -94,11 +94,28 @@ static inline __mmask16 block_mask(int64_t n, int64_t i) {
     return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
 }
 
+/* Where a product's sums go: rounded once to bf16, as torch's bf16 product stores them, or kept in
+ * fp32 (`wide`: output heads, whose logits the caller widens anyway; rounding them to bf16 made
+ * most of a sampled row's top-k candidates tie, and ties keep a whole-vector sort, layers/sampler.py). */
+typedef struct {
+    void *data;
+    int wide;
+} Out;
+
+static inline void put(Out y, int64_t i, float sum) {
+    if (y.wide)
+        ((float *)y.data)[i] = sum;
+    else
+        ((uint16_t *)y.data)[i] = round_to_bf16(sum);
+}
+
+static inline Out bf16_out(uint16_t *y) { return (Out){y, 0}; }
+
 /* y[c][r] = x[c] . w[r] for `rows` rows of w and m rows of x, x already widened to fp32 (its values
  * are bf16's, so the products are the same; the widening is done once per product, not once per
  * group of w, which at 16 rows halved the instructions competing with the FMAs). Called with
  * constant rows and m, and every loop over them unrolled, so the sums live in registers. */
-static inline __attribute__((always_inline)) void dot_rows(const uint16_t *w, const float *x, uint16_t *y,
+static inline __attribute__((always_inline)) void dot_rows(const uint16_t *w, const float *x, Out y, int64_t at,
                                                            int64_t n, int64_t k, int rows, int m) {
     __m512 sums[4][MAX_ROWS];
 #pragma GCC unroll 4
@@ -128,33 +145,33 @@ static inline __attribute__((always_inline)) void dot_rows(const uint16_t *w, co
     for (int r = 0; r < rows; r++)
 #pragma GCC unroll 4
         for (int c = 0; c < m; c++)
-            y[c * n + r] = round_to_bf16(_mm512_reduce_add_ps(sums[r][c]));
+            put(y, at + c * n + r, _mm512_reduce_add_ps(sums[r][c]));
 }
 
 /* y = x @ W.T for W's rows first..first+3 (fewer at its end) and every row of x, MAX_ROWS rows of x
  * at a time while those rows of W are in cache, so W is still read from memory once. */
-static void dot_group(const uint16_t *w, const float *x, uint16_t *y, int64_t n, int64_t k, int m, int64_t first) {
+static void dot_group(const uint16_t *w, const float *x, Out y, int64_t n, int64_t k, int m, int64_t first) {
     const uint16_t *block = w + first * k;
     for (int c = 0; c < m; c += MAX_ROWS) {
         const float *xs = x + c * k;
-        uint16_t *ys = y + c * n + first;
+        int64_t ys = c * n + first;
         int rows = m - c < MAX_ROWS ? m - c : MAX_ROWS;
         if (n - first < 4)
-            dot_rows(block, xs, ys, n, k, (int)(n - first), rows);
+            dot_rows(block, xs, y, ys, n, k, (int)(n - first), rows);
         else if (rows == 1)
-            dot_rows(block, xs, ys, n, k, 4, 1);
+            dot_rows(block, xs, y, ys, n, k, 4, 1);
         else if (rows == 2)
-            dot_rows(block, xs, ys, n, k, 4, 2);
+            dot_rows(block, xs, y, ys, n, k, 4, 2);
         else if (rows == 3)
-            dot_rows(block, xs, ys, n, k, 4, 3);
+            dot_rows(block, xs, y, ys, n, k, 4, 3);
         else
-            dot_rows(block, xs, ys, n, k, 4, 4);
+            dot_rows(block, xs, y, ys, n, k, 4, 4);
     }
 }
 
 /* This thread's share of y = x @ W.T: inside a parallel region W's row groups are split between
  * the team (the loop's implicit barrier ends it); outside one, all of it. */
-static void gemm_team(const uint16_t *w, const float *x, uint16_t *y, int64_t n, int64_t k, int m) {
+static void gemm_team(const uint16_t *w, const float *x, Out y, int64_t n, int64_t k, int m) {
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < (n + 3) / 4; g++)
         dot_group(w, x, y, n, k, m, 4 * g);
@@ -197,7 +214,7 @@ static void configure_tiles(int m) {
  * every row of x at once, the sums in fp32 and each rounded once; W's rows past its last full block
  * by FMAs. x comes in fp32 and is laid out here, once, as the tiles read it: pairs of consecutive
  * k, row after row of x ((k / 2, m, 2) bf16 in `pairs`). */
-static void amx_team(const uint16_t *w, const float *x, uint16_t *pairs, uint16_t *y, int64_t n, int64_t k, int m) {
+static void amx_team(const uint16_t *w, const float *x, uint16_t *pairs, Out y, int64_t n, int64_t k, int m) {
 #pragma omp single
     for (int64_t j = 0; j < k; j++)
         for (int c = 0; c < m; c++)
@@ -216,7 +233,7 @@ static void amx_team(const uint16_t *w, const float *x, uint16_t *pairs, uint16_
         _tile_stored(0, sums, m * 4);
         for (int r = 0; r < 16; r++)
             for (int c = 0; c < m; c++)
-                y[c * n + b * 16 + r] = round_to_bf16(sums[r * m + c]);
+                put(y, c * n + b * 16 + r, sums[r * m + c]);
     }
 #pragma omp for schedule(static)
     for (int64_t first = 16 * blocks; first < n; first += 4)
@@ -224,8 +241,7 @@ static void amx_team(const uint16_t *w, const float *x, uint16_t *pairs, uint16_
 }
 
 /* The team's product by AMX where it is set up (`pairs` given) and k allows, else by FMAs. */
-static void product_team(const uint16_t *w, const float *x, uint16_t *pairs, uint16_t *y, int64_t n, int64_t k,
-                         int m) {
+static void product_team(const uint16_t *w, const float *x, uint16_t *pairs, Out y, int64_t n, int64_t k, int m) {
     if (pairs != NULL && k % 32 == 0)
         amx_team(w, x, pairs, y, n, k, m);
     else
@@ -233,23 +249,23 @@ static void product_team(const uint16_t *w, const float *x, uint16_t *pairs, uin
 }
 
 /* y = x @ W.T for m bf16 rows of x (at most 16): FMAs for up to four rows, AMX tiles from five where
- * the CPU has them. */
-void mossserve_gemm_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t n, int64_t k, int m,
+ * the CPU has them; y in bf16, or with `wide` the fp32 sums. */
+void mossserve_gemm_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t n, int64_t k, int m, int wide,
                          int threads) {
-    float *wide = malloc(sizeof(float) * m * k);
+    float *widened = malloc(sizeof(float) * m * k);
     for (int64_t i = 0; i < m * k; i++)
-        wide[i] = widen(x[i]);
+        widened[i] = widen(x[i]);
     uint16_t *pairs = m >= AMX_MIN_ROWS && amx_available() ? malloc(sizeof(uint16_t) * m * (k + 32)) : NULL;
 #pragma omp parallel num_threads(threads)
     {
         if (pairs != NULL)
             configure_tiles(m);
-        product_team(w, wide, pairs, y, n, k, m);
+        product_team(w, widened, pairs, (Out){y, wide}, n, k, m);
         if (pairs != NULL)
             _tile_release();
     }
     free(pairs);
-    free(wide);
+    free(widened);
 }
 
 /* ---- decoder layers ---------------------------------------------------------------------------- */
@@ -379,7 +395,7 @@ int mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, in
 #pragma omp for schedule(static)
         for (int c = 0; c < m; c++)
             rms_norm(x + c * H, w[INPUT_NORM], normed + c * H, H, eps);
-        product_team(w[QKV], normed, pairs, qkv, qkv_width, H, m);
+        product_team(w[QKV], normed, pairs, bf16_out(qkv), qkv_width, H, m);
         /* q and k heads normed and rotated; k and v written to the cache */
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < m * (heads + 2 * kv); item++) {
@@ -403,14 +419,14 @@ int mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, in
             attend(qkv + c * qkv_width + h * d, layer_k + base, layer_v + base, attended + c * heads * d + h * d,
                    positions[c] + 1, d, scale, scores + omp_get_thread_num() * longest);
         }
-        product_team(w[O_PROJ], attended, pairs, projected, H, heads * d, m);
+        product_team(w[O_PROJ], attended, pairs, bf16_out(projected), H, heads * d, m);
 #pragma omp for schedule(static)
         for (int c = 0; c < m; c++) {
             for (int64_t i = 0; i < H; i++)
                 x[c * H + i] = round_to_bf16(widen(x[c * H + i]) + widen(projected[c * H + i]));
             rms_norm(x + c * H, w[POST_NORM], normed + c * H, H, eps);
         }
-        product_team(w[GATE_UP], normed, pairs, gate_up, 2 * I, H, m);
+        product_team(w[GATE_UP], normed, pairs, bf16_out(gate_up), 2 * I, H, m);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < m * blocks; item++) { /* SiLU(gate) * up, 16 at a time */
             int64_t c = item / blocks, i = item % blocks * 16;
@@ -421,7 +437,7 @@ int mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, in
                                                                     exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
             _mm512_mask_storeu_ps(activated + c * I + i, mask, rounded16(_mm512_mul_ps(silu, load16(gate + I, mask))));
         }
-        product_team(w[DOWN], activated, pairs, projected, H, I, m);
+        product_team(w[DOWN], activated, pairs, bf16_out(projected), H, I, m);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < m * H; item++)
             x[item] = round_to_bf16(widen(x[item]) + widen(projected[item]));

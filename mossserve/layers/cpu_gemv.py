@@ -14,10 +14,11 @@ import torch
 from .cpu_kernels import MAX_AMX_ROWS, bf16_kernels, kernels_off
 
 
-def bf16_rows(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+def bf16_rows(weight: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
     """x (m, K) @ weight (N, K).T -> (m, N) by the kernel, for 1 to 4 bf16 rows on CPU (16 where
     AMX takes five and more); None where the kernel is not to be used (the caller then runs
-    torch's product), which includes a product autograd is to record."""
+    torch's product), which includes a product autograd is to record. `out_dtype` float32 keeps
+    the fp32 sums instead of rounding them to bf16."""
     if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() != 2
             or not 1 <= x.shape[0] <= MAX_AMX_ROWS or x.device.type != "cpu" or not weight.is_contiguous()
             or kernels_off()
@@ -27,7 +28,7 @@ def bf16_rows(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     if kernels is None or x.shape[0] > kernels.max_rows:
         return None
     x = x.contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype)
     kernels.gemm(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1], x.shape[0],
-                 torch.get_num_threads())
+                 out_dtype == torch.float32, torch.get_num_threads())
     return out

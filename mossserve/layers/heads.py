@@ -17,6 +17,9 @@ a row's logits alone and in a batch already do (the backbone's `F.linear` too; d
 One to four bf16 rows (sixteen where AMX runs) take our CPU kernel (layers/cpu_gemv.py) where it
 runs, whatever the head: one read of the weight for all rows, faster than `torch.mv` and the blocks
 in the engine (bench heads at one row: about 0.6 ms of a 4.7 ms bf16 step; docs/performance.md).
+It hands the logits over as its fp32 sums, not rounded to bf16 as torch's bf16 product stores them:
+every caller widens them anyway, and bf16 logits tie (most of a sampled row's top-k candidates did,
+which costs top-p a sort of the whole vector, layers/sampler.py).
 """
 from __future__ import annotations
 
@@ -31,10 +34,10 @@ _one_row_gemv: dict[tuple, bool] = {}
 
 
 def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., H) @ weight (N, H).T -> (..., N)."""
+    """x (..., H) @ weight (N, H).T -> (..., N); from our bf16 kernel in fp32 (its sums unrounded)."""
     if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight)
-    out = bf16_rows(weight, x)
+    out = bf16_rows(weight, x, torch.float32)
     if out is not None:
         return out
     if x.shape[0] == 1:
@@ -44,7 +47,7 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def project_blocks(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tensor:
     """x (B, H) @ weight (blocks * R, H).T -> (B, blocks, R): `blocks` heads stacked in one weight."""
-    out = bf16_rows(weight, x) if x.device.type == "cpu" and x.dim() == 2 else None
+    out = bf16_rows(weight, x, torch.float32) if x.device.type == "cpu" and x.dim() == 2 else None
     if out is not None:
         return out.unflatten(-1, (blocks, -1))
     if x.device.type != "cpu" or x.dim() != 2 or (x.shape[0] == 1 and _gemv_is_faster(x, weight, blocks)):
