@@ -61,7 +61,20 @@ def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
 @pytest.mark.parametrize("head_dim, qk_norm", [(4, True), (6, False), (16, True), (24, True), (128, False)])
 def test_the_kernel_computes_torchs_layers(rows, head_dim, qk_norm):
-    model = backbone(head_dim, qk_norm)
+    assert_computes_torchs_layers(rows, head_dim, qk_norm, heads=4)
+
+
+@needs_avx512
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("heads", [2, 12, 18])
+def test_query_heads_share_their_key_value_head_in_any_number(rows, heads):
+    """Grouped-query attention: one, six (a chunk of four and one of two) and nine query heads per
+    key/value head, attended together."""
+    assert_computes_torchs_layers(rows, 16, True, heads=heads)
+
+
+def assert_computes_torchs_layers(rows: int, head_dim: int, qk_norm: bool, heads: int) -> None:
+    model = backbone(head_dim, qk_norm, heads)
     cache_k, cache_v = random_cache(head_dim)
     x = torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
     positions = [(7 * i + 3) % CACHE_LEN for i in range(rows)]

@@ -28,6 +28,7 @@
 #define MAX_ROWS 4
 #define AMX_MIN_ROWS 5 /* from this many rows a product runs on AMX tiles, where the CPU has them */
 #define MAX_HEAD_DIM 512
+#define SHARED_HEADS 4 /* query heads of one key/value head attended together */
 
 static uint16_t round_to_bf16(float value) {
     uint32_t bits;
@@ -312,46 +313,66 @@ static void norm_and_rotate(uint16_t *head, const uint16_t *norm_weight, const f
     }
 }
 
-/* One query head over the first `count` cached positions of its key/value head: softmax of the
- * scaled scores in fp32, the weights rounded to bf16 before they meet the values (as torch's CPU
- * flash attention does), the sum divided by the fp32 total and rounded once. */
-static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, float *out, int64_t count,
-                   int64_t d, float scale, float *scores) {
-    __m512 query[MAX_HEAD_DIM / 16], acc[MAX_HEAD_DIM / 16];
-    for (int64_t i = 0; i < d; i += 16) {
-        query[i / 16] = load16(q + i, block_mask(d, i));
-        acc[i / 16] = _mm512_setzero_ps();
+/* `n` query heads (consecutive in q and in out) over the first `count` cached positions of the
+ * key/value head they share: softmax of the scaled scores in fp32, the weights rounded to bf16 before
+ * they meet the values (as torch's CPU flash attention does), the sum divided by the fp32 total and
+ * rounded once. Each key and value is read and widened once for all n heads (grouped-query
+ * attention); every head's sums run in the order one head alone would. scores: n * count floats. */
+static void attend_heads(const uint16_t *q, int n, const uint16_t *keys, const uint16_t *values, float *out,
+                         int64_t count, int64_t d, float scale, float *scores) {
+    __m512 query[SHARED_HEADS][MAX_HEAD_DIM / 16], acc[SHARED_HEADS][MAX_HEAD_DIM / 16];
+    const int64_t blocks = (d + 15) / 16;
+    float top[SHARED_HEADS], total[SHARED_HEADS];
+    for (int h = 0; h < n; h++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            query[h][b] = load16(q + h * d + 16 * b, block_mask(d, 16 * b));
+            acc[h][b] = _mm512_setzero_ps();
+        }
+        top[h] = -INFINITY;
     }
-    float top = -INFINITY;
     for (int64_t j = 0; j < count; j++) {
         const uint16_t *key = keys + j * d;
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t i = 0; i < d; i += 16)
-            sum = _mm512_fmadd_ps(query[i / 16], load16(key + i, block_mask(d, i)), sum);
-        scores[j] = _mm512_reduce_add_ps(sum) * scale;
-        top = scores[j] > top ? scores[j] : top;
+        __m512 sums[SHARED_HEADS];
+        for (int h = 0; h < n; h++)
+            sums[h] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < blocks; b++) {
+            __m512 wide = load16(key + 16 * b, block_mask(d, 16 * b));
+            for (int h = 0; h < n; h++)
+                sums[h] = _mm512_fmadd_ps(query[h][b], wide, sums[h]);
+        }
+        for (int h = 0; h < n; h++) {
+            float score = _mm512_reduce_add_ps(sums[h]) * scale;
+            scores[h * count + j] = score;
+            top[h] = score > top[h] ? score : top[h];
+        }
     }
-    __m512 totals = _mm512_setzero_ps();
-    for (int64_t j = 0; j < count; j += 16) {
-        __mmask16 mask = block_mask(count, j);
-        __m512 weights = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), _mm512_set1_ps(top)));
-        weights = _mm512_maskz_mov_ps(mask, weights);
-        totals = _mm512_add_ps(totals, weights);
-        _mm512_mask_storeu_ps(scores + j, mask, rounded16(weights));
+    for (int h = 0; h < n; h++) {
+        float *row = scores + h * count;
+        __m512 totals = _mm512_setzero_ps();
+        for (int64_t j = 0; j < count; j += 16) {
+            __mmask16 mask = block_mask(count, j);
+            __m512 weights = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + j), _mm512_set1_ps(top[h])));
+            weights = _mm512_maskz_mov_ps(mask, weights);
+            totals = _mm512_add_ps(totals, weights);
+            _mm512_mask_storeu_ps(row + j, mask, rounded16(weights));
+        }
+        total[h] = _mm512_reduce_add_ps(totals);
     }
-    float total = _mm512_reduce_add_ps(totals);
     for (int64_t j = 0; j < count; j++) {
-        __m512 w = _mm512_set1_ps(scores[j]);
         const uint16_t *value = values + j * d;
-        for (int64_t i = 0; i < d; i += 16)
-            acc[i / 16] = _mm512_fmadd_ps(w, load16(value + i, block_mask(d, i)), acc[i / 16]);
+        for (int64_t b = 0; b < blocks; b++) {
+            __m512 wide = load16(value + 16 * b, block_mask(d, 16 * b));
+            for (int h = 0; h < n; h++)
+                acc[h][b] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * count + j]), wide, acc[h][b]);
+        }
     }
     float spread[16];
-    for (int64_t i = 0; i < d; i += 16) {
-        _mm512_storeu_ps(spread, acc[i / 16]);
-        for (int64_t lane = 0; lane < 16 && i + lane < d; lane++)
-            out[i + lane] = rounded(spread[lane] / total);
-    }
+    for (int h = 0; h < n; h++)
+        for (int64_t b = 0; b < blocks; b++) {
+            _mm512_storeu_ps(spread, acc[h][b]);
+            for (int64_t lane = 0; lane < 16 && 16 * b + lane < d; lane++)
+                out[h * d + 16 * b + lane] = rounded(spread[lane] / total[h]);
+        }
 }
 
 /* x (m, hidden), the rows' residual stream, through every layer, in place. weights: layers x
@@ -379,7 +400,8 @@ int mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, in
     float *attended = normed + m * H, *activated = attended + m * heads * d;
     uint16_t *qkv = malloc(sizeof(uint16_t) * m * (qkv_width + H + 2 * I));
     uint16_t *projected = qkv + m * qkv_width, *gate_up = projected + m * H;
-    float *scores = malloc(sizeof(float) * threads * longest);
+    float *scores = malloc(sizeof(float) * threads * SHARED_HEADS * longest);
+    const int64_t chunks = (group + SHARED_HEADS - 1) / SHARED_HEADS; /* per key/value head */
     const float scale = 1.0f / sqrtf((float)d);
     int64_t widest = H > heads * d ? H : heads * d;
     widest = widest > I ? widest : I;
@@ -413,11 +435,14 @@ int mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, in
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < m * heads; item++) {
-            int64_t c = item / heads, h = item % heads;
-            int64_t base = (slots[c] * kv + h / group) * dims->cache_len * d;
-            attend(qkv + c * qkv_width + h * d, layer_k + base, layer_v + base, attended + c * heads * d + h * d,
-                   positions[c] + 1, d, scale, scores + omp_get_thread_num() * longest);
+        for (int64_t item = 0; item < m * kv * chunks; item++) {
+            int64_t c = item / (kv * chunks), kv_head = item / chunks % kv, chunk = item % chunks;
+            int64_t first = kv_head * group + chunk * SHARED_HEADS;
+            int n = (int)(group - chunk * SHARED_HEADS < SHARED_HEADS ? group - chunk * SHARED_HEADS : SHARED_HEADS);
+            int64_t base = (slots[c] * kv + kv_head) * dims->cache_len * d;
+            attend_heads(qkv + c * qkv_width + first * d, n, layer_k + base, layer_v + base,
+                         attended + c * heads * d + first * d, positions[c] + 1, d, scale,
+                         scores + omp_get_thread_num() * SHARED_HEADS * longest);
         }
         product_team(w[O_PROJ], attended, pairs, bf16_out(projected), H, heads * d, m);
 #pragma omp for schedule(static)
