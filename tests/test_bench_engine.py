@@ -46,6 +46,22 @@ def test_bench_json_has_every_contract_key(capsys) -> None:
     assert out["ttfa_floor"]["steps"] == 32 + 2  # the first 2-frame chunk needs n_vq + 2 steps
 
 
+def test_floor_rounds_leave_no_openmp_pool_behind(monkeypatch, capsys) -> None:
+    """Each TTFA floor round, run on the calling thread, frees that thread's OpenMP pool, which would
+    otherwise throttle the engine's thread in the TTFA run after it (docs/performance.md)."""
+    import threading
+
+    import mossserve.bench.engine as bench_engine
+
+    released = []
+    real = bench_engine.release_openmp_pool
+    monkeypatch.setattr(bench_engine, "release_openmp_pool",
+                        lambda: released.append(threading.current_thread()) or real())
+    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "2", "--requests", "1", "--ttfa-runs", "2",
+                 "--json"]) == 0
+    assert released == [threading.main_thread()] * 3  # the warm-up round and the two timed ones
+
+
 def test_bench_table_and_targets(capsys) -> None:
     code = main(["bench", "--model", str(DEMO_MODEL), "--frames", "2", "--requests", "1", "--ttfa-runs", "1"])
     captured = capsys.readouterr()

@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError, MossServeError
+from ..openmp import release_openmp_pool
 from .codec import streaming_figures
 from .floors import count_step, floors, gemm_throughput, memory_bandwidth
 from .machine import machine_info
@@ -462,6 +463,10 @@ class _FloorTimer:
         codec_s = time.perf_counter() - t0
         self.decoder.close(stream)
         self.rounds.append((prefill_s, step_times, codec_s, len(prompt.rows) - kept))
+        # This thread's OpenMP pool, made by the round, would throttle the engine's thread in the TTFA
+        # run that follows (two pools on two cores; docs/performance.md): first audio at one stream
+        # measured 242 -> 301 ms (bf16) with it left in place.
+        release_openmp_pool()
 
     def summary(self, discard: int = 0) -> dict:
         rounds = self.rounds[discard:]
