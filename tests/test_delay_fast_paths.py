@@ -160,8 +160,8 @@ SAMPLINGS = [
 
 def for_codebooks(sampling: SamplingParams, n: int) -> SamplingParams:
     """SAMPLINGS' per-codebook lists cut to a checkpoint's n_vq."""
-    return dataclasses.replace(sampling, **{name: getattr(sampling, name)[:n] for name in ("audio_top_k", "audio_temperature")
-                                            if isinstance(getattr(sampling, name), list)})
+    lists = [name for name in ("audio_top_k", "audio_temperature") if isinstance(getattr(sampling, name), list)]
+    return dataclasses.replace(sampling, **{name: getattr(sampling, name)[:n] for name in lists})
 
 
 def mixed_batch(fam: MossDelayFamily, rows: int, seed: int,

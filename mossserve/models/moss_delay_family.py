@@ -279,7 +279,8 @@ class MossDelayFamily(TalkerFamily):
         """Text tokens that open an audio slot (each adds one to the audio length)."""
         if device not in self._openers:
             cfg = self.config
-            ids = [cfg.audio_start_token_id, cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id]
+            ids = [cfg.audio_start_token_id, cfg.audio_assistant_gen_slot_token_id,
+                   cfg.audio_assistant_delay_slot_token_id]
             self._openers[device] = torch.tensor(ids, device=device)
         return self._openers[device]
 
