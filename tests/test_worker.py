@@ -72,3 +72,26 @@ def test_a_dropped_owner_ends_its_thread() -> None:
     assert ref() is None
     thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def test_on_idle_runs_on_the_thread_when_the_work_runs_out_before_wait_idle_returns() -> None:
+    owner = Owner()
+    calls: list[tuple[str, int]] = []
+
+    def on_idle() -> None:
+        calls.append((threading.current_thread().name, owner.todo))
+
+    owner.worker = Worker("test-worker", owner.cond, owner.has_work, owner.work, owner.crashed, on_idle)
+    owner.release.set()
+    owner.worker.start()
+    owner.worker.wait_idle()
+    assert calls == []  # started with no work: nothing ran out
+    with owner.cond:  # two rounds of work at once: it runs out once
+        owner.todo += 2
+        owner.cond.notify_all()
+    owner.worker.wait_idle()
+    assert owner.log == ["round ended", "round ended"] and calls == [("test-worker", 0)]
+    owner.add()
+    owner.worker.wait_idle()
+    assert calls == [("test-worker", 0)] * 2
+    owner.worker.stop()

@@ -63,7 +63,10 @@ class Engine:
         self.sessions = Sessions(config.max_sessions)
         self._session_closes: list[str] = []  # asked from other threads
         self._ids = itertools.count()
-        self._worker = Worker("mossserve-engine", self._lock, self.has_work, self.step, self._crashed)
+        # On CPU an idle talker thread frees its OpenMP pool, which would otherwise throttle whatever
+        # runs torch on another thread meanwhile (two pools on two cores; docs/performance.md).
+        self._worker = Worker("mossserve-engine", self._lock, self.has_work, self.step, self._crashed,
+                              release_openmp_pool if self._on_cpu else None)
         # Prompt rows run through prefill, and rows started from keys and values already in the cache.
         self.counts = {"finished": 0, "aborted": 0, "failed": 0, "steps": 0, "prompt_rows_prefilled": 0,
                        "prompt_rows_reused": 0}

@@ -16,12 +16,14 @@ log = logging.getLogger("mossserve")
 
 class Worker:
     def __init__(self, name: str, condition: threading.Condition, has_work: Callable[[], bool],
-                 work: Callable[[], object], on_crash: Callable[[Exception], None]) -> None:
+                 work: Callable[[], object], on_crash: Callable[[Exception], None],
+                 on_idle: Callable[[], object] | None = None) -> None:
         """Three bound methods of one owner. `has_work` is checked with `condition` held; whoever
         adds work notifies `condition`. `on_crash` gets an exception that escaped a round (a bug),
         so that the requests in flight end with an error instead of waiting forever; the thread
-        goes on."""
-        self.name, self._condition = name, condition
+        goes on. `on_idle`, a plain function (not the owner's), runs on the thread each time the work
+        runs out, before `wait_idle` returns."""
+        self.name, self._condition, self._on_idle = name, condition, on_idle
         self._has_work, self._work, self._on_crash = (weakref.WeakMethod(m) for m in (has_work, work, on_crash))
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -83,6 +85,7 @@ class Worker:
     def _wait_for_work(self) -> bool:
         """True when there is work; False when stopped or the owner is gone. No strong reference
         to the owner is held while waiting."""
+        idled = False
         with self._condition:
             while not self._stop:
                 pending = self._pending()
@@ -92,6 +95,16 @@ class Worker:
                     self._busy = True
                     return True
                 if self._busy:
+                    if self._on_idle is not None and not idled:
+                        idled = True
+                        self._condition.release()
+                        try:
+                            self._on_idle()
+                        except Exception:  # noqa: BLE001 - housekeeping must not stop serving
+                            log.exception("%s: on_idle failed", self.name)
+                        finally:
+                            self._condition.acquire()
+                        continue  # work may have come while the condition was free
                     self._busy = False
                     self._condition.notify_all()
                 self._condition.wait()
