@@ -78,17 +78,11 @@ def kernels_off() -> bool:
 @functools.cache
 def bf16_kernels() -> Bf16Kernels | None:
     """The compiled kernels, or None where they are not to be used (module docstring)."""
-    if os.environ.get("MOSSSERVE_CPU_KERNELS", "1") == "0":
+    if (platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() != "AVX512"
+            or loaded_libgomp() is None):
         return None
-    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return None
-    compiler = find_compiler()
-    if loaded_libgomp() is None or compiler is None:
-        return None
-    try:
-        library = ctypes.CDLL(str(build(compiler)))
-    except (OSError, subprocess.SubprocessError) as error:
-        log.info("bf16 CPU kernels unavailable, torch's ops run: %s", error)
+    library = compiled(SOURCE, FLAGS, "bf16 CPU kernels")
+    if library is None:
         return None
     gemm, decode = library.mossserve_gemm_bf16, library.mossserve_decode_bf16
     gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -98,8 +92,19 @@ def bf16_kernels() -> Bf16Kernels | None:
     return Bf16Kernels(gemm=gemm, decode=decode, amx=bool(library.mossserve_amx_available()))
 
 
-def find_compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def compiled(source: Path, flags: tuple[str, ...], what: str) -> ctypes.CDLL | None:
+    """`source` built (once, into the cache) and loaded; None with `MOSSSERVE_CPU_KERNELS=0`, without
+    a C compiler, or when the build fails (logged: `what` unavailable, torch's ops run)."""
+    if os.environ.get("MOSSSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        return ctypes.CDLL(str(build(compiler, source, flags)))
+    except (OSError, subprocess.SubprocessError) as error:
+        log.info("%s unavailable, torch's ops run: %s", what, error)
+        return None
 
 
 def build(compiler: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:

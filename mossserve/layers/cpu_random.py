@@ -14,14 +14,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .cpu_kernels import build, find_compiler
+from .cpu_kernels import compiled
 
 SOURCE = Path(__file__).with_name("cpu_random.c")
 FLAGS = ("-O3", "-shared", "-fPIC")
@@ -45,15 +43,8 @@ def random53(rows: int, columns: int, generator: torch.Generator) -> torch.Tenso
 
 @functools.cache
 def _random53() -> Callable | None:
-    if os.environ.get("MOSSSERVE_CPU_KERNELS", "1") == "0":
-        return None
-    compiler = find_compiler()
-    if compiler is None:
-        return None
-    try:
-        library = ctypes.CDLL(str(build(compiler, SOURCE, FLAGS)))
-    except (OSError, subprocess.SubprocessError) as error:
-        log.info("our random draws unavailable, torch's run: %s", error)
+    library = compiled(SOURCE, FLAGS, "our random draws")
+    if library is None:
         return None
     draw = library.mossserve_random53
     draw.argtypes, draw.restype = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p], None

@@ -20,7 +20,6 @@ import torch
 
 from ..errors import InvalidRequestError
 from ..layers.head_bound import head_rounding_bound
-from ..layers.heads import project
 from ..layers.sampler import (
     bits_match_noise,
     exponential_bits,
@@ -217,14 +216,15 @@ class MossDelayFamily(TalkerFamily):
         inactive = delayed == INACTIVE
 
         forced_text, next_delay = self._step_tables(device)
-        text = torch.where(stopping, cfg.pad_token_id, forced_text[delayed + 1])
         audio_eos = ~stopping & (delayed == n)
         is_audio = is_audio & ~audio_eos
         rows = _selected(~stopping & inactive)  # the rows that choose their text token
         if rows is None:
             text = self._sample_text(state, hidden, slots, is_audio, steps)
-        elif len(rows):
-            text[rows] = self._sample_text(state, hidden[rows], slots[rows], is_audio[rows], steps[rows])
+        else:
+            text = torch.where(stopping, cfg.pad_token_id, forced_text[delayed + 1])
+            if len(rows):
+                text[rows] = self._sample_text(state, hidden[rows], slots[rows], is_audio[rows], steps[rows])
         is_audio = is_audio | (text == cfg.audio_start_token_id)
         stopping = stopping | (text == cfg.im_end_token_id)
 
@@ -405,7 +405,7 @@ class MossDelayFamily(TalkerFamily):
         any other matmul of the same head (the full one) may put each of them (layers/head_bound.py)."""
         cfg = self.config
         weight = self.model.text_head.weight[ids]
-        logits = project(hidden, weight).float()
+        logits = self.model.text_logits(hidden, ids)
         bound = head_rounding_bound(weight.abs().float(), hidden, logits, weight)
         # The full vector's bans that can fall on a slot token: the delay slot at step 0, the end of
         # the turn in the first n_vq + 1 steps.
@@ -461,7 +461,8 @@ class MossDelayFamily(TalkerFamily):
         penalized = bool((penalty != 1.0).any())  # the history matters only where a penalty is set
         temperature = state.audio_temperature[slots] * sampled  # codebooks not sampled: greedy (pads follow)
         drawing = temperature > 0
-        if not penalized and not bool(drawing.any()):  # greedy: the argmax is all there is to do
+        draws = bool(drawing.any())
+        if not penalized and not draws:  # greedy: the argmax is all there is to do
             return logits.argmax(dim=-1).view(len(slots), n)
         if penalized:
             seen_first, seen_rest = state.seen_first, state.seen_rest
@@ -471,7 +472,7 @@ class MossDelayFamily(TalkerFamily):
             seen = torch.cat([seen_first[slots][:, None], seen_rest[slots][:, None].expand(-1, n - 1, -1)], dim=1)
             seen = seen.reshape(-1, codes)
         noise = None
-        if bool(drawing.any()):
+        if draws:
             if state.shared_generator is None:
                 # Per-request generators: a request's codebook-0 row and its other rows are consecutive
                 # draws from its own stream, so one call per request draws both, in codebook order.
