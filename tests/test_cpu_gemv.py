@@ -130,10 +130,11 @@ needs_amx = pytest.mark.skipif(not (cpu_kernels.bf16_kernels() and cpu_kernels.b
 
 @needs_amx
 @pytest.mark.parametrize("m", [5, 8, 16])
-@pytest.mark.parametrize("n, k", [(16, 32), (37, 64), (1001, 704), (64, 96), (7, 1536)])
+@pytest.mark.parametrize("n, k", [(16, 32), (37, 64), (48, 64), (1001, 704), (64, 96), (7, 1536)])
 def test_amx_rounds_the_exact_product_once(fresh_kernel, m, n, k):
-    """Blocks of 16 weight rows on tiles, the rows past them and a k that is not a multiple of 32
-    by FMAs: every sum within one bf16 step of the exact product."""
+    """Blocks of 16 weight rows on tiles (two at a time, and one left over at 48 rows), the rows past
+    them and a k that is not a multiple of 32 by FMAs: every sum within one bf16 step of the exact
+    product."""
     assert_rounds_the_exact_product_once(m, n, k, seed=n * 1000 + k + m)
 
 

@@ -66,6 +66,11 @@ static inline __m512 rounded16(__m512 value) {
     return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
+/* Each lane as bf16 (round_to_bf16's bits), the 16 packed. */
+static inline __m256i bf16_bits16(__m512 value) {
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded16(value)), 16));
+}
+
 /* e^x in each lane: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to degree 7
  * (relative error below 1e-8, under fp32's own step), times 2^n by scalef (0 below fp32's range,
  * inf above). A NaN stays NaN: max and min return their second operand when either is NaN. */
@@ -201,40 +206,82 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-/* This thread's tiles for m rows of x: 0 sums (16 weight rows x m, fp32), 1 weights (16 rows x 32
- * bf16), 2 x (16 pairs of k x m columns). */
+/* This thread's tiles for m rows of x: 0 and 3 sums (16 weight rows x m, fp32), 1 and 4 weights (16
+ * rows x 32 bf16), 2 x (16 pairs of k x m columns): two blocks of weight rows against one x. */
 static void configure_tiles(int m) {
     TileConfig config = {.palette = 1};
-    config.rows[0] = config.rows[1] = config.rows[2] = 16;
-    config.columns_bytes[0] = config.columns_bytes[2] = (uint16_t)(4 * m);
-    config.columns_bytes[1] = 64;
+    for (int t = 0; t < 5; t++) {
+        config.rows[t] = 16;
+        config.columns_bytes[t] = (uint16_t)(t == 1 || t == 4 ? 64 : 4 * m);
+    }
     _tile_loadconfig(&config);
 }
 
-/* y = x @ W.T inside the team on AMX tiles (k a multiple of 32): blocks of 16 weight rows against
- * every row of x at once, the sums in fp32 and each rounded once; W's rows past its last full block
- * by FMAs. x comes in fp32 and is laid out here, once, as the tiles read it: pairs of consecutive
- * k, row after row of x ((k / 2, m, 2) bf16 in `pairs`). */
+/* x (m, k) fp32 holding bf16 values, laid out as the tiles read it: pairs of consecutive k, row after
+ * row of x ((k / 2, m, 2) bf16), 32 values of a row at a time, split in the team (k a multiple of 32). */
+static void lay_out_pairs(const float *x, uint16_t *pairs, int64_t k, int m) {
+    const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(m));
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < m * (k / 32); item++) {
+        int64_t c = item % m, j = item / m * 32;
+        __m256i low = bf16_bits16(_mm512_loadu_ps(x + c * k + j));
+        __m256i high = bf16_bits16(_mm512_loadu_ps(x + c * k + j + 16));
+        _mm512_i32scatter_epi32((int *)pairs + j / 2 * m + c, stride,
+                                _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1), 4);
+    }
+}
+
+/* The sums of a block of 16 weight rows (sums: 16 x m, fp32) into y's columns at..at+15 of every row. */
+static void put_block(Out y, const float *sums, int64_t at, int64_t n, int m) {
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(m));
+    for (int c = 0; c < m; c++) {
+        __m512 v = _mm512_i32gather_ps(column, sums + c, 4);
+        if (y.wide)
+            _mm512_storeu_ps((float *)y.data + c * n + at, v);
+        else
+            _mm256_storeu_si256((__m256i *)((uint16_t *)y.data + c * n + at), bf16_bits16(v));
+    }
+}
+
+/* y = x @ W.T inside the team on AMX tiles (k a multiple of 32): two blocks of 16 weight rows at a
+ * time against every row of x at once (two sums in flight, one load of x's tile for both), the sums
+ * in fp32 and each rounded once; W's rows past its last full block by FMAs. While a pair of blocks
+ * is summed, the next pair is prefetched into L2: the tiles read each weight row 64 bytes at a time,
+ * 32 rows apart, which the hardware's prefetcher left at 9-13 GB/s at 16 rows (docs/performance.md). */
 static void amx_team(const uint16_t *w, const float *x, uint16_t *pairs, Out y, int64_t n, int64_t k, int m) {
-#pragma omp single
-    for (int64_t j = 0; j < k; j++)
-        for (int c = 0; c < m; c++)
-            pairs[(j / 2) * m * 2 + c * 2 + (j & 1)] = round_to_bf16(x[c * k + j]);
-    int64_t blocks = n / 16;
-    float sums[16 * 16];
+    lay_out_pairs(x, pairs, k, m);
+    const int64_t blocks = n / 16;
+    const char *end = (const char *)(w + blocks * 16 * k);
+    float sums[2][16 * 16];
 #pragma omp for schedule(static) nowait
-    for (int64_t b = 0; b < blocks; b++) {
+    for (int64_t b = 0; b < blocks; b += 2) {
         const uint16_t *rows = w + b * 16 * k;
+        const int two = b + 1 < blocks;
+        const char *next = (const char *)(rows + 32 * k);
         _tile_zero(0);
+        _tile_zero(3);
         for (int64_t j = 0; j < k; j += 32) {
-            _tile_loadd(1, rows + j, k * 2);
+            for (int line = 0; line < 32; line++) { /* 32 lines of the next pair each step: all of it */
+                const char *p = next + (j + line) * 64;
+                if (p < end)
+                    _mm_prefetch(p, _MM_HINT_T1);
+            }
             _tile_loadd(2, pairs + j * m, m * 4);
+            _tile_loadd(1, rows + j, k * 2);
             _tile_dpbf16ps(0, 1, 2);
+            if (two) {
+                _tile_loadd(4, rows + 16 * k + j, k * 2);
+                _tile_dpbf16ps(3, 4, 2);
+            }
         }
-        _tile_stored(0, sums, m * 4);
-        for (int r = 0; r < 16; r++)
-            for (int c = 0; c < m; c++)
-                put(y, c * n + b * 16 + r, sums[r * m + c]);
+        _tile_stored(0, sums[0], m * 4);
+        put_block(y, sums[0], b * 16, n, m);
+        if (two) {
+            _tile_stored(3, sums[1], m * 4);
+            put_block(y, sums[1], (b + 1) * 16, n, m);
+        }
     }
 #pragma omp for schedule(static)
     for (int64_t first = 16 * blocks; first < n; first += 4)
@@ -332,6 +379,8 @@ static void attend_heads(const uint16_t *q, int n, const uint16_t *keys, const u
     }
     for (int64_t j = 0; j < count; j++) {
         const uint16_t *key = keys + j * d;
+        for (int64_t line = 0; line < d * 2; line += 64) /* the value, summed after the scores: in cache by then */
+            _mm_prefetch((const char *)(values + j * d) + line, _MM_HINT_T0);
         __m512 sums[SHARED_HEADS];
         for (int h = 0; h < n; h++)
             sums[h] = _mm512_setzero_ps();
