@@ -1,6 +1,6 @@
 /* bf16 kernels for a decode step of a few rows on an AVX-512 CPU. Built and loaded by
- * layers/cpu_kernels.py; called through layers/cpu_gemv.py (products) and layers/cpu_decode.py
- * (whole Qwen3 decoder layers).
+ * layers/cpu_kernels.py; called through layers/cpu_gemv.py (products), layers/cpu_decode.py
+ * (whole Qwen3 decoder layers) and layers/argmax.py.
  *
  * Products, y = x @ W.T for W (n, k), x (m, k), y (m, n), row-major: four rows of W at a time are
  * read once for all m rows of x. bf16 values widen to fp32 exactly (a 16-bit shift), the products
@@ -8,6 +8,8 @@
  * torch does. FMAs rather than AVX512-BF16 dot products: on the Xeon measured the dot product
  * instruction made a product of two or more rows compute-bound, and the FMAs were faster at every
  * row count (docs/performance.md).
+ *
+ * Each row's argmax of fp32 logits (layers/argmax.py), the greedy choice of a decode step.
  *
  * Decoder layers: the whole of a Qwen3 layer (norms, projections, q/k norms, rotary, cache write,
  * attention, SwiGLU, residuals) for up to 16 rows, every layer of a backbone in one call and one
@@ -98,6 +100,38 @@ void mossserve_exp_f32(const float *x, float *y, int64_t n) {
 /* Lanes of the 16-value block that starts at i of a row of n values. */
 static inline __mmask16 block_mask(int64_t n, int64_t i) {
     return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+}
+
+/* The index of a row's largest value as torch's argmax gives it: the first of equal largest values,
+ * the first NaN where there is one. Each lane keeps its largest value so far and where it was (a
+ * strictly larger one replaces it, so the lane keeps its first); the row's answer is the first
+ * index among the lanes that hold the largest. */
+static int64_t argmax_row(const float *x, int64_t n) {
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __m512i at = lanes;
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), block_mask(n, i), x + i);
+        __mmask16 larger = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        best = _mm512_mask_mov_ps(best, larger, v);
+        at = _mm512_mask_mov_epi32(at, larger, _mm512_add_epi32(lanes, _mm512_set1_epi32((int)i)));
+    }
+    if (nan) {
+        for (int64_t i = 0; i < n; i++)
+            if (isnan(x[i]))
+                return i;
+    }
+    __mmask16 largest = _mm512_cmp_ps_mask(best, _mm512_set1_ps(_mm512_reduce_max_ps(best)), _CMP_EQ_OQ);
+    return _mm512_mask_reduce_min_epi32(largest, at);
+}
+
+/* out[r] = argmax of row r of x (rows, n) fp32, n below 2^31; rows split between `threads`. */
+void mossserve_argmax_f32(const float *x, int64_t rows, int64_t n, int64_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= 65536)
+    for (int64_t r = 0; r < rows; r++)
+        out[r] = argmax_row(x + r * n, n);
 }
 
 /* Where a product's sums go: rounded once to bf16, as torch's bf16 product stores them, or kept in

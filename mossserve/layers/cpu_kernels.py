@@ -7,7 +7,8 @@ well below memory bandwidth, and each small op costs 2-20 us of dispatch, so a b
 stream was hardly faster than a float32 one even on a CPU with native bf16. The library holds a
 product of one to four rows (layers/cpu_gemv.py) and whole Qwen3 decoder layers for a decode step
 of up to sixteen rows (layers/cpu_decode.py; their products of five rows and more on AMX tiles
-where the CPU has them); docs/performance.md has the figures.
+where the CPU has them), and each row's argmax of fp32 logits (layers/argmax.py);
+docs/performance.md has the figures.
 
 It is built with the C compiler found (`$CC`, `cc` or `gcc`; one that knows AVX-512 and AMX
 intrinsics: GCC 11 or clang 12 and later) into the cache (`$MOSSSERVE_CACHE/kernels`) once per
@@ -52,6 +53,7 @@ class Bf16Kernels:
     gemm: Callable  # (w, x, y, n, k, m, wide, threads): y (m, n) = x (m, k) @ w (n, k).T, m up to max_rows;
     # y bf16, or fp32 sums with `wide`
     decode: Callable  # whole decoder layers, arguments in layers/cpu_decode.py; nonzero: declined
+    argmax: Callable  # (x, rows, n, out, threads): out (rows,) int64 = each fp32 row's argmax, as torch's
     amx: bool  # products of 5-16 rows run on AMX tiles (the CPU has them, Linux allows them)
 
     @property
@@ -84,12 +86,13 @@ def bf16_kernels() -> Bf16Kernels | None:
     library = compiled(SOURCE, FLAGS, "bf16 CPU kernels")
     if library is None:
         return None
-    gemm, decode = library.mossserve_gemm_bf16, library.mossserve_decode_bf16
+    gemm, decode, argmax = library.mossserve_gemm_bf16, library.mossserve_decode_bf16, library.mossserve_argmax_f32
     gemm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     decode.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
                        + [ctypes.c_float, ctypes.c_int])
-    gemm.restype, decode.restype = None, ctypes.c_int
-    return Bf16Kernels(gemm=gemm, decode=decode, amx=bool(library.mossserve_amx_available()))
+    argmax.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    gemm.restype, decode.restype, argmax.restype = None, ctypes.c_int, None
+    return Bf16Kernels(gemm=gemm, decode=decode, argmax=argmax, amx=bool(library.mossserve_amx_available()))
 
 
 def compiled(source: Path, flags: tuple[str, ...], what: str) -> ctypes.CDLL | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from .argmax import argmax_rows
 from .cpu_random import BITS, random53
 
 
@@ -105,7 +106,7 @@ def sample(
         filtered, candidates = top_k_candidates(logits, top_k)
         return torch.softmax(apply_top_p(filtered, top_p, candidates), dim=-1)
 
-    return draw(torch.argmax(logits, dim=-1), greedy, noise, probs)
+    return draw(argmax_rows(logits), greedy, noise, probs)
 
 
 def draw(greedy_tokens: torch.Tensor, greedy: torch.Tensor, noise: torch.Tensor | None,
@@ -117,7 +118,7 @@ def draw(greedy_tokens: torch.Tensor, greedy: torch.Tensor, noise: torch.Tensor 
         return greedy_tokens
     if noise is None:
         raise ValueError("sampled rows need noise")
-    return torch.where(greedy, greedy_tokens, torch.argmax(probs() / noise, dim=-1))
+    return torch.where(greedy, greedy_tokens, argmax_rows(probs() / noise))
 
 
 def exponential_noise(rows: int, vocab: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

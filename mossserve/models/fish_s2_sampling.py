@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..layers.argmax import argmax_rows
+
 HIGH_TEMPERATURE, HIGH_TOP_P = 1.0, 0.9  # the repetition-aware re-sample (section 7.2)
 RAS_WINDOW = 10  # decode steps whose slow tokens the repetition check looks at
 
@@ -29,14 +31,14 @@ def fish_probs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Ten
 
 def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """The reference's exponential race: argmax(probs / -log(u)) per row."""
-    return torch.argmax(probs / -torch.log(uniform), dim=-1)
+    return argmax_rows(probs / -torch.log(uniform))
 
 
 def choose(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
            uniform: torch.Tensor | None) -> torch.Tensor:
     """One token per row: greedy rows (top_k == 1) take the argmax; the others draw with `uniform` (R, V)."""
     greedy = top_k == 1
-    argmax = torch.argmax(logits, dim=-1)
+    argmax = argmax_rows(logits)
     if bool(greedy.all()):
         return argmax
     return torch.where(greedy, argmax, draw(fish_probs(logits, temperature, top_p, top_k), uniform))
@@ -66,7 +68,7 @@ SLACK = 1e-9  # the certificate itself is evaluated in float64
 def certified_argmax(logits: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The greedy choice over the allowed ids (ascending: ties go to the lower id, as over the whole
     vocabulary) and whether it is certain: it beats every other id by more than both bounds."""
-    index = torch.argmax(logits, dim=-1)
+    index = argmax_rows(logits)
     best = logits.gather(1, index[:, None])[:, 0].double()
     rivals = (logits.double() + bound.double()).scatter(1, index[:, None], float("-inf")).amax(-1)
     low = best - bound.gather(1, index[:, None])[:, 0].double()
@@ -100,7 +102,7 @@ def certified_draw(logits: torch.Tensor, bound: torch.Tensor, temperature: torch
     low = score - width_of
     high = torch.maximum(shift + width_of, torch.full_like(shift, SMALL) + spread) + tempered[:, :1] - torch.log(noise)
 
-    winner = torch.argmax(torch.where(may_keep, score, float("-inf")), dim=-1)[:, None]
+    winner = argmax_rows(torch.where(may_keep, score, float("-inf")))[:, None]
     rivals = torch.where(may_keep, high, float("-inf")).scatter(1, winner, float("-inf")).amax(-1)
     win_value = values.gather(1, winner)
     rank = (values >= win_value - 2 * delta[:, None]).sum(-1) - 1  # ids that may sort before the winner

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
+from ..layers.argmax import argmax_rows
 from ..layers.head_bound import head_rounding_bound
 from ..layers.sampler import (
     bits_match_noise,
@@ -463,7 +464,7 @@ class MossDelayFamily(TalkerFamily):
         drawing = temperature > 0
         draws = bool(drawing.any())
         if not penalized and not draws:  # greedy: the argmax is all there is to do
-            return logits.argmax(dim=-1).view(len(slots), n)
+            return argmax_rows(logits).view(len(slots), n)
         if penalized:
             seen_first, seen_rest = state.seen_first, state.seen_rest
             if state.shared_generator is not None:

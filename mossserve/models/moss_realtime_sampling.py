@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layers.argmax import argmax_rows
 from ..layers.hf_warpers import apply_top_k_hf, apply_top_p_hf
 from ..layers.sampler import draw
 
@@ -37,5 +38,5 @@ def sample_codes(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     maximum; the others draw with `noise` (B, V) (any values in greedy rows; None if every row is greedy)."""
     greedy = temperature <= 0
     safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
-    return draw(torch.argmax(logits, dim=-1), greedy, noise,
+    return draw(argmax_rows(logits), greedy, noise,
                 lambda: filtered_probs(logits, safe_temperature, top_k, top_p)[1])
