@@ -14,7 +14,10 @@ from mossserve.layers.sampler import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    exponential_draws,
     exponential_noise,
+    noise_from_bits,
+    race,
     sample,
     top_k_candidates,
 )
@@ -130,3 +133,55 @@ def test_top_p_written_out() -> None:
         before = torch.cumsum(probs[order], 0) - probs[order]
         keep = order[(before <= top_p[row]) | (torch.arange(50) == 0)] if top_p[row] < 1 else order[probs[order] > 0]
         assert set(torch.nonzero(torch.isfinite(got[row])).flatten().tolist()) == set(keep[probs[keep] > 0].tolist())
+
+
+def candidates_case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled rows of Delay audio width with per-row top-k and top-p: (logits, top_k, top_p, bits)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, vocab = 48, 1025
+    logits = torch.randn(rows, vocab, generator=generator) * torch.tensor([0.3, 1.0, 4.0]).repeat(16)[:, None]
+    top_k = torch.randint(1, 40, (rows,), generator=generator)
+    top_p = torch.rand(rows, generator=generator).clamp(0.05, 1.0)
+    bits = exponential_draws(rows, vocab, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    assert bits.dtype == torch.int64, "this torch build makes the noise of its random bits"
+    return logits, top_k, top_p, bits
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_race_over_the_candidates_is_the_whole_race(seed: int, monkeypatch) -> None:
+    """With the noise's bits, only the candidates' noise is made, and the winner is the whole
+    vector's argmax(probs / noise); sample() gives the same tokens from the bits as from the noise."""
+    logits, top_k, top_p, bits = candidates_case(seed)
+    filtered, candidates = top_k_candidates(logits, top_k)
+    probs = torch.softmax(apply_top_p(filtered, top_p, candidates), dim=-1)
+    made = []
+    import mossserve.layers.sampler as sampler
+    real = sampler.noise_from_bits
+    monkeypatch.setattr(sampler, "noise_from_bits", lambda b, d: made.append(tuple(b.shape)) or real(b, d))
+    got = race(probs, bits, candidates)
+    assert made == [tuple(candidates.shape)], "only the candidates' noise is made"
+    assert torch.equal(got, torch.argmax(probs / noise_from_bits(bits, torch.device("cpu")), dim=-1))
+    temperature = torch.full((len(logits),), 0.8)
+    temperature[::7] = 0.0  # greedy rows among them
+    assert torch.equal(sample(logits, temperature, top_k, top_p, noise=bits),
+                       sample(logits, temperature, top_k, top_p, noise=real(bits, torch.device("cpu"))))
+
+
+def test_race_ties_and_zero_bits_as_the_whole_race() -> None:
+    """Equal quotients go to the smaller index (candidates list it second), and a zero among the
+    bits (a noise of -0.0: NaN and -inf quotients) sends the row to the whole race."""
+    logits, top_k, top_p, bits = candidates_case(5)
+    filtered, candidates = top_k_candidates(logits, top_k.clamp(min=3))
+    probs = torch.softmax(filtered, dim=-1)
+    row, listed = 0, candidates[0].tolist()
+    a, b = next((x, y) for i, x in enumerate(listed) for y in listed[i + 1 :] if x > y)  # a listed first, b smaller
+    probs[row, a] = probs[row, b] = probs[row].max() * 4
+    bits[row, a] = bits[row, b] = 1  # the smallest noise: these two win, equal
+    whole = torch.argmax(probs / noise_from_bits(bits, torch.device("cpu")), dim=-1)
+    assert whole[row] == min(a, b)
+    assert torch.equal(race(probs, bits, candidates), whole)
+    outside = next(i for i in range(logits.shape[1]) if i not in candidates[1].tolist())
+    bits[1, outside] = 0
+    whole = torch.argmax(probs / noise_from_bits(bits, torch.device("cpu")), dim=-1)
+    assert whole[1] == outside  # 0 / -0.0 is NaN: argmax takes it
+    assert torch.equal(race(probs, bits, candidates), whole)

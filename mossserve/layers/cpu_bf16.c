@@ -1,6 +1,6 @@
 /* bf16 kernels for a decode step of a few rows on an AVX-512 CPU. Built and loaded by
  * layers/cpu_kernels.py; called through layers/cpu_gemv.py (products), layers/cpu_decode.py
- * (whole Qwen3 decoder layers) and layers/argmax.py.
+ * (whole Qwen3 decoder layers) and layers/cpu_select.py.
  *
  * Products, y = x @ W.T for W (n, k), x (m, k), y (m, n), row-major: four rows of W at a time are
  * read once for all m rows of x. bf16 values widen to fp32 exactly (a 16-bit shift), the products
@@ -9,7 +9,8 @@
  * instruction made a product of two or more rows compute-bound, and the FMAs were faster at every
  * row count (docs/performance.md).
  *
- * Each row's argmax of fp32 logits (layers/argmax.py), the greedy choice of a decode step.
+ * Each row's argmax and top k of fp32 logits (layers/cpu_select.py): a decode step's greedy choice,
+ * its draw and its top-k filter.
  *
  * Decoder layers: the whole of a Qwen3 layer (norms, projections, q/k norms, rotary, cache write,
  * attention, SwiGLU, residuals) for up to 16 rows, every layer of a backbone in one call and one
@@ -31,6 +32,7 @@
 #define AMX_MIN_ROWS 5 /* from this many rows a product runs on AMX tiles, where the CPU has them */
 #define MAX_HEAD_DIM 512
 #define SHARED_HEADS 4 /* query heads of one key/value head attended together */
+#define MAX_TOP_K 128
 
 static uint16_t round_to_bf16(float value) {
     uint32_t bits;
@@ -132,6 +134,90 @@ void mossserve_argmax_f32(const float *x, int64_t rows, int64_t n, int64_t *out,
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= 65536)
     for (int64_t r = 0; r < rows; r++)
         out[r] = argmax_row(x + r * n, n);
+}
+
+/* A row's k largest values and their indices, largest first (k < n, k <= MAX_TOP_K), as torch's
+ * topk gives them when no two of the k + 1 largest are equal; 0 then, 1 where two are equal, the row
+ * holds a NaN, or too many values tie near the top (torch's order among equal values is its own:
+ * the caller asks torch). First the largest value of each of 16 * a interleaved slices of the row:
+ * they are values at distinct places, so the (k + 1)-th largest of them bounds the row's (k + 1)-th
+ * largest from below. Then every value at least that bound is gathered (a few dozen, by compressed
+ * stores) and only those are sorted. */
+static int top_k_row(const float *x, int64_t n, int k, float *values, int64_t *indices) {
+    enum { MAX_SLICES = (MAX_TOP_K + 1 + 15) / 16, ROOM = 4 * (MAX_TOP_K + 1) };
+    const int keep = k + 1, a = (keep + 15) / 16;
+    __m512 top[MAX_SLICES];
+    for (int s = 0; s < a; s++)
+        top[s] = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 lanes = block_mask(n, i);
+        __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes, x + i);
+        nan |= _mm512_mask_cmp_ps_mask(lanes, v, v, _CMP_UNORD_Q);
+        int s = (int)((i / 16) % a);
+        top[s] = _mm512_max_ps(top[s], v);
+    }
+    if (nan)
+        return 1;
+    float maxima[MAX_SLICES * 16];
+    for (int s = 0; s < a; s++)
+        _mm512_storeu_ps(maxima + 16 * s, top[s]);
+    for (int j = 1; j < 16 * a; j++) { /* largest first */
+        float value = maxima[j];
+        int place = j;
+        for (; place > 0 && maxima[place - 1] < value; place--)
+            maxima[place] = maxima[place - 1];
+        maxima[place] = value;
+    }
+    const __m512 bound = _mm512_set1_ps(maxima[keep - 1]);
+    float kept[ROOM + 16];
+    int64_t at[ROOM + 16];
+    int count = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 large = _mm512_mask_cmp_ps_mask(block_mask(n, i), _mm512_loadu_ps(x + i), bound, _CMP_GE_OQ);
+        if (!large)
+            continue;
+        if (count + 16 > ROOM)
+            return 1;
+        __m512i where = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32((int)i));
+        _mm512_mask_compressstoreu_ps(kept + count, large, _mm512_maskz_loadu_ps(large, x + i));
+        int32_t places[16];
+        _mm512_mask_compressstoreu_epi32(places, large, where);
+        int got = __builtin_popcount(large);
+        for (int j = 0; j < got; j++)
+            at[count + j] = places[j];
+        count += got;
+    }
+    for (int j = 1; j < count; j++) { /* largest first; equal values keep their order */
+        float value = kept[j];
+        int64_t index = at[j];
+        int place = j;
+        for (; place > 0 && kept[place - 1] < value; place--) {
+            kept[place] = kept[place - 1];
+            at[place] = at[place - 1];
+        }
+        kept[place] = value;
+        at[place] = index;
+    }
+    for (int j = 0; j + 1 < keep; j++)
+        if (kept[j] == kept[j + 1])
+            return 1;
+    for (int j = 0; j < k; j++) {
+        values[j] = kept[j];
+        indices[j] = at[j];
+    }
+    return 0;
+}
+
+/* Each row's top_k_row into values / indices (rows, k); returns how many rows it declined. */
+int64_t mossserve_top_k_f32(const float *x, int64_t rows, int64_t n, int k, float *values, int64_t *indices,
+                            int threads) {
+    int64_t declined = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : declined) if (rows * n >= 65536)
+    for (int64_t r = 0; r < rows; r++)
+        declined += top_k_row(x + r * n, n, k, values + r * k, indices + r * k);
+    return declined;
 }
 
 /* Where a product's sums go: rounded once to bf16, as torch's bf16 product stores them, or kept in

@@ -7,7 +7,7 @@ well below memory bandwidth, and each small op costs 2-20 us of dispatch, so a b
 stream was hardly faster than a float32 one even on a CPU with native bf16. The library holds a
 product of one to four rows (layers/cpu_gemv.py) and whole Qwen3 decoder layers for a decode step
 of up to sixteen rows (layers/cpu_decode.py; their products of five rows and more on AMX tiles
-where the CPU has them), and each row's argmax of fp32 logits (layers/argmax.py);
+where the CPU has them), and each row's argmax and top k of fp32 logits (layers/cpu_select.py);
 docs/performance.md has the figures.
 
 It is built with the C compiler found (`$CC`, `cc` or `gcc`; one that knows AVX-512 and AMX
@@ -54,6 +54,7 @@ class Bf16Kernels:
     # y bf16, or fp32 sums with `wide`
     decode: Callable  # whole decoder layers, arguments in layers/cpu_decode.py; nonzero: declined
     argmax: Callable  # (x, rows, n, out, threads): out (rows,) int64 = each fp32 row's argmax, as torch's
+    top_k: Callable  # (x, rows, n, k, values, indices, threads) -> rows declined (ties): torch's topk
     amx: bool  # products of 5-16 rows run on AMX tiles (the CPU has them, Linux allows them)
 
     @property
@@ -91,8 +92,11 @@ def bf16_kernels() -> Bf16Kernels | None:
     decode.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 7
                        + [ctypes.c_float, ctypes.c_int])
     argmax.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    gemm.restype, decode.restype, argmax.restype = None, ctypes.c_int, None
-    return Bf16Kernels(gemm=gemm, decode=decode, argmax=argmax, amx=bool(library.mossserve_amx_available()))
+    top_k = library.mossserve_top_k_f32
+    top_k.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                      ctypes.c_int]
+    gemm.restype, decode.restype, argmax.restype, top_k.restype = None, ctypes.c_int, None, ctypes.c_int64
+    return Bf16Kernels(gemm=gemm, decode=decode, argmax=argmax, top_k=top_k, amx=bool(library.mossserve_amx_available()))
 
 
 def compiled(source: Path, flags: tuple[str, ...], what: str) -> ctypes.CDLL | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .cpu_select import top_k_rows
+
 
 def apply_top_k_hf(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Remove each row's logits below its k-th largest, ties kept (k <= 0 or >= vocab: keep all)."""
@@ -17,7 +19,7 @@ def apply_top_k_hf(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     if not bool(active.any()):
         return logits
     k = torch.where(active, top_k, 1)
-    kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(-1, (k - 1)[:, None])
+    kth = top_k_rows(logits, int(k.max()))[0].gather(-1, (k - 1)[:, None])
     return logits.masked_fill(active[:, None] & (logits < kth), float("-inf"))
 
 

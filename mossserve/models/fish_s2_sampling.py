@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.argmax import argmax_rows
+from ..layers.cpu_select import argmax_rows
 
 HIGH_TEMPERATURE, HIGH_TOP_P = 1.0, 0.9  # the repetition-aware re-sample (section 7.2)
 RAS_WINDOW = 10  # decode steps whose slow tokens the repetition check looks at

@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
-from ..layers.argmax import argmax_rows
+from ..layers.cpu_select import argmax_rows
 from ..layers.head_bound import head_rounding_bound
 from ..layers.sampler import (
+    as_noise,
     bits_match_noise,
     exponential_bits,
+    exponential_draws,
     exponential_noise,
     noise_from_bits,
     sample,
@@ -372,7 +374,7 @@ class MossDelayFamily(TalkerFamily):
         for rows, width in ((torch.nonzero(loose & is_audio).flatten(), len(ids)),
                             (torch.nonzero(loose & ~is_audio).flatten(), vocab)):
             if len(rows):
-                drawn = self._noise(state, slots[rows], torch.ones_like(rows), width, device)
+                drawn = as_noise(self._noise(state, slots[rows], torch.ones_like(rows), width, device), device)
                 if width == vocab:
                     full_noise.update(zip(rows.tolist(), drawn))
                 else:
@@ -480,13 +482,14 @@ class MossDelayFamily(TalkerFamily):
                 drawn = self._noise(state, slots, drawing.sum(1), codes, logits.device)
                 if bool(drawing.all()):
                     noise = drawn
-                else:
-                    noise = torch.ones(len(slots), n, codes, device=logits.device)
+                else:  # rows that do not draw get ones (bits or noise: neither is 0, race's fallback)
+                    noise = torch.ones(len(slots), n, codes, dtype=drawn.dtype, device=logits.device)
                     noise[drawing] = drawn
             else:  # the shared stream: every codebook-0 row first, then the rest
-                noise = torch.ones(len(slots), n, codes, device=logits.device)
                 first = self._noise(state, slots, drawing[:, 0].long(), codes, logits.device)
                 rest = self._noise(state, slots, drawing[:, 1:].sum(1), codes, logits.device)
+                made = first if first is not None else rest
+                noise = torch.ones(len(slots), n, codes, dtype=made.dtype, device=logits.device)
                 if first is not None:
                     noise[:, 0][drawing[:, 0]] = first
                 if rest is not None:
@@ -505,15 +508,16 @@ class MossDelayFamily(TalkerFamily):
 
     def _noise(self, state: DelayState, slots: torch.Tensor, counts: torch.Tensor, vocab: int,
                device: torch.device) -> torch.Tensor | None:
-        """Exponential noise for `counts[i]` rows of request i, in batch order: one call per request
-        from its own generator, or one call for all from the shared generator."""
+        """Exponential noise for `counts[i]` rows of request i, in batch order, as its random bits where
+        they make it (layers/sampler.py, `exponential_draws`): one call per request from its own
+        generator, or one call for all from the shared generator."""
         total = int(counts.sum())
         if total == 0:
             return None
         if state.shared_generator is not None:
-            return exponential_noise(total, vocab, state.shared_generator, device)
+            return exponential_draws(total, vocab, state.shared_generator, device)
         parts = [
-            exponential_noise(count, vocab, state.generators[slot], device)
+            exponential_draws(count, vocab, state.generators[slot], device)
             for slot, count in zip(slots.tolist(), counts.tolist())
             if count
         ]

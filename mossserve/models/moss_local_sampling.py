@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layers.cpu_select import argmax_rows
 from ..layers.hf_warpers import apply_top_k_hf, apply_top_p_hf
 from ..layers.sampler import apply_repetition_penalty, draw
 
@@ -26,7 +27,7 @@ def choose(
 ) -> torch.Tensor:
     """One token per row of logits (R, V). Rows with temperature <= 0: argmax. Sampled rows draw
     argmax(probs / noise), which is torch's CPU `multinomial(probs, 1)` given its exponential noise."""
-    return draw(torch.argmax(logits, dim=-1), temperature <= 0, noise,
+    return draw(argmax_rows(logits), temperature <= 0, noise,
                 lambda: torch.softmax(processed_logits(logits, temperature, top_k, top_p, penalty, seen), dim=-1))
 
 

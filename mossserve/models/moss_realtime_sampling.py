@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.argmax import argmax_rows
+from ..layers.cpu_select import argmax_rows
 from ..layers.hf_warpers import apply_top_k_hf, apply_top_p_hf
 from ..layers.sampler import draw
 
