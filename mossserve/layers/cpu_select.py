@@ -35,17 +35,22 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def top_k_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch.topk(x, k, dim=-1)` (values and indices, largest first): by the kernel for fp32 CPU
-    rows longer than k (k up to MAX_TOP_K) without equal values among each row's k + 1 largest, else
-    by torch."""
+    """`torch.topk(x, k, dim=-1)` (values and indices, largest first): by the kernel where
+    `distinct_top_k` answers, else by torch."""
+    found = distinct_top_k(x, k)
+    return found if found is not None else torch.topk(x, k, dim=-1)
+
+
+def distinct_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """torch's topk by the kernel for fp32 CPU rows longer than k (k up to MAX_TOP_K) where no two of
+    each row's k + 1 largest values are equal (so every row's k-th largest is above the rest); None
+    anywhere else."""
     kernels = _kernels_for(x)
     if kernels is None or not 1 <= k <= MAX_TOP_K or k >= x.shape[-1]:
-        return torch.topk(x, k, dim=-1)
+        return None
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     values = torch.empty(rows.shape[0], k, dtype=torch.float32)
     indices = torch.empty(rows.shape[0], k, dtype=torch.int64)
     declined = kernels.top_k(rows.data_ptr(), rows.shape[0], rows.shape[1], k, values.data_ptr(), indices.data_ptr(),
                              torch.get_num_threads())
-    if declined:
-        return torch.topk(x, k, dim=-1)
-    return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
+    return None if declined else (values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.cpu_select import argmax_rows
-from ..layers.hf_warpers import apply_top_k_hf, apply_top_p_hf
+from ..layers.hf_warpers import apply_top_k_top_p_hf
 from ..layers.sampler import apply_repetition_penalty, draw
 
 
@@ -44,4 +44,4 @@ def processed_logits(
         logits = apply_repetition_penalty(logits, seen, penalty)
     safe = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     logits = logits / safe[:, None].to(logits.dtype)
-    return apply_top_p_hf(apply_top_k_hf(logits, top_k), top_p)
+    return apply_top_k_top_p_hf(logits, top_k, top_p)

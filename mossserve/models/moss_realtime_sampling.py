@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.cpu_select import argmax_rows
-from ..layers.hf_warpers import apply_top_k_hf, apply_top_p_hf
+from ..layers.hf_warpers import apply_top_k_top_p_hf
 from ..layers.sampler import draw
 
 
@@ -28,7 +28,7 @@ def window_seen(history: torch.Tensor, window: int | None, vocab: int) -> torch.
 def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                    top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(filtered logits, probabilities) of the sampled path, for rows with temperature > 0."""
-    filtered = apply_top_p_hf(apply_top_k_hf(logits / temperature[:, None], top_k), top_p)
+    filtered = apply_top_k_top_p_hf(logits / temperature[:, None], top_k, top_p)
     return filtered, torch.softmax(filtered, dim=-1)
 
 
