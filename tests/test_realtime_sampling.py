@@ -81,3 +81,27 @@ def test_window_must_be_a_non_negative_integer() -> None:
         with pytest.raises(InvalidRequestError):
             SamplingParams(audio_repetition_window=bad).validate()
     SamplingParams(audio_repetition_window=0).validate()
+
+
+def test_a_frames_noise_is_each_codebooks_own_draw() -> None:
+    """The frame's noise, one call per request, equals one draw per drawing codebook in codebook order
+    from the request's generator (the reference's multinomial per codebook), and leaves the generator
+    where those draws do; codebooks that do not draw take no numbers."""
+    from types import SimpleNamespace
+
+    from mossserve.models.moss_realtime_family import MossRealtimeFamily
+
+    vocab, seeds = 1027, (3, 11)
+    drawing = torch.ones(2, 16, dtype=torch.bool)
+    drawing[1, [0, 5, 15]] = False  # greedy codebooks in the second request
+    state = SimpleNamespace(generators=[torch.Generator().manual_seed(s) for s in seeds])
+    noise = MossRealtimeFamily._noise(None, state, torch.tensor([0, 1]), drawing, vocab, torch.device("cpu"))
+    for row, seed in enumerate(seeds):
+        generator = torch.Generator().manual_seed(seed)
+        for codebook in range(16):
+            if drawing[row, codebook]:
+                expected = torch.empty(1, vocab).exponential_(1, generator=generator)[0]
+                assert torch.equal(noise[row, codebook], expected)
+            else:
+                assert torch.equal(noise[row, codebook], torch.ones(vocab))
+        assert torch.equal(generator.get_state(), state.generators[row].get_state())

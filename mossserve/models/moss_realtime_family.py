@@ -325,23 +325,29 @@ class MossRealtimeFamily(TalkerFamily):
         seen = state.counts[slots] > 0
         temperature, top_k, top_p = state.temperature[slots], state.top_k[slots], state.top_p[slots]
         codes = torch.empty(batch, self.codebooks, dtype=torch.int64, device=hidden.device)
-        x = hidden
+        drawing = temperature > 0
+        draws = bool(drawing.any())
+        x, noise = hidden, None
         for i in range(self.codebooks):
             logits = apply_repetition_penalty(local_step(i, x), seen[:, i], penalty[:, i])
-            noise = self._noise(state, slots, temperature[:, i] > 0, logits.shape[-1], hidden.device)
-            codes[:, i] = sample_codes(logits, temperature[:, i], top_k[:, i], top_p[:, i], noise)
+            if i == 0 and draws:
+                noise = self._noise(state, slots, drawing, logits.shape[-1], hidden.device)
+            sampled = noise[:, i] if draws and bool(drawing[:, i].any()) else None
+            codes[:, i] = sample_codes(logits, temperature[:, i], top_k[:, i], top_p[:, i], sampled)
             if i + 1 < self.codebooks:
                 x = local.embed_codes(i, codes[:, i])
         return codes
 
     def _noise(self, state: RealtimeState, slots: torch.Tensor, drawing: torch.Tensor, vocab: int,
-               device: torch.device) -> torch.Tensor | None:
-        """Exponential noise (B, vocab) for the rows that draw, each from its request's generator."""
-        if not bool(drawing.any()):
-            return None
-        noise = torch.ones(len(slots), vocab, device=device)
-        for row in torch.nonzero(drawing).flatten().tolist():
-            noise[row] = exponential_noise(1, vocab, state.generators[int(slots[row])], device)[0]
+               device: torch.device) -> torch.Tensor:
+        """A frame's exponential noise (B, codebooks, vocab): each row's drawing codebooks in one call
+        to its request's generator, which draws them in codebook order, as one call per codebook
+        would (ones where a codebook does not draw)."""
+        noise = torch.ones(*drawing.shape, vocab, device=device)
+        counts = drawing.sum(dim=1).tolist()
+        for row, count in enumerate(counts):
+            if count:
+                noise[row][drawing[row]] = exponential_noise(count, vocab, state.generators[int(slots[row])], device)
         return noise
 
     def _remember(self, state: RealtimeState, slots: torch.Tensor, frames: torch.Tensor) -> None:
