@@ -154,3 +154,29 @@ def test_depth_changes_what_the_backbone_sees() -> None:
     full = generate_static(fam, [fam.prompt_from_rows(shuffled)], [SamplingParams.greedy()], 100)[0]
     assert not np.array_equal(full.rows[:, :9], a.rows[: len(full.rows), :9])
 
+
+
+def test_a_frames_audio_noise_is_each_channels_own_draw() -> None:
+    """The frame's audio noise, one call per request, equals one draw per drawing channel in channel
+    order from the request's generator, and leaves it where those draws do; channels past a request's
+    depth and greedy channels take no numbers."""
+    from types import SimpleNamespace
+
+    from mossserve.models.moss_local_family import MossLocalFamily
+
+    vocab, seeds, n_vq = 1025, (5, 9), 6
+    family = SimpleNamespace(config=SimpleNamespace(n_vq=n_vq))
+    temperature = torch.ones(2, n_vq)
+    temperature[0, 2] = 0.0  # a greedy channel
+    state = SimpleNamespace(generators=[torch.Generator().manual_seed(s) for s in seeds], audio_temperature=temperature)
+    depth = torch.tensor([n_vq, 4])  # the second request stops at depth 4
+    noise = MossLocalFamily._frame_noise(family, state, torch.tensor([0, 1]), depth, vocab, torch.device("cpu"))
+    for row, seed in enumerate(seeds):
+        generator = torch.Generator().manual_seed(seed)
+        for channel in range(1, n_vq + 1):
+            if channel <= depth[row] and temperature[row, channel - 1] > 0:
+                expected = torch.empty(1, vocab).exponential_(1, generator=generator)[0]
+                assert torch.equal(noise[row, channel - 1], expected)
+            else:
+                assert torch.equal(noise[row, channel - 1], torch.ones(vocab))
+        assert torch.equal(generator.get_state(), state.generators[row].get_state())

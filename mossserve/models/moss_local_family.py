@@ -192,12 +192,16 @@ class MossLocalFamily(TalkerFamily):
         depth_logits = state.depth_calls.frame(batch)
         tokens = torch.full((batch, self.columns), SKIPPED, dtype=torch.int64, device=hidden.device)
         x = model.depth_input(hidden)
+        audio_noise = None  # the frame's audio noise, drawn once per request (per-request generators)
         for channel in range(deepest + 1):
             logits = depth_logits(channel, x)
             if channel:
                 logits[:, cfg.audio_pad_code] = float("-inf")
+                if audio_noise is None and state.shared_generator is None:
+                    audio_noise = self._frame_noise(state, slots, depth, logits.shape[-1], logits.device)
             active = depth >= channel
-            chosen = self._choose(state, slots, channel, logits, active)
+            chosen = self._choose(state, slots, channel, logits, active,
+                                  None if audio_noise is None else audio_noise[:, channel - 1])
             tokens[:, channel] = torch.where(active, chosen, SKIPPED)
             if channel < deepest:
                 x = model.token_input(channel, chosen)
@@ -208,9 +212,10 @@ class MossLocalFamily(TalkerFamily):
                           new_segment=new_segment, finished=finished)
 
     def _choose(self, state: LocalState, slots: torch.Tensor, channel: int, logits: torch.Tensor,
-                active: torch.Tensor) -> torch.Tensor:
+                active: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Every row's token on `channel` (greedy or sampled per its settings); rows past their depth
-        draw nothing. Updates the channel's repetition history."""
+        draw nothing. `noise`: the channel's noise already drawn (`_frame_noise`), else drawn here.
+        Updates the channel's repetition history."""
         if channel == 0:
             temperature, top_k, top_p = state.text_temperature[slots], state.text_top_k[slots], state.text_top_p[slots]
             penalty = seen = None
@@ -220,7 +225,8 @@ class MossLocalFamily(TalkerFamily):
             top_p, penalty = state.audio_top_p[slots, c], state.audio_penalty[slots, c]
             seen = state.seen[slots, c]
         drawing = active & (temperature > 0)
-        noise = self._noise(state, slots, drawing, logits.shape[-1], logits.device)
+        if noise is None:
+            noise = self._noise(state, slots, drawing, logits.shape[-1], logits.device)
         if seen is not None and not bool((penalty[drawing] != 1.0).any()):
             seen = None  # no sampled row is penalised: skip the history
         chosen = choose(logits, torch.where(active, temperature, 0.0), top_k, top_p, noise, penalty, seen)
@@ -228,6 +234,20 @@ class MossLocalFamily(TalkerFamily):
             rows = slots[active]
             state.seen[rows, channel - 1, chosen[active]] = True
         return chosen
+
+    def _frame_noise(self, state: LocalState, slots: torch.Tensor, depth: torch.Tensor, vocab: int,
+                     device: torch.device) -> torch.Tensor:
+        """A frame's audio noise (B, n_vq, vocab) from per-request generators: each request's drawing
+        channels in one call, which draws them in channel order as one call per channel would (after
+        the text channel's draw; ones where a channel does not draw)."""
+        channels = torch.arange(1, self.config.n_vq + 1, device=device)
+        drawing = (depth[:, None] >= channels) & (state.audio_temperature[slots] > 0)
+        noise = torch.ones(*drawing.shape, vocab, device=device)
+        slot_ids = slots.tolist()
+        for row, count in enumerate(drawing.sum(dim=1).tolist()):
+            if count:
+                noise[row][drawing[row]] = exponential_noise(count, vocab, state.generators[slot_ids[row]], device)
+        return noise
 
     def _noise(self, state: LocalState, slots: torch.Tensor, drawing: torch.Tensor, vocab: int,
                device: torch.device) -> torch.Tensor | None:
