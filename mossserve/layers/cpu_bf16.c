@@ -485,8 +485,9 @@ static void norm_and_rotate(uint16_t *head, const uint16_t *norm_weight, const f
  * they meet the values (as torch's CPU flash attention does), the sum divided by the fp32 total and
  * rounded once. Each key and value is read and widened once for all n heads (grouped-query
  * attention); every head's sums run in the order one head alone would. scores: n * count floats. */
-static void attend_heads(const uint16_t *q, int n, const uint16_t *keys, const uint16_t *values, float *out,
-                         int64_t count, int64_t d, float scale, float *scores) {
+static inline __attribute__((always_inline)) void attend_group(const uint16_t *q, int n, const uint16_t *keys,
+                                                               const uint16_t *values, float *out, int64_t count,
+                                                               int64_t d, float scale, float *scores) {
     __m512 query[SHARED_HEADS][MAX_HEAD_DIM / 16], acc[SHARED_HEADS][MAX_HEAD_DIM / 16];
     const int64_t blocks = (d + 15) / 16;
     float top[SHARED_HEADS], total[SHARED_HEADS];
@@ -542,6 +543,27 @@ static void attend_heads(const uint16_t *q, int n, const uint16_t *keys, const u
             for (int64_t lane = 0; lane < 16 && 16 * b + lane < d; lane++)
                 out[h * d + 16 * b + lane] = rounded(spread[lane] / total[h]);
         }
+}
+
+/* attend_group for one group, with the usual group sizes and head sizes as constants (its loops
+ * over heads and blocks unrolled, the query and the sums in registers; the same sums in the same
+ * order as the general case). */
+static void attend_heads(const uint16_t *q, int n, const uint16_t *keys, const uint16_t *values, float *out,
+                         int64_t count, int64_t d, float scale, float *scores) {
+#define ATTEND(N, D) attend_group(q, N, keys, values, out, count, D, scale, scores)
+    if (d == 64 && n == 1)
+        ATTEND(1, 64);
+    else if (d == 64 && n == 2)
+        ATTEND(2, 64);
+    else if (d == 64 && n == 4)
+        ATTEND(4, 64);
+    else if (d == 128 && n == 1)
+        ATTEND(1, 128);
+    else if (d == 128 && n == 2)
+        ATTEND(2, 128);
+    else
+        ATTEND(n, d);
+#undef ATTEND
 }
 
 /* x (m, hidden), the rows' residual stream, through every layer, in place. weights: layers x
