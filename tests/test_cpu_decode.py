@@ -73,6 +73,15 @@ def test_query_heads_share_their_key_value_head_in_any_number(rows, heads):
     assert_computes_torchs_layers(rows, 16, True, heads=heads)
 
 
+@needs_avx512
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("heads", [2, 4, 8])
+def test_the_usual_group_sizes_of_64_wide_heads(rows, heads):
+    """Groups of one, two and four heads of 64 (the released models' and the bench checkpoint's
+    sizes), which attention runs with its sizes as constants."""
+    assert_computes_torchs_layers(rows, 64, True, heads=heads)
+
+
 def assert_computes_torchs_layers(rows: int, head_dim: int, qk_norm: bool, heads: int) -> None:
     model = backbone(head_dim, qk_norm, heads)
     cache_k, cache_v = random_cache(head_dim)
