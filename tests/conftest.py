@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mossserve.layers import cpu_kernels
+
 FIXTURES = Path(__file__).parent / "fixtures"
 DELAY_DIR = FIXTURES / "moss_tts_delay"
 TOKENIZER_DIR = FIXTURES / "moss_tokenizer"
@@ -110,3 +112,8 @@ def server_app(demo_tts, tmp_path):
         return create_app(ServerSettings(**settings), tts=tts or demo_tts)
 
     return make
+
+
+needs_cpu_kernels = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512" or cpu_kernels.bf16_kernels() is None,
+    reason="our CPU kernels need an AVX-512 CPU and a C compiler")

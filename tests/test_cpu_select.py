@@ -7,12 +7,10 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import needs_cpu_kernels
 
 from mossserve.layers import cpu_kernels
 from mossserve.layers.cpu_select import MAX_TOP_K, argmax_rows, top_k_rows
-
-needs_kernel = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512" or cpu_kernels.bf16_kernels() is None,
-                                  reason="the kernel needs an AVX-512 CPU and a C compiler")
 
 
 def called_kernel(monkeypatch, which: str = "argmax") -> list[int]:
@@ -28,7 +26,7 @@ def called_kernel(monkeypatch, which: str = "argmax") -> list[int]:
     return calls
 
 
-@needs_kernel
+@needs_cpu_kernels
 @pytest.mark.parametrize("shape", [(1, 1), (3, 15), (2, 16), (5, 17), (512, 1025), (2, 151936), (4, 3, 33)])
 def test_random_rows_give_torch_argmax(monkeypatch, shape):
     calls = called_kernel(monkeypatch)
@@ -37,7 +35,7 @@ def test_random_rows_give_torch_argmax(monkeypatch, shape):
     assert calls == [x.numel() // shape[-1]]
 
 
-@needs_kernel
+@needs_cpu_kernels
 def test_ties_infinities_and_nans_as_torch(monkeypatch):
     calls = called_kernel(monkeypatch)
     n = 70
@@ -59,7 +57,7 @@ def test_ties_infinities_and_nans_as_torch(monkeypatch):
     assert calls == [len(rows)]
 
 
-@needs_kernel
+@needs_cpu_kernels
 def test_strided_rows_and_one_thread(monkeypatch):
     called_kernel(monkeypatch)
     x = torch.randn(64, 2050, generator=torch.Generator().manual_seed(1))[:, ::2]
@@ -78,7 +76,7 @@ def assert_same_top_k(got: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, k
     assert torch.equal(got[0], values) and torch.equal(got[1], indices)
 
 
-@needs_kernel
+@needs_cpu_kernels
 @pytest.mark.parametrize("shape, k", [((1, 2), 1), ((3, 17), 16), ((512, 1025), 25), ((2, 151936), 50),
                                       ((4, 3, 300), MAX_TOP_K), ((64, 100), 99)])
 def test_top_k_of_distinct_values_is_torch_topk(monkeypatch, shape, k):
@@ -89,7 +87,7 @@ def test_top_k_of_distinct_values_is_torch_topk(monkeypatch, shape, k):
     assert calls == [x.numel() // shape[-1]]
 
 
-@needs_kernel
+@needs_cpu_kernels
 def test_top_k_asks_torch_where_values_tie_or_a_nan_is_kept(monkeypatch):
     """Equal values among a row's k + 1 largest (torch's order among them is its own) or a NaN send
     the whole call to torch; equal values below them do not."""
@@ -118,7 +116,7 @@ def test_top_k_asks_torch_where_values_tie_or_a_nan_is_kept(monkeypatch):
     assert_same_top_k((values, indices), x, k)
 
 
-@needs_kernel
+@needs_cpu_kernels
 def test_top_k_past_the_kernel_takes_torch(monkeypatch):
     calls = called_kernel(monkeypatch, "top_k")
     x = torch.randn(3, 300, generator=torch.Generator().manual_seed(4))

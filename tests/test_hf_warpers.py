@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_cpu_kernels
 
-from mossserve.layers import cpu_kernels
 from mossserve.layers.hf_warpers import apply_top_k_hf, apply_top_k_top_p_hf, apply_top_p_hf
-
-needs_kernel = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512" or cpu_kernels.bf16_kernels() is None,
-                                  reason="the top-k kernel needs an AVX-512 CPU and a C compiler")
 
 
 def counted_sorts(monkeypatch) -> list[int]:
@@ -27,7 +24,7 @@ def case(seed: int, rows: int = 48, vocab: int = 1025) -> tuple[torch.Tensor, to
     return logits, top_k, top_p
 
 
-@needs_kernel
+@needs_cpu_kernels
 @pytest.mark.parametrize("seed", range(4))
 def test_distinct_logits_need_no_sort(seed: int, monkeypatch) -> None:
     logits, top_k, top_p = case(seed)

@@ -70,6 +70,9 @@ static inline __m512 rounded16(__m512 value) {
     return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
+/* 0, 1, ..., 15: each lane's own index. */
+static inline __m512i lane_indices(void) { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+
 /* Each lane as bf16 (round_to_bf16's bits), the 16 packed. */
 static inline __m256i bf16_bits16(__m512 value) {
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded16(value)), 16));
@@ -109,7 +112,7 @@ static inline __mmask16 block_mask(int64_t n, int64_t i) {
  * strictly larger one replaces it, so the lane keeps its first); the row's answer is the first
  * index among the lanes that hold the largest. */
 static int64_t argmax_row(const float *x, int64_t n) {
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lanes = lane_indices();
     __m512 best = _mm512_set1_ps(-INFINITY);
     __m512i at = lanes;
     __mmask16 nan = 0;
@@ -179,8 +182,7 @@ static int top_k_row(const float *x, int64_t n, int k, float *values, int64_t *i
             continue;
         if (count + 16 > ROOM)
             return 1;
-        __m512i where = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32((int)i));
+        __m512i where = _mm512_add_epi32(lane_indices(), _mm512_set1_epi32((int)i));
         _mm512_mask_compressstoreu_ps(kept + count, large, _mm512_maskz_loadu_ps(large, x + i));
         int32_t places[16];
         _mm512_mask_compressstoreu_epi32(places, large, where);
@@ -340,8 +342,7 @@ static void configure_tiles(int m) {
 /* x (m, k) fp32 holding bf16 values, laid out as the tiles read it: pairs of consecutive k, row after
  * row of x ((k / 2, m, 2) bf16), 32 values of a row at a time, split in the team (k a multiple of 32). */
 static void lay_out_pairs(const float *x, uint16_t *pairs, int64_t k, int m) {
-    const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(m));
+    const __m512i stride = _mm512_mullo_epi32(lane_indices(), _mm512_set1_epi32(m));
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < m * (k / 32); item++) {
         int64_t c = item % m, j = item / m * 32;
@@ -354,8 +355,7 @@ static void lay_out_pairs(const float *x, uint16_t *pairs, int64_t k, int m) {
 
 /* The sums of a block of 16 weight rows (sums: 16 x m, fp32) into y's columns at..at+15 of every row. */
 static void put_block(Out y, const float *sums, int64_t at, int64_t n, int m) {
-    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(m));
+    const __m512i column = _mm512_mullo_epi32(lane_indices(), _mm512_set1_epi32(m));
     for (int c = 0; c < m; c++) {
         __m512 v = _mm512_i32gather_ps(column, sums + c, 4);
         if (y.wide)

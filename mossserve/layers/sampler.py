@@ -149,6 +149,19 @@ def exponential_noise(rows: int, vocab: int, generator: torch.Generator | None, 
     return as_noise(exponential_draws(rows, vocab, generator, device), device)
 
 
+def noise_by_request(drawing: torch.Tensor, generators: list[torch.Generator | None], vocab: int,
+                     device: torch.device) -> torch.Tensor:
+    """Exponential noise (B, n, vocab) for the drawing (row, position)s of `drawing` (B, n): each row's
+    in one call to its request's generator, which draws them in position order as one call per
+    position would (the numbers, and the generator left where those calls leave it); ones elsewhere.
+    The Local and Realtime families' frames (their codebooks one after another) take it."""
+    noise = torch.ones(*drawing.shape, vocab, device=device)
+    for row, count in enumerate(drawing.sum(dim=1).tolist()):
+        if count:
+            noise[row][drawing[row]] = exponential_noise(count, vocab, generators[row], device)
+    return noise
+
+
 def exponential_draws(rows: int, vocab: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """`exponential_noise`'s draws for CPU sampling as the random bits they are made of (int64), where
     they make it exactly (`bits_match_noise`), so that `race` makes only the noise it needs; else

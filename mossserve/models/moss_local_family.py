@@ -22,7 +22,7 @@ import torch
 
 from ..errors import InvalidRequestError
 from ..layers.fixed_shape import FixedShapeCalls
-from ..layers.sampler import exponential_noise
+from ..layers.sampler import exponential_noise, noise_by_request
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
 from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily, checked_rows
@@ -242,12 +242,7 @@ class MossLocalFamily(TalkerFamily):
         the text channel's draw; ones where a channel does not draw)."""
         channels = torch.arange(1, self.config.n_vq + 1, device=device)
         drawing = (depth[:, None] >= channels) & (state.audio_temperature[slots] > 0)
-        noise = torch.ones(*drawing.shape, vocab, device=device)
-        slot_ids = slots.tolist()
-        for row, count in enumerate(drawing.sum(dim=1).tolist()):
-            if count:
-                noise[row][drawing[row]] = exponential_noise(count, vocab, state.generators[slot_ids[row]], device)
-        return noise
+        return noise_by_request(drawing, [state.generators[slot] for slot in slots.tolist()], vocab, device)
 
     def _noise(self, state: LocalState, slots: torch.Tensor, drawing: torch.Tensor, vocab: int,
                device: torch.device) -> torch.Tensor | None:

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InvalidRequestError
 from ..layers.fixed_shape import FixedShapeCalls
-from ..layers.sampler import apply_repetition_penalty, exponential_noise
+from ..layers.sampler import apply_repetition_penalty, noise_by_request
 from ..sampling import SamplingParams
 from ..speech_request import EncodeVoice, SpeechRequest
 from .family import InputUpdate, Prompt, StepOutput, TalkerFamily, checked_rows
@@ -332,23 +332,16 @@ class MossRealtimeFamily(TalkerFamily):
             logits = apply_repetition_penalty(local_step(i, x), seen[:, i], penalty[:, i])
             if i == 0 and draws:
                 noise = self._noise(state, slots, drawing, logits.shape[-1], hidden.device)
-            sampled = noise[:, i] if draws and bool(drawing[:, i].any()) else None
-            codes[:, i] = sample_codes(logits, temperature[:, i], top_k[:, i], top_p[:, i], sampled)
+            codes[:, i] = sample_codes(logits, temperature[:, i], top_k[:, i], top_p[:, i],
+                                       None if noise is None else noise[:, i])
             if i + 1 < self.codebooks:
                 x = local.embed_codes(i, codes[:, i])
         return codes
 
     def _noise(self, state: RealtimeState, slots: torch.Tensor, drawing: torch.Tensor, vocab: int,
                device: torch.device) -> torch.Tensor:
-        """A frame's exponential noise (B, codebooks, vocab): each row's drawing codebooks in one call
-        to its request's generator, which draws them in codebook order, as one call per codebook
-        would (ones where a codebook does not draw)."""
-        noise = torch.ones(*drawing.shape, vocab, device=device)
-        counts = drawing.sum(dim=1).tolist()
-        for row, count in enumerate(counts):
-            if count:
-                noise[row][drawing[row]] = exponential_noise(count, vocab, state.generators[int(slots[row])], device)
-        return noise
+        """A frame's exponential noise (B, codebooks, vocab), each request's from its own generator."""
+        return noise_by_request(drawing, [state.generators[slot] for slot in slots.tolist()], vocab, device)
 
     def _remember(self, state: RealtimeState, slots: torch.Tensor, frames: torch.Tensor) -> None:
         """Add this frame to each row's history; the frame `window` frames back leaves it."""
