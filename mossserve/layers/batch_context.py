@@ -1,7 +1,7 @@
 """Where the new tokens of one forward call sit: per row a cache slot and a start position."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 import torch
@@ -18,10 +18,18 @@ class BatchContext:
     positions: torch.Tensor  # (B, T) absolute positions of the new tokens
     slots: torch.Tensor | None  # (B,) slot of each row, None = no cache (plain causal attention)
     kv_len: int  # keys to read per row: max(start + T)
-    mask: torch.Tensor  # (B, 1, T, kv_len) True = may attend
     # The first slot when the rows' slots are first, first + 1, ... (known on the host): attention then
     # reads the cache as a view instead of gathering the rows' keys (layers/attention.py).
     slot_run_start: int | None = None
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, 1, T, kv_len), True = may attend; made on first use (a fused CPU decode step never reads it)."""
+        if self._mask is None:
+            keys = torch.arange(self.kv_len, device=self.positions.device)
+            self._mask = (keys[None, None, :] <= self.positions[:, :, None]).unsqueeze(1)
+        return self._mask
 
     @classmethod
     def build(cls, starts: list[int], num_tokens: int, slots: list[int] | None, device: torch.device) -> "BatchContext":
@@ -35,9 +43,7 @@ class BatchContext:
     @classmethod
     def from_positions(cls, positions: torch.Tensor, slots: torch.Tensor | None, kv_len: int) -> "BatchContext":
         """From device tensors, without a host sync: the form a captured CUDA graph replays."""
-        keys = torch.arange(kv_len, device=positions.device)
-        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
-        return cls(positions=positions, slots=slots, kv_len=kv_len, mask=mask)
+        return cls(positions=positions, slots=slots, kv_len=kv_len)
 
 
 def run_start(slots: list[int] | None) -> int | None:
