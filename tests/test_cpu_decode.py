@@ -1,5 +1,6 @@
-"""layers/cpu_decode.py: a bf16 decode step's decoder layers in one call of our CPU kernel. It
-computes what torch's layers compute up to the order of fp32 sums, writes the cache where torch
+"""layers/cpu_decode.py: a bf16 decode step's or prefill piece's decoder layers in one call of our
+CPU kernel. It computes what torch's layers compute up to the order of fp32 sums (rows of one slot
+in one call attending to each other as torch's causal mask lets them), writes the cache where torch
 writes it and nowhere else, gives a row the same bits whatever runs beside it and on any thread
 count, reproduces the reference's teacher-forced logits through the cache within the bf16
 tolerance, and leaves every other case to torch's layers."""
@@ -82,13 +83,37 @@ def test_the_usual_group_sizes_of_64_wide_heads(rows, heads):
     assert_computes_torchs_layers(rows, 64, True, heads=heads)
 
 
-def assert_computes_torchs_layers(rows: int, head_dim: int, qk_norm: bool, heads: int) -> None:
+@needs_avx512
+@pytest.mark.parametrize("prompts, length", [(1, 2), (1, 21), (3, 7), (5, 8)])
+def test_prefill_pieces_compute_torchs_layers(prompts, length):
+    """Rows of one slot at consecutive positions in one call (a prefill piece; 5 x 8 = 40 rows: AMX
+    blocks of 16 and a partial one): each attends to the pieces' earlier rows as torch's causal mask
+    lets it. Fails if a row attended before the others' keys were written, or past its position."""
+    assert_computes_torchs_layers(prompts, 16, True, heads=4, length=length)
+
+
+@needs_avx512
+def test_rows_past_sixteen_need_amx_and_fit_the_prefill_budget(monkeypatch):
+    """Past 16 rows the kernel runs only on AMX tiles, and only while x (rows x the widest product's
+    k, bf16) fits PREFILL_X_BYTES; other pieces take torch's layers."""
+    model = backbone(16)
+    cache_k, cache_v = random_cache(16)
+    monkeypatch.setattr(cpu_decode, "PREFILL_X_BYTES", 20 * 100 * 2)  # 20 rows at the widest k (intermediate 100)
+    amx = cpu_kernels.bf16_kernels().amx
+    for length in (16, 17, 20, 21):
+        x = torch.randn(1, length, 64).bfloat16()
+        ctx = BatchContext.build([0], length, [0], x.device)
+        got = cpu_decode.decode_layers(model.layers, model.rotary, x, ctx, cache_k.clone(), cache_v.clone())
+        assert (got is not None) == (length <= 16 or (amx and length <= 20)), length
+
+
+def assert_computes_torchs_layers(rows: int, head_dim: int, qk_norm: bool, heads: int, length: int = 1) -> None:
     model = backbone(head_dim, qk_norm, heads)
     cache_k, cache_v = random_cache(head_dim)
-    x = torch.randn(rows, 1, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
-    positions = [(7 * i + 3) % CACHE_LEN for i in range(rows)]
+    x = torch.randn(rows, length, 64, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    positions = [(7 * i + 3) % (CACHE_LEN - length + 1) for i in range(rows)]
     slots = [(5 * i + 4) % SLOTS for i in range(rows)]  # distinct, not in order
-    ctx = BatchContext.build(positions, 1, slots, x.device)
+    ctx = BatchContext.build(positions, length, slots, x.device)
     torch_k, torch_v, ours_k, ours_v = cache_k.clone(), cache_v.clone(), cache_k.clone(), cache_v.clone()
     expected = torch_layers(model, x, ctx, torch_k, torch_v)
     got = cpu_decode.decode_layers(model.layers, model.rotary, x, ctx, ours_k, ours_v)
@@ -96,7 +121,8 @@ def assert_computes_torchs_layers(rows: int, head_dim: int, qk_norm: bool, heads
     # The sums inside norms and attention run in another order than torch's: a bf16 step or two.
     assert ulps_apart(expected, got) <= 3
     written = torch.zeros(SLOTS, CACHE_LEN, dtype=torch.bool)
-    written[slots, positions] = True
+    for slot, start in zip(slots, positions):
+        written[slot, start : start + length] = True
     for ours, theirs, before in ((ours_k, torch_k, cache_k), (ours_v, torch_v, cache_v)):
         at = written[None, :, None, :, None].expand_as(before)
         assert torch.equal(ours[~at], before[~at]), "the kernel wrote outside the rows' positions"
@@ -106,12 +132,13 @@ def assert_computes_torchs_layers(rows: int, head_dim: int, qk_norm: bool, heads
 @needs_avx512
 def test_a_row_gets_the_same_bits_whatever_its_company_and_thread_count():
     """Within each product path (FMAs for one to four rows, AMX tiles from five where the CPU has
-    them) a row's bits do not depend on the other rows, their order, or the number of threads."""
+    them, in blocks of 16 rows past 16) a row's bits do not depend on the other rows, their order,
+    or the number of threads."""
     model = backbone(16)
     cache_k, cache_v = random_cache(16)
-    x = torch.randn(16, 1, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
-    positions = [(11 * i + 5) % CACHE_LEN for i in range(16)]
-    slots = [(3 * i + 1) % SLOTS for i in range(16)]
+    x = torch.randn(SLOTS, 1, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    positions = [(11 * i + 5) % CACHE_LEN for i in range(SLOTS)]
+    slots = [(3 * i + 1) % SLOTS for i in range(SLOTS)]
 
     def run(rows: list[int]) -> torch.Tensor:
         ctx = BatchContext.build([positions[r] for r in rows], 1, [slots[r] for r in rows], x.device)
@@ -123,6 +150,9 @@ def test_a_row_gets_the_same_bits_whatever_its_company_and_thread_count():
     assert torch.equal(run([3, 1]), four[[3, 1]])
     sixteen = run(list(range(16)))
     assert torch.equal(run([9, 2, 15, 4, 11]), sixteen[[9, 2, 15, 4, 11]])
+    every = run(list(range(SLOTS)))  # 17 rows: a block of 16 and a block of one
+    assert torch.equal(every[:16], sixteen)
+    assert torch.equal(run([16, 0, 1, 2, 3]), every[[16, 0, 1, 2, 3]])
     threads = torch.get_num_threads()
     torch.set_num_threads(2 if threads == 1 else 1)
     try:
@@ -144,13 +174,8 @@ def test_every_other_case_takes_torchs_layers(monkeypatch):
     cache_k, cache_v = random_cache(16)
     one = torch.randn(1, 1, 64).bfloat16()
     ctx = BatchContext.build([3], 1, [0], one.device)
-    many = torch.randn(17, 1, 64).bfloat16()
     declined = [
         (model.layers, one.float(), ctx, cache_k, cache_v),  # float32 stream
-        (model.layers, torch.randn(1, 2, 64).bfloat16(), BatchContext.build([3], 2, [0], one.device), cache_k,
-         cache_v),  # two new tokens: a prefill
-        (model.layers, many, BatchContext.build(list(range(17)), 1, list(range(17)), one.device), cache_k,
-         cache_v),  # more rows than the kernel takes
         (model.layers, one, BatchContext.build([3], 1, None, one.device), None, None),  # no cache
         (model.layers, one, ctx, cache_k.float(), cache_v.float()),  # a float32 cache
         (model.layers, one, ctx, cache_k.transpose(3, 4), cache_v.transpose(3, 4)),  # not contiguous

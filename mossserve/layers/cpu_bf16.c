@@ -13,7 +13,8 @@
  * its draw and its top-k filter.
  *
  * Decoder layers: the whole of a Qwen3 layer (norms, projections, q/k norms, rotary, cache write,
- * attention, SwiGLU, residuals) for up to 16 rows, every layer of a backbone in one call and one
+ * attention, SwiGLU, residuals) for a decode step's rows or a prefill piece's (rows of one slot at
+ * consecutive positions attend to each other), every layer of a backbone in one call and one
  * OpenMP parallel region, where torch spends about sixty small ops per layer. Every value torch's bf16 layer
  * rounds to bf16 is rounded here at the same point; sums (norms, attention) run in fp32 in their
  * own order. Work is split between `threads` OpenMP threads: built with -fopenmp, this runs on the
@@ -328,66 +329,78 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-/* This thread's tiles for m rows of x: 0 and 3 sums (16 weight rows x m, fp32), 1 and 4 weights (16
- * rows x 32 bf16), 2 x (16 pairs of k x m columns): two blocks of weight rows against one x. */
+/* The rows of x laid out for the tiles: all m up to 16; past 16, blocks of 16 rows, x's rows padded
+ * to a multiple of 16 (the padding's pairs are zeros, their sums never stored). */
+static inline int padded_rows(int m) { return m <= 16 ? m : (m + 15) / 16 * 16; }
+
+/* This thread's tiles for m rows of x. Up to 16 rows: 0 and 3 sums (16 weight rows x m, fp32), 1 and
+ * 4 weights (16 rows x 32 bf16), 2 x (16 pairs of k x m columns): two blocks of weight rows against
+ * x. Past 16 rows: 0-3 sums of two blocks of weight rows (4, 5) against two blocks of 16 rows of x
+ * (6, 7), every tile 16 x 64 bytes. */
 static void configure_tiles(int m) {
     TileConfig config = {.palette = 1};
-    for (int t = 0; t < 5; t++) {
+    for (int t = 0; t < (m <= 16 ? 5 : 8); t++) {
         config.rows[t] = 16;
-        config.columns_bytes[t] = (uint16_t)(t == 1 || t == 4 ? 64 : 4 * m);
+        config.columns_bytes[t] = (uint16_t)(m > 16 || t == 1 || t == 4 ? 64 : 4 * m);
     }
     _tile_loadconfig(&config);
 }
 
 /* x (m, k) fp32 holding bf16 values, laid out as the tiles read it: pairs of consecutive k, row after
- * row of x ((k / 2, m, 2) bf16), 32 values of a row at a time, split in the team (k a multiple of 32). */
+ * row of x ((k / 2, padded_rows(m), 2) bf16), 32 values of a row at a time, split in the team (k a
+ * multiple of 32). The padding rows are left as they are (zeros: the buffer is allocated zeroed). */
 static void lay_out_pairs(const float *x, uint16_t *pairs, int64_t k, int m) {
-    const __m512i stride = _mm512_mullo_epi32(lane_indices(), _mm512_set1_epi32(m));
+    const int width = padded_rows(m);
+    const __m512i stride = _mm512_mullo_epi32(lane_indices(), _mm512_set1_epi32(width));
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < m * (k / 32); item++) {
         int64_t c = item % m, j = item / m * 32;
         __m256i low = bf16_bits16(_mm512_loadu_ps(x + c * k + j));
         __m256i high = bf16_bits16(_mm512_loadu_ps(x + c * k + j + 16));
-        _mm512_i32scatter_epi32((int *)pairs + j / 2 * m + c, stride,
+        _mm512_i32scatter_epi32((int *)pairs + j / 2 * width + c, stride,
                                 _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1), 4);
     }
 }
 
-/* The sums of a block of 16 weight rows (sums: 16 x m, fp32) into y's columns at..at+15 of every row. */
-static void put_block(Out y, const float *sums, int64_t at, int64_t n, int m) {
-    const __m512i column = _mm512_mullo_epi32(lane_indices(), _mm512_set1_epi32(m));
-    for (int c = 0; c < m; c++) {
+/* The sums of a block of 16 weight rows against rows first..first+count-1 of x (sums: 16 x width,
+ * fp32) into those rows' columns at..at+15 of y. */
+static void put_block(Out y, const float *sums, int64_t at, int64_t n, int first, int count, int width) {
+    const __m512i column = _mm512_mullo_epi32(lane_indices(), _mm512_set1_epi32(width));
+    for (int c = 0; c < count; c++) {
         __m512 v = _mm512_i32gather_ps(column, sums + c, 4);
+        int64_t row = first + c;
         if (y.wide)
-            _mm512_storeu_ps((float *)y.data + c * n + at, v);
+            _mm512_storeu_ps((float *)y.data + row * n + at, v);
         else
-            _mm256_storeu_si256((__m256i *)((uint16_t *)y.data + c * n + at), bf16_bits16(v));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)y.data + row * n + at), bf16_bits16(v));
     }
 }
 
-/* y = x @ W.T inside the team on AMX tiles (k a multiple of 32): two blocks of 16 weight rows at a
- * time against every row of x at once (two sums in flight, one load of x's tile for both), the sums
- * in fp32 and each rounded once; W's rows past its last full block by FMAs. While a pair of blocks
- * is summed, the next pair is prefetched into L2: the tiles read each weight row 64 bytes at a time,
- * 32 rows apart, which the hardware's prefetcher left at 9-13 GB/s at 16 rows (docs/performance.md). */
-static void amx_team(const uint16_t *w, const float *x, uint16_t *pairs, Out y, int64_t n, int64_t k, int m) {
-    lay_out_pairs(x, pairs, k, m);
-    const int64_t blocks = n / 16;
+/* The next pair of weight blocks into L2, the 32 lines of its k step j..j+31 (`end`: W's last full
+ * block's end): the tiles read each weight row 64 bytes at a time, 32 rows apart, which the hardware's
+ * prefetcher left at 9-13 GB/s at 16 rows (docs/performance.md). */
+static inline void prefetch_pair(const char *next, const char *end, int64_t j) {
+    for (int line = 0; line < 32; line++) {
+        const char *p = next + (j + line) * 64;
+        if (p < end)
+            _mm_prefetch(p, _MM_HINT_T1);
+    }
+}
+
+/* amx_team's pairs of weight blocks against up to 16 rows of x: two sums in flight, one load of x's
+ * tile for both; the next pair prefetched while this one is summed. */
+static void amx_pairs_few(const uint16_t *w, const uint16_t *pairs, Out y, int64_t n, int64_t k, int m,
+                          int64_t blocks) {
     const char *end = (const char *)(w + blocks * 16 * k);
     float sums[2][16 * 16];
 #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < blocks; b += 2) {
         const uint16_t *rows = w + b * 16 * k;
         const int two = b + 1 < blocks;
-        const char *next = (const char *)(rows + 32 * k);
         _tile_zero(0);
         _tile_zero(3);
         for (int64_t j = 0; j < k; j += 32) {
-            for (int line = 0; line < 32; line++) { /* 32 lines of the next pair each step: all of it */
-                const char *p = next + (j + line) * 64;
-                if (p < end)
-                    _mm_prefetch(p, _MM_HINT_T1);
-            }
+            prefetch_pair((const char *)(rows + 32 * k), end, j);
             _tile_loadd(2, pairs + j * m, m * 4);
             _tile_loadd(1, rows + j, k * 2);
             _tile_dpbf16ps(0, 1, 2);
@@ -397,12 +410,82 @@ static void amx_team(const uint16_t *w, const float *x, uint16_t *pairs, Out y, 
             }
         }
         _tile_stored(0, sums[0], m * 4);
-        put_block(y, sums[0], b * 16, n, m);
+        put_block(y, sums[0], b * 16, n, 0, m, m);
         if (two) {
             _tile_stored(3, sums[1], m * 4);
-            put_block(y, sums[1], (b + 1) * 16, n, m);
+            put_block(y, sums[1], (b + 1) * 16, n, 0, m, m);
         }
     }
+}
+
+/* amx_team's pairs of weight blocks against more than 16 rows of x: two blocks of weights by two
+ * blocks of 16 rows of x, four sums in flight (each tile loaded once for two of them), every pair of
+ * x's blocks in turn while the weights are in cache; the next pair of weight blocks prefetched during
+ * the first. A sum gets the same terms in the same order as amx_pairs_few gives it. (The tiles then
+ * read x from L2 at about its bandwidth: a prefill piece's products run at a third of AMX's speed.
+ * Weights in L2 and x in L1 instead, each thread's share of weight pairs passing each pair of x's
+ * blocks, was slower: 368 rows' gate_up 8-9 -> 17 ms.) */
+static void amx_pairs_many(const uint16_t *w, const uint16_t *pairs, Out y, int64_t n, int64_t k, int m,
+                           int64_t blocks) {
+    const int width = padded_rows(m);
+    const char *end = (const char *)(w + blocks * 16 * k);
+    float sums[16 * 16];
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < blocks; b += 2) {
+        const uint16_t *rows = w + b * 16 * k;
+        const int two = b + 1 < blocks;
+        for (int first = 0; first < m; first += 32) {
+            const int second = first + 16 < m;
+            const int count = m - first < 16 ? m - first : 16, rest = m - first - 16 < 16 ? m - first - 16 : 16;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t j = 0; j < k; j += 32) {
+                if (first == 0)
+                    prefetch_pair((const char *)(rows + 32 * k), end, j);
+                _tile_loadd(6, pairs + j * width + 2 * first, width * 4);
+                _tile_loadd(4, rows + j, k * 2);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two) {
+                    _tile_loadd(5, rows + 16 * k + j, k * 2);
+                    _tile_dpbf16ps(1, 5, 6);
+                }
+                if (second) {
+                    _tile_loadd(7, pairs + j * width + 2 * (first + 16), width * 4);
+                    _tile_dpbf16ps(2, 4, 7);
+                    if (two)
+                        _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            _tile_stored(0, sums, 64);
+            put_block(y, sums, b * 16, n, first, count, 16);
+            if (two) {
+                _tile_stored(1, sums, 64);
+                put_block(y, sums, (b + 1) * 16, n, first, count, 16);
+            }
+            if (second) {
+                _tile_stored(2, sums, 64);
+                put_block(y, sums, b * 16, n, first + 16, rest, 16);
+                if (two) {
+                    _tile_stored(3, sums, 64);
+                    put_block(y, sums, (b + 1) * 16, n, first + 16, rest, 16);
+                }
+            }
+        }
+    }
+}
+
+/* y = x @ W.T inside the team on AMX tiles (k a multiple of 32): pairs of blocks of 16 weight rows
+ * against x's rows, the sums in fp32 and each rounded once; W's rows past its last full block by
+ * FMAs. */
+static void amx_team(const uint16_t *w, const float *x, uint16_t *pairs, Out y, int64_t n, int64_t k, int m) {
+    lay_out_pairs(x, pairs, k, m);
+    const int64_t blocks = n / 16;
+    if (m <= 16)
+        amx_pairs_few(w, pairs, y, n, k, m, blocks);
+    else
+        amx_pairs_many(w, pairs, y, n, k, m, blocks);
 #pragma omp for schedule(static)
     for (int64_t first = 16 * blocks; first < n; first += 4)
         dot_group(w, x, y, n, k, m, first);
@@ -416,14 +499,14 @@ static void product_team(const uint16_t *w, const float *x, uint16_t *pairs, Out
         gemm_team(w, x, y, n, k, m);
 }
 
-/* y = x @ W.T for m bf16 rows of x (at most 16): FMAs for up to four rows, AMX tiles from five where
- * the CPU has them; y in bf16, or with `wide` the fp32 sums. */
+/* y = x @ W.T for m bf16 rows of x (at most 16 from layers/cpu_gemv.py): FMAs for up to four rows,
+ * AMX tiles from five where the CPU has them; y in bf16, or with `wide` the fp32 sums. */
 void mossserve_gemm_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t n, int64_t k, int m, int wide,
                          int threads) {
     float *widened = malloc(sizeof(float) * m * k);
     for (int64_t i = 0; i < m * k; i++)
         widened[i] = widen(x[i]);
-    uint16_t *pairs = m >= AMX_MIN_ROWS && amx_available() ? malloc(sizeof(uint16_t) * m * (k + 32)) : NULL;
+    uint16_t *pairs = m >= AMX_MIN_ROWS && amx_available() ? calloc((size_t)padded_rows(m) * (k + 32), 2) : NULL;
 #pragma omp parallel num_threads(threads)
     {
         if (pairs != NULL)
@@ -448,35 +531,48 @@ typedef struct {
 enum { INPUT_NORM, QKV, Q_NORM, K_NORM, O_PROJ, POST_NORM, GATE_UP, DOWN, WEIGHTS_PER_LAYER };
 
 /* out = weight * bf16(x * rsqrt(mean(x^2) + eps)), each product rounded to bf16 (and kept in fp32):
- * torch's RMSNorm on bf16, whose normalisation runs in fp32 (layers/norms.py). */
+ * torch's RMSNorm on bf16, whose normalisation runs in fp32 (layers/norms.py). The squares are summed
+ * in 16 lanes, then across them. */
 static void rms_norm(const uint16_t *x, const uint16_t *weight, float *out, int64_t n, float eps) {
-    float squares = 0.0f;
-    for (int64_t i = 0; i < n; i++)
-        squares += widen(x[i]) * widen(x[i]);
-    float scale = 1.0f / sqrtf(squares / (float)n + eps);
-    for (int64_t i = 0; i < n; i++)
-        out[i] = rounded(widen(weight[i]) * rounded(widen(x[i]) * scale));
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __m512 v = load16(x + i, block_mask(n, i));
+        squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)n + eps));
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mask = block_mask(n, i);
+        __m512 normed = rounded16(_mm512_mul_ps(load16(x + i, mask), scale));
+        _mm512_mask_storeu_ps(out + i, mask, rounded16(_mm512_mul_ps(load16(weight + i, mask), normed)));
+    }
 }
 
 /* One q or k head in place: its q/k norm (if the model has one), then the rotate-half rotation by
  * the tables' rows (none for a model without rotary: cos_row NULL), with torch's roundings
- * (layers/attention.py, layers/rotary.py). */
+ * (layers/attention.py, layers/rotary.py), 16 values at a time. */
 static void norm_and_rotate(uint16_t *head, const uint16_t *norm_weight, const float *cos_row, const float *sin_row,
                             int64_t d, float eps) {
-    float v[MAX_HEAD_DIM];
+    float v[MAX_HEAD_DIM], turned[MAX_HEAD_DIM];
     if (norm_weight != NULL)
         rms_norm(head, norm_weight, v, d, eps);
     else
-        for (int64_t i = 0; i < d; i++)
-            v[i] = widen(head[i]);
+        for (int64_t i = 0; i < d; i += 16)
+            _mm512_mask_storeu_ps(v + i, block_mask(d, i), load16(head + i, block_mask(d, i)));
     int64_t half = d / 2;
-    for (int64_t i = 0; i < d; i++) {
-        if (cos_row == NULL) {
-            head[i] = round_to_bf16(v[i]);
-            continue;
+    if (cos_row != NULL) { /* the other half of the head, in place of each value */
+        memcpy(turned, v + half, sizeof(float) * half);
+        memcpy(turned + half, v, sizeof(float) * half);
+    }
+    for (int64_t i = 0; i < d; i += 16) {
+        __mmask16 mask = block_mask(d, i);
+        __m512 value = _mm512_maskz_loadu_ps(mask, v + i);
+        if (cos_row != NULL) {
+            __m512 cos16 = rounded16(_mm512_maskz_loadu_ps(mask, cos_row + i));
+            __m512 sin16 = rounded16(_mm512_maskz_loadu_ps(mask, sin_row + i));
+            value = _mm512_add_ps(rounded16(_mm512_mul_ps(value, cos16)),
+                                  rounded16(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, turned + i), sin16)));
         }
-        float turned = v[i < half ? i + half : i - half];
-        head[i] = round_to_bf16(rounded(v[i] * rounded(cos_row[i])) + rounded(turned * rounded(sin_row[i])));
+        _mm256_mask_storeu_epi16(head + i, mask, bf16_bits16(value));
     }
 }
 
@@ -596,7 +692,7 @@ int mossserve_decode_bf16(uint16_t *x, int m, const uint16_t *const *weights, in
     const float scale = 1.0f / sqrtf((float)d);
     int64_t widest = H > heads * d ? H : heads * d;
     widest = widest > I ? widest : I;
-    uint16_t *pairs = m >= AMX_MIN_ROWS && amx_available() ? malloc(sizeof(uint16_t) * m * (widest + 32)) : NULL;
+    uint16_t *pairs = m >= AMX_MIN_ROWS && amx_available() ? calloc((size_t)padded_rows(m) * (widest + 32), 2) : NULL;
 
 #pragma omp parallel num_threads(threads)
     {
