@@ -44,6 +44,9 @@ def test_bench_json_has_every_contract_key(capsys) -> None:
         assert counts == {"min": 3, "max": 3, "steps_max": 3 + 32}
     assert out["decoded_audio_matches_frames"] is True
     assert out["ttfa_floor"]["steps"] == 32 + 2  # the first 2-frame chunk needs n_vq + 2 steps
+    floors = out["floors"]
+    assert floors["decode_step_s_1"] == out["ttfa_floor"]["step_s_median"] > 0
+    assert floors["decode_fraction_1"] == pytest.approx(floors["step_floor_s_1"] / floors["decode_step_s_1"])
 
 
 def test_floor_rounds_leave_no_openmp_pool_behind(monkeypatch, capsys) -> None:
