@@ -117,3 +117,5 @@ def server_app(demo_tts, tmp_path):
 needs_cpu_kernels = pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() != "AVX512" or cpu_kernels.bf16_kernels() is None,
     reason="our CPU kernels need an AVX-512 CPU and a C compiler")
+needs_amx = pytest.mark.skipif(not (cpu_kernels.bf16_kernels() and cpu_kernels.bf16_kernels().amx),
+                               reason="needs a CPU with AMX tiles (products of five rows and more run on them)")

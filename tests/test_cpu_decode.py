@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DELAY_DIR
+from conftest import DELAY_DIR, needs_cpu_kernels
 from realtime_cases import REALTIME_DIR, golden
 from test_bfloat16 import assert_within_bf16_tolerance, bf16_model
 
@@ -20,8 +20,6 @@ from mossserve.models.qwen3 import Qwen3Model
 from mossserve.models.qwen3_config import Qwen3Config
 from mossserve.models.registry import load_talker
 
-needs_avx512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
-                                  reason="the kernel needs an AVX-512 CPU")
 LAYERS, SLOTS, CACHE_LEN, KV_HEADS = 2, 17, 40, 2
 
 
@@ -58,14 +56,14 @@ def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / step)
 
 
-@needs_avx512
+@needs_cpu_kernels
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
 @pytest.mark.parametrize("head_dim, qk_norm", [(4, True), (6, False), (16, True), (24, True), (128, False)])
 def test_the_kernel_computes_torchs_layers(rows, head_dim, qk_norm):
     assert_computes_torchs_layers(rows, head_dim, qk_norm, heads=4)
 
 
-@needs_avx512
+@needs_cpu_kernels
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("heads", [2, 12, 18])
 def test_query_heads_share_their_key_value_head_in_any_number(rows, heads):
@@ -74,7 +72,7 @@ def test_query_heads_share_their_key_value_head_in_any_number(rows, heads):
     assert_computes_torchs_layers(rows, 16, True, heads=heads)
 
 
-@needs_avx512
+@needs_cpu_kernels
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("heads", [2, 4, 8])
 def test_the_usual_group_sizes_of_64_wide_heads(rows, heads):
@@ -83,7 +81,7 @@ def test_the_usual_group_sizes_of_64_wide_heads(rows, heads):
     assert_computes_torchs_layers(rows, 64, True, heads=heads)
 
 
-@needs_avx512
+@needs_cpu_kernels
 @pytest.mark.parametrize("prompts, length", [(1, 2), (1, 21), (3, 7), (5, 8)])
 def test_prefill_pieces_compute_torchs_layers(prompts, length):
     """Rows of one slot at consecutive positions in one call (a prefill piece; 5 x 8 = 40 rows: AMX
@@ -92,7 +90,7 @@ def test_prefill_pieces_compute_torchs_layers(prompts, length):
     assert_computes_torchs_layers(prompts, 16, True, heads=4, length=length)
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_rows_past_sixteen_need_amx_and_fit_the_prefill_budget(monkeypatch):
     """Past 16 rows the kernel runs only on AMX tiles, and only while x (rows x the widest product's
     k, bf16) fits PREFILL_X_BYTES; other pieces take torch's layers."""
@@ -129,7 +127,7 @@ def assert_computes_torchs_layers(rows: int, head_dim: int, qk_norm: bool, heads
         assert ulps_apart(theirs[at], ours[at]) <= 3
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_a_row_gets_the_same_bits_whatever_its_company_and_thread_count():
     """Within each product path (FMAs for one to four rows, AMX tiles from five where the CPU has
     them, in blocks of 16 rows past 16) a row's bits do not depend on the other rows, their order,
@@ -162,7 +160,7 @@ def test_a_row_gets_the_same_bits_whatever_its_company_and_thread_count():
         torch.set_num_threads(threads)
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_five_rows_and_more_run_on_amx_where_the_cpu_has_it():
     """So that the 7- and 16-row cases above test the AMX path on such a CPU (this host has it)."""
     flags = open("/proc/cpuinfo").read().split()
@@ -215,7 +213,7 @@ def fused_calls(monkeypatch) -> list[bool]:
     return count_kernel_calls(monkeypatch, qwen3)
 
 
-@needs_avx512
+@needs_cpu_kernels
 @pytest.mark.parametrize("checkpoint", ["tiny_nvq32", "tiny_nvq16"])
 def test_delay_teacher_forced_logits_through_the_cache(checkpoint, fused_calls):
     """The reference's teacher-forced logits, one row at a time through the cache by the kernel."""
@@ -244,7 +242,7 @@ def test_delay_teacher_forced_logits_through_the_cache(checkpoint, fused_calls):
     assert_within_bf16_tolerance(audio[index], full, "audio logits")
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_realtime_local_logits_through_the_cache(monkeypatch):
     """Realtime's local transformer, one codebook position at a time through its cache by the kernel,
     gives the reference's teacher-forced local logits within the bf16 tolerance."""
@@ -270,7 +268,7 @@ def test_realtime_local_logits_through_the_cache(monkeypatch):
     assert_within_bf16_tolerance(torch.cat(logits).float(), tf["local_logits"].numpy(), "local logits")
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_the_kernels_exponential_is_accurate_to_fp32(tmp_path, monkeypatch):
     """SiLU and the softmax weights use the kernel's own vectorised e^x: within a few fp32 steps of
     the exact value over fp32's range, 0 below it, inf above it, NaN kept."""
@@ -293,7 +291,7 @@ def test_the_kernels_exponential_is_accurate_to_fp32(tmp_path, monkeypatch):
     assert out[:2].tolist() == [0.0, 0.0] and out[2:4].tolist() == [float("inf")] * 2 and out[4].isnan()
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_local_depth_logits_through_the_kernel(monkeypatch):
     """MOSS-TTS-Local's depth transformer (no rotary), one channel at a time through its per-frame
     cache by the kernel, gives the reference's teacher-forced logits within the bf16 tolerance."""

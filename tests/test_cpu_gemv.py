@@ -7,12 +7,11 @@ import stat
 
 import pytest
 import torch
+from conftest import needs_amx, needs_cpu_kernels
 
 from mossserve.layers import cpu_gemv, cpu_kernels
 from mossserve.layers.linear import Linear
 
-needs_avx512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
-                                  reason="the kernel needs an AVX-512 CPU")
 
 
 @pytest.fixture
@@ -46,7 +45,7 @@ def assert_rounds_the_exact_product_once(m: int, n: int, k: int, seed: int) -> N
     assert ((sums.double() - exact).abs() <= k * 2.0 ** -24 * (x.double().abs() @ weight.double().abs().T)).all()
 
 
-@needs_avx512
+@needs_cpu_kernels
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("n, k", [(1, 1), (3, 15), (4, 16), (5, 17), (1001, 700), (64, 512), (7, 1536)])
 def test_kernel_rounds_the_exact_product_once(fresh_kernel, m, n, k):
@@ -54,7 +53,7 @@ def test_kernel_rounds_the_exact_product_once(fresh_kernel, m, n, k):
     assert_rounds_the_exact_product_once(m, n, k, seed=n * 1000 + k)
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_a_row_gets_the_same_bits_alone_and_with_others(fresh_kernel):
     gen = torch.Generator().manual_seed(2)
     weight = torch.randn(300, 200, generator=gen).bfloat16()
@@ -66,7 +65,7 @@ def test_a_row_gets_the_same_bits_alone_and_with_others(fresh_kernel):
     assert torch.equal(cpu_gemv.bf16_rows(weight, strided), cpu_gemv.bf16_rows(weight, strided.contiguous()))
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_kernel_matches_torch_mv_and_does_not_depend_on_threads(fresh_kernel):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(3072, 512, generator=gen).bfloat16()
@@ -85,7 +84,7 @@ def test_kernel_matches_torch_mv_and_does_not_depend_on_threads(fresh_kernel):
     assert ((one.float() - reference).abs() <= one_ulp(reference)).all()
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_kernel_propagates_nan_and_inf(fresh_kernel):
     weight = torch.ones(4, 64, dtype=torch.bfloat16)
     weight[1, 3] = float("inf")
@@ -95,7 +94,7 @@ def test_kernel_propagates_nan_and_inf(fresh_kernel):
     assert got[0].item() == 64 and got[1].item() == float("inf") and got[2].isnan() and got[3].item() == 64
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_the_build_is_cached(fresh_kernel):
     compiler = os.environ.get("CC") or "cc"
     first = cpu_kernels.build(compiler)
@@ -104,7 +103,7 @@ def test_the_build_is_cached(fresh_kernel):
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no scratch left behind
 
 
-@needs_avx512
+@needs_cpu_kernels
 @pytest.mark.parametrize("shape", [(1, 1, 512), (1, 512), (2, 1, 512), (4, 512)])
 def test_linear_takes_the_kernel_for_up_to_four_bf16_rows(fresh_kernel, shape):
     gen = torch.Generator().manual_seed(1)
@@ -124,8 +123,6 @@ def test_more_rows_than_the_kernel_takes_take_torch(fresh_kernel):
         assert cpu_gemv.bf16_rows(weight, torch.randn(5, 64).bfloat16()) is None
 
 
-needs_amx = pytest.mark.skipif(not (cpu_kernels.bf16_kernels() and cpu_kernels.bf16_kernels().amx),
-                               reason="needs a CPU with AMX tiles (products of five rows and more run on them)")
 
 
 @needs_amx
@@ -174,7 +171,7 @@ def test_other_dtypes_and_layouts_take_torch(fresh_kernel):
     assert cpu_gemv.bf16_rows(transposed, torch.randn(1, 64).bfloat16()) is None
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_torch_products_switches_the_kernel_off_in_this_thread_only(fresh_kernel):
     import threading
 
@@ -189,7 +186,7 @@ def test_torch_products_switches_the_kernel_off_in_this_thread_only(fresh_kernel
     assert cpu_gemv.bf16_rows(weight, x) is not None
 
 
-@needs_avx512
+@needs_cpu_kernels
 def test_a_product_autograd_records_takes_torch(fresh_kernel):
     layer = Linear(64, 8).bfloat16()  # its weight requires grad
     x = torch.randn(1, 64).bfloat16()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_cpu_kernels
 
 from mossserve.layers import cpu_gemv, cpu_kernels, heads
 
@@ -37,7 +38,7 @@ def test_the_one_row_form_is_timed_once_per_shape_and_dtype(monkeypatch) -> None
     assert len(timed) == 2 * 2 * 3 * 2  # two keys, two forms, three rounds, a start and an end each
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the kernel needs an AVX-512 CPU")
+@needs_cpu_kernels
 @pytest.mark.parametrize("rows", [1, 2, 4, 8])
 def test_a_few_bf16_rows_take_the_kernel(rows: int, monkeypatch) -> None:
     """One read of the stacked heads for all rows (layers/cpu_gemv.py; eight where AMX runs), with no

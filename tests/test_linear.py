@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_amx
 
-from mossserve.layers import cpu_gemv, cpu_kernels, linear
+from mossserve.layers import cpu_gemv, linear
 from mossserve.layers.linear import Linear
 
 
@@ -37,8 +38,7 @@ def test_up_to_four_bfloat16_rows_take_the_kernel_path(shape, monkeypatch) -> No
     torch.testing.assert_close(out.float(), exact, rtol=2 ** -7, atol=1e-2)
 
 
-@pytest.mark.skipif(not (cpu_kernels.bf16_kernels() and cpu_kernels.bf16_kernels().amx),
-                    reason="needs a CPU with AMX tiles (five to sixteen rows take the kernel there)")
+@needs_amx
 @pytest.mark.parametrize("shape", [(5, 96), (2, 8, 96)])
 def test_five_to_sixteen_bfloat16_rows_take_the_amx_kernel(shape) -> None:
     lin = layer(torch.bfloat16).requires_grad_(False)

@@ -47,8 +47,9 @@ def decode_layers(layers: nn.ModuleList, rotary: RotaryEmbedding | None, x: torc
     without AMX tiles or than PREFILL_X_BYTES allows with them, no cache, a weight or cache that is
     not contiguous bf16, a head size the kernel does not take, a slot or position outside the cache,
     autograd recording, or the kernels off or unavailable."""
-    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 3 or x.shape[0] * x.shape[1] < 1
-            or cache_k is None or ctx.slots is None or kernels_off()):
+    rows = x.shape[0] * x.shape[1] if x.dim() == 3 else 0  # B x T, each through the layers
+    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows == 0 or cache_k is None or ctx.slots is None
+            or kernels_off()):
         return None
     attention = layers[0].self_attn
     d, heads, kv_heads = attention.head_dim, attention.heads, attention.kv_heads
@@ -59,14 +60,14 @@ def decode_layers(layers: nn.ModuleList, rotary: RotaryEmbedding | None, x: torc
             or (torch.is_grad_enabled() and any(t.requires_grad for t in (*_weights_of[layers], cache_k, cache_v)))):
         return None
     kernels = bf16_kernels()
-    rows, widest = x.shape[0] * x.shape[1], max(x.shape[2], heads * d, layers[0].mlp.intermediate)
+    widest = max(x.shape[2], heads * d, layers[0].mlp.intermediate)
     if kernels is None or (rows > MAX_DECODE_ROWS and not (kernels.amx and rows * widest * 2 <= PREFILL_X_BYTES)):
         return None
     positions = ctx.positions.reshape(-1).contiguous()
     slots = ctx.slots.contiguous() if x.shape[1] == 1 else ctx.slots.repeat_interleave(x.shape[1])
     if rotary is not None:
         rotary.reserve(ctx.kv_len, x.device)
-    out = x.reshape(-1, x.shape[2]).clone()
+    out = x.reshape(rows, -1).clone()
     dims = _dims(out.shape[1], heads, kv_heads, d, layers[0].mlp.intermediate, cache_k.shape[1], cache_k.shape[3],
                  int(attention.qk_norm), 0 if rotary is None else len(rotary.cos_table))
     declined = kernels.decode(out.data_ptr(), out.shape[0], weights, len(layers),

@@ -7,8 +7,8 @@ well below memory bandwidth, and each small op costs 2-20 us of dispatch, so a b
 stream was hardly faster than a float32 one even on a CPU with native bf16. The library holds a
 product of one to four rows (layers/cpu_gemv.py) and whole Qwen3 decoder layers for a decode step
 of up to sixteen rows or, on AMX tiles, a prefill piece (layers/cpu_decode.py; their products of
-five rows and more on AMX tiles where the CPU has them), and each row's argmax and top k of fp32 logits (layers/cpu_select.py);
-docs/performance.md has the figures.
+five rows and more on AMX tiles where the CPU has them), and each row's argmax and top k of fp32
+logits (layers/cpu_select.py); docs/performance.md has the figures.
 
 It is built with the C compiler found (`$CC`, `cc` or `gcc`; one that knows AVX-512 and AMX
 intrinsics: GCC 11 or clang 12 and later) into the cache (`$MOSSSERVE_CACHE/kernels`) once per
