@@ -156,27 +156,44 @@ def test_depth_changes_what_the_backbone_sees() -> None:
 
 
 
-def test_a_frames_audio_noise_is_each_channels_own_draw() -> None:
-    """The frame's audio noise, one call per request, equals one draw per drawing channel in channel
-    order from the request's generator, and leaves it where those draws do; channels past a request's
-    depth and greedy channels take no numbers."""
+def test_a_frames_noise_is_each_channels_own_draw() -> None:
+    """The frame's noise, drawn before its first channel, equals one draw per drawing channel in
+    channel order (the text channel's over the text vocabulary first) from the request's generator,
+    and leaves it where those draws do; channels past a request's depth and greedy channels take no
+    numbers. With a shared generator, each channel's drawing rows draw in batch order, channel after
+    channel."""
     from types import SimpleNamespace
 
     from mossserve.models.moss_local_family import MossLocalFamily
 
-    vocab, seeds, n_vq = 1025, (5, 9), 6
-    family = SimpleNamespace(config=SimpleNamespace(n_vq=n_vq))
-    temperature = torch.ones(2, n_vq)
-    temperature[0, 2] = 0.0  # a greedy channel
-    state = SimpleNamespace(generators=[torch.Generator().manual_seed(s) for s in seeds], audio_temperature=temperature)
-    depth = torch.tensor([n_vq, 4])  # the second request stops at depth 4
-    noise = MossLocalFamily._frame_noise(family, state, torch.tensor([0, 1]), depth, vocab, torch.device("cpu"))
+    text_vocab, audio_vocab, seeds, n_vq = 300, 1025, (5, 9), 6
+    family = SimpleNamespace(config=SimpleNamespace(language=SimpleNamespace(vocab_size=text_vocab),
+                                                    audio_vocab_size=audio_vocab - 1))
+    drawing = torch.ones(2, 1 + n_vq, dtype=torch.bool)
+    drawing[0, 3] = False  # a greedy channel
+    drawing[1, 0] = False  # a greedy text channel
+    drawing[1, 5:] = False  # the second request stops at depth 4
+    vocabs = [text_vocab] + [audio_vocab] * n_vq
+    state = SimpleNamespace(generators=[torch.Generator().manual_seed(s) for s in seeds], shared_generator=None)
+    noise = MossLocalFamily._frame_noise(family, state, torch.tensor([0, 1]), drawing, torch.device("cpu"))
     for row, seed in enumerate(seeds):
         generator = torch.Generator().manual_seed(seed)
-        for channel in range(1, n_vq + 1):
-            if channel <= depth[row] and temperature[row, channel - 1] > 0:
+        for channel, vocab in enumerate(vocabs):
+            if drawing[row, channel]:
                 expected = torch.empty(1, vocab).exponential_(1, generator=generator)[0]
-                assert torch.equal(noise[row, channel - 1], expected)
+                assert torch.equal(noise[channel][row], expected)
             else:
-                assert torch.equal(noise[row, channel - 1], torch.ones(vocab))
+                assert torch.equal(noise[channel][row], torch.ones(vocab))
         assert torch.equal(generator.get_state(), state.generators[row].get_state())
+
+    drawing[:, 6] = False  # no row draws on the last channel: it gets no noise
+    state = SimpleNamespace(generators=[None, None], shared_generator=torch.Generator().manual_seed(3))
+    noise = MossLocalFamily._frame_noise(family, state, torch.tensor([0, 1]), drawing, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(3)
+    assert noise[6] is None
+    for channel, vocab in enumerate(vocabs[:6]):
+        rows = int(drawing[:, channel].sum())
+        expected = torch.empty(rows, vocab).exponential_(1, generator=generator)
+        assert torch.equal(noise[channel][drawing[:, channel]], expected)
+        assert torch.equal(noise[channel][~drawing[:, channel]], torch.ones(2 - rows, vocab))
+    assert torch.equal(generator.get_state(), state.shared_generator.get_state())

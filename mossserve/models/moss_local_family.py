@@ -184,78 +184,71 @@ class MossLocalFamily(TalkerFamily):
                                batch_sizes, graphs)
 
     def step(self, state: LocalState, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
-        """The depth loop for every row at once: one depth-transformer step per channel."""
+        """The depth loop for every row at once: one depth-transformer step per channel. Every row's
+        settings, repetition history and noise are gathered once per frame, so a channel costs its
+        model call and one batched choice, and reads nothing back to the host."""
         cfg, model = self.config, self.model
         batch = hidden.shape[0]
         depth = state.depth[slots]
         deepest = int(depth.max())
+        active = depth[:, None] >= torch.arange(self.columns, device=hidden.device)  # channel 0 (text) always
+        temperature = torch.cat([state.text_temperature[slots, None], state.audio_temperature[slots]], dim=1)
+        temperature = temperature.masked_fill(~active, 0.0)  # rows past their depth draw nothing
+        top_k = torch.cat([state.text_top_k[slots, None], state.audio_top_k[slots]], dim=1)
+        top_p = torch.cat([state.text_top_p[slots, None], state.audio_top_p[slots]], dim=1)
+        penalty, seen = state.audio_penalty[slots], state.seen[slots]
+        drawing = temperature[:, : deepest + 1] > 0
+        # a channel where no sampled row is penalised skips the history
+        penalised = [False] + ((penalty != 1.0) & (temperature[:, 1:] > 0)).any(dim=0).tolist()
+        noise = self._frame_noise(state, slots, drawing, hidden.device)
         depth_logits = state.depth_calls.frame(batch)
         tokens = torch.full((batch, self.columns), SKIPPED, dtype=torch.int64, device=hidden.device)
         x = model.depth_input(hidden)
-        audio_noise = None  # the frame's audio noise, drawn once per request (per-request generators)
         for channel in range(deepest + 1):
             logits = depth_logits(channel, x)
             if channel:
                 logits[:, cfg.audio_pad_code] = float("-inf")
-                if audio_noise is None and state.shared_generator is None:
-                    audio_noise = self._frame_noise(state, slots, depth, logits.shape[-1], logits.device)
-            active = depth >= channel
-            chosen = self._choose(state, slots, channel, logits, active,
-                                  None if audio_noise is None else audio_noise[:, channel - 1])
-            tokens[:, channel] = torch.where(active, chosen, SKIPPED)
+            history = (penalty[:, channel - 1], seen[:, channel - 1]) if penalised[channel] else (None, None)
+            chosen = choose(logits, temperature[:, channel], top_k[:, channel], top_p[:, channel], noise[channel],
+                            *history)
+            tokens[:, channel] = torch.where(active[:, channel], chosen, SKIPPED)
             if channel < deepest:
                 x = model.token_input(channel, chosen)
+        self._remember(state, slots, tokens[:, 1:])
         finished = tokens[:, 0] == cfg.audio_end_token_id
         new_segment = state.after_gap[slots]
         state.after_gap[slots] = False
         return StepOutput(rows=tokens, frames=tokens[:, 1:], has_frame=torch.ones_like(finished),
                           new_segment=new_segment, finished=finished)
 
-    def _choose(self, state: LocalState, slots: torch.Tensor, channel: int, logits: torch.Tensor,
-                active: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Every row's token on `channel` (greedy or sampled per its settings); rows past their depth
-        draw nothing. `noise`: the channel's noise already drawn (`_frame_noise`), else drawn here.
-        Updates the channel's repetition history."""
-        if channel == 0:
-            temperature, top_k, top_p = state.text_temperature[slots], state.text_top_k[slots], state.text_top_p[slots]
-            penalty = seen = None
-        else:
-            c = channel - 1
-            temperature, top_k = state.audio_temperature[slots, c], state.audio_top_k[slots, c]
-            top_p, penalty = state.audio_top_p[slots, c], state.audio_penalty[slots, c]
-            seen = state.seen[slots, c]
-        drawing = active & (temperature > 0)
-        if noise is None:
-            noise = self._noise(state, slots, drawing, logits.shape[-1], logits.device)
-        if seen is not None and not bool((penalty[drawing] != 1.0).any()):
-            seen = None  # no sampled row is penalised: skip the history
-        chosen = choose(logits, torch.where(active, temperature, 0.0), top_k, top_p, noise, penalty, seen)
-        if channel:
-            rows = slots[active]
-            state.seen[rows, channel - 1, chosen[active]] = True
-        return chosen
+    @staticmethod
+    def _remember(state: LocalState, slots: torch.Tensor, codes: torch.Tensor) -> None:
+        """The frame's codes (B, n_vq; SKIPPED past a row's depth) join their codebooks' histories.
+        A channel's choice reads only its own codebook's history, so one update after the frame
+        gives every channel what an update after each channel would."""
+        rows, books = torch.nonzero(codes != SKIPPED, as_tuple=True)
+        state.seen[slots[rows], books, codes[rows, books]] = True
 
-    def _frame_noise(self, state: LocalState, slots: torch.Tensor, depth: torch.Tensor, vocab: int,
-                     device: torch.device) -> torch.Tensor:
-        """A frame's audio noise (B, n_vq, vocab) from per-request generators: each request's drawing
-        channels in one call, which draws them in channel order as one call per channel would (after
-        the text channel's draw; ones where a channel does not draw)."""
-        channels = torch.arange(1, self.config.n_vq + 1, device=device)
-        drawing = (depth[:, None] >= channels) & (state.audio_temperature[slots] > 0)
-        return noise_by_request(drawing, [state.generators[slot] for slot in slots.tolist()], vocab, device)
-
-    def _noise(self, state: LocalState, slots: torch.Tensor, drawing: torch.Tensor, vocab: int,
-               device: torch.device) -> torch.Tensor | None:
-        """Exponential noise (B, vocab) for the drawing rows, in batch order: one draw per request
-        from its own generator (upstream's one multinomial call per channel), or from the shared one."""
-        rows = torch.nonzero(drawing).flatten().tolist()
-        if not rows:
-            return None
-        noise = torch.ones(len(slots), vocab, device=device)
+    def _frame_noise(self, state: LocalState, slots: torch.Tensor, drawing: torch.Tensor,
+                     device: torch.device) -> list[torch.Tensor | None]:
+        """Each channel's exponential noise for the frame (B, that channel's vocabulary), None where
+        no row draws: upstream's one multinomial call per drawing channel 0, 1, .., in channel order.
+        Per-request generators: each request's draws in one call per vocabulary (its text draw, then
+        its audio channels' in order, as one call per channel would draw them; ones elsewhere). The
+        shared generator: each channel's drawing rows in batch order, channel after channel."""
+        text_vocab, audio_vocab = self.config.language.vocab_size, self.config.audio_vocab_size + 1
+        counts = drawing.sum(dim=0).tolist()
         if state.shared_generator is not None:
-            noise[rows] = exponential_noise(len(rows), vocab, state.shared_generator, device)
+            noise = []
+            for channel, count in enumerate(counts):
+                vocab = text_vocab if channel == 0 else audio_vocab
+                channel_noise = None
+                if count:
+                    channel_noise = torch.ones(len(slots), vocab, device=device)
+                    channel_noise[drawing[:, channel]] = exponential_noise(count, vocab, state.shared_generator, device)
+                noise.append(channel_noise)
             return noise
-        slot_ids = slots.tolist()
-        for row in rows:
-            noise[row] = exponential_noise(1, vocab, state.generators[slot_ids[row]], device)[0]
-        return noise
+        generators = [state.generators[slot] for slot in slots.tolist()]
+        text = noise_by_request(drawing[:, :1], generators, text_vocab, device)[:, 0] if counts[0] else None
+        audio = noise_by_request(drawing[:, 1:], generators, audio_vocab, device) if any(counts[1:]) else None
+        return [text] + [audio[:, c] if count else None for c, count in enumerate(counts[1:])]
