@@ -38,7 +38,7 @@ def checkpoint(directory: Path, tensors: dict[str, torch.Tensor], config: dict |
 
 def decode_error(m: MossAudioTokenizer, g: dict) -> float:
     codes = g["encode/zh/audio_codes"][:, 0, :31]
-    return (m.decode(codes) - g["decode/zh/k32/audio"][0]).abs().max().item()
+    return (m.decode(codes).cpu() - g["decode/zh/k32/audio"][0]).abs().max().item()
 
 
 LAYER = "decoder.0.transformer.layers.1"
@@ -199,6 +199,18 @@ def test_released_config():
     assert [s.context for s in c.encoder if hasattr(s, "context")] == [1000, 500, 250, 125]
     assert [s.context for s in c.decoder if hasattr(s, "context")] == [125, 250, 500, 1000]
     assert (c.quantizer.num_quantizers, c.quantizer.codebook_size, c.quantizer.rvq_dim) == (32, 1024, 512)
+
+
+def test_the_quantizer_projections_cuda_form():
+    """On CUDA the quantizer's 1x1 convolutions run as a float32 matmul (cuDNN would take TF32):
+    the same products as the convolution, summed in another order; on CPU the convolution itself."""
+    from mossserve.models.codecs.moss_quantizer import pointwise, pointwise_by_matmul
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((3, 64, 17), (48, 64), (48,)))
+    conv = torch.nn.functional.conv1d(x, weight[:, :, None], bias)
+    assert torch.equal(pointwise(x, weight, bias), conv)
+    assert torch.allclose(pointwise_by_matmul(x, weight, bias), conv, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -473,6 +473,35 @@ def test_abort_reaches_a_request_still_draining_through_the_codec(monkeypatch) -
     assert stats["live"] == stats["codec_chunks_queued"] == stats["codec_streams_open"] == 0
 
 
+def test_a_request_dropped_while_the_codec_holds_its_chunk_leaves_no_stream(monkeypatch) -> None:
+    """On CUDA the codec runs on its own thread: a request may be dropped (aborted, by the talker's
+    thread) after the codec took its chunk. Dropped before its stream is opened, it gets none;
+    dropped after, its stream is read under the lock and closed, and the round goes on."""
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, codec, EngineConfig(threaded=False))
+    outbox = Outbox()
+    rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+    run_once = engine.codec.run_once
+    monkeypatch.setattr(engine.codec, "run_once", lambda: False)  # hold the codec back
+    first, second = (engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink)
+                     for _ in range(2))
+    while not (first.status.done and second.status.done):
+        engine.step()
+    ensure_decoder, decode = engine.codec._ensure_decoder, engine.codec._decode
+
+    def drop_then(request, call):
+        def run(*args):
+            engine.codec.drop(request)
+            return call(*args)
+        return run
+
+    monkeypatch.setattr(engine.codec, "_ensure_decoder", drop_then(first, ensure_decoder))
+    monkeypatch.setattr(engine.codec, "_decode", drop_then(second, decode))
+    assert run_once()
+    assert engine.codec.open_streams == 0 and engine.codec.queued == 0
+    assert first.id not in outbox.chunks and second.id not in outbox.chunks
+
+
 def test_a_bug_in_a_round_fails_the_requests_in_flight_and_serving_goes_on(monkeypatch, caplog) -> None:
     """An exception that escapes the per-request guards (a bug) must not leave callers waiting
     forever or stop the threads: the requests in flight end with the error, later ones run."""

@@ -71,14 +71,16 @@ class CodecRunner:
         if not batch:
             return False
         decoder = self._ensure_decoder()
-        with self._lock:
-            for work in batch:
+        with self._lock, self._on_codec_stream():  # a new stream's state is zeroed where it is decoded
+            decoding = [w for w in batch if len(w.codes) and not w.request.dropped]
+            for work in decoding:
                 current = self._streams.get(work.request.id)
-                if len(work.codes) and (current is None or current[0] != work.segment):
+                if current is None or current[0] != work.segment:
                     self._close_stream(work.request.id)
                     self._streams[work.request.id] = (work.segment, decoder.open())
-        decoding = [w for w in batch if len(w.codes)]
-        audio = self._decode(decoding) if decoding else {}
+            # read under the lock: another thread may drop a request (and forget its stream) meanwhile
+            ids = [self._streams[w.request.id][1] for w in decoding]
+        audio = self._decode(decoding, ids) if decoding else {}
         with self._lock:
             for work in batch:
                 rid = work.request.id
@@ -118,9 +120,9 @@ class CodecRunner:
         self._queue = kept
         return taken
 
-    def _decode(self, batch: list[CodecWork]) -> dict[str, object]:
-        """request id -> audio (channels, samples) as numpy, or an error message."""
-        ids = [self._streams[w.request.id][1] for w in batch]
+    def _decode(self, batch: list[CodecWork], ids: list[int]) -> dict[str, object]:
+        """request id -> audio (channels, samples) as numpy, or an error message; `ids`: the
+        batch's decoder streams."""
         chunks = [torch.from_numpy(w.codes.T.copy()) for w in batch]
         try:
             waves = self._run_decoder(ids, chunks)
@@ -139,10 +141,9 @@ class CodecRunner:
     def _run_decoder(self, ids: list[int], chunks: list[torch.Tensor]) -> list:
         """One decode call per codebook count in the round: a request at reduced depth (fewer
         codebooks than the decoder's count) is decoded with that many quantizers."""
-        stream = torch.cuda.stream(self._cuda_stream) if self._cuda_stream is not None else contextlib.nullcontext()
         waves: list = [None] * len(chunks)
         full = getattr(self._decoder, "n_quantizers", None)
-        with stream, torch.inference_mode():
+        with self._on_codec_stream(), torch.inference_mode():
             if full is None or all(int(c.shape[0]) >= full for c in chunks):
                 return [w.float().cpu().numpy() for w in self._decoder.decode(ids, chunks)]
             for rows in sorted({min(int(c.shape[0]), full) for c in chunks}, reverse=True):
@@ -163,7 +164,13 @@ class CodecRunner:
             device = torch.device(self._codec.device)
             if device.type == "cuda":
                 self._cuda_stream = torch.cuda.Stream(device)
+                # the codec's weights and the decoder's zeroed state were made on the default stream
+                self._cuda_stream.wait_stream(torch.cuda.current_stream(device))
         return self._decoder
+
+    def _on_codec_stream(self) -> contextlib.AbstractContextManager:
+        """The codec's own CUDA stream as the current one (nothing elsewhere)."""
+        return torch.cuda.stream(self._cuda_stream) if self._cuda_stream is not None else contextlib.nullcontext()
 
     def _has_work(self) -> bool:
         return bool(self._queue)

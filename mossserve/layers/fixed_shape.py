@@ -15,17 +15,20 @@ import torch
 
 def capture_graph(run: Callable[[], torch.Tensor], device: torch.device,
                   pool: tuple | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Warm `run` up on a side stream (lazy allocations, library handles), then capture one call.
-    The graph keeps raw pointers: whatever `run` reads must never be reallocated afterwards."""
+    """Warm `run` up on a side stream (lazy allocations, library handles), then capture one call
+    on that stream. The graph keeps raw pointers: whatever `run` reads must never be reallocated
+    afterwards. The capture names its stream: torch's default capture stream is made once, on the
+    device current when it is first used, and a capture on a stream of another GPU records nothing."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        out = run()
+    with torch.cuda.device(device):
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+            out = run()
     return graph, out
 
 

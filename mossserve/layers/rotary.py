@@ -21,12 +21,17 @@ class RotaryEmbedding:
         self.theta = theta
         self.cos_table = torch.empty(0, head_dim)
         self.sin_table = torch.empty(0, head_dim)
+        # Outgrown CUDA tables stay allocated: a captured CUDA graph reads the tables it was
+        # captured with by pointer (a second engine on the same model may need longer ones).
+        self._outgrown: list[torch.Tensor] = []
 
     def reserve(self, length: int, device: torch.device) -> None:
         """Precompute the tables up to `length` positions on `device` (grows, never shrinks)."""
         if length <= self.cos_table.shape[0] and self.cos_table.device == device:
             return
         length = max(length, 2 * self.cos_table.shape[0], 256)
+        if self.cos_table.device.type == "cuda":
+            self._outgrown += [self.cos_table, self.sin_table]
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         inv_freq = 1.0 / (self.theta**exponents)
         angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]

@@ -13,6 +13,21 @@ from torch import nn
 from .moss_audio_tokenizer_config import QuantizerSpec
 
 
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution of x (B, cin, T) by weight (cout, cin): F.conv1d, whose bits the goldens
+    hold, except on CUDA, where cuDNN convolves float32 in TF32 by default (about 1e-3 relative,
+    enough to move a nearest-codeword choice) while a float32 matmul stays float32 (torch's
+    defaults: `cudnn.allow_tf32` on, `cuda.matmul.allow_tf32` off)."""
+    if x.device.type == "cuda":
+        return pointwise_by_matmul(x, weight, bias)
+    return F.conv1d(x, weight[:, :, None], bias)
+
+
+def pointwise_by_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`pointwise`'s product as a matmul (the same sums in another order)."""
+    return torch.matmul(weight, x) + bias[:, None]
+
+
 class Conv1x1(nn.Module):
     """A weight-normalised 1x1 conv of the checkpoint, folded to W = g * v / |v| at load."""
 
@@ -22,7 +37,7 @@ class Conv1x1(nn.Module):
         self.bias = nn.Parameter(torch.empty(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, cin, T) -> (B, cout, T)
-        return F.conv1d(x, self.weight[:, :, None], self.bias)
+        return pointwise(x, self.weight, self.bias)
 
 
 class ResidualQuantizer(nn.Module):
@@ -56,7 +71,7 @@ class ResidualQuantizer(nn.Module):
         """Stage i's latent z_e (B, codebook_dim, T) of a (masked) residual (B, rvq_dim, T)."""
         if not self.projected:
             return residual
-        return F.conv1d(residual, self.in_proj_weight[i][:, :, None], self.in_proj_bias[i])
+        return pointwise(residual, self.in_proj_weight[i], self.in_proj_bias[i])
 
     def nearest(self, i: int, z_e: torch.Tensor) -> torch.Tensor:
         """Index (B, T) of the closest codeword: on unit vectors for RLFQ, raw for RVQ."""
@@ -72,7 +87,7 @@ class ResidualQuantizer(nn.Module):
         words = F.embedding(idx, self.codebooks[i]).transpose(1, 2)
         if not self.projected:
             return words
-        return F.conv1d(words, self.out_proj_weight[i][:, :, None], self.out_proj_bias[i])
+        return pointwise(words, self.out_proj_weight[i], self.out_proj_bias[i])
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         """Sum of the first k stages' reconstructions (B, rvq_dim, T) of codes (k, B, T)."""
