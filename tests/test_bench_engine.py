@@ -25,6 +25,8 @@ def test_bench_json_has_every_contract_key(capsys) -> None:
         assert key in out, key
     assert out["family"] == "delay" and out["device"] == "cpu" and out["dtype"] == "float32"
     assert out["bf16_cpu_kernel"] is False  # a float32 run
+    assert out["peak_device_memory_mb"] is None  # a GPU's own peak; on CPU peak_rss_mb holds it
+    assert out["floors"]["memory_bandwidth"]["device"] == "cpu"
     assert out["model"] == str(DEMO_MODEL)
     assert out["requests"] == 2 and out["frames_per_request"] == 3
     assert set(out["throughput"]) == set(out["wall_s"]) == {"1", "4", "16"}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import AUDIO_DIR, CODEC_DIR
 from mossserve import AsyncEngine, AudioError, EngineConfig, EngineFullError, MossServeError, SamplingParams, SpeechRequest
@@ -177,3 +178,23 @@ def test_the_codec_on_its_own_thread_or_between_steps_gives_the_same_audio(delay
     for a, b in zip(between, threaded):
         assert (a.frame_start, a.frame_end) == (b.frame_start, b.frame_end)
         np.testing.assert_array_equal(a.audio, b.audio)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_cuda_the_codec_thread_streams_the_cpu_audio(delay_model_dirs) -> None:
+    """On CUDA the codec decodes on its own thread and CUDA stream while the talker steps. Two
+    decoder streams serve four requests, so reused streams must start from state zeroed on the
+    codec's stream: every request's codes and audio are the CPU run's."""
+    requests = [SpeechRequest(input=text) for text in ("One.", "Two words.", "Three more words.", "Four.")]
+    results = {}
+    for device in ("cpu", "cuda"):
+        tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny", device=device,
+                                  engine_config=EngineConfig(max_running=2, codec_streams=2))
+        try:
+            results[device] = tts.synthesize_batch(requests, SamplingParams.greedy(), max_new_frames=30)
+        finally:
+            tts.close()
+    for cpu, cuda in zip(results["cpu"], results["cuda"]):
+        np.testing.assert_array_equal(cpu.codes, cuda.codes)
+        assert cpu.samples.shape == cuda.samples.shape and np.abs(cpu.samples - cuda.samples).max() <= 1e-3
+

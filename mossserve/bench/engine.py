@@ -32,7 +32,8 @@ every request's frames are decoded to audio.
   figure is made of and its time varies most with whatever else the machine runs.
 
 * Floors (`floors`, see floors.py and docs/bench.md), measured after the runs (and after
-  `peak_rss_mb` is taken): memory read bandwidth and GEMM throughput of this machine, and one
+  `peak_rss_mb` and, on a GPU, `peak_device_memory_mb` are taken): memory read bandwidth and GEMM
+  throughput of the bench's device (the GPU's own where it runs on one), and one
   decode step of this model counted op by op (weight bytes at batch 1, FLOPs at batch 16).
   Batch-1 floor = weight bytes / bandwidth; batch-16 floor = FLOPs / GEMM throughput, or the
   weight bytes / bandwidth where that is higher. Measured step times come from the throughput
@@ -262,14 +263,16 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
             engine = None  # free its KV cache before the next engine allocates one
 
     peak_rss = peak_rss_mb()  # before the limits below allocate their test tensors
+    peak_device = peak_device_memory_mb(next(talker.model.parameters()).device)
     say("codec: streaming decode of 16 streams, batched vs one at a time")
     codec_streaming = streaming_figures(codec_model, streams=16, seconds=2.0, repeats=2)
     say("floors: counting a decode step's weight bytes and FLOPs at batch 1 and 16")
     step_counts = {b: count_step(talker, prompts, sampling, defaults.prefill_tokens, b) for b in (1, 16)}
     say("floors: measuring memory bandwidth and GEMM throughput")
-    bandwidth = memory_bandwidth(bandwidth_mb)
+    weight = next(talker.model.parameters())
+    bandwidth = memory_bandwidth(bandwidth_mb, device=weight.device)
     backbone = talker.backbone_config
-    gemm = gemm_throughput(next(talker.model.parameters()).dtype, backbone.hidden_size, backbone.intermediate_size)
+    gemm = gemm_throughput(weight.dtype, backbone.hidden_size, backbone.intermediate_size, device=weight.device)
     # Talker steps of each run: requests run in waves of c, each wave for the longest request's steps.
     engine_steps = {key: math.ceil(len(prompts) / int(key)) * produced[key]["steps_max"] for key in wall}
     floor_figures = floors(bandwidth["gb_s"], gemm["gflop_s"], step_counts[1], step_counts[16],
@@ -331,6 +334,7 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
         "codec_streaming": {key: codec_streaming[key] for key in (
             "streams", "audio_seconds_per_stream", "batched_audio_s_per_s", "sequential_audio_s_per_s", "speedup")},
         "peak_rss_mb": peak_rss,
+        "peak_device_memory_mb": peak_device,
         "bench_wall_s": time.perf_counter() - started,
     }
     return result
@@ -521,6 +525,11 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def peak_device_memory_mb(device: torch.device) -> float | None:
+    """Peak memory torch allocated on a GPU (None on CPU, where `peak_rss_mb` holds it)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def _sync(device: torch.device) -> None:

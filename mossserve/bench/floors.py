@@ -58,25 +58,39 @@ def _best(fn: Callable[[], object], runs: int, min_time: float = 0.0) -> float:
     return best
 
 
-def memory_bandwidth(size_mb: float = 256.0, runs: int = 5) -> dict:
-    """Read bandwidth in GB/s (1e9 bytes): best of `runs` sums of a float32 tensor of `size_mb` MiB."""
-    data = torch.ones(int(size_mb * 2**20) // 4, dtype=torch.float32)
-    seconds = _best(lambda: float(data.sum()), runs)
+def memory_bandwidth(size_mb: float = 256.0, runs: int = 5, device: str | torch.device = "cpu") -> dict:
+    """Read bandwidth in GB/s (1e9 bytes) of `device`'s memory: best of `runs` sums of a float32
+    tensor of `size_mb` MiB (at least 1 GiB on a GPU, whose last-level cache holds tens of MB)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        size_mb = max(size_mb, 1024.0)
+    data = torch.ones(int(size_mb * 2**20) // 4, dtype=torch.float32, device=device)
+    seconds = _best(lambda: float(data.sum()), runs)  # the host read waits for the sum
     nbytes = data.numel() * 4
-    return {"gb_s": nbytes / seconds / 1e9, "bytes": nbytes, "seconds": seconds, "method": "sum of a float32 tensor"}
+    return {"gb_s": nbytes / seconds / 1e9, "bytes": nbytes, "seconds": seconds, "method": "sum of a float32 tensor",
+            "device": str(device)}
 
 
-def gemm_throughput(dtype: torch.dtype, hidden: int, intermediate: int, square: int = 2048, rows: int = 16,
-                    runs: int = 3, min_time: float = 0.1) -> dict:
-    """GFLOP/s of a square (square^3) matmul and of a (rows, hidden) x (hidden, 2 intermediate)
-    decode-shaped one (an MLP's fused gate/up projection), in `dtype`; `gflop_s` is the better."""
+def gemm_throughput(dtype: torch.dtype, hidden: int, intermediate: int, square: int | None = None, rows: int = 16,
+                    runs: int = 3, min_time: float = 0.1, device: str | torch.device = "cpu") -> dict:
+    """GFLOP/s of a square (square^3; 2048 on CPU, 8192 on a GPU) matmul and of a (rows, hidden) x
+    (hidden, 2 intermediate) decode-shaped one (an MLP's fused gate/up projection), in `dtype` on
+    `device`; `gflop_s` is the better."""
+    device = torch.device(device)
+    square = square or (8192 if device.type == "cuda" else 2048)
     gen = torch.Generator().manual_seed(0)
 
     def rate(m: int, k: int, n: int) -> float:
-        a = torch.randn(m, k, generator=gen).to(dtype)
-        weight = torch.randn(n, k, generator=gen).to(dtype)  # (out, in), as a model's weight
+        a = torch.randn(m, k, generator=gen).to(device, dtype)
+        weight = torch.randn(n, k, generator=gen).to(device, dtype)  # (out, in), as a model's weight
+
+        def product() -> None:
+            F.linear(a, weight)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
         with torch.inference_mode():
-            seconds = _best(lambda: F.linear(a, weight), runs, min_time)
+            seconds = _best(product, runs, min_time)
         return 2.0 * m * n * k / seconds / 1e9
 
     square_rate = rate(square, square, square)
