@@ -134,8 +134,9 @@ class _Collector:
 def run_engine_bench(family: str = "delay", model: str | Path | None = None, codec: str | Path | None = None,
                      device: str = "cpu", dtype: str = "float32", frames: int = 40, requests: int = 16,
                      ttfa_runs: int = 5, seed: int = 0, bandwidth_mb: float = 256.0,
-                     log: Callable[[str], None] | None = None) -> dict:
-    """Run the engine bench and return its figures (see the module docstring)."""
+                     log: Callable[[str], None] | None = None, concurrency: tuple[int, ...] = CONCURRENCY) -> dict:
+    """Run the engine bench and return its figures (see the module docstring). `concurrency`:
+    the streams of the throughput runs, 1, 4 and 16 among them (a GPU's run adds 32, say)."""
     from ..api import TTS
     from ..config import EngineConfig
     from ..sampling import SamplingParams
@@ -145,6 +146,8 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
         raise InvalidRequestError(f"unknown model family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
     if frames < 1 or requests < 1 or ttfa_runs < 1:
         raise InvalidRequestError("frames, requests and ttfa_runs must be >= 1")
+    if not set(CONCURRENCY) <= set(concurrency):
+        raise InvalidRequestError(f"concurrency must include {CONCURRENCY}")
     say = log or (lambda message: None)
     started = time.perf_counter()
 
@@ -205,7 +208,7 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
     first_audio_16: list[list[float]] = []  # per round: each request's first audio when all start together
     text_ttfa_values: list[float] = []  # families with streaming text input (Realtime)
     decoded_ok = True
-    for c in CONCURRENCY:
+    for c in sorted(set(concurrency)):
         engine = new_engine(c)
         try:
             say(f"concurrency {c}: warming up")
