@@ -91,6 +91,15 @@ def test_bench_errors_are_clear(args, message, capsys) -> None:
     assert code == 2 and message in err and "Traceback" not in err
 
 
+def test_bench_concurrencies_must_include_1_4_16() -> None:
+    """Its figures (speedup_16, the floors at 1 and 16) need those runs; more may be added."""
+    from mossserve.bench.engine import run_engine_bench
+    from mossserve.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="concurrency must include"):
+        run_engine_bench(model=DEMO_MODEL, concurrency=(1, 4, 32))
+
+
 def test_checkpoint_mirrors_the_published_layout() -> None:
     from safetensors import safe_open
 
