@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidRequestError
 
 Layout = dict[str, tuple[str, int]]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -37,6 +37,25 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
         return False
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe() for probe in probes if probe is not None)
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A device name checked against this torch build and machine, so that a wrong one fails with a
+    sentence before anything loads: cpu, or cuda / cuda:N with that GPU visible."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidRequestError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"device {device!r} is not supported; mossserve runs on cpu and cuda")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InvalidRequestError(f"device {device!r}: {why} (torch {torch.__version__}); use cpu, or install "
+                                      "a CUDA build of torch")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InvalidRequestError(f"device {device!r}: {torch.cuda.device_count()} CUDA device(s) visible")
+    return parsed
 
 
 def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:

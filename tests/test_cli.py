@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import CODEC_DIR, DELAY_DIR, STREAMED_VS_WHOLE_ATOL, TOKENIZER_DIR
+from conftest import AUDIO_DIR, CODEC_DIR, DELAY_DIR, STREAMED_VS_WHOLE_ATOL, TOKENIZER_DIR
 from mossserve.cli import main
 
 PROMPTS16 = np.load(TOKENIZER_DIR / "prompts_nvq16.npz")
@@ -100,6 +101,8 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     (["say", "Hi.", "--max-frames", "0", "--codes-out", "c.npy"], "--max-frames"),
     (["say", "Hi.", "--top-p", "1.5", "--codes-out", "c.npy"], "top_p"),
     (["say", "--request", "missing.json", "--codes-out", "c.npy"], "request file not found"),
+    (["say", "Hi.", "--device", "tpu", "--codes-out", "c.npy"], "unknown device 'tpu'"),
+    (["say", "Hi.", "--device", "mps", "--codes-out", "c.npy"], "runs on cpu and cuda"),
 ])
 def test_errors_are_clear(args, message, capsys, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -107,6 +110,21 @@ def test_errors_are_clear(args, message, capsys, tmp_path: Path, monkeypatch) ->
     assert code == 2
     assert "error: " in err and message in err
     assert "Traceback" not in err
+
+
+def test_a_cuda_device_this_machine_lacks_is_a_clear_error(capsys, monkeypatch) -> None:
+    """Checked before anything loads (a talker, a codec, a bench checkpoint), by every command."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for args in (["say", "Hi.", "--device", "cuda", "--codes-out", "c.npy"],
+                 ["codec", "encode", AUDIO_DIR / "reference_zh.wav", "--codec", CODEC_DIR / "tiny", "-o", "c.npy",
+                  "--device", "cuda:0"],
+                 ["bench", "--device", "cuda"]):
+        code, err = run(args, capsys)
+        assert code == 2 and "device 'cuda" in err and "use cpu" in err and "Traceback" not in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, err = run(["say", "Hi.", "--device", "cuda:1", "--codes-out", "c.npy"], capsys)
+    assert code == 2 and "1 CUDA device(s) visible" in err
 
 
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:

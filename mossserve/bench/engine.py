@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError, MossServeError
+from ..loader import parse_device
 from ..openmp import release_openmp_pool
 from .codec import streaming_figures
 from .floors import count_step, floors, gemm_throughput, memory_bandwidth
@@ -144,6 +145,7 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
 
     if family not in SUPPORTED_FAMILIES:
         raise InvalidRequestError(f"unknown model family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    parse_device(device)  # before a bench checkpoint is built
     if frames < 1 or requests < 1 or ttfa_runs < 1:
         raise InvalidRequestError("frames, requests and ttfa_runs must be >= 1")
     if not set(CONCURRENCY) <= set(concurrency):

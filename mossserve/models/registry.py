@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..loader import build_on_meta, load_weights, parse_dtype, resolve_model_dir, weight_files
+from ..loader import build_on_meta, load_weights, parse_device, parse_dtype, resolve_model_dir, weight_files
 from .config_utils import read_json
 from .family import TalkerFamily
 
@@ -15,6 +15,7 @@ TALKER_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 
 
 def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> TalkerFamily:
+    device = parse_device(device)
     model_dir = resolve_model_dir(model, allow_patterns=TALKER_FILES)
     config = read_json(model_dir / "config.json")
     model_type = config.get("model_type")
@@ -23,19 +24,19 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
         from .moss_local_config import is_local_config
 
         load = _load_local if is_local_config(config) else _load_delay
-        talker = load(model_dir, str(model), config, torch.device(device), parse_dtype(dtype, device))
+        talker = load(model_dir, str(model), config, device, parse_dtype(dtype, device))
         talker.source = model_dir
         return talker
     from .moss_realtime_family import is_realtime_config, load_realtime
 
     if is_realtime_config(config):
-        return load_realtime(model_dir, str(model), config, torch.device(device), parse_dtype(dtype, device))
+        return load_realtime(model_dir, str(model), config, device, parse_dtype(dtype, device))
     from .fish_s2_config import is_fish_config
 
     if is_fish_config(config):
         from .fish_s2_family import load_fish
 
-        return load_fish(model_dir, config, torch.device(device), parse_dtype(dtype, device))
+        return load_fish(model_dir, config, device, parse_dtype(dtype, device))
     raise CheckpointError(
         f"{model_dir / 'config.json'}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}) "
         "is not supported; supported: moss_tts_delay (Delay and Local), moss_tts_realtime, fish_qwen3_omni")
@@ -82,6 +83,7 @@ def load_codec(name_or_path: str | Path, device: str | torch.device = "cpu", dty
     from .codecs.fish_dac_loader import CODEC_FILES, is_fish_codec_dir, load_fish_dac
     from .codecs.moss_audio_tokenizer import MossAudioTokenizer
 
+    device = parse_device(device)
     codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", *CODEC_FILES])
     if is_fish_codec_dir(codec_dir):
         return load_fish_dac(codec_dir, device=device, dtype=None if dtype is None else parse_dtype(dtype, device))
