@@ -5,7 +5,8 @@ from .api import TTS, Audio
 from .config import ChunkSchedule, EngineConfig, RunawayGuard
 from .engine.async_engine import AsyncEngine, RequestStream
 from .engine.request import AudioChunk, Generation
-from .errors import AudioError, CheckpointError, EngineFullError, InvalidRequestError, MossServeError, RequestAborted
+from .errors import (AudioError, CheckpointError, EngineClosedError, EngineFullError, InvalidRequestError,
+                     MossServeError, RequestAborted)
 from .sampling import SamplingParams
 from .speech_request import Speaker, SpeechRequest
 
@@ -16,6 +17,7 @@ __all__ = [
     "AudioError",
     "CheckpointError",
     "ChunkSchedule",
+    "EngineClosedError",
     "EngineConfig",
     "EngineFullError",
     "Generation",

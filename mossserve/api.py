@@ -24,7 +24,7 @@ import numpy as np
 from .config import ChunkSchedule, EngineConfig
 from .engine.engine import Engine
 from .engine.request import AudioChunk, Generation
-from .errors import InvalidRequestError, MossServeError, RequestAborted
+from .errors import EngineClosedError, InvalidRequestError, MossServeError, RequestAborted
 from .models.config_utils import read_json
 from .models.family import Prompt, TalkerFamily
 from .models.registry import load_codec, load_talker
@@ -90,8 +90,10 @@ class TTS:
 
     @property
     def engine(self) -> Engine:
-        """The engine every call runs on, started on first use."""
+        """The engine every call runs on, started on first use; EngineClosedError after `close()`."""
         with self._lock:
+            if self.closed:
+                raise EngineClosedError("this TTS is closed")
             if self._engine is None:
                 self._engine = Engine(self.talker, lambda: self.codec, self.engine_config)
                 self._engine.start()
@@ -123,11 +125,13 @@ class TTS:
             self._speakers.wait_idle()
 
     def close(self) -> None:
-        """Stop the engine's threads (they are daemons: a script need not call this)."""
-        self.closed = True
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+        """Stop the engine's threads (they are daemons: a script need not call this). Requests still
+        running end with an error chunk; later calls raise EngineClosedError."""
+        with self._lock:
+            self.closed = True
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
         if self._speakers is not None:
             self._speakers.close()
 

@@ -24,5 +24,9 @@ class EngineFullError(MossServeError):
     """The engine's queue is full: retry later (HTTP 503)."""
 
 
+class EngineClosedError(MossServeError):
+    """The engine has shut down and takes no more requests (HTTP 503)."""
+
+
 class RequestAborted(MossServeError):
     """The request was aborted before it finished."""

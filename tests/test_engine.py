@@ -502,6 +502,59 @@ def test_a_request_dropped_while_the_codec_holds_its_chunk_leaves_no_stream(monk
     assert first.id not in outbox.chunks and second.id not in outbox.chunks
 
 
+def test_shutdown_ends_the_requests_in_flight_and_refuses_later_ones() -> None:
+    """A caller waiting on a request when the engine shuts down (TTS.close, the server stopping)
+    gets a final chunk with the reason; a request after it is refused, not queued forever."""
+    from mossserve.errors import EngineClosedError
+
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, None, EngineConfig(threaded=False))
+    outbox = Outbox()
+    rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+    running = engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink,
+                                 max_new_frames=200, decode_audio=False)
+    engine.step()
+    queued = engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink, decode_audio=False)
+    engine.shutdown()
+    for request in (running, queued):
+        final = outbox.final(request.id)
+        assert final.finish_reason == "aborted" and final.error == "the engine shut down"
+    assert engine.stats()["live"] == 0
+    with pytest.raises(EngineClosedError):
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink, decode_audio=False)
+
+
+def test_a_request_half_ended_by_a_failing_step_still_gets_its_final(monkeypatch) -> None:
+    """The step that fails may be ending a request (out of the batch already, its slot's release
+    raising): the crash handler finds it in the live table and closes it."""
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, None, EngineConfig(max_running=4))
+    engine.start()
+    try:
+        rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+        finals: queue.Queue = queue.Queue()
+        sink = lambda chunk: finals.put(chunk) if chunk.final else None  # noqa: E731
+        release = engine.runner.release
+        calls = []
+
+        def release_once_failing(slot, kept=None):
+            calls.append(slot)
+            if len(calls) == 1:
+                raise RuntimeError("release bug")
+            release(slot, kept)
+
+        monkeypatch.setattr(engine.runner, "release", release_once_failing)
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), sink, max_new_frames=3,
+                           decode_audio=False)
+        final = finals.get(timeout=60)
+        assert final.finish_reason == "error" and "release bug" in final.error
+        engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), sink, max_new_frames=3,
+                           decode_audio=False)
+        assert finals.get(timeout=60).finish_reason == "length"
+    finally:
+        engine.shutdown()
+
+
 def test_a_bug_in_a_round_fails_the_requests_in_flight_and_serving_goes_on(monkeypatch, caplog) -> None:
     """An exception that escapes the per-request guards (a bug) must not leave callers waiting
     forever or stop the threads: the requests in flight end with the error, later ones run."""

@@ -133,6 +133,18 @@ def test_a_failed_request_raises_in_its_stream_only(delay_tts, monkeypatch) -> N
     assert engine.stats()["live"] == 0
 
 
+def test_a_closed_tts_refuses_work_instead_of_starting_a_new_engine(delay_model_dirs) -> None:
+    from mossserve import EngineClosedError
+
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny")
+    assert tts.synthesize(SpeechRequest(input="Once."), SamplingParams.greedy(), max_new_frames=3).codes.shape[1] == 16
+    tts.close()
+    with pytest.raises(EngineClosedError):
+        tts.synthesize(SpeechRequest(input="Twice."), SamplingParams.greedy(), max_new_frames=3)
+    with pytest.raises(EngineClosedError):
+        tts.stats()
+
+
 @pytest.mark.parametrize("codec_thread", [True, None])
 def test_a_dropped_tts_frees_its_engine_and_threads(delay_model_dirs, codec_thread) -> None:
     """Engine, codec and speaker threads hold their owners weakly: a TTS that goes out of scope

@@ -172,6 +172,32 @@ def test_closing_a_session_aborts_its_turn_in_flight() -> None:
     assert engine.stats()["cache_slots_used"] == 0
 
 
+@pytest.mark.parametrize("ending", ["closed", "failed"])
+def test_a_queued_turn_that_ends_frees_its_sessions_warm_slot(ending: str, monkeypatch) -> None:
+    """The session's next turn is queued (not admitted yet) when the session is closed, or when the
+    turn fails (the session cannot go on): the slot the idle session held is freed either way."""
+    turns = Turns()
+    engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=2))
+    turns.add(engine, "stream_multiturn", 0, "a")
+    engine.run_until_idle()
+    assert engine.stats()["cache_slots_used"] == 1
+    rid = turns.add(engine, "stream_multiturn", 1, "a")
+    if ending == "closed":
+        engine.close_session("a")
+    else:
+        monkeypatch.setattr(engine.scheduler, "admit", lambda free, holds: [])  # it stays queued
+        engine._crashed(RuntimeError("a bug"))
+        monkeypatch.undo()
+    engine.run_until_idle()
+    assert turns.generations[rid].finish_reason == ("aborted" if ending == "closed" else "error")
+    stats = engine.stats()
+    assert stats["cache_slots_used"] == stats["sessions"] == stats["live"] == 0
+    for i in range(2):  # both slots serve again
+        turns.add(engine, "stream_text_only_short", 0, f"new{i}")
+    engine.run_until_idle()
+    assert all(turns.generations[f"new{i}/0"].finish_reason != "error" for i in range(2))
+
+
 def test_models_without_sessions_refuse_them(delay_tts) -> None:
     tts = delay_tts("tiny_nvq32")
     from mossserve.speech_request import SpeechRequest

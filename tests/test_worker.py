@@ -95,3 +95,38 @@ def test_on_idle_runs_on_the_thread_when_the_work_runs_out_before_wait_idle_retu
     owner.worker.wait_idle()
     assert calls == [("test-worker", 0)] * 2
     owner.worker.stop()
+
+
+class FailingOwner(Owner):
+    """Its first round raises, and so does its crash handler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release.set()
+        self.rounds = 0
+        self.second_round = threading.Event()
+
+    def work(self) -> None:
+        with self.cond:
+            self.todo -= 1
+        self.rounds += 1
+        if self.rounds == 1:
+            raise RuntimeError("round")
+        self.log.append("round ended")
+        self.second_round.set()
+
+    def crashed(self, error: Exception) -> None:
+        self.log.append(f"crashed: {error}")
+        raise RuntimeError("clean-up")
+
+
+def test_a_crash_handler_that_raises_leaves_the_thread_serving() -> None:
+    """A round that raises, then a clean-up that raises too (a double release, a device error):
+    the thread logs both and takes the next round."""
+    owner = FailingOwner()
+    owner.worker.start()
+    owner.add()
+    owner.add()
+    assert owner.second_round.wait(timeout=60), "the thread ended with the failed clean-up"
+    assert owner.log == ["crashed: round", "round ended"]
+    owner.worker.stop()

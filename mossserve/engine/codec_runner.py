@@ -9,6 +9,7 @@ its request (the round is retried one chunk at a time to find it).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections import deque
 from typing import Callable
@@ -19,6 +20,8 @@ from ..models.codecs.base import Codec, StreamingDecoder
 from .pipeline import CodecWork
 from .request import AudioChunk, EngineRequest
 from .worker import Worker
+
+log = logging.getLogger(__name__)
 
 
 class CodecRunner:
@@ -34,6 +37,7 @@ class CodecRunner:
         self._lock = threading.Condition()
         self._worker = Worker("mossserve-codec", self._lock, self._has_work, self.run_once, self._crashed)
         self._cuda_stream = None
+        self._in_round: set[str] = set()  # requests whose chunks are being decoded now (outside the lock)
 
     # ---- called from other threads -------------------------------------------------------
     def submit(self, work: CodecWork) -> None:
@@ -65,11 +69,26 @@ class CodecRunner:
 
     # ---- one round ---------------------------------------------------------------------
     def run_once(self) -> bool:
-        """Decode the next chunk of every request that has one (up to the free streams); False if idle."""
+        """Decode the next chunk of every request that has one (up to the free streams); False if idle.
+        A round that fails outside the decoder (the codec cannot load, a bug) fails the requests whose
+        chunks it took, so that none waits for a chunk that will never come."""
         with self._lock:
             batch = self._take()
         if not batch:
             return False
+        try:
+            self._round(batch)
+        except Exception as error:  # noqa: BLE001 - fail this round's requests, keep serving
+            log.exception("codec round failed")
+            with self._lock:
+                self._in_round.clear()
+                for request in {id(w.request): w.request for w in batch}.values():
+                    if not request.dropped:
+                        self._drop(request)
+                        self._on_error(request, f"codec stage failed: {type(error).__name__}: {error}")
+        return True
+
+    def _round(self, batch: list[CodecWork]) -> None:
         decoder = self._ensure_decoder()
         with self._lock, self._on_codec_stream():  # a new stream's state is zeroed where it is decoded
             decoding = [w for w in batch if len(w.codes) and not w.request.dropped]
@@ -78,13 +97,17 @@ class CodecRunner:
                 if current is None or current[0] != work.segment:
                     self._close_stream(work.request.id)
                     self._streams[work.request.id] = (work.segment, decoder.open())
-            # read under the lock: another thread may drop a request (and forget its stream) meanwhile
+            # Read under the lock; while they decode, a drop from another thread leaves their streams
+            # open (closing one would change the decoder's slots under the call) until the round ends.
             ids = [self._streams[w.request.id][1] for w in decoding]
+            self._in_round.update(w.request.id for w in decoding)
         audio = self._decode(decoding, ids) if decoding else {}
         with self._lock:
+            self._in_round.clear()
             for work in batch:
                 rid = work.request.id
                 if work.request.dropped:
+                    self._close_stream(rid)
                     continue
                 if rid in audio:
                     if isinstance(audio[rid], str):
@@ -99,7 +122,6 @@ class CodecRunner:
                     self._close_stream(rid)
                 if work.final:
                     self._on_final(work.request)
-        return True
 
     def _take(self) -> list[CodecWork]:
         """The oldest chunk of each request, as far as decoder streams allow; the rest stay queued."""
@@ -121,41 +143,42 @@ class CodecRunner:
         return taken
 
     def _decode(self, batch: list[CodecWork], ids: list[int]) -> dict[str, object]:
-        """request id -> audio (channels, samples) as numpy, or an error message; `ids`: the
-        batch's decoder streams."""
+        """request id -> audio (channels, samples) as numpy, or an error message; `ids`: the batch's
+        decoder streams. One decode call per codebook count in the round (a request at reduced depth
+        is decoded with that many quantizers); a call that fails is retried one chunk at a time to
+        find the culprit, and no chunk is decoded twice."""
         chunks = [torch.from_numpy(w.codes.T.copy()) for w in batch]
-        try:
-            waves = self._run_decoder(ids, chunks)
-            return {w.request.id: wave for w, wave in zip(batch, waves)}
-        except Exception as e:  # noqa: BLE001 - find the culprit: one chunk at a time
-            if len(batch) == 1:
-                return {batch[0].request.id: f"codec decode failed: {e}"}
-            out = {}
-            for w, sid, chunk in zip(batch, ids, chunks):
-                try:
-                    out[w.request.id] = self._run_decoder([sid], [chunk])[0]
-                except Exception as e:  # noqa: BLE001 - reported to that request only
-                    out[w.request.id] = f"codec decode failed: {e}"
-            return out
+        full = getattr(self._decoder, "n_quantizers", None)
+        rows = [int(c.shape[0]) if full is None else min(int(c.shape[0]), full) for c in chunks]
+        out: dict[str, object] = {}
+        for count in sorted(set(rows), reverse=True):
+            group = [i for i, r in enumerate(rows) if r == count]
+            try:
+                waves = self._run_decoder([ids[i] for i in group], [chunks[i] for i in group], count)
+            except Exception as e:  # noqa: BLE001 - find the culprit: one chunk at a time
+                if len(group) == 1:
+                    out[batch[group[0]].request.id] = f"codec decode failed: {e}"
+                    continue
+                waves = []
+                for i in group:
+                    try:
+                        waves.append(self._run_decoder([ids[i]], [chunks[i]], count)[0])
+                    except Exception as e:  # noqa: BLE001 - reported to that request only
+                        waves.append(f"codec decode failed: {e}")
+            out.update((batch[i].request.id, wave) for i, wave in zip(group, waves))
+        return out
 
-    def _run_decoder(self, ids: list[int], chunks: list[torch.Tensor]) -> list:
-        """One decode call per codebook count in the round: a request at reduced depth (fewer
-        codebooks than the decoder's count) is decoded with that many quantizers."""
-        waves: list = [None] * len(chunks)
+    def _run_decoder(self, ids: list[int], chunks: list[torch.Tensor], count: int) -> list:
+        """One decode call for chunks of `count` codebooks (the decoder's count, or fewer)."""
         full = getattr(self._decoder, "n_quantizers", None)
         with self._on_codec_stream(), torch.inference_mode():
-            if full is None or all(int(c.shape[0]) >= full for c in chunks):
+            if full is None or count >= full:
                 return [w.float().cpu().numpy() for w in self._decoder.decode(ids, chunks)]
-            for rows in sorted({min(int(c.shape[0]), full) for c in chunks}, reverse=True):
-                group = [i for i, c in enumerate(chunks) if min(int(c.shape[0]), full) == rows]
-                self._decoder.n_quantizers = rows
-                try:
-                    decoded = self._decoder.decode([ids[i] for i in group], [chunks[i] for i in group])
-                finally:
-                    self._decoder.n_quantizers = full
-                for i, wave in zip(group, decoded):
-                    waves[i] = wave.float().cpu().numpy()
-        return waves
+            self._decoder.n_quantizers = count
+            try:
+                return [w.float().cpu().numpy() for w in self._decoder.decode(ids, chunks)]
+            finally:
+                self._decoder.n_quantizers = full
 
     def _ensure_decoder(self) -> StreamingDecoder:
         if self._decoder is None:
@@ -189,6 +212,8 @@ class CodecRunner:
         self._close_stream(request.id)
 
     def _close_stream(self, request_id: str) -> None:
+        if request_id in self._in_round:  # the round in flight closes it when it ends
+            return
         entry = self._streams.pop(request_id, None)
         if entry is not None:
             self._decoder.close(entry[1])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import ChunkSchedule, EngineConfig
-from ..errors import EngineFullError, InvalidRequestError
+from ..errors import EngineClosedError, EngineFullError, InvalidRequestError
 from ..models.codecs.base import Codec
 from ..models.family import Prompt, TalkerFamily
 from ..sampling import SamplingParams
@@ -63,6 +63,7 @@ class Engine:
         self.sessions = Sessions(config.max_sessions)
         self._session_closes: list[str] = []  # asked from other threads
         self._ids = itertools.count()
+        self._closing = False  # set by shutdown(): no request is taken after it
         # On CPU an idle talker thread frees its OpenMP pool, which would otherwise throttle whatever
         # runs torch on another thread meanwhile (two pools on two cores; docs/performance.md).
         self._worker = Worker("mossserve-engine", self._lock, self.has_work, self.step, self._crashed,
@@ -106,6 +107,8 @@ class Engine:
             schedule=schedule, decode_audio=decode_audio, open=bool(prompt.info.get("open", False)),
         )
         with self._lock:
+            if self._closing:
+                raise EngineClosedError("the engine has shut down")
             if request.id in self._live:
                 raise InvalidRequestError(f"request id {request.id!r} is already in use")
             if session is not None:
@@ -218,8 +221,17 @@ class Engine:
             self._worker.start()
 
     def shutdown(self) -> None:
+        """Stop the threads; every request still live ends with an error chunk (its caller stops
+        waiting), and later requests are refused."""
+        with self._lock:
+            self._closing = True
         self._worker.stop()
         self.codec.stop()
+        with self._lock:
+            stranded = [r for r in self._live.values() if not r.closed]
+        for request in stranded:
+            request.status, request.finish_reason = Status.ABORTED, "aborted"
+            self._close(request, "the engine shut down")
 
     def wait_idle(self) -> None:
         """Block until the talker and codec threads are between rounds with nothing to do. Call it
@@ -230,10 +242,18 @@ class Engine:
 
     def _crashed(self, error: Exception) -> None:
         """A step failed outside the per-request guards (a bug): end every request in the talker with
-        the error, so that no caller waits forever, and keep serving."""
+        the error, so that no caller waits forever, and keep serving. Taken from the live table, not
+        the scheduler's lists: the failed step may have left a request half ended (out of the batch,
+        never closed); one whose ending fails again is closed as it is."""
+        message = _message(error)
         with self._lock:
-            requests = list(self.scheduler.running) + list(self.scheduler.waiting)
-        self._fail_all(requests, error)
+            requests = [r for r in self._live.values() if not r.status.done]
+        for request in requests:
+            try:
+                self._end(request, Status.FAILED, "error", message)
+            except Exception:  # noqa: BLE001
+                request.status, request.finish_reason = Status.FAILED, "error"
+                self._close(request, message)
 
     def has_work(self) -> bool:
         """Whether a step would make progress (what the talker thread waits for)."""
@@ -315,6 +335,9 @@ class Engine:
         if status is Status.FAILED or request.slot < 0:
             if status is Status.FAILED:  # its cache may hold half a step: the session cannot go on
                 self.sessions.by_id.pop(session.id, None)
+                if request.slot < 0 and session.slot >= 0:  # a queued turn: its session's warm slot goes
+                    self.runner.release(session.slot)
+                session.slot = -1
             return False
         fed = [request.prompt.rows[: request.prefilled]]
         if len(request.rows) > 1:  # every row the request emitted but the last went back in
@@ -324,13 +347,19 @@ class Engine:
         return self.sessions.by_id.get(session.id) is session
 
     def _close_session(self, session_id: str) -> None:
-        session = self.sessions.by_id.pop(session_id, None)
-        if session is None:
-            return
-        if session.turn is not None:
-            self._end(session.turn, Status.ABORTED, "aborted")  # gone from the table: the slot is freed
-        elif session.slot >= 0:
-            self.runner.release(session.slot)
+        # Under the lock, as a turn joins a session (add_request): the turn joined before is aborted
+        # here, one after finds no session and starts a new one; the warm slot is nobody's after.
+        with self._lock:
+            session = self.sessions.by_id.pop(session_id, None)
+            if session is None:
+                return
+            turn, slot = session.turn, session.slot
+            session.slot = -1
+        running = turn is not None and turn.slot >= 0  # in the session's slot, which its ending frees
+        if turn is not None:
+            self._end(turn, Status.ABORTED, "aborted")
+        if slot >= 0 and not running:
+            self.runner.release(slot)
 
     def _admit(self, request: EngineRequest) -> None:
         try:

@@ -80,7 +80,10 @@ class Worker:
     def _report(self, error: Exception) -> None:
         crashed = self._on_crash()
         if crashed is not None:
-            crashed(error)
+            try:
+                crashed(error)
+            except Exception:  # noqa: BLE001 - a failing clean-up must not end the thread
+                log.exception("%s: handling a failed round failed", self.name)
 
     def _wait_for_work(self) -> bool:
         """True when there is work; False when stopped or the owner is gone. No strong reference

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..api import TTS
+from ..errors import EngineClosedError
 from . import errors, realtime, speech, voice_routes
 from .errors import APIError
 from .playground_routes import model_capabilities, mount_playground
@@ -67,9 +68,12 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, v
     @app.get("/ready")
     async def ready() -> JSONResponse:
         """Readiness: the model is loaded and the engine takes requests."""
-        if state.closing or state.tts.closed:
+        try:
+            if state.closing:
+                raise EngineClosedError("shutting down")
+            stats = state.tts.stats()
+        except EngineClosedError:
             return JSONResponse({"status": "shutting down"}, status_code=503)
-        stats = state.tts.stats()
         return JSONResponse({"status": "ready", "model": state.model_name, "running": stats["running"],
                              "queued": stats["queued"]})
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import AudioError, EngineFullError, InvalidRequestError
+from ..errors import AudioError, EngineClosedError, EngineFullError, InvalidRequestError
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -51,6 +51,8 @@ def from_mossserve(e: Exception, retry_after_s: int) -> APIError:
     if isinstance(e, EngineFullError):
         return APIError(503, f"the server is at capacity ({e}); retry shortly", code="queue_full",
                         headers={"Retry-After": str(retry_after_s)})
+    if isinstance(e, EngineClosedError):
+        return APIError(503, "the server is shutting down", code="shutting_down")
     if isinstance(e, AudioError):
         return APIError(400, str(e), code="invalid_audio")
     if isinstance(e, InvalidRequestError):

@@ -1,11 +1,13 @@
 """What every route shares: the engine, the voice store, the metrics and the settings."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..api import TTS
 from ..engine.async_engine import AsyncEngine
+from ..errors import EngineClosedError
 from .metrics import Metrics
 from .references import VoiceResolver
 from .settings import ServerSettings
@@ -41,7 +43,7 @@ class ServerState:
         voices = VoiceStore(Path(settings.data_dir)) if voices is None else voices
         engine = AsyncEngine(tts)
         codec_id = f"{tts.codec_source}@{tts.talker.codebooks}"
-        metrics = Metrics(lambda: None if tts.closed else tts.stats())
+        metrics = Metrics(functools.partial(stats_while_open, tts))
         return cls(settings, tts, engine, voices, metrics, VoiceResolver(voices, engine, codec_id, tts.talker.codebooks),
                    served_name(settings, tts), owns_tts)
 
@@ -63,3 +65,12 @@ def served_name(settings: ServerSettings, tts: TTS) -> str:
         return DEMO_MODEL_NAME
     return str(settings.model).rstrip("/") if "/" in str(settings.model) and not Path(settings.model).exists() \
         else Path(settings.model).name
+
+
+def stats_while_open(tts: TTS) -> dict | None:
+    """The engine's figures for the metrics, None once it is closed (no metrics then)."""
+    try:
+        return tts.stats()
+    except EngineClosedError:
+        return None
+
