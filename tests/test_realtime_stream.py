@@ -189,3 +189,18 @@ def test_stream_sampled_replays_the_seeded_run(seed_offset: int) -> None:
         return
     play(driver, run["ops"])
     assert np.array_equal(np.stack(driver.frames), expected)
+
+
+@pytest.mark.parametrize("piece, good", [
+    ("text", True), (None, True), ([1, 2], True), (np.array([3, 151935]), True),
+    ([151936], False), ([-1], False), ([True], False), ([1.5], False), (b"ab", False), (5, False),
+])
+def test_pushed_pieces_are_checked_before_they_reach_the_engine(piece, good: bool) -> None:
+    from mossserve.errors import InvalidRequestError
+
+    fam = realtime_family()
+    if good:
+        fam.check_input(piece)
+    else:
+        with pytest.raises(InvalidRequestError, match="text ids must be integers"):
+            fam.check_input(piece)

@@ -168,6 +168,36 @@ def test_bad_messages_get_errors_and_the_session_goes_on(url: str) -> None:
         assert done["finish_reason"] == "stop" and deltas
 
 
+def test_bad_token_ids_in_a_turn_fail_the_delta_not_the_session(url: str) -> None:
+    """Out-of-vocabulary ids pushed mid-turn get an error event; the turn goes on with the good
+    deltas, and the next turn still continues its context (the reference's frames, both turns)."""
+    run, got = RUNS["stream_multiturn"], []
+    with Client(url, voice_codes=codes("voice")) as client:
+        for turn, (spec, user) in enumerate(zip(run["turns"], ["user1", "user2"])):
+            client.send({"type": "turn.start", "user_text": spec["reset_turn"]["user_text"],
+                         "user_audio_codes": codes(user)})
+            for i, op in enumerate(o for o in spec["ops"] if o["op"] in ("push_text", "push_text_tokens")):
+                client.send({"type": "text.delta", "delta": op["arg"]} if op["op"] == "push_text"
+                            else {"type": "text.delta", "tokens": op["arg"]})
+                if turn == 0 and i == 0:
+                    client.send({"type": "text.delta", "tokens": [5, 10**9]})
+            client.send({"type": "text.done"})
+            deltas, errors = [], []
+            while True:
+                event = client.receive()
+                if event["type"] == "audio.done":
+                    break
+                if event["type"] == "error":
+                    errors.append(event["error"]["message"])
+                elif event["type"] == "audio.delta":
+                    deltas.append(event)
+            assert errors == (["text ids must be integers in 0..151935"] if turn == 0 else [])
+            assert event["finish_reason"] == "stop"
+            got.append(turn_codes(deltas))
+    for turn in (0, 1):
+        assert np.array_equal(got[turn], expected("stream_multiturn", turn))
+
+
 def test_a_model_without_sessions_says_so(server_app) -> None:
     with live_server(server_app()) as base, connect(base.replace("http://", "ws://") + "/v1/realtime/speech",
                                                      open_timeout=30) as ws:  # the demo: the Delay family

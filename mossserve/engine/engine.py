@@ -137,7 +137,9 @@ class Engine:
 
     def push_input(self, request_id: str, piece: object = None, end: bool = False) -> bool:
         """Input for a running request whose prompt is open (text arriving while it speaks), in order;
-        `end=True` says no more comes. False if the request is unknown, over, or takes no input."""
+        `end=True` says no more comes. False if the request is unknown, over, or takes no input;
+        InvalidRequestError for a piece the family refuses (the request goes on)."""
+        self.family.check_input(piece)
         with self._lock:
             request = self._live.get(request_id)
             if request is None or request.status.done or not request.prompt.info.get("open"):

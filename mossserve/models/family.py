@@ -111,6 +111,10 @@ class TalkerFamily(ABC):
         Called on the engine thread, in the order the pieces were pushed."""
         raise NotImplementedError
 
+    def check_input(self, piece: object) -> None:
+        """Raise InvalidRequestError for a piece `push_input` refuses whatever the request's state.
+        Called on the pushing thread: a bad piece fails the push, not the request it was meant for."""
+
     # ---- sessions: turns that continue one context (families that support them) -----------
     supports_sessions: bool = False
 

@@ -246,14 +246,13 @@ class MossRealtimeFamily(TalkerFamily):
 
         if state.texts[slot] is None:
             raise InvalidRequestError("this request takes no more input")
+        self.check_input(piece)
         if isinstance(piece, str):
             ids = state.texts[slot].push(piece)
         elif piece is None:
             ids = []
         else:
             ids = [int(i) for i in piece]
-            if any(i < 0 or i >= self.config.language.vocab_size for i in ids):
-                raise InvalidRequestError(f"text ids must lie in 0..{self.config.language.vocab_size - 1}")
         if end:
             ids += state.texts[slot].end()
             state.ended[slot] = True
@@ -276,6 +275,16 @@ class MossRealtimeFamily(TalkerFamily):
             state.waiting[slot] = False
             update.next_row = np.concatenate([[token], state.last_frame[slot].cpu().numpy()])
         return update
+
+    def check_input(self, piece: object) -> None:
+        """Text (str), token ids (integers in the text vocabulary), or None."""
+        if piece is None or isinstance(piece, str):
+            return
+        vocab = self.config.language.vocab_size
+        if (isinstance(piece, bytes) or not hasattr(piece, "__iter__")
+                or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < vocab
+                       for i in piece)):
+            raise InvalidRequestError(f"text ids must be integers in 0..{vocab - 1}")
 
     def _append_text(self, state: RealtimeState, slot: int, ids: list[int]) -> None:
         length = int(state.text_len[slot])
