@@ -165,6 +165,19 @@ def test_replace_codes_updates_codes_and_codec(store, tmp_path) -> None:
         reopened.close()
 
 
+def test_codes_re_encoded_from_replaced_audio_are_not_swapped_in(store) -> None:
+    """The server re-encodes a voice another codec made (slow); if the voice was deleted and
+    uploaded again meanwhile, the codes of the old audio must not replace the new voice's."""
+    old, _, _ = add(store, "alice", seed=0)
+    store.delete("alice")
+    new, audio, codes = add(store, "alice", seed=1)
+    stale = np.zeros((4, 3), dtype=np.int64)
+    assert store.replace_codes("alice", stale, codec="codec-v2", sha256=old.sha256) == new
+    assert_stored(store, "alice", audio, codes)
+    updated = store.replace_codes("alice", stale, codec="codec-v2", sha256=new.sha256)
+    assert updated.codec == "codec-v2" and np.array_equal(store.codes("alice"), stale)
+
+
 def test_missing_voice_is_an_invalid_request(store) -> None:
     for method in (store.codes, store.audio_path):
         with pytest.raises(InvalidRequestError, match="voice 'ghost' not found"):
@@ -203,3 +216,50 @@ def test_a_failed_write_leaves_neither_row_nor_files(store, tmp_path, monkeypatc
     voice, audio, codes = add(store, "alice")  # the name was not taken by the failed add
     assert store.list() == [voice]
     assert_stored(store, "alice", audio, codes)
+
+
+class Encoder:
+    """The engine's `encode_voice` stand-in: codes from the audio file's length; `during` runs while
+    it encodes (another request's work meanwhile)."""
+
+    def __init__(self, during=None) -> None:
+        self.during, self.calls = during, 0
+
+    async def encode_voice(self, audio: bytes) -> np.ndarray:
+        self.calls += 1
+        if self.during is not None:
+            self.during()
+        return np.full((2, 3), len(audio) % 1000, dtype=np.int64)
+
+
+def test_a_stored_voice_of_another_codec_is_re_encoded_once(store) -> None:
+    import asyncio
+
+    from mossserve.serve.references import VoiceResolver
+
+    add(store, "alice", seed=0)  # stored with codec "codec-0"
+    encoder = Encoder()
+    resolver = VoiceResolver(store, encoder, "server-codec", 3)
+    codes, transcript = asyncio.run(resolver.stored("alice", "voice"))
+    assert encoder.calls == 1 and transcript == "transcript 0" and store.get("alice").codec == "server-codec"
+    assert np.array_equal(store.codes("alice"), codes)
+    again, _ = asyncio.run(resolver.stored("alice", "voice"))
+    assert encoder.calls == 1 and np.array_equal(again, codes)
+
+
+def test_a_voice_uploaded_again_during_its_re_encode_keeps_its_own_codes(store) -> None:
+    import asyncio
+
+    from mossserve.serve.references import VoiceResolver
+
+    add(store, "alice", seed=0)
+    replaced = {}
+
+    def upload_again() -> None:
+        store.delete("alice")
+        replaced["voice"], _, replaced["codes"] = add(store, "alice", seed=1)
+
+    resolver = VoiceResolver(store, Encoder(during=upload_again), "server-codec", 3)
+    asyncio.run(resolver.stored("alice", "voice"))
+    assert store.get("alice") == replaced["voice"]
+    assert np.array_equal(store.codes("alice"), replaced["codes"])

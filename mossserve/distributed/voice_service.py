@@ -57,8 +57,8 @@ class RemoteVoiceStore:
     def codes(self, name: str) -> np.ndarray:
         return self._call("codes", name)
 
-    def replace_codes(self, name: str, codes: np.ndarray, codec: str) -> Voice:
-        return self._call("replace_codes", name, codes, codec)
+    def replace_codes(self, name: str, codes: np.ndarray, codec: str, sha256: str | None = None) -> Voice:
+        return self._call("replace_codes", name, codes, codec, sha256)
 
     def delete(self, name: str) -> bool:
         return self._call("delete", name)

@@ -77,7 +77,8 @@ class VoiceResolver:
             return await asyncio.to_thread(self.voices.codes, name), voice.transcript
         audio = await asyncio.to_thread(lambda: self.voices.audio_path(name).read_bytes())
         codes = await self.engine.encode_voice(audio)
-        await asyncio.to_thread(self.voices.replace_codes, name, codes, self.codec_id)
+        # the voice may have been deleted and uploaded again meanwhile: then its own codes stay
+        await asyncio.to_thread(self.voices.replace_codes, name, codes, self.codec_id, voice.sha256)
         return codes, voice.transcript
 
     async def audio(self, value: str, param: str) -> np.ndarray:

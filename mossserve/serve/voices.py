@@ -147,8 +147,10 @@ class VoiceStore:
         with self._lock:
             return self._dir(self._require(name)) / "reference.wav"
 
-    def replace_codes(self, name: str, codes: np.ndarray, codec: str) -> Voice:
-        """Swaps in codes re-encoded by another codec.
+    def replace_codes(self, name: str, codes: np.ndarray, codec: str, sha256: str | None = None) -> Voice:
+        """Swaps in codes re-encoded by another codec. With `sha256` (of the audio they were encoded
+        from), a voice of that name whose audio is no longer that (deleted and uploaded again while
+        the codes were made) is left as it is and returned.
 
         A crash between the file swap and the commit leaves the new codes under the old codec's
         name, which only makes the server re-encode once more.
@@ -156,8 +158,10 @@ class VoiceStore:
         name = validate_voice_name(name)
         codes = _as_codes(codes)
         with self._lock, self._write():
-            voice = replace(self._require(name), frames=int(codes.shape[0]), codebooks=int(codes.shape[1]),
-                            codec=codec)
+            current = self._require(name)
+            if sha256 is not None and current.sha256 != sha256:
+                return current
+            voice = replace(current, frames=int(codes.shape[0]), codebooks=int(codes.shape[1]), codec=codec)
             self._db.execute("UPDATE voices SET frames = ?, codebooks = ?, codec = ? WHERE name = ?",
                              (voice.frames, voice.codebooks, codec, voice.name))
             tmp = self._dir(voice) / "codes.npy.tmp"
