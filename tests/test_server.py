@@ -308,3 +308,24 @@ def test_mossserve_serve_command(tmp_path) -> None:
     # SIGTERM is a graceful stop: uvicorn shuts the app down (the engine's lifespan ends), then exits
     # with the signal it caught, so that a process manager sees why it stopped.
     assert "Finished server process" in rest and server.returncode == -signal.SIGTERM, rest
+
+
+def test_after_the_engine_closes_ready_and_requests_say_503(server_app) -> None:
+    """Once the engine has shut down (the server stopping, or its TTS closed under it), readiness
+    and new requests answer 503 with the reason, and a scrape still works."""
+    from starlette.testclient import TestClient
+
+    from mossserve.api import TTS
+
+    tts = TTS.from_pretrained(None)
+    with TestClient(server_app(tts=tts)) as client:
+        assert client.get("/ready").status_code == 200
+        assert client.post("/v1/audio/speech", json={"input": "Before.", "response_format": "pcm"}).status_code == 200
+        assert "mossserve_kv_cache_slots" in client.get("/metrics").text
+        tts.close()
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "shutting down"
+        refused = client.post("/v1/audio/speech", json={"input": "After.", "response_format": "pcm"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200 and "mossserve_kv_cache_slots" not in metrics.text

@@ -18,13 +18,12 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..api import TTS
-from ..errors import EngineClosedError
 from . import errors, realtime, speech, voice_routes
 from .errors import APIError
 from .playground_routes import model_capabilities, mount_playground
 from .settings import ServerSettings
 from .speech import outcome_for
-from .state import ServerState
+from .state import ServerState, stats_while_open
 from .voices import VoiceStore
 
 EXPOSED_HEADERS = ["X-Request-Id", "X-Finish-Reason", "X-Audio-Seconds", "Retry-After"]
@@ -68,11 +67,8 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, v
     @app.get("/ready")
     async def ready() -> JSONResponse:
         """Readiness: the model is loaded and the engine takes requests."""
-        try:
-            if state.closing:
-                raise EngineClosedError("shutting down")
-            stats = state.tts.stats()
-        except EngineClosedError:
+        stats = None if state.closing else stats_while_open(state.tts)
+        if stats is None:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ready", "model": state.model_name, "running": stats["running"],
                              "queued": stats["queued"]})

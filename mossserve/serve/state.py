@@ -73,4 +73,3 @@ def stats_while_open(tts: TTS) -> dict | None:
         return tts.stats()
     except EngineClosedError:
         return None
-
