@@ -502,6 +502,42 @@ def test_a_request_dropped_while_the_codec_holds_its_chunk_leaves_no_stream(monk
     assert first.id not in outbox.chunks and second.id not in outbox.chunks
 
 
+def test_a_slow_codec_on_its_own_thread_holds_new_requests_in_the_queue(monkeypatch) -> None:
+    """Finished requests whose audio waits on the codec are at most max_running: a talker faster
+    than the codec stops admitting (new requests wait in the queue, which the server bounds with
+    503s) instead of piling audio up; once the codec drains them, the rest run."""
+    import threading
+
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, codec, EngineConfig(max_running=2, codec_thread=True))
+    release = threading.Event()
+    decode = engine.codec._decode
+
+    def slow_decode(*args):
+        release.wait()
+        return decode(*args)
+
+    monkeypatch.setattr(engine.codec, "_decode", slow_decode)
+    engine.start()
+    try:
+        rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+        finals: queue.Queue = queue.Queue()
+        sink = lambda chunk: finals.put(chunk) if chunk.final else None  # noqa: E731
+        for _ in range(5):
+            engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), sink, max_new_frames=24, guard=False)
+        engine._worker.wait_idle()  # the talker: requests run to their end until it may start none
+        stats = engine.stats()
+        # admission stops once two wait on the codec (three, if one started while the first waited)
+        assert stats["running"] == 0 and stats["queued"] >= 2 and stats["live"] == 5
+        release.set()
+        assert [finals.get(timeout=60).finish_reason for _ in range(5)] == ["length"] * 5
+        engine.wait_idle()
+        assert engine.stats()["live"] == 0
+    finally:
+        release.set()
+        engine.shutdown()
+
+
 def test_shutdown_ends_the_requests_in_flight_and_refuses_later_ones() -> None:
     """A caller waiting on a request when the engine shuts down (TTS.close, the server stopping)
     gets a final chunk with the reason; a request after it is refused, not queued forever."""

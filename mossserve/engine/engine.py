@@ -261,9 +261,20 @@ class Engine:
         """Whether a step would make progress (what the talker thread waits for)."""
         if self._endings or self._session_closes:
             return True
-        if self.scheduler.waiting and len(self.scheduler.running) < self.config.max_running:
+        if (self.scheduler.waiting and len(self.scheduler.running) < self.config.max_running
+                and self._codec_room() > 0):
             return True
         return any(self._can_progress(r) for r in self.scheduler.running)
+
+    def _codec_room(self) -> int:
+        """How many more finished requests the codec may have to drain. With the codec on a thread of
+        its own, a talker faster than the codec would pile finished requests' audio up without bound
+        (and their streams would hold new requests' first chunks back): a request starts only while
+        fewer than `max_running` wait on it, and new requests wait in the queue meanwhile (the
+        caller holds the lock)."""
+        if self._codec_between_steps:  # every step drains what it made
+            return self.config.max_running
+        return self.config.max_running - sum(r.status is Status.FINISHED and not r.closed for r in self._live.values())
 
     def run_until_idle(self) -> None:
         """Unthreaded: step while anything can progress (requests waiting for input stay)."""
@@ -280,7 +291,8 @@ class Engine:
         for session_id in closes:
             self._close_session(session_id)
         with self._lock:
-            admitted = self.scheduler.admit(self._free_slots(), self._holds_slot)
+            room = self._codec_room()
+            admitted = self.scheduler.admit(min(self._free_slots(), room) if room > 0 else 0, self._holds_slot)
         for request in admitted:
             self._admit(request)
         for request in list(self.scheduler.running):
@@ -571,6 +583,7 @@ class Engine:
                 return
             request.closed, request.error = True, error
             self._live.pop(request.id, None)
+            self._lock.notify()  # room for a request the codec's backlog held back
             self.counts[{"aborted": "aborted", "error": "failed"}.get(request.finish_reason, "finished")] += 1
         n = len(request.frames)
         request.emit(AudioChunk(request.id, None, self.family.sample_rate, n, n,
