@@ -8,12 +8,16 @@ Realtime family's window; 0 = the whole history, which is what the Delay family 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Sequence, Union
 
 from .errors import InvalidRequestError
 
 PerCodebook = Union[float, Sequence[float]]
+# The least temperature (other than 0, greedy) and repetition penalty: logits are divided by them in
+# float32, and a divisor far below this makes them infinite (a row of NaN probabilities).
+MIN_DIVISOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,13 @@ class SamplingParams:
                 continue
             values = [value] if isinstance(value, (int, float)) else list(value)
             for v in values:
-                if not isinstance(v, (int, float)) or v != v:
-                    raise InvalidRequestError(f"{f.name} must be a number, got {v!r}")
+                if not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise InvalidRequestError(f"{f.name} must be a finite number, got {v!r}")
+                if f.name.endswith("temperature") and 0 < v < MIN_DIVISOR:
+                    raise InvalidRequestError(f"{f.name} must be 0 (greedy) or at least {MIN_DIVISOR}, got {v}")
                 if f.name.endswith("top_p") and not 0.0 < v <= 1.0:
                     raise InvalidRequestError(f"{f.name} must be in (0, 1], got {v}")
                 if f.name.endswith("top_k") and (v < 0 or int(v) != v):
                     raise InvalidRequestError(f"{f.name} must be a non-negative integer (0 = off), got {v}")
-                if f.name.endswith("repetition_penalty") and v <= 0:
-                    raise InvalidRequestError(f"{f.name} must be > 0, got {v}")
+                if f.name.endswith("repetition_penalty") and v < MIN_DIVISOR:
+                    raise InvalidRequestError(f"{f.name} must be at least {MIN_DIVISOR}, got {v}")

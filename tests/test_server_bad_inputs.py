@@ -126,7 +126,12 @@ CASES = [
     bad("top-p-1.5", 422, "less than or equal to 1", {"top_p": 1.5}, param="top_p"),
     bad("top-k-negative", 422, "greater than or equal to 0", {"top_k": -3}, param="top_k"),
     bad("top-k-float", 422, "valid integer", {"top_k": 2.5}, param="top_k"),
-    bad("repetition-penalty-0", 422, "greater than 0", {"repetition_penalty": 0}, param="repetition_penalty"),
+    bad("repetition-penalty-0", 422, "greater than or equal to 0.001", {"repetition_penalty": 0},
+        param="repetition_penalty"),
+    # divisors this small made a row's logits infinite, and the batch's step fail
+    bad("repetition-penalty-tiny", 422, "greater than or equal to 0.001", {"repetition_penalty": 1e-40},
+        param="repetition_penalty"),
+    bad("temperature-tiny", 400, "temperature must be 0 (greedy) or at least 0.001", {"temperature": 1e-39}),
     bad("max-new-tokens-0", 422, "greater than or equal to 1", {"max_new_tokens": 0}, param="max_new_tokens"),
     bad("initial-chunk-frames-0", 422, "greater than or equal to 1", {"initial_chunk_frames": 0},
         param="initial_chunk_frames"),

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Protocol
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..audio.formats import FORMATS
+from ..sampling import MIN_DIVISOR
 
 ResponseFormat = Literal[FORMATS]  # wav, pcm, flac, mp3, opus
 
@@ -22,10 +23,10 @@ class Body(BaseModel):
 
 # The sampling and first-chunk fields a speech request and a realtime session share.
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
-Temperature = Annotated[float, Field(ge=0, le=10)]
+Temperature = Annotated[float, Field(ge=0, le=10)]  # and 0 or >= sampling.MIN_DIVISOR (SamplingParams.validate)
 TopP = Annotated[float, Field(gt=0, le=1)]
 TopK = Annotated[int, Field(ge=0, le=100000)]
-RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
+RepetitionPenalty = Annotated[float, Field(ge=MIN_DIVISOR, le=10)]
 FirstChunkFrames = Annotated[int, Field(ge=1)]
 
 
