@@ -327,5 +327,6 @@ def test_after_the_engine_closes_ready_and_requests_say_503(server_app) -> None:
         assert ready.status_code == 503 and ready.json()["status"] == "shutting down"
         refused = client.post("/v1/audio/speech", json={"input": "After.", "response_format": "pcm"})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        assert refused.headers["retry-after"].isdigit()
         metrics = client.get("/metrics")
         assert metrics.status_code == 200 and "mossserve_kv_cache_slots" not in metrics.text

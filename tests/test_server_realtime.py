@@ -156,6 +156,10 @@ def test_bad_messages_get_errors_and_the_session_goes_on(url: str) -> None:
         ({"type": "session.update", "session": {"voice_codes": [[1, 2]]}}, "codes must have shape"),
         ({"type": "session.update", "session": {"top_p": 3}}, "top_p"),
         ({"type": "session.update", "session": {"voice": "not-a-stored-voice-or-base64!"}}, "neither a stored voice"),
+        ({"type": "session.update", "session": {"voice_codes": [[1] * 16, [1] * 15]}}, "rectangular array"),
+        ({"type": "session.update", "session": {"voice_codes": [[10**30] * 16]}}, "rectangular array"),
+        ({"type": "turn.start", "user_text": "Hi.", "user_audio_codes": [[2**63] * 16]}, "rectangular array"),
+        ({"type": "text.delta", "tokens": [5] * 5000}, "at most 4096 characters (or ids)"),
     ]
     with Client(url) as client:
         for message, needle in bad:
@@ -164,6 +168,8 @@ def test_bad_messages_get_errors_and_the_session_goes_on(url: str) -> None:
             assert event["type"] == "error" and needle in event["error"]["message"], (message, event)
         client.ws.send("not json")
         assert "one JSON object" in client.receive()["error"]["message"]
+        client.ws.send(b"binary")
+        assert "not binary ones" in client.receive()["error"]["message"]
         deltas, done = play_turn(client, [{"op": "push_text", "arg": "Still serving."}], None)
         assert done["finish_reason"] == "stop" and deltas
 

@@ -52,7 +52,8 @@ def from_mossserve(e: Exception, retry_after_s: int) -> APIError:
         return APIError(503, f"the server is at capacity ({e}); retry shortly", code="queue_full",
                         headers={"Retry-After": str(retry_after_s)})
     if isinstance(e, EngineClosedError):
-        return APIError(503, "the server is shutting down", code="shutting_down")
+        return APIError(503, "the server is shutting down", code="shutting_down",
+                        headers={"Retry-After": str(retry_after_s)})
     if isinstance(e, AudioError):
         return APIError(400, str(e), code="invalid_audio")
     if isinstance(e, InvalidRequestError):

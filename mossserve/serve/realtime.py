@@ -122,6 +122,7 @@ class RealtimeSession:
         self.request_id: str | None = None
         self.sender: asyncio.Task | None = None
         self.turns = 0
+        self.pushed = 0  # characters (or ids) of text the turn has been given
 
     async def run(self) -> None:
         await self.send({"type": "session.created", "session_id": self.id, "model": self.state.model_name,
@@ -129,9 +130,13 @@ class RealtimeSession:
                          "response_format": self.settings.response_format})
         try:
             while True:
-                text = await self.ws.receive_text()
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
                 try:
-                    await self.handle(_json(text))
+                    if message.get("text") is None:
+                        raise APIError(400, "messages are JSON text frames, not binary ones", code="bad_message")
+                    await self.handle(_json(message["text"]))
                 except APIError as e:
                     await self.send(_error(e.message, e.code))
                 except MossServeError as e:
@@ -194,7 +199,7 @@ class RealtimeSession:
                                          None if self.voice is None else self.voice.T)
         stream = await self.state.engine.submit(prompt, sampling_for(self.state, s),
                                                 schedule=schedule_for(self.state, s, code="bad_message"), session=self.id)
-        self.first, self.turns = False, self.turns + 1
+        self.first, self.turns, self.pushed = False, self.turns + 1, 0
         self.turn_id, self.request_id = f"turn-{self.turns}", stream.request_id
         await self.send({"type": "turn.started", "turn_id": self.turn_id})
         self.sender = asyncio.create_task(self.send_audio(stream, self.turn_id))
@@ -202,9 +207,15 @@ class RealtimeSession:
     async def text(self, message: TextDelta) -> None:
         if (message.delta is None) == (message.tokens is None):
             raise APIError(400, "text.delta carries delta (text) or tokens (ids), one of them", code="bad_message")
+        piece = message.delta if message.delta is not None else message.tokens
+        limit = self.state.settings.max_input_chars
+        if (self.pushed if self.turn_id is not None else 0) + len(piece) > limit:  # --max-input-chars
+            raise APIError(400, f"a turn takes at most {limit} characters (or ids) of text; end it and send "
+                                "the rest in the next", code="text_too_long")
         if self.turn_id is None:
             await self.start_turn(None)
-        self.push(message.delta if message.delta is not None else message.tokens, end=False)
+        self.push(piece, end=False)
+        self.pushed += len(piece)
 
     def push(self, piece, end: bool) -> None:
         if self.request_id is None or not self.state.engine.push_input(self.request_id, piece, end):
@@ -246,7 +257,11 @@ class RealtimeSession:
         if audio is not None and codes is not None:
             raise APIError(400, f"give {name} as audio or as codes, not both", code="bad_message")
         if codes is not None:
-            array = np.asarray(codes, dtype=np.int64)
+            try:
+                array = np.asarray(codes, dtype=np.int64)
+            except (ValueError, OverflowError, TypeError):
+                raise APIError(400, f"{name} must be a rectangular array of integer codes (frames, 16)",
+                               code="bad_message") from None
             return self.state.tts.talker.builder.check_codes(array, name)
         if audio is None:
             return None
