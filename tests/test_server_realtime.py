@@ -204,6 +204,26 @@ def test_bad_token_ids_in_a_turn_fail_the_delta_not_the_session(url: str) -> Non
         assert np.array_equal(got[turn], expected("stream_multiturn", turn))
 
 
+def test_a_turn_whose_text_stops_coming_is_ended(tmp_path) -> None:
+    """A stalled client (text started, never done) holds a batch slot: after --request-timeout
+    seconds without text the turn ends with an error event, and the session goes on."""
+    from mossserve.api import TTS
+
+    with closing(TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny")) as tts, \
+            serve_model(tts, tmp_path, request_timeout_s=1.0) as base:
+        with Client(base.replace("http://", "ws://") + "/v1/realtime/speech") as client:
+            client.send({"type": "text.delta", "delta": "Hello"})
+            events = []
+            while not events or events[-1]["type"] != "audio.done":
+                events.append(client.receive())
+            errors = [e["error"] for e in events if e["type"] == "error"]
+            assert [e["code"] for e in errors] == ["turn_timeout"] and "no text for 1 s" in errors[0]["message"]
+            assert events[-1]["finish_reason"] == "aborted"
+            deltas, done = play_turn(client, [{"op": "push_text", "arg": "A turn after it."}], None)
+            assert done["finish_reason"] == "stop" and deltas
+        assert tts.engine.stats()["live"] == 0
+
+
 def test_a_model_without_sessions_says_so(server_app) -> None:
     with live_server(server_app()) as base, connect(base.replace("http://", "ws://") + "/v1/realtime/speech",
                                                      open_timeout=30) as ws:  # the demo: the Delay family

@@ -26,6 +26,7 @@ import asyncio
 import base64
 import hmac
 import json
+import time
 import uuid
 from typing import Annotated, Literal
 
@@ -123,6 +124,9 @@ class RealtimeSession:
         self.sender: asyncio.Task | None = None
         self.turns = 0
         self.pushed = 0  # characters (or ids) of text the turn has been given
+        self.text_done = False  # the turn's text is complete
+        self.last_input = 0.0  # monotonic time of the turn's latest text
+        self.watchdog: asyncio.Task | None = None
 
     async def run(self) -> None:
         await self.send({"type": "session.created", "session_id": self.id, "model": self.state.model_name,
@@ -145,8 +149,9 @@ class RealtimeSession:
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client left (RuntimeError: a send after the close)
         finally:
-            if self.sender is not None:
-                self.sender.cancel()
+            for task in (self.sender, self.watchdog):
+                if task is not None:
+                    task.cancel()
             self.state.engine.close_session(self.id)
 
     async def handle(self, data: object) -> None:
@@ -165,6 +170,7 @@ class RealtimeSession:
             await self.text(message)
         elif message.type == "text.done":
             self.push(None, end=True)
+            self.text_done = True
         else:
             self.cancel()
 
@@ -199,10 +205,24 @@ class RealtimeSession:
                                          None if self.voice is None else self.voice.T)
         stream = await self.state.engine.submit(prompt, sampling_for(self.state, s),
                                                 schedule=schedule_for(self.state, s, code="bad_message"), session=self.id)
-        self.first, self.turns, self.pushed = False, self.turns + 1, 0
+        self.first, self.turns, self.pushed, self.text_done = False, self.turns + 1, 0, False
         self.turn_id, self.request_id = f"turn-{self.turns}", stream.request_id
+        self.last_input = time.monotonic()
         await self.send({"type": "turn.started", "turn_id": self.turn_id})
         self.sender = asyncio.create_task(self.send_audio(stream, self.turn_id))
+        self.watchdog = asyncio.create_task(self.end_if_text_stops(self.turn_id, self.request_id))
+
+    async def end_if_text_stops(self, turn_id: str, request_id: str) -> None:
+        """A turn whose text stops coming holds a batch slot while it waits: after --request-timeout
+        seconds without text (and no text.done) it is ended, as an HTTP request would be."""
+        timeout = self.state.settings.request_timeout_s
+        while self.turn_id == turn_id and not self.text_done:
+            wait = self.last_input + timeout - time.monotonic()
+            if wait <= 0:
+                await self.send(_error(f"no text for {timeout:g} s: the turn is ended", "turn_timeout"))
+                self.state.engine.abort(request_id)
+                return
+            await asyncio.sleep(wait)
 
     async def text(self, message: TextDelta) -> None:
         if (message.delta is None) == (message.tokens is None):
@@ -215,7 +235,7 @@ class RealtimeSession:
         if self.turn_id is None:
             await self.start_turn(None)
         self.push(piece, end=False)
-        self.pushed += len(piece)
+        self.pushed, self.last_input = self.pushed + len(piece), time.monotonic()
 
     def push(self, piece, end: bool) -> None:
         if self.request_id is None or not self.state.engine.push_input(self.request_id, piece, end):
