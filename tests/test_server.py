@@ -16,6 +16,7 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
+from conftest import AUDIO_DIR
 from server_harness import StepGate, live_server, serve_model
 
 from mossserve.audio import read_audio
@@ -104,6 +105,19 @@ def test_sse_reassembles_to_the_non_streamed_audio(served, format) -> None:
         assert streamed == whole.content
     else:  # the streamed wav header says "until the end"; the samples are the same
         np.testing.assert_array_equal(sf.read(io.BytesIO(streamed))[0], sf.read(io.BytesIO(whole.content))[0])
+
+
+def test_sse_usage_counts_the_generated_frames_of_a_continuation(served) -> None:
+    """With ref_audio and ref_text the reference's own frames come first (their audio is cut):
+    output_tokens counts the generated frames, those whose audio the response carries."""
+    reference = base64.b64encode((AUDIO_DIR / "reference_zh.wav").read_bytes()).decode()
+    body = {"input": TEXT, "seed": SEED, "response_format": "pcm", "ref_audio": reference,
+            "ref_text": "The reference's words.", "stream_format": "sse"}
+    events = sse_events(served, body)
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
+    usage = events[-1]["usage"]
+    assert usage["output_tokens"] > 0 and usage["output_tokens"] * 1920 * 2 == len(pcm)  # s16 mono, 1920 / frame
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
 
 
 def test_models_health_ready_and_metrics(served) -> None:

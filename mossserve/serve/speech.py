@@ -214,7 +214,8 @@ class Run:
             self.count(outcome_for(e.status_code))
             yield _event(error_event(e.message, e.code))
             return
-        frames = final.frame_end if final is not None else 0
+        # the frames generated: a continuation's prompt audio comes first in the request's frames
+        frames = max(final.frame_end - final.generation.start_length, 0) if final is not None else 0
         prompt_rows = len(self.stream.prompt.rows)
         yield _event({"type": "speech.audio.done", "finish_reason": final.finish_reason,
                       "usage": {"input_tokens": prompt_rows, "output_tokens": frames,
