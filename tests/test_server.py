@@ -344,3 +344,28 @@ def test_after_the_engine_closes_ready_and_requests_say_503(server_app) -> None:
         assert refused.headers["retry-after"].isdigit()
         metrics = client.get("/metrics")
         assert metrics.status_code == 200 and "mossserve_kv_cache_slots" not in metrics.text
+
+
+def test_streamed_audio_is_encoded_off_the_event_loop(served, monkeypatch) -> None:
+    """Encoding (and resampling) a chunk takes milliseconds: on the event loop it would hold every
+    other connection back, so it runs on a worker thread (streamed responses and SSE)."""
+    import asyncio
+
+    from mossserve.audio import StreamEncoder
+
+    on_loop = []
+    write = StreamEncoder.write
+
+    def recording_write(self, audio):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return write(self, audio)
+
+    monkeypatch.setattr(StreamEncoder, "write", recording_write)
+    for body in ({"stream": True, "response_format": "mp3"}, {"stream_format": "sse", "response_format": "opus"}):
+        with httpx.stream("POST", served + "/v1/audio/speech", json={"input": TEXT, **body}, timeout=60) as response:
+            assert response.status_code == 200 and response.read()
+    assert on_loop and not any(on_loop)

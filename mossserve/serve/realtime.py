@@ -257,11 +257,11 @@ class RealtimeSession:
                 encoder = encoder or StreamEncoder(self.settings.response_format, chunk.sample_rate,
                                                    self.state.tts.codec.channels)
                 event = {"type": "audio.delta", "turn_id": turn_id,
-                         "audio": base64.b64encode(encoder.write(chunk.audio)).decode()}
+                         "audio": base64.b64encode(await asyncio.to_thread(encoder.write, chunk.audio)).decode()}
                 if self.settings.include_codes:
                     event["codes"] = chunk.codes.tolist()
                 await self.send(event)
-            if encoder is not None and (tail := encoder.close()):
+            if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
                 await self.send({"type": "audio.delta", "turn_id": turn_id, "audio": base64.b64encode(tail).decode()})
             await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": final.finish_reason,
                              "frames": final.frame_end})

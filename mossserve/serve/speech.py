@@ -187,9 +187,9 @@ class Run:
         try:
             async for chunk in self.chunks():
                 encoder = encoder or StreamEncoder(format, chunk.sample_rate, self.state.tts.codec.channels)
-                if chunk.audio is not None and chunk.audio.shape[-1] and (data := encoder.write(chunk.audio)):
+                if chunk.audio is not None and chunk.audio.shape[-1] and (data := await asyncio.to_thread(encoder.write, chunk.audio)):
                     yield data
-            if encoder is not None and (tail := encoder.close()):
+            if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
                 yield tail
         except ClientGone:
             return
@@ -203,10 +203,10 @@ class Run:
         try:
             async for chunk in self.chunks():
                 encoder = encoder or StreamEncoder(format, chunk.sample_rate, self.state.tts.codec.channels)
-                if chunk.audio is not None and chunk.audio.shape[-1] and (data := encoder.write(chunk.audio)):
+                if chunk.audio is not None and chunk.audio.shape[-1] and (data := await asyncio.to_thread(encoder.write, chunk.audio)):
                     yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
                 final = chunk
-            if encoder is not None and (tail := encoder.close()):
+            if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
                 yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode()})
         except ClientGone:
             return
