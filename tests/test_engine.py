@@ -51,6 +51,17 @@ class Outbox:
         return chunks[-1]
 
 
+def tts_rows():
+    """The prompt rows of tiny_nvq16's first tts golden request: a plain request to run."""
+    return next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+
+
+def final_queue():
+    """(queue, sink): the sink puts each request's final chunk in the queue (threaded engines)."""
+    finals: queue.Queue = queue.Queue()
+    return finals, lambda chunk: finals.put(chunk) if chunk.final else None
+
+
 def golden_requests(checkpoint: str, seeded: bool = False):
     """(name, prompt rows, sampling, cap, golden rows, golden frames, golden segment lengths) per fixture request
     that a single request reproduces: every greedy one, and the seeded single request."""
@@ -383,7 +394,7 @@ def test_runaway_guard_ends_a_loop_on_one_frame() -> None:
     fam = family("tiny_nvq16")
     engine = Engine(fam, None, EngineConfig(threaded=False, runaway=RunawayGuard(repeat_frames=5)))
     outbox = Outbox()
-    rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+    rows = tts_rows()
     sampling = SamplingParams.greedy().with_overrides(audio_repetition_penalty=0.01)  # < 1 favours repeats
     engine.add_request(fam.prompt_from_rows(rows), sampling, outbox.sink, request_id="loop", max_new_frames=200,
                        decode_audio=False)
@@ -440,7 +451,7 @@ def test_prompt_and_generation_fit_max_len() -> None:
     fam = family("tiny_nvq16")
     engine = Engine(fam, None, EngineConfig(threaded=False, max_len=80))
     outbox = Outbox()
-    rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+    rows = tts_rows()
     with pytest.raises(InvalidRequestError, match="allows 80"):
         engine.add_request(fam.prompt_from_rows(np.concatenate([rows, rows, rows])), SamplingParams.greedy(),
                            outbox.sink, decode_audio=False)
@@ -456,7 +467,7 @@ def test_abort_reaches_a_request_still_draining_through_the_codec(monkeypatch) -
     fam = family("tiny_nvq16")
     engine = Engine(fam, codec, EngineConfig(threaded=False))
     outbox = Outbox()
-    rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+    rows = tts_rows()
     run_once = engine.codec.run_once
     monkeypatch.setattr(engine.codec, "run_once", lambda: False)  # hold the codec back
     request = engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink)
@@ -480,7 +491,7 @@ def test_a_request_dropped_while_the_codec_holds_its_chunk_leaves_no_stream(monk
     fam = family("tiny_nvq16")
     engine = Engine(fam, codec, EngineConfig(threaded=False))
     outbox = Outbox()
-    rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+    rows = tts_rows()
     run_once = engine.codec.run_once
     monkeypatch.setattr(engine.codec, "run_once", lambda: False)  # hold the codec back
     first, second = (engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink)
@@ -520,9 +531,8 @@ def test_a_slow_codec_on_its_own_thread_holds_new_requests_in_the_queue(monkeypa
     monkeypatch.setattr(engine.codec, "_decode", slow_decode)
     engine.start()
     try:
-        rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
-        finals: queue.Queue = queue.Queue()
-        sink = lambda chunk: finals.put(chunk) if chunk.final else None  # noqa: E731
+        rows = tts_rows()
+        finals, sink = final_queue()
         for _ in range(5):
             engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), sink, max_new_frames=24, guard=False)
         engine._worker.wait_idle()  # the talker: requests run to their end until it may start none
@@ -546,7 +556,7 @@ def test_shutdown_ends_the_requests_in_flight_and_refuses_later_ones() -> None:
     fam = family("tiny_nvq16")
     engine = Engine(fam, None, EngineConfig(threaded=False))
     outbox = Outbox()
-    rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
+    rows = tts_rows()
     running = engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), outbox.sink,
                                  max_new_frames=200, decode_audio=False)
     engine.step()
@@ -567,9 +577,8 @@ def test_a_request_half_ended_by_a_failing_step_still_gets_its_final(monkeypatch
     engine = Engine(fam, None, EngineConfig(max_running=4))
     engine.start()
     try:
-        rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
-        finals: queue.Queue = queue.Queue()
-        sink = lambda chunk: finals.put(chunk) if chunk.final else None  # noqa: E731
+        rows = tts_rows()
+        finals, sink = final_queue()
         release = engine.runner.release
         calls = []
 
@@ -598,9 +607,8 @@ def test_a_bug_in_a_round_fails_the_requests_in_flight_and_serving_goes_on(monke
     engine = Engine(fam, codec, EngineConfig(max_running=4))
     engine.start()
     try:
-        rows = next(r for n, r, *_ in golden_requests("tiny_nvq16") if n == "tts/0")
-        finals: queue.Queue = queue.Queue()
-        sink = lambda chunk: finals.put(chunk) if chunk.final else None  # noqa: E731
+        rows = tts_rows()
+        finals, sink = final_queue()
         push = engine.pipeline.push
         monkeypatch.setattr(engine.pipeline, "push", lambda *a: (_ for _ in ()).throw(RuntimeError("talker bug")))
         engine.add_request(fam.prompt_from_rows(rows), SamplingParams.greedy(), sink)

@@ -82,10 +82,7 @@ class CodecRunner:
             log.exception("codec round failed")
             with self._lock:
                 self._in_round.clear()
-                for request in {id(w.request): w.request for w in batch}.values():
-                    if not request.dropped:
-                        self._drop(request)
-                        self._on_error(request, f"codec stage failed: {type(error).__name__}: {error}")
+                self._fail(batch, error)
         return True
 
     def _round(self, batch: list[CodecWork]) -> None:
@@ -171,14 +168,15 @@ class CodecRunner:
     def _run_decoder(self, ids: list[int], chunks: list[torch.Tensor], count: int) -> list:
         """One decode call for chunks of `count` codebooks (the decoder's count, or fewer)."""
         full = getattr(self._decoder, "n_quantizers", None)
+        reduced = full is not None and count < full
         with self._on_codec_stream(), torch.inference_mode():
-            if full is None or count >= full:
-                return [w.float().cpu().numpy() for w in self._decoder.decode(ids, chunks)]
-            self._decoder.n_quantizers = count
+            if reduced:
+                self._decoder.n_quantizers = count
             try:
                 return [w.float().cpu().numpy() for w in self._decoder.decode(ids, chunks)]
             finally:
-                self._decoder.n_quantizers = full
+                if reduced:
+                    self._decoder.n_quantizers = full
 
     def _ensure_decoder(self) -> StreamingDecoder:
         if self._decoder is None:
@@ -199,10 +197,14 @@ class CodecRunner:
         return bool(self._queue)
 
     def _crashed(self, error: Exception) -> None:
-        """A round failed outside the decoder (a bug): fail every request with codec work."""
+        """A round failed before it took its chunks (a bug): fail every request with codec work."""
         with self._lock:
-            requests = {id(w.request): w.request for w in self._queue}
-            for request in requests.values():
+            self._fail(list(self._queue), error)
+
+    def _fail(self, works: list[CodecWork], error: Exception) -> None:
+        """Drop the requests of `works` and report `error` to each once (the caller holds the lock)."""
+        for request in {id(w.request): w.request for w in works}.values():
+            if not request.dropped:
                 self._drop(request)
                 self._on_error(request, f"codec stage failed: {type(error).__name__}: {error}")
 

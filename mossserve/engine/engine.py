@@ -232,8 +232,7 @@ class Engine:
         with self._lock:
             stranded = [r for r in self._live.values() if not r.closed]
         for request in stranded:
-            request.status, request.finish_reason = Status.ABORTED, "aborted"
-            self._close(request, "the engine shut down")
+            self._close_as(request, Status.ABORTED, "aborted", "the engine shut down")
 
     def wait_idle(self) -> None:
         """Block until the talker and codec threads are between rounds with nothing to do. Call it
@@ -254,8 +253,7 @@ class Engine:
             try:
                 self._end(request, Status.FAILED, "error", message)
             except Exception:  # noqa: BLE001
-                request.status, request.finish_reason = Status.FAILED, "error"
-                self._close(request, message)
+                self._close_as(request, Status.FAILED, "error", message)
 
     def has_work(self) -> bool:
         """Whether a step would make progress (what the talker thread waits for)."""
@@ -531,8 +529,7 @@ class Engine:
         if request.status.done:  # out of the talker, maybe still draining through the codec
             if status is not Status.FINISHED and not request.closed:
                 self.codec.drop(request)
-                request.status, request.finish_reason = status, reason
-                self._close(request, error)
+                self._close_as(request, status, reason, error)
             return
         running = request.status in (Status.PREFILL, Status.DECODING)
         with self._lock:
@@ -576,6 +573,11 @@ class Engine:
         with self._lock:
             self._endings.append((request, Status.FAILED, "error", message))
             self._lock.notify()
+
+    def _close_as(self, request: EngineRequest, status: Status, reason: str, error: str | None) -> None:
+        """Close a request that will not go through `_end`'s talker path, with this ending."""
+        request.status, request.finish_reason = status, reason
+        self._close(request, error)
 
     def _close(self, request: EngineRequest, error: str | None = None) -> None:
         with self._lock:

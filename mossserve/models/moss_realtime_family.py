@@ -246,8 +246,7 @@ class MossRealtimeFamily(TalkerFamily):
 
         if state.texts[slot] is None:
             raise InvalidRequestError("this request takes no more input")
-        self.check_input(piece)
-        if isinstance(piece, str):
+        if isinstance(piece, str):  # checked by `check_input` on the pushing thread (Engine.push_input)
             ids = state.texts[slot].push(piece)
         elif piece is None:
             ids = []
