@@ -76,6 +76,16 @@ def test_wav_stream_with_no_audio_is_a_valid_empty_file():
     assert sf.read(io.BytesIO(data))[0].shape == (0,)
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("format", ["flac", "mp3", "opus"])
+def test_compressed_stream_with_no_audio_opens_as_silence(format, channels):
+    encoder = StreamEncoder(format, 24000, channels)
+    data = encoder.write(np.zeros((channels, 0), np.float32)) + encoder.close()
+    decoded, _ = decode_ffmpeg(data)
+    assert decoded.shape[0] == channels and decoded.shape[1] >= 1
+    assert np.abs(decoded).max() < 1e-3
+
+
 def test_streamed_pcm_is_the_whole_pcm():
     x = tone(24000, channels=2)
     assert b"".join(stream("pcm", x, 24000)) == encode_audio(x, 24000, "pcm")

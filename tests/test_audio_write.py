@@ -54,6 +54,21 @@ def test_wav_and_flac_are_exact_16_bit(format, channels):
     assert np.abs(back - x).max() <= 1 / 32767
 
 
+@pytest.mark.parametrize("format", FORMATS)
+def test_no_samples_still_make_a_file_each_reader_opens(format):
+    data = encode_audio(np.zeros((1, 0), np.float32), 24000, format)
+    if format == "pcm":
+        assert data == b""
+        return
+    if format in ("wav", "flac"):
+        decoded, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        assert rate == 24000 and decoded.shape == ((0, 1) if format == "wav" else (1, 1))
+    else:  # the encoder pads its one frame; a decoder may keep the padding
+        decoded, _ = decode_ffmpeg(data)
+        assert decoded.shape[1] >= 1
+    assert decoded.size == 0 or np.abs(decoded).max() < 1e-3
+
+
 def test_pcm_is_raw_interleaved_s16le():
     x = tone(24000, seconds=0.25, channels=2)
     data = encode_audio(x, 24000, "pcm")

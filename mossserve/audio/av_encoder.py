@@ -9,6 +9,9 @@ at a cost of about 11 kbit/s of page headers. Given a seekable buffer instead (w
 FFmpeg goes back at the end and fills the headers in: gapless mp3 of the exact length, flac with
 its length; whole opus files keep FFmpeg's default one-second pages.
 
+Audio with no samples is written as one sample of silence: an mp3 or ogg/opus file without a single
+packet is one FFmpeg and browsers refuse to open.
+
 What stays inside the encoders between writes: under 20 ms for opus (plus the page above), one
 flac block (2304 samples at 24 kHz), and about 3000 samples inside LAME for mp3 (0.13 s at 24 kHz).
 """
@@ -89,6 +92,8 @@ class AVEncoder:
         """Flush the resampler, the encoder and the muxer; return the rest of the file."""
         if self._resample is not None:
             self._encode(self._resample(np.zeros((self.channels, 0), np.float32), last=True))
+        if self._pts == 0:  # no audio at all: an mp3 or ogg without a packet is not a file players open
+            self._encode(np.zeros((self.channels, 1), np.float32))
         self._mux(self._stream.encode(None))
         self._container.close()
         if isinstance(self._out, io.BytesIO):

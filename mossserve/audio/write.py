@@ -16,12 +16,15 @@ def encode_audio(samples: np.ndarray, sample_rate: int, format: str, wav_float: 
 
     wav is 16-bit PCM (`wav_float=True`: 32-bit float, unclipped); pcm is raw s16le, channels
     interleaved; flac is 16-bit. mp3 and opus may be written at another rate than `sample_rate`
-    (see formats.RATES). Integer formats clip to [-1, 1] and round.
+    (see formats.RATES). Integer formats clip to [-1, 1] and round. No samples give a wav or pcm of
+    none and a flac, mp3 or opus of one silent sample: those formats have no file without a frame.
     """
     format = check_format(format)
     x = as_channels_first(samples)
     if format == "pcm":
         return to_s16(x).T.astype("<i2").tobytes()
+    if format == "flac" and x.shape[1] == 0:
+        x = np.zeros((x.shape[0], 1), np.float32)  # libsndfile writes no header for no samples
     if format in ("wav", "flac"):
         buffer = io.BytesIO()
         if format == "wav" and wav_float:
