@@ -67,6 +67,27 @@ def test_later_batch_prompt_is_the_earlier_prompt_its_frames_and_a_tail() -> Non
     assert len(case.tails()[0]) > 0 and case.tails()[0][0, 0] == cfg.eos_token_id
 
 
+def test_a_batch_begun_with_im_end_is_rewritten_for_the_next_batch() -> None:
+    """README 3.4 and 6: batch 1's prompt holds batch 0's codes as a VQ part, so the prefill column
+    that was fed back as a plain <|im_end|> is <|semantic:0|> with its codes there. The request's
+    batch 1 equals a fresh run of the builder's batch-1 prompt, beside another request too."""
+    fam = family()
+    cfg = fam.config
+    text = "<|speaker:0|>Hello there.<|speaker:1|>Good day to you."
+    req = SpeechRequest(input=text, voice=npz("codec_encode")["codes"].T[:100], reference_text="The quick brown fox.",
+                        chunk_length=1)
+    builder = fam.builder()
+    plan = builder.plan(req)
+    plain = request("plain")
+    generation, beside = run([(fam.build_prompt(req), GREEDY, 64), plain])
+    check("plain", beside)
+    ends = np.flatnonzero(generation.rows[:, 0] == cfg.eos_token_id)
+    assert ends[0] == 0 and len(ends) == 3 and generation.finish_reason == "stop"  # batch 0 began with <|im_end|>
+    batch0 = generation.rows[: ends[1] + 1]
+    fresh = run([(fam.prompt_from_rows(builder.prompt(plan, 1, [batch0[:-1, 1:]])), GREEDY, 64)])[0]
+    assert np.array_equal(generation.rows[ends[1] + 1 :], fresh.rows)
+
+
 def test_prompt_builder_gives_the_golden_prompt_and_tail() -> None:
     fam, case = family(), gen_case("multi_speaker")
     text = "<|speaker:0|>Good morning! How are you today?<|speaker:1|>I am fine, thanks. And you?"

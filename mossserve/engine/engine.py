@@ -482,6 +482,7 @@ class Engine:
         has_frame, new_segment, finished = out.has_frame.tolist(), out.new_segment.tolist(), out.finished.tolist()
         waiting = out.waiting.tolist() if out.waiting is not None else [False] * len(ready)
         more = out.prompt_rows if out.prompt_rows is not None else [None] * len(ready)
+        rewound = out.rewound if out.rewound is not None else [0] * len(ready)
         for i, request in enumerate(ready):
             if request.sink_broken:  # its consumer went away
                 self._end(request, Status.ABORTED, "aborted")
@@ -494,6 +495,7 @@ class Engine:
             if reason is not None:
                 self._end(request, Status.FINISHED, reason)
             elif more[i] is not None:  # back to prefill: the family continues the prompt
+                self.runner.cache.lengths[request.slot] -= rewound[i]
                 prompt = request.prompt
                 request.prompt = Prompt(np.concatenate([prompt.rows, more[i]]), prompt.start_length, prompt.info)
                 request.status = Status.PREFILL

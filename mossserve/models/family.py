@@ -61,6 +61,9 @@ class StepOutput:
     # after everything already in the cache and steps from their last hidden state; the row emitted
     # in this step is not fed back (e.g. Fish: the next text batch of one growing conversation).
     prompt_rows: list[np.ndarray | None] | None = None
+    # Per row with prompt_rows: how many of its latest cached positions those rows begin by rewriting
+    # (the engine drops them from the cache first; e.g. Fish: a column whose prompt form differs).
+    rewound: list[int] | None = None
 
 
 @dataclass

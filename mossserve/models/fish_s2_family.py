@@ -19,6 +19,9 @@ reference's next prompt (the earlier codes as a VQ part) in one growing conversa
 Decisions where the reference has bugs (docs/fish.md): a generation cut by the frame cap keeps its
 last frame (the reference drops it); one frame (`max_new_tokens=1`) works; the token of a batch's
 first step is not tested for <|im_end|> (as the reference: it is fed back and decoding goes on).
+That column is the one whose cached form differs from the next batch's prompt: fed back, it is the
+plain <|im_end|>; in the VQ part it is `<|semantic:c_0|>` with its codes. A batch that began so
+keeps its fed-back columns, and its tail rewrites them (`StepOutput.rewound`).
 """
 from __future__ import annotations
 
@@ -69,6 +72,9 @@ class FishState:
     window_pos: torch.Tensor  # (S,) int64: where the next decode token goes (a ring)
     generators: list[torch.Generator | None]
     pending: list[list[np.ndarray]]  # per slot: later batches' prompt tails
+    # per slot: the columns this batch fed back, its first as the VQ part holds it; kept only for a
+    # batch whose first token was <|im_end|> (None otherwise)
+    replay: list[list[np.ndarray] | None]
 
 
 @dataclass
@@ -149,6 +155,7 @@ class FishS2Family(TalkerFamily):
             window_pos=torch.zeros(max_slots, dtype=torch.int64, device=device),
             generators=[None] * max_slots,
             pending=[[] for _ in range(max_slots)],
+            replay=[None] * max_slots,
         )
 
     def admit(self, state: FishState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
@@ -165,10 +172,12 @@ class FishS2Family(TalkerFamily):
         state.first[slot] = True
         state.window[slot] = 0
         state.window_pos[slot] = 0
+        state.replay[slot] = None
 
     def release(self, state: FishState, slot: int) -> None:
         state.generators[slot] = None
         state.pending[slot] = []
+        state.replay[slot] = None
 
     # ---- one decode step -----------------------------------------------------------------
     def step(self, state: FishState, hidden: torch.Tensor, slots: torch.Tensor) -> StepOutput:
@@ -185,19 +194,42 @@ class FishS2Family(TalkerFamily):
 
         codes = self._fast(hidden, tokens, temperature, top_p, top_k, u_fast)
         rows = torch.cat([tokens[:, None], codes], dim=1)
-        ends = (tokens == c.eos_token_id) & ~first
+        is_end = tokens == c.eos_token_id
+        ends = is_end & ~first
         state.first[slots] = False
-        ending = torch.nonzero(ends).flatten().tolist()
+        ending, opening = torch.stack([ends, is_end & first]).cpu().numpy()
         slot_ids = slots.tolist()
+        self._keep_replays(state, slot_ids, rows, ending, opening)
         prompt_rows: list[np.ndarray | None] = [None] * len(slot_ids)
-        for row in ending:
+        rewound = [0] * len(slot_ids)
+        for row in np.flatnonzero(ending).tolist():
             slot = slot_ids[row]
             if state.pending[slot]:  # the next batch of this request's text
-                prompt_rows[row] = state.pending[slot].pop(0)
+                replay = state.replay[slot] or []
+                prompt_rows[row] = np.concatenate([*replay, state.pending[slot].pop(0)])
+                rewound[row] = len(replay)
                 self._start_batch(state, slot)
         more = torch.tensor([p is not None for p in prompt_rows], device=hidden.device)
         return StepOutput(rows=rows, frames=codes, has_frame=~ends, new_segment=torch.zeros_like(ends),
-                          finished=ends & ~more, prompt_rows=prompt_rows if ending else None)
+                          finished=ends & ~more, prompt_rows=prompt_rows if ending.any() else None,
+                          rewound=rewound if any(rewound) else None)
+
+    def _keep_replays(self, state: FishState, slot_ids: list[int], rows: torch.Tensor, ending: np.ndarray,
+                      opening: np.ndarray) -> None:
+        """Keep the fed-back columns of batches whose first token was <|im_end|> (README 3.4, 4.1):
+        the next batch's prompt holds that column as `<|semantic:c_0|>` (c_0 = 0 for <|im_end|>)."""
+        keeping = [row for row, slot in enumerate(slot_ids)
+                   if opening[row] or (state.replay[slot] is not None and not ending[row])]
+        if not keeping:
+            return
+        host = rows[keeping].cpu().numpy()
+        for column, row in zip(host, keeping):
+            slot = slot_ids[row]
+            if opening[row]:
+                column = column.copy()
+                column[0] = self.config.semantic_start + column[1]
+                state.replay[slot] = []
+            state.replay[slot].append(column[None])
 
     def slow_tokens(self, hidden: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                     u_normal: torch.Tensor | None, u_high: torch.Tensor | None, window: torch.Tensor,
