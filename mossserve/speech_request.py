@@ -56,9 +56,7 @@ class SpeechRequest:
 
     def validate(self) -> None:
         for name in ("input", "reference_text", "instructions", "language", "task"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise InvalidRequestError(f"{name} must be a string, got {type(value).__name__}")
+            check_text(getattr(self, name), name)
         if self.mode is not None and self.mode not in MODES:
             raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.duration_tokens is not None and self.duration_seconds is not None:
@@ -80,8 +78,8 @@ class SpeechRequest:
                                               or not isinstance(self.chunk_length, (int, np.integer))
                                               or self.chunk_length < 1):
             raise InvalidRequestError(f"chunk_length must be a positive integer (bytes), got {self.chunk_length!r}")
-        if self.speakers is not None and not 1 <= len(self.speakers) <= 5:
-            raise InvalidRequestError(f"speakers must hold 1 to 5 entries, got {len(self.speakers)}")
+        if self.speakers is not None and not self.speakers:
+            raise InvalidRequestError("speakers must hold at least one entry")
 
     @property
     def expected_frames(self) -> int | None:
@@ -133,9 +131,22 @@ def _speaker(value: Any, index: int) -> Speaker:
     else:
         raise InvalidRequestError(f"speakers[{index}] must be an object with voice and reference_text")
     speaker.voice = normalize_voice(speaker.voice, f"speakers[{index}].voice")
-    if speaker.reference_text is not None and not isinstance(speaker.reference_text, str):
-        raise InvalidRequestError(f"speakers[{index}].reference_text must be a string")
+    check_text(speaker.reference_text, f"speakers[{index}].reference_text")
     return speaker
+
+
+def check_text(value: Any, name: str) -> None:
+    """None or a string that UTF-8 can hold: a lone surrogate (bytes a terminal or file gave that are
+    not UTF-8, a JSON "\\ud800") is refused here rather than deep in a tokenizer."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"{name} is not valid UTF-8 text (character {e.start}: "
+                                  f"{value[e.start]!r})") from None
 
 
 def resolve_path_or_codes(value: Any, base_dir: Path | None) -> Any:

@@ -234,6 +234,7 @@ V16 = np.zeros((3, 16), dtype=np.int64)
         ({"input": "no tags here"}, "dialogue", "speaker tags"),
         ({"input": "[S1] a [S3] b", "speakers": [{"voice": V16, "reference_text": "x"}, {}]}, None, r"\[S3\]"),
         ({"input": "[S6] a"}, "dialogue", r"\[S6\]"),
+        ({"input": "[S1] a", "speakers": [{}] * 6}, None, "at most 5 speakers"),
         ({"input": "[S1] a", "speakers": [{"voice": V16}]}, None, r"speakers\[0\]: give voice and reference_text"),
         ({"input": "[S1] a [S2] b", "speakers": [{}, {"reference_text": "x"}]}, None, r"speakers\[1\]"),
         ({"input": "[S1] a", "speakers": [{"voice": V16, "reference_text": "x"}], "mode": "generation"}, None, "continuation mode"),

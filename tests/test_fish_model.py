@@ -64,6 +64,8 @@ def test_config_defaults_and_inheritance() -> None:
     assert (cfg.slow.head_dim, cfg.slow.intermediate_size, cfg.slow.num_key_value_heads) == (64, 256, 8)
     assert (cfg.fast.hidden_size, cfg.fast.num_attention_heads, cfg.fast.head_dim, cfg.fast.num_hidden_layers) == (32, 8, 64, 3)
     assert cfg.fast.rope_theta == 1e6 and cfg.fast.rms_norm_eps == 1e-6
+    wider = FishS2Config.from_dict({**raw, "text_config": text, "audio_decoder_config": {**audio, "dim": 512}})
+    assert (wider.fast.hidden_size, wider.fast.intermediate_size) == (512, 256)  # the slow value, not 8*512/3
     with pytest.raises(CheckpointError, match="audio_decoder_config: missing config field 'n_layer'"):
         FishS2Config.from_dict({**raw, "audio_decoder_config": {"vocab_size": 4096, "num_codebooks": 10}})
 

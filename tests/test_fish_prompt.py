@@ -241,6 +241,18 @@ def test_bad_reference_codes(builder: FishPromptBuilder, reference_codes: np.nda
         builder.plan_text("Hi.", [FishReference("ref", residual)])
     with pytest.raises(InvalidRequestError, match="codes have zero frames"):
         builder.plan(SpeechRequest(input="Hi.", voice=np.zeros((0, N), dtype=np.int64), reference_text="ref"))
+    with pytest.raises(InvalidRequestError, match=f"^voice: codes must have shape \\(frames, {N}\\)"):
+        builder.plan(SpeechRequest(input="Hi.", voice=codes[:, : N - 1], reference_text="ref"))
+    speakers = [{"voice": codes, "reference_text": "a"}, {"voice": codes[:, : N - 1], "reference_text": "b"}]
+    with pytest.raises(InvalidRequestError, match=r"^speakers\[1\]\.voice: codes must have shape"):
+        builder.plan(SpeechRequest(input="Hi.", speakers=speakers))
+
+
+def test_more_references_than_a_dialogue_model_takes(builder: FishPromptBuilder, reference_codes: np.ndarray) -> None:
+    """README 3.3 sets no bound on the references (MOSS-TTSD's five speakers are its own)."""
+    speakers = [{"voice": reference_codes[:3], "reference_text": f"Voice {i}."} for i in range(7)]
+    plan = builder.plan(SpeechRequest(input="<|speaker:6|>Hello.", speakers=speakers))
+    assert len(plan.references) == 7
 
 
 @pytest.mark.parametrize("fields, message", [

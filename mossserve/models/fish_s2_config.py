@@ -42,9 +42,11 @@ class FishS2Config:
                 raise CheckpointError(f"{where}: {name}: attention biases are not supported")
             if part.get("use_moe"):
                 raise CheckpointError(f"{where}: {name}: use_moe=true is not supported")
+        slow = _transformer(text, {}, text, f"{where}: text_config")
+        inherited = {**text, "intermediate_size": slow.intermediate_size}  # README 2.2: the slow value, formula or not
         return cls(
-            slow=_transformer(text, {}, text, f"{where}: text_config"),
-            fast=_transformer(audio, text, text, f"{where}: audio_decoder_config"),
+            slow=slow,
+            fast=_transformer(audio, inherited, text, f"{where}: audio_decoder_config"),
             tie_word_embeddings=bool(text.get("tie_word_embeddings", True)),
             codebook_size=int(require(audio, "vocab_size", f"{where}: audio_decoder_config")),
             num_codebooks=int(require(audio, "num_codebooks", f"{where}: audio_decoder_config")),

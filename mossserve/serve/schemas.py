@@ -64,7 +64,7 @@ class SpeechBody(Body):
     # MOSS extensions
     ref_audio: Annotated[str, Field(min_length=1)] | None = None
     ref_text: str | None = None
-    speakers: Annotated[list[SpeakerBody], Field(min_length=1, max_length=5)] | None = None
+    speakers: Annotated[list[SpeakerBody], Field(min_length=1)] | None = None
     language: Annotated[str, Field(min_length=1, max_length=32)] | None = None
     duration_seconds: Annotated[float, Field(gt=0, le=3600)] | None = None
     duration_tokens: Annotated[int, Field(gt=0, le=45000)] | None = None

@@ -115,6 +115,8 @@ def _dialogue(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversatio
     tags = [int(k) for k in re.findall(r"\[S(\d+)\]", text)]
     if not tags:
         raise InvalidRequestError("a dialogue needs speaker tags such as [S1], [S2] in input")
+    if len(speakers) > MAX_SPEAKERS:
+        raise InvalidRequestError(f"a dialogue has at most {MAX_SPEAKERS} speakers, got {len(speakers)}")
     limit = len(speakers) or MAX_SPEAKERS
     if max(tags) > limit:
         raise InvalidRequestError(f"input uses [S{max(tags)}] but there are only {limit} speakers")

@@ -187,7 +187,9 @@ class FishPromptBuilder:
             if encode_voice is None:
                 raise InvalidRequestError(f"{prefix}voice is an audio file; encoding it needs the codec (or give codes)")
             voice = encode_voice(Path(voice))
-        return FishReference(text, check_codes(np.asarray(voice), f"{prefix}voice"))
+        codes = check_codes(np.asarray(voice), f"{prefix}voice")
+        self._check_reference_codes(codes, f"{prefix}voice")  # named as the request names it
+        return FishReference(text, codes)
 
     def _check_reference_codes(self, codes: np.ndarray, name: str) -> None:
         if codes.ndim != 2 or codes.shape[1] != self.num_codebooks or len(codes) == 0:
