@@ -194,6 +194,7 @@ def test_stream_sampled_replays_the_seeded_run(seed_offset: int) -> None:
 @pytest.mark.parametrize("piece, good", [
     ("text", True), (None, True), ([1, 2], True), (np.array([3, 151935]), True),
     ([151936], False), ([-1], False), ([True], False), ([1.5], False), (b"ab", False), (5, False),
+    ("a\udcffb", False),
 ])
 def test_pushed_pieces_are_checked_before_they_reach_the_engine(piece, good: bool) -> None:
     from mossserve.errors import InvalidRequestError
@@ -202,5 +203,5 @@ def test_pushed_pieces_are_checked_before_they_reach_the_engine(piece, good: boo
     if good:
         fam.check_input(piece)
     else:
-        with pytest.raises(InvalidRequestError, match="text ids must be integers"):
+        with pytest.raises(InvalidRequestError, match="text ids must be integers|text is not valid UTF-8"):
             fam.check_input(piece)

@@ -26,7 +26,7 @@ from ..errors import InvalidRequestError
 from ..layers.fixed_shape import FixedShapeCalls
 from ..layers.sampler import apply_repetition_penalty, noise_by_request
 from ..sampling import SamplingParams
-from ..speech_request import EncodeVoice, SpeechRequest
+from ..speech_request import EncodeVoice, SpeechRequest, check_text
 from .family import InputUpdate, Prompt, StepOutput, TalkerFamily, checked_rows
 from .moss_realtime import MossRealtimeModel
 from .moss_realtime_config import MossRealtimeConfig
@@ -278,6 +278,7 @@ class MossRealtimeFamily(TalkerFamily):
     def check_input(self, piece: object) -> None:
         """Text (str), token ids (integers in the text vocabulary), or None."""
         if piece is None or isinstance(piece, str):
+            check_text(piece, "text")
             return
         vocab = self.config.language.vocab_size
         if (isinstance(piece, bytes) or not hasattr(piece, "__iter__")
