@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     except MossServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the run reads or writes: not there, a directory, no permission, full disk
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--text-file", type=Path, help="read the text to speak from a file")
     say.add_argument("--batch", type=Path, help="a JSONL file, one SpeechRequest per line, all run together")
     say.add_argument("--out-dir", type=Path, help="with --batch: writes NNNN.<format> audio and NNNN.npy codes")
-    say.add_argument("--format", default="wav", help="with --batch: audio format (wav, flac, mp3, opus, pcm, npy)")
+    say.add_argument("--format", default="wav", help="with --batch: audio format (wav, flac, mp3, opus, pcm)")
     say.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar on stderr (default: when stderr is a terminal)")
     say.add_argument("--max-running", type=int, help="requests decoded at once (default 16)")
@@ -55,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--mode", choices=["generation", "continuation"], help="conversation mode (default: by the last role)")
     say.add_argument("--prompt-matrix", type=Path, help="a prompt matrix .npy (T, 1 + codebooks)")
     say.add_argument("--voice", help="reference voice: an audio file or a .npy of codes (frames, codebooks)")
+    say.add_argument("--reference-text", help="what --voice says: Fish S2 Pro clones with it; for MOSS-TTS it "
+                                              "means continuation (the speech goes on from the reference)")
     say.add_argument("--greedy", action="store_true", help="argmax decoding (the model's other rules kept)")
     say.add_argument("--seed", type=int, help="seed for reproducible sampling")
     say.add_argument("--max-frames", type=int, help="cap on generated steps")
@@ -160,8 +165,10 @@ def build_prompts(tts, args: argparse.Namespace) -> list:
     if getattr(args, "prompt_matrix", None) is not None:
         try:
             rows = np.load(args.prompt_matrix, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InvalidRequestError(f"cannot read prompt matrix {args.prompt_matrix}: {e}") from None
+        except ValueError:  # numpy's message for another file type suggests unpickling it
+            raise InvalidRequestError(f"{args.prompt_matrix} is not a .npy file of integers") from None
+        except OSError as e:
+            raise InvalidRequestError(f"cannot read prompt matrix {args.prompt_matrix}: {e.strerror or e}") from None
         return [tts.talker.prompt_from_rows(rows)]
     if args.conversation is not None:
         conversations = load_conversations(args.conversation, encode_voice=tts.encode_voice)
@@ -174,7 +181,8 @@ def build_prompts(tts, args: argparse.Namespace) -> list:
         text = getattr(args, "text", None)
         if text is None:
             raise InvalidRequestError("give TEXT, --request, --conversation or --prompt-matrix")
-        request = SpeechRequest(input=text, voice=getattr(args, "voice", None))
+        request = SpeechRequest(input=text, voice=getattr(args, "voice", None),
+                                reference_text=getattr(args, "reference_text", None))
     return [tts.prompt(request)]
 
 
@@ -183,12 +191,13 @@ def default_mode(conversation: list) -> str:
 
 
 def run_prompt(args: argparse.Namespace) -> None:
+    check_output(args.output)
     tts = load_tts(args)
     prompts = build_prompts(tts, args)
     if len(prompts) != 1:
         raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
     rows = prompts[0].info.get("matrix", prompts[0].rows)  # the processor's matrix (a family may run a variant)
-    np.save(args.output, rows.astype(np.int64))
+    save_npy(args.output, rows.astype(np.int64))
     print(f"wrote {args.output}: prompt matrix {rows.shape}", file=sys.stderr)
 
 
@@ -197,13 +206,19 @@ def run_say(args: argparse.Namespace) -> int:
     if sum(x is not None for x in sources) != 1:
         raise InvalidRequestError("give exactly one of TEXT, --text-file, --request, --conversation, "
                                   "--prompt-matrix, --batch")
-    if args.voice is not None and args.text is None and args.text_file is None:
-        raise InvalidRequestError("--voice goes with TEXT or --text-file; put the voice inside the request")
+    if (args.voice is not None or args.reference_text is not None) and args.text is None and args.text_file is None:
+        raise InvalidRequestError("--voice and --reference-text go with TEXT or --text-file; "
+                                  "put them inside the request")
     if args.batch is not None:
         if args.out_dir is None or args.output is not None or args.codes_out is not None:
             raise InvalidRequestError("--batch writes into --out-dir (not -o / --codes-out)")
+        if args.out_dir.exists() and not args.out_dir.is_dir():
+            raise InvalidRequestError(f"--out-dir {args.out_dir} is a file, not a directory")
+        args.format = batch_format(args.format)
     elif args.output is None and args.codes_out is None:
         raise InvalidRequestError("give -o OUT (audio) and/or --codes-out CODES.npy")
+    check_output(args.output, audio=True)
+    check_output(args.codes_out)
     if args.max_frames is not None and args.max_frames < 1:
         raise InvalidRequestError("--max-frames must be at least 1")
     if args.max_running is not None and args.max_running < 1:
@@ -246,7 +261,7 @@ def say_one(tts, args: argparse.Namespace) -> int:
     frames = generation.frames
     ended = f"{_ENDINGS[generation.finish_reason]} after {len(generation.rows)} steps"
     if args.codes_out is not None:
-        np.save(args.codes_out, frames.astype(np.int64))
+        save_npy(args.codes_out, frames.astype(np.int64))
         print(f"wrote {args.codes_out}: codes {frames.shape} ({ended})", file=sys.stderr)
     if args.output is not None:
         from .audio import write_audio
@@ -269,7 +284,7 @@ def say_session(tts, args: argparse.Namespace) -> int:
     ended = ", ".join(f"turn {i}: {_ENDINGS[g.finish_reason]} after {len(g.rows)} steps"
                       for i, (g, _) in enumerate(results))
     if args.codes_out is not None:
-        np.save(args.codes_out, frames)
+        save_npy(args.codes_out, frames)
         print(f"wrote {args.codes_out}: codes {frames.shape} ({ended})", file=sys.stderr)
     if args.output is not None:
         from .audio import write_audio
@@ -326,11 +341,8 @@ def sampling_from_args(tts, args: argparse.Namespace):
 def say_batch(tts, args: argparse.Namespace) -> int:
     """Every line of --batch through continuous batching; NNNN.<format> and NNNN.npy per line."""
     from .audio import write_audio
-    from .audio.formats import check_format
     from .speech_request import load_requests_jsonl
 
-    if args.format != "npy":
-        check_format(args.format)
     requests = load_requests_jsonl(args.batch)
     prompts = []
     for number, request in enumerate(requests, 1):
@@ -351,12 +363,45 @@ def say_batch(tts, args: argparse.Namespace) -> int:
             failed += 1
             print(f"request {index + 1} failed: {generation.error}", file=sys.stderr)
             continue
-        np.save(args.out_dir / f"{name}.npy", generation.frames.astype(np.int64))
+        save_npy(args.out_dir / f"{name}.npy", generation.frames.astype(np.int64))
         write_audio(args.out_dir / f"{name}.{args.format}", audio.samples, audio.sample_rate)
     total = sum(a.duration for g, a in results if g.finish_reason != "error")
     print(f"wrote {len(results) - failed} of {len(results)} requests to {args.out_dir} ({total:.1f} s of audio)",
           file=sys.stderr)
     return 1 if failed else 0
+
+
+def batch_format(name: str) -> str:
+    """--batch's audio format as an extension (`-o`'s names: wav, flac, mp3, opus, ogg, pcm, raw)."""
+    from .audio.formats import format_from_path
+
+    extension = name.lower().lstrip(".")
+    if extension == "npy":
+        raise InvalidRequestError("--batch writes each request's codes as NNNN.npy; give an audio --format "
+                                  "(wav, flac, mp3, opus, pcm)")
+    format_from_path(f"audio.{extension}")
+    return extension
+
+
+def check_output(path: Path | None, audio: bool = False) -> None:
+    """Refuse an output the run could not write before any model work: an audio name's extension
+    must give a format; the file's directory must exist, and the name must not be a directory."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InvalidRequestError(f"{path} is a directory; give a file name")
+    if audio:
+        from .audio.formats import format_from_path
+
+        format_from_path(path)
+    if not path.parent.is_dir():
+        raise InvalidRequestError(f"cannot write {path}: no directory {path.parent}")
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save under exactly the name given (np.save itself adds .npy to any other name)."""
+    with open(path, "wb") as f:
+        np.save(f, array)
 
 
 def load_codec_arg(args: argparse.Namespace):
@@ -370,12 +415,16 @@ def run_codec_encode(args: argparse.Namespace) -> None:
 
     from .audio import load_audio
 
+    check_output(args.output)
     codec = load_codec_arg(args)
     samples = load_audio(args.audio, codec.sample_rate, channels=codec.channels)
     with torch.inference_mode():
         codes = codec.encode(torch.from_numpy(samples).to(codec.device), n_quantizers=args.n_quantizers)
     out = codes.T.cpu().numpy().astype(np.int64)
-    np.save(args.output, out)
+    if len(out) == 0:
+        raise InvalidRequestError(f"{args.audio} is shorter than one codec frame "
+                                  f"({codec.samples_per_frame / codec.sample_rate * 1000:g} ms): no codes")
+    save_npy(args.output, out)
     print(f"wrote {args.output}: codes {out.shape}", file=sys.stderr)
 
 
@@ -383,8 +432,10 @@ def run_codec_decode(args: argparse.Namespace) -> None:
     import torch
 
     from .audio import write_audio
+    from .audio.formats import format_from_path, output_rate
     from .speech_request import load_codes
 
+    check_output(args.output, audio=True)
     codec = load_codec_arg(args)
     codes = load_codes(args.codes, "codes")
     if codes.shape[1] > codec.num_quantizers:
@@ -395,7 +446,9 @@ def run_codec_decode(args: argparse.Namespace) -> None:
         wave = codec.decode(torch.from_numpy(codes.T.copy()).to(codec.device), n_quantizers=args.n_quantizers)
     samples = wave.float().cpu().numpy()
     write_audio(args.output, samples, codec.sample_rate)
-    print(f"wrote {args.output}: {samples.shape[-1] / codec.sample_rate:.2f} s at {codec.sample_rate} Hz", file=sys.stderr)
+    kind = format_from_path(args.output)
+    rate = codec.sample_rate if kind == "npy" else output_rate(kind, codec.sample_rate)  # opus stores 48 kHz, not 44.1
+    print(f"wrote {args.output}: {samples.shape[-1] / codec.sample_rate:.2f} s at {rate} Hz", file=sys.stderr)
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -423,7 +476,7 @@ def run_bench(args: argparse.Namespace) -> None:
     from .bench.codec import run_codec_bench
     from .loader import parse_dtype
 
-    if args.streams < 1 or args.seconds <= 0:
+    if args.streams < 1 or not 0 < args.seconds < float("inf"):
         raise InvalidRequestError("--streams must be >= 1 and --seconds > 0")
     result = run_codec_bench(streams=args.streams, seconds=args.seconds, checkpoint=args.codec,
                              device=args.device, dtype=parse_dtype(args.dtype, args.device))
@@ -447,13 +500,13 @@ def run_serve(args: argparse.Namespace) -> None:
     from .config import EngineConfig
 
     engine = EngineConfig(max_running=args.max_running, max_queued=args.max_queued)
-    engine.validate()
     settings = ServerSettings(
         model=args.model, codec=args.codec, device=args.device, dtype=args.dtype, model_name=args.model_name,
         host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir or default_data_dir(),
         cors_origins=tuple(args.cors_origin), max_input_chars=args.max_input_chars,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_voice_seconds=args.max_voice_seconds,
         request_timeout_s=args.request_timeout, playground=args.playground, engine=engine)
+    settings.validate()
     if args.ray:
         return run_ray(args, settings)
     if args.replicas != 1 or args.autoscale or args.ray_address or args.voice_service:

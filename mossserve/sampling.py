@@ -53,8 +53,8 @@ class SamplingParams:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "seed":
-                if value is not None and (not isinstance(value, int) or value < 0):
-                    raise InvalidRequestError(f"seed must be a non-negative integer, got {value!r}")
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63):
+                    raise InvalidRequestError(f"seed must be an integer in 0..2**63-1, got {value!r}")
                 continue
             if f.name == "audio_repetition_window":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -115,8 +115,10 @@ class SpeechRequest:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InvalidRequestError(f"request file not found: {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidRequestError(f"{path} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise InvalidRequestError(f"cannot read {path}: {e.strerror}") from None
         return cls.from_dict(data, base_dir=path.parent)
 
 
@@ -166,7 +168,11 @@ def normalize_voice(value: Voice | list, name: str) -> Voice:
         path = Path(value)
         if path.suffix.lower() == ".npy":
             return load_codes(path, name)
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as e:  # a name too long for the file system (pasted base64, say)
+            raise InvalidRequestError(f"{name}: not a usable path ({e.strerror}): {str(path)[:60]}...") from None
+        if not found:
             raise InvalidRequestError(f"{name}: audio file not found: {path}")
         return path
     if isinstance(value, (list, tuple)):
@@ -184,8 +190,10 @@ def load_codes(path: Path, name: str = "codes") -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise InvalidRequestError(f"{name}: codes file not found: {path}") from None
-    except (ValueError, OSError) as e:
-        raise InvalidRequestError(f"{name}: cannot read codes from {path}: {e}") from None
+    except ValueError:  # numpy's message for another file type suggests unpickling it
+        raise InvalidRequestError(f"{name}: {path} is not a .npy file of integer codes") from None
+    except OSError as e:
+        raise InvalidRequestError(f"{name}: cannot read codes from {path}: {e.strerror or e}") from None
     return check_codes(array, name)
 
 
@@ -200,6 +208,8 @@ def check_codes(array: np.ndarray, name: str = "codes") -> np.ndarray:
         raise InvalidRequestError(f"{name}: codes must be 2-D (frames, codebooks), got shape {tuple(array.shape)}")
     if array.shape[0] == 0:
         raise InvalidRequestError(f"{name}: codes have zero frames")
+    if array.shape[1] == 0:
+        raise InvalidRequestError(f"{name}: codes have zero codebooks")
     return array.astype(np.int64, copy=False)
 
 
@@ -210,6 +220,10 @@ def load_requests_jsonl(path: str | Path) -> list[SpeechRequest]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise InvalidRequestError(f"batch file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"{path} is not UTF-8 text: {e}") from None
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read {path}: {e.strerror}") from None
     requests = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

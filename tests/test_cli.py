@@ -103,9 +103,30 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     (["say", "--request", "missing.json", "--codes-out", "c.npy"], "request file not found"),
     (["say", "Hi.", "--device", "tpu", "--codes-out", "c.npy"], "unknown device 'tpu'"),
     (["say", "Hi.", "--device", "mps", "--codes-out", "c.npy"], "runs on cpu and cuda"),
+    # outputs that could not be written are refused before the model loads (a missing model shows it)
+    (["say", "Hi.", "--model", "/nonexistent/model", "-o", "no/such/dir/x.wav"], "no directory no/such/dir"),
+    (["say", "Hi.", "--model", "/nonexistent/model", "-o", "."], "is a directory"),
+    (["say", "Hi.", "--model", "/nonexistent/model", "-o", "x.m4a"], "cannot tell the audio format"),
+    (["say", "Hi.", "--model", "/nonexistent/model", "--codes-out", "no/dir/c.npy"], "no directory no/dir"),
+    (["prompt", "--request", "r.json", "--model", "/nonexistent/model", "-o", "."], "is a directory"),
+    # inputs that are not what they claim
+    (["say", "--request", ".", "--codes-out", "c.npy"], "cannot read ."),
+    (["say", "--request", "latin1.json", "--codes-out", "c.npy"], "latin1.json is not valid JSON"),
+    (["say", "Hi.", "--voice", "x" * 300 + ".wav", "--codes-out", "c.npy"], "voice: not a usable path"),
+    (["say", "Hi.", "--voice", "fake.npy", "--codes-out", "c.npy"], "fake.npy is not a .npy file of integer codes"),
+    (["say", "Hi.", "--seed", str(2**64), "--codes-out", "c.npy"], "seed must be an integer in 0..2**63-1"),
+    (["say", "a\udcffb", "--codes-out", "c.npy"], "input is not valid UTF-8"),
+    (["say", "--reference-text", "Hi.", "--request", "r.json", "--codes-out", "c.npy"], "--reference-text go with TEXT"),
+    (["bench", "codec", "--seconds", "nan"], "--seconds > 0"),
+    (["serve", "--port", "70000"], "port must lie in 0..65535"),
+    (["serve", "--request-timeout", "-1"], "request_timeout_s must be a positive number"),
+    (["serve", "--max-input-chars", "0"], "max_input_chars must be at least 1"),
+    (["serve", "--max-body-mb", "0"], "body limit must be positive"),
 ])
 def test_errors_are_clear(args, message, capsys, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "latin1.json").write_bytes('{"input": "caf\u00e9"}'.encode("latin-1"))
+    (tmp_path / "fake.npy").write_bytes(b"RIFF....WAVEfmt ")
     code, err = run(args, capsys)
     assert code == 2
     assert "error: " in err and message in err
@@ -125,6 +146,30 @@ def test_a_cuda_device_this_machine_lacks_is_a_clear_error(capsys, monkeypatch) 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     code, err = run(["say", "Hi.", "--device", "cuda:1", "--codes-out", "c.npy"], capsys)
     assert code == 2 and "1 CUDA device(s) visible" in err
+
+
+def test_outputs_get_exactly_the_names_given(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """np.save adds .npy to any other name; the file a user named is the file written."""
+    code, err = run(["say", "Hi.", "--model", delay_model_dirs["tiny_nvq16"], "--greedy", "--max-frames", "20",
+                     "--codes-out", tmp_path / "c.codes"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "c.codes").is_file() and not (tmp_path / "c.codes.npy").exists()
+    assert np.load(tmp_path / "c.codes").ndim == 2
+
+
+def test_codec_encode_of_audio_under_one_frame_is_an_error(tmp_path: Path, capsys) -> None:
+    import soundfile
+
+    tone = 0.3 * np.sin(np.arange(1000) / 24000 * 2 * np.pi * 440).astype(np.float32)
+    soundfile.write(tmp_path / "short.wav", tone, 24000)  # 42 ms; a frame is 80 ms
+    code, err = run(["codec", "encode", tmp_path / "short.wav", "--codec", CODEC_DIR / "tiny", "-o",
+                     tmp_path / "c.npy"], capsys)
+    assert code == 2 and "shorter than one codec frame (80 ms)" in err and not (tmp_path / "c.npy").exists()
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "mossserve", "say", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--reference-text" in proc.stdout
 
 
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
@@ -192,6 +237,7 @@ def test_codec_stereo_files_in_and_out(tmp_path: Path, capsys) -> None:
 def test_codec_decode_rejects_codes_that_do_not_fit(tmp_path: Path, capsys) -> None:
     np.save(tmp_path / "wide.npy", np.zeros((3, 40), dtype=np.int64))
     np.save(tmp_path / "big.npy", np.full((3, 32), 5000, dtype=np.int64))
-    for name, message in (("wide.npy", "40 codebooks"), ("big.npy", "0..1023")):
+    np.save(tmp_path / "none.npy", np.zeros((3, 0), dtype=np.int64))
+    for name, message in (("wide.npy", "40 codebooks"), ("big.npy", "0..1023"), ("none.npy", "zero codebooks")):
         code, err = run(["codec", "decode", tmp_path / name, "--codec", CODEC_DIR / "tiny", "-o", tmp_path / "o.wav"], capsys)
         assert code == 2 and message in err and "Traceback" not in err

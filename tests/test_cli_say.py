@@ -65,3 +65,18 @@ def test_say_batch_errors_name_the_line(delay_model_dirs, tmp_path: Path, capsys
     assert code == 2 and "--out-dir" in err
     code, err = run(["say", "--text-file", tmp_path / "missing.txt", "-o", tmp_path / "x.wav"], capsys)
     assert code == 2 and "missing.txt" in err
+    code, err = run(["say", "--batch", batch, "--out-dir", tmp_path / "out", "--format", "npy"], capsys)
+    assert code == 2 and "NNNN.npy" in err  # the codes' name: audio as .npy would overwrite them
+    code, err = run(["say", "--batch", batch, "--out-dir", batch, "--format", "wav"], capsys)
+    assert code == 2 and "is a file, not a directory" in err
+
+
+def test_say_batch_takes_the_extensions_o_takes(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    batch = tmp_path / "requests.jsonl"
+    batch.write_text('{"input": "One."}\n', encoding="utf-8")
+    code, err = run(["say", "--batch", batch, "--out-dir", tmp_path / "out", "--format", ".OGG", "--model",
+                     delay_model_dirs["tiny_nvq16"], "--codec", CODEC_DIR / "tiny", "--greedy", "--max-frames", "40"],
+                    capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000.npy", "0000.ogg"]
+    assert (tmp_path / "out" / "0000.ogg").read_bytes()[:4] == b"OggS"

@@ -47,6 +47,14 @@ def test_say_clones_a_voice_given_as_codes(tmp_path: Path) -> None:
     assert np.array_equal(np.load(out), golden_frames("clone"))
 
 
+def test_say_clones_with_voice_and_reference_text_flags(tmp_path: Path) -> None:
+    out = tmp_path / "codes.npy"
+    assert main(["say", "<|speaker:0|>Nice to meet you, my friend.", "--voice", clone_voice(tmp_path),
+                 "--reference-text", "The quick brown fox jumps over the lazy dog.", "--model", str(FISH_DIR),
+                 "--greedy", "--codes-out", str(out)]) == 0
+    assert np.array_equal(np.load(out), golden_frames("clone"))
+
+
 def test_seed_replays_the_references_sampled_run(tmp_path: Path) -> None:
     """A cut generation keeps its last frame here (docs/fish.md): all 16 generated frames."""
     out = tmp_path / "codes.npy"

@@ -14,11 +14,11 @@ from mossserve.distributed.metrics_board import labelled  # noqa: E402
 
 
 def test_config_file_arguments_are_typed_by_their_fields() -> None:
-    settings, options = parse_args({"model": "OpenMOSS-Team/MOSS-TTS", "device": "cuda", "port": "9000",
+    settings, options = parse_args({"model": "OpenMOSS-Team/MOSS-TTS", "device": "cuda", "request_timeout_s": "90",
                                     "data_dir": "/mnt/voices", "max_running": 8, "max_queued": "32",
                                     "autoscale": "1:4", "torch_threads": "2", "cors_origins": "a.com,b.com",
                                     "voice_service": "true"})
-    assert settings.model == "OpenMOSS-Team/MOSS-TTS" and settings.device == "cuda" and settings.port == 9000
+    assert settings.model == "OpenMOSS-Team/MOSS-TTS" and settings.device == "cuda" and settings.request_timeout_s == 90.0
     assert settings.data_dir == Path("/mnt/voices") and settings.cors_origins == ("a.com", "b.com")
     assert (settings.engine.max_running, settings.engine.max_queued) == (8, 32)
     assert options.autoscale == (1, 4) and options.torch_threads == 2 and options.replicas == 1
@@ -31,6 +31,9 @@ def test_config_file_arguments_are_typed_by_their_fields() -> None:
     ({"autoscale": "4"}, "MIN:MAX"),
     ({"autoscale": "3:1"}, "0 <= MIN <= MAX"),
     ({"replicas": "0"}, "replicas and torch threads must be >= 1"),
+    ({"port": "9000"}, "Ray Serve's http_options"),  # the one address is Serve's, not the app's
+    ({"host": "0.0.0.0"}, "Ray Serve's http_options"),
+    ({"request_timeout_s": "0"}, "request_timeout_s must be a positive number"),
 ])
 def test_bad_arguments_are_named(args, needle) -> None:
     with pytest.raises(ValueError, match=needle):

@@ -104,7 +104,9 @@ def test_list_get_and_audio(server, alice):
     {"ref_audio": "alice"},
     {"ref_audio": base64.b64encode(REFERENCE).decode()},
     {"ref_audio": "data:audio/wav;base64," + base64.b64encode(REFERENCE).decode()},
-], ids=["voice", "voice-object", "ref-audio-name", "ref-audio-base64", "ref-audio-data-url"])
+    # FileReader.readAsDataURL of a Firefox recording (its type has a parameter after a space)
+    {"ref_audio": "DATA:audio/ogg; codecs=opus;base64," + base64.b64encode(REFERENCE).decode()},
+], ids=["voice", "voice-object", "ref-audio-name", "ref-audio-base64", "ref-audio-data-url", "ref-audio-data-url-params"])
 def test_speech_with_the_voice(server, alice, demo_tts, body):
     before = speaker_stats(demo_tts)["encodes"]
     speak(server, **body)

@@ -20,6 +20,7 @@ from ..serve.settings import ServerSettings
 from .deployment import RayOptions, build_app
 
 _ENGINE_KEYS = ("max_running", "max_queued")
+_SERVE_HTTP_KEYS = ("host", "port")  # Serve's http_options decide where the one address listens
 
 
 def app_builder(args: dict[str, str]):
@@ -29,14 +30,16 @@ def app_builder(args: dict[str, str]):
 def parse_args(args: dict[str, str]) -> tuple[ServerSettings, RayOptions]:
     settings, options, engine = ServerSettings(), RayOptions(), EngineConfig()
     for key, value in args.items():
+        if key in _SERVE_HTTP_KEYS:
+            raise ValueError(f"{key!r} is not an app argument: Ray Serve's http_options set where it listens")
         target = next((t for t in (options, settings, engine) if key in _fields(t)), None)
         if target is None:
             raise ValueError(f"unknown argument {key!r}: expected one of "
-                             f"{sorted(_fields(options) | _fields(settings) | set(_ENGINE_KEYS))}")
+                             f"{sorted(_fields(options) | _fields(settings) - set(_SERVE_HTTP_KEYS) | set(_ENGINE_KEYS))}")
         setattr(target, key, _parse(key, value, getattr(target, key)))
-    engine.validate()
     options.validate()
     settings.engine = engine
+    settings.validate()
     return settings, options
 
 

@@ -24,8 +24,8 @@ PRESET_VOICES = frozenset({
     "verse", "marin", "cedar",
 })
 
-_DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*);base64,(?P<data>.*)",
-                       re.DOTALL)
+# RFC 2397, as browsers write it: FileReader gives Firefox's recordings "data:audio/ogg; codecs=opus;base64,"
+_DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL | re.IGNORECASE)
 
 
 class VoiceResolver:
@@ -100,7 +100,7 @@ class VoiceResolver:
 def decode_audio_field(value: str, param: str) -> bytes:
     """Base64 (plain or in a data URL) -> bytes, or a 400 that says which it was not."""
     match = _DATA_URL.fullmatch(value.strip())
-    if value.startswith("data:") and match is None:
+    if value.strip()[:5].lower() == "data:" and match is None:
         raise APIError(400, f"{param} is a data URL but not a base64 one (data:<type>;base64,<data>)", param=param)
     data = match.group("data") if match else value
     try:

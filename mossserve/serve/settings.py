@@ -5,7 +5,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import math
+
 from ..config import EngineConfig
+from ..errors import InvalidRequestError
 
 DATA_DIR_ENV = "MOSSSERVE_DATA_DIR"
 
@@ -37,3 +40,17 @@ class ServerSettings:
     retry_after_s: int = 1  # what a refused request is told to wait
     playground: bool = True  # the web page at `/` (docs/playground.md)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self) -> None:
+        """Refuse settings no request could work under, before the server starts."""
+        if not 0 <= self.port <= 65535:
+            raise InvalidRequestError(f"port must lie in 0..65535, got {self.port}")
+        if self.max_input_chars < 1:
+            raise InvalidRequestError(f"max_input_chars must be at least 1, got {self.max_input_chars}")
+        if self.max_body_bytes < 1:
+            raise InvalidRequestError(f"the body limit must be positive, got {self.max_body_bytes} bytes")
+        for name in ("max_voice_seconds", "request_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise InvalidRequestError(f"{name} must be a positive number of seconds, got {value}")
+        self.engine.validate()

@@ -43,6 +43,8 @@ def load_conversations(path: str | Path, encode_voice: EncodeVoice | None = None
         raise InvalidRequestError(f"conversation file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequestError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read {path}: {e.strerror}") from None
     return parse_conversations(data, path.parent, encode_voice)
 
 
