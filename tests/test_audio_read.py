@@ -168,6 +168,15 @@ def test_empty_data_and_empty_file_are_refused(tmp_path):
 def test_missing_file_is_refused(tmp_path):
     with pytest.raises(AudioError, match="not found"):
         read_audio(tmp_path / "nope.wav")
+    with pytest.raises(AudioError, match="not a regular file"):
+        read_audio(tmp_path)
+
+
+def test_a_file_without_audio_is_named(tmp_path):
+    subtitles = tmp_path / "captions.srt"  # FFmpeg opens it: a subtitle stream, no audio
+    subtitles.write_text("1\n00:00:00,000 --> 00:00:01,000\nHello there\n\n2\n00:00:01,000 --> 00:00:02,000\nAgain\n")
+    with pytest.raises(AudioError, match="captions.srt' holds no audio stream"):
+        read_audio(subtitles)
 
 
 @pytest.mark.parametrize("name,keep", [("demo_gt.wav", 30), ("reference_en_0.mp3", 200), ("reference_en.m4a", 5000)])

@@ -21,6 +21,10 @@ class _NotForLibsndfile(Exception):
     """libsndfile cannot read this stream; FFmpeg should."""
 
 
+class _NoAudioStream(Exception):
+    """FFmpeg opened the file, and it holds no audio (a picture, subtitles)."""
+
+
 def read_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode a whole file to float32 `(channels, n)` and its sample rate, as stored.
 
@@ -36,6 +40,8 @@ def read_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[n
         pass
     try:
         return _read_av(data if isinstance(data, str) else io.BytesIO(data), max_seconds)
+    except _NoAudioStream:
+        raise AudioError(f"{label} holds no audio stream") from None
     except av.FFmpegError as e:
         reason = getattr(e, "strerror", None) or str(e)
         raise AudioError(
@@ -47,8 +53,10 @@ def _open(source: AudioSource) -> tuple[str, str | bytes]:
     """A label for messages and either a path string or the bytes."""
     if isinstance(source, (str, PathLike)):
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise AudioError(f"audio file not found: {str(source)!r}")
+        if not path.is_file():
+            raise AudioError(f"{str(source)!r} is not a regular file (a directory, device or pipe)")
         if path.stat().st_size == 0:
             raise AudioError(f"audio file {str(source)!r} is empty (0 bytes)")
         return f"audio file {str(source)!r}", str(path)
@@ -84,7 +92,7 @@ def _read_soundfile(file: str | BinaryIO, max_seconds: float | None) -> tuple[np
 def _read_av(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarray, int]:
     with av.open(file, mode="r") as container:
         if not container.streams.audio:
-            raise AudioError("the file holds no audio stream")
+            raise _NoAudioStream
         stream = container.streams.audio[0]
         to_float = av.AudioResampler(format="fltp")  # any sample format → planar float32
         chunks, frames, rate = [], 0, stream.rate
