@@ -180,7 +180,7 @@ class TTS:
     def run_session(self, script: SessionScript, sampling: SamplingParams | None = None,
                     max_new_frames: int | None = None, decode_audio: bool = True,
                     on_chunk: Callable[[int, AudioChunk], None] | None = None) -> list[tuple[Generation, Audio | None]]:
-        """A session script's turns in order (CONTRACTS.md), each continuing the context of the
+        """A session script's turns in order (docs/cli.md), each continuing the context of the
         turns before it, a fresh context at `new_context`; per turn its generation and audio."""
         if not self.talker.supports_sessions:
             raise InvalidRequestError("this model does not run session scripts (multi-turn contexts)")

@@ -1,4 +1,4 @@
-"""`mossserve`: prompt | say | codec | bench | serve (see CONTRACTS.md for the forms outside scripts rely on)."""
+"""`mossserve`: prompt | say | codec | bench | serve (docs/cli.md: the forms outside scripts rely on)."""
 from __future__ import annotations
 
 import argparse

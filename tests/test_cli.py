@@ -1,4 +1,4 @@
-"""The command line as CONTRACTS.md writes it: prompt, say and codec, and errors without tracebacks."""
+"""The command line as docs/cli.md writes it: prompt, say and codec, and errors without tracebacks."""
 from __future__ import annotations
 
 import functools

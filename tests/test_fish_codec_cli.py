@@ -1,4 +1,4 @@
-"""`mossserve codec encode|decode --codec FISH_DIR` (CONTRACTS.md: codes time first, (F, n_q))."""
+"""`mossserve codec encode|decode --codec FISH_DIR` (docs/cli.md: codes time first, (F, n_q))."""
 from __future__ import annotations
 
 from pathlib import Path

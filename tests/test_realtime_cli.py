@@ -1,4 +1,4 @@
-"""The Realtime family from the command line: a plain request runs the offline path (CONTRACTS.md)."""
+"""The Realtime family from the command line: a plain request runs the offline path (docs/cli.md)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Realtime sessions through the engine (CONTRACTS.md session scripts, README §5.4-5.7): the
+"""Realtime sessions through the engine (docs/cli.md session scripts, README §5.4-5.7): the
 reference's streaming-session goldens turn by turn, sessions batched together, a session that
 gives its slot up and prefills its context again, and the session bookkeeping."""
 from __future__ import annotations

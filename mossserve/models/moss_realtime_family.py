@@ -113,7 +113,7 @@ class MossRealtimeFamily(TalkerFamily):
         return self.prompt_from_rows(rows, text_ids[prefilled:], text_tokens=len(text_ids))
 
     def turn_prompt(self, turn, first: bool, voice: np.ndarray | None = None) -> Prompt:
-        """A session turn whose text is all known (a session script, CONTRACTS.md): the turn's input,
+        """A session turn whose text is all known (a session script, docs/cli.md): the turn's input,
         the prefill rows the reference's session feeds for the turn's pushes, and the rest of its
         text, one id per step."""
         from ..text.realtime_session import split_text

@@ -1,4 +1,4 @@
-"""A Realtime session script (CONTRACTS.md): turns of a voice-agent conversation, and how one
+"""A Realtime session script (docs/cli.md): turns of a voice-agent conversation, and how one
 turn's streamed text becomes what the backbone is fed.
 
 The reference's session applies every push as it comes: text is cut into segments, each
