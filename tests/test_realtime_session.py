@@ -14,7 +14,7 @@ from mossserve.cli import main
 from mossserve.config import EngineConfig
 from mossserve.engine.engine import Engine
 from mossserve.errors import InvalidRequestError
-from mossserve.text.realtime_session import SessionScript
+from mossserve.text.realtime_session import RealtimeTurn, SessionScript
 
 RUNS = golden_json("generation")["runs"]
 
@@ -235,6 +235,89 @@ def test_text_pushed_while_speaking_replays_the_reference_push_by_push(run: str)
         assert np.array_equal(np.stack(handle.frames), turn_frames(run)[index][:-1])
     assert spoke_early or run == "stream_text_only_short"  # that one's 9 ids wait for the end (no 12 pending)
     assert not engine.push_input(handle.id, "more")  # over: no more input
+
+
+def play_pushed(engine: Engine, s: SessionScript, index: int, session: str = "a"):
+    """Golden turn `index` of stream_multiturn with its text pushed as the reference session got it."""
+    fam = realtime_family()
+    handle = engine.add_request(fam.open_turn_prompt(s.turns[index], index == 0, s.voice), greedy(),
+                                lambda chunk: None, decode_audio=False, session=session)
+    engine.run_until_idle()
+    for op in RUNS["stream_multiturn"]["turns"][index]["ops"]:
+        if op["op"] != "drain(max_steps=1) loop":
+            ended = op["op"] == "end_text"
+            engine.push_input(handle.id, None if ended else op["arg"], end=ended)
+            engine.run_until_idle()
+    return handle
+
+
+@pytest.mark.parametrize("ending", ["empty text", "cancelled", "text past the cache", "slot given up, cancelled",
+                                    "slot given up, cancelled mid-refeed"])
+def test_a_turn_that_never_spoke_feeds_nothing(ending: str) -> None:
+    """README 5.6: a turn's input goes into the model with its first text (the prefill), so a turn that
+    ends before that (no text at all, cancelled while waiting for it, text refused) leaves the context
+    as it was: the next turn gives the golden turn 1. The engine prefills a waiting turn's input early
+    (for first-audio latency) and takes it back out; a context being fed again into a new slot stays."""
+    fam = realtime_family()
+    one_slot = ending.startswith("slot given up")
+    config = EngineConfig(threaded=False, max_running=1 if one_slot else 2,
+                          prefill_tokens=16 if ending.endswith("mid-refeed") else 512)
+    engine = Engine(fam, None, config)
+    s = SessionScript.from_dict(script("stream_multiturn"))
+    first = play_pushed(engine, s, 0)
+    fed = engine.sessions.by_id["a"].fed
+    if one_slot:  # another session's turn takes the one slot: a keeps its context as rows
+        other = Turns()
+        other.add(engine, "stream_text_only_short", 0, "b")
+        engine.run_until_idle()
+        assert engine.sessions.by_id["a"].slot < 0
+    finals = {}
+    middle = engine.add_request(fam.open_turn_prompt(RealtimeTurn(user_text="Never mind."), False), greedy(),
+                                lambda chunk: finals.setdefault(chunk.request_id, chunk) if chunk.final else None,
+                                decode_audio=False, session="a")
+    if ending.endswith("mid-refeed"):
+        engine.step()  # 16 of the context's rows are back in the new slot
+        assert 0 < middle.prefilled < fed
+    else:
+        engine.run_until_idle()
+        assert middle.prefilled == middle.prompt_length  # the turn's input waits in the cache
+    if ending == "empty text":
+        engine.push_input(middle.id, None, end=True)
+    elif ending == "text past the cache":
+        engine.push_input(middle.id, [1000] * engine.max_len, end=True)
+    else:
+        engine.abort(middle.id)
+    engine.run_until_idle()
+    expected_reason = "aborted" if "cancelled" in ending else "error"
+    assert finals[middle.id].finish_reason == expected_reason and len(finals[middle.id].generation.rows) == 0
+    assert engine.session_context("a") == fed
+    last = play_pushed(engine, s, 1)
+    assert np.array_equal(np.stack(first.frames), turn_frames("stream_multiturn")[0][:-1])
+    assert np.array_equal(np.stack(last.frames), turn_frames("stream_multiturn")[1][:-1])
+    assert_context(engine, "a", last.generation(fam.codebooks, fam.columns))
+
+
+def test_a_streamed_turn_is_bounded_by_the_text_pushed_so_far() -> None:
+    """The runaway bound of a turn whose text streams in grows with each push (it started from no
+    text: 125 frames), and no offline step cap applies: 200 ids in pushes of 5 run to the model's
+    own stop, as the same ids in a session script do."""
+    fam = realtime_family()
+    ids = [int(i) for i in np.random.default_rng(0).integers(1000, 5000, size=200)]
+    pieces = [ids[k : k + 5] for k in range(0, len(ids), 5)]
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=2))
+    streamed = engine.add_request(fam.open_turn_prompt(RealtimeTurn(user_text="Tell me a long story."), True),
+                                  greedy(), lambda chunk: None, decode_audio=False, session="a")
+    for piece in pieces:
+        engine.push_input(streamed.id, piece)
+        engine.run_until_idle()
+    engine.push_input(streamed.id, None, end=True)
+    engine.run_until_idle()
+    whole = engine.add_request(fam.turn_prompt(RealtimeTurn(user_text="Tell me a long story.", token_chunks=pieces), True),
+                               greedy(), lambda chunk: None, decode_audio=False, session="b")
+    engine.run_until_idle()
+    assert streamed.finish_reason == whole.finish_reason == "stop"
+    assert len(streamed.frames) > engine.guard.min_frames
+    assert np.array_equal(np.stack(streamed.frames), np.stack(whole.frames))
 
 
 def test_prompt_of_a_session_script_is_its_first_turns_prefill(tmp_path: Path) -> None:

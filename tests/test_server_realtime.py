@@ -124,6 +124,22 @@ def test_two_sessions_at_once(url: str) -> None:
         assert np.array_equal(b.result(), expected("stream_zh_user_short_text", 0))
 
 
+def test_a_first_turn_that_never_spoke_leaves_the_context_to_the_next(url: str) -> None:
+    """An empty first turn gets an error and feeds nothing (README 5.6: a turn's input goes in with
+    its text), so the next turn opens the context with the system prompt and voice: the goldens."""
+    with Client(url, voice_codes=codes("voice")) as client:
+        client.send({"type": "turn.start", "user_text": "Hello?"})
+        client.send({"type": "text.done"})
+        events = [client.receive()]
+        while events[-1]["type"] != "audio.done":
+            events.append(client.receive())
+        assert [e["type"] for e in events] == ["turn.started", "error", "audio.done"]
+        assert "empty" in events[1]["error"]["message"] and events[-1]["finish_reason"] == "error"
+        got = multiturn(client)
+    for turn in (0, 1):
+        assert np.array_equal(got[turn], expected("stream_multiturn", turn))
+
+
 def test_audio_arrives_before_the_text_is_done_and_a_turn_can_be_cancelled(url: str) -> None:
     with Client(url, voice_codes=codes("voice"), initial_chunk_frames=1) as client:
         cancel_and_continue(client)

@@ -124,6 +124,9 @@ class AsyncEngine:
     def close_session(self, session_id: str) -> bool:
         return self.tts.engine.close_session(session_id)
 
+    def session_context(self, session_id: str) -> int:
+        return self.tts.engine.session_context(session_id)
+
     def stats(self) -> dict:
         """Running and queued requests, cache slots in use, codec streams, speaker cache."""
         return self.tts.stats()

@@ -91,7 +91,9 @@ class Engine:
         if length >= self.max_len:
             raise InvalidRequestError(f"the prompt has {length} positions; this engine allows {self.max_len} "
                                       "(prompt and generated audio together)")
-        cap = self.family.max_new_frames if max_new_frames is None else max_new_frames
+        if max_new_frames is None:  # an open prompt's text is still coming: the guard and the cache bound it
+            max_new_frames = self.max_len if prompt.info.get("open") else self.family.max_new_frames
+        cap = max_new_frames
         if cap < 1:
             raise InvalidRequestError(f"max_new_frames must be at least 1, got {cap}")
         if decode_audio and self._get_codec is None:
@@ -103,6 +105,7 @@ class Engine:
             max_new_frames=min(cap, self.max_len - length),
             frame_bound=self.guard.frame_bound(prompt.info.get("text_tokens"),
                                                prompt.info.get("duration_frames")) if guard else None,
+            text_tokens=int(prompt.info.get("text_tokens") or 0),
             repeat_limit=self.guard.repeat_frames if guard else None,
             schedule=schedule, decode_audio=decode_audio, open=bool(prompt.info.get("open", False)),
         )
@@ -155,10 +158,15 @@ class Engine:
         try:
             for piece, end in inputs:
                 update = self.family.push_input(self.runner.state, request.slot, piece, end)
+                if update.text_tokens and request.frame_bound is not None:
+                    request.text_tokens += update.text_tokens
+                    request.frame_bound = self.guard.frame_bound(request.text_tokens,
+                                                                 request.prompt.info.get("duration_frames"))
                 if update.prompt_rows is not None:
                     prompt = request.prompt
                     request.prompt = Prompt(np.concatenate([prompt.rows, update.prompt_rows]), prompt.start_length,
                                             prompt.info)
+                    self._check_room(request)
                 if update.seal:
                     request.open = False
                 if update.next_row is not None:
@@ -168,12 +176,27 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - bad input fails its request only
             self._end(request, Status.FAILED, "error", _message(e))
 
+    def _check_room(self, request: EngineRequest) -> None:
+        """Rows added to a running request's prompt must leave room in the cache for a step."""
+        used = request.prompt_length + (request.session.fed if request.session is not None else 0)
+        if used >= self.max_len:
+            raise InvalidRequestError(f"the prompt grew to {used} positions with its text; this engine allows "
+                                      f"{self.max_len} (start a new session, or send less text per turn)")
+        request.max_new_frames = min(request.max_new_frames, self.max_len - used)
+
     def _can_progress(self, request: EngineRequest) -> bool:
         if request.inputs:
             return True
         if request.status is Status.PREFILL:
             return request.prefilled < request.prompt_length or not request.open
         return request.status is Status.DECODING and not request.waiting_input
+
+    def session_context(self, session_id: str) -> int:
+        """The rows a session's earlier turns fed (0 for an unknown session, or one whose turns fed
+        nothing): its next turn continues them, or, at 0, starts the context (a system prompt)."""
+        with self._lock:
+            session = self.sessions.by_id.get(session_id)
+            return 0 if session is None else session.fed
 
     def close_session(self, session_id: str) -> bool:
         """Forget a session: its turn in flight is aborted and its slot freed; False if unknown."""
@@ -337,6 +360,7 @@ class Engine:
         self.family.restore_session(self.runner.state, request.slot, session.saved)
         prompt = request.prompt
         request.prompt = Prompt(np.concatenate(session.context + [prompt.rows]), prompt.start_length, prompt.info)
+        request.context_rows = session.fed
         session.context, session.fed, session.saved = [], 0, None
         return self.family.continue_session(self.runner.state, request.slot, request.prompt, request.sampling)
 
@@ -344,18 +368,41 @@ class Engine:
         """A session's turn leaves the talker; True if the session keeps the slot (the caller must not free it)."""
         session: Session = request.session
         session.turn, session.last_used = None, time.monotonic()
-        if status is Status.FAILED or request.slot < 0:
-            if status is Status.FAILED:  # its cache may hold half a step: the session cannot go on
+        if request.slot < 0:  # never admitted: the session is as it was, unless this turn failed
+            if status is Status.FAILED:  # (the engine crashed): then the session cannot go on
                 self.sessions.by_id.pop(session.id, None)
-                if request.slot < 0 and session.slot >= 0:  # a queued turn: its session's warm slot goes
+                if session.slot >= 0:
                     self.runner.release(session.slot)
                 session.slot = -1
+            return False
+        if not request.rows:
+            return self._unfeed_turn(request)
+        if status is Status.FAILED:  # its cache may hold half a step: the session cannot go on
+            self.sessions.by_id.pop(session.id, None)
+            session.slot = -1
             return False
         fed = [request.prompt.rows[: request.prefilled]]
         if len(request.rows) > 1:  # every row the request emitted but the last went back in
             fed.append(np.stack(request.rows[:-1]))
         session.context.extend(fed)
         session.fed += sum(len(rows) for rows in fed)
+        return self.sessions.by_id.get(session.id) is session
+
+    def _unfeed_turn(self, request: EngineRequest) -> bool:
+        """A turn that ended before its first step (cancelled or failed while its text had not come, or
+        text that was empty) feeds nothing, as in the reference, where a turn's input goes in with its
+        text: the slot's cache goes back to the context of the turns before it."""
+        session: Session = request.session
+        context = request.prompt.rows[: request.context_rows]  # earlier turns, being fed again into a new slot
+        if request.prefilled < len(context):  # only part of them is back in the cache: keep them as rows
+            session.context, session.fed = [context], len(context)
+            session.saved = self.family.save_session(self.runner.state, request.slot)
+            session.slot = -1
+            return False
+        if len(context):
+            session.context.append(context)
+            session.fed += len(context)
+        self.runner.cache.lengths[request.slot] = session.fed
         return self.sessions.by_id.get(session.id) is session
 
     def _close_session(self, session_id: str) -> None:

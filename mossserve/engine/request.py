@@ -88,6 +88,8 @@ class EngineRequest:
     closed: bool = False  # its final chunk went out
     sink_broken: bool = False  # its consumer raised (went away): abort it
     session: object = None  # the Session (engine/sessions.py) this request is a turn of
+    context_rows: int = 0  # leading prompt rows that are its session's earlier turns, fed again into a new slot
+    text_tokens: int = 0  # text ids it speaks so far (pushed input adds to them): the runaway bound's measure
     open: bool = False  # its prompt may still grow (input streams in): it cannot start decoding yet
     inputs: list = field(default_factory=list)  # (piece, end) pushed, not yet handed to the family
     waiting_input: bool = False  # its next row needs input that has not come yet

@@ -73,6 +73,7 @@ class InputUpdate:
     prompt_rows: np.ndarray | None = None  # rows to add to the prompt (prefilled before the first step)
     seal: bool = False  # the prompt is complete: its last row leads to the first step
     next_row: np.ndarray | None = None  # the next input row of a request that was waiting for input
+    text_tokens: int = 0  # text ids the piece added: the runaway guard's bound grows with them
 
 
 class TalkerFamily(ABC):

@@ -256,7 +256,7 @@ class MossRealtimeFamily(TalkerFamily):
             ids += state.texts[slot].end()
             state.ended[slot] = True
         self._append_text(state, slot, ids)
-        update = InputUpdate()
+        update = InputUpdate(text_tokens=len(ids))
         pending = int(state.text_len[slot] - state.text_pos[slot])
         ended = bool(state.ended[slot])
         if not state.prefilled[slot]:

@@ -271,6 +271,9 @@ class RealtimeSession:
         finally:
             if self.turn_id == turn_id:
                 self.turn_id = self.request_id = None
+                # a turn that fed nothing (cancelled or failed before it spoke) leaves no context, nor
+                # does one that failed after (the engine drops the session): the next turn starts it
+                self.first = self.state.engine.session_context(self.id) == 0
 
     async def codes(self, audio: str | None, codes: Codes | None, name: str):
         """A voice as (T, 16) codes: given codes, or audio (stored voice / base64) through the codec."""
