@@ -297,6 +297,48 @@ def test_a_turn_that_never_spoke_feeds_nothing(ending: str) -> None:
     assert_context(engine, "a", last.generation(fam.codebooks, fam.columns))
 
 
+def test_after_a_first_turn_that_never_spoke_the_next_turn_seeds_the_session() -> None:
+    """A session that has fed nothing starts afresh: the next turn's seed replays the reference's
+    seeded run, whatever seed the cancelled turn had."""
+    fam = realtime_family()
+    s = SessionScript.from_dict(script("stream_sampled"))
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=2))
+    cancelled = engine.add_request(fam.open_turn_prompt(s.turns[0], True, s.voice),
+                                   fam.default_sampling().with_overrides(seed=7), lambda chunk: None,
+                                   decode_audio=False, session="a")
+    engine.run_until_idle()
+    engine.abort(cancelled.id)
+    engine.run_until_idle()
+    assert engine.session_context("a") == 0 and engine.stats()["cache_slots_used"] == 0
+    turn = engine.add_request(fam.turn_prompt(s.turns[0], True, s.voice),
+                              fam.default_sampling().with_overrides(seed=RUNS["stream_sampled"]["seed"]),
+                              lambda chunk: None, decode_audio=False, session="a")
+    engine.run_until_idle()
+    assert np.array_equal(np.stack(turn.frames), turn_frames("stream_sampled")[0][:-1])
+
+
+def test_a_turn_whose_context_cannot_be_restored_ends_its_session(monkeypatch) -> None:
+    """The slot taken for the restore is given back, and no half-made session remains."""
+    turns = Turns()
+    engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=1))
+    turns.add(engine, "stream_multiturn", 0, "a")
+    engine.run_until_idle()
+    turns.add(engine, "stream_text_only_short", 0, "b")  # takes the one slot: a keeps its context as rows
+    engine.run_until_idle()
+    engine.close_session("b")
+    engine.run_until_idle()
+
+    def broken(*args) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(turns.fam, "restore_session", broken)
+    rid = turns.add(engine, "stream_multiturn", 1, "a")
+    engine.run_until_idle()
+    assert turns.generations[rid].finish_reason == "error"
+    stats = engine.stats()
+    assert stats["sessions"] == stats["cache_slots_used"] == stats["live"] == 0
+
+
 def test_a_streamed_turn_is_bounded_by_the_text_pushed_so_far() -> None:
     """The runaway bound of a turn whose text streams in grows with each push (it started from no
     text: 125 frames), and no offline step cap applies: 200 ids in pushes of 5 run to the model's

@@ -353,11 +353,17 @@ class Engine:
         if session.slot >= 0:
             request.slot = session.slot
             return self.family.continue_session(self.runner.state, request.slot, request.prompt, request.sampling)
-        request.slot = session.slot = self.runner.allocate()
         if not session.started:
+            request.slot = session.slot = self.runner.allocate()
             session.started = True
             return self.family.admit(self.runner.state, request.slot, request.prompt, request.sampling)
-        self.family.restore_session(self.runner.state, request.slot, session.saved)
+        slot = self.runner.allocate()
+        try:
+            self.family.restore_session(self.runner.state, slot, session.saved)
+        except BaseException:  # the turn fails unadmitted, which ends the session (_end_turn)
+            self.runner.release(slot)
+            raise
+        request.slot = session.slot = slot
         prompt = request.prompt
         request.prompt = Prompt(np.concatenate(session.context + [prompt.rows]), prompt.start_length, prompt.info)
         request.context_rows = session.fed
@@ -402,6 +408,9 @@ class Engine:
         if len(context):
             session.context.append(context)
             session.fed += len(context)
+        if session.fed == 0:  # nothing was ever fed: the session starts afresh (its next turn seeds it)
+            session.started, session.slot = False, -1
+            return False
         self.runner.cache.lengths[request.slot] = session.fed
         return self.sessions.by_id.get(session.id) is session
 
