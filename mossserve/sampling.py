@@ -41,6 +41,17 @@ class SamplingParams:
         """Replace the fields given (None values are ignored)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def generator(self):
+        """The request's own random stream: seeded by `seed`, or from a fresh seed drawn by a new
+        generator (never by torch's global one, whose stream a caller may have seeded for itself)."""
+        import torch
+
+        if self.seed is not None:
+            return torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator()
+        generator.seed()
+        return generator
+
     def per_codebook(self, name: str, n_vq: int) -> list[float]:
         """One value per codebook for an audio field, validated."""
         value = getattr(self, name)

@@ -11,6 +11,7 @@ from mossserve.errors import InvalidRequestError
 from mossserve.models.delay_pattern import dedelay, segments
 from mossserve.models.moss_delay_family import MossDelayFamily
 from mossserve.sampling import SamplingParams
+from mossserve.speech_request import SpeechRequest
 
 PAD_TEXT, PAD_CODE = 151643, 1024
 CHECKPOINTS = ["tiny_nvq32", "tiny_nvq16"]
@@ -138,6 +139,30 @@ def test_output_starts_after_the_last_im_start_even_past_the_prompt() -> None:
     assert offline
     assert np.array_equal(result.frames, np.concatenate(offline))
     assert result.segment_lengths == [len(s) for s in offline]
+
+
+def test_audio_of_a_prompt_with_a_negative_start_length_is_not_cut(delay_tts) -> None:
+    """README 3.8 cuts the first waveform only for start_length > 0: the prompt above (-1) keeps
+    every frame's samples (a negative cut kept only the first chunk's last frame)."""
+    tts = delay_tts("tiny_nvq32")
+    tail = np.full((2, 33), PAD_CODE)
+    tail[:, 0] = [151644, 151652]  # <|im_start|>, <|audio_start|>
+    prompt = tts.talker.prompt_from_rows(np.concatenate([get_case("tiny_nvq32", "tts").prompts[0], tail]))
+    assert prompt.start_length == -1
+    generation, audio = tts.run([prompt], SamplingParams.greedy(), 60)[0]
+    assert len(generation.frames) > 2
+    assert audio.samples.shape[-1] == len(generation.frames) * tts.codec.samples_per_frame
+
+
+def test_an_unseeded_request_leaves_torchs_global_random_stream_alone(delay_tts) -> None:
+    import torch
+
+    tts = delay_tts("tiny_nvq32")
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    tts.generate_codes(SpeechRequest(input="Hi."), SamplingParams(), max_new_frames=40)
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_unseeded_audio_mode_text_draw_has_the_right_distribution() -> None:

@@ -58,7 +58,8 @@ class Pipeline:
 
     def start(self, request: EngineRequest, prefix: list[np.ndarray]) -> None:
         """Open the request's output; `prefix` holds the clips complete in its prompt."""
-        stream = self._streams[request.id] = OutputStream(trim_left=request.prompt.start_length)
+        # README 3.8 cuts the first waveform only for start_length > 0 (a prompt may give less)
+        stream = self._streams[request.id] = OutputStream(trim_left=max(request.prompt.start_length, 0))
         for clip in prefix:
             for i, frame in enumerate(clip):
                 self._add(request, stream, frame, new_segment=i == 0)

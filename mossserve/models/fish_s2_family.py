@@ -162,8 +162,7 @@ class FishS2Family(TalkerFamily):
         sampling.validate()
         temperature, top_p, top_k = fish_settings(sampling)
         state.temperature[slot], state.top_p[slot], state.top_k[slot] = temperature, top_p, top_k
-        state.generators[slot] = None if top_k == 1 else torch.Generator().manual_seed(
-            sampling.seed if sampling.seed is not None else int(torch.seed()))
+        state.generators[slot] = None if top_k == 1 else sampling.generator()
         state.pending[slot] = list(prompt.info.get("continuations", []))
         self._start_batch(state, slot)
         return []

@@ -201,8 +201,7 @@ class MossDelayFamily(TalkerFamily):
             table[slot] = torch.tensor(sampling.per_codebook(name, n), device=device)
         state.audio_top_k[slot] = torch.tensor([int(k) for k in sampling.per_codebook("audio_top_k", n)], device=device)
         state.admitted[slot] = True
-        seed = sampling.seed if sampling.seed is not None else int(torch.seed())
-        state.generators[slot] = torch.Generator().manual_seed(seed)
+        state.generators[slot] = sampling.generator()
         state.replay[slot] = sampling.seed is not None or state.shared_generator is not None
         return segments(complete, cfg.audio_pad_code)
 

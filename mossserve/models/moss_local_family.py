@@ -148,8 +148,7 @@ class MossLocalFamily(TalkerFamily):
                             ("audio_repetition_penalty", state.audio_penalty)):
             table[slot] = torch.tensor(sampling.per_codebook(name, n), dtype=table.dtype, device=device)
         state.audio_top_k[slot] = torch.tensor([int(k) for k in sampling.per_codebook("audio_top_k", n)], device=device)
-        seed = sampling.seed if sampling.seed is not None else int(torch.seed())
-        state.generators[slot] = torch.Generator().manual_seed(seed)
+        state.generators[slot] = sampling.generator()
         prefix, ends_in_gap = self._prefix_segments(rows, depth)
         state.after_gap[slot] = ends_in_gap
         return prefix

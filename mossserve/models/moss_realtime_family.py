@@ -187,8 +187,7 @@ class MossRealtimeFamily(TalkerFamily):
 
     def admit(self, state: RealtimeState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
         self.continue_session(state, slot, prompt, sampling)
-        seed = sampling.seed if sampling.seed is not None else int(torch.seed())
-        state.generators[slot] = torch.Generator().manual_seed(seed)
+        state.generators[slot] = sampling.generator()
         return []
 
     # ---- sessions (README §5.6-5.7): later turns keep the cache and the random stream --------
