@@ -248,7 +248,7 @@ class RealtimeSession:
 
     async def send_audio(self, stream, turn_id: str) -> None:
         """The turn's audio as it is produced, then audio.done; the session is free for the next turn."""
-        encoder, final = None, None
+        encoder, final, over = None, None, False
         try:
             async for chunk in stream:
                 final = chunk
@@ -261,11 +261,13 @@ class RealtimeSession:
                 if self.settings.include_codes:
                     event["codes"] = chunk.codes.tolist()
                 await self.send(event)
+            over = True  # the final chunk came: the engine has ended the turn
             if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
                 await self.send({"type": "audio.delta", "turn_id": turn_id, "audio": base64.b64encode(tail).decode()})
             await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": final.finish_reason,
                              "frames": final.frame_end})
         except MossServeError as e:
+            over = True
             await self.send(_error(str(e), "generation_failed"))
             await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": "error", "frames": 0})
         finally:
@@ -273,7 +275,8 @@ class RealtimeSession:
                 self.turn_id = self.request_id = None
                 # a turn that fed nothing (cancelled or failed before it spoke) leaves no context, nor
                 # does one that failed after (the engine drops the session): the next turn starts it
-                self.first = self.state.engine.session_context(self.id) == 0
+                if over:
+                    self.first = self.state.engine.session_context(self.id) == 0
 
     async def codes(self, audio: str | None, codes: Codes | None, name: str):
         """A voice as (T, 16) codes: given codes, or audio (stored voice / base64) through the codec."""
