@@ -60,6 +60,7 @@ class TTS:
         self._speakers = None
         self._engine: Engine | None = None
         self._lock = threading.Lock()
+        self._stepping = threading.Lock()  # an unthreaded engine is stepped by its callers
         self.closed = False
 
     @classmethod
@@ -136,7 +137,12 @@ class TTS:
             self._speakers.close()
 
     # ---- prompts --------------------------------------------------------------------------
-    def prompt(self, request: SpeechRequest) -> Prompt:
+    def prompt(self, request: SpeechRequest | str) -> Prompt:
+        """The request's prompt (a plain string is `SpeechRequest(input=...)`)."""
+        if isinstance(request, str):
+            request = SpeechRequest(input=request)
+        if not isinstance(request, SpeechRequest):
+            raise InvalidRequestError(f"expected a SpeechRequest, a Prompt or a string, got {type(request).__name__}")
         return self.talker.build_prompt(request, encode_voice=self.encode_voice)
 
     def encode_voice(self, path: Path) -> np.ndarray:
@@ -155,7 +161,13 @@ class TTS:
         the prompts are turns of that session (one at a time: each continues the context)."""
         if session is not None and len(prompts) != 1:
             raise InvalidRequestError("a session takes one turn at a time")
-        samplings = sampling if isinstance(sampling, list) else [sampling or self.talker.default_sampling()] * len(prompts)
+        if isinstance(sampling, (list, tuple)):
+            if len(sampling) != len(prompts):
+                raise InvalidRequestError(f"{len(sampling)} sampling settings for {len(prompts)} prompts; give one "
+                                          "for every prompt, or one for all")
+            samplings = list(sampling)
+        else:
+            samplings = [sampling or self.talker.default_sampling()] * len(prompts)
         outbox: queue.Queue = queue.Queue()
         engine, ids = self.engine, []
         try:
@@ -229,12 +241,12 @@ class TTS:
         """Codes only (no codec), through continuous batching."""
         return [g for g, _ in self.run(prompts, sampling, max_new_frames, decode_audio=False)]
 
-    def generate_codes(self, request: SpeechRequest, sampling: SamplingParams | None = None,
+    def generate_codes(self, request: SpeechRequest | str, sampling: SamplingParams | None = None,
                        max_new_frames: int | None = None) -> np.ndarray:
         """The frames the reference hands to its codec, (frames, codebooks) int64."""
         return self.generate([self.prompt(request)], sampling, max_new_frames)[0].frames
 
-    def synthesize(self, request: SpeechRequest | Prompt, sampling: SamplingParams | None = None,
+    def synthesize(self, request: SpeechRequest | Prompt | str, sampling: SamplingParams | None = None,
                    max_new_frames: int | None = None) -> Audio:
         return self.synthesize_batch([request], sampling, max_new_frames)[0]
 
@@ -242,7 +254,12 @@ class TTS:
                          sampling: SamplingParams | list[SamplingParams] | None = None,
                          max_new_frames: int | None = None) -> list[Audio]:
         """Every request through continuous batching; their audio in order."""
-        prompts = [r if isinstance(r, Prompt) else self.prompt(r) for r in requests]
+        prompts = []
+        for index, request in enumerate(requests):
+            try:
+                prompts.append(request if isinstance(request, Prompt) else self.prompt(request))
+            except InvalidRequestError as e:
+                raise type(e)(f"requests[{index}]: {e}") from None
         return [audio for _, audio in self.run(prompts, sampling, max_new_frames)]
 
     def _next(self, outbox: queue.Queue):
@@ -250,9 +267,12 @@ class TTS:
         (`EngineConfig(threaded=False)`) has no thread of its own, so it is stepped here until one exists."""
         engine = self.engine
         while not self.engine_config.threaded and outbox.empty():
-            if not engine.has_work():
-                raise MossServeError("the engine has nothing left to run, but the request has not ended")
-            engine.step()
+            with self._stepping:  # callers on several threads: one steps at a time
+                if not outbox.empty():
+                    break
+                if not engine.has_work():
+                    raise MossServeError("the engine has nothing left to run, but the request has not ended")
+                engine.step()
         return outbox.get()
 
     def _result(self, chunks: list[AudioChunk], with_audio: bool, raise_errors: bool) -> tuple[Generation, Audio | None]:

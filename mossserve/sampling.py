@@ -18,6 +18,10 @@ PerCodebook = Union[float, Sequence[float]]
 # The least temperature (other than 0, greedy) and repetition penalty: logits are divided by them in
 # float32, and a divisor far below this makes them infinite (a row of NaN probabilities).
 MIN_DIVISOR = 1e-3
+# Larger values would only overflow float32 arithmetic (logits / temperature, a top-k as a C int);
+# at 100 a temperature already flattens any logits a model gives to near-uniform.
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,8 @@ class SamplingParams:
             raise InvalidRequestError(f"{name} has {len(values)} values; the model has {n_vq} codebooks")
         return [float(v) for v in values]
 
-    def validate(self) -> None:
+    def validate(self, codebooks: int | None = None) -> None:
+        """Every field's range; with `codebooks`, also the length of per-codebook lists."""
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "seed":
@@ -71,15 +76,21 @@ class SamplingParams:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise InvalidRequestError(f"audio_repetition_window must be a non-negative integer (0 = all), got {value!r}")
                 continue
+            if not isinstance(value, (int, float, list, tuple)):
+                raise InvalidRequestError(f"{f.name} must be a number or a list of numbers, got {value!r}")
             values = [value] if isinstance(value, (int, float)) else list(value)
+            if codebooks is not None and isinstance(value, (list, tuple)) and len(values) != codebooks:
+                raise InvalidRequestError(f"{f.name} has {len(values)} values; the model has {codebooks} codebooks")
             for v in values:
-                if not isinstance(v, (int, float)) or not math.isfinite(v):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise InvalidRequestError(f"{f.name} must be a finite number, got {v!r}")
-                if f.name.endswith("temperature") and 0 < v < MIN_DIVISOR:
-                    raise InvalidRequestError(f"{f.name} must be 0 (greedy) or at least {MIN_DIVISOR}, got {v}")
+                if f.name.endswith("temperature") and (0 < v < MIN_DIVISOR or v > MAX_TEMPERATURE):
+                    raise InvalidRequestError(f"{f.name} must be 0 (greedy) or in {MIN_DIVISOR}..{MAX_TEMPERATURE:g}, "
+                                              f"got {v}")
                 if f.name.endswith("top_p") and not 0.0 < v <= 1.0:
                     raise InvalidRequestError(f"{f.name} must be in (0, 1], got {v}")
-                if f.name.endswith("top_k") and (v < 0 or int(v) != v):
-                    raise InvalidRequestError(f"{f.name} must be a non-negative integer (0 = off), got {v}")
+                if f.name.endswith("top_k") and (v < 0 or int(v) != v or v > MAX_TOP_K):
+                    raise InvalidRequestError(f"{f.name} must be a non-negative integer (0 = off) up to "
+                                              f"{MAX_TOP_K}, got {v}")
                 if f.name.endswith("repetition_penalty") and v < MIN_DIVISOR:
                     raise InvalidRequestError(f"{f.name} must be at least {MIN_DIVISOR}, got {v}")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import AUDIO_DIR, CODEC_DIR
-from mossserve import AsyncEngine, AudioError, EngineConfig, EngineFullError, MossServeError, SamplingParams, SpeechRequest
+from mossserve import (AsyncEngine, AudioError, EngineConfig, EngineFullError, InvalidRequestError, MossServeError,
+                       SamplingParams, SpeechRequest)
 from mossserve.api import TTS
 
 TEXTS = ["Hello there.", "A longer sentence, to stop at another step.", "Short.", "你好，世界。"]
@@ -210,3 +211,70 @@ def test_on_cuda_the_codec_thread_streams_the_cpu_audio(delay_model_dirs) -> Non
         np.testing.assert_array_equal(cpu.codes, cuda.codes)
         assert cpu.samples.shape == cuda.samples.shape and np.abs(cpu.samples - cuda.samples).max() <= 1e-3
 
+
+
+def test_an_async_stream_left_or_closed_early_aborts_its_request(delay_model_dirs) -> None:
+    """Breaking out of `async for` closes nothing on a plain async iterator: the collected stream
+    aborts its request; `aclose()` before the request was queued aborts it once queued."""
+    import gc
+
+    engine = AsyncEngine.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny")
+    request = SpeechRequest(input="Stop listening after the first chunk.")
+
+    async def main() -> None:
+        async for chunk in engine.submit(request, SamplingParams.greedy(), max_new_frames=200):
+            break
+        gc.collect()
+        stream = engine.submit(request, SamplingParams.greedy(), max_new_frames=200)
+        await stream.aclose()
+        await asyncio.sleep(0)  # lets the queued start run
+        await stream._started
+
+    try:
+        asyncio.run(main())
+        engine.tts.wait_idle()
+        stats = engine.stats()
+        assert stats["aborted"] == 2 and stats["finished"] == 0 and stats["live"] == 0
+    finally:
+        engine.close()
+
+
+def test_sampling_that_does_not_fit_is_refused_before_anything_runs(delay_tts) -> None:
+    tts = delay_tts("tiny_nvq16")
+    requests = [SpeechRequest(input="One."), SpeechRequest(input="Two.")]
+    with pytest.raises(InvalidRequestError, match="1 sampling settings for 2 prompts"):
+        tts.synthesize_batch(requests, [SamplingParams.greedy()])  # it waited forever for the second
+    for bad, message in ((SamplingParams(audio_top_p=[0.8] * 3), "audio_top_p has 3 values; the model has 16"),
+                         (SamplingParams(audio_temperature=1e300), "audio_temperature must be 0"),
+                         (SamplingParams(audio_top_k=2**70), "audio_top_k must be a non-negative integer"),
+                         (SamplingParams(audio_top_k=None), "audio_top_k must be a number"),
+                         (SamplingParams(audio_temperature=True), "audio_temperature must be a finite number")):
+        with pytest.raises(InvalidRequestError, match=message):
+            tts.synthesize(requests[0], bad)
+    with pytest.raises(InvalidRequestError, match=r"requests\[1\]: voice"):
+        tts.synthesize_batch([requests[0], SpeechRequest(input="x", voice=np.zeros((3, 4), np.int64))])
+    with pytest.raises(InvalidRequestError, match="max_new_frames must be an integer"):
+        tts.synthesize(requests[0], SamplingParams.greedy(), max_new_frames=1.5)
+    assert tts.stats()["live"] == 0
+
+
+def test_a_plain_string_is_a_request(delay_tts) -> None:
+    tts = delay_tts("tiny_nvq16")
+    assert np.array_equal(tts.generate_codes("Hello.", SamplingParams.greedy(), 20),
+                          tts.generate_codes(SpeechRequest(input="Hello."), SamplingParams.greedy(), 20))
+
+
+def test_an_unthreaded_engine_serves_callers_on_several_threads(delay_model_dirs, delay_tts) -> None:
+    """Each waiting caller steps the engine; one at a time (two steps at once broke every request)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                              engine_config=EngineConfig(threaded=False))
+    texts = [f"Caller number {i}." for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda t: tts.synthesize(SpeechRequest(input=t), SamplingParams.greedy(), 30), texts))
+    expected = delay_tts("tiny_nvq16").synthesize_batch([SpeechRequest(input=t) for t in texts],
+                                                       SamplingParams.greedy(), 30)
+    for got, want in zip(results, expected):
+        assert np.array_equal(got.codes, want.codes)
+    assert tts.stats()["live"] == 0

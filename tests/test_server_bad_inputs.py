@@ -131,7 +131,7 @@ CASES = [
     # divisors this small made a row's logits infinite, and the batch's step fail
     bad("repetition-penalty-tiny", 422, "greater than or equal to 0.001", {"repetition_penalty": 1e-40},
         param="repetition_penalty"),
-    bad("temperature-tiny", 400, "temperature must be 0 (greedy) or at least 0.001", {"temperature": 1e-39}),
+    bad("temperature-tiny", 400, "temperature must be 0 (greedy) or in 0.001..100", {"temperature": 1e-39}),
     bad("max-new-tokens-0", 422, "greater than or equal to 1", {"max_new_tokens": 0}, param="max_new_tokens"),
     bad("initial-chunk-frames-0", 422, "greater than or equal to 1", {"initial_chunk_frames": 0},
         param="initial_chunk_frames"),

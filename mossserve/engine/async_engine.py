@@ -61,8 +61,14 @@ class RequestStream:
     async def aclose(self) -> None:
         if not self._done:
             self._done = True
-            if self.request_id is not None:
+            if self.request_id is not None:  # else `_start` aborts it once queued
                 self._engine.abort(self.request_id)
+
+    def __del__(self) -> None:
+        # Breaking out of `async for` closes nothing on an async iterator that is not a generator:
+        # a stream collected before its end aborts its request.
+        if not self._done and self.request_id is not None:
+            self._engine.abort(self.request_id)
 
 
 class AsyncEngine:
@@ -102,6 +108,8 @@ class AsyncEngine:
                                              request_id=request_id, max_new_frames=max_new_frames,
                                              schedule=schedule, decode_audio=decode_audio, session=session)
         stream.request_id = handle.id
+        if stream._done:  # closed while it was being queued
+            self.abort(handle.id)
 
     async def prompt(self, request: SpeechRequest) -> Prompt:
         """The request's prompt, its audio voices encoded through the speaker cache (all at once)."""

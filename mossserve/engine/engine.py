@@ -82,7 +82,11 @@ class Engine:
 
         Raises InvalidRequestError for a request that cannot run and EngineFullError when the
         queue is full; nothing is queued then."""
-        sampling.validate()
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        sampling.validate(self.family.codebooks)
+        if max_new_frames is not None and (isinstance(max_new_frames, bool) or not isinstance(max_new_frames, (int, np.integer))):
+            raise InvalidRequestError(f"max_new_frames must be an integer, got {max_new_frames!r}")
         schedule = schedule or self.config.chunk_schedule
         schedule.validate(self.config.max_chunk_frames)
         if session is not None and not self.family.supports_sessions:
