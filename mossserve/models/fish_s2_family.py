@@ -9,7 +9,8 @@ column [token, c_0 .. c_{N-1}].
 Randomness follows the reference's draw order (section 7.3): per generated column, U[0,1) over
 the vocabulary for the normal sample, again for the high sample, then over C for each codebook
 1..N-1. Each request draws from its own generator, so a seeded request replays the reference's
-`torch.manual_seed` run alone or in any batch. Greedy rows (top_k = 1) draw nothing.
+`torch.manual_seed` run alone or in any batch (up to float rounding at near-ties: docs/engine.md,
+"Determinism"). Greedy rows (top_k = 1) draw nothing.
 
 Multi-batch texts (speaker turns grouped by chunk_length, section 3.4) run as one request: when a
 batch ends with <|im_end|> and another follows, the step hands the engine that batch's prompt tail

@@ -7,7 +7,8 @@ once row t + n_vq - 1 is out. One `step` serves a batch of requests at different
 
 Randomness follows the reference: per step a request draws, in order, noise for its text row,
 its codebook-0 row and its other codebooks (only for rows it samples). Each request has its own
-generator, so a seeded request replays the reference's seeded run whatever runs beside it;
+generator, so a seeded request draws the reference's numbers whatever runs beside it (its codes
+equal up to float rounding at near-ties: docs/engine.md, "Determinism");
 `shared_generator` instead reproduces the reference's static batch, where one generator and one
 repetition history serve the whole batch.
 """

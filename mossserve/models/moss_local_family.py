@@ -10,7 +10,8 @@ on (`Prompt.info["codebooks"]`), which the engine decodes with K quantizers.
 Randomness follows upstream `_sample` (fixtures/moss_tts_local/README.md section 6): per frame one
 multinomial draw per sampled channel 0, 1, .., K, each over that channel's whole vocabulary. Every
 request draws from its own generator, so a seeded request replays upstream's `torch.manual_seed`
-run alone or in any batch; `shared_seed` (static batch only) gives the batch one generator.
+run alone or in any batch (up to float rounding at near-ties: docs/engine.md, "Determinism");
+`shared_seed` (static batch only) gives the batch one generator.
 """
 from __future__ import annotations
 
