@@ -133,12 +133,7 @@ class Engine:
     def _join_session(self, session_id: str, request: EngineRequest):
         """The session `request` is the next turn of (the caller holds the lock)."""
         session = self.sessions.open(session_id)
-        room = self.max_len - session.fed - request.prompt_length
-        if room <= 0:
-            raise InvalidRequestError(f"session {session_id!r} holds {session.fed} positions; with this turn's "
-                                      f"{request.prompt_length} it would pass the engine's {self.max_len}: "
-                                      "start a new session")
-        request.max_new_frames = min(request.max_new_frames, room)
+        self._check_room(request, session.fed)
         session.turn = request
         return session
 
@@ -170,7 +165,7 @@ class Engine:
                     prompt = request.prompt
                     request.prompt = Prompt(np.concatenate([prompt.rows, update.prompt_rows]), prompt.start_length,
                                             prompt.info)
-                    self._check_room(request)
+                    self._check_room(request, request.session.fed if request.session is not None else 0)
                 if update.seal:
                     request.open = False
                 if update.next_row is not None:
@@ -180,12 +175,15 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - bad input fails its request only
             self._end(request, Status.FAILED, "error", _message(e))
 
-    def _check_room(self, request: EngineRequest) -> None:
-        """Rows added to a running request's prompt must leave room in the cache for a step."""
-        used = request.prompt_length + (request.session.fed if request.session is not None else 0)
+    def _check_room(self, request: EngineRequest, fed: int) -> None:
+        """The request's prompt after the `fed` rows its session holds must leave the cache room for a
+        step (a session's turn as it joins, and whenever pushed input adds prompt rows); its step cap
+        is what room is left."""
+        used = fed + request.prompt_length
         if used >= self.max_len:
-            raise InvalidRequestError(f"the prompt grew to {used} positions with its text; this engine allows "
-                                      f"{self.max_len} (start a new session, or send less text per turn)")
+            held = f"its session's {fed} and " if fed else ""
+            raise InvalidRequestError(f"the prompt needs {used} positions ({held}its own {request.prompt_length}); "
+                                      f"this engine allows {self.max_len}: start a new session, or send less text")
         request.max_new_frames = min(request.max_new_frames, self.max_len - used)
 
     def _can_progress(self, request: EngineRequest) -> bool:
