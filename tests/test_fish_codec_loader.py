@@ -88,6 +88,21 @@ def test_wrapped_pth(tmp_path, tensors, reference, wrap) -> None:
     assert_same_modules(model.state_dict(), reference)
 
 
+def test_derived_transformer_buffers_in_a_pth_are_recomputed(tmp_path, tensors, reference) -> None:
+    """fish-speech saved each codec transformer's RoPE table (bf16) and bool causal mask as persistent
+    buffers until mid-2025 (KV caches once set up): a published codec.pth may hold them; the reference's
+    non-strict load skips them, and so does ours. Other non-float or unknown tensors are still refused."""
+    saved = dict(tensors)
+    for module in ("encoder.block.4.block.5", "quantizer.pre_module", "quantizer.post_module"):
+        saved[f"{module}.freqs_cis"] = torch.randn(64, 8, 2).bfloat16()
+        saved[f"{module}.causal_mask"] = torch.tril(torch.ones(64, 64, dtype=torch.bool))
+    saved["quantizer.pre_module.layers.0.attention.kv_cache.k_cache"] = torch.zeros(1, 2, 64, 16)
+    assert_same_modules(FishDac.from_pretrained(write(tmp_path / "with", saved, kind="pth")).state_dict(), reference)
+    saved["quantizer.pre_module.mask"] = torch.ones(4, dtype=torch.bool)
+    with pytest.raises(CheckpointError, match="quantizer.pre_module.mask has dtype torch.bool"):
+        FishDac.from_pretrained(write(tmp_path / "other", saved, kind="pth"))
+
+
 def test_safetensors_preferred_over_pth(tmp_path, tensors) -> None:
     write(tmp_path, tensors)
     (tmp_path / "codec.pth").write_bytes(b"not a checkpoint")

@@ -8,7 +8,10 @@ weight `g · v / ‖v‖`: `<m>.parametrizations.weight.original0/1` and the leg
 `<m>.weight_g/weight_v`. The transformers' `w1`/`w3` fill the fused SwiGLU, and each head's q/k
 rows are reordered for the shared rotate-half RoPE. Unlike the reference (strict=False), every
 tensor must be consumed and every parameter filled: anything missing, unexpected, doubled or
-mis-shaped is a CheckpointError that names it.
+mis-shaped is a CheckpointError that names it. The one exception is the transformers' derived
+buffers (`freqs_cis`, the bool `causal_mask`, KV caches), which fish-speech saved as persistent
+buffers until mid-2025 and so may sit in a published `codec.pth`: the reference recomputes them
+(its load skips them as unexpected), and so does this codec.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ CODEC_FILES = ("codec.safetensors", "codec.pth")
 CONFIG_FILE = "codec_config.json"
 _WEIGHT_NORM = re.compile(r"^(.*)\.(?:parametrizations\.weight\.original([01])|weight_([gv]))$")
 _FEED_FORWARD = re.compile(r"^(.*\.feed_forward)\.(w[123])\.weight$")
+DERIVED_BUFFERS = ("freqs_cis", "causal_mask", "k_cache", "v_cache")
 
 
 def is_fish_codec_dir(path: str | Path) -> bool:
@@ -78,6 +82,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(tensors).__name__}")
     if any(str(k).startswith("generator.") for k in tensors):
         tensors = {k.removeprefix("generator."): v for k, v in tensors.items() if k.startswith("generator.")}
+    tensors = {k: v for k, v in tensors.items() if not (isinstance(k, str) and k.rsplit(".", 1)[-1] in DERIVED_BUFFERS)}
     for name, value in tensors.items():
         if not isinstance(name, str) or not torch.is_tensor(value):
             raise CheckpointError(f"{path}: entry {name!r} is not a named tensor")
