@@ -34,6 +34,25 @@ def test_voice_path_is_encoded_with_the_codec(delay_tts) -> None:
     assert (prompt.rows[:, 0] == 151654).sum() == len(codes) + 31  # user slots: T + n_vq - 1
 
 
+def test_realtime_encodes_the_voice_as_it_is() -> None:
+    """MOSS-TTS-Realtime's reference (inferencer.py, app.py, fast_api.py) encodes the loaded audio with
+    no loudness step; only the Delay and Local processors bring a reference to -20 dBFS."""
+    from contextlib import closing
+
+    from conftest import CODEC_DIR
+    from mossserve.api import TTS
+    from realtime_cases import REALTIME_DIR
+
+    with closing(TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny")) as tts:
+        codes = tts.encode_voice(AUDIO_DIR / "reference_en_0.mp3")
+        samples = load_audio(AUDIO_DIR / "reference_en_0.mp3", 24000)
+        with torch.inference_mode():
+            expected = tts.codec.encode(torch.from_numpy(samples), n_quantizers=16).T.numpy()
+            normalized = tts.codec.encode(torch.from_numpy(normalize_loudness(samples)), n_quantizers=16).T.numpy()
+    assert not np.array_equal(expected, normalized)  # the clip is not already at -20 dBFS
+    assert np.array_equal(codes, expected)
+
+
 def test_bad_voice_file_is_a_clear_error(delay_tts, tmp_path) -> None:
     (tmp_path / "bad.wav").write_bytes(b"not audio at all" * 10)
     with pytest.raises(InvalidRequestError, match="cannot decode"):
