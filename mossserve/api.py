@@ -24,7 +24,7 @@ import numpy as np
 from .config import ChunkSchedule, EngineConfig
 from .engine.engine import Engine
 from .engine.request import AudioChunk, Generation
-from .errors import EngineClosedError, InvalidRequestError, MossServeError, RequestAborted
+from .errors import CheckpointError, EngineClosedError, InvalidRequestError, MossServeError, RequestAborted
 from .models.config_utils import read_json
 from .models.family import Prompt, TalkerFamily
 from .models.registry import load_codec, load_talker
@@ -66,10 +66,12 @@ class TTS:
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, codec: str | Path | None = None,
                         device: str = "cpu", dtype: str = "float32",
-                        engine_config: EngineConfig | None = None) -> "TTS":
-        """`model`: a checkpoint directory or hub id (None: the bundled demo checkpoint, noise only).
-        `codec`: a codec directory or hub id; by default the one bundled with or named by the model."""
-        talker = load_talker(DEMO_MODEL if model is None else model, device=device, dtype=dtype)
+                        engine_config: EngineConfig | None = None, task: str | None = None) -> "TTS":
+        """`model`: a checkpoint directory or hub id, `org/name[@revision]` (None: the bundled demo
+        checkpoint, noise only). `codec`: a codec directory or hub id; by default the one bundled with
+        or named by the model. `task`: which MOSS-TTS Delay model a checkpoint whose name does not
+        say is (tts, dialogue, voice_design, sound_effect)."""
+        talker = load_talker(DEMO_MODEL if model is None else model, device=device, dtype=dtype, task=task)
         return cls(talker, codec, device=device, dtype=dtype, engine_config=engine_config)
 
     @property
@@ -86,7 +88,9 @@ class TTS:
         """The codec, loaded on first use."""
         with self._lock:
             if self._codec is None:
-                self._codec = load_codec(self.codec_source, device=self.device)
+                codec = load_codec(self.codec_source, device=self.device)
+                check_codec_fits(self.talker, codec, self.codec_source)
+                self._codec = codec
             return self._codec
 
     @property
@@ -286,6 +290,15 @@ class TTS:
         samples = np.concatenate(pieces, axis=-1) if pieces else np.zeros((self.codec.channels, 0), dtype=np.float32)
         return generation, Audio(samples.astype(np.float32, copy=False), self.codec.sample_rate, generation.frames,
                                  generation)
+
+
+def check_codec_fits(talker, codec, source: str | Path) -> None:
+    """Refuse a codec that cannot decode this model's codes (another family's codec, or too few
+    quantizers): otherwise the first decode fails deep in the codec, or the audio plays at the wrong rate."""
+    if codec.sample_rate != talker.sample_rate or codec.num_quantizers < talker.codebooks:
+        raise CheckpointError(
+            f"codec {source} ({codec.sample_rate} Hz, {codec.num_quantizers} quantizers) does not fit the "
+            f"{talker.name} model ({talker.sample_rate} Hz, {talker.codebooks} codebooks); give the model's own codec")
 
 
 def default_codec(model_dir: Path | None) -> str | Path:

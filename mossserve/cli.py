@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidRequestError, MossServeError
+from .models.presets import PRESETS
 from .progress import Progress
 
 
@@ -143,6 +144,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec", help="codec directory or hub id (default: the model's own)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    parser.add_argument("--task", choices=list(PRESETS),
+                        help="which MOSS-TTS Delay model the checkpoint is, when its name does not say (MOSS-TTSD: "
+                             "dialogue, -VoiceGenerator: voice_design, -SoundEffect: sound_effect; default tts)")
 
 
 def load_tts(args: argparse.Namespace):
@@ -150,7 +154,8 @@ def load_tts(args: argparse.Namespace):
     from .config import EngineConfig
 
     config = EngineConfig(max_running=getattr(args, "max_running", None) or EngineConfig.max_running)
-    tts = TTS.from_pretrained(args.model, codec=args.codec, device=args.device, dtype=args.dtype, engine_config=config)
+    tts = TTS.from_pretrained(args.model, codec=args.codec, device=args.device, dtype=args.dtype, engine_config=config,
+                              task=args.task)
     if tts.is_demo:
         print("note: no --model given; using the bundled tiny random-weight demo checkpoint "
               "(it produces noise, not speech)", file=sys.stderr)
@@ -501,7 +506,8 @@ def run_serve(args: argparse.Namespace) -> None:
 
     engine = EngineConfig(max_running=args.max_running, max_queued=args.max_queued)
     settings = ServerSettings(
-        model=args.model, codec=args.codec, device=args.device, dtype=args.dtype, model_name=args.model_name,
+        model=args.model, codec=args.codec, device=args.device, dtype=args.dtype, task=args.task,
+        model_name=args.model_name,
         host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir or default_data_dir(),
         cors_origins=tuple(args.cors_origin), max_input_chars=args.max_input_chars,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_voice_seconds=args.max_voice_seconds,

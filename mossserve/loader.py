@@ -24,7 +24,7 @@ Layout = dict[str, tuple[str, int]]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")  # org/name[@revision]
 
 
 def native_bf16(device: str | torch.device = "cpu") -> bool:
@@ -72,19 +72,21 @@ def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") ->
 
 
 def resolve_model_dir(name_or_path: str | Path, allow_patterns: list[str] | None = None) -> Path:
-    """A local directory as is; otherwise a hub id downloaded (or taken from the local hub cache)."""
+    """A local directory as is; otherwise a hub id, `org/name` or `org/name@revision` (a branch, tag or
+    commit), downloaded (or taken from the local hub cache)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; give the checkpoint directory")
     text = str(name_or_path)
-    if not HUB_ID.match(text):
+    hub_id = HUB_ID.match(text)
+    if hub_id is None:
         raise CheckpointError(f"checkpoint directory not found: {path}")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=text, allow_patterns=allow_patterns))
+        return Path(snapshot_download(repo_id=hub_id["repo"], revision=hub_id["revision"], allow_patterns=allow_patterns))
     except Exception as e:  # the hub client raises many types: offline, not found, gated
         raise CheckpointError(f"{text} is not a local directory and could not be fetched from the hub: {e}") from None
 

@@ -13,6 +13,7 @@ import torch
 
 from conftest import AUDIO_DIR, CODEC_DIR, DELAY_DIR, STREAMED_VS_WHOLE_ATOL, TOKENIZER_DIR
 from mossserve.cli import main
+from mossserve.text.tokenizer import TextTokenizer
 
 PROMPTS16 = np.load(TOKENIZER_DIR / "prompts_nvq16.npz")
 GEN16 = np.load(DELAY_DIR / "tiny_nvq16" / "goldens_gen.npz")
@@ -38,6 +39,19 @@ def test_prompt_from_request_matches_processor_golden(delay_model_dirs, tmp_path
     prompt = np.load(tmp_path / "p.npy")
     assert prompt.dtype == np.int64
     assert np.array_equal(prompt, PROMPTS16["clone_zh/input_ids"][0])
+
+
+def test_task_names_the_model_a_directory_holds(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """A MOSS-VoiceGenerator saved as ./voicegen: without --task it is read as MOSS-TTS, which takes no
+    instructions; with --task voice_design the instructions make the prompt."""
+    (tmp_path / "req.json").write_text(json.dumps({"input": "Hi.", "instructions": "A deep, calm voice."}))
+    args = ["prompt", "--model", delay_model_dirs["tiny_nvq16"], "--request", tmp_path / "req.json", "-o", tmp_path / "p.npy"]
+    code, err = run(args, capsys)
+    assert code == 2 and "instructions" in err and "Traceback" not in err
+    code, err = run([*args, "--task", "voice_design"], capsys)
+    assert code == 0, err
+    text = TextTokenizer.from_dir(TOKENIZER_DIR).decode(np.load(tmp_path / "p.npy")[:, 0].tolist())
+    assert "A deep, calm voice." in text
 
 
 def test_prompt_from_conversation(delay_model_dirs, tmp_path: Path, capsys) -> None:

@@ -1,8 +1,9 @@
 """Per-model generation defaults: the model cards' recommended settings, keyed by task.
 
 Delay checkpoints share one class and one config format; which model a directory holds
-(MOSS-TTS, -TTSD, -VoiceGenerator, -SoundEffect) is only visible in its published name. A
-`generation_config.json` in the checkpoint, when present, overrides these values.
+(MOSS-TTS, -TTSD, -VoiceGenerator, -SoundEffect) is only visible in its published name, so a
+directory saved under another name takes `task` from its user (`--task`); without either it is
+MOSS-TTS. A `generation_config.json` in the checkpoint, when present, overrides these values.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..sampling import SamplingParams
-
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,24 @@ NAME_PATTERNS = (
 )
 
 
-def task_from_name(name: str) -> str:
-    """The task a published checkpoint name implies (MOSS-TTSD-v1.0 -> dialogue, ...)."""
+def task_from_name(name: str) -> str | None:
+    """The task a published checkpoint name implies (MOSS-TTSD-v1.0 -> dialogue, ...); None when
+    it names none of the other models."""
     for task, pattern in NAME_PATTERNS:
         if pattern.search(name):
             return task
-    return "tts"
+    return None
 
 
-def preset_for(model_dir: Path, name: str, base: Preset | None = None) -> Preset:
-    """The preset for a checkpoint (by its name, or `base` for a family with its own defaults),
-    with the checkpoint's generation_config.json applied."""
-    preset = base or PRESETS[task_from_name(name)]
+def check_task(task: str | None) -> None:
+    if task is not None and task not in PRESETS:
+        raise CheckpointError(f"unknown task {task!r}; choose one of {', '.join(PRESETS)}")
+
+
+def preset_for(model_dir: Path, name: str, base: Preset | None = None, task: str | None = None) -> Preset:
+    """The preset for a checkpoint (`task`, else by its name, or `base` for a family with its own
+    defaults), with the checkpoint's generation_config.json applied."""
+    preset = base or PRESETS[task or task_from_name(name) or "tts"]
     path = model_dir / "generation_config.json"
     if not path.is_file():
         return preset
@@ -58,4 +64,7 @@ def preset_for(model_dir: Path, name: str, base: Preset | None = None) -> Preset
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     known = {f.name for f in fields(SamplingParams)} - {"seed"}
     sampling = preset.sampling.with_overrides(**{k: v for k, v in values.items() if k in known})
-    return Preset(preset.task, sampling, int(values.get("max_new_tokens", preset.max_new_frames)))
+    frames = values.get("max_new_tokens")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise CheckpointError(f"{path}: max_new_tokens must be a positive integer, got {frames!r}")
+    return Preset(preset.task, sampling, preset.max_new_frames if frames is None else frames)

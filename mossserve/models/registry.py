@@ -2,6 +2,7 @@
 (Delay and Local share "moss_tts_delay"; Local has a depth transformer in its config)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -11,10 +12,18 @@ from ..loader import build_on_meta, load_weights, parse_device, parse_dtype, res
 from .config_utils import read_json
 from .family import TalkerFamily
 
-TALKER_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+log = logging.getLogger("mossserve")
+# codec.pth: Fish S2 Pro publishes its codec beside the model only in that form (the MOSS repos have none).
+TALKER_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "codec.pth"]
 
 
-def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32") -> TalkerFamily:
+def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+                task: str | None = None) -> TalkerFamily:
+    """`task` names which MOSS-TTS Delay model a checkpoint is (tts, dialogue, voice_design,
+    sound_effect: its default task and the model card's sampling) where its name does not say."""
+    from .presets import check_task
+
+    check_task(task)
     device = parse_device(device)
     model_dir = resolve_model_dir(model, allow_patterns=TALKER_FILES)
     config = read_json(model_dir / "config.json")
@@ -23,40 +32,57 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
     if model_type == "moss_tts_delay" or "MossTTSDelayModel" in architectures:
         from .moss_local_config import is_local_config
 
-        load = _load_local if is_local_config(config) else _load_delay
-        talker = load(model_dir, str(model), config, device, parse_dtype(dtype, device))
+        if is_local_config(config):
+            _refuse_task(task, "MOSS-TTS-Local")
+            talker = _load_local(model_dir, str(model), config, device, parse_dtype(dtype, device))
+        else:
+            talker = _load_delay(model_dir, str(model), config, device, parse_dtype(dtype, device), task)
         talker.source = model_dir
         return talker
     from .moss_realtime_family import is_realtime_config, load_realtime
 
     if is_realtime_config(config):
+        _refuse_task(task, "MOSS-TTS-Realtime")
         return load_realtime(model_dir, str(model), config, device, parse_dtype(dtype, device))
     from .fish_s2_config import is_fish_config
 
     if is_fish_config(config):
         from .fish_s2_family import load_fish
 
+        _refuse_task(task, "Fish S2 Pro")
         return load_fish(model_dir, config, device, parse_dtype(dtype, device))
     raise CheckpointError(
         f"{model_dir / 'config.json'}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}) "
         "is not supported; supported: moss_tts_delay (Delay and Local), moss_tts_realtime, fish_qwen3_omni")
 
 
-def _load_delay(model_dir: Path, name: str, config: dict, device: torch.device, dtype: torch.dtype) -> TalkerFamily:
+def _refuse_task(task: str | None, model: str) -> None:
+    if task is not None:
+        raise CheckpointError(f"a task ({task!r}) names which MOSS-TTS Delay model a checkpoint is; {model} has one")
+
+
+def _load_delay(model_dir: Path, name: str, config: dict, device: torch.device, dtype: torch.dtype,
+                task: str | None = None) -> TalkerFamily:
     from ..text.tokenizer import TextTokenizer
     from .moss_delay import MossDelayModel
     from .moss_delay_config import MossDelayConfig
     from .moss_delay_family import MossDelayFamily
-    from .presets import preset_for
+    from .presets import preset_for, task_from_name
 
     delay_config = MossDelayConfig.from_dict(config, str(model_dir / "config.json"))
     files = weight_files(model_dir)
     tokenizer = TextTokenizer.from_dir(model_dir)
     model = build_on_meta(lambda: MossDelayModel(delay_config), dtype, device)
     load_weights(model, files, model.checkpoint_layout())
-    preset = preset_for(model_dir, name)
-    return MossDelayFamily(model.eval().requires_grad_(False), tokenizer, default_task=preset.task,
-                           sampling_defaults=preset.sampling, max_new_frames=preset.max_new_frames)
+    preset = preset_for(model_dir, name, task=task)
+    family = MossDelayFamily(model.eval().requires_grad_(False), tokenizer, default_task=preset.task,
+                             sampling_defaults=preset.sampling, max_new_frames=preset.max_new_frames)
+    if task is None and task_from_name(name) is None and delay_config.n_vq != 32:
+        log.warning("%s: %d codebooks, and its name does not say which MOSS model it is (MOSS-TTS has 32; MOSS-TTSD, "
+                    "-VoiceGenerator and -SoundEffect have 16); loading it as MOSS-TTS (task tts, its sampling "
+                    "defaults). Give --task dialogue, voice_design or sound_effect if it is one of those.",
+                    name, delay_config.n_vq)
+    return family
 
 
 def _load_local(model_dir: Path, name: str, config: dict, device: torch.device, dtype: torch.dtype) -> TalkerFamily:

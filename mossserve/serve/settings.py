@@ -27,6 +27,7 @@ class ServerSettings:
     codec: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    task: str | None = None  # which MOSS-TTS Delay model `model` is, where its name does not say
     model_name: str | None = None  # the id clients send as `model` (default: from `model`)
     host: str = "127.0.0.1"
     port: int = 8000

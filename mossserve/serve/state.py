@@ -37,7 +37,7 @@ class ServerState:
         owns_tts = tts is None
         if tts is None:
             tts = TTS.from_pretrained(settings.model, settings.codec, device=settings.device, dtype=settings.dtype,
-                                      engine_config=settings.engine)
+                                      engine_config=settings.engine, task=settings.task)
         tts.speakers.max_seconds = settings.max_voice_seconds
         tts.engine  # noqa: B018 - starts the engine threads
         voices = VoiceStore(Path(settings.data_dir)) if voices is None else voices

@@ -1,0 +1,72 @@
+"""Hub ids: what is downloaded for each model family (through a fake `snapshot_download` that serves
+a fixture directory as the published repository, honouring `allow_patterns` as the hub client does),
+revisions, and a codec that does not fit its model."""
+from __future__ import annotations
+
+import fnmatch
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+
+from mossserve.api import TTS
+from mossserve.errors import CheckpointError
+from mossserve.models.codecs.fish_dac import FishDac
+from mossserve.models.registry import load_codec
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class FakeHub:
+    """Repositories (id -> directory); each download copies the files `allow_patterns` admits."""
+
+    def __init__(self, root: Path, repos: dict[str, Path]) -> None:
+        self.root, self.repos, self.calls = root, repos, []
+
+    def snapshot_download(self, repo_id: str, revision: str | None = None, allow_patterns=None, **_) -> str:
+        self.calls.append((repo_id, revision, allow_patterns))
+        out = self.root / repo_id.replace("/", "--") / (revision or "main")
+        out.mkdir(parents=True, exist_ok=True)
+        for file in self.repos[repo_id].iterdir():
+            if file.is_file() and (allow_patterns is None or any(fnmatch.fnmatch(file.name, p) for p in allow_patterns)):
+                shutil.copy(file, out / file.name)
+        return str(out)
+
+
+@pytest.fixture
+def fish_repo(tmp_path: Path) -> Path:
+    """The fixture laid out as fishaudio/s2-pro publishes it: the codec only as codec.pth."""
+    repo = tmp_path / "published"
+    shutil.copytree(FIXTURES / "fish_s2_pro", repo, ignore=shutil.ignore_patterns("*.npz", "codec.safetensors"))
+    return repo
+
+
+def test_a_fish_hub_id_brings_its_own_codec(monkeypatch, tmp_path: Path, fish_repo: Path) -> None:
+    hub = FakeHub(tmp_path / "cache", {"fishaudio/s2-pro": fish_repo})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    tts = TTS.from_pretrained("fishaudio/s2-pro")
+    assert (Path(tts.codec_source) / "codec.pth").is_file()
+    assert isinstance(tts.codec, FishDac)
+    assert [repo for repo, _, _ in hub.calls] == ["fishaudio/s2-pro"]  # nothing else fetched (no MOSS codec)
+
+
+def test_a_revision_is_passed_to_the_hub(monkeypatch, tmp_path: Path, fish_repo: Path) -> None:
+    hub = FakeHub(tmp_path / "cache", {"fishaudio/s2-pro": fish_repo})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    assert isinstance(load_codec("fishaudio/s2-pro@v1.0"), FishDac)
+    assert hub.calls[0][:2] == ("fishaudio/s2-pro", "v1.0")
+
+
+@pytest.mark.parametrize("name", ["fishaudio/s2-pro@", "fishaudio/s2-pro@v1@v2", "not a/hub id"])
+def test_a_malformed_hub_id_is_not_fetched(monkeypatch, name: str) -> None:
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **_: pytest.fail("fetched"))
+    with pytest.raises(CheckpointError, match="checkpoint directory not found"):
+        load_codec(name)
+
+
+def test_a_codec_that_does_not_fit_the_model_is_refused(delay_model_dirs) -> None:
+    """A MOSS-TTS model with the Fish codec (44.1 kHz): one clear error, before any request runs."""
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=FIXTURES / "fish_s2_pro")
+    with pytest.raises(CheckpointError, match=r"does not fit the delay model \(24000 Hz, 16 codebooks\)"):
+        tts.codec

@@ -1,0 +1,81 @@
+"""Which MOSS-TTS Delay model a checkpoint is: its published name, `task` where the name does not
+say, and generation_config.json; the model cards' sampling defaults that follow from it."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from conftest import DELAY_DIR, TOKENIZER_DIR
+from mossserve.errors import CheckpointError
+from mossserve.models.presets import PRESETS
+from mossserve.models.registry import load_talker
+from realtime_cases import REALTIME_DIR
+
+
+def checkpoint(root: Path, name: str, nvq: int = 16, generation: dict | None = None) -> Path:
+    out = root / name
+    out.mkdir(parents=True)
+    (out / "config.json").symlink_to(DELAY_DIR / f"tiny_nvq{nvq}" / "config.json")
+    (out / "model.safetensors").symlink_to(DELAY_DIR / f"tiny_nvq{nvq}" / "model.safetensors")
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        (out / file).symlink_to(TOKENIZER_DIR / file)
+    if generation is not None:
+        (out / "generation_config.json").write_text(json.dumps(generation))
+    return out
+
+
+@pytest.mark.parametrize("name, task", [
+    ("MOSS-TTSD-v1.0", "dialogue"), ("MOSS-VoiceGenerator", "voice_design"), ("moss_sound_effect", "sound_effect"),
+])
+def test_the_published_name_picks_the_model_card(tmp_path: Path, caplog, name: str, task: str) -> None:
+    with caplog.at_level(logging.WARNING, logger="mossserve"):
+        talker = load_talker(checkpoint(tmp_path, name))
+    assert talker.default_task == task
+    assert talker.default_sampling() == PRESETS[task].sampling
+    assert not caplog.records
+
+
+def test_a_directory_named_otherwise_takes_the_task_given(tmp_path: Path, caplog) -> None:
+    """`hf download OpenMOSS-Team/MOSS-SoundEffect --local-dir ./sfx`: the name says nothing."""
+    with caplog.at_level(logging.WARNING, logger="mossserve"):
+        talker = load_talker(checkpoint(tmp_path, "sfx"), task="sound_effect")
+    assert talker.default_task == "sound_effect"
+    assert talker.default_sampling() == PRESETS["sound_effect"].sampling
+    assert not caplog.records
+
+
+def test_a_16_codebook_checkpoint_of_no_known_name_is_loaded_as_moss_tts_with_a_warning(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="mossserve"):
+        talker = load_talker(checkpoint(tmp_path, "sfx"))
+    assert talker.default_task == "tts"
+    assert talker.default_sampling() == PRESETS["tts"].sampling
+    assert "--task" in caplog.text and "16 codebooks" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mossserve"):
+        load_talker(checkpoint(tmp_path, "my-model", nvq=32))  # 32 codebooks: MOSS-TTS itself
+    assert not caplog.records
+
+
+def test_generation_config_overrides_the_card(tmp_path: Path) -> None:
+    talker = load_talker(checkpoint(tmp_path, "MOSS-TTSD", generation={"audio_temperature": 0.5, "max_new_tokens": 77}))
+    assert talker.default_sampling().audio_temperature == 0.5
+    assert talker.default_sampling().audio_top_k == PRESETS["dialogue"].sampling.audio_top_k
+    assert talker.max_new_frames == 77
+    talker = load_talker(checkpoint(tmp_path, "MOSS-TTSD-null", generation={"max_new_tokens": None}))
+    assert talker.max_new_frames == PRESETS["dialogue"].max_new_frames
+
+
+@pytest.mark.parametrize("value", [0, "100", 2.5, True])
+def test_a_bad_max_new_tokens_is_named(tmp_path: Path, value) -> None:
+    with pytest.raises(CheckpointError, match="max_new_tokens must be a positive integer"):
+        load_talker(checkpoint(tmp_path, "m", generation={"max_new_tokens": value}))
+
+
+def test_a_task_for_another_family_or_unknown_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="MOSS-TTS-Realtime has one"):
+        load_talker(REALTIME_DIR, task="dialogue")
+    with pytest.raises(CheckpointError, match="unknown task 'speech'"):
+        load_talker(checkpoint(tmp_path, "m"), task="speech")
