@@ -19,6 +19,7 @@ from mossserve.engine.engine import Engine
 from mossserve.engine.talker_runner import TalkerRunner
 from mossserve.errors import EngineFullError, InvalidRequestError
 from mossserve.models.codecs import MossAudioTokenizer
+from mossserve.models.family import Prompt
 from mossserve.models.moss_delay_family import MossDelayFamily
 from mossserve.sampling import SamplingParams
 
@@ -286,6 +287,30 @@ def test_hundreds_of_requests_with_random_aborts_leave_nothing_behind(delay_tts)
         assert stats["finished"] + stats["aborted"] == 500 and stats["failed"] == 0
     finally:
         engine.shutdown()
+
+
+def test_free_slots_take_requests_beyond_the_queue_bound() -> None:
+    """Every request waits in the queue until the next step; `max_queued` bounds those that will have
+    to wait for a slot, so four free slots take four requests at once even with max_queued=0."""
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=4, max_queued=0))
+    prompt = fam.prompt_from_rows(golden_requests("tiny_nvq16")[0][1])
+    for i in range(4):
+        engine.add_request(prompt, SamplingParams.greedy(), lambda c: None, max_new_frames=2, decode_audio=False)
+    with pytest.raises(EngineFullError, match="max_running=4, max_queued=0"):
+        engine.add_request(prompt, SamplingParams.greedy(), lambda c: None, decode_audio=False)
+    engine.step()
+    assert engine.stats()["running"] == 4
+
+
+@pytest.mark.parametrize("rows", [np.zeros((0, 17), dtype=np.int64), np.zeros((3, 16), dtype=np.int64),
+                                  np.zeros(17, dtype=np.int64)])
+def test_a_prompt_of_no_rows_or_the_wrong_width_is_refused(rows) -> None:
+    """(An empty prompt was admitted and spun for ever holding its slot.)"""
+    engine = Engine(family("tiny_nvq16"), None, EngineConfig(threaded=False))
+    with pytest.raises(InvalidRequestError, match="no rows|prompt rows must be an array"):
+        engine.add_request(Prompt(rows=rows), SamplingParams.greedy(), lambda c: None, decode_audio=False)
+    assert not engine.has_work()
 
 
 def test_a_full_queue_refuses_new_work_and_the_engine_keeps_serving() -> None:

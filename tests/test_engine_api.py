@@ -108,8 +108,10 @@ def test_async_engine_refuses_work_beyond_its_queue(delay_model_dirs) -> None:
 
     async def main():
         first = await engine.submit(prompt, decode_audio=False)
+        second = await engine.submit(prompt, decode_audio=False)  # max_running + max_queued = 2 at once
         with pytest.raises(EngineFullError):
             await engine.submit(prompt, decode_audio=False)
+        await second.aclose()
         engine.tts.engine.run_until_idle()
         return [c async for c in first]
 

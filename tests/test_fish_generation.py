@@ -67,6 +67,23 @@ def test_later_batch_prompt_is_the_earlier_prompt_its_frames_and_a_tail() -> Non
     assert len(case.tails()[0]) > 0 and case.tails()[0][0, 0] == cfg.eos_token_id
 
 
+def test_a_multi_batch_request_leaves_no_prefix_for_others_to_reuse() -> None:
+    """Its cache holds [batch 0, its frames, batch 1's tail, ...], not its prompt rows in order: when it
+    ends, its slot must not offer them as a prefix. (It did once the next batch's rows were added: a
+    matrix of batch 0 and tail 1 then copied the wrong keys and values, and its codes changed.)"""
+    case = gen_case("multi_speaker")
+    probe = (family().prompt_from_rows(np.concatenate([case.prompts[0], case.tails()[0]])), GREEDY, 20)
+    engine = Engine(family(), None, EngineConfig(threaded=False, max_running=1, shared_prefix_rows=16))
+    results: dict[str, Generation] = {}
+    for rid, (prompt, sampling, cap) in (("multi", request("multi_speaker")), ("probe", probe)):
+        engine.add_request(prompt, sampling, lambda c: results.setdefault(c.request_id, c.generation) if c.final else None,
+                           request_id=rid, max_new_frames=cap, decode_audio=False, guard=False)
+        engine.run_until_idle()
+    check("multi_speaker", results["multi"])
+    assert engine.counts["prompt_rows_reused"] == 0
+    assert np.array_equal(results["probe"].rows, run([probe])[0].rows)
+
+
 def test_a_batch_begun_with_im_end_is_rewritten_for_the_next_batch() -> None:
     """README 3.4 and 6: batch 1's prompt holds batch 0's codes as a VQ part, so the prefill column
     that was fed back as a plain <|im_end|> is <|semantic:0|> with its codes there. The request's

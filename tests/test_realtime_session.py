@@ -13,7 +13,7 @@ from realtime_cases import REALTIME_DIR, golden, golden_json, realtime_family
 from mossserve.cli import main
 from mossserve.config import EngineConfig
 from mossserve.engine.engine import Engine
-from mossserve.errors import InvalidRequestError
+from mossserve.errors import EngineFullError, InvalidRequestError
 from mossserve.text.realtime_session import RealtimeTurn, SessionScript
 
 RUNS = golden_json("generation")["runs"]
@@ -148,6 +148,40 @@ def test_a_session_that_gave_its_slot_up_continues_exactly() -> None:
     assert_context(engine, "a", turns.generations[a1])
 
 
+def test_a_turn_queued_for_its_warm_slot_keeps_that_slot_taken() -> None:
+    """One slot, held by session a, whose next turn waits to be admitted beside a request that needs a
+    slot: the slot is not free (the other request waited for it; it failed allocating before), and
+    the turn is not held behind that request (it was, when the count was right, for ever)."""
+    turns = Turns()
+    engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=1))
+    turns.add(engine, "stream_multiturn", 0, "a")
+    engine.run_until_idle()
+    other = turns.add(engine, "stream_zh_user_short_text", 0, "b")  # needs a slot; a's is a's
+    a1 = turns.add(engine, "stream_multiturn", 1, "a")
+    engine.run_until_idle()
+    assert np.array_equal(turns.frames(a1), turn_frames("stream_multiturn")[1][:-1])
+    assert np.array_equal(turns.frames(other), turn_frames("stream_zh_user_short_text")[0][:-1])
+    assert_context(engine, "a", turns.generations[a1])  # a kept its slot: it went on first
+
+
+def test_a_turn_that_needs_its_slot_back_waits_for_one() -> None:
+    """b gave its slot up to a; a's next turn (in a's warm slot) and b's (needing one) are queued
+    together: b waits for the slot and continues exactly (its turn failed with no slot before, and
+    the failure dropped its session)."""
+    turns = Turns()
+    engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=1))
+    turns.add(engine, "stream_multiturn", 0, "b")
+    engine.run_until_idle()
+    turns.add(engine, "stream_multiturn", 0, "a")
+    engine.run_until_idle()
+    a1 = turns.add(engine, "stream_multiturn", 1, "a")
+    b1 = turns.add(engine, "stream_multiturn", 1, "b")
+    engine.run_until_idle()
+    for rid in (a1, b1):
+        assert np.array_equal(turns.frames(rid), turn_frames("stream_multiturn")[1][:-1]), rid
+    assert_context(engine, "b", turns.generations[b1])
+
+
 def test_one_turn_at_a_time_and_closing_frees_the_slot() -> None:
     turns = Turns()
     engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=2))
@@ -159,6 +193,36 @@ def test_one_turn_at_a_time_and_closing_frees_the_slot() -> None:
     assert engine.close_session("a") and not engine.close_session("a")
     engine.run_until_idle()
     assert engine.stats()["cache_slots_used"] == 0 and engine.stats()["sessions"] == 0
+
+
+def test_a_turn_added_after_close_session_starts_a_new_session() -> None:
+    """Closed, and a turn of the same id added before the engine steps: it starts a new context (the
+    reference's turn 0 again), it does not join the closing session and die with it."""
+    turns = Turns()
+    engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=2))
+    turns.add(engine, "stream_multiturn", 0, "a")
+    engine.run_until_idle()
+    assert engine.close_session("a") and not engine.close_session("a")
+    again = turns.add(engine, "stream_multiturn", 0, "a", request_id="again")
+    engine.run_until_idle()
+    assert np.array_equal(turns.frames(again), turn_frames("stream_multiturn")[0][:-1])
+    stats = engine.stats()
+    assert stats["sessions"] == 1 and stats["cache_slots_used"] == 1  # the new session's slot only
+
+
+def test_a_refused_first_turn_leaves_no_session() -> None:
+    turns = Turns()
+    engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=1, max_queued=1, max_sessions=1))
+    for i in range(2):  # the engine is full: one to run, one queued
+        engine.add_request(turns.prompt("stream_text_only_short", 0), greedy(), turns.sink, request_id=f"plain{i}",
+                           decode_audio=False)
+    with pytest.raises(EngineFullError):
+        turns.add(engine, "stream_multiturn", 0, "a")
+    assert engine.stats()["sessions"] == 0
+    engine.run_until_idle()
+    b0 = turns.add(engine, "stream_multiturn", 0, "b")  # max_sessions=1: b is not refused for a's sake
+    engine.run_until_idle()
+    assert np.array_equal(turns.frames(b0), turn_frames("stream_multiturn")[0][:-1])
 
 
 def test_closing_a_session_aborts_its_turn_in_flight() -> None:

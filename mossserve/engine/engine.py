@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import ChunkSchedule, EngineConfig
-from ..errors import EngineClosedError, EngineFullError, InvalidRequestError
+from ..errors import EngineClosedError, InvalidRequestError, MossServeError
 from ..models.codecs.base import Codec
 from ..models.family import Prompt, TalkerFamily
 from ..sampling import SamplingParams
@@ -91,6 +91,11 @@ class Engine:
         schedule.validate(self.config.max_chunk_frames)
         if session is not None and not self.family.supports_sessions:
             raise InvalidRequestError("this model does not keep sessions (multi-turn contexts)")
+        if not isinstance(prompt.rows, np.ndarray) or prompt.rows.ndim != 2 or prompt.rows.shape[1] != self.family.columns:
+            raise InvalidRequestError(f"prompt rows must be an array (positions, {self.family.columns}), got "
+                                      f"{getattr(prompt.rows, 'shape', type(prompt.rows).__name__)}")
+        if not len(prompt.rows):
+            raise InvalidRequestError("the prompt has no rows")
         length = len(prompt.rows) + prompt.later_rows
         if length >= self.max_len:
             raise InvalidRequestError(f"the prompt has {length} positions; this engine allows {self.max_len} "
@@ -112,19 +117,23 @@ class Engine:
             text_tokens=int(prompt.info.get("text_tokens") or 0),
             repeat_limit=self.guard.repeat_frames if guard else None,
             schedule=schedule, decode_audio=decode_audio, open=bool(prompt.info.get("open", False)),
+            plain=_plain_prompt(prompt),
         )
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine has shut down")
             if request.id in self._live:
                 raise InvalidRequestError(f"request id {request.id!r} is already in use")
-            if session is not None:
-                request.session = self._join_session(session, request)
+            new_session = session is not None and session not in self.sessions.by_id
             try:
+                if session is not None:
+                    request.session = self._join_session(session, request)
                 self.scheduler.add(request)
-            except EngineFullError:
+            except MossServeError:  # refused: the session is as it was (a new one is not kept)
                 if request.session is not None:
                     request.session.turn = None
+                if new_session:
+                    self.sessions.by_id.pop(session, None)
                 raise
             self._live[request.id] = request
             self._lock.notify()
@@ -201,11 +210,13 @@ class Engine:
             return 0 if session is None else session.fed
 
     def close_session(self, session_id: str) -> bool:
-        """Forget a session: its turn in flight is aborted and its slot freed; False if unknown."""
+        """Forget a session: its turn in flight is aborted and its slot freed (at the next step); a turn
+        added after this call starts a new session. False if unknown."""
         with self._lock:
-            if session_id not in self.sessions.by_id or session_id in self._session_closes:
+            session = self.sessions.by_id.pop(session_id, None)
+            if session is None:
                 return False
-            self._session_closes.append(session_id)
+            self._session_closes.append(session)
             self._lock.notify()
         return True
 
@@ -311,8 +322,8 @@ class Engine:
             closes, self._session_closes = self._session_closes, []
         for request, status, reason, error in endings:
             self._end(request, status, reason, error)
-        for session_id in closes:
-            self._close_session(session_id)
+        for session in closes:
+            self._close_session(session)
         with self._lock:
             room = self._codec_room()
             admitted = self.scheduler.admit(min(self._free_slots(), room) if room > 0 else 0, self._holds_slot)
@@ -334,9 +345,10 @@ class Engine:
         return request.session is not None and request.session.slot >= 0
 
     def _free_slots(self) -> int:
-        """Slots for waiting requests; idle sessions give theirs up (least recently used first)
-        when the request next in line needs one (the caller holds the lock)."""
-        free = self.config.max_running - len(self.scheduler.running) - self.sessions.idle_slots()
+        """Slots for waiting requests: those no request and no session holds (a session's slot stays
+        taken while its next turn waits to be admitted); idle sessions give theirs up (least recently
+        used first) when the request next in line needs one (the caller holds the lock)."""
+        free = self.config.max_running - self.runner.slots_in_use
         if free <= 0 and self.scheduler.waiting and not self._holds_slot(self.scheduler.waiting[0]):
             session = self.sessions.least_recently_used_idle()
             if session is not None:
@@ -378,7 +390,7 @@ class Engine:
         session.turn, session.last_used = None, time.monotonic()
         if request.slot < 0:  # never admitted: the session is as it was, unless this turn failed
             if status is Status.FAILED:  # (the engine crashed): then the session cannot go on
-                self.sessions.by_id.pop(session.id, None)
+                self.sessions.drop(session)
                 if session.slot >= 0:
                     self.runner.release(session.slot)
                 session.slot = -1
@@ -386,7 +398,7 @@ class Engine:
         if not request.rows:
             return self._unfeed_turn(request)
         if status is Status.FAILED:  # its cache may hold half a step: the session cannot go on
-            self.sessions.by_id.pop(session.id, None)
+            self.sessions.drop(session)
             session.slot = -1
             return False
         fed = [request.prompt.rows[: request.prefilled]]
@@ -416,13 +428,11 @@ class Engine:
         self.runner.cache.lengths[request.slot] = session.fed
         return self.sessions.by_id.get(session.id) is session
 
-    def _close_session(self, session_id: str) -> None:
-        # Under the lock, as a turn joins a session (add_request): the turn joined before is aborted
-        # here, one after finds no session and starts a new one; the warm slot is nobody's after.
+    def _close_session(self, session: Session) -> None:
+        # Taken out of `sessions` by close_session, under the lock, as a turn joins a session
+        # (add_request): the turn that joined before is aborted here, one after started a new session;
+        # the warm slot is nobody's after.
         with self._lock:
-            session = self.sessions.by_id.pop(session_id, None)
-            if session is None:
-                return
             turn, slot = session.turn, session.slot
             session.slot = -1
         running = turn is not None and turn.slot >= 0  # in the session's slot, which its ending frees
@@ -635,8 +645,12 @@ class Engine:
             self._lock.notify()
 
     def _close_as(self, request: EngineRequest, status: Status, reason: str, error: str | None) -> None:
-        """Close a request that will not go through `_end`'s talker path, with this ending."""
-        request.status, request.finish_reason = status, reason
+        """Close a request that will not go through `_end`'s talker path, with this ending (unless the
+        codec thread closed it first: its final chunk went out with the ending it had)."""
+        with self._lock:
+            if request.closed:
+                return
+            request.status, request.finish_reason = status, reason
         self._close(request, error)
 
     def _close(self, request: EngineRequest, error: str | None = None) -> None:
@@ -661,8 +675,9 @@ def _plain_prompt(prompt: Prompt) -> bool:
 
 
 def _shares_prefixes(request: EngineRequest) -> bool:
-    """A plain prompt outside a session in the talker, in an allocated slot."""
-    return (request.session is None and _plain_prompt(request.prompt) and request.slot >= 0
+    """A plain prompt outside a session in the talker, in an allocated slot. Plain as admitted: a
+    prompt that grows while it runs (Fish's next text batch) is rebuilt without what made it not plain."""
+    return (request.session is None and request.plain and request.slot >= 0
             and request.status in (Status.PREFILL, Status.DECODING))
 
 

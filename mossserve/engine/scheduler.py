@@ -19,24 +19,29 @@ class Scheduler:
         self.running: list[EngineRequest] = []  # admission order
 
     def add(self, request: EngineRequest) -> None:
-        if len(self.waiting) >= self.max_queued:
+        """Queue a request; refused once `max_running + max_queued` are in (every request waits here
+        until the next step, also one that a free slot will start at once)."""
+        if len(self.waiting) + len(self.running) >= self.max_running + self.max_queued:
             raise EngineFullError(f"the engine is full: {len(self.running)} running and {len(self.waiting)} "
-                                  f"queued (max_queued={self.max_queued}); retry later")
+                                  f"queued (max_running={self.max_running}, max_queued={self.max_queued}); "
+                                  "retry later")
         self.waiting.append(request)
 
     def admit(self, free: int, holds_slot: Callable[[EngineRequest], bool]) -> list[EngineRequest]:
         """Waiting requests that start now, oldest first: those that need a slot while `free` slots
-        last, and those that bring their own (a session's next turn)."""
-        admitted = []
-        while self.waiting:
-            if not holds_slot(self.waiting[0]):
-                if free <= 0:
-                    break
-                free -= 1
-            request = self.waiting.popleft()
-            request.status = Status.PREFILL
-            self.running.append(request)
-            admitted.append(request)
+        last, and every one that brings its own (a session's next turn, which may stand behind a
+        request waiting for a slot: it must not wait for that slot, which it may be keeping taken)."""
+        admitted, waiting = [], deque()
+        for request in self.waiting:
+            own = holds_slot(request)
+            if own or free > 0:
+                free -= not own
+                request.status = Status.PREFILL
+                self.running.append(request)
+                admitted.append(request)
+            else:
+                waiting.append(request)
+        self.waiting = waiting
         return admitted
 
     def prefill_batch(self, held: frozenset[str] = frozenset()) -> list[tuple[EngineRequest, int]]:

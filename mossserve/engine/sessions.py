@@ -52,8 +52,10 @@ class Sessions:
                                       "send the next turn when it ends, or abort it")
         return session
 
-    def idle_slots(self) -> int:
-        return sum(s.idle_slot for s in self.by_id.values())
+    def drop(self, session: Session) -> None:
+        """Forget `session`, unless its id already names a newer one (it was closed and reopened)."""
+        if self.by_id.get(session.id) is session:
+            del self.by_id[session.id]
 
     def least_recently_used_idle(self) -> Session | None:
         idle = [s for s in self.by_id.values() if s.idle_slot]
