@@ -1,6 +1,7 @@
 """EngineConfig: the limits, chunk schedule and guards an engine is built for."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from .errors import InvalidRequestError
@@ -29,7 +30,8 @@ class RunawayGuard:
     The frame bound is `min_frames + frames_per_token * text tokens` (speech runs about 3-4 frames
     per token; the default allows four times that), and at least `duration_factor` times a
     requested duration. A loop is `repeat_frames` frames in a row whose first `repeat_codebooks`
-    codes are the same. Sound effects have no text to bound them, so the guard skips them.
+    codes are the same. Both grow by the pauses a text asks for (`[pause 3.2s]`, text/pauses.py).
+    Sound effects have no text to bound them, so the guard skips them.
     Frame counts are at `frame_rate` (the MOSS codec's 12.5 Hz); the engine scales them to its
     family's rate (`at_frame_rate`), so that they mean the same seconds of audio for Fish's 21.5 Hz.
     """
@@ -48,13 +50,19 @@ class RunawayGuard:
         return replace(self, min_frames=round(self.min_frames * f), frames_per_token=self.frames_per_token * f,
                        repeat_frames=max(1, round(self.repeat_frames * f)), frame_rate=frame_rate)
 
-    def frame_bound(self, text_tokens: int | None, duration_frames: int | None) -> int | None:
+    def frame_bound(self, text_tokens: int | None, duration_frames: int | None,
+                    pauses: Sequence[float] = ()) -> int | None:
+        """`pauses`: seconds of silence the text asks for (text/pauses.py), added to the bound."""
         if not self.enabled or text_tokens is None:
             return None
-        bound = self.min_frames + int(self.frames_per_token * text_tokens)
+        bound = self.min_frames + int(self.frames_per_token * text_tokens) + round(sum(pauses) * self.frame_rate)
         if duration_frames:
             bound = max(bound, int(self.duration_factor * duration_frames) + self.min_frames)
         return bound
+
+    def repeat_limit(self, pauses: Sequence[float] = ()) -> int:
+        """Repeated frames that count as a loop: `repeat_frames` beyond the longest pause asked for."""
+        return self.repeat_frames + round(max(pauses, default=0.0) * self.frame_rate)
 
 
 @dataclass

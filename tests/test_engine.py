@@ -430,6 +430,31 @@ def test_runaway_guard_ends_a_loop_on_one_frame() -> None:
     assert (frames[-5:, :4] == frames[-1, :4]).all() and len(frames) >= 5
 
 
+def test_runaway_guard_allows_the_pauses_the_text_asks_for(delay_tts) -> None:
+    """`[pause 3.2s]` (MOSS-TTS v1.5) is silence the request wants: the loop limit grows by the longest
+    pause and the text bound by all of them, so a long pause is not cut as a loop on silence."""
+    from mossserve.speech_request import SpeechRequest
+
+    prompt = delay_tts("tiny_nvq16").prompt(SpeechRequest(input="Wait [pause 3.2s] for it [PAUSE 0.8 s]. [pause]"))
+    assert prompt.info["pauses"] == [3.2, 0.8]
+    guard = RunawayGuard()
+    assert guard.repeat_limit(prompt.info["pauses"]) == 50 + 40
+    assert guard.frame_bound(10, None, prompt.info["pauses"]) == guard.frame_bound(10, None) + 50
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, None, EngineConfig(threaded=False, runaway=RunawayGuard(repeat_frames=5)))
+    outbox = Outbox()
+    sampling = SamplingParams.greedy().with_overrides(audio_repetition_penalty=0.01)  # loops, as above
+    for rid, pauses in (("loop", []), ("pause", [0.8])):  # 0.8 s: 10 frames of silence asked for
+        looping = fam.prompt_from_rows(tts_rows())
+        looping.info["pauses"] = pauses
+        engine.add_request(looping, sampling, outbox.sink, request_id=rid, max_new_frames=200, decode_audio=False)
+    engine.run_until_idle()
+    loop, pause = outbox.final("loop"), outbox.final("pause")
+    assert loop.finish_reason == pause.finish_reason == "runaway"
+    assert len(pause.generation.frames) == len(loop.generation.frames) + 10
+    assert (pause.generation.frames[-15:, :4] == pause.generation.frames[-1, :4]).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_decode_steps_match_the_goldens() -> None:
     from mossserve.loader import build_on_meta, load_weights, weight_files

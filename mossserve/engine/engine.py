@@ -112,10 +112,10 @@ class Engine:
             id=request_id or f"req-{next(self._ids)}",
             prompt=prompt, sampling=sampling, sink=sink,
             max_new_frames=min(cap, self.max_len - length),
-            frame_bound=self.guard.frame_bound(prompt.info.get("text_tokens"),
-                                               prompt.info.get("duration_frames")) if guard else None,
+            frame_bound=self.guard.frame_bound(prompt.info.get("text_tokens"), prompt.info.get("duration_frames"),
+                                               prompt.info.get("pauses", ())) if guard else None,
             text_tokens=int(prompt.info.get("text_tokens") or 0),
-            repeat_limit=self.guard.repeat_frames if guard else None,
+            repeat_limit=self.guard.repeat_limit(prompt.info.get("pauses", ())) if guard else None,
             schedule=schedule, decode_audio=decode_audio, open=bool(prompt.info.get("open", False)),
             plain=_plain_prompt(prompt),
         )
@@ -169,7 +169,8 @@ class Engine:
                 if update.text_tokens and request.frame_bound is not None:
                     request.text_tokens += update.text_tokens
                     request.frame_bound = self.guard.frame_bound(request.text_tokens,
-                                                                 request.prompt.info.get("duration_frames"))
+                                                                 request.prompt.info.get("duration_frames"),
+                                                                 request.prompt.info.get("pauses", ()))
                 if update.prompt_rows is not None:
                     prompt = request.prompt
                     request.prompt = Prompt(np.concatenate([prompt.rows, update.prompt_rows]), prompt.start_length,

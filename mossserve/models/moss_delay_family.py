@@ -100,6 +100,7 @@ class MossDelayFamily(TalkerFamily):
     # ---- prompts -------------------------------------------------------------------------
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
         from ..text.delay_requests import delay_conversation, infer_task
+        from ..text.pauses import pause_seconds
 
         task = request.task or self.default_task or infer_task(request)
         conversation, mode = delay_conversation(
@@ -114,6 +115,7 @@ class MossDelayFamily(TalkerFamily):
         prompt.info["runaway_guard"] = task != "sound_effect"
         prompt.info["text_tokens"] = len(self.tokenizer.encode(request.input or ""))
         prompt.info["duration_frames"] = request.expected_frames
+        prompt.info["pauses"] = pause_seconds(request.input)
         return prompt
 
     def prompt_from_conversation(self, conversation: list, mode: str) -> Prompt:
