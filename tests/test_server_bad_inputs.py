@@ -86,9 +86,17 @@ CASES = [
     bad("empty-input", 422, "at least 1 character", {"input": ""}, param="input"),
     bad("blank-input", 400, "input is empty", {"input": "   "}),
     bad("input-int", 422, "valid string", {"input": 5}, param="input"),
-    bad("input-null", 422, "valid string", {"input": None}, param="input"),
+    bad("input-null", 422, "input is required", {"input": None}, param="input"),  # null is omitted: a required field
     bad("input-too-long", 400, f"at most {MAX_INPUT_CHARS}", {"input": "a" * (MAX_INPUT_CHARS + 1)},
         param="input", code="input_too_long"),
+    # every text field: refused before tokenizing (megabytes of text held the event loop for seconds)
+    bad("ref-text-too-long", 400, f"at most {MAX_INPUT_CHARS}", {"ref_text": "a" * (MAX_INPUT_CHARS + 1)},
+        param="ref_text", code="text_too_long"),
+    bad("instructions-too-long", 400, f"at most {MAX_INPUT_CHARS}", {"instructions": "a" * (MAX_INPUT_CHARS + 1)},
+        param="instructions", code="text_too_long"),
+    bad("speaker-ref-text-too-long", 400, f"at most {MAX_INPUT_CHARS}",
+        {"speakers": [{"voice": "x"}, {"voice": "y", "ref_text": "a" * (MAX_INPUT_CHARS + 1)}]},
+        param="speakers[1].ref_text", code="text_too_long"),
     bad("unknown-field", 422, "unknown field 'foo'", {"foo": 1}, param="foo"),
     bad("unknown-model", 404, "model 'nope' is not served", {"model": "nope"}, param="model",
         code="model_not_found"),
@@ -189,6 +197,14 @@ def assert_error(body: dict, status: int, needle: str, param: Any = ANY, code: A
     assert error["type"] == ERROR_TYPES[status]
     assert error["param"] == param, error
     assert error["code"] == code, error
+
+
+def test_null_means_the_default(server):
+    """OpenAI clients send null for the fields they leave unset."""
+    body = {"input": "hi", "response_format": None, "speed": None, "stream": None, "voice": None, "instructions": None}
+    r = server.post(SPEECH, json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "audio/mpeg"  # the default format, mp3
 
 
 def test_server_still_serves_after_bad_requests(server):

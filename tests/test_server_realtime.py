@@ -176,6 +176,12 @@ def test_bad_messages_get_errors_and_the_session_goes_on(url: str) -> None:
         ({"type": "session.update", "session": {"voice_codes": [[10**30] * 16]}}, "rectangular array"),
         ({"type": "turn.start", "user_text": "Hi.", "user_audio_codes": [[2**63] * 16]}, "rectangular array"),
         ({"type": "text.delta", "tokens": [5] * 5000}, "at most 4096 characters (or ids)"),
+        # refused before a turn opens for them (a turn.started came first, and the turn held a slot)
+        ({"type": "text.delta", "tokens": [10**9]}, "text ids must be integers"),
+        ({"type": "turn.start", "user_text": "a" * 4097}, "user_text has 4097 characters"),
+        # refused by the update, not by every later turn
+        ({"type": "session.update", "session": {"temperature": 1e-9}}, "temperature"),
+        ({"type": "session.update", "session": {"initial_chunk_frames": 100}}, "initial_chunk_frames must lie in"),
     ]
     with Client(url) as client:
         for message, needle in bad:

@@ -86,6 +86,7 @@ def test_upload_returns_the_voice(alice, demo_tts):
     assert alice["sample_rate"] == 24000
     assert alice["frames"] > 0 and alice["codebooks"] == demo_tts.talker.codebooks
     assert alice["sha256"] == hashlib.sha256(REFERENCE).hexdigest()
+    assert "codec" not in alice  # the codec's identity is a path on the server
 
 
 def test_list_get_and_audio(server, alice):

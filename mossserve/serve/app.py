@@ -38,6 +38,7 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, v
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        speech.quiet_stream_cuts()  # here: uvicorn configures its loggers after the app is made
         yield
         state.close()
 
@@ -54,10 +55,20 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, v
     app.include_router(voice_routes.router, dependencies=authorized)
     app.include_router(realtime.router)  # checks the key itself (a websocket has no error responses)
 
+    def model_json() -> dict:
+        return {"id": state.model_name, "object": "model", "owned_by": "mossserve", "created": 0,
+                "mossserve": model_capabilities(state.tts)}
+
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "owned_by": "mossserve",
-                                            "created": 0, "mossserve": model_capabilities(state.tts)}]}
+        return {"object": "list", "data": [model_json()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=authorized)
+    async def model(model_id: str) -> dict:
+        if model_id != state.model_name:
+            raise APIError(404, f"model {model_id!r} is not served here; this server runs {state.model_name!r}",
+                           param="model", code="model_not_found")
+        return model_json()
 
     @app.get("/health")
     async def health() -> dict:

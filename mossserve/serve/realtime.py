@@ -35,7 +35,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import Field, ValidationError
 
 from ..audio import StreamEncoder
-from ..errors import MossServeError
+from ..errors import InvalidRequestError, MossServeError
 from ..text.realtime_session import RealtimeTurn
 from .errors import APIError, describe_validation, from_mossserve
 from .schemas import (
@@ -48,7 +48,7 @@ from .schemas import (
     TopK,
     TopP,
 )
-from .speech import sampling_for, schedule_for
+from .speech import check_text_length, sampling_for, schedule_for
 from .state import ServerState
 
 router = APIRouter()
@@ -177,17 +177,24 @@ class RealtimeSession:
     async def update(self, message: SessionUpdate) -> None:
         if self.turn_id is not None:
             raise APIError(400, "a turn is in progress: update the session between turns", code="turn_in_progress")
+        settings = message.session
+        given = settings.model_fields_set
+        updated = self.settings.model_copy(update={k: getattr(settings, k) for k in given})
+        try:  # refused now (nothing changes), not at every later turn
+            sampling_for(self.state, updated)
+            schedule_for(self.state, updated, code="bad_message")
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), code="bad_message") from None
+        if given & {"voice", "voice_codes"} and not (self.first or message.new_context):
+            raise APIError(400, "the voice is set before the context's first turn (send new_context to change it)",
+                           code="voice_fixed")
+        voice = self.voice
+        if given & {"voice", "voice_codes"}:
+            voice = await self.codes(settings.voice, settings.voice_codes, "voice")
         if message.new_context:
             self.state.engine.close_session(self.id)
             self.id, self.first = f"ws-{uuid.uuid4().hex}", True
-        settings = message.session
-        given = settings.model_fields_set
-        if given & {"voice", "voice_codes"}:
-            if not self.first:
-                raise APIError(400, "the voice is set before the context's first turn (send new_context to change it)",
-                               code="voice_fixed")
-            self.voice = await self.codes(settings.voice, settings.voice_codes, "voice")
-        self.settings = self.settings.model_copy(update={k: getattr(settings, k) for k in given})
+        self.voice, self.settings = voice, updated
 
     async def start_turn(self, message: TurnStart | None) -> None:
         if self.turn_id is not None:
@@ -195,6 +202,7 @@ class RealtimeSession:
                            code="turn_in_progress")
         user_audio = None
         if message is not None:
+            check_text_length(self.state, "user_text", message.user_text, code="text_too_long")
             user_audio = await self.codes(message.user_audio, message.user_audio_codes, "user_audio")
             if user_audio is not None and message.user_text is None:
                 raise APIError(400, "user_audio needs user_text (the user turn has both)", code="bad_message")
@@ -232,6 +240,10 @@ class RealtimeSession:
         if (self.pushed if self.turn_id is not None else 0) + len(piece) > limit:  # --max-input-chars
             raise APIError(400, f"a turn takes at most {limit} characters (or ids) of text; end it and send "
                                 "the rest in the next", code="text_too_long")
+        try:  # before a turn opens for it: a refused piece changes nothing
+            self.state.tts.talker.check_input(piece)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), code="bad_message") from None
         if self.turn_id is None:
             await self.start_turn(None)
         self.push(piece, end=False)

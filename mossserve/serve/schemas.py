@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ..audio.formats import FORMATS
 from ..sampling import MIN_DIVISOR
@@ -53,6 +53,12 @@ class SpeakerBody(Body):
 
 
 class SpeechBody(Body):
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_omitted(cls, data: object) -> object:
+        """OpenAI clients send null for a field they leave unset; it means the default."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     input: Annotated[str, Field(min_length=1)]
     voice: Annotated[str, Field(min_length=1, max_length=64), BeforeValidator(_voice_id)] | None = None

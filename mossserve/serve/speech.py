@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from .errors import APIError, error_event, from_mossserve
 from .metrics import StreamClock
 from .schemas import SamplingFields, SpeechBody
 from .state import ServerState
+
+log = logging.getLogger("mossserve")
 
 router = APIRouter()
 ENDPOINT = "/v1/audio/speech"
@@ -64,10 +67,10 @@ async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
         raise APIError(400, f"speed {body.speed} is not supported: the MOSS models speak at their own pace "
                             "(only 1.0 is accepted; duration_seconds sets a target length on models with duration control)",
                        param="speed")
-    if len(body.input) > state.settings.max_input_chars:
-        raise APIError(400, f"input has {len(body.input)} characters; this server takes at most "
-                            f"{state.settings.max_input_chars} per request (split longer text)", param="input",
-                       code="input_too_long")
+    texts = [("input", body.input), ("instructions", body.instructions), ("ref_text", body.ref_text)]
+    texts += [(f"speakers[{i}].ref_text", s.ref_text) for i, s in enumerate(body.speakers or [])]
+    for name, text in texts:  # before any tokenizing: a huge text holds the interpreter for seconds
+        check_text_length(state, name, text)
     try:
         speech_request = await to_speech_request(state, body)
         stream = state.engine.submit(speech_request, sampling_for(state, body), max_new_frames=body.max_new_tokens,
@@ -75,6 +78,15 @@ async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
         return await stream
     except MossServeError as e:
         raise from_mossserve(e, state.settings.retry_after_s) from None
+
+
+def check_text_length(state: ServerState, name: str, text: str | None, code: str | None = None) -> None:
+    """--max-input-chars bounds every text field of a request, not only `input`."""
+    limit = state.settings.max_input_chars
+    if text is not None and len(text) > limit:
+        raise APIError(400, f"{name} has {len(text)} characters; this server takes at most {limit} per field"
+                            + (" (split longer text)" if name == "input" else ""),
+                       param=name, code=code or ("input_too_long" if name == "input" else "text_too_long"))
 
 
 async def to_speech_request(state: ServerState, body: SpeechBody) -> SpeechRequest:
@@ -132,6 +144,7 @@ class Run:
     deadline: float
     clock: StreamClock
     watcher: asyncio.Task
+    counted: bool = False  # its outcome is in the metrics
 
     def headers(self) -> dict[str, str]:
         return {"X-Request-Id": self.stream.request_id}
@@ -162,7 +175,10 @@ class Run:
             await self.stream.aclose()
 
     def count(self, outcome: str) -> None:
-        self.state.metrics.requests.labels(ENDPOINT, outcome).inc()
+        """Count the request's outcome, once (a stream the server cancels may end through two paths)."""
+        if not self.counted:
+            self.counted = True
+            self.state.metrics.requests.labels(ENDPOINT, outcome).inc()
 
     async def whole(self, format: str) -> Response:
         pieces, final = [], None
@@ -193,9 +209,13 @@ class Run:
                 yield tail
         except ClientGone:
             return
+        except (asyncio.CancelledError, GeneratorExit):  # the server saw the client go and stopped the stream
+            self.count("disconnected")
+            raise
         except APIError as e:  # after the headers: only dropping the connection tells the client
             self.count(outcome_for(e.status_code))
-            raise
+            log.warning("request %s: audio stream cut: %s", self.stream.request_id, e.message)
+            raise StreamCut(e.message) from None
 
     async def sse(self, format: str):
         """OpenAI's `speech.audio.delta` events (base64 of the encoded bytes), then `speech.audio.done`."""
@@ -210,6 +230,9 @@ class Run:
                 yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode()})
         except ClientGone:
             return
+        except (asyncio.CancelledError, GeneratorExit):  # the server saw the client go and stopped the stream
+            self.count("disconnected")
+            raise
         except APIError as e:
             self.count(outcome_for(e.status_code))
             yield _event(error_event(e.message, e.code))
@@ -220,6 +243,26 @@ class Run:
         yield _event({"type": "speech.audio.done", "finish_reason": final.finish_reason,
                       "usage": {"input_tokens": prompt_rows, "output_tokens": frames,
                                 "total_tokens": prompt_rows + frames}})
+
+
+class StreamCut(Exception):
+    """Raised out of a streamed body to drop its connection (the client then sees an incomplete body);
+    the server logs it in one line (above), so `quiet_stream_cuts` keeps uvicorn from logging it again
+    as an application error with its traceback."""
+
+
+class _NoStreamCuts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        while error is not None and not isinstance(error, StreamCut):  # Starlette may wrap it (raise ... from)
+            error = error.__cause__
+        return error is None
+
+
+def quiet_stream_cuts() -> None:
+    server_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _NoStreamCuts) for f in server_log.filters):
+        server_log.addFilter(_NoStreamCuts())
 
 
 def outcome_for(status: int) -> str:

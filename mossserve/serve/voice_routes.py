@@ -22,7 +22,10 @@ router = APIRouter()
 
 
 def voice_json(voice: Voice) -> dict:
-    return {"id": voice.name, "object": "voice", **voice.to_json()}
+    """A voice as clients see it: not the codec's identity, which is a path on the server."""
+    fields = voice.to_json()
+    del fields["codec"]
+    return {"id": voice.name, "object": "voice", **fields}
 
 
 @router.post("/v1/audio/voices", status_code=201)
