@@ -308,6 +308,23 @@ def test_a_stream_past_its_timeout_is_cut_in_one_log_line(demo_tts, server_app, 
     assert records == [], [r.getMessage() for r in records]
 
 
+def test_a_stop_signal_makes_ready_say_503_while_requests_drain(server_app) -> None:
+    """uvicorn ends the app only after open requests drained: /ready said 200 till then."""
+    import uvicorn
+
+    from mossserve.serve.run import DrainingServer
+
+    app = server_app()
+    with live_server(app) as url:
+        assert httpx.get(url + "/ready").status_code == 200
+        server = DrainingServer(uvicorn.Config(app))
+        server.handle_exit(signal.SIGTERM, None)
+        assert server.should_exit
+        assert httpx.get(url + "/ready").status_code == 503
+        refused = httpx.post(url + "/v1/audio/speech", json={"input": TEXT})
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+
+
 def test_api_key(server_app) -> None:
     with live_server(server_app(api_key="s3cret")) as url:
         with pytest.raises(openai.AuthenticationError, match="missing API key"):

@@ -1,12 +1,28 @@
 """`mossserve serve`: load the model, then answer HTTP on one uvicorn worker (one engine per process)."""
 from __future__ import annotations
 
+import sys
+
+import uvicorn
+
 from .app import create_app
 from .settings import ServerSettings
 
 
-def serve(settings: ServerSettings, log_level: str = "info") -> None:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that marks the app as shutting down the moment a signal asks it to stop: while
+    open requests drain (up to 5 s), /ready answers 503 and new requests on open connections are
+    refused with 503 (uvicorn ends the app itself only after the drain)."""
 
+    def handle_exit(self, sig: int, frame) -> None:
+        self.config.app.state.server.closing = True
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: ServerSettings, log_level: str = "info") -> None:
     app = create_app(settings)  # loads the model first: a bad --model fails before the port opens
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5)
+    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if not server.started:  # the port could not be bound (uvicorn.run's own rule)
+        sys.exit(3)
