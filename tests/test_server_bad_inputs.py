@@ -89,6 +89,8 @@ CASES = [
     bad("input-null", 422, "input is required", {"input": None}, param="input"),  # null is omitted: a required field
     bad("input-too-long", 400, f"at most {MAX_INPUT_CHARS}", {"input": "a" * (MAX_INPUT_CHARS + 1)},
         param="input", code="input_too_long"),
+    # a model's refusal names the API's field, not SpeechRequest's reference_text
+    bad("ref-text-without-voice", 400, "ref_text is the transcript of a voice", {"ref_text": "Hello."}),
     # every text field: refused before tokenizing (megabytes of text held the event loop for seconds)
     bad("ref-text-too-long", 400, f"at most {MAX_INPUT_CHARS}", {"ref_text": "a" * (MAX_INPUT_CHARS + 1)},
         param="ref_text", code="text_too_long"),

@@ -5,6 +5,8 @@ validation errors and mossserve's errors into the same shape, so a client sees o
 """
 from __future__ import annotations
 
+import re
+
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -57,8 +59,13 @@ def from_mossserve(e: Exception, retry_after_s: int) -> APIError:
     if isinstance(e, AudioError):
         return APIError(400, str(e), code="invalid_audio")
     if isinstance(e, InvalidRequestError):
-        return APIError(400, str(e))
+        return APIError(400, _api_names(str(e)))
     return APIError(500, f"internal error: {e}")
+
+
+def _api_names(message: str) -> str:
+    """A model's refusal speaks of SpeechRequest's fields; the API spells one of them otherwise."""
+    return re.sub(r"\breference_text\b", "ref_text", message)
 
 
 def describe_validation(errors: list[dict]) -> tuple[str, str | None]:
