@@ -13,6 +13,7 @@ from realtime_cases import REALTIME_DIR, golden, golden_json, realtime_family
 from mossserve.cli import main
 from mossserve.config import EngineConfig
 from mossserve.engine.engine import Engine
+from mossserve.engine.request import Status
 from mossserve.errors import EngineFullError, InvalidRequestError
 from mossserve.text.realtime_session import RealtimeTurn, SessionScript
 
@@ -208,6 +209,30 @@ def test_a_turn_added_after_close_session_starts_a_new_session() -> None:
     assert np.array_equal(turns.frames(again), turn_frames("stream_multiturn")[0][:-1])
     stats = engine.stats()
     assert stats["sessions"] == 1 and stats["cache_slots_used"] == 1  # the new session's slot only
+
+
+@pytest.mark.parametrize("ending", ["aborted", "stopped"])
+def test_a_turn_that_ends_as_its_session_closes_frees_the_slot_once(ending: str) -> None:
+    """A socket that goes away closes its session and aborts the turn's stream at once; or the turn
+    stops in the step during which the close arrives. Either way its ending comes first and frees the
+    slot; the close must not free it again (that raised, and the crash failed every request)."""
+    turns = Turns()
+    engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=2))
+    other = turns.add(engine, "stream_text_only_short", 0, "b")
+    rid = turns.add(engine, "stream_multiturn", 0, "a")
+    for _ in range(3):
+        engine.step()
+    if ending == "aborted":
+        engine.abort(rid)
+        engine.close_session("a")
+    else:  # what _advance does for a turn that stops in the step the close came during
+        engine.close_session("a")
+        engine._end(engine._live[rid], Status.FINISHED, "stop")
+    engine.run_until_idle()
+    assert turns.generations[rid].finish_reason == ("aborted" if ending == "aborted" else "stop")
+    assert np.array_equal(turns.frames(other), turn_frames("stream_text_only_short")[0][:-1])  # unharmed
+    stats = engine.stats()
+    assert stats["sessions"] == 1 and stats["cache_slots_used"] == 1 and stats["failed"] == 0  # b's slot only
 
 
 def test_a_refused_first_turn_leaves_no_session() -> None:

@@ -61,7 +61,7 @@ class Engine:
         self._live: dict[str, EngineRequest] = {}
         self._endings: list[tuple[EngineRequest, Status, str, str | None]] = []  # asked from other threads
         self.sessions = Sessions(config.max_sessions)
-        self._session_closes: list[str] = []  # asked from other threads
+        self._session_closes: list[Session] = []  # closed from other threads, their slots freed at the next step
         self._ids = itertools.count()
         self._closing = False  # set by shutdown(): no request is taken after it
         # On CPU an idle talker thread frees its OpenMP pool, which would otherwise throttle whatever
@@ -407,7 +407,7 @@ class Engine:
             fed.append(np.stack(request.rows[:-1]))
         session.context.extend(fed)
         session.fed += sum(len(rows) for rows in fed)
-        return self.sessions.by_id.get(session.id) is session
+        return self._still_open(session)
 
     def _unfeed_turn(self, request: EngineRequest) -> bool:
         """A turn that ended before its first step (cancelled or failed while its text had not come, or
@@ -427,7 +427,15 @@ class Engine:
             session.started, session.slot = False, -1
             return False
         self.runner.cache.lengths[request.slot] = session.fed
-        return self.sessions.by_id.get(session.id) is session
+        return self._still_open(session)
+
+    def _still_open(self, session: Session) -> bool:
+        """Whether an ending turn's session keeps its slot: not when it was closed meanwhile (the close
+        left it for the turn's ending to free, which the caller does)."""
+        if self.sessions.by_id.get(session.id) is session:
+            return True
+        session.slot = -1
+        return False
 
     def _close_session(self, session: Session) -> None:
         # Taken out of `sessions` by close_session, under the lock, as a turn joins a session
