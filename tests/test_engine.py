@@ -437,6 +437,9 @@ def test_runaway_guard_allows_the_pauses_the_text_asks_for(delay_tts) -> None:
 
     prompt = delay_tts("tiny_nvq16").prompt(SpeechRequest(input="Wait [pause 3.2s] for it [PAUSE 0.8 s]. [pause]"))
     assert prompt.info["pauses"] == [3.2, 0.8]
+    from mossserve.text.pauses import pause_seconds
+
+    assert pause_seconds("[pause 100000s] [pause " + "9" * 400 + "s]") == [60.0, 60.0]  # guard kept; no overflow
     guard = RunawayGuard()
     assert guard.repeat_limit(prompt.info["pauses"]) == 50 + 40
     assert guard.frame_bound(10, None, prompt.info["pauses"]) == guard.frame_bound(10, None) + 50

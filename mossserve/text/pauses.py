@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 
 PAUSE = re.compile(r"\[pause\s*(\d+(?:\.\d+)?)\s*s\]", re.IGNORECASE)
+LONGEST_PAUSE_S = 60.0  # a longer marker counts as this long: it must not switch the loop guard off
 
 
 def pause_seconds(text: str | None) -> list[float]:
-    """The length of every pause marker in `text`, in order."""
-    return [float(m) for m in PAUSE.findall(text or "")]
+    """The length of every pause marker in `text`, in order (at most LONGEST_PAUSE_S each)."""
+    return [min(float(m), LONGEST_PAUSE_S) for m in PAUSE.findall(text or "")]
