@@ -370,3 +370,15 @@ def test_fish_reference_with_transcript_and_chunk_length_are_sent(browser, fish_
     assert page_pcm(browser, "speech") == expected
     one_batch = api_pcm(fish_url, input=text, seed=SEED, ref_audio=reference, ref_text=transcript)
     assert one_batch != expected  # chunk_length 40 splits the turns into two batches
+
+
+def test_fish_speakers_are_tagged_as_fish_tags_them_and_not_capped(browser, fish_url) -> None:
+    """Fish S2 Pro names speaker i `<|speaker:i|>` and takes any number (MOSS-TTSD: [S1]..[S5])."""
+    browser.open(fish_url)
+    for _ in range(6):
+        browser.click("#add-speaker")
+    labels = [el.text for el in browser.driver.find_elements("css selector", "#speakers .speaker span")]
+    assert labels == [f"<|speaker:{i}|>" for i in range(6)]
+    browser.click("#speakers .speaker:first-child .remove")
+    labels = [el.text for el in browser.driver.find_elements("css selector", "#speakers .speaker span")]
+    assert labels == [f"<|speaker:{i}|>" for i in range(5)]

@@ -131,8 +131,9 @@ def counted(url: str, outcome: str) -> float:
 def test_models_health_ready_and_metrics(served) -> None:
     assert client(served).models.list().data[0].id == "moss-tts-demo"
     assert client(served).models.retrieve("moss-tts-demo").id == "moss-tts-demo"
+    assert client(served).models.retrieve("tts-1").id == "tts-1"  # an alias a speech request may name
     with pytest.raises(openai.NotFoundError):
-        client(served).models.retrieve("tts-1-hd")
+        client(served).models.retrieve("whisper-1")
     assert httpx.get(served + "/health").json() == {"status": "ok"}
     ready = httpx.get(served + "/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
@@ -432,3 +433,15 @@ def test_streamed_audio_is_encoded_off_the_event_loop(served, monkeypatch) -> No
         with httpx.stream("POST", served + "/v1/audio/speech", json={"input": TEXT, **body}, timeout=60) as response:
             assert response.status_code == 200 and response.read()
     assert on_loop and not any(on_loop)
+
+
+def test_the_served_name_of_a_pinned_hub_id_is_the_hub_id() -> None:
+    """Clients name the model as the hub names it; the @revision pins what was downloaded."""
+    from types import SimpleNamespace
+
+    from mossserve.serve.settings import ServerSettings
+    from mossserve.serve.state import served_name
+
+    model = SimpleNamespace(is_demo=False)
+    assert served_name(ServerSettings(model="OpenMOSS-Team/MOSS-TTS@v1.0"), model) == "OpenMOSS-Team/MOSS-TTS"
+    assert served_name(ServerSettings(model="OpenMOSS-Team/MOSS-TTS"), model) == "OpenMOSS-Team/MOSS-TTS"

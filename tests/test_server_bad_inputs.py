@@ -87,6 +87,7 @@ CASES = [
     bad("blank-input", 400, "input is empty", {"input": "   "}),
     bad("input-int", 422, "valid string", {"input": 5}, param="input"),
     bad("input-null", 422, "input is required", {"input": None}, param="input"),  # null is omitted: a required field
+    bad("unknown-null", 422, "colour", {"colour": None}, param="colour"),  # null does not excuse an unknown field
     bad("input-too-long", 400, f"at most {MAX_INPUT_CHARS}", {"input": "a" * (MAX_INPUT_CHARS + 1)},
         param="input", code="input_too_long"),
     # a model's refusal names the API's field, not SpeechRequest's reference_text

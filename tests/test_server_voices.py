@@ -205,6 +205,14 @@ def test_missing_fields(server):
     assert error_of(r, 422)["message"] == "name is required"
 
 
+def test_a_transcript_past_the_text_limit_is_refused(server):
+    """It becomes the ref_text of every request that uses the voice: the same bound as a request's text."""
+    r = server.post(VOICES, data={"name": "talker", "transcript": "a" * 4097}, files={"file": ("v.wav", SHORT, "audio/wav")})
+    error = error_of(r, 400)
+    assert error["param"] == "transcript" and "at most 4096" in error["message"]
+    assert server.get(f"{VOICES}/talker").status_code == 404
+
+
 def test_audio_sample_field_is_accepted(server):
     r = upload(server, "dave", SHORT, field="audio_sample")  # OpenAI's name for the file field
     assert r.status_code == 201, r.text

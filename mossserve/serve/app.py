@@ -55,20 +55,20 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, v
     app.include_router(voice_routes.router, dependencies=authorized)
     app.include_router(realtime.router)  # checks the key itself (a websocket has no error responses)
 
-    def model_json() -> dict:
-        return {"id": state.model_name, "object": "model", "owned_by": "mossserve", "created": 0,
+    def model_json(model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "owned_by": "mossserve", "created": 0,
                 "mossserve": model_capabilities(state.tts)}
 
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> dict:
-        return {"object": "list", "data": [model_json()]}
+        return {"object": "list", "data": [model_json(state.model_name)]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=authorized)
     async def model(model_id: str) -> dict:
-        if model_id != state.model_name:
+        if not state.accepts_model(model_id):  # its name, or an OpenAI alias (tts-1, ...) a request may send
             raise APIError(404, f"model {model_id!r} is not served here; this server runs {state.model_name!r}",
                            param="model", code="model_not_found")
-        return model_json()
+        return model_json(model_id)
 
     @app.get("/health")
     async def health() -> dict:

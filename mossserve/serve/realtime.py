@@ -202,7 +202,7 @@ class RealtimeSession:
                            code="turn_in_progress")
         user_audio = None
         if message is not None:
-            check_text_length(self.state, "user_text", message.user_text, code="text_too_long")
+            check_text_length(self.state, "user_text", message.user_text)
             user_audio = await self.codes(message.user_audio, message.user_audio_codes, "user_audio")
             if user_audio is not None and message.user_text is None:
                 raise APIError(400, "user_audio needs user_text (the user turn has both)", code="bad_message")

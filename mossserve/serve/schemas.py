@@ -56,8 +56,11 @@ class SpeechBody(Body):
     @model_validator(mode="before")
     @classmethod
     def _null_is_omitted(cls, data: object) -> object:
-        """OpenAI clients send null for a field they leave unset; it means the default."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+        """OpenAI clients send null for a field they leave unset; it means the default (an unknown
+        field is refused, null or not)."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
 
     model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     input: Annotated[str, Field(min_length=1)]

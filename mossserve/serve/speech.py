@@ -80,13 +80,13 @@ async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
         raise from_mossserve(e, state.settings.retry_after_s) from None
 
 
-def check_text_length(state: ServerState, name: str, text: str | None, code: str | None = None) -> None:
+def check_text_length(state: ServerState, name: str, text: str | None) -> None:
     """--max-input-chars bounds every text field of a request, not only `input`."""
     limit = state.settings.max_input_chars
     if text is not None and len(text) > limit:
         raise APIError(400, f"{name} has {len(text)} characters; this server takes at most {limit} per field"
                             + (" (split longer text)" if name == "input" else ""),
-                       param=name, code=code or ("input_too_long" if name == "input" else "text_too_long"))
+                       param=name, code="input_too_long" if name == "input" else "text_too_long")
 
 
 async def to_speech_request(state: ServerState, body: SpeechBody) -> SpeechRequest:

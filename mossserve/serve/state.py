@@ -58,12 +58,12 @@ class ServerState:
 
 
 def served_name(settings: ServerSettings, tts: TTS) -> str:
-    """`--model-name`, else the model's hub id or directory name."""
+    """`--model-name`, else the model's hub id (without an @revision) or directory name."""
     if settings.model_name:
         return settings.model_name
     if settings.model is None or tts.is_demo:
         return DEMO_MODEL_NAME
-    return str(settings.model).rstrip("/") if "/" in str(settings.model) and not Path(settings.model).exists() \
+    return str(settings.model).rstrip("/").split("@")[0] if "/" in str(settings.model) and not Path(settings.model).exists() \
         else Path(settings.model).name
 
 

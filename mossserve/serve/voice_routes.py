@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from ..audio import load_audio
 from ..errors import MossServeError
 from .errors import APIError, from_mossserve
+from .speech import check_text_length
 from .state import ServerState
 from .voices import Voice, VoiceExistsError, validate_voice_name
 
@@ -41,6 +42,7 @@ async def upload_voice(request: Request, name: str = Form(...), file: UploadFile
     name = _checked_name(name)
     if transcript is not None and not transcript.strip():
         transcript = None
+    check_text_length(state, "transcript", transcript)  # it becomes the ref_text of requests that use it
     if await asyncio.to_thread(state.voices.get, name) is not None:
         raise APIError(409, f"a voice named {name!r} already exists (delete it first to replace it)",
                        param="name", code="voice_exists")

@@ -7,7 +7,7 @@ import { drawWave, StreamPlayer, wavBlob } from "./player.js";
 import { voiceOptions } from "./voices.js";
 
 const $ = (id) => document.getElementById(id);
-const MAX_SPEAKERS = 5;
+const MAX_SPEAKERS = 5; // MOSS-TTSD's [S1]..[S5]; Fish S2 Pro takes any number of <|speaker:N|>
 
 export class SpeechTab {
   constructor(model) {
@@ -25,18 +25,24 @@ export class SpeechTab {
     $("add-speaker").addEventListener("click", () => this.addSpeaker());
   }
 
+  // The tag speaker i is named by in the text: the loaded family's spelling.
+  speakerTag(i) {
+    return this.model.mossserve.family === "fish" ? `<|speaker:${i}|>` : `[S${i + 1}]`;
+  }
+
   addSpeaker() {
     const box = $("speakers");
-    if (box.children.length >= MAX_SPEAKERS) return;
+    if (this.model.mossserve.family !== "fish" && box.children.length >= MAX_SPEAKERS) return;
     const row = document.createElement("div");
     row.className = "row speaker";
-    row.innerHTML = `<span>[S${box.children.length + 1}]</span>
+    row.innerHTML = `<span></span>
       <label>voice <select class="voice-select speaker-voice"></select></label>
       <label>transcript <input class="speaker-text" size="40"></label>
       <button type="button" class="remove">×</button>`;
+    row.firstElementChild.textContent = this.speakerTag(box.children.length);
     row.querySelector(".remove").addEventListener("click", () => {
       row.remove();
-      [...box.children].forEach((r, i) => (r.firstElementChild.textContent = `[S${i + 1}]`));
+      [...box.children].forEach((r, i) => (r.firstElementChild.textContent = this.speakerTag(i)));
     });
     box.appendChild(row);
     voiceOptions(row.querySelector("select"));
