@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DELAY_DIR, TOKENIZER_DIR
-from mossserve.errors import CheckpointError
+from mossserve.errors import CheckpointError, InvalidRequestError
 from mossserve.models.presets import PRESETS
 from mossserve.models.registry import load_talker
 from realtime_cases import REALTIME_DIR
@@ -59,6 +59,18 @@ def test_a_16_codebook_checkpoint_of_no_known_name_is_loaded_as_moss_tts_with_a_
     assert not caplog.records
 
 
+def test_a_name_that_contradicts_the_codebooks_is_warned_about(tmp_path: Path, caplog) -> None:
+    """A MOSS-TTS (32 codebooks) copied under a TTSD project directory."""
+    with caplog.at_level(logging.WARNING, logger="mossserve"):
+        talker = load_talker(checkpoint(tmp_path / "projTTSD", "MOSS-TTS", nvq=32))
+    assert talker.default_task == "dialogue"  # the name decides, as documented; the warning says how to fix it
+    assert "32 codebooks" in caplog.text and "--task tts" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mossserve"):
+        assert load_talker(checkpoint(tmp_path / "projTTSD", "x", nvq=32), task="tts").default_task == "tts"
+    assert not caplog.records
+
+
 def test_generation_config_overrides_the_card(tmp_path: Path) -> None:
     talker = load_talker(checkpoint(tmp_path, "MOSS-TTSD", generation={"audio_temperature": 0.5, "max_new_tokens": 77}))
     assert talker.default_sampling().audio_temperature == 0.5
@@ -77,5 +89,5 @@ def test_a_bad_max_new_tokens_is_named(tmp_path: Path, value) -> None:
 def test_a_task_for_another_family_or_unknown_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="MOSS-TTS-Realtime has one"):
         load_talker(REALTIME_DIR, task="dialogue")
-    with pytest.raises(CheckpointError, match="unknown task 'speech'"):
+    with pytest.raises(InvalidRequestError, match="unknown task 'speech'"):
         load_talker(checkpoint(tmp_path, "m"), task="speech")

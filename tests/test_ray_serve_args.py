@@ -23,6 +23,10 @@ def test_config_file_arguments_are_typed_by_their_fields() -> None:
     assert (settings.engine.max_running, settings.engine.max_queued) == (8, 32)
     assert options.autoscale == (1, 4) and options.torch_threads == 2 and options.replicas == 1
     assert options.voice_service
+    settings, options = parse_args({"cors_origins": ["https://a.example", "https://b.example"], "voice_service": "off",
+                                    "task": "dialogue", "dtype": "auto"})  # as a YAML config file gives them
+    assert settings.cors_origins == ("https://a.example", "https://b.example") and not options.voice_service
+    assert (settings.task, settings.dtype) == ("dialogue", "auto")
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -34,6 +38,11 @@ def test_config_file_arguments_are_typed_by_their_fields() -> None:
     ({"port": "9000"}, "Ray Serve's http_options"),  # the one address is Serve's, not the app's
     ({"host": "0.0.0.0"}, "Ray Serve's http_options"),
     ({"request_timeout_s": "0"}, "request_timeout_s must be a positive number"),
+    # refused here, not by every replica as it loads (or silently taken as false)
+    ({"dtype": "bf16"}, "unknown dtype 'bf16'"),
+    ({"task": "nonsense"}, "unknown task 'nonsense'"),
+    ({"voice_service": "on-ish"}, "voice_service is true or false"),
+    ({"replicas": "2", "autoscale": "1:4"}, "give replicas or autoscale, not both"),
 ])
 def test_bad_arguments_are_named(args, needle) -> None:
     with pytest.raises(ValueError, match=needle):

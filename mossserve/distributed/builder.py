@@ -21,6 +21,7 @@ from .deployment import RayOptions, build_app
 
 _ENGINE_KEYS = ("max_running", "max_queued")
 _SERVE_HTTP_KEYS = ("host", "port")  # Serve's http_options decide where the one address listens
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def app_builder(args: dict[str, str]):
@@ -37,6 +38,8 @@ def parse_args(args: dict[str, str]) -> tuple[ServerSettings, RayOptions]:
             raise ValueError(f"unknown argument {key!r}: expected one of "
                              f"{sorted(_fields(options) | _fields(settings) - set(_SERVE_HTTP_KEYS) | set(_ENGINE_KEYS))}")
         setattr(target, key, _parse(key, value, getattr(target, key)))
+    if "replicas" in args and "autoscale" in args:
+        raise ValueError("give replicas or autoscale, not both (autoscale decides the replica count)")
     options.validate()
     settings.engine = engine
     settings.validate()
@@ -52,10 +55,14 @@ def _parse(key: str, value, default):
     """A value from the command line or YAML, as the field's default is typed (None: text)."""
     if key == "autoscale":
         return parse_autoscale(str(value))
-    if key == "cors_origins":
-        return tuple(str(value).split(","))
+    if key == "cors_origins":  # a YAML list, or comma-separated text
+        return tuple(str(v) for v in value) if isinstance(value, (list, tuple)) else tuple(str(value).split(","))
     if isinstance(default, bool):
-        return str(value).lower() in ("1", "true", "yes")
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() not in _TRUE + _FALSE:
+            raise ValueError(f"{key} is true or false ({', '.join(_TRUE + _FALSE)}), got {value!r}")
+        return str(value).lower() in _TRUE
     if isinstance(default, (int, float, Path)):
         return type(default)(value)
     return value

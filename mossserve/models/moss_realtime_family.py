@@ -66,6 +66,7 @@ class RealtimeState:
 class MossRealtimeFamily(TalkerFamily):
     name = "realtime"
     normalizes_reference_loudness = False  # the reference encodes the loaded audio as it is (inferencer.py)
+
     def __init__(self, model: MossRealtimeModel, tokenizer, max_new_frames: int = DEFAULT_MAX_LENGTH + 1,
                  sampling_defaults: SamplingParams | None = None) -> None:
         self.model = model

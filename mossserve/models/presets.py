@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidRequestError
 from ..sampling import SamplingParams
 
 
@@ -48,7 +48,7 @@ def task_from_name(name: str) -> str | None:
 
 def check_task(task: str | None) -> None:
     if task is not None and task not in PRESETS:
-        raise CheckpointError(f"unknown task {task!r}; choose one of {', '.join(PRESETS)}")
+        raise InvalidRequestError(f"unknown task {task!r}; choose one of {', '.join(PRESETS)}")
 
 
 def preset_for(model_dir: Path, name: str, base: Preset | None = None, task: str | None = None) -> Preset:

@@ -77,11 +77,15 @@ def _load_delay(model_dir: Path, name: str, config: dict, device: torch.device, 
     preset = preset_for(model_dir, name, task=task)
     family = MossDelayFamily(model.eval().requires_grad_(False), tokenizer, default_task=preset.task,
                              sampling_defaults=preset.sampling, max_new_frames=preset.max_new_frames)
-    if task is None and task_from_name(name) is None and delay_config.n_vq != 32:
+    named = task_from_name(name)
+    if task is None and named is None and delay_config.n_vq != 32:
         log.warning("%s: %d codebooks, and its name does not say which MOSS model it is (MOSS-TTS has 32; MOSS-TTSD, "
                     "-VoiceGenerator and -SoundEffect have 16); loading it as MOSS-TTS (task tts, its sampling "
                     "defaults). Give --task dialogue, voice_design or sound_effect if it is one of those.",
                     name, delay_config.n_vq)
+    elif task is None and named is not None and delay_config.n_vq == 32:
+        log.warning("%s: its name says %s, but it has 32 codebooks, as MOSS-TTS has (the others have 16); "
+                    "give --task tts if it is MOSS-TTS.", name, named)
     return family
 
 

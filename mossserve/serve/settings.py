@@ -43,7 +43,14 @@ class ServerSettings:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> None:
-        """Refuse settings no request could work under, before the server starts."""
+        """Refuse settings no request could work under, before the server starts (on Ray, before any
+        replica loads). The device is checked where the model loads: a head node may have no GPU."""
+        from ..loader import DTYPES
+        from ..models.presets import check_task
+
+        if self.dtype not in (*DTYPES, "auto"):
+            raise InvalidRequestError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}, auto")
+        check_task(self.task)
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"port must lie in 0..65535, got {self.port}")
         if self.max_input_chars < 1:
