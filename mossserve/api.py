@@ -24,7 +24,8 @@ import numpy as np
 from .config import ChunkSchedule, EngineConfig
 from .engine.engine import Engine
 from .engine.request import AudioChunk, Generation
-from .errors import CheckpointError, EngineClosedError, InvalidRequestError, MossServeError, RequestAborted
+from .errors import (CheckpointError, EngineClosedError, EngineFullError, InvalidRequestError, MossServeError,
+                     RequestAborted)
 from .models.config_utils import read_json
 from .models.family import Prompt, TalkerFamily
 from .models.registry import load_codec, load_talker
@@ -160,9 +161,10 @@ class TTS:
             raise_errors: bool = True, session: str | None = None) -> list[tuple[Generation, Audio | None]]:
         """Run prompts through continuous batching; per prompt its generation and (with
         `decode_audio`) its audio. `on_chunk(index, chunk)` sees every chunk as it arrives.
-        A request that fails raises, or with `raise_errors=False` comes back with
-        `finish_reason == "error"`, its message in `generation.error` and no audio. With `session`,
-        the prompts are turns of that session (one at a time: each continues the context)."""
+        A request that fails (or that the engine refuses) raises, or with `raise_errors=False` comes
+        back with `finish_reason == "error"`, its message in `generation.error` and no audio. More
+        prompts than the engine queues at once are fed as earlier ones finish. With `session`, the
+        prompts are turns of that session (one at a time: each continues the context)."""
         if session is not None and len(prompts) != 1:
             raise InvalidRequestError("a session takes one turn at a time")
         if isinstance(sampling, (list, tuple)):
@@ -174,24 +176,45 @@ class TTS:
             samplings = [sampling or self.talker.default_sampling()] * len(prompts)
         outbox: queue.Queue = queue.Queue()
         engine, ids = self.engine, []
+        chunks: list[list[AudioChunk]] = [[] for _ in prompts]
+        added = in_flight = 0
         try:
-            for index, (prompt, params) in enumerate(zip(prompts, samplings)):
-                ids.append(engine.add_request(prompt, params, lambda c, i=index: outbox.put((i, c)),
-                                              max_new_frames=max_new_frames, schedule=schedule,
-                                              decode_audio=decode_audio, session=session).id)
-            chunks: list[list[AudioChunk]] = [[] for _ in prompts]
-            open_count = len(prompts)
-            while open_count:
+            while added < len(prompts) or in_flight:
+                while added < len(prompts):  # as many as the engine takes now
+                    try:
+                        ids.append(engine.add_request(prompts[added], samplings[added],
+                                                      lambda c, i=added: outbox.put((i, c)),
+                                                      max_new_frames=max_new_frames, schedule=schedule,
+                                                      decode_audio=decode_audio, session=session).id)
+                        in_flight += 1
+                    except EngineFullError:
+                        if not in_flight:  # full of others' requests: nothing of ours will make room
+                            raise
+                        break
+                    except InvalidRequestError as e:
+                        if raise_errors:
+                            raise
+                        outbox.put((added, self._refused(str(e))))
+                        in_flight += 1
+                    added += 1
                 index, chunk = self._next(outbox)
                 chunks[index].append(chunk)
                 if on_chunk is not None:
                     on_chunk(index, chunk)
-                open_count -= chunk.final
+                in_flight -= chunk.final
         except BaseException:
             for request_id in ids:
                 engine.abort(request_id)
             raise
         return [self._result(c, decode_audio, raise_errors) for c in chunks]
+
+    def _refused(self, message: str) -> AudioChunk:
+        """The final chunk of a prompt the engine refused (`run(..., raise_errors=False)`)."""
+        talker = self.talker
+        generation = Generation(np.zeros((0, talker.columns), np.int64), np.zeros((0, talker.codebooks), np.int64),
+                                [], False, 0, "error", message)
+        return AudioChunk("", None, talker.sample_rate, 0, 0, generation.frames, final=True, finish_reason="error",
+                          error=message, generation=generation)
 
     def run_session(self, script: SessionScript, sampling: SamplingParams | None = None,
                     max_new_frames: int | None = None, decode_audio: bool = True,
@@ -244,6 +267,18 @@ class TTS:
                  max_new_frames: int | None = None) -> list[Generation]:
         """Codes only (no codec), through continuous batching."""
         return [g for g, _ in self.run(prompts, sampling, max_new_frames, decode_audio=False)]
+
+    def sampling(self, greedy: bool = False, **overrides) -> SamplingParams:
+        """This model's sampling settings (its model card's, as a call without `sampling` uses) with
+        `overrides` (SamplingParams fields; None keeps the model's); `greedy`: argmax on every head,
+        the model's other rules (repetition penalty and window) kept. `SamplingParams()` itself holds
+        MOSS-TTS's card, not the loaded model's."""
+        sampling = self.talker.default_sampling()
+        if greedy:
+            sampling = sampling.with_overrides(text_temperature=0.0, audio_temperature=0.0)
+        sampling = sampling.with_overrides(**overrides)
+        sampling.validate(self.talker.codebooks)
+        return sampling
 
     def generate_codes(self, request: SpeechRequest | str, sampling: SamplingParams | None = None,
                        max_new_frames: int | None = None) -> np.ndarray:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--text-file", type=Path, help="read the text to speak from a file")
     say.add_argument("--batch", type=Path, help="a JSONL file, one SpeechRequest per line, all run together")
     say.add_argument("--out-dir", type=Path, help="with --batch: writes NNNN.<format> audio and NNNN.npy codes")
-    say.add_argument("--format", default="wav", help="with --batch: audio format (wav, flac, mp3, opus, pcm)")
+    say.add_argument("--format", help="with --batch: audio format (wav, the default, flac, mp3, opus, ogg, pcm, raw)")
     say.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar on stderr (default: when stderr is a terminal)")
     say.add_argument("--max-running", type=int, help="requests decoded at once (default 16)")
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--depth", type=int, help="Local model: codebooks generated per frame, 1..n_vq (default all); "
                                               "codes-out then holds that many columns")
     say.add_argument("--codes-out", type=Path, help="write the generated codes (frames, codebooks) as int64 .npy")
-    say.add_argument("-o", "--output", type=Path, help="write audio; the extension picks the format (wav, flac, mp3, opus, pcm, npy)")
+    say.add_argument("-o", "--output", type=Path,
+                     help="write audio; the extension picks the format (wav, flac, mp3, opus, ogg, pcm, raw, npy)")
     say.set_defaults(run=run_say)
 
     codec = commands.add_parser("codec", help="encode audio to codes or decode codes to audio")
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="allow browser calls from ORIGIN (repeatable; '*' for any)")
     serve.add_argument("--max-running", type=int, default=16, help="requests decoded together (batch slots)")
-    serve.add_argument("--max-queued", type=int, default=256, help="waiting requests before 503")
+    serve.add_argument("--max-queued", type=int, default=256, help="requests that may wait for a slot (503 past --max-running plus this)")
     serve.add_argument("--max-input-chars", type=int, default=4096)
     serve.add_argument("--max-voice-seconds", type=float, default=60.0, help="longest reference audio")
     serve.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body (uploads)")
@@ -176,12 +177,18 @@ def build_prompts(tts, args: argparse.Namespace) -> list:
             raise InvalidRequestError(f"cannot read prompt matrix {args.prompt_matrix}: {e.strerror or e}") from None
         return [tts.talker.prompt_from_rows(rows)]
     if args.conversation is not None:
+        if not hasattr(tts.talker, "prompt_from_conversation"):
+            raise InvalidRequestError(f"--conversation is the MOSS-TTS processor's message list (Delay and Local models); "
+                                      f"this {tts.talker.name} model takes --request")
         conversations = load_conversations(args.conversation, encode_voice=tts.encode_voice)
         return [tts.talker.prompt_from_conversation(c, args.mode or default_mode(c)) for c in conversations]
     if args.request is not None and _is_session_script(args.request):
         return [session_first_turn(tts, args.request)]
     if args.request is not None:
         request = SpeechRequest.from_json(args.request)
+        depth = getattr(args, "depth", None)
+        if depth is not None and request.depth is not None and depth != request.depth:
+            raise InvalidRequestError(f"{args.request} asks for depth {request.depth} and --depth for {depth}; give one")
     else:
         text = getattr(args, "text", None)
         if text is None:
@@ -196,6 +203,8 @@ def default_mode(conversation: list) -> str:
 
 
 def run_prompt(args: argparse.Namespace) -> None:
+    if args.mode is not None and args.conversation is None:
+        raise InvalidRequestError("--mode goes with --conversation (a request says its own mode)")
     check_output(args.output)
     tts = load_tts(args)
     prompts = build_prompts(tts, args)
@@ -214,12 +223,18 @@ def run_say(args: argparse.Namespace) -> int:
     if (args.voice is not None or args.reference_text is not None) and args.text is None and args.text_file is None:
         raise InvalidRequestError("--voice and --reference-text go with TEXT or --text-file; "
                                   "put them inside the request")
+    if args.batch is None and (args.out_dir is not None or args.format is not None):
+        raise InvalidRequestError("--out-dir and --format go with --batch (-o's extension picks its format)")
+    if args.mode is not None and args.conversation is None:
+        raise InvalidRequestError("--mode goes with --conversation (a request says its own mode)")
+    if args.greedy and args.temperature is not None:
+        raise InvalidRequestError("--greedy is temperature 0; give one of --greedy and --temperature")
     if args.batch is not None:
         if args.out_dir is None or args.output is not None or args.codes_out is not None:
             raise InvalidRequestError("--batch writes into --out-dir (not -o / --codes-out)")
         if args.out_dir.exists() and not args.out_dir.is_dir():
             raise InvalidRequestError(f"--out-dir {args.out_dir} is a file, not a directory")
-        args.format = batch_format(args.format)
+        args.format = batch_format(args.format or "wav")
     elif args.output is None and args.codes_out is None:
         raise InvalidRequestError("give -o OUT (audio) and/or --codes-out CODES.npy")
     check_output(args.output, audio=True)
@@ -258,8 +273,11 @@ def say_one(tts, args: argparse.Namespace) -> int:
     prompts = with_depth(tts, build_prompts(tts, args), args.depth)
     if len(prompts) != 1:
         raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
+    sampling = sampling_from_args(tts, args)
+    if args.output is not None:
+        tts.codec  # noqa: B018 - loaded (and checked against the model) before any generation
     progress = Progress(1, args.progress)
-    generation, audio = tts.run(prompts, sampling_from_args(tts, args), args.max_frames,
+    generation, audio = tts.run(prompts, sampling, args.max_frames,
                                 decode_audio=args.output is not None,
                                 on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final))[0]
     progress.close()
@@ -274,7 +292,8 @@ def say_one(tts, args: argparse.Namespace) -> int:
         if len(frames) == 0:
             raise InvalidRequestError(f"the model produced no audio frames ({ended})")
         write_audio(args.output, audio.samples, audio.sample_rate)
-        print(f"wrote {args.output}: {audio.duration:.2f} s at {audio.sample_rate} Hz ({ended})", file=sys.stderr)
+        print(f"wrote {args.output}: {audio.duration:.2f} s at {written_rate(args.output, audio.sample_rate)} Hz "
+              f"({ended})", file=sys.stderr)
     return 0
 
 
@@ -282,8 +301,12 @@ def say_session(tts, args: argparse.Namespace) -> int:
     """A Realtime session script: every turn in one session; codes and audio of all turns, in order."""
     from .text.realtime_session import SessionScript
 
+    with_depth(tts, [], args.depth)  # refuses --depth: a session's model always generates all its codebooks
     script = SessionScript.from_json(args.request)
-    results = tts.run_session(script, sampling_from_args(tts, args), args.max_frames,
+    sampling = sampling_from_args(tts, args)
+    if args.output is not None:
+        tts.codec  # noqa: B018 - loaded (and checked against the model) before any generation
+    results = tts.run_session(script, sampling, args.max_frames,
                               decode_audio=args.output is not None)
     frames = np.concatenate([g.frames for g, _ in results]).astype(np.int64)
     ended = ", ".join(f"turn {i}: {_ENDINGS[g.finish_reason]} after {len(g.rows)} steps"
@@ -332,46 +355,43 @@ def _chunk_seconds(chunk) -> float:
 
 
 def sampling_from_args(tts, args: argparse.Namespace):
-    sampling = tts.talker.default_sampling()
-    if args.greedy:
-        sampling = sampling.with_overrides(text_temperature=0.0, audio_temperature=0.0)
-    elif args.temperature is not None:
-        sampling = sampling.with_overrides(audio_temperature=args.temperature)
-    sampling = sampling.with_overrides(audio_top_p=args.top_p, audio_top_k=args.top_k,
-                                       audio_repetition_penalty=args.repetition_penalty, seed=args.seed)
-    sampling.validate()
-    return sampling
+    return tts.sampling(args.greedy, audio_temperature=args.temperature, audio_top_p=args.top_p,
+                        audio_top_k=args.top_k, audio_repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def say_batch(tts, args: argparse.Namespace) -> int:
-    """Every line of --batch through continuous batching; NNNN.<format> and NNNN.npy per line."""
+    """Every line of --batch through continuous batching; NNNN.<format> and NNNN.npy per request, in
+    the file's order. A request the model cannot run, or that fails, is reported (by its line) and
+    skipped; the others are written."""
     from .audio import write_audio
     from .speech_request import load_requests_jsonl
 
     requests = load_requests_jsonl(args.batch)
-    prompts = []
-    for number, request in enumerate(requests, 1):
+    failed = []
+    runnable = []  # (index, line, prompt)
+    for index, (line, request) in enumerate(requests):
         try:
-            prompts.append(tts.prompt(request))
+            runnable.append((index, line, with_depth(tts, [tts.prompt(request)], args.depth)[0]))
         except InvalidRequestError as e:
-            raise InvalidRequestError(f"{args.batch}, request {number}: {e}") from None
-    prompts = with_depth(tts, prompts, args.depth)
+            failed.append((line, str(e)))
+    sampling = sampling_from_args(tts, args)
+    tts.codec  # noqa: B018 - loaded (and checked against the model) before any generation
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    progress = Progress(len(prompts), args.progress)
-    failed = 0
-    results = tts.run(prompts, sampling_from_args(tts, args), args.max_frames, raise_errors=False,
-                      on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final))
+    progress = Progress(len(runnable), args.progress)
+    results = tts.run([prompt for _, _, prompt in runnable], sampling, args.max_frames,
+                      raise_errors=False, on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final))
     progress.close()
-    for index, (generation, audio) in enumerate(results):
-        name = f"{index:04d}"
+    total = 0.0
+    for (index, line, _), (generation, audio) in zip(runnable, results):
         if generation.finish_reason == "error":
-            failed += 1
-            print(f"request {index + 1} failed: {generation.error}", file=sys.stderr)
+            failed.append((line, generation.error))
             continue
-        save_npy(args.out_dir / f"{name}.npy", generation.frames.astype(np.int64))
-        write_audio(args.out_dir / f"{name}.{args.format}", audio.samples, audio.sample_rate)
-    total = sum(a.duration for g, a in results if g.finish_reason != "error")
-    print(f"wrote {len(results) - failed} of {len(results)} requests to {args.out_dir} ({total:.1f} s of audio)",
+        save_npy(args.out_dir / f"{index:04d}.npy", generation.frames.astype(np.int64))
+        write_audio(args.out_dir / f"{index:04d}.{args.format}", audio.samples, audio.sample_rate)
+        total += audio.duration
+    for line, error in sorted(failed):
+        print(f"{args.batch}:{line}: skipped: {error}", file=sys.stderr)
+    print(f"wrote {len(requests) - len(failed)} of {len(requests)} requests to {args.out_dir} ({total:.1f} s of audio)",
           file=sys.stderr)
     return 1 if failed else 0
 
@@ -412,7 +432,17 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 def load_codec_arg(args: argparse.Namespace):
     from .models.registry import load_codec
 
+    if args.n_quantizers is not None and args.n_quantizers < 1:
+        raise InvalidRequestError(f"--n-quantizers must be at least 1 (leave it out for all), got {args.n_quantizers}")
     return load_codec(args.codec, device=args.device)
+
+
+def written_rate(path: Path, rate: int) -> int:
+    """The rate an audio file at `path` is written at: Opus stores 48 kHz whatever it is given."""
+    from .audio.formats import format_from_path, output_rate
+
+    kind = format_from_path(path)
+    return rate if kind == "npy" else output_rate(kind, rate)
 
 
 def run_codec_encode(args: argparse.Namespace) -> None:
@@ -437,7 +467,6 @@ def run_codec_decode(args: argparse.Namespace) -> None:
     import torch
 
     from .audio import write_audio
-    from .audio.formats import format_from_path, output_rate
     from .speech_request import load_codes
 
     check_output(args.output, audio=True)
@@ -451,9 +480,8 @@ def run_codec_decode(args: argparse.Namespace) -> None:
         wave = codec.decode(torch.from_numpy(codes.T.copy()).to(codec.device), n_quantizers=args.n_quantizers)
     samples = wave.float().cpu().numpy()
     write_audio(args.output, samples, codec.sample_rate)
-    kind = format_from_path(args.output)
-    rate = codec.sample_rate if kind == "npy" else output_rate(kind, codec.sample_rate)  # opus stores 48 kHz, not 44.1
-    print(f"wrote {args.output}: {samples.shape[-1] / codec.sample_rate:.2f} s at {rate} Hz", file=sys.stderr)
+    print(f"wrote {args.output}: {samples.shape[-1] / codec.sample_rate:.2f} s at "
+          f"{written_rate(args.output, codec.sample_rate)} Hz", file=sys.stderr)
 
 
 def run_bench(args: argparse.Namespace) -> None:

@@ -68,7 +68,7 @@ class RunawayGuard:
 @dataclass
 class EngineConfig:
     max_running: int = 16  # requests decoding at once (KV cache slots)
-    max_queued: int = 256  # waiting requests beyond which new work is refused
+    max_queued: int = 256  # requests that may wait for a slot: new work is refused past max_running + this
     max_len: int = 8192  # prompt + generated positions per request (capped by the model's limit); sizes the KV cache
     prefill_tokens: int = 512  # prompt tokens prefilled per engine step, so long prompts do not stall decoding
     # A new prompt whose first rows (at least this many) equal a prompt already in the cache copies

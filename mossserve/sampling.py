@@ -84,7 +84,7 @@ class SamplingParams:
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise InvalidRequestError(f"{f.name} must be a finite number, got {v!r}")
-                if f.name.endswith("temperature") and (0 < v < MIN_DIVISOR or v > MAX_TEMPERATURE):
+                if f.name.endswith("temperature") and (v < 0 or 0 < v < MIN_DIVISOR or v > MAX_TEMPERATURE):
                     raise InvalidRequestError(f"{f.name} must be 0 (greedy) or in {MIN_DIVISOR}..{MAX_TEMPERATURE:g}, "
                                               f"got {v}")
                 if f.name.endswith("top_p") and not 0.0 < v <= 1.0:

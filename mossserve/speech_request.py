@@ -213,8 +213,8 @@ def check_codes(array: np.ndarray, name: str = "codes") -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-def load_requests_jsonl(path: str | Path) -> list[SpeechRequest]:
-    """One SpeechRequest per non-empty line; an error names the line."""
+def load_requests_jsonl(path: str | Path) -> list[tuple[int, SpeechRequest]]:
+    """(line number, SpeechRequest) of every non-empty line; an error names the line."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -229,7 +229,7 @@ def load_requests_jsonl(path: str | Path) -> list[SpeechRequest]:
         if not line.strip():
             continue
         try:
-            requests.append(SpeechRequest.from_dict(json.loads(line), base_dir=path.parent))
+            requests.append((number, SpeechRequest.from_dict(json.loads(line), base_dir=path.parent)))
         except json.JSONDecodeError as e:
             raise InvalidRequestError(f"{path}:{number}: not valid JSON: {e}") from None
         except InvalidRequestError as e:

@@ -181,6 +181,24 @@ def test_codec_encode_of_audio_under_one_frame_is_an_error(tmp_path: Path, capsy
     assert code == 2 and "shorter than one codec frame (80 ms)" in err and not (tmp_path / "c.npy").exists()
 
 
+@pytest.mark.parametrize("action", ["encode", "decode"])
+def test_codec_n_quantizers_zero_is_refused(tmp_path: Path, capsys, action: str) -> None:
+    """(The codec's own 0 means all of them; on the command line it was taken silently.)"""
+    np.save(tmp_path / "c.npy", np.zeros((4, 8), dtype=np.int64))
+    source = AUDIO_DIR / "reference_zh.wav" if action == "encode" else tmp_path / "c.npy"
+    code, err = run(["codec", action, source, "--codec", CODEC_DIR / "tiny", "--n-quantizers", "0",
+                     "-o", tmp_path / ("out.npy" if action == "encode" else "out.wav")], capsys)
+    assert code == 2 and "--n-quantizers must be at least 1" in err
+
+
+def test_say_tells_the_rate_the_file_holds() -> None:
+    """Opus has no 44.1 kHz (Fish S2 Pro's rate): such audio is stored at 48 kHz, which `say` now reports."""
+    from mossserve.cli import written_rate
+
+    assert written_rate(Path("x.opus"), 44100) == 48000 and written_rate(Path("x.opus"), 24000) == 24000
+    assert written_rate(Path("x.wav"), 44100) == written_rate(Path("x.npy"), 44100) == 44100
+
+
 def test_python_dash_m_runs_the_command() -> None:
     proc = subprocess.run([sys.executable, "-m", "mossserve", "say", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--reference-text" in proc.stdout
@@ -255,3 +273,38 @@ def test_codec_decode_rejects_codes_that_do_not_fit(tmp_path: Path, capsys) -> N
     for name, message in (("wide.npy", "40 codebooks"), ("big.npy", "0..1023"), ("none.npy", "zero codebooks")):
         code, err = run(["codec", "decode", tmp_path / name, "--codec", CODEC_DIR / "tiny", "-o", tmp_path / "o.wav"], capsys)
         assert code == 2 and message in err and "Traceback" not in err
+
+
+REALTIME = Path(__file__).parent / "fixtures" / "moss_tts_realtime"
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--conversation", "{conv}"], "this realtime model takes --request"),
+    (["--request", "{script}", "--depth", "4"], "--depth is for the Local model"),
+    (["Hi.", "--mode", "continuation"], "--mode goes with --conversation"),
+    (["Hi.", "--format", "flac"], "--out-dir and --format go with --batch"),
+    (["Hi.", "--greedy", "--temperature", "0.7"], "give one of --greedy and --temperature"),
+    (["Hi.", "--temperature", "-1"], "audio_temperature must be 0 (greedy) or in"),
+    (["Hi.", "--codec", "{fish}"], "does not fit the realtime model"),
+])
+def test_options_that_would_be_ignored_or_fail_late_are_refused(tmp_path: Path, capsys, extra, needle) -> None:
+    """Each was silently ignored, took a traceback, or failed only after the talker ran."""
+    (tmp_path / "conv.json").write_text(json.dumps([{"role": "user", "text": "Hello."}]))
+    (tmp_path / "script.json").write_text(json.dumps({"turns": [{"input": "Hello there, how are you today?"}]}))
+    paths = {"conv": tmp_path / "conv.json", "script": tmp_path / "script.json",
+             "fish": Path(__file__).parent / "fixtures" / "fish_s2_pro"}
+    args = [a.format(**paths) for a in extra]
+    code, err = run(["say", "--model", REALTIME, *args, "-o", tmp_path / "x.wav"], capsys)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_a_request_depth_and_another_depth_option_are_refused(tmp_path: Path, capsys) -> None:
+    from local_cases import make_model_dir
+
+    (tmp_path / "req.json").write_text(json.dumps({"input": "Hi.", "depth": 2}))
+    local = make_model_dir(tmp_path / "local")
+    code, err = run(["say", "--model", local, "--request", tmp_path / "req.json", "--depth", "5",
+                     "--codes-out", tmp_path / "c.npy"], capsys)
+    assert code == 2 and "asks for depth 2 and --depth for 5" in err
+

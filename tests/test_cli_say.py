@@ -71,6 +71,20 @@ def test_say_batch_errors_name_the_line(delay_model_dirs, tmp_path: Path, capsys
     assert code == 2 and "is a file, not a directory" in err
 
 
+def test_say_batch_skips_a_request_the_model_cannot_run(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """Reported by its line, the others written under their own numbers, exit status 1."""
+    (tmp_path / "bad.wav").write_bytes(b"not audio" * 20)
+    lines = [{"input": "One."}, {"input": "Two.", "instructions": "whisper"}, {"input": "Three.", "voice": "bad.wav"},
+             {"input": "Four."}]
+    (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    code, err = run(["say", "--batch", tmp_path / "requests.jsonl", "--out-dir", tmp_path / "out", "--model",
+                     delay_model_dirs["tiny_nvq16"], "--codec", CODEC_DIR / "tiny", "--max-frames", "20"], capsys)
+    assert code == 1, err
+    assert "requests.jsonl:2: skipped: instructions" in err and "requests.jsonl:3: skipped:" in err
+    assert "wrote 2 of 4 requests" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000.npy", "0000.wav", "0003.npy", "0003.wav"]
+
+
 def test_say_batch_takes_the_extensions_o_takes(delay_model_dirs, tmp_path: Path, capsys) -> None:
     batch = tmp_path / "requests.jsonl"
     batch.write_text('{"input": "One."}\n', encoding="utf-8")

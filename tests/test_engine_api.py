@@ -54,6 +54,47 @@ def test_synthesize_batch_returns_each_request_in_order(delay_tts) -> None:
     assert len({a.codes.tobytes() for a in together}) > 1  # not all alike, so the order is checked
 
 
+@pytest.mark.parametrize("threaded", [True, False])
+def test_run_feeds_more_prompts_than_the_engine_queues(delay_model_dirs, threaded: bool) -> None:
+    """max_running + max_queued = 3: ten prompts go in as earlier ones finish (EngineFullError at the
+    fourth before); one the engine refuses comes back as an error with raise_errors=False."""
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                              engine_config=EngineConfig(max_running=2, max_queued=1, threaded=threaded))
+    try:
+        prompt = tts.prompt(SpeechRequest(input="Fed in turn."))
+        too_long = tts.talker.prompt_from_rows(np.repeat(prompt.rows, 200, axis=0))
+        results = tts.run([prompt] * 5 + [too_long] + [prompt] * 4, SamplingParams.greedy(), max_new_frames=8,
+                          decode_audio=False, raise_errors=False)
+        alone = tts.run([prompt], SamplingParams.greedy(), max_new_frames=8, decode_audio=False)[0][0]
+        assert [g.finish_reason == "error" for g, _ in results] == [False] * 5 + [True] + [False] * 4
+        assert "positions" in results[5][0].error
+        assert all(np.array_equal(g.frames, alone.frames) for i, (g, _) in enumerate(results) if i != 5)
+        with pytest.raises(InvalidRequestError, match="positions"):
+            tts.run([prompt, too_long], decode_audio=False)
+    finally:
+        tts.close()
+
+
+def test_sampling_is_the_models_card_with_overrides() -> None:
+    """`SamplingParams.greedy()` is MOSS-TTS's card made greedy: on another model it dropped that model's
+    repetition rules (Realtime's 1.1 over a 50-frame window); `tts.sampling` keeps them."""
+    from realtime_cases import REALTIME_DIR
+
+    tts = TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny")
+    try:
+        card = tts.talker.default_sampling()
+        greedy = tts.sampling(greedy=True)
+        assert greedy.audio_temperature == greedy.text_temperature == 0.0
+        assert (greedy.audio_repetition_penalty, greedy.audio_repetition_window) == (1.1, 50)
+        assert SamplingParams.greedy().audio_repetition_window != 50
+        seeded = tts.sampling(seed=3, audio_top_k=None)
+        assert seeded.seed == 3 and seeded.audio_top_k == card.audio_top_k == 30
+        with pytest.raises(InvalidRequestError, match="audio_top_p"):
+            tts.sampling(audio_top_p=2.0)
+    finally:
+        tts.close()
+
+
 def test_a_seed_replays_in_any_company(delay_tts) -> None:
     tts = delay_tts("tiny_nvq32")
     seeded = tts.talker.default_sampling().with_overrides(seed=7)
@@ -239,6 +280,31 @@ def test_an_async_stream_left_or_closed_early_aborts_its_request(delay_model_dir
         assert stats["aborted"] == 2 and stats["finished"] == 0 and stats["live"] == 0
     finally:
         engine.close()
+
+
+def test_a_stream_collected_after_its_engine_closed_says_nothing(delay_model_dirs) -> None:
+    """Its request ended with the engine: nothing to abort (it printed an ignored EngineClosedError)."""
+    import gc
+    import sys
+
+    engine = AsyncEngine.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny")
+    unraisable = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+
+    async def main() -> None:
+        stream = await engine.submit(SpeechRequest(input="Left."), SamplingParams.greedy(), max_new_frames=200)
+        async for chunk in stream:
+            break
+        engine.close()
+        del stream, chunk
+        gc.collect()
+
+    try:
+        asyncio.run(main())
+    finally:
+        sys.unraisablehook = hook
+        engine.close()
+    assert unraisable == []
 
 
 def test_sampling_that_does_not_fit_is_refused_before_anything_runs(delay_tts) -> None:

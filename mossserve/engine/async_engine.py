@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ChunkSchedule, EngineConfig
-from ..errors import MossServeError
+from ..errors import EngineClosedError, MossServeError
 from ..models.family import Prompt
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
@@ -123,7 +123,11 @@ class AsyncEngine:
         return await asyncio.wrap_future(future)
 
     def abort(self, request_id: str) -> bool:
-        return self.tts.engine.abort(request_id)
+        """End a request now; False if it is unknown or over (or the engine is closed: all are over)."""
+        try:
+            return self.tts.engine.abort(request_id)
+        except EngineClosedError:
+            return False
 
     def push_input(self, request_id: str, piece: object = None, end: bool = False) -> bool:
         """Input for a running request whose prompt is open (a turn's text arriving while it speaks)."""
