@@ -324,6 +324,9 @@ def test_a_stop_signal_makes_ready_say_503_while_requests_drain(server_app) -> N
         assert httpx.get(url + "/ready").status_code == 503
         refused = httpx.post(url + "/v1/audio/speech", json={"input": TEXT})
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        upload = httpx.post(url + "/v1/audio/voices", data={"name": "late"},
+                            files={"file": ("v.wav", (AUDIO_DIR / "reference_zh.wav").read_bytes(), "audio/wav")})
+        assert upload.status_code == 503 and upload.json()["error"]["code"] == "shutting_down"
 
 
 def test_api_key(server_app) -> None:

@@ -48,7 +48,7 @@ from .schemas import (
     TopK,
     TopP,
 )
-from .speech import check_text_length, sampling_for, schedule_for
+from .speech import check_text_length, sampling_for, schedule_for, shutting_down
 from .state import ServerState
 
 router = APIRouter()
@@ -200,6 +200,8 @@ class RealtimeSession:
         if self.turn_id is not None:
             raise APIError(400, "a turn is in progress: send text.done and wait for audio.done, or turn.cancel",
                            code="turn_in_progress")
+        if self.state.closing:
+            raise shutting_down(self.state)
         user_audio = None
         if message is not None:
             check_text_length(self.state, "user_text", message.user_text)

@@ -59,7 +59,7 @@ async def speech(body: SpeechBody, request: Request) -> Response:
 async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
     """Check everything, resolve voices, and queue the request (or raise the APIError to send)."""
     if state.closing:
-        raise APIError(503, "the server is shutting down", headers={"Retry-After": str(state.settings.retry_after_s)})
+        raise shutting_down(state)
     if not state.accepts_model(body.model):
         raise APIError(404, f"model {body.model!r} is not served here; this server runs {state.model_name!r}",
                        param="model", code="model_not_found")
@@ -78,6 +78,12 @@ async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
         return await stream
     except MossServeError as e:
         raise from_mossserve(e, state.settings.retry_after_s) from None
+
+
+def shutting_down(state: ServerState) -> APIError:
+    """What new work is told once a stop signal came (serve/run.py): open requests drain, no new ones start."""
+    return APIError(503, "the server is shutting down", code="shutting_down",
+                    headers={"Retry-After": str(state.settings.retry_after_s)})
 
 
 def check_text_length(state: ServerState, name: str, text: str | None) -> None:

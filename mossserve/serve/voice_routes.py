@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from ..audio import load_audio
 from ..errors import MossServeError
 from .errors import APIError, from_mossserve
-from .speech import check_text_length
+from .speech import check_text_length, shutting_down
 from .state import ServerState
 from .voices import Voice, VoiceExistsError, validate_voice_name
 
@@ -34,6 +34,8 @@ async def upload_voice(request: Request, name: str = Form(...), file: UploadFile
                        audio_sample: UploadFile | None = None, transcript: str | None = Form(None)) -> JSONResponse:
     """multipart: `name`, the audio as `file` (or `audio_sample`, OpenAI's field name), `transcript`."""
     state: ServerState = request.app.state.server
+    if state.closing:
+        raise shutting_down(state)
     form = await request.form()  # the form FastAPI parsed: it keeps only the last of repeated fields
     if len(form.getlist("file")) + len(form.getlist("audio_sample")) > 1:
         raise APIError(400, "send the reference audio as exactly one multipart file field: file (or audio_sample)",
