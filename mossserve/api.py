@@ -12,9 +12,11 @@ codes from codes-only prompts never needs it.
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -49,6 +51,15 @@ class Audio:
         return self.samples.shape[-1] / self.sample_rate
 
 
+_OPEN: "weakref.WeakSet[TTS]" = weakref.WeakSet()  # closed at exit (TTS.close)
+
+
+@atexit.register
+def _close_open() -> None:
+    for tts in list(_OPEN):
+        tts.close()
+
+
 class TTS:
     def __init__(self, talker: TalkerFamily, codec: str | Path | None = None, device: str = "cpu",
                  dtype: str = "float32", engine_config: EngineConfig | None = None) -> None:
@@ -63,6 +74,7 @@ class TTS:
         self._lock = threading.Lock()
         self._stepping = threading.Lock()  # an unthreaded engine is stepped by its callers
         self.closed = False
+        _OPEN.add(self)
 
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, codec: str | Path | None = None,
@@ -131,8 +143,9 @@ class TTS:
             self._speakers.wait_idle()
 
     def close(self) -> None:
-        """Stop the engine's threads (they are daemons: a script need not call this). Requests still
-        running end with an error chunk; later calls raise EngineClosedError."""
+        """Stop the engine's threads (a script need not call this: every TTS still open is closed at
+        interpreter exit, since a daemon thread inside torch as the interpreter finalises can abort the
+        process). Requests still running end with an error chunk; later calls raise EngineClosedError."""
         with self._lock:
             self.closed = True
             engine, self._engine = self._engine, None
@@ -176,6 +189,8 @@ class TTS:
             samplings = [sampling or self.talker.default_sampling()] * len(prompts)
         outbox: queue.Queue = queue.Queue()
         engine, ids = self.engine, []
+        for params in {id(s): s for s in samplings}.values():  # the call's own mistakes raise, whatever raise_errors
+            engine.check_settings(params, max_new_frames, schedule, session, decode_audio)
         chunks: list[list[AudioChunk]] = [[] for _ in prompts]
         added = in_flight = 0
         try:
@@ -188,13 +203,14 @@ class TTS:
                                                       decode_audio=decode_audio, session=session).id)
                         in_flight += 1
                     except EngineFullError:
-                        if not in_flight:  # full of others' requests: nothing of ours will make room
-                            raise
+                        if not in_flight:  # full of others' requests (other callers'): wait for theirs to end
+                            self._wait_for_room()
+                            continue
                         break
                     except InvalidRequestError as e:
                         if raise_errors:
                             raise
-                        outbox.put((added, self._refused(str(e))))
+                        outbox.put((added, self._refused(added, str(e))))
                         in_flight += 1
                     added += 1
                 index, chunk = self._next(outbox)
@@ -208,12 +224,24 @@ class TTS:
             raise
         return [self._result(c, decode_audio, raise_errors) for c in chunks]
 
-    def _refused(self, message: str) -> AudioChunk:
-        """The final chunk of a prompt the engine refused (`run(..., raise_errors=False)`)."""
+    def _wait_for_room(self) -> None:
+        """The engine is full of requests that are not this call's: an unthreaded engine is stepped
+        (they may be aborted requests of an interrupted call, which a step clears; with nothing to
+        step, nothing will make room, and the call fails); a threaded one is waited on."""
+        if self.engine_config.threaded:
+            threading.Event().wait(0.02)  # other callers' requests end on the engine's threads
+            return
+        with self._stepping:
+            if not self.engine.has_work():
+                raise EngineFullError("the engine is full of requests that nothing runs")
+            self.engine.step()
+
+    def _refused(self, index: int, message: str) -> AudioChunk:
+        """The final chunk of prompt `index`, which the engine refused (`run(..., raise_errors=False)`)."""
         talker = self.talker
         generation = Generation(np.zeros((0, talker.columns), np.int64), np.zeros((0, talker.codebooks), np.int64),
                                 [], False, 0, "error", message)
-        return AudioChunk("", None, talker.sample_rate, 0, 0, generation.frames, final=True, finish_reason="error",
+        return AudioChunk(f"refused-{index}", None, talker.sample_rate, 0, 0, generation.frames, final=True, finish_reason="error",
                           error=message, generation=generation)
 
     def run_session(self, script: SessionScript, sampling: SamplingParams | None = None,

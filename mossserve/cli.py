@@ -261,10 +261,17 @@ def with_depth(tts, prompts: list, depth: int | None) -> list:
     """`--depth K` (Local family): every prompt generates K codebooks per frame."""
     if depth is None:
         return prompts
+    check_depth(tts, depth)
+    return [tts.talker.with_depth(p, depth) for p in prompts]
+
+
+def check_depth(tts, depth: int) -> None:
+    """`--depth` names a Local model's codebooks per frame: no other model takes it."""
     if not hasattr(tts.talker, "with_depth"):
         raise InvalidRequestError("--depth is for the Local model (MOSS-TTS-Local-Transformer); "
                                   "this model always generates all its codebooks")
-    return [tts.talker.with_depth(p, depth) for p in prompts]
+    if not 1 <= depth <= tts.talker.codebooks:
+        raise InvalidRequestError(f"--depth must lie in 1..{tts.talker.codebooks} (codebooks per frame), got {depth}")
 
 
 def say_one(tts, args: argparse.Namespace) -> int:
@@ -301,7 +308,8 @@ def say_session(tts, args: argparse.Namespace) -> int:
     """A Realtime session script: every turn in one session; codes and audio of all turns, in order."""
     from .text.realtime_session import SessionScript
 
-    with_depth(tts, [], args.depth)  # refuses --depth: a session's model always generates all its codebooks
+    if args.depth is not None:
+        check_depth(tts, args.depth)  # refuses it: a session's model always generates all its codebooks
     script = SessionScript.from_json(args.request)
     sampling = sampling_from_args(tts, args)
     if args.output is not None:
@@ -367,10 +375,14 @@ def say_batch(tts, args: argparse.Namespace) -> int:
     from .speech_request import load_requests_jsonl
 
     requests = load_requests_jsonl(args.batch)
+    if args.depth is not None:
+        check_depth(tts, args.depth)
     failed = []
     runnable = []  # (index, line, prompt)
     for index, (line, request) in enumerate(requests):
         try:
+            if args.depth is not None and request.depth is not None and request.depth != args.depth:
+                raise InvalidRequestError(f"the line asks for depth {request.depth} and --depth for {args.depth}")
             runnable.append((index, line, with_depth(tts, [tts.prompt(request)], args.depth)[0]))
         except InvalidRequestError as e:
             failed.append((line, str(e)))
@@ -383,8 +395,9 @@ def say_batch(tts, args: argparse.Namespace) -> int:
     progress.close()
     total = 0.0
     for (index, line, _), (generation, audio) in zip(runnable, results):
-        if generation.finish_reason == "error":
-            failed.append((line, generation.error))
+        if generation.finish_reason == "error" or len(generation.frames) == 0:
+            failed.append((line, generation.error or f"the model produced no audio frames "
+                                                    f"({_ENDINGS[generation.finish_reason]} after {len(generation.rows)} steps)"))
             continue
         save_npy(args.out_dir / f"{index:04d}.npy", generation.frames.astype(np.int64))
         write_audio(args.out_dir / f"{index:04d}.{args.format}", audio.samples, audio.sample_rate)

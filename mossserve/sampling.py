@@ -2,7 +2,7 @@
 
 The Delay family samples its text head with one setting and its audio heads with another; audio
 settings may be given per codebook (a sequence of n_vq values) as well as one value for all.
-A temperature <= 0 means greedy (argmax) for that head group, as in the reference.
+A temperature of 0 means greedy (argmax) for that head group, as in the reference (a negative one is refused).
 `audio_repetition_window` limits the repetition history to the last N generated frames (the
 Realtime family's window; 0 = the whole history, which is what the Delay family always uses).
 """

@@ -2,19 +2,22 @@
 # Create .venv (if missing) with torch and mossserve (editable, with the server, Ray Serve and test tools) installed.
 # torch is pinned to 2.13.0 first so pip takes the CPU build instead of a multi-GB CUDA one;
 # on a GPU machine install the torch build you want before running this.
-# Later runs install nothing while .venv's mossserve is this checkout and pyproject.toml is unchanged.
+# Later runs install nothing while .venv's mossserve is this checkout and pyproject.toml and the
+# extras below are what the last install had (their hash is kept in the stamp file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+extras='.[serve,ray,test]'
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install --disable-pip-version-check -q torch==2.13.0
 stamp=.venv/.mossserve-installed
 here=$(pwd -P)
+want=$( { cat pyproject.toml; echo "$extras"; } | sha256sum | cut -d' ' -f1)
 installed_here() {  # from another directory, so that the checkout itself is not what imports
   (cd / && "$here/.venv/bin/python" -c "import mossserve, pathlib, sys; sys.exit(pathlib.Path(mossserve.__file__).resolve().parents[1] != pathlib.Path('$here'))") 2>/dev/null
 }
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! installed_here; then
-  .venv/bin/pip install --disable-pip-version-check -q -e '.[serve,ray,test]'
-  touch "$stamp"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! installed_here; then
+  .venv/bin/pip install --disable-pip-version-check -q -e "$extras"
+  echo "$want" > "$stamp"
 fi

@@ -85,6 +85,31 @@ def test_say_batch_skips_a_request_the_model_cannot_run(delay_model_dirs, tmp_pa
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000.npy", "0000.wav", "0003.npy", "0003.wav"]
 
 
+def test_say_batch_depth_is_checked_once_and_against_each_line(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    from local_cases import make_model_dir
+
+    batch = tmp_path / "requests.jsonl"
+    batch.write_text('{"input": "One."}\n{"input": "Two.", "depth": 2}\n', encoding="utf-8")
+    code, err = run(["say", "--batch", batch, "--out-dir", tmp_path / "delay", "--model", delay_model_dirs["tiny_nvq16"],
+                     "--codec", CODEC_DIR / "tiny", "--depth", "4"], capsys)
+    assert code == 2 and "--depth is for the Local model" in err and not (tmp_path / "delay").exists()
+    code, err = run(["say", "--batch", batch, "--out-dir", tmp_path / "local", "--model", make_model_dir(tmp_path / "m"),
+                     "--codec", CODEC_DIR / "tiny", "--depth", "4", "--max-frames", "6"], capsys)
+    assert code == 1 and "requests.jsonl:2: skipped: the line asks for depth 2 and --depth for 4" in err
+    assert np.load(tmp_path / "local" / "0000.npy").shape[1] == 4 and not (tmp_path / "local" / "0001.npy").exists()
+
+
+def test_say_batch_skips_a_request_that_gave_no_frames(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """A 16-codebook Delay model completes its first frame after 17 steps: 5 give none (say refuses that
+    for one request; the batch wrote an empty file)."""
+    batch = tmp_path / "requests.jsonl"
+    batch.write_text('{"input": "One."}\n', encoding="utf-8")
+    code, err = run(["say", "--batch", batch, "--out-dir", tmp_path / "out", "--model", delay_model_dirs["tiny_nvq16"],
+                     "--codec", CODEC_DIR / "tiny", "--max-frames", "5"], capsys)
+    assert code == 1 and "skipped: the model produced no audio frames" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_say_batch_takes_the_extensions_o_takes(delay_model_dirs, tmp_path: Path, capsys) -> None:
     batch = tmp_path / "requests.jsonl"
     batch.write_text('{"input": "One."}\n', encoding="utf-8")

@@ -75,6 +75,51 @@ def test_run_feeds_more_prompts_than_the_engine_queues(delay_model_dirs, threade
         tts.close()
 
 
+def test_run_waits_for_room_that_other_callers_hold(delay_model_dirs) -> None:
+    """Two threads share one TTS whose engine takes three requests at once: neither call fails for
+    the other's requests (the second raised EngineFullError at once)."""
+    import threading
+
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                              engine_config=EngineConfig(max_running=2, max_queued=1))
+    try:
+        prompt = tts.prompt(SpeechRequest(input="Shared."))
+        results, errors = {}, []
+
+        def call(name: str) -> None:
+            try:
+                results[name] = tts.run([prompt] * 6, SamplingParams.greedy(), max_new_frames=6, decode_audio=False)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=call, args=(name,)) for name in "ab"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [] and all(len(r) == 6 for r in results.values())
+    finally:
+        tts.close()
+
+
+def test_an_interrupted_run_on_an_unthreaded_engine_leaves_room_for_the_next(delay_model_dirs) -> None:
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                              engine_config=EngineConfig(max_running=2, max_queued=1, threaded=False))
+    try:
+        prompt = tts.prompt(SpeechRequest(input="Interrupted."))
+
+        def interrupt(index, chunk) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            tts.run([prompt] * 3, SamplingParams.greedy(), max_new_frames=6, decode_audio=False, on_chunk=interrupt)
+        assert len(tts.run([prompt] * 3, SamplingParams.greedy(), max_new_frames=6, decode_audio=False)) == 3
+        with pytest.raises(InvalidRequestError, match="max_new_frames must be at least 1"):  # the call's own mistake
+            tts.run([prompt] * 2, max_new_frames=0, decode_audio=False, raise_errors=False)
+    finally:
+        tts.close()
+
+
 def test_sampling_is_the_models_card_with_overrides() -> None:
     """`SamplingParams.greedy()` is MOSS-TTS's card made greedy: on another model it dropped that model's
     repetition rules (Realtime's 1.1 over a 50-frame window); `tts.sampling` keeps them."""
@@ -346,3 +391,24 @@ def test_an_unthreaded_engine_serves_callers_on_several_threads(delay_model_dirs
     for got, want in zip(results, expected):
         assert np.array_equal(got.codes, want.codes)
     assert tts.stats()["live"] == 0
+
+
+def test_an_open_tts_is_closed_at_interpreter_exit(tmp_path: Path) -> None:
+    """A script that never calls close(): its engine's daemon threads, still inside torch while the
+    interpreter finalised, aborted the process about one run in four ("terminate called ...")."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from mossserve.api import TTS\n"
+        "close = TTS.close\n"
+        "def closing(self):\n"
+        "    print('closed at exit', flush=True)\n"
+        "    close(self)\n"
+        "TTS.close = closing\n"
+        "tts = TTS.from_pretrained(None)\n"
+        "print(tts.synthesize('Hi.').samples.shape, flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "closed at exit"

@@ -97,3 +97,17 @@ def test_special_tokens_in_the_input_are_a_400(fish) -> None:
     assert r.status_code == 400 and "<|im_end|>" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/audio/speech", json={"input": "Hi.", "instructions": "whisper"}, timeout=60)
     assert r.status_code == 400 and "instructions" in r.json()["error"]["message"]
+
+
+def test_sse_usage_counts_every_text_batchs_prompt_rows(fish) -> None:
+    """A text split into several batches is prefilled batch by batch: input_tokens counts them all
+    (it counted the first batch's rows only)."""
+    tts, url = fish
+    text = "<|speaker:0|>Hello there, how are you today?<|speaker:1|>I am fine, thanks. And you?<|speaker:0|>Good, good."
+    prompt = tts.prompt(SpeechRequest(input=text, chunk_length=20))
+    assert prompt.later_rows > 0
+    body = {"input": text, "chunk_length": 20, "seed": 5, "stream": True, "stream_format": "sse", "response_format": "pcm"}
+    with httpx.stream("POST", url + "/v1/audio/speech", json=body, timeout=120) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "speech.audio.done"
+    assert events[-1]["usage"]["input_tokens"] == len(prompt.rows) + prompt.later_rows

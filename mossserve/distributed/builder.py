@@ -56,7 +56,8 @@ def _parse(key: str, value, default):
     if key == "autoscale":
         return parse_autoscale(str(value))
     if key == "cors_origins":  # a YAML list, or comma-separated text
-        return tuple(str(v) for v in value) if isinstance(value, (list, tuple)) else tuple(str(value).split(","))
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        return tuple(str(v).strip() for v in items if str(v).strip())
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -82,15 +82,8 @@ class Engine:
 
         Raises InvalidRequestError for a request that cannot run and EngineFullError when the
         queue is full; nothing is queued then."""
-        if not isinstance(sampling, SamplingParams):
-            raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        sampling.validate(self.family.codebooks)
-        if max_new_frames is not None and (isinstance(max_new_frames, bool) or not isinstance(max_new_frames, (int, np.integer))):
-            raise InvalidRequestError(f"max_new_frames must be an integer, got {max_new_frames!r}")
+        self.check_settings(sampling, max_new_frames, schedule, session, decode_audio)
         schedule = schedule or self.config.chunk_schedule
-        schedule.validate(self.config.max_chunk_frames)
-        if session is not None and not self.family.supports_sessions:
-            raise InvalidRequestError("this model does not keep sessions (multi-turn contexts)")
         if not isinstance(prompt.rows, np.ndarray) or prompt.rows.ndim != 2 or prompt.rows.shape[1] != self.family.columns:
             raise InvalidRequestError(f"prompt rows must be an array (positions, {self.family.columns}), got "
                                       f"{getattr(prompt.rows, 'shape', type(prompt.rows).__name__)}")
@@ -103,10 +96,6 @@ class Engine:
         if max_new_frames is None:  # an open prompt's text is still coming: the guard and the cache bound it
             max_new_frames = self.max_len if prompt.info.get("open") else self.family.max_new_frames
         cap = max_new_frames
-        if cap < 1:
-            raise InvalidRequestError(f"max_new_frames must be at least 1, got {cap}")
-        if decode_audio and self._get_codec is None:
-            raise InvalidRequestError("this engine has no codec: ask for codes only")
         guard = guard and self.guard.enabled and prompt.info.get("runaway_guard", True)
         request = EngineRequest(
             id=request_id or f"req-{next(self._ids)}",
@@ -138,6 +127,25 @@ class Engine:
             self._live[request.id] = request
             self._lock.notify()
         return request
+
+    def check_settings(self, sampling: SamplingParams, max_new_frames: int | None = None,
+                       schedule: ChunkSchedule | None = None, session: str | None = None,
+                       decode_audio: bool = True) -> None:
+        """Raise InvalidRequestError for settings no prompt could run under (`add_request`'s checks that
+        do not depend on the prompt)."""
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        sampling.validate(self.family.codebooks)
+        if max_new_frames is not None:
+            if isinstance(max_new_frames, bool) or not isinstance(max_new_frames, (int, np.integer)):
+                raise InvalidRequestError(f"max_new_frames must be an integer, got {max_new_frames!r}")
+            if max_new_frames < 1:
+                raise InvalidRequestError(f"max_new_frames must be at least 1, got {max_new_frames}")
+        (schedule or self.config.chunk_schedule).validate(self.config.max_chunk_frames)
+        if session is not None and not self.family.supports_sessions:
+            raise InvalidRequestError("this model does not keep sessions (multi-turn contexts)")
+        if decode_audio and self._get_codec is None:
+            raise InvalidRequestError("this engine has no codec: ask for codes only")
 
     def _join_session(self, session_id: str, request: EngineRequest):
         """The session `request` is the next turn of (the caller holds the lock)."""

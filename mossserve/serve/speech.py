@@ -245,7 +245,8 @@ class Run:
             return
         # the frames generated: a continuation's prompt audio comes first in the request's frames
         frames = max(final.frame_end - final.generation.start_length, 0) if final is not None else 0
-        prompt_rows = len(self.stream.prompt.rows)
+        prompt = self.stream.prompt  # as queued: a Fish request's later text batches are its later_rows
+        prompt_rows = len(prompt.rows) + prompt.later_rows
         yield _event({"type": "speech.audio.done", "finish_reason": final.finish_reason,
                       "usage": {"input_tokens": prompt_rows, "output_tokens": frames,
                                 "total_tokens": prompt_rows + frames}})
