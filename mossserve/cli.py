@@ -271,7 +271,8 @@ def check_depth(tts, depth: int) -> None:
         raise InvalidRequestError("--depth is for the Local model (MOSS-TTS-Local-Transformer); "
                                   "this model always generates all its codebooks")
     if not 1 <= depth <= tts.talker.codebooks:
-        raise InvalidRequestError(f"--depth must lie in 1..{tts.talker.codebooks} (codebooks per frame), got {depth}")
+        raise InvalidRequestError(f"--depth: depth must be an integer in 1..{tts.talker.codebooks} "
+                                  f"(codebooks per frame), got {depth}")
 
 
 def say_one(tts, args: argparse.Namespace) -> int:
