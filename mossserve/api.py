@@ -241,8 +241,8 @@ class TTS:
         talker = self.talker
         generation = Generation(np.zeros((0, talker.columns), np.int64), np.zeros((0, talker.codebooks), np.int64),
                                 [], False, 0, "error", message)
-        return AudioChunk(f"refused-{index}", None, talker.sample_rate, 0, 0, generation.frames, final=True, finish_reason="error",
-                          error=message, generation=generation)
+        return AudioChunk(f"refused-{index}", None, talker.sample_rate, 0, 0, generation.frames, final=True,
+                          finish_reason="error", error=message, generation=generation)
 
     def run_session(self, script: SessionScript, sampling: SamplingParams | None = None,
                     max_new_frames: int | None = None, decode_audio: bool = True,

@@ -186,9 +186,7 @@ def build_prompts(tts, args: argparse.Namespace) -> list:
         return [session_first_turn(tts, args.request)]
     if args.request is not None:
         request = SpeechRequest.from_json(args.request)
-        depth = getattr(args, "depth", None)
-        if depth is not None and request.depth is not None and depth != request.depth:
-            raise InvalidRequestError(f"{args.request} asks for depth {request.depth} and --depth for {depth}; give one")
+        check_request_depth(request, getattr(args, "depth", None), str(args.request))
     else:
         text = getattr(args, "text", None)
         if text is None:
@@ -203,8 +201,7 @@ def default_mode(conversation: list) -> str:
 
 
 def run_prompt(args: argparse.Namespace) -> None:
-    if args.mode is not None and args.conversation is None:
-        raise InvalidRequestError("--mode goes with --conversation (a request says its own mode)")
+    check_mode(args)
     check_output(args.output)
     tts = load_tts(args)
     prompts = build_prompts(tts, args)
@@ -225,8 +222,7 @@ def run_say(args: argparse.Namespace) -> int:
                                   "put them inside the request")
     if args.batch is None and (args.out_dir is not None or args.format is not None):
         raise InvalidRequestError("--out-dir and --format go with --batch (-o's extension picks its format)")
-    if args.mode is not None and args.conversation is None:
-        raise InvalidRequestError("--mode goes with --conversation (a request says its own mode)")
+    check_mode(args)
     if args.greedy and args.temperature is not None:
         raise InvalidRequestError("--greedy is temperature 0; give one of --greedy and --temperature")
     if args.batch is not None:
@@ -267,12 +263,21 @@ def with_depth(tts, prompts: list, depth: int | None) -> list:
 
 def check_depth(tts, depth: int) -> None:
     """`--depth` names a Local model's codebooks per frame: no other model takes it."""
-    if not hasattr(tts.talker, "with_depth"):
+    if not hasattr(tts.talker, "check_depth"):
         raise InvalidRequestError("--depth is for the Local model (MOSS-TTS-Local-Transformer); "
                                   "this model always generates all its codebooks")
-    if not 1 <= depth <= tts.talker.codebooks:
-        raise InvalidRequestError(f"--depth: depth must be an integer in 1..{tts.talker.codebooks} "
-                                  f"(codebooks per frame), got {depth}")
+    tts.talker.check_depth(depth)
+
+
+def check_request_depth(request, depth: int | None, where: str) -> None:
+    """A request that says its own depth and a different --depth: refused, not overridden."""
+    if depth is not None and request.depth is not None and request.depth != depth:
+        raise InvalidRequestError(f"{where} asks for depth {request.depth} and --depth for {depth}; give one")
+
+
+def check_mode(args: argparse.Namespace) -> None:
+    if args.mode is not None and args.conversation is None:
+        raise InvalidRequestError("--mode goes with --conversation (a request says its own mode)")
 
 
 def say_one(tts, args: argparse.Namespace) -> int:
@@ -382,8 +387,7 @@ def say_batch(tts, args: argparse.Namespace) -> int:
     runnable = []  # (index, line, prompt)
     for index, (line, request) in enumerate(requests):
         try:
-            if args.depth is not None and request.depth is not None and request.depth != args.depth:
-                raise InvalidRequestError(f"the line asks for depth {request.depth} and --depth for {args.depth}")
+            check_request_depth(request, args.depth, "the line")
             runnable.append((index, line, with_depth(tts, [tts.prompt(request)], args.depth)[0]))
         except InvalidRequestError as e:
             failed.append((line, str(e)))

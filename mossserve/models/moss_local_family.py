@@ -99,11 +99,14 @@ class MossLocalFamily(TalkerFamily):
         start_length = len(rows) - int(starts[-1]) - 1 if len(starts) else 0
         return Prompt(rows=rows, start_length=start_length, info={"depth": cfg.n_vq, "matrix": rows})
 
-    def with_depth(self, prompt: Prompt, depth: int) -> Prompt:
-        """The prompt at depth K: channels above K become SKIPPED (not embedded), frames hand K codebooks on."""
+    def check_depth(self, depth: int) -> None:
         n = self.config.n_vq
         if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 1 <= depth <= n:
             raise InvalidRequestError(f"depth must be an integer in 1..{n} (codebooks per frame), got {depth!r}")
+
+    def with_depth(self, prompt: Prompt, depth: int) -> Prompt:
+        """The prompt at depth K: channels above K become SKIPPED (not embedded), frames hand K codebooks on."""
+        self.check_depth(depth)
         rows = prompt.info.get("matrix", prompt.rows).copy()
         rows[:, 1 + depth :] = SKIPPED
         info = {**prompt.info, "depth": int(depth), "codebooks": int(depth)}

@@ -110,13 +110,8 @@ async def to_speech_request(state: ServerState, body: SpeechBody) -> SpeechReque
 def sampling_for(state: ServerState, body: SamplingFields) -> SamplingParams:
     """The model's settings with the request's overrides on the audio heads; temperature 0 is greedy
     everywhere (the text head too), so it means what it says."""
-    params = state.tts.talker.default_sampling().with_overrides(
-        audio_temperature=body.temperature, audio_top_p=body.top_p, audio_top_k=body.top_k,
-        audio_repetition_penalty=body.repetition_penalty, seed=body.seed)
-    if body.temperature == 0:
-        params = params.with_overrides(text_temperature=0.0)
-    params.validate()
-    return params
+    return state.tts.sampling(body.temperature == 0, audio_temperature=body.temperature, audio_top_p=body.top_p,
+                              audio_top_k=body.top_k, audio_repetition_penalty=body.repetition_penalty, seed=body.seed)
 
 
 def schedule_for(state: ServerState, body: SamplingFields, code: str | None = None) -> ChunkSchedule | None:
