@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from test_engine import Outbox, check_against_golden, family, golden_requests
 
 from mossserve.config import EngineConfig
-from mossserve.engine.engine import Engine, _common_prefix
+from mossserve.engine.engine import Engine
+from mossserve.engine.prefixes import common_prefix
 from mossserve.engine.kv_cache import SlotKVCache
 from mossserve.layers.attention import cached_keys
 from mossserve.layers.batch_context import BatchContext, run_start
@@ -156,7 +157,7 @@ def test_new_prompts_copy_a_prefix_kept_in_a_free_slot() -> None:
                                   max_new_frames=cap, decode_audio=False)
                for name, rows, sampling, cap, *_ in requests[1:3]]
     engine.step()
-    shared = [min(_common_prefix(kept_rows, rows), len(rows) - 1) for _, rows, *_ in requests[1:3]]
+    shared = [min(common_prefix(kept_rows, rows), len(rows) - 1) for _, rows, *_ in requests[1:3]]
     assert shared == [48, 48] and handles[0].slot != kept_slot and handles[1].slot == kept_slot
     assert prefilled == [len(rows) - n for (_, rows, *_), n in zip(requests[1:3], shared)]
     engine.run_until_idle()
@@ -208,9 +209,9 @@ def test_common_prefix_counts_equal_leading_rows() -> None:
     a = np.arange(12).reshape(6, 2)
     b = a.copy()
     b[4, 1] = -1
-    assert _common_prefix(a, b) == 4
-    assert _common_prefix(a, a[:3]) == 3
-    assert _common_prefix(a, b[:0]) == 0
+    assert common_prefix(a, b) == 4
+    assert common_prefix(a, a[:3]) == 3
+    assert common_prefix(a, b[:0]) == 0
 
 
 def test_slot_runs() -> None:

@@ -140,7 +140,8 @@ def test_static_shape_decode_steps_match_the_goldens() -> None:
     """The fixed-shape decode (padded batch, bucketed key length: what CUDA graphs capture) gives the goldens."""
     fam = family("tiny_nvq32")
     engine = Engine(fam, None, EngineConfig(threaded=False, max_running=6))
-    engine.runner = TalkerRunner(fam, 6, engine.max_len, 512, mode="static", batch_sizes=(1, 2, 4, 8))
+    runner = TalkerRunner(fam, 6, engine.max_len, 512, mode="static", batch_sizes=(1, 2, 4, 8))
+    engine.runner = engine.sessions.runner = engine.prefixes.runner = runner  # the engine and its parts share one
     run_greedy_goldens(engine, "tiny_nvq32")
     assert {size for size, _ in engine.runner._steps} >= {4, 6}  # padded up to a captured size
     assert engine.runner.slots_in_use == 0

@@ -131,7 +131,8 @@ def fixed_shape_run(fam, requests, mode: str) -> list:
     the backbone step and the depth loop padded to 1, 2, 4, 8 or 12 rows."""
     slots = len(requests) + 2
     engine = Engine(fam, None, EngineConfig(threaded=False, max_running=slots))
-    engine.runner = TalkerRunner(fam, slots, engine.max_len, 512, mode=mode, batch_sizes=(1, 2, 4, 8))
+    runner = TalkerRunner(fam, slots, engine.max_len, 512, mode=mode, batch_sizes=(1, 2, 4, 8))
+    engine.runner = engine.sessions.runner = engine.prefixes.runner = runner  # the engine and its parts share one
     finals = {}
     for i, (prompt, sampling, cap, *_) in enumerate(requests):
         engine.add_request(prompt, sampling, lambda chunk: finals.update({chunk.request_id: chunk} if chunk.final else {}),

@@ -107,7 +107,8 @@ def fixed_shape_goldens(fam, mode: str) -> None:
     """The backbone step and the local transformer's 16 positions at fixed shapes (2 rows padded to 4)
     give the goldens; `mode` static runs them eagerly, graphs replays CUDA graphs."""
     engine = Engine(fam, None, EngineConfig(threaded=False, max_running=4))
-    engine.runner = TalkerRunner(fam, 4, engine.max_len, 512, mode=mode, batch_sizes=(1, 4))
+    runner = TalkerRunner(fam, 4, engine.max_len, 512, mode=mode, batch_sizes=(1, 4))
+    engine.runner = engine.sessions.runner = engine.prefixes.runner = runner  # the engine and its parts share one
     outbox = run(engine, "offline_batch")
     for b in range(2):
         check("offline_batch", b, outbox.generation(f"offline_batch/{b}"))

@@ -437,7 +437,7 @@ class _FloorTimer:
     def round(self, prompt, before) -> None:
         """Time `prompt` as the engine runs it after `before` ended: from the prefix they share
         (the rows the engine finds kept in its free slot), which is put in the slot untimed."""
-        from ..engine.engine import kept_prefix
+        from ..engine.prefixes import kept_prefix
 
         runner, talker, piece = self.runner, self.talker, self.config.prefill_tokens
         _, kept = kept_prefix([(None, before.rows)], prompt, self.config.shared_prefix_rows)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from typing import Callable
 
 import numpy as np
@@ -30,6 +29,7 @@ from ..openmp import release_openmp_pool
 from .pipeline import Pipeline, frame_width
 from .request import AudioChunk, EngineRequest, Sink, Status
 from .scheduler import Scheduler
+from .prefixes import PrefixSharing, plain_prompt
 from .sessions import Session, Sessions
 from .talker_runner import TalkerRunner
 from .worker import Worker
@@ -60,7 +60,7 @@ class Engine:
         self._lock = threading.Condition()
         self._live: dict[str, EngineRequest] = {}
         self._endings: list[tuple[EngineRequest, Status, str, str | None]] = []  # asked from other threads
-        self.sessions = Sessions(config.max_sessions)
+        self.sessions = Sessions(config.max_sessions, self.runner, family)
         self._session_closes: list[Session] = []  # closed from other threads, their slots freed at the next step
         self._ids = itertools.count()
         self._closing = False  # set by shutdown(): no request is taken after it
@@ -71,6 +71,7 @@ class Engine:
         # Prompt rows run through prefill, and rows started from keys and values already in the cache.
         self.counts = {"finished": 0, "aborted": 0, "failed": 0, "steps": 0, "prompt_rows_prefilled": 0,
                        "prompt_rows_reused": 0}
+        self.prefixes = PrefixSharing(self.runner, config.shared_prefix_rows, self.counts)
 
     # ---- the caller's side (any thread) --------------------------------------------------
     def add_request(self, prompt: Prompt, sampling: SamplingParams, sink: Sink, *, request_id: str | None = None,
@@ -106,7 +107,7 @@ class Engine:
             text_tokens=int(prompt.info.get("text_tokens") or 0),
             repeat_limit=self.guard.repeat_limit(prompt.info.get("pauses", ())) if guard else None,
             schedule=schedule, decode_audio=decode_audio, open=bool(prompt.info.get("open", False)),
-            plain=_plain_prompt(prompt),
+            plain=plain_prompt(prompt),
         )
         with self._lock:
             if self._closing:
@@ -359,91 +360,8 @@ class Engine:
         used first) when the request next in line needs one (the caller holds the lock)."""
         free = self.config.max_running - self.runner.slots_in_use
         if free <= 0 and self.scheduler.waiting and not self._holds_slot(self.scheduler.waiting[0]):
-            session = self.sessions.least_recently_used_idle()
-            if session is not None:
-                self._give_up_slot(session)
-                free += 1
+            free += self.sessions.free_a_slot()
         return free
-
-    def _give_up_slot(self, session: Session) -> None:
-        session.saved = self.family.save_session(self.runner.state, session.slot)
-        self.runner.release(session.slot)
-        session.slot = -1
-
-    def _start_turn(self, request: EngineRequest) -> list[np.ndarray]:
-        """Admit a session's turn: in its warm slot, or in a new one after its context is prefilled again."""
-        session: Session = request.session
-        if session.slot >= 0:
-            request.slot = session.slot
-            return self.family.continue_session(self.runner.state, request.slot, request.prompt, request.sampling)
-        if not session.started:
-            request.slot = session.slot = self.runner.allocate()
-            session.started = True
-            return self.family.admit(self.runner.state, request.slot, request.prompt, request.sampling)
-        slot = self.runner.allocate()
-        try:
-            self.family.restore_session(self.runner.state, slot, session.saved)
-        except BaseException:  # the turn fails unadmitted, which ends the session (_end_turn)
-            self.runner.release(slot)
-            raise
-        request.slot = session.slot = slot
-        prompt = request.prompt
-        request.prompt = Prompt(np.concatenate(session.context + [prompt.rows]), prompt.start_length, prompt.info)
-        request.context_rows = session.fed
-        session.context, session.fed, session.saved = [], 0, None
-        return self.family.continue_session(self.runner.state, request.slot, request.prompt, request.sampling)
-
-    def _end_turn(self, request: EngineRequest, status: Status) -> bool:
-        """A session's turn leaves the talker; True if the session keeps the slot (the caller must not free it)."""
-        session: Session = request.session
-        session.turn, session.last_used = None, time.monotonic()
-        if request.slot < 0:  # never admitted: the session is as it was, unless this turn failed
-            if status is Status.FAILED:  # (the engine crashed): then the session cannot go on
-                self.sessions.drop(session)
-                if session.slot >= 0:
-                    self.runner.release(session.slot)
-                session.slot = -1
-            return False
-        if not request.rows:
-            return self._unfeed_turn(request)
-        if status is Status.FAILED:  # its cache may hold half a step: the session cannot go on
-            self.sessions.drop(session)
-            session.slot = -1
-            return False
-        fed = [request.prompt.rows[: request.prefilled]]
-        if len(request.rows) > 1:  # every row the request emitted but the last went back in
-            fed.append(np.stack(request.rows[:-1]))
-        session.context.extend(fed)
-        session.fed += sum(len(rows) for rows in fed)
-        return self._still_open(session)
-
-    def _unfeed_turn(self, request: EngineRequest) -> bool:
-        """A turn that ended before its first step (cancelled or failed while its text had not come, or
-        text that was empty) feeds nothing, as in the reference, where a turn's input goes in with its
-        text: the slot's cache goes back to the context of the turns before it."""
-        session: Session = request.session
-        context = request.prompt.rows[: request.context_rows]  # earlier turns, being fed again into a new slot
-        if request.prefilled < len(context):  # only part of them is back in the cache: keep them as rows
-            session.context, session.fed = [context], len(context)
-            session.saved = self.family.save_session(self.runner.state, request.slot)
-            session.slot = -1
-            return False
-        if len(context):
-            session.context.append(context)
-            session.fed += len(context)
-        if session.fed == 0:  # nothing was ever fed: the session starts afresh (its next turn seeds it)
-            session.started, session.slot = False, -1
-            return False
-        self.runner.cache.lengths[request.slot] = session.fed
-        return self._still_open(session)
-
-    def _still_open(self, session: Session) -> bool:
-        """Whether an ending turn's session keeps its slot: not when it was closed meanwhile (the close
-        left it for the turn's ending to free, which the caller does)."""
-        if self.sessions.by_id.get(session.id) is session:
-            return True
-        session.slot = -1
-        return False
 
     def _close_session(self, session: Session) -> None:
         # Taken out of `sessions` by close_session, under the lock, as a turn joins a session
@@ -461,13 +379,13 @@ class Engine:
     def _admit(self, request: EngineRequest) -> None:
         try:
             if request.session is not None:
-                prefix = self._start_turn(request)
+                prefix = self.sessions.start_turn(request)
             else:
-                donor, length = self._kept_prefix(request)
+                donor, length = self.prefixes.kept(request)
                 request.slot = self.runner.allocate()
                 prefix = self.family.admit(self.runner.state, request.slot, request.prompt, request.sampling)
                 if length:  # now, before a later admission may hand the donor slot out
-                    self._copy_prefix(donor, request, length)
+                    self.prefixes.copy(donor, request, length)
             prefix = [clip[:, : frame_width(request)] for clip in prefix]
             for clip in prefix:
                 request.segment_lengths.append(len(clip))
@@ -489,7 +407,7 @@ class Engine:
                 ready.extend(decoding)
             except Exception as e:  # noqa: BLE001
                 self._fail_all(decoding, e)
-        prefill = self.scheduler.prefill_batch(self._share_prefixes())
+        prefill = self.scheduler.prefill_batch(self.prefixes.share(self.scheduler.running))
         if prefill:
             requests = [r for r, _ in prefill]
             try:
@@ -509,53 +427,6 @@ class Engine:
                     parts.append(hidden[done])
                     ready.extend(requests[row] for row in done)
         return ready, torch.cat(parts) if parts else None
-
-    def _kept_prefix(self, request: EngineRequest) -> tuple[int | None, int]:
-        """The free slot that still holds the longest prefix of a new plain prompt (an ended request
-        left it) and that prefix's length; (None, 0) if none does."""
-        if request.session is not None:
-            return None, 0
-        return kept_prefix(self.runner.cache.kept.items(), request.prompt, self.config.shared_prefix_rows)
-
-    def _share_prefixes(self) -> frozenset[str]:
-        """Give each new prompt the cached keys and values of its longest prefix that another request
-        holds (requests built from one chat template share most of their rows; requests with one
-        voice share its reference audio too), so that only the rest is prefilled; returns the ids of
-        new prompts to hold for one step because an earlier new prompt with the same prefix is
-        prefilled now (they copy it next step). Prefixes kept in free slots were taken at admission.
-
-        Copies are of the same positions' values, and the copied rows are the same tokens at the
-        same positions, so the request continues from the keys and values its own prefill would
-        compute (up to the last bits a matmul's batch shape may move, as in any batched prefill)."""
-        least = self.config.shared_prefix_rows
-        if least <= 0:
-            return frozenset()
-        plain = [r for r in self.scheduler.running if _shares_prefixes(r)]
-        fresh = [r for r in plain if r.status is Status.PREFILL and r.prefilled == 0]
-        if not fresh:
-            return frozenset()
-        donors = [(r.slot, r.prompt.rows[: r.prefilled]) for r in plain if r.prefilled > 0]
-        held, leaders = set(), []
-        for request in fresh:
-            rows, limit = request.prompt.rows, request.prompt_length - 1  # the last row is prefilled: its hidden state
-            donor, length = _longest_prefix(donors, rows, limit)
-            if length >= least:
-                self._copy_prefix(donor, request, length)
-                donors.append((request.slot, rows[:length]))
-            elif any(min(_common_prefix(leader.prompt.rows, rows), limit) >= least for leader in leaders):
-                held.add(request.id)
-            else:
-                leaders.append(request)
-        return frozenset(held)
-
-    def _copy_prefix(self, donor: int, request: EngineRequest, length: int) -> None:
-        cache = self.runner.cache
-        if donor != request.slot:  # a free slot handed back to the request whose prefix it kept: in place
-            for table in (cache.k, cache.v):
-                table[:, request.slot, :, :length] = table[:, donor, :, :length]
-        cache.lengths[request.slot] = length
-        request.prefilled = length
-        self.counts["prompt_rows_reused"] += length
 
     def _advance(self, ready: list[EngineRequest], hidden: torch.Tensor) -> None:
         try:
@@ -621,9 +492,9 @@ class Engine:
         running = request.status in (Status.PREFILL, Status.DECODING)
         with self._lock:
             self.scheduler.remove(request)
-            keeps_slot = request.session is not None and self._end_turn(request, status)
+            keeps_slot = request.session is not None and self.sessions.end_turn(request, status)
         if running and request.slot >= 0 and not keeps_slot:
-            self.runner.release(request.slot, self._rows_to_keep(request, status))
+            self.runner.release(request.slot, self.prefixes.rows_to_keep(request, status))
         request.slot = -1
         request.status, request.finish_reason = status, reason
         if status is Status.FINISHED:
@@ -635,17 +506,6 @@ class Engine:
             self.pipeline.drop(request)
             self.codec.drop(request)
         self._close(request, error)
-
-    def _rows_to_keep(self, request: EngineRequest, status: Status) -> np.ndarray | None:
-        """The rows whose keys and values an ending plain request leaves in its slot: the prompt rows
-        prefilled and every emitted row but the last (each went back in as the next step's input).
-        None for a failed request (its last step may have left half-written values)."""
-        if status is Status.FAILED or self.config.shared_prefix_rows <= 0 or not _shares_prefixes(request):
-            return None
-        fed = request.prompt.rows[: request.prefilled]
-        if request.prefilled == request.prompt_length and len(request.rows) > 1:
-            fed = np.concatenate([fed, np.stack(request.rows[:-1])])
-        return fed if len(fed) >= self.config.shared_prefix_rows else None
 
     def _fail_all(self, requests: list[EngineRequest], error: Exception) -> None:
         message = _message(error)
@@ -683,47 +543,6 @@ class Engine:
                                 np.zeros((0, self.family.codebooks), dtype=np.int64), final=True,
                                 finish_reason=request.finish_reason, error=error,
                                 generation=request.generation(self.family.codebooks, self.family.columns)))
-
-
-def _plain_prompt(prompt: Prompt) -> bool:
-    """Whether a request's cache positions 0.. are its prompt rows 0.. (outside a session): no prompt
-    rows added while it runs, no prompt still arriving."""
-    return not prompt.later_rows and not prompt.info.get("open")
-
-
-def _shares_prefixes(request: EngineRequest) -> bool:
-    """A plain prompt outside a session in the talker, in an allocated slot. Plain as admitted: a
-    prompt that grows while it runs (Fish's next text batch) is rebuilt without what made it not plain."""
-    return (request.session is None and request.plain and request.slot >= 0
-            and request.status in (Status.PREFILL, Status.DECODING))
-
-
-def kept_prefix(candidates, prompt: Prompt, least: int) -> tuple[int | None, int]:
-    """Of (slot, rows) candidates that hold those rows' keys and values, the one sharing the longest
-    prefix with a plain `prompt` (never its last row, whose hidden state a step needs) and that
-    length; (None, 0) below `least` rows, for a prompt that is not plain, or with `least` <= 0 (off)."""
-    if least <= 0 or not _plain_prompt(prompt):
-        return None, 0
-    slot, length = _longest_prefix(candidates, prompt.rows, len(prompt.rows) - 1)
-    return (slot, length) if length >= least else (None, 0)
-
-
-def _longest_prefix(candidates, rows: np.ndarray, limit: int) -> tuple[int | None, int]:
-    """The (slot, rows) candidate whose rows share the longest prefix with `rows` (at most `limit`):
-    its slot and that length; (None, 0) if none shares a row."""
-    best, length = None, 0
-    for slot, held in candidates:
-        shared = min(_common_prefix(held, rows), limit)
-        if shared > length:
-            best, length = slot, shared
-    return best, length
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """How many leading rows of a and b are equal."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero((a[:n] != b[:n]).any(axis=1))
-    return int(differ[0]) if len(differ) else n
 
 
 def _message(error: Exception) -> str:

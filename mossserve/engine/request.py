@@ -93,7 +93,7 @@ class EngineRequest:
     open: bool = False  # its prompt may still grow (input streams in): it cannot start decoding yet
     inputs: list = field(default_factory=list)  # (piece, end) pushed, not yet handed to the family
     waiting_input: bool = False  # its next row needs input that has not come yet
-    plain: bool = False  # its cache positions 0.. will be its prompt rows 0.. (engine._plain_prompt, at admission)
+    plain: bool = False  # its cache positions 0.. will be its prompt rows 0.. (prefixes.plain_prompt, at admission)
 
     def emit(self, chunk: AudioChunk) -> None:
         """Hand a chunk to the consumer; a consumer that raises never takes an engine thread down."""
