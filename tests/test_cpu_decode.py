@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DELAY_DIR, needs_cpu_kernels
+from conftest import DELAY_DIR, needs_amx, needs_cpu_kernels
 from realtime_cases import REALTIME_DIR, golden
 from test_bfloat16 import assert_within_bf16_tolerance, bf16_model
 
@@ -82,11 +82,13 @@ def test_the_usual_group_sizes_of_64_wide_heads(rows, heads):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("prompts, length", [(1, 2), (1, 21), (3, 7), (5, 8)])
+@pytest.mark.parametrize("prompts, length", [(1, 2), (4, 4)] + [pytest.param(*case, marks=needs_amx)
+                                                           for case in ((1, 21), (3, 7), (5, 8))])
 def test_prefill_pieces_compute_torchs_layers(prompts, length):
     """Rows of one slot at consecutive positions in one call (a prefill piece; 5 x 8 = 40 rows: AMX
-    blocks of 16 and a partial one): each attends to the pieces' earlier rows as torch's causal mask
-    lets it. Fails if a row attended before the others' keys were written, or past its position."""
+    blocks of 16 and a partial one; past 16 rows the kernel runs on AMX only): each attends to the
+    pieces' earlier rows as torch's causal mask lets it. Fails if a row attended before the others'
+    keys were written, or past its position."""
     assert_computes_torchs_layers(prompts, 16, True, heads=4, length=length)
 
 
@@ -130,8 +132,35 @@ def assert_computes_torchs_layers(rows: int, head_dim: int, qk_norm: bool, heads
 @needs_cpu_kernels
 def test_a_row_gets_the_same_bits_whatever_its_company_and_thread_count():
     """Within each product path (FMAs for one to four rows, AMX tiles from five where the CPU has
-    them, in blocks of 16 rows past 16) a row's bits do not depend on the other rows, their order,
+    them; blocks of 16 past 16 rows, on AMX only: the next test) a row's bits do not depend on the other rows, their order,
     or the number of threads."""
+    run = decode_rows_of_one_batch()
+    four = run([0, 1, 2, 3])
+    for r in range(4):
+        assert torch.equal(run([r])[0], four[r])
+    assert torch.equal(run([3, 1]), four[[3, 1]])
+    sixteen = run(list(range(16)))
+    assert torch.equal(run([9, 2, 15, 4, 11]), sixteen[[9, 2, 15, 4, 11]])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if threads == 1 else 1)
+    try:
+        assert torch.equal(run([0, 1, 2, 3]), four)
+        assert torch.equal(run(list(range(16))), sixteen)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_amx
+def test_past_sixteen_rows_a_row_gets_the_same_bits_in_blocks_of_sixteen():
+    run = decode_rows_of_one_batch()
+    every = run(list(range(SLOTS)))  # 17 rows: a block of 16 and a block of one
+    assert torch.equal(every[:16], run(list(range(16))))
+    assert torch.equal(run([16, 0, 1, 2, 3]), every[[16, 0, 1, 2, 3]])
+
+
+def decode_rows_of_one_batch():
+    """run(rows): the kernel's decode step of those rows of one fixed batch (SLOTS rows, each with its
+    own position and slot), with the cache as it was before."""
     model = backbone(16)
     cache_k, cache_v = random_cache(16)
     x = torch.randn(SLOTS, 1, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
@@ -142,22 +171,7 @@ def test_a_row_gets_the_same_bits_whatever_its_company_and_thread_count():
         ctx = BatchContext.build([positions[r] for r in rows], 1, [slots[r] for r in rows], x.device)
         return cpu_decode.decode_layers(model.layers, model.rotary, x[rows], ctx, cache_k.clone(), cache_v.clone())
 
-    four = run([0, 1, 2, 3])
-    for r in range(4):
-        assert torch.equal(run([r])[0], four[r])
-    assert torch.equal(run([3, 1]), four[[3, 1]])
-    sixteen = run(list(range(16)))
-    assert torch.equal(run([9, 2, 15, 4, 11]), sixteen[[9, 2, 15, 4, 11]])
-    every = run(list(range(SLOTS)))  # 17 rows: a block of 16 and a block of one
-    assert torch.equal(every[:16], sixteen)
-    assert torch.equal(run([16, 0, 1, 2, 3]), every[[16, 0, 1, 2, 3]])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2 if threads == 1 else 1)
-    try:
-        assert torch.equal(run([0, 1, 2, 3]), four)
-        assert torch.equal(run(list(range(16))), sixteen)
-    finally:
-        torch.set_num_threads(threads)
+    return run
 
 
 @needs_cpu_kernels
