@@ -169,11 +169,12 @@ def normalize_voice(value: Voice | list, name: str) -> Voice:
         if path.suffix.lower() == ".npy":
             return load_codes(path, name)
         try:
-            found = path.is_file()
+            found, exists = path.is_file(), path.exists()
         except OSError as e:  # a name too long for the file system (pasted base64, say)
             raise InvalidRequestError(f"{name}: not a usable path ({e.strerror}): {str(path)[:60]}...") from None
         if not found:
-            raise InvalidRequestError(f"{name}: audio file not found: {path}")
+            what = "is not a regular file (a directory, device or pipe)" if exists else "not found"
+            raise InvalidRequestError(f"{name}: audio file {what}: {path}")
         return path
     if isinstance(value, (list, tuple)):
         try:

@@ -5,6 +5,7 @@ import io
 import json
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import soundfile as sf
@@ -228,3 +229,77 @@ def test_unmappable_channel_count_is_refused():
     three = encode_audio(np.stack([sine(24000)] * 3), 24000, "wav")
     with pytest.raises(AudioError, match="3-channel"):
         load_audio(three, 24000, channels=2)
+
+
+def adts_aac(x: np.ndarray, rate: int) -> bytes:
+    """`x` (channels, n) as an ADTS AAC stream (one file of a broadcast capture)."""
+    layout = {1: "mono", 2: "stereo"}[len(x)]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="adts") as container:
+        stream = container.add_stream("aac", rate=rate, layout=layout)
+        for start in range(0, x.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, start : start + 1024]), format="fltp",
+                                               layout=layout)
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def dominant_frequency(x: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x))
+    return float(np.argmax(spectrum) * rate / len(x))
+
+
+@pytest.mark.parametrize("second_rate, second_channels", [(22050, 1), (44100, 2)])
+def test_a_stream_that_changes_rate_or_layout_midway_keeps_the_first(second_rate, second_channels):
+    """Two ADTS files joined (a 1 kHz tone, mono at 44.1 kHz, then at another rate or in stereo):
+    one second of each, at the first part's rate and channels, the tone's pitch kept throughout
+    (labelled with the last rate, the first part played at half speed; or the concatenation failed)."""
+    first = sine(44100)[None]
+    second = np.repeat(sine(second_rate, amplitude=0.25)[None], second_channels, axis=0)
+    x, rate = read_audio(adts_aac(first, 44100) + adts_aac(second, second_rate))
+    assert rate == 44100 and x.shape[0] == 1
+    assert abs(x.shape[1] / rate - 2.0) < 0.15  # AAC adds priming and padding to each part (the bug: 3.2 s)
+    half = rate // 2
+    assert dominant_frequency(x[0, :half], rate) == pytest.approx(1000, abs=2)
+    assert dominant_frequency(x[0, -half:], rate) == pytest.approx(1000, abs=2)
+    assert rms(x[0, 1000:half]) == pytest.approx(0.5 / np.sqrt(2), rel=0.05)
+    assert rms(x[0, -half:-1000]) == pytest.approx(0.25 / np.sqrt(2), rel=0.05)
+
+
+def test_a_chained_ogg_file_is_read_to_its_end():
+    """Two Ogg Vorbis files joined end to end (a stream recording): libsndfile reads the first only."""
+    parts = []
+    for freq in (1000.0, 500.0):
+        buffer = io.BytesIO()
+        sf.write(buffer, sine(44100, freq), 44100, format="OGG", subtype="VORBIS")
+        parts.append(buffer.getvalue())
+    x, rate = read_audio(b"".join(parts))
+    assert rate == 44100 and abs(x.shape[1] / rate - 2.0) < 0.02
+    assert dominant_frequency(x[0, : rate // 2], rate) == pytest.approx(1000, abs=2)
+    assert dominant_frequency(x[0, -rate // 2 :], rate) == pytest.approx(500, abs=2)
+    one, _ = read_audio(parts[0])  # one stream still goes through libsndfile
+    assert one.shape[1] == 44100
+
+
+def flac_claiming(samples: int) -> bytes:
+    """A one-second FLAC whose STREAMINFO says it holds `samples` samples."""
+    buffer = io.BytesIO()
+    sf.write(buffer, sine(44100), 44100, format="FLAC")
+    data = bytearray(buffer.getvalue())
+    at = 4 + 4 + 10  # "fLaC", the block header, then rate/channels/bits/total in 8 bytes (36 bits total)
+    fields = int.from_bytes(data[at : at + 8], "big")
+    data[at : at + 8] = ((fields >> 36 << 36) | samples).to_bytes(8, "big")
+    return bytes(data)
+
+
+def test_a_header_that_overstates_the_length_neither_sizes_the_read_nor_refuses_it():
+    """One second of FLAC that says 2**36 - 1 samples (a buffer of 256 GiB was asked for) or five
+    hours (a 60 s limit refused it)."""
+    for claim in (2**36 - 1, 44100 * 3600 * 5):
+        data = flac_claiming(claim)
+        assert sf.info(io.BytesIO(data)).frames == claim
+        x, rate = read_audio(data, max_seconds=60)
+        assert rate == 44100 and x.shape == (1, 44100)
+        assert np.allclose(x[0], sine(44100), atol=1e-4)

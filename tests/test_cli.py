@@ -127,6 +127,7 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     (["say", "--request", ".", "--codes-out", "c.npy"], "cannot read ."),
     (["say", "--request", "latin1.json", "--codes-out", "c.npy"], "latin1.json is not valid JSON"),
     (["say", "Hi.", "--voice", "x" * 300 + ".wav", "--codes-out", "c.npy"], "voice: not a usable path"),
+    (["say", "Hi.", "--voice", ".", "--codes-out", "c.npy"], "voice: audio file is not a regular file (a directory"),
     (["say", "Hi.", "--voice", "fake.npy", "--codes-out", "c.npy"], "fake.npy is not a .npy file of integer codes"),
     (["say", "Hi.", "--seed", str(2**64), "--codes-out", "c.npy"], "seed must be an integer in 0..2**63-1"),
     (["say", "a\udcffb", "--codes-out", "c.npy"], "input is not valid UTF-8"),

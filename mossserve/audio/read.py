@@ -1,6 +1,7 @@
 """Decode audio files: libsndfile (soundfile) first, FFmpeg (PyAV) for everything else."""
 
 import io
+import mmap
 from os import PathLike
 from pathlib import Path
 from typing import BinaryIO
@@ -9,12 +10,16 @@ import av
 import numpy as np
 import soundfile as sf
 
+from mossserve.audio.resample import resample
 from mossserve.errors import AudioError
 
 AudioSource = str | PathLike | bytes | bytearray | memoryview | BinaryIO
 
 # libsndfile reports this many frames when a stream does not say its length (a streamed FLAC).
 _UNKNOWN_LENGTH = 2**62
+# An Ogg page that begins a logical stream: capture pattern, version 0, the "first page" flag.
+_OGG_FIRST_PAGE = b"OggS\x00\x02"
+_BLOCK_SAMPLES = 1 << 20  # read at most this many samples (over all channels) at a time
 
 
 class _NotForLibsndfile(Exception):
@@ -35,6 +40,8 @@ def read_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[n
     """
     label, data = _open(source)
     try:
+        if _several_ogg_streams(data):
+            raise _NotForLibsndfile
         return _read_soundfile(data if isinstance(data, str) else io.BytesIO(data), max_seconds)
     except (sf.LibsndfileError, _NotForLibsndfile):
         pass
@@ -73,35 +80,75 @@ def _open(source: AudioSource) -> tuple[str, str | bytes]:
     return "the audio data", data
 
 
-def _check_length(frames: int, sample_rate: int, max_seconds: float | None) -> None:
-    if max_seconds is not None and frames > max_seconds * sample_rate:
-        raise AudioError(
-            f"audio is too long: {frames / sample_rate:.1f} s or more, the limit is {max_seconds:g} s"
-        )
+def _several_ogg_streams(data: str | bytes) -> bool:
+    """Whether an Ogg file begins more than one logical stream (a chained file: internet radio, files
+    joined end to end), of which libsndfile reads only the first; FFmpeg reads them all."""
+    if isinstance(data, bytes):
+        return data.startswith(_OGG_FIRST_PAGE) and data.find(_OGG_FIRST_PAGE, 1) >= 0
+    with open(data, "rb") as f:
+        if f.read(len(_OGG_FIRST_PAGE)) != _OGG_FIRST_PAGE:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return view.find(_OGG_FIRST_PAGE, 1) >= 0
+
+
+def _check_length(seconds: float, max_seconds: float | None) -> None:
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioError(f"audio is too long: {seconds:.1f} s or more, the limit is {max_seconds:g} s")
 
 
 def _read_soundfile(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """Read in blocks until the data ends: a header's length is a claim (a damaged FLAC can say 2**36
+    samples for one second of audio), so it neither sizes the buffer nor decides the length check."""
     with sf.SoundFile(file) as f:
         if f.frames >= _UNKNOWN_LENGTH:
             raise _NotForLibsndfile
-        _check_length(f.frames, f.samplerate, max_seconds)
-        x = f.read(dtype="float32", always_2d=True)
+        blocks, frames = [], 0
+        for block in f.blocks(blocksize=max(1, _BLOCK_SAMPLES // f.channels), dtype="float32", always_2d=True):
+            blocks.append(block)
+            frames += len(block)
+            _check_length(frames / f.samplerate, max_seconds)
+        x = np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
         return np.ascontiguousarray(x.T), f.samplerate
 
 
 def _read_av(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """Decode with FFmpeg. A stream may change its rate or channel layout midway (an AAC broadcast
+    capture, concatenated files): each run of alike frames is kept as it is, then brought to the
+    first run's channels and rate."""
     with av.open(file, mode="r") as container:
         if not container.streams.audio:
             raise _NoAudioStream
         stream = container.streams.audio[0]
-        to_float = av.AudioResampler(format="fltp")  # any sample format → planar float32
-        chunks, frames, rate = [], 0, stream.rate
+        to_float = av.AudioResampler(format="fltp")  # any sample format → planar float32, rate and layout kept
+        runs: list[tuple[int, list[np.ndarray]]] = []  # (rate, [(channels, n)]) of consecutive alike frames
+        seconds = 0.0
         for frame in container.decode(stream):
-            for out in to_float.resample(frame):  # keeps the first frame's rate and layout
-                chunks.append(out.to_ndarray())
-                frames, rate = frames + out.samples, out.sample_rate
-            _check_length(frames, rate, max_seconds)
-        chunks += [out.to_ndarray() for out in to_float.resample(None)]
-    if not chunks:
-        return np.zeros((stream.channels, 0), np.float32), rate
-    return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), rate
+            for out in to_float.resample(frame):
+                seconds += _add_to_runs(runs, out)
+            _check_length(seconds, max_seconds)
+        for out in to_float.resample(None):
+            _add_to_runs(runs, out)
+    if not runs:
+        return np.zeros((stream.channels, 0), np.float32), stream.rate
+    rate, channels = runs[0][0], runs[0][1][0].shape[0]
+    pieces = [resample(_with_channels(np.concatenate(chunks, axis=1), channels), r, rate) for r, chunks in runs]
+    return np.concatenate(pieces, axis=1).astype(np.float32, copy=False), rate
+
+
+def _add_to_runs(runs: list[tuple[int, list[np.ndarray]]], frame: av.AudioFrame) -> float:
+    """Append a decoded frame to the run of frames alike (a new run where rate or channels change);
+    returns its duration in seconds."""
+    x = frame.to_ndarray()
+    if not runs or runs[-1][0] != frame.sample_rate or runs[-1][1][-1].shape[0] != x.shape[0]:
+        runs.append((frame.sample_rate, []))
+    runs[-1][1].append(x)
+    return frame.samples / frame.sample_rate
+
+
+def _with_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """`x` (c, n) as `channels` channels: a run whose layout differs from the first is mixed down to
+    mono and spread over them."""
+    if x.shape[0] == channels:
+        return x
+    return np.repeat(x.mean(axis=0, keepdims=True), channels, axis=0)
