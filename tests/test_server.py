@@ -448,3 +448,27 @@ def test_the_served_name_of_a_pinned_hub_id_is_the_hub_id() -> None:
     model = SimpleNamespace(is_demo=False)
     assert served_name(ServerSettings(model="OpenMOSS-Team/MOSS-TTS@v1.0"), model) == "OpenMOSS-Team/MOSS-TTS"
     assert served_name(ServerSettings(model="OpenMOSS-Team/MOSS-TTS"), model) == "OpenMOSS-Team/MOSS-TTS"
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_counted_as_disconnected(server_app):
+    """Half a body, then the connection closes (the ASGI app sees http.disconnect): not a client error."""
+    import asyncio
+
+    app = server_app()
+    messages = iter([{"type": "http.request", "body": b'{"input": "half a bo', "more_body": True},
+                     {"type": "http.disconnect"}])
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        pass
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/audio/speech", "raw_path": b"/v1/audio/speech", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    asyncio.run(app(scope, receive, send))
+    metrics = app.state.server.metrics.render().decode()
+    outcomes = [line for line in metrics.splitlines() if line.startswith("mossserve_requests_total{")]
+    assert outcomes == ['mossserve_requests_total{endpoint="/v1/audio/speech",outcome="disconnected"} 1.0']

@@ -77,6 +77,7 @@ CASES = [
     bad("invalid-json", 422, "not valid JSON", raw=b'{"input": "hi",', param=None),
     bad("invalid-utf8", 422, "JSON", raw=b'{"input": "\xff\xfe"}'),
     bad("json-array", 422, "must be a JSON object", [1, 2], param=None),
+    bad("deeply-nested", 422, "nested too deeply", raw=b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}", param=None),
     bad("json-string", 422, "must be a JSON object", "say hi", param=None),
     bad("empty-body", 422, "body", raw=b"", param=None),
     bad("too-big-content-length", 413, f"limit of {MAX_BODY_BYTES} bytes", raw=BIG, code="body_too_large"),

@@ -8,6 +8,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 
+import httpx
 import numpy as np
 import pytest
 from conftest import CODEC_DIR
@@ -244,6 +245,8 @@ def test_a_turn_whose_text_stops_coming_is_ended(tmp_path) -> None:
             deltas, done = play_turn(client, [{"op": "push_text", "arg": "A turn after it."}], None)
             assert done["finish_reason"] == "stop" and deltas
         assert tts.engine.stats()["live"] == 0
+        metrics = httpx.get(base + "/metrics").text
+        assert 'mossserve_requests_total{endpoint="/v1/realtime/speech",outcome="timeout"} 1.0' in metrics
 
 
 def test_a_model_without_sessions_says_so(server_app) -> None:
@@ -328,3 +331,29 @@ def test_deltas_cut_where_the_reference_cuts_give_the_codes_of_the_whole_text(ur
     # equality above is not the model ignoring its text
     cut_elsewhere = speak(["Nice to meet you,", " my friend. How are you today? I am fine,", " thanks for asking."])
     assert not np.array_equal(cut_elsewhere, whole)
+
+
+def test_turns_and_refusals_are_counted_in_the_metrics(url: str) -> None:
+    """Each turn's outcome (ok, cancelled) and each refused message (client_error) is in
+    mossserve_requests_total under the socket's path, and the turns' audio in the audio total."""
+    metrics_url = url.replace("ws://", "http://").removesuffix("/v1/realtime/speech") + "/metrics"
+
+    def read() -> dict[str, float]:
+        figures = {}
+        for line in httpx.get(metrics_url).text.splitlines():
+            if line.startswith('mossserve_requests_total{endpoint="/v1/realtime/speech"'):
+                figures[line.split('outcome="')[1].split('"')[0]] = float(line.split()[-1])
+            elif line.startswith("mossserve_audio_seconds_total "):
+                figures["audio_seconds"] = float(line.split()[-1])
+        return figures
+
+    before = read()
+    with Client(url, voice_codes=codes("voice"), initial_chunk_frames=1) as client:
+        client.send({"type": "dance"})
+        assert client.receive()["type"] == "error"
+        cancel_and_continue(client)  # a cancelled turn, then one that finishes
+        after = read()
+    grew = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    assert grew.pop("audio_seconds") > 0
+    assert grew == {"ok": 1, "cancelled": 1, "client_error": 1} | {k: 0 for k in grew if k not in
+                                                                   ("ok", "cancelled", "client_error")}

@@ -225,3 +225,27 @@ def test_two_files_are_refused(server, fields):
     error = error_of(server.post(VOICES, data={"name": "twofiles"}, files=files), 400)
     assert "exactly one" in error["message"]
     error_of(server.get(f"{VOICES}/twofiles"), 404)
+
+
+def test_an_unexpected_failure_is_a_json_500_and_the_server_goes_on(server, monkeypatch):
+    """A bug while handling a request (here the audio loader raising what it never should) reaches the
+    client in the API's error shape, not as a plain-text 500."""
+    from mossserve.serve import voice_routes
+
+    def broken(*args, **kwargs):
+        raise ValueError("all the input arrays must have the same shape")
+
+    def failed() -> float:
+        line = 'mossserve_requests_total{endpoint="/v1/audio/voices",outcome="error"} '
+        found = [x for x in server.get("/metrics").text.splitlines() if x.startswith(line)]
+        return float(found[0].split()[-1]) if found else 0.0
+
+    before = failed()
+    monkeypatch.setattr(voice_routes, "load_audio", broken)
+    error = error_of(upload(server, "broken", SHORT), 500)
+    assert failed() == before + 1
+    assert error["code"] == "internal_error" and error["type"] == "server_error"
+    assert "ValueError: all the input arrays" in error["message"]
+    monkeypatch.undo()
+    assert upload(server, "after-the-bug", SHORT).status_code == 201
+    assert server.delete(f"{VOICES}/after-the-bug").status_code == 200

@@ -8,6 +8,7 @@ listens) and closed when it shuts down.
 from __future__ import annotations
 
 import hmac
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -15,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..api import TTS
@@ -26,6 +28,7 @@ from .speech import outcome_for
 from .state import ServerState, stats_while_open
 from .voices import VoiceStore
 
+_log = logging.getLogger("mossserve.serve")
 EXPOSED_HEADERS = ["X-Request-Id", "X-Finish-Reason", "X-Audio-Seconds", "Retry-After"]
 
 
@@ -45,6 +48,8 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, v
     app = FastAPI(title="mossserve", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = state
     _install_errors(app, state)
+    app.add_middleware(InternalErrors, failed=lambda scope: state.metrics.requests.labels(
+        getattr(scope.get("route"), "path", None) or "other", "error").inc())
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
                        refused=lambda: state.metrics.requests.labels("other", "client_error").inc())
     if settings.cors_origins:
@@ -120,10 +125,18 @@ def _install_errors(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        if isinstance(e.__cause__, UnicodeDecodeError):  # FastAPI's generic 400 for a body that is not UTF-8
+        cause = e.__cause__  # FastAPI answers any failure to read or parse the body with a generic 400
+        if isinstance(cause, ClientDisconnect):  # the client left while sending it: nobody reads a reply
+            count(request, 499)
+            return errors.error_response(400, "the client disconnected while sending the request body")
+        if isinstance(cause, UnicodeDecodeError):
             count(request, 422)
             return errors.error_response(422, f"the request body is not valid JSON: it is not UTF-8 text "
-                                              f"({e.__cause__.reason} at byte {e.__cause__.start})")
+                                              f"({cause.reason} at byte {cause.start})")
+        if isinstance(cause, RecursionError):
+            count(request, 422)
+            return errors.error_response(422, "the request body is not valid JSON for this API: it is nested "
+                                              "too deeply")
         count(request, e.status_code)
         if isinstance(e, APIError):
             return errors.error_response(e.status_code, e.message, e.param, e.code, e.headers)
@@ -133,6 +146,35 @@ def _install_errors(app: FastAPI, state: ServerState) -> None:
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         count(request, 422)
         return errors.error_response(422, *errors.describe_validation(e.errors()))
+
+
+class InternalErrors:
+    """A bug while handling a request reaches the client as a 500 in the API's error shape, and the
+    traceback goes to the log (Starlette's own answer is plain text, after which the server resets
+    the connection). A response already under way is left to the server to cut."""
+
+    def __init__(self, app, failed) -> None:
+        self.app, self.failed = app, failed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as e:
+            if started:
+                raise
+            _log.exception("failed handling %s %s", scope.get("method"), scope.get("path"))
+            self.failed(scope)
+            await errors.error_response(500, f"internal error: {type(e).__name__}: {e}",
+                                        code="internal_error")(scope, receive, send)
 
 
 class BodyLimit:

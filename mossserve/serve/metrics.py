@@ -11,7 +11,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-OUTCOMES = ("ok", "client_error", "rejected", "disconnected", "timeout", "error")
+OUTCOMES = ("ok", "client_error", "rejected", "disconnected", "cancelled", "timeout", "error")
 
 _ENGINE_GAUGES = {
     "queued": ("mossserve_queue_depth", "requests waiting for a batch slot"),

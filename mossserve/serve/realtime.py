@@ -48,7 +48,8 @@ from .schemas import (
     TopK,
     TopP,
 )
-from .speech import check_text_length, sampling_for, schedule_for, shutting_down
+from .metrics import StreamClock
+from .speech import check_text_length, outcome_for, sampling_for, schedule_for, shutting_down
 from .state import ServerState
 
 router = APIRouter()
@@ -96,7 +97,10 @@ KINDS = {"session.update": SessionUpdate, "turn.start": TurnStart, "text.delta":
          "text.done": Simple, "turn.cancel": Simple}
 
 
-@router.websocket("/v1/realtime/speech")
+ENDPOINT = "/v1/realtime/speech"
+
+
+@router.websocket(ENDPOINT)
 async def realtime_speech(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.server
     if not _authorized(state, websocket):
@@ -127,6 +131,7 @@ class RealtimeSession:
         self.text_done = False  # the turn's text is complete
         self.last_input = 0.0  # monotonic time of the turn's latest text
         self.watchdog: asyncio.Task | None = None
+        self.ended_by: str | None = None  # the open turn's outcome when the server or client ends it early
 
     async def run(self) -> None:
         await self.send({"type": "session.created", "session_id": self.id, "model": self.state.model_name,
@@ -142,9 +147,11 @@ class RealtimeSession:
                         raise APIError(400, "messages are JSON text frames, not binary ones", code="bad_message")
                     await self.handle(_json(message["text"]))
                 except APIError as e:
+                    self.count(outcome_for(e.status_code))
                     await self.send(_error(e.message, e.code))
                 except MossServeError as e:
                     error = from_mossserve(e, self.state.settings.retry_after_s)
+                    self.count(outcome_for(error.status_code))
                     await self.send(_error(error.message, error.code))
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client left (RuntimeError: a send after the close)
@@ -216,7 +223,7 @@ class RealtimeSession:
         stream = await self.state.engine.submit(prompt, sampling_for(self.state, s),
                                                 schedule=schedule_for(self.state, s, code="bad_message"), session=self.id)
         self.first, self.turns, self.pushed, self.text_done = False, self.turns + 1, 0, False
-        self.turn_id, self.request_id = f"turn-{self.turns}", stream.request_id
+        self.turn_id, self.request_id, self.ended_by = f"turn-{self.turns}", stream.request_id, None
         self.last_input = time.monotonic()
         await self.send({"type": "turn.started", "turn_id": self.turn_id})
         self.sender = asyncio.create_task(self.send_audio(stream, self.turn_id))
@@ -229,6 +236,7 @@ class RealtimeSession:
         while self.turn_id == turn_id and not self.text_done:
             wait = self.last_input + timeout - time.monotonic()
             if wait <= 0:
+                self.ended_by = "timeout"
                 await self.send(_error(f"no text for {timeout:g} s: the turn is ended", "turn_timeout"))
                 self.state.engine.abort(request_id)
                 return
@@ -258,16 +266,19 @@ class RealtimeSession:
     def cancel(self) -> None:
         if self.request_id is None:
             raise APIError(400, "no turn to cancel", code="no_turn")
+        self.ended_by = self.ended_by or "cancelled"
         self.state.engine.abort(self.request_id)
 
     async def send_audio(self, stream, turn_id: str) -> None:
         """The turn's audio as it is produced, then audio.done; the session is free for the next turn."""
-        encoder, final, over = None, None, False
+        encoder, final, outcome = None, None, None  # outcome: once the engine has ended the turn
+        clock = StreamClock(self.state.metrics, streamed=True)
         try:
             async for chunk in stream:
                 final = chunk
                 if chunk.audio is None or not chunk.audio.shape[-1]:
                     continue
+                clock.audio(chunk.audio.shape[-1] / chunk.sample_rate)
                 encoder = encoder or StreamEncoder(self.settings.response_format, chunk.sample_rate,
                                                    self.state.tts.codec.channels)
                 event = {"type": "audio.delta", "turn_id": turn_id,
@@ -275,21 +286,27 @@ class RealtimeSession:
                 if self.settings.include_codes:
                     event["codes"] = chunk.codes.tolist()
                 await self.send(event)
-            over = True  # the final chunk came: the engine has ended the turn
+            outcome = (self.ended_by or "disconnected") if final.finish_reason == "aborted" else "ok"
+            if outcome == "ok":
+                clock.finish()
+            self.count(outcome)  # before audio.done: metrics read after it include the turn
             if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
                 await self.send({"type": "audio.delta", "turn_id": turn_id, "audio": base64.b64encode(tail).decode()})
             await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": final.finish_reason,
                              "frames": final.frame_end})
         except MossServeError as e:
-            over = True
+            outcome = "error"
+            self.count(outcome)
             await self.send(_error(str(e), "generation_failed"))
             await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": "error", "frames": 0})
         finally:
+            if outcome is None:  # the socket left while the turn ran
+                self.count("disconnected")
             if self.turn_id == turn_id:
                 self.turn_id = self.request_id = None
                 # a turn that fed nothing (cancelled or failed before it spoke) leaves no context, nor
                 # does one that failed after (the engine drops the session): the next turn starts it
-                if over:
+                if outcome is not None:
                     self.first = self.state.engine.session_context(self.id) == 0
 
     async def codes(self, audio: str | None, codes: Codes | None, name: str):
@@ -306,6 +323,10 @@ class RealtimeSession:
         if audio is None:
             return None
         return await self.state.resolver.audio(audio, name)
+
+    def count(self, outcome: str) -> None:
+        """A turn's outcome, or a refused message's, in `mossserve_requests_total`."""
+        self.state.metrics.requests.labels(ENDPOINT, outcome).inc()
 
     async def send(self, event: dict) -> None:
         await self.ws.send_json(event)

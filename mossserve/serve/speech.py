@@ -269,6 +269,8 @@ def quiet_stream_cuts() -> None:
 
 def outcome_for(status: int) -> str:
     """The metrics label of a request refused or failed with `status`."""
+    if status == 499:  # the client closed the connection (nginx's code)
+        return "disconnected"
     if status in (429, 503):
         return "rejected"
     if status == 504:
