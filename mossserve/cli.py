@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .audio.formats import EXTENSIONS
 from .errors import InvalidRequestError, MossServeError
 from .models.presets import PRESETS
 from .progress import Progress
+
+AUDIO_EXTENSIONS = tuple(e for e in EXTENSIONS if e != ".npy")  # -o's audio names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,18 +166,20 @@ def load_tts(args: argparse.Namespace):
     return tts
 
 
+def body_bytes(megabytes: float) -> int:
+    """--max-body-mb in bytes; a positive, finite number of megabytes."""
+    if not 0 < megabytes < 1024 * 1024:
+        raise InvalidRequestError(f"--max-body-mb: the body limit must be positive and finite, in MB, got {megabytes}")
+    return int(megabytes * 1024 * 1024)
+
+
 def build_prompts(tts, args: argparse.Namespace) -> list:
     """The prompt(s) a command's input describes."""
-    from .speech_request import SpeechRequest
+    from .speech_request import SpeechRequest, read_npy
     from .text.conversation import load_conversations
 
     if getattr(args, "prompt_matrix", None) is not None:
-        try:
-            rows = np.load(args.prompt_matrix, allow_pickle=False)
-        except ValueError:  # numpy's message for another file type suggests unpickling it
-            raise InvalidRequestError(f"{args.prompt_matrix} is not a .npy file of integers") from None
-        except OSError as e:
-            raise InvalidRequestError(f"cannot read prompt matrix {args.prompt_matrix}: {e.strerror or e}") from None
+        rows = read_npy(args.prompt_matrix, "prompt matrix: ")
         return [tts.talker.prompt_from_rows(rows)]
     if args.conversation is not None:
         if not hasattr(tts.talker, "prompt_from_conversation"):
@@ -223,6 +228,10 @@ def run_say(args: argparse.Namespace) -> int:
     if args.batch is None and (args.out_dir is not None or args.format is not None):
         raise InvalidRequestError("--out-dir and --format go with --batch (-o's extension picks its format)")
     check_mode(args)
+    for flag, path in (("--request", args.request), ("--conversation", args.conversation),
+                       ("--prompt-matrix", args.prompt_matrix), ("--batch", args.batch)):
+        if path is not None and not Path(path).exists():  # before a model loads for it
+            raise InvalidRequestError(f"{flag}: file not found: {path}")
     if args.greedy and args.temperature is not None:
         raise InvalidRequestError("--greedy is temperature 0; give one of --greedy and --temperature")
     if args.batch is not None:
@@ -357,7 +366,7 @@ def _is_session_script(path: Path) -> bool:
 
     try:
         return is_session_script(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False  # SpeechRequest.from_json reports what is wrong with it
 
 
@@ -416,13 +425,13 @@ def say_batch(tts, args: argparse.Namespace) -> int:
 
 def batch_format(name: str) -> str:
     """--batch's audio format as an extension (`-o`'s names: wav, flac, mp3, opus, ogg, pcm, raw)."""
-    from .audio.formats import format_from_path
-
     extension = name.lower().lstrip(".")
     if extension == "npy":
         raise InvalidRequestError("--batch writes each request's codes as NNNN.npy; give an audio --format "
                                   "(wav, flac, mp3, opus, pcm)")
-    format_from_path(f"audio.{extension}")
+    if f".{extension}" not in AUDIO_EXTENSIONS:
+        raise InvalidRequestError(f"--format {name}: not an audio format; use one of "
+                                  f"{', '.join(e.lstrip('.') for e in AUDIO_EXTENSIONS)}")
     return extension
 
 
@@ -433,6 +442,8 @@ def check_output(path: Path | None, audio: bool = False) -> None:
         return
     if path.is_dir():
         raise InvalidRequestError(f"{path} is a directory; give a file name")
+    if not audio and path.suffix.lower() in AUDIO_EXTENSIONS:
+        raise InvalidRequestError(f"{path} names an audio file, but codes are written as .npy; give audio to -o")
     if audio:
         from .audio.formats import format_from_path
 
@@ -527,8 +538,8 @@ def run_bench(args: argparse.Namespace) -> None:
     from .bench.codec import run_codec_bench
     from .loader import parse_dtype
 
-    if args.streams < 1 or not 0 < args.seconds < float("inf"):
-        raise InvalidRequestError("--streams must be >= 1 and --seconds > 0")
+    if args.streams < 1 or not 0 < args.seconds <= 3600:
+        raise InvalidRequestError("--streams must be >= 1 and --seconds in (0, 3600]")
     result = run_codec_bench(streams=args.streams, seconds=args.seconds, checkpoint=args.codec,
                              device=args.device, dtype=parse_dtype(args.dtype, args.device))
     if args.json:
@@ -556,7 +567,7 @@ def run_serve(args: argparse.Namespace) -> None:
         model_name=args.model_name,
         host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir or default_data_dir(),
         cors_origins=tuple(args.cors_origin), max_input_chars=args.max_input_chars,
-        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_voice_seconds=args.max_voice_seconds,
+        max_body_bytes=body_bytes(args.max_body_mb), max_voice_seconds=args.max_voice_seconds,
         request_timeout_s=args.request_timeout, playground=args.playground, engine=engine)
     settings.validate()
     if args.ray:

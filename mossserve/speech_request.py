@@ -7,7 +7,6 @@ the family's prompt builder; this module checks what every family agrees on.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -15,6 +14,7 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from .errors import InvalidRequestError
+from .json_files import parse_json, read_json_file
 
 FRAMES_PER_SECOND = 12.5
 MODES = ("generation", "continuation")
@@ -67,7 +67,8 @@ class SpeechRequest:
             if self.duration_tokens <= 0:
                 raise InvalidRequestError(f"duration_tokens must be positive, got {self.duration_tokens}")
         if self.duration_seconds is not None:
-            if isinstance(self.duration_seconds, bool) or not isinstance(self.duration_seconds, (int, float)):
+            if isinstance(self.duration_seconds, bool) or not isinstance(self.duration_seconds,
+                                                                         (int, float, np.integer, np.floating)):
                 raise InvalidRequestError(f"duration_seconds must be a number, got {self.duration_seconds!r}")
             if not self.duration_seconds > 0 or self.duration_seconds == float("inf"):
                 raise InvalidRequestError(f"duration_seconds must be positive, got {self.duration_seconds}")
@@ -111,15 +112,7 @@ class SpeechRequest:
     @classmethod
     def from_json(cls, path: str | Path) -> "SpeechRequest":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InvalidRequestError(f"request file not found: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidRequestError(f"{path} is not valid JSON: {e}") from None
-        except OSError as e:
-            raise InvalidRequestError(f"cannot read {path}: {e.strerror}") from None
-        return cls.from_dict(data, base_dir=path.parent)
+        return cls.from_dict(read_json_file(path, "request file"), base_dir=path.parent)
 
 
 def _speaker(value: Any, index: int) -> Speaker:
@@ -165,6 +158,8 @@ def normalize_voice(value: Voice | list, name: str) -> Voice:
     if value is None:
         return None
     if isinstance(value, (str, Path)):
+        if not str(value).strip():
+            raise InvalidRequestError(f"{name} is an empty path")
         path = Path(value)
         if path.suffix.lower() == ".npy":
             return load_codes(path, name)
@@ -187,21 +182,47 @@ def normalize_voice(value: Voice | list, name: str) -> Voice:
 
 
 def load_codes(path: Path, name: str = "codes") -> np.ndarray:
+    return check_codes(read_npy(path, f"{name}: ", "integer codes"), name)
+
+
+def read_npy(path: str | Path, label: str = "", holds: str = "integers") -> np.ndarray:
+    """A .npy file's array, never unpickled, its header checked against the file before any memory
+    is taken (a header claiming 10**12 rows asked for terabytes); InvalidRequestError otherwise.
+    `label` prefixes messages; `holds` says what the file should hold."""
+    not_npy = f"{label}{path} is not a .npy file of {holds}"
     try:
-        array = np.load(path, allow_pickle=False)
+        size = Path(path).stat().st_size
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+            except (ValueError, EOFError):  # another format (a .npz is a zip), an empty or cut header
+                raise InvalidRequestError(not_npy) from None
+            if dtype.hasobject:
+                raise InvalidRequestError(f"{not_npy} (it holds Python objects)")
+            if size - f.tell() < int(np.prod(shape, dtype=object)) * dtype.itemsize:
+                raise InvalidRequestError(f"{label}{path} is cut short: its header says {tuple(shape)} of {dtype}, "
+                                          f"more than the file holds")
+        return np.load(path, allow_pickle=False)
+    except InvalidRequestError:
+        raise
     except FileNotFoundError:
-        raise InvalidRequestError(f"{name}: codes file not found: {path}") from None
-    except ValueError:  # numpy's message for another file type suggests unpickling it
-        raise InvalidRequestError(f"{name}: {path} is not a .npy file of integer codes") from None
+        raise InvalidRequestError(f"{label}file not found: {path}") from None
+    except IsADirectoryError:
+        raise InvalidRequestError(f"{label}{path} is a directory, not a .npy file") from None
+    except (ValueError, EOFError):
+        raise InvalidRequestError(not_npy) from None
     except OSError as e:
-        raise InvalidRequestError(f"{name}: cannot read codes from {path}: {e.strerror or e}") from None
-    return check_codes(array, name)
+        raise InvalidRequestError(f"{label}cannot read {path}: {e.strerror or e}") from None
 
 
 def check_codes(array: np.ndarray, name: str = "codes") -> np.ndarray:
     """Shape (frames, codebooks), integers, at least one frame; range is checked by the family."""
     if array.dtype == object or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
-        if np.issubdtype(array.dtype, np.floating) and array.size and np.all(array == np.round(array)):
+        if (np.issubdtype(array.dtype, np.floating) and array.size and np.all(np.isfinite(array))
+                and np.all(array == np.round(array))):
             array = array.astype(np.int64)
         else:
             raise InvalidRequestError(f"{name}: codes must be integers, got dtype {array.dtype}")
@@ -229,10 +250,9 @@ def load_requests_jsonl(path: str | Path) -> list[tuple[int, SpeechRequest]]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        data = parse_json(line, f"{path}:{number}")
         try:
-            requests.append((number, SpeechRequest.from_dict(json.loads(line), base_dir=path.parent)))
-        except json.JSONDecodeError as e:
-            raise InvalidRequestError(f"{path}:{number}: not valid JSON: {e}") from None
+            requests.append((number, SpeechRequest.from_dict(data, base_dir=path.parent)))
         except InvalidRequestError as e:
             raise InvalidRequestError(f"{path}:{number}: {e}") from None
     if not requests:

@@ -114,7 +114,9 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     (["say", "Hi."], "give -o OUT"),
     (["say", "Hi.", "--max-frames", "0", "--codes-out", "c.npy"], "--max-frames"),
     (["say", "Hi.", "--top-p", "1.5", "--codes-out", "c.npy"], "top_p"),
-    (["say", "--request", "missing.json", "--codes-out", "c.npy"], "request file not found"),
+    (["say", "--request", "missing.json", "--codes-out", "c.npy"], "--request: file not found: missing.json"),
+    (["say", "--batch", "missing.jsonl", "--out-dir", "o"], "--batch: file not found: missing.jsonl"),
+    (["say", "Hi.", "--voice", "", "--codes-out", "c.npy"], "voice is an empty path"),
     (["say", "Hi.", "--device", "tpu", "--codes-out", "c.npy"], "unknown device 'tpu'"),
     (["say", "Hi.", "--device", "mps", "--codes-out", "c.npy"], "runs on cpu and cuda"),
     # outputs that could not be written are refused before the model loads (a missing model shows it)
@@ -132,16 +134,46 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     (["say", "Hi.", "--seed", str(2**64), "--codes-out", "c.npy"], "seed must be an integer in 0..2**63-1"),
     (["say", "a\udcffb", "--codes-out", "c.npy"], "input is not valid UTF-8"),
     (["say", "--reference-text", "Hi.", "--request", "r.json", "--codes-out", "c.npy"], "--reference-text go with TEXT"),
-    (["bench", "codec", "--seconds", "nan"], "--seconds > 0"),
+    (["bench", "codec", "--seconds", "nan"], "--seconds in (0, 3600]"),
     (["serve", "--port", "70000"], "port must lie in 0..65535"),
     (["serve", "--request-timeout", "-1"], "request_timeout_s must be a positive number"),
     (["serve", "--max-input-chars", "0"], "max_input_chars must be at least 1"),
     (["serve", "--max-body-mb", "0"], "body limit must be positive"),
+    (["serve", "--api-key", ""], "the API key must be non-empty"),
+    (["serve", "--api-key", " key"], "without spaces around it"),
+    (["say", "Hi.", "--codes-out", "c.wav"], "c.wav names an audio file, but codes are written as .npy"),
+    (["say", "--batch", "x.jsonl", "--out-dir", "o", "--format", "xyz"], "--format xyz: not an audio format"),
+    (["say", "--request", "script.json", "--codes-out", "c.npy"], "turns[1].new_context must be true or false"),
+    (["serve", "--max-body-mb", "nan"], "body limit must be positive and finite"),
+    (["serve", "--max-body-mb", "inf"], "body limit must be positive and finite"),
+    (["bench", "codec", "--seconds", "1e308"], "--seconds in (0, 3600]"),
+    (["say", "Hi.", "--max-running", "100000000", "--codes-out", "c.npy"], "could not be allocated; lower max_running"),
+    # files that are not what their names say, or whose headers lie
+    (["codec", "decode", "empty.npy", "--codec", CODEC_DIR / "tiny", "-o", "o.wav"], "empty.npy is not a .npy file"),
+    (["say", "Hi.", "--voice", "empty.npy", "--codes-out", "c.npy"], "voice: empty.npy is not a .npy file"),
+    (["codec", "decode", "zip.npy", "--codec", CODEC_DIR / "tiny", "-o", "o.wav"], "zip.npy is not a .npy file"),
+    (["say", "--prompt-matrix", "zip.npy", "--codes-out", "c.npy"], "prompt matrix: zip.npy is not a .npy file"),
+    (["codec", "decode", "lying.npy", "--codec", CODEC_DIR / "tiny", "-o", "o.wav"],
+     "lying.npy is cut short: its header says (1000000000000, 32)"),
+    (["say", "--prompt-matrix", "lying.npy", "--codes-out", "c.npy"], "lying.npy is cut short"),
+    (["prompt", "--request", "deep.json", "-o", "p.npy"], "deep.json is nested too deeply"),
+    (["say", "--conversation", "deep.json", "--codes-out", "c.npy"], "deep.json is nested too deeply"),
+    (["say", "--batch", "deep.json", "--out-dir", "out"], "deep.json:1 is nested too deeply"),
 ])
 def test_errors_are_clear(args, message, capsys, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "latin1.json").write_bytes('{"input": "caf\u00e9"}'.encode("latin-1"))
     (tmp_path / "fake.npy").write_bytes(b"RIFF....WAVEfmt ")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.savez(tmp_path / "zip.npz", codes=np.zeros((2, 32), np.int64))
+    (tmp_path / "zip.npz").rename(tmp_path / "zip.npy")
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 32), np.int64)) | {"shape": (10**12, 32)}
+    with open(tmp_path / "lying.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(np.zeros((1, 32), np.int64).tobytes())
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "x.jsonl").write_text('{"input": "Hi."}\n')
+    (tmp_path / "script.json").write_text('{"turns": [{"input": "a"}, {"input": "b", "new_context": "no"}]}')
     code, err = run(args, capsys)
     assert code == 2
     assert "error: " in err and message in err

@@ -269,6 +269,7 @@ def test_conversation_single_entries_and_cwd_paths(tmp_path, monkeypatch):
         ([{"role": "user", "text": "a", "speed": 1}], "speed"),
         ([{"role": "user", "tokens": "12"}], r"conversation\[0\]\.tokens"),
         ([{"role": "user", "tokens": True}], "tokens"),
+        ([{"role": "user", "text": "Hi.", "tokens": -5}], r"tokens must be a positive integer or null, got -5"),
         ([{"role": "user", "text": 5}], r"\.text must be a string"),
         ([{"role": "user", "language": ["en"]}], "language"),
         ([{"role": "narrator", "text": "a"}], "role"),

@@ -125,3 +125,25 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(CheckpointError, match="bert"):
         load_talker(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: [1, 2], "config.json must hold a JSON object, got list"),
+    (lambda c: c | {"n_vq": "abc"}, "ValueError: invalid literal for int()"),
+    (lambda c: c | {"n_vq": -1}, "negative dimension"),
+    (lambda c: c | {"n_vq": 0}, "AssertionError: parameters without a published tensor"),
+    (lambda c: c | {"language_config": "x"}, "AttributeError"),
+], ids=["list", "string-size", "negative-size", "zero-codebooks", "string-section"])
+def test_a_config_with_wrong_types_or_sizes_is_a_checkpoint_error(change, message, tmp_path: Path) -> None:
+    """A damaged config.json fails as CheckpointError naming the file (the CLI's one-line error),
+    not with whatever the model's construction raised."""
+    from mossserve.api import DEMO_MODEL
+    from mossserve.models.registry import load_talker
+
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(change(config)))
+    with pytest.raises(CheckpointError, match="config.json") as error:
+        load_talker(model)
+    assert message in str(error.value)

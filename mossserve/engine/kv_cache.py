@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import InvalidRequestError
+
 
 class SlotKVCache:
     def __init__(
@@ -27,8 +29,14 @@ class SlotKVCache:
         device: torch.device | str,
     ) -> None:
         shape = (num_layers, num_slots, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        try:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        except RuntimeError as e:  # out of memory (torch.OutOfMemoryError on CUDA is one)
+            size = 2 * int(np.prod(shape, dtype=object)) * torch.empty((), dtype=dtype).element_size()
+            raise InvalidRequestError(f"the KV cache for {num_slots} requests of {max_len} positions needs "
+                                      f"{size / 2**30:.1f} GiB on {device}, which could not be allocated; lower "
+                                      f"max_running (--max-running) or max_len") from e
         self.num_slots = num_slots
         self.max_len = max_len
         self.lengths = [0] * num_slots

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MossServeError
 from ..loader import build_on_meta, load_weights, parse_device, parse_dtype, resolve_model_dir, weight_files
 from .config_utils import read_json
 from .family import TalkerFamily
@@ -26,6 +27,25 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
     check_task(task)
     device = parse_device(device)
     model_dir = resolve_model_dir(model, allow_patterns=TALKER_FILES)
+    with _config_errors(model_dir):
+        return _load_talker(model_dir, model, device, dtype, task)
+
+
+@contextmanager
+def _config_errors(directory: Path):
+    """A config.json whose fields have the wrong types or sizes fails somewhere while the model is
+    built (int("abc"), a layer of -1 units): a CheckpointError that names the file, not a traceback."""
+    try:
+        yield
+    except MossServeError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, AssertionError, RuntimeError) as e:
+        raise CheckpointError(f"cannot build the model {directory / 'config.json'} describes: "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def _load_talker(model_dir: Path, model: str | Path, device: torch.device, dtype: str | torch.dtype,
+                 task: str | None) -> TalkerFamily:
     config = read_json(model_dir / "config.json")
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
@@ -116,12 +136,15 @@ def load_codec(name_or_path: str | Path, device: str | torch.device = "cpu", dty
     device = parse_device(device)
     codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", *CODEC_FILES])
     if is_fish_codec_dir(codec_dir):
-        return load_fish_dac(codec_dir, device=device, dtype=None if dtype is None else parse_dtype(dtype, device))
+        with _config_errors(codec_dir):
+            return load_fish_dac(codec_dir, device=device, dtype=None if dtype is None else parse_dtype(dtype, device))
     codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", "*.safetensors"])
     config = read_json(codec_dir / "config.json")
     model_type = config.get("model_type")
     if model_type in ("speech_tokenizer", "moss-audio-tokenizer", "moss_audio_tokenizer") or "MossAudioTokenizerModel" in (
             config.get("architectures") or []):
-        return MossAudioTokenizer.from_pretrained(codec_dir, device=device, dtype=None if dtype is None else parse_dtype(dtype, device))
+        with _config_errors(codec_dir):
+            return MossAudioTokenizer.from_pretrained(codec_dir, device=device,
+                                                      dtype=None if dtype is None else parse_dtype(dtype, device))
     raise CheckpointError(f"{codec_dir / 'config.json'}: codec type {model_type!r} is not supported; supported: "
                           "MOSS-Audio-Tokenizer, or a Fish S2 Pro directory with codec.pth / codec.safetensors")

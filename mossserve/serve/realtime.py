@@ -335,7 +335,7 @@ class RealtimeSession:
 def _json(text: str) -> object:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise APIError(400, "a message must be one JSON object per text frame", code="bad_message") from None
 
 

@@ -14,13 +14,13 @@ A field that holds one entry may also hold a list of entries.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import InvalidRequestError
+from ..json_files import read_json_file
 from ..speech_request import EncodeVoice, normalize_voice, resolve_path_or_codes
 from .delay_prompt import (
     AUDIO_PLACEHOLDER,
@@ -37,15 +37,7 @@ _ASSISTANT_FIELDS = ("audio_codes_list", "audio_codes", "content")
 
 def load_conversations(path: str | Path, encode_voice: EncodeVoice | None = None) -> list[Conversation]:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidRequestError(f"conversation file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidRequestError(f"{path} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise InvalidRequestError(f"cannot read {path}: {e.strerror}") from None
-    return parse_conversations(data, path.parent, encode_voice)
+    return parse_conversations(read_json_file(path, "conversation file"), path.parent, encode_voice)
 
 
 def parse_conversations(
@@ -89,8 +81,8 @@ def _user(data: dict, where: str, codes: Callable[[Any, str], np.ndarray | None]
             raise InvalidRequestError(f"{where}.{name} must be a string or null, got {type(value).__name__}")
         fields[name] = value
     tokens = data.get("tokens")
-    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
-        raise InvalidRequestError(f"{where}.tokens must be an integer or null, got {tokens!r}")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise InvalidRequestError(f"{where}.tokens must be a positive integer or null, got {tokens!r}")
     reference = None
     if data.get("reference") is not None:
         entries = _entries(data["reference"], f"{where}.reference")

@@ -9,7 +9,6 @@ all known feeds exactly what the reference's session feeds however fast the piec
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidRequestError
+from ..json_files import read_json_file
 from ..speech_request import load_codes, resolve_path_or_codes
 from .realtime_prompt import DELAY_TOKENS, prefill_length
 from .realtime_segment import TextSegmentStream
@@ -51,7 +51,7 @@ class SessionScript:
     @classmethod
     def from_json(cls, path: str | Path) -> SessionScript:
         path = Path(path)
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), base_dir=path.parent)
+        return cls.from_dict(read_json_file(path, "session script"), base_dir=path.parent)
 
 
 def is_session_script(data: Any) -> bool:
@@ -84,7 +84,10 @@ def _turn(value: Any, index: int, base_dir: Path | None) -> RealtimeTurn:
         raise InvalidRequestError(f"{where}: unknown field(s) {', '.join(unknown)}")
     if ("input" in value) == ("input_tokens" in value):
         raise InvalidRequestError(f"{where}: give input (text or its pieces) or input_tokens, not both or neither")
-    turn = RealtimeTurn(user_text=value.get("user_text"), new_context=bool(value.get("new_context", False)),
+    new_context = value.get("new_context", False)
+    if not isinstance(new_context, bool):
+        raise InvalidRequestError(f"{where}.new_context must be true or false, got {new_context!r}")
+    turn = RealtimeTurn(user_text=value.get("user_text"), new_context=new_context,
                         user_audio=_codes(value.get("user_audio"), f"{where}.user_audio", base_dir))
     if turn.user_text is not None and not isinstance(turn.user_text, str):
         raise InvalidRequestError(f"{where}.user_text must be a string")
