@@ -67,6 +67,7 @@ class TTS:
         self.device = device
         self.dtype = dtype
         self.engine_config = engine_config or EngineConfig()
+        self.engine_config.validate()  # now, not at the first call
         self._codec_source = codec
         self._codec = None
         self._speakers = None
@@ -122,8 +123,12 @@ class TTS:
         """Reference voices -> codes, cached by content (engine/speakers.py)."""
         from .engine.speakers import SpeakerCache
 
+        if self.closed:
+            raise EngineClosedError("this TTS is closed")
         codec = self.codec
         with self._lock:
+            if self.closed:
+                raise EngineClosedError("this TTS is closed")
             if self._speakers is None:
                 self._speakers = SpeakerCache(codec, n_quantizers=self.talker.codebooks,
                                               normalize_loudness=self.talker.normalizes_reference_loudness)
@@ -155,13 +160,11 @@ class TTS:
             self._speakers.close()
 
     # ---- prompts --------------------------------------------------------------------------
-    def prompt(self, request: SpeechRequest | str) -> Prompt:
-        """The request's prompt (a plain string is `SpeechRequest(input=...)`)."""
-        if isinstance(request, str):
-            request = SpeechRequest(input=request)
-        if not isinstance(request, SpeechRequest):
-            raise InvalidRequestError(f"expected a SpeechRequest, a Prompt or a string, got {type(request).__name__}")
-        return self.talker.build_prompt(request, encode_voice=self.encode_voice)
+    def prompt(self, request: SpeechRequest | Prompt | str) -> Prompt:
+        """The request's prompt (a plain string is `SpeechRequest(input=...)`; a Prompt is itself)."""
+        if isinstance(request, Prompt):
+            return request
+        return self.talker.build_prompt(as_speech_request(request), encode_voice=self.encode_voice)
 
     def encode_voice(self, path: Path) -> np.ndarray:
         """Reference audio file -> codes (frames, codebooks), prepared as the reference prepares it."""
@@ -178,6 +181,7 @@ class TTS:
         back with `finish_reason == "error"`, its message in `generation.error` and no audio. More
         prompts than the engine queues at once are fed as earlier ones finish. With `session`, the
         prompts are turns of that session (one at a time: each continues the context)."""
+        check_prompts(prompts)
         if session is not None and len(prompts) != 1:
             raise InvalidRequestError("a session takes one turn at a time")
         if isinstance(sampling, (list, tuple)):
@@ -191,6 +195,8 @@ class TTS:
         engine, ids = self.engine, []
         for params in {id(s): s for s in samplings}.values():  # the call's own mistakes raise, whatever raise_errors
             engine.check_settings(params, max_new_frames, schedule, session, decode_audio)
+        if decode_audio and prompts:
+            self.codec  # loaded (and checked against the model) here: a codec that does not fit raises now
         chunks: list[list[AudioChunk]] = [[] for _ in prompts]
         added = in_flight = 0
         try:
@@ -272,9 +278,10 @@ class TTS:
                max_new_frames: int | None = None, schedule: ChunkSchedule | None = None) -> Iterator[AudioChunk]:
         """Audio chunks of one request as the codec produces them; the last one is `final`.
         Leaving the loop early aborts the request."""
-        prompt = request if isinstance(request, Prompt) else self.prompt(request)
+        prompt = self.prompt(request)
         outbox: queue.Queue = queue.Queue()
         engine = self.engine
+        self.codec  # loaded (and checked against the model) here: a codec that does not fit raises now
         handle = engine.add_request(prompt, sampling or self.talker.default_sampling(), outbox.put,
                                     max_new_frames=max_new_frames, schedule=schedule)
         done = False
@@ -308,7 +315,7 @@ class TTS:
         sampling.validate(self.talker.codebooks)
         return sampling
 
-    def generate_codes(self, request: SpeechRequest | str, sampling: SamplingParams | None = None,
+    def generate_codes(self, request: SpeechRequest | Prompt | str, sampling: SamplingParams | None = None,
                        max_new_frames: int | None = None) -> np.ndarray:
         """The frames the reference hands to its codec, (frames, codebooks) int64."""
         return self.generate([self.prompt(request)], sampling, max_new_frames)[0].frames
@@ -321,10 +328,13 @@ class TTS:
                          sampling: SamplingParams | list[SamplingParams] | None = None,
                          max_new_frames: int | None = None) -> list[Audio]:
         """Every request through continuous batching; their audio in order."""
+        if not isinstance(requests, (list, tuple)):
+            raise InvalidRequestError(f"synthesize_batch takes a list of requests, got {type(requests).__name__}"
+                                      + ("; for one text, call synthesize" if isinstance(requests, str) else ""))
         prompts = []
         for index, request in enumerate(requests):
             try:
-                prompts.append(request if isinstance(request, Prompt) else self.prompt(request))
+                prompts.append(self.prompt(request))
             except InvalidRequestError as e:
                 raise type(e)(f"requests[{index}]: {e}") from None
         return [audio for _, audio in self.run(prompts, sampling, max_new_frames)]
@@ -332,15 +342,23 @@ class TTS:
     def _next(self, outbox: queue.Queue):
         """The next item a request's sink put in `outbox`. An unthreaded engine
         (`EngineConfig(threaded=False)`) has no thread of its own, so it is stepped here until one exists."""
-        engine = self.engine
         while not self.engine_config.threaded and outbox.empty():
-            with self._stepping:  # callers on several threads: one steps at a time
-                if not outbox.empty():
-                    break
-                if not engine.has_work():
-                    raise MossServeError("the engine has nothing left to run, but the request has not ended")
-                engine.step()
+            if not self.step_until(lambda: not outbox.empty()):
+                raise MossServeError("the engine has nothing left to run, but the request has not ended")
         return outbox.get()
+
+    def step_until(self, done: Callable[[], bool]) -> bool:
+        """Step an unthreaded engine once unless `done()` (callers on several threads: one steps at a
+        time, and one whose output another's step made goes on without stepping); False if nothing
+        is left to step."""
+        engine = self.engine
+        with self._stepping:
+            if done():
+                return True
+            if not engine.has_work():
+                return False
+            engine.step()
+            return True
 
     def _result(self, chunks: list[AudioChunk], with_audio: bool, raise_errors: bool) -> tuple[Generation, Audio | None]:
         final = chunks[-1]
@@ -353,6 +371,27 @@ class TTS:
         samples = np.concatenate(pieces, axis=-1) if pieces else np.zeros((self.codec.channels, 0), dtype=np.float32)
         return generation, Audio(samples.astype(np.float32, copy=False), self.codec.sample_rate, generation.frames,
                                  generation)
+
+
+def as_speech_request(request: SpeechRequest | str) -> SpeechRequest:
+    """A plain string is `SpeechRequest(input=...)`; a SpeechRequest is checked again (its fields
+    may have been set after it was made)."""
+    if isinstance(request, str):
+        return SpeechRequest(input=request)
+    if not isinstance(request, SpeechRequest):
+        raise InvalidRequestError(f"expected a SpeechRequest, a Prompt or a string, got {type(request).__name__}")
+    request.validate()
+    return request
+
+
+def check_prompts(prompts: list[Prompt]) -> None:
+    """`run` and `generate` take built prompts (TTS.prompt builds them), in a list."""
+    if not isinstance(prompts, (list, tuple)):
+        raise InvalidRequestError(f"prompts must be a list of Prompt, got {type(prompts).__name__}")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, Prompt):
+            raise InvalidRequestError(f"prompts[{index}] must be a Prompt (TTS.prompt builds one from a request), "
+                                      f"got {type(prompt).__name__}")
 
 
 def check_codec_fits(talker, codec, source: str | Path) -> None:

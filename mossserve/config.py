@@ -87,8 +87,16 @@ class EngineConfig:
     codec_thread: bool | None = None
 
     def validate(self) -> None:
-        if self.max_running < 1 or self.max_queued < 0 or self.prefill_tokens < 1 or self.max_len < 2 \
-                or self.shared_prefix_rows < 0:
-            raise InvalidRequestError("max_running and prefill_tokens must be >= 1, max_queued and shared_prefix_rows "
-                                      ">= 0, max_len >= 2")
+        """Each field's type and range, the field named in the message."""
+        least = {"max_running": 1, "max_queued": 0, "max_len": 2, "prefill_tokens": 1, "shared_prefix_rows": 0,
+                 "max_chunk_frames": 1, "max_sessions": 0}
+        if self.codec_streams is not None:
+            least["codec_streams"] = 1
+        for name, bound in least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < bound:
+                raise InvalidRequestError(f"EngineConfig.{name} must be an integer >= {bound}, got {value!r}")
+        for name in ("threaded", "cuda_graphs") + (("codec_thread",) if self.codec_thread is not None else ()):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
         self.chunk_schedule.validate(self.max_chunk_frames)

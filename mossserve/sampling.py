@@ -36,6 +36,12 @@ class SamplingParams:
     audio_repetition_window: int = 0
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        for f in fields(self):  # numpy scalars and arrays as Python numbers and lists (the checks take those)
+            value = getattr(self, f.name)
+            if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+                object.__setattr__(self, f.name, value.tolist())
+
     @classmethod
     def greedy(cls, **overrides) -> "SamplingParams":
         """Argmax for every head; the repetition penalty still applies where set."""

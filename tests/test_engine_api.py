@@ -412,3 +412,121 @@ def test_an_open_tts_is_closed_at_interpreter_exit(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "closed at exit"
+
+
+def test_a_closed_tts_refuses_voices_too_and_starts_no_thread(delay_model_dirs) -> None:
+    """Before, a voice after close() restarted the speaker cache's thread (none encoded yet), or
+    raised a bare RuntimeError (one encoded before)."""
+    import threading
+
+    from mossserve import EngineClosedError
+
+    voice = AUDIO_DIR / "reference_zh.wav"
+    for encode_first in (False, True):
+        tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny")
+        if encode_first:
+            tts.encode_voice(voice)
+        tts.close()
+        before = {t for t in threading.enumerate() if t.name.startswith("mossserve-speakers")}
+        for call in (lambda: tts.encode_voice(voice), lambda: tts.prompt(SpeechRequest(input="Hi.", voice=voice)),
+                     lambda: asyncio.run(AsyncEngine(tts).encode_voice(voice))):
+            with pytest.raises(EngineClosedError):
+                call()
+        after = {t for t in threading.enumerate() if t.name.startswith("mossserve-speakers")}
+        assert after <= before
+
+
+def test_calls_given_the_wrong_kind_of_argument_say_so(delay_tts) -> None:
+    tts = delay_tts("tiny_nvq16")
+    with pytest.raises(InvalidRequestError, match="takes a list of requests, got str; for one text, call synthesize"):
+        tts.synthesize_batch("Hello world")
+    with pytest.raises(InvalidRequestError, match=r"prompts\[0\] must be a Prompt"):
+        tts.run(["Hello."])
+    with pytest.raises(InvalidRequestError, match="prompts must be a list of Prompt, got Prompt"):
+        tts.run(tts.prompt("Hello."))
+    with pytest.raises(InvalidRequestError, match="expected a SpeechRequest, a Prompt or a string, got int"):
+        tts.synthesize(5)
+
+
+def test_a_prompt_or_a_string_is_taken_wherever_a_request_is(delay_tts) -> None:
+    tts = delay_tts("tiny_nvq16")
+    prompt = tts.prompt("Hello.")
+    assert tts.prompt(prompt) is prompt
+    expected = tts.generate_codes("Hello.", SamplingParams.greedy(), 20)
+    assert np.array_equal(tts.generate_codes(prompt, SamplingParams.greedy(), 20), expected)
+
+    async def submitted() -> np.ndarray:
+        chunks = [c async for c in AsyncEngine(tts).submit("Hello.", SamplingParams.greedy(), max_new_frames=20,
+                                                           decode_audio=False)]
+        return chunks[-1].generation.frames
+
+    assert np.array_equal(asyncio.run(submitted()), expected)
+
+
+def test_a_request_changed_after_it_was_made_is_checked_again(delay_tts) -> None:
+    request = SpeechRequest(input="Hello.")
+    request.mode = "bad"
+    with pytest.raises(InvalidRequestError, match="mode must be one of"):
+        delay_tts("tiny_nvq16").synthesize(request)
+
+
+def test_numpy_numbers_are_numbers() -> None:
+    params = SamplingParams(seed=np.int64(7), audio_top_k=np.int64(5), audio_top_p=np.float32(0.5),
+                            audio_temperature=np.full(16, 1.2))
+    params.validate(16)
+    assert params.seed == 7 and params.audio_top_k == 5 and params.audio_temperature == [1.2] * 16
+    assert SpeechRequest(input="Hi.", duration_seconds=np.float32(2.0)).duration_seconds == 2.0
+    with pytest.raises(InvalidRequestError, match="seed must be an integer"):
+        SamplingParams(seed=np.bool_(True)).validate()
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(max_running="4"), "EngineConfig.max_running must be an integer >= 1, got '4'"),
+    (dict(max_chunk_frames=0), "EngineConfig.max_chunk_frames must be an integer >= 1, got 0"),
+    (dict(threaded="no"), "EngineConfig.threaded must be True or False"),
+    (dict(max_queued=-1), "EngineConfig.max_queued must be an integer >= 0, got -1"),
+])
+def test_engine_config_mistakes_are_refused_when_the_tts_is_made(delay_model_dirs, config, message) -> None:
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(")):
+        TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                            engine_config=EngineConfig(**config))
+
+
+def test_an_unthreaded_async_engine_is_stepped_by_its_streams(delay_model_dirs) -> None:
+    """Nothing else steps it: a stream waited forever for its first chunk."""
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                              engine_config=EngineConfig(threaded=False))
+    expected = tts.generate_codes("Hello.", SamplingParams.greedy(), 20)
+
+    async def both() -> list[np.ndarray]:
+        engine = AsyncEngine(tts)
+
+        async def one() -> np.ndarray:
+            return [c async for c in engine.submit("Hello.", SamplingParams.greedy(), max_new_frames=20)][-1].generation.frames
+
+        return await asyncio.gather(one(), one())
+
+    try:
+        for frames in asyncio.run(both()):
+            assert np.array_equal(frames, expected)
+        assert tts.stats()["live"] == 0
+    finally:
+        tts.close()
+
+
+def test_a_codec_that_does_not_fit_raises_at_the_call(delay_model_dirs) -> None:
+    """A Fish model given the MOSS codec: the call raises CheckpointError (each request failed at its
+    first codec round, the error wrapped as a MossServeError)."""
+    from fish_cases import FISH_DIR
+
+    from mossserve import CheckpointError
+
+    tts = TTS.from_pretrained(FISH_DIR, codec=CODEC_DIR / "tiny")
+    try:
+        with pytest.raises(CheckpointError, match="does not fit"):
+            tts.synthesize("Hello.", max_new_frames=2)
+        with pytest.raises(CheckpointError, match="does not fit"):
+            next(iter(tts.stream("Hello.", max_new_frames=2)))
+        assert tts.stats()["live"] == 0
+    finally:
+        tts.close()

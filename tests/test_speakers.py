@@ -15,7 +15,7 @@ from conftest import AUDIO_DIR
 from mossserve.audio import load_audio
 from mossserve.audio.loudness import normalize_loudness
 from mossserve.engine.speakers import SpeakerCache
-from mossserve.errors import AudioError, InvalidRequestError
+from mossserve.errors import AudioError, EngineClosedError, InvalidRequestError
 
 K = 16
 # Different lengths at 24 kHz: 38, 82, 97 and 82 whole frames; wav, mp3, wav and m4a.
@@ -239,9 +239,9 @@ def test_close_fails_queued_voices_and_refuses_new_ones(codec) -> None:
     cache = SpeakerCache(codec, K, start_worker=False)
     queued = cache.request(AUDIO_DIR / "reference_zh.wav")
     cache.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(EngineClosedError, match="closed"):
         queued.result()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(EngineClosedError, match="closed"):
         cache.request(AUDIO_DIR / "reference_zh.wav")
 
 

@@ -48,7 +48,7 @@ class RequestStream:
         if self._done:
             raise StopAsyncIteration
         try:
-            chunk = await self._chunks.get()
+            chunk = await self._engine.next_chunk(self._chunks)
         except asyncio.CancelledError:
             await self.aclose()
             raise
@@ -83,7 +83,7 @@ class AsyncEngine:
 
         return cls(TTS.from_pretrained(model, codec, device=device, dtype=dtype, engine_config=config))
 
-    def submit(self, request: SpeechRequest | Prompt, sampling: SamplingParams | None = None, *,
+    def submit(self, request: SpeechRequest | Prompt | str, sampling: SamplingParams | None = None, *,
                request_id: str | None = None, max_new_frames: int | None = None,
                schedule: ChunkSchedule | None = None, decode_audio: bool = True,
                session: str | None = None) -> RequestStream:
@@ -94,7 +94,7 @@ class AsyncEngine:
                                                             schedule, decode_audio, session))
         return stream
 
-    async def _start(self, stream: RequestStream, request: SpeechRequest | Prompt, sampling: SamplingParams | None,
+    async def _start(self, stream: RequestStream, request: SpeechRequest | Prompt | str, sampling: SamplingParams | None,
                      request_id: str | None, max_new_frames: int | None, schedule: ChunkSchedule | None,
                      decode_audio: bool, session: str | None) -> None:
         prompt = request if isinstance(request, Prompt) else await self.prompt(request)
@@ -111,8 +111,22 @@ class AsyncEngine:
         if stream._done:  # closed while it was being queued
             self.abort(handle.id)
 
-    async def prompt(self, request: SpeechRequest) -> Prompt:
-        """The request's prompt, its audio voices encoded through the speaker cache (all at once)."""
+    async def next_chunk(self, chunks: asyncio.Queue) -> AudioChunk:
+        """The next chunk of a stream. An unthreaded engine (`EngineConfig(threaded=False)`) runs only
+        when stepped: its streams step it (on a worker thread) until their chunk comes."""
+        while not self.tts.engine_config.threaded and chunks.empty():
+            # A step's chunks reach `chunks` through this loop (before the step's own result does).
+            stepped = await asyncio.to_thread(self.tts.step_until, lambda: not chunks.empty())
+            if not stepped and chunks.empty():
+                raise MossServeError("the engine has nothing left to run, but the request has not ended")
+        return await chunks.get()
+
+    async def prompt(self, request: SpeechRequest | str) -> Prompt:
+        """The request's prompt (a plain string is `SpeechRequest(input=...)`), its audio voices
+        encoded through the speaker cache (all at once)."""
+        from ..api import as_speech_request
+
+        request = as_speech_request(request)
         paths = voice_paths(request)
         codes = dict(zip(paths, await asyncio.gather(*(self.encode_voice(p) for p in paths))))
         return await asyncio.to_thread(self.tts.talker.build_prompt, request, lambda path: codes[Path(path)])

@@ -24,7 +24,7 @@ import torch
 
 from ..audio import load_audio
 from ..audio.loudness import normalize_loudness
-from ..errors import AudioError
+from ..errors import AudioError, EngineClosedError
 from ..openmp import release_openmp_pool
 from .worker import Worker
 
@@ -84,7 +84,7 @@ class SpeakerCache:
         label = label or f"voice audio (sha256 {digest[:12]})"
         with self._cond:
             if self._closed:
-                raise RuntimeError("SpeakerCache is closed")
+                raise EngineClosedError("the speaker cache is closed")
             codes = self._entries.get(key)
             if codes is not None:
                 self._entries.move_to_end(key)
@@ -138,14 +138,14 @@ class SpeakerCache:
         self._worker.wait_idle()
 
     def close(self) -> None:
-        """Stop the worker after its current round; voices still queued fail with RuntimeError."""
+        """Stop the worker after its current round; voices still queued fail with EngineClosedError."""
         with self._cond:
             self._closed = True
             jobs, self._pending = self._pending, []
             self._cond.notify_all()
         self._worker.stop()
         for job in jobs:
-            self._finish(job, error=RuntimeError("SpeakerCache closed before the voice was encoded"))
+            self._finish(job, error=EngineClosedError("the speaker cache closed before the voice was encoded"))
 
     # ---- internals ----------------------------------------------------------------------------
     def _has_pending(self) -> bool:
