@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=os.environ.get("MOSSSERVE_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1 (default: $MOSSSERVE_API_KEY; none: open)")
+    serve.add_argument("--api-key", default=os.environ.get("MOSSSERVE_API_KEY") or None,
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $MOSSSERVE_API_KEY unless empty; "
+                            "none: open)")
     serve.add_argument("--data-dir", type=Path, help="voices and their database (default: $MOSSSERVE_DATA_DIR, "
                                                       "else ~/.local/share/mossserve)")
     serve.add_argument("--model-name", help="the model id clients send and /v1/models lists")
@@ -205,8 +206,17 @@ def default_mode(conversation: list) -> str:
     return "continuation" if conversation[-1].role == "assistant" else "generation"
 
 
+def check_inputs_exist(args: argparse.Namespace) -> None:
+    """An input file that does not exist, reported before a model loads for it."""
+    for flag in ("--request", "--conversation", "--prompt-matrix", "--batch"):
+        path = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if path is not None and not Path(path).exists():
+            raise InvalidRequestError(f"{flag}: file not found: {path}")
+
+
 def run_prompt(args: argparse.Namespace) -> None:
     check_mode(args)
+    check_inputs_exist(args)
     check_output(args.output)
     tts = load_tts(args)
     prompts = build_prompts(tts, args)
@@ -228,10 +238,7 @@ def run_say(args: argparse.Namespace) -> int:
     if args.batch is None and (args.out_dir is not None or args.format is not None):
         raise InvalidRequestError("--out-dir and --format go with --batch (-o's extension picks its format)")
     check_mode(args)
-    for flag, path in (("--request", args.request), ("--conversation", args.conversation),
-                       ("--prompt-matrix", args.prompt_matrix), ("--batch", args.batch)):
-        if path is not None and not Path(path).exists():  # before a model loads for it
-            raise InvalidRequestError(f"{flag}: file not found: {path}")
+    check_inputs_exist(args)
     if args.greedy and args.temperature is not None:
         raise InvalidRequestError("--greedy is temperature 0; give one of --greedy and --temperature")
     if args.batch is not None:
@@ -443,7 +450,7 @@ def check_output(path: Path | None, audio: bool = False) -> None:
     if path.is_dir():
         raise InvalidRequestError(f"{path} is a directory; give a file name")
     if not audio and path.suffix.lower() in AUDIO_EXTENSIONS:
-        raise InvalidRequestError(f"{path} names an audio file, but codes are written as .npy; give audio to -o")
+        raise InvalidRequestError(f"{path} names an audio file, but this output is a .npy array (codes or a prompt)")
     if audio:
         from .audio.formats import format_from_path
 

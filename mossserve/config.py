@@ -1,8 +1,11 @@
 """EngineConfig: the limits, chunk schedule and guards an engine is built for."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from .errors import InvalidRequestError
 
@@ -91,12 +94,12 @@ class EngineConfig:
         least = {"max_running": 1, "max_queued": 0, "max_len": 2, "prefill_tokens": 1, "shared_prefix_rows": 0,
                  "max_chunk_frames": 1, "max_sessions": 0}
         if self.codec_streams is not None:
-            least["codec_streams"] = 1
+            least["codec_streams"] = 0  # 0: the default, as None
         for name, bound in least.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < bound:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < bound:
                 raise InvalidRequestError(f"EngineConfig.{name} must be an integer >= {bound}, got {value!r}")
         for name in ("threaded", "cuda_graphs") + (("codec_thread",) if self.codec_thread is not None else ()):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise InvalidRequestError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
         self.chunk_schedule.validate(self.max_chunk_frames)

@@ -39,8 +39,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for f in fields(self):  # numpy scalars and arrays as Python numbers and lists (the checks take those)
             value = getattr(self, f.name)
-            if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-                object.__setattr__(self, f.name, value.tolist())
+            if isinstance(value, (list, tuple)):
+                value = type(value)(v.tolist() if hasattr(v, "tolist") else v for v in value)
+            elif hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+                value = value.tolist()
+            object.__setattr__(self, f.name, value)
 
     @classmethod
     def greedy(cls, **overrides) -> "SamplingParams":

@@ -124,7 +124,7 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     (["say", "Hi.", "--model", "/nonexistent/model", "-o", "."], "is a directory"),
     (["say", "Hi.", "--model", "/nonexistent/model", "-o", "x.m4a"], "cannot tell the audio format"),
     (["say", "Hi.", "--model", "/nonexistent/model", "--codes-out", "no/dir/c.npy"], "no directory no/dir"),
-    (["prompt", "--request", "r.json", "--model", "/nonexistent/model", "-o", "."], "is a directory"),
+    (["prompt", "--request", "latin1.json", "--model", "/nonexistent/model", "-o", "."], "is a directory"),
     # inputs that are not what they claim
     (["say", "--request", ".", "--codes-out", "c.npy"], "cannot read ."),
     (["say", "--request", "latin1.json", "--codes-out", "c.npy"], "latin1.json is not valid JSON"),
@@ -139,9 +139,11 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     (["serve", "--request-timeout", "-1"], "request_timeout_s must be a positive number"),
     (["serve", "--max-input-chars", "0"], "max_input_chars must be at least 1"),
     (["serve", "--max-body-mb", "0"], "body limit must be positive"),
-    (["serve", "--api-key", ""], "the API key must be non-empty"),
+    (["serve", "--api-key", ""], "the API key (--api-key, else $MOSSSERVE_API_KEY) must be non-empty"),
+    (["prompt", "--request", "latin1.json", "-o", "p.wav"], "p.wav names an audio file, but this output is a .npy array"),
+    (["prompt", "--request", "missing.json", "-o", "p.npy"], "--request: file not found: missing.json"),
     (["serve", "--api-key", " key"], "without spaces around it"),
-    (["say", "Hi.", "--codes-out", "c.wav"], "c.wav names an audio file, but codes are written as .npy"),
+    (["say", "Hi.", "--codes-out", "c.wav"], "c.wav names an audio file, but this output is a .npy array"),
     (["say", "--batch", "x.jsonl", "--out-dir", "o", "--format", "xyz"], "--format xyz: not an audio format"),
     (["say", "--request", "script.json", "--codes-out", "c.npy"], "turns[1].new_context must be true or false"),
     (["serve", "--max-body-mb", "nan"], "body limit must be positive and finite"),
@@ -341,3 +343,14 @@ def test_a_request_depth_and_another_depth_option_are_refused(tmp_path: Path, ca
                      "--codes-out", tmp_path / "c.npy"], capsys)
     assert code == 2 and "asks for depth 2 and --depth for 5" in err
 
+
+
+def test_an_empty_api_key_in_the_environment_means_none(monkeypatch) -> None:
+    """MOSSSERVE_API_KEY= (exported empty, as compose files unset it) leaves the server open, as
+    before; an empty --api-key given on the command line is refused (test_errors_are_clear)."""
+    from mossserve.cli import build_parser
+
+    monkeypatch.setenv("MOSSSERVE_API_KEY", "")
+    assert build_parser().parse_args(["serve"]).api_key is None
+    monkeypatch.setenv("MOSSSERVE_API_KEY", "sekret")
+    assert build_parser().parse_args(["serve"]).api_key == "sekret"

@@ -472,9 +472,12 @@ def test_a_request_changed_after_it_was_made_is_checked_again(delay_tts) -> None
 
 def test_numpy_numbers_are_numbers() -> None:
     params = SamplingParams(seed=np.int64(7), audio_top_k=np.int64(5), audio_top_p=np.float32(0.5),
-                            audio_temperature=np.full(16, 1.2))
+                            audio_temperature=np.full(16, 1.2), audio_repetition_penalty=[np.float32(1.5)] * 16,
+                            text_top_k=np.int32(3))
     params.validate(16)
     assert params.seed == 7 and params.audio_top_k == 5 and params.audio_temperature == [1.2] * 16
+    assert params.audio_repetition_penalty == [1.5] * 16 and type(params.text_top_k) is int
+    EngineConfig(max_running=np.int64(4), max_len=np.int32(512), threaded=np.False_, codec_streams=0).validate()
     assert SpeechRequest(input="Hi.", duration_seconds=np.float32(2.0)).duration_seconds == 2.0
     with pytest.raises(InvalidRequestError, match="seed must be an integer"):
         SamplingParams(seed=np.bool_(True)).validate()

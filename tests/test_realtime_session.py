@@ -457,3 +457,54 @@ def test_prompt_of_a_session_script_is_its_first_turns_prefill(tmp_path: Path) -
     out = tmp_path / "prompt.npy"
     assert main(["prompt", "--model", str(REALTIME_DIR), "--request", str(path), "-o", str(out)]) == 0
     assert np.array_equal(np.load(out), golden("generation")["stream_multiturn.turn0.prefill_input_ids"].numpy())
+
+
+def test_an_unthreaded_async_engine_waits_for_a_turns_text(monkeypatch) -> None:
+    """A turn whose text comes while it speaks, on an AsyncEngine over an unthreaded engine: when the
+    stream has caught up with the text there is nothing to step, and it waits for the next piece (it
+    raised "nothing left to run"). The feeder sends each piece once the stream has run dry."""
+    import asyncio
+    import threading
+
+    from conftest import CODEC_DIR
+
+    from mossserve.api import TTS
+    from mossserve.engine.async_engine import AsyncEngine
+    from mossserve.sampling import SamplingParams
+
+    tts = TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny", engine_config=EngineConfig(threaded=False))
+    dry, step_until, dry_spells = threading.Event(), tts.step_until, []
+
+    def watched(done):
+        stepped = step_until(done)
+        if not stepped:
+            dry_spells.append(1)
+            dry.set()
+        return stepped
+
+    monkeypatch.setattr(tts, "step_until", watched)
+
+    async def turn() -> list:
+        engine = AsyncEngine(tts)
+        prompt = tts.talker.open_turn_prompt(RealtimeTurn(user_text="Hi."), True)
+        stream = await engine.submit(prompt, SamplingParams.greedy(), decode_audio=False, session="s")
+
+        async def feed() -> None:
+            for piece in ["Hello", " there, how", " are you", " today?", None]:
+                await asyncio.to_thread(dry.wait)
+                dry.clear()
+                engine.push_input(stream.request_id, piece, end=piece is None)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            return [chunk async for chunk in stream]
+        finally:  # the feeder has sent everything by the turn's end; if the stream failed, it stops
+            feeder.cancel()
+            dry.set()
+
+    try:
+        chunks = asyncio.run(asyncio.wait_for(turn(), 300))
+        assert chunks[-1].final and chunks[-1].finish_reason == "stop" and len(chunks[-1].generation.frames)
+        assert len(dry_spells) >= 5
+    finally:
+        tts.close()

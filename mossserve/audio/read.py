@@ -98,8 +98,9 @@ def _check_length(seconds: float, max_seconds: float | None) -> None:
 
 
 def _read_soundfile(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    """Read in blocks until the data ends: a header's length is a claim (a damaged FLAC can say 2**36
-    samples for one second of audio), so it neither sizes the buffer nor decides the length check."""
+    """Read in blocks, so that memory and the length check follow the samples actually decoded, not
+    the header's claim (a damaged FLAC can say 2**36 samples for one second of audio; libsndfile then
+    fails at the data's end, and FFmpeg reads the file)."""
     with sf.SoundFile(file) as f:
         if f.frames >= _UNKNOWN_LENGTH:
             raise _NotForLibsndfile

@@ -48,7 +48,7 @@ class RequestStream:
         if self._done:
             raise StopAsyncIteration
         try:
-            chunk = await self._engine.next_chunk(self._chunks)
+            chunk = await self._engine.next_chunk(self._chunks, bool(self.prompt.info.get("open")))
         except asyncio.CancelledError:
             await self.aclose()
             raise
@@ -111,14 +111,17 @@ class AsyncEngine:
         if stream._done:  # closed while it was being queued
             self.abort(handle.id)
 
-    async def next_chunk(self, chunks: asyncio.Queue) -> AudioChunk:
+    async def next_chunk(self, chunks: asyncio.Queue, open_prompt: bool = False) -> AudioChunk:
         """The next chunk of a stream. An unthreaded engine (`EngineConfig(threaded=False)`) runs only
-        when stepped: its streams step it (on a worker thread) until their chunk comes."""
+        when stepped: its streams step it (on a worker thread) until their chunk comes. With nothing to
+        step, an open prompt waits for its input (`push_input`, which nothing here can await)."""
         while not self.tts.engine_config.threaded and chunks.empty():
             # A step's chunks reach `chunks` through this loop (before the step's own result does).
             stepped = await asyncio.to_thread(self.tts.step_until, lambda: not chunks.empty())
             if not stepped and chunks.empty():
-                raise MossServeError("the engine has nothing left to run, but the request has not ended")
+                if not open_prompt:
+                    raise MossServeError("the engine has nothing left to run, but the request has not ended")
+                await asyncio.sleep(0.02)
         return await chunks.get()
 
     async def prompt(self, request: SpeechRequest | str) -> Prompt:

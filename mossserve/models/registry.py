@@ -27,21 +27,22 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
     check_task(task)
     device = parse_device(device)
     model_dir = resolve_model_dir(model, allow_patterns=TALKER_FILES)
-    with _config_errors(model_dir):
+    with _checkpoint_errors(model_dir, "model"):
         return _load_talker(model_dir, model, device, dtype, task)
 
 
 @contextmanager
-def _config_errors(directory: Path):
-    """A config.json whose fields have the wrong types or sizes fails somewhere while the model is
-    built (int("abc"), a layer of -1 units): a CheckpointError that names the file, not a traceback."""
+def _checkpoint_errors(directory: Path, what: str):
+    """A config whose fields have the wrong types or sizes fails somewhere while the model is built
+    (int("abc"), a layer of -1 units): a CheckpointError naming the directory (the CLI's one line),
+    the original error chained for a traceback. Running out of memory is not the checkpoint's fault."""
     try:
         yield
-    except MossServeError:
+    except (MossServeError, torch.OutOfMemoryError, RecursionError):
         raise
     except (TypeError, ValueError, AttributeError, KeyError, AssertionError, RuntimeError) as e:
-        raise CheckpointError(f"cannot build the model {directory / 'config.json'} describes: "
-                              f"{type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot load the {what} in {directory}: its config does not describe one this "
+                              f"loader can build ({type(e).__name__}: {e})") from e
 
 
 def _load_talker(model_dir: Path, model: str | Path, device: torch.device, dtype: str | torch.dtype,
@@ -136,14 +137,14 @@ def load_codec(name_or_path: str | Path, device: str | torch.device = "cpu", dty
     device = parse_device(device)
     codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", *CODEC_FILES])
     if is_fish_codec_dir(codec_dir):
-        with _config_errors(codec_dir):
+        with _checkpoint_errors(codec_dir, "codec"):
             return load_fish_dac(codec_dir, device=device, dtype=None if dtype is None else parse_dtype(dtype, device))
     codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", "*.safetensors"])
     config = read_json(codec_dir / "config.json")
     model_type = config.get("model_type")
     if model_type in ("speech_tokenizer", "moss-audio-tokenizer", "moss_audio_tokenizer") or "MossAudioTokenizerModel" in (
             config.get("architectures") or []):
-        with _config_errors(codec_dir):
+        with _checkpoint_errors(codec_dir, "codec"):
             return MossAudioTokenizer.from_pretrained(codec_dir, device=device,
                                                       dtype=None if dtype is None else parse_dtype(dtype, device))
     raise CheckpointError(f"{codec_dir / 'config.json'}: codec type {model_type!r} is not supported; supported: "

@@ -48,8 +48,8 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, v
     app = FastAPI(title="mossserve", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = state
     _install_errors(app, state)
-    app.add_middleware(InternalErrors, failed=lambda scope: state.metrics.requests.labels(
-        getattr(scope.get("route"), "path", None) or "other", "error").inc())
+    app.add_middleware(InternalErrors, failed=lambda scope: state.metrics.requests.labels(endpoint_of(scope),
+                                                                                             "error").inc())
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
                        refused=lambda: state.metrics.requests.labels("other", "client_error").inc())
     if settings.cors_origins:
@@ -116,12 +116,15 @@ def api_key_check(api_key: str | None):
     return check
 
 
+def endpoint_of(scope: dict) -> str:
+    """The metrics label of a request: its route's path ("other" before or without routing)."""
+    return getattr(scope.get("route"), "path", None) or "other"
+
+
 def _install_errors(app: FastAPI, state: ServerState) -> None:
     """OpenAI-style error bodies, each refusal counted by endpoint and outcome."""
     def count(request: Request, status: int) -> None:
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", None) or "other"
-        state.metrics.requests.labels(endpoint, outcome_for(status)).inc()
+        state.metrics.requests.labels(endpoint_of(request.scope), outcome_for(status)).inc()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:

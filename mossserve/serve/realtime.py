@@ -48,7 +48,6 @@ from .schemas import (
     TopK,
     TopP,
 )
-from .metrics import StreamClock
 from .speech import check_text_length, outcome_for, sampling_for, schedule_for, shutting_down
 from .state import ServerState
 
@@ -272,13 +271,13 @@ class RealtimeSession:
     async def send_audio(self, stream, turn_id: str) -> None:
         """The turn's audio as it is produced, then audio.done; the session is free for the next turn."""
         encoder, final, outcome = None, None, None  # outcome: once the engine has ended the turn
-        clock = StreamClock(self.state.metrics, streamed=True)
         try:
             async for chunk in stream:
                 final = chunk
                 if chunk.audio is None or not chunk.audio.shape[-1]:
                     continue
-                clock.audio(chunk.audio.shape[-1] / chunk.sample_rate)
+                # audio counted, not timed: a turn's pace is its text's (the latency histograms are HTTP's)
+                self.state.metrics.audio_seconds.inc(chunk.audio.shape[-1] / chunk.sample_rate)
                 encoder = encoder or StreamEncoder(self.settings.response_format, chunk.sample_rate,
                                                    self.state.tts.codec.channels)
                 event = {"type": "audio.delta", "turn_id": turn_id,
@@ -287,8 +286,6 @@ class RealtimeSession:
                     event["codes"] = chunk.codes.tolist()
                 await self.send(event)
             outcome = (self.ended_by or "disconnected") if final.finish_reason == "aborted" else "ok"
-            if outcome == "ok":
-                clock.finish()
             self.count(outcome)  # before audio.done: metrics read after it include the turn
             if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
                 await self.send({"type": "audio.delta", "turn_id": turn_id, "audio": base64.b64encode(tail).decode()})
