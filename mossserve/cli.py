@@ -302,11 +302,8 @@ def say_one(tts, args: argparse.Namespace) -> int:
     prompts = with_depth(tts, build_prompts(tts, args), args.depth)
     if len(prompts) != 1:
         raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
-    sampling = sampling_from_args(tts, args)
-    if args.output is not None:
-        tts.codec  # noqa: B018 - loaded (and checked against the model) before any generation
     progress = Progress(1, args.progress)
-    generation, audio = tts.run(prompts, sampling, args.max_frames,
+    generation, audio = tts.run(prompts, sampling_from_args(tts, args), args.max_frames,
                                 decode_audio=args.output is not None,
                                 on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final))[0]
     progress.close()
@@ -333,10 +330,7 @@ def say_session(tts, args: argparse.Namespace) -> int:
     if args.depth is not None:
         check_depth(tts, args.depth)  # refuses it: a session's model always generates all its codebooks
     script = SessionScript.from_json(args.request)
-    sampling = sampling_from_args(tts, args)
-    if args.output is not None:
-        tts.codec  # noqa: B018 - loaded (and checked against the model) before any generation
-    results = tts.run_session(script, sampling, args.max_frames,
+    results = tts.run_session(script, sampling_from_args(tts, args), args.max_frames,
                               decode_audio=args.output is not None)
     frames = np.concatenate([g.frames for g, _ in results]).astype(np.int64)
     ended = ", ".join(f"turn {i}: {_ENDINGS[g.finish_reason]} after {len(g.rows)} steps"
@@ -408,7 +402,7 @@ def say_batch(tts, args: argparse.Namespace) -> int:
         except InvalidRequestError as e:
             failed.append((line, str(e)))
     sampling = sampling_from_args(tts, args)
-    tts.codec  # noqa: B018 - loaded (and checked against the model) before any generation
+    tts.codec  # noqa: B018 - loaded (and checked against the model) before the output directory is made
     args.out_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(len(runnable), args.progress)
     results = tts.run([prompt for _, _, prompt in runnable], sampling, args.max_frames,

@@ -11,16 +11,21 @@ from .errors import InvalidRequestError, MossServeError
 
 def read_json_file(path: str | Path, kind: str = "file", error: type[MossServeError] = InvalidRequestError) -> Any:
     """The file's JSON value; `error` (with `kind` naming the file in "not found") otherwise."""
+    return parse_json(read_text_file(path, kind, "valid JSON", error), str(path), error)
+
+
+def read_text_file(path: str | Path, kind: str, holds: str, error: type[MossServeError] = InvalidRequestError) -> str:
+    """A UTF-8 text file's text; `error` otherwise (`kind` names the file in "not found", `holds`
+    says what it should be in "not UTF-8")."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{kind} not found: {path}") from None
     except UnicodeDecodeError as e:
-        raise error(f"{path} is not valid JSON: it is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise error(f"{path} is not {holds}: it is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror or e}") from None
-    return parse_json(text, str(path), error)
 
 
 def parse_json(text: str, where: str, error: type[MossServeError] = InvalidRequestError) -> Any:

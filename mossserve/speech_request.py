@@ -14,7 +14,7 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from .errors import InvalidRequestError
-from .json_files import parse_json, read_json_file
+from .json_files import parse_json, read_json_file, read_text_file
 
 FRAMES_PER_SECOND = 12.5
 MODES = ("generation", "continuation")
@@ -205,7 +205,8 @@ def read_npy(path: str | Path, label: str = "", holds: str = "integers") -> np.n
             if size - f.tell() < int(np.prod(shape, dtype=object)) * dtype.itemsize:
                 raise InvalidRequestError(f"{label}{path} is cut short: its header says {tuple(shape)} of {dtype}, "
                                           f"more than the file holds")
-        return np.load(path, allow_pickle=False)
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
     except InvalidRequestError:
         raise
     except FileNotFoundError:
@@ -238,14 +239,7 @@ def check_codes(array: np.ndarray, name: str = "codes") -> np.ndarray:
 def load_requests_jsonl(path: str | Path) -> list[tuple[int, SpeechRequest]]:
     """(line number, SpeechRequest) of every non-empty line; an error names the line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InvalidRequestError(f"batch file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise InvalidRequestError(f"{path} is not UTF-8 text: {e}") from None
-    except OSError as e:
-        raise InvalidRequestError(f"cannot read {path}: {e.strerror}") from None
+    lines = read_text_file(path, "batch file", "JSON lines").splitlines()
     requests = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

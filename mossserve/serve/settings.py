@@ -53,7 +53,7 @@ class ServerSettings:
         check_task(self.task)
         if not 0 <= self.port <= 65535:
             raise InvalidRequestError(f"port must lie in 0..65535, got {self.port}")
-        if self.api_key is not None and (not self.api_key.strip() or self.api_key != self.api_key.strip()):
+        if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
             raise InvalidRequestError("the API key (--api-key, else $MOSSSERVE_API_KEY) must be non-empty, without "
                                       "spaces around it (an empty key would leave the server open; clients send "
                                       "it after 'Bearer ')")
