@@ -1,14 +1,26 @@
-"""mossserve: inference and serving for the MOSS-TTS family and Fish Audio S2 Pro."""
+"""mossserve: inference and serving for the MOSS-TTS family and Fish Audio S2 Pro.
+
+The public names load on first use (PEP 562), so `mossserve --help`, argument errors and Ctrl-C
+during start-up answer at once instead of after torch has imported.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
+
 __version__ = "0.1.0"
 
-from .api import TTS, Audio
-from .config import ChunkSchedule, EngineConfig, RunawayGuard
-from .engine.async_engine import AsyncEngine, RequestStream
-from .engine.request import AudioChunk, Generation
-from .errors import (AudioError, CheckpointError, EngineClosedError, EngineFullError, InvalidRequestError,
-                     MossServeError, RequestAborted)
-from .sampling import SamplingParams
-from .speech_request import Speaker, SpeechRequest
+_HOMES = {
+    "TTS": "api", "Audio": "api",
+    "ChunkSchedule": "config", "EngineConfig": "config", "RunawayGuard": "config",
+    "AsyncEngine": "engine.async_engine", "RequestStream": "engine.async_engine",
+    "AudioChunk": "engine.request", "Generation": "engine.request",
+    "AudioError": "errors", "CheckpointError": "errors", "EngineClosedError": "errors", "EngineFullError": "errors",
+    "InvalidRequestError": "errors", "MossServeError": "errors", "RequestAborted": "errors",
+    "SamplingParams": "sampling",
+    "Speaker": "speech_request", "SpeechRequest": "speech_request",
+}
 
 __all__ = [
     "AsyncEngine",
@@ -31,3 +43,15 @@ __all__ = [
     "SpeechRequest",
     "TTS",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
+
+if TYPE_CHECKING:
+    from .api import TTS, Audio
+    from .config import ChunkSchedule, EngineConfig, RunawayGuard
+    from .engine.async_engine import AsyncEngine, RequestStream
+    from .engine.request import AudioChunk, Generation
+    from .errors import (AudioError, CheckpointError, EngineClosedError, EngineFullError, InvalidRequestError,
+                         MossServeError, RequestAborted)
+    from .sampling import SamplingParams
+    from .speech_request import Speaker, SpeechRequest

@@ -5,13 +5,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .audio.formats import EXTENSIONS
 from .errors import InvalidRequestError, MossServeError
 from .models.presets import PRESETS
 from .progress import Progress
+
+if TYPE_CHECKING:
+    import numpy as np
 
 AUDIO_EXTENSIONS = tuple(e for e in EXTENSIONS if e != ".npy")  # -o's audio names
 
@@ -223,7 +225,7 @@ def run_prompt(args: argparse.Namespace) -> None:
     if len(prompts) != 1:
         raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
     rows = prompts[0].info.get("matrix", prompts[0].rows)  # the processor's matrix (a family may run a variant)
-    save_npy(args.output, rows.astype(np.int64))
+    save_npy(args.output, rows)
     print(f"wrote {args.output}: prompt matrix {rows.shape}", file=sys.stderr)
 
 
@@ -310,7 +312,7 @@ def say_one(tts, args: argparse.Namespace) -> int:
     frames = generation.frames
     ended = f"{_ENDINGS[generation.finish_reason]} after {len(generation.rows)} steps"
     if args.codes_out is not None:
-        save_npy(args.codes_out, frames.astype(np.int64))
+        save_npy(args.codes_out, frames)
         print(f"wrote {args.codes_out}: codes {frames.shape} ({ended})", file=sys.stderr)
     if args.output is not None:
         from .audio import write_audio
@@ -325,6 +327,8 @@ def say_one(tts, args: argparse.Namespace) -> int:
 
 def say_session(tts, args: argparse.Namespace) -> int:
     """A Realtime session script: every turn in one session; codes and audio of all turns, in order."""
+    import numpy as np
+
     from .text.realtime_session import SessionScript
 
     if args.depth is not None:
@@ -414,7 +418,7 @@ def say_batch(tts, args: argparse.Namespace) -> int:
             failed.append((line, generation.error or f"the model produced no audio frames "
                                                     f"({_ENDINGS[generation.finish_reason]} after {len(generation.rows)} steps)"))
             continue
-        save_npy(args.out_dir / f"{index:04d}.npy", generation.frames.astype(np.int64))
+        save_npy(args.out_dir / f"{index:04d}.npy", generation.frames)
         write_audio(args.out_dir / f"{index:04d}.{args.format}", audio.samples, audio.sample_rate)
         total += audio.duration
     for line, error in sorted(failed):
@@ -454,9 +458,12 @@ def check_output(path: Path | None, audio: bool = False) -> None:
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save under exactly the name given (np.save itself adds .npy to any other name)."""
+    """Codes (or a prompt matrix) as int64, under exactly the name given (np.save itself adds .npy to
+    any other name)."""
+    import numpy as np
+
     with open(path, "wb") as f:
-        np.save(f, array)
+        np.save(f, array.astype(np.int64))
 
 
 def load_codec_arg(args: argparse.Namespace):
@@ -485,7 +492,7 @@ def run_codec_encode(args: argparse.Namespace) -> None:
     samples = load_audio(args.audio, codec.sample_rate, channels=codec.channels)
     with torch.inference_mode():
         codes = codec.encode(torch.from_numpy(samples).to(codec.device), n_quantizers=args.n_quantizers)
-    out = codes.T.cpu().numpy().astype(np.int64)
+    out = codes.T.cpu().numpy()
     if len(out) == 0:
         raise InvalidRequestError(f"{args.audio} is shorter than one codec frame "
                                   f"({codec.samples_per_frame / codec.sample_rate * 1000:g} ms): no codes")

@@ -239,6 +239,23 @@ def test_python_dash_m_runs_the_command() -> None:
     assert proc.returncode == 0 and "--reference-text" in proc.stdout
 
 
+def test_parser_and_package_names_load_without_torch() -> None:
+    """--help and argument errors answer before torch, PyAV or numpy import (seconds on a small
+    machine, and a Ctrl-C in them was a traceback); the package's public names still resolve."""
+    heavy = "('torch', 'numpy', 'av', 'soxr', 'soundfile')"
+    script = ("import sys, mossserve, mossserve.audio, mossserve.cli\n"
+              "mossserve.cli.build_parser().parse_args(['say', 'Hi', '-o', 'x.wav'])\n"
+              f"print(sorted(m for m in {heavy} if m in sys.modules))\n"
+              "print(mossserve.TTS.__module__, mossserve.SpeechRequest.__module__, mossserve.audio.write_audio.__module__)\n"
+              "assert sorted(dir(mossserve)) == sorted(set(dir(mossserve)))  # names once each\n"
+              "assert all(name in dir(mossserve) for name in mossserve.__all__)\n"
+              "try:\n    mossserve.NotAName\nexcept AttributeError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["[]", "mossserve.api mossserve.speech_request mossserve.audio.write",
+                                        "module 'mossserve' has no attribute 'NotAName'"]
+
+
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     (tmp_path / "req.json").write_text(json.dumps({"input": "Hi", "duration_seconds": -2}))
     proc = subprocess.run([sys.executable, "-m", "mossserve.cli", "say", "--request", str(tmp_path / "req.json"),
