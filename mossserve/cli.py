@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--greedy", action="store_true", help="argmax decoding (the model's other rules kept)")
     say.add_argument("--seed", type=int, help="seed for reproducible sampling")
     say.add_argument("--max-frames", type=int, help="cap on generated steps")
+    say.add_argument("--speed", type=float, default=1.0,
+                     help="play the written audio this many times as fast, pitch kept (0.25 to 4; default 1)")
     say.add_argument("--temperature", type=float, help="audio temperature, every codebook")
     say.add_argument("--top-p", type=float, help="audio top-p, every codebook")
     say.add_argument("--top-k", type=int, help="audio top-k, every codebook")
@@ -255,6 +257,7 @@ def run_say(args: argparse.Namespace) -> int:
     check_output(args.codes_out)
     if args.max_frames is not None and args.max_frames < 1:
         raise InvalidRequestError("--max-frames must be at least 1")
+    check_speed(args)
     if args.max_running is not None and args.max_running < 1:
         raise InvalidRequestError("--max-running must be at least 1")
     if args.text_file is not None:
@@ -269,6 +272,25 @@ def run_say(args: argparse.Namespace) -> int:
         return say_batch(tts, args) if args.batch is not None else say_one(tts, args)
     finally:
         tts.close()
+
+
+def check_speed(args: argparse.Namespace) -> None:
+    from .audio.tempo import SPEEDS
+
+    if not SPEEDS[0] <= args.speed <= SPEEDS[1]:
+        raise InvalidRequestError(f"--speed must lie in {SPEEDS[0]:g}..{SPEEDS[1]:g}, got {args.speed:g}")
+    if args.speed != 1.0 and args.output is None and args.batch is None:
+        raise InvalidRequestError("--speed changes the written audio: give -o OUT (codes are the same at any speed)")
+
+
+def write_speech(path: Path, samples: np.ndarray, rate: int, speed: float) -> float:
+    """The audio at --speed (time-stretched, pitch kept) written to `path`; its length in seconds."""
+    from .audio import write_audio
+    from .audio.tempo import change_tempo
+
+    samples = change_tempo(samples, rate, speed)
+    write_audio(path, samples, rate)
+    return samples.shape[-1] / rate
 
 
 def with_depth(tts, prompts: list, depth: int | None) -> list:
@@ -315,12 +337,10 @@ def say_one(tts, args: argparse.Namespace) -> int:
         save_npy(args.codes_out, frames)
         print(f"wrote {args.codes_out}: codes {frames.shape} ({ended})", file=sys.stderr)
     if args.output is not None:
-        from .audio import write_audio
-
         if len(frames) == 0:
             raise InvalidRequestError(f"the model produced no audio frames ({ended})")
-        write_audio(args.output, audio.samples, audio.sample_rate)
-        print(f"wrote {args.output}: {audio.duration:.2f} s at {written_rate(args.output, audio.sample_rate)} Hz "
+        seconds = write_speech(args.output, audio.samples, audio.sample_rate, args.speed)
+        print(f"wrote {args.output}: {seconds:.2f} s at {written_rate(args.output, audio.sample_rate)} Hz "
               f"({ended})", file=sys.stderr)
     return 0
 
@@ -343,13 +363,11 @@ def say_session(tts, args: argparse.Namespace) -> int:
         save_npy(args.codes_out, frames)
         print(f"wrote {args.codes_out}: codes {frames.shape} ({ended})", file=sys.stderr)
     if args.output is not None:
-        from .audio import write_audio
-
         if len(frames) == 0:
             raise InvalidRequestError(f"the model produced no audio frames ({ended})")
         samples = np.concatenate([audio.samples for _, audio in results], axis=-1)
-        write_audio(args.output, samples, results[0][1].sample_rate)
-        print(f"wrote {args.output}: {samples.shape[-1] / results[0][1].sample_rate:.2f} s ({ended})", file=sys.stderr)
+        seconds = write_speech(args.output, samples, results[0][1].sample_rate, args.speed)
+        print(f"wrote {args.output}: {seconds:.2f} s ({ended})", file=sys.stderr)
     return 0
 
 
@@ -391,7 +409,6 @@ def say_batch(tts, args: argparse.Namespace) -> int:
     """Every line of --batch through continuous batching; NNNN.<format> and NNNN.npy per request, in
     the file's order. A request the model cannot run, or that fails, is reported (by its line) and
     skipped; the others are written."""
-    from .audio import write_audio
     from .speech_request import load_requests_jsonl
 
     requests = load_requests_jsonl(args.batch)
@@ -419,8 +436,7 @@ def say_batch(tts, args: argparse.Namespace) -> int:
                                                     f"({_ENDINGS[generation.finish_reason]} after {len(generation.rows)} steps)"))
             continue
         save_npy(args.out_dir / f"{index:04d}.npy", generation.frames)
-        write_audio(args.out_dir / f"{index:04d}.{args.format}", audio.samples, audio.sample_rate)
-        total += audio.duration
+        total += write_speech(args.out_dir / f"{index:04d}.{args.format}", audio.samples, audio.sample_rate, args.speed)
     for line, error in sorted(failed):
         print(f"{args.batch}:{line}: skipped: {error}", file=sys.stderr)
     print(f"wrote {len(requests) - len(failed)} of {len(requests)} requests to {args.out_dir} ({total:.1f} s of audio)",

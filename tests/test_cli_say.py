@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from conftest import AUDIO_DIR, CODEC_DIR
@@ -119,3 +120,31 @@ def test_say_batch_takes_the_extensions_o_takes(delay_model_dirs, tmp_path: Path
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000.npy", "0000.ogg"]
     assert (tmp_path / "out" / "0000.ogg").read_bytes()[:4] == b"OggS"
+
+
+def test_say_speed_stretches_the_written_audio(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """--speed time-stretches what -o and --batch write (the codes are the model's, at any speed)."""
+    model = delay_model_dirs["tiny_nvq16"]
+    common = ["--model", model, "--codec", CODEC_DIR / "tiny", "--greedy"]
+    code, err = run(["say", "Hello at two speeds.", *common, "-o", tmp_path / "a.wav", "--codes-out", tmp_path / "a.npy"],
+                    capsys)
+    assert code == 0, err
+    code, err = run(["say", "Hello at two speeds.", *common, "--speed", "1.6", "-o", tmp_path / "b.wav",
+                     "--codes-out", tmp_path / "b.npy"], capsys)
+    assert code == 0, err
+    normal, rate = sf.read(tmp_path / "a.wav", dtype="float32")
+    fast, _ = sf.read(tmp_path / "b.wav", dtype="float32")
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    assert len(fast) == pytest.approx(len(normal) / 1.6, rel=0.05)
+    assert f"wrote {tmp_path / 'b.wav'}: {len(fast) / rate:.2f} s" in err
+
+    (tmp_path / "r.jsonl").write_text(json.dumps({"input": "Hello at two speeds."}) + "\n", encoding="utf-8")
+    code, err = run(["say", "--batch", tmp_path / "r.jsonl", *common, "--speed", "1.6", "--out-dir", tmp_path / "out"],
+                    capsys)
+    assert code == 0, err
+    assert len(sf.read(tmp_path / "out" / "0000.wav")[0]) == len(fast)
+
+    for extra, message in [(["--speed", "5", "-o", tmp_path / "c.wav"], "--speed must lie in 0.25..4, got 5"),
+                           (["--speed", "2", "--codes-out", tmp_path / "c.npy"], "--speed changes the written audio")]:
+        code, err = run(["say", "Hi.", *common, *extra], capsys)
+        assert code == 2 and message in err and "Traceback" not in err

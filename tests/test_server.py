@@ -108,6 +108,29 @@ def test_sse_reassembles_to_the_non_streamed_audio(served, format) -> None:
         np.testing.assert_array_equal(sf.read(io.BytesIO(streamed))[0], sf.read(io.BytesIO(whole.content))[0])
 
 
+def test_speed_plays_the_same_speech_faster_whole_or_streamed(served, reference_audio) -> None:
+    """OpenAI's `speed` time-stretches the generated audio (pitch kept): the whole response, a
+    stream and SSE all carry the engine's audio stretched once, as a whole."""
+    from mossserve.audio.tempo import change_tempo
+
+    response = client(served).audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="wav",
+                                                  speed=1.5, extra_body={"seed": SEED})
+    samples, rate = decoded(response.content, "wav")
+    expected = np.clip(change_tempo(reference_audio.samples, reference_audio.sample_rate, 1.5), -1, 1)
+    assert rate == reference_audio.sample_rate
+    assert samples.shape[-1] == pytest.approx(reference_audio.samples.shape[-1] / 1.5, rel=0.05)
+    np.testing.assert_allclose(samples, expected, atol=2 / 32768)
+
+    body = {"input": TEXT, "seed": SEED, "response_format": "pcm", "speed": 0.5, "initial_chunk_frames": 1}
+    whole = httpx.post(served + "/v1/audio/speech", json=body, timeout=60)
+    streamed = httpx.post(served + "/v1/audio/speech", json={**body, "stream": True}, timeout=60)
+    events = sse_events(served, {**body, "stream_format": "sse"})
+    assert whole.status_code == streamed.status_code == 200
+    assert len(whole.content) // 2 == pytest.approx(reference_audio.samples.shape[-1] * 2, rel=0.05)
+    assert streamed.content == whole.content
+    assert b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta") == whole.content
+
+
 def test_sse_usage_counts_the_generated_frames_of_a_continuation(served) -> None:
     """With ref_audio and ref_text the reference's own frames come first (their audio is cut):
     output_tokens counts the generated frames, those whose audio the response carries."""

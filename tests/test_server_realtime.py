@@ -125,6 +125,24 @@ def test_two_sessions_at_once(url: str) -> None:
         assert np.array_equal(b.result(), expected("stream_zh_user_short_text", 0))
 
 
+def test_a_slower_session_speaks_the_same_codes_for_longer(url: str) -> None:
+    """`speed` in the session settings stretches each turn's audio (a chunk the tempo filter holds
+    back still sends its codes); what the model generates is the reference's."""
+    t = RUNS["stream_zh_user_short_text"]["turns"][0]
+
+    def turn(speed: float) -> tuple[np.ndarray, int]:
+        with Client(url, voice_codes=codes("voice"), speed=speed, initial_chunk_frames=1) as client:
+            deltas, done = play_turn(client, t["ops"], {"user_text": t["reset_turn"]["user_text"],
+                                                        "user_audio_codes": codes("user_zh")})
+        assert done["finish_reason"] == "stop"
+        return turn_codes(deltas), len(b"".join(base64.b64decode(d["audio"]) for d in deltas))
+
+    (normal, normal_bytes), (slow, slow_bytes) = turn(1.0), turn(0.5)
+    assert np.array_equal(normal, expected("stream_zh_user_short_text", 0))
+    assert np.array_equal(slow, normal)
+    assert slow_bytes == pytest.approx(2 * normal_bytes, rel=0.05)
+
+
 def test_a_first_turn_that_never_spoke_leaves_the_context_to_the_next(url: str) -> None:
     """An empty first turn gets an error and feeds nothing (README 5.6: a turn's input goes in with
     its text), so the next turn opens the context with the system prompt and voice: the goldens."""

@@ -5,7 +5,7 @@ as it exists, turn after turn, in one engine session whose context (earlier turn
 audio and generated audio) stays in the KV cache. JSON messages, one per frame:
 
 client -> server
-  session.update  {"session": {voice | voice_codes, response_format, seed, temperature, top_p,
+  session.update  {"session": {voice | voice_codes, response_format, speed, seed, temperature, top_p,
                    top_k, repetition_penalty, initial_chunk_frames, include_codes}, "new_context"}
   turn.start      {user_text, user_audio (base64 / data URL / stored voice) | user_audio_codes}
   text.delta      {"delta": "..."} or {"tokens": [ids]}  (starts a turn with no user turn if none is open)
@@ -44,11 +44,12 @@ from .schemas import (
     RepetitionPenalty,
     ResponseFormat,
     Seed,
+    Speed,
     Temperature,
     TopK,
     TopP,
 )
-from .speech import check_text_length, outcome_for, sampling_for, schedule_for, shutting_down
+from .speech import at_speed, check_text_length, outcome_for, sampling_for, schedule_for, shutting_down, tempo_for
 from .state import ServerState
 
 router = APIRouter()
@@ -66,6 +67,7 @@ class SessionSettings(Body):
     repetition_penalty: RepetitionPenalty | None = None
     initial_chunk_frames: FirstChunkFrames | None = None
     include_codes: bool = False
+    speed: Speed = 1.0
 
 
 class SessionUpdate(Body):
@@ -271,18 +273,20 @@ class RealtimeSession:
     async def send_audio(self, stream, turn_id: str) -> None:
         """The turn's audio as it is produced, then audio.done; the session is free for the next turn."""
         encoder, final, outcome = None, None, None  # outcome: once the engine has ended the turn
+        tempo = tempo_for(self.state, self.settings.speed)
         try:
             async for chunk in stream:
-                final = chunk
-                if chunk.audio is None or not chunk.audio.shape[-1]:
-                    continue
+                final = chunk = at_speed(chunk, tempo) if tempo is not None else chunk
+                samples = chunk.audio.shape[-1] if chunk.audio is not None else 0
+                if not samples and not (self.settings.include_codes and len(chunk.codes)):
+                    continue  # a slowed turn's first chunk may leave the tempo filter no audio yet
                 # audio counted, not timed: a turn's pace is its text's (the latency histograms are HTTP's)
-                self.state.metrics.audio_seconds.inc(chunk.audio.shape[-1] / chunk.sample_rate)
+                self.state.metrics.audio_seconds.inc(samples / chunk.sample_rate)
                 encoder = encoder or StreamEncoder(self.settings.response_format, chunk.sample_rate,
                                                    self.state.tts.codec.channels)
-                event = {"type": "audio.delta", "turn_id": turn_id,
-                         "audio": base64.b64encode(await asyncio.to_thread(encoder.write, chunk.audio)).decode()}
-                if self.settings.include_codes:
+                data = await asyncio.to_thread(encoder.write, chunk.audio) if samples else b""
+                event = {"type": "audio.delta", "turn_id": turn_id, "audio": base64.b64encode(data).decode()}
+                if self.settings.include_codes and len(chunk.codes):  # none on a final tail of audio
                     event["codes"] = chunk.codes.tolist()
                 await self.send(event)
             outcome = (self.ended_by or "disconnected") if final.finish_reason == "aborted" else "ok"

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Protocol
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ..audio.formats import FORMATS
+from ..audio.tempo import SPEEDS
 from ..sampling import MIN_DIVISOR
 
 ResponseFormat = Literal[FORMATS]  # wav, pcm, flac, mp3, opus
@@ -21,13 +22,14 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-# The sampling and first-chunk fields a speech request and a realtime session share.
+# The sampling, first-chunk and speed fields a speech request and a realtime session share.
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 Temperature = Annotated[float, Field(ge=0, le=10)]  # and 0 or >= sampling.MIN_DIVISOR (SamplingParams.validate)
 TopP = Annotated[float, Field(gt=0, le=1)]
 TopK = Annotated[int, Field(ge=0, le=100000)]
 RepetitionPenalty = Annotated[float, Field(ge=MIN_DIVISOR, le=10)]
 FirstChunkFrames = Annotated[int, Field(ge=1)]
+Speed = Annotated[float, Field(ge=SPEEDS[0], le=SPEEDS[1])]  # OpenAI's range; audio/tempo.py
 
 
 class SamplingFields(Protocol):
@@ -66,7 +68,7 @@ class SpeechBody(Body):
     input: Annotated[str, Field(min_length=1)]
     voice: Annotated[str, Field(min_length=1, max_length=64), BeforeValidator(_voice_id)] | None = None
     response_format: ResponseFormat = "mp3"
-    speed: Annotated[float, Field(ge=0.25, le=4.0)] = 1.0
+    speed: Speed = 1.0
     instructions: str | None = None
     stream: bool = False
     stream_format: Literal["audio", "sse"] | None = None

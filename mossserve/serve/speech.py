@@ -12,13 +12,14 @@ import base64
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio
+from ..audio.tempo import TempoChange
 from ..config import ChunkSchedule
 from ..engine.async_engine import RequestStream
 from ..engine.request import AudioChunk
@@ -45,8 +46,9 @@ async def speech(body: SpeechBody, request: Request) -> Response:
     state: ServerState = request.app.state.server
     clock = StreamClock(state.metrics, streamed=body.stream or body.stream_format == "sse")
     deadline = time.monotonic() + state.settings.request_timeout_s
+    tempo = tempo_for(state, body.speed)
     stream = await submit(state, body)
-    run = Run(state, stream, deadline, clock, watch_disconnect(request, state, stream))
+    run = Run(state, stream, deadline, clock, watch_disconnect(request, state, stream), tempo)
     if body.stream_format == "sse":
         return StreamingResponse(run.sse(body.response_format), media_type="text/event-stream",
                                  headers={**run.headers(), "Cache-Control": "no-cache"})
@@ -63,10 +65,6 @@ async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
     if not state.accepts_model(body.model):
         raise APIError(404, f"model {body.model!r} is not served here; this server runs {state.model_name!r}",
                        param="model", code="model_not_found")
-    if body.speed != 1.0:
-        raise APIError(400, f"speed {body.speed} is not supported: the MOSS models speak at their own pace "
-                            "(only 1.0 is accepted; duration_seconds sets a target length on models with duration control)",
-                       param="speed")
     texts = [("input", body.input), ("instructions", body.instructions), ("ref_text", body.ref_text)]
     texts += [(f"speakers[{i}].ref_text", s.ref_text) for i, s in enumerate(body.speakers or [])]
     for name, text in texts:  # before any tokenizing: a huge text holds the interpreter for seconds
@@ -125,6 +123,20 @@ def schedule_for(state: ServerState, body: SamplingFields, code: str | None = No
     return ChunkSchedule(first=body.initial_chunk_frames, rest=config.chunk_schedule.rest)
 
 
+def tempo_for(state: ServerState, speed: float) -> TempoChange | None:
+    """`speed` other than 1: the models speak at their own pace, so their audio is time-stretched."""
+    codec = state.tts.codec
+    return TempoChange(speed, codec.sample_rate, codec.channels) if speed != 1.0 else None
+
+
+def at_speed(chunk: AudioChunk, tempo: TempoChange) -> AudioChunk:
+    """The chunk's audio through the request's tempo change; the final chunk also carries its tail."""
+    audio = tempo.write(chunk.audio if chunk.audio is not None else np.zeros((tempo.channels, 0), np.float32))
+    if chunk.final:
+        audio = np.concatenate([audio, tempo.close()], axis=-1)
+    return replace(chunk, audio=audio)
+
+
 def watch_disconnect(request: Request, state: ServerState, stream: RequestStream) -> asyncio.Task:
     """Abort the request the moment its client disconnects (the body has been read, so the next
     ASGI message can only be the disconnect)."""
@@ -145,6 +157,7 @@ class Run:
     deadline: float
     clock: StreamClock
     watcher: asyncio.Task
+    tempo: TempoChange | None  # `speed` other than 1
     counted: bool = False  # its outcome is in the metrics
 
     def headers(self) -> dict[str, str]:
@@ -161,6 +174,8 @@ class Run:
                                         "timeout and was stopped", code="timeout") from None
                 except MossServeError as e:
                     raise APIError(500, str(e), code="generation_failed") from None
+                if self.tempo is not None:
+                    chunk = at_speed(chunk, self.tempo)
                 if chunk.audio is not None and chunk.audio.shape[-1]:
                     self.clock.audio(chunk.audio.shape[-1] / chunk.sample_rate)
                 yield chunk
