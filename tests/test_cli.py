@@ -256,6 +256,20 @@ def test_parser_and_package_names_load_without_torch() -> None:
                                         "module 'mossserve' has no attribute 'NotAName'"]
 
 
+def test_no_public_name_is_shadowed_by_a_submodule() -> None:
+    """Importing a submodule sets it as its package's attribute: a public name that is also a
+    submodule's name (mossserve.audio.resample was both) then reads as the module once anything has
+    imported it."""
+    import pkgutil
+
+    import mossserve
+    import mossserve.audio
+
+    for package in (mossserve, mossserve.audio):
+        submodules = {module.name for module in pkgutil.iter_modules(package.__path__)}
+        assert not submodules & set(package.__all__), package.__name__
+
+
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     (tmp_path / "req.json").write_text(json.dumps({"input": "Hi", "duration_seconds": -2}))
     proc = subprocess.run([sys.executable, "-m", "mossserve.cli", "say", "--request", str(tmp_path / "req.json"),

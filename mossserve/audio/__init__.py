@@ -14,7 +14,7 @@ _HOMES = {
     "format_from_path": "formats", "output_rate": "formats",
     "load_audio": "load",
     "read_audio": "read",
-    "resample": "resample",
+    "resample": "resampler",
     "StreamEncoder": "stream",
     "encode_audio": "write", "write_audio": "write",
 }
@@ -40,6 +40,6 @@ if TYPE_CHECKING:
     from mossserve.audio.formats import EXTENSIONS, FORMATS, MEDIA_TYPES, RATES, format_from_path, output_rate
     from mossserve.audio.load import load_audio
     from mossserve.audio.read import read_audio
-    from mossserve.audio.resample import resample
+    from mossserve.audio.resampler import resample
     from mossserve.audio.stream import StreamEncoder
     from mossserve.audio.write import encode_audio, write_audio

@@ -23,7 +23,7 @@ import av
 import numpy as np
 
 from mossserve.audio.formats import output_rate
-from mossserve.audio.resample import StreamResampler
+from mossserve.audio.resampler import StreamResampler
 from mossserve.audio.samples import as_channels_first, clip, to_s16
 from mossserve.errors import AudioError
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from mossserve.audio.read import AudioSource, read_audio
-from mossserve.audio.resample import resample
+from mossserve.audio.resampler import resample
 from mossserve.errors import AudioError
 
 

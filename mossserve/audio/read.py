@@ -10,7 +10,7 @@ import av
 import numpy as np
 import soundfile as sf
 
-from mossserve.audio.resample import resample
+from mossserve.audio.resampler import resample
 from mossserve.errors import AudioError
 
 AudioSource = str | PathLike | bytes | bytearray | memoryview | BinaryIO
