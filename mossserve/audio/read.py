@@ -100,17 +100,21 @@ def _check_length(seconds: float, max_seconds: float | None) -> None:
 def _read_soundfile(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarray, int]:
     """Read in blocks, so that memory and the length check follow the samples actually decoded, not
     the header's claim (a damaged FLAC can say 2**36 samples for one second of audio; libsndfile then
-    fails at the data's end, and FFmpeg reads the file)."""
+    fails at the data's end, and FFmpeg reads the file). A short read ends the file: an MP3's header
+    may promise more frames than decode (a cut file, an encoder's estimate), and soundfile's
+    `blocks()` would hand out the rest of its buffer (uninitialised memory, or the previous block)."""
     with sf.SoundFile(file) as f:
         if f.frames >= _UNKNOWN_LENGTH:
             raise _NotForLibsndfile
-        blocks, frames = [], 0
-        for block in f.blocks(blocksize=max(1, _BLOCK_SAMPLES // f.channels), dtype="float32", always_2d=True):
+        block_frames = max(1, _BLOCK_SAMPLES // f.channels)
+        blocks, frames = [np.zeros((0, f.channels), np.float32)], 0
+        while len(block := f.read(block_frames, dtype="float32", always_2d=True)):
             blocks.append(block)
             frames += len(block)
             _check_length(frames / f.samplerate, max_seconds)
-        x = np.concatenate(blocks) if blocks else np.zeros((0, f.channels), np.float32)
-        return np.ascontiguousarray(x.T), f.samplerate
+            if len(block) < block_frames:
+                break
+        return np.ascontiguousarray(np.concatenate(blocks).T), f.samplerate
 
 
 def _read_av(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarray, int]:
