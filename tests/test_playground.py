@@ -382,3 +382,13 @@ def test_fish_speakers_are_tagged_as_fish_tags_them_and_not_capped(browser, fish
     browser.click("#speakers .speaker:first-child .remove")
     labels = [el.text for el in browser.driver.find_elements("css selector", "#speakers .speaker span")]
     assert labels == [f"<|speaker:{i}|>" for i in range(5)]
+
+
+def test_speed_set_in_the_page_is_sent(browser, demo_url) -> None:
+    browser.open(demo_url)
+    browser.fill("#speed", "1.5")
+    speak(browser, TEXT, SEED)
+    assert browser.js("return window.playground.speech.status") == "done", browser.errors()
+    faster = api_pcm(demo_url, input=TEXT, seed=SEED, speed=1.5)
+    assert page_pcm(browser, "speech") == faster
+    assert len(faster) < len(api_pcm(demo_url, input=TEXT, seed=SEED)) / 1.4

@@ -98,6 +98,7 @@ export class RealtimeTab {
     const session = { response_format: "pcm" };
     const temperature = $("rt-temperature").value.trim();
     if (temperature !== "") session.temperature = Number(temperature);
+    session.speed = Number($("rt-speed").value.trim() || 1); // every turn: a cleared field means 1 again
     if (this.fresh && $("rt-voice").value) session.voice = $("rt-voice").value;
     this.message({ type: "session.update", session });
     this.fresh = false;

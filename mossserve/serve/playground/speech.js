@@ -83,6 +83,7 @@ export class SpeechTab {
     body.top_k = number("top-k");
     body.repetition_penalty = number("repetition-penalty");
     body.max_new_tokens = number("max-frames");
+    body.speed = number("speed");
     return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== undefined));
   }
 
