@@ -309,9 +309,30 @@ def test_free_slots_take_requests_beyond_the_queue_bound() -> None:
 def test_a_prompt_of_no_rows_or_the_wrong_width_is_refused(rows) -> None:
     """(An empty prompt was admitted and spun for ever holding its slot.)"""
     engine = Engine(family("tiny_nvq16"), None, EngineConfig(threaded=False))
-    with pytest.raises(InvalidRequestError, match="no rows|prompt rows must be an array"):
+    with pytest.raises(InvalidRequestError, match=r"prompt matrix must have shape \(T, 17\)"):
         engine.add_request(Prompt(rows=rows), SamplingParams.greedy(), lambda c: None, decode_audio=False)
     assert not engine.has_work()
+
+
+@pytest.mark.parametrize("where, value, message", [((3, 0), 10**6, "text ids must lie in"),
+                                                   ((-1, 5), -7, "audio codes must lie in")])
+def test_a_hand_made_prompt_the_model_cannot_embed_is_refused_alone(where, value, message) -> None:
+    """It failed in the embedding, and so did every request prefilled with it (on CUDA an
+    out-of-range index is a device assert that ends the process)."""
+    fam = family("tiny_nvq16")
+    engine = Engine(fam, None, EngineConfig(threaded=False))
+    good = fam.prompt_from_rows(golden_requests("tiny_nvq16")[0][1])
+    rows = good.rows.copy()
+    rows[where] = value
+    outbox = Outbox()
+    engine.add_request(good, SamplingParams.greedy(), outbox.sink, request_id="good", max_new_frames=4,
+                       decode_audio=False)
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.add_request(Prompt(rows=rows, start_length=good.start_length, info=dict(good.info)),
+                           SamplingParams.greedy(), outbox.sink, max_new_frames=4, decode_audio=False)
+    while engine.has_work():
+        engine.step()
+    assert outbox.final("good").finish_reason != "error"
 
 
 def test_a_full_queue_refuses_new_work_and_the_engine_keeps_serving() -> None:

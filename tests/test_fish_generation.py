@@ -139,6 +139,20 @@ def test_bad_prompt_matrix_is_refused() -> None:
         family().prompt_from_rows(rows)
 
 
+def test_a_hand_made_prompt_with_a_bad_later_batch_is_refused_when_queued() -> None:
+    """The engine checks a prompt it is given (one not from prompt_from_rows), its later batches too."""
+    from mossserve.models.family import Prompt
+
+    prompt, sampling, _ = request("multi_speaker")
+    tails = [t.copy() for t in prompt.info["continuations"]]
+    tails[0][-1, 0] = family().config.slow.vocab_size
+    engine = Engine(family(), None, EngineConfig(threaded=False))
+    with pytest.raises(InvalidRequestError, match="text ids must lie"):
+        engine.add_request(Prompt(rows=prompt.rows, info={"continuations": tails}, later_rows=prompt.later_rows),
+                           sampling, lambda chunk: None, decode_audio=False)
+    assert not engine.has_work()
+
+
 def test_batched_fast_ar_rows_do_not_mix() -> None:
     """One slow state repeated with different tokens: each row's frame equals its own single run."""
     fam = family()

@@ -69,6 +69,20 @@ def test_fish_settings() -> None:
         fish_settings(SamplingParams(audio_temperature=[0.8] * 10))
 
 
+def test_per_codebook_settings_are_refused_before_anything_is_queued() -> None:
+    """They passed the engine's checks and failed in `admit` on the engine's thread: the request
+    came back failed (counted as an engine failure) instead of the call raising."""
+    from mossserve.config import EngineConfig
+    from mossserve.engine.engine import Engine
+    from mossserve.errors import InvalidRequestError
+
+    engine = Engine(family(), None, EngineConfig(threaded=False))
+    for sampling in (SamplingParams(audio_top_k=[30] * 10), SamplingParams(audio_temperature=[0.8] * 10)):
+        with pytest.raises(InvalidRequestError, match="one value for all codebooks"):
+            engine.check_settings(sampling, decode_audio=False)
+    assert not engine.has_work() and engine.stats()["failed"] == 0
+
+
 @pytest.mark.parametrize("which", ["plain", "hit"])
 def test_repetition_aware_step(which: str) -> None:
     """One decode step on plain__b0's prompt (ras.npz): with the window hit, the normal sample repeats

@@ -126,6 +126,22 @@ def test_speech_request_with_depth(tts) -> None:
     assert shallow.shape[1] == 8 and np.array_equal(shallow, tts.generate([prompt], SamplingParams.greedy())[0].frames)
 
 
+def test_a_prompt_at_a_reduced_depth_is_checked_below_it_and_skipped_above_it(tts) -> None:
+    """The engine checks prompts it is given; a depth-K prompt holds SKIPPED above channel K."""
+    from mossserve.errors import InvalidRequestError
+    from mossserve.models.family import Prompt
+
+    talker = tts.talker
+    prompt = talker.with_depth(talker.prompt_from_rows(get_run("greedy_clone").prompts[0]), 8)
+    talker.check_prompt(prompt)
+    for column, value, message in [(9, 0, "holds -1 \\(not embedded\\) above it"),
+                                   (8, -1, "audio codes must lie in"), (1, talker.config.audio_pad_code + 1, "audio codes")]:
+        rows = prompt.rows.copy()
+        rows[-1, column] = value
+        with pytest.raises(InvalidRequestError, match=message):
+            talker.check_prompt(Prompt(rows=rows, start_length=prompt.start_length, info=prompt.info))
+
+
 def fixed_shape_run(fam, requests, mode: str) -> list:
     """Every request in one engine whose runner decodes at fixed shapes (`mode` static or graphs):
     the backbone step and the depth loop padded to 1, 2, 4, 8 or 12 rows."""

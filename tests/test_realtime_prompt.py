@@ -133,3 +133,20 @@ def test_requests_with_fields_of_other_families_are_refused(field: dict) -> None
 
     with pytest.raises(InvalidRequestError, match="takes input and voice only"):
         realtime_family().build_prompt(SpeechRequest(input="Hello.", **field))
+
+
+def test_a_hand_made_prompt_with_text_ids_the_model_lacks_is_refused_when_queued() -> None:
+    """The engine checks a prompt it is given: its rows and the text ids it will feed, one per step."""
+    from mossserve.config import EngineConfig
+    from mossserve.engine.engine import Engine
+    from mossserve.models.family import Prompt
+
+    family = realtime_family()
+    good = family.build_prompt(SpeechRequest(input="Hello there."))
+    vocab = family.config.language.vocab_size
+    engine = Engine(family, None, EngineConfig(threaded=False))
+    for info in ({**good.info, "text_ids": np.array([5, vocab])}, {**good.info, "text_ids": np.array([-1])}):
+        with pytest.raises(InvalidRequestError, match=f"text ids must lie in 0..{vocab - 1}"):
+            engine.add_request(Prompt(rows=good.rows, info=info), family.default_sampling(), lambda c: None,
+                               decode_audio=False)
+    assert not engine.has_work()

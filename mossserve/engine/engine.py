@@ -85,11 +85,10 @@ class Engine:
         queue is full; nothing is queued then."""
         self.check_settings(sampling, max_new_frames, schedule, session, decode_audio)
         schedule = schedule or self.config.chunk_schedule
-        if not isinstance(prompt.rows, np.ndarray) or prompt.rows.ndim != 2 or prompt.rows.shape[1] != self.family.columns:
+        if not isinstance(prompt.rows, np.ndarray):
             raise InvalidRequestError(f"prompt rows must be an array (positions, {self.family.columns}), got "
-                                      f"{getattr(prompt.rows, 'shape', type(prompt.rows).__name__)}")
-        if not len(prompt.rows):
-            raise InvalidRequestError("the prompt has no rows")
+                                      f"{type(prompt.rows).__name__}")
+        self.family.check_prompt(prompt)  # shape, ids and codes the model can embed
         length = len(prompt.rows) + prompt.later_rows
         if length >= self.max_len:
             raise InvalidRequestError(f"the prompt has {length} positions; this engine allows {self.max_len} "
@@ -137,6 +136,7 @@ class Engine:
         if not isinstance(sampling, SamplingParams):
             raise InvalidRequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         sampling.validate(self.family.codebooks)
+        self.family.check_sampling(sampling)
         if max_new_frames is not None:
             if isinstance(max_new_frames, bool) or not isinstance(max_new_frames, (int, np.integer)):
                 raise InvalidRequestError(f"max_new_frames must be an integer, got {max_new_frames!r}")

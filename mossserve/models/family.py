@@ -94,6 +94,20 @@ class TalkerFamily(ABC):
     @abstractmethod
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt: ...
 
+    @property
+    @abstractmethod
+    def row_limits(self) -> tuple[int, int]:
+        """(text vocabulary size, largest audio code) of a prompt row this model can embed."""
+
+    def checked_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows as a user gives them (`say --prompt-matrix`), checked against this model (`checked_rows`)."""
+        return checked_rows(rows, self.columns, *self.row_limits)
+
+    def check_prompt(self, prompt: Prompt) -> None:
+        """Refuse a prompt (a hand-made one: the builders check theirs) that the model cannot embed;
+        run, it would fail in the embedding and take its whole batch with it (on CUDA, the device)."""
+        self.checked_rows(prompt.rows)
+
     @abstractmethod
     def default_sampling(self) -> SamplingParams: ...
 
@@ -108,6 +122,10 @@ class TalkerFamily(ABC):
 
     def release(self, state: object, slot: int) -> None:
         """Forget the request in `slot`."""
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Raise InvalidRequestError for valid settings this family cannot sample with (checked when a
+        request is queued, so that `admit` never refuses one on the engine's thread)."""
 
     # ---- streaming input: text arriving while the request runs (families that support it) -----
     def push_input(self, state: object, slot: int, piece: object, end: bool) -> InputUpdate:

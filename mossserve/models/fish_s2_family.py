@@ -39,7 +39,7 @@ from ..loader import build_on_meta, load_weights, weight_files
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
 from .config_utils import read_json
-from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily, checked_rows
+from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily
 from .fish_s2 import FishS2Model
 from .fish_s2_config import FishS2Config
 from .fish_s2_sampling import (
@@ -137,10 +137,17 @@ class FishS2Family(TalkerFamily):
 
     def prompt_from_rows(self, rows: np.ndarray, tails: list[np.ndarray] = ()) -> Prompt:
         """Batch 0's prompt matrix (T, 1 + N) and the prompt tails of later batches, checked."""
-        c = self.config
-        rows = checked_rows(rows, self.columns, c.slow.vocab_size, c.codebook_size - 1)
-        tails = [checked_rows(t, self.columns, c.slow.vocab_size, c.codebook_size - 1) for t in tails]
-        return Prompt(rows=rows, info={"continuations": tails}, later_rows=sum(len(t) for t in tails))
+        tails = [self.checked_rows(t) for t in tails]
+        return Prompt(rows=self.checked_rows(rows), info={"continuations": tails}, later_rows=sum(len(t) for t in tails))
+
+    @property
+    def row_limits(self) -> tuple[int, int]:
+        return self.config.slow.vocab_size, self.config.codebook_size - 1
+
+    def check_prompt(self, prompt: Prompt) -> None:
+        super().check_prompt(prompt)
+        for tail in prompt.info.get("continuations", ()):
+            self.checked_rows(tail)
 
     def default_sampling(self) -> SamplingParams:
         return self._sampling_defaults
@@ -158,6 +165,9 @@ class FishS2Family(TalkerFamily):
             pending=[[] for _ in range(max_slots)],
             replay=[None] * max_slots,
         )
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        fish_settings(sampling)
 
     def admit(self, state: FishState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
         sampling.validate()

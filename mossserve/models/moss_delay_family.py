@@ -34,7 +34,7 @@ from ..layers.sampler import (
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
 from .delay_pattern import dedelay, segments
-from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily, checked_rows
+from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily
 from .moss_delay import MossDelayModel
 from .moss_delay_config import MossDelayConfig
 
@@ -128,10 +128,14 @@ class MossDelayFamily(TalkerFamily):
             self._builder = DelayPromptBuilder(self.tokenizer, self.config)
         return self.prompt_from_rows(self._builder.build(conversation, mode))
 
+    @property
+    def row_limits(self) -> tuple[int, int]:
+        return self.config.language.vocab_size, self.config.audio_pad_code
+
     def prompt_from_rows(self, rows: np.ndarray) -> Prompt:
         """A prompt matrix as is (e.g. `say --prompt-matrix`), checked against this model."""
         cfg = self.config
-        rows = checked_rows(rows, self.columns, cfg.language.vocab_size, cfg.audio_pad_code)
+        rows = self.checked_rows(rows)
         starts = np.nonzero(rows[:, 0] == cfg.im_start_token_id)[0]
         start_idx = (int(starts[-1]) if len(starts) else -1) + 3
         return Prompt(rows=rows, start_length=len(rows) - start_idx, info={"start_idx": start_idx})

@@ -26,7 +26,7 @@ from ..layers.fixed_shape import FixedShapeCalls
 from ..layers.sampler import exponential_noise, noise_by_request
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
-from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily, checked_rows
+from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily
 from .moss_local import SKIPPED, MossLocalModel
 from .moss_local_config import MossLocalConfig
 from .moss_local_sampling import choose
@@ -90,10 +90,14 @@ class MossLocalFamily(TalkerFamily):
             self._builder = LocalPromptBuilder(self.tokenizer, self.config)
         return self.prompt_from_rows(self._builder.build(conversation, mode))
 
+    @property
+    def row_limits(self) -> tuple[int, int]:
+        return self.config.language.vocab_size, self.config.audio_pad_code
+
     def prompt_from_rows(self, rows: np.ndarray) -> Prompt:
         """A prompt matrix as is (e.g. `say --prompt-matrix`), checked against this model; full depth."""
         cfg = self.config
-        rows = checked_rows(rows, self.columns, cfg.language.vocab_size, cfg.audio_pad_code)
+        rows = self.checked_rows(rows)
         starts = np.flatnonzero(rows[:, 0] == cfg.audio_start_token_id)
         # Upstream returns the rows from the last <|audio_start|>; those already in the prompt are the prefix.
         start_length = len(rows) - int(starts[-1]) - 1 if len(starts) else 0
@@ -103,6 +107,18 @@ class MossLocalFamily(TalkerFamily):
         n = self.config.n_vq
         if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 1 <= depth <= n:
             raise InvalidRequestError(f"depth must be an integer in 1..{n} (codebooks per frame), got {depth!r}")
+
+    def check_prompt(self, prompt: Prompt) -> None:
+        """As every family's, but at a reduced depth the channels above it hold SKIPPED (`with_depth`)."""
+        depth = prompt.info.get("depth", self.config.n_vq)
+        self.check_depth(depth)
+        rows = prompt.rows
+        if rows.ndim == 2 and rows.shape[1] == self.columns and depth < self.config.n_vq:
+            if not (rows[:, 1 + depth:] == SKIPPED).all():
+                raise InvalidRequestError(f"a prompt at depth {depth} holds {SKIPPED} (not embedded) above it")
+            rows = rows[:, : 1 + depth]
+            rows = np.concatenate([rows, np.zeros((len(rows), self.config.n_vq - depth), rows.dtype)], axis=1)
+        self.checked_rows(rows)
 
     def with_depth(self, prompt: Prompt, depth: int) -> Prompt:
         """The prompt at depth K: channels above K become SKIPPED (not embedded), frames hand K codebooks on."""

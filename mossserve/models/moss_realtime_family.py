@@ -27,7 +27,7 @@ from ..layers.fixed_shape import FixedShapeCalls
 from ..layers.sampler import apply_repetition_penalty, noise_by_request
 from ..sampling import SamplingParams
 from ..speech_request import EncodeVoice, SpeechRequest, check_text
-from .family import InputUpdate, Prompt, StepOutput, TalkerFamily, checked_rows
+from .family import InputUpdate, Prompt, StepOutput, TalkerFamily
 from .moss_realtime import MossRealtimeModel
 from .moss_realtime_config import MossRealtimeConfig
 from .moss_realtime_sampling import sample_codes
@@ -150,14 +150,25 @@ class MossRealtimeFamily(TalkerFamily):
 
     def prompt_from_rows(self, rows: np.ndarray, text_ids: list[int] | tuple = (), text_tokens: int | None = None) -> Prompt:
         """A prompt matrix as is (its last row starts the audio), then `text_ids` fed one per step."""
-        cfg = self.config
-        rows = checked_rows(rows, self.columns, cfg.language.vocab_size, cfg.audio_eos_code)
-        ids = np.asarray(text_ids, dtype=np.int64)
-        if len(ids) and (ids.min() < 0 or ids.max() >= cfg.language.vocab_size):
-            raise InvalidRequestError(f"text ids must lie in 0..{cfg.language.vocab_size - 1}")
+        rows = self.checked_rows(rows)
+        ids = self._checked_text_ids(text_ids)
         info = {"text_ids": ids, "runaway_guard": True,
                 "text_tokens": int(text_tokens if text_tokens is not None else len(ids))}
         return Prompt(rows=rows, info=info)
+
+    @property
+    def row_limits(self) -> tuple[int, int]:
+        return self.config.language.vocab_size, self.config.audio_eos_code
+
+    def check_prompt(self, prompt: Prompt) -> None:
+        super().check_prompt(prompt)
+        self._checked_text_ids(prompt.info.get("text_ids", ()))
+
+    def _checked_text_ids(self, text_ids) -> np.ndarray:
+        ids, vocab = np.asarray(text_ids, dtype=np.int64), self.config.language.vocab_size
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
+            raise InvalidRequestError(f"text ids must lie in 0..{vocab - 1}")
+        return ids
 
     def default_sampling(self) -> SamplingParams:
         return self._sampling_defaults
