@@ -201,8 +201,11 @@ def build_prompts(tts, args: argparse.Namespace) -> list:
         text = getattr(args, "text", None)
         if text is None:
             raise InvalidRequestError("give TEXT, --request, --conversation or --prompt-matrix")
-        request = SpeechRequest(input=text, voice=getattr(args, "voice", None),
-                                reference_text=getattr(args, "reference_text", None))
+        voice, transcript = getattr(args, "voice", None), getattr(args, "reference_text", None)
+        if tts.talker.voice_needs_transcript and voice is not None and not (transcript or "").strip():
+            raise InvalidRequestError("this model clones a voice from its audio and what it says, together: give "
+                                      "--reference-text (what --voice says)")
+        request = SpeechRequest(input=text, voice=voice, reference_text=transcript)
     return [tts.prompt(request)]
 
 

@@ -55,6 +55,14 @@ def test_say_clones_with_voice_and_reference_text_flags(tmp_path: Path) -> None:
     assert np.array_equal(np.load(out), golden_frames("clone"))
 
 
+def test_a_voice_without_reference_text_names_the_flag(tmp_path: Path, capsys) -> None:
+    for extra in ([], ["--reference-text", " "]):
+        code = main(["say", "Hi.", "--voice", clone_voice(tmp_path), *extra, "--model", str(FISH_DIR),
+                     "--codes-out", str(tmp_path / "c.npy")])
+        err = capsys.readouterr().err
+        assert code == 2 and "give --reference-text (what --voice says)" in err and "Traceback" not in err
+
+
 def test_seed_replays_the_references_sampled_run(tmp_path: Path) -> None:
     """A cut generation keeps its last frame here (docs/fish.md): all 16 generated frames."""
     out = tmp_path / "codes.npy"

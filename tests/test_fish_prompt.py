@@ -257,6 +257,8 @@ def test_more_references_than_a_dialogue_model_takes(builder: FishPromptBuilder,
 
 @pytest.mark.parametrize("fields, message", [
     ({"input": "  \n"}, "input is empty"),
+    ({"input": "<|speaker:0|>"}, "speaker tags and no text after them"),
+    ({"input": "Lead-in only <|speaker:0|> \n<|speaker:1|>  "}, "text before the first tag is not spoken"),
     ({"input": "Hi.", "voice": [[0] * N]}, "reference_text"),
     ({"input": "Hi.", "reference_text": "ref"}, "voice"),
     ({"input": "Hi.", "voice": [[0] * N], "reference_text": "  "}, "reference_text"),

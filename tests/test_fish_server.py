@@ -74,6 +74,43 @@ def test_an_uploaded_voice_is_encoded_as_is_and_used_with_its_transcript(fish) -
     assert_pcm_equals(pcm(inline), expected.samples)
 
 
+def test_a_voice_without_its_transcript_is_refused_naming_where_it_came_from(fish) -> None:
+    """Fish clones from audio and transcript together. A stored voice named as ref_audio brings its
+    transcript as it does as voice (it was dropped); one stored without a transcript, or audio sent
+    without ref_text, is a 400 on ref_text that says which (it said "needs voice and ref_text")."""
+    tts, url = fish
+    for name, transcript in (("bea", TRANSCRIPT), ("cid", None)):
+        with REFERENCE.open("rb") as f:
+            r = httpx.post(url + "/v1/audio/voices", data={"name": name, **({"transcript": transcript} if transcript else {})},
+                           files={"file": ("v.wav", f, "audio/wav")}, timeout=120)
+        assert r.status_code == 201, r.text
+    text = "<|speaker:0|>Nice to meet you."
+    by_voice = httpx.post(url + "/v1/audio/speech", json={"input": text, "voice": "bea", "response_format": "pcm",
+                                                          "temperature": 0}, timeout=120)
+    by_ref_audio = httpx.post(url + "/v1/audio/speech", json={"input": text, "ref_audio": "bea", "response_format": "pcm",
+                                                              "temperature": 0}, timeout=120)
+    assert by_ref_audio.status_code == 200, by_ref_audio.text
+    assert pcm(by_ref_audio).tobytes() == pcm(by_voice).tobytes()
+    speaker = httpx.post(url + "/v1/audio/speech", json={"input": text, "speakers": [{"ref_audio": "bea"}],
+                                                         "response_format": "pcm", "temperature": 0}, timeout=120)
+    assert speaker.status_code == 200, speaker.text
+
+    inline = base64.b64encode(REFERENCE.read_bytes()).decode()
+    for body, param, message in [
+            ({"voice": "cid"}, "ref_text", "the stored voice 'cid' has no transcript"),
+            ({"ref_audio": "cid"}, "ref_text", "the stored voice 'cid' has no transcript"),
+            ({"ref_audio": inline}, "ref_text", "ref_text is missing"),
+            ({"voice": "bea", "ref_text": "  "}, "ref_text", "ref_text is empty"),
+            ({"speakers": [{"voice": "bea"}, {"voice": "cid"}]}, "speakers[1].ref_text",
+             "the stored voice 'cid' has no transcript"),
+            ({"speakers": [{"ref_audio": inline}]}, "speakers[0].ref_text", "speakers[0].ref_text is missing")]:
+        r = httpx.post(url + "/v1/audio/speech", json={"input": text, **body}, timeout=120)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["message"].startswith(message), error
+        assert f"give {param}" in error["message"]
+
+
 def test_sse_stream_carries_the_whole_responses_audio(fish) -> None:
     _, url = fish
     body = {"input": "Streaming this sentence.", "response_format": "pcm", "temperature": 0}

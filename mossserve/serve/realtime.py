@@ -323,7 +323,7 @@ class RealtimeSession:
             return self.state.tts.talker.builder.check_codes(array, name)
         if audio is None:
             return None
-        return await self.state.resolver.audio(audio, name)
+        return (await self.state.resolver.audio(audio, name)).codes  # a realtime voice has no transcript
 
     def count(self, outcome: str) -> None:
         """A turn's outcome, or a refused message's, in `mossserve_requests_total`."""

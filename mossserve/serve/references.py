@@ -9,6 +9,7 @@ import asyncio
 import base64
 import binascii
 import re
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,24 +29,36 @@ PRESET_VOICES = frozenset({
 _DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL | re.IGNORECASE)
 
 
-class VoiceResolver:
-    """Turns names and inline audio into codes, re-encoding stored voices made by another codec."""
+class Reference(NamedTuple):
+    codes: np.ndarray
+    transcript: str | None  # a stored voice's
+    stored: str | None = None  # the stored voice's name
 
-    def __init__(self, voices: VoiceStore, engine, codec_id: str, codebooks: int) -> None:
+
+class VoiceResolver:
+    """Turns names and inline audio into codes, re-encoding stored voices made by another codec.
+    `needs_transcript`: the model clones from audio and transcript together (Fish S2 Pro), so a
+    voice without one is refused here, naming where it came from."""
+
+    def __init__(self, voices: VoiceStore, engine, codec_id: str, codebooks: int, needs_transcript: bool = False) -> None:
         self.voices, self.engine, self.codec_id, self.codebooks = voices, engine, codec_id, codebooks
+        self.needs_transcript = needs_transcript
 
     async def main_voice(self, body: SpeechBody) -> tuple[np.ndarray | None, str | None]:
         """(codes, transcript of the stored voice) for `voice` / `ref_audio`."""
         name = body.voice
-        stored = await self.stored(name, "voice") if name is not None else None
-        if name is not None and stored is None and name not in PRESET_VOICES:
+        reference = await self.stored(name, "voice") if name is not None else None
+        if name is not None and reference is None and name not in PRESET_VOICES:
             raise self.not_found(name, "voice")
         if body.ref_audio is not None:
-            if stored is not None:
+            if reference is not None:
                 raise APIError(400, f"give voice or ref_audio, not both (voice {name!r} is a stored voice)",
                                param="ref_audio")
-            return await self.audio(body.ref_audio, "ref_audio"), None
-        return stored or (None, None)
+            reference = await self.audio(body.ref_audio, "ref_audio")
+        if reference is None:
+            return None, None
+        self.check_transcript(reference, body.ref_text, "")
+        return reference.codes, reference.transcript
 
     async def speakers(self, bodies: list[SpeakerBody]) -> list[Speaker]:
         """Dialogue speakers; a stored voice's transcript is its reference_text unless one is given."""
@@ -54,17 +67,32 @@ class VoiceResolver:
     async def _speaker(self, body: SpeakerBody, where: str) -> Speaker:
         if body.voice is not None and body.ref_audio is not None:
             raise APIError(400, f"{where}: give voice or ref_audio, not both", param=f"{where}.voice")
-        codes, transcript = None, None
+        reference = None
         if body.voice is not None:
-            stored = await self.stored(body.voice, f"{where}.voice")
-            if stored is None:
+            reference = await self.stored(body.voice, f"{where}.voice")
+            if reference is None:
                 raise self.not_found(body.voice, f"{where}.voice")
-            codes, transcript = stored
         elif body.ref_audio is not None:
-            codes = await self.audio(body.ref_audio, f"{where}.ref_audio")
-        return Speaker(voice=codes, reference_text=body.ref_text if body.ref_text is not None else transcript)
+            reference = await self.audio(body.ref_audio, f"{where}.ref_audio")
+        if reference is None:
+            return Speaker(voice=None, reference_text=body.ref_text)
+        self.check_transcript(reference, body.ref_text, f"{where}.")
+        return Speaker(voice=reference.codes,
+                       reference_text=body.ref_text if body.ref_text is not None else reference.transcript)
 
-    async def stored(self, name: str, param: str) -> tuple[np.ndarray, str | None] | None:
+    def check_transcript(self, reference: Reference, ref_text: str | None, prefix: str) -> None:
+        """A voice with no transcript (none given, none stored) on a model that clones with one."""
+        transcript = ref_text if ref_text is not None else reference.transcript
+        if not self.needs_transcript or (transcript is not None and transcript.strip()):
+            return
+        if ref_text is None and reference.stored is not None:
+            why = f"the stored voice {reference.stored!r} has no transcript"
+        else:
+            why = f"{prefix}ref_text is {'empty' if ref_text is not None else 'missing'}"
+        raise APIError(400, f"{why}: this model clones a voice from its audio and what it says, together; give "
+                            f"{prefix}ref_text (or store the voice with its transcript)", param=f"{prefix}ref_text")
+
+    async def stored(self, name: str, param: str) -> Reference | None:
         """A stored voice's codes (re-encoded once if another codec made them) and transcript."""
         try:
             validate_voice_name(name)
@@ -74,20 +102,20 @@ class VoiceResolver:
         if voice is None:
             return None
         if voice.codec == self.codec_id and voice.codebooks == self.codebooks:
-            return await asyncio.to_thread(self.voices.codes, name), voice.transcript
+            return Reference(await asyncio.to_thread(self.voices.codes, name), voice.transcript, name)
         audio = await asyncio.to_thread(lambda: self.voices.audio_path(name).read_bytes())
         codes = await self.engine.encode_voice(audio)
         # the voice may have been deleted and uploaded again meanwhile: then its own codes stay
         await asyncio.to_thread(self.voices.replace_codes, name, codes, self.codec_id, voice.sha256)
-        return codes, voice.transcript
+        return Reference(codes, voice.transcript, name)
 
-    async def audio(self, value: str, param: str) -> np.ndarray:
-        """`ref_audio`: a stored voice's name, a data URL or base64 of an audio file."""
+    async def audio(self, value: str, param: str) -> Reference:
+        """`ref_audio`: a stored voice's name (with its transcript), a data URL or base64 of an audio file."""
         stored = await self.stored(value, param)
         if stored is not None:
-            return stored[0]
+            return stored
         try:
-            return await self.engine.encode_voice(decode_audio_field(value, param))
+            return Reference(await self.engine.encode_voice(decode_audio_field(value, param)), None)
         except AudioError as e:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_audio") from None
 

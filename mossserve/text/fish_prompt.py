@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import InvalidRequestError
 from ..speech_request import EncodeVoice, SpeechRequest, check_codes
 from .fish_tokenizer import FishTokenizer
-from .fish_turns import DEFAULT_CHUNK_LENGTH, SPEAKER_TAG, batch_texts
+from .fish_turns import DEFAULT_CHUNK_LENGTH, SPEAKER_TAG, batch_texts, split_turns
 
 PROMPT_HEADROOM = 2048  # the reference keeps this many positions of max_seq_len free for generation
 SYSTEM_PLAIN = "convert the provided text to speech"
@@ -85,6 +85,9 @@ class FishPromptBuilder:
         _reject_unused(request)
         if request.input is None or not request.input.strip():
             raise InvalidRequestError("input is empty: there is nothing to say")
+        if not any(SPEAKER_TAG.sub("", turn).strip() for turn in split_turns(request.input) or [request.input]):
+            raise InvalidRequestError("input holds speaker tags and no text after them: there is nothing to say "
+                                      "(text before the first tag is not spoken, as in the reference)")
         if request.speakers is not None and (request.voice is not None or request.reference_text is not None):
             raise InvalidRequestError("give one voice (voice + reference_text) or several (speakers), not both")
         if request.speakers is not None:
