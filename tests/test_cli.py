@@ -239,6 +239,17 @@ def test_python_dash_m_runs_the_command() -> None:
     assert proc.returncode == 0 and "--reference-text" in proc.stdout
 
 
+def test_say_script_takes_paths_from_the_callers_directory(tmp_path: Path) -> None:
+    """README's first command: it set up in the checkout and then ran there, so `--voice ref.wav`
+    and `-o out.wav` were looked up and written in the checkout instead of where the user stood."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "say.sh"
+    (tmp_path / "ref.wav").write_bytes((AUDIO_DIR / "reference_zh.wav").read_bytes())
+    proc = subprocess.run([str(script), "Hi.", "--voice", "ref.wav", "--max-frames", "40", "-o", "out.wav"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.wav").stat().st_size > 44
+
+
 def test_parser_and_package_names_load_without_torch() -> None:
     """--help and argument errors answer before torch, PyAV or numpy import (seconds on a small
     machine, and a Ctrl-C in them was a traceback); the package's public names still resolve."""
