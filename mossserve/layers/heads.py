@@ -8,11 +8,12 @@ operand); one row is a matrix-vector product (`torch.mv`). On GPU the forms are 
 A weight that stacks several heads of equal size (the Delay family's 32 codebook heads) runs on
 CPU, from two rows on, as one batched matmul over its blocks: each block's product is formed while
 the block is in cache (bench heads, 32 x 1,025 x 512, 2 threads: 18.0 -> 11.0 ms at 16 rows). At one
-row the faster form depends on the machine's BLAS: the blocks took 4.8 ms against the GEMV's 10.3
-on an AMD EPYC (AVX2), the GEMV 1.3 ms against the blocks' 2.6 on an Intel Xeon (AVX-512), about
-2.5 ms of a 16 ms engine step there. So the one-row form is timed once per weight shape and dtype
-in the process and the faster kept. The forms differ only in the last bits of the logits, as
-a row's logits alone and in a batch already do (the backbone's `F.linear` too; docs/performance.md).
+row the faster form depends on the machine: the blocks took 4.8 ms against the GEMV's 10.3 on an
+AMD EPYC (AVX2), the GEMV 1.3 ms against the blocks' 2.6 on an Intel Xeon (AVX-512), about 2.5 ms
+of a 16 ms engine step there. The forms differ in the last bits of the logits, so the choice is a
+fixed rule by the CPU's vector width (the GEMV where torch runs AVX-512), not a timing: timed, it
+flipped from process to process where the two are close (another AVX2 EPYC: 6.1 and 6.9 ms), and
+one seeded request gave different logits in different runs.
 
 One to four bf16 rows (sixteen where AMX runs) take our CPU kernel (layers/cpu_gemv.py) where it
 runs, whatever the head: one read of the weight for all rows, faster than `torch.mv` and the blocks
@@ -23,14 +24,12 @@ which costs top-p a sort of the whole vector, layers/sampler.py).
 """
 from __future__ import annotations
 
-import time
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from .cpu_gemv import bf16_rows
-
-_one_row_gemv: dict[tuple, bool] = {}
 
 
 def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -50,7 +49,7 @@ def project_blocks(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.
     out = bf16_rows(weight, x, torch.float32) if x.device.type == "cpu" and x.dim() == 2 else None
     if out is not None:
         return out.unflatten(-1, (blocks, -1))
-    if x.device.type != "cpu" or x.dim() != 2 or (x.shape[0] == 1 and _gemv_is_faster(x, weight, blocks)):
+    if x.device.type != "cpu" or x.dim() != 2 or (x.shape[0] == 1 and one_row_gemv()):
         return project(x, weight).unflatten(-1, (blocks, -1))
     return _by_block(x, weight, blocks).permute(2, 0, 1)
 
@@ -60,22 +59,10 @@ def _by_block(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tenso
     return torch.bmm(weight.view(blocks, -1, weight.shape[-1]), x.T.expand(blocks, -1, -1))
 
 
-def _gemv_is_faster(x: torch.Tensor, weight: torch.Tensor, blocks: int, rounds: int = 3) -> bool:
-    """Whether one matrix-vector product over the whole weight beats the blocks' products for one
-    row here: the better of `rounds` alternating timings, once per shape and dtype."""
-    key = (tuple(weight.shape), weight.dtype, blocks)
-    if key not in _one_row_gemv:
-        forms = (lambda: project(x, weight), lambda: _by_block(x, weight, blocks))
-        best = [float("inf")] * 2
-        for form in forms:
-            form()
-        for _ in range(rounds):
-            for i, form in enumerate(forms):
-                start = time.perf_counter()
-                form()
-                best[i] = min(best[i], time.perf_counter() - start)
-        _one_row_gemv[key] = best[0] < best[1]
-    return _one_row_gemv[key]
+@functools.cache
+def one_row_gemv() -> bool:
+    """Whether one row of a stacked head takes the GEMV (AVX-512 CPUs) or the blocks' products."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def project_float32(x: torch.Tensor, weight: torch.Tensor, block_rows: int = 8192) -> torch.Tensor:
