@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, MossServeError
-from ..loader import build_on_meta, load_weights, parse_device, parse_dtype, resolve_model_dir, weight_files
+from ..loader import (build_on_meta, load_weights, native_bf16, parse_device, parse_dtype, resolve_model_dir,
+                      weight_files)
 from .config_utils import read_json
 from .family import TalkerFamily
 
@@ -26,9 +27,19 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
 
     check_task(task)
     device = parse_device(device)
+    warn_if_emulated(parse_dtype(dtype, device), device)
     model_dir = resolve_model_dir(model, allow_patterns=TALKER_FILES)
     with _checkpoint_errors(model_dir, "model"):
         return _load_talker(model_dir, model, device, dtype, task)
+
+
+def warn_if_emulated(dtype: torch.dtype, device: torch.device) -> None:
+    """A half-precision model on a CPU without native bf16 (AVX2 only) runs, but torch emulates the
+    products, slower than float32 as soon as a few requests share a step (3x at 16): say so once."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not native_bf16(device):
+        log.warning("this CPU has no native bf16 (AVX512-BF16 or AMX): %s products are emulated, slower than "
+                    "float32 here (3x with 16 requests at once); --dtype float32, or auto, is faster on it",
+                    str(dtype).removeprefix("torch."))
 
 
 @contextmanager
