@@ -69,16 +69,19 @@ def test_fish_settings() -> None:
         fish_settings(SamplingParams(audio_temperature=[0.8] * 10))
 
 
-def test_per_codebook_settings_are_refused_before_anything_is_queued() -> None:
-    """They passed the engine's checks and failed in `admit` on the engine's thread: the request
-    came back failed (counted as an engine failure) instead of the call raising."""
+def test_settings_fish_cannot_use_are_refused_before_anything_is_queued() -> None:
+    """Per-codebook lists passed the engine's checks and failed in `admit` on the engine's thread: the request
+    came back failed (counted as an engine failure) instead of the call raising. A repetition penalty
+    was accepted and ignored (the reference's S2 sampling has none)."""
     from mossserve.config import EngineConfig
     from mossserve.engine.engine import Engine
     from mossserve.errors import InvalidRequestError
 
     engine = Engine(family(), None, EngineConfig(threaded=False))
-    for sampling in (SamplingParams(audio_top_k=[30] * 10), SamplingParams(audio_temperature=[0.8] * 10)):
-        with pytest.raises(InvalidRequestError, match="one value for all codebooks"):
+    for sampling, message in [(SamplingParams(audio_top_k=[30] * 10), "one value for all codebooks"),
+                              (SamplingParams(audio_temperature=[0.8] * 10), "one value for all codebooks"),
+                              (SamplingParams(audio_repetition_penalty=1.3), "applies no repetition penalty")]:
+        with pytest.raises(InvalidRequestError, match=message):
             engine.check_settings(sampling, decode_audio=False)
     assert not engine.has_work() and engine.stats()["failed"] == 0
 

@@ -168,6 +168,9 @@ class FishS2Family(TalkerFamily):
 
     def check_sampling(self, sampling: SamplingParams) -> None:
         fish_settings(sampling)
+        if sampling.audio_repetition_penalty != 1.0:  # refused rather than ignored
+            raise InvalidRequestError("Fish S2 Pro applies no repetition penalty (the reference's S2 sampling has "
+                                      f"none); got {sampling.audio_repetition_penalty!r}")
 
     def admit(self, state: FishState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
         sampling.validate()
