@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is stopped")
     serve.add_argument("--ray", action="store_true", help="replicas on Ray Serve, one address (docs/deployment.md)")
     scale = serve.add_mutually_exclusive_group()
-    scale.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas (default 1)")
+    scale.add_argument("--replicas", type=int, help="with --ray: engine replicas (default 1)")
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="with --ray: replicas scaled by load between MIN and MAX")
     serve.add_argument("--ray-address", help="with --ray: an existing cluster (default: start a local one)")
     serve.add_argument("--voice-service", action="store_true",
@@ -450,12 +450,10 @@ def say_batch(tts, args: argparse.Namespace) -> int:
 def batch_format(name: str) -> str:
     """--batch's audio format as an extension (`-o`'s names: wav, flac, mp3, opus, ogg, pcm, raw)."""
     extension = name.lower().lstrip(".")
-    if extension == "npy":
-        raise InvalidRequestError("--batch writes each request's codes as NNNN.npy; give an audio --format "
-                                  "(wav, flac, mp3, opus, pcm)")
     if f".{extension}" not in AUDIO_EXTENSIONS:
-        raise InvalidRequestError(f"--format {name}: not an audio format; use one of "
-                                  f"{', '.join(e.lstrip('.') for e in AUDIO_EXTENSIONS)}")
+        names = ", ".join(e.lstrip(".") for e in AUDIO_EXTENSIONS)
+        raise InvalidRequestError(f"--batch writes each request's codes as NNNN.npy; give an audio --format ({names})"
+                                  if extension == "npy" else f"--format {name}: not an audio format; use one of {names}")
     return extension
 
 
@@ -597,9 +595,12 @@ def run_serve(args: argparse.Namespace) -> None:
         max_body_bytes=body_bytes(args.max_body_mb), max_voice_seconds=args.max_voice_seconds,
         request_timeout_s=args.request_timeout, playground=args.playground, engine=engine)
     settings.validate()
+    if args.model is None:
+        print("note: no --model given; serving the bundled tiny random-weight demo checkpoint "
+              "(it produces noise, not speech)", file=sys.stderr)
     if args.ray:
         return run_ray(args, settings)
-    if args.replicas != 1 or args.autoscale or args.ray_address or args.voice_service:
+    if args.replicas is not None or args.autoscale or args.ray_address or args.voice_service:
         raise MossServeError("--replicas, --autoscale, --ray-address and --voice-service go with --ray")
     serve(settings, log_level=args.log_level)
 
@@ -613,7 +614,8 @@ def run_ray(args: argparse.Namespace, settings) -> None:
         raise MossServeError(f"--ray needs the ray extra ({e.name} is missing): pip install 'mossserve[ray]'") from None
     try:
         autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
-        options = RayOptions(replicas=args.replicas, autoscale=autoscale, voice_service=args.voice_service)
+        options = RayOptions(replicas=1 if args.replicas is None else args.replicas, autoscale=autoscale,
+                             voice_service=args.voice_service)
         options.validate()
     except ValueError as e:
         raise MossServeError(str(e)) from None

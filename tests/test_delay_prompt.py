@@ -313,3 +313,12 @@ def test_conversation_messages_are_normalized_like_role_dicts():
     assert isinstance(message, UserMessage) and message.text == "a,。b"
     [[_, assistant]] = parse_conversations([[{"role": "user"}, {"role": "assistant", "audio_codes": [[1, 2]]}]])
     assert isinstance(assistant, AssistantMessage) and assistant.audio_codes_list[0].shape == (1, 2)
+
+
+def test_an_assistant_content_without_its_placeholders_says_what_it_needs() -> None:
+    codes = [[1] * 16] * 3
+    [conversation] = parse_conversations([{"role": "user", "text": "Hello."},
+                                          {"role": "assistant", "audio_codes": codes, "content": "x"}], base_dir=None)
+    with pytest.raises(InvalidRequestError, match=r"the assistant message's content has 0 <\|audio\|> placeholders "
+                                                  r"for 1 code tensors: it needs one per tensor"):
+        BUILDERS[16].build(conversation, mode="continuation")

@@ -59,6 +59,7 @@ def test_autoscale_form() -> None:
     (["--ray", "--autoscale", "3"], "error: autoscale wants MIN:MAX replicas"),
     (["--ray", "--replicas", "0"], "error: replicas and torch threads must be >= 1"),
     (["--replicas", "2"], "error: --replicas, --autoscale, --ray-address and --voice-service go with --ray"),
+    (["--replicas", "1"], "error: --replicas, --autoscale, --ray-address and --voice-service go with --ray"),
     (["--ray", "--replicas", "2", "--autoscale", "1:2"], "not allowed with argument --replicas"),
 ])
 def test_serve_ray_options_errors(argv, needle, capsys) -> None:

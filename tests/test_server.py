@@ -399,9 +399,12 @@ def test_mossserve_serve_command(tmp_path) -> None:
     server = subprocess.Popen([mossserve, "serve", "--port", str(port), "--log-level", "info"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
+        before = []
         for line in server.stdout:  # uvicorn says when it listens
+            before.append(line)
             if "Uvicorn running on" in line:
                 break
+        assert any("serving the bundled tiny random-weight demo checkpoint" in line for line in before), before
         url = f"http://127.0.0.1:{port}"
         assert client(url).audio.speech.create(model="moss-tts-demo", voice="default", input=TEXT,
                                                response_format="wav").content

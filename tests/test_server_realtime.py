@@ -213,6 +213,14 @@ def test_bad_messages_get_errors_and_the_session_goes_on(url: str) -> None:
         assert "not binary ones" in client.receive()["error"]["message"]
         deltas, done = play_turn(client, [{"op": "push_text", "arg": "Still serving."}], None)
         assert done["finish_reason"] == "stop" and deltas
+        # text.done before any text: refused (the engine failed the turn as a server error); the turn goes on
+        client.send({"type": "turn.start", "user_text": "Hello!"})
+        assert client.receive()["type"] == "turn.started"
+        client.send({"type": "text.done"})
+        event = client.receive()
+        assert event["type"] == "error" and event["error"]["code"] == "no_text", event
+        deltas, done = play_turn(client, [{"op": "push_text", "arg": "Now with text."}], None)
+        assert done["finish_reason"] == "stop" and deltas
 
 
 def test_bad_token_ids_in_a_turn_fail_the_delta_not_the_session(url: str) -> None:

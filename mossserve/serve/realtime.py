@@ -177,6 +177,9 @@ class RealtimeSession:
         elif isinstance(message, TextDelta):
             await self.text(message)
         elif message.type == "text.done":
+            if self.turn_id is not None and not self.pushed:  # the engine would fail the turn: nothing to say
+                raise APIError(400, "the turn has no text yet: send text.delta before text.done (or turn.cancel)",
+                               code="no_text")
             self.push(None, end=True)
             self.text_done = True
         else:

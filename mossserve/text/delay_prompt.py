@@ -238,7 +238,8 @@ class DelayPromptBuilder:
             text, codes = _merge_adjacent_placeholders(text, codes)
         count = text.count(AUDIO_PLACEHOLDER)
         if count != len(codes):
-            raise InvalidRequestError(f"a {role} message has {count} {AUDIO_PLACEHOLDER} placeholders, {len(codes)} code tensors")
+            raise InvalidRequestError(f"the {role} message's content has {count} {AUDIO_PLACEHOLDER} placeholders for "
+                                      f"{len(codes)} code tensors: it needs one per tensor")
         gen, delay = (self.user_slot, self.user_slot) if role == "user" else (self.gen_slot, self.delay_slot)
         blocks = iter(f"{self.audio_start}{gen * len(c)}{delay * self.delay_rows}{self.audio_end}" for c in codes)
         return re.sub(re.escape(AUDIO_PLACEHOLDER), lambda _: next(blocks), text), codes
