@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import needs_cpu_kernels
 
+from mossserve.layers import cpu_select
 from mossserve.layers.hf_warpers import apply_top_k_hf, apply_top_k_top_p_hf, apply_top_p_hf
 
 
@@ -24,9 +25,12 @@ def case(seed: int, rows: int = 48, vocab: int = 1025) -> tuple[torch.Tensor, to
     return logits, top_k, top_p
 
 
-@needs_cpu_kernels
+@pytest.mark.parametrize("path", [pytest.param("kernel", marks=needs_cpu_kernels), "torch"])
 @pytest.mark.parametrize("seed", range(4))
-def test_distinct_logits_need_no_sort(seed: int, monkeypatch) -> None:
+def test_distinct_logits_need_no_sort(seed: int, path: str, monkeypatch) -> None:
+    """By our kernel's top k, or (a CPU without AVX-512, which always sorted) torch's top k + 1."""
+    if path == "torch":
+        monkeypatch.setattr(cpu_select, "_kernels_for", lambda x: None)
     logits, top_k, top_p = case(seed)
     expected = apply_top_p_hf(apply_top_k_hf(logits, top_k), top_p)
     sorts = counted_sorts(monkeypatch)
@@ -34,8 +38,11 @@ def test_distinct_logits_need_no_sort(seed: int, monkeypatch) -> None:
     assert not sorts, "distinct logits need no sort"
 
 
-@pytest.mark.parametrize("change", ["tie at the k-th", "tie inside", "k off", "k past the vocabulary", "no top-p"])
-def test_elsewhere_the_two_warpers_run(change: str, monkeypatch) -> None:
+@pytest.mark.parametrize("path", [pytest.param("kernel", marks=needs_cpu_kernels), "torch"])
+@pytest.mark.parametrize("change", ["tie at the k-th", "tie inside", "k off", "k past the vocabulary", "no top-p", "nan"])
+def test_elsewhere_the_two_warpers_run(change: str, path: str, monkeypatch) -> None:
+    if path == "torch":
+        monkeypatch.setattr(cpu_select, "_kernels_for", lambda x: None)
     logits, top_k, top_p = case(7)
     order = torch.argsort(logits[2], descending=True)
     if change == "tie at the k-th":  # which of two equal values HF keeps is the sort's choice
@@ -46,13 +53,17 @@ def test_elsewhere_the_two_warpers_run(change: str, monkeypatch) -> None:
         top_k[5] = 0
     elif change == "k past the vocabulary":
         top_k[5] = logits.shape[-1]
+    elif change == "nan":
+        logits[4, order[0]] = float("nan")
     else:
         top_p[:] = 1.0
     expected = apply_top_p_hf(apply_top_k_hf(logits, top_k), top_p)
-    assert torch.equal(apply_top_k_top_p_hf(logits, top_k, top_p), expected)
+    sorts = counted_sorts(monkeypatch)
+    torch.testing.assert_close(apply_top_k_top_p_hf(logits, top_k, top_p), expected, rtol=0, atol=0, equal_nan=True)
+    assert sorts or change == "no top-p", "the whole sort decides here"
 
 
-def test_other_dtypes_take_the_two_warpers() -> None:
+def test_other_dtypes_give_the_two_warpers_logits() -> None:
     logits, top_k, top_p = case(3)
     logits = logits.bfloat16()
     assert torch.equal(apply_top_k_top_p_hf(logits, top_k, top_p), apply_top_p_hf(apply_top_k_hf(logits, top_k), top_p))

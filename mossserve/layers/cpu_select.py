@@ -36,18 +36,24 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 
 def top_k_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`torch.topk(x, k, dim=-1)` (values and indices, largest first): by the kernel where
-    `distinct_top_k` answers, else by torch."""
-    found = distinct_top_k(x, k)
+    `distinct_top_k` answers with it, else by torch."""
+    found = distinct_top_k(x, k) if _kernels_for(x) is not None else None
     return found if found is not None else torch.topk(x, k, dim=-1)
 
 
 def distinct_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """torch's topk by the kernel for fp32 CPU rows longer than k (k up to MAX_TOP_K) where no two of
-    each row's k + 1 largest values are equal (so every row's k-th largest is above the rest); None
-    anywhere else."""
-    kernels = _kernels_for(x)
-    if kernels is None or not 1 <= k <= MAX_TOP_K or k >= x.shape[-1]:
+    """torch's topk for CPU rows longer than k where no two of each row's k + 1 largest values are
+    equal (so every row's k-th largest is above the rest); None anywhere else. fp32 rows with k up
+    to MAX_TOP_K take the kernel; the others (a CPU without AVX-512) torch's topk of k + 1, checked:
+    still about half the cost of the sort it spares the sampler (layers/hf_warpers.py)."""
+    if x.device.type != "cpu" or x.dim() < 1 or not 1 <= k < x.shape[-1]:
         return None
+    kernels = _kernels_for(x)
+    if kernels is None or k > MAX_TOP_K:
+        values, indices = torch.topk(x, k + 1, dim=-1)
+        if bool((values[..., 1:] == values[..., :-1]).any() | values.isnan().any()):
+            return None
+        return values[..., :k], indices[..., :k]
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     values = torch.empty(rows.shape[0], k, dtype=torch.float32)
     indices = torch.empty(rows.shape[0], k, dtype=torch.int64)
