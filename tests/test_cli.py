@@ -279,6 +279,7 @@ def test_no_public_name_is_shadowed_by_a_submodule() -> None:
     for package in (mossserve, mossserve.audio):
         submodules = {module.name for module in pkgutil.iter_modules(package.__path__)}
         assert not submodules & set(package.__all__), package.__name__
+        assert sorted(package.__all__) == sorted(package._HOMES), package.__name__  # every name has a home
 
 
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:

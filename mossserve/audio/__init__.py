@@ -16,6 +16,7 @@ _HOMES = {
     "read_audio": "read",
     "resample": "resampler",
     "StreamEncoder": "stream",
+    "change_tempo": "tempo", "TempoChange": "tempo",
     "encode_audio": "write", "write_audio": "write",
 }
 
@@ -25,6 +26,8 @@ __all__ = [
     "MEDIA_TYPES",
     "RATES",
     "StreamEncoder",
+    "TempoChange",
+    "change_tempo",
     "encode_audio",
     "format_from_path",
     "load_audio",
@@ -42,4 +45,5 @@ if TYPE_CHECKING:
     from mossserve.audio.read import read_audio
     from mossserve.audio.resampler import resample
     from mossserve.audio.stream import StreamEncoder
+    from mossserve.audio.tempo import TempoChange, change_tempo
     from mossserve.audio.write import encode_audio, write_audio
