@@ -43,6 +43,17 @@ def test_chunks_give_the_whole_result_and_stereo_keeps_its_channels() -> None:
     assert pitch(whole[:1]) == pytest.approx(300.0, abs=2.0)
 
 
+@pytest.mark.parametrize("speed", [0.5, 0.8, 1.5, 2.0])
+def test_a_chunk_gives_its_own_audio_at_once(speed) -> None:
+    """Each write returns most of its own chunk stretched: a stream's first audio comes with its first
+    chunk (atempo answers a pushed frame with the frame before it, so a chunk pushed whole came out a
+    chunk late: time to first audio moved to the second chunk)."""
+    tempo = TempoChange(speed, RATE, 1)
+    chunk = tone(300.0, seconds=0.08)  # one MOSS frame, 1920 samples
+    first = tempo.write(chunk)
+    assert first.shape[1] >= 0.2 * chunk.shape[1] / speed  # less its filter window (tens of ms)
+
+
 def test_speed_one_is_the_audio_itself_and_out_of_range_is_refused() -> None:
     x = tone(200.0)
     assert change_tempo(x, RATE, 1.0) is not None and np.array_equal(change_tempo(x, RATE, 1.0), x)

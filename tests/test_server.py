@@ -440,28 +440,33 @@ def test_after_the_engine_closes_ready_and_requests_say_503(server_app) -> None:
 
 
 def test_streamed_audio_is_encoded_off_the_event_loop(served, monkeypatch) -> None:
-    """Encoding (and resampling) a chunk takes milliseconds: on the event loop it would hold every
-    other connection back, so it runs on a worker thread (streamed responses and SSE)."""
+    """Encoding (and resampling) a chunk takes milliseconds, and so does a speed's tempo change: on
+    the event loop they would hold every other connection back, so they run on a worker thread
+    (whole, streamed and SSE responses)."""
     import asyncio
 
-    from mossserve.audio import StreamEncoder
+    from mossserve.audio import StreamEncoder, TempoChange
 
     on_loop = []
-    write = StreamEncoder.write
 
-    def recording_write(self, audio):
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        return write(self, audio)
+    def recording(method):
+        def run(self, audio):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append((method.__qualname__, True))
+            except RuntimeError:
+                on_loop.append((method.__qualname__, False))
+            return method(self, audio)
+        return run
 
-    monkeypatch.setattr(StreamEncoder, "write", recording_write)
-    for body in ({"stream": True, "response_format": "mp3"}, {"stream_format": "sse", "response_format": "opus"}):
+    monkeypatch.setattr(StreamEncoder, "write", recording(StreamEncoder.write))
+    monkeypatch.setattr(TempoChange, "write", recording(TempoChange.write))
+    for body in ({"stream": True, "response_format": "mp3"}, {"stream_format": "sse", "response_format": "opus"},
+                 {"stream": True, "response_format": "pcm", "speed": 1.5}, {"response_format": "wav", "speed": 0.8}):
         with httpx.stream("POST", served + "/v1/audio/speech", json={"input": TEXT, **body}, timeout=60) as response:
             assert response.status_code == 200 and response.read()
-    assert on_loop and not any(on_loop)
+    assert {name for name, _ in on_loop} == {"StreamEncoder.write", "TempoChange.write"}
+    assert not any(loop for _, loop in on_loop), on_loop
 
 
 def test_the_served_name_of_a_pinned_hub_id_is_the_hub_id() -> None:

@@ -3,7 +3,8 @@
 The models speak at their own pace, so `speed` changes the audio after it is decoded, with FFmpeg's
 `atempo` filter (WSOLA: overlapping windows moved in time, so the voice keeps its pitch). One
 atempo takes factors from 0.5 up; slower speeds chain two. The filter holds back about one window
-(tens of ms) between writes, which `close` hands out.
+(tens of ms) between writes, which `close` hands out; a stream's first audio comes with its first
+chunk, as at speed 1.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from mossserve.errors import AudioError
 
 SPEEDS = (0.25, 4.0)  # OpenAI's range
 _LAYOUTS = {1: "mono", 2: "stereo"}
+# atempo gives out for each frame pushed about what the frame before it held, so a chunk is pushed in
+# small frames: what a write holds back is then one of them and the filter's window, not the chunk.
+_FRAME_SAMPLES = 512
 
 
 def atempo_factors(speed: float) -> list[float]:
@@ -53,10 +57,12 @@ class TempoChange:
             raise ValueError(f"expected {self.channels}-channel audio, got shape {x.shape}")
         if x.shape[1] == 0:
             return np.zeros((self.channels, 0), np.float32)
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x), format="fltp", layout=_LAYOUTS[self.channels])
-        frame.sample_rate, frame.pts = self.sample_rate, self._pts
-        self._pts += x.shape[1]
-        self._graph.push(frame)
+        for start in range(0, x.shape[1], _FRAME_SAMPLES):  # atempo answers a frame with the one before it
+            piece = np.ascontiguousarray(x[:, start:start + _FRAME_SAMPLES])
+            frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=_LAYOUTS[self.channels])
+            frame.sample_rate, frame.pts = self.sample_rate, self._pts
+            self._pts += piece.shape[1]
+            self._graph.push(frame)
         return self._drain()
 
     def close(self) -> np.ndarray:

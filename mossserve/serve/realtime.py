@@ -279,7 +279,9 @@ class RealtimeSession:
         tempo = tempo_for(self.state, self.settings.speed)
         try:
             async for chunk in stream:
-                final = chunk = at_speed(chunk, tempo) if tempo is not None else chunk
+                if tempo is not None:  # off the event loop, as the encoder is
+                    chunk = await asyncio.to_thread(at_speed, chunk, tempo)
+                final = chunk
                 samples = chunk.audio.shape[-1] if chunk.audio is not None else 0
                 if not samples and not (self.settings.include_codes and len(chunk.codes)):
                     continue  # a slowed turn's first chunk may leave the tempo filter no audio yet

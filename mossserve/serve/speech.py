@@ -174,8 +174,8 @@ class Run:
                                         "timeout and was stopped", code="timeout") from None
                 except MossServeError as e:
                     raise APIError(500, str(e), code="generation_failed") from None
-                if self.tempo is not None:
-                    chunk = at_speed(chunk, self.tempo)
+                if self.tempo is not None:  # off the event loop, as the encoders are (ms per second of audio)
+                    chunk = await asyncio.to_thread(at_speed, chunk, self.tempo)
                 if chunk.audio is not None and chunk.audio.shape[-1]:
                     self.clock.audio(chunk.audio.shape[-1] / chunk.sample_rate)
                 yield chunk
