@@ -426,6 +426,7 @@ def say_batch(tts, args: argparse.Namespace) -> int:
         except InvalidRequestError as e:
             failed.append((line, str(e)))
     sampling = sampling_from_args(tts, args)
+    tts.engine.check_settings(sampling, args.max_frames)  # settings the model refuses: before the directory is made
     tts.codec  # noqa: B018 - loaded (and checked against the model) before the output directory is made
     args.out_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(len(runnable), args.progress)

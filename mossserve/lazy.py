@@ -1,8 +1,10 @@
 """Package attributes that import their module on first use (PEP 562), so that importing a package
-for one light name (the CLI's parser, an error class) does not import torch, PyAV and the rest."""
+for one light name (the CLI's parser, an error class) does not import torch, PyAV and the rest.
+Submodules read as attributes (`mossserve.errors` after `import mossserve`) import on first use too."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any, Callable
 
 
@@ -12,11 +14,13 @@ def lazy_exports(package: str, homes: dict[str, str]) -> tuple[Callable[[str], A
     namespace = importlib.import_module(package).__dict__
 
     def __getattr__(name: str) -> Any:
-        if name not in homes:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f".{homes[name]}", package), name)
-        namespace[name] = value
-        return value
+        if name in homes:
+            value = getattr(importlib.import_module(f".{homes[name]}", package), name)
+            namespace[name] = value
+            return value
+        if not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
+            return importlib.import_module(f".{name}", package)  # a submodule, as after an eager __init__
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def __dir__() -> list[str]:
         return sorted(set(namespace) | set(homes))

@@ -256,6 +256,7 @@ def test_parser_and_package_names_load_without_torch() -> None:
     heavy = "('torch', 'numpy', 'av', 'soxr', 'soundfile')"
     script = ("import sys, mossserve, mossserve.audio, mossserve.cli\n"
               "mossserve.cli.build_parser().parse_args(['say', 'Hi', '-o', 'x.wav'])\n"
+              "assert mossserve.errors.AudioError is mossserve.AudioError  # a submodule, as an attribute\n"
               f"print(sorted(m for m in {heavy} if m in sys.modules))\n"
               "print(mossserve.TTS.__module__, mossserve.SpeechRequest.__module__, mossserve.audio.write_audio.__module__)\n"
               "assert sorted(dir(mossserve)) == sorted(set(dir(mossserve)))  # names once each\n"

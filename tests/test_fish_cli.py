@@ -97,3 +97,11 @@ def test_special_tokens_in_the_text_are_a_clear_error(tmp_path: Path, capsys) ->
                  str(tmp_path / "c.npy")]) != 0
     err = capsys.readouterr().err
     assert "<|im_end|>" in err and "Traceback" not in err
+
+
+def test_batch_settings_the_model_refuses_make_no_output_directory(tmp_path: Path, capsys) -> None:
+    (tmp_path / "r.jsonl").write_text(json.dumps({"input": "Hi."}) + "\n", encoding="utf-8")
+    code = main(["say", "--model", str(FISH_DIR), "--batch", str(tmp_path / "r.jsonl"), "--out-dir", str(tmp_path / "out"),
+                 "--repetition-penalty", "1.2"])
+    assert code == 2 and "applies no repetition penalty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

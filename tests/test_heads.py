@@ -41,16 +41,15 @@ def test_the_one_row_form_is_a_rule_of_the_cpu_not_a_timing(capability: str, gem
 @needs_cpu_kernels
 @pytest.mark.parametrize("rows", [1, 2, 4, 8])
 def test_a_few_bf16_rows_take_the_kernel(rows: int, monkeypatch) -> None:
-    """One read of the stacked heads for all rows (layers/cpu_gemv.py; eight where AMX runs), with no
-    form to time."""
+    """One read of the stacked heads for all rows (layers/cpu_gemv.py; eight where AMX runs), whatever
+    the one-row form would be."""
     kernels = cpu_kernels.bf16_kernels()
     if rows > 4 and not (kernels and kernels.amx):
         pytest.skip("needs a CPU with AMX tiles (five rows and more take the kernel there)")
-    monkeypatch.setattr(heads, "_one_row_gemv", {})
+    monkeypatch.setattr(heads, "one_row_gemv", lambda: pytest.fail("the kernel's rows need no one-row form"))
     weight = stacked(torch.bfloat16)
     x = torch.randn(rows, 48).bfloat16()
     expected = cpu_gemv.bf16_rows(weight, x, torch.float32)  # the sums unrounded: heads widen their logits
     assert expected is not None
     assert torch.equal(heads.project_blocks(x, weight, 8), expected.view(rows, 8, 33))
     assert torch.equal(heads.project(x, weight), expected)
-    assert heads._one_row_gemv == {}

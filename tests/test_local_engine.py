@@ -134,7 +134,7 @@ def test_a_prompt_at_a_reduced_depth_is_checked_below_it_and_skipped_above_it(tt
     talker = tts.talker
     prompt = talker.with_depth(talker.prompt_from_rows(get_run("greedy_clone").prompts[0]), 8)
     talker.check_prompt(prompt)
-    for column, value, message in [(9, 0, "holds -1 \\(not embedded\\) above it"),
+    for column, value, message in [(9, 0, "must hold -1 \\(not embedded\\) in the channels above 8; it holds codes"),
                                    (8, -1, "audio codes must lie in"), (1, talker.config.audio_pad_code + 1, "audio codes")]:
         rows = prompt.rows.copy()
         rows[-1, column] = value

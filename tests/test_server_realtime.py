@@ -144,16 +144,18 @@ def test_a_slower_session_speaks_the_same_codes_for_longer(url: str) -> None:
 
 
 def test_a_first_turn_that_never_spoke_leaves_the_context_to_the_next(url: str) -> None:
-    """An empty first turn gets an error and feeds nothing (README 5.6: a turn's input goes in with
-    its text), so the next turn opens the context with the system prompt and voice: the goldens."""
+    """A first turn ended before any text (its text.done refused, then cancelled) feeds nothing
+    (README 5.6: a turn's input goes in with its text), so the next turn opens the context with the
+    system prompt and voice: the goldens."""
     with Client(url, voice_codes=codes("voice")) as client:
         client.send({"type": "turn.start", "user_text": "Hello?"})
         client.send({"type": "text.done"})
-        events = [client.receive()]
+        events = [client.receive(), client.receive()]
+        client.send({"type": "turn.cancel"})
         while events[-1]["type"] != "audio.done":
             events.append(client.receive())
         assert [e["type"] for e in events] == ["turn.started", "error", "audio.done"]
-        assert "empty" in events[1]["error"]["message"] and events[-1]["finish_reason"] == "error"
+        assert events[1]["error"]["code"] == "no_text" and events[-1]["finish_reason"] == "aborted", events
         got = multiturn(client)
     for turn in (0, 1):
         assert np.array_equal(got[turn], expected("stream_multiturn", turn))

@@ -240,10 +240,11 @@ def test_a_stored_voice_of_another_codec_is_re_encoded_once(store) -> None:
     add(store, "alice", seed=0)  # stored with codec "codec-0"
     encoder = Encoder()
     resolver = VoiceResolver(store, encoder, "server-codec", 3)
-    codes, transcript = asyncio.run(resolver.stored("alice", "voice"))
-    assert encoder.calls == 1 and transcript == "transcript 0" and store.get("alice").codec == "server-codec"
+    codes, transcript, name = asyncio.run(resolver.stored("alice", "voice"))
+    assert encoder.calls == 1 and transcript == "transcript 0" and name == "alice"
+    assert store.get("alice").codec == "server-codec"
     assert np.array_equal(store.codes("alice"), codes)
-    again, _ = asyncio.run(resolver.stored("alice", "voice"))
+    again = asyncio.run(resolver.stored("alice", "voice")).codes
     assert encoder.calls == 1 and np.array_equal(again, codes)
 
 

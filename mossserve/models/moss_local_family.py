@@ -115,7 +115,8 @@ class MossLocalFamily(TalkerFamily):
         rows = prompt.rows
         if rows.ndim == 2 and rows.shape[1] == self.columns and depth < self.config.n_vq:
             if not (rows[:, 1 + depth:] == SKIPPED).all():
-                raise InvalidRequestError(f"a prompt at depth {depth} holds {SKIPPED} (not embedded) above it")
+                raise InvalidRequestError(f"a prompt at depth {depth} must hold {SKIPPED} (not embedded) in the channels "
+                                          f"above {depth}; it holds codes there")
             rows = rows[:, : 1 + depth]
             rows = np.concatenate([rows, np.zeros((len(rows), self.config.n_vq - depth), rows.dtype)], axis=1)
         self.checked_rows(rows)

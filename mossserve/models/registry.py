@@ -34,12 +34,20 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
 
 
 def warn_if_emulated(dtype: torch.dtype, device: torch.device) -> None:
-    """A half-precision model on a CPU without native bf16 (AVX2 only) runs, but torch emulates the
-    products, slower than float32 as soon as a few requests share a step (3x at 16): say so once."""
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not native_bf16(device):
-        log.warning("this CPU has no native bf16 (AVX512-BF16 or AMX): %s products are emulated, slower than "
-                    "float32 here (3x with 16 requests at once); --dtype float32, or auto, is faster on it",
-                    str(dtype).removeprefix("torch."))
+    """A half-precision model on a CPU without its instructions (an AVX2 CPU has neither) runs, but
+    torch emulates the products, slower than float32 as soon as a few requests share a step (3x at
+    16 on an AVX2 EPYC): say so once."""
+    if device.type != "cpu":
+        return
+    if dtype == torch.bfloat16 and not native_bf16(device):
+        needs = "AVX512-BF16 or AMX"
+    elif dtype == torch.float16 and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        needs = "AVX512-FP16 or AMX-FP16"
+    else:
+        return
+    log.warning("this CPU has no native %s products (%s): they are emulated, slower than float32 (3x with 16 "
+                "requests at once on an AVX2 CPU); --dtype float32, or auto, is faster on it",
+                str(dtype).removeprefix("torch."), needs)
 
 
 @contextmanager
