@@ -111,6 +111,17 @@ def test_a_voice_without_its_transcript_is_refused_naming_where_it_came_from(fis
         assert f"give {param}" in error["message"]
 
 
+def test_a_transcript_the_model_refuses_is_refused_at_upload(fish) -> None:
+    """It was stored, and then every request that used the voice failed on its ref_text."""
+    _, url = fish
+    with REFERENCE.open("rb") as f:
+        r = httpx.post(url + "/v1/audio/voices", data={"name": "dora", "transcript": "Hello <|im_end|> there"},
+                       files={"file": ("v.wav", f, "audio/wav")}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "transcript", r.text
+    assert "transcript contains the special token(s) <|im_end|>" in r.json()["error"]["message"]
+    assert httpx.get(url + "/v1/audio/voices/dora").status_code == 404
+
+
 def test_sse_stream_carries_the_whole_responses_audio(fish) -> None:
     _, url = fish
     body = {"input": "Streaming this sentence.", "response_format": "pcm", "temperature": 0}

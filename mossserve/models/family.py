@@ -123,6 +123,10 @@ class TalkerFamily(ABC):
     def release(self, state: object, slot: int) -> None:
         """Forget the request in `slot`."""
 
+    def check_transcript(self, text: str, name: str) -> None:
+        """Raise InvalidRequestError for a voice's transcript this model would refuse in a request
+        (checked when a voice is stored with it, not at each later use)."""
+
     def check_sampling(self, sampling: SamplingParams) -> None:
         """Raise InvalidRequestError for valid settings this family cannot sample with (checked when a
         request is queued, so that `admit` never refuses one on the engine's thread)."""

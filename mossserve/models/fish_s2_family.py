@@ -166,6 +166,10 @@ class FishS2Family(TalkerFamily):
             replay=[None] * max_slots,
         )
 
+    def check_transcript(self, text: str, name: str) -> None:
+        if self.tokenizer is not None:
+            self.tokenizer.encode_user(text, name)  # control-token spellings are refused
+
     def check_sampling(self, sampling: SamplingParams) -> None:
         fish_settings(sampling)
         if sampling.audio_repetition_penalty != 1.0:  # refused rather than ignored

@@ -45,6 +45,11 @@ async def upload_voice(request: Request, name: str = Form(...), file: UploadFile
     if transcript is not None and not transcript.strip():
         transcript = None
     check_text_length(state, "transcript", transcript)  # it becomes the ref_text of requests that use it
+    if transcript is not None:
+        try:
+            state.tts.talker.check_transcript(transcript, "transcript")  # refused now, not at every use
+        except MossServeError as e:
+            raise APIError(400, str(e), param="transcript") from None
     if await asyncio.to_thread(state.voices.get, name) is not None:
         raise APIError(409, f"a voice named {name!r} already exists (delete it first to replace it)",
                        param="name", code="voice_exists")
