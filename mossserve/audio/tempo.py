@@ -20,7 +20,8 @@ from mossserve.errors import AudioError
 SPEEDS = (0.25, 4.0)  # OpenAI's range
 _LAYOUTS = {1: "mono", 2: "stereo"}
 # atempo gives out for each frame pushed about what the frame before it held, so a chunk is pushed in
-# small frames: what a write holds back is then one of them and the filter's window, not the chunk.
+# small frames: what a write holds back is then one of them and the filter's window, not the chunk
+# (under a frame's remainder waits for the next write).
 _FRAME_SAMPLES = 512
 
 
@@ -40,7 +41,9 @@ class TempoChange:
     def __init__(self, speed: float, sample_rate: int, channels: int):
         if channels not in _LAYOUTS:
             raise AudioError(f"speed supports 1 or 2 channels, not {channels}")
-        self.channels, self.sample_rate = channels, sample_rate
+        self.channels, self.sample_rate, self.speed = channels, sample_rate, speed
+        self._given = self._given_out = 0  # samples written in, and handed out
+        self._pending = np.zeros((channels, 0), np.float32)  # less than a frame, kept for the next write
         self._graph = Graph()
         source = self._graph.add_abuffer(format="fltp", sample_rate=sample_rate, layout=_LAYOUTS[channels],
                                          time_base=f"1/{sample_rate}")
@@ -55,19 +58,36 @@ class TempoChange:
         x = as_channels_first(chunk)
         if x.shape[0] != self.channels:
             raise ValueError(f"expected {self.channels}-channel audio, got shape {x.shape}")
-        if x.shape[1] == 0:
-            return np.zeros((self.channels, 0), np.float32)
-        for start in range(0, x.shape[1], _FRAME_SAMPLES):  # atempo answers a frame with the one before it
-            piece = np.ascontiguousarray(x[:, start:start + _FRAME_SAMPLES])
+        self._given += x.shape[1]
+        x = np.concatenate([self._pending, x], axis=1)
+        whole = x.shape[1] - x.shape[1] % _FRAME_SAMPLES
+        self._push(x[:, :whole])
+        self._pending = x[:, whole:]
+        out = self._drain()
+        self._given_out += out.shape[1]
+        return out
+
+    def close(self) -> np.ndarray:
+        """The rest: the filter is flushed through a little silence (what it holds back is a window,
+        which a clip shorter than one would lose whole) and the audio cut at its stretched length."""
+        silence = np.zeros((self.channels, self.sample_rate // 5), np.float32)
+        self._push(np.concatenate([self._pending, silence], axis=1))
+        self._graph.push(None)
+        rest = max(round(self._given / self.speed) - self._given_out, 0)
+        return self._drain()[:, :rest]
+
+    def _push(self, x: np.ndarray) -> None:
+        """Frames of _FRAME_SAMPLES, the remainder joined to the last: atempo answers a frame with the
+        one before it, and fails on a frame it would stretch to no sample (one sample at speed 4)."""
+        count = max(x.shape[1] // _FRAME_SAMPLES, 1)
+        for i in range(count):
+            piece = np.ascontiguousarray(x[:, i * _FRAME_SAMPLES: x.shape[1] if i == count - 1 else (i + 1) * _FRAME_SAMPLES])
+            if not piece.shape[1]:
+                continue
             frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=_LAYOUTS[self.channels])
             frame.sample_rate, frame.pts = self.sample_rate, self._pts
             self._pts += piece.shape[1]
             self._graph.push(frame)
-        return self._drain()
-
-    def close(self) -> np.ndarray:
-        self._graph.push(None)
-        return self._drain()
 
     def _drain(self) -> np.ndarray:
         pieces = [np.zeros((self.channels, 0), np.float32)]
