@@ -359,7 +359,7 @@ def say_session(tts, args: argparse.Namespace) -> int:
     script = SessionScript.from_json(args.request)
     results = tts.run_session(script, sampling_from_args(tts, args), args.max_frames,
                               decode_audio=args.output is not None)
-    frames = np.concatenate([g.frames for g, _ in results]).astype(np.int64)
+    frames = np.concatenate([g.frames for g, _ in results])
     ended = ", ".join(f"turn {i}: {_ENDINGS[g.finish_reason]} after {len(g.rows)} steps"
                       for i, (g, _) in enumerate(results))
     if args.codes_out is not None:

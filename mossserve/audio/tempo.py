@@ -79,12 +79,10 @@ class TempoChange:
     def _push(self, x: np.ndarray) -> None:
         """Frames of _FRAME_SAMPLES, the remainder joined to the last: atempo answers a frame with the
         one before it, and fails on a frame it would stretch to no sample (one sample at speed 4)."""
-        count = max(x.shape[1] // _FRAME_SAMPLES, 1)
-        for i in range(count):
-            piece = np.ascontiguousarray(x[:, i * _FRAME_SAMPLES: x.shape[1] if i == count - 1 else (i + 1) * _FRAME_SAMPLES])
+        for piece in np.split(x, range(_FRAME_SAMPLES, x.shape[1] - _FRAME_SAMPLES + 1, _FRAME_SAMPLES), axis=1):
             if not piece.shape[1]:
                 continue
-            frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=_LAYOUTS[self.channels])
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(piece), format="fltp", layout=_LAYOUTS[self.channels])
             frame.sample_rate, frame.pts = self.sample_rate, self._pts
             self._pts += piece.shape[1]
             self._graph.push(frame)

@@ -117,8 +117,8 @@ class MossLocalFamily(TalkerFamily):
             if not (rows[:, 1 + depth:] == SKIPPED).all():
                 raise InvalidRequestError(f"a prompt at depth {depth} must hold {SKIPPED} (not embedded) in the channels "
                                           f"above {depth}; it holds codes there")
-            rows = rows[:, : 1 + depth]
-            rows = np.concatenate([rows, np.zeros((len(rows), self.config.n_vq - depth), rows.dtype)], axis=1)
+            rows = rows.copy()
+            rows[:, 1 + depth:] = 0  # checked as codes below
         self.checked_rows(rows)
 
     def with_depth(self, prompt: Prompt, depth: int) -> Prompt:

@@ -27,7 +27,8 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
 
     check_task(task)
     device = parse_device(device)
-    warn_if_emulated(parse_dtype(dtype, device), device)
+    dtype = parse_dtype(dtype, device)
+    warn_if_emulated(dtype, device)
     model_dir = resolve_model_dir(model, allow_patterns=TALKER_FILES)
     with _checkpoint_errors(model_dir, "model"):
         return _load_talker(model_dir, model, device, dtype, task)
@@ -64,7 +65,7 @@ def _checkpoint_errors(directory: Path, what: str):
                               f"loader can build ({type(e).__name__}: {e})") from e
 
 
-def _load_talker(model_dir: Path, model: str | Path, device: torch.device, dtype: str | torch.dtype,
+def _load_talker(model_dir: Path, model: str | Path, device: torch.device, dtype: torch.dtype,
                  task: str | None) -> TalkerFamily:
     config = read_json(model_dir / "config.json")
     model_type = config.get("model_type")
@@ -74,23 +75,23 @@ def _load_talker(model_dir: Path, model: str | Path, device: torch.device, dtype
 
         if is_local_config(config):
             _refuse_task(task, "MOSS-TTS-Local")
-            talker = _load_local(model_dir, str(model), config, device, parse_dtype(dtype, device))
+            talker = _load_local(model_dir, str(model), config, device, dtype)
         else:
-            talker = _load_delay(model_dir, str(model), config, device, parse_dtype(dtype, device), task)
+            talker = _load_delay(model_dir, str(model), config, device, dtype, task)
         talker.source = model_dir
         return talker
     from .moss_realtime_family import is_realtime_config, load_realtime
 
     if is_realtime_config(config):
         _refuse_task(task, "MOSS-TTS-Realtime")
-        return load_realtime(model_dir, str(model), config, device, parse_dtype(dtype, device))
+        return load_realtime(model_dir, str(model), config, device, dtype)
     from .fish_s2_config import is_fish_config
 
     if is_fish_config(config):
         from .fish_s2_family import load_fish
 
         _refuse_task(task, "Fish S2 Pro")
-        return load_fish(model_dir, config, device, parse_dtype(dtype, device))
+        return load_fish(model_dir, config, device, dtype)
     raise CheckpointError(
         f"{model_dir / 'config.json'}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}) "
         "is not supported; supported: moss_tts_delay (Delay and Local), moss_tts_realtime, fish_qwen3_omni")
