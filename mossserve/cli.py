@@ -226,7 +226,10 @@ def run_prompt(args: argparse.Namespace) -> None:
     check_inputs_exist(args)
     check_output(args.output)
     tts = load_tts(args)
-    prompts = build_prompts(tts, args)
+    try:
+        prompts = build_prompts(tts, args)
+    finally:
+        tts.close()
     if len(prompts) != 1:
         raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
     rows = prompts[0].info.get("matrix", prompts[0].rows)  # the processor's matrix (a family may run a variant)

@@ -234,6 +234,22 @@ def test_say_tells_the_rate_the_file_holds() -> None:
     assert written_rate(Path("x.wav"), 44100) == written_rate(Path("x.npy"), 44100) == 44100
 
 
+def test_prompt_closes_its_model_before_it_exits(delay_model_dirs, tmp_path: Path, capsys, monkeypatch) -> None:
+    """`prompt` left its TTS (the speaker cache's thread) to the exit handler, and about one run in
+    fifteen then aborted at exit (status 134, "terminate called without an active exception")
+    after writing its file; `say` closes it itself."""
+    import mossserve.cli as cli
+
+    opened = []
+    load = cli.load_tts
+    monkeypatch.setattr(cli, "load_tts", lambda args: opened.append(load(args)) or opened[-1])
+    (tmp_path / "req.json").write_text(json.dumps({"input": "Hello.", "voice": str(AUDIO_DIR / "reference_zh.wav")}))
+    code, err = run(["prompt", "--model", delay_model_dirs["tiny_nvq16"], "--codec", CODEC_DIR / "tiny",
+                     "--request", tmp_path / "req.json", "-o", tmp_path / "p.npy"], capsys)
+    assert code == 0, err
+    assert len(opened) == 1 and opened[0].closed
+
+
 def test_python_dash_m_runs_the_command() -> None:
     proc = subprocess.run([sys.executable, "-m", "mossserve", "say", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--reference-text" in proc.stdout
