@@ -48,6 +48,9 @@ def parse_device(device: str | torch.device) -> torch.device:
         raise InvalidRequestError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if parsed.type not in ("cpu", "cuda"):
         raise InvalidRequestError(f"device {device!r} is not supported; mossserve runs on cpu and cuda")
+    if parsed.type == "cpu" and parsed.index not in (None, 0):
+        # torch ignores a CPU index, so cpu:1 would quietly run where cpu does: no socket is picked
+        raise InvalidRequestError(f"device {device!r}: the CPU has no numbered devices; use cpu")
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"

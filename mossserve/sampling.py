@@ -4,7 +4,8 @@ The Delay family samples its text head with one setting and its audio heads with
 settings may be given per codebook (a sequence of n_vq values) as well as one value for all.
 A temperature of 0 means greedy (argmax) for that head group, as in the reference (a negative one is refused).
 `audio_repetition_window` limits the repetition history to the last N generated frames (the
-Realtime family's window; 0 = the whole history, which is what the Delay family always uses).
+Realtime family's window; 0 = the whole history, which is what the other families always use:
+they refuse another value).
 """
 from __future__ import annotations
 
@@ -87,6 +88,8 @@ class SamplingParams:
                 continue
             if not isinstance(value, (int, float, list, tuple)):
                 raise InvalidRequestError(f"{f.name} must be a number or a list of numbers, got {value!r}")
+            if f.name.startswith("text_") and isinstance(value, (list, tuple)):
+                raise InvalidRequestError(f"{f.name} takes one number (the text head has one setting), got a list")
             values = [value] if isinstance(value, (int, float)) else list(value)
             if codebooks is not None and isinstance(value, (list, tuple)) and len(values) != codebooks:
                 raise InvalidRequestError(f"{f.name} has {len(values)} values; the model has {codebooks} codebooks")

@@ -119,6 +119,7 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     (["say", "Hi.", "--voice", "", "--codes-out", "c.npy"], "voice is an empty path"),
     (["say", "Hi.", "--device", "tpu", "--codes-out", "c.npy"], "unknown device 'tpu'"),
     (["say", "Hi.", "--device", "mps", "--codes-out", "c.npy"], "runs on cpu and cuda"),
+    (["say", "Hi.", "--device", "cpu:1", "--codes-out", "c.npy"], "the CPU has no numbered devices; use cpu"),
     # outputs that could not be written are refused before the model loads (a missing model shows it)
     (["say", "Hi.", "--model", "/nonexistent/model", "-o", "no/such/dir/x.wav"], "no directory no/such/dir"),
     (["say", "Hi.", "--model", "/nonexistent/model", "-o", "."], "is a directory"),

@@ -361,7 +361,12 @@ def test_sampling_that_does_not_fit_is_refused_before_anything_runs(delay_tts) -
                          (SamplingParams(audio_temperature=1e300), "audio_temperature must be 0"),
                          (SamplingParams(audio_top_k=2**70), "audio_top_k must be a non-negative integer"),
                          (SamplingParams(audio_top_k=None), "audio_top_k must be a number"),
-                         (SamplingParams(audio_temperature=True), "audio_temperature must be a finite number")):
+                         (SamplingParams(audio_temperature=True), "audio_temperature must be a finite number"),
+                         # text settings as lists passed, then failed the whole batch in `admit`
+                         (SamplingParams(text_temperature=[1.0] * 16), "text_temperature takes one number"),
+                         (SamplingParams(text_top_k=[5] * 16), "text_top_k takes one number"),
+                         # a window the Delay family's penalty has not was accepted and ignored
+                         (SamplingParams(audio_repetition_window=5), "audio_repetition_window is not a setting")):
         with pytest.raises(InvalidRequestError, match=message):
             tts.synthesize(requests[0], bad)
     with pytest.raises(InvalidRequestError, match=r"requests\[1\]: voice"):

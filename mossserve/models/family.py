@@ -82,6 +82,7 @@ class TalkerFamily(ABC):
     # request's reference_text unless one is given (for Delay, reference_text means continuation).
     voice_needs_transcript: ClassVar[bool] = False
     normalizes_reference_loudness: ClassVar[bool] = True  # the MOSS processors bring a reference to -20 dBFS
+    repetition_window: ClassVar[bool] = False  # the penalty's history can be limited (audio_repetition_window)
     model: nn.Module
     backbone_config: Qwen3Config  # sizes of the KV cache
     columns: int  # width of a prompt row: text column + one per codebook
@@ -130,6 +131,9 @@ class TalkerFamily(ABC):
     def check_sampling(self, sampling: SamplingParams) -> None:
         """Raise InvalidRequestError for valid settings this family cannot sample with (checked when a
         request is queued, so that `admit` never refuses one on the engine's thread)."""
+        if sampling.audio_repetition_window and not self.repetition_window:  # refused rather than ignored
+            raise InvalidRequestError(f"audio_repetition_window is not a setting of the {self.name} family: its "
+                                      "repetition penalty always looks at the whole history (give 0)")
 
     # ---- streaming input: text arriving while the request runs (families that support it) -----
     def push_input(self, state: object, slot: int, piece: object, end: bool) -> InputUpdate:

@@ -171,6 +171,7 @@ class FishS2Family(TalkerFamily):
             self.tokenizer.encode_user(text, name)  # control-token spellings are refused
 
     def check_sampling(self, sampling: SamplingParams) -> None:
+        super().check_sampling(sampling)
         fish_settings(sampling)
         if sampling.audio_repetition_penalty != 1.0:  # refused rather than ignored
             raise InvalidRequestError("Fish S2 Pro applies no repetition penalty (the reference's S2 sampling has "

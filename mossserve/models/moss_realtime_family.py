@@ -205,6 +205,7 @@ class MossRealtimeFamily(TalkerFamily):
 
     # ---- sessions (README §5.6-5.7): later turns keep the cache and the random stream --------
     supports_sessions = True
+    repetition_window = True
 
     def continue_session(self, state: RealtimeState, slot: int, prompt: Prompt,
                          sampling: SamplingParams) -> list[np.ndarray]:
