@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--text-file", type=Path, help="read the text to speak from a file")
     say.add_argument("--batch", type=Path, help="a JSONL file, one SpeechRequest per line, all run together")
     say.add_argument("--out-dir", type=Path, help="with --batch: writes NNNN.<format> audio and NNNN.npy codes")
-    say.add_argument("--format", help="with --batch: audio format (wav, the default, flac, mp3, opus, ogg, pcm, raw)")
+    say.add_argument("--format", help="with --batch: audio format (wav, the default, flac, mp3, opus, ogg, aac, pcm, raw)")
     say.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar on stderr (default: when stderr is a terminal)")
     say.add_argument("--max-running", type=int, help="requests decoded at once (default 16)")
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "codes-out then holds that many columns")
     say.add_argument("--codes-out", type=Path, help="write the generated codes (frames, codebooks) as int64 .npy")
     say.add_argument("-o", "--output", type=Path,
-                     help="write audio; the extension picks the format (wav, flac, mp3, opus, ogg, pcm, raw, npy)")
+                     help="write audio; the extension picks the format (wav, flac, mp3, opus, ogg, aac, pcm, raw, npy)")
     say.set_defaults(run=run_say)
 
     codec = commands.add_parser("codec", help="encode audio to codes or decode codes to audio")
@@ -452,7 +452,7 @@ def say_batch(tts, args: argparse.Namespace) -> int:
 
 
 def batch_format(name: str) -> str:
-    """--batch's audio format as an extension (`-o`'s names: wav, flac, mp3, opus, ogg, pcm, raw)."""
+    """--batch's audio format as an extension (`-o`'s names: wav, flac, mp3, opus, ogg, aac, pcm, raw)."""
     extension = name.lower().lstrip(".")
     if f".{extension}" not in AUDIO_EXTENSIONS:
         names = ", ".join(e.lstrip(".") for e in AUDIO_EXTENSIONS)
@@ -602,6 +602,8 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.model is None:
         print("note: no --model given; serving the bundled tiny random-weight demo checkpoint "
               "(it produces noise, not speech)", file=sys.stderr)
+    if args.api_key is None and os.environ.get("MOSSSERVE_API_KEY") == "":
+        print("note: $MOSSSERVE_API_KEY is set but empty; /v1 is served without an API key", file=sys.stderr)
     if args.ray:
         return run_ray(args, settings)
     if args.replicas is not None or args.autoscale or args.ray_address or args.voice_service:

@@ -83,6 +83,13 @@ class SpeechRequest:
             raise InvalidRequestError("speakers must hold at least one entry")
 
     @property
+    def typed_texts(self) -> list[tuple[str, str]]:
+        """(field, text) of each text field that a prompt spells out as the user typed it."""
+        texts = [(name, getattr(self, name)) for name in ("input", "reference_text", "instructions", "language")]
+        texts += [(f"speakers[{k}].reference_text", s.reference_text) for k, s in enumerate(self.speakers or [])]
+        return [(name, text) for name, text in texts if text]
+
+    @property
     def expected_frames(self) -> int | None:
         """The requested duration in codec frames (12.5 per second), if any."""
         if self.duration_tokens is not None:

@@ -77,7 +77,7 @@ def test_wav_stream_with_no_audio_is_a_valid_empty_file():
 
 
 @pytest.mark.parametrize("channels", [1, 2])
-@pytest.mark.parametrize("format", ["flac", "mp3", "opus"])
+@pytest.mark.parametrize("format", ["flac", "mp3", "opus", "aac"])
 def test_compressed_stream_with_no_audio_opens_as_silence(format, channels):
     encoder = StreamEncoder(format, 24000, channels)
     data = encoder.write(np.zeros((channels, 0), np.float32)) + encoder.close()
@@ -116,6 +116,14 @@ def test_streamed_mp3_is_a_valid_file(rate, channels):
             assert aligned_correlation(x[c], y[c], max_lag=3 * frame) > 0.9
 
 
+def test_streamed_aac_is_the_whole_file():
+    """ADTS has no header to patch at the end: the streamed bytes are the whole file's."""
+    x = tone(24000, channels=2)
+    parts = stream("aac", x, 24000)
+    assert sum(map(len, parts[:-1])) > 4 * len(parts[-1])
+    assert b"".join(parts) == encode_audio(x, 24000, "aac")
+
+
 @pytest.mark.parametrize("rate,channels", [(24000, 1), (24000, 2), (44100, 1)])
 def test_streamed_opus_is_a_valid_file(rate, channels):
     x = tone(rate, channels=channels)
@@ -137,7 +145,7 @@ def test_streamed_opus_is_a_valid_file(rate, channels):
 
 # the share of 1 s of writes that the bytes already sent decode to (FFmpeg's count: mp3 includes
 # its leading encoder delay, opus has its pre-skip removed)
-SENT_BEFORE_CLOSE = {"wav": 1.0, "pcm": 1.0, "flac": 0.9, "mp3": 0.9, "opus": 0.97}
+SENT_BEFORE_CLOSE = {"wav": 1.0, "pcm": 1.0, "flac": 0.9, "mp3": 0.9, "opus": 0.97, "aac": 0.9}
 
 
 @pytest.mark.parametrize("format", list(SENT_BEFORE_CLOSE))
@@ -155,8 +163,8 @@ def test_what_was_written_is_sent_without_waiting_for_close(format):
 
 
 def test_unknown_stream_format_names_the_supported_ones():
-    with pytest.raises(AudioError, match="unknown audio format 'aac'.*wav, pcm, flac, mp3, opus"):
-        StreamEncoder("aac", 24000)
+    with pytest.raises(AudioError, match="unknown audio format 'm4a'.*wav, pcm, flac, mp3, opus, aac"):
+        StreamEncoder("m4a", 24000)
 
 
 def test_chunk_with_the_wrong_channel_count_is_a_bug():

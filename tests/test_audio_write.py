@@ -95,6 +95,20 @@ def test_lossy_formats_read_back(format, rate, channels):
         assert aligned_correlation(x[c], y[c], max_lag=rate // 10) > 0.9
 
 
+@pytest.mark.parametrize("rate,channels", [(24000, 1), (44100, 2)])
+def test_aac_is_adts_that_keeps_its_priming(rate, channels):
+    """OpenAI's `aac`: ADTS frames, which every decoder reads as they come. ADTS cannot record the
+    encoder's 1024-sample priming or the last frame's padding, so decoders keep both."""
+    x = tone(rate, channels=channels)
+    data = encode_audio(x, rate, "aac")
+    assert data[:2] == b"\xff\xf1"  # an ADTS sync word (MPEG-4, no CRC)
+    y, got_rate = decode_ffmpeg(data)
+    assert got_rate == rate and y.shape[0] == channels
+    assert x.shape[1] + 1024 <= y.shape[1] <= x.shape[1] + 2 * 1024
+    for c in range(channels):
+        assert aligned_correlation(x[c], y[c, 1024:], max_lag=64) > 0.9
+
+
 @pytest.mark.parametrize(
     "format,rate,stored", [("opus", 44100, 48000), ("opus", 22050, 24000), ("mp3", 96000, 48000), ("mp3", 20000, 22050)]
 )
@@ -127,7 +141,8 @@ def test_npy_holds_raw_float32_samples(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name,magic", [("a.wav", b"RIFF"), ("a.flac", b"fLaC"), ("a.mp3", b"ID3"), ("a.ogg", b"OggS"), ("a.opus", b"OggS")]
+    "name,magic", [("a.wav", b"RIFF"), ("a.flac", b"fLaC"), ("a.mp3", b"ID3"), ("a.ogg", b"OggS"), ("a.opus", b"OggS"),
+                   ("a.aac", b"\xff\xf1")]
 )
 def test_write_audio_takes_the_format_from_the_extension(tmp_path, name, magic):
     write_audio(tmp_path / name, tone(24000, seconds=0.2), 24000)
@@ -145,8 +160,8 @@ def test_write_audio_pcm_and_explicit_format(tmp_path):
 
 
 def test_unknown_format_names_the_supported_ones(tmp_path):
-    with pytest.raises(AudioError, match="unknown audio format 'aac'.*" + ", ".join(FORMATS)):
-        encode_audio(tone(24000), 24000, "aac")
+    with pytest.raises(AudioError, match="unknown audio format 'm4a'.*" + ", ".join(FORMATS)):
+        encode_audio(tone(24000), 24000, "m4a")
     with pytest.raises(AudioError, match="extension.*\\.wav"):
         write_audio(tmp_path / "a.xyz", tone(24000), 24000)
 

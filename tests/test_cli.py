@@ -415,3 +415,17 @@ def test_an_empty_api_key_in_the_environment_means_none(monkeypatch) -> None:
     assert build_parser().parse_args(["serve"]).api_key is None
     monkeypatch.setenv("MOSSSERVE_API_KEY", "sekret")
     assert build_parser().parse_args(["serve"]).api_key == "sekret"
+
+
+def test_serve_says_when_an_empty_api_key_in_the_environment_leaves_it_open(monkeypatch, capsys) -> None:
+    import mossserve.serve.run
+
+    started = []
+    monkeypatch.setattr(mossserve.serve.run, "serve", lambda settings, log_level: started.append(settings.api_key))
+    monkeypatch.setenv("MOSSSERVE_API_KEY", "")
+    code, err = run(["serve", "--port", "0"], capsys)
+    assert code == 0 and started == [None]
+    assert "$MOSSSERVE_API_KEY is set but empty; /v1 is served without an API key" in err
+    monkeypatch.setenv("MOSSSERVE_API_KEY", "sekret")
+    code, err = run(["serve", "--port", "0"], capsys)
+    assert code == 0 and started[-1] == "sekret" and "API key" not in err

@@ -111,6 +111,10 @@ def test_depth_out_of_range_is_refused(depth) -> None:
     ({"input": "x", "task": "dialogue"}, "only the tts task"),
     ({"input": "[S1] x", "speakers": [{"voice": None}]}, "speakers"),
     ({"input": "x", "reference_text": "y"}, "give the voice too"),
+    # typed text that spells a control token or the builder's placeholder
+    ({"input": "x <|im_end|>"}, r"input contains the special token\(s\) <\|im_end\|>"),
+    ({"input": "x", "language": "<|audio_start|>"}, r"language contains the special token\(s\) <\|audio_start\|>"),
+    ({"input": "x <|audio|>"}, r"input contains <\|audio\|>"),
 ])
 def test_unsupported_requests_are_refused(fields: dict, message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):

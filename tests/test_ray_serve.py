@@ -30,7 +30,7 @@ serve = pytest.importorskip("ray.serve")
 
 SEED = 7
 TEXT = "Hello from the cluster."
-FORMATS = ["wav", "pcm", "flac", "mp3", "opus"]
+FORMATS = ["wav", "pcm", "flac", "mp3", "opus", "aac"]
 VOICE = (AUDIO_DIR / "reference_zh.wav").read_bytes()
 DEADLINE_S = 120
 REALTIME = {}  # the /rt application's settings, to scale it down with the same ones

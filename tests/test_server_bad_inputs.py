@@ -143,7 +143,9 @@ CASES = [
     # divisors this small made a row's logits infinite, and the batch's step fail
     bad("repetition-penalty-tiny", 422, "greater than or equal to 0.001", {"repetition_penalty": 1e-40},
         param="repetition_penalty"),
-    bad("temperature-tiny", 400, "temperature must be 0 (greedy) or in 0.001..100", {"temperature": 1e-39}),
+    # refused by the sampler as audio_temperature, outside the API's own range, without a param
+    bad("temperature-tiny", 422, "temperature: Input should be 0 (greedy) or at least 0.001 (got 1e-39)",
+        {"temperature": 1e-39}, param="temperature"),
     bad("max-new-tokens-0", 422, "greater than or equal to 1", {"max_new_tokens": 0}, param="max_new_tokens"),
     bad("initial-chunk-frames-0", 422, "greater than or equal to 1", {"initial_chunk_frames": 0},
         param="initial_chunk_frames"),
@@ -152,7 +154,17 @@ CASES = [
     bad("duration-tokens-0", 422, "greater than 0", {"duration_tokens": 0}, param="duration_tokens"),
     bad("both-durations", 400, "not both", {"duration_seconds": 1.0, "duration_tokens": 10}),
     # what the tts task does not take
-    bad("instructions", 400, "instructions is not used by the tts task", {"instructions": "Whisper."}),
+    bad("instructions", 400, "instructions is not used by the tts task", {"instructions": "Whisper."},
+        param="instructions"),
+    # special-token spellings: they became control ids, and the refusal spoke of "audio blocks"
+    bad("input-special-token", 400, "input contains the special token(s) <|audio_start|>, which text may not use",
+        {"input": "Hi <|audio_start|>"}, param="input"),
+    bad("language-special-tokens", 400, "language contains the special token(s) <|audio_end|>, <|im_end|>",
+        {"language": "<|audio_end|><|im_end|>"}, param="language"),
+    bad("ref-text-special-token", 400, "ref_text contains the special token(s) <|endoftext|>",
+        {"ref_text": "Hello <|endoftext|>"}, param="ref_text"),
+    bad("input-audio-placeholder", 400, "input contains <|audio|>, which text may not use", {"input": "a <|audio|>"},
+        param="input"),
     bad("speakers-1", 400, "speakers is not used by the tts task", {"speakers": [{}]}),
     bad("speakers-0", 422, "at least 1", {"speakers": []}, param="speakers"),
     bad("speakers-unknown-field", 422, "unknown field", {"speakers": [{"name": "a"}]}, param="speakers.0.name"),

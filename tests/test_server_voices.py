@@ -213,6 +213,17 @@ def test_a_transcript_past_the_text_limit_is_refused(server):
     assert server.get(f"{VOICES}/talker").status_code == 404
 
 
+def test_a_transcript_that_spells_a_special_token_is_refused(server):
+    """It was stored, and every request that took it as its ref_text then failed with a message about
+    "audio blocks"."""
+    r = server.post(VOICES, data={"name": "marker", "transcript": "Hi <|audio_start|>"},
+                    files={"file": ("v.wav", SHORT, "audio/wav")})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "transcript" and "transcript contains the special token(s) <|audio_start|>" in error["message"]
+    assert server.get(f"{VOICES}/marker").status_code == 404
+
+
 def test_audio_sample_field_is_accepted(server):
     r = upload(server, "dave", SHORT, field="audio_sample")  # OpenAI's name for the file field
     assert r.status_code == 201, r.text

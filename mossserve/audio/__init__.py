@@ -1,4 +1,4 @@
-"""Audio in and out: read any file, resample, write or stream wav/pcm/flac/mp3/opus.
+"""Audio in and out: read any file, resample, write or stream wav/pcm/flac/mp3/opus/aac.
 
 The names load on first use (see mossserve.lazy): `mossserve.audio.formats` is imported by the
 CLI's parser, which should not pay for PyAV and soxr.

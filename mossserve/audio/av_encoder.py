@@ -1,4 +1,4 @@
-"""mp3, ogg/opus and flac through FFmpeg (PyAV), chunk by chunk.
+"""mp3, ogg/opus, flac and aac through FFmpeg (PyAV), chunk by chunk.
 
 The muxer writes into a pipe-like object that hands its bytes out after every chunk. A pipe is
 unseekable, so FFmpeg writes a streamable file: mp3 without the Xing/LAME header (decoders then
@@ -7,7 +7,9 @@ reads it; libsndfile cannot), and one 20 ms opus packet per ogg page: FFmpeg's o
 newest page back until the next (so it can flag the last one), and small pages keep that to 20 ms
 at a cost of about 11 kbit/s of page headers. Given a seekable buffer instead (whole files),
 FFmpeg goes back at the end and fills the headers in: gapless mp3 of the exact length, flac with
-its length; whole opus files keep FFmpeg's default one-second pages.
+its length; whole opus files keep FFmpeg's default one-second pages. aac is ADTS (OpenAI's `aac`):
+self-contained frames, the same bytes streamed or whole, with no place for the encoder's
+1024-sample priming, which decoders therefore keep.
 
 Audio with no samples is written as one sample of silence: an mp3 or ogg/opus file without a single
 packet is one FFmpeg and browsers refuse to open.
@@ -32,6 +34,7 @@ _CODECS = {
     "mp3": ("mp3", "libmp3lame", "fltp", 64_000),
     "opus": ("ogg", "libopus", "flt", 48_000),
     "flac": ("flac", "flac", "s16", None),
+    "aac": ("adts", "aac", "fltp", 64_000),
 }
 _LAYOUTS = {1: "mono", 2: "stereo"}
 
@@ -53,7 +56,7 @@ class _Pipe:
 
 
 class AVEncoder:
-    """Encode float32 chunks at `sample_rate` to `format` ("mp3", "opus" or "flac")."""
+    """Encode float32 chunks at `sample_rate` to `format` ("mp3", "opus", "flac" or "aac")."""
 
     def __init__(self, format: str, sample_rate: int, channels: int, seekable: bool = False):
         if channels not in _LAYOUTS:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from mossserve.errors import AudioError
 
-FORMATS = ("wav", "pcm", "flac", "mp3", "opus")
+FORMATS = ("wav", "pcm", "flac", "mp3", "opus", "aac")
 
 MEDIA_TYPES = {
     "wav": "audio/wav",
@@ -13,14 +13,16 @@ MEDIA_TYPES = {
     "flac": "audio/flac",
     "mp3": "audio/mpeg",
     "opus": "audio/ogg",
+    "aac": "audio/aac",
 }
 
-# The rates mp3 (MPEG-1/2/2.5 layer III) and opus can store. Any other rate is resampled to the
+# The rates mp3 (MPEG-1/2/2.5 layer III), opus and aac (MPEG-4 AAC-LC) can store. Any other rate is resampled to the
 # lowest listed rate at or above it (the highest when none is), so no content is lost:
 # 44.1 kHz opus becomes 48 kHz, 96 kHz mp3 becomes 48 kHz. wav, pcm and flac keep any rate.
 RATES = {
     "mp3": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000),
     "opus": (8000, 12000, 16000, 24000, 48000),
+    "aac": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000),
 }
 
 EXTENSIONS = {
@@ -31,6 +33,7 @@ EXTENSIONS = {
     ".mp3": "mp3",
     ".opus": "opus",
     ".ogg": "opus",
+    ".aac": "aac",
     ".npy": "npy",
 }
 

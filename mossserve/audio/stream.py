@@ -30,7 +30,7 @@ class StreamEncoder:
 
     `sample_rate` here is the rate of the chunks; `self.sample_rate` is the rate of the output
     (they differ only where the format cannot store the input rate, see formats.RATES).
-    wav and pcm bytes equal encode_audio's samples exactly; flac is lossless; mp3 and opus
+    wav and pcm bytes equal encode_audio's samples exactly; flac is lossless; mp3, opus and aac
     emit frames/pages as they complete.
     """
 
@@ -40,7 +40,7 @@ class StreamEncoder:
         self.sample_rate = output_rate(self.format, sample_rate)
         self._encoder = None
         self._pending = b""
-        if self.format in ("mp3", "opus", "flac"):
+        if self.format in ("mp3", "opus", "flac", "aac"):
             self._encoder = AVEncoder(self.format, sample_rate, channels)
         elif self.format == "wav":
             self._pending = streaming_wav_header(sample_rate, channels)

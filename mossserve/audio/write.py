@@ -1,4 +1,4 @@
-"""Whole audio files: wav, pcm, flac, mp3, opus (and .npy for files)."""
+"""Whole audio files: wav, pcm, flac, mp3, opus, aac (and .npy for files)."""
 
 import io
 from os import PathLike
@@ -15,9 +15,9 @@ def encode_audio(samples: np.ndarray, sample_rate: int, format: str, wav_float: 
     """The bytes of a whole file in `format` (one of FORMATS).
 
     wav is 16-bit PCM (`wav_float=True`: 32-bit float, unclipped); pcm is raw s16le, channels
-    interleaved; flac is 16-bit. mp3 and opus may be written at another rate than `sample_rate`
+    interleaved; flac is 16-bit. mp3, opus and aac may be written at another rate than `sample_rate`
     (see formats.RATES). Integer formats clip to [-1, 1] and round. No samples give a wav or pcm of
-    none and a flac, mp3 or opus of one silent sample: those formats have no file without a frame.
+    none and a flac, mp3, opus or aac of one silent sample: those formats have no file without a frame.
     """
     format = check_format(format)
     x = as_channels_first(samples)

@@ -82,6 +82,7 @@ class TalkerFamily(ABC):
     # request's reference_text unless one is given (for Delay, reference_text means continuation).
     voice_needs_transcript: ClassVar[bool] = False
     normalizes_reference_loudness: ClassVar[bool] = True  # the MOSS processors bring a reference to -20 dBFS
+    reserved_text: ClassVar[tuple[str, ...]] = ()  # markers the prompt builder reads in text (`check_typed`)
     repetition_window: ClassVar[bool] = False  # the penalty's history can be limited (audio_repetition_window)
     model: nn.Module
     backbone_config: Qwen3Config  # sizes of the KV cache
@@ -127,6 +128,23 @@ class TalkerFamily(ABC):
     def check_transcript(self, text: str, name: str) -> None:
         """Raise InvalidRequestError for a voice's transcript this model would refuse in a request
         (checked when a voice is stored with it, not at each later use)."""
+        self.check_typed(text, name)
+
+    def check_typed_text(self, request: SpeechRequest) -> None:
+        """`check_typed` on each of the request's typed text fields."""
+        for name, text in request.typed_texts:
+            self.check_typed(text, name)
+
+    def check_typed(self, text: str, name: str) -> None:
+        """Raise InvalidRequestError for text a user typed (field `name`) that spells a special token
+        (`TextTokenizer.encode_user`) or one of `reserved_text`. Without a tokenizer only prompt
+        matrices run, so nothing is checked here."""
+        if getattr(self, "tokenizer", None) is None:
+            return
+        marker = next((m for m in self.reserved_text if m in text), None)
+        if marker is not None:
+            raise InvalidRequestError(f"{name} contains {marker}, which text may not use (the prompt builder reserves it)")
+        self.tokenizer.encode_user(text, name)
 
     def check_sampling(self, sampling: SamplingParams) -> None:
         """Raise InvalidRequestError for valid settings this family cannot sample with (checked when a

@@ -166,10 +166,6 @@ class FishS2Family(TalkerFamily):
             replay=[None] * max_slots,
         )
 
-    def check_transcript(self, text: str, name: str) -> None:
-        if self.tokenizer is not None:
-            self.tokenizer.encode_user(text, name)  # control-token spellings are refused
-
     def check_sampling(self, sampling: SamplingParams) -> None:
         super().check_sampling(sampling)
         fish_settings(sampling)

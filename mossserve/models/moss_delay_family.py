@@ -33,6 +33,7 @@ from ..layers.sampler import (
 )
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
+from ..text.delay_prompt import AUDIO_PLACEHOLDER
 from .delay_pattern import dedelay, segments
 from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily
 from .moss_delay import MossDelayModel
@@ -75,6 +76,8 @@ def _selected(mask: torch.Tensor) -> torch.Tensor | None:
 
 class MossDelayFamily(TalkerFamily):
     name = "delay"
+    reserved_text = (AUDIO_PLACEHOLDER,)
+
     def __init__(self, model: MossDelayModel, tokenizer, default_task: str | None = None,
                  sampling_defaults: SamplingParams | None = None, max_new_frames: int = 4096) -> None:
         self.model = model
@@ -102,6 +105,7 @@ class MossDelayFamily(TalkerFamily):
         from ..text.delay_requests import delay_conversation, infer_task
         from ..text.pauses import pause_seconds
 
+        self.check_typed_text(request)
         task = request.task or self.default_task or infer_task(request)
         conversation, mode = delay_conversation(
             request,

@@ -26,6 +26,7 @@ from ..layers.fixed_shape import FixedShapeCalls
 from ..layers.sampler import exponential_noise, noise_by_request
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
+from ..text.delay_prompt import AUDIO_PLACEHOLDER
 from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily
 from .moss_local import SKIPPED, MossLocalModel
 from .moss_local_config import MossLocalConfig
@@ -55,6 +56,8 @@ class LocalState:
 
 class MossLocalFamily(TalkerFamily):
     name = "local"
+    reserved_text = (AUDIO_PLACEHOLDER,)
+
     def __init__(self, model: MossLocalModel, tokenizer, sampling_defaults: SamplingParams | None = None,
                  max_new_frames: int = 4096) -> None:
         self.model = model
@@ -72,6 +75,7 @@ class MossLocalFamily(TalkerFamily):
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
         from ..text.local_prompt import local_conversation
 
+        self.check_typed_text(request)
         conversation, mode = local_conversation(request, n_vq=self.config.n_vq,
                                                 audio_vocab_size=self.config.audio_vocab_size,
                                                 encode_voice=encode_voice)

@@ -98,6 +98,7 @@ class MossRealtimeFamily(TalkerFamily):
             raise InvalidRequestError(f"MOSS-TTS-Realtime takes input and voice only; not {', '.join(given or ['continuation'])}")
         if not request.input:
             raise InvalidRequestError("input text is required")
+        self.check_typed_text(request)
         voice = request.voice
         if voice is not None and not isinstance(voice, np.ndarray):
             if encode_voice is None:
@@ -137,6 +138,8 @@ class MossRealtimeFamily(TalkerFamily):
         from ..text.realtime_prompt import ASSISTANT_OPEN, orient_codes
 
         b = self.builder
+        if turn.user_text is not None:
+            self.check_typed(turn.user_text, "user_text")
         if turn.user_audio is not None:
             rows = b.user_turn(turn.user_text, b.check_codes(orient_codes(turn.user_audio), "user_audio"))
         elif turn.user_text is not None:

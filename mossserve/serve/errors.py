@@ -6,6 +6,7 @@ validation errors and mossserve's errors into the same shape, so a client sees o
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -63,6 +64,15 @@ def from_mossserve(e: Exception, retry_after_s: int) -> APIError:
     return APIError(500, f"internal error: {e}")
 
 
+def naming_field(error: APIError, fields: Iterable[str]) -> APIError:
+    """`error` with `param` set to the request field its message begins with (`input contains ...`,
+    `speakers[1].ref_text ...`), when it has none: a model's refusals name the field in words only."""
+    match = re.match(r"([a-z_]+)((?:\[\d+\])?(?:\.[a-z_]+)?)[ :]", error.message)
+    if error.param is None and match and match.group(1) in fields:
+        error.param = match.group(1) + match.group(2)
+    return error
+
+
 def _api_names(message: str) -> str:
     """A model's refusal speaks of SpeechRequest's fields; the API spells one of them otherwise."""
     return re.sub(r"\breference_text\b", "ref_text", message)
@@ -73,7 +83,7 @@ def describe_validation(errors: list[dict]) -> tuple[str, str | None]:
     first = errors[0]
     location = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     param = ".".join(location) or None
-    message = first.get("msg", "invalid value")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")  # our own validators' words
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
     if first.get("type") == "missing":

@@ -9,22 +9,30 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ..audio.formats import FORMATS
 from ..audio.tempo import SPEEDS
 from ..sampling import MIN_DIVISOR
 
-ResponseFormat = Literal[FORMATS]  # wav, pcm, flac, mp3, opus
+ResponseFormat = Literal[FORMATS]  # wav, pcm, flac, mp3, opus, aac
 
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _greedy_or_divisor(value: float) -> float:
+    """A temperature divides the logits: 0 means greedy, and a positive one far below MIN_DIVISOR
+    makes them infinite (SamplingParams.validate refuses it too, in the sampler's own names)."""
+    if 0 < value < MIN_DIVISOR:
+        raise ValueError(f"Input should be 0 (greedy) or at least {MIN_DIVISOR}")
+    return value
+
+
 # The sampling, first-chunk and speed fields a speech request and a realtime session share.
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
-Temperature = Annotated[float, Field(ge=0, le=10)]  # and 0 or >= sampling.MIN_DIVISOR (SamplingParams.validate)
+Temperature = Annotated[float, Field(ge=0, le=10), AfterValidator(_greedy_or_divisor)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 TopK = Annotated[int, Field(ge=0, le=100000)]
 RepetitionPenalty = Annotated[float, Field(ge=MIN_DIVISOR, le=10)]

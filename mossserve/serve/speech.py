@@ -26,7 +26,7 @@ from ..engine.request import AudioChunk
 from ..errors import MossServeError
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
-from .errors import APIError, error_event, from_mossserve
+from .errors import APIError, error_event, from_mossserve, naming_field
 from .metrics import StreamClock
 from .schemas import SamplingFields, SpeechBody
 from .state import ServerState
@@ -75,7 +75,7 @@ async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
                                      schedule=schedule_for(state, body))
         return await stream
     except MossServeError as e:
-        raise from_mossserve(e, state.settings.retry_after_s) from None
+        raise naming_field(from_mossserve(e, state.settings.retry_after_s), SpeechBody.model_fields) from None
 
 
 def shutting_down(state: ServerState) -> APIError:

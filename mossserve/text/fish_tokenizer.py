@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError, InvalidRequestError
+from ..errors import CheckpointError
 from .tokenizer import TextTokenizer
 
 INLINE_TOKENS = ("<|phoneme_start|>", "<|phoneme_end|>")  # special tokens user text may spell
@@ -33,7 +33,6 @@ class FishTokenizer:
     voice: int
     semantic_start: int
     semantic_end: int
-    refused: dict[int, str]  # special-token ids that user text may not spell -> their spelling
 
     @classmethod
     def from_dir(cls, path: str | Path, semantic_fallback: tuple[int, int] | None = None) -> "FishTokenizer":
@@ -47,9 +46,7 @@ class FishTokenizer:
         semantic = _semantic_range(ids, path) or semantic_fallback
         if semantic is None:
             raise CheckpointError(f"{path}: the tokenizer has no <|semantic:i|> tokens and no fallback range was given")
-        refused = {token_id: token.content for token_id, token in added.items()
-                   if token.special and token.content not in INLINE_TOKENS}
-        return cls(text, ids["<|im_start|>"], ids["<|im_end|>"], ids["<|voice|>"], semantic[0], semantic[1], refused)
+        return cls(text, ids["<|im_start|>"], ids["<|im_end|>"], ids["<|voice|>"], semantic[0], semantic[1])
 
     @property
     def semantic_count(self) -> int:
@@ -62,13 +59,7 @@ class FishTokenizer:
 
     def encode_user(self, text: str, name: str) -> list[int]:
         """Text a user typed, tokenized on its own; refuses control-token spellings (module docstring)."""
-        ids = self.text.encode(text)
-        spelled = sorted({self.refused[i] for i in ids if i in self.refused})
-        if spelled:
-            allowed = " and ".join(INLINE_TOKENS)
-            raise InvalidRequestError(f"{name} contains the special token(s) {', '.join(spelled)}, which text may not "
-                                      f"use (only {allowed} are allowed; <|speaker:N|> tags are plain text)")
-        return ids
+        return self.text.encode_user(text, name, INLINE_TOKENS)
 
 
 def _semantic_range(ids: dict[str, int], path: str | Path) -> tuple[int, int] | None:

@@ -2,19 +2,21 @@
 
 No transformers: the published `tokenizer.json` already holds everything that encoding and
 decoding need (BPE, NFC normalizer, Qwen2 split, byte-level mapping, added tokens). Added tokens
-are matched verbatim in the raw text, so a special-token spelling inside user text becomes that
-token, as in the reference. No BOS/EOS is ever added. `tokenizer_config.json` is read for the
+are matched verbatim in the raw text, so a special-token spelling inside text becomes that
+token, as in the reference; `encode_user` refuses such spellings in what a user typed. No BOS/EOS
+is ever added. `tokenizer_config.json` is read for the
 spellings of the EOS and PAD tokens.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Sequence
 
 from tokenizers import Tokenizer
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidRequestError
 
 
 class TextTokenizer:
@@ -44,6 +46,24 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def special(self) -> dict[int, str]:
+        """The special (control) tokens' ids -> their spellings."""
+        return {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+
+    def encode_user(self, text: str, name: str, allowed: Sequence[str] = ()) -> list[int]:
+        """Text a user typed (`name` says which field), tokenized; InvalidRequestError if it spells a
+        special token other than `allowed`. The reference would read the spelling as the control id
+        (`<|im_end|>` closes the turn early); read as plain text, the markup would be spoken. No user
+        text needs those ids."""
+        ids = self.encode(text)
+        spelled = sorted({self.special[i] for i in ids if i in self.special} - set(allowed))
+        if spelled:
+            only = f" (only {' and '.join(allowed)} are allowed)" if allowed else ""
+            raise InvalidRequestError(f"{name} contains the special token(s) {', '.join(spelled)}, which text may not "
+                                      f"use{only}")
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
