@@ -67,7 +67,7 @@ def test_say_batch_errors_name_the_line(delay_model_dirs, tmp_path: Path, capsys
     code, err = run(["say", "--text-file", tmp_path / "missing.txt", "-o", tmp_path / "x.wav"], capsys)
     assert code == 2 and "missing.txt" in err
     code, err = run(["say", "--batch", batch, "--out-dir", tmp_path / "out", "--format", "npy"], capsys)
-    assert code == 2 and "NNNN.npy" in err and "(wav, pcm, raw, flac, mp3, opus, ogg)" in err  # .npy audio would overwrite codes
+    assert code == 2 and "NNNN.npy" in err and "(wav, pcm, raw, flac, mp3, opus, ogg, aac)" in err  # .npy audio would overwrite codes
     code, err = run(["say", "--batch", batch, "--out-dir", batch, "--format", "wav"], capsys)
     assert code == 2 and "is a file, not a directory" in err
 

@@ -459,6 +459,21 @@ def test_prompt_of_a_session_script_is_its_first_turns_prefill(tmp_path: Path) -
     assert np.array_equal(np.load(out), golden("generation")["stream_multiturn.turn0.prefill_input_ids"].numpy())
 
 
+@pytest.mark.parametrize("as_file", [False, True])
+def test_a_16_frame_voice_in_a_script_is_time_major(tmp_path: Path, as_file: bool) -> None:
+    """Code files are time first (T, 16); a voice of exactly 16 frames (1.28 s, a `say --codes-out`
+    file, say) was read transposed by the reference's orientation rule."""
+    voice = np.tile(np.asarray(codes("voice")), (3, 1))[:16]  # the golden voice, 7 frames, repeated
+    assert voice.shape == (16, 16) and not np.array_equal(voice, voice.T)
+    np.save(tmp_path / "voice.npy", voice)
+    path = tmp_path / "session.json"
+    path.write_text(json.dumps({"voice": "voice.npy" if as_file else voice.tolist(), "turns": [{"input": "Hi."}]}))
+    out = tmp_path / "prompt.npy"
+    assert main(["prompt", "--model", str(REALTIME_DIR), "--request", str(path), "-o", str(out)]) == 0
+    system = realtime_family().builder.system(voice)  # the builder takes (T, 16)
+    assert np.array_equal(np.load(out)[: len(system)], system)
+
+
 def test_an_unthreaded_async_engine_waits_for_a_turns_text(monkeypatch) -> None:
     """A turn whose text comes while it speaks, on an AsyncEngine over an unthreaded engine: when the
     stream has caught up with the text there is nothing to step, and it waits for the next piece (it

@@ -182,6 +182,65 @@ def cancel_and_continue(client: Client) -> None:
     assert done["finish_reason"] == "stop" and deltas
 
 
+def test_text_sent_right_after_a_cancel_opens_the_next_turn(url: str) -> None:
+    """A barge-in: cancel, then at once the new reply's text, before the cancelled turn's audio.done.
+    The new text went into the turn being aborted and was lost, with no error and no audio."""
+    spec = RUNS["stream_multiturn"]["turns"][0]
+    text = "The next turn starts right after the cancel."
+    with Client(url, voice_codes=codes("voice")) as client:
+        client.send({"type": "turn.start", "user_text": spec["reset_turn"]["user_text"], "user_audio_codes": codes("user1")})
+        client.send({"type": "text.delta", "delta": "Of course, let me think about that for a moment."})
+        client.send({"type": "turn.cancel"})
+        client.send({"type": "text.delta", "delta": text})
+        client.send({"type": "text.done"})
+        events = []
+        while sum(e["type"] == "audio.done" for e in events) < 2:
+            events.append(client.receive())
+    kinds = [e["type"] for e in events if e["type"] != "audio.delta"]
+    assert kinds == ["turn.started", "audio.done", "turn.started", "audio.done"], events
+    first, second = [e for e in events if e["type"] == "audio.done"]
+    assert first["turn_id"] == "turn-1" and first["finish_reason"] == "aborted"
+    assert second["turn_id"] == "turn-2" and second["finish_reason"] == "stop" and second["frames"] > 0
+    assert any(e["type"] == "audio.delta" and e["turn_id"] == "turn-2" and e["codes"] for e in events)
+
+
+def test_text_after_text_done_is_refused_and_the_turn_keeps_its_text(url: str) -> None:
+    """A delta after text.done (a client pipelining its next reply) was spoken as part of the ending
+    turn, which then had more frames; a second text.done was accepted too."""
+    def turn(extra: list[dict]) -> tuple[np.ndarray, list[dict]]:
+        with Client(url, voice_codes=codes("voice")) as client:
+            client.send({"type": "text.delta", "delta": "Short and sweet."})
+            client.send({"type": "text.done"})
+            for message in extra:
+                client.send(message)
+            events = []
+            while not events or events[-1]["type"] != "audio.done":
+                events.append(client.receive())
+        return turn_codes([e for e in events if e["type"] == "audio.delta"]), [e for e in events if e["type"] == "error"]
+
+    alone, none = turn([])
+    assert none == []
+    late, errors = turn([{"type": "text.delta", "delta": " And then some more words to say."},
+                         {"type": "text.delta", "tokens": [5, 6, 7]}, {"type": "text.done"}])
+    assert [e["error"]["code"] for e in errors] == ["turn_in_progress"] * 3
+    assert "the turn's text is complete (text.done)" in errors[0]["error"]["message"]
+    assert np.array_equal(late, alone)
+
+
+def test_audio_for_the_text_received_is_sent_while_more_text_is_awaited(url: str) -> None:
+    """The first frame exists once 12 ids are in, but with the default first chunk of 2 frames it
+    waited in the chunk buffer for text that had not come: no audio until more text arrived."""
+    with Client(url, voice_codes=codes("voice")) as client:
+        client.send({"type": "text.delta", "tokens": list(range(1000, 1012))})
+        events = [client.receive()]
+        while events[-1]["type"] != "audio.delta":
+            events.append(client.receive())  # fails (timeout) if the frame is held back
+        assert [e["type"] for e in events] == ["turn.started", "audio.delta"] and len(events[-1]["codes"]) == 1
+        client.send({"type": "text.done"})
+        deltas, done = client.until_done()
+    assert done["finish_reason"] in ("stop", "length") and done["frames"] == 1 + len(turn_codes(deltas))
+
+
 def test_bad_messages_get_errors_and_the_session_goes_on(url: str) -> None:
     bad = [
         ({"type": "dance"}, "unknown message type"),

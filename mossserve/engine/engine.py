@@ -157,14 +157,17 @@ class Engine:
 
     def push_input(self, request_id: str, piece: object = None, end: bool = False) -> bool:
         """Input for a running request whose prompt is open (text arriving while it speaks), in order;
-        `end=True` says no more comes. False if the request is unknown, over, or takes no input;
-        InvalidRequestError for a piece the family refuses (the request goes on)."""
+        `end=True` says no more comes. False if the request is unknown, over or being aborted, takes
+        no input, or its input has ended; InvalidRequestError for a piece the family refuses (the
+        request goes on)."""
         self.family.check_input(piece)
         with self._lock:
             request = self._live.get(request_id)
-            if request is None or request.status.done or not request.prompt.info.get("open"):
+            if (request is None or request.status.done or request.ending or request.input_ended
+                    or not request.prompt.info.get("open")):
                 return False
             request.inputs.append((piece, end))
+            request.input_ended = end
             self._lock.notify()
         return True
 
@@ -236,6 +239,7 @@ class Engine:
             request = self._live.get(request_id)
             if request is None:
                 return False
+            request.ending = True
             self._endings.append((request, Status.ABORTED, "aborted", None))
             self._lock.notify()
         return True
@@ -457,6 +461,7 @@ class Engine:
                 request.status = Status.PREFILL
             elif waiting[i]:
                 request.waiting_input = True
+                self.pipeline.flush_waiting(request)
 
     def _add_frame(self, request: EngineRequest, frame: np.ndarray, new_segment: bool) -> None:
         starts_clip = new_segment or not request.segment_lengths
@@ -518,6 +523,7 @@ class Engine:
     def _codec_failed(self, request: EngineRequest, message: str) -> None:
         """A chunk of `request` failed to decode (the codec has dropped it): end it at the next step."""
         with self._lock:
+            request.ending = True
             self._endings.append((request, Status.FAILED, "error", message))
             self._lock.notify()
 

@@ -75,6 +75,14 @@ class Pipeline:
             stream.chunks += 1
             self._flush(request, stream)
 
+    def flush_waiting(self, request: EngineRequest) -> None:
+        """The request waits for input (text still streaming in): hand on what it has, as a chunk
+        of the schedule, rather than hold audio that exists until more text comes."""
+        stream = self._streams[request.id]
+        if stream.pending:
+            stream.chunks += 1
+            self._flush(request, stream)
+
     def finish(self, request: EngineRequest) -> None:
         """The talker is done with `request`: flush what is pending; with audio, the codec
         runner closes the request after its last chunk (codes only: the caller closes it)."""

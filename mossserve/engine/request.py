@@ -92,6 +92,8 @@ class EngineRequest:
     text_tokens: int = 0  # text ids it speaks so far (pushed input adds to them): the runaway bound's measure
     open: bool = False  # its prompt may still grow (input streams in): it cannot start decoding yet
     inputs: list = field(default_factory=list)  # (piece, end) pushed, not yet handed to the family
+    input_ended: bool = False  # its last input (end=True) was pushed: it takes no more
+    ending: bool = False  # asked to end (abort) from another thread: it takes no more input
     waiting_input: bool = False  # its next row needs input that has not come yet
     plain: bool = False  # its cache positions 0.. will be its prompt rows 0.. (prefixes.plain_prompt, at admission)
 

@@ -9,8 +9,8 @@ client -> server
                    top_k, repetition_penalty, initial_chunk_frames, include_codes}, "new_context"}
   turn.start      {user_text, user_audio (base64 / data URL / stored voice) | user_audio_codes}
   text.delta      {"delta": "..."} or {"tokens": [ids]}  (starts a turn with no user turn if none is open)
-  text.done       the turn's text is complete
-  turn.cancel     stop the turn now (the session goes on)
+  text.done       the turn's text is complete (more text before its audio.done: turn_in_progress)
+  turn.cancel     stop the turn now (the session goes on; the next message may follow at once)
 server -> client
   session.created {session_id, model, sample_rate, response_format}
   turn.started    {turn_id}
@@ -177,6 +177,8 @@ class RealtimeSession:
         elif isinstance(message, TextDelta):
             await self.text(message)
         elif message.type == "text.done":
+            await self.settle()
+            self.refuse_after_text_done()
             if self.turn_id is not None and not self.pushed:  # the engine would fail the turn: nothing to say
                 raise APIError(400, "the turn has no text yet: send text.delta before text.done (or turn.cancel)",
                                code="no_text")
@@ -185,7 +187,20 @@ class RealtimeSession:
         else:
             self.cancel()
 
+    async def settle(self) -> None:
+        """A turn that was cancelled or timed out is over for the client, but the engine ends it at
+        its next step: wait for that (and its audio.done), so that what the client sends next (a
+        barge-in's new text, say) goes to a new turn instead of into the ending one."""
+        if self.turn_id is not None and self.ended_by is not None and self.sender is not None:
+            await asyncio.wait({self.sender})
+
+    def refuse_after_text_done(self) -> None:
+        if self.turn_id is not None and self.text_done:
+            raise APIError(400, "the turn's text is complete (text.done): send more after its audio.done, as the "
+                                "next turn, or turn.cancel", code="turn_in_progress")
+
     async def update(self, message: SessionUpdate) -> None:
+        await self.settle()
         if self.turn_id is not None:
             raise APIError(400, "a turn is in progress: update the session between turns", code="turn_in_progress")
         settings = message.session
@@ -208,6 +223,7 @@ class RealtimeSession:
         self.voice, self.settings = voice, updated
 
     async def start_turn(self, message: TurnStart | None) -> None:
+        await self.settle()
         if self.turn_id is not None:
             raise APIError(400, "a turn is in progress: send text.done and wait for audio.done, or turn.cancel",
                            code="turn_in_progress")
@@ -250,6 +266,8 @@ class RealtimeSession:
         if (message.delta is None) == (message.tokens is None):
             raise APIError(400, "text.delta carries delta (text) or tokens (ids), one of them", code="bad_message")
         piece = message.delta if message.delta is not None else message.tokens
+        await self.settle()
+        self.refuse_after_text_done()
         limit = self.state.settings.max_input_chars
         if (self.pushed if self.turn_id is not None else 0) + len(piece) > limit:  # --max-input-chars
             raise APIError(400, f"a turn takes at most {limit} characters (or ids) of text; end it and send "

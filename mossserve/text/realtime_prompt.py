@@ -28,10 +28,11 @@ VOICE_CONTEXT = "<|im_start|>context\nThe assistant section should be synthesize
 USER_OPEN = "<|im_end|>\n<|im_start|>user\n"
 USER_CLOSE = "<|im_end|>\n<|im_start|>assistant\n"
 ASSISTANT_OPEN = "<|im_start|>assistant\n"
+CODEBOOKS = 16  # the Realtime codec's quantizers, which every voice and user audio carries
 DELAY_TOKENS = 12  # text tokens the audio lags behind its text (user turns, and the assistant's prefill)
 
 
-def orient_codes(codes: np.ndarray, channels: int = 16) -> np.ndarray:
+def orient_codes(codes: np.ndarray, channels: int = CODEBOOKS) -> np.ndarray:
     """The streaming processor's orientation rule: (channels, T) or (T, channels) -> (T, channels).
 
     A first dimension equal to `channels` means (channels, T), so a time-major array of exactly

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import InvalidRequestError
 from ..json_files import read_json_file
 from ..speech_request import load_codes, resolve_path_or_codes
-from .realtime_prompt import DELAY_TOKENS, prefill_length
+from .realtime_prompt import CODEBOOKS, DELAY_TOKENS, prefill_length
 from .realtime_segment import TextSegmentStream
 
 
@@ -109,19 +109,23 @@ def _turn(value: Any, index: int, base_dir: Path | None) -> RealtimeTurn:
 
 
 def _codes(value: Any, name: str, base_dir: Path | None) -> np.ndarray | None:
-    """Codes as nested lists or a `.npy` path (relative to the script), kept as given: the turn
-    layouts apply the reference's orientation rule."""
+    """Codes as nested lists or a `.npy` path (relative to the script), time-major `(T, 16)` as
+    every code file is, handed on as `(16, T)`, which the turn layouts' orientation rule reads
+    back without its 16-frame ambiguity (a 16-frame voice, 1.28 s, was read transposed). Other
+    shapes (the reference's `(16, T)`, more codebooks) are kept for that rule to read."""
     if value is None:
         return None
     value = resolve_path_or_codes(value, base_dir)
     if isinstance(value, str):
         if not value.endswith(".npy"):
             raise InvalidRequestError(f"{name}: give codes (nested lists) or a .npy file, got {value!r}")
-        return load_codes(Path(value), name)
-    try:
-        array = np.asarray(value)
-    except ValueError:
-        raise InvalidRequestError(f"{name}: codes must be a rectangular list of integer lists") from None
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        raise InvalidRequestError(f"{name}: codes must be 2-D integers, got {array.dtype} {array.shape}")
-    return array.astype(np.int64)
+        array = load_codes(Path(value), name)
+    else:
+        try:
+            array = np.asarray(value)
+        except ValueError:
+            raise InvalidRequestError(f"{name}: codes must be a rectangular list of integer lists") from None
+        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+            raise InvalidRequestError(f"{name}: codes must be 2-D integers, got {array.dtype} {array.shape}")
+    array = array.astype(np.int64)
+    return array.T if array.shape[1] == CODEBOOKS else array
