@@ -17,7 +17,7 @@ _HOMES = {
     "AsyncEngine": "engine.async_engine", "RequestStream": "engine.async_engine",
     "AudioChunk": "engine.request", "Generation": "engine.request",
     "AudioError": "errors", "CheckpointError": "errors", "EngineClosedError": "errors", "EngineFullError": "errors",
-    "InvalidRequestError": "errors", "MossServeError": "errors", "RequestAborted": "errors",
+    "InvalidRequestError": "errors", "MossServeError": "errors", "RequestAborted": "errors", "SessionLimitError": "errors",
     "SamplingParams": "sampling",
     "Speaker": "speech_request", "SpeechRequest": "speech_request",
 }
@@ -39,6 +39,7 @@ __all__ = [
     "RequestStream",
     "RunawayGuard",
     "SamplingParams",
+    "SessionLimitError",
     "Speaker",
     "SpeechRequest",
     "TTS",
@@ -52,6 +53,6 @@ if TYPE_CHECKING:
     from .engine.async_engine import AsyncEngine, RequestStream
     from .engine.request import AudioChunk, Generation
     from .errors import (AudioError, CheckpointError, EngineClosedError, EngineFullError, InvalidRequestError,
-                         MossServeError, RequestAborted)
+                         MossServeError, RequestAborted, SessionLimitError)
     from .sampling import SamplingParams
     from .speech_request import Speaker, SpeechRequest

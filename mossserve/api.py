@@ -27,7 +27,7 @@ from .config import ChunkSchedule, EngineConfig
 from .engine.engine import Engine
 from .engine.request import AudioChunk, Generation
 from .errors import (CheckpointError, EngineClosedError, EngineFullError, InvalidRequestError, MossServeError,
-                     RequestAborted)
+                     RequestAborted, SessionLimitError)
 from .models.config_utils import read_json
 from .models.family import Prompt, TalkerFamily
 from .models.registry import load_codec, load_talker
@@ -208,6 +208,8 @@ class TTS:
                                                       max_new_frames=max_new_frames, schedule=schedule,
                                                       decode_audio=decode_audio, session=session).id)
                         in_flight += 1
+                    except SessionLimitError:
+                        raise  # only a closed session frees one: waiting would wait forever
                     except EngineFullError:
                         if not in_flight:  # full of others' requests (other callers'): wait for theirs to end
                             self._wait_for_room()
@@ -250,6 +252,13 @@ class TTS:
         return AudioChunk(f"refused-{index}", None, talker.sample_rate, 0, 0, generation.frames, final=True,
                           finish_reason="error", error=message, generation=generation)
 
+    def close_session(self, session: str) -> bool:
+        """Forget a session that `run(..., session=...)` opened (its turn in flight, if any, is
+        aborted); False if there is none. Sessions stay until closed: `max_sessions` bounds them."""
+        with self._lock:
+            engine = self._engine
+        return engine is not None and engine.close_session(session)
+
     def run_session(self, script: SessionScript, sampling: SamplingParams | None = None,
                     max_new_frames: int | None = None, decode_audio: bool = True,
                     on_chunk: Callable[[int, AudioChunk], None] | None = None) -> list[tuple[Generation, Audio | None]]:
@@ -282,8 +291,13 @@ class TTS:
         outbox: queue.Queue = queue.Queue()
         engine = self.engine
         self.codec  # loaded (and checked against the model) here: a codec that does not fit raises now
-        handle = engine.add_request(prompt, sampling or self.talker.default_sampling(), outbox.put,
-                                    max_new_frames=max_new_frames, schedule=schedule)
+        while True:  # a full engine is waited on, as `run` waits
+            try:
+                handle = engine.add_request(prompt, sampling or self.talker.default_sampling(), outbox.put,
+                                            max_new_frames=max_new_frames, schedule=schedule)
+                break
+            except EngineFullError:
+                self._wait_for_room()
         done = False
         try:
             while not done:

@@ -21,7 +21,7 @@ class ChunkSchedule:
         return self.first if index == 0 else self.rest
 
     def validate(self, max_chunk_frames: int) -> None:
-        if not 1 <= self.first <= max_chunk_frames or not 1 <= self.rest <= max_chunk_frames:
+        if not all(_integer(v) for v in (self.first, self.rest)) or not 1 <= self.first <= max_chunk_frames or not 1 <= self.rest <= max_chunk_frames:
             raise InvalidRequestError(f"chunk sizes must lie in 1..{max_chunk_frames} frames, got "
                                       f"first={self.first}, rest={self.rest}")
 
@@ -63,6 +63,19 @@ class RunawayGuard:
             bound = max(bound, int(self.duration_factor * duration_frames) + self.min_frames)
         return bound
 
+    def validate(self) -> None:
+        """Each field's type and range (a zero or negative bound ended every request at once)."""
+        if not isinstance(self.enabled, (bool, np.bool_)):
+            raise InvalidRequestError(f"RunawayGuard.enabled must be True or False, got {self.enabled!r}")
+        for name in ("min_frames", "repeat_frames", "repeat_codebooks"):
+            value = getattr(self, name)
+            if not _integer(value) or value < 1:
+                raise InvalidRequestError(f"RunawayGuard.{name} must be an integer >= 1, got {value!r}")
+        for name in ("frames_per_token", "duration_factor", "frame_rate"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+                raise InvalidRequestError(f"RunawayGuard.{name} must be a positive number, got {value!r}")
+
     def repeat_limit(self, pauses: Sequence[float] = ()) -> int:
         """Repeated frames that count as a loop: `repeat_frames` beyond the longest pause asked for."""
         return self.repeat_frames + round(max(pauses, default=0.0) * self.frame_rate)
@@ -97,9 +110,17 @@ class EngineConfig:
             least["codec_streams"] = 0  # 0: the default, as None
         for name, bound in least.items():
             value = getattr(self, name)
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < bound:
+            if not _integer(value) or value < bound:
                 raise InvalidRequestError(f"EngineConfig.{name} must be an integer >= {bound}, got {value!r}")
         for name in ("threaded", "cuda_graphs") + (("codec_thread",) if self.codec_thread is not None else ()):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise InvalidRequestError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name, kind in (("chunk_schedule", ChunkSchedule), ("runaway", RunawayGuard)):
+            if not isinstance(getattr(self, name), kind):
+                raise InvalidRequestError(f"EngineConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
         self.chunk_schedule.validate(self.max_chunk_frames)
+        self.runaway.validate()
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))

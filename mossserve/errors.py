@@ -24,6 +24,11 @@ class EngineFullError(MossServeError):
     """The engine's queue is full: retry later (HTTP 503)."""
 
 
+class SessionLimitError(EngineFullError):
+    """The engine holds `max_sessions` sessions: one must be closed to open another (waiting alone
+    frees none, as sessions are never evicted)."""
+
+
 class EngineClosedError(MossServeError):
     """The engine has shut down and takes no more requests (HTTP 503)."""
 

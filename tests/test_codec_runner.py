@@ -120,6 +120,31 @@ def test_a_failing_call_retries_only_its_own_chunks() -> None:
     assert all("codec decode failed: bad chunk" in message for _, message in ends.errors)
 
 
+def test_an_interrupt_in_the_decode_ends_the_rounds_requests_and_goes_on() -> None:
+    """Ctrl-C in a caller that steps the engine (threaded=False) landed in a decode call: the chunks
+    the round took were lost and their streams stayed open, and once every stream was taken no
+    audio request could run again."""
+    ends, decoder = Ends(), Decoder()
+    codec = runner(decoder, ends)
+    kept, dropped = request("a", ends), request("b", ends)
+    codec.submit(work(kept))
+    codec.submit(work(dropped))
+
+    def interrupt() -> None:
+        codec.drop(dropped)  # another thread's drop during the round: closed when the round ends
+        raise KeyboardInterrupt
+
+    decoder.during = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        codec.run_once()
+    assert decoder.open_ids == set() and codec.open_streams == 0
+    assert [name for name, _ in ends.errors] == ["a"] and "KeyboardInterrupt" in ends.errors[0][1]
+    decoder.during = None
+    later = request("c", ends)
+    codec.submit(work(later))
+    assert codec.run_once() and ends.finals == [later]
+
+
 @pytest.mark.parametrize("where", ["codec", "decoder"])
 def test_a_round_that_fails_outside_the_decode_fails_its_requests(where: str) -> None:
     """A codec that cannot load (or a bug in the round) must not swallow the chunks the round took:

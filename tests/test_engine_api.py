@@ -13,6 +13,7 @@ from conftest import AUDIO_DIR, CODEC_DIR
 from mossserve import (AsyncEngine, AudioError, EngineConfig, EngineFullError, InvalidRequestError, MossServeError,
                        SamplingParams, SpeechRequest)
 from mossserve.api import TTS
+from mossserve.config import ChunkSchedule, RunawayGuard
 
 TEXTS = ["Hello there.", "A longer sentence, to stop at another step.", "Short.", "你好，世界。"]
 
@@ -493,6 +494,17 @@ def test_numpy_numbers_are_numbers() -> None:
     (dict(max_chunk_frames=0), "EngineConfig.max_chunk_frames must be an integer >= 1, got 0"),
     (dict(threaded="no"), "EngineConfig.threaded must be True or False"),
     (dict(max_queued=-1), "EngineConfig.max_queued must be an integer >= 0, got -1"),
+    # unchecked, these failed at the first call (AttributeError, ZeroDivisionError) or ended every
+    # request at once as "runaway"
+    (dict(runaway=None), "EngineConfig.runaway must be a RunawayGuard, got None"),
+    (dict(chunk_schedule=None), "EngineConfig.chunk_schedule must be a ChunkSchedule, got None"),
+    (dict(chunk_schedule=ChunkSchedule(first=1.5)), "chunk sizes must lie in 1..25 frames"),
+    (dict(runaway=RunawayGuard(repeat_frames=0)), "RunawayGuard.repeat_frames must be an integer >= 1, got 0"),
+    (dict(runaway=RunawayGuard(min_frames=-500)), "RunawayGuard.min_frames must be an integer >= 1, got -500"),
+    (dict(runaway=RunawayGuard(repeat_codebooks=0)), "RunawayGuard.repeat_codebooks must be an integer >= 1"),
+    (dict(runaway=RunawayGuard(frames_per_token=-1)), "RunawayGuard.frames_per_token must be a positive number"),
+    (dict(runaway=RunawayGuard(frame_rate=0)), "RunawayGuard.frame_rate must be a positive number, got 0"),
+    (dict(runaway=RunawayGuard(enabled="yes")), "RunawayGuard.enabled must be True or False"),
 ])
 def test_engine_config_mistakes_are_refused_when_the_tts_is_made(delay_model_dirs, config, message) -> None:
     with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(")):

@@ -15,6 +15,7 @@ from mossserve.config import EngineConfig
 from mossserve.engine.engine import Engine
 from mossserve.engine.request import Status
 from mossserve.errors import EngineFullError, InvalidRequestError
+from mossserve.sampling import SamplingParams
 from mossserve.text.realtime_session import RealtimeTurn, SessionScript
 
 RUNS = golden_json("generation")["runs"]
@@ -194,6 +195,30 @@ def test_one_turn_at_a_time_and_closing_frees_the_slot() -> None:
     assert engine.close_session("a") and not engine.close_session("a")
     engine.run_until_idle()
     assert engine.stats()["cache_slots_used"] == 0 and engine.stats()["sessions"] == 0
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_a_new_session_past_max_sessions_is_refused_at_once(threaded: bool) -> None:
+    """TTS.run took the session limit for a full queue and waited for room that no one would make
+    (threaded: forever; unthreaded: a message about requests that nothing runs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mossserve.api import TTS
+    from mossserve.errors import SessionLimitError
+
+    tts = TTS.from_pretrained(REALTIME_DIR, engine_config=EngineConfig(max_sessions=1, threaded=threaded))
+    try:
+        prompt = tts.talker.turn_prompt(RealtimeTurn(pieces=["Hi there."]), True)
+        tts.run([prompt], SamplingParams.greedy(), max_new_frames=3, decode_audio=False, session="a")
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(tts.run, [prompt], SamplingParams.greedy(), 3, False, session="b")
+            with pytest.raises(SessionLimitError, match="max_sessions=1"):
+                second.result(timeout=120)
+        assert tts.close_session("a") and not tts.close_session("a")
+        generation, _ = tts.run([prompt], SamplingParams.greedy(), max_new_frames=3, decode_audio=False, session="b")[0]
+        assert generation.finish_reason in ("length", "stop")
+    finally:
+        tts.close()
 
 
 def test_a_turn_added_after_close_session_starts_a_new_session() -> None:

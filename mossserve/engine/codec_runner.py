@@ -71,18 +71,22 @@ class CodecRunner:
     def run_once(self) -> bool:
         """Decode the next chunk of every request that has one (up to the free streams); False if idle.
         A round that fails outside the decoder (the codec cannot load, a bug) fails the requests whose
-        chunks it took, so that none waits for a chunk that will never come."""
+        chunks it took, so that none waits for a chunk that will never come; so does an interrupt
+        (Ctrl-C in a caller that steps the engine), which then goes on to that caller."""
         with self._lock:
             batch = self._take()
         if not batch:
             return False
         try:
             self._round(batch)
-        except Exception as error:  # noqa: BLE001 - fail this round's requests, keep serving
-            log.exception("codec round failed")
+        except BaseException as error:  # noqa: BLE001 - fail this round's requests, keep serving
+            if isinstance(error, Exception):
+                log.exception("codec round failed")
             with self._lock:
                 self._in_round.clear()
                 self._fail(batch, error)
+            if not isinstance(error, Exception):
+                raise
         return True
 
     def _round(self, batch: list[CodecWork]) -> None:
@@ -201,10 +205,12 @@ class CodecRunner:
         with self._lock:
             self._fail(list(self._queue), error)
 
-    def _fail(self, works: list[CodecWork], error: Exception) -> None:
+    def _fail(self, works: list[CodecWork], error: BaseException) -> None:
         """Drop the requests of `works` and report `error` to each once (the caller holds the lock)."""
         for request in {id(w.request): w.request for w in works}.values():
-            if not request.dropped:
+            if request.dropped:  # dropped during the round, its stream left open until the round's end
+                self._close_stream(request.id)
+            else:
                 self._drop(request)
                 self._on_error(request, f"codec stage failed: {type(error).__name__}: {error}")
 

@@ -36,7 +36,8 @@ class SlotKVCache:
             size = 2 * int(np.prod(shape, dtype=object)) * torch.empty((), dtype=dtype).element_size()
             raise InvalidRequestError(f"the KV cache for {num_slots} requests of {max_len} positions needs "
                                       f"{size / 2**30:.1f} GiB on {device}, which could not be allocated; lower "
-                                      f"max_running (--max-running) or max_len") from e
+                                      f"max_running (--max-running), max_len or prefill_tokens (an engine's "
+                                      f"positions are max_len + prefill_tokens)") from e
         self.num_slots = num_slots
         self.max_len = max_len
         self.lengths = [0] * num_slots

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import EngineFullError, InvalidRequestError
+from ..errors import InvalidRequestError, SessionLimitError
 from ..models.family import Prompt, TalkerFamily
 from .request import EngineRequest, Status
 from .talker_runner import TalkerRunner
@@ -51,8 +51,8 @@ class Sessions:
         session = self.by_id.get(session_id)
         if session is None:
             if len(self.by_id) >= self.max_sessions:
-                raise EngineFullError(f"the engine holds {len(self.by_id)} sessions (max_sessions="
-                                      f"{self.max_sessions}); close one or retry later")
+                raise SessionLimitError(f"the engine holds {len(self.by_id)} sessions (max_sessions="
+                                        f"{self.max_sessions}); close one (close_session) or retry later")
             session = self.by_id[session_id] = Session(session_id)
         if session.turn is not None:
             raise InvalidRequestError(f"session {session_id!r} already has a turn in flight ({session.turn.id}); "
