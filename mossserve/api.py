@@ -174,9 +174,13 @@ class TTS:
     def run(self, prompts: list[Prompt], sampling: SamplingParams | list[SamplingParams] | None = None,
             max_new_frames: int | None = None, decode_audio: bool = True, schedule: ChunkSchedule | None = None,
             on_chunk: Callable[[int, AudioChunk], None] | None = None,
-            raise_errors: bool = True, session: str | None = None) -> list[tuple[Generation, Audio | None]]:
+            raise_errors: bool = True, session: str | None = None,
+            on_result: Callable[[int, Generation, Audio | None], None] | None = None,
+            ) -> list[tuple[Generation, Audio | None]]:
         """Run prompts through continuous batching; per prompt its generation and (with
-        `decode_audio`) its audio. `on_chunk(index, chunk)` sees every chunk as it arrives.
+        `decode_audio`) its audio. `on_chunk(index, chunk)` sees every chunk as it arrives. With
+        `on_result(index, generation, audio)`, each result goes there as its request ends and is not
+        kept (the call returns an empty list): any number of prompts run in bounded memory.
         A request that fails (or that the engine refuses) raises, or with `raise_errors=False` comes
         back with `finish_reason == "error"`, its message in `generation.error` and no audio. More
         prompts than the engine queues at once are fed as earlier ones finish. With `session`, the
@@ -226,11 +230,14 @@ class TTS:
                 if on_chunk is not None:
                     on_chunk(index, chunk)
                 in_flight -= chunk.final
+                if chunk.final and on_result is not None:
+                    on_result(index, *self._result(chunks[index], decode_audio, raise_errors))
+                    chunks[index] = []
         except BaseException:
             for request_id in ids:
                 engine.abort(request_id)
             raise
-        return [self._result(c, decode_audio, raise_errors) for c in chunks]
+        return [] if on_result is not None else [self._result(c, decode_audio, raise_errors) for c in chunks]
 
     def _wait_for_room(self) -> None:
         """The engine is full of requests that are not this call's: an unthreaded engine is stepped

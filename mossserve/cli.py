@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar on stderr (default: when stderr is a terminal)")
     say.add_argument("--max-running", type=int, help="requests decoded at once (default 16)")
+    say.add_argument("--max-len", type=int, help="positions per request, prompt and audio together (default 8192, "
+                                                 "at most the model's; the KV cache holds max-running of them)")
     say.add_argument("--request", type=Path, help="a SpeechRequest as JSON")
     say.add_argument("--conversation", type=Path, help="a conversation as JSON")
     say.add_argument("--mode", choices=["generation", "continuation"], help="conversation mode (default: by the last role)")
@@ -128,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="allow browser calls from ORIGIN (repeatable; '*' for any)")
     serve.add_argument("--max-running", type=int, default=16, help="requests decoded together (batch slots)")
+    serve.add_argument("--max-len", type=int, help="positions per request, prompt and audio together (default 8192, "
+                                                   "at most the model's)")
     serve.add_argument("--max-queued", type=int, default=256, help="requests that may wait for a slot (503 past --max-running plus this)")
     serve.add_argument("--max-input-chars", type=int, default=4096)
     serve.add_argument("--max-voice-seconds", type=float, default=60.0, help="longest reference audio")
@@ -162,7 +166,8 @@ def load_tts(args: argparse.Namespace):
     from .api import TTS
     from .config import EngineConfig
 
-    config = EngineConfig(max_running=getattr(args, "max_running", None) or EngineConfig.max_running)
+    config = EngineConfig(max_running=getattr(args, "max_running", None) or EngineConfig.max_running,
+                          max_len=getattr(args, "max_len", None) or EngineConfig.max_len)
     tts = TTS.from_pretrained(args.model, codec=args.codec, device=args.device, dtype=args.dtype, engine_config=config,
                               task=args.task)
     if tts.is_demo:
@@ -266,6 +271,7 @@ def run_say(args: argparse.Namespace) -> int:
     check_speed(args)
     if args.max_running is not None and args.max_running < 1:
         raise InvalidRequestError("--max-running must be at least 1")
+    check_max_len(args)
     if args.text_file is not None:
         try:
             args.text = args.text_file.read_text(encoding="utf-8").strip()
@@ -278,6 +284,11 @@ def run_say(args: argparse.Namespace) -> int:
         return say_batch(tts, args) if args.batch is not None else say_one(tts, args)
     finally:
         tts.close()
+
+
+def check_max_len(args: argparse.Namespace) -> None:
+    if args.max_len is not None and args.max_len < 2:
+        raise InvalidRequestError("--max-len must be at least 2 (positions)")
 
 
 def check_speed(args: argparse.Namespace) -> None:
@@ -338,7 +349,7 @@ def say_one(tts, args: argparse.Namespace) -> int:
                                 on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final))[0]
     progress.close()
     frames = generation.frames
-    ended = f"{_ENDINGS[generation.finish_reason]} after {len(generation.rows)} steps"
+    ended = ending(generation)
     if args.codes_out is not None:
         save_npy(args.codes_out, frames)
         print(f"wrote {args.codes_out}: codes {frames.shape} ({ended})", file=sys.stderr)
@@ -363,7 +374,7 @@ def say_session(tts, args: argparse.Namespace) -> int:
     results = tts.run_session(script, sampling_from_args(tts, args), args.max_frames,
                               decode_audio=args.output is not None)
     frames = np.concatenate([g.frames for g, _ in results])
-    ended = ", ".join(f"turn {i}: {_ENDINGS[g.finish_reason]} after {len(g.rows)} steps"
+    ended = ", ".join(f"turn {i}: {ending(g)}"
                       for i, (g, _) in enumerate(results))
     if args.codes_out is not None:
         save_npy(args.codes_out, frames)
@@ -402,6 +413,16 @@ def _is_session_script(path: Path) -> bool:
 _ENDINGS = {"stop": "stopped", "length": "hit the step cap", "runaway": "cut by the runaway guard"}
 
 
+def ending(generation) -> str:
+    """How a generation ended, in words for stderr."""
+    if generation.length_limit is not None:
+        how = (f"reached the engine's length limit ({generation.length_limit} positions of prompt and audio; "
+               "--max-len raises it)")
+    else:
+        how = _ENDINGS[generation.finish_reason]
+    return f"{how} after {len(generation.rows)} steps"
+
+
 def _chunk_seconds(chunk) -> float:
     return 0.0 if chunk.audio is None else chunk.audio.shape[-1] / chunk.sample_rate
 
@@ -433,17 +454,25 @@ def say_batch(tts, args: argparse.Namespace) -> int:
     tts.codec  # noqa: B018 - loaded (and checked against the model) before the output directory is made
     args.out_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(len(runnable), args.progress)
-    results = tts.run([prompt for _, _, prompt in runnable], sampling, args.max_frames,
-                      raise_errors=False, on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final))
-    progress.close()
-    total = 0.0
-    for (index, line, _), (generation, audio) in zip(runnable, results):
+    total, cut = 0.0, []
+
+    def write(i: int, generation, audio) -> None:
+        """Each request's files as it ends: an interrupted run keeps what had finished."""
+        nonlocal total
+        index, line, _ = runnable[i]
         if generation.finish_reason == "error" or len(generation.frames) == 0:
-            failed.append((line, generation.error or f"the model produced no audio frames "
-                                                    f"({_ENDINGS[generation.finish_reason]} after {len(generation.rows)} steps)"))
-            continue
+            failed.append((line, generation.error or f"the model produced no audio frames ({ending(generation)})"))
+            return
+        if generation.length_limit is not None:
+            cut.append((line, ending(generation)))
         save_npy(args.out_dir / f"{index:04d}.npy", generation.frames)
         total += write_speech(args.out_dir / f"{index:04d}.{args.format}", audio.samples, audio.sample_rate, args.speed)
+
+    tts.run([prompt for _, _, prompt in runnable], sampling, args.max_frames, raise_errors=False,
+            on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final), on_result=write)
+    progress.close()
+    for line, how in sorted(cut):
+        print(f"{args.batch}:{line}: written, but it {how}", file=sys.stderr)
     for line, error in sorted(failed):
         print(f"{args.batch}:{line}: skipped: {error}", file=sys.stderr)
     print(f"wrote {len(requests) - len(failed)} of {len(requests)} requests to {args.out_dir} ({total:.1f} s of audio)",
@@ -590,7 +619,9 @@ def run_serve(args: argparse.Namespace) -> None:
                              "pip install 'mossserve[serve]'") from None
     from .config import EngineConfig
 
-    engine = EngineConfig(max_running=args.max_running, max_queued=args.max_queued)
+    check_max_len(args)
+    engine = EngineConfig(max_running=args.max_running, max_queued=args.max_queued,
+                          max_len=args.max_len or EngineConfig.max_len)
     settings = ServerSettings(
         model=args.model, codec=args.codec, device=args.device, dtype=args.dtype, task=args.task,
         model_name=args.model_name,

@@ -17,6 +17,7 @@ from .errors import InvalidRequestError
 from .json_files import parse_json, read_json_file, read_text_file
 
 FRAMES_PER_SECOND = 12.5
+MAX_DURATION_SECONDS = 3600  # an hour: longer durations overflowed the frame count, or only filled the cache
 MODES = ("generation", "continuation")
 
 Voice = Union[str, Path, np.ndarray, None]
@@ -64,14 +65,16 @@ class SpeechRequest:
         if self.duration_tokens is not None:
             if isinstance(self.duration_tokens, bool) or not isinstance(self.duration_tokens, (int, np.integer)):
                 raise InvalidRequestError(f"duration_tokens must be an integer, got {self.duration_tokens!r}")
-            if self.duration_tokens <= 0:
-                raise InvalidRequestError(f"duration_tokens must be positive, got {self.duration_tokens}")
+            if not 0 < self.duration_tokens <= MAX_DURATION_SECONDS * FRAMES_PER_SECOND:
+                raise InvalidRequestError(f"duration_tokens must lie in 1..{int(MAX_DURATION_SECONDS * FRAMES_PER_SECOND)}"
+                                          f" (an hour), got {self.duration_tokens}")
         if self.duration_seconds is not None:
             if isinstance(self.duration_seconds, bool) or not isinstance(self.duration_seconds,
                                                                          (int, float, np.integer, np.floating)):
                 raise InvalidRequestError(f"duration_seconds must be a number, got {self.duration_seconds!r}")
-            if not self.duration_seconds > 0 or self.duration_seconds == float("inf"):
-                raise InvalidRequestError(f"duration_seconds must be positive, got {self.duration_seconds}")
+            if not 0 < self.duration_seconds <= MAX_DURATION_SECONDS:
+                raise InvalidRequestError(f"duration_seconds must lie in (0, {MAX_DURATION_SECONDS}], got "
+                                          f"{self.duration_seconds}")
         if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, (int, np.integer))
                                        or self.depth < 1):
             raise InvalidRequestError(f"depth must be a positive integer, got {self.depth!r}")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import AUDIO_DIR, CODEC_DIR
+from conftest import AUDIO_DIR, CODEC_DIR, STREAMED_VS_WHOLE_ATOL
 from mossserve.api import TTS
 from mossserve.cli import main
 from mossserve.sampling import SamplingParams
@@ -148,3 +148,61 @@ def test_say_speed_stretches_the_written_audio(delay_model_dirs, tmp_path: Path,
                            (["--speed", "2", "--codes-out", tmp_path / "c.npy"], "--speed changes the written audio")]:
         code, err = run(["say", "Hi.", *common, *extra], capsys)
         assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_run_cut_by_the_engines_length_limit_says_so(delay_model_dirs, delay_tts, tmp_path: Path, capsys) -> None:
+    """A long text whose prompt nearly filled max_len came back short, reported as "hit the step cap"
+    though no --max-frames was given (in --batch, silently); --max-len now sets the limit."""
+    model = delay_model_dirs["tiny_nvq16"]
+    common = ["--model", model, "--codec", CODEC_DIR / "tiny", "--greedy"]
+    texts = ["Hi.", "A somewhat longer line of text to speak here."]
+    rows = [len(delay_tts("tiny_nvq16").prompt(SpeechRequest(input=t)).rows) for t in texts]
+    limit = rows[1] + 20  # room for 20 steps after the longer prompt, more after the shorter
+    code, err = run(["say", texts[1], *common, "--max-len", limit, "--codes-out", tmp_path / "a.npy"], capsys)
+    assert code == 0, err
+    assert f"reached the engine's length limit ({limit} positions of prompt and audio; --max-len raises it) " \
+           "after 20 steps" in err
+    code, err = run(["say", texts[1], *common, "--max-frames", "20", "--codes-out", tmp_path / "b.npy"], capsys)
+    assert code == 0 and "hit the step cap after 20 steps" in err, err
+    (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps({"input": t}) for t in texts), encoding="utf-8")
+    code, err = run(["say", "--batch", tmp_path / "requests.jsonl", "--out-dir", tmp_path / "out", *common,
+                     "--max-len", limit, "--max-frames", rows[1] - rows[0] + 20], capsys)
+    assert code == 0, err
+    assert f"requests.jsonl:2: written, but it reached the engine's length limit ({limit} positions" in err
+    assert "requests.jsonl:1:" not in err  # its --max-frames came first
+    code, err = run(["say", "Hi.", *common, "--max-len", "1", "--codes-out", tmp_path / "c.npy"], capsys)
+    assert code == 2 and "--max-len must be at least 2" in err
+
+
+def test_batch_results_are_handed_on_as_each_request_ends(delay_model_dirs, delay_tts, tmp_path: Path, capsys,
+                                                         monkeypatch) -> None:
+    """`say --batch` wrote nothing until every line was done, so an interrupted run lost all of it
+    (and every request's audio was held until then)."""
+    import mossserve.cli as cli
+
+    tts = delay_tts("tiny_nvq16")
+    prompts = [tts.prompt(SpeechRequest(input=t)) for t in ("One.", "Two, longer.", "Three.")]
+    expected = tts.run(prompts, SamplingParams.greedy(), 30)
+    got = {}
+    assert tts.run(prompts, SamplingParams.greedy(), 30, on_result=lambda i, g, a: got.update({i: (g, a)})) == []
+    assert sorted(got) == [0, 1, 2]
+    for index, (generation, audio) in enumerate(expected):
+        assert np.array_equal(got[index][0].frames, generation.frames)
+        np.testing.assert_allclose(got[index][1].samples, audio.samples, atol=STREAMED_VS_WHOLE_ATOL)
+
+    written = []
+    write_speech = cli.write_speech
+
+    def interrupted(path, *rest):  # Ctrl-C while the second file is written
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        return write_speech(path, *rest)
+
+    monkeypatch.setattr(cli, "write_speech", interrupted)
+    lines = [{"input": "One."}, {"input": "Two, longer."}, {"input": "Three."}]
+    (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps(x) for x in lines), encoding="utf-8")
+    code = main(["say", "--batch", str(tmp_path / "requests.jsonl"), "--out-dir", str(tmp_path / "out"), "--model",
+                 str(delay_model_dirs["tiny_nvq16"]), "--codec", str(CODEC_DIR / "tiny"), "--greedy", "--max-frames", "30"])
+    assert code == 130  # Ctrl-C's status
+    assert len(written) == 1 and written[0].stat().st_size > 44  # the first to finish is on disk

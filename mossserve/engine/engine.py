@@ -101,6 +101,7 @@ class Engine:
             id=request_id or f"req-{next(self._ids)}",
             prompt=prompt, sampling=sampling, sink=sink,
             max_new_frames=min(cap, self.max_len - length),
+            length_limit=self.max_len if self.max_len - length < cap else None,
             frame_bound=self.guard.frame_bound(prompt.info.get("text_tokens"), prompt.info.get("duration_frames"),
                                                prompt.info.get("pauses", ())) if guard else None,
             text_tokens=int(prompt.info.get("text_tokens") or 0),
@@ -206,7 +207,8 @@ class Engine:
             held = f"its session's {fed} and " if fed else ""
             raise InvalidRequestError(f"the prompt needs {used} positions ({held}its own {request.prompt_length}); "
                                       f"this engine allows {self.max_len}: start a new session, or send less text")
-        request.max_new_frames = min(request.max_new_frames, self.max_len - used)
+        if self.max_len - used < request.max_new_frames:
+            request.max_new_frames, request.length_limit = self.max_len - used, self.max_len
 
     def _can_progress(self, request: EngineRequest) -> bool:
         if request.inputs:

@@ -36,6 +36,7 @@ class Generation:
     start_length: int  # prompt rows that belong to the audio (continuation prefix)
     finish_reason: str = "stop"  # stop | length | runaway | aborted | error
     error: str | None = None
+    length_limit: int | None = None  # "length" at the engine's max_len (positions), not at the cap asked for
 
 
 @dataclass
@@ -70,6 +71,7 @@ class EngineRequest:
     sampling: SamplingParams
     sink: Sink
     max_new_frames: int
+    length_limit: int | None = None  # the engine's max_len, when the room it leaves is the step cap
     frame_bound: int | None = None  # runaway guard on generated frames (None: off)
     repeat_limit: int | None = None  # runaway guard on one frame repeated (None: off)
     schedule: ChunkSchedule = field(default_factory=ChunkSchedule)
@@ -117,4 +119,5 @@ class EngineRequest:
             start_length=self.prompt.start_length,
             finish_reason=self.finish_reason or "stop",
             error=self.error,
+            length_limit=self.length_limit if self.finish_reason == "length" else None,
         )

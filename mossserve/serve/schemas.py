@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from ..audio.formats import FORMATS
 from ..audio.tempo import SPEEDS
 from ..sampling import MIN_DIVISOR
+from ..speech_request import FRAMES_PER_SECOND, MAX_DURATION_SECONDS
 
 ResponseFormat = Literal[FORMATS]  # wav, pcm, flac, mp3, opus, aac
 
@@ -85,8 +86,8 @@ class SpeechBody(Body):
     ref_text: str | None = None
     speakers: Annotated[list[SpeakerBody], Field(min_length=1)] | None = None
     language: Annotated[str, Field(min_length=1, max_length=32)] | None = None
-    duration_seconds: Annotated[float, Field(gt=0, le=3600)] | None = None
-    duration_tokens: Annotated[int, Field(gt=0, le=45000)] | None = None
+    duration_seconds: Annotated[float, Field(gt=0, le=MAX_DURATION_SECONDS)] | None = None
+    duration_tokens: Annotated[int, Field(gt=0, le=int(MAX_DURATION_SECONDS * FRAMES_PER_SECOND))] | None = None
     seed: Seed | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
