@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--voice", help="reference voice: an audio file or a .npy of codes (frames, codebooks)")
     say.add_argument("--reference-text", help="what --voice says: Fish S2 Pro clones with it; for MOSS-TTS it "
                                               "means continuation (the speech goes on from the reference)")
+    say.add_argument("--instructions", help="the voice to design, in words (MOSS-VoiceGenerator)")
     say.add_argument("--greedy", action="store_true", help="argmax decoding (the model's other rules kept)")
     say.add_argument("--seed", type=int, help="seed for reproducible sampling")
     say.add_argument("--max-frames", type=int, help="cap on generated steps")
@@ -210,7 +211,8 @@ def build_prompts(tts, args: argparse.Namespace) -> list:
         if tts.talker.voice_needs_transcript and voice is not None and not (transcript or "").strip():
             raise InvalidRequestError("this model clones a voice from its audio and what it says, together: give "
                                       "--reference-text (what --voice says)")
-        request = SpeechRequest(input=text, voice=voice, reference_text=transcript)
+        request = SpeechRequest(input=text, voice=voice, reference_text=transcript,
+                                instructions=getattr(args, "instructions", None))
     return [tts.prompt(request)]
 
 
@@ -247,9 +249,11 @@ def run_say(args: argparse.Namespace) -> int:
     if sum(x is not None for x in sources) != 1:
         raise InvalidRequestError("give exactly one of TEXT, --text-file, --request, --conversation, "
                                   "--prompt-matrix, --batch")
-    if (args.voice is not None or args.reference_text is not None) and args.text is None and args.text_file is None:
-        raise InvalidRequestError("--voice and --reference-text go with TEXT or --text-file; "
-                                  "put them inside the request")
+    given = [f"--{flag}" for flag in ("voice", "reference-text", "instructions")
+             if getattr(args, flag.replace("-", "_")) is not None]
+    if given and args.text is None and args.text_file is None:
+        go, them = ("go", "them") if len(given) > 1 else ("goes", "it")
+        raise InvalidRequestError(f"{' and '.join(given)} {go} with TEXT or --text-file; put {them} inside the request")
     if args.batch is None and (args.out_dir is not None or args.format is not None):
         raise InvalidRequestError("--out-dir and --format go with --batch (-o's extension picks its format)")
     check_mode(args)
@@ -356,6 +360,9 @@ def say_one(tts, args: argparse.Namespace) -> int:
     if args.output is not None:
         if len(frames) == 0:
             raise InvalidRequestError(f"the model produced no audio frames ({ended})")
+        if audio.samples.shape[-1] == 0:  # a continuation prefix as long as every frame: none is new
+            raise InvalidRequestError(f"the model produced no new audio: its {len(frames)} frames are all the "
+                                      f"prompt's continuation prefix ({ended})")
         seconds = write_speech(args.output, audio.samples, audio.sample_rate, args.speed)
         print(f"wrote {args.output}: {seconds:.2f} s at {written_rate(args.output, audio.sample_rate)} Hz "
               f"({ended})", file=sys.stderr)
@@ -505,6 +512,8 @@ def check_output(path: Path | None, audio: bool = False) -> None:
         format_from_path(path)
     if not path.parent.is_dir():
         raise InvalidRequestError(f"cannot write {path}: no directory {path.parent}")
+    if not os.access(path, os.W_OK) if path.exists() else not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InvalidRequestError(f"cannot write {path}: permission denied (or a read-only file system)")
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -512,7 +521,9 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     any other name)."""
     import numpy as np
 
-    with open(path, "wb") as f:
+    from .whole_file import whole_file
+
+    with whole_file(path) as f:
         np.save(f, array.astype(np.int64))
 
 
@@ -536,10 +547,14 @@ def run_codec_encode(args: argparse.Namespace) -> None:
     import torch
 
     from .audio import load_audio
+    from .errors import AudioError
 
     check_output(args.output)
     codec = load_codec_arg(args)
-    samples = load_audio(args.audio, codec.sample_rate, channels=codec.channels)
+    try:  # any audio, quiet or silent: a codec is not a voice
+        samples = load_audio(args.audio, codec.sample_rate, channels=codec.channels, min_peak=None)
+    except AudioError as e:
+        raise AudioError(f"{args.audio}: {e}") from None
     with torch.inference_mode():
         codes = codec.encode(torch.from_numpy(samples).to(codec.device), n_quantizers=args.n_quantizers)
     out = codes.T.cpu().numpy()

@@ -52,6 +52,11 @@ def test_task_names_the_model_a_directory_holds(delay_model_dirs, tmp_path: Path
     assert code == 0, err
     text = TextTokenizer.from_dir(TOKENIZER_DIR).decode(np.load(tmp_path / "p.npy")[:, 0].tolist())
     assert "A deep, calm voice." in text
+    # say takes the instructions as a flag too (a request file was the only way)
+    code, err = run(["say", "Hi.", "--instructions", "A deep, calm voice.", "--model", delay_model_dirs["tiny_nvq16"],
+                     "--codec", CODEC_DIR / "tiny", "--task", "voice_design", "--greedy", "--max-frames", "20",
+                     "--codes-out", tmp_path / "c.npy"], capsys)
+    assert code == 0, err
 
 
 def test_prompt_from_conversation(delay_model_dirs, tmp_path: Path, capsys) -> None:
@@ -134,7 +139,9 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     (["say", "Hi.", "--voice", "fake.npy", "--codes-out", "c.npy"], "fake.npy is not a .npy file of integer codes"),
     (["say", "Hi.", "--seed", str(2**64), "--codes-out", "c.npy"], "seed must be an integer in 0..2**63-1"),
     (["say", "a\udcffb", "--codes-out", "c.npy"], "input is not valid UTF-8"),
-    (["say", "--reference-text", "Hi.", "--request", "r.json", "--codes-out", "c.npy"], "--reference-text go with TEXT"),
+    (["say", "--reference-text", "Hi.", "--request", "r.json", "--codes-out", "c.npy"], "--reference-text goes with TEXT"),
+    (["say", "--voice", "v.wav", "--instructions", "Calm.", "--request", "r.json", "--codes-out", "c.npy"],
+     "--voice and --instructions go with TEXT or --text-file; put them inside the request"),
     (["bench", "codec", "--seconds", "nan"], "--seconds in (0, 3600]"),
     (["serve", "--port", "70000"], "port must lie in 0..65535"),
     (["serve", "--request-timeout", "-1"], "request_timeout_s must be a positive number"),
@@ -215,6 +222,24 @@ def test_codec_encode_of_audio_under_one_frame_is_an_error(tmp_path: Path, capsy
     code, err = run(["codec", "encode", tmp_path / "short.wav", "--codec", CODEC_DIR / "tiny", "-o",
                      tmp_path / "c.npy"], capsys)
     assert code == 2 and "shorter than one codec frame (80 ms)" in err and not (tmp_path / "c.npy").exists()
+
+
+def test_codec_encode_takes_quiet_and_silent_audio(tmp_path: Path, capsys) -> None:
+    """A codec is not a voice: audio under -60 dBFS, or all zeros, was refused as "silent" (a voice's
+    check), and an empty file's error did not name it."""
+    import soundfile
+
+    quiet = 0.0008 * np.sin(np.arange(24000) / 24000 * 2 * np.pi * 220).astype(np.float32)
+    for name, samples in (("quiet.wav", quiet), ("zeros.wav", np.zeros(24000, np.float32))):
+        soundfile.write(tmp_path / name, samples, 24000)
+        code, err = run(["codec", "encode", tmp_path / name, "--codec", CODEC_DIR / "tiny", "-o", tmp_path / "c.npy"],
+                        capsys)
+        assert code == 0, err
+        assert np.load(tmp_path / "c.npy").shape == (12, 32)  # 1 s: 12.5 frames, the whole ones
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 24000)
+    code, err = run(["codec", "encode", tmp_path / "empty.wav", "--codec", CODEC_DIR / "tiny", "-o",
+                     tmp_path / "e.npy"], capsys)
+    assert code == 2 and f"{tmp_path / 'empty.wav'}: audio contains no samples" in err
 
 
 @pytest.mark.parametrize("action", ["encode", "decode"])

@@ -206,3 +206,19 @@ def test_batch_results_are_handed_on_as_each_request_ends(delay_model_dirs, dela
                  str(delay_model_dirs["tiny_nvq16"]), "--codec", str(CODEC_DIR / "tiny"), "--greedy", "--max-frames", "30"])
     assert code == 130  # Ctrl-C's status
     assert len(written) == 1 and written[0].stat().st_size > 44  # the first to finish is on disk
+
+
+def test_audio_that_is_all_continuation_prefix_is_an_error_not_an_empty_file(delay_model_dirs, tmp_path: Path,
+                                                                            capsys) -> None:
+    """The golden `text_free_run` prompt (no chat template): its start length covers every frame it
+    makes, so the reference's waveform is cut whole. `say` wrote a 0 s file and exited 0."""
+    from conftest import DELAY_DIR
+    from delay_cases import generation_cases
+
+    case = next(c for c in generation_cases(DELAY_DIR / "tiny_nvq16") if c.name == "text_free_run")
+    np.save(tmp_path / "p.npy", case.prompts[0])
+    code, err = run(["say", "--prompt-matrix", tmp_path / "p.npy", "--model", delay_model_dirs["tiny_nvq16"],
+                     "--codec", CODEC_DIR / "tiny", "--greedy", "--codes-out", tmp_path / "c.npy",
+                     "-o", tmp_path / "x.wav"], capsys)
+    assert code == 2 and "the model produced no new audio" in err, err
+    assert len(np.load(tmp_path / "c.npy")) > 0 and not (tmp_path / "x.wav").exists()

@@ -12,13 +12,13 @@ def load_audio(
     sample_rate: int,
     channels: int = 1,
     max_seconds: float | None = None,
-    min_peak: float = 1e-3,
+    min_peak: float | None = 1e-3,
 ) -> np.ndarray:
     """float32 `(channels, n)` at `sample_rate`, or an AudioError a user can act on.
 
     Stereo → mono averages the channels; mono → stereo duplicates. Refused: undecodable data,
     no samples, NaN/inf samples, more than `max_seconds`, and silence: a peak below `min_peak`
-    (default 1e-3, -60 dBFS; pass 0 to accept any non-zero audio).
+    (default 1e-3, -60 dBFS, for a voice; 0 accepts any non-zero audio, None silence too).
     """
     x, rate = read_audio(source, max_seconds=max_seconds)
     if x.shape[1] == 0:
@@ -28,7 +28,7 @@ def load_audio(
     x = _map_channels(x, channels)
     x = resample(x, rate, sample_rate)
     peak = float(np.abs(x).max(initial=0.0))
-    if peak == 0.0 or peak < min_peak:
+    if min_peak is not None and (peak == 0.0 or peak < min_peak):
         raise AudioError(f"audio is silent (peak level {peak:.2g}, needs at least {min_peak:g})")
     return x
 

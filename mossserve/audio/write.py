@@ -9,6 +9,7 @@ import soundfile as sf
 from mossserve.audio.av_encoder import AVEncoder
 from mossserve.audio.formats import check_format, format_from_path
 from mossserve.audio.samples import as_channels_first, to_s16
+from mossserve.whole_file import whole_file
 
 
 def encode_audio(samples: np.ndarray, sample_rate: int, format: str, wav_float: bool = False) -> bytes:
@@ -40,16 +41,16 @@ def encode_audio(samples: np.ndarray, sample_rate: int, format: str, wav_float: 
 def write_audio(
     path: str | PathLike, samples: np.ndarray, sample_rate: int, format: str | None = None, wav_float: bool = False
 ) -> None:
-    """Write a file; the format comes from the extension unless given.
+    """Write a file, whole or not at all (`whole_file`); the format comes from the extension unless given.
 
     `.npy` holds the raw float32 samples, unclipped: `(n,)` for mono, `(channels, n)` otherwise.
     """
     format = format_from_path(path) if format is None else format.lower().lstrip(".")
     if format == "npy":
         x = as_channels_first(samples)
-        with open(path, "wb") as f:
+        with whole_file(path) as f:
             np.save(f, x[0] if x.shape[0] == 1 else x)
         return
     data = encode_audio(samples, sample_rate, format, wav_float=wav_float)
-    with open(path, "wb") as f:
+    with whole_file(path) as f:
         f.write(data)
