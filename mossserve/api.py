@@ -281,10 +281,13 @@ class TTS:
                     if session is not None:
                         engine.close_session(session)
                     session = f"script-{uuid.uuid4().hex}"
-                prompt = self.talker.turn_prompt(turn, first, script.voice)
-                results += self.run([prompt], sampling, max_new_frames, decode_audio,
-                                    on_chunk=on_chunk and (lambda _, chunk, i=index: on_chunk(i, chunk)),
-                                    session=session)
+                try:
+                    prompt = self.talker.turn_prompt(turn, first, script.voice)
+                    results += self.run([prompt], sampling, max_new_frames, decode_audio,
+                                        on_chunk=on_chunk and (lambda _, chunk, i=index: on_chunk(i, chunk)),
+                                        session=session)
+                except MossServeError as e:  # which turn failed, after the earlier ones ran
+                    raise type(e)(f"turns[{index}]: {e}") from None
         finally:
             if session is not None:
                 engine.close_session(session)

@@ -91,7 +91,8 @@ def resolve_model_dir(name_or_path: str | Path, allow_patterns: list[str] | None
     try:
         return Path(snapshot_download(repo_id=hub_id["repo"], revision=hub_id["revision"], allow_patterns=allow_patterns))
     except Exception as e:  # the hub client raises many types: offline, not found, gated
-        raise CheckpointError(f"{text} is not a local directory and could not be fetched from the hub: {e}") from None
+        why = " ".join(str(e).split())  # one line: the client's messages run over several
+        raise CheckpointError(f"{text} is not a local directory and could not be fetched from the hub: {why}") from None
 
 
 def weight_files(model_dir: Path, stem: str = "model") -> list[Path]:

@@ -65,6 +65,23 @@ def test_a_malformed_hub_id_is_not_fetched(monkeypatch, name: str) -> None:
         load_codec(name)
 
 
+def test_a_hub_failure_is_a_one_line_error(monkeypatch, capsys) -> None:
+    """huggingface_hub's offline message runs over two lines; a CLI error is one."""
+    import huggingface_hub
+
+    from mossserve.cli import main
+
+    def offline(**_):
+        raise OSError("We couldn't connect to 'https://huggingface.co'. Got: ConnectError.\n"
+                      "Check your internet connection.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert main(["say", "Hi.", "--model", "test-org/absent", "--codes-out", "c.npy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not be fetched from the hub: We couldn't connect" in err
+    assert "ConnectError. Check your internet connection." in err
+
+
 def test_a_codec_that_does_not_fit_the_model_is_refused(delay_model_dirs) -> None:
     """A MOSS-TTS model with the Fish codec (44.1 kHz): one clear error, before any request runs."""
     tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=FIXTURES / "fish_s2_pro")

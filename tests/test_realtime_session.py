@@ -484,6 +484,18 @@ def test_prompt_of_a_session_script_is_its_first_turns_prefill(tmp_path: Path) -
     assert np.array_equal(np.load(out), golden("generation")["stream_multiturn.turn0.prefill_input_ids"].numpy())
 
 
+def test_a_later_turn_that_cannot_run_is_named(tmp_path: Path, capsys) -> None:
+    """It failed after the earlier turns ran, with a message that did not say which turn."""
+    path = tmp_path / "session.json"
+    for turn, needle in (({"input": ""}, "turns[1]: the turn's text is empty"),
+                         ({"input_tokens": [[5, 10**9]]}, "turns[1]: prompt text ids must lie in 0..")):
+        path.write_text(json.dumps({"turns": [{"input": "Hello there."}, turn]}))
+        code = main(["say", "--model", str(REALTIME_DIR), "--request", str(path), "--greedy", "--codes-out",
+                     str(tmp_path / "c.npy")])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err, err
+
+
 @pytest.mark.parametrize("as_file", [False, True])
 def test_a_16_frame_voice_in_a_script_is_time_major(tmp_path: Path, as_file: bool) -> None:
     """Code files are time first (T, 16); a voice of exactly 16 frames (1.28 s, a `say --codes-out`

@@ -268,6 +268,7 @@ def test_bad_messages_get_errors_and_the_session_goes_on(url: str) -> None:
             client.send(message)
             event = client.receive()
             assert event["type"] == "error" and needle in event["error"]["message"], (message, event)
+            assert event["error"]["code"], (message, event)  # one a client can switch on (some were null)
         client.ws.send("not json")
         assert "one JSON object" in client.receive()["error"]["message"]
         client.ws.send(b"binary")

@@ -364,7 +364,10 @@ def _json(text: str) -> object:
 
 
 def _error(message: str, code: str | None) -> dict:
-    return {"type": "error", "error": {"message": message, "type": "invalid_request_error", "code": code}}
+    """An error event; always with a code a client can switch on (bad_message when the refusal has
+    none of its own: codes out of range, an unknown voice, ...)."""
+    return {"type": "error", "error": {"message": message, "type": "invalid_request_error",
+                                       "code": code or "bad_message"}}
 
 
 def _key_protocol(websocket: WebSocket) -> str | None:
