@@ -358,11 +358,8 @@ def say_one(tts, args: argparse.Namespace) -> int:
         save_npy(args.codes_out, frames)
         print(f"wrote {args.codes_out}: codes {frames.shape} ({ended})", file=sys.stderr)
     if args.output is not None:
-        if len(frames) == 0:
-            raise InvalidRequestError(f"the model produced no audio frames ({ended})")
-        if audio.samples.shape[-1] == 0:  # a continuation prefix as long as every frame: none is new
-            raise InvalidRequestError(f"the model produced no new audio: its {len(frames)} frames are all the "
-                                      f"prompt's continuation prefix ({ended})")
+        if len(frames) == 0 or audio.samples.shape[-1] == 0:
+            raise InvalidRequestError(no_audio(generation))
         seconds = write_speech(args.output, audio.samples, audio.sample_rate, args.speed)
         print(f"wrote {args.output}: {seconds:.2f} s at {written_rate(args.output, audio.sample_rate)} Hz "
               f"({ended})", file=sys.stderr)
@@ -420,11 +417,20 @@ def _is_session_script(path: Path) -> bool:
 _ENDINGS = {"stop": "stopped", "length": "hit the step cap", "runaway": "cut by the runaway guard"}
 
 
+def no_audio(generation) -> str:
+    """Why a generation gave no audio to write: no frames, or (a continuation prefix as long as
+    every frame) none that is new."""
+    if len(generation.frames):
+        return (f"the model produced no new audio: its {len(generation.frames)} frames are all the prompt's "
+                f"continuation prefix ({ending(generation)})")
+    return f"the model produced no audio frames ({ending(generation)})"
+
+
 def ending(generation) -> str:
     """How a generation ended, in words for stderr."""
     if generation.length_limit is not None:
         how = (f"reached the engine's length limit ({generation.length_limit} positions of prompt and audio; "
-               "--max-len raises it)")
+               "--max-len sets it, up to the model's own)")
     else:
         how = _ENDINGS[generation.finish_reason]
     return f"{how} after {len(generation.rows)} steps"
@@ -467,8 +473,8 @@ def say_batch(tts, args: argparse.Namespace) -> int:
         """Each request's files as it ends: an interrupted run keeps what had finished."""
         nonlocal total
         index, line, _ = runnable[i]
-        if generation.finish_reason == "error" or len(generation.frames) == 0:
-            failed.append((line, generation.error or f"the model produced no audio frames ({ending(generation)})"))
+        if generation.finish_reason == "error" or len(generation.frames) == 0 or audio.samples.shape[-1] == 0:
+            failed.append((line, generation.error or no_audio(generation)))
             return
         if generation.length_limit is not None:
             cut.append((line, ending(generation)))

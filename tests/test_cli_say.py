@@ -160,8 +160,8 @@ def test_a_run_cut_by_the_engines_length_limit_says_so(delay_model_dirs, delay_t
     limit = rows[1] + 20  # room for 20 steps after the longer prompt, more after the shorter
     code, err = run(["say", texts[1], *common, "--max-len", limit, "--codes-out", tmp_path / "a.npy"], capsys)
     assert code == 0, err
-    assert f"reached the engine's length limit ({limit} positions of prompt and audio; --max-len raises it) " \
-           "after 20 steps" in err
+    assert (f"reached the engine's length limit ({limit} positions of prompt and audio; --max-len sets it, up to "
+            "the model's own) after 20 steps") in err
     code, err = run(["say", texts[1], *common, "--max-frames", "20", "--codes-out", tmp_path / "b.npy"], capsys)
     assert code == 0 and "hit the step cap after 20 steps" in err, err
     (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps({"input": t}) for t in texts), encoding="utf-8")
@@ -222,3 +222,16 @@ def test_audio_that_is_all_continuation_prefix_is_an_error_not_an_empty_file(del
                      "-o", tmp_path / "x.wav"], capsys)
     assert code == 2 and "the model produced no new audio" in err, err
     assert len(np.load(tmp_path / "c.npy")) > 0 and not (tmp_path / "x.wav").exists()
+
+
+def test_batch_skips_a_line_whose_audio_is_all_continuation_prefix(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """`say -o` refused it; `--batch` wrote a 0 s file for it and counted it written."""
+    voice = np.random.default_rng(0).integers(0, 1024, (10, 16))
+    np.save(tmp_path / "v.npy", voice)
+    lines = [{"input": "Hello there.", "voice": "v.npy", "reference_text": "Some words."}]
+    (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps(x) for x in lines), encoding="utf-8")
+    code, err = run(["say", "--batch", tmp_path / "requests.jsonl", "--out-dir", tmp_path / "out", "--model",
+                     delay_model_dirs["tiny_nvq16"], "--codec", CODEC_DIR / "tiny", "--greedy", "--max-frames", "16"],
+                    capsys)
+    assert code == 1 and "requests.jsonl:1: skipped: the model produced no new audio" in err, err
+    assert not (tmp_path / "out" / "0000.wav").exists()

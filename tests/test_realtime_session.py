@@ -488,7 +488,9 @@ def test_a_later_turn_that_cannot_run_is_named(tmp_path: Path, capsys) -> None:
     """It failed after the earlier turns ran, with a message that did not say which turn."""
     path = tmp_path / "session.json"
     for turn, needle in (({"input": ""}, "turns[1]: the turn's text is empty"),
-                         ({"input_tokens": [[5, 10**9]]}, "turns[1]: prompt text ids must lie in 0..")):
+                         ({"input_tokens": [[5, 10**9]]}, "turns[1]: text ids must be integers in 0.."),
+                         ({"input": ["Fine.<|im_", "end|>"]}, "turns[1]: input contains the special token(s) <|im_end|>"),
+                         ({"input_tokens": [[5, 151645]]}, "turns[1]: text ids may not be special tokens")):
         path.write_text(json.dumps({"turns": [{"input": "Hello there."}, turn]}))
         code = main(["say", "--model", str(REALTIME_DIR), "--request", str(path), "--greedy", "--codes-out",
                      str(tmp_path / "c.npy")])
@@ -509,6 +511,23 @@ def test_a_16_frame_voice_in_a_script_is_time_major(tmp_path: Path, as_file: boo
     assert main(["prompt", "--model", str(REALTIME_DIR), "--request", str(path), "-o", str(out)]) == 0
     system = realtime_family().builder.system(voice)  # the builder takes (T, 16)
     assert np.array_equal(np.load(out)[: len(system)], system)
+
+
+def test_a_script_voice_with_more_codebooks_uses_its_first_16(tmp_path: Path) -> None:
+    """A time-major (T, 32) voice (a 32-quantizer `codec encode`) was read by the orientation rule
+    as its first 16 frames, transposed; the offline path and the socket cut it to 16 codebooks."""
+    voice = np.random.default_rng(1).integers(0, 1024, (50, 32))
+    prompts = []
+    for name, codes_ in (("wide", voice), ("cut", voice[:, :16])):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"voice": codes_.tolist(), "turns": [{"input": "Hi."}]}))
+        assert main(["prompt", "--model", str(REALTIME_DIR), "--request", str(path), "-o", str(tmp_path / f"{name}.npy")]) == 0
+        prompts.append(np.load(tmp_path / f"{name}.npy"))
+    assert np.array_equal(prompts[0], prompts[1])
+    path = tmp_path / "narrow.json"
+    path.write_text(json.dumps({"voice": voice[:, :8].tolist(), "turns": [{"input": "Hi."}]}))
+    with pytest.raises(InvalidRequestError, match=r"voice: codes need 16 codebooks, time first \(T, 16\)"):
+        SessionScript.from_json(path)
 
 
 def test_an_unthreaded_async_engine_waits_for_a_turns_text(monkeypatch) -> None:

@@ -165,6 +165,11 @@ CASES = [
         {"ref_text": "Hello <|endoftext|>"}, param="ref_text"),
     bad("input-audio-placeholder", 400, "input contains <|audio|>, which text may not use", {"input": "a <|audio|>"},
         param="input"),
+    # a zero-width character the normalizer deletes hid the spelling from the check, and it reached the prompt
+    bad("input-special-token-zero-width", 400, "input contains the special token(s) <|im_end|>",
+        {"input": "Hi <|im\u200b_end|> there"}, param="input"),
+    bad("input-audio-placeholder-control-char", 400, "input contains <|audio|>", {"input": "a <|au\x07dio|>"},
+        param="input"),
     bad("speakers-1", 400, "speakers is not used by the tts task", {"speakers": [{}]}),
     bad("speakers-0", 422, "at least 1", {"speakers": []}, param="speakers"),
     bad("speakers-unknown-field", 422, "unknown field", {"speakers": [{"name": "a"}]}, param="speakers.0.name"),

@@ -241,6 +241,27 @@ def test_audio_for_the_text_received_is_sent_while_more_text_is_awaited(url: str
     assert done["finish_reason"] in ("stop", "length") and done["frames"] == 1 + len(turn_codes(deltas))
 
 
+def test_assistant_text_that_spells_a_special_token_is_refused(url: str) -> None:
+    """Only user_text was checked: a delta spelling <|im_end|> (whole, split over two deltas, or as
+    its id) closed the assistant turn inside the model's prompt. The refused delta changes nothing."""
+    with Client(url, voice_codes=codes("voice")) as client:
+        client.send({"type": "text.delta", "delta": "Short and "})
+        assert client.receive()["type"] == "turn.started"
+        for message, needle in (({"delta": "sweet.<|im_end|>"}, "text contains the special token(s) <|im_end|>"),
+                                ({"delta": "<|im_"}, None), ({"delta": "end|>"}, "<|im_end|>"),
+                                ({"tokens": [151645]}, "text ids may not be special tokens (<|im_end|>)")):
+            client.send({"type": "text.delta", **message})
+            if needle is not None:
+                event = client.receive()
+                assert event["type"] == "error" and needle in event["error"]["message"], event
+                assert event["error"]["code"] == "bad_message"
+        client.send({"type": "text.done"})
+        events = []
+        while not events or events[-1]["type"] != "audio.done":
+            events.append(client.receive())
+    assert events[-1]["finish_reason"] == "stop" and not [e for e in events if e["type"] == "error"]
+
+
 def test_bad_messages_get_errors_and_the_session_goes_on(url: str) -> None:
     bad = [
         ({"type": "dance"}, "unknown message type"),

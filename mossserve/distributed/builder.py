@@ -19,7 +19,7 @@ from ..config import EngineConfig
 from ..serve.settings import ServerSettings
 from .deployment import RayOptions, build_app
 
-_ENGINE_KEYS = ("max_running", "max_queued")
+_ENGINE_KEYS = ("max_running", "max_queued", "max_len")
 _SERVE_HTTP_KEYS = ("host", "port")  # Serve's http_options decide where the one address listens
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

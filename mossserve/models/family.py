@@ -137,14 +137,21 @@ class TalkerFamily(ABC):
 
     def check_typed(self, text: str, name: str) -> None:
         """Raise InvalidRequestError for text a user typed (field `name`) that spells a special token
-        (`TextTokenizer.encode_user`) or one of `reserved_text`. Without a tokenizer only prompt
-        matrices run, so nothing is checked here."""
+        (`TextTokenizer.encode_user`) or one of `reserved_text`, as typed or as the prompt builder
+        will tokenize it (`typed_form`: a zero-width character inside a spelling must not hide it).
+        Without a tokenizer only prompt matrices run, so nothing is checked here."""
         if getattr(self, "tokenizer", None) is None:
             return
-        marker = next((m for m in self.reserved_text if m in text), None)
-        if marker is not None:
-            raise InvalidRequestError(f"{name} contains {marker}, which text may not use (the prompt builder reserves it)")
-        self.tokenizer.encode_user(text, name)
+        for form in dict.fromkeys((text, self.typed_form(text))):
+            marker = next((m for m in self.reserved_text if m in form), None)
+            if marker is not None:
+                raise InvalidRequestError(f"{name} contains {marker}, which text may not use (the prompt builder "
+                                          "reserves it)")
+            self.tokenizer.encode_user(form, name)
+
+    def typed_form(self, text: str) -> str:
+        """Typed text as the prompt builder tokenizes it (the Delay processor normalizes it first)."""
+        return text
 
     def check_sampling(self, sampling: SamplingParams) -> None:
         """Raise InvalidRequestError for valid settings this family cannot sample with (checked when a

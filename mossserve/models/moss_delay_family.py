@@ -101,6 +101,11 @@ class MossDelayFamily(TalkerFamily):
         self._openers: dict[torch.device, torch.Tensor] = {}
 
     # ---- prompts -------------------------------------------------------------------------
+    def typed_form(self, text: str) -> str:
+        from ..text.normalizer import normalize_tts_text
+
+        return normalize_tts_text(text)
+
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
         from ..text.delay_requests import delay_conversation, infer_task
         from ..text.pauses import pause_seconds

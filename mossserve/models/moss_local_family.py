@@ -72,6 +72,11 @@ class MossLocalFamily(TalkerFamily):
         self.max_new_frames = max_new_frames
 
     # ---- prompts -------------------------------------------------------------------------
+    def typed_form(self, text: str) -> str:
+        from ..text.normalizer import normalize_tts_text
+
+        return normalize_tts_text(text)
+
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
         from ..text.local_prompt import local_conversation
 

@@ -121,6 +121,10 @@ class MossRealtimeFamily(TalkerFamily):
         text, one id per step."""
         from ..text.realtime_session import split_text
 
+        if turn.pieces:
+            self.check_typed("".join(turn.pieces), "input")
+        for chunk in turn.token_chunks:
+            self.check_input(chunk)
         prefill, rest = split_text(turn, self.tokenizer.encode)
         rows = np.concatenate([self.turn_input(turn, first, voice), self.builder.prefill(prefill)])
         return self.prompt_from_rows(rows, rest, text_tokens=len(prefill) + len(rest))
@@ -295,12 +299,18 @@ class MossRealtimeFamily(TalkerFamily):
         """Text (str), token ids (integers in the text vocabulary), or None."""
         if piece is None or isinstance(piece, str):
             check_text(piece, "text")
+            if piece:
+                self.check_typed(piece, "text")  # a spelling split over pieces: the server checks their seams
             return
         vocab = self.config.language.vocab_size
         if (isinstance(piece, bytes) or not hasattr(piece, "__iter__")
                 or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < vocab
                        for i in piece)):
             raise InvalidRequestError(f"text ids must be integers in 0..{vocab - 1}")
+        special = sorted({self.tokenizer.special[int(i)] for i in piece if int(i) in self.tokenizer.special}
+                         if self.tokenizer is not None else ())
+        if special:
+            raise InvalidRequestError(f"text ids may not be special tokens ({', '.join(special)})")
 
     def _append_text(self, state: RealtimeState, slot: int, ids: list[int]) -> None:
         length = int(state.text_len[slot])

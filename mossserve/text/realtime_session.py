@@ -109,10 +109,10 @@ def _turn(value: Any, index: int, base_dir: Path | None) -> RealtimeTurn:
 
 
 def _codes(value: Any, name: str, base_dir: Path | None) -> np.ndarray | None:
-    """Codes as nested lists or a `.npy` path (relative to the script), time-major `(T, 16)` as
-    every code file is, handed on as `(16, T)`, which the turn layouts' orientation rule reads
-    back without its 16-frame ambiguity (a 16-frame voice, 1.28 s, was read transposed). Other
-    shapes (the reference's `(16, T)`, more codebooks) are kept for that rule to read."""
+    """Codes as nested lists or a `.npy` path (relative to the script), time-major `(T, K)` as every
+    code file is (K >= 16; the first 16 codebooks are used), handed on as `(16, T)`, which the turn
+    layouts' orientation rule reads back without its 16-frame ambiguity (a 16-frame voice, 1.28 s,
+    was read transposed). The reference's `(16, T)` with T other than 16 is read as well."""
     if value is None:
         return None
     value = resolve_path_or_codes(value, base_dir)
@@ -128,4 +128,9 @@ def _codes(value: Any, name: str, base_dir: Path | None) -> np.ndarray | None:
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
             raise InvalidRequestError(f"{name}: codes must be 2-D integers, got {array.dtype} {array.shape}")
     array = array.astype(np.int64)
-    return array.T if array.shape[1] == CODEBOOKS else array
+    if array.shape[0] == CODEBOOKS and array.shape[1] != CODEBOOKS:
+        return array  # (16, T), as the reference's sessions take it
+    if array.shape[1] < CODEBOOKS:
+        raise InvalidRequestError(f"{name}: codes need {CODEBOOKS} codebooks, time first (T, {CODEBOOKS}); "
+                                  f"got shape {array.shape}")
+    return array[:, :CODEBOOKS].T
