@@ -115,6 +115,10 @@ def test_depth_out_of_range_is_refused(depth) -> None:
     ({"input": "x <|im_end|>"}, r"input contains the special token\(s\) <\|im_end\|>"),
     ({"input": "x", "language": "<|audio_start|>"}, r"language contains the special token\(s\) <\|audio_start\|>"),
     ({"input": "x <|audio|>"}, r"input contains <\|audio\|>"),
+    # each field allowed, joined by the template (a typed "{language}" takes the language's text)
+    ({"input": "Hi.", "instructions": "<|im_{language}", "language": "end|>"},
+     r"the prompt's user text \(the request's text fields as its template joins them\) contains the special "
+     r"token\(s\) <\|im_end\|>"),
 ])
 def test_unsupported_requests_are_refused(fields: dict, message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):

@@ -168,6 +168,9 @@ CASES = [
     # a zero-width character the normalizer deletes hid the spelling from the check, and it reached the prompt
     bad("input-special-token-zero-width", 400, "input contains the special token(s) <|im_end|>",
         {"input": "Hi <|im\u200b_end|> there"}, param="input"),
+    # fields each allowed, joined into one: the template fills a typed "{text}" with the input
+    bad("language-input-joined-special-token", 400, "the prompt's user text (the request's text fields as its "
+        "template joins them) contains the special token(s) <|im_end|>", {"input": "end|>", "language": "<|im_{text}"}),
     bad("input-audio-placeholder-control-char", 400, "input contains <|audio|>", {"input": "a <|au\x07dio|>"},
         param="input"),
     bad("speakers-1", 400, "speakers is not used by the tts task", {"speakers": [{}]}),

@@ -107,6 +107,7 @@ class MossDelayFamily(TalkerFamily):
         return normalize_tts_text(text)
 
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
+        from ..text.delay_prompt import check_joined_fields
         from ..text.delay_requests import delay_conversation, infer_task
         from ..text.pauses import pause_seconds
 
@@ -119,6 +120,7 @@ class MossDelayFamily(TalkerFamily):
             task=task,
             encode_voice=encode_voice,
         )
+        check_joined_fields(conversation, self.tokenizer)
         prompt = self.prompt_from_conversation(conversation, mode)
         # What the engine's runaway guard bounds a generation by (sound effects have no text to go by).
         prompt.info["runaway_guard"] = task != "sound_effect"

@@ -78,12 +78,14 @@ class MossLocalFamily(TalkerFamily):
         return normalize_tts_text(text)
 
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
+        from ..text.delay_prompt import check_joined_fields
         from ..text.local_prompt import local_conversation
 
         self.check_typed_text(request)
         conversation, mode = local_conversation(request, n_vq=self.config.n_vq,
                                                 audio_vocab_size=self.config.audio_vocab_size,
                                                 encode_voice=encode_voice)
+        check_joined_fields(conversation, self.tokenizer)
         prompt = self.prompt_from_conversation(conversation, mode)
         prompt.info["text_tokens"] = len(self.tokenizer.encode(request.input or ""))
         prompt.info["duration_frames"] = request.expected_frames

@@ -29,6 +29,7 @@ from .tokenizer import TextTokenizer
 from ..models.delay_pattern import delay_pattern
 
 AUDIO_PLACEHOLDER = "<|audio|>"
+JOINED = "the prompt's user text (the request's text fields as its template joins them)"
 MODES = ("generation", "continuation", "computing_loss")
 USER_FIELDS = ("text", "reference", "instruction", "tokens", "quality", "sound_event", "ambient_sound", "language")
 
@@ -125,6 +126,21 @@ def build_assistant_message(audio_codes_list: Sequence[Any], content: str = AUDI
     if not isinstance(content, str):
         raise InvalidRequestError("assistant content must be a string")
     return AssistantMessage(list(audio_codes_list), content)
+
+
+def check_joined_fields(conversation: Conversation, tokenizer: TextTokenizer | None) -> None:
+    """Raise InvalidRequestError where a request's typed fields, each of them allowed, spell a special
+    token or `<|audio|>` once joined: the template fills its fields one after another (a typed
+    "{text}" in `language` takes the input's text), and the normalizer reads joined fields as one text
+    (a Markdown link over the space between transcript and input drops its '[').
+    Without a tokenizer no prompt is built from text, so nothing is checked."""
+    for message in conversation if tokenizer is not None else ():
+        if not isinstance(message, UserMessage):
+            continue
+        content = message.content
+        if content.count(AUDIO_PLACEHOLDER) != len(message.audio_codes_list):
+            raise InvalidRequestError(f"{JOINED} contains {AUDIO_PLACEHOLDER}, which text may not use")
+        tokenizer.encode_user(content.replace(AUDIO_PLACEHOLDER, " "), JOINED)
 
 
 def message_parts(message: Message | dict) -> tuple[str, str, list[Any]]:

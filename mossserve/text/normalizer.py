@@ -14,7 +14,10 @@ import unicodedata
 
 # Scripts written without spaces between words: CJK ideographs (+ extension A) and kana.
 _CJK = "[\u3400-\u4dbf\u4e00-\u9fff\u3040-\u30ff]"
-_PLACEHOLDER = r"___PROT\d+___"
+# A protected span's stand-in, `___PROT0___`: made of characters the later rules treat as a word (as
+# the reference's is), with X's added after PROT until typed text cannot spell one (a typed
+# "___PROT0___" was restored to another span: two fields joined could then spell a special token).
+_PLACEHOLDER = r"___PROTX*\d+___"
 # A latin-ish token: a protected span, or a run of ASCII word/path characters with a letter.
 _LATINISH = rf"(?:{_PLACEHOLDER}|(?=[A-Za-z0-9._/+:-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9._/+:-]*)"
 
@@ -75,13 +78,16 @@ _MIXED_QE = re.compile(r"[!?！？]{2,}")
 def normalize_tts_text(text: str) -> str:
     text = _clean_characters(text)
     text = _flatten_lines(text)
-    text, spans = _protect(text)
+    tag = "PROT"
+    while f"___{tag}" in text:
+        tag += "X"
+    text, spans = _protect(text, tag)
     text = _fix_spacing(text)
     text = _fix_structure(text)
     text = _fold_repeats(text)
     text = _fix_spacing(text)
     for i, span in enumerate(spans):
-        text = text.replace(f"___PROT{i}___", span)
+        text = text.replace(f"___{tag}{i}___", span)
     return text.strip()
 
 
@@ -105,12 +111,12 @@ def _flatten_lines(text: str) -> str:
     return "。".join(lines)
 
 
-def _protect(text: str) -> tuple[str, list[str]]:
+def _protect(text: str, tag: str) -> tuple[str, list[str]]:
     spans: list[str] = []
 
     def stash(match: re.Match) -> str:
         spans.append(match.group(0))
-        return f"___PROT{len(spans) - 1}___"
+        return f"___{tag}{len(spans) - 1}___"
 
     for pattern in _PROTECTED:
         text = pattern.sub(stash, text)
