@@ -351,6 +351,27 @@ def test_text_pushed_while_speaking_replays_the_reference_push_by_push(run: str)
     assert not engine.push_input(handle.id, "more")  # over: no more input
 
 
+@pytest.mark.parametrize("pieces", [["Fine <|im_", "end|>"], ["Fine <|im", "_", "end|> ok"], ["Fine <", "|im_end|>"]])
+def test_a_special_token_spelled_across_pushed_pieces_is_refused(pieces: list[str]) -> None:
+    """Each piece alone is plain text; the engine checks where a piece meets the text before it (only
+    the websocket did), and the request goes on without the refused piece."""
+    from mossserve.errors import InvalidRequestError
+
+    fam = realtime_family()
+    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=1))
+    finals = []
+    handle = engine.add_request(fam.open_turn_prompt(RealtimeTurn(user_text="Hello."), True), greedy(),
+                                lambda chunk: finals.append(chunk) if chunk.final else None, decode_audio=False,
+                                session="a")
+    for piece in pieces[:-1]:
+        assert engine.push_input(handle.id, piece)
+    with pytest.raises(InvalidRequestError, match=r"text contains the special token\(s\) <\|im_end\|>"):
+        engine.push_input(handle.id, pieces[-1])
+    assert engine.push_input(handle.id, " thanks.", end=True)
+    engine.run_until_idle()
+    assert finals and finals[0].finish_reason != "error" and handle.steps > 0
+
+
 def play_pushed(engine: Engine, s: SessionScript, index: int, session: str = "a"):
     """Golden turn `index` of stream_multiturn with its text pushed as the reference session got it."""
     fam = realtime_family()

@@ -34,6 +34,8 @@ from .sessions import Session, Sessions
 from .talker_runner import TalkerRunner
 from .worker import Worker
 
+SEAM_CHARS = 64  # longer than any special token's spelling (`push_input` checks where two pieces meet)
+
 
 class Engine:
     def __init__(self, family: TalkerFamily, get_codec: Callable[[], Codec] | None = None,
@@ -167,6 +169,10 @@ class Engine:
             if (request is None or request.status.done or request.ending or request.input_ended
                     or not request.prompt.info.get("open")):
                 return False
+            if isinstance(piece, str) and piece:
+                if request.input_tail:  # a special token spelled across two pieces lies in their seam
+                    self.family.check_input(request.input_tail + piece[:SEAM_CHARS])
+                request.input_tail = (request.input_tail + piece)[-SEAM_CHARS:]
             request.inputs.append((piece, end))
             request.input_ended = end
             self._lock.notify()

@@ -95,6 +95,7 @@ class EngineRequest:
     open: bool = False  # its prompt may still grow (input streams in): it cannot start decoding yet
     inputs: list = field(default_factory=list)  # (piece, end) pushed, not yet handed to the family
     input_ended: bool = False  # its last input (end=True) was pushed: it takes no more
+    input_tail: str = ""  # the end of its pushed text, to check the next piece's seam (Engine.push_input)
     ending: bool = False  # asked to end (abort) from another thread: it takes no more input
     waiting_input: bool = False  # its next row needs input that has not come yet
     plain: bool = False  # its cache positions 0.. will be its prompt rows 0.. (prefixes.plain_prompt, at admission)

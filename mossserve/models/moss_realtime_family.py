@@ -300,7 +300,7 @@ class MossRealtimeFamily(TalkerFamily):
         if piece is None or isinstance(piece, str):
             check_text(piece, "text")
             if piece:
-                self.check_typed(piece, "text")  # a spelling split over pieces: the server checks their seams
+                self.check_typed(piece, "text")  # split over pieces: Engine.push_input checks seams
             return
         vocab = self.config.language.vocab_size
         if (isinstance(piece, bytes) or not hasattr(piece, "__iter__")

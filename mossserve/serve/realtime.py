@@ -99,7 +99,6 @@ KINDS = {"session.update": SessionUpdate, "turn.start": TurnStart, "text.delta":
 
 
 ENDPOINT = "/v1/realtime/speech"
-TAIL_CHARS = 64  # longer than any special token's spelling
 
 
 @router.websocket(ENDPOINT)
@@ -130,7 +129,6 @@ class RealtimeSession:
         self.sender: asyncio.Task | None = None
         self.turns = 0
         self.pushed = 0  # characters (or ids) of text the turn has been given
-        self.tail = ""  # the turn's last TAIL_CHARS characters of text, to check the next delta's seam
         self.text_done = False  # the turn's text is complete
         self.last_input = 0.0  # monotonic time of the turn's latest text
         self.watchdog: asyncio.Task | None = None
@@ -244,7 +242,7 @@ class RealtimeSession:
                                          None if self.voice is None else self.voice.T)
         stream = await self.state.engine.submit(prompt, sampling_for(self.state, s),
                                                 schedule=schedule_for(self.state, s, code="bad_message"), session=self.id)
-        self.first, self.turns, self.pushed, self.text_done, self.tail = False, self.turns + 1, 0, False, ""
+        self.first, self.turns, self.pushed, self.text_done = False, self.turns + 1, 0, False
         self.turn_id, self.request_id, self.ended_by = f"turn-{self.turns}", stream.request_id, None
         self.last_input = time.monotonic()
         await self.send({"type": "turn.started", "turn_id": self.turn_id})
@@ -274,22 +272,21 @@ class RealtimeSession:
         if (self.pushed if self.turn_id is not None else 0) + len(piece) > limit:  # --max-input-chars
             raise APIError(400, f"a turn takes at most {limit} characters (or ids) of text; end it and send "
                                 "the rest in the next", code="text_too_long")
-        tail = self.tail if self.turn_id is not None else ""
         try:  # before a turn opens for it: a refused piece changes nothing
             self.state.tts.talker.check_input(piece)
-            if isinstance(piece, str) and tail:  # a special token spelled across deltas
-                self.state.tts.talker.check_typed(tail + piece, "text")
         except InvalidRequestError as e:
             raise APIError(400, str(e), code="bad_message") from None
         if self.turn_id is None:
             await self.start_turn(None)
-        self.push(piece, end=False)
+        self.push(piece, end=False)  # the engine checks the seam with the turn's earlier text
         self.pushed, self.last_input = self.pushed + len(piece), time.monotonic()
-        if isinstance(piece, str):
-            self.tail = (tail + piece)[-TAIL_CHARS:]
 
     def push(self, piece, end: bool) -> None:
-        if self.request_id is None or not self.state.engine.push_input(self.request_id, piece, end):
+        try:
+            taken = self.request_id is not None and self.state.engine.push_input(self.request_id, piece, end)
+        except InvalidRequestError as e:  # a special token spelled across deltas; the turn goes on
+            raise APIError(400, str(e), code="bad_message") from None
+        if not taken:
             raise APIError(400, "no turn is taking text (start one with turn.start or text.delta)", code="no_turn")
 
     def cancel(self) -> None:
