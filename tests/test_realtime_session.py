@@ -547,8 +547,25 @@ def test_a_script_voice_with_more_codebooks_uses_its_first_16(tmp_path: Path) ->
     assert np.array_equal(prompts[0], prompts[1])
     path = tmp_path / "narrow.json"
     path.write_text(json.dumps({"voice": voice[:, :8].tolist(), "turns": [{"input": "Hi."}]}))
-    with pytest.raises(InvalidRequestError, match=r"voice: codes need 16 codebooks, time first \(T, 16\)"):
+    with pytest.raises(InvalidRequestError, match=r"voice: codes need 16 to 32 codebooks, time first \(T, 16\)"):
         SessionScript.from_json(path)
+    np.save(tmp_path / "transposed.npy", voice[:, :16].T)  # the reference's [16, T] saved as a code file
+    path.write_text(json.dumps({"voice": "transposed.npy", "turns": [{"input": "Hi."}]}))
+    with pytest.raises(InvalidRequestError, match=r"got shape \(16, 50\) \(a .npy file is read time first\)"):
+        SessionScript.from_json(path)
+
+
+def test_a_16_frame_npy_voice_with_32_codebooks_is_time_major(tmp_path: Path) -> None:
+    """A `.npy` code file is time-major whatever its shape: a 16-frame voice of 32 codebooks (a
+    1.28 s `codec encode`) was read as the reference's [16, T] of 32 frames."""
+    voice = np.random.default_rng(2).integers(0, 1024, (16, 32))
+    np.save(tmp_path / "voice.npy", voice)
+    path = tmp_path / "session.json"
+    path.write_text(json.dumps({"voice": "voice.npy", "turns": [{"input": "Hi."}]}))
+    out = tmp_path / "prompt.npy"
+    assert main(["prompt", "--model", str(REALTIME_DIR), "--request", str(path), "-o", str(out)]) == 0
+    system = realtime_family().builder.system(voice[:, :16])
+    assert np.array_equal(np.load(out)[: len(system)], system)
 
 
 def test_an_unthreaded_async_engine_waits_for_a_turns_text(monkeypatch) -> None:

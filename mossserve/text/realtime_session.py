@@ -108,11 +108,15 @@ def _turn(value: Any, index: int, base_dir: Path | None) -> RealtimeTurn:
     return turn
 
 
+CODEC_QUANTIZERS = 32  # MOSS-Audio-Tokenizer's: a code file has no more codebooks (more is a transposed file)
+
+
 def _codes(value: Any, name: str, base_dir: Path | None) -> np.ndarray | None:
-    """Codes as nested lists or a `.npy` path (relative to the script), time-major `(T, K)` as every
-    code file is (K >= 16; the first 16 codebooks are used), handed on as `(16, T)`, which the turn
-    layouts' orientation rule reads back without its 16-frame ambiguity (a 16-frame voice, 1.28 s,
-    was read transposed). The reference's `(16, T)` with T other than 16 is read as well."""
+    """Codes as nested lists or a `.npy` path (relative to the script), handed on as `(16, T)`, which the
+    turn layouts' orientation rule reads back without its 16-frame ambiguity. A `.npy` file is a code
+    file, time-major `(T, K)` (K >= 16; the first 16 codebooks are used) whatever its shape (a 16-frame
+    voice of 32 codebooks is not 32 frames of 16). Nested lists are time-major too, except that the
+    reference's `[16, T]` (T other than 16) is read as it is upstream."""
     if value is None:
         return None
     value = resolve_path_or_codes(value, base_dir)
@@ -120,6 +124,7 @@ def _codes(value: Any, name: str, base_dir: Path | None) -> np.ndarray | None:
         if not value.endswith(".npy"):
             raise InvalidRequestError(f"{name}: give codes (nested lists) or a .npy file, got {value!r}")
         array = load_codes(Path(value), name)
+        reference_layout = False
     else:
         try:
             array = np.asarray(value)
@@ -127,10 +132,11 @@ def _codes(value: Any, name: str, base_dir: Path | None) -> np.ndarray | None:
             raise InvalidRequestError(f"{name}: codes must be a rectangular list of integer lists") from None
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
             raise InvalidRequestError(f"{name}: codes must be 2-D integers, got {array.dtype} {array.shape}")
+        reference_layout = array.shape[0] == CODEBOOKS and array.shape[1] != CODEBOOKS
     array = array.astype(np.int64)
-    if array.shape[0] == CODEBOOKS and array.shape[1] != CODEBOOKS:
+    if reference_layout:
         return array  # (16, T), as the reference's sessions take it
-    if array.shape[1] < CODEBOOKS:
-        raise InvalidRequestError(f"{name}: codes need {CODEBOOKS} codebooks, time first (T, {CODEBOOKS}); "
-                                  f"got shape {array.shape}")
+    if not CODEBOOKS <= array.shape[1] <= CODEC_QUANTIZERS:
+        raise InvalidRequestError(f"{name}: codes need {CODEBOOKS} to {CODEC_QUANTIZERS} codebooks, time first "
+                                  f"(T, {CODEBOOKS}); got shape {array.shape} (a .npy file is read time first)")
     return array[:, :CODEBOOKS].T
