@@ -42,6 +42,9 @@ def test_config_file_arguments_are_typed_by_their_fields() -> None:
     ({"dtype": "bf16"}, "unknown dtype 'bf16'"),
     ({"task": "nonsense"}, "unknown task 'nonsense'"),
     ({"voice_service": "on-ish"}, "voice_service is true or false"),
+    ({"replicas": "abc"}, "replicas is an integer, got 'abc'"),  # a bare ValueError named no argument
+    ({"request_timeout_s": "soon"}, "request_timeout_s is a number, got 'soon'"),
+    ({"replicas": float("inf")}, "replicas is an integer, got inf"),  # YAML's .inf
     ({"replicas": "2", "autoscale": "1:4"}, "give replicas or autoscale, not both"),
 ])
 def test_bad_arguments_are_named(args, needle) -> None:

@@ -65,7 +65,11 @@ def _parse(key: str, value, default):
             raise ValueError(f"{key} is true or false ({', '.join(_TRUE + _FALSE)}), got {value!r}")
         return str(value).lower() in _TRUE
     if isinstance(default, (int, float, Path)):
-        return type(default)(value)
+        try:
+            return type(default)(value)
+        except (TypeError, ValueError, OverflowError):
+            kind = "a path" if isinstance(default, Path) else "an integer" if isinstance(default, int) else "a number"
+            raise ValueError(f"{key} is {kind}, got {value!r}") from None
     return value
 
 
