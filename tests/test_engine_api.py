@@ -353,6 +353,31 @@ def test_a_stream_collected_after_its_engine_closed_says_nothing(delay_model_dir
     assert unraisable == []
 
 
+def test_a_refused_stream_never_iterated_logs_nothing(delay_model_dirs) -> None:
+    """Its start failed and nobody awaited it: asyncio logged 'Task exception was never retrieved'.
+    Iterated, the same stream still raises the refusal."""
+    import gc
+
+    engine = AsyncEngine.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny")
+    logged = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: logged.append(context["message"]))
+        stream = engine.submit(SpeechRequest(input="No voice.", mode="continuation"))
+        await asyncio.wait([stream._started])
+        del stream
+        gc.collect()
+        with pytest.raises(InvalidRequestError, match="continuation needs a voice"):
+            async for _ in engine.submit(SpeechRequest(input="No voice.", mode="continuation")):
+                pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
+    assert logged == []
+
+
 def test_sampling_that_does_not_fit_is_refused_before_anything_runs(delay_tts) -> None:
     tts = delay_tts("tiny_nvq16")
     requests = [SpeechRequest(input="One."), SpeechRequest(input="Two.")]

@@ -92,6 +92,8 @@ class AsyncEngine:
         stream = RequestStream(self)
         stream._started = asyncio.ensure_future(self._start(stream, request, sampling, request_id, max_new_frames,
                                                             schedule, decode_audio, session))
+        # A refused request raises when the stream is iterated; one never iterated logs nothing.
+        stream._started.add_done_callback(lambda task: task.cancelled() or task.exception())
         return stream
 
     async def _start(self, stream: RequestStream, request: SpeechRequest | Prompt | str, sampling: SamplingParams | None,
