@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from mossserve.text.normalizer import normalize_tts_text
+from mossserve.text.normalizer import _unused_tag, normalize_tts_text
 
 GOLDENS = json.loads(
     (Path(__file__).parent / "fixtures" / "moss_tokenizer" / "normalizer_goldens.json").read_text(encoding="utf-8")
@@ -40,3 +40,14 @@ def test_typed_placeholder_spelling_is_plain_text():
 def test_placeholders_read_as_word_characters(text, expected):
     """A placeholder made of other characters (a private-use mark inside it) lost spans and spacing."""
     assert normalize_tts_text(text) == expected
+
+
+def test_the_placeholder_tag_stays_short_whatever_the_text_spells():
+    """A tag grown by one letter per typed one (___PROTXXX...) went into every placeholder, and the
+    spacing rules backtrack over each: 4,000 typed characters took half a minute."""
+    assert _unused_tag("plain text") == "PROT"
+    assert _unused_tag("___PROT" + "X" * 5000) == "PROTA"
+    every_one_letter_tag = "___PROT " + " ".join(f"___PROT{c}" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    assert _unused_tag(every_one_letter_tag) == "PROTAA"
+    text = "___PROT" + "X" * 3000 + " @a" * 300
+    assert normalize_tts_text(text) == text

@@ -9,15 +9,17 @@ reference (fixtures/moss_tokenizer/README.md section 5); `normalizer_goldens.jso
 """
 from __future__ import annotations
 
+import itertools
 import re
+import string
 import unicodedata
 
 # Scripts written without spaces between words: CJK ideographs (+ extension A) and kana.
 _CJK = "[\u3400-\u4dbf\u4e00-\u9fff\u3040-\u30ff]"
 # A protected span's stand-in, `___PROT0___`: made of characters the later rules treat as a word (as
-# the reference's is), with X's added after PROT until typed text cannot spell one (a typed
-# "___PROT0___" was restored to another span: two fields joined could then spell a special token).
-_PLACEHOLDER = r"___PROTX*\d+___"
+# the reference's is), with letters after PROT where typed text spells one (`_unused_tag`: a typed
+# "___PROT0___" was restored to another span, and two fields joined could then spell a special token).
+_PLACEHOLDER = r"___PROT[A-Z]*\d+___"
 # A latin-ish token: a protected span, or a run of ASCII word/path characters with a letter.
 _LATINISH = rf"(?:{_PLACEHOLDER}|(?=[A-Za-z0-9._/+:-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9._/+:-]*)"
 
@@ -78,9 +80,7 @@ _MIXED_QE = re.compile(r"[!?！？]{2,}")
 def normalize_tts_text(text: str) -> str:
     text = _clean_characters(text)
     text = _flatten_lines(text)
-    tag = "PROT"
-    while f"___{tag}" in text:
-        tag += "X"
+    tag = _unused_tag(text)
     text, spans = _protect(text, tag)
     text = _fix_spacing(text)
     text = _fix_structure(text)
@@ -89,6 +89,17 @@ def normalize_tts_text(text: str) -> str:
     for i, span in enumerate(spans):
         text = text.replace(f"___{tag}{i}___", span)
     return text.strip()
+
+
+def _unused_tag(text: str) -> str:
+    """The shortest of PROT, PROTA..PROTZ, PROTAA.. that the text does not spell after '___'. Short
+    whatever the text holds (each ruled-out tag costs it 8+ characters): a long tag in every
+    placeholder made the spacing rules' backtracking quadratic in it."""
+    for length in itertools.count():
+        for letters in itertools.product(string.ascii_uppercase, repeat=length):
+            tag = "PROT" + "".join(letters)
+            if f"___{tag}" not in text:
+                return tag
 
 
 def _clean_characters(text: str) -> str:
