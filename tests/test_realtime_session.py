@@ -11,7 +11,7 @@ import pytest
 from realtime_cases import REALTIME_DIR, golden, golden_json, realtime_family
 
 from mossserve.cli import main
-from mossserve.config import EngineConfig
+from mossserve.config import ChunkSchedule, EngineConfig
 from mossserve.engine.engine import Engine
 from mossserve.engine.request import Status
 from mossserve.errors import EngineFullError, InvalidRequestError
@@ -148,6 +148,44 @@ def test_a_session_that_gave_its_slot_up_continues_exactly() -> None:
     assert np.array_equal(turns.frames(other), turn_frames("stream_zh_user_short_text")[0][:-1])
     assert np.array_equal(turns.frames(a1), turn_frames("stream_multiturn")[1][:-1])
     assert_context(engine, "a", turns.generations[a1])
+
+
+@pytest.mark.parametrize("ending", ["abort", "consumer gone"])
+def test_a_turn_cut_short_leaves_the_session_what_its_cache_holds(ending: str) -> None:
+    """A turn ended because its consumer raised lost the row its last step fed from the session's
+    record (an abort does not): the next turn then heard one row more in its warm slot than after
+    giving the slot up and prefilling its context again."""
+    def next_turn(give_up: bool) -> np.ndarray:
+        turns = Turns()
+        engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=1))
+        seen = []
+
+        def sink(chunk) -> None:
+            if chunk.final:
+                return
+            seen.append(chunk)
+            if ending == "consumer gone" and len(seen) == 4:
+                raise RuntimeError("client went away")
+
+        request = engine.add_request(turns.prompt("stream_multiturn", 0), greedy(), sink, request_id="a/0",
+                                     decode_audio=False, schedule=ChunkSchedule(1, 1), session="a")
+        while not request.status.done:
+            if ending == "abort" and len(seen) == 4:
+                engine.abort("a/0")
+            engine.step()
+        assert request.finish_reason == "aborted" and request.steps >= 4
+        session = engine.sessions.by_id["a"]
+        assert session.fed == engine.runner.cache.lengths[session.slot] == len(np.concatenate(session.context))
+        if give_up:
+            turns.add(engine, "stream_zh_user_short_text", 0, "b")
+            engine.run_until_idle()
+            assert session.slot < 0
+        turns.add(engine, "stream_multiturn", 1, "a")
+        engine.run_until_idle()
+        return turns.frames("a/1")
+
+    warm, restored = next_turn(give_up=False), next_turn(give_up=True)
+    assert len(warm) > 0 and np.array_equal(warm, restored)
 
 
 def test_a_turn_queued_for_its_warm_slot_keeps_that_slot_taken() -> None:

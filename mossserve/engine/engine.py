@@ -452,11 +452,13 @@ class Engine:
         more = out.prompt_rows if out.prompt_rows is not None else [None] * len(ready)
         rewound = out.rewound if out.rewound is not None else [0] * len(ready)
         for i, request in enumerate(ready):
+            # The row before this one went into the cache this step; `rows[:-1]` is what a request
+            # has fed, so the new row is kept even when the request now ends (a session's context).
+            request.rows.append(rows[i])
+            request.steps += 1
             if request.sink_broken:  # its consumer went away
                 self._end(request, Status.ABORTED, "aborted")
                 continue
-            request.rows.append(rows[i])
-            request.steps += 1
             if has_frame[i]:
                 self._add_frame(request, frames[i][: frame_width(request)], new_segment[i])
             reason = self._finish_reason(request, finished[i])
