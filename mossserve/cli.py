@@ -542,7 +542,8 @@ def load_codec_arg(args: argparse.Namespace):
 
 
 def written_rate(path: Path, rate: int) -> int:
-    """The rate an audio file at `path` is written at: Opus stores 48 kHz whatever it is given."""
+    """The rate of the samples written to `path`: mp3, opus and aac take only some rates
+    (formats.RATES). Opus decoders play every file at 48 kHz; this is the rate it was encoded from."""
     from .audio.formats import format_from_path, output_rate
 
     kind = format_from_path(path)

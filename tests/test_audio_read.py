@@ -319,3 +319,53 @@ def test_an_mp3_cut_short_gives_the_samples_it_holds_and_no_more(monkeypatch):
     assert rate == 44100 and x.shape[1] == decoded
     assert np.isfinite(x).all()
     load_audio(cut, 24000)  # a usable voice
+
+
+def scrambled(data: bytes, at: int, length: int) -> bytes:
+    """`data` with `length` bytes from `at` replaced by fixed random ones (a damaged stretch)."""
+    noise = np.random.default_rng(0).integers(0, 256, length, dtype=np.uint8).tobytes()
+    return data[:at] + noise + data[at + length :]
+
+
+def test_mp3_files_joined_end_to_end_are_read_to_the_end():
+    """mpg123 ends where the first file's LAME header says, so libsndfile read only the first."""
+    first, second = encode_audio(sine(24000, 1000.0), 24000, "mp3"), encode_audio(sine(24000, 500.0, 2.0), 24000, "mp3")
+    x, rate = read_audio(first + second)
+    assert rate == 24000 and abs(x.shape[1] / rate - 3.0) < 0.1
+    assert dominant_frequency(x[0, 2000:12000], rate) == pytest.approx(1000, abs=5)
+    assert dominant_frequency(x[0, -24000:], rate) == pytest.approx(500, abs=5)
+    recorded = (FIXTURES / "reference_en_0.mp3").read_bytes()
+    x, rate = read_audio(recorded + recorded)
+    assert x.shape[1] / rate > 2 * 6.5
+
+
+def test_a_damaged_stretch_of_an_mp3_costs_that_stretch_not_the_rest():
+    """mpg123 stopped at the first frame it could not parse, without an error: a third of the file."""
+    data = (FIXTURES / "reference_en_0.mp3").read_bytes()
+    whole = read_audio(data)[0].shape[1]
+    x, rate = read_audio(scrambled(data, len(data) // 3, 2000))
+    assert whole - 44100 * 0.3 < x.shape[1] <= whole + 4096
+
+
+def test_a_healthy_mp3_keeps_mpg123s_samples():
+    """The check for a short decode sends no healthy file to FFmpeg, whose sample counts differ."""
+    path = FIXTURES / "reference_en_0.mp3"
+    with sf.SoundFile(path) as f:
+        expected = f.read(dtype="float32", always_2d=True).T
+    np.testing.assert_array_equal(read_audio(path)[0], expected)
+
+
+def test_a_damaged_packet_of_a_flac_or_m4a_is_skipped():
+    """FFmpeg refused the whole file for one packet it could not decode."""
+    flac = encode_audio(sine(24000, seconds=2.0), 24000, "flac")
+    x, rate = read_audio(scrambled(flac, len(flac) // 2, 300))
+    assert rate == 24000 and 1.5 < x.shape[1] / rate <= 2.0
+    m4a = (FIXTURES / "reference_en.m4a").read_bytes()
+    x, rate = read_audio(scrambled(m4a, len(m4a) // 3, 2000))
+    assert x.shape[1] / rate > 6.0
+
+
+def test_a_file_whose_packets_mostly_fail_is_refused():
+    flac = encode_audio(sine(24000, seconds=2.0), 24000, "flac")
+    with pytest.raises(AudioError, match="damaged .* packets do not decode"):
+        read_audio(scrambled(flac, 100, len(flac) - 200))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mossserve.audio import FORMATS, encode_audio, output_rate, read_audio, resample, write_audio
+from mossserve.audio import FORMATS, StreamEncoder, encode_audio, output_rate, read_audio, resample, write_audio
 from mossserve.audio.samples import to_s16
 from mossserve.errors import AudioError
 
@@ -169,3 +169,18 @@ def test_unknown_format_names_the_supported_ones(tmp_path):
 def test_lossy_formats_refuse_more_than_two_channels():
     with pytest.raises(AudioError, match="1 or 2 channels"):
         encode_audio(tone(24000, channels=3), 24000, "mp3")
+
+
+@pytest.mark.parametrize("samples", [0, 1, 500, 1000, 1024])
+@pytest.mark.parametrize("rate", [16000, 24000])
+def test_a_short_aac_is_one_ffmpeg_recognises(samples, rate):
+    """Under three ADTS frames FFmpeg's probe often took the stream for another format and refused
+    it (a constant 1,000 samples at 16 kHz; 0.3 of DC at 24 kHz); it is padded with silence to three."""
+    for x in (np.full(samples, 0.3, np.float32), tone(rate, seconds=samples / rate)[0]):
+        data = encode_audio(x, rate, "aac")
+        with av.open(io.BytesIO(data)) as container:
+            decoded = sum(f.samples for f in container.decode(audio=0))
+        assert decoded >= 1025 + 1024  # the padded samples and the encoder's priming
+        assert read_audio(data)[0].shape[1] == decoded
+        streamed = StreamEncoder("aac", rate)
+        assert streamed.write(x) + streamed.close() == data

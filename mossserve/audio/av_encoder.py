@@ -1,18 +1,21 @@
 """mp3, ogg/opus, flac and aac through FFmpeg (PyAV), chunk by chunk.
 
 The muxer writes into a pipe-like object that hands its bytes out after every chunk. A pipe is
-unseekable, so FFmpeg writes a streamable file: mp3 without the Xing/LAME header (decoders then
-keep the encoder delay and padding, 1500-1700 samples), flac with an unknown length in STREAMINFO (FFmpeg
-reads it; libsndfile cannot), and one 20 ms opus packet per ogg page: FFmpeg's ogg muxer holds the
-newest page back until the next (so it can flag the last one), and small pages keep that to 20 ms
-at a cost of about 11 kbit/s of page headers. Given a seekable buffer instead (whole files),
-FFmpeg goes back at the end and fills the headers in: gapless mp3 of the exact length, flac with
-its length; whole opus files keep FFmpeg's default one-second pages. aac is ADTS (OpenAI's `aac`):
-self-contained frames, the same bytes streamed or whole, with no place for the encoder's
-1024-sample priming, which decoders therefore keep.
+unseekable, so FFmpeg writes a streamable file: mp3 without the Xing/LAME header (decoders then keep
+the encoder delay, about 1,100 samples, and the last frame's padding), flac with an unknown length
+in STREAMINFO (FFmpeg reads it; libsndfile cannot), and one 20 ms opus packet per ogg page: FFmpeg's
+ogg muxer holds the newest page back until the next (so it can flag the last one), and small pages
+keep that to 20 ms at a cost of about 11 kbit/s of page headers. Given a seekable buffer instead
+(whole files), FFmpeg goes back at the end and fills the headers in: gapless mp3 of the exact
+length, flac with its length; whole opus files keep FFmpeg's default one-second pages. aac is ADTS
+(OpenAI's `aac`): self-contained frames, the same bytes streamed or whole, with no place for the
+encoder's 1024-sample priming, which decoders therefore keep.
 
 Audio with no samples is written as one sample of silence: an mp3 or ogg/opus file without a single
-packet is one FFmpeg and browsers refuse to open.
+packet is one FFmpeg and browsers refuse to open. An aac stream is padded with silence to at least
+1025 samples (43 ms at 24 kHz): FFmpeg recognises raw ADTS by three frames in a row, and with the
+encoder's 1024-sample priming, fewer samples make two frames, which it often takes for another
+format and refuses.
 
 What stays inside the encoders between writes: under 20 ms for opus (plus the page above), one
 flac block (2304 samples at 24 kHz), and about 3000 samples inside LAME for mp3 (0.13 s at 24 kHz).
@@ -37,6 +40,7 @@ _CODECS = {
     "aac": ("adts", "aac", "fltp", 64_000),
 }
 _LAYOUTS = {1: "mono", 2: "stereo"}
+_AAC_MIN_SAMPLES = 1025  # with the encoder's 1024 samples of priming: three ADTS frames
 
 
 class _Pipe:
@@ -63,6 +67,7 @@ class AVEncoder:
             raise AudioError(f"{format} output supports 1 or 2 channels, not {channels}")
         container_format, codec, self._sample_format, bit_rate = _CODECS[format]
         self.channels = channels
+        self._min_samples = _AAC_MIN_SAMPLES if format == "aac" else 1
         self.sample_rate = output_rate(format, sample_rate)
         self._resample = None
         if self.sample_rate != sample_rate:
@@ -95,8 +100,8 @@ class AVEncoder:
         """Flush the resampler, the encoder and the muxer; return the rest of the file."""
         if self._resample is not None:
             self._encode(self._resample(np.zeros((self.channels, 0), np.float32), last=True))
-        if self._pts == 0:  # no audio at all: an mp3 or ogg without a packet is not a file players open
-            self._encode(np.zeros((self.channels, 1), np.float32))
+        if self._pts < self._min_samples:  # players refuse an mp3 or ogg without a packet, a too short aac
+            self._encode(np.zeros((self.channels, self._min_samples - self._pts), np.float32))
         self._mux(self._stream.encode(None))
         self._container.close()
         if isinstance(self._out, io.BytesIO):

@@ -20,6 +20,9 @@ _UNKNOWN_LENGTH = 2**62
 # An Ogg page that begins a logical stream: capture pattern, version 0, the "first page" flag.
 _OGG_FIRST_PAGE = b"OggS\x00\x02"
 _BLOCK_SAMPLES = 1 << 20  # read at most this many samples (over all channels) at a time
+# An mp3's packets may last this much longer than mpg123's decode before FFmpeg reads it instead:
+# mpg123 trims the encoder's delay and padding (under 0.1 s), FFmpeg's packet durations do not.
+_MP3_SLACK_SECONDS = 0.25
 
 
 class _NotForLibsndfile(Exception):
@@ -30,25 +33,35 @@ class _NoAudioStream(Exception):
     """FFmpeg opened the file, and it holds no audio (a picture, subtitles)."""
 
 
+class _Damaged(Exception):
+    """FFmpeg could not decode most of the file's packets."""
+
+
 def read_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode a whole file to float32 `(channels, n)` and its sample rate, as stored.
 
     `source` is a path, the file's bytes, or a binary file object. wav, flac, ogg (vorbis, opus)
     and mp3 go through libsndfile (so mp3 sample counts are mpg123's); m4a/aac and anything else
-    FFmpeg knows go through PyAV. `max_seconds` stops decoding as soon as the audio is known to
-    be longer, so a long file costs no more than the limit.
+    FFmpeg knows go through PyAV, and so does an mp3 that mpg123 stops short of (see
+    `_mpg123_stopped_early`). FFmpeg skips a packet it cannot decode, as its command line does, so
+    a damaged stretch costs that stretch, not the file. `max_seconds` stops decoding as soon as the
+    audio is known to be longer, so a long file costs no more than the limit.
     """
     label, data = _open(source)
     try:
         if _several_ogg_streams(data):
             raise _NotForLibsndfile
-        return _read_soundfile(data if isinstance(data, str) else io.BytesIO(data), max_seconds)
+        x, rate, container = _read_soundfile(_file(data), max_seconds)
+        if container != "MP3" or not _mpg123_stopped_early(_file(data), x.shape[1] / rate):
+            return x, rate
     except (sf.LibsndfileError, _NotForLibsndfile):
         pass
     try:
-        return _read_av(data if isinstance(data, str) else io.BytesIO(data), max_seconds)
+        return _read_av(_file(data), max_seconds)
     except _NoAudioStream:
         raise AudioError(f"{label} holds no audio stream") from None
+    except _Damaged as e:
+        raise AudioError(f"cannot decode {label}: the file is damaged ({e})") from None
     except av.FFmpegError as e:
         reason = getattr(e, "strerror", None) or str(e)
         raise AudioError(
@@ -80,6 +93,10 @@ def _open(source: AudioSource) -> tuple[str, str | bytes]:
     return "the audio data", data
 
 
+def _file(data: str | bytes) -> str | BinaryIO:
+    return data if isinstance(data, str) else io.BytesIO(data)
+
+
 def _several_ogg_streams(data: str | bytes) -> bool:
     """Whether an Ogg file begins more than one logical stream (a chained file: internet radio, files
     joined end to end), of which libsndfile reads only the first; FFmpeg reads them all."""
@@ -97,12 +114,26 @@ def _check_length(seconds: float, max_seconds: float | None) -> None:
         raise AudioError(f"audio is too long: {seconds:.1f} s or more, the limit is {max_seconds:g} s")
 
 
-def _read_soundfile(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarray, int]:
+def _mpg123_stopped_early(file: str | BinaryIO, decoded_seconds: float) -> bool:
+    """Whether an mp3's packets last longer than what mpg123 decoded. mpg123 ends at the length
+    its first frame's Xing/LAME header gives, so it keeps only the first of several files joined
+    end to end, and it stops at a damaged stretch without an error. FFmpeg's demuxer lists the
+    packets to the end of the file without decoding them (a few ms for a minute of audio)."""
+    with av.open(file, mode="r") as container:
+        if not container.streams.audio:
+            return False
+        stream = container.streams.audio[0]
+        ticks = sum(packet.duration or 0 for packet in container.demux(stream))
+        return float(ticks * stream.time_base) > decoded_seconds + _MP3_SLACK_SECONDS
+
+
+def _read_soundfile(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarray, int, str]:
     """Read in blocks, so that memory and the length check follow the samples actually decoded, not
     the header's claim (a damaged FLAC can say 2**36 samples for one second of audio; libsndfile then
     fails at the data's end, and FFmpeg reads the file). A short read ends the file: an MP3's header
     may promise more frames than decode (a cut file, an encoder's estimate), and soundfile's
-    `blocks()` would hand out the rest of its buffer (uninitialised memory, or the previous block)."""
+    `blocks()` would hand out the rest of its buffer (uninitialised memory, or the previous block).
+    Returns the samples, the rate and libsndfile's name of the container ("WAV", "MP3", ...)."""
     with sf.SoundFile(file) as f:
         if f.frames >= _UNKNOWN_LENGTH:
             raise _NotForLibsndfile
@@ -114,24 +145,34 @@ def _read_soundfile(file: str | BinaryIO, max_seconds: float | None) -> tuple[np
             _check_length(frames / f.samplerate, max_seconds)
             if len(block) < block_frames:
                 break
-        return np.ascontiguousarray(np.concatenate(blocks).T), f.samplerate
+        return np.ascontiguousarray(np.concatenate(blocks).T), f.samplerate, f.format
 
 
 def _read_av(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    """Decode with FFmpeg. A stream may change its rate or channel layout midway (an AAC broadcast
-    capture, concatenated files): each run of alike frames is kept as it is, then brought to the
-    first run's channels and rate."""
+    """Decode with FFmpeg, packet by packet: a packet that does not decode (a damaged stretch, the
+    seam of joined files) is skipped, unless as many fail as decode. A stream may change its rate or
+    channel layout midway (an AAC broadcast capture, concatenated files): each run of alike frames
+    is kept as it is, then brought to the first run's channels and rate."""
     with av.open(file, mode="r") as container:
         if not container.streams.audio:
             raise _NoAudioStream
         stream = container.streams.audio[0]
         to_float = av.AudioResampler(format="fltp")  # any sample format → planar float32, rate and layout kept
         runs: list[tuple[int, list[np.ndarray]]] = []  # (rate, [(channels, n)]) of consecutive alike frames
-        seconds = 0.0
-        for frame in container.decode(stream):
-            for out in to_float.resample(frame):
-                seconds += _add_to_runs(runs, out)
+        seconds, decoded, failed = 0.0, 0, 0
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.InvalidDataError:
+                failed += 1
+                continue
+            decoded += packet.size > 0  # the last packet, empty, only flushes the decoder
+            for frame in frames:
+                for out in to_float.resample(frame):
+                    seconds += _add_to_runs(runs, out)
             _check_length(seconds, max_seconds)
+        if failed and failed >= decoded:
+            raise _Damaged(f"{failed} of its {failed + decoded} packets do not decode")
         for out in to_float.resample(None):
             _add_to_runs(runs, out)
     if not runs:

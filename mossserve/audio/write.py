@@ -18,7 +18,8 @@ def encode_audio(samples: np.ndarray, sample_rate: int, format: str, wav_float: 
     wav is 16-bit PCM (`wav_float=True`: 32-bit float, unclipped); pcm is raw s16le, channels
     interleaved; flac is 16-bit. mp3, opus and aac may be written at another rate than `sample_rate`
     (see formats.RATES). Integer formats clip to [-1, 1] and round. No samples give a wav or pcm of
-    none and a flac, mp3, opus or aac of one silent sample: those formats have no file without a frame.
+    none and a flac, mp3 or opus of one silent sample: those formats have no file without a frame.
+    aac is padded with silence to 1025 samples (three ADTS frames, what FFmpeg needs to know it).
     """
     format = check_format(format)
     x = as_channels_first(samples)
