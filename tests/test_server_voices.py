@@ -260,3 +260,54 @@ def test_an_unexpected_failure_is_a_json_500_and_the_server_goes_on(server, monk
     monkeypatch.undo()
     assert upload(server, "after-the-bug", SHORT).status_code == 201
     assert server.delete(f"{VOICES}/after-the-bug").status_code == 200
+
+
+def test_a_voice_deleted_while_it_is_read_is_not_found(demo_tts, tmp_path, monkeypatch):
+    """Fetching a voice's audio while another client deleted it gave 500s and responses cut after
+    their headers (the file went between the lookup and the read); using it in a request whose
+    codec differs (its audio is read to encode it again) gave a 500."""
+    from dataclasses import replace
+
+    app = make_app(demo_tts, tmp_path)
+    store = app.state.server.voices
+    read = store.audio
+
+    def deleted_first(name: str) -> bytes:
+        store.delete(name)
+        return read(name)
+
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert upload(client, "dora", SHORT).status_code == 201
+        stale = store.get("dora")
+        monkeypatch.setattr(store, "audio", deleted_first)
+        assert error_of(client.get(f"{VOICES}/dora/audio"), 404)["code"] == "voice_not_found"
+
+        assert upload(client, "dora", SHORT).status_code == 201
+        monkeypatch.setattr(store, "get", lambda name: replace(stale, codec="another codec"))
+        error = error_of(client.post(SPEECH, json={"input": "Hi.", "voice": "dora"}), 400)
+        assert error["code"] == "voice_not_found"
+        monkeypatch.undo()
+        assert client.get(f"{VOICES}/dora").status_code == 404
+
+
+def test_voice_and_model_requests_are_counted_ok(server, alice):
+    """Only failures of these routes were counted, so an error-rate panel read 100%."""
+    def ok(endpoint: str) -> float:
+        line = f'mossserve_requests_total{{endpoint="{endpoint}",outcome="ok"}} '
+        found = [x for x in server.get("/metrics").text.splitlines() if x.startswith(line)]
+        return float(found[0].split()[-1]) if found else 0.0
+
+    calls = [("GET", VOICES, VOICES), ("GET", f"{VOICES}/alice", VOICES + "/{name}"),
+             ("GET", f"{VOICES}/alice/audio", VOICES + "/{name}/audio"), ("GET", "/v1/models", "/v1/models"),
+             ("GET", "/v1/models/tts-1", "/v1/models/{model_id:path}")]
+    for method, path, endpoint in calls:
+        before = ok(endpoint)
+        assert server.request(method, path).status_code == 200
+        assert ok(endpoint) == before + 1, endpoint
+    before = ok(VOICES + "/{name}")
+    assert server.get(f"{VOICES}/nobody").status_code == 404
+    assert ok(VOICES + "/{name}") == before
+    uploads, deletes = ok(VOICES), ok(VOICES + "/{name}")
+    assert upload(server, "counted", SHORT).status_code == 201
+    assert server.delete(f"{VOICES}/counted").status_code == 200
+    assert ok(VOICES) == uploads + 1 and ok(VOICES + "/{name}") == deletes + 1

@@ -1,6 +1,7 @@
 """VoiceStore: voices stored once, used by name, surviving restarts and concurrent adds."""
 from __future__ import annotations
 
+import io
 import threading
 
 import numpy as np
@@ -37,7 +38,7 @@ def store(tmp_path):
 def assert_stored(store: VoiceStore, name: str, audio: np.ndarray, codes: np.ndarray) -> None:
     stored = store.codes(name)
     assert stored.dtype == np.int64 and np.array_equal(stored, codes)
-    samples, rate = sf.read(store.audio_path(name), dtype="float32", always_2d=True)
+    samples, rate = sf.read(io.BytesIO(store.audio(name)), dtype="float32", always_2d=True)
     assert rate == SR and np.array_equal(samples.T, audio)
 
 
@@ -52,7 +53,7 @@ def test_add_get_list_codes_round_trip(store, tmp_path) -> None:
     assert store.list() == [bob, voice]  # sorted by name: uppercase before lowercase
     assert_stored(store, "alice", audio, codes)
     assert_stored(store, "Bob-2", bob_audio, bob_codes)
-    assert store.audio_path("alice") == tmp_path / "voices" / "alice" / "reference.wav"
+    assert store.audio("alice") == (tmp_path / "voices" / "alice" / "reference.wav").read_bytes()
     assert (tmp_path / "voices" / "alice" / "codes.npy").is_file()
     assert (tmp_path / "mossserve.db").is_file()
 
@@ -79,7 +80,7 @@ def test_delete_removes_row_and_files(store, tmp_path) -> None:
     assert not (tmp_path / "voices" / "alice").exists()
     assert store.delete("alice") is False
     with pytest.raises(InvalidRequestError, match="not found"):
-        store.audio_path("alice")
+        store.audio("alice")
     assert_stored(store, "bob", audio, codes)
     again, audio, codes = add(store, "alice", seed=6)  # the name is free again
     assert store.get("alice") == again
@@ -106,7 +107,7 @@ def test_bad_names_are_refused_everywhere(store, tmp_path, name) -> None:
         validate_voice_name(name)
     with pytest.raises(InvalidRequestError, match="invalid voice name"):
         add(store, name)
-    for method in (store.get, store.codes, store.audio_path, store.delete):
+    for method in (store.get, store.codes, store.audio, store.delete):
         with pytest.raises(InvalidRequestError, match="invalid voice name"):
             method(name)
     assert store.list() == [] and list((tmp_path / "voices").iterdir()) == []
@@ -179,7 +180,7 @@ def test_codes_re_encoded_from_replaced_audio_are_not_swapped_in(store) -> None:
 
 
 def test_missing_voice_is_an_invalid_request(store) -> None:
-    for method in (store.codes, store.audio_path):
+    for method in (store.codes, store.audio):
         with pytest.raises(InvalidRequestError, match="voice 'ghost' not found"):
             method("ghost")
     with pytest.raises(InvalidRequestError, match="voice 'ghost' not found"):

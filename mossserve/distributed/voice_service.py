@@ -8,8 +8,6 @@ its event loop (asyncio.to_thread), so they may block on the handle.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +28,16 @@ class VoiceService:
     def call(self, method: str, *args, **kwargs) -> tuple[bool, object]:
         """(True, result) or (False, the exception), so callers see the store's own errors and messages."""
         try:
-            if method == "audio":
-                return True, self.store.audio_path(*args).read_bytes()
             return True, getattr(self.store, method)(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - handed back to the caller as is
             return False, e
 
 
 class RemoteVoiceStore:
-    """VoiceStore's methods, run by the VoiceService. `audio_path` copies the audio to a local file."""
+    """VoiceStore's methods, run by the VoiceService."""
 
     def __init__(self, service: DeploymentHandle) -> None:
         self.service = service
-        self.cache = Path(tempfile.mkdtemp(prefix="mossserve-voices-"))
 
     def add(self, name: str, audio: np.ndarray, sample_rate: int, codes: np.ndarray, transcript: str | None,
             codec: str, sha256: str) -> Voice:
@@ -63,14 +58,8 @@ class RemoteVoiceStore:
     def delete(self, name: str) -> bool:
         return self._call("delete", name)
 
-    def audio_path(self, name: str) -> Path:
-        data = self._call("audio", name)
-        fd, tmp = tempfile.mkstemp(dir=self.cache)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        path = self.cache / f"{name.lower()}.wav"
-        os.replace(tmp, path)  # a reader of an older copy keeps its file
-        return path
+    def audio(self, name: str) -> bytes:
+        return self._call("audio", name)
 
     def close(self) -> None:
         pass

@@ -17,7 +17,7 @@ from ..errors import AudioError
 from ..speech_request import Speaker
 from .errors import APIError
 from .schemas import SpeakerBody, SpeechBody
-from .voices import VoiceStore, validate_voice_name
+from .voices import VoiceNotFoundError, VoiceStore, validate_voice_name
 
 # Voice names OpenAI clients send; they mean "no reference" unless a stored voice has that name.
 PRESET_VOICES = frozenset({
@@ -101,9 +101,12 @@ class VoiceResolver:
         voice = await asyncio.to_thread(self.voices.get, name)
         if voice is None:
             return None
-        if voice.codec == self.codec_id and voice.codebooks == self.codebooks:
-            return Reference(await asyncio.to_thread(self.voices.codes, name), voice.transcript, name)
-        audio = await asyncio.to_thread(lambda: self.voices.audio_path(name).read_bytes())
+        try:
+            if voice.codec == self.codec_id and voice.codebooks == self.codebooks:
+                return Reference(await asyncio.to_thread(self.voices.codes, name), voice.transcript, name)
+            audio = await asyncio.to_thread(self.voices.audio, name)
+        except VoiceNotFoundError:  # deleted since `get`
+            return None
         codes = await self.engine.encode_voice(audio)
         # the voice may have been deleted and uploaded again meanwhile: then its own codes stay
         await asyncio.to_thread(self.voices.replace_codes, name, codes, self.codec_id, voice.sha256)

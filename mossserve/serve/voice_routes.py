@@ -10,14 +10,14 @@ import asyncio
 import hashlib
 
 from fastapi import APIRouter, Form, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..audio import load_audio
 from ..errors import MossServeError
 from .errors import APIError, from_mossserve
 from .speech import check_text_length, shutting_down
 from .state import ServerState
-from .voices import Voice, VoiceExistsError, validate_voice_name
+from .voices import Voice, VoiceExistsError, VoiceNotFoundError, validate_voice_name
 
 router = APIRouter()
 
@@ -83,11 +83,15 @@ async def get_voice(name: str, request: Request) -> dict:
 
 
 @router.get("/v1/audio/voices/{name}/audio")
-async def get_voice_audio(name: str, request: Request) -> FileResponse:
-    """The stored reference audio (as the codec heard it), for listening back."""
+async def get_voice_audio(name: str, request: Request) -> Response:
+    """The stored reference audio (as the codec heard it), for listening back. Read whole while the
+    store is locked, so a voice deleted meanwhile is a 404, not a response cut off."""
     state: ServerState = request.app.state.server
-    await _stored(request, name)
-    return FileResponse(await asyncio.to_thread(state.voices.audio_path, name), media_type="audio/wav")
+    try:
+        audio = await asyncio.to_thread(state.voices.audio, _checked_name(name))
+    except VoiceNotFoundError:
+        raise _not_found(name) from None
+    return Response(audio, media_type="audio/wav")
 
 
 @router.delete("/v1/audio/voices/{name}")

@@ -49,6 +49,10 @@ class VoiceExistsError(InvalidRequestError):
     """A voice of that name is already stored (HTTP 409): delete it first or pick another name."""
 
 
+class VoiceNotFoundError(InvalidRequestError):
+    """No voice of that name is stored (it may have been deleted a moment ago)."""
+
+
 @dataclass(frozen=True)
 class Voice:
     name: str
@@ -142,10 +146,11 @@ class VoiceStore:
         with self._lock:  # held while reading so a concurrent delete cannot remove the file midway
             return np.load(self._dir(self._require(name)) / "codes.npy", allow_pickle=False)
 
-    def audio_path(self, name: str) -> Path:
+    def audio(self, name: str) -> bytes:
+        """The stored reference audio, a wav file's bytes."""
         name = validate_voice_name(name)
-        with self._lock:
-            return self._dir(self._require(name)) / "reference.wav"
+        with self._lock:  # held while reading so a concurrent delete cannot remove the file midway
+            return (self._dir(self._require(name)) / "reference.wav").read_bytes()
 
     def replace_codes(self, name: str, codes: np.ndarray, codec: str, sha256: str | None = None) -> Voice:
         """Swaps in codes re-encoded by another codec. With `sha256` (of the audio they were encoded
@@ -203,7 +208,7 @@ class VoiceStore:
     def _require(self, name: str) -> Voice:
         voice = self._get(name)
         if voice is None:
-            raise InvalidRequestError(f"voice {name!r} not found")
+            raise VoiceNotFoundError(f"voice {name!r} not found")
         return voice
 
     def _dir(self, voice: Voice) -> Path:
