@@ -56,19 +56,20 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, v
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=EXPOSED_HEADERS)
     authorized = [Depends(api_key_check(settings.api_key))]
+    counted = [*authorized, Depends(ok_counter(state))]  # speech counts its own outcomes (a stream may fail late)
     app.include_router(speech.router, dependencies=authorized)
-    app.include_router(voice_routes.router, dependencies=authorized)
+    app.include_router(voice_routes.router, dependencies=counted)
     app.include_router(realtime.router)  # checks the key itself (a websocket has no error responses)
 
     def model_json(model_id: str) -> dict:
         return {"id": model_id, "object": "model", "owned_by": "mossserve", "created": 0,
                 "mossserve": model_capabilities(state.tts)}
 
-    @app.get("/v1/models", dependencies=authorized)
+    @app.get("/v1/models", dependencies=counted)
     async def models() -> dict:
         return {"object": "list", "data": [model_json(state.model_name)]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=authorized)
+    @app.get("/v1/models/{model_id:path}", dependencies=counted)
     async def model(model_id: str) -> dict:
         if not state.accepts_model(model_id):  # its name, or an OpenAI alias (tts-1, ...) a request may send
             raise APIError(404, f"model {model_id!r} is not served here; this server runs {state.model_name!r}",
@@ -114,6 +115,16 @@ def api_key_check(api_key: str | None):
             raise APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     return check
+
+
+def ok_counter(state: ServerState):
+    """A dependency that counts its route's request as `ok` once the handler returned; a handler that
+    raises is counted by the error handlers instead."""
+    async def count_ok(request: Request):
+        yield
+        state.metrics.requests.labels(endpoint_of(request.scope), "ok").inc()
+
+    return count_ok
 
 
 def endpoint_of(scope: dict) -> str:
