@@ -151,6 +151,8 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     (["prompt", "--request", "latin1.json", "-o", "p.wav"], "p.wav names an audio file, but this output is a .npy array"),
     (["prompt", "--request", "missing.json", "-o", "p.npy"], "--request: file not found: missing.json"),
     (["serve", "--api-key", " key"], "without spaces around it"),
+    (["serve", "--api-key", "clé"], "must be printable ASCII"),  # no client could send it: every request was a 401
+    (["serve", "--api-key", "a\x7fb"], "must be printable ASCII"),
     (["say", "Hi.", "--codes-out", "c.wav"], "c.wav names an audio file, but this output is a .npy array"),
     (["say", "--batch", "x.jsonl", "--out-dir", "o", "--format", "xyz"], "--format xyz: not an audio format"),
     (["say", "--request", "script.json", "--codes-out", "c.npy"], "turns[1].new_context must be true or false"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sys
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -151,6 +152,10 @@ def _install_errors(app: FastAPI, state: ServerState) -> None:
             count(request, 422)
             return errors.error_response(422, "the request body is not valid JSON for this API: it is nested "
                                               "too deeply")
+        if isinstance(cause, ValueError) and "digits" in str(cause):  # Python's limit on int() of a string
+            count(request, 422)
+            return errors.error_response(422, f"the request body is not valid JSON for this API: a number in it "
+                                              f"has more than {sys.get_int_max_str_digits()} digits")
         count(request, e.status_code)
         if isinstance(e, APIError):
             return errors.error_response(e.status_code, e.message, e.param, e.code, e.headers)

@@ -57,6 +57,10 @@ class ServerSettings:
             raise InvalidRequestError("the API key (--api-key, else $MOSSSERVE_API_KEY) must be non-empty, without "
                                       "spaces around it (an empty key would leave the server open; clients send "
                                       "it after 'Bearer ')")
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
+            raise InvalidRequestError("the API key (--api-key, else $MOSSSERVE_API_KEY) must be printable ASCII: "
+                                      "clients send it in an HTTP header, where other characters do not arrive as "
+                                      "typed")
         if self.max_input_chars < 1:
             raise InvalidRequestError(f"max_input_chars must be at least 1, got {self.max_input_chars}")
         if self.max_body_bytes < 1:
