@@ -313,6 +313,21 @@ def test_a_request_past_its_timeout_is_stopped(demo_tts, server_app, gate) -> No
     assert demo_tts.stats()["live"] == 0
 
 
+def test_an_sse_stream_past_its_timeout_ends_with_the_whole_responses_error(demo_tts, server_app, gate) -> None:
+    """Its error event had the type server_error where the whole response's 504 says timeout_error."""
+    with live_server(server_app(request_timeout_s=0.5)) as url:
+        gate.armed.set()
+        body = {"input": TEXT, "stream": True, "stream_format": "sse", "initial_chunk_frames": 1}
+        with httpx.stream("POST", url + "/v1/audio/speech", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        gate.release()
+    event = json.loads(lines[-1].removeprefix("data: "))
+    assert event["type"] == "error" and event["error"]["type"] == "timeout_error"
+    assert "timeout" in event["error"]["message"]
+    demo_tts.wait_idle()
+
+
 def test_a_stream_past_its_timeout_is_cut_in_one_log_line(demo_tts, server_app, gate) -> None:
     """After the headers only a dropped connection tells the client; the server says so in one warning,
     not as an application error with a traceback (uvicorn's) on every timeout."""

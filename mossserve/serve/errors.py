@@ -44,9 +44,10 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def error_event(message: str, code: str | None = None) -> dict:
-    """The same error as an SSE event, for failures after a stream has started."""
-    return {"type": "error", "error": {"message": message, "type": "server_error", "code": code}}
+def error_event(status: int, message: str, code: str | None = None) -> dict:
+    """The error a response of `status` would carry, as an SSE event (the stream has started)."""
+    return {"type": "error", "error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
+                                       "code": code}}
 
 
 def from_mossserve(e: Exception, retry_after_s: int) -> APIError:

@@ -251,7 +251,7 @@ class Run:
             raise
         except APIError as e:
             self.count(outcome_for(e.status_code))
-            yield _event(error_event(e.message, e.code))
+            yield _event(error_event(e.status_code, e.message, e.code))
             return
         # the frames generated: a continuation's prompt audio comes first in the request's frames
         frames = max(final.frame_end - final.generation.start_length, 0) if final is not None else 0
