@@ -75,10 +75,10 @@ def test_voices_survive_a_restart(tmp_path) -> None:
 def test_delete_removes_row_and_files(store, tmp_path) -> None:
     add(store, "alice")
     kept, audio, codes = add(store, "bob", seed=5)
-    assert store.delete("alice") is True
+    assert store.delete("ALICE") == "alice"  # the name as stored
     assert store.get("alice") is None and store.list() == [kept]
     assert not (tmp_path / "voices" / "alice").exists()
-    assert store.delete("alice") is False
+    assert store.delete("alice") is None
     with pytest.raises(InvalidRequestError, match="not found"):
         store.audio("alice")
     assert_stored(store, "bob", audio, codes)

@@ -55,7 +55,7 @@ class RemoteVoiceStore:
     def replace_codes(self, name: str, codes: np.ndarray, codec: str, sha256: str | None = None) -> Voice:
         return self._call("replace_codes", name, codes, codec, sha256)
 
-    def delete(self, name: str) -> bool:
+    def delete(self, name: str) -> str | None:
         return self._call("delete", name)
 
     def audio(self, name: str) -> bytes:

@@ -97,9 +97,10 @@ async def get_voice_audio(name: str, request: Request) -> Response:
 @router.delete("/v1/audio/voices/{name}")
 async def delete_voice(name: str, request: Request) -> dict:
     state: ServerState = request.app.state.server
-    if not await asyncio.to_thread(state.voices.delete, _checked_name(name)):
+    deleted = await asyncio.to_thread(state.voices.delete, _checked_name(name))
+    if deleted is None:
         raise _not_found(name)
-    return {"id": name, "object": "voice.deleted", "deleted": True}
+    return {"id": deleted, "object": "voice.deleted", "deleted": True}
 
 
 async def _stored(request: Request, name: str) -> Voice:

@@ -174,17 +174,18 @@ class VoiceStore:
             os.replace(tmp, self._dir(voice) / "codes.npy")
         return voice
 
-    def delete(self, name: str) -> bool:
-        """Removes the row, then the files; False when there was no such voice."""
+    def delete(self, name: str) -> str | None:
+        """Removes the row, then the files; returns the voice's name as stored (names match whatever
+        their case), None when there was no such voice."""
         name = validate_voice_name(name)
         with self._lock:  # held over the file removal so an add of the same name cannot interleave
             with self._write():
                 voice = self._get(name)
                 if voice is None:
-                    return False
+                    return None
                 self._db.execute("DELETE FROM voices WHERE name = ?", (voice.name,))
             shutil.rmtree(self._dir(voice), ignore_errors=True)
-        return True
+        return voice.name
 
     def close(self) -> None:
         with self._lock:
