@@ -263,13 +263,14 @@ def run_say(args: argparse.Namespace) -> int:
     if args.batch is not None:
         if args.out_dir is None or args.output is not None or args.codes_out is not None:
             raise InvalidRequestError("--batch writes into --out-dir (not -o / --codes-out)")
-        if args.out_dir.exists() and not args.out_dir.is_dir():
-            raise InvalidRequestError(f"--out-dir {args.out_dir} is a file, not a directory")
+        check_out_dir(args.out_dir)
         args.format = batch_format(args.format or "wav")
     elif args.output is None and args.codes_out is None:
         raise InvalidRequestError("give -o OUT (audio) and/or --codes-out CODES.npy")
     check_output(args.output, audio=True)
     check_output(args.codes_out)
+    if args.output is not None and args.codes_out is not None and args.output.resolve() == args.codes_out.resolve():
+        raise InvalidRequestError(f"-o and --codes-out both name {args.output}: the audio would overwrite the codes")
     if args.max_frames is not None and args.max_frames < 1:
         raise InvalidRequestError("--max-frames must be at least 1")
     check_speed(args)
@@ -481,9 +482,11 @@ def say_batch(tts, args: argparse.Namespace) -> int:
         save_npy(args.out_dir / f"{index:04d}.npy", generation.frames)
         total += write_speech(args.out_dir / f"{index:04d}.{args.format}", audio.samples, audio.sample_rate, args.speed)
 
-    tts.run([prompt for _, _, prompt in runnable], sampling, args.max_frames, raise_errors=False,
-            on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final), on_result=write)
-    progress.close()
+    try:
+        tts.run([prompt for _, _, prompt in runnable], sampling, args.max_frames, raise_errors=False,
+                on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final), on_result=write)
+    finally:
+        progress.close()  # a failure's message then starts on its own line, not after the bar
     for line, how in sorted(cut):
         print(f"{args.batch}:{line}: written, but it {how}", file=sys.stderr)
     for line, error in sorted(failed):
@@ -520,6 +523,21 @@ def check_output(path: Path | None, audio: bool = False) -> None:
         raise InvalidRequestError(f"cannot write {path}: no directory {path.parent}")
     if not os.access(path, os.W_OK) if path.exists() else not os.access(path.parent, os.W_OK | os.X_OK):
         raise InvalidRequestError(f"cannot write {path}: permission denied (or a read-only file system)")
+
+
+def check_out_dir(path: Path) -> None:
+    """--out-dir: a directory the run can write into, or one it can make there, checked before any
+    model work (a run that found out at its first file lost every request in flight)."""
+    if path.exists() and not path.is_dir():
+        raise InvalidRequestError(f"--out-dir {path} is a file, not a directory")
+    existing = path
+    while not existing.exists():  # the nearest part of the path there is; "." and "/" always are
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidRequestError(f"--out-dir {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidRequestError(f"cannot write into --out-dir {path}: permission denied on {existing} "
+                                  f"(or a read-only file system)")
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +133,11 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     (["say", "Hi.", "--model", "/nonexistent/model", "-o", "x.m4a"], "cannot tell the audio format"),
     (["say", "Hi.", "--model", "/nonexistent/model", "--codes-out", "no/dir/c.npy"], "no directory no/dir"),
     (["prompt", "--request", "latin1.json", "--model", "/nonexistent/model", "-o", "."], "is a directory"),
+    # the audio overwrote the codes, and both were reported written
+    (["say", "Hi.", "--model", "/nonexistent/model", "--codes-out", "same.npy", "-o", "./same.npy"],
+     "-o and --codes-out both name same.npy"),
+    (["say", "--batch", "x.jsonl", "--model", "/nonexistent/model", "--out-dir", "x.jsonl/out"],
+     "--out-dir x.jsonl/out: x.jsonl is a file, not a directory"),
     # inputs that are not what they claim
     (["say", "--request", ".", "--codes-out", "c.npy"], "cannot read ."),
     (["say", "--request", "latin1.json", "--codes-out", "c.npy"], "latin1.json is not valid JSON"),
@@ -190,6 +197,44 @@ def test_errors_are_clear(args, message, capsys, tmp_path: Path, monkeypatch) ->
     assert code == 2
     assert "error: " in err and message in err
     assert "Traceback" not in err
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_model_loads(capsys, tmp_path, monkeypatch) -> None:
+    """It was found at the first request's files, after every request had been generated."""
+    import mossserve.cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.jsonl").write_text('{"input": "Hi."}\n')
+    (tmp_path / "locked").mkdir()
+    access = os.access
+    monkeypatch.setattr(mossserve.cli.os, "access", lambda path, mode: Path(path).name != "locked" and access(path, mode))
+    for out_dir in ("locked", "locked/new/deeper"):
+        code, err = run(["say", "--batch", "x.jsonl", "--model", "/nonexistent/model", "--out-dir", out_dir], capsys)
+        assert code == 2 and f"cannot write into --out-dir {out_dir}: permission denied on locked" in err, err
+
+
+def test_a_batch_that_fails_ends_its_progress_line_first(delay_model_dirs, capsys, tmp_path, monkeypatch) -> None:
+    """The error was written on the progress bar's line ("... real timeerror: ...")."""
+    import mossserve.cli
+
+    def full_disk(path, array) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mossserve.cli, "save_npy", full_disk)
+    (tmp_path / "b.jsonl").write_text('{"input": "Hi."}\n')
+    code, err = run(["say", "--batch", tmp_path / "b.jsonl", "--model", delay_model_dirs["tiny_nvq32"], "--codec",
+                     CODEC_DIR / "tiny", "--greedy", "--max-frames", "40", "--out-dir", tmp_path / "out", "--progress"],
+                    capsys)
+    assert code == 2 and "\nerror: " in err and "No space left on device" in err, err
+
+
+def test_codes_past_int64_are_refused_without_a_numpy_warning(capsys, tmp_path) -> None:
+    np.save(tmp_path / "huge.npy", np.full((3, 32), 1e20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, err = run(["codec", "decode", tmp_path / "huge.npy", "--codec", CODEC_DIR / "tiny", "-o",
+                         tmp_path / "x.wav"], capsys)
+    assert code == 2 and "a code of 1e+20 lies far outside any codebook" in err and "Warning" not in err
 
 
 def test_a_cuda_device_this_machine_lacks_is_a_clear_error(capsys, monkeypatch) -> None:
