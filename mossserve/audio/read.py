@@ -20,9 +20,13 @@ _UNKNOWN_LENGTH = 2**62
 # An Ogg page that begins a logical stream: capture pattern, version 0, the "first page" flag.
 _OGG_FIRST_PAGE = b"OggS\x00\x02"
 _BLOCK_SAMPLES = 1 << 20  # read at most this many samples (over all channels) at a time
-# An mp3's packets may last this much longer than mpg123's decode before FFmpeg reads it instead:
-# mpg123 trims the encoder's delay and padding (under 0.1 s), FFmpeg's packet durations do not.
-_MP3_SLACK_SECONDS = 0.25
+# An mp3's packets may last this much longer than mpg123's decode before FFmpeg reads it again:
+# mpg123 trims the encoder's delay and padding (0.21 s at 8 kHz, less at higher rates), FFmpeg's
+# packet durations do not.
+_MP3_SLACK_SECONDS = 0.5
+# The share of an mp3's packets FFmpeg may fail to decode on that second reading (joined files fail
+# at the seam, a damaged stretch at a few packets; bytes that are not audio at most of them).
+_MP3_MAX_FAILED = 0.05
 
 
 class _NotForLibsndfile(Exception):
@@ -48,25 +52,33 @@ def read_audio(source: AudioSource, max_seconds: float | None = None) -> tuple[n
     audio is known to be longer, so a long file costs no more than the limit.
     """
     label, data = _open(source)
+    heard = None  # mpg123's reading of an mp3 that FFmpeg is asked to read again
     try:
         if _several_ogg_streams(data):
             raise _NotForLibsndfile
-        x, rate, container = _read_soundfile(_file(data), max_seconds)
-        if container != "MP3" or not _mpg123_stopped_early(_file(data), x.shape[1] / rate):
+        x, rate, container = _read_soundfile(data if isinstance(data, str) else io.BytesIO(data), max_seconds)
+        if container != "MP3" or not _mpg123_stopped_early(data, x.shape[1] / rate):
             return x, rate
+        heard = x, rate
     except (sf.LibsndfileError, _NotForLibsndfile):
         pass
     try:
-        return _read_av(_file(data), max_seconds)
-    except _NoAudioStream:
-        raise AudioError(f"{label} holds no audio stream") from None
-    except _Damaged as e:
-        raise AudioError(f"cannot decode {label}: the file is damaged ({e})") from None
-    except av.FFmpegError as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise AudioError(
-            f"cannot decode {label}: not a supported audio format, or the file is damaged ({reason})"
-        ) from None
+        # Bytes after an mp3's end that are not audio hold false frame headers; as the second
+        # reading, FFmpeg's must decode nearly every packet, else mpg123's stands.
+        return _read_av(_ffmpeg_input(data), max_seconds, _MP3_MAX_FAILED if heard else 0.5)
+    except (_NoAudioStream, _Damaged, av.FFmpegError) as e:
+        if heard is not None:
+            return heard
+        raise _refusal(label, e) from None
+
+
+def _refusal(label: str, e: Exception) -> AudioError:
+    if isinstance(e, _NoAudioStream):
+        return AudioError(f"{label} holds no audio stream")
+    if isinstance(e, _Damaged):
+        return AudioError(f"cannot decode {label}: the file is damaged ({e})")
+    reason = getattr(e, "strerror", None) or str(e)
+    return AudioError(f"cannot decode {label}: not a supported audio format, or the file is damaged ({reason})")
 
 
 def _open(source: AudioSource) -> tuple[str, str | bytes]:
@@ -93,8 +105,13 @@ def _open(source: AudioSource) -> tuple[str, str | bytes]:
     return "the audio data", data
 
 
-def _file(data: str | bytes) -> str | BinaryIO:
-    return data if isinstance(data, str) else io.BytesIO(data)
+def _ffmpeg_input(data: str | bytes) -> str | BinaryIO:
+    """A path as FFmpeg's file protocol (a name like "take:1.mp3" is not a protocol), or the bytes."""
+    return f"file:{data}" if isinstance(data, str) else io.BytesIO(data)
+
+
+def _open_av(file: str | BinaryIO):
+    return av.open(file, mode="r", metadata_errors="ignore")  # a tag in the wrong encoding is no reason to refuse
 
 
 def _several_ogg_streams(data: str | bytes) -> bool:
@@ -114,17 +131,21 @@ def _check_length(seconds: float, max_seconds: float | None) -> None:
         raise AudioError(f"audio is too long: {seconds:.1f} s or more, the limit is {max_seconds:g} s")
 
 
-def _mpg123_stopped_early(file: str | BinaryIO, decoded_seconds: float) -> bool:
+def _mpg123_stopped_early(data: str | bytes, decoded_seconds: float) -> bool:
     """Whether an mp3's packets last longer than what mpg123 decoded. mpg123 ends at the length
     its first frame's Xing/LAME header gives, so it keeps only the first of several files joined
     end to end, and it stops at a damaged stretch without an error. FFmpeg's demuxer lists the
-    packets to the end of the file without decoding them (a few ms for a minute of audio)."""
-    with av.open(file, mode="r") as container:
-        if not container.streams.audio:
-            return False
-        stream = container.streams.audio[0]
-        ticks = sum(packet.duration or 0 for packet in container.demux(stream))
-        return float(ticks * stream.time_base) > decoded_seconds + _MP3_SLACK_SECONDS
+    packets to the end of the file without decoding them (a few ms for a minute of audio); where
+    FFmpeg cannot even do that, mpg123's reading stands."""
+    try:
+        with _open_av(_ffmpeg_input(data)) as container:
+            if not container.streams.audio:
+                return False
+            stream = container.streams.audio[0]
+            ticks = sum(packet.duration or 0 for packet in container.demux(stream))
+    except av.FFmpegError:
+        return False
+    return float(ticks * stream.time_base) > decoded_seconds + _MP3_SLACK_SECONDS
 
 
 def _read_soundfile(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarray, int, str]:
@@ -148,12 +169,12 @@ def _read_soundfile(file: str | BinaryIO, max_seconds: float | None) -> tuple[np
         return np.ascontiguousarray(np.concatenate(blocks).T), f.samplerate, f.format
 
 
-def _read_av(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarray, int]:
+def _read_av(file: str | BinaryIO, max_seconds: float | None, max_failed: float) -> tuple[np.ndarray, int]:
     """Decode with FFmpeg, packet by packet: a packet that does not decode (a damaged stretch, the
-    seam of joined files) is skipped, unless as many fail as decode. A stream may change its rate or
-    channel layout midway (an AAC broadcast capture, concatenated files): each run of alike frames
-    is kept as it is, then brought to the first run's channels and rate."""
-    with av.open(file, mode="r") as container:
+    seam of joined files) is skipped, unless `max_failed` of them or more fail. A stream may change
+    its rate or channel layout midway (an AAC broadcast capture, concatenated files): each run of
+    alike frames is kept as it is, then brought to the first run's channels and rate."""
+    with _open_av(file) as container:
         if not container.streams.audio:
             raise _NoAudioStream
         stream = container.streams.audio[0]
@@ -171,7 +192,7 @@ def _read_av(file: str | BinaryIO, max_seconds: float | None) -> tuple[np.ndarra
                 for out in to_float.resample(frame):
                     seconds += _add_to_runs(runs, out)
             _check_length(seconds, max_seconds)
-        if failed and failed >= decoded:
+        if failed and failed >= max_failed * (failed + decoded):
             raise _Damaged(f"{failed} of its {failed + decoded} packets do not decode")
         for out in to_float.resample(None):
             _add_to_runs(runs, out)
