@@ -532,6 +532,8 @@ def check_out_dir(path: Path) -> None:
         raise InvalidRequestError(f"--out-dir {path} is a file, not a directory")
     existing = path
     while not existing.exists():  # the nearest part of the path there is; "." and "/" always are
+        if existing.is_symlink():
+            raise InvalidRequestError(f"--out-dir {path}: {existing} is a link to nothing ({os.readlink(existing)})")
         existing = existing.parent
     if not existing.is_dir():
         raise InvalidRequestError(f"--out-dir {path}: {existing} is a file, not a directory")

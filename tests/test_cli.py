@@ -211,6 +211,10 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_model_loads(cap
     for out_dir in ("locked", "locked/new/deeper"):
         code, err = run(["say", "--batch", "x.jsonl", "--model", "/nonexistent/model", "--out-dir", out_dir], capsys)
         assert code == 2 and f"cannot write into --out-dir {out_dir}: permission denied on locked" in err, err
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # mkdir then failed with "File exists"
+    for out_dir in ("dangling", "dangling/deeper"):
+        code, err = run(["say", "--batch", "x.jsonl", "--model", "/nonexistent/model", "--out-dir", out_dir], capsys)
+        assert code == 2 and "dangling is a link to nothing" in err, err
 
 
 def test_a_batch_that_fails_ends_its_progress_line_first(delay_model_dirs, capsys, tmp_path, monkeypatch) -> None:

@@ -262,10 +262,11 @@ def test_an_unexpected_failure_is_a_json_500_and_the_server_goes_on(server, monk
     assert server.delete(f"{VOICES}/after-the-bug").status_code == 200
 
 
-def test_a_voice_deleted_while_it_is_read_is_not_found(demo_tts, tmp_path, monkeypatch):
+def test_a_voice_deleted_while_it_is_read_is_not_found_or_still_used(demo_tts, tmp_path, monkeypatch):
     """Fetching a voice's audio while another client deleted it gave 500s and responses cut after
     their headers (the file went between the lookup and the read); using it in a request whose
-    codec differs (its audio is read to encode it again) gave a 500."""
+    codec differs (its audio is read to encode it again) gave a 500. A request that read the audio
+    before the deletion speaks with it (storing the new codes found no voice: a 400)."""
     from dataclasses import replace
 
     app = make_app(demo_tts, tmp_path)
@@ -288,6 +289,19 @@ def test_a_voice_deleted_while_it_is_read_is_not_found(demo_tts, tmp_path, monke
         assert error["code"] == "voice_not_found"
         monkeypatch.undo()
         assert client.get(f"{VOICES}/dora").status_code == 404
+
+        # deleted while the request encoded its audio again: the request, which read it, goes on
+        assert upload(client, "dora", SHORT).status_code == 201
+        stale = store.get("dora")
+        encode = app.state.server.engine.encode_voice
+
+        async def deleted_meanwhile(audio: bytes):
+            store.delete("dora")
+            return await encode(audio)
+
+        monkeypatch.setattr(store, "get", lambda name: replace(stale, codec="another codec"))
+        monkeypatch.setattr(app.state.server.engine, "encode_voice", deleted_meanwhile)
+        assert client.post(SPEECH, json={"input": "Hi.", "voice": "dora", "response_format": "wav"}).status_code == 200
 
 
 def test_voice_and_model_requests_are_counted_ok(server, alice):

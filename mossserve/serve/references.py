@@ -109,7 +109,10 @@ class VoiceResolver:
             return None
         codes = await self.engine.encode_voice(audio)
         # the voice may have been deleted and uploaded again meanwhile: then its own codes stay
-        await asyncio.to_thread(self.voices.replace_codes, name, codes, self.codec_id, voice.sha256)
+        try:
+            await asyncio.to_thread(self.voices.replace_codes, name, codes, self.codec_id, voice.sha256)
+        except VoiceNotFoundError:  # deleted: this request, which read it first, still speaks with it
+            pass
         return Reference(codes, voice.transcript, name)
 
     async def audio(self, value: str, param: str) -> Reference:
