@@ -80,7 +80,7 @@ def test_settings_fish_cannot_use_are_refused_before_anything_is_queued() -> Non
     engine = Engine(family(), None, EngineConfig(threaded=False))
     for sampling, message in [(SamplingParams(audio_top_k=[30] * 10), "one value for all codebooks"),
                               (SamplingParams(audio_temperature=[0.8] * 10), "one value for all codebooks"),
-                              (SamplingParams(audio_repetition_penalty=1.3), "applies no repetition penalty"),
+                              (SamplingParams(audio_repetition_penalty=1.3), "Fish S2 Pro applies no repetition penalty"),
                               (SamplingParams(audio_repetition_window=8), "audio_repetition_window is not a setting")]:
         with pytest.raises(InvalidRequestError, match=message):
             engine.check_settings(sampling, decode_audio=False)

@@ -111,6 +111,24 @@ def test_a_voice_without_its_transcript_is_refused_naming_where_it_came_from(fis
         assert f"give {param}" in error["message"]
 
 
+def test_fish_refusals_name_the_field_the_client_sent(fish) -> None:
+    """They named ref_text for a speaker's transcript, voice for a speaker's missing voice,
+    duration_tokens for duration_seconds, and nothing for repetition_penalty."""
+    _, url = fish
+    inline = base64.b64encode(REFERENCE.read_bytes()).decode()
+    text = "<|speaker:0|>Hi."
+    for body, param, message in [
+            ({"speakers": [{"ref_audio": inline, "ref_text": "<|im_end|>"}]}, "speakers[0].ref_text",
+             "speakers[0].ref_text contains the special token(s) <|im_end|>"),
+            ({"speakers": [{"ref_text": "just text"}]}, "speakers[0].voice", "speakers[0].voice is missing"),
+            ({"duration_seconds": 2}, "duration_seconds", "duration_seconds is not used by Fish S2 Pro"),
+            ({"repetition_penalty": 1.2}, "repetition_penalty", "repetition_penalty 1.2: Fish S2 Pro applies no")]:
+        r = httpx.post(url + "/v1/audio/speech", json={"input": text, **body}, timeout=120)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["message"].startswith(message), error
+
+
 def test_a_transcript_the_model_refuses_is_refused_at_upload(fish) -> None:
     """It was stored, and then every request that used the voice failed on its ref_text."""
     _, url = fish

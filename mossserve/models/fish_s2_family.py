@@ -116,6 +116,7 @@ class FishS2Family(TalkerFamily):
 
     # ---- prompts -------------------------------------------------------------------------
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
+        self.check_typed_text(request)  # each field by its own name, before the builder joins the transcripts
         builder = self.builder()
         plan = builder.plan(request, encode_voice)
         rows = builder.prompt(plan, 0)
@@ -170,8 +171,8 @@ class FishS2Family(TalkerFamily):
         super().check_sampling(sampling)
         fish_settings(sampling)
         if sampling.audio_repetition_penalty != 1.0:  # refused rather than ignored
-            raise InvalidRequestError("Fish S2 Pro applies no repetition penalty (the reference's S2 sampling has "
-                                      f"none); got {sampling.audio_repetition_penalty!r}")
+            raise InvalidRequestError(f"repetition_penalty {sampling.audio_repetition_penalty!r}: Fish S2 Pro applies no "
+                                      "repetition penalty (the reference's S2 sampling has none); give 1")
 
     def admit(self, state: FishState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
         sampling.validate()

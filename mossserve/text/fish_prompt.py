@@ -184,8 +184,11 @@ class FishPromptBuilder:
     # ---- checks --------------------------------------------------------------------------
     def _reference(self, voice: object, text: str | None, name: str, encode_voice: EncodeVoice | None) -> FishReference:
         prefix = f"{name}." if name else ""
-        if voice is None or text is None or not text.strip():
-            raise InvalidRequestError(f"voice cloning needs {prefix}voice and {prefix}reference_text (its transcript) together")
+        if voice is None or text is None or not text.strip():  # the message begins with the field that is missing
+            missing = f"{prefix}voice is missing" if voice is None else \
+                f"{prefix}reference_text is {'missing' if text is None else 'empty'}"
+            raise InvalidRequestError(f"{missing}: voice cloning needs {prefix}voice and {prefix}reference_text "
+                                      "(its transcript) together")
         if isinstance(voice, (str, Path)):
             if encode_voice is None:
                 raise InvalidRequestError(f"{prefix}voice is an audio file; encoding it needs the codec (or give codes)")
@@ -218,7 +221,8 @@ def _reject_unused(request: SpeechRequest) -> None:
         raise InvalidRequestError(f"Fish S2 Pro runs only the tts task, got {request.task!r}")
     unused = {
         "instructions": request.instructions is not None,
-        "duration_tokens / duration_seconds": request.duration_tokens is not None or request.duration_seconds is not None,
+        "duration_tokens": request.duration_tokens is not None,
+        "duration_seconds": request.duration_seconds is not None,
         "mode": request.mode is not None,
         "language": request.language is not None,
         "depth": request.depth is not None,
