@@ -283,6 +283,9 @@ def test_bad_messages_get_errors_and_the_session_goes_on(url: str) -> None:
         # refused by the update, not by every later turn
         ({"type": "session.update", "session": {"temperature": 1e-9}}, "temperature"),
         ({"type": "session.update", "session": {"initial_chunk_frames": 100}}, "initial_chunk_frames must lie in"),
+        # 720 s of voice: accepted, and then every turn failed on its prompt's length
+        ({"type": "session.update", "session": {"voice_codes": [[1] * 16] * 9000}},
+         "voice_codes: 720.0 s of voice, more than the 60 s this server takes"),
     ]
     with Client(url) as client:
         for message, needle in bad:
@@ -303,6 +306,36 @@ def test_bad_messages_get_errors_and_the_session_goes_on(url: str) -> None:
         event = client.receive()
         assert event["type"] == "error" and event["error"]["code"] == "no_text", event
         deltas, done = play_turn(client, [{"op": "push_text", "arg": "Now with text."}], None)
+        assert done["finish_reason"] == "stop" and deltas
+
+
+def test_a_voice_no_first_turn_fits_is_refused_by_the_update(tmp_path) -> None:
+    from mossserve.api import TTS
+    from mossserve.config import EngineConfig
+
+    with closing(TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny", engine_config=EngineConfig(max_len=300))) \
+            as tts, serve_model(tts, tmp_path) as base:
+        with Client(base.replace("http://", "ws://") + "/v1/realtime/speech") as client:
+            client.send({"type": "session.update", "session": {"voice_codes": [[1] * 16] * 400}})  # 32 s
+            event = client.receive()
+            assert event["type"] == "error" and event["error"]["code"] == "bad_message", event
+            assert "voice_codes: a first turn with this voice holds" in event["error"]["message"]
+            assert "this engine allows 300" in event["error"]["message"]
+            deltas, done = play_turn(client, [{"op": "push_text", "arg": "Still speaking."}], None)
+            assert done["finish_reason"] == "stop" and deltas
+
+
+def test_a_new_seed_within_a_context_is_refused(url: str) -> None:
+    """The context's first turn seeds it (the reference seeds a session once): a later seed was
+    accepted and changed nothing."""
+    with Client(url, seed=7) as client:
+        play_turn(client, [{"op": "push_text", "arg": "First."}], None)
+        client.send({"type": "session.update", "session": {"seed": 7, "speed": 1.0}})  # unchanged: fine
+        client.send({"type": "session.update", "session": {"seed": 99}})
+        event = client.receive()
+        assert event["type"] == "error" and event["error"]["code"] == "seed_fixed", event
+        client.send({"type": "session.update", "session": {"seed": 99}, "new_context": True})
+        deltas, done = play_turn(client, [{"op": "push_text", "arg": "A new context."}], None)
         assert done["finish_reason"] == "stop" and deltas
 
 

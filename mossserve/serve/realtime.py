@@ -214,13 +214,30 @@ class RealtimeSession:
         if given & {"voice", "voice_codes"} and not (self.first or message.new_context):
             raise APIError(400, "the voice is set before the context's first turn (send new_context to change it)",
                            code="voice_fixed")
+        if "seed" in given and settings.seed != self.settings.seed and not (self.first or message.new_context):
+            raise APIError(400, "the seed is set before the context's first turn, which seeds the whole context as "
+                                "the reference does (send new_context to change it)", code="seed_fixed")
         voice = self.voice
         if given & {"voice", "voice_codes"}:
             voice = await self.codes(settings.voice, settings.voice_codes, "voice")
+            if voice is not None:
+                await self.check_voice_fits(voice, "voice_codes" if "voice_codes" in given else "voice")
         if message.new_context:
             self.state.engine.close_session(self.id)
             self.id, self.first = f"ws-{uuid.uuid4().hex}", True
         self.voice, self.settings = voice, updated
+
+    async def check_voice_fits(self, voice: np.ndarray, name: str) -> None:
+        """A voice no turn could run with is refused with the update (every turn after it failed): past
+        --max-voice-seconds, as an uploaded voice would be, or with a first turn past the engine's length."""
+        talker, limit = self.state.tts.talker, self.state.settings.max_voice_seconds
+        if len(voice) / talker.frame_rate > limit:
+            raise APIError(400, f"{name}: {len(voice) / talker.frame_rate:.1f} s of voice, more than the "
+                                f"{limit:g} s this server takes (--max-voice-seconds)", code="bad_message")
+        prompt = await asyncio.to_thread(talker.open_turn_prompt, RealtimeTurn(), True, voice.T)
+        if len(prompt.rows) >= self.state.tts.engine.max_len:
+            raise APIError(400, f"{name}: a first turn with this voice holds {len(prompt.rows)} positions before "
+                                f"any text; this engine allows {self.state.tts.engine.max_len}", code="bad_message")
 
     async def start_turn(self, message: TurnStart | None) -> None:
         await self.settle()
