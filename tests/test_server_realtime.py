@@ -325,6 +325,25 @@ def test_a_voice_no_first_turn_fits_is_refused_by_the_update(tmp_path) -> None:
             assert done["finish_reason"] == "stop" and deltas
 
 
+def test_a_socket_past_the_session_limit_is_told_to_retry(tmp_path) -> None:
+    """The refusal named close_session, a Python call a socket cannot make."""
+    from mossserve.api import TTS
+    from mossserve.config import EngineConfig
+
+    with closing(TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny", engine_config=EngineConfig(max_sessions=1))) \
+            as tts, serve_model(tts, tmp_path) as base:
+        socket = base.replace("http://", "ws://") + "/v1/realtime/speech"
+        with Client(socket) as first, Client(socket) as second:
+            play_turn(first, [{"op": "push_text", "arg": "I hold the only session."}], None)
+            second.send({"type": "text.delta", "delta": "Me too."})
+            event = second.receive()
+            assert event["type"] == "error" and event["error"]["code"] == "queue_full", event
+            assert "as many realtime sessions as it takes (1)" in event["error"]["message"]
+            assert "close_session" not in event["error"]["message"]
+        metrics = httpx.get(base + "/metrics").text
+        assert 'mossserve_requests_total{endpoint="/v1/realtime/speech",outcome="rejected"} 1.0' in metrics
+
+
 def test_a_new_seed_within_a_context_is_refused(url: str) -> None:
     """The context's first turn seeds it (the reference seeds a session once): a later seed was
     accepted and changed nothing."""

@@ -35,7 +35,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import Field, ValidationError
 
 from ..audio import StreamEncoder
-from ..errors import InvalidRequestError, MossServeError
+from ..errors import InvalidRequestError, MossServeError, SessionLimitError
 from ..text.realtime_session import RealtimeTurn
 from .errors import APIError, describe_validation, from_mossserve
 from .schemas import (
@@ -150,6 +150,11 @@ class RealtimeSession:
                 except APIError as e:
                     self.count(outcome_for(e.status_code))
                     await self.send(_error(e.message, e.code))
+                except SessionLimitError:  # the engine's message names a Python call a socket cannot make
+                    self.count("rejected")
+                    await self.send(_error(f"the server holds as many realtime sessions as it takes "
+                                           f"({self.state.tts.engine.config.max_sessions}): retry the turn when "
+                                           "another socket has closed", "queue_full"))
                 except MossServeError as e:
                     error = from_mossserve(e, self.state.settings.retry_after_s)
                     self.count(outcome_for(error.status_code))
