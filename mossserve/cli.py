@@ -528,15 +528,14 @@ def check_output(path: Path | None, audio: bool = False) -> None:
 def check_out_dir(path: Path) -> None:
     """--out-dir: a directory the run can write into, or one it can make there, checked before any
     model work (a run that found out at its first file lost every request in flight)."""
-    if path.exists() and not path.is_dir():
-        raise InvalidRequestError(f"--out-dir {path} is a file, not a directory")
     existing = path
     while not existing.exists():  # the nearest part of the path there is; "." and "/" always are
         if existing.is_symlink():
             raise InvalidRequestError(f"--out-dir {path}: {existing} is a link to nothing ({os.readlink(existing)})")
         existing = existing.parent
     if not existing.is_dir():
-        raise InvalidRequestError(f"--out-dir {path}: {existing} is a file, not a directory")
+        where = "" if existing == path else f": {existing}"
+        raise InvalidRequestError(f"--out-dir {path}{where} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InvalidRequestError(f"cannot write into --out-dir {path}: permission denied on {existing} "
                                   f"(or a read-only file system)")

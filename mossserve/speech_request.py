@@ -234,8 +234,8 @@ def check_codes(array: np.ndarray, name: str = "codes") -> np.ndarray:
     if array.dtype == object or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
         if (np.issubdtype(array.dtype, np.floating) and array.size and np.all(np.isfinite(array))
                 and np.all(array == np.round(array))):
-            if np.abs(array).max() >= 2**62:  # past int64: the cast would warn and wrap
-                raise InvalidRequestError(f"{name}: a code of {np.abs(array).max():g} lies far outside any codebook")
+            if (largest := np.abs(array).max()) >= 2**62:  # past int64: the cast would warn and wrap
+                raise InvalidRequestError(f"{name}: a code of {largest:g} lies far outside any codebook")
             array = array.astype(np.int64)
         else:
             raise InvalidRequestError(f"{name}: codes must be integers, got dtype {array.dtype}")

@@ -235,14 +235,15 @@ class RealtimeSession:
     async def check_voice_fits(self, voice: np.ndarray, name: str) -> None:
         """A voice no turn could run with is refused with the update (every turn after it failed): past
         --max-voice-seconds, as an uploaded voice would be, or with a first turn past the engine's length."""
-        talker, limit = self.state.tts.talker, self.state.settings.max_voice_seconds
-        if len(voice) / talker.frame_rate > limit:
-            raise APIError(400, f"{name}: {len(voice) / talker.frame_rate:.1f} s of voice, more than the "
-                                f"{limit:g} s this server takes (--max-voice-seconds)", code="bad_message")
+        talker, max_len = self.state.tts.talker, self.state.tts.engine.max_len
+        limit = self.state.settings.max_voice_seconds
+        if (seconds := len(voice) / talker.frame_rate) > limit:
+            raise APIError(400, f"{name}: {seconds:.1f} s of voice, more than the {limit:g} s this server takes "
+                                "(--max-voice-seconds)", code="bad_message")
         prompt = await asyncio.to_thread(talker.open_turn_prompt, RealtimeTurn(), True, voice.T)
-        if len(prompt.rows) >= self.state.tts.engine.max_len:
+        if len(prompt.rows) >= max_len:
             raise APIError(400, f"{name}: a first turn with this voice holds {len(prompt.rows)} positions before "
-                                f"any text; this engine allows {self.state.tts.engine.max_len}", code="bad_message")
+                                f"any text; this engine allows {max_len}", code="bad_message")
 
     async def start_turn(self, message: TurnStart | None) -> None:
         await self.settle()
