@@ -88,9 +88,14 @@ def resolve_model_dir(name_or_path: str | Path, allow_patterns: list[str] | None
         raise CheckpointError(f"checkpoint directory not found: {path}")
     from huggingface_hub import snapshot_download
 
+    fetch = dict(repo_id=hub_id["repo"], revision=hub_id["revision"], allow_patterns=allow_patterns)
     try:
-        return Path(snapshot_download(repo_id=hub_id["repo"], revision=hub_id["revision"], allow_patterns=allow_patterns))
+        return Path(snapshot_download(**fetch))
     except Exception as e:  # the hub client raises many types: offline, not found, gated
+        try:  # the local hub cache: the client looks there itself for a branch, but not for a commit
+            return Path(snapshot_download(**fetch, local_files_only=True))
+        except Exception:
+            pass
         why = " ".join(str(e).split())  # one line: the client's messages run over several
         raise CheckpointError(f"{text} is not a local directory and could not be fetched from the hub: {why}") from None
 

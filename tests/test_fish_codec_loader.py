@@ -156,9 +156,11 @@ def test_pickled_objects_are_refused(tmp_path, tensors) -> None:
         FishDac.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("content", [b"\x00" * 16, b""], ids=["zeros", "empty"])
 @pytest.mark.parametrize("name", ["codec.safetensors", "codec.pth"])
-def test_unreadable_files(tmp_path, name) -> None:
-    (tmp_path / name).write_bytes(b"\x00" * 16)
+def test_unreadable_files(tmp_path, name, content) -> None:
+    """An empty codec.pth (a download cut short) raises an EOFError with no message: still one line."""
+    (tmp_path / name).write_bytes(content)
     with pytest.raises(CheckpointError, match="cannot read codec weights"):
         FishDac.from_pretrained(tmp_path)
 

@@ -4,6 +4,7 @@ revisions, and a codec that does not fit its model."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from mossserve.api import TTS
 from mossserve.errors import CheckpointError
 from mossserve.models.codecs.fish_dac import FishDac
-from mossserve.models.registry import load_codec
+from mossserve.models.registry import load_codec, load_talker
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -48,7 +49,7 @@ def test_a_fish_hub_id_brings_its_own_codec(monkeypatch, tmp_path: Path, fish_re
     tts = TTS.from_pretrained("fishaudio/s2-pro")
     assert (Path(tts.codec_source) / "codec.pth").is_file()
     assert isinstance(tts.codec, FishDac)
-    assert [repo for repo, _, _ in hub.calls] == ["fishaudio/s2-pro"]  # nothing else fetched (no MOSS codec)
+    assert {repo for repo, _, _ in hub.calls} == {"fishaudio/s2-pro"}  # nothing else fetched (no MOSS codec)
 
 
 def test_a_revision_is_passed_to_the_hub(monkeypatch, tmp_path: Path, fish_repo: Path) -> None:
@@ -87,3 +88,40 @@ def test_a_codec_that_does_not_fit_the_model_is_refused(delay_model_dirs) -> Non
     tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=FIXTURES / "fish_s2_pro")
     with pytest.raises(CheckpointError, match=r"does not fit the delay model \(24000 Hz, 16 codebooks\)"):
         tts.codec
+
+
+def test_a_checkpoint_of_another_kind_is_refused_before_its_weights_come_down(monkeypatch, tmp_path: Path,
+                                                                              delay_model_dirs) -> None:
+    """A model given as --codec, or an unsupported model type: only config files are fetched (a real
+    repository's weights are gigabytes)."""
+    unsupported = tmp_path / "local-v1.5"
+    shutil.copytree(delay_model_dirs["tiny_nvq16"], unsupported)
+    config = json.loads((unsupported / "config.json").read_text())
+    (unsupported / "config.json").unlink()
+    (unsupported / "config.json").write_text(json.dumps(config | {"model_type": "moss_tts_local",
+                                                                   "architectures": ["MossTTSLocalModel"]}))
+    hub = FakeHub(tmp_path / "cache", {"OpenMOSS-Team/MOSS-TTS": delay_model_dirs["tiny_nvq16"],
+                                       "OpenMOSS-Team/MOSS-TTS-Local-Transformer-v1.5": unsupported})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    with pytest.raises(CheckpointError, match="codec type 'moss_tts_delay' is not supported"):
+        load_codec("OpenMOSS-Team/MOSS-TTS")
+    with pytest.raises(CheckpointError, match="model_type 'moss_tts_local'"):
+        load_talker("OpenMOSS-Team/MOSS-TTS-Local-Transformer-v1.5")
+    fetched = {file.name for file in (tmp_path / "cache").rglob("*") if file.is_file()}
+    assert fetched and not any(name.endswith(".safetensors") for name in fetched)
+
+
+def test_a_pinned_commit_comes_from_the_hub_cache_when_the_hub_cannot_be_reached(monkeypatch, tmp_path: Path,
+                                                                                fish_repo: Path) -> None:
+    """HF_HUB_OFFLINE=1: the hub client looks in its cache for a branch, not for a commit, unless asked to."""
+    hub = FakeHub(tmp_path / "cache", {"fishaudio/s2-pro": fish_repo})
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def offline(repo_id: str, revision=None, allow_patterns=None, local_files_only: bool = False, **_):
+        if not local_files_only:
+            raise OSError(f"Cannot reach https://huggingface.co/api/models/{repo_id}/tree/{revision}: offline mode")
+        return hub.snapshot_download(repo_id, revision, allow_patterns)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert isinstance(load_codec(f"fishaudio/s2-pro@{commit}"), FishDac)
+    assert hub.calls[0][:2] == ("fishaudio/s2-pro", commit)

@@ -174,3 +174,17 @@ def test_a_config_with_wrong_types_or_sizes_is_a_checkpoint_error(change, messag
     with pytest.raises(CheckpointError) as error:
         load_talker(model)
     assert str(model) in str(error.value) and message in str(error.value)
+
+
+@pytest.mark.parametrize("language, message", [
+    ({"num_attention_heads": 0, "num_key_value_heads": 0}, "attention heads must be at least 1, got 0 query"),
+    ({"num_key_value_heads": -1}, "attention heads must be at least 1"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),  # transformers 4's older key
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic' is not supported"),
+], ids=["zero-heads", "negative-kv-heads", "legacy-rope-type-key", "rope-type-key"])
+def test_a_language_config_it_cannot_run_is_named(tmp_path: Path, language: dict, message: str) -> None:
+    """Zero heads divided by zero (a traceback); a scaled RoPE under the older `type` key ran as plain RoPE."""
+    config = json.loads((SOURCE / "config.json").read_text())
+    config["language_config"] |= language
+    with pytest.raises(CheckpointError, match=message):
+        load_talker(make_checkpoint(tmp_path, config=config))

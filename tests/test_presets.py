@@ -60,14 +60,30 @@ def test_a_16_codebook_checkpoint_of_no_known_name_is_loaded_as_moss_tts_with_a_
 
 
 def test_a_name_that_contradicts_the_codebooks_is_warned_about(tmp_path: Path, caplog) -> None:
-    """A MOSS-TTS (32 codebooks) copied under a TTSD project directory."""
+    """A MOSS-TTS (32 codebooks) saved under a TTSD name."""
     with caplog.at_level(logging.WARNING, logger="mossserve"):
-        talker = load_talker(checkpoint(tmp_path / "projTTSD", "MOSS-TTS", nvq=32))
+        talker = load_talker(checkpoint(tmp_path, "MOSS-TTSD-mine", nvq=32))
     assert talker.default_task == "dialogue"  # the name decides, as documented; the warning says how to fix it
     assert "32 codebooks" in caplog.text and "--task tts" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mossserve"):
-        assert load_talker(checkpoint(tmp_path / "projTTSD", "x", nvq=32), task="tts").default_task == "tts"
+        assert load_talker(checkpoint(tmp_path, "MOSS-TTSD-x", nvq=32), task="tts").default_task == "tts"
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("path, nvq, task", [
+    ("ttsd_experiments/MOSS-TTS-v1.5", 32, "tts"),
+    ("models_ttsd_era/MOSS-VoiceGenerator", 16, "voice_design"),
+    ("hub/models--OpenMOSS-Team--MOSS-TTSD-v1.0/snapshots/0123abcd", 16, "dialogue"),
+], ids=["tts-under-a-ttsd-folder", "voice-generator-under-a-ttsd-folder", "hub-cache-snapshot"])
+def test_the_checkpoints_own_name_decides_not_the_folders_above_it(tmp_path: Path, caplog, path: str, nvq: int,
+                                                                   task: str) -> None:
+    """Any "ttsd" in a parent folder made every checkpoint below it a dialogue model; a snapshot in the
+    hub's cache is named by its repository, not its commit."""
+    with caplog.at_level(logging.WARNING, logger="mossserve"):
+        talker = load_talker(checkpoint(tmp_path, path, nvq=nvq))
+    assert talker.default_task == task
+    assert talker.default_sampling() == PRESETS[task].sampling
     assert not caplog.records
 
 
@@ -91,3 +107,24 @@ def test_a_task_for_another_family_or_unknown_is_refused(tmp_path: Path) -> None
         load_talker(REALTIME_DIR, task="dialogue")
     with pytest.raises(InvalidRequestError, match="unknown task 'speech'"):
         load_talker(checkpoint(tmp_path, "m"), task="speech")
+
+
+@pytest.mark.parametrize("generation, message", [
+    ({"audio_top_p": 5.0}, r"audio_top_p must be in \(0, 1\], got 5.0"),
+    ({"audio_temperature": [1.0, 1.0]}, "audio_temperature has 2 values; the model has 16 codebooks"),
+    ([1, 2], "expected a JSON object, got list"),
+])
+def test_a_generation_config_out_of_range_is_the_checkpoints_error_at_load(tmp_path: Path, generation, message) -> None:
+    """Not an InvalidRequestError on every request, blaming settings the user never gave."""
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_talker(checkpoint(tmp_path, "MOSS-TTSD", generation=generation))
+    assert "generation_config.json" in str(error.value)
+
+
+def test_a_dot_reads_the_name_of_the_directory_it_stands_for(tmp_path: Path, monkeypatch, caplog) -> None:
+    """`--model .` inside MOSS-TTSD-v1.0: the name is read from the whole path, as `--model ./` would."""
+    monkeypatch.chdir(checkpoint(tmp_path, "MOSS-TTSD-v1.0"))
+    with caplog.at_level(logging.WARNING, logger="mossserve"):
+        talker = load_talker(".")
+    assert talker.default_task == "dialogue"
+    assert not caplog.records

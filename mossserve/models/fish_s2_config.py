@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CheckpointError
-from .config_utils import require
+from .config_utils import check_heads, require
 from .qwen3_config import Qwen3Config
 
 MODEL_TYPE = "fish_qwen3_omni"
@@ -80,6 +80,7 @@ def _transformer(part: dict[str, Any], inherit: dict[str, Any], text: dict[str, 
     heads = int(get("n_head") if get("n_head") is not None else require(part, "n_head", where))
     kv_heads = int(get("n_local_heads", -1))
     kv_heads = heads if kv_heads == -1 else kv_heads
+    check_heads(heads, kv_heads, where)
     if heads % kv_heads:
         raise CheckpointError(f"{where}: n_head {heads} is not a multiple of n_local_heads {kv_heads}")
     intermediate = get("intermediate_size")

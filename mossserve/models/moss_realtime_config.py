@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .config_utils import read_json, require
+from .config_utils import read_json, require, rope_type_of
 from .qwen3_config import Qwen3Config
 
 LOCAL_RVQ, LOCAL_AUDIO_VOCAB, LOCAL_AUDIO_PAD = 16, 1027, 1024
@@ -68,7 +68,7 @@ class MossRealtimeConfig:
 def _plain_rope(local: dict[str, Any], where: str) -> dict[str, Any]:
     """The local config with its `linear` factor-1.0 rope rewritten as the default rope it equals."""
     rope = dict(local.get("rope_parameters") or {})
-    rope_type = rope.get("rope_type", local.get("rope_type", "default"))
+    rope_type = rope_type_of(local)
     factor = float(rope.get("factor", (local.get("rope_scaling") or {}).get("factor", 1.0)))
     if rope_type not in ("default", "linear") or (rope_type == "linear" and factor != 1.0):
         raise CheckpointError(f"{where}: rope {rope_type!r} with factor {factor} is not supported "

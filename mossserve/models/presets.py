@@ -51,9 +51,11 @@ def check_task(task: str | None) -> None:
         raise InvalidRequestError(f"unknown task {task!r}; choose one of {', '.join(PRESETS)}")
 
 
-def preset_for(model_dir: Path, name: str, base: Preset | None = None, task: str | None = None) -> Preset:
+def preset_for(model_dir: Path, name: str, codebooks: int, base: Preset | None = None,
+               task: str | None = None) -> Preset:
     """The preset for a checkpoint (`task`, else by its name, or `base` for a family with its own
-    defaults), with the checkpoint's generation_config.json applied."""
+    defaults), with the checkpoint's generation_config.json applied: a value out of range there is
+    the checkpoint's error at load, not every request's."""
     preset = base or PRESETS[task or task_from_name(name) or "tts"]
     path = model_dir / "generation_config.json"
     if not path.is_file():
@@ -63,7 +65,13 @@ def preset_for(model_dir: Path, name: str, base: Preset | None = None, task: str
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     known = {f.name for f in fields(SamplingParams)} - {"seed"}
-    sampling = preset.sampling.with_overrides(**{k: v for k, v in values.items() if k in known})
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    try:
+        sampling = preset.sampling.with_overrides(**{k: v for k, v in values.items() if k in known})
+        sampling.validate(codebooks)
+    except InvalidRequestError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     frames = values.get("max_new_tokens")
     if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
         raise CheckpointError(f"{path}: max_new_tokens must be a positive integer, got {frames!r}")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CheckpointError
-from .config_utils import require
+from .config_utils import check_heads, require, rope_type_of
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Qwen3Config:
         rope_theta = rope.get("rope_theta", config.get("rope_theta"))
         if rope_theta is None:
             raise CheckpointError(f"{where}: missing config field 'rope_theta' (or rope_parameters.rope_theta)")
-        rope_type = rope.get("rope_type") or (config.get("rope_scaling") or {}).get("rope_type", "default")
+        rope_type = rope_type_of(config)
         if rope_type != "default":
             raise CheckpointError(f"{where}: rope_type {rope_type!r} is not supported (only 'default')")
         if config.get("hidden_act", "silu") != "silu":
@@ -40,6 +40,7 @@ class Qwen3Config:
         heads = int(require(config, "num_attention_heads", where))
         hidden = int(require(config, "hidden_size", where))
         kv_heads = int(config.get("num_key_value_heads") or heads)
+        check_heads(heads, kv_heads, where)
         if heads % kv_heads:
             raise CheckpointError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         return cls(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,9 +30,24 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
     device = parse_device(device)
     dtype = parse_dtype(dtype, device)
     warn_if_emulated(dtype, device)
+    config_dir = resolve_model_dir(model, allow_patterns=["config.json"])
+    talker_kind(read_json(config_dir / "config.json"), config_dir)  # refused before its weights come down
     model_dir = resolve_model_dir(model, allow_patterns=TALKER_FILES)
     with _checkpoint_errors(model_dir, "model"):
-        return _load_talker(model_dir, model, device, dtype, task)
+        return _load_talker(model_dir, str(model), device, dtype, task)
+
+
+def _name(model: str | Path, model_dir: Path) -> str:
+    """A checkpoint's own name, which says which Delay model it is: a hub id's repository, a local
+    directory's last component (`.` stands for the directory it is), or for a snapshot in the hub's
+    cache (models--org--name/snapshots/<commit>) its repository. The folders above a local copy
+    (a project named after another model) say nothing of it."""
+    if model_dir != Path(model).expanduser():
+        return str(model).split("@")[0].split("/")[-1]
+    path = Path(os.path.abspath(model_dir))
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.split("--")[-1]
+    return path.name
 
 
 def warn_if_emulated(dtype: torch.dtype, device: torch.device) -> None:
@@ -60,41 +76,53 @@ def _checkpoint_errors(directory: Path, what: str):
         yield
     except (MossServeError, torch.OutOfMemoryError, RecursionError):
         raise
-    except (TypeError, ValueError, AttributeError, KeyError, AssertionError, RuntimeError) as e:
+    except (TypeError, ValueError, AttributeError, KeyError, AssertionError, RuntimeError, ArithmeticError) as e:
         raise CheckpointError(f"cannot load the {what} in {directory}: its config does not describe one this "
                               f"loader can build ({type(e).__name__}: {e})") from e
 
 
-def _load_talker(model_dir: Path, model: str | Path, device: torch.device, dtype: torch.dtype,
-                 task: str | None) -> TalkerFamily:
-    config = read_json(model_dir / "config.json")
+def talker_kind(config: dict, model_dir: Path) -> str:
+    """Which family a config.json describes: delay, local, realtime or fish; anything else is refused."""
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     if model_type == "moss_tts_delay" or "MossTTSDelayModel" in architectures:
         from .moss_local_config import is_local_config
 
-        if is_local_config(config):
-            _refuse_task(task, "MOSS-TTS-Local")
-            talker = _load_local(model_dir, str(model), config, device, dtype)
-        else:
-            talker = _load_delay(model_dir, str(model), config, device, dtype, task)
-        talker.source = model_dir
-        return talker
-    from .moss_realtime_family import is_realtime_config, load_realtime
+        return "local" if is_local_config(config) else "delay"
+    from .moss_realtime_family import is_realtime_config
 
     if is_realtime_config(config):
-        _refuse_task(task, "MOSS-TTS-Realtime")
-        return load_realtime(model_dir, str(model), config, device, dtype)
+        return "realtime"
     from .fish_s2_config import is_fish_config
 
     if is_fish_config(config):
+        return "fish"
+    raise CheckpointError(
+        f"{model_dir / 'config.json'}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}) "
+        "is not supported; supported: moss_tts_delay (Delay and Local), moss_tts_realtime, fish_qwen3_omni")
+
+
+def _load_talker(model_dir: Path, name: str, device: torch.device, dtype: torch.dtype,
+                 task: str | None) -> TalkerFamily:
+    config = read_json(model_dir / "config.json")
+    kind = talker_kind(config, model_dir)
+    if kind == "delay":
+        talker = _load_delay(model_dir, name, config, device, dtype, task)
+    elif kind == "local":
+        _refuse_task(task, "MOSS-TTS-Local")
+        talker = _load_local(model_dir, name, config, device, dtype)
+    elif kind == "realtime":
+        from .moss_realtime_family import load_realtime
+
+        _refuse_task(task, "MOSS-TTS-Realtime")
+        return load_realtime(model_dir, name, config, device, dtype)
+    else:
         from .fish_s2_family import load_fish
 
         _refuse_task(task, "Fish S2 Pro")
         return load_fish(model_dir, config, device, dtype)
-    raise CheckpointError(
-        f"{model_dir / 'config.json'}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}) "
-        "is not supported; supported: moss_tts_delay (Delay and Local), moss_tts_realtime, fish_qwen3_omni")
+    talker.source = model_dir
+    return talker
 
 
 def _refuse_task(task: str | None, model: str) -> None:
@@ -115,10 +143,11 @@ def _load_delay(model_dir: Path, name: str, config: dict, device: torch.device, 
     tokenizer = TextTokenizer.from_dir(model_dir)
     model = build_on_meta(lambda: MossDelayModel(delay_config), dtype, device)
     load_weights(model, files, model.checkpoint_layout())
-    preset = preset_for(model_dir, name, task=task)
+    own_name = _name(name, model_dir)
+    preset = preset_for(model_dir, own_name, delay_config.n_vq, task=task)
     family = MossDelayFamily(model.eval().requires_grad_(False), tokenizer, default_task=preset.task,
                              sampling_defaults=preset.sampling, max_new_frames=preset.max_new_frames)
-    named = task_from_name(name)
+    named = task_from_name(own_name)
     if task is None and named is None and delay_config.n_vq != 32:
         log.warning("%s: %d codebooks, and its name does not say which MOSS model it is (MOSS-TTS has 32; MOSS-TTSD, "
                     "-VoiceGenerator and -SoundEffect have 16); loading it as MOSS-TTS (task tts, its sampling "
@@ -143,7 +172,7 @@ def _load_local(model_dir: Path, name: str, config: dict, device: torch.device, 
     model = build_on_meta(lambda: MossLocalModel(local_config), dtype, device)
     load_weights(model, weight_files(model_dir), model.checkpoint_layout())
     model.drop_unused_weights()
-    preset = preset_for(model_dir, name, base=Preset("tts", LOCAL_SAMPLING, 4096))
+    preset = preset_for(model_dir, name, local_config.n_vq, base=Preset("tts", LOCAL_SAMPLING, 4096))
     return MossLocalFamily(model.eval().requires_grad_(False), tokenizer, sampling_defaults=preset.sampling,
                            max_new_frames=preset.max_new_frames)
 
@@ -159,13 +188,13 @@ def load_codec(name_or_path: str | Path, device: str | torch.device = "cpu", dty
     if is_fish_codec_dir(codec_dir):
         with _checkpoint_errors(codec_dir, "codec"):
             return load_fish_dac(codec_dir, device=device, dtype=None if dtype is None else parse_dtype(dtype, device))
-    codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", "*.safetensors"])
     config = read_json(codec_dir / "config.json")
     model_type = config.get("model_type")
-    if model_type in ("speech_tokenizer", "moss-audio-tokenizer", "moss_audio_tokenizer") or "MossAudioTokenizerModel" in (
-            config.get("architectures") or []):
-        with _checkpoint_errors(codec_dir, "codec"):
-            return MossAudioTokenizer.from_pretrained(codec_dir, device=device,
-                                                      dtype=None if dtype is None else parse_dtype(dtype, device))
-    raise CheckpointError(f"{codec_dir / 'config.json'}: codec type {model_type!r} is not supported; supported: "
-                          "MOSS-Audio-Tokenizer, or a Fish S2 Pro directory with codec.pth / codec.safetensors")
+    if model_type not in ("speech_tokenizer", "moss-audio-tokenizer", "moss_audio_tokenizer") and (
+            "MossAudioTokenizerModel" not in (config.get("architectures") or [])):  # refused before its weights come down
+        raise CheckpointError(f"{codec_dir / 'config.json'}: codec type {model_type!r} is not supported; supported: "
+                              "MOSS-Audio-Tokenizer, or a Fish S2 Pro directory with codec.pth / codec.safetensors")
+    codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", "*.safetensors"])
+    with _checkpoint_errors(codec_dir, "codec"):
+        return MossAudioTokenizer.from_pretrained(codec_dir, device=device,
+                                                  dtype=None if dtype is None else parse_dtype(dtype, device))

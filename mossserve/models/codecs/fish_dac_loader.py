@@ -75,7 +75,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read codec weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        first_line = (str(e).splitlines() or ["the file ends early"])[0]  # an empty file's EOFError says nothing
+        raise CheckpointError(f"{path}: cannot read codec weights ({type(e).__name__}: {first_line})") from None
     if isinstance(tensors, dict) and isinstance(tensors.get("state_dict"), dict):
         tensors = tensors["state_dict"]
     if not isinstance(tensors, dict):
