@@ -118,6 +118,11 @@ class EngineConfig:
         for name, kind in (("chunk_schedule", ChunkSchedule), ("runaway", RunawayGuard)):
             if not isinstance(getattr(self, name), kind):
                 raise InvalidRequestError(f"EngineConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        if self.codec_streams and self.codec_streams < self.max_running:
+            # A request waiting for more text keeps its decoder stream open: with fewer streams than
+            # running requests, waiting ones could hold them all and a finished request's audio never come.
+            raise InvalidRequestError(f"EngineConfig.codec_streams must be 0 (the default, 2 x max_running) or at "
+                                      f"least max_running ({self.max_running}), got {self.codec_streams}")
         self.chunk_schedule.validate(self.max_chunk_frames)
         self.runaway.validate()
 

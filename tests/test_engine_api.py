@@ -519,6 +519,9 @@ def test_numpy_numbers_are_numbers() -> None:
     (dict(max_chunk_frames=0), "EngineConfig.max_chunk_frames must be an integer >= 1, got 0"),
     (dict(threaded="no"), "EngineConfig.threaded must be True or False"),
     (dict(max_queued=-1), "EngineConfig.max_queued must be an integer >= 0, got -1"),
+    # a request waiting for text keeps its decoder stream: waiting ones could hold every stream and a
+    # finished request's final chunk never come
+    (dict(max_running=2, codec_streams=1), "EngineConfig.codec_streams must be 0"),
     # unchecked, these failed at the first call (AttributeError, ZeroDivisionError) or ended every
     # request at once as "runaway"
     (dict(runaway=None), "EngineConfig.runaway must be a RunawayGuard, got None"),
