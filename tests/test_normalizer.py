@@ -1,9 +1,11 @@
 import json
+import random
+import re
 from pathlib import Path
 
 import pytest
 
-from mossserve.text.normalizer import _unused_tag, normalize_tts_text
+from mossserve.text.normalizer import _SPACING, _unused_tag, normalize_tts_text
 
 GOLDENS = json.loads(
     (Path(__file__).parent / "fixtures" / "moss_tokenizer" / "normalizer_goldens.json").read_text(encoding="utf-8")
@@ -51,3 +53,29 @@ def test_the_placeholder_tag_stays_short_whatever_the_text_spells():
     assert _unused_tag(every_one_letter_tag) == "PROTAA"
     text = "___PROT" + "X" * 3000 + " @a" * 300
     assert normalize_tts_text(text) == text
+
+
+# The reference's rule: a space between a latin-ish token and the CJK character after it.
+REFERENCE_LATIN_BEFORE_CJK = re.compile(
+    r"((?:___PROT[A-Z]*\d+___|(?=[A-Za-z0-9._/+:-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9._/+:-]*))"
+    r"(?=[\u3400-\u4dbf\u4e00-\u9fff\u3040-\u30ff])")
+
+
+def test_the_latin_before_cjk_rule_equals_the_references_on_fuzzed_text():
+    """Ours is tried only where a run of word/path characters starts (the reference's scanned the run
+    again from each of its characters: quadratic); what it changes must be the same."""
+    ours = next(pattern for pattern, _ in _SPACING if "(?<![A-Za-z0-9._/+:-])" in pattern.pattern)
+    rng = random.Random(0)
+    pieces = list("aZ09._/+:-_ 中あ。") + ["___PROT0___", "___PROTA12___", "中文", "v2.3", "--a"]
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 24)))
+        assert ours.sub(r"\1 ", text) == REFERENCE_LATIN_BEFORE_CJK.sub(r"\1 ", text), text
+
+
+def test_the_latin_before_cjk_rule_starts_only_where_a_run_starts():
+    ours = next(pattern for pattern, _ in _SPACING if "(?<![A-Za-z0-9._/+:-])" in pattern.pattern)
+    text = "-ab1中"
+    assert ours.search(text).span() == (0, 4)
+    for inside in (1, 2):  # the reference's rule matched again from each of these (not at "1", no letter)
+        assert REFERENCE_LATIN_BEFORE_CJK.search(text, inside) is not None
+        assert ours.search(text, inside) is None
