@@ -322,3 +322,15 @@ def test_an_assistant_content_without_its_placeholders_says_what_it_needs() -> N
     with pytest.raises(InvalidRequestError, match=r"the assistant message's content has 0 <\|audio\|> placeholders "
                                                   r"for 1 code tensors: it needs one per tensor"):
         BUILDERS[16].build(conversation, mode="continuation")
+
+
+def test_an_assistant_message_without_content_gets_one_placeholder_per_tensor(tmp_path):
+    """docs/cli.md: adjacent placeholders join into one block, so codes split in two build the golden prompt."""
+    n = 16
+    case = next(c for c in GOLDENS[n]["cases"] if c["id"] == "continuation_clone")
+    data = [json_message(n, case, m, tmp_path, inline=True) for m in case["conversations"][0]]
+    [codes] = data[1]["audio_codes_list"]
+    assert "content" not in data[1] and len(codes) > 2
+    data[1]["audio_codes_list"] = [codes[:2], codes[2:]]
+    [conversation] = parse_conversations(data, base_dir=None)
+    np.testing.assert_array_equal(BUILDERS[n]([conversation], mode="continuation")[0], array(n, case, "input_ids"))

@@ -302,3 +302,24 @@ def test_fields_that_join_into_plain_text_pass(request_fields, task):
 
     conversation, _ = delay_conversation(SpeechRequest(**request_fields), n_vq=32, audio_vocab_size=1024, task=task)
     check_joined_fields(conversation, TOKENIZER)
+
+
+@pytest.mark.parametrize("g", [G32, G16], ids=["nvq32", "nvq16"])
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\n\n"], ids=["lf", "crlf", "blank-line"])
+def test_a_dialogue_one_turn_per_line_is_read_as_one_line(g, newline):
+    """The TTSD app's layout: its clean-up first makes line breaks spaces; the normalizer alone ends
+    each line with 。 ("Hello.。[S2] ...")."""
+    text = g.fields("ttsd_generation_no_reference")["text"]
+    turns = [turn for turn in re.split(r" ?(?=\[S\d\])", text) if turn]
+    assert len(turns) > 1
+    matrix, _ = g.prompt(SpeechRequest(input=newline.join(turns)), task="dialogue")
+    np.testing.assert_array_equal(matrix, g.matrix("ttsd_generation_no_reference"))
+    r0, r1 = (g.codes("ttsd_dialogue_clone", f"conv0.msg0.reference{k}") for k in (0, 1))
+    transcript = "In short, we embarked on a mission to make things better for everyone."
+    speakers = [Speaker(voice=r0, reference_text=transcript.replace(", ", f",{newline}")),
+                Speaker(voice=r1, reference_text="[S2] The pace of progress there is extraordinary, honestly. "
+                                                 "They have the researchers and the drive.")]
+    dialogue = f"[S1] Listen, let's talk business. What's the real scoop?{newline}[S2] Well, it is very promising." \
+               f"{newline}[S1] Promising. I hate that word."
+    matrix, _ = g.prompt(SpeechRequest(input=dialogue, speakers=speakers))
+    np.testing.assert_array_equal(matrix, g.matrix("ttsd_dialogue_clone"))

@@ -94,12 +94,12 @@ def _assistant(data: dict, where: str, codes: Callable[[Any, str], np.ndarray | 
     if "audio_codes_list" in data and "audio_codes" in data:
         raise InvalidRequestError(f"{where}: give audio_codes_list or audio_codes, not both")
     key = "audio_codes" if "audio_codes" in data else "audio_codes_list"
-    content = data.get("content", AUDIO_PLACEHOLDER)
-    if not isinstance(content, str):
-        raise InvalidRequestError(f"{where}.content must be a string")
     tensors = [codes(e, f"{where}.{key}[{k}]") for k, e in enumerate(_entries(data.get(key), f"{where}.{key}"))]
     if any(t is None for t in tensors):
         raise InvalidRequestError(f"{where}.{key}: entries must be codes, not null")
+    content = data.get("content", AUDIO_PLACEHOLDER * max(len(tensors), 1))  # adjacent ones join into one block
+    if not isinstance(content, str):
+        raise InvalidRequestError(f"{where}.content must be a string")
     return build_assistant_message(tensors, content)
 
 

@@ -16,8 +16,10 @@ follow them per task:
   (None where no voice), each cloned speaker's transcript (prefixed `[Sk] ` unless it starts
   with its tag) goes before the dialogue, joined by spaces as in the model card, and the
   assistant prefix is the cloned speakers' codes concatenated in time; mode continuation.
-  Otherwise the dialogue alone, generation. Not applied: the app's optional dialogue clean-up
-  (tag rewriting, bracket/quote removal, punctuation folding, merging same-speaker turns), and
+  Otherwise the dialogue alone, generation. Line breaks in the dialogue and transcripts become
+  spaces, the first step of the app's dialogue clean-up (else the normalizer ends every line with
+  。); not applied: the rest of that clean-up (tag rewriting, bracket/quote removal, punctuation
+  folding, merging same-speaker turns), and
   the app encodes the concatenated waveforms as one clip where we concatenate codes.
 * `voice_design` (MOSS-VoiceGenerator, `clis/moss_voice_generator_app.py`): text +
   instruction, both required; generation.
@@ -110,7 +112,7 @@ def _tts(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversation, st
 
 
 def _dialogue(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversation, str]:
-    text = _required(request.input, "input")
+    text = _one_line(_required(request.input, "input"))
     speakers = request.speakers or []
     tags = [int(k) for k in re.findall(r"\[S(\d+)\]", text)]
     if not tags:
@@ -123,6 +125,7 @@ def _dialogue(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversatio
     transcripts = []
     for k, speaker in enumerate(speakers, 1):
         transcript = _stripped(speaker.reference_text)
+        transcript = None if transcript is None else _one_line(transcript)
         if (speaker.voice is None) != (transcript is None):
             raise InvalidRequestError(f"speakers[{k - 1}]: give voice and reference_text together (or neither)")
         if transcript is not None:
@@ -178,6 +181,12 @@ def _user(text: str, **fields: Any) -> UserMessage:
     if not message.text:
         raise InvalidRequestError("input is empty after text normalization")
     return message
+
+
+def _one_line(dialogue: str) -> str:
+    """A dialogue written one turn per line, as the TTSD app's own example is, read as one line (the
+    first step of the app's clean-up): the normalizer ends each line with 。, after English turns too."""
+    return " ".join(dialogue.splitlines())
 
 
 def _required(value: str | None, name: str, message: str | None = None) -> str:
