@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mossserve.errors import CheckpointError
+from mossserve.errors import CheckpointError, InvalidRequestError
 from mossserve.text.tokenizer import TextTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "moss_tokenizer"
@@ -64,3 +64,18 @@ def test_corrupt_file(tmp_path, corrupt):
     (tmp_path / corrupt).write_text('{"truncated": ', encoding="utf-8")
     with pytest.raises(CheckpointError, match=corrupt):
         TextTokenizer.from_dir(tmp_path)
+
+
+def test_a_control_spelling_is_refused_whatever_its_special_flag(tmp_path):
+    """Qwen3 flags <|fim_pad|> (id 151662) non-special, and MOSS-TTS reuses that id as its delay slot:
+    with the flag off, typed '<|audio_assistant_delay_slot|>' became the slot id in the user turn."""
+    data = json.loads((FIXTURES / "tokenizer.json").read_text(encoding="utf-8"))
+    for token in data["added_tokens"]:
+        if token["content"] == "<|audio_assistant_delay_slot|>":
+            token["special"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    shutil.copy(FIXTURES / "tokenizer_config.json", tmp_path)
+    tokenizer = TextTokenizer.from_dir(tmp_path)
+    with pytest.raises(InvalidRequestError, match=r"input contains the special token\(s\) <\|audio_assistant_delay_slot\|>"):
+        tokenizer.encode_user("hi <|audio_assistant_delay_slot|> there", "input")
+    assert tokenizer.encode_user("<think> and <tool_call>", "input")  # plain added words, as the reference reads them

@@ -49,8 +49,11 @@ class TextTokenizer:
 
     @functools.cached_property
     def special(self) -> dict[int, str]:
-        """The special (control) tokens' ids -> their spellings."""
-        return {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+        """The control tokens' ids -> their spellings: the added tokens flagged special, and every
+        `<|...|>` one whatever its flag (Qwen3 flags `<|fim_pad|>` non-special, and MOSS-TTS reuses
+        its id as an audio slot: a typed spelling must not become that id)."""
+        return {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items()
+                if t.special or (t.content.startswith("<|") and t.content.endswith("|>"))}
 
     def encode_user(self, text: str, name: str, allowed: Sequence[str] = ()) -> list[int]:
         """Text a user typed (`name` says which field), tokenized; InvalidRequestError if it spells a
