@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) with torch and mossserve (editable, with the server, Ray Serve and test tools) installed.
-# torch is pinned to 2.13.0 first so pip takes the CPU build instead of a multi-GB CUDA one;
-# on a GPU machine install the torch build you want before running this.
+# torch 2.13.0 comes first, its CPU build unless the machine has an NVIDIA GPU (PyPI's Linux wheel
+# is the multi-GB CUDA build): a CPU wheel pip already sees (a local wheel directory), else PyTorch's
+# CPU index. On a GPU machine install the torch build you want before running this.
 # Later runs install nothing while .venv's mossserve is this checkout and pyproject.toml and the
 # extras below are what the last install had (their hash is kept in the stamp file).
 set -euo pipefail
@@ -10,7 +11,16 @@ extras='.[serve,ray,test]'
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install --disable-pip-version-check -q torch==2.13.0
+install_torch() {
+  local pip=(.venv/bin/pip install --disable-pip-version-check -q)
+  "${pip[@]}" torch==2.13.0+cpu 2>/dev/null && return
+  if [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null; then
+    "${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  else
+    "${pip[@]}" torch==2.13.0
+  fi
+}
+.venv/bin/python -c "import torch" 2>/dev/null || install_torch
 stamp=.venv/.mossserve-installed
 here=$(pwd -P)
 want=$( { cat pyproject.toml; echo "$extras"; } | sha256sum | cut -d' ' -f1)

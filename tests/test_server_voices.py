@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -325,3 +326,16 @@ def test_voice_and_model_requests_are_counted_ok(server, alice):
     assert upload(server, "counted", SHORT).status_code == 201
     assert server.delete(f"{VOICES}/counted").status_code == 200
     assert ok(VOICES) == uploads + 1 and ok(VOICES + "/{name}") == deletes + 1
+
+
+@pytest.mark.parametrize("xdg, expected", [
+    ("/srv/data", "/srv/data/mossserve"),
+    ("", "~/.local/share/mossserve"),  # empty: the default, not "mossserve" in the current directory
+    ("relative/dir", "~/.local/share/mossserve"),  # the XDG spec: a relative path is ignored
+])
+def test_the_default_data_dir_follows_the_xdg_spec(monkeypatch, xdg: str, expected: str) -> None:
+    from mossserve.serve.settings import DATA_DIR_ENV, default_data_dir
+
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", xdg)
+    assert default_data_dir() == Path(expected).expanduser()

@@ -14,11 +14,14 @@ DATA_DIR_ENV = "MOSSSERVE_DATA_DIR"
 
 
 def default_data_dir() -> Path:
-    """$MOSSSERVE_DATA_DIR, else ~/.local/share/mossserve (voices and their database live here)."""
+    """$MOSSSERVE_DATA_DIR, else $XDG_DATA_HOME/mossserve, else ~/.local/share/mossserve (voices and
+    their database live here). An empty or relative XDG_DATA_HOME is ignored, as the XDG spec says
+    (else the voices would land wherever the server was started)."""
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "mossserve"
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share") / "mossserve"
 
 
 @dataclass
