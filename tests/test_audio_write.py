@@ -184,3 +184,31 @@ def test_a_short_aac_is_one_ffmpeg_recognises(samples, rate):
         assert read_audio(data)[0].shape[1] == decoded
         streamed = StreamEncoder("aac", rate)
         assert streamed.write(x) + streamed.close() == data
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint8])
+def test_integer_pcm_is_scaled_not_clipped(dtype):
+    """int16 (what most audio libraries read) taken as floats was 99.98% full-scale noise."""
+    x = tone(24000)[0]
+    info = np.iinfo(dtype)
+    middle = (int(info.max) + 1) // 2 if info.min == 0 else 0
+    pcm = np.round(x * (int(info.max) + 1 - middle) + middle).astype(dtype)
+    back, _ = sf.read(io.BytesIO(encode_audio(pcm, 24000, "wav")), dtype="float32")
+    np.testing.assert_allclose(back, x, atol=1.5 / (int(info.max) + 1 - middle) + 1 / 32767)
+
+
+def test_a_whole_number_rate_given_as_a_float_is_taken():
+    data = encode_audio(tone(24000), 24000.0, "wav")
+    assert sf.info(io.BytesIO(data)).samplerate == 24000
+
+
+@pytest.mark.parametrize("samples, rate, message", [
+    (np.zeros((24000, 2), np.float32), 24000, r"got shape \(24000, 2\): 24000 channels; transpose"),
+    (np.zeros(10, np.float32), 24000.5, "sample_rate must be a positive whole number of Hz, got 24000.5"),
+    (np.zeros(10, np.float32), 0, "sample_rate must be a positive whole number"),
+    (np.zeros(10, bool), 24000, "audio samples must be floats"),
+])
+def test_samples_or_rates_it_cannot_write_are_named(samples, rate, message):
+    """soundfile's own layout (n, channels) failed deep in libsndfile as 24000 channels."""
+    with pytest.raises(AudioError, match=message):
+        encode_audio(samples, rate, "wav")

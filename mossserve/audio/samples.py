@@ -2,14 +2,29 @@
 
 import numpy as np
 
+from mossserve.errors import AudioError
+
+MAX_CHANNELS = 64  # more "channels" than this is a (n, channels) array the wrong way round
+
 
 def as_channels_first(samples: np.ndarray) -> np.ndarray:
-    """float32 `(channels, n)` from `(n,)` (mono) or `(channels, n)`."""
-    x = np.asarray(samples, dtype=np.float32)
+    """float32 `(channels, n)` from `(n,)` (mono) or `(channels, n)`. Integer PCM (int16, as most
+    audio libraries read it) is scaled to [-1, 1): as floats its samples were clipped to full scale."""
+    x = np.asarray(samples)
+    if x.dtype.kind in "iu":
+        info = np.iinfo(x.dtype)
+        middle = (int(info.max) + 1) / 2 if x.dtype.kind == "u" else 0.0
+        x = (x.astype(np.float64) - middle) / (int(info.max) + 1 - middle)
+    elif x.dtype.kind != "f":
+        raise AudioError(f"audio samples must be floats (or integer PCM), got dtype {x.dtype}")
+    x = x.astype(np.float32, copy=False)
     if x.ndim == 1:
         return x[None]
     if x.ndim != 2:
-        raise ValueError(f"audio samples must be (n,) or (channels, n), got shape {x.shape}")
+        raise AudioError(f"audio samples must be (n,) or (channels, n), got shape {x.shape}")
+    if x.shape[0] > MAX_CHANNELS:
+        raise AudioError(f"audio samples must be (n,) or (channels, n), got shape {x.shape}: {x.shape[0]} "
+                         "channels; transpose a (n, channels) array")
     return x
 
 

@@ -1,6 +1,7 @@
 """Whole audio files: wav, pcm, flac, mp3, opus, aac (and .npy for files)."""
 
 import io
+import numbers
 from os import PathLike
 
 import numpy as np
@@ -9,6 +10,7 @@ import soundfile as sf
 from mossserve.audio.av_encoder import AVEncoder
 from mossserve.audio.formats import check_format, format_from_path
 from mossserve.audio.samples import as_channels_first, to_s16
+from mossserve.errors import AudioError
 from mossserve.whole_file import whole_file
 
 
@@ -22,6 +24,7 @@ def encode_audio(samples: np.ndarray, sample_rate: int, format: str, wav_float: 
     aac is padded with silence to 1025 samples (three ADTS frames, what FFmpeg needs to know it).
     """
     format = check_format(format)
+    sample_rate = check_rate(sample_rate)
     x = as_channels_first(samples)
     if format == "pcm":
         return to_s16(x).T.astype("<i2").tobytes()
@@ -37,6 +40,14 @@ def encode_audio(samples: np.ndarray, sample_rate: int, format: str, wav_float: 
     encoder = AVEncoder(format, sample_rate, x.shape[0], seekable=True)
     encoder.write(x)
     return encoder.close()
+
+
+def check_rate(sample_rate: object) -> int:
+    """A positive whole number of Hz (24000.0 too: soundfile and FFmpeg take only ints)."""
+    if isinstance(sample_rate, (bool, np.bool_)) or not isinstance(sample_rate, numbers.Real) or (
+            not float(sample_rate).is_integer() or sample_rate < 1):
+        raise AudioError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}")
+    return int(sample_rate)
 
 
 def write_audio(
