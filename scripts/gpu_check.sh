@@ -12,7 +12,7 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.__version__, torch.cuda.get_device_name())' || exit 1
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_engine.py tests/test_engine_api.py tests/test_local_engine.py \
-    tests/test_realtime_offline.py tests/test_codec_loader.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
+    tests/test_realtime_offline.py tests/test_codec_loader.py tests/test_fish_codec.py -k cuda 2>&1 | tee "$out/cuda_tests.log"
 tests=${PIPESTATUS[0]}
 python3 benchmarks/gpu.py "$out" "${1:-8}" "${2:-32}" 2>"$out/gpu_bench.log"
 bench=$?

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mossserve.errors import InvalidRequestError
+
 
 FIXTURES = Path(__file__).parent / "fixtures" / "moss_audio_tokenizer"
 WAVE_TOL = 1e-3
@@ -154,6 +156,19 @@ def test_batch_decode(codec_models, codec_goldens):
         m.decode_batch([valid[0], valid[1][:16]])
     with pytest.raises(ValueError):
         m.decode_batch([valid[0], valid[1][:4]], n_quantizers=8)
+
+
+@pytest.mark.parametrize("change, n_quantizers, message", [
+    (lambda c: [c.float() + 0.7], None, "must be an integer tensor"),  # decode refuses these; the batch truncated them
+    (lambda c: [c[0]], None, "must be an integer tensor"),  # 1-D read the frame count as a quantizer count
+    (lambda c: [c], -1, r"n_quantizers must be in 1\.\.32, got -1"),  # torch's "Dimension size must be non-negative"
+    (lambda c: [c, c[:16], c[:8]], 0, "different quantizer counts"),  # 0 is "all": took a set's arbitrary element
+])
+def test_batch_decode_checks_as_decode_does(codec_models, codec_goldens, change, n_quantizers, message):
+    m, g = codec_models["tiny"], codec_goldens["tiny"]
+    codes = g["encode/zh/audio_codes"][:, 0, :20]
+    with pytest.raises(InvalidRequestError, match=message):
+        m.decode_batch(change(codes), n_quantizers=n_quantizers)
 
 
 # --------------------------------------------------------------------- intermediates (README 4g)

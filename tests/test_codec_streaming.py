@@ -192,6 +192,15 @@ def test_n_quantizers(codec_models, codec_goldens):
     assert max_err(out, g["decode/demo/k8/audio"][0]) <= WAVE_TOL
 
 
+def test_unsigned_codes_stream_as_they_decode_offline(codec_models, codec_goldens):
+    """uint16 codes (a compact .npy) decode offline; streamed, `codes < 0` raised NotImplementedError."""
+    m, g = codec_models["tiny"], codec_goldens["tiny"]
+    codes = g["encode/demo/audio_codes"][:, 0, :10]
+    decoder = m.streaming_decoder(1, 12)
+    [audio] = decoder.decode([decoder.open()], [codes.to(torch.uint16)])
+    assert max_err(audio, m.decode(codes)) <= WAVE_TOL
+
+
 def test_decoder_errors(codec_models):
     m = codec_models["tiny_ctx"]
     decoder = m.streaming_decoder(max_streams=2, max_chunk_frames=4)

@@ -192,3 +192,18 @@ def test_bad_audio(codec, wave, message) -> None:
 def test_bad_quantizer_count(codec) -> None:
     with pytest.raises(InvalidRequestError, match="n_quantizers must be in 1..10"):
         codec.decode(torch.zeros(10, 2, dtype=torch.long), n_quantizers=11)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_encode_and_decode_match_the_goldens(wav) -> None:
+    """cuDNN runs float32 convolutions in TF32 by default, which missed the latents by 6e-3 (emulated
+    on a CPU): the loader turns that off on CUDA."""
+    codec = FishDac.from_pretrained(FISH_DIR, device="cuda")
+    assert not torch.backends.cudnn.allow_tf32
+    latents = codec.encoder_out(wav.cuda())[0].cpu().numpy()
+    np.testing.assert_allclose(latents, ENCODE["encoder_out"], rtol=0, atol=LATENT_ATOL)
+    codes = codec.encode(wav.cuda()).cpu().numpy()
+    robust = ENCODE["vq_margin"].min(axis=0) >= 1e-4
+    assert np.array_equal(codes[:, robust], ENCODE["codes"][:, robust])
+    wave = codec.decode(torch.from_numpy(DECODE["plain__codes"]).cuda())
+    np.testing.assert_allclose(wave[0].cpu().numpy(), DECODE["plain__wav"], rtol=0, atol=WAVE_ATOL)

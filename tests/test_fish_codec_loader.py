@@ -3,6 +3,7 @@ weights_only, `.safetensors` preferred, both weight-norm spellings, strict names
 Every variation starts from the fixture's own files, changed in a temporary directory."""
 from __future__ import annotations
 
+import io
 import re
 import shutil
 from pathlib import Path
@@ -147,6 +148,39 @@ def test_wrong_shape_is_named(tmp_path, tensors) -> None:
     changed["quantizer.upsample.0.1.gamma"] = torch.zeros(65)
     with pytest.raises(CheckpointError, match=r"quantizer\.upsample\.0\.1\.gamma gives shape \[65\], expected \[64\]"):
         FishDac.from_pretrained(write(tmp_path, changed))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: w.T.contiguous(), r"feed_forward\.w1\.weight \[\d+, \d+\] and .*w3\.weight \[\d+, \d+\]: two matrices of one shape"),
+    (lambda w: w[:, :-1].contiguous(), "two matrices of one shape"),
+], ids=["transposed", "narrow"])
+def test_gate_and_up_projections_of_different_shapes_are_named(tmp_path, tensors, change, message) -> None:
+    """They are joined into one matrix: torch.cat's "Sizes of tensors must match" named no tensor."""
+    changed = dict(tensors)
+    w1 = W3.replace(".w3.", ".w1.")
+    changed[w1] = change(tensors[w1])
+    with pytest.raises(CheckpointError, match=message):
+        FishDac.from_pretrained(write(tmp_path, changed))
+
+
+def test_a_one_dimensional_weight_normed_weight_is_named(tmp_path, tensors) -> None:
+    changed = dict(tensors)
+    changed[PROJ_V] = tensors[PROJ_V].flatten()
+    with pytest.raises(CheckpointError, match="one gain per row of a weight of 2 or more dimensions"):
+        FishDac.from_pretrained(write(tmp_path, changed))
+
+
+def test_a_damaged_legacy_pth_is_a_checkpoint_error(tmp_path, tensors) -> None:
+    """The pre-zip torch.save format with its storage key changed: torch.load fails with an AssertionError."""
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer, _use_new_zipfile_serialization=False)
+    data = buffer.getvalue()
+    key = re.search(rb"\d{6,}", data)
+    changed = b"1" if key.group(0)[:1] != b"1" else b"2"
+    write(tmp_path, {}, kind="pth")
+    (tmp_path / "codec.pth").write_bytes(data[:key.start()] + changed + data[key.start() + 1:])
+    with pytest.raises(CheckpointError, match="cannot read codec weights"):
+        FishDac.from_pretrained(tmp_path)
 
 
 def test_pickled_objects_are_refused(tmp_path, tensors) -> None:

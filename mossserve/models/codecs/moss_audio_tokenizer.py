@@ -145,12 +145,12 @@ class MossAudioTokenizer(nn.Module):
         with it, each clip is cut to its first n_quantizers rows (spec 5.8)."""
         if not codes_list:
             raise InvalidRequestError("decode_batch needs at least one code tensor")
+        if any(c.dim() != 2 or c.is_floating_point() for c in codes_list):
+            raise InvalidRequestError("every clip's codes must be an integer tensor (quantizers, frames)")
         rows = {int(c.shape[0]) for c in codes_list}
-        if n_quantizers is None and len(rows) > 1:
+        if not n_quantizers and len(rows) > 1:  # None or 0: all of each clip's rows, which must agree
             raise InvalidRequestError(f"clips have different quantizer counts {sorted(rows)}; pass n_quantizers")
-        k = n_quantizers or rows.pop()
-        if any(c.dim() != 2 or c.shape[0] < k for c in codes_list):
-            raise InvalidRequestError(f"every clip needs codes (>= {k}, frames)")
+        k = self.quantizers_to_use(n_quantizers, min(rows))
         lengths = torch.tensor([c.shape[1] for c in codes_list], device=self.device)
         codes = torch.zeros(k, len(codes_list), int(lengths.max()), dtype=torch.long, device=self.device)
         for i, c in enumerate(codes_list):

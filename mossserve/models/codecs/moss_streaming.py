@@ -70,8 +70,10 @@ class MossStreamingDecoder:
         rows = self.streams.check_call(stream_ids, chunks, self.n_quantizers)
         device, k = self.codec.device, self.n_quantizers
         frames = [int(c.shape[1]) for c in chunks]
-        codes = pad_sequence([c[:k].T.to(device) for c in chunks], batch_first=True).permute(2, 0, 1)
-        if codes.is_floating_point() or bool(((codes < 0) | (codes >= self.codec.codebook_size)).any()):
+        if any(c.is_floating_point() for c in chunks):
+            raise InvalidRequestError(f"codes must be integers in [0, {self.codec.codebook_size})")
+        codes = pad_sequence([c[:k].T.to(device, torch.long) for c in chunks], batch_first=True).permute(2, 0, 1)
+        if bool(((codes < 0) | (codes >= self.codec.codebook_size)).any()):
             raise InvalidRequestError(f"codes must be integers in [0, {self.codec.codebook_size})")
         lengths = torch.tensor(frames, device=device)
         done = max(self._frames[r] for r in rows)
