@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 AUDIO_EXTENSIONS = tuple(e for e in EXTENSIONS if e != ".npy")  # -o's audio names
+# `bench` options of one mode only, with their defaults: one given to another mode is refused, not
+# dropped (`bench --compare-upstream DIR --family local` would run the directory's Delay model).
+BENCH_ENGINE_OPTIONS = {"family": "delay", "model": None, "frames": 40, "requests": 16, "ttfa_runs": 5}
+BENCH_CODEC_OPTIONS = {"streams": 32, "seconds": 4.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,14 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="none: the engine (throughput at concurrency 1/4/16, streaming TTFA); "
                             "codec: streaming decode, many streams batched vs one at a time")
     bench.add_argument("--codec", help="codec checkpoint (default: a bench-size random one; engine: the model's own)")
-    bench.add_argument("--streams", type=int, default=32, help="codec: streams")
-    bench.add_argument("--seconds", type=float, default=4.0, help="codec: audio per stream")
-    bench.add_argument("--family", default="delay",
+    bench.add_argument("--streams", type=int, default=BENCH_CODEC_OPTIONS["streams"], help="codec: streams")
+    bench.add_argument("--seconds", type=float, default=BENCH_CODEC_OPTIONS["seconds"], help="codec: audio per stream")
+    bench.add_argument("--family", default=BENCH_ENGINE_OPTIONS["family"],
                        help="engine: model family of the bench checkpoint or --model (delay, local, realtime, fish)")
     bench.add_argument("--model", help="engine: checkpoint directory or hub id (default: a bench-size random one)")
-    bench.add_argument("--frames", type=int, default=40, help="engine: frames generated per request")
-    bench.add_argument("--requests", type=int, default=16, help="engine: requests per run")
-    bench.add_argument("--ttfa-runs", type=int, default=5, help="engine: TTFA measurements (median)")
+    bench.add_argument("--frames", type=int, default=BENCH_ENGINE_OPTIONS["frames"],
+                       help="engine: frames generated per request")
+    bench.add_argument("--requests", type=int, default=BENCH_ENGINE_OPTIONS["requests"],
+                       help="engine: requests per run")
+    bench.add_argument("--ttfa-runs", type=int, default=BENCH_ENGINE_OPTIONS["ttfa_runs"],
+                       help="engine: TTFA measurements (median)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     bench.add_argument("--compare-upstream", metavar="DIR", type=Path,
@@ -621,12 +628,15 @@ def run_bench(args: argparse.Namespace) -> None:
 
         if args.target is not None:
             raise InvalidRequestError("--compare-upstream is an engine bench; drop the 'codec' target")
+        _refuse_bench_options(args, "--compare-upstream",
+                              {**BENCH_ENGINE_OPTIONS, **BENCH_CODEC_OPTIONS, "codec": None})
         result = run_compare_upstream(args.compare_upstream, device=args.device, dtype=args.dtype, log=log)
         print(json.dumps(result, indent=None if args.json else 1))
         return
     if args.target is None:  # the engine bench
         from .bench.engine import format_table, run_engine_bench
 
+        _refuse_bench_options(args, "the engine bench", BENCH_CODEC_OPTIONS)
         if args.frames < 1 or args.requests < 1 or args.ttfa_runs < 1:
             raise InvalidRequestError("--frames, --requests and --ttfa-runs must be >= 1")
         result = run_engine_bench(family=args.family, model=args.model, codec=args.codec, device=args.device,
@@ -637,6 +647,7 @@ def run_bench(args: argparse.Namespace) -> None:
     from .bench.codec import run_codec_bench
     from .loader import parse_dtype
 
+    _refuse_bench_options(args, "bench codec", BENCH_ENGINE_OPTIONS)
     if args.streams < 1 or not 0 < args.seconds <= 3600:
         raise InvalidRequestError("--streams must be >= 1 and --seconds in (0, 3600]")
     result = run_codec_bench(streams=args.streams, seconds=args.seconds, checkpoint=args.codec,
@@ -649,6 +660,13 @@ def run_bench(args: argparse.Namespace) -> None:
     print(f"  batched      {result['batched_audio_s_per_s']:8.1f} audio s / s")
     print(f"  one at a time {result['sequential_audio_s_per_s']:7.1f} audio s / s")
     print(f"  speedup      {result['speedup']:8.2f}x")
+
+
+def _refuse_bench_options(args: argparse.Namespace, mode: str, options: dict) -> None:
+    """Refuse those of `options` given values other than their defaults: `mode` would not use them."""
+    given = ["--" + name.replace("_", "-") for name, default in options.items() if getattr(args, name) != default]
+    if given:
+        raise InvalidRequestError(f"{', '.join(given)}: not used by {mode}")
 
 
 def run_serve(args: argparse.Namespace) -> None:

@@ -77,3 +77,80 @@ def test_the_command_prints_one_json_object(tmp_path: Path, capsys) -> None:
     assert main(["bench", "--compare-upstream", str(upstream_dir(tmp_path)), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["rows_equal"] is True and result["ratio_16"] > 0
+
+
+GOOD_FIGURES = {"steps_per_request": 4, "upstream_sequential_audio_s_per_s": 2.0, "upstream_batch16_audio_s_per_s": 4.0}
+
+
+def figures(**changes) -> bytes:
+    """upstream_bench.json with `changes` made; a key changed to None is left out."""
+    return json.dumps({k: v for k, v in {**GOOD_FIGURES, **changes}.items() if v is not None}).encode()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"steps_per_request": 4', "not valid JSON"),
+    (b"\xff", "not valid JSON"),
+    (b"[]", "not a JSON object"),
+    (b"{}", "steps_per_request must be a whole number >= 1, got None"),
+    (figures(steps_per_request=0), "steps_per_request must be"),
+    (figures(steps_per_request=2.5), "steps_per_request must be"),
+    (figures(steps_per_request=True), "steps_per_request must be"),
+    (figures(upstream_batch16_audio_s_per_s=None),
+     "upstream_batch16_audio_s_per_s must be a positive number, got None"),
+    (figures(upstream_sequential_audio_s_per_s="fast"), "upstream_sequential_audio_s_per_s must be"),
+    (figures(upstream_sequential_audio_s_per_s=0), "upstream_sequential_audio_s_per_s must be"),
+    (figures(upstream_batch16_audio_s_per_s=float("nan")), "upstream_batch16_audio_s_per_s must be"),
+])
+def test_a_damaged_upstream_bench_json_is_refused_by_name(tmp_path: Path, content: bytes, message: str) -> None:
+    root = upstream_dir(tmp_path)
+    (root / "upstream_bench.json").write_bytes(content)
+    with pytest.raises(InvalidRequestError, match=f"upstream_bench.json: {message}"):
+        run_compare_upstream(root)
+
+
+def truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(b"not numpy")
+
+
+@pytest.mark.parametrize("name", ["upstream_generation.npz", "requests/01.prompt.npy"])
+@pytest.mark.parametrize("damage", [truncated, garbage])
+def test_a_damaged_numpy_file_is_refused_by_name(tmp_path: Path, name: str, damage) -> None:
+    root = upstream_dir(tmp_path)
+    damage(root / name)
+    with pytest.raises(InvalidRequestError, match=f"{name}: not a readable numpy file"):
+        run_compare_upstream(root)
+
+
+def test_the_command_reports_a_damaged_directory_without_a_traceback(tmp_path: Path, capsys) -> None:
+    from mossserve.cli import main
+
+    root = upstream_dir(tmp_path)
+    (root / "upstream_bench.json").write_text("{}")
+    assert main(["bench", "--compare-upstream", str(root), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "upstream_bench.json" in err and "Traceback" not in err
+
+
+def test_the_warm_up_leaves_no_prefix_of_a_timed_prompt_kept(tmp_path: Path, monkeypatch) -> None:
+    """The warm-up request's rows stay in its free slot; were they a timed prompt's (prompt 0, say), that
+    request would start from them and skip the prefill that every reference request runs."""
+    import mossserve.bench.compare as compare
+    from mossserve.engine.prefixes import common_prefix
+
+    calls = []
+    real = compare._generate
+
+    def generate(engine, prompts, *args):
+        calls.append(prompts)
+        return real(engine, prompts, *args)
+
+    monkeypatch.setattr(compare, "_generate", generate)
+    result = run_compare_upstream(upstream_dir(tmp_path))
+    assert result["rows_equal"] is True and len(calls) == 4  # warm-up and timed run, at 1 and 16 slots
+    for (warm_up,), timed in (calls[:2], calls[2:]):
+        assert len(timed) == len(CASES) and all(common_prefix(warm_up.rows, p.rows) == 0 for p in timed)
+

@@ -67,6 +67,52 @@ def test_floor_rounds_leave_no_openmp_pool_behind(monkeypatch, capsys) -> None:
     assert released == [threading.main_thread()] * 3  # the warm-up round and the two timed ones
 
 
+@pytest.mark.parametrize("requests", [2, 17])
+def test_first_audio_rounds_start_16_requests_whatever_requests(requests, monkeypatch, capsys) -> None:
+    """Each round of `ttfa_16_*` starts exactly 16 requests, distinct texts, on the 16-slot engine: fewer would
+    not be the figure's 16, more would queue for a slot and measure the wait (benchmarks/gpu.py runs 32)."""
+    import mossserve.bench.engine as bench_engine
+
+    rounds = []
+    real = bench_engine._time_first_audio_together
+
+    def together(engine, submit, prompts, steps):
+        rounds.append((engine.config.max_running, {p.rows.tobytes() for p in prompts}, len(prompts)))
+        return real(engine, submit, prompts, steps)
+
+    monkeypatch.setattr(bench_engine, "_time_first_audio_together", together)
+    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "1", "--requests", str(requests),
+                 "--ttfa-runs", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(rounds) == 2 and out["ttfa_16_requests"] == 16 and out["requests"] == requests
+    for slots, texts, submitted in rounds:
+        assert slots == submitted == len(texts) == 16
+
+
+@pytest.mark.parametrize("requests", [1, 2])
+def test_ttfa_runs_take_a_new_text_whatever_requests(requests, monkeypatch, capsys) -> None:
+    """Each one-stream TTFA run takes a text other than the one the engine ran just before, whose whole prompt
+    it would find kept and not prefill (docs/bench.md: each is a new text); so its floor prefills rows too."""
+    from mossserve.engine.engine import Engine
+
+    submitted = []  # the prompts given to the one-stream engine, in order
+    real = Engine.add_request
+
+    def add_request(self, prompt, *args, **kwargs):
+        if self.config.max_running == 1:
+            submitted.append(prompt.rows)
+        return real(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "add_request", add_request)
+    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "1", "--requests", str(requests),
+                 "--ttfa-runs", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(submitted) == 1 + requests + 2  # the warm-up, the throughput run, the TTFA runs
+    for before, run in zip(submitted[-3:-1], submitted[-2:]):
+        assert not np.array_equal(before, run)
+    assert out["ttfa_floor"]["prefilled_rows"] > 1
+
+
 def test_bench_table_and_targets(capsys) -> None:
     code = main(["bench", "--model", str(DEMO_MODEL), "--frames", "2", "--requests", "1", "--ttfa-runs", "1"])
     captured = capsys.readouterr()
@@ -84,6 +130,10 @@ def test_bench_target_is_optional_and_codec_stays() -> None:
 @pytest.mark.parametrize("args, message", [
     (["bench", "--family", "ar", "--json"], "supported: delay"),
     (["bench", "--frames", "0"], "--frames"),
+    # an option of another mode is refused, not dropped (each would fail its own check next if it were run)
+    (["bench", "--compare-upstream", "nowhere", "--family", "local"], "--family: not used by --compare-upstream"),
+    (["bench", "--frames", "0", "--streams", "3"], "--streams: not used by the engine bench"),
+    (["bench", "codec", "--streams", "0", "--requests", "3"], "--requests: not used by bench codec"),
 ])
 def test_bench_errors_are_clear(args, message, capsys) -> None:
     code = main(args)

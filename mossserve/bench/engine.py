@@ -11,8 +11,9 @@ every request's frames are decoded to audio.
   size 1, same code path. `speedup_16` = throughput at 16 / sequential.
 * TTFA: one request at a time on the concurrency-1 engine with the default chunk schedule (first
   chunk 2 frames); wall time from `add_request` to the sink receiving the first chunk that holds
-  audio, median of `ttfa_runs`. Each run is aborted once its first audio arrives. Run i takes text
-  i + 1 (cycling), so each is a new text on a warm engine: the engine starts it from the prefix
+  audio, median of `ttfa_runs`. Each run is aborted once its first audio arrives. The runs take
+  the bench's texts in turn (cycling), starting after the last text the concurrency-1 run ran, so
+  each is a new text on a warm engine whatever `requests` is: the engine starts it from the prefix
   (the chat template) that the previous request left in its free slot, and prefills the rest.
 * TTFA floor: the same work timed piece by piece in this thread while the engine is idle, on the
   same model and codec: prefill of the rows the engine prefills (the kept prefix is put in the
@@ -24,12 +25,13 @@ every request's frames are decoded to audio.
 * Codec streaming decode (`codec_streaming`, the family's own codec; codec.py): 16 streams of
   2 s decoded chunk by chunk, batched vs one at a time.
 * First audio under load: after the concurrency-16 run, `ttfa_runs` rounds on that engine each
-  submit every request at once, with new texts ("Take k. " before each bench text, so that only
-  the chat template is found kept), and abort them once all have audio. A round's figure is the
-  median of its first-audio latencies (from the first submission); `ttfa_16_s` is the median of
-  the rounds' figures (`ttfa_16_runs_s`), `ttfa_16_max_s` the median of each round's last one,
-  `ttfa_16_vs_1` = `ttfa_16_s` / TTFA. Rounds, not one run, because a batch-16 step is what this
-  figure is made of and its time varies most with whatever else the machine runs.
+  submit 16 requests at once, one per slot whatever `requests` is (more would queue), with new texts
+  ("Take k. " before each of the 16 bench texts, so that only the chat template is found kept), and
+  abort them once all have audio. A round's figure is the median of its first-audio latencies
+  (from the first submission); `ttfa_16_s` is the median of the rounds' figures (`ttfa_16_runs_s`),
+  `ttfa_16_max_s` the median of each round's last one, `ttfa_16_vs_1` = `ttfa_16_s` / TTFA. Rounds,
+  not one run, because a batch-16 step is what this figure is made of and its time varies most with
+  whatever else the machine runs.
 
 * Floors (`floors`, see floors.py and docs/bench.md), measured after the runs (and after
   `peak_rss_mb` and, on a GPU, `peak_device_memory_mb` are taken): memory read bandwidth and GEMM
@@ -75,6 +77,7 @@ from .machine import machine_info
 
 SUPPORTED_FAMILIES = ("delay", "local", "realtime", "fish")
 CONCURRENCY = (1, 4, 16)
+TOGETHER = 16  # requests of a first-audio-under-load round: one per slot of the concurrency-16 engine
 TARGETS = {"speedup_16": 5.0, "ttfa_ratio": 1.3, "ttfa_16_vs_1": 2.0}  # from the issue; reported, not asserted
 RANDOM_MODEL = "random bench checkpoint"
 
@@ -237,11 +240,11 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
             produced[key] = {"min": min(counts), "max": max(counts), "steps_max": max(len(g.rows) for g in generations)}
             reasons[key] = sorted({g.finish_reason for g in generations})
             say(f"concurrency {c}: {throughput[key]:.2f} audio s / s ({audio_s[key]:.1f} s audio in {elapsed:.1f} s)")
-            if c == 16:
-                say("first audio with every request started together: rounds of new texts")
+            if c == TOGETHER:
+                say(f"first audio with {TOGETHER} requests started together: rounds of new texts")
                 for run in range(ttfa_runs):
                     batch = [tts.prompt(SpeechRequest(input=f"Take {run + 1}. {TEXTS[i % len(TEXTS)]}"))
-                             for i in range(requests)]
+                             for i in range(TOGETHER)]
                     engine.wait_idle()
                     first_audio_16.append(_time_first_audio_together(engine, submit, batch, steps))
             if c == 1:
@@ -250,8 +253,8 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
                 say("TTFA: streaming runs alternating with the floor, piece by piece")
                 floor_timer = _FloorTimer(talker, codec_model, sampling, config(1))
                 floor_timer.round(prompts[0], prompts[-1])  # warm-up
-                for run in range(ttfa_runs):
-                    prompt, before = prompts[(run + 1) % len(prompts)], prompts[run % len(prompts) if run else -1]
+                ttfa_prompts = [tts.prompt(SpeechRequest(input=text)) for text in _ttfa_texts(requests, ttfa_runs)]
+                for prompt, before in zip(ttfa_prompts, [prompts[-1], *ttfa_prompts[:-1]]):
                     engine.wait_idle()
                     ttfa_values.append(_time_first_audio(engine, submit, prompt, steps))
                     engine.wait_idle()
@@ -329,6 +332,7 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
         "ttfa_floor_s": floor["total_s"],
         "ttfa_floor": floor,
         "ttfa_ratio": ttfa / floor["total_s"],
+        "ttfa_16_requests": TOGETHER,
         "ttfa_16_s": ttfa_16,
         "ttfa_16_max_s": statistics.median(max(run) for run in first_audio_16),
         "ttfa_16_vs_1": ttfa_16 / ttfa,
@@ -343,6 +347,13 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
         "bench_wall_s": time.perf_counter() - started,
     }
     return result
+
+
+def _ttfa_texts(requests: int, runs: int) -> list[str]:
+    """The texts of the one-stream TTFA runs: the bench's texts in turn after the last one the
+    concurrency-1 run ran (text `requests - 1`), so that no run repeats the text before it, whose
+    whole prompt the engine would find kept and not prefill."""
+    return [TEXTS[(requests + run) % len(TEXTS)] for run in range(runs)]
 
 
 def _time_first_audio_after_text(engine, talker, sampling, run: int) -> float:
@@ -562,8 +573,8 @@ def format_table(result: dict) -> str:
          f"floor {result['ttfa_floor_s'] * 1000:.0f} ms = prefill {floor['prefill_s'] * 1000:.0f} + "
          f"{floor['steps']} steps {floor['steps_s'] * 1000:.0f} + codec {floor['codec_first_chunk_s'] * 1000:.0f}; "
          f"ratio {result['ttfa_ratio']:.2f} (target <= {TARGETS['ttfa_ratio']:g})"),
-        (f"  first audio with 16 requests started together ({len(result['ttfa_16_runs_s'])} rounds): "
-         f"median {result['ttfa_16_s'] * 1000:.0f} ms, "
+        (f"  first audio with {result['ttfa_16_requests']} requests started together "
+         f"({len(result['ttfa_16_runs_s'])} rounds): median {result['ttfa_16_s'] * 1000:.0f} ms, "
          f"last {result['ttfa_16_max_s'] * 1000:.0f} ms; {result['ttfa_16_vs_1']:.2f}x the single request's "
          f"(target <= {TARGETS['ttfa_16_vs_1']:g})"),
         *([(f"  text to first audio (a turn whose text streams in): {result['text_to_first_audio_s'] * 1000:.0f} ms "
