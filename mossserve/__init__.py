@@ -16,10 +16,12 @@ _HOMES = {
     "ChunkSchedule": "config", "EngineConfig": "config", "RunawayGuard": "config",
     "AsyncEngine": "engine.async_engine", "RequestStream": "engine.async_engine",
     "AudioChunk": "engine.request", "Generation": "engine.request",
+    "Prompt": "models.family",
     "AudioError": "errors", "CheckpointError": "errors", "EngineClosedError": "errors", "EngineFullError": "errors",
     "InvalidRequestError": "errors", "MossServeError": "errors", "RequestAborted": "errors", "SessionLimitError": "errors",
     "SamplingParams": "sampling",
     "Speaker": "speech_request", "SpeechRequest": "speech_request",
+    "SessionScript": "text.realtime_session",
 }
 
 __all__ = [
@@ -35,11 +37,13 @@ __all__ = [
     "Generation",
     "InvalidRequestError",
     "MossServeError",
+    "Prompt",
     "RequestAborted",
     "RequestStream",
     "RunawayGuard",
     "SamplingParams",
     "SessionLimitError",
+    "SessionScript",
     "Speaker",
     "SpeechRequest",
     "TTS",
@@ -54,5 +58,7 @@ if TYPE_CHECKING:
     from .engine.request import AudioChunk, Generation
     from .errors import (AudioError, CheckpointError, EngineClosedError, EngineFullError, InvalidRequestError,
                          MossServeError, RequestAborted, SessionLimitError)
+    from .models.family import Prompt
     from .sampling import SamplingParams
     from .speech_request import Speaker, SpeechRequest
+    from .text.realtime_session import SessionScript

@@ -28,6 +28,7 @@ from .engine.engine import Engine
 from .engine.request import AudioChunk, Generation
 from .errors import (CheckpointError, EngineClosedError, EngineFullError, InvalidRequestError, MossServeError,
                      RequestAborted, SessionLimitError)
+from .loader import parse_device, parse_dtype
 from .models.config_utils import read_json
 from .models.family import Prompt, TalkerFamily
 from .models.registry import load_codec, load_talker
@@ -43,7 +44,9 @@ DEFAULT_MOSS_CODEC = "OpenMOSS-Team/MOSS-Audio-Tokenizer"
 class Audio:
     samples: np.ndarray  # float32 (channels, samples)
     sample_rate: int
-    codes: np.ndarray  # (frames, codebooks) the audio was decoded from
+    # (frames, codebooks): `generation.frames`. In continuation the prompt's audio prefix comes first
+    # (`generation.start_length` frames), decoded as context but cut from `samples`; then the generated frames.
+    codes: np.ndarray
     generation: Generation | None = None
 
     @property
@@ -66,8 +69,7 @@ class TTS:
         self.talker = talker
         self.device = device
         self.dtype = dtype
-        self.engine_config = engine_config or EngineConfig()
-        self.engine_config.validate()  # now, not at the first call
+        self.engine_config = checked_engine_config(engine_config)  # now, not at the first call
         self._codec_source = codec
         self._codec = None
         self._speakers = None
@@ -84,7 +86,10 @@ class TTS:
         """`model`: a checkpoint directory or hub id, `org/name[@revision]` (None: the bundled demo
         checkpoint, noise only). `codec`: a codec directory or hub id; by default the one bundled with
         or named by the model. `task`: which MOSS-TTS Delay model a checkpoint whose name does not
-        say is (tts, dialogue, voice_design, sound_effect)."""
+        say is (tts, dialogue, voice_design, sound_effect). `dtype` "auto" is resolved: `.dtype` names
+        the one chosen."""
+        engine_config = checked_engine_config(engine_config)  # before the model loads, which takes a while
+        dtype = str(parse_dtype(dtype, parse_device(device))).removeprefix("torch.")
         talker = load_talker(DEMO_MODEL if model is None else model, device=device, dtype=dtype, task=task)
         return cls(talker, codec, device=device, dtype=dtype, engine_config=engine_config)
 
@@ -171,7 +176,7 @@ class TTS:
         return self.speakers.encode(path)
 
     # ---- generation -----------------------------------------------------------------------
-    def run(self, prompts: list[Prompt], sampling: SamplingParams | list[SamplingParams] | None = None,
+    def run(self, prompts: list[Prompt], sampling: SamplingParams | list[SamplingParams | None] | None = None,
             max_new_frames: int | None = None, decode_audio: bool = True, schedule: ChunkSchedule | None = None,
             on_chunk: Callable[[int, AudioChunk], None] | None = None,
             raise_errors: bool = True, session: str | None = None,
@@ -192,7 +197,7 @@ class TTS:
             if len(sampling) != len(prompts):
                 raise InvalidRequestError(f"{len(sampling)} sampling settings for {len(prompts)} prompts; give one "
                                           "for every prompt, or one for all")
-            samplings = list(sampling)
+            samplings = [self.talker.default_sampling() if s is None else s for s in sampling]  # None: the model's
         else:
             samplings = [sampling or self.talker.default_sampling()] * len(prompts)
         outbox: queue.Queue = queue.Queue()
@@ -266,13 +271,15 @@ class TTS:
             engine = self._engine
         return engine is not None and engine.close_session(session)
 
-    def run_session(self, script: SessionScript, sampling: SamplingParams | None = None,
+    def run_session(self, script: SessionScript | dict | str | Path, sampling: SamplingParams | None = None,
                     max_new_frames: int | None = None, decode_audio: bool = True,
                     on_chunk: Callable[[int, AudioChunk], None] | None = None) -> list[tuple[Generation, Audio | None]]:
         """A session script's turns in order (docs/cli.md), each continuing the context of the
-        turns before it, a fresh context at `new_context`; per turn its generation and audio."""
+        turns before it, a fresh context at `new_context`; per turn its generation and audio.
+        `script`: a SessionScript, its JSON as a dict, or the path of a JSON file."""
         if not self.talker.supports_sessions:
             raise InvalidRequestError("this model does not run session scripts (multi-turn contexts)")
+        script = as_session_script(script)
         engine, results, session = self.engine, [], None
         try:
             for index, turn in enumerate(script.turns):
@@ -296,7 +303,10 @@ class TTS:
     def stream(self, request: SpeechRequest | Prompt, sampling: SamplingParams | None = None,
                max_new_frames: int | None = None, schedule: ChunkSchedule | None = None) -> Iterator[AudioChunk]:
         """Audio chunks of one request as the codec produces them; the last one is `final`.
-        Leaving the loop early aborts the request."""
+        Leaving the loop early aborts the request. A request aborted from elsewhere
+        (`tts.engine.abort(id)` on another thread) raises RequestAborted, so that a loop collecting
+        audio never takes a cut result for a whole one; an AsyncEngine stream ends with an "aborted"
+        final chunk instead (docs/engine.md, "A request's life")."""
         prompt = self.prompt(request)
         outbox: queue.Queue = queue.Queue()
         engine = self.engine
@@ -322,7 +332,7 @@ class TTS:
             if not done:
                 engine.abort(handle.id)
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: list[Prompt], sampling: SamplingParams | list[SamplingParams | None] | None = None,
                  max_new_frames: int | None = None) -> list[Generation]:
         """Codes only (no codec), through continuous batching."""
         return [g for g, _ in self.run(prompts, sampling, max_new_frames, decode_audio=False)]
@@ -330,10 +340,13 @@ class TTS:
     def sampling(self, greedy: bool = False, **overrides) -> SamplingParams:
         """This model's sampling settings (its model card's, as a call without `sampling` uses) with
         `overrides` (SamplingParams fields; None keeps the model's); `greedy`: argmax on every head,
-        the model's other rules (repetition penalty and window) kept. `SamplingParams()` itself holds
-        MOSS-TTS's card, not the loaded model's."""
+        the model's other rules (repetition penalty and window) kept, so a temperature beside it is
+        refused (it would be ignored). `SamplingParams()` itself holds MOSS-TTS's card, not the loaded model's."""
         sampling = self.talker.default_sampling()
         if greedy:
+            given = [name for name in ("text_temperature", "audio_temperature") if overrides.get(name) is not None]
+            if given:
+                raise InvalidRequestError(f"greedy is temperature 0; give greedy or {' and '.join(given)}, not both")
             sampling = sampling.with_overrides(text_temperature=0.0, audio_temperature=0.0)
         sampling = sampling.with_overrides(**overrides)
         sampling.validate(self.talker.codebooks)
@@ -398,14 +411,36 @@ class TTS:
 
 
 def as_speech_request(request: SpeechRequest | str) -> SpeechRequest:
-    """A plain string is `SpeechRequest(input=...)`; a SpeechRequest is checked again (its fields
-    may have been set after it was made)."""
+    """A plain string is `SpeechRequest(input=...)`; a SpeechRequest is checked and its voices
+    normalised again (its fields may have been set after it was made)."""
     if isinstance(request, str):
         return SpeechRequest(input=request)
     if not isinstance(request, SpeechRequest):
         raise InvalidRequestError(f"expected a SpeechRequest, a Prompt or a string, got {type(request).__name__}")
     request.validate()
     return request
+
+
+def checked_engine_config(config: EngineConfig | None) -> EngineConfig:
+    """The config (None: the defaults), its fields checked: a mistake is reported before anything loads."""
+    if config is None:
+        return EngineConfig()
+    if not isinstance(config, EngineConfig):
+        raise InvalidRequestError(f"engine_config must be an EngineConfig, got {type(config).__name__}"
+                                  + ("; write EngineConfig(**...)" if isinstance(config, dict) else ""))
+    config.validate()
+    return config
+
+
+def as_session_script(script: SessionScript | dict | str | Path) -> SessionScript:
+    """A SessionScript as is; a dict as its JSON (`SessionScript.from_dict`); a path as its JSON file."""
+    if isinstance(script, SessionScript):
+        return script
+    if isinstance(script, dict):
+        return SessionScript.from_dict(script)
+    if isinstance(script, (str, Path)):
+        return SessionScript.from_json(script)
+    raise InvalidRequestError(f"expected a SessionScript, a dict or a JSON file path, got {type(script).__name__}")
 
 
 def check_prompts(prompts: list[Prompt]) -> None:

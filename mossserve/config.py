@@ -105,7 +105,7 @@ class EngineConfig:
     def validate(self) -> None:
         """Each field's type and range, the field named in the message."""
         least = {"max_running": 1, "max_queued": 0, "max_len": 2, "prefill_tokens": 1, "shared_prefix_rows": 0,
-                 "max_chunk_frames": 1, "max_sessions": 0}
+                 "max_chunk_frames": 1, "max_sessions": 1}
         if self.codec_streams is not None:
             least["codec_streams"] = 0  # 0: the default, as None
         for name, bound in least.items():

@@ -48,14 +48,16 @@ class SpeechRequest:
     chunk_length: int | None = None  # Fish S2 Pro: UTF-8 bytes of speaker turns per text batch (None = 300)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field and normalise the voices (codes to arrays, `.npy` paths loaded, speaker
+        dicts to `Speaker`), so that fields set after construction mean what they mean in it."""
         self.voice = normalize_voice(self.voice, "voice")
         if self.speakers is not None:
             if not isinstance(self.speakers, (list, tuple)):
                 raise InvalidRequestError("speakers must be a list of {voice, reference_text}")
             self.speakers = [_speaker(s, i) for i, s in enumerate(self.speakers)]
-        self.validate()
-
-    def validate(self) -> None:
         for name in ("input", "reference_text", "instructions", "language", "task"):
             check_text(getattr(self, name), name)
         if self.mode is not None and self.mode not in MODES:

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import CODEC_DIR, DELAY_DIR, STREAMED_VS_WHOLE_ATOL, TOKENIZER_DIR
 from delay_cases import generation_cases
-from mossserve import SamplingParams, SpeechRequest
+from mossserve import InvalidRequestError, SamplingParams, SessionScript, SpeechRequest
 from mossserve.api import DEFAULT_MOSS_CODEC, TTS, default_codec
 
 
@@ -76,6 +77,7 @@ def test_continuation_audio_drops_the_prefix_as_the_reference_does(delay_tts) ->
     cut = 13 * tts.codec.samples_per_frame
     assert 0 <= cut - int(whole.shape[-1] * 13 / 18) <= 1
     np.testing.assert_allclose(audio.samples, whole[:, cut:], atol=STREAMED_VS_WHOLE_ATOL)
+    assert audio.codes is generation.frames and audio.codes.shape[0] == 18  # the prefix's 13 frames included
 
 
 def test_an_unthreaded_engine_is_stepped_by_the_call(delay_model_dirs, delay_tts) -> None:
@@ -95,3 +97,23 @@ def test_an_unthreaded_engine_is_stepped_by_the_call(delay_model_dirs, delay_tts
     chunks = list(tts.stream(requests[1], SamplingParams.greedy(), 12))
     assert chunks[-1].final and np.array_equal(chunks[-1].generation.frames, theirs[1].codes)
     assert not tts.engine.has_work()
+
+
+def test_run_session_takes_a_script_its_json_or_its_file(tmp_path: Path) -> None:
+    """It took only a SessionScript, which nothing in `mossserve` exported; a dict gave AttributeError."""
+    from realtime_cases import REALTIME_DIR
+
+    data = {"turns": [{"input": "Hello there."}, {"input": "And again."}]}
+    path = tmp_path / "session.json"
+    path.write_text(json.dumps(data))
+    tts = TTS.from_pretrained(REALTIME_DIR)
+    try:
+        greedy = tts.sampling(greedy=True)
+        runs = [tts.run_session(script, greedy, 12, decode_audio=False)
+                for script in (SessionScript.from_dict(data), data, path, str(path))]
+        for run in runs[1:]:
+            assert [g.frames.tolist() for g, _ in run] == [g.frames.tolist() for g, _ in runs[0]]
+        with pytest.raises(InvalidRequestError, match="expected a SessionScript, a dict or a JSON file path, got list"):
+            tts.run_session(data["turns"])
+    finally:
+        tts.close()

@@ -11,7 +11,7 @@ import torch
 
 from conftest import AUDIO_DIR, CODEC_DIR
 from mossserve import (AsyncEngine, AudioError, EngineConfig, EngineFullError, InvalidRequestError, MossServeError,
-                       SamplingParams, SpeechRequest)
+                       RequestAborted, SamplingParams, SpeechRequest)
 from mossserve.api import TTS
 from mossserve.config import ChunkSchedule, RunawayGuard
 
@@ -137,6 +137,10 @@ def test_sampling_is_the_models_card_with_overrides() -> None:
         assert seeded.seed == 3 and seeded.audio_top_k == card.audio_top_k == 30
         with pytest.raises(InvalidRequestError, match="audio_top_p"):
             tts.sampling(audio_top_p=2.0)
+        # greedy is temperature 0: a temperature beside it was silently dropped
+        with pytest.raises(InvalidRequestError, match="give greedy or audio_temperature, not both"):
+            tts.sampling(greedy=True, audio_temperature=1.0)
+        assert tts.sampling(greedy=True, audio_temperature=None).audio_temperature == 0.0
     finally:
         tts.close()
 
@@ -501,6 +505,26 @@ def test_a_request_changed_after_it_was_made_is_checked_again(delay_tts) -> None
         delay_tts("tiny_nvq16").synthesize(request)
 
 
+def test_voices_set_after_the_request_was_made_mean_what_they_mean_in_it(delay_tts, tmp_path: Path) -> None:
+    """A .npy voice set later was read as an audio file (AudioError), a speaker dict set later
+    failed with AttributeError: both are normalised as the constructor normalises them."""
+    tts = delay_tts("tiny_nvq16")
+    codes = tmp_path / "codes.npy"
+    np.save(codes, tts.generate_codes("Hi.", SamplingParams.greedy(), 20))
+    later = SpeechRequest(input="Hello.")
+    later.voice = str(codes)
+    assert np.array_equal(tts.prompt(later).rows, tts.prompt(SpeechRequest(input="Hello.", voice=str(codes))).rows)
+    dialogue = dict(input="[S1] Hello.", task="dialogue")
+    later = SpeechRequest(**dialogue)
+    speaker = {"voice": str(codes), "reference_text": "Hi."}
+    later.speakers = [speaker]
+    expected = tts.prompt(SpeechRequest(**dialogue, speakers=[speaker])).rows
+    assert np.array_equal(tts.prompt(later).rows, expected)
+    later.speakers = [{**speaker, "name": "x"}]
+    with pytest.raises(InvalidRequestError, match=r"speakers\[0\]: unknown field\(s\) name"):
+        tts.prompt(later)
+
+
 def test_numpy_numbers_are_numbers() -> None:
     params = SamplingParams(seed=np.int64(7), audio_top_k=np.int64(5), audio_top_p=np.float32(0.5),
                             audio_temperature=np.full(16, 1.2), audio_repetition_penalty=[np.float32(1.5)] * 16,
@@ -519,6 +543,8 @@ def test_numpy_numbers_are_numbers() -> None:
     (dict(max_chunk_frames=0), "EngineConfig.max_chunk_frames must be an integer >= 1, got 0"),
     (dict(threaded="no"), "EngineConfig.threaded must be True or False"),
     (dict(max_queued=-1), "EngineConfig.max_queued must be an integer >= 0, got -1"),
+    # 0 has no meaning of its own: every session was refused as if the engine were full
+    (dict(max_sessions=0), "EngineConfig.max_sessions must be an integer >= 1, got 0"),
     # a request waiting for text keeps its decoder stream: waiting ones could hold every stream and a
     # finished request's final chunk never come
     (dict(max_running=2, codec_streams=1), "EngineConfig.codec_streams must be 0"),
@@ -534,10 +560,73 @@ def test_numpy_numbers_are_numbers() -> None:
     (dict(runaway=RunawayGuard(frame_rate=0)), "RunawayGuard.frame_rate must be a positive number, got 0"),
     (dict(runaway=RunawayGuard(enabled="yes")), "RunawayGuard.enabled must be True or False"),
 ])
-def test_engine_config_mistakes_are_refused_when_the_tts_is_made(delay_model_dirs, config, message) -> None:
+def test_engine_config_mistakes_are_refused_before_the_model_loads(delay_model_dirs, config, message,
+                                                                    monkeypatch) -> None:
+    """They were reported only after the whole model had loaded."""
+    monkeypatch.setattr("mossserve.api.load_talker", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(")):
         TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
                             engine_config=EngineConfig(**config))
+
+
+def test_an_engine_config_that_is_not_one_is_refused(delay_model_dirs, monkeypatch) -> None:
+    """A dict failed with AttributeError ('dict' object has no attribute 'validate') after the model loaded."""
+    monkeypatch.setattr("mossserve.api.load_talker", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(InvalidRequestError, match=r"engine_config must be an EngineConfig, got dict; write Engine"):
+        TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], engine_config={"max_running": 2})
+
+
+def test_async_engine_takes_the_task_as_tts_does(delay_model_dirs) -> None:
+    engine = AsyncEngine.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny", task="dialogue")
+    try:
+        assert engine.tts.talker.default_task == "dialogue"
+    finally:
+        engine.close()
+
+
+def test_none_in_a_list_of_sampling_settings_is_the_models(delay_tts) -> None:
+    """None means the model's settings everywhere else; in a list it was refused."""
+    tts = delay_tts("tiny_nvq16")
+    prompts = [tts.prompt("Hello."), tts.prompt("A second one.")]
+    mixed = tts.generate(prompts, [None, SamplingParams.greedy()], 20)
+    assert mixed[0].finish_reason != "error"
+    assert np.array_equal(mixed[1].frames, tts.generate(prompts[1:], SamplingParams.greedy(), 20)[0].frames)
+
+
+def test_an_abort_from_elsewhere_raises_in_a_stream_and_ends_an_async_stream(delay_model_dirs) -> None:
+    """docs/engine.md: `TTS.stream` raises RequestAborted (a loop collecting audio never takes a cut
+    result for a whole one); an AsyncEngine stream, aborted by id, ends with an "aborted" final chunk."""
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                              engine_config=EngineConfig(threaded=False))  # aborted at a chosen step
+    request = SpeechRequest(input="A sentence long enough to abort after its first chunk.")
+
+    async def aborted_async() -> list:
+        engine = AsyncEngine(tts)
+        stream = await engine.submit(request, SamplingParams.greedy(), max_new_frames=200)
+        chunks = []
+        async for chunk in stream:
+            chunks.append(chunk)
+            engine.abort(stream.request_id)
+        return chunks
+
+    try:
+        with pytest.raises(RequestAborted, match="was aborted"):
+            for chunk in tts.stream(request, SamplingParams.greedy(), 200):
+                tts.engine.abort(chunk.request_id)
+        chunks = asyncio.run(aborted_async())
+        assert chunks[-1].final and chunks[-1].finish_reason == "aborted" and chunks[-1].error is None
+        assert tts.stats()["live"] == 0
+    finally:
+        tts.close()
+
+
+def test_auto_dtype_reports_the_dtype_chosen(delay_model_dirs) -> None:
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny", dtype="auto")
+    try:
+        weights = {str(w.dtype).removeprefix("torch.") for w in tts.talker.decode_weights().values()}
+        assert tts.dtype in ("float32", "bfloat16") and tts.dtype in weights
+    finally:
+        tts.close()
 
 
 def test_an_unthreaded_async_engine_is_stepped_by_its_streams(delay_model_dirs) -> None:

@@ -25,7 +25,9 @@ from .request import AudioChunk
 
 
 class RequestStream:
-    """The chunks of one request, in order; raises MossServeError if the request fails.
+    """The chunks of one request, in order; raises MossServeError if the request fails. An aborted
+    request (`AsyncEngine.abort`, `close_session`) is no failure here: its final chunk says "aborted"
+    and carries the generation so far (`TTS.stream` raises RequestAborted instead; docs/engine.md).
 
     Both `async for chunk in engine.submit(...)` and `stream = await engine.submit(...)` work;
     awaiting first raises bad input or a full queue before any chunk is read."""
@@ -78,10 +80,12 @@ class AsyncEngine:
 
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, codec: str | Path | None = None, device: str = "cpu",
-                        dtype: str = "float32", config: EngineConfig | None = None) -> "AsyncEngine":
+                        dtype: str = "float32", config: EngineConfig | None = None,
+                        task: str | None = None) -> "AsyncEngine":
+        """As `TTS.from_pretrained` (`task`: which Delay model a checkpoint whose name does not say is)."""
         from ..api import TTS
 
-        return cls(TTS.from_pretrained(model, codec, device=device, dtype=dtype, engine_config=config))
+        return cls(TTS.from_pretrained(model, codec, device=device, dtype=dtype, engine_config=config, task=task))
 
     def submit(self, request: SpeechRequest | Prompt | str, sampling: SamplingParams | None = None, *,
                request_id: str | None = None, max_new_frames: int | None = None,
