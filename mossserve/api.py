@@ -340,11 +340,11 @@ class TTS:
     def sampling(self, greedy: bool = False, **overrides) -> SamplingParams:
         """This model's sampling settings (its model card's, as a call without `sampling` uses) with
         `overrides` (SamplingParams fields; None keeps the model's); `greedy`: argmax on every head,
-        the model's other rules (repetition penalty and window) kept, so a temperature beside it is
-        refused (it would be ignored). `SamplingParams()` itself holds MOSS-TTS's card, not the loaded model's."""
+        the model's other rules (repetition penalty and window) kept, so a temperature other than 0
+        beside it is refused (it would be ignored). `SamplingParams()` itself holds MOSS-TTS's card, not the loaded model's."""
         sampling = self.talker.default_sampling()
         if greedy:
-            given = [name for name in ("text_temperature", "audio_temperature") if overrides.get(name) is not None]
+            given = [name for name in ("text_temperature", "audio_temperature") if overrides.get(name) not in (None, 0)]
             if given:
                 raise InvalidRequestError(f"greedy is temperature 0; give greedy or {' and '.join(given)}, not both")
             sampling = sampling.with_overrides(text_temperature=0.0, audio_temperature=0.0)

@@ -141,6 +141,7 @@ def test_sampling_is_the_models_card_with_overrides() -> None:
         with pytest.raises(InvalidRequestError, match="give greedy or audio_temperature, not both"):
             tts.sampling(greedy=True, audio_temperature=1.0)
         assert tts.sampling(greedy=True, audio_temperature=None).audio_temperature == 0.0
+        assert tts.sampling(greedy=True, audio_temperature=0).audio_temperature == 0.0  # the server's temperature 0
     finally:
         tts.close()
 
