@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -66,15 +67,17 @@ def cluster(tmp_path_factory):
         serve.run(realtime, name="rt", route_prefix="/rt", logging_config={"log_level": "WARNING"})
         yield url
     finally:
-        cli.terminate()  # SIGTERM, as a process manager stops it: the command shuts Serve down and exits 0
+        cli.terminate()  # SIGTERM, as a process manager stops it: the command removes its app and exits 0
         try:
             code = cli.wait(timeout=90)
+            left = set(serve.status().applications)
         except subprocess.TimeoutExpired:
             cli.kill()
             raise AssertionError(log.read_text()[-3000:]) from None
         finally:
             ray.shutdown()
         assert code == 0, log.read_text()[-3000:]
+        assert left == {"rt"}  # it joined the cluster: the other application on it keeps running
 
 
 def wait_ready(url: str, cli: subprocess.Popen, log) -> None:
@@ -203,7 +206,8 @@ def test_replicas_on_one_machine_share_the_data_directory(cluster) -> None:
     plain = httpx.post(cluster + "/rt/v1/audio/speech", json=body, timeout=60)
     other = until_the_other_replica(cluster, replica_of(r), lambda: httpx.post(
         cluster + "/rt/v1/audio/speech", json={**body, "voice": "ada"}, timeout=60))
-    assert other.status_code == 200 and plain.status_code == 200 and other.content != plain.content
+    assert (other.status_code, plain.status_code) == (200, 200), (other.text, plain.text)
+    assert other.content != plain.content
 
 
 def speech_ok_counts(text: str) -> dict[str, float]:
@@ -223,6 +227,17 @@ def test_metrics_of_every_replica_labelled(cluster) -> None:
         text = httpx.get(cluster + "/metrics", timeout=10).text
         now = speech_ok_counts(text)
         if all(now.get(r, 0) > before.get(r, 0) for r in (first, other)):
+            break
+        assert time.monotonic() < deadline, text[:2000]
+    assert 'mossserve_kv_cache_slots{replica="' in text
+
+
+def test_metrics_under_a_route_prefix_are_every_replicas(cluster) -> None:
+    """Under /rt the app's /metrics is /rt/metrics: answered from the /rt app's board, both replicas labelled."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:  # replicas push their metrics every second
+        text = httpx.get(cluster + "/rt/metrics", timeout=10).text
+        if set(re.findall(r'replica="(\w+)"', text)) == live_replicas("rt"):
             break
         assert time.monotonic() < deadline, text[:2000]
     assert 'mossserve_kv_cache_slots{replica="' in text

@@ -2,15 +2,22 @@
 `serve --ray` options and their errors, and the merge of every replica's metrics."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
 pytest.importorskip("ray.serve")
 
 from mossserve.cli import main  # noqa: E402
 from mossserve.distributed.builder import parse_args, parse_autoscale  # noqa: E402
+from mossserve.distributed import deployment  # noqa: E402
+from mossserve.distributed.deployment import ReplicaFront, app_path  # noqa: E402
 from mossserve.distributed.metrics_board import labelled  # noqa: E402
+from mossserve.distributed.run import absolute_paths, least_replicas, replica_error, shortfall  # noqa: E402
+from mossserve.serve.settings import ServerSettings  # noqa: E402
 
 
 def test_config_file_arguments_are_typed_by_their_fields() -> None:
@@ -27,6 +34,56 @@ def test_config_file_arguments_are_typed_by_their_fields() -> None:
                                     "task": "dialogue", "dtype": "auto"})  # as a YAML config file gives them
     assert settings.cors_origins == ("https://a.example", "https://b.example") and not options.voice_service
     assert (settings.task, settings.dtype) == ("dialogue", "auto")
+
+
+def yaml_args(text: str) -> dict:
+    """`args:` as a Serve config file hands them to app_builder."""
+    return yaml.safe_load(text)
+
+
+def test_yaml_scalars_become_the_text_fields_they_fill() -> None:
+    settings, _ = parse_args(yaml_args("{api_key: 123456, model_name: 2024, codec: null}"))
+    assert (settings.api_key, settings.model_name, settings.codec) == ("123456", "2024", None)
+
+
+def test_home_in_config_paths_is_expanded() -> None:
+    settings, _ = parse_args(yaml_args("{data_dir: ~/voices, model: ~/ckpt, codec: org/codec}"))
+    assert settings.data_dir == Path.home() / "voices" and settings.model == str(Path.home() / "ckpt")
+    assert settings.codec == "org/codec"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("{replicas: 2.7}", "replicas is an integer, got 2.7"),  # not cut to 2
+    ("{replicas: true}", "replicas is an integer, got True"),  # not 1
+    ("{torch_threads: 0.5}", "torch_threads is an integer, got 0.5"),
+    ("{num_cpus: .nan}", "num_cpus must be a finite number >= 0, got nan"),
+    ("{num_cpus: -1}", "num_cpus must be a finite number >= 0, got -1"),
+    ("{retry_after_s: -5}", "retry_after_s must be a finite number >= 0, got -5"),
+    ("{autoscale: 1:4}", 'base-60 number 64, so quote it'),  # YAML 1.1 sexagesimal
+])
+def test_yaml_values_that_do_not_fit_their_field_are_named(text, needle) -> None:
+    with pytest.raises(ValueError, match=needle):
+        parse_args(yaml_args(text))
+
+
+@pytest.mark.parametrize("num_cpus", [-1.0, float("nan")])
+def test_ray_options_from_python_refuse_a_cpu_share_ray_cannot_place(num_cpus) -> None:
+    from mossserve.distributed import RayOptions, build_app
+
+    with pytest.raises(ValueError, match="num_cpus must be a number >= 0"):
+        build_app(ServerSettings(), RayOptions(num_cpus=num_cpus))
+
+
+def test_whole_floats_are_integers() -> None:
+    assert parse_args(yaml_args("{replicas: 3.0}"))[1].replicas == 3
+
+
+def test_a_gpu_index_is_refused_as_every_replica_sees_only_its_own_gpu() -> None:
+    from mossserve.distributed import app_builder
+
+    with pytest.raises(ValueError, match="device 'cuda:1' names one GPU of a machine"):
+        app_builder({"device": "cuda:1"})
+    assert app_builder({"device": "cuda:0"})._bound_deployment.ray_actor_options["num_gpus"] == 1
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -64,6 +121,7 @@ def test_autoscale_form() -> None:
     (["--replicas", "2"], "error: --replicas, --autoscale, --ray-address and --voice-service go with --ray"),
     (["--replicas", "1"], "error: --replicas, --autoscale, --ray-address and --voice-service go with --ray"),
     (["--ray", "--replicas", "2", "--autoscale", "1:2"], "not allowed with argument --replicas"),
+    (["--ray", "--device", "cuda:1"], "error: device 'cuda:1' names one GPU"),  # before any Ray starts
 ])
 def test_serve_ray_options_errors(argv, needle, capsys) -> None:
     try:
@@ -98,3 +156,93 @@ def test_the_deployment_takes_its_limits_from_the_engine() -> None:
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (0, 4, 8)
     assert config.graceful_shutdown_timeout_s == 60  # scale-down waits for running requests
     assert deployment.ray_actor_options["num_gpus"] == 1  # one device per replica
+
+
+@pytest.mark.parametrize("per_replica, replicas, needle", [
+    ({"CPU": 1.0, "GPU": 1}, 1, "1 replica(s) need 1 GPU (1 each), but the Ray cluster has 0 GPU in all"),
+    ({"CPU": 1.0, "GPU": 0}, 3, "3 replica(s) need 3 CPU (1 each), but the Ray cluster has 2 CPU in all"),
+    ({"CPU": 0.5, "GPU": 0}, 5, "5 replica(s) need 2.5 CPU (0.5 each)"),
+])
+def test_replicas_the_cluster_can_never_hold_are_named(per_replica, replicas, needle) -> None:
+    assert needle in shortfall({"CPU": 2.0}, per_replica, replicas)
+
+
+def test_replicas_that_fit_pass() -> None:
+    assert shortfall({"CPU": 2.0, "GPU": 2.0}, {"CPU": 1.0, "GPU": 1}, 2) is None
+    assert shortfall({"CPU": 2.0}, {"CPU": 0.0, "GPU": 0}, 8) is None
+
+
+def test_the_replicas_that_must_fit() -> None:
+    _, fixed = parse_args({"replicas": "3"})
+    _, scaled = parse_args({"autoscale": "2:8"})
+    _, to_zero = parse_args({"autoscale": "0:8"})
+    assert (least_replicas(fixed), least_replicas(scaled), least_replicas(to_zero)) == (3, 2, 1)
+
+
+def test_paths_resolve_against_the_callers_directory(tmp_path, monkeypatch) -> None:
+    """Not against the directory of the Ray worker that runs a replica."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    settings = absolute_paths(ServerSettings(model="ckpt", codec="OpenMOSS-Team/codec", data_dir=Path("voices")))
+    assert (settings.model, settings.codec) == (str(tmp_path / "ckpt"), "OpenMOSS-Team/codec")  # a hub id stays
+    assert settings.data_dir == tmp_path / "voices"
+
+
+def test_a_failed_deploy_names_the_replicas_exception() -> None:
+    message = ("The deployment failed to start 3 times in a row. See controller logs for details. Error:\n"
+               "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+               "mossserve.errors.CheckpointError: checkpoint directory not found: /nonexistent/ckpt\n")
+    status = SimpleNamespace(applications={"mossserve": SimpleNamespace(deployments={
+        "MetricsBoard": SimpleNamespace(status="HEALTHY", message=""),
+        "SpeechServer": SimpleNamespace(status="DEPLOY_FAILED", message=message)})})
+    reason = "mossserve.errors.CheckpointError: checkpoint directory not found: /nonexistent/ckpt"
+    assert replica_error(status) == reason
+    assert replica_error(SimpleNamespace(applications={})) == ""
+
+
+def test_the_app_path_is_the_one_under_the_route_prefix() -> None:
+    assert app_path({"path": "/tts/metrics", "root_path": "/tts"}) == "/metrics"
+    assert app_path({"path": "/metrics", "root_path": ""}) == "/metrics"
+
+
+LOCAL = "# HELP mossserve_queue_depth waiting\n# TYPE mossserve_queue_depth gauge\nmossserve_queue_depth 2.0\n"
+
+
+def scrape(path: str, root_path: str, render) -> bytes:
+    """GET `path` through a replica's front whose board answers `render()`; the body sent back."""
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"the app's own route"})
+
+    async def go() -> bytes:
+        sent = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        front = ReplicaFront(app, replica="r1", board=SimpleNamespace(render=SimpleNamespace(remote=render)),
+                             local=lambda: LOCAL)
+        await front({"type": "http", "method": "GET", "path": path, "root_path": root_path}, None, send)
+        return sent[-1]["body"]
+
+    return asyncio.run(asyncio.wait_for(go(), 30))  # a front that waits forever fails, not hangs
+
+
+async def board_union() -> bytes:
+    return b"the board's union"
+
+
+def test_metrics_under_a_route_prefix_come_from_the_board() -> None:
+    assert scrape("/tts/metrics", "/tts", board_union) == b"the board's union"
+    assert scrape("/tts/v1/models", "/tts", board_union) == b"the app's own route"
+
+
+async def board_died() -> bytes:
+    raise RuntimeError("the board's actor died")
+
+
+@pytest.mark.parametrize("render", [lambda: asyncio.get_running_loop().create_future(), board_died],
+                         ids=["board never answers", "board died"])
+def test_a_scrape_without_the_board_is_this_replicas_metrics(render, monkeypatch) -> None:
+    monkeypatch.setattr(deployment, "BOARD_TIMEOUT_S", 0.01)
+    assert scrape("/metrics", "", render) == labelled({"r1": LOCAL})

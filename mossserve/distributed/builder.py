@@ -13,6 +13,8 @@ Keys are ServerSettings' and RayOptions' field names, plus max_running and max_q
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from pathlib import Path
 
 from ..config import EngineConfig
@@ -21,6 +23,7 @@ from .deployment import RayOptions, build_app
 
 _ENGINE_KEYS = ("max_running", "max_queued", "max_len")
 _SERVE_HTTP_KEYS = ("host", "port")  # Serve's http_options decide where the one address listens
+_PATH_KEYS = ("model", "codec")  # a checkpoint directory, or a hub id
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -54,7 +57,7 @@ def _fields(target) -> set[str]:
 def _parse(key: str, value, default):
     """A value from the command line or YAML, as the field's default is typed (None: text)."""
     if key == "autoscale":
-        return parse_autoscale(str(value))
+        return _autoscale(value)
     if key == "cors_origins":  # a YAML list, or comma-separated text
         items = value if isinstance(value, (list, tuple)) else str(value).split(",")
         return tuple(str(v).strip() for v in items if str(v).strip())
@@ -64,13 +67,43 @@ def _parse(key: str, value, default):
         if str(value).lower() not in _TRUE + _FALSE:
             raise ValueError(f"{key} is true or false ({', '.join(_TRUE + _FALSE)}), got {value!r}")
         return str(value).lower() in _TRUE
-    if isinstance(default, (int, float, Path)):
-        try:
-            return type(default)(value)
-        except (TypeError, ValueError, OverflowError):
-            kind = "a path" if isinstance(default, Path) else "an integer" if isinstance(default, int) else "a number"
-            raise ValueError(f"{key} is {kind}, got {value!r}") from None
-    return value
+    if isinstance(default, (int, float)):
+        return _number(key, value, type(default))
+    if isinstance(default, Path):  # ~ is the home of the machine that builds the application
+        if value is None:
+            raise ValueError(f"{key} is a path, got None")
+        return Path(str(value)).expanduser()
+    if value is None:
+        return None
+    text = str(value)  # YAML reads `api_key: 123456` or `model_name: 2024` as a number
+    return os.path.expanduser(text) if key in _PATH_KEYS else text
+
+
+def _number(key: str, value, kind: type) -> int | float:
+    """A count or an amount: finite, not negative, and for an integer field a whole number (YAML's
+    `replicas: 2.7` or `replicas: true` is no replica count, though int() would take both)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value) if kind is float else _integer(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{key} is {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if not 0 <= number < math.inf:  # NaN fails this too
+        raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def _integer(value) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError
+    return int(value)
+
+
+def _autoscale(value) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 1:4 as 1*60 + 4
+        raise ValueError(f"autoscale wants MIN:MAX replicas as text, got the number {value}: YAML reads an "
+                         'unquoted 1:4 as the base-60 number 64, so quote it (autoscale: "1:4")')
+    return parse_autoscale(str(value))
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
