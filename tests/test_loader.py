@@ -160,7 +160,8 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     (lambda c: c | {"n_vq": -1}, "negative dimension"),
     (lambda c: c | {"n_vq": 0}, "AssertionError: parameters without a published tensor"),
     (lambda c: c | {"language_config": "x"}, "AttributeError"),
-], ids=["list", "string-size", "negative-size", "zero-codebooks", "string-section"])
+    (lambda c: c | {"model_type": "x", "architectures": 5}, "TypeError"),  # read before the weights are fetched
+], ids=["list", "string-size", "negative-size", "zero-codebooks", "string-section", "number-architectures"])
 def test_a_config_with_wrong_types_or_sizes_is_a_checkpoint_error(change, message, tmp_path: Path) -> None:
     """A damaged config.json fails as CheckpointError naming the checkpoint (the CLI's one-line
     error), not with whatever the model's construction raised."""

@@ -113,6 +113,7 @@ def test_a_task_for_another_family_or_unknown_is_refused(tmp_path: Path) -> None
     ({"audio_top_p": 5.0}, r"audio_top_p must be in \(0, 1\], got 5.0"),
     ({"audio_temperature": [1.0, 1.0]}, "audio_temperature has 2 values; the model has 16 codebooks"),
     ([1, 2], "expected a JSON object, got list"),
+    ({"audio_repetition_window": 50}, "audio_repetition_window is not a setting of the delay family"),
 ])
 def test_a_generation_config_out_of_range_is_the_checkpoints_error_at_load(tmp_path: Path, generation, message) -> None:
     """Not an InvalidRequestError on every request, blaming settings the user never gave."""

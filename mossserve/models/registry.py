@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, MossServeError
+from ..errors import CheckpointError, InvalidRequestError, MossServeError
 from ..loader import (build_on_meta, load_weights, native_bf16, parse_device, parse_dtype, resolve_model_dir,
                       weight_files)
 from .config_utils import read_json
@@ -31,7 +31,8 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
     dtype = parse_dtype(dtype, device)
     warn_if_emulated(dtype, device)
     config_dir = resolve_model_dir(model, allow_patterns=["config.json"])
-    talker_kind(read_json(config_dir / "config.json"), config_dir)  # refused before its weights come down
+    with _checkpoint_errors(config_dir, "model"):
+        talker_kind(read_json(config_dir / "config.json"), config_dir)  # refused before its weights come down
     model_dir = resolve_model_dir(model, allow_patterns=TALKER_FILES)
     with _checkpoint_errors(model_dir, "model"):
         return _load_talker(model_dir, str(model), device, dtype, task)
@@ -147,6 +148,7 @@ def _load_delay(model_dir: Path, name: str, config: dict, device: torch.device, 
     preset = preset_for(model_dir, own_name, delay_config.n_vq, task=task)
     family = MossDelayFamily(model.eval().requires_grad_(False), tokenizer, default_task=preset.task,
                              sampling_defaults=preset.sampling, max_new_frames=preset.max_new_frames)
+    _check_defaults(family, model_dir)
     named = task_from_name(own_name)
     if task is None and named is None and delay_config.n_vq != 32:
         log.warning("%s: %d codebooks, and its name does not say which MOSS model it is (MOSS-TTS has 32; MOSS-TTSD, "
@@ -173,8 +175,19 @@ def _load_local(model_dir: Path, name: str, config: dict, device: torch.device, 
     load_weights(model, weight_files(model_dir), model.checkpoint_layout())
     model.drop_unused_weights()
     preset = preset_for(model_dir, name, local_config.n_vq, base=Preset("tts", LOCAL_SAMPLING, 4096))
-    return MossLocalFamily(model.eval().requires_grad_(False), tokenizer, sampling_defaults=preset.sampling,
-                           max_new_frames=preset.max_new_frames)
+    family = MossLocalFamily(model.eval().requires_grad_(False), tokenizer, sampling_defaults=preset.sampling,
+                             max_new_frames=preset.max_new_frames)
+    _check_defaults(family, model_dir)
+    return family
+
+
+def _check_defaults(family: TalkerFamily, model_dir: Path) -> None:
+    """generation_config.json's settings, in range (preset_for) but ones this family cannot sample
+    with (a repetition window): the checkpoint's error at load, not every request's."""
+    try:
+        family.check_sampling(family.default_sampling())
+    except InvalidRequestError as e:
+        raise CheckpointError(f"{model_dir / 'generation_config.json'}: {e}") from None
 
 
 def load_codec(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
