@@ -26,8 +26,10 @@ _LATINISH = rf"(?:{_PLACEHOLDER}|(?=[A-Za-z0-9._/+:-]*[A-Za-z])[A-Za-z0-9][A-Za-
 # separators kept in the match): a CJK character can follow only a run's end, so a later start in
 # the run matches nothing the first did not, and trying each scanned the run again (quadratic: 4,096
 # digits took 0.1 s, 40,000 took 10 s).
-_LATINISH_BEFORE_CJK = (rf"(?:{_PLACEHOLDER}|(?<![A-Za-z0-9._/+:-])[._/+:-]*+"
-                        rf"(?=[A-Za-z0-9._/+:-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9._/+:-]*+)(?={_CJK})")
+# (Plain quantifiers, not possessive ones, which Python 3.10 lacks: a failed try backtracks through
+# its own run once, each step checked at once by the lookaheads' first character.)
+_LATINISH_BEFORE_CJK = (rf"(?:{_PLACEHOLDER}|(?<![A-Za-z0-9._/+:-])[._/+:-]*"
+                        rf"(?=[A-Za-z0-9])(?=[A-Za-z0-9._/+:-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9._/+:-]*)(?={_CJK})")
 
 _INVISIBLE = re.compile("[\u200b-\u200d\ufeff]")
 _MARKDOWN_LINK = re.compile(r"\[([^\[\]]+?)\]\((https?://[^)\s]+)\)")
@@ -70,7 +72,9 @@ _BRACKETED_HEADING = re.compile(_SENTENCE_START + r"[【〖『「]([^】〗』�
 _STANDALONE_TITLE = re.compile(
     _SENTENCE_START + rf"《([^》]+)》(?=\s*(?:{_PLACEHOLDER}|[—–―-]{{2,}}|$|[。！？!?；;，,]))"
 )
-_ARROW = re.compile(r"\s*(?:<[-=]+>|[-=]+>|<[-=]+|[→←↔⇒⇐⇔⟶⟵⟷⟹⟸⟺↦↤↪↩])\s*")
+# `[-=]+>` tried only where a run of - and = starts: whether it ends in > is the run's, so a later
+# start in it matches nothing the first did not (trying each rescanned the run: quadratic).
+_ARROW = re.compile(r"\s*(?:<[-=]+>|(?<![-=])[-=]+>|<[-=]+|[→←↔⇒⇐⇔⟶⟵⟷⟹⟸⟺↦↤↪↩])\s*")
 _DASHES = re.compile(r"\s*(?:—|–|―|-){2,}\s*")
 
 _REPEATS = [
