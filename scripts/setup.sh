@@ -13,11 +13,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 install_torch() {
   local pip=(.venv/bin/pip install --disable-pip-version-check -q)
-  "${pip[@]}" torch==2.13.0+cpu 2>/dev/null && return
-  if [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null; then
-    "${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  if command -v nvidia-smi >/dev/null || [ "$(uname -s)" != Linux ]; then
+    "${pip[@]}" torch==2.13.0  # PyPI's: the CUDA build on Linux, the only build elsewhere
   else
-    "${pip[@]}" torch==2.13.0
+    "${pip[@]}" torch==2.13.0+cpu 2>/dev/null || "${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
   fi
 }
 .venv/bin/python -c "import torch" 2>/dev/null || install_torch
