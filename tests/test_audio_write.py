@@ -192,9 +192,17 @@ def test_integer_pcm_is_scaled_not_clipped(dtype):
     x = tone(24000)[0]
     info = np.iinfo(dtype)
     middle = (int(info.max) + 1) // 2 if info.min == 0 else 0
-    pcm = np.round(x * (int(info.max) + 1 - middle) + middle).astype(dtype)
+    pcm = np.round(x * (int(info.max) - middle) + middle).astype(dtype)
     back, _ = sf.read(io.BytesIO(encode_audio(pcm, 24000, "wav")), dtype="float32")
-    np.testing.assert_allclose(back, x, atol=1.5 / (int(info.max) + 1 - middle) + 1 / 32767)
+    np.testing.assert_allclose(back, x, atol=1.5 / (int(info.max) - middle) + 1 / 32767)
+
+
+@pytest.mark.parametrize("format", ["wav", "flac", "pcm"])
+def test_int16_pcm_comes_back_bit_for_bit(format):
+    pcm = np.array([0, 1, -1, 16385, 32767, -32767, -12345], np.int16)
+    data = encode_audio(pcm, 24000, format)
+    back = np.frombuffer(data, "<i2") if format == "pcm" else sf.read(io.BytesIO(data), dtype="int16")[0]
+    np.testing.assert_array_equal(back, pcm)
 
 
 def test_a_whole_number_rate_given_as_a_float_is_taken():
@@ -207,6 +215,7 @@ def test_a_whole_number_rate_given_as_a_float_is_taken():
     (np.zeros(10, np.float32), 24000.5, "sample_rate must be a positive whole number of Hz, got 24000.5"),
     (np.zeros(10, np.float32), 0, "sample_rate must be a positive whole number"),
     (np.zeros(10, bool), 24000, "audio samples must be floats"),
+    (np.array([0, 100, -100]), 24000, "got dtype int64"),  # no PCM is int64: as int16 values they were near silence
 ])
 def test_samples_or_rates_it_cannot_write_are_named(samples, rate, message):
     """soundfile's own layout (n, channels) failed deep in libsndfile as 24000 channels."""

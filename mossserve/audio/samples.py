@@ -9,14 +9,16 @@ MAX_CHANNELS = 64  # more "channels" than this is a (n, channels) array the wron
 
 def as_channels_first(samples: np.ndarray) -> np.ndarray:
     """float32 `(channels, n)` from `(n,)` (mono) or `(channels, n)`. Integer PCM (int16, as most
-    audio libraries read it) is scaled to [-1, 1): as floats its samples were clipped to full scale."""
+    audio libraries read it; int8/16/32, uint8) is scaled by its largest value, the scale `to_s16`
+    writes with, so int16 comes back bit for bit (as floats its samples were clipped to full scale)."""
     x = np.asarray(samples)
-    if x.dtype.kind in "iu":
+    if x.dtype.kind in "iu" and x.dtype.itemsize <= 4 and x.dtype not in (np.uint16, np.uint32):
         info = np.iinfo(x.dtype)
         middle = (int(info.max) + 1) / 2 if x.dtype.kind == "u" else 0.0
-        x = (x.astype(np.float64) - middle) / (int(info.max) + 1 - middle)
+        x = (x.astype(np.float64) - middle) / (int(info.max) - middle)
     elif x.dtype.kind != "f":
-        raise AudioError(f"audio samples must be floats (or integer PCM), got dtype {x.dtype}")
+        raise AudioError(f"audio samples must be floats in [-1, 1] or integer PCM (int8, int16, int32, uint8), "
+                         f"got dtype {x.dtype}")
     x = x.astype(np.float32, copy=False)
     if x.ndim == 1:
         return x[None]
