@@ -207,3 +207,15 @@ def test_directory_without_codec_weights(tmp_path) -> None:
 def test_registry_and_default_codec_take_a_fish_model_directory() -> None:
     assert isinstance(load_codec(FISH_DIR), FishDac)
     assert Path(default_codec(FISH_DIR)) == FISH_DIR
+
+
+@pytest.mark.parametrize("error", [MemoryError, RecursionError])
+def test_running_out_of_memory_while_reading_is_not_called_damage(monkeypatch, tmp_path, tensors, error) -> None:
+    write(tmp_path, tensors, kind="pth")
+
+    def out_of_memory(*_, **__):
+        raise error()
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(error):
+        FishDac.from_pretrained(tmp_path)

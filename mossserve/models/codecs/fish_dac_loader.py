@@ -76,8 +76,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             tensors = load_file(str(path))
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except (MemoryError, RecursionError):  # not the file's fault
+        raise
     except Exception as e:  # a damaged file fails in many ways (a legacy .pth's dangling storage key: KeyError)
-        first_line = (str(e).splitlines() or ["the file ends early"])[0]  # an empty file's EOFError says nothing
+        first_line = (str(e).splitlines() or [""])[0] or ("the file ends early" if isinstance(e, EOFError) else "")
         raise CheckpointError(f"{path}: cannot read codec weights ({type(e).__name__}: {first_line})") from None
     if isinstance(tensors, dict) and isinstance(tensors.get("state_dict"), dict):
         tensors = tensors["state_dict"]
