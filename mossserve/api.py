@@ -13,6 +13,7 @@ codes from codes-only prompts never needs it.
 from __future__ import annotations
 
 import atexit
+import numbers
 import queue
 import threading
 import uuid
@@ -344,7 +345,7 @@ class TTS:
         beside it is refused (it would be ignored). `SamplingParams()` itself holds MOSS-TTS's card, not the loaded model's."""
         sampling = self.talker.default_sampling()
         if greedy:
-            given = [name for name in ("text_temperature", "audio_temperature") if overrides.get(name) not in (None, 0)]
+            given = [name for name in ("text_temperature", "audio_temperature") if not _all_zero(overrides.get(name))]
             if given:
                 raise InvalidRequestError(f"greedy is temperature 0; give greedy or {' and '.join(given)}, not both")
             sampling = sampling.with_overrides(text_temperature=0.0, audio_temperature=0.0)
@@ -419,6 +420,14 @@ def as_speech_request(request: SpeechRequest | str) -> SpeechRequest:
         raise InvalidRequestError(f"expected a SpeechRequest, a Prompt or a string, got {type(request).__name__}")
     request.validate()
     return request
+
+
+def _all_zero(temperature: object) -> bool:
+    """None, 0, or per-codebook zeros (a list or an array): what greedy means anyway."""
+    if temperature is None:
+        return True
+    values = np.asarray(temperature, dtype=object).ravel()
+    return all(isinstance(v, numbers.Real) and v == 0 for v in values)
 
 
 def checked_engine_config(config: EngineConfig | None) -> EngineConfig:

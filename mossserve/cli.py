@@ -265,7 +265,7 @@ def run_say(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--out-dir and --format go with --batch (-o's extension picks its format)")
     check_mode(args)
     check_inputs_exist(args)
-    if args.greedy and args.temperature is not None:
+    if args.greedy and args.temperature not in (None, 0):
         raise InvalidRequestError("--greedy is temperature 0; give one of --greedy and --temperature")
     if args.batch is not None:
         if args.out_dir is None or args.output is not None or args.codes_out is not None:

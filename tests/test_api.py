@@ -115,5 +115,9 @@ def test_run_session_takes_a_script_its_json_or_its_file(tmp_path: Path) -> None
             assert [g.frames.tolist() for g, _ in run] == [g.frames.tolist() for g, _ in runs[0]]
         with pytest.raises(InvalidRequestError, match="expected a SessionScript, a dict or a JSON file path, got list"):
             tts.run_session(data["turns"])
+        for content, kind in ((data["turns"], "list"), (3, "int")):  # a file of another JSON: a TypeError
+            path.write_text(json.dumps(content))
+            with pytest.raises(InvalidRequestError, match=f"a session script is a JSON object with turns, got {kind}"):
+                tts.run_session(path)
     finally:
         tts.close()

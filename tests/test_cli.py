@@ -505,3 +505,14 @@ def test_serve_says_when_an_empty_api_key_in_the_environment_leaves_it_open(monk
     monkeypatch.setenv("MOSSSERVE_API_KEY", "sekret")
     code, err = run(["serve", "--port", "0"], capsys)
     assert code == 0 and started[-1] == "sekret" and "API key" not in err
+
+
+def test_greedy_with_temperature_0_is_greedy(tmp_path: Path, capsys) -> None:
+    """As the API and the server take it (temperature 0 is greedy); only another temperature is refused."""
+    outputs = []
+    for extra in ([], ["--temperature", "0"]):
+        out = tmp_path / f"codes{len(extra)}.npy"
+        code, err = run(["say", "Hello there.", "--greedy", *extra, "--max-frames", "8", "--codes-out", out], capsys)
+        assert code == 0, err
+        outputs.append(np.load(out))
+    np.testing.assert_array_equal(outputs[0], outputs[1])

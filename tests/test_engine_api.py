@@ -142,6 +142,10 @@ def test_sampling_is_the_models_card_with_overrides() -> None:
             tts.sampling(greedy=True, audio_temperature=1.0)
         assert tts.sampling(greedy=True, audio_temperature=None).audio_temperature == 0.0
         assert tts.sampling(greedy=True, audio_temperature=0).audio_temperature == 0.0  # the server's temperature 0
+        for zeros in (np.zeros(tts.talker.codebooks), [0.0] * tts.talker.codebooks):  # an array raised ValueError
+            assert tts.sampling(greedy=True, audio_temperature=zeros).audio_temperature == [0.0] * tts.talker.codebooks
+        with pytest.raises(InvalidRequestError, match="not both"):
+            tts.sampling(greedy=True, audio_temperature=np.full(tts.talker.codebooks, 0.5))
     finally:
         tts.close()
 

@@ -50,7 +50,7 @@ def cluster(tmp_path_factory):
     from mossserve.distributed import RayOptions, build_app
     from mossserve.serve import ServerSettings
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="warning")
     port, log = free_port(), tmp_path_factory.mktemp("ray_cli") / "serve.log"
     run_cli = "import sys; from mossserve.cli import main; sys.exit(main(sys.argv[1:]))"
     command = [sys.executable, "-c", run_cli, "serve", "--ray", "--replicas", "2", "--port", str(port),

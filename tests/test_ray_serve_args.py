@@ -41,9 +41,28 @@ def yaml_args(text: str) -> dict:
     return yaml.safe_load(text)
 
 
-def test_yaml_scalars_become_the_text_fields_they_fill() -> None:
-    settings, _ = parse_args(yaml_args("{api_key: 123456, model_name: 2024, codec: null}"))
-    assert (settings.api_key, settings.model_name, settings.codec) == ("123456", "2024", None)
+def test_quoted_yaml_scalars_fill_text_fields() -> None:
+    settings, _ = parse_args(yaml_args('{api_key: "0042", model_name: "2024", codec: null, cors_origins: null}'))
+    assert (settings.api_key, settings.model_name, settings.codec, settings.cors_origins) == ("0042", "2024", None, ())
+
+
+@pytest.mark.parametrize("text, read", [
+    ("{api_key: 0042}", "34"),  # YAML 1.1 octal: the key nobody typed
+    ("{api_key: 12:30}", "750"),  # base 60
+    ("{model_name: 2024}", "2024"),
+    ("{api_key: on}", "True"),
+])
+def test_a_text_field_yaml_read_as_a_number_is_refused(text, read) -> None:
+    """str() of what YAML read is not what was written: an api_key of 0042 became '34'."""
+    with pytest.raises(ValueError, match=rf"is text, but YAML read {read} \(\w+\); quote it"):
+        parse_args(yaml_args(text))
+
+
+@pytest.mark.parametrize("text", ["{device: null}", "{device: }", "{dtype: null}"])
+def test_a_text_field_with_a_default_is_not_left_empty(text) -> None:
+    """device: null reached the device check as None (a TypeError)."""
+    with pytest.raises(ValueError, match="is text, got None"):
+        parse_args(yaml_args(text))
 
 
 def test_home_in_config_paths_is_expanded() -> None:
@@ -186,6 +205,14 @@ def test_paths_resolve_against_the_callers_directory(tmp_path, monkeypatch) -> N
     settings = absolute_paths(ServerSettings(model="ckpt", codec="OpenMOSS-Team/codec", data_dir=Path("voices")))
     assert (settings.model, settings.codec) == (str(tmp_path / "ckpt"), "OpenMOSS-Team/codec")  # a hub id stays
     assert settings.data_dir == tmp_path / "voices"
+
+
+def test_a_linked_checkpoint_keeps_the_name_that_says_its_task(tmp_path, monkeypatch) -> None:
+    """MOSS-TTSD-v1.0 -> store/ckpt-7f3a: following the link served it as 'ckpt-7f3a', task tts."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "store" / "ckpt-7f3a").mkdir(parents=True)
+    (tmp_path / "MOSS-TTSD-v1.0").symlink_to(tmp_path / "store" / "ckpt-7f3a")
+    assert absolute_paths(ServerSettings(model="MOSS-TTSD-v1.0")).model == str(tmp_path / "MOSS-TTSD-v1.0")
 
 
 def test_a_failed_deploy_names_the_replicas_exception() -> None:

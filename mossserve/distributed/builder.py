@@ -58,8 +58,8 @@ def _parse(key: str, value, default):
     """A value from the command line or YAML, as the field's default is typed (None: text)."""
     if key == "autoscale":
         return _autoscale(value)
-    if key == "cors_origins":  # a YAML list, or comma-separated text
-        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    if key == "cors_origins":  # a YAML list, or comma-separated text; empty or null: none
+        items = value if isinstance(value, (list, tuple)) else [] if value is None else str(value).split(",")
         return tuple(str(v).strip() for v in items if str(v).strip())
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -74,9 +74,13 @@ def _parse(key: str, value, default):
             raise ValueError(f"{key} is a path, got None")
         return Path(str(value)).expanduser()
     if value is None:
+        if default is not None:
+            raise ValueError(f"{key} is text, got None")
         return None
-    text = str(value)  # YAML reads `api_key: 123456` or `model_name: 2024` as a number
-    return os.path.expanduser(text) if key in _PATH_KEYS else text
+    if not isinstance(value, str):  # YAML read it as a number or a boolean, its spelling lost (0042 is 34)
+        raise ValueError(f"{key} is text, but YAML read {value!r} ({type(value).__name__}); quote it "
+                         f'({key}: "...")')
+    return os.path.expanduser(value) if key in _PATH_KEYS else value
 
 
 def _number(key: str, value, kind: type) -> int | float:

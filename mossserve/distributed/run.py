@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 from pathlib import Path
@@ -68,8 +69,8 @@ def _started_here(address: str | None) -> bool:
 def absolute_paths(settings: ServerSettings) -> ServerSettings:
     """The data directory and a local checkpoint as this shell means them: replicas and the voice
     service run in Ray workers' directories, against which a relative path would resolve."""
-    local = {name: str(Path(value).expanduser().resolve()) for name in ("model", "codec")
-             if (value := getattr(settings, name)) is not None and Path(value).expanduser().exists()}
+    local = {name: os.path.abspath(os.path.expanduser(value)) for name in ("model", "codec")  # links kept:
+             if (value := getattr(settings, name)) is not None and Path(value).expanduser().exists()}  # a name says the task
     return dataclasses.replace(settings, data_dir=settings.data_dir.expanduser().resolve(), **local)
 
 

@@ -40,6 +40,8 @@ class SessionScript:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> SessionScript:
+        if not isinstance(data, dict):
+            raise InvalidRequestError(f"a session script is a JSON object with turns, got {type(data).__name__}")
         unknown = sorted(set(data) - {"voice", "turns"})
         if unknown:
             raise InvalidRequestError(f"unknown session field(s): {', '.join(unknown)}")
