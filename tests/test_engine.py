@@ -461,7 +461,10 @@ def test_runaway_guard_allows_the_pauses_the_text_asks_for(delay_tts) -> None:
     assert prompt.info["pauses"] == [3.2, 0.8]
     from mossserve.text.pauses import pause_seconds
 
-    assert pause_seconds("[pause 100000s] [pause " + "9" * 400 + "s]") == [60.0, 60.0]  # guard kept; no overflow
+    assert pause_seconds("[pause 100000s] x [pause " + "9" * 400 + "s]") == [60.0, 60.0]  # guard kept; no overflow
+    # adjacent markers are one silence: [pause 5s][pause 5s] was two of 5 s, and the loop guard cut it at 9 s
+    assert pause_seconds("Wait [pause 5s][pause 5s] go, [pause 1s], [pause 2s]. Then [pause 40s] [pause 40s]") == [
+        10.0, 3.0, 60.0]
     guard = RunawayGuard()
     assert guard.repeat_limit(prompt.info["pauses"]) == 50 + 40
     assert guard.frame_bound(10, None, prompt.info["pauses"]) == guard.frame_bound(10, None) + 50
