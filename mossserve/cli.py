@@ -286,7 +286,7 @@ def run_say(args: argparse.Namespace) -> int:
     check_max_len(args)
     if args.text_file is not None:
         try:
-            args.text = args.text_file.read_text(encoding="utf-8").strip()
+            args.text = args.text_file.read_text(encoding="utf-8-sig").strip()  # a BOM is no text to speak
         except (OSError, UnicodeDecodeError) as e:
             raise InvalidRequestError(f"cannot read {args.text_file}: {e}") from None
         if not args.text:
@@ -484,7 +484,7 @@ def say_batch(tts, args: argparse.Namespace) -> int:
         if generation.finish_reason == "error" or len(generation.frames) == 0 or audio.samples.shape[-1] == 0:
             failed.append((line, generation.error or no_audio(generation)))
             return
-        if generation.length_limit is not None:
+        if generation.finish_reason != "stop":  # the step cap, the engine's length or the runaway guard
             cut.append((line, ending(generation)))
         save_npy(args.out_dir / f"{index:04d}.npy", generation.frames)
         total += write_speech(args.out_dir / f"{index:04d}.{args.format}", audio.samples, audio.sample_rate, args.speed)

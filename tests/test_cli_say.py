@@ -169,7 +169,12 @@ def test_a_run_cut_by_the_engines_length_limit_says_so(delay_model_dirs, delay_t
                      "--max-len", limit, "--max-frames", rows[1] - rows[0] + 20], capsys)
     assert code == 0, err
     assert f"requests.jsonl:2: written, but it reached the engine's length limit ({limit} positions" in err
-    assert "requests.jsonl:1:" not in err  # its --max-frames came first
+    assert "requests.jsonl:1:" not in err  # it ended by itself (26 steps) within its room
+    code, err = run(["say", "--batch", tmp_path / "requests.jsonl", "--out-dir", tmp_path / "capped", *common,
+                     "--max-frames", "20"], capsys)
+    assert code == 0, err  # the step cap (or the runaway guard) went unreported in --batch
+    assert "requests.jsonl:1: written, but it hit the step cap after 20 steps" in err
+    assert "requests.jsonl:2: written, but it hit the step cap after 20 steps" in err
     code, err = run(["say", "Hi.", *common, "--max-len", "1", "--codes-out", tmp_path / "c.npy"], capsys)
     assert code == 2 and "--max-len must be at least 2" in err
 
@@ -235,3 +240,17 @@ def test_batch_skips_a_line_whose_audio_is_all_continuation_prefix(delay_model_d
                     capsys)
     assert code == 1 and "requests.jsonl:1: skipped: the model produced no new audio" in err, err
     assert not (tmp_path / "out" / "0000.wav").exists()
+
+
+def test_a_text_file_with_a_byte_order_mark_is_read_without_it(tmp_path: Path, capsys) -> None:
+    """Realtime (and Fish) tokenize what they are given: the BOM of a file saved by Notepad was a prompt row."""
+    realtime = Path(__file__).parent / "fixtures" / "moss_tts_realtime"
+    codes = []
+    for name, encoding in (("bom.txt", "utf-8-sig"), ("plain.txt", "utf-8")):
+        (tmp_path / name).write_text("Hello from a file.\n", encoding=encoding)
+        code, err = run(["say", "--text-file", tmp_path / name, "--model", realtime, "--greedy", "--max-frames", "6",
+                         "--codes-out", tmp_path / f"{name}.npy"], capsys)
+        assert code == 0, err
+        codes.append(np.load(tmp_path / f"{name}.npy"))
+    assert (tmp_path / "bom.txt").read_bytes().startswith(b"\xef\xbb\xbf")
+    np.testing.assert_array_equal(codes[0], codes[1])
