@@ -417,7 +417,7 @@ def _is_session_script(path: Path) -> bool:
     from .text.realtime_session import is_session_script
 
     try:
-        return is_session_script(json.loads(Path(path).read_text(encoding="utf-8")))
+        return is_session_script(json.loads(Path(path).read_text(encoding="utf-8-sig")))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False  # SpeechRequest.from_json reports what is wrong with it
 

@@ -19,7 +19,7 @@ def read_text_file(path: str | Path, kind: str, holds: str, error: type[MossServ
     says what it should be in "not UTF-8")."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte order mark (Notepad writes one) is no text
     except FileNotFoundError:
         raise error(f"{kind} not found: {path}") from None
     except UnicodeDecodeError as e:

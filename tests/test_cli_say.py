@@ -254,3 +254,15 @@ def test_a_text_file_with_a_byte_order_mark_is_read_without_it(tmp_path: Path, c
         codes.append(np.load(tmp_path / f"{name}.npy"))
     assert (tmp_path / "bom.txt").read_bytes().startswith(b"\xef\xbb\xbf")
     np.testing.assert_array_equal(codes[0], codes[1])
+
+
+def test_request_files_with_a_byte_order_mark_are_read(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """A --batch or --request file saved by Notepad was refused whole ("Unexpected UTF-8 BOM")."""
+    common = ["--model", delay_model_dirs["tiny_nvq16"], "--codec", CODEC_DIR / "tiny", "--greedy", "--max-frames", "20"]
+    (tmp_path / "reqs.jsonl").write_text('{"input": "First."}\n{"input": "Second."}\n', encoding="utf-8-sig")
+    (tmp_path / "req.json").write_text('{"input": "First."}', encoding="utf-8-sig")
+    code, err = run(["say", "--batch", tmp_path / "reqs.jsonl", "--out-dir", tmp_path / "out", *common], capsys)
+    assert code == 0 and "wrote 2 of 2 requests" in err, err
+    code, err = run(["say", "--request", tmp_path / "req.json", "--codes-out", tmp_path / "one.npy", *common], capsys)
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "one.npy"), np.load(tmp_path / "out" / "0000.npy"))

@@ -465,6 +465,9 @@ def test_runaway_guard_allows_the_pauses_the_text_asks_for(delay_tts) -> None:
     # adjacent markers are one silence: [pause 5s][pause 5s] was two of 5 s, and the loop guard cut it at 9 s
     assert pause_seconds("Wait [pause 5s][pause 5s] go, [pause 1s], [pause 2s]. Then [pause 40s] [pause 40s]") == [
         10.0, 3.0, 60.0]
+    # markers the normalizer makes adjacent (a zero-width space, a list's lines) are read as the model reads them
+    for text in ("Wait [pause 5s]\u200b[pause 5s] go.", "- Wait [pause 5s]\n- [pause 5s] go."):
+        assert delay_tts("tiny_nvq16").prompt(SpeechRequest(input=text)).info["pauses"] == [10.0]
     guard = RunawayGuard()
     assert guard.repeat_limit(prompt.info["pauses"]) == 50 + 40
     assert guard.frame_bound(10, None, prompt.info["pauses"]) == guard.frame_bound(10, None) + 50

@@ -126,7 +126,7 @@ class MossDelayFamily(TalkerFamily):
         prompt.info["runaway_guard"] = task != "sound_effect"
         prompt.info["text_tokens"] = len(self.tokenizer.encode(request.input or ""))
         prompt.info["duration_frames"] = request.expected_frames
-        prompt.info["pauses"] = pause_seconds(request.input)
+        prompt.info["pauses"] = pause_seconds(self.typed_form(request.input or ""))  # as the model reads them
         return prompt
 
     def prompt_from_conversation(self, conversation: list, mode: str) -> Prompt:
