@@ -20,6 +20,7 @@ AUDIO_EXTENSIONS = tuple(e for e in EXTENSIONS if e != ".npy")  # -o's audio nam
 # dropped (`bench --compare-upstream DIR --family local` would run the directory's Delay model).
 BENCH_ENGINE_OPTIONS = {"family": "delay", "model": None, "frames": 40, "requests": 16, "ttfa_runs": 5}
 BENCH_CODEC_OPTIONS = {"streams": 32, "seconds": 4.0}
+SHUTDOWN_TIMEOUT_S = 30.0  # `serve`: a TTS request may run tens of seconds; Kubernetes waits 30 s by default
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-voice-seconds", type=float, default=60.0, help="longest reference audio")
     serve.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body (uploads)")
     serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is stopped")
+    serve.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S,
+                       help="seconds open requests may take to finish after a stop signal")
     serve.add_argument("--ray", action="store_true", help="replicas on Ray Serve, one address (docs/deployment.md)")
     scale = serve.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, help="with --ray: engine replicas (default 1)")
@@ -679,6 +682,10 @@ def run_serve(args: argparse.Namespace) -> None:
     from .config import EngineConfig
 
     check_max_len(args)
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        raise InvalidRequestError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
+    if args.ray and args.shutdown_timeout != SHUTDOWN_TIMEOUT_S:
+        raise InvalidRequestError("--shutdown-timeout is the single-process server's; on Ray, Serve drains replicas")
     engine = EngineConfig(max_running=args.max_running, max_queued=args.max_queued,
                           max_len=args.max_len or EngineConfig.max_len)
     settings = ServerSettings(
@@ -698,7 +705,7 @@ def run_serve(args: argparse.Namespace) -> None:
         return run_ray(args, settings)
     if args.replicas is not None or args.autoscale or args.ray_address or args.voice_service:
         raise MossServeError("--replicas, --autoscale, --ray-address and --voice-service go with --ray")
-    serve(settings, log_level=args.log_level)
+    serve(settings, log_level=args.log_level, shutdown_timeout_s=args.shutdown_timeout)
 
 
 def run_ray(args: argparse.Namespace, settings) -> None:

@@ -497,7 +497,7 @@ def test_serve_says_when_an_empty_api_key_in_the_environment_leaves_it_open(monk
     import mossserve.serve.run
 
     started = []
-    monkeypatch.setattr(mossserve.serve.run, "serve", lambda settings, log_level: started.append(settings.api_key))
+    monkeypatch.setattr(mossserve.serve.run, "serve", lambda settings, log_level, shutdown_timeout_s: started.append(settings.api_key))
     monkeypatch.setenv("MOSSSERVE_API_KEY", "")
     code, err = run(["serve", "--port", "0"], capsys)
     assert code == 0 and started == [None]

@@ -1,6 +1,7 @@
 """The HTTP server end to end: the real openai client, streaming, SSE, disconnects, load, auth."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -526,3 +527,88 @@ def test_a_client_that_leaves_while_sending_its_body_is_counted_as_disconnected(
     metrics = app.state.server.metrics.render().decode()
     outcomes = [line for line in metrics.splitlines() if line.startswith("mossserve_requests_total{")]
     assert outcomes == ['mossserve_requests_total{endpoint="/v1/audio/speech",outcome="disconnected"} 1.0']
+
+
+class _MadeStream:
+    """A request whose chunks the engine has made already (`ready`), or none yet."""
+
+    request_id = "made"
+
+    def __init__(self, chunks: list, ready: bool) -> None:
+        self.chunks, self.is_ready = chunks, ready
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.is_ready:
+            await asyncio.Event().wait()  # the engine is still at work: never comes
+        return self.chunks.pop(0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("ready", [True, False])
+def test_past_its_deadline_a_stream_still_sends_what_was_made(ready: bool) -> None:
+    """A reader that fell behind (a slow client, busy encoders) reached the next chunk after the deadline:
+    the rest of a finished generation was cut as a timeout (wait_for with a timeout <= 0 never looks)."""
+    from types import SimpleNamespace
+
+    from mossserve.engine.request import AudioChunk
+    from mossserve.serve.errors import APIError
+    from mossserve.serve.speech import Run
+
+    def chunk(i: int, final: bool) -> AudioChunk:
+        return AudioChunk("made", np.zeros((1, 1920), np.float32), 24000, i, i + 1, np.zeros((1, 32), np.int64),
+                          final=final, finish_reason="stop" if final else None)
+
+    outcomes: list = []
+    metrics = SimpleNamespace(requests=SimpleNamespace(labels=lambda *a: SimpleNamespace(inc=lambda: outcomes.append(a))))
+    state = SimpleNamespace(settings=SimpleNamespace(request_timeout_s=300), metrics=metrics)
+    clock = SimpleNamespace(audio=lambda seconds: None, finish=lambda: None)
+
+    async def read() -> int:
+        watcher = asyncio.create_task(asyncio.Event().wait())
+        run = Run(state, _MadeStream([chunk(0, False), chunk(1, False), chunk(2, True)], ready),
+                  time.monotonic() - 1, clock, watcher, None)
+        return len([c async for c in run.chunks()])
+
+    if ready:
+        assert asyncio.run(read()) == 3 and outcomes[-1][1] == "ok"
+    else:
+        with pytest.raises(APIError, match="timeout"):
+            asyncio.run(read())
+
+
+@pytest.mark.parametrize("argv, drain", [([], 30.0), (["--shutdown-timeout", "90"], 90.0)])
+def test_open_requests_get_the_shutdown_timeout_to_finish(monkeypatch, argv: list[str], drain: float) -> None:
+    """uvicorn's drain after a stop signal was a fixed 5 s: a request of real speech takes longer."""
+    import mossserve.serve.run as run_module
+    from mossserve.cli import main
+
+    seen = {}
+
+    class Server:
+        def __init__(self, config) -> None:
+            seen["drain"], self.started = config.timeout_graceful_shutdown, True
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(run_module, "create_app", lambda settings: object())
+    monkeypatch.setattr(run_module, "DrainingServer", Server)
+    assert main(["serve", *argv]) == 0
+    assert seen["drain"] == drain
+
+
+@pytest.mark.parametrize("argv, needle", [(["--shutdown-timeout", "-1"], "--shutdown-timeout must be"),
+                                          (["--shutdown-timeout", "60", "--ray"], "Serve drains replicas")])
+def test_a_shutdown_timeout_it_cannot_use_is_refused(capsys, argv: list[str], needle: str) -> None:
+    from mossserve.cli import main
+
+    assert main(["serve", *argv]) == 2
+    assert needle in capsys.readouterr().err

@@ -60,6 +60,10 @@ class RequestStream:
                 raise MossServeError(f"request {chunk.request_id} failed: {chunk.error}")
         return chunk
 
+    def ready(self) -> bool:
+        """Whether the next chunk is made already (reading it waits for no engine work)."""
+        return not self._chunks.empty()
+
     async def aclose(self) -> None:
         if not self._done:
             self._done = True

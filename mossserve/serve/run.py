@@ -11,18 +11,18 @@ from .settings import ServerSettings
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's server that marks the app as shutting down the moment a signal asks it to stop: while
-    open requests drain (up to 5 s), /ready answers 503 and new requests on open connections are
-    refused with 503 (uvicorn ends the app itself only after the drain)."""
+    open requests drain (up to `--shutdown-timeout`), new requests on connections already open are
+    refused with 503 (uvicorn closes the listening socket at once, and ends the app only after the drain)."""
 
     def handle_exit(self, sig: int, frame) -> None:
         self.config.app.state.server.closing = True
         super().handle_exit(sig, frame)
 
 
-def serve(settings: ServerSettings, log_level: str = "info") -> None:
+def serve(settings: ServerSettings, log_level: str = "info", shutdown_timeout_s: float = 30.0) -> None:
     app = create_app(settings)  # loads the model first: a bad --model fails before the port opens
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=shutdown_timeout_s))
     server.run()
     if not server.started:  # the port could not be bound (uvicorn.run's own rule)
         sys.exit(3)

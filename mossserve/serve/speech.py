@@ -167,8 +167,12 @@ class Run:
         """The request's chunks until the final one; raises ClientGone, or APIError on timeout or failure."""
         try:
             while True:
+                left = self.deadline - time.monotonic()
+                # Past the deadline a chunk already made is still sent: the timeout stops work still
+                # running, not a reader that fell behind (a timeout <= 0 raised before looking).
                 try:
-                    chunk: AudioChunk = await asyncio.wait_for(anext(self.stream), self.deadline - time.monotonic())
+                    chunk: AudioChunk = await asyncio.wait_for(anext(self.stream),
+                                                               None if left <= 0 and self.stream.ready() else left)
                 except (TimeoutError, asyncio.TimeoutError):
                     raise APIError(504, f"the request ran past the server's {self.state.settings.request_timeout_s:g} s "
                                         "timeout and was stopped", code="timeout") from None
