@@ -166,6 +166,30 @@ def test_voices_survive_a_restart(demo_tts, tmp_path):
     assert codes.read_bytes() == stored and codes.stat().st_mtime_ns == mtime
 
 
+def test_a_stored_voice_past_a_restarted_servers_limit_is_refused_by_name(demo_tts, tmp_path, monkeypatch):
+    """Stored under a larger --max-voice-seconds: with the same codec its codes were used as they were,
+    and re-encoded for another codec it was refused naming a hash of its audio."""
+    from dataclasses import replace
+
+    from mossserve.serve import ServerSettings, create_app
+
+    with live_server(make_app(demo_tts, tmp_path)) as url:
+        assert httpx.post(url + VOICES, data={"name": "long"}, files={"file": ("l.wav", REFERENCE, "audio/wav")},
+                          ).status_code == 201
+    stricter = create_app(ServerSettings(data_dir=tmp_path, max_voice_seconds=1.0), tts=demo_tts)
+    with live_server(stricter) as url, httpx.Client(base_url=url, timeout=60) as client:
+        for field in ("voice", "ref_audio"):
+            r = client.post(SPEECH, json={"input": "Hello.", field: "long"})
+            assert r.status_code == 400 and "the stored voice 'long' is" in r.json()["error"]["message"], r.text
+            assert "this server takes voices up to 1 s" in r.json()["error"]["message"]
+        store = stricter.state.server.voices
+        stale = store.get("long")
+        monkeypatch.setattr(store, "get", lambda name: replace(stale, codec="another codec", duration_s=0.5))
+        r = client.post(SPEECH, json={"input": "Hello.", "voice": "long"})  # re-encoded: its audio is too long
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and message.startswith("the stored voice 'long': ") and "too long" in message
+
+
 @pytest.mark.parametrize("name", ["../x", ".hidden", "a b", "a/b", "x" * 65, "é"])
 def test_bad_names_are_refused(server, name):
     error = error_of(upload(server, name, SHORT), 400)

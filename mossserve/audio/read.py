@@ -128,7 +128,7 @@ def _several_ogg_streams(data: str | bytes) -> bool:
 
 def _check_length(seconds: float, max_seconds: float | None) -> None:
     if max_seconds is not None and seconds > max_seconds:
-        raise AudioError(f"audio is too long: {seconds:.1f} s or more, the limit is {max_seconds:g} s")
+        raise AudioError(f"audio is too long: {seconds:.2f} s or more, the limit is {max_seconds:g} s")
 
 
 def _mpg123_stopped_early(data: str | bytes, decoded_seconds: float) -> bool:

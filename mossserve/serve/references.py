@@ -40,9 +40,10 @@ class VoiceResolver:
     `needs_transcript`: the model clones from audio and transcript together (Fish S2 Pro), so a
     voice without one is refused here, naming where it came from."""
 
-    def __init__(self, voices: VoiceStore, engine, codec_id: str, codebooks: int, needs_transcript: bool = False) -> None:
+    def __init__(self, voices: VoiceStore, engine, codec_id: str, codebooks: int, needs_transcript: bool = False,
+                 max_seconds: float | None = None) -> None:
         self.voices, self.engine, self.codec_id, self.codebooks = voices, engine, codec_id, codebooks
-        self.needs_transcript = needs_transcript
+        self.needs_transcript, self.max_seconds = needs_transcript, max_seconds
 
     async def main_voice(self, body: SpeechBody) -> tuple[np.ndarray | None, str | None]:
         """(codes, transcript of the stored voice) for `voice` / `ref_audio`."""
@@ -101,13 +102,20 @@ class VoiceResolver:
         voice = await asyncio.to_thread(self.voices.get, name)
         if voice is None:
             return None
+        if self.max_seconds is not None and voice.duration_s > self.max_seconds:  # stored under a larger limit
+            raise APIError(400, f"the stored voice {name!r} is {voice.duration_s:.2f} s long; this server takes "
+                                f"voices up to {self.max_seconds:g} s (--max-voice-seconds)", param=param,
+                           code="invalid_audio")
         try:
             if voice.codec == self.codec_id and voice.codebooks == self.codebooks:
                 return Reference(await asyncio.to_thread(self.voices.codes, name), voice.transcript, name)
             audio = await asyncio.to_thread(self.voices.audio, name)
         except VoiceNotFoundError:  # deleted since `get`
             return None
-        codes = await self.engine.encode_voice(audio)
+        try:
+            codes = await self.engine.encode_voice(audio)
+        except AudioError as e:  # its stored audio, re-encoded for this codec: name the voice, not a hash
+            raise APIError(400, f"the stored voice {name!r}: {e}", param=param, code="invalid_audio") from None
         # the voice may have been deleted and uploaded again meanwhile: then its own codes stay
         try:
             await asyncio.to_thread(self.voices.replace_codes, name, codes, self.codec_id, voice.sha256)

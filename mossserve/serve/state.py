@@ -45,7 +45,8 @@ class ServerState:
         codec_id = f"{tts.codec_source}@{tts.talker.codebooks}"
         metrics = Metrics(functools.partial(stats_while_open, tts))
         return cls(settings, tts, engine, voices, metrics, VoiceResolver(voices, engine, codec_id, tts.talker.codebooks,
-                                                                                 tts.talker.voice_needs_transcript),
+                                                                                 tts.talker.voice_needs_transcript,
+                                                                                 settings.max_voice_seconds),
                    served_name(settings, tts), owns_tts)
 
     def accepts_model(self, name: str | None) -> bool:
