@@ -286,6 +286,9 @@ def test_bad_messages_get_errors_and_the_session_goes_on(url: str) -> None:
         # 720 s of voice: accepted, and then every turn failed on its prompt's length
         ({"type": "session.update", "session": {"voice_codes": [[1] * 16] * 9000}},
          "voice_codes: 720.0 s of voice, more than the 60 s this server takes"),
+        # user audio given as codes had no limit (as audio it has)
+        ({"type": "turn.start", "user_text": "Hi.", "user_audio_codes": [[1] * 16] * 9000},
+         "user_audio_codes: 720.0 s of audio, more than the 60 s this server takes"),
     ]
     with Client(url) as client:
         for message, needle in bad:

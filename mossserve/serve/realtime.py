@@ -236,10 +236,7 @@ class RealtimeSession:
         """A voice no turn could run with is refused with the update (every turn after it failed): past
         --max-voice-seconds, as an uploaded voice would be, or with a first turn past the engine's length."""
         talker, max_len = self.state.tts.talker, self.state.tts.engine.max_len
-        limit = self.state.settings.max_voice_seconds
-        if (seconds := len(voice) / talker.frame_rate) > limit:
-            raise APIError(400, f"{name}: {seconds:.1f} s of voice, more than the {limit:g} s this server takes "
-                                "(--max-voice-seconds)", code="bad_message")
+        self.check_seconds(voice, name, "voice")
         prompt = await asyncio.to_thread(talker.open_turn_prompt, RealtimeTurn(), True, voice.T)
         if len(prompt.rows) >= max_len:
             raise APIError(400, f"{name}: a first turn with this voice holds {len(prompt.rows)} positions before "
@@ -360,6 +357,13 @@ class RealtimeSession:
                 if outcome is not None:
                     self.first = self.state.engine.session_context(self.id) == 0
 
+    def check_seconds(self, codes: np.ndarray, name: str, what: str) -> None:
+        """Codes past --max-voice-seconds, as audio that long is refused when it is encoded."""
+        limit = self.state.settings.max_voice_seconds
+        if (seconds := len(codes) / self.state.tts.talker.frame_rate) > limit:
+            raise APIError(400, f"{name}: {seconds:.1f} s of {what}, more than the {limit:g} s this server takes "
+                                "(--max-voice-seconds)", code="bad_message")
+
     async def codes(self, audio: str | None, codes: Codes | None, name: str):
         """A voice as (T, 16) codes: given codes, or audio (stored voice / base64) through the codec."""
         if audio is not None and codes is not None:
@@ -370,7 +374,10 @@ class RealtimeSession:
             except (ValueError, OverflowError, TypeError):
                 raise APIError(400, f"{name} must be a rectangular array of integer codes (frames, 16)",
                                code="bad_message") from None
-            return self.state.tts.talker.builder.check_codes(array, name)
+            array = self.state.tts.talker.builder.check_codes(array, name)
+            if name == "user_audio":  # a voice's codes are checked with the update (check_voice_fits)
+                self.check_seconds(array, f"{name}_codes", "audio")
+            return array
         if audio is None:
             return None
         return (await self.state.resolver.audio(audio, name)).codes  # a realtime voice has no transcript
