@@ -125,6 +125,9 @@ CASES = [
         param="voice", code="voice_not_found"),
     bad("ref-audio-not-base64", 400, "neither a stored voice name nor base64", {"ref_audio": "not base64!"},
         param="ref_audio"),
+    # a name of 4n letters is base64 too: it was decoded, and refused as audio that does not decode
+    bad("ref-audio-unknown-voice", 400, "'anna' is not a stored voice", {"ref_audio": "anna"}, param="ref_audio",
+        code="voice_not_found"),
     bad("ref-audio-data-url-not-base64", 400, "not a base64 one", {"ref_audio": "data:audio/wav,abc"},
         param="ref_audio"),
     bad("ref-audio-not-audio", 400, "cannot decode", {"ref_audio": NOT_AUDIO}, code="invalid_audio"),

@@ -35,6 +35,9 @@ class Reference(NamedTuple):
     stored: str | None = None  # the stored voice's name
 
 
+SMALLEST_AUDIO_FILE = 44  # bytes: a wav header alone; a voice name that decodes as base64 gives fewer
+
+
 class VoiceResolver:
     """Turns names and inline audio into codes, re-encoding stored voices made by another codec.
     `needs_transcript`: the model clones from audio and transcript together (Fish S2 Pro), so a
@@ -128,8 +131,11 @@ class VoiceResolver:
         stored = await self.stored(value, param)
         if stored is not None:
             return stored
+        audio = decode_audio_field(value, param)
+        if len(audio) < SMALLEST_AUDIO_FILE and _is_voice_name(value):  # "anna" is base64 too (3 bytes)
+            raise self.not_found(value, param)
         try:
-            return Reference(await self.engine.encode_voice(decode_audio_field(value, param)), None)
+            return Reference(await self.engine.encode_voice(audio), None)
         except AudioError as e:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_audio") from None
 
@@ -137,6 +143,14 @@ class VoiceResolver:
         return APIError(400, f"voice {name!r} is not a stored voice (upload it to /v1/audio/voices first; "
                              f"the OpenAI preset names mean the model's default voice)", param=param,
                         code="voice_not_found")
+
+
+def _is_voice_name(value: str) -> bool:
+    try:
+        validate_voice_name(value)
+    except ValueError:
+        return False
+    return True
 
 
 def decode_audio_field(value: str, param: str) -> bytes:
