@@ -206,9 +206,20 @@ def test_silent_audio_is_refused():
 
 
 def test_too_long_audio_is_refused():
-    with pytest.raises(AudioError, match="too long.*limit is 5 s"):
-        load_audio(FIXTURES / "demo_gt.wav", 24000, max_seconds=5)  # 5.067 s
+    with pytest.raises(AudioError, match="too long.*limit is 4.9 s"):
+        load_audio(FIXTURES / "demo_gt.wav", 24000, max_seconds=4.9)  # 5.067 s
     assert load_audio(FIXTURES / "demo_gt.wav", 24000, max_seconds=5.1).shape[1] == 121600
+
+
+def test_a_recording_of_the_limit_is_not_refused_for_its_encoders_padding():
+    """AAC keeps its priming and last frame: one second of audio reads back as 1.067 s, and was refused
+    at a limit of 1 s ("1.0 s or more, the limit is 1 s")."""
+    t = np.arange(24000) / 24000
+    data = encode_audio((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 24000, "aac")
+    assert read_audio(data)[0].shape[-1] > 24000  # the padding is there
+    assert load_audio(data, 24000, max_seconds=1).shape[-1] > 24000
+    with pytest.raises(AudioError, match="too long"):
+        load_audio(data, 24000, max_seconds=0.9)
 
 
 def test_too_long_audio_is_refused_while_decoding_with_ffmpeg():

@@ -126,8 +126,13 @@ def _several_ogg_streams(data: str | bytes) -> bool:
             return view.find(_OGG_FIRST_PAGE, 1) >= 0
 
 
+# What an encoder may add to a recording: AAC's priming and last frame (ADTS keeps them: 1 s of audio
+# reads back as 1.067 s), so that a recording of exactly the limit is not refused for them.
+ENCODER_PADDING_S = 0.1
+
+
 def _check_length(seconds: float, max_seconds: float | None) -> None:
-    if max_seconds is not None and seconds > max_seconds:
+    if max_seconds is not None and seconds > max_seconds + ENCODER_PADDING_S:
         raise AudioError(f"audio is too long: {seconds:.2f} s or more, the limit is {max_seconds:g} s")
 
 
