@@ -363,3 +363,15 @@ def test_the_default_data_dir_follows_the_xdg_spec(monkeypatch, xdg: str, expect
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", xdg)
     assert default_data_dir() == Path(expected).expanduser()
+
+
+def test_a_voice_of_exactly_the_limit_in_aac_is_stored_and_used(server):
+    """Its encoder's padding makes it read a little longer than the limit: accepted at upload, and so
+    also when it is used (the stored length is checked against the same allowance)."""
+    from mossserve.audio import encode_audio
+
+    t = np.arange(int(MAX_VOICE_SECONDS * 24000)) / 24000
+    clip = encode_audio((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000, "aac")
+    r = server.post(VOICES, data={"name": "exact"}, files={"file": ("exact.aac", clip, "audio/aac")})
+    assert r.status_code == 201 and r.json()["duration_s"] > MAX_VOICE_SECONDS, r.text
+    speak(server, voice="exact")

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..audio.read import ENCODER_PADDING_S
 from ..errors import AudioError
 from ..speech_request import Speaker
 from .errors import APIError
@@ -105,7 +106,7 @@ class VoiceResolver:
         voice = await asyncio.to_thread(self.voices.get, name)
         if voice is None:
             return None
-        if self.max_seconds is not None and voice.duration_s > self.max_seconds:  # stored under a larger limit
+        if self.max_seconds is not None and voice.duration_s > self.max_seconds + ENCODER_PADDING_S:  # a larger limit's
             raise APIError(400, f"the stored voice {name!r} is {voice.duration_s:.2f} s long; this server takes "
                                 f"voices up to {self.max_seconds:g} s (--max-voice-seconds)", param=param,
                            code="invalid_audio")
