@@ -32,10 +32,11 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
     warn_if_emulated(dtype, device)
     config_dir = resolve_model_dir(model, allow_patterns=["config.json"])
     with _checkpoint_errors(config_dir, "model"):
-        talker_kind(read_json(config_dir / "config.json"), config_dir)  # refused before its weights come down
+        config = read_json(config_dir / "config.json")
+        kind = talker_kind(config, config_dir)  # refused before its weights come down
     model_dir = resolve_model_dir(model, allow_patterns=TALKER_FILES)
     with _checkpoint_errors(model_dir, "model"):
-        return _load_talker(model_dir, str(model), device, dtype, task)
+        return _load_talker(model_dir, str(model), config, kind, device, dtype, task)
 
 
 def _name(model: str | Path, model_dir: Path) -> str:
@@ -103,10 +104,8 @@ def talker_kind(config: dict, model_dir: Path) -> str:
         "is not supported; supported: moss_tts_delay (Delay and Local), moss_tts_realtime, fish_qwen3_omni")
 
 
-def _load_talker(model_dir: Path, name: str, device: torch.device, dtype: torch.dtype,
+def _load_talker(model_dir: Path, name: str, config: dict, kind: str, device: torch.device, dtype: torch.dtype,
                  task: str | None) -> TalkerFamily:
-    config = read_json(model_dir / "config.json")
-    kind = talker_kind(config, model_dir)
     if kind == "delay":
         talker = _load_delay(model_dir, name, config, device, dtype, task)
     elif kind == "local":

@@ -253,6 +253,8 @@ class RealtimeSession:
         if message is not None:
             check_text_length(self.state, "user_text", message.user_text)
             user_audio = await self.codes(message.user_audio, message.user_audio_codes, "user_audio")
+            if message.user_audio_codes is not None:  # audio that long is refused when it is encoded
+                self.check_seconds(user_audio, "user_audio_codes", "audio")
             if user_audio is not None and message.user_text is None:
                 raise APIError(400, "user_audio needs user_text (the user turn has both)", code="bad_message")
         turn = RealtimeTurn(user_text=message.user_text if message else None,
@@ -358,7 +360,7 @@ class RealtimeSession:
                     self.first = self.state.engine.session_context(self.id) == 0
 
     def check_seconds(self, codes: np.ndarray, name: str, what: str) -> None:
-        """Codes past --max-voice-seconds, as audio that long is refused when it is encoded."""
+        """Codes given as codes past --max-voice-seconds."""
         limit = self.state.settings.max_voice_seconds
         if (seconds := len(codes) / self.state.tts.talker.frame_rate) > limit:
             raise APIError(400, f"{name}: {seconds:.1f} s of {what}, more than the {limit:g} s this server takes "
@@ -374,10 +376,7 @@ class RealtimeSession:
             except (ValueError, OverflowError, TypeError):
                 raise APIError(400, f"{name} must be a rectangular array of integer codes (frames, 16)",
                                code="bad_message") from None
-            array = self.state.tts.talker.builder.check_codes(array, name)
-            if name == "user_audio":  # a voice's codes are checked with the update (check_voice_fits)
-                self.check_seconds(array, f"{name}_codes", "audio")
-            return array
+            return self.state.tts.talker.builder.check_codes(array, name)
         if audio is None:
             return None
         return (await self.state.resolver.audio(audio, name)).codes  # a realtime voice has no transcript

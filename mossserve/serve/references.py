@@ -99,9 +99,7 @@ class VoiceResolver:
 
     async def stored(self, name: str, param: str) -> Reference | None:
         """A stored voice's codes (re-encoded once if another codec made them) and transcript."""
-        try:
-            validate_voice_name(name)
-        except ValueError:
+        if not _is_voice_name(name):
             return None  # not a storable name (e.g. base64): the caller decides what it is
         voice = await asyncio.to_thread(self.voices.get, name)
         if voice is None:

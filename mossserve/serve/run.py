@@ -19,7 +19,7 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(settings: ServerSettings, log_level: str = "info", shutdown_timeout_s: float = 30.0) -> None:
+def serve(settings: ServerSettings, log_level: str, shutdown_timeout_s: float) -> None:
     app = create_app(settings)  # loads the model first: a bad --model fails before the port opens
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                                            timeout_graceful_shutdown=shutdown_timeout_s))

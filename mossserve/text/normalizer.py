@@ -9,6 +9,7 @@ reference (fixtures/moss_tokenizer/README.md section 5); `normalizer_goldens.jso
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import string
@@ -87,6 +88,7 @@ _REPEATS = [
 _MIXED_QE = re.compile(r"[!?！？]{2,}")
 
 
+@functools.lru_cache(maxsize=32)  # a request's text is normalized by its check, its pauses and its prompt
 def normalize_tts_text(text: str) -> str:
     text = _clean_characters(text)
     text = _flatten_lines(text)

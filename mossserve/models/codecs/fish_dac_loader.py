@@ -78,9 +78,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except (MemoryError, RecursionError):  # not the file's fault
         raise
-    except Exception as e:
-        if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):  # torch's CPU allocator
-            raise  # a damaged file fails in many ways (a legacy .pth's dangling storage key: KeyError)
+    except Exception as e:  # a damaged file fails in many ways (a legacy .pth's dangling storage key: KeyError)
+        if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):  # torch's CPU allocator: no damage
+            raise
         first_line = (str(e).splitlines() or [""])[0] or ("the file ends early" if isinstance(e, EOFError) else "")
         raise CheckpointError(f"{path}: cannot read codec weights ({type(e).__name__}: {first_line})") from None
     if isinstance(tensors, dict) and isinstance(tensors.get("state_dict"), dict):
