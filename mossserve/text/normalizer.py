@@ -14,6 +14,8 @@ import itertools
 import re
 import string
 import unicodedata
+from collections.abc import Callable
+from typing import NamedTuple
 
 # Scripts written without spaces between words: CJK ideographs (+ extension A) and kana.
 _CJK = "[\u3400-\u4dbf\u4e00-\u9fff\u3040-\u30ff]"
@@ -33,23 +35,54 @@ _LATINISH_BEFORE_CJK = (rf"(?:{_PLACEHOLDER}|(?<![A-Za-z0-9._/+:-])[._/+:-]*"
                         rf"(?=[A-Za-z0-9])(?=[A-Za-z0-9._/+:-]*[A-Za-z])[A-Za-z0-9][A-Za-z0-9._/+:-]*)(?={_CJK})")
 
 _INVISIBLE = re.compile("[\u200b-\u200d\ufeff]")
-_MARKDOWN_LINK = re.compile(r"\[([^\[\]]+?)\]\((https?://[^)\s]+)\)")
+_MARKDOWN_LINK = re.compile(r"\[([^\[\]]+?)\]\((https?://[^)\s]+)(\))?")  # see _sub_complete
 _LINE_PREFIXES = [re.compile(p) for p in (r"^#{1,6}\s+", r"^>\s+", r"^[-*+]\s+", r"^\d+[.)]\s+")]
 
-# Spans that must reach the model verbatim, in the order they are protected.
-_PROTECTED = [
-    re.compile(p)
-    for p in (
-        r"https?://[^\s\u3000，。！？；、）】》〉」』]+",  # URL
-        r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}(?![\w.-])",  # e-mail
-        r"(?<![A-Za-z0-9_])@[A-Za-z0-9_]{1,32}",  # @mention
-        r"(?<![A-Za-z0-9_])[ur]/[A-Za-z0-9_]+",  # u/name, r/name
-        r"(?<![A-Za-z0-9_])#(?!\s)[^\s#]+",  # #hashtag
-        r"(?<![A-Za-z0-9_])\.(?=[A-Za-z0-9._-]*[A-Za-z0-9])[A-Za-z0-9._-]+",  # .env, .map
-        # file-like tokens: app.js.map, v2.3.1, 3.0.0-rc.1 (a letter and a separator required)
-        r"(?<![A-Za-z0-9_])(?=[A-Za-z0-9])(?=[A-Za-z0-9._/+:-]*[A-Za-z])(?=[A-Za-z0-9._/+:-]*[._/+:-])"
-        r"[A-Za-z0-9](?:[A-Za-z0-9._/+:-]*[A-Za-z0-9])?(?![A-Za-z0-9_])",
-    )
+
+class _FirstStart(NamedTuple):
+    """A rule of the reference tried only at the first place in each run of `run` where `start` (the
+    rule's lookbehind and first character) holds. Tried from every such place, it rescanned the rest of
+    the run each time: quadratic (40,000 dots took 20 s)."""
+
+    rule: re.Pattern[str]
+    run: re.Pattern[str]
+    start: re.Pattern[str]
+
+    def sub(self, repl: Callable[[re.Match[str]], str], text: str) -> str:
+        """`self.rule.sub(repl, text)`, with one try per run."""
+        pieces, done = [], 0
+        for run in self.run.finditer(text):
+            start = self.start.search(text, max(run.start(), done), run.end())
+            match = self.rule.match(text, start.start()) if start else None
+            if match:
+                pieces += (text[done:match.start()], repl(match))
+                done = match.end()
+        return "".join(pieces) + text[done:]
+
+
+# Spans that must reach the model verbatim, in the order they are protected. A `_FirstStart` rule is
+# tried once per run of its characters yet matches what the reference's does: after its start it asks
+# only for characters later in the run (so a later start fails where the first does) or for what lies
+# past the run (the same for every start), and a match leaves no later start in the run that could match:
+# - e-mail: the local part runs to the run's end, which must be '@' and a domain; the match goes past it;
+# - .env: an alphanumeric later in the run; the match takes the run to its end;
+# - file-like: a letter, a separator and an alphanumeric it may end after (one followed by '.', '/', '+',
+#   ':', '-' or the run's end) later in the run; the match ends after the last such one.
+_PROTECTED: list[re.Pattern[str] | _FirstStart] = [
+    re.compile(r"https?://[^\s\u3000，。！？；、）】》〉」』]+"),  # URL
+    _FirstStart(  # e-mail
+        re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}(?![\w.-])"),
+        re.compile(r"[A-Za-z0-9._%+-]+"), re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]")),
+    re.compile(r"(?<![A-Za-z0-9_])@[A-Za-z0-9_]{1,32}"),  # @mention
+    re.compile(r"(?<![A-Za-z0-9_])[ur]/[A-Za-z0-9_]+"),  # u/name, r/name
+    re.compile(r"(?<![A-Za-z0-9_])#(?!\s)[^\s#]+"),  # #hashtag
+    _FirstStart(  # .env, .map
+        re.compile(r"(?<![A-Za-z0-9_])\.(?=[A-Za-z0-9._-]*[A-Za-z0-9])[A-Za-z0-9._-]+"),
+        re.compile(r"[A-Za-z0-9._-]+"), re.compile(r"(?<![A-Za-z0-9_])\.")),
+    _FirstStart(  # file-like tokens: app.js.map, v2.3.1, 3.0.0-rc.1 (a letter and a separator required)
+        re.compile(r"(?<![A-Za-z0-9_])(?=[A-Za-z0-9])(?=[A-Za-z0-9._/+:-]*[A-Za-z])(?=[A-Za-z0-9._/+:-]*[._/+:-])"
+                   r"[A-Za-z0-9](?:[A-Za-z0-9._/+:-]*[A-Za-z0-9])?(?![A-Za-z0-9_])"),
+        re.compile(r"[A-Za-z0-9._/+:-]+"), re.compile(r"(?<![A-Za-z0-9_])[A-Za-z0-9]")),
 ]
 
 # (pattern, replacement) pairs of the spacing pass, applied in order.
@@ -61,22 +94,28 @@ _SPACING = [
     (re.compile(rf"({_CJK})(?={_LATINISH})"), r"\1 "),
     (re.compile(rf"({_LATINISH_BEFORE_CJK})"), r"\1 "),
     (re.compile(r" {2,}"), " "),
-    (re.compile(r"\s+([，。！？；：、”’」』】）》])"), r"\1"),
+    (re.compile(r"(?<!\s)\s+([，。！？；：、”’」』】）》])"), r"\1"),  # see _SPACE_RUN
     (re.compile(r"([（【「『《“‘])\s+"), r"\1"),
     (re.compile(r"([，。！？；：、])\s*"), r"\1"),
-    (re.compile(r"\s+([,.;!?])"), r"\1"),
+    (re.compile(r"(?<!\s)\s+([,.;!?])"), r"\1"),
     (re.compile(r" {2,}"), " "),
 ]
 
 _SENTENCE_START = r"(^|[。！？!?；;]\s*)"
-_BRACKETED_HEADING = re.compile(_SENTENCE_START + r"[【〖『「]([^】〗』」]+)[】〗』」]\s*")
+# These two and _MARKDOWN_LINK end in an optional group for the end the reference requires: see _sub_complete.
+_BRACKETED_HEADING = re.compile(_SENTENCE_START + r"[【〖『「]([^】〗』」]+)([】〗』」]\s*)?")
 _STANDALONE_TITLE = re.compile(
-    _SENTENCE_START + rf"《([^》]+)》(?=\s*(?:{_PLACEHOLDER}|[—–―-]{{2,}}|$|[。！？!?；;，,]))"
+    _SENTENCE_START + rf"《([^》]+)(》(?=\s*(?:{_PLACEHOLDER}|[—–―-]{{2,}}|$|[。！？!?；;，,])))?"
 )
+# Leading whitespace taken only from the start of its run (so too the spacing rules' (?<!\s)\s+): from
+# inside a run these rules need what they need from its start, past the run, and no match ends inside a
+# run, so its start is tried first and a later place matches only where the start did. Retrying from each
+# place rescanned the run: quadratic on spaces the first spacing rule leaves (no-break spaces: 10,000 took 11 s).
+_SPACE_RUN = r"(?:(?<!\s)\s+)?"
 # `[-=]+>` tried only where a run of - and = starts: whether it ends in > is the run's, so a later
 # start in it matches nothing the first did not (trying each rescanned the run: quadratic).
-_ARROW = re.compile(r"\s*(?:<[-=]+>|(?<![-=])[-=]+>|<[-=]+|[→←↔⇒⇐⇔⟶⟵⟷⟹⟸⟺↦↤↪↩])\s*")
-_DASHES = re.compile(r"\s*(?:—|–|―|-){2,}\s*")
+_ARROW = re.compile(_SPACE_RUN + r"(?:<[-=]+>|(?<![-=])[-=]+>|<[-=]+|[→←↔⇒⇐⇔⟶⟵⟷⟹⟸⟺↦↤↪↩])\s*")
+_DASHES = re.compile(_SPACE_RUN + r"(?:—|–|―|-){2,}\s*")
 
 _REPEATS = [
     (re.compile(r"(?:\.{3,}|…{2,}|……+)"), "。"),
@@ -122,7 +161,7 @@ def _clean_characters(text: str) -> str:
 
 def _flatten_lines(text: str) -> str:
     """Markdown links become 'label url'; each non-empty line loses its list/quote/heading marker."""
-    text = _MARKDOWN_LINK.sub(r"\1 \2", text)
+    text = _sub_complete(_MARKDOWN_LINK, r"\1 \2", text)
     lines = []
     for line in text.splitlines():
         line = line.strip()
@@ -155,10 +194,23 @@ def _fix_spacing(text: str) -> str:
 def _fix_structure(text: str) -> str:
     """Headings in brackets and standalone titles become sentences; arrows and dash runs become breaks."""
     for _ in range(2):  # a second pass unwraps a heading that the first one exposed
-        text = _BRACKETED_HEADING.sub(r"\1\2。", text)
-    text = _STANDALONE_TITLE.sub(r"\1\2", text)
+        text = _sub_complete(_BRACKETED_HEADING, r"\1\2。", text)
+    text = _sub_complete(_STANDALONE_TITLE, r"\1\2", text)
     text = _ARROW.sub("，", text)
     return _DASHES.sub("。", text)
+
+
+def _sub_complete(pattern: re.Pattern[str], template: str, text: str) -> str:
+    """`pattern.sub(template, text)` for a reference rule whose required end is the pattern's last
+    group, made optional: a match without it is left as it is. The rule's middle runs up to the first
+    character it excludes, where the end must be, so every later start it passes over stops there too
+    and fails with it; the reference's rule retried each one, rescanning up to there (quadratic:
+    10,000 characters of "。【" took 1 s)."""
+
+    def expand(match: re.Match[str]) -> str:
+        return match.group(0) if match.group(pattern.groups) is None else match.expand(template)
+
+    return pattern.sub(expand, text)
 
 
 def _fold_repeats(text: str) -> str:
