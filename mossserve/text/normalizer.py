@@ -137,9 +137,21 @@ def normalize_tts_text(text: str) -> str:
     text = _fix_structure(text)
     text = _fold_repeats(text)
     text = _fix_spacing(text)
-    for i, span in enumerate(spans):
-        text = text.replace(f"___{tag}{i}___", span)
-    return text.strip()
+    return _restore(text, tag, spans).strip()
+
+
+def _restore(text: str, tag: str, spans: list[str]) -> str:
+    """The protected spans put back, as the reference's in-order `replace` per span does, in one pass
+    where that is the same (a replace per span was quadratic: 40,000 characters of "中a." took 1.4 s).
+    It is the same unless '___' is left outside whole stand-ins, in the text or in a span: only then
+    can two stand-ins overlap or a restored span complete another (the @mention rule, at most 32
+    characters, can stop inside one), and the in-order replaces' result, quirks included, is kept."""
+    stand_in = re.compile(f"___{tag}(\\d+)___")
+    if any("___" in stand_in.sub("", piece) for piece in (text, *spans)):
+        for i, span in enumerate(spans):
+            text = text.replace(f"___{tag}{i}___", span)
+        return text
+    return stand_in.sub(lambda match: spans[int(match.group(1))], text)
 
 
 def _unused_tag(text: str) -> str:
