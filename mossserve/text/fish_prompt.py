@@ -184,9 +184,10 @@ class FishPromptBuilder:
     # ---- checks --------------------------------------------------------------------------
     def _reference(self, voice: object, text: str | None, name: str, encode_voice: EncodeVoice | None) -> FishReference:
         prefix = f"{name}." if name else ""
-        if voice is None or text is None or not text.strip():  # the message begins with the field that is missing
+        # the message begins with the field that is missing; a transcript of speaker tags alone is empty
+        if voice is None or text is None or not SPEAKER_TAG.sub("", text).strip():
             missing = f"{prefix}voice is missing" if voice is None else \
-                f"{prefix}reference_text is {'missing' if text is None else 'empty'}"
+                f"{prefix}reference_text is {'missing' if text is None else 'empty (speaker tags aside)'}"
             raise InvalidRequestError(f"{missing}: voice cloning needs {prefix}voice and {prefix}reference_text "
                                       "(its transcript) together")
         if isinstance(voice, (str, Path)):
