@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from local_cases import CODEC_DIR, LOCAL_DIR, get_run, goldens, make_model_dir
+from local_cases import CODEC_DIR, LOCAL_DIR, TOKENIZER_DIR, get_run, goldens, make_model_dir
 
 from mossserve.cli import main
+from mossserve.text.tokenizer import TextTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,17 @@ def test_prompt_writes_the_processor_matrix(model: Path, tmp_path: Path, capsys)
                          "-o", tmp_path / "q.npy"], capsys)
         assert code == 0, err
         assert np.array_equal(np.load(tmp_path / "q.npy"), golden_matrix("clone"))
+
+
+def test_prompt_conversation_keeps_the_text_as_given(model: Path, tmp_path: Path, capsys) -> None:
+    """The Local processor does not normalize (a line break stays one, not `。`)."""
+    text = "亲爱的你，\n你好呀。 Hello -- world..."
+    path = tmp_path / "conversation.json"
+    path.write_text(json.dumps([{"role": "user", "text": text}], ensure_ascii=False), encoding="utf-8")
+    code, err = run(["prompt", "--model", model, "--conversation", path, "-o", tmp_path / "p.npy"], capsys)
+    assert code == 0, err
+    decoded = TextTokenizer.from_dir(TOKENIZER_DIR).decode(np.load(tmp_path / "p.npy")[:, 0].tolist())
+    assert f"- Text:\n{text}\n</user_inst>" in decoded
 
 
 @pytest.mark.parametrize("source", ["conversation", "prompt_matrix"])

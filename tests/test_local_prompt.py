@@ -17,6 +17,7 @@ from mossserve.errors import InvalidRequestError
 from mossserve.models.moss_local import SKIPPED
 from mossserve.models.moss_local_config import MossLocalConfig
 from mossserve.speech_request import SpeechRequest
+from mossserve.text.delay_prompt import UserMessage
 from mossserve.text.local_prompt import LocalPromptBuilder
 from mossserve.text.tokenizer import TextTokenizer
 
@@ -141,3 +142,70 @@ def test_moss_families_refuse_fish_chunk_length() -> None:
         delay_conversation(SpeechRequest(input="x", chunk_length=40), n_vq=32, audio_vocab_size=1024)
     with pytest.raises(InvalidRequestError, match="chunk_length is used only by Fish S2 Pro"):
         local_family(with_tokenizer=True).build_prompt(SpeechRequest(input="x", chunk_length=40))
+
+
+# Upstream's Local processor fills the template with the text as given (only the Delay one normalizes):
+# line breaks, dash runs and ellipses stay what they are.
+RAW_TEXTS = ["亲爱的你，\n你好呀。", "Hello -- world... (aside)", "Line one.\n\nLine two…… done"]
+
+
+def _template_ids(text: str, tokenizer: TextTokenizer) -> list[int]:
+    """The text column of upstream's `tts_en` prompt with its text replaced by `text`."""
+    info = meta("prompts")["cases"]["tts_en"]
+    golden_text = "Hello there! This is a tiny test of the MOSS local transformer."
+    assert f"- Text:\n{golden_text}\n</user_inst>" in info["rendered_messages"][0][0]
+    return tokenizer.encode(info["rendered_messages"][0][0].replace(golden_text, text)) + [151652]
+
+
+@pytest.mark.parametrize("text", RAW_TEXTS)
+def test_request_text_is_not_normalized(text: str) -> None:
+    fam = local_family(with_tokenizer=True)
+    prompt = fam.build_prompt(SpeechRequest(input=text))
+    assert prompt.rows[:, 0].tolist() == _template_ids(text, fam.tokenizer)
+
+
+@pytest.mark.parametrize("text", RAW_TEXTS)
+def test_conversation_file_text_is_normalized_by_delay_only(builder: LocalPromptBuilder, text: str) -> None:
+    """A conversation file's role-dict text is read before the model is known: the Local builder takes it
+    as given, the Delay builder (same config and tokenizer) normalizes it, as their processors do."""
+    from mossserve.text.conversation import parse_conversations
+    from mossserve.text.delay_prompt import DelayPromptBuilder
+    from mossserve.text.normalizer import normalize_tts_text
+
+    [conversation] = parse_conversations([{"role": "user", "text": text}])
+    assert builder.build(conversation)[:, 0].tolist() == _template_ids(text, builder.tokenizer)
+    assert normalize_tts_text(text) != text
+    delay = DelayPromptBuilder(builder.tokenizer, builder.config).build(conversation)
+    expected = builder.tokenizer.encode(builder.templated("user", UserMessage(normalize_tts_text(text)).content, True))
+    assert delay[:, 0].tolist() == expected
+
+
+def test_whitespace_only_input_is_still_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="input is empty"):
+        local_family(with_tokenizer=True).build_prompt(SpeechRequest(input=" \n\t "))
+
+
+@pytest.mark.parametrize("transcript,text,joined", [
+    ("太阳系八大行星之一。", "它离太阳第四近。", "太阳系八大行星之一。它离太阳第四近。"),
+    ("Some words.", "And more.", "Some words. And more."),
+    ("Hello", "世界", "Hello世界"),
+    ("你好", "world", "你好world"),
+    ("Ｈｉ！", "again", "Ｈｉ！again"),  # full-width forms
+    ("Hi 123", "go", "Hi 123 go"),
+])
+def test_continuation_joins_transcript_and_text(transcript: str, text: str, joined: str) -> None:
+    """No normalizer removes a space again: none where either side of the join is CJK or full-width."""
+    fam = local_family(with_tokenizer=True)
+    voice = goldens("prompts")["ref.cont"]
+    prompt = fam.build_prompt(SpeechRequest(input=text, voice=voice, reference_text=transcript))
+    assert f"- Text:\n{joined}\n</user_inst>" in fam.tokenizer.decode(prompt.rows[:, 0].tolist())
+
+
+def test_typed_text_is_checked_as_the_model_reads_it() -> None:
+    """A zero-width space inside a special token's spelling keeps it plain text here (no normalizer removes
+    it, as the Delay one would), so it is allowed; the spelling itself is still refused."""
+    fam = local_family(with_tokenizer=True)
+    prompt = fam.build_prompt(SpeechRequest(input="a <|im_\u200bend|> b"))
+    assert prompt.rows[:, 0].tolist() == _template_ids("a <|im_\u200bend|> b", fam.tokenizer)
+    with pytest.raises(InvalidRequestError, match="special token"):
+        fam.build_prompt(SpeechRequest(input="a <|im_end|> b"))

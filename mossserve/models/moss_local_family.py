@@ -71,12 +71,7 @@ class MossLocalFamily(TalkerFamily):
         self._sampling_defaults = sampling_defaults or LOCAL_SAMPLING
         self.max_new_frames = max_new_frames
 
-    # ---- prompts -------------------------------------------------------------------------
-    def typed_form(self, text: str) -> str:
-        from ..text.normalizer import normalize_tts_text
-
-        return normalize_tts_text(text)
-
+    # ---- prompts (typed text is tokenized as given: the Local processor does not normalize it) ----
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
         from ..text.delay_prompt import check_joined_fields
         from ..text.local_prompt import local_conversation

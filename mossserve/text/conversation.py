@@ -6,14 +6,17 @@ A conversation is a list of messages; a list of conversations is a batch:
      {"role": "assistant", "audio_codes_list": ["prefix.npy"]}]
 
 User fields are those of `build_user_message` (text, reference, instruction, tokens, quality,
-sound_event, ambient_sound, language); `text` is normalized as the reference does for role
-dicts. Assistant fields: `audio_codes_list` (or `audio_codes`) and optional `content`. A code
-tensor is a nested int list `(frames, n_vq)` or a `.npy` path; an audio path needs the codec
-(`encode_voice`). Relative paths are tried in the working directory, then beside the JSON file.
-A field that holds one entry may also hold a list of entries.
+sound_event, ambient_sound, language); `text` is normalized as the Delay processor does for role
+dicts and kept as typed too (`typed_text`), which the Local builder uses: its processor does not
+normalize, and the model is not known when the file is read. Assistant fields:
+`audio_codes_list` (or `audio_codes`) and optional `content`. A code tensor is a nested int list
+`(frames, n_vq)` or a `.npy` path; an audio path needs the codec (`encode_voice`). Relative paths
+are tried in the working directory, then beside the JSON file. A field that holds one entry may
+also hold a list of entries.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,7 +90,7 @@ def _user(data: dict, where: str, codes: Callable[[Any, str], np.ndarray | None]
     if data.get("reference") is not None:
         entries = _entries(data["reference"], f"{where}.reference")
         reference = [codes(e, f"{where}.reference[{k}]") for k, e in enumerate(entries)]
-    return build_user_message(reference=reference, tokens=tokens, **fields)
+    return replace(build_user_message(reference=reference, tokens=tokens, **fields), typed_text=fields["text"])
 
 
 def _assistant(data: dict, where: str, codes: Callable[[Any, str], np.ndarray | None]) -> AssistantMessage:

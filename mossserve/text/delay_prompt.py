@@ -17,7 +17,7 @@ processor's (fixtures/moss_tokenizer/README.md section 3), reproduced exactly:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -60,6 +60,9 @@ class UserMessage:
     sound_event: str | None = None
     ambient_sound: str | None = None
     language: str | None = None
+    # `text` as typed where `text` holds it normalized (a conversation file's message, read before the
+    # model is known): a builder whose processor does not normalize (Local) uses this instead.
+    typed_text: str | None = None
     role: ClassVar[str] = "user"
 
     @property
@@ -109,14 +112,16 @@ def build_user_message(
     sound_event: str | None = None,
     ambient_sound: str | None = None,
     language: str | None = None,
+    normalize: bool = True,
 ) -> UserMessage:
-    """A user message with `text` normalized; a single reference is wrapped in a list."""
+    """A user message with `text` normalized as the Delay processor does (`normalize=False`: as given,
+    as the Local processor takes it); a single reference is wrapped in a list."""
     if reference is not None and not isinstance(reference, (list, tuple)):
         reference = [reference]
     if text is not None:
         if not isinstance(text, str):
             raise InvalidRequestError(f"text must be a string, got {type(text).__name__}")
-        text = normalize_tts_text(text)
+        text = normalize_tts_text(text) if normalize else text
     return UserMessage(text, reference, instruction, tokens, quality, sound_event, ambient_sound, language)
 
 
@@ -143,13 +148,16 @@ def check_joined_fields(conversation: Conversation, tokenizer: TextTokenizer | N
         tokenizer.encode_user(content.replace(AUDIO_PLACEHOLDER, " "), JOINED)
 
 
-def message_parts(message: Message | dict) -> tuple[str, str, list[Any]]:
+def message_parts(message: Message | dict, normalize: bool = True) -> tuple[str, str, list[Any]]:
     """(role, content, code tensors) of any accepted message form.
 
     Forms: a `UserMessage` / `AssistantMessage`; a dict with `role`, `content` and
     `audio_codes_list` (used verbatim, no template); `{"role": "user", <build_user_message
-    fields>}` (text normalized); `{"role": "assistant", "audio_codes_list": ..., "content": ...}`.
+    fields>}` (text normalized if `normalize`; else a `UserMessage`'s `typed_text` is its text);
+    `{"role": "assistant", "audio_codes_list": ..., "content": ...}`.
     """
+    if isinstance(message, UserMessage) and not normalize and message.typed_text is not None:
+        message = replace(message, text=message.typed_text, typed_text=None)
     if isinstance(message, (UserMessage, AssistantMessage)):
         return message.role, message.content, message.audio_codes_list
     if not isinstance(message, dict):
@@ -164,7 +172,7 @@ def message_parts(message: Message | dict) -> tuple[str, str, list[Any]]:
         return role, message["content"], list(message["audio_codes_list"])
     if role == "user":
         _reject_unknown(message, {"role", *USER_FIELDS})
-        user = build_user_message(**{k: v for k, v in message.items() if k != "role"})
+        user = build_user_message(**{k: v for k, v in message.items() if k != "role"}, normalize=normalize)
         return "user", user.content, user.audio_codes_list
     _reject_unknown(message, {"role", "content", "audio_codes_list"})
     assistant = build_assistant_message(message.get("audio_codes_list", []), message.get("content", AUDIO_PLACEHOLDER))
@@ -176,10 +184,13 @@ class DelayPromptBuilder:
 
     `delayed = False` (the Local family's processor) drops the delay pattern: an audio block is
     its frames' slot rows only, each row holding one whole frame. `opens_audio` (Local too) ends
-    a generation prompt with an `<|audio_start|>` row, so the model starts on the first frame."""
+    a generation prompt with an `<|audio_start|>` row, so the model starts on the first frame.
+    `normalize = False` (Local too) takes a role dict's text (and a message's `typed_text`) as
+    given: only the Delay processor normalizes it."""
 
     delayed: ClassVar[bool] = True
     opens_audio: ClassVar[bool] = False
+    normalize: ClassVar[bool] = True
 
     def __init__(self, tokenizer: TextTokenizer, config: MossDelayConfig):
         self.tokenizer = tokenizer
@@ -227,7 +238,7 @@ class DelayPromptBuilder:
             conversation = [conversation]
         if not isinstance(conversation, (list, tuple)):
             raise InvalidRequestError(f"a conversation must be a list of messages, got {type(conversation).__name__}")
-        messages = [message_parts(m) for m in conversation]
+        messages = [message_parts(m, self.normalize) for m in conversation]
         _check_mode(mode, [role for role, _, _ in messages])
         pieces = []
         for i, (role, content, codes) in enumerate(messages):

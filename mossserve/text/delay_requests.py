@@ -9,6 +9,8 @@ follow them per task:
   voice is both the reference and the assistant's audio prefix. As in the app, duration control
   is off in continuation. The transcript and the text are joined with one space (the model
   card concatenates them; the normalizer removes the space again where Chinese needs none).
+  Without normalization (`normalize=False`, the Local processor's way) no space is put where
+  either side of the join is a CJK or full-width character, as upstream's Local example joins them.
   Without `mode`, a voice with `reference_text` means continuation, a voice alone cloning.
 * `dialogue` (MOSS-TTSD, `clis/moss_ttsd_app.py` and its model card): the input needs `[Sk]`
   tags for speakers 1..len(speakers) (1..5 without speakers). A speaker gives a voice and its
@@ -26,7 +28,8 @@ follow them per task:
 * `sound_effect` (MOSS-SoundEffect, its app and model card): the input is the `ambient_sound`
   description (not normalized, `text` stays None), optional duration as `tokens`; generation.
 
-Inputs are stripped as the apps strip them; a field the task does not use is refused.
+Inputs are stripped as the apps strip them; a field the task does not use is refused. The user
+text is normalized as the Delay processor does, unless `normalize=False` (the Local processor).
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ from .delay_prompt import (
 
 TASKS = ("tts", "dialogue", "voice_design", "sound_effect")
 MAX_SPEAKERS = 5
+# Written without spaces around them: CJK punctuation, kana, CJK ideographs, full-width forms.
+_UNSPACED = re.compile("[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 
 # Request fields each task reads (besides `input` and `mode`, which every task reads).
 _TASK_FIELDS = {
@@ -73,21 +78,23 @@ def delay_conversation(
     audio_vocab_size: int,
     task: str | None = None,
     encode_voice: EncodeVoice | None = None,
+    normalize: bool = True,
 ) -> tuple[Conversation, str]:
     """(conversation, mode) for the Delay prompt builder.
 
     The task is the request's, else `task` (a model-level default), else inferred. Voices are
     codes (frames, n_vq) or audio paths, which `encode_voice` (the codec) turns into codes.
+    `normalize=False` keeps the user text as given (the Local processor does not normalize it).
     """
     task = request.task or task or infer_task(request)
     if task not in TASKS:
         raise InvalidRequestError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     _reject_unused(request, task)
     build = {"tts": _tts, "dialogue": _dialogue, "voice_design": _voice_design, "sound_effect": _sound_effect}[task]
-    return build(request, _VoiceCodes(n_vq, audio_vocab_size, encode_voice))
+    return build(request, _VoiceCodes(n_vq, audio_vocab_size, encode_voice), normalize)
 
 
-def _tts(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversation, str]:
+def _tts(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> tuple[Conversation, str]:
     has_voice = request.voice is not None
     transcript = _stripped(request.reference_text)
     language = _stripped(request.language)
@@ -99,19 +106,26 @@ def _tts(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversation, st
             raise InvalidRequestError("reference_text is used only in continuation mode (cloning does not need it)")
         text = _required(request.input, "input")
         reference = [codes(request.voice, "voice")] if has_voice else None
-        return [_user(text, reference=reference, tokens=request.expected_frames, language=language)], mode
+        return [_user(text, normalize, reference=reference, tokens=request.expected_frames, language=language)], mode
     if not has_voice:
         raise InvalidRequestError("continuation needs a voice: its codes are the audio prefix the model continues")
     if request.expected_frames is not None:
         raise InvalidRequestError("duration control is not available in continuation mode")
     text = _required(request.input, "input")
     if transcript is not None:
-        text = f"{transcript} {text}"
+        text = _continued(transcript, text, normalize)
     voice = codes(request.voice, "voice")
-    return [_user(text, reference=[voice], language=language), build_assistant_message([voice])], mode
+    return [_user(text, normalize, reference=[voice], language=language), build_assistant_message([voice])], mode
 
 
-def _dialogue(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversation, str]:
+def _continued(transcript: str, text: str, normalize: bool) -> str:
+    """The voice's transcript, then the new text: one space between them, which the normalizer removes
+    where Chinese needs none; unnormalized (Local), none where either side is CJK or full-width."""
+    unspaced = not normalize and bool(_UNSPACED.match(transcript[-1]) or _UNSPACED.match(text[0]))
+    return transcript + ("" if unspaced else " ") + text
+
+
+def _dialogue(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> tuple[Conversation, str]:
     text = _one_line(_required(request.input, "input"))
     speakers = request.speakers or []
     tags = [int(k) for k in re.findall(r"\[S(\d+)\]", text)]
@@ -133,23 +147,23 @@ def _dialogue(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversatio
     if not transcripts:
         if request.mode == "continuation":
             raise InvalidRequestError("dialogue continuation needs at least one speaker with a voice")
-        return [_user(text)], "generation"
+        return [_user(text, normalize)], "generation"
     if request.mode == "generation":
         raise InvalidRequestError("a dialogue with speaker voices runs in continuation mode (their audio is a prefix)")
     reference = [codes(s.voice, f"speakers[{k}].voice") for k, s in enumerate(speakers)]
-    user = _user(" ".join(transcripts + [text]), reference=reference)
+    user = _user(" ".join(transcripts + [text]), normalize, reference=reference)
     prefix = np.concatenate([v for v in reference if v is not None])
     return [user, build_assistant_message([prefix])], "continuation"
 
 
-def _voice_design(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversation, str]:
+def _voice_design(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> tuple[Conversation, str]:
     _require_generation(request, "voice_design")
     text = _required(request.input, "input")
     instruction = _required(request.instructions, "instructions", "voice_design needs instructions (the voice)")
-    return [_user(text, instruction=instruction)], "generation"
+    return [_user(text, normalize, instruction=instruction)], "generation"
 
 
-def _sound_effect(request: SpeechRequest, codes: "_VoiceCodes") -> tuple[Conversation, str]:
+def _sound_effect(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> tuple[Conversation, str]:
     _require_generation(request, "sound_effect")
     description = _required(request.input, "input", "sound_effect needs a sound description in input")
     return [build_user_message(ambient_sound=description, tokens=request.expected_frames)], "generation"
@@ -176,8 +190,8 @@ class _VoiceCodes:
         return codes
 
 
-def _user(text: str, **fields: Any) -> UserMessage:
-    message = build_user_message(text=text, **fields)
+def _user(text: str, normalize: bool, **fields: Any) -> UserMessage:
+    message = build_user_message(text=text, normalize=normalize, **fields)
     if not message.text:
         raise InvalidRequestError("input is empty after text normalization")
     return message

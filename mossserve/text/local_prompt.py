@@ -3,9 +3,11 @@
 Its processor is the Delay processor without the delay pattern (fixtures/moss_tts_local/README.md
 section 5): the same user template, ChatML per message, placeholder merging, continuation cut and
 left padding; an audio block is `<|audio_start|>`, one slot row per frame (each row one whole
-frame), `<|audio_end|>`; a generation prompt ends with an `<|audio_start|>` row. A `SpeechRequest` becomes the Delay `tts` task's conversation (text,
-clone by reference, continuation with prefix audio, language, duration tokens), plus the
-template's Instruction field, which the Local model card fills.
+frame), `<|audio_end|>`; a generation prompt ends with an `<|audio_start|>` row. Unlike the Delay
+processor it does not normalize the user text: the template holds the text as given. A
+`SpeechRequest` becomes the Delay `tts` task's conversation (text, clone by reference,
+continuation with prefix audio, language, duration tokens), plus the template's Instruction
+field, which the Local model card fills.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .delay_requests import delay_conversation
 class LocalPromptBuilder(DelayPromptBuilder):
     delayed = False
     opens_audio = True
+    normalize = False
 
 
 def local_conversation(
@@ -37,6 +40,6 @@ def local_conversation(
     instruction = (request.instructions or "").strip() or None
     base = replace(request, instructions=None, depth=None, task="tts")
     conversation, mode = delay_conversation(base, n_vq=n_vq, audio_vocab_size=audio_vocab_size, task="tts",
-                                            encode_voice=encode_voice)
+                                            encode_voice=encode_voice, normalize=LocalPromptBuilder.normalize)
     conversation[0].instruction = instruction
     return conversation, mode
