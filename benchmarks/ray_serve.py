@@ -83,7 +83,13 @@ def main() -> None:
     parser.add_argument("--latency-requests", type=int, default=30)
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # the direct server's torch threads, as a replica's
-    data = tempfile.mkdtemp(prefix="mossserve-bench-")
+    with tempfile.TemporaryDirectory(prefix="mossserve-bench-") as data:  # both servers' voice store
+        result = measure(args, data)
+    print(json.dumps(result, indent=1))
+
+
+def measure(args: argparse.Namespace, data: str) -> dict:
+    """The direct server's figures, then Ray Serve's with one and two replicas."""
     model = ["--model", args.model] if args.model else []
     result: dict = {"requests": args.requests, "concurrency": args.concurrency, "cpus": os.cpu_count()}
 
@@ -126,7 +132,7 @@ def main() -> None:
     result["routing_overhead_ms"] = result["ray_1"]["models_ms"] - result["direct"]["models_ms"]
     result["speech_overhead_ms"] = result["ray_1"]["speech_ms"] - result["direct"]["speech_ms"]
     result["speedup_2_replicas"] = result["ray_2"]["audio_s_per_s"] / result["ray_1"]["audio_s_per_s"]
-    print(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

@@ -8,8 +8,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras='.[serve,ray,test]'
+find_python() {  # $PYTHON, else the first python3 that is 3.11 or newer (the pinned numpy and av need it)
+  for python in ${PYTHON:-python3 python3.14 python3.13 python3.12 python3.11}; do
+    if command -v "$python" >/dev/null && "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      echo "$python"
+      return
+    fi
+  done
+  echo "error: mossserve needs Python 3.11 or newer; set PYTHON=/path/to/python3.11 (or newer)" >&2
+  return 1
+}
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  python=$(find_python)
+  "$python" -m venv .venv
 fi
 install_torch() {
   local pip=(.venv/bin/pip install --disable-pip-version-check -q)

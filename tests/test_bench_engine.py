@@ -210,3 +210,31 @@ def test_machine_info_says_whether_bf16_runs_the_cpu_kernel(monkeypatch) -> None
         assert machine_info("cpu", "bfloat16")["bf16_cpu_kernel"] is False
     finally:
         cpu_kernels.bf16_kernels.cache_clear()
+
+
+def test_every_request_is_queued_at_once_whatever_the_default_queue(monkeypatch, capsys) -> None:
+    """The throughput runs submit all `--requests` at once: an engine with the default queue refused
+    those past it (`--requests 258` failed with "the engine is full"). Here the default queue is 1."""
+    import dataclasses
+
+    import mossserve.config as config
+
+    small = dataclasses.make_dataclass("SmallQueue", [("max_queued", int, dataclasses.field(default=1))],
+                                       bases=(config.EngineConfig,))
+    monkeypatch.setattr(config, "EngineConfig", small)
+    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "1", "--requests", "4", "--ttfa-runs", "1",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["requests"] == 4
+
+
+def test_fewer_requests_than_streams_are_reported_and_floored_at_the_batch_run(monkeypatch, capsys) -> None:
+    """With `--requests 2` the "16" run has 2 streams: the table says so and its floor counts a batch of 2."""
+    import mossserve.bench.engine as bench_engine
+
+    batches = []
+    real = bench_engine.count_step
+    monkeypatch.setattr(bench_engine, "count_step", lambda *args: batches.append(args[-1]) or real(*args))
+    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "1", "--requests", "2", "--ttfa-runs", "1"]) == 0
+    table = capsys.readouterr().out
+    assert batches == [1, 2]
+    assert "(2 streams: --requests 2)" in table and "step at 16 (2 streams" in table

@@ -163,6 +163,7 @@ def test_engine_bench_reports_floors_for_every_family(family, tiny_checkpoints) 
     for key in FLOOR_KEYS:
         assert isinstance(f[key], (int, float)) and f[key] > 0, key
     assert f["engine_steps"] == {"1": 2 * steps, "16": steps}  # 2 requests: one after the other, then together
+    assert out["streams"] == {"1": 1, "4": 2, "16": 2}
     assert f["step_s_1"] == pytest.approx(out["wall_s"]["1"] / (2 * steps))
     assert f["step_s_16"] == pytest.approx(out["wall_s"]["16"] / steps)
     assert f["step_floor_s_1"] == pytest.approx(f["weight_bytes_per_step"] / (f["memory_bandwidth_gb_s"] * 1e9))
