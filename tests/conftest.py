@@ -1,6 +1,7 @@
 """Shared test fixtures: paths of the copied golden data and loaded tiny checkpoints."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,16 @@ AUDIO_DIR = FIXTURES / "audio"
 STREAMED_VS_WHOLE_ATOL = 1e-4
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and CI cores are shared
+
+
+@pytest.fixture(autouse=True)
+def mossserve_logger_as_found():
+    """`serve()` (and a Ray replica) sets up the `mossserve` logger for the process: a test that runs one
+    in-process must not take later tests' records away from `caplog`."""
+    logger = logging.getLogger("mossserve")
+    found = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers, logger.level, logger.propagate = found
 
 
 @pytest.fixture(scope="session", params=["tiny_nvq32", "tiny_nvq16"])

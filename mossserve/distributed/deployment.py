@@ -61,6 +61,7 @@ class SpeechServer:
     def __init__(self, settings: ServerSettings, board: DeploymentHandle, voices: DeploymentHandle | None,
                  torch_threads: int) -> None:
         torch.set_num_threads(torch_threads)
+        log_through_serve()
         self.settings, self.board, self.voices = settings, board, voices
         self.replica = serve.get_replica_context().replica_tag
         self.state: ServerState | None = None
@@ -77,6 +78,8 @@ class SpeechServer:
         """Serve's health check is the engine's readiness (/ready): a failing replica is replaced."""
         if self.state is None or self.state.closing or self.state.tts.closed:
             raise RuntimeError(f"replica {self.replica}: the engine is not taking requests")
+        if (problem := self.state.engine.problem()) is not None:
+            raise RuntimeError(f"replica {self.replica}: the engine cannot serve requests: {problem}")
 
     async def _push_metrics(self) -> None:
         while True:
@@ -88,6 +91,24 @@ class SpeechServer:
 
     def _local_metrics(self) -> str:
         return self.state.metrics.render().decode()
+
+
+class _ToServe(logging.Handler):
+    """Hands records to Serve's logger: its handlers (the replica's log, its format) are replaced when
+    Serve reconfigures it, so they are looked up at each record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger.handle(record)
+
+
+def log_through_serve() -> None:
+    """mossserve's log lines (failed requests, a dead engine) go where Serve's own do, in its format and
+    at its level: left alone, a warning would reach the replica's log as an INFO print-out of the stderr
+    Serve captures, and an INFO line not at all. Call it in the replica, once Serve set up its logger."""
+    ours = logging.getLogger("mossserve")
+    ours.handlers = [_ToServe()]
+    ours.setLevel(logger.getEffectiveLevel())
+    ours.propagate = False
 
 
 class ReplicaFront:

@@ -156,6 +156,14 @@ class AsyncEngine:
         except EngineClosedError:
             return False
 
+    def problem(self) -> str | None:
+        """Why the engine cannot serve although it is open (`Engine.problem`); None while it can, or once
+        it is closed (a shutdown, which callers tell apart)."""
+        try:
+            return self.tts.engine.problem()
+        except EngineClosedError:
+            return None
+
     def push_input(self, request_id: str, piece: object = None, end: bool = False) -> bool:
         """Input for a running request whose prompt is open (a turn's text arriving while it speaks)."""
         return self.tts.engine.push_input(request_id, piece, end)

@@ -35,6 +35,34 @@ from .talker_runner import TalkerRunner
 from .worker import Worker
 
 SEAM_CHARS = 64  # longer than any special token's spelling (`push_input` checks where two pieces meet)
+# This many failing rounds in a row (`FailingRounds`) mean the engine can no longer serve.
+FAILING_ROUNDS = 5
+
+
+class FailingRounds:
+    """Counts the engine's rounds (steps) in a row that failed a request and ran no model call that
+    succeeded. A sticky CUDA error fails every round, so a few in a row mean the engine is broken
+    (`Engine.problem`); one bad request failing alone is a single such round, and any round whose
+    model work succeeds starts the count again. Written on the engine's thread only."""
+
+    def __init__(self) -> None:
+        self.count, self.error = 0, None  # the rounds in a row, and the last one's error
+        self._succeeded, self._error = False, None  # the round in progress
+
+    def begin(self) -> None:
+        self._succeeded, self._error = False, None
+
+    def succeeded(self) -> None:
+        self._succeeded = True
+
+    def failed(self, error: str | None) -> None:
+        self._error = error or "unknown error"
+
+    def end(self) -> None:
+        if self._succeeded:
+            self.count, self.error = 0, None
+        elif self._error is not None:
+            self.count, self.error = self.count + 1, self._error
 
 
 class Engine:
@@ -74,6 +102,7 @@ class Engine:
         self.counts = {"finished": 0, "aborted": 0, "failed": 0, "steps": 0, "prompt_rows_prefilled": 0,
                        "prompt_rows_reused": 0}
         self.prefixes = PrefixSharing(self.runner, config.shared_prefix_rows, self.counts)
+        self.failing = FailingRounds()
 
     # ---- the caller's side (any thread) --------------------------------------------------
     def add_request(self, prompt: Prompt, sampling: SamplingParams, sink: Sink, *, request_id: str | None = None,
@@ -114,6 +143,8 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine has shut down")
+            if (stopped := self._thread_problem()) is not None:  # nothing would ever run the request
+                raise EngineClosedError(stopped)
             if request.id in self._live:
                 raise InvalidRequestError(f"request id {request.id!r} is already in use")
             new_session = session is not None and session not in self.sessions.by_id
@@ -252,6 +283,24 @@ class Engine:
             self._lock.notify()
         return True
 
+    def problem(self) -> str | None:
+        """Why this engine, not shut down, cannot serve (None while it can): its talker thread has ended
+        (a request would wait forever), or its last FAILING_ROUNDS rounds or more all failed."""
+        if self._closing:
+            return None
+        if (stopped := self._thread_problem()) is not None:
+            return stopped
+        if self.failing.count >= FAILING_ROUNDS:
+            return (f"the engine's last {self.failing.count} rounds all failed, none succeeded in between "
+                    f"(the last: {self.failing.error})")
+        return None
+
+    def _thread_problem(self) -> str | None:
+        if not self.config.threaded or self._worker.running:
+            return None
+        failure = self._worker.failure
+        return "the engine's thread has stopped" + (f" ({failure})" if failure else "")
+
     def stats(self) -> dict:
         with self._lock:
             return {
@@ -305,6 +354,7 @@ class Engine:
         the scheduler's lists: the failed step may have left a request half ended (out of the batch,
         never closed); one whose ending fails again is closed as it is."""
         message = _message(error)
+        self.failing.failed(message)
         with self._lock:
             requests = [r for r in self._live.values() if not r.status.done]
         for request in requests:
@@ -312,6 +362,7 @@ class Engine:
                 self._end(request, Status.FAILED, "error", message)
             except Exception:  # noqa: BLE001
                 self._close_as(request, Status.FAILED, "error", message)
+        self.failing.end()  # the round that raised never reached its own end
 
     def has_work(self) -> bool:
         """Whether a step would make progress (what the talker thread waits for)."""
@@ -339,6 +390,7 @@ class Engine:
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> None:
+        self.failing.begin()
         with self._lock:
             endings, self._endings = self._endings, []
             closes, self._session_closes = self._session_closes, []
@@ -361,6 +413,7 @@ class Engine:
         if self._codec_between_steps:
             while self.codec.run_once():
                 pass
+        self.failing.end()
 
     # ---- sessions ---------------------------------------------------------------------------
     def _holds_slot(self, request: EngineRequest) -> bool:
@@ -417,6 +470,7 @@ class Engine:
             try:
                 parts.append(self.runner.decode([r.slot for r in decoding]))
                 ready.extend(decoding)
+                self.failing.succeeded()
             except Exception as e:  # noqa: BLE001
                 self._fail_all(decoding, e)
         prefill = self.scheduler.prefill_batch(self.prefixes.share(self.scheduler.running))
@@ -428,6 +482,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 self._fail_all(requests, e)
             else:
+                self.failing.succeeded()
                 done = []
                 self.counts["prompt_rows_prefilled"] += sum(n for _, n in prefill)
                 for row, (request, n) in enumerate(prefill):
@@ -446,6 +501,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             self._fail_all(ready, e)
             return
+        self.failing.succeeded()
         rows, frames = out.rows.cpu().numpy(), out.frames.cpu().numpy()
         has_frame, new_segment, finished = out.has_frame.tolist(), out.new_segment.tolist(), out.finished.tolist()
         waiting = out.waiting.tolist() if out.waiting is not None else [False] * len(ready)
@@ -523,7 +579,10 @@ class Engine:
         self._close(request, error)
 
     def _fail_all(self, requests: list[EngineRequest], error: Exception) -> None:
+        """A model call failed: so do the requests in it (bad input that fails its own request does not
+        count toward `failing`: a client could make the server look broken)."""
         message = _message(error)
+        self.failing.failed(message)
         for request in requests:
             self._end(request, Status.FAILED, "error", message)
 

@@ -21,13 +21,16 @@ class Worker:
         """Three bound methods of one owner. `has_work` is checked with `condition` held; whoever
         adds work notifies `condition`. `on_crash` gets an exception that escaped a round (a bug),
         so that the requests in flight end with an error instead of waiting forever; the thread
-        goes on. `on_idle`, a plain function (not the owner's), runs on the thread each time the work
+        goes on. An exception that escapes the loop itself (not a round) ends the thread: `failure`
+        says why, `running` turns False (so its owner can refuse work nobody would do), and `on_crash`
+        gets it too. `on_idle`, a plain function (not the owner's), runs on the thread each time the work
         runs out, before `wait_idle` returns."""
         self.name, self._condition, self._on_idle = name, condition, on_idle
         self._has_work, self._work, self._on_crash = (weakref.WeakMethod(m) for m in (has_work, work, on_crash))
         self._thread: threading.Thread | None = None
         self._stop = False
         self._busy = False  # in a round, holding a strong reference to the owner
+        self.failure: str | None = None  # why the thread died: an exception escaped the loop (a bug)
         weakref.finalize(has_work.__self__, self._halt)
 
     def start(self) -> None:
@@ -35,6 +38,12 @@ class Worker:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is alive: False before `start`, after `stop`, and once it died."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     def stop(self) -> None:
         """Finish the round in progress, then end the thread."""
@@ -72,6 +81,11 @@ class Worker:
                     log.exception("%s: a round failed", self.name)
                     self._report(e)
                 del work  # hold no reference to the owner while waiting
+        except BaseException as e:  # noqa: BLE001 - the thread ends here: say why, and fail what waits on it
+            self.failure = f"{type(e).__name__}: {e}"
+            log.critical("%s: the thread died", self.name, exc_info=e)
+            if isinstance(e, Exception):
+                self._report(e)
         finally:
             with self._condition:
                 self._busy = False

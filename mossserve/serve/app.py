@@ -78,16 +78,22 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, v
         return model_json(model_id)
 
     @app.get("/health")
-    async def health() -> dict:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        """Liveness: the process answers and its engine has not broken down (only a restart helps then)."""
+        problem = state.engine.problem()
+        if problem is not None:
+            return unavailable(problem)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        """Readiness: the model is loaded and the engine takes requests."""
+        """Readiness: the model is loaded and the engine takes requests and serves them."""
         stats = None if state.closing else stats_while_open(state.tts)
         if stats is None:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        problem = state.engine.problem()
+        if problem is not None:
+            return unavailable(problem)
         return JSONResponse({"status": "ready", "model": state.model_name, "running": stats["running"],
                              "queued": stats["queued"]})
 
@@ -98,6 +104,12 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, v
     if settings.playground:
         mount_playground(app)
     return app
+
+
+def unavailable(problem: str) -> JSONResponse:
+    """A probe's answer while the engine cannot serve (`AsyncEngine.problem`)."""
+    return JSONResponse({"status": "unavailable", "reason": f"the engine cannot serve requests: {problem}"},
+                        status_code=503)
 
 
 def api_key_check(api_key: str | None):

@@ -54,7 +54,7 @@ class Metrics:
                               buckets=(0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30), registry=self.registry)
         self.rtf = Histogram("mossserve_real_time_factor", "wall time / audio duration of finished requests",
                              buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5), registry=self.registry)
-        self.audio_seconds = Counter("mossserve_audio_seconds", "audio produced", registry=self.registry)
+        self.audio_seconds = Counter("mossserve_audio_seconds", "audio sent to clients", registry=self.registry)
         self.underruns = Counter("mossserve_stream_underruns",
                                  "streamed chunks that arrived after a real-time player would have run dry",
                                  registry=self.registry)
@@ -65,25 +65,28 @@ class Metrics:
 
 
 class StreamClock:
-    """Times one request: first audio from the engine, underruns of a streamed one (a player
-    started at the first chunk would have run out of audio before this chunk came), and the
-    real-time factor at the end."""
+    """Times one HTTP request as its audio is sent: the first audio bytes (an encoder such as AAC's
+    holds the first chunks back), underruns of a streamed one (a player started at the first bytes
+    would have run out of audio before this chunk came), and the real-time factor of a request that
+    finished. Audio seconds count as they are sent, so a request cut short counts what it sent."""
 
     def __init__(self, metrics: Metrics, streamed: bool) -> None:
         self.metrics, self.streamed, self.start = metrics, streamed, time.perf_counter()
         self.first: float | None = None
         self.audio_s = 0.0
 
-    def audio(self, seconds: float) -> None:
+    def sent(self, data: bytes, seconds: float) -> None:
+        """`data` goes to the client now, with `seconds` more audio in it or held by its encoder."""
         now = time.perf_counter()
-        if self.first is None:
+        if data and self.first is None:
             self.first = now
             self.metrics.ttfa.observe(now - self.start)
-        elif self.streamed and now - self.first > self.audio_s:
+        elif seconds and self.first is not None and self.streamed and now - self.first > self.audio_s:
             self.metrics.underruns.inc()
         self.audio_s += seconds
+        self.metrics.audio_seconds.inc(seconds)
 
     def finish(self) -> None:
+        """The request finished and its audio is sent."""
         if self.audio_s > 0:
-            self.metrics.audio_seconds.inc(self.audio_s)
             self.metrics.rtf.observe((time.perf_counter() - self.start) / self.audio_s)

@@ -1,6 +1,8 @@
 """`mossserve serve`: load the model, then answer HTTP on one uvicorn worker (one engine per process)."""
 from __future__ import annotations
 
+import copy
+import logging.config
 import sys
 
 import uvicorn
@@ -19,10 +21,20 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def log_config(log_level: str) -> dict:
+    """uvicorn's logging set-up plus the `mossserve` logger (failed requests, cut streams, a dead
+    engine), in uvicorn's format and at `--log-level`."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["mossserve"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
+    return config
+
+
 def serve(settings: ServerSettings, log_level: str, shutdown_timeout_s: float) -> None:
+    logging_config = log_config(log_level)
+    logging.config.dictConfig(logging_config)  # now: loading the model logs too
     app = create_app(settings)  # loads the model first: a bad --model fails before the port opens
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                                           timeout_graceful_shutdown=shutdown_timeout_s))
+                                           log_config=logging_config, timeout_graceful_shutdown=shutdown_timeout_s))
     server.run()
     if not server.started:  # the port could not be bound (uvicorn.run's own rule)
         sys.exit(3)

@@ -23,7 +23,7 @@ from ..audio.tempo import TempoChange
 from ..config import ChunkSchedule
 from ..engine.async_engine import RequestStream
 from ..engine.request import AudioChunk
-from ..errors import MossServeError
+from ..errors import EngineClosedError, MossServeError
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
 from .errors import APIError, error_event, from_mossserve, naming_field
@@ -75,7 +75,16 @@ async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
                                      schedule=schedule_for(state, body))
         return await stream
     except MossServeError as e:
-        raise naming_field(from_mossserve(e, state.settings.retry_after_s), SpeechBody.model_fields) from None
+        raise naming_field(refusal(state, e), SpeechBody.model_fields) from None
+
+
+def refusal(state: ServerState, error: MossServeError) -> APIError:
+    """What a refused request is told: an engine that cannot run it (its thread died) says so, as the
+    engine refuses such requests as it refuses them once shut down."""
+    problem = state.engine.problem() if isinstance(error, EngineClosedError) else None
+    if problem is not None:
+        return APIError(503, f"the engine cannot serve requests: {problem}", code="engine_unavailable")
+    return from_mossserve(error, state.settings.retry_after_s)
 
 
 def shutting_down(state: ServerState) -> APIError:
@@ -159,6 +168,7 @@ class Run:
     watcher: asyncio.Task
     tempo: TempoChange | None  # `speed` other than 1
     counted: bool = False  # its outcome is in the metrics
+    final: AudioChunk | None = None  # its final chunk, once it came
 
     def headers(self) -> dict[str, str]:
         return {"X-Request-Id": self.stream.request_id}
@@ -174,25 +184,45 @@ class Run:
                     chunk: AudioChunk = await asyncio.wait_for(anext(self.stream),
                                                                None if left <= 0 and self.stream.ready() else left)
                 except (TimeoutError, asyncio.TimeoutError):
-                    raise APIError(504, f"the request ran past the server's {self.state.settings.request_timeout_s:g} s "
-                                        "timeout and was stopped", code="timeout") from None
+                    raise self.failed(504, f"the request ran past the server's "
+                                           f"{self.state.settings.request_timeout_s:g} s timeout and was stopped",
+                                      "timeout") from None
                 except MossServeError as e:
-                    raise APIError(500, str(e), code="generation_failed") from None
+                    raise self.failed(500, str(e), "generation_failed") from None
                 if self.tempo is not None:  # off the event loop, as the encoders are (ms per second of audio)
                     chunk = await asyncio.to_thread(at_speed, chunk, self.tempo)
-                if chunk.audio is not None and chunk.audio.shape[-1]:
-                    self.clock.audio(chunk.audio.shape[-1] / chunk.sample_rate)
+                if chunk.final:
+                    self.final = chunk
                 yield chunk
                 if chunk.final:
                     if chunk.finish_reason == "aborted":
+                        if not self.watcher.done():  # not its client: the server aborted it (shutting down)
+                            log.warning("request %s: aborted by the server", self.stream.request_id)
                         self.count("disconnected" if self.watcher.done() else "error")
                         raise ClientGone()
-                    self.clock.finish()
                     self.count("ok")
                     return
         finally:
             self.watcher.cancel()
             await self.stream.aclose()
+
+    def failed(self, status: int, message: str, code: str) -> APIError:
+        """The error that ends the request, logged in one line; it names the request, as its headers do."""
+        log.warning("request %s: %d %s: %s", self.stream.request_id, status, code, message)
+        return APIError(status, message, code=code, headers=self.headers())
+
+    def bug(self, error: Exception) -> APIError:
+        """A bug (an unexpected exception) while the request runs: logged with its traceback, answered as 500."""
+        log.error("request %s: internal error", self.stream.request_id, exc_info=error)
+        return APIError(500, f"internal error: {type(error).__name__}: {error}", code="internal_error",
+                        headers=self.headers())
+
+    def ended_by(self, error: Exception) -> APIError:
+        """A streamed response's failure after its headers, counted: an APIError (logged where raised),
+        or a bug."""
+        error = error if isinstance(error, APIError) else self.bug(error)
+        self.count(outcome_for(error.status_code))
+        return error
 
     def count(self, outcome: str) -> None:
         """Count the request's outcome, once (a stream the server cancels may end through two paths)."""
@@ -201,62 +231,74 @@ class Run:
             self.state.metrics.requests.labels(ENDPOINT, outcome).inc()
 
     async def whole(self, format: str) -> Response:
-        pieces, final = [], None
+        pieces = []
         try:
             async for chunk in self.chunks():
                 if chunk.audio is not None:
                     pieces.append(chunk.audio)
-                final = chunk
+            final = self.final
+            channels = self.state.tts.codec.channels
+            samples = np.concatenate(pieces, axis=-1) if pieces else np.zeros((channels, 0), np.float32)
+            data = await asyncio.to_thread(encode_audio, samples, final.sample_rate, format)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
-        channels = self.state.tts.codec.channels
-        samples = np.concatenate(pieces, axis=-1) if pieces else np.zeros((channels, 0), np.float32)
-        data = await asyncio.to_thread(encode_audio, samples, final.sample_rate, format)
+        except APIError:
+            raise
+        except Exception as e:
+            raise self.bug(e) from None
+        seconds = samples.shape[-1] / final.sample_rate
+        self.clock.sent(data, seconds)  # the body goes out as this returns
+        self.clock.finish()
         return Response(data, media_type=MEDIA_TYPES[format],
                         headers={**self.headers(), "X-Finish-Reason": final.finish_reason or "stop",
-                                 "X-Audio-Seconds": f"{samples.shape[-1] / final.sample_rate:.3f}"})
+                                 "X-Audio-Seconds": f"{seconds:.3f}"})
 
     async def audio(self, format: str):
         """Encoded bytes as they are produced; a failure mid-stream ends the connection without
         the final chunk, so the client sees an incomplete body rather than a short file."""
-        encoder = None
         try:
-            async for chunk in self.chunks():
-                encoder = encoder or StreamEncoder(format, chunk.sample_rate, self.state.tts.codec.channels)
-                if chunk.audio is not None and chunk.audio.shape[-1] and (data := await asyncio.to_thread(encoder.write, chunk.audio)):
-                    yield data
-            if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
-                yield tail
+            async for data in self.encoded(format):
+                yield data
         except ClientGone:
             return
         except (asyncio.CancelledError, GeneratorExit):  # the server saw the client go and stopped the stream
             self.count("disconnected")
             raise
-        except APIError as e:  # after the headers: only dropping the connection tells the client
-            self.count(outcome_for(e.status_code))
-            log.warning("request %s: audio stream cut: %s", self.stream.request_id, e.message)
-            raise StreamCut(e.message) from None
+        except Exception as e:  # after the headers: only dropping the connection tells the client
+            raise StreamCut(self.ended_by(e).message) from None
+        self.clock.finish()
+
+    async def encoded(self, format: str):
+        """The request's audio encoded as it comes (off the event loop), then the encoder's tail; each
+        piece is sent as it is yielded, so it is timed and counted then (an encoder may hold audio back)."""
+        encoder = None
+        async for chunk in self.chunks():
+            encoder = encoder or StreamEncoder(format, chunk.sample_rate, self.state.tts.codec.channels)
+            if chunk.audio is not None and chunk.audio.shape[-1]:
+                data = await asyncio.to_thread(encoder.write, chunk.audio)
+                self.clock.sent(data, chunk.audio.shape[-1] / chunk.sample_rate)
+                if data:
+                    yield data
+        if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
+            self.clock.sent(tail, 0.0)
+            yield tail
 
     async def sse(self, format: str):
         """OpenAI's `speech.audio.delta` events (base64 of the encoded bytes), then `speech.audio.done`."""
-        encoder, final = None, None
         try:
-            async for chunk in self.chunks():
-                encoder = encoder or StreamEncoder(format, chunk.sample_rate, self.state.tts.codec.channels)
-                if chunk.audio is not None and chunk.audio.shape[-1] and (data := await asyncio.to_thread(encoder.write, chunk.audio)):
-                    yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-                final = chunk
-            if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
-                yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode()})
+            async for data in self.encoded(format):
+                yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         except ClientGone:
             return
         except (asyncio.CancelledError, GeneratorExit):  # the server saw the client go and stopped the stream
             self.count("disconnected")
             raise
-        except APIError as e:
-            self.count(outcome_for(e.status_code))
-            yield _event(error_event(e.status_code, e.message, e.code))
+        except Exception as e:
+            error = self.ended_by(e)
+            yield _event(error_event(error.status_code, error.message, error.code))
             return
+        self.clock.finish()
+        final = self.final
         # the frames generated: a continuation's prompt audio comes first in the request's frames
         frames = max(final.frame_end - final.generation.start_length, 0) if final is not None else 0
         prompt = self.stream.prompt  # as queued: a Fish request's later text batches are its later_rows
