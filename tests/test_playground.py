@@ -19,10 +19,12 @@ from browser import chromium
 from conftest import AUDIO_DIR, CODEC_DIR
 from realtime_cases import REALTIME_DIR
 from server_harness import live_server, serve_model
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from mossserve.api import TTS
 from mossserve.serve.playground_routes import PLAYGROUND_DIR
+from mossserve.text.delay_requests import TASK_FIELDS
 
 SEED = 7
 TEXT = "Hello from the playground."
@@ -32,6 +34,14 @@ PCM_JS = """const pcm = window.playground[arguments[0]].player.pcm();
 const bytes = new Uint8Array(pcm.buffer); let s = '';
 for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
 return btoa(s);"""
+# Every message the Realtime tab sends, kept in window.sent.
+RECORD_MESSAGES = """const rt = window.playground.realtime; window.sent = [];
+const message = rt.message.bind(rt); rt.message = (event) => { window.sent.push(event); message(event); };"""
+# Every error the page shows, in order, kept in window.shown.
+RECORD_ERRORS = """window.shown = []; const box = document.getElementById('error');
+new MutationObserver(() => box.textContent && window.shown.push(box.textContent))
+  .observe(box, {childList: true, characterData: true, subtree: true});"""
+BASE64_KEY = "Zm9v/YmFy+cXV4=="  # `openssl rand -base64`: '/', '+', '=' are not allowed in a subprotocol
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +53,13 @@ def browser():
 @pytest.fixture(scope="module")
 def demo_url(demo_tts, tmp_path_factory):
     with serve_model(demo_tts, tmp_path_factory.mktemp("playground")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def dialogue_url(tmp_path_factory):
+    with closing(TTS.from_pretrained(None, task="dialogue")) as tts, \
+            serve_model(tts, tmp_path_factory.mktemp("playground_dialogue")) as url:
         yield url
 
 
@@ -175,12 +192,11 @@ def test_uploaded_voice_is_listed_and_used(browser, demo_url) -> None:
 
 
 def test_invalid_request_shows_the_servers_message(browser, demo_url) -> None:
+    text = "Say <|im_end|> here."
     browser.open(demo_url)
-    browser.fill("#instructions", "a calm voice")
-    speak(browser, TEXT, SEED)
+    speak(browser, text, SEED)
     browser.screenshot("error")
-    response = httpx.post(f"{demo_url}/v1/audio/speech", timeout=60,
-                          json={"input": TEXT, "instructions": "a calm voice", "seed": SEED})
+    response = httpx.post(f"{demo_url}/v1/audio/speech", timeout=60, json={"input": text, "seed": SEED})
     assert response.status_code == 400
     message = response.json()["error"]["message"]
     assert browser.js("return window.playground.speech.status") == "error"
@@ -188,17 +204,21 @@ def test_invalid_request_shows_the_servers_message(browser, demo_url) -> None:
     assert browser.text("#error") == message
 
 
-def test_dialogue_speakers_reach_the_server(browser, demo_url) -> None:
-    """The speakers the page collects are sent as `speakers` (this tts model refuses them, with its reason)."""
-    browser.open(demo_url)
+def test_dialogue_speakers_reach_the_server(browser, dialogue_url) -> None:
+    """A dialogue model reads only `speakers`: the page offers nothing else, and the speakers it
+    collects are sent (one with a transcript and no voice, which the server refuses, with its reason)."""
+    browser.open(dialogue_url)
+    assert browser.text("#model").startswith("moss-tts-demo · delay (dialogue)")
+    for control in ("#voice", "#ref-file", "#ref-record", "#ref-text", "#instructions", "#duration", "#language"):
+        assert not browser.el(control).is_displayed(), control
     browser.click("#add-speaker")
     browser.click("#add-speaker")
     assert [el.text for el in browser.driver.find_elements("css selector", "#speakers .speaker span")] == ["[S1]", "[S2]"]
     browser.fill("#speakers .speaker:first-child .speaker-text", "Hi, I am one.")
     speak(browser, "[S1] Hello. [S2] Hi.", SEED)
-    response = httpx.post(f"{demo_url}/v1/audio/speech", timeout=60, json={
+    response = httpx.post(f"{dialogue_url}/v1/audio/speech", timeout=60, json={
         "input": "[S1] Hello. [S2] Hi.", "seed": SEED, "speakers": [{"ref_text": "Hi, I am one."}, {}]})
-    assert response.status_code == 400 and "speakers" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "speakers[0]" in response.json()["error"]["message"]
     assert browser.text("#error") == response.json()["error"]["message"]
 
 
@@ -222,16 +242,29 @@ def direct_turns(url: str, turns_deltas: list[list[str]]) -> list[bytes]:
     return turns
 
 
+def sent_deltas(browser) -> list[list[str]]:
+    """The deltas the page sent (RECORD_MESSAGES), per turn: a turn's text ends with its text.done."""
+    turns = [[]]
+    for message in browser.js("return window.sent"):
+        if message["type"] == "text.delta":
+            turns[-1].append(message["delta"])
+        elif message["type"] == "text.done":
+            turns.append([])
+    return turns[:-1]
+
+
 def test_realtime_turns_play_in_one_context(browser, realtime_url) -> None:
-    """Turn 1 pasted and sent (one delta), turn 2 typed live (one delta per key, Enter ends it)."""
+    """Turn 1 pasted and sent (one delta), turn 2 typed live (a delta per key once the turn is open,
+    Enter ends it): the page plays what the same messages straight over the websocket return."""
     from selenium.webdriver.common.keys import Keys
 
     texts = ["Hello there, this is the first turn.", "And a second, typed."]
     browser.open(realtime_url)
     browser.click('nav button[data-tab="realtime"]')
+    browser.js(RECORD_MESSAGES)
     browser.fill("#rt-temperature", "0")
-    expected = direct_turns(realtime_url, [[texts[0]], list(texts[1])])
-    for n, (text, audio) in enumerate(zip(texts, expected), 1):
+    played = []
+    for n, text in enumerate(texts, 1):
         if n == 1:
             browser.fill("#rt-text", text)
             browser.click("#rt-send")
@@ -240,9 +273,12 @@ def test_realtime_turns_play_in_one_context(browser, realtime_url) -> None:
             browser.el("#rt-text").send_keys(text, Keys.ENTER)
         browser.wait(f"window.playground.realtime.turns.length === {n}")
         assert browser.js("return window.playground.realtime.status") == "done", browser.errors()
-        assert page_pcm(browser, "realtime") == audio
-        assert int(browser.text("#rt-samples")) == len(audio) // 2
+        played.append(page_pcm(browser, "realtime"))
+        assert int(browser.text("#rt-samples")) == len(played[-1]) // 2
         assert float(browser.text("#rt-ttfa")) > 0
+    deltas = sent_deltas(browser)
+    assert ["".join(turn) for turn in deltas] == texts
+    assert played == direct_turns(realtime_url, deltas)
     browser.screenshot("realtime")
     history = browser.driver.find_elements("css selector", "#rt-history li")
     assert [li.text.split(" — ")[0] for li in history] == texts
@@ -281,9 +317,28 @@ def test_models_lists_the_capabilities_the_page_reads(demo_url, realtime_url) ->
     demo = httpx.get(f"{demo_url}/v1/models").json()["data"][0]
     assert demo["id"] == "moss-tts-demo" and demo["object"] == "model"
     assert demo["mossserve"] == {"family": "delay", "task": "tts", "sessions": False, "codebooks": 32,
+                                 "task_fields": ["duration", "language", "reference_text", "voice"],
                                  "sample_rate": 24000, "channels": 1}
     realtime = httpx.get(f"{realtime_url}/v1/models").json()["data"][0]["mossserve"]
     assert realtime["family"] == "realtime" and realtime["sessions"] is True and realtime["codebooks"] == 16
+    assert realtime["task"] is None and realtime["task_fields"] is None
+
+
+def test_speech_offers_only_the_fields_the_task_reads(browser, demo_url) -> None:
+    """The demo is a tts model: instructions and speakers would be refused, so they are not offered."""
+    browser.open(demo_url)
+    offered = browser.js(
+        "return [...document.querySelectorAll('[data-field]')].map(el => [el.dataset.field, !el.hidden])")
+    assert dict(offered) == {field: field in TASK_FIELDS["tts"] for field in set().union(*TASK_FIELDS.values())}
+    assert not browser.el("#instructions").is_displayed() and not browser.el("#add-speaker").is_displayed()
+    assert browser.el("#voice").is_displayed() and browser.el("#duration").is_displayed()
+
+
+def test_the_pages_fields_are_the_prompt_builders() -> None:
+    """The page marks each Delay option with the field name /v1/models' `task_fields` uses (the prompt
+    builder's table): every name is one of the table's, and every field of the table is offered."""
+    marked = re.findall(r'data-field="([^"]+)"', (PLAYGROUND_DIR / "index.html").read_text())
+    assert sorted(marked) == sorted(set().union(*TASK_FIELDS.values()))
 
 
 def test_page_and_assets_are_served_and_self_contained(demo_url) -> None:
@@ -291,8 +346,9 @@ def test_page_and_assets_are_served_and_self_contained(demo_url) -> None:
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assets = re.findall(r'(?:src|href)="(/playground/[^"]+)"', page.text)
     assert sorted(assets) == ["/playground/main.js", "/playground/style.css"]
-    for path in assets:
-        assert httpx.get(demo_url + path).status_code == 200
+    for path in assets:  # revalidated, so a browser never runs modules cached before an upgrade
+        response = httpx.get(demo_url + path)
+        assert response.status_code == 200 and response.headers["cache-control"] == "no-cache"
     js = httpx.get(demo_url + "/playground/main.js")
     assert js.headers["content-type"].split(";")[0] in ("text/javascript", "application/javascript")
     for file in Path(PLAYGROUND_DIR).iterdir():  # no CDN, no fonts from elsewhere: works offline
@@ -326,13 +382,14 @@ def test_local_depth_set_in_the_page_is_sent(browser, local_url) -> None:
 
 
 def test_realtime_tab_works_with_an_api_key(browser, realtime_tts, tmp_path) -> None:
-    """Browsers cannot set websocket headers: the page sends the key as a subprotocol."""
+    """Browsers cannot set websocket headers: the page sends the key as a subprotocol, encoded, since
+    a base64 key is not a valid subprotocol as it is."""
     from selenium.webdriver.common.keys import Keys
 
-    with serve_model(realtime_tts, tmp_path / "data", api_key="sesame") as url:
+    with serve_model(realtime_tts, tmp_path / "data", api_key=BASE64_KEY) as url:
         browser.driver.get(url)
         browser.wait("!document.getElementById('error').hidden")
-        browser.el("#api-key").send_keys("sesame", Keys.ENTER)
+        browser.el("#api-key").send_keys(BASE64_KEY, Keys.ENTER)
         browser.wait("window.playground && window.playground.ready")
         browser.click('nav button[data-tab="realtime"]')
         browser.fill("#rt-temperature", "0")
@@ -392,3 +449,147 @@ def test_speed_set_in_the_page_is_sent(browser, demo_url) -> None:
     faster = api_pcm(demo_url, input=TEXT, seed=SEED, speed=1.5)
     assert page_pcm(browser, "speech") == faster
     assert len(faster) < len(api_pcm(demo_url, input=TEXT, seed=SEED)) / 1.4
+
+
+def test_the_socket_takes_a_base64url_encoded_key(server_app) -> None:
+    """Any key as a subprotocol: base64url without padding under its own prefix (the raw
+    `mossserve-api-key.<key>` form, for keys that are tokens: test_server_realtime.py)."""
+    encoded = base64.urlsafe_b64encode(BASE64_KEY.encode()).decode().rstrip("=")
+    with live_server(server_app(api_key=BASE64_KEY)) as base:
+        ws_url = base.replace("http://", "ws://") + "/v1/realtime/speech"
+        with connect(ws_url, open_timeout=30, subprotocols=[f"mossserve-api-key-b64.{encoded}"]) as ws:
+            assert ws.subprotocol == f"mossserve-api-key-b64.{encoded}"
+            assert json.loads(ws.recv(timeout=30))["type"] == "error"  # admitted; the demo model has no sessions
+        wrong = base64.urlsafe_b64encode(b"wrong").decode().rstrip("=")
+        for protocol in (f"mossserve-api-key-b64.{wrong}", "mossserve-api-key-b64.a", f"mossserve-api-key.{encoded}"):
+            with pytest.raises(InvalidStatus, match="403"), connect(ws_url, open_timeout=30, subprotocols=[protocol]):
+                pass
+
+
+def open_realtime(browser, url: str) -> None:
+    browser.open(url)
+    browser.click('nav button[data-tab="realtime"]')
+
+
+def realtime(browser, expression: str):
+    return browser.js(f"return window.playground.realtime.{expression}")
+
+
+def ws_error(url: str, message: dict) -> str:
+    """The message of the error the server answers `message` with, on a fresh socket."""
+    with connect(url.replace("http://", "ws://") + "/v1/realtime/speech", open_timeout=30) as ws:
+        assert json.loads(ws.recv(timeout=60))["type"] == "session.created"
+        ws.send(json.dumps(message))
+        event = json.loads(ws.recv(timeout=60))
+        assert event["type"] == "error", event
+        return event["error"]["message"]
+
+
+def test_realtime_refused_first_text_opens_no_turn(browser, realtime_url) -> None:
+    """Text the server refuses before a turn opens: its error stays, nothing more is sent for it, and
+    the next Send works."""
+    refused = "Say <|im_end|> please."
+    message = ws_error(realtime_url, {"type": "text.delta", "delta": refused})
+    open_realtime(browser, realtime_url)
+    browser.js(RECORD_MESSAGES + RECORD_ERRORS)
+    browser.fill("#rt-text", refused)
+    browser.click("#rt-send")
+    browser.wait("!document.getElementById('error').hidden")
+    assert [realtime(browser, x) for x in ("status", "turnOpen", "ended", "sent")] == ["idle", False, False, ""]
+    assert browser.text("#error") == message
+    browser.fill("#rt-text", "Hello there.")
+    browser.click("#rt-send")
+    browser.wait("window.playground.realtime.turns.length === 1")
+    assert realtime(browser, "status") == "done", browser.errors()
+    assert browser.js("return window.shown") == [message]  # the server said nothing else, the page neither
+    assert [m["type"] for m in browser.js("return window.sent")] == [
+        "session.update", "text.delta", "session.update", "text.delta", "text.done"]
+
+
+def test_realtime_new_context_ends_a_turn_in_progress(browser, realtime_url) -> None:
+    open_realtime(browser, realtime_url)
+    browser.click("#rt-live")
+    browser.el("#rt-text").send_keys("An unfinished turn")
+    browser.wait("window.playground.realtime.turnOpen")
+    browser.click("#rt-new")
+    assert [realtime(browser, x) for x in ("status", "turnOpen", "ws")] == ["idle", False, None]
+    assert browser.el("#error").get_attribute("hidden") is not None, browser.errors()
+    browser.click("#rt-live")
+    browser.click("#rt-send")  # the text still in the box, as a new turn on a new socket
+    browser.wait("window.playground.realtime.turns.length === 1")
+    assert realtime(browser, "status") == "done", browser.errors()
+    assert realtime(browser, "turns[0].text") == "An unfinished turn"
+
+
+def test_realtime_dropped_connection_ends_the_turn(browser, realtime_url) -> None:
+    """The socket closes under an open turn (a server restart, a proxy's idle timeout): the page says
+    so, and Send opens a new socket."""
+    open_realtime(browser, realtime_url)
+    browser.click("#rt-live")
+    browser.el("#rt-text").send_keys("A turn cut off")
+    browser.wait("window.playground.realtime.turnOpen")
+    browser.js("window.playground.realtime.ws.close()")
+    browser.wait("window.playground.realtime.status === 'disconnected'")
+    assert browser.text("#error") == "the realtime connection closed during the turn"
+    assert [realtime(browser, x) for x in ("turnOpen", "ended", "sent")] == [False, False, ""]
+    browser.click("#rt-live")
+    browser.click("#rt-send")
+    browser.wait("window.playground.realtime.turns.length === 1")
+    assert realtime(browser, "status") == "done", browser.errors()
+
+
+def test_realtime_cleared_temperature_is_the_default_again(browser, realtime_url) -> None:
+    """The session keeps a setting a session.update leaves out: a cleared field is sent as null."""
+    open_realtime(browser, realtime_url)
+    browser.js(RECORD_MESSAGES)
+    for n, temperature in enumerate(("0", ""), 1):
+        browser.fill("#rt-temperature", temperature)
+        browser.fill("#rt-text", f"Turn {n}.")
+        browser.click("#rt-send")
+        browser.wait(f"window.playground.realtime.turns.length === {n}")
+    updates = [m["session"] for m in browser.js("return window.sent") if m["type"] == "session.update"]
+    assert [u.get("temperature", "left out") for u in updates] == [0, None]
+
+
+def test_realtime_cancel_stops_a_finished_turns_audio(browser, realtime_url) -> None:
+    """Generation outruns playback: after audio.done the turn's audio still plays until Cancel."""
+    open_realtime(browser, realtime_url)
+    browser.js(RECORD_MESSAGES)
+    browser.fill("#rt-text", "Hello there.")
+    browser.click("#rt-send")
+    browser.wait("window.playground.realtime.turns.length === 1")
+    assert realtime(browser, "player.sources.length") > 0
+    browser.click("#rt-cancel")
+    assert realtime(browser, "player.sources.length") == 0
+    assert "turn.cancel" not in [m["type"] for m in browser.js("return window.sent")]  # no turn to cancel
+
+
+def test_stop_stops_a_finished_requests_audio(browser, demo_url) -> None:
+    browser.open(demo_url)
+    speak(browser, TEXT, SEED)
+    assert browser.js("return window.playground.speech.status") == "done", browser.errors()
+    assert browser.js("return window.playground.speech.player.sources.length") > 0
+    browser.click("#stop")
+    assert browser.js("return window.playground.speech.player.sources.length") == 0
+
+
+def test_a_stopped_player_plays_no_later_chunks(browser, demo_url) -> None:
+    """A cancelled realtime turn's last chunks arrive after Cancel: they are kept, not played."""
+    browser.open(demo_url)
+    assert browser.js("""const p = window.playground.speech.player; p.reset(24000, 1);
+        p.push(new Uint8Array(480)); p.stop(); p.push(new Uint8Array(480));
+        return [p.sources.length, p.samples];""") == [0, 480]
+
+
+def test_speak_again_while_streaming_leaves_the_new_request_alone(browser, demo_url) -> None:
+    """The first request, aborted by the second Speak, neither shows `stopped` nor stops its audio."""
+    browser.open(demo_url)
+    browser.fill("#text", TEXT)
+    browser.click("details summary")
+    browser.fill("#seed", str(SEED))
+    browser.js("""const s = window.playground.speech; window.seen = [];
+        const set = s.setStatus.bind(s); s.setStatus = (x) => { window.seen.push(x); set(x); };
+        s.speak(); s.speak();""")
+    browser.wait("window.playground.speech.status !== 'generating'")
+    assert browser.js("return window.seen") == ["generating", "generating", "done"], browser.errors()
+    assert page_pcm(browser, "speech") == api_pcm(demo_url, input=TEXT, seed=SEED)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 
@@ -16,6 +17,8 @@ from realtime_cases import REALTIME_DIR, golden, golden_json
 from server_harness import live_server, serve_model
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
+
+from mossserve.text.realtime_session import RealtimeTurn
 
 RUNS = golden_json("generation")["runs"]
 
@@ -44,6 +47,7 @@ class Client:
         self.ws = self.connection.__enter__()
         created = self.receive()
         assert created["type"] == "session.created" and created["sample_rate"] == 24000
+        self.session_id = created["session_id"]  # the engine session's: its context can be read
         self.send({"type": "session.update", "session": {"temperature": 0, "include_codes": True, **self.settings}})
         return self
 
@@ -239,6 +243,71 @@ def test_audio_for_the_text_received_is_sent_while_more_text_is_awaited(url: str
         client.send({"type": "text.done"})
         deltas, done = client.until_done()
     assert done["finish_reason"] in ("stop", "length") and done["frames"] == 1 + len(turn_codes(deltas))
+
+
+class EarlyStop:
+    """The model ends its turns with EOS at frame `at` (None: as it would), a model that stops before
+    its text is done; `ended` is set once the engine has ended a turn, so a test knows that text it
+    sends next comes after the end."""
+
+    def __init__(self, tts, monkeypatch, at: int | None = 3) -> None:
+        self.at, self.ended = at, threading.Event()
+        depth_loop, finish = tts.talker.depth_loop, tts.engine.pipeline.finish
+
+        def stopping(state, hidden, slots):
+            frames = depth_loop(state, hidden, slots)
+            if self.at is not None:
+                frames[state.frames[slots] == self.at, 0] = tts.talker.config.audio_eos_code
+            return frames
+
+        def finished(request) -> None:
+            finish(request)
+            self.ended.set()
+
+        monkeypatch.setattr(tts.talker, "depth_loop", stopping)
+        monkeypatch.setattr(tts.engine.pipeline, "finish", finished)
+
+
+def test_text_still_coming_when_the_model_stops_goes_with_its_turn(tmp_path, monkeypatch) -> None:
+    """The model ended a turn (EOS) while the client was still sending its text: audio.done came at
+    once, and the rest of the text opened a second assistant turn (no user turn) that spoke it and
+    went into the context, or was refused (no_turn). As the reference's turn, it takes the rest and
+    drops it and ends at text.done (or turn.cancel): the context is the one a turn without the rest
+    leaves, and the next turn continues it."""
+    from mossserve.api import TTS
+
+    with closing(TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny")) as tts, \
+            serve_model(tts, tmp_path) as base:
+        model = EarlyStop(tts, monkeypatch)
+
+        def session(rest: list[dict], end: str = "text.done") -> tuple[int, np.ndarray]:
+            model.at = 3
+            with Client(base.replace("http://", "ws://") + "/v1/realtime/speech") as client:
+                model.ended.clear()
+                client.send({"type": "text.delta", "tokens": list(range(1000, 1020))})  # 12 to prefill, 8 to step
+                assert model.ended.wait(60), "the turn did not end"
+                for message in [*rest, {"type": end}]:
+                    client.send(message)
+                events = [client.receive()]
+                while events[-1]["type"] != "audio.done":
+                    events.append(client.receive())
+                kinds = [e["type"] for e in events if e["type"] != "audio.delta"]
+                assert kinds == ["turn.started", "audio.done"], events
+                assert events[-1] == {"type": "audio.done", "turn_id": "turn-1", "finish_reason": "stop", "frames": 3}
+                context = tts.engine.session_context(client.session_id)
+                model.at = None
+                deltas, done = play_turn(client, [{"op": "push_text", "arg": "And now the next answer."}],
+                                         {"user_text": "Thanks!"})
+                assert done["turn_id"] == "turn-2" and done["finish_reason"] == "stop", done
+            return context, turn_codes(deltas)
+
+        rest = [{"type": "text.delta", "delta": " Start at the Louvre, then cross the river."},
+                {"type": "text.delta", "tokens": [2000, 2001]}]
+        (context, after), (alone, after_alone), (cancelled, after_cancel) = \
+            session(rest), session([]), session(rest, "turn.cancel")
+        turn_input = tts.talker.open_turn_prompt(RealtimeTurn(), True, None).rows
+    assert context == alone == cancelled == len(turn_input) + 12 + 3  # the prefill's 12 ids and its 3 steps
+    assert np.array_equal(after, after_alone) and np.array_equal(after, after_cancel)
 
 
 def test_assistant_text_that_spells_a_special_token_is_refused(url: str) -> None:

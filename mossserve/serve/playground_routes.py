@@ -6,30 +6,49 @@ needs to know about the loaded model comes from `model_capabilities` in /v1/mode
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
+from starlette.types import Scope
 
 from ..api import TTS
+from ..text.delay_requests import TASK_FIELDS
 
 PLAYGROUND_DIR = Path(__file__).parent / "playground"
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+class RevalidatedFiles(StaticFiles):
+    """Static files a browser revalidates on every load: without it, it runs modules cached before an
+    upgrade (heuristic freshness) with the new index.html."""
+
+    def file_response(self, full_path: str | os.PathLike[str], stat_result: os.stat_result, scope: Scope,
+                      status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers.update(NO_CACHE)
+        return response
 
 
 def mount_playground(app: FastAPI) -> None:
     """The page at `/`, its scripts and styles under `/playground/`."""
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
-        return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(PLAYGROUND_DIR / "index.html", headers=NO_CACHE)
 
-    app.mount("/playground", StaticFiles(directory=PLAYGROUND_DIR), name="playground")
+    app.mount("/playground", RevalidatedFiles(directory=PLAYGROUND_DIR), name="playground")
 
 
 def model_capabilities(tts: TTS) -> dict:
     """What a client needs to offer the right options: the family (delay, local, realtime, fish), its
-    default task, whether it has realtime sessions, and the audio it returns."""
+    default task and the request fields that task reads (the Delay prompt builder's own table, so the
+    page cannot offer a field the task refuses), whether it has realtime sessions, and the audio it
+    returns."""
     talker = tts.talker
-    return {"family": talker.name,
-            "task": getattr(talker, "default_task", None), "sessions": talker.supports_sessions,
+    task = getattr(talker, "default_task", None)
+    return {"family": talker.name, "task": task,
+            "task_fields": sorted(TASK_FIELDS[task]) if task else None, "sessions": talker.supports_sessions,
             "codebooks": talker.codebooks, "sample_rate": tts.codec.sample_rate, "channels": tts.codec.channels}

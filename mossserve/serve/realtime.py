@@ -15,7 +15,8 @@ server -> client
   session.created {session_id, model, sample_rate, response_format}
   turn.started    {turn_id}
   audio.delta     {turn_id, audio: base64 bytes of response_format[, codes]}
-  audio.done      {turn_id, finish_reason, frames}
+  audio.done      {turn_id, finish_reason, frames}  (the turn is over: after its text.done or turn.cancel
+                  once it has text, even when the model stopped first)
   error           {error: {message, type, code}}  (the session goes on)
 
 Sessions on one model are batched together by the engine like any other requests.
@@ -93,7 +94,8 @@ class Simple(Body):
     type: Literal["text.done", "turn.cancel"]
 
 
-KEY_PROTOCOL = "mossserve-api-key."
+KEY_PROTOCOL = "mossserve-api-key."  # + the key, where it is an HTTP token
+KEY_B64_PROTOCOL = "mossserve-api-key-b64."  # + the key's UTF-8 as base64url without padding: any key
 KINDS = {"session.update": SessionUpdate, "turn.start": TurnStart, "text.delta": TextDelta,
          "text.done": Simple, "turn.cancel": Simple}
 
@@ -130,6 +132,7 @@ class RealtimeSession:
         self.turns = 0
         self.pushed = 0  # characters (or ids) of text the turn has been given
         self.text_done = False  # the turn's text is complete
+        self.client_ended = asyncio.Event()  # the client is done with the turn: text.done, turn.cancel or timeout
         self.last_input = 0.0  # monotonic time of the turn's latest text
         self.watchdog: asyncio.Task | None = None
         self.ended_by: str | None = None  # the open turn's outcome when the server or client ends it early
@@ -189,6 +192,7 @@ class RealtimeSession:
                                code="no_text")
             self.push(None, end=True)
             self.text_done = True
+            self.client_ended.set()
         else:
             self.cancel()
 
@@ -266,6 +270,7 @@ class RealtimeSession:
                                                 schedule=schedule_for(self.state, s, code="bad_message"), session=self.id)
         self.first, self.turns, self.pushed, self.text_done = False, self.turns + 1, 0, False
         self.turn_id, self.request_id, self.ended_by = f"turn-{self.turns}", stream.request_id, None
+        self.client_ended = asyncio.Event()
         self.last_input = time.monotonic()
         await self.send({"type": "turn.started", "turn_id": self.turn_id})
         self.sender = asyncio.create_task(self.send_audio(stream, self.turn_id))
@@ -281,6 +286,7 @@ class RealtimeSession:
                 self.ended_by = "timeout"
                 await self.send(_error(f"no text for {timeout:g} s: the turn is ended", "turn_timeout"))
                 self.state.engine.abort(request_id)
+                self.client_ended.set()
                 return
             await asyncio.sleep(wait)
 
@@ -304,21 +310,25 @@ class RealtimeSession:
         self.pushed, self.last_input = self.pushed + len(piece), time.monotonic()
 
     def push(self, piece, end: bool) -> None:
+        """Text for the open turn; once the engine has ended it (until_client_ends) the engine takes
+        no more and the piece is dropped, as the reference's push_text after a stop."""
+        if self.request_id is None:
+            raise APIError(400, "no turn is taking text (start one with turn.start or text.delta)", code="no_turn")
         try:
-            taken = self.request_id is not None and self.state.engine.push_input(self.request_id, piece, end)
+            self.state.engine.push_input(self.request_id, piece, end)
         except InvalidRequestError as e:  # a special token spelled across deltas; the turn goes on
             raise APIError(400, str(e), code="bad_message") from None
-        if not taken:
-            raise APIError(400, "no turn is taking text (start one with turn.start or text.delta)", code="no_turn")
 
     def cancel(self) -> None:
         if self.request_id is None:
             raise APIError(400, "no turn to cancel", code="no_turn")
         self.ended_by = self.ended_by or "cancelled"
         self.state.engine.abort(self.request_id)
+        self.client_ended.set()
 
     async def send_audio(self, stream, turn_id: str) -> None:
-        """The turn's audio as it is produced, then audio.done; the session is free for the next turn."""
+        """The turn's audio as it is produced, then audio.done once the client is done with the turn too;
+        the session is then free for the next turn."""
         encoder, final, outcome = None, None, None  # outcome: once the engine has ended the turn
         tempo = tempo_for(self.state, self.settings.speed)
         try:
@@ -342,12 +352,14 @@ class RealtimeSession:
             self.count(outcome)  # before audio.done: metrics read after it include the turn
             if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
                 await self.send({"type": "audio.delta", "turn_id": turn_id, "audio": base64.b64encode(tail).decode()})
+            await self.until_client_ends()
             await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": final.finish_reason,
                              "frames": final.frame_end})
         except MossServeError as e:
             outcome = "error"
             self.count(outcome)
             await self.send(_error(str(e), "generation_failed"))
+            await self.until_client_ends()
             await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": "error", "frames": 0})
         finally:
             if outcome is None:  # the socket left while the turn ran
@@ -358,6 +370,15 @@ class RealtimeSession:
                 # does one that failed after (the engine drops the session): the next turn starts it
                 if outcome is not None:
                     self.first = self.state.engine.session_context(self.id) == 0
+
+    async def until_client_ends(self) -> None:
+        """A turn the engine ended while its text was still coming (the model's EOS, the cache's length,
+        the runaway guard, a failure) stays open until the client ends it, as the reference's turn does:
+        the rest of its text is dropped (push) and its audio.done follows the client's text.done (or
+        turn.cancel, or the timeout). So audio.done always closes the turn for the client, and its
+        remaining text can never open another."""
+        if self.pushed:
+            await self.client_ended.wait()
 
     def check_seconds(self, codes: np.ndarray, name: str, what: str) -> None:
         """Codes given as codes past --max-voice-seconds."""
@@ -405,9 +426,11 @@ def _error(message: str, code: str | None) -> dict:
 
 def _key_protocol(websocket: WebSocket) -> str | None:
     """The offered subprotocol that carries an API key, if any: a browser cannot set headers on a
-    websocket, so it sends the key as `mossserve-api-key.<key>` (the server must select it back)."""
-    offered = websocket.headers.get("sec-websocket-protocol", "")
-    return next((p.strip() for p in offered.split(",") if p.strip().startswith(KEY_PROTOCOL)), None)
+    websocket, so it sends the key as `mossserve-api-key-b64.<base64url>` (a subprotocol must be an
+    HTTP token, which a key with `/`, `+` or `=` is not) or, where the key is a token, as
+    `mossserve-api-key.<key>`. The server must select it back."""
+    offered = (p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(","))
+    return next((p for p in offered if p.startswith((KEY_PROTOCOL, KEY_B64_PROTOCOL))), None)
 
 
 def _authorized(state: ServerState, websocket: WebSocket) -> bool:
@@ -416,5 +439,12 @@ def _authorized(state: ServerState, websocket: WebSocket) -> bool:
         return True
     scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer":
-        token = (_key_protocol(websocket) or "").removeprefix(KEY_PROTOCOL)
+        protocol = _key_protocol(websocket) or ""
+        token = protocol.removeprefix(KEY_PROTOCOL)
+        if protocol.startswith(KEY_B64_PROTOCOL):
+            encoded = protocol.removeprefix(KEY_B64_PROTOCOL)
+            try:
+                token = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            except ValueError:  # not base64 (binascii.Error) or not UTF-8 (UnicodeDecodeError)
+                return False
     return bool(token) and hmac.compare_digest(token.strip().encode(), key.encode())

@@ -54,7 +54,7 @@ MAX_SPEAKERS = 5
 _UNSPACED = re.compile("[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 
 # Request fields each task reads (besides `input` and `mode`, which every task reads).
-_TASK_FIELDS = {
+TASK_FIELDS = {
     "tts": {"voice", "reference_text", "duration", "language"},
     "dialogue": {"speakers"},
     "voice_design": {"instructions"},
@@ -230,7 +230,7 @@ def _reject_unused(request: SpeechRequest, task: str) -> None:
         "chunk_length": request.chunk_length is not None,
     }
     for name, present in given.items():
-        if present and name not in _TASK_FIELDS[task]:
+        if present and name not in TASK_FIELDS[task]:
             if name == "depth":
                 raise InvalidRequestError("depth is used only by the Local model (MOSS-TTS-Local-Transformer)")
             if name == "chunk_length":

@@ -8,6 +8,16 @@ import { VoicesTab } from "./voices.js";
 
 const $ = (id) => document.getElementById(id);
 
+// The options the loaded family takes and, of those, the ones its task reads (`task_fields`, the
+// server's own table; null: the family's all).
+function offerOptions(caps) {
+  document.querySelectorAll("[data-family], [data-field]").forEach((el) => {
+    const family = !el.dataset.family || el.dataset.family.split(" ").includes(caps.family);
+    const field = !el.dataset.field || !caps.task_fields || caps.task_fields.includes(el.dataset.field);
+    el.hidden = !(family && field);
+  });
+}
+
 function showTab(name) {
   document.querySelectorAll("nav button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
   document.querySelectorAll("main > section").forEach((s) => (s.hidden = s.id !== `tab-${name}`));
@@ -24,9 +34,7 @@ async function start() {
     const model = (await json("/v1/models")).data[0];
     const caps = model.mossserve;
     $("model").textContent = `${model.id} · ${caps.family}${caps.task ? ` (${caps.task})` : ""} · ${caps.sample_rate} Hz`;
-    document.querySelectorAll("[data-family]").forEach((el) => {
-      el.hidden = !el.dataset.family.split(" ").includes(caps.family);
-    });
+    offerOptions(caps);
     document.querySelector('nav button[data-tab="realtime"]').hidden = !caps.sessions;
     const voices = new VoicesTab();
     window.playground = { model, speech: new SpeechTab(model), voices,

@@ -27,6 +27,7 @@ export class StreamPlayer {
     this.sources = [];
     this.endTime = null;
     this.odd = null; // a trailing byte of a sample split across chunks
+    this.stopped = false; // stop() was called: later chunks are kept, not played
   }
 
   // Queue one chunk of s16le bytes (interleaved when there are several channels).
@@ -47,6 +48,7 @@ export class StreamPlayer {
     if (!frames) return;
     this.parts.push(pcm);
     this.samples += frames;
+    if (this.stopped) return;
     const ctx = audioContext();
     const buffer = ctx.createBuffer(this.channels, frames, this.sampleRate);
     for (let c = 0; c < this.channels; c++) {
@@ -67,7 +69,9 @@ export class StreamPlayer {
     this.sources.push(source);
   }
 
+  // Silence what is queued and what still arrives (a cancelled turn's last chunks) until reset().
   stop() {
+    this.stopped = true;
     for (const source of this.sources || []) {
       try {
         source.stop();

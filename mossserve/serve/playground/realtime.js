@@ -1,12 +1,23 @@
 // The Realtime tab: one websocket session on /v1/realtime/speech. Text typed or pasted goes out
 // as text.delta messages, audio.delta chunks play as they arrive, turns keep one context until
-// "New context". Browsers cannot set headers on a websocket, so this tab needs a server without
-// an API key.
+// "New context".
+//
+// A turn is open only once the server says so (turn.started): the text that opens it may be
+// refused (a special token, past --max-input-chars, no free session), and then there is no turn to
+// add text to, end or cancel. Until turn.started the rest of the turn's text, its text.done and a
+// Cancel wait; an error in that time means the turn did not open.
 
-import { apiKey, clearError, fromBase64, showError } from "./api.js";
+import { apiKey, clearError, fromBase64, showError, toBase64 } from "./api.js";
 import { drawWave, StreamPlayer, wavBlob } from "./player.js";
 
 const $ = (id) => document.getElementById(id);
+
+// Browsers cannot set headers on a websocket: the API key travels as a subprotocol, base64url
+// without padding, since a subprotocol must be an HTTP token and a key may hold `/`, `+` or `=`.
+function keyProtocol(key) {
+  const encoded = toBase64(new TextEncoder().encode(key)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  return `mossserve-api-key-b64.${encoded}`;
+}
 
 export class RealtimeTab {
   constructor(model) {
@@ -16,12 +27,10 @@ export class RealtimeTab {
     this.sampleRate = model.mossserve.sample_rate;
     this.channels = model.mossserve.channels;
     this.fresh = true; // the next turn opens the context: the voice may still be set
-    this.sent = ""; // the text of the open turn already sent
-    this.turnOpen = false;
-    this.ended = false; // the open turn's text is complete (text.done sent)
     this.status = "idle";
     this.ttfaMs = null;
     this.turns = []; // {text, frames, finish, samples}
+    this.resetTurn();
     $("rt-send").addEventListener("click", () => this.send(true));
     $("rt-cancel").addEventListener("click", () => this.cancel());
     $("rt-new").addEventListener("click", () => this.newContext());
@@ -34,6 +43,19 @@ export class RealtimeTab {
     });
   }
 
+  get turnOpen() {
+    return this.turnId !== null;
+  }
+
+  // No turn: neither asked for nor open.
+  resetTurn() {
+    this.sent = ""; // the turn's text already sent
+    this.pending = false; // its first text is sent, turn.started not here yet
+    this.turnId = null; // set by turn.started; audio of any other turn is not this page's
+    this.ended = false; // its text is complete (text.done sent, or due at turn.started)
+    this.cancelled = false; // Cancel was clicked before turn.started
+  }
+
   setStatus(status) {
     this.status = status;
     $("rt-status").textContent = status;
@@ -42,12 +64,12 @@ export class RealtimeTab {
   connect() {
     if (this.ws && this.ws.readyState <= WebSocket.OPEN) return this.ready;
     const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/realtime/speech`;
-    // Browsers cannot set headers on a websocket: the API key travels as a subprotocol.
     const key = apiKey();
-    this.ws = key ? new WebSocket(url, [`mossserve-api-key.${key}`]) : new WebSocket(url);
+    const ws = (this.ws = key ? new WebSocket(url, [keyProtocol(key)]) : new WebSocket(url));
     this.fresh = true;
     this.ready = new Promise((resolve, reject) => {
-      this.ws.onmessage = (m) => {
+      ws.onmessage = (m) => {
+        if (ws !== this.ws) return; // a socket New context closed
         const event = JSON.parse(m.data);
         if (event.type === "session.created") {
           this.sampleRate = event.sample_rate;
@@ -55,13 +77,23 @@ export class RealtimeTab {
         }
         this.onEvent(event);
       };
-      this.ws.onclose = (e) => {
-        reject(new Error(`the realtime connection closed${e.reason ? `: ${e.reason}` : ""}`));
-        if (this.turnOpen) this.setStatus("disconnected");
-        this.turnOpen = false;
+      ws.onclose = (e) => {
+        const reason = `the realtime connection closed${e.reason ? `: ${e.reason}` : ""}`;
+        reject(new Error(reason));
+        if (ws === this.ws) this.dropped(reason);
       };
     });
     return this.ready;
+  }
+
+  // The socket went away on its own: a turn in progress is lost, the next Send opens a new socket.
+  dropped(reason) {
+    this.ws = null;
+    if (this.pending || this.turnOpen) {
+      showError(`${reason} during the turn`);
+      this.setStatus("disconnected");
+    }
+    this.resetTurn();
   }
 
   message(event) {
@@ -72,37 +104,52 @@ export class RealtimeTab {
   async send(end) {
     try {
       clearError();
-      if (this.ended || (!this.turnOpen && !$("rt-text").value)) return;
+      if (this.ended || (!this.pending && !this.turnOpen && !$("rt-text").value)) return;
       await this.connect();
-      // Read the text after the await: keys typed meanwhile belong to this delta, not a later one.
-      const text = $("rt-text").value;
-      if (!text.startsWith(this.sent)) {
-        throw new Error("text already sent cannot be changed; finish or cancel the turn");
-      }
-      const delta = text.slice(this.sent.length);
-      if (!this.turnOpen && !delta) return;
-      if (!this.turnOpen) this.openTurn();
-      if (delta) this.message({ type: "text.delta", delta });
-      this.sent = text;
-      if (end) {
-        this.ended = true;
-        this.message({ type: "text.done" });
-        this.setStatus("speaking");
-      }
+      this.flush(end);
     } catch (error) {
       showError(error);
     }
   }
 
-  openTurn() {
+  // What the turn has not had yet: its first text opens it; later text and text.done once it is open.
+  flush(end) {
+    if (this.cancelled) return;
+    if (this.pending) {
+      this.ended ||= end; // text.done goes out at turn.started
+      return;
+    }
+    if (this.ended) return; // text.done is sent
+    // Read the text now, not before an await: keys typed meanwhile belong to this delta.
+    const text = $("rt-text").value;
+    if (!text.startsWith(this.sent)) {
+      throw new Error("text already sent cannot be changed; finish or cancel the turn");
+    }
+    if (!this.turnOpen) {
+      if (text) this.openTurn(text, end);
+      return;
+    }
+    if (text !== this.sent) this.message({ type: "text.delta", delta: text.slice(this.sent.length) });
+    this.sent = text;
+    if (end) {
+      this.ended = true;
+      this.message({ type: "text.done" });
+      this.setStatus("speaking");
+    }
+  }
+
+  openTurn(text, end) {
     const session = { response_format: "pcm" };
+    // Every turn, cleared fields too (null: the server's default again), since the session keeps them.
     const temperature = $("rt-temperature").value.trim();
-    if (temperature !== "") session.temperature = Number(temperature);
-    session.speed = Number($("rt-speed").value.trim() || 1); // every turn: a cleared field means 1 again
+    session.temperature = temperature === "" ? null : Number(temperature);
+    session.speed = Number($("rt-speed").value.trim() || 1);
     if (this.fresh && $("rt-voice").value) session.voice = $("rt-voice").value;
     this.message({ type: "session.update", session });
-    this.fresh = false;
-    this.turnOpen = true;
+    this.message({ type: "text.delta", delta: text });
+    this.sent = text;
+    this.pending = true;
+    this.ended = end;
     this.started = performance.now();
     this.ttfaMs = null;
     this.player.reset(this.sampleRate, this.channels);
@@ -114,7 +161,9 @@ export class RealtimeTab {
   }
 
   onEvent(event) {
-    if (event.type === "audio.delta") {
+    if (event.type === "turn.started") {
+      this.turnStarted(event);
+    } else if (event.type === "audio.delta" && event.turn_id === this.turnId) {
       if (this.ttfaMs === null) {
         this.ttfaMs = performance.now() - this.started;
         $("rt-ttfa").textContent = this.ttfaMs.toFixed(0);
@@ -122,10 +171,37 @@ export class RealtimeTab {
       this.player.push(fromBase64(event.audio));
       $("rt-samples").textContent = this.player.samples;
       drawWave($("rt-wave"), this.player.pcm(), this.channels);
-    } else if (event.type === "audio.done") {
+    } else if (event.type === "audio.done" && event.turn_id === this.turnId) {
       this.finishTurn(event);
     } else if (event.type === "error") {
+      if (this.pending) {
+        // The turn did not open (its session.update or first text was refused).
+        this.resetTurn();
+        this.setStatus("idle");
+      }
       showError(event.error.message);
+    }
+  }
+
+  turnStarted(event) {
+    if (!this.pending) {
+      // A turn the page gave up (an error came first, from its session.update): it does not run.
+      this.message({ type: "turn.cancel" });
+      return;
+    }
+    this.pending = false;
+    this.turnId = event.turn_id;
+    this.fresh = false;
+    if (this.cancelled) {
+      this.message({ type: "turn.cancel" });
+      return;
+    }
+    const end = this.ended;
+    this.ended = false; // until text.done is sent: a refused flush leaves Send working
+    try {
+      this.flush(end);
+    } catch (error) {
+      showError(error);
     }
   }
 
@@ -141,24 +217,27 @@ export class RealtimeTab {
     item.append(`${turn.text} — ${turn.frames} frames, ${turn.finish} `, audio);
     $("rt-history").append(item);
     $("rt-text").value = $("rt-text").value.slice(this.sent.length); // keep what was typed after the turn's text
-    this.sent = "";
-    this.turnOpen = this.ended = false;
+    this.resetTurn();
     this.setStatus(event.finish_reason === "stop" ? "done" : event.finish_reason);
   }
 
+  // Stop the audio (also a finished turn's, still playing) and the turn, once the server opened it.
   cancel() {
-    if (!this.turnOpen) return;
     this.player.stop();
-    this.message({ type: "turn.cancel" });
+    if (this.pending) {
+      this.cancelled = true;
+    } else if (this.turnOpen) {
+      this.message({ type: "turn.cancel" });
+    }
   }
 
+  // A fresh session: the socket closes, also in the middle of a turn, which the server then aborts.
   newContext() {
-    if (this.turnOpen) {
-      showError("finish or cancel the turn first");
-      return;
-    }
-    this.ws?.close();
+    this.player.stop();
+    const ws = this.ws;
     this.ws = null;
+    ws?.close();
+    this.resetTurn();
     this.turns = [];
     $("rt-history").replaceChildren();
     this.setStatus("idle");

@@ -20,7 +20,7 @@ export class SpeechTab {
     this.ttfaMs = null;
     this.rtf = null;
     $("speak").addEventListener("click", () => this.speak());
-    $("stop").addEventListener("click", () => this.abort && this.abort.abort());
+    $("stop").addEventListener("click", () => this.stop());
     $("download").addEventListener("click", () => this.download());
     $("add-speaker").addEventListener("click", () => this.addSpeaker());
   }
@@ -54,16 +54,15 @@ export class SpeechTab {
     const body = { model: this.model.id, input: $("text").value };
     const text = (id) => $(id).value.trim();
     const number = (id) => (text(id) === "" ? undefined : Number(text(id)));
-    if ($("voice").value) body.voice = $("voice").value;
-    const reference = this.reference.audio();
+    // The loaded model takes this option (main.js hides the others).
+    const offered = (id) => !$(id).closest("[data-family][hidden], [data-field][hidden]");
+    if (offered("voice") && $("voice").value) body.voice = $("voice").value;
+    const reference = offered("ref-file") && this.reference.audio();
     if (reference) body.ref_audio = await dataUrl(reference);
-    const offered = (id) => !$(id).closest("[data-family]")?.hidden; // the loaded family has this option
     if (offered("ref-text") && text("ref-text")) body.ref_text = text("ref-text");
-    if (offered("instructions")) {
-      if (text("instructions")) body.instructions = text("instructions");
-      if (text("language")) body.language = text("language");
-      body.duration_seconds = number("duration");
-    }
+    if (offered("instructions") && text("instructions")) body.instructions = text("instructions");
+    if (offered("language") && text("language")) body.language = text("language");
+    if (offered("duration")) body.duration_seconds = number("duration");
     if (offered("depth")) body.depth = number("depth");
     if (offered("chunk-length")) body.chunk_length = number("chunk-length");
     if (offered("speakers")) {
@@ -138,6 +137,7 @@ export class SpeechTab {
       $("download").disabled = false;
       this.setStatus("done");
     } catch (error) {
+      if (abort !== this.abort) return; // a newer Speak aborted this one: the state is the new one's
       this.player.stop();
       if (error.name === "AbortError") {
         this.setStatus("stopped");
@@ -146,6 +146,12 @@ export class SpeechTab {
         showError(error);
       }
     }
+  }
+
+  // The request, and the audio still playing after it finished (generation outruns playback).
+  stop() {
+    this.abort?.abort();
+    this.player.stop();
   }
 
   // wav and pcm from the received samples; other formats: the same request (same seed) again.
