@@ -124,8 +124,8 @@ class Engine:
         if length >= self.max_len:
             raise InvalidRequestError(f"the prompt has {length} positions; this engine allows {self.max_len} "
                                       "(prompt and generated audio together)")
-        if max_new_frames is None:  # an open prompt's text is still coming: the guard and the cache bound it
-            max_new_frames = self.max_len if prompt.info.get("open") else self.family.max_new_frames
+        if max_new_frames is None:  # a session's turn has no step cap: the runaway guard and the cache bound it
+            max_new_frames = self.max_len if prompt.info.get("uncapped") else self.family.max_new_frames
         cap = max_new_frames
         guard = guard and self.guard.enabled and prompt.info.get("runaway_guard", True)
         request = EngineRequest(

@@ -127,12 +127,14 @@ class MossRealtimeFamily(TalkerFamily):
             self.check_input(chunk)
         prefill, rest = split_text(turn, self.tokenizer.encode)
         rows = np.concatenate([self.turn_input(turn, first, voice), self.builder.prefill(prefill)])
-        return self.prompt_from_rows(rows, rest, text_tokens=len(prefill) + len(rest))
+        prompt = self.prompt_from_rows(rows, rest, text_tokens=len(prefill) + len(rest))
+        prompt.info["uncapped"] = True  # the reference's session runs a turn to its EOS: no step cap
+        return prompt
 
     def open_turn_prompt(self, turn, first: bool, voice: np.ndarray | None = None) -> Prompt:
         """A session turn whose text streams in (`push_input`): the turn's input only, left open."""
         prompt = self.prompt_from_rows(self.turn_input(turn, first, voice))
-        prompt.info["open"] = True
+        prompt.info["open"] = prompt.info["uncapped"] = True
         return prompt
 
     def turn_input(self, turn, first: bool, voice: np.ndarray | None = None) -> np.ndarray:
