@@ -124,12 +124,12 @@ def test_sessions_run_batched_together() -> None:
     assert stats["sessions"] == 3 and stats["sessions_holding_slots"] == 3 and stats["running"] == 0
 
 
-def test_a_session_turn_has_no_offline_step_cap() -> None:
+def test_a_session_turn_has_no_offline_step_cap(monkeypatch) -> None:
     """The reference's session runs a turn to its EOS; the offline cap (1001 frames) cut a session
     script's long turn at it. Here the family's cap is far below the golden turn's length."""
     turns = Turns()
     expected = turn_frames("stream_multiturn")[0][:-1]
-    turns.fam.max_new_frames = 2
+    monkeypatch.setattr(turns.fam, "max_new_frames", 2)  # the family is shared with other tests
     engine = Engine(turns.fam, None, EngineConfig(threaded=False, max_running=1))
     turn = turns.add(engine, "stream_multiturn", 0, "a")
     engine.run_until_idle()
