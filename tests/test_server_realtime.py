@@ -416,6 +416,19 @@ def test_a_socket_past_the_session_limit_is_told_to_retry(tmp_path) -> None:
         assert 'mossserve_requests_total{endpoint="/v1/realtime/speech",outcome="rejected"} 1.0' in metrics
 
 
+def test_a_turn_on_an_engine_whose_thread_died_is_told_so(tmp_path) -> None:
+    """It was told "the server is shutting down" (the engine refuses such a turn as it refuses one once shut down)."""
+    from mossserve.api import TTS
+
+    with closing(TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny")) as tts, serve_model(tts, tmp_path) as base:
+        tts.engine._worker.stop()
+        with Client(base.replace("http://", "ws://") + "/v1/realtime/speech") as client:
+            client.send({"type": "text.delta", "delta": "Hello."})
+            event = client.receive()
+            assert event["type"] == "error" and event["error"]["code"] == "engine_unavailable", event
+            assert "the engine's thread has stopped" in event["error"]["message"]
+
+
 def test_a_new_seed_within_a_context_is_refused(url: str) -> None:
     """The context's first turn seeds it (the reference seeds a session once): a later seed was
     accepted and changed nothing."""
