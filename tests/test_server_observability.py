@@ -15,6 +15,7 @@ from server_harness import StepGate, live_server
 from starlette.testclient import TestClient
 
 from mossserve.engine.engine import FAILING_ROUNDS
+from mossserve.errors import InvalidRequestError
 
 TEXT = "Hello from the server."
 SPEECH = "/v1/audio/speech"
@@ -146,6 +147,26 @@ def test_rounds_that_all_fail_make_the_server_unready_and_one_failure_does_not(s
         assert client.get("/ready").status_code == 200 and client.get("/health").status_code == 200
 
 
+def test_a_sticky_device_error_where_requests_are_admitted_makes_the_server_unready(server_app, demo_tts,
+                                                                                    monkeypatch) -> None:
+    """After a sticky CUDA error a new request fails where admission first writes its slot's state on the
+    device, before any model call: those failures were not counted, and /health and /ready said 200."""
+    body = {"input": TEXT, "response_format": "pcm"}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with TestClient(server_app()) as client:
+        assert client.post(SPEECH, json=body).status_code == 200  # no failing rounds left by other tests
+        monkeypatch.setattr(demo_tts.engine.family, "admit", broken)
+        for _ in range(FAILING_ROUNDS):
+            assert client.post(SPEECH, json=body).status_code == 500
+        assert client.get("/ready").status_code == 503 and client.get("/health").status_code == 503
+        monkeypatch.undo()
+        assert client.post(SPEECH, json=body).status_code == 200
+        assert client.get("/ready").status_code == 200
+
+
 def test_requests_that_fail_on_their_own_input_do_not_make_the_server_unready(server_app, demo_tts,
                                                                                monkeypatch) -> None:
     """A request that fails as it is admitted (its own input, not a model call) is no sign of a broken
@@ -153,7 +174,7 @@ def test_requests_that_fail_on_their_own_input_do_not_make_the_server_unready(se
     body = {"input": TEXT, "response_format": "pcm"}
 
     def refuse(*args, **kwargs):
-        raise ValueError("this request's input cannot be admitted")
+        raise InvalidRequestError("this request's input cannot be admitted")
 
     with TestClient(server_app()) as client:
         monkeypatch.setattr(demo_tts.engine.family, "admit", refuse)

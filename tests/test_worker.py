@@ -130,3 +130,34 @@ def test_a_crash_handler_that_raises_leaves_the_thread_serving() -> None:
     assert owner.second_round.wait(timeout=60), "the thread ended with the failed clean-up"
     assert owner.log == ["crashed: round", "round ended"]
     owner.worker.stop()
+
+
+def test_ended_only_once_started_and_as_soon_as_the_loop_fails() -> None:
+    """`ended` is False before start (an engine not yet started takes requests it runs once started),
+    and True while a dying thread's crash handler still runs: work added then must be refused, as
+    nobody would run it (the handler fails only what it found)."""
+    class Dying(Owner):
+        def has_work(self) -> bool:
+            raise RuntimeError("a bug in has_work")
+
+        def crashed(self, error: Exception) -> None:
+            self.ended_in_handler = self.worker.ended
+            self.started.set()
+            self.release.wait()
+
+    owner = Dying()
+    assert not owner.worker.ended
+    owner.worker.start()
+    assert owner.started.wait(timeout=30)
+    assert owner.ended_in_handler and owner.worker.ended and owner.worker.failure == "RuntimeError: a bug in has_work"
+    owner.release.set()
+    owner.worker.stop()
+    assert owner.worker.ended
+
+
+def test_a_stopped_worker_has_ended() -> None:
+    owner = Owner()
+    owner.worker.start()
+    assert not owner.worker.ended
+    owner.worker.stop()
+    assert owner.worker.ended and owner.worker.failure is None

@@ -233,7 +233,7 @@ class Engine:
                     request.rows[-1] = np.asarray(update.next_row)
                     request.waiting_input = False
         except Exception as e:  # noqa: BLE001 - bad input fails its request only
-            self._end(request, Status.FAILED, "error", _message(e))
+            self._failed_alone(request, e)
 
     def _check_room(self, request: EngineRequest, fed: int) -> None:
         """The request's prompt after the `fed` rows its session holds must leave the cache room for a
@@ -296,7 +296,7 @@ class Engine:
         return None
 
     def _thread_problem(self) -> str | None:
-        if not self.config.threaded or self._worker.running:
+        if not self.config.threaded or not self._worker.ended:
             return None
         failure = self._worker.failure
         return "the engine's thread has stopped" + (f" ({failure})" if failure else "")
@@ -457,7 +457,15 @@ class Engine:
                 request.frames.extend(clip)
             self.pipeline.start(request, prefix)
         except Exception as e:  # noqa: BLE001 - this request fails, the engine goes on
-            self._end(request, Status.FAILED, "error", _message(e))
+            self._failed_alone(request, e)
+
+    def _failed_alone(self, request: EngineRequest, error: Exception) -> None:
+        """A request whose own admission or input failed. Its input's fault (a MossServeError) is no
+        sign of a broken engine; anything else is a device write that failed (admission writes the slot's
+        state: where a sticky CUDA error fails every new request), which `failing` counts."""
+        if not isinstance(error, MossServeError):
+            self.failing.failed(_message(error))
+        self._end(request, Status.FAILED, "error", _message(error))
 
     def _forward(self) -> tuple[list[EngineRequest], torch.Tensor | None]:
         """Decode rows for the decoding requests and a prefill piece for new ones; returns the
@@ -470,7 +478,6 @@ class Engine:
             try:
                 parts.append(self.runner.decode([r.slot for r in decoding]))
                 ready.extend(decoding)
-                self.failing.succeeded()
             except Exception as e:  # noqa: BLE001
                 self._fail_all(decoding, e)
         prefill = self.scheduler.prefill_batch(self.prefixes.share(self.scheduler.running))
@@ -482,7 +489,6 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 self._fail_all(requests, e)
             else:
-                self.failing.succeeded()
                 done = []
                 self.counts["prompt_rows_prefilled"] += sum(n for _, n in prefill)
                 for row, (request, n) in enumerate(prefill):
@@ -501,8 +507,8 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             self._fail_all(ready, e)
             return
-        self.failing.succeeded()
         rows, frames = out.rows.cpu().numpy(), out.frames.cpu().numpy()
+        self.failing.succeeded()  # after the copy: an asynchronous device error surfaces there
         has_frame, new_segment, finished = out.has_frame.tolist(), out.new_segment.tolist(), out.finished.tolist()
         waiting = out.waiting.tolist() if out.waiting is not None else [False] * len(ready)
         more = out.prompt_rows if out.prompt_rows is not None else [None] * len(ready)

@@ -22,7 +22,7 @@ class Worker:
         adds work notifies `condition`. `on_crash` gets an exception that escaped a round (a bug),
         so that the requests in flight end with an error instead of waiting forever; the thread
         goes on. An exception that escapes the loop itself (not a round) ends the thread: `failure`
-        says why, `running` turns False (so its owner can refuse work nobody would do), and `on_crash`
+        says why, `ended` turns True (so its owner can refuse work nobody would do), and `on_crash`
         gets it too. `on_idle`, a plain function (not the owner's), runs on the thread each time the work
         runs out, before `wait_idle` returns."""
         self.name, self._condition, self._on_idle = name, condition, on_idle
@@ -31,19 +31,21 @@ class Worker:
         self._stop = False
         self._busy = False  # in a round, holding a strong reference to the owner
         self.failure: str | None = None  # why the thread died: an exception escaped the loop (a bug)
+        self._started = False
         weakref.finalize(has_work.__self__, self._halt)
 
     def start(self) -> None:
         if self._thread is None:
-            self._stop = False
+            self._stop, self._started = False, True
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
 
     @property
-    def running(self) -> bool:
-        """Whether the thread is alive: False before `start`, after `stop`, and once it died."""
+    def ended(self) -> bool:
+        """Whether the thread, once started, is gone or going: stopped, or an exception escaped its loop
+        (`failure` is set before its clean-up runs, so work added meanwhile is not left to nobody)."""
         thread = self._thread
-        return thread is not None and thread.is_alive()
+        return self._started and (self.failure is not None or thread is None or not thread.is_alive())
 
     def stop(self) -> None:
         """Finish the round in progress, then end the thread."""

@@ -275,11 +275,12 @@ class RealtimeSession:
         self.last_input = time.monotonic()
         await self.send({"type": "turn.started", "turn_id": self.turn_id})
         self.sender = asyncio.create_task(self.send_audio(stream, self.turn_id))
-        self.watchdog = asyncio.create_task(self.end_if_text_stops(self.turn_id, self.request_id))
+        self.watchdog = asyncio.create_task(self.end_if_text_stops(self.turn_id, self.request_id, self.client_ended))
 
-    async def end_if_text_stops(self, turn_id: str, request_id: str) -> None:
+    async def end_if_text_stops(self, turn_id: str, request_id: str, client_ended: asyncio.Event) -> None:
         """A turn whose text stops coming holds a batch slot while it waits: after --request-timeout
-        seconds without text (and no text.done) it is ended, as an HTTP request would be."""
+        seconds without text (and no text.done) it is ended, as an HTTP request would be (`client_ended`:
+        this turn's, which the next turn's replaces while the error is being sent)."""
         timeout = self.state.settings.request_timeout_s
         while self.turn_id == turn_id and not self.text_done:
             wait = self.last_input + timeout - time.monotonic()
@@ -287,7 +288,7 @@ class RealtimeSession:
                 self.ended_by = "timeout"
                 await self.send(_error(f"no text for {timeout:g} s: the turn is ended", "turn_timeout"))
                 self.state.engine.abort(request_id)
-                self.client_ended.set()
+                client_ended.set()
                 return
             await asyncio.sleep(wait)
 
