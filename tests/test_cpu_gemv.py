@@ -195,3 +195,28 @@ def test_a_product_autograd_records_takes_torch(fresh_kernel):
     assert out.requires_grad and torch.equal(out, torch.mv(layer.weight, x[0]).unsqueeze(0))
     with torch.inference_mode():
         assert cpu_gemv.bf16_rows(layer.weight, x) is not None
+
+
+def test_without_a_home_directory_the_kernels_build_in_the_temporary_directory(monkeypatch) -> None:
+    """A container's user with no $HOME and no passwd entry: Path.home() raises RuntimeError, which
+    escaped the kernels' lookup and failed every request."""
+    import tempfile
+    from pathlib import Path
+
+    from mossserve.cache import cache_root
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("MOSSSERVE_CACHE", raising=False)
+    monkeypatch.setattr(Path, "home", no_home)
+    assert cache_root() == Path(tempfile.gettempdir()) / f"mossserve-{os.getuid()}"
+
+
+def test_a_kernel_whose_build_raises_anything_leaves_torchs_ops(monkeypatch) -> None:
+    def broken(*args):
+        raise RuntimeError("an unexpected failure while building")
+
+    monkeypatch.setattr(cpu_kernels, "build", broken)
+    monkeypatch.setenv("CC", "cc")
+    assert cpu_kernels.compiled(cpu_kernels.SOURCE, cpu_kernels.FLAGS, "the test kernel") is None

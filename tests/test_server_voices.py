@@ -365,6 +365,21 @@ def test_the_default_data_dir_follows_the_xdg_spec(monkeypatch, xdg: str, expect
     assert default_data_dir() == Path(expected).expanduser()
 
 
+def test_without_a_home_directory_the_data_dir_must_be_given(monkeypatch) -> None:
+    """Path.home()'s RuntimeError (no $HOME, no passwd entry) was a traceback at `serve`'s start."""
+    from mossserve.errors import InvalidRequestError
+    from mossserve.serve.settings import DATA_DIR_ENV, default_data_dir
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", no_home)
+    with pytest.raises(InvalidRequestError, match="pass --data-dir or set"):
+        default_data_dir()
+
+
 def test_a_voice_of_exactly_the_limit_in_aac_is_stored_and_used(server):
     """Its encoder's padding makes it read a little longer than the limit: accepted at upload, and so
     also when it is used (the stored length is checked against the same allowance)."""

@@ -21,7 +21,13 @@ def default_data_dir() -> Path:
     if env:
         return Path(env)
     xdg = os.environ.get("XDG_DATA_HOME", "")
-    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share") / "mossserve"
+    if os.path.isabs(xdg):
+        return Path(xdg) / "mossserve"
+    try:
+        return Path.home() / ".local" / "share" / "mossserve"
+    except RuntimeError:  # no $HOME and no passwd entry (a container's user): nowhere to keep voices by default
+        raise InvalidRequestError(f"there is no home directory to keep voices in: pass --data-dir or set "
+                                  f"${DATA_DIR_ENV}") from None
 
 
 @dataclass
