@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode = codec_commands.add_parser("decode", help="codes (frames, n_q) .npy -> audio file")
     decode.add_argument("codes", type=Path)
     for action, run in ((encode, run_codec_encode), (decode, run_codec_decode)):
-        action.add_argument("--codec", required=True, help="codec checkpoint directory or hub id")
+        action.add_argument("--codec", help="codec checkpoint directory or hub id (default: the bundled demo's codec)")
         action.add_argument("-o", "--output", type=Path, required=True)
         action.add_argument("--n-quantizers", type=int, help="use the first K quantizers")
         action.add_argument("--device", default="cpu")
@@ -567,6 +567,12 @@ def load_codec_arg(args: argparse.Namespace):
 
     if args.n_quantizers is not None and args.n_quantizers < 1:
         raise InvalidRequestError(f"--n-quantizers must be at least 1 (leave it out for all), got {args.n_quantizers}")
+    if args.codec is None:
+        from .api import DEMO_MODEL
+
+        print("note: no --codec given; using the bundled demo checkpoint's codec (tiny random weights: its "
+              "audio is noise)", file=sys.stderr)
+        return load_codec(DEMO_MODEL / "codec", device=args.device)
     return load_codec(args.codec, device=args.device)
 
 

@@ -115,6 +115,21 @@ def test_say_codes_then_codec_decode(delay_model_dirs, tmp_path: Path, capsys) -
     assert code == 0 and (tmp_path / "out.wav").stat().st_size > 44
 
 
+def test_codec_decode_without_codec_uses_the_demos(tmp_path: Path, capsys) -> None:
+    """What `say` without --model made decodes without --codec (it was required: after a pip install the
+    demo's codec is deep in site-packages)."""
+    code, err = run(["say", "Hello.", "--greedy", "--max-frames", "38", "--codes-out", tmp_path / "c.npy",
+                     "-o", tmp_path / "say.npy"], capsys)
+    assert code == 0, err
+    code, err = run(["codec", "decode", tmp_path / "c.npy", "-o", tmp_path / "out.npy"], capsys)
+    assert code == 0 and "no --codec given; using the bundled demo checkpoint's codec" in err
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), np.load(tmp_path / "say.npy"), atol=STREAMED_VS_WHOLE_ATOL)
+    code, err = run(["codec", "decode", tmp_path / "c.npy", "-o", tmp_path / "out.wav"], capsys)
+    assert code == 0, err
+    code, err = run(["codec", "encode", tmp_path / "out.wav", "-o", tmp_path / "e.npy"], capsys)
+    assert code == 0 and np.load(tmp_path / "e.npy").shape[1] == 32
+
+
 @pytest.mark.parametrize("args,message", [
     (["say", "Hi.", "--model", "/nonexistent/model", "--codes-out", "c.npy"], "checkpoint directory not found"),
     (["say", "   ", "--codes-out", "c.npy"], "input"),
