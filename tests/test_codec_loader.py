@@ -5,6 +5,7 @@ Every variation starts from the tiny fixture checkpoint, changed in a temporary 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,13 @@ def test_unreleased_variants(tmp_path):
     config["decoder_kwargs"][0]["gating"] = "swish"
     with pytest.raises(CheckpointError, match="unsupported gating 'swish'"):
         MossAudioTokenizerConfig.from_dict(config)
+
+
+def test_a_model_directory_given_as_codec_points_to_its_codec() -> None:
+    """`codec encode --codec <model dir>` said only that the type is not supported."""
+    from mossserve.api import DEMO_MODEL
+    from mossserve.errors import CheckpointError
+    from mossserve.models.registry import load_codec
+
+    with pytest.raises(CheckpointError, match=f"a model directory: its codec is {re.escape(str(DEMO_MODEL / 'codec'))}"):
+        load_codec(DEMO_MODEL)

@@ -253,3 +253,20 @@ def test_server_still_serves_after_bad_requests(server):
     ok = re.search(r'^mossserve_requests_total\{endpoint="/v1/audio/speech",outcome="ok"\} (\S+)$', metrics,
                    re.MULTILINE)
     assert ok and float(ok.group(1)) >= 1
+
+
+@pytest.mark.parametrize("task, body, param", [
+    ("voice_design", {"input": "Hello."}, "instructions"),
+    ("sound_effect", {"input": "  "}, "input"),
+])
+def test_a_field_the_models_task_needs_is_named_as_missing(server_app, task: str, body: dict, param: str) -> None:
+    """The refusal began with the task's name, so `param` was null."""
+    from contextlib import closing
+
+    from starlette.testclient import TestClient
+
+    from mossserve.api import TTS
+
+    with closing(TTS.from_pretrained(None, task=task)) as tts, TestClient(server_app(tts=tts)) as client:
+        r = client.post("/v1/audio/speech", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

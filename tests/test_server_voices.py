@@ -390,3 +390,11 @@ def test_a_voice_of_exactly_the_limit_in_aac_is_stored_and_used(server):
     r = server.post(VOICES, data={"name": "exact"}, files={"file": ("exact.aac", clip, "audio/aac")})
     assert r.status_code == 201 and r.json()["duration_s"] > MAX_VOICE_SECONDS, r.text
     speak(server, voice="exact")
+
+
+def test_a_voice_sent_as_json_is_told_to_use_a_form(server):
+    """The JSON body was read as no form field at all, and the answer was "name is required"."""
+    r = server.post(VOICES, json={"name": "x", "file": "data:audio/wav;base64,AAAA"})
+    assert r.status_code == 422 and "multipart/form-data" in r.json()["error"]["message"], r.text
+    r = server.post(VOICES, files={"file": ("a.wav", b"RIFF", "audio/wav")})  # a form without its name
+    assert r.status_code == 422 and r.json()["error"]["param"] == "name", r.text

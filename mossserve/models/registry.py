@@ -204,8 +204,11 @@ def load_codec(name_or_path: str | Path, device: str | torch.device = "cpu", dty
     model_type = config.get("model_type")
     if model_type not in ("speech_tokenizer", "moss-audio-tokenizer", "moss_audio_tokenizer") and (
             "MossAudioTokenizerModel" not in (config.get("architectures") or [])):  # refused before its weights come down
-        raise CheckpointError(f"{codec_dir / 'config.json'}: codec type {model_type!r} is not supported; supported: "
-                              "MOSS-Audio-Tokenizer, or a Fish S2 Pro directory with codec.pth / codec.safetensors")
+        inside = (f" (a model directory: its codec is {codec_dir / 'codec'})"
+                  if (codec_dir / "codec" / "config.json").is_file() else "")
+        raise CheckpointError(f"{codec_dir / 'config.json'}: codec type {model_type!r} is not supported{inside}; "
+                              "supported: MOSS-Audio-Tokenizer, or a Fish S2 Pro directory with codec.pth / "
+                              "codec.safetensors")
     codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", "*.safetensors"])
     with _checkpoint_errors(codec_dir, "codec"):
         return MossAudioTokenizer.from_pretrained(codec_dir, device=device,

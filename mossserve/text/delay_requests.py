@@ -159,13 +159,14 @@ def _dialogue(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> 
 def _voice_design(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> tuple[Conversation, str]:
     _require_generation(request, "voice_design")
     text = _required(request.input, "input")
-    instruction = _required(request.instructions, "instructions", "voice_design needs instructions (the voice)")
+    instruction = _required(request.instructions, "instructions",
+                            "instructions is missing: voice_design needs instructions (the voice)")
     return [_user(text, normalize, instruction=instruction)], "generation"
 
 
 def _sound_effect(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> tuple[Conversation, str]:
     _require_generation(request, "sound_effect")
-    description = _required(request.input, "input", "sound_effect needs a sound description in input")
+    description = _required(request.input, "input", "input is empty: sound_effect needs a sound description in input")
     return [build_user_message(ambient_sound=description, tokens=request.expected_frames)], "generation"
 
 
