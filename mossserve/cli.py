@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from .audio.formats import EXTENSIONS
 from .errors import InvalidRequestError, MossServeError
@@ -15,17 +18,29 @@ from .progress import Progress
 if TYPE_CHECKING:
     import numpy as np
 
+    from .speech_request import SpeechRequest
+
 AUDIO_EXTENSIONS = tuple(e for e in EXTENSIONS if e != ".npy")  # -o's audio names
 # `bench` options of one mode only, with their defaults: one given to another mode is refused, not
 # dropped (`bench --compare-upstream DIR --family local` would run the directory's Delay model).
 BENCH_ENGINE_OPTIONS = {"family": "delay", "model": None, "frames": 40, "requests": 16, "ttfa_runs": 5}
 BENCH_CODEC_OPTIONS = {"streams": 32, "seconds": 4.0}
 SHUTDOWN_TIMEOUT_S = 30.0  # `serve`: a TTS request may run tens of seconds; Kubernetes waits 30 s by default
+STDIO = Path("-")  # TEXT and --text-file: read stdin; -o: write stdout
+# The library's field names in its refusals, as the flags that set them (flags_named)
+SAMPLING_FLAGS = {"audio_temperature": "--temperature", "audio_top_p": "--top-p", "audio_top_k": "--top-k",
+                  "audio_repetition_penalty": "--repetition-penalty", "seed": "--seed"}
+SERVE_FLAGS = {"port": "--port", "max_input_chars": "--max-input-chars", "max_voice_seconds": "--max-voice-seconds",
+               "request_timeout_s": "--request-timeout", "max_running": "--max-running", "max_queued": "--max-queued",
+               "max_len": "--max-len"}
+LONG_PROMPT = re.compile(r"the prompt has \d+ positions; this engine allows \d+")  # engine.py's refusal
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        refuse_extra(parser, args, extra)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -41,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def refuse_extra(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """Arguments no option took: argparse's own error, but for `say` in its usage, and words after
+    TEXT (`say Hello world`, the shell split an unquoted text) with the quoting to use. The words are
+    not joined into TEXT: the shell has already changed such text (spaces, quotes, `?` and `*`)."""
+    parser = getattr(args, "command_parser", parser)
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    words = [word for word in extra if not word.startswith("-")]
+    if getattr(args, "text", None) is not None and words:
+        message += f"; quote a text of several words: mossserve say \"{' '.join([args.text, *words])}\" ..."
+    parser.error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mossserve", description="Speech synthesis with the MOSS-TTS family.")
     commands = parser.add_subparsers(metavar="COMMAND")
@@ -51,16 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--request", type=Path, help="a SpeechRequest as JSON")
     source.add_argument("--conversation", type=Path, help="a conversation as JSON (the reference processor's messages)")
     prompt.add_argument("--mode", choices=["generation", "continuation"], help="conversation mode (default: by the last role)")
-    prompt.add_argument("-o", "--output", type=Path, required=True)
+    prompt.add_argument("-o", "--output", type=Path, required=True, help="the prompt matrix .npy to write")
     prompt.set_defaults(run=run_prompt)
 
     say = commands.add_parser("say", help="synthesize speech (or codes) from text or a request")
     add_model_args(say)
-    say.add_argument("text", nargs="?", help="the text to speak")
-    say.add_argument("--text-file", type=Path, help="read the text to speak from a file")
+    say.add_argument("text", nargs="?", help="the text to speak, quoted if it has several words ('-': read stdin)")
+    say.add_argument("--text-file", type=Path, help="read the text to speak from a file ('-': stdin)")
     say.add_argument("--batch", type=Path, help="a JSONL file, one SpeechRequest per line, all run together")
     say.add_argument("--out-dir", type=Path, help="with --batch: writes NNNN.<format> audio and NNNN.npy codes")
-    say.add_argument("--format", help="with --batch: audio format (wav, the default, flac, mp3, opus, ogg, aac, pcm, raw)")
+    say.add_argument("--format", help="with --batch or -o -: audio format (wav, the default, flac, mp3, opus, ogg, "
+                                      "aac, pcm, raw)")
     say.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar on stderr (default: when stderr is a terminal)")
     say.add_argument("--max-running", type=int, help="requests decoded at once (default 16)")
@@ -87,39 +115,44 @@ def build_parser() -> argparse.ArgumentParser:
                                               "codes-out then holds that many columns")
     say.add_argument("--codes-out", type=Path, help="write the generated codes (frames, codebooks) as int64 .npy")
     say.add_argument("-o", "--output", type=Path,
-                     help="write audio; the extension picks the format (wav, flac, mp3, opus, ogg, aac, pcm, raw, npy)")
-    say.set_defaults(run=run_say)
+                     help="write audio; the extension picks the format (wav, flac, mp3, opus, ogg, aac, pcm, raw, npy); "
+                          "'-': stdout, as it is generated, in --format")
+    say.set_defaults(run=run_say, command_parser=say)
 
     codec = commands.add_parser("codec", help="encode audio to codes or decode codes to audio")
     codec_commands = codec.add_subparsers(metavar="ACTION", required=True)
     encode = codec_commands.add_parser("encode", help="audio file -> codes (frames, n_q) int64 .npy")
-    encode.add_argument("audio", type=Path)
+    encode.add_argument("audio", type=Path, help="an audio file (any readable format and rate)")
     decode = codec_commands.add_parser("decode", help="codes (frames, n_q) .npy -> audio file")
-    decode.add_argument("codes", type=Path)
+    decode.add_argument("codes", type=Path, help="codes .npy (frames, n_q), int64")
     for action, run in ((encode, run_codec_encode), (decode, run_codec_decode)):
         action.add_argument("--codec", help="codec checkpoint directory or hub id (default: the bundled demo's codec)")
-        action.add_argument("-o", "--output", type=Path, required=True)
+        action.add_argument("-o", "--output", type=Path, required=True,
+                            help="codes .npy (encode); audio, the extension picks the format (decode)")
         action.add_argument("--n-quantizers", type=int, help="use the first K quantizers")
-        action.add_argument("--device", default="cpu")
+        add_device_arg(action)
         action.set_defaults(run=run)
     bench = commands.add_parser("bench", help="benchmarks (figures for docs and issues, not tests)")
     bench.add_argument("target", nargs="?", choices=["codec"],
                        help="none: the engine (throughput at concurrency 1/4/16, streaming TTFA); "
                             "codec: streaming decode, many streams batched vs one at a time")
     bench.add_argument("--codec", help="codec checkpoint (default: a bench-size random one; engine: the model's own)")
-    bench.add_argument("--streams", type=int, default=BENCH_CODEC_OPTIONS["streams"], help="codec: streams")
-    bench.add_argument("--seconds", type=float, default=BENCH_CODEC_OPTIONS["seconds"], help="codec: audio per stream")
+    bench.add_argument("--streams", type=int, default=BENCH_CODEC_OPTIONS["streams"],
+                       help="codec: streams (default %(default)s)")
+    bench.add_argument("--seconds", type=float, default=BENCH_CODEC_OPTIONS["seconds"],
+                       help="codec: audio seconds per stream (default %(default)s)")
     bench.add_argument("--family", default=BENCH_ENGINE_OPTIONS["family"],
-                       help="engine: model family of the bench checkpoint or --model (delay, local, realtime, fish)")
+                       help="engine: model family of the bench checkpoint or --model (delay, local, realtime, fish; "
+                            "default %(default)s)")
     bench.add_argument("--model", help="engine: checkpoint directory or hub id (default: a bench-size random one)")
     bench.add_argument("--frames", type=int, default=BENCH_ENGINE_OPTIONS["frames"],
-                       help="engine: frames generated per request")
+                       help="engine: frames generated per request (default %(default)s)")
     bench.add_argument("--requests", type=int, default=BENCH_ENGINE_OPTIONS["requests"],
-                       help="engine: requests per run")
+                       help="engine: requests per run (default %(default)s)")
     bench.add_argument("--ttfa-runs", type=int, default=BENCH_ENGINE_OPTIONS["ttfa_runs"],
-                       help="engine: TTFA measurements (median)")
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+                       help="engine: TTFA measurements, their median reported (default %(default)s)")
+    add_device_arg(bench)
+    add_dtype_arg(bench)
     bench.add_argument("--compare-upstream", metavar="DIR", type=Path,
                        help="engine: run the requests of a directory written by upstream_delay.py, side by side "
                             "with the reference's figures, and check the generated rows")
@@ -128,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="the HTTP server: OpenAI's speech API, voices, metrics")
     add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default %(default)s: this machine only; 0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default %(default)s)")
     serve.add_argument("--api-key", default=os.environ.get("MOSSSERVE_API_KEY") or None,
                        help="require 'Authorization: Bearer KEY' on /v1 (default: $MOSSSERVE_API_KEY unless empty; "
                             "none: open)")
@@ -137,17 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "else ~/.local/share/mossserve)")
     serve.add_argument("--model-name", help="the model id clients send and /v1/models lists")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                       help="allow browser calls from ORIGIN (repeatable; '*' for any)")
-    serve.add_argument("--max-running", type=int, default=16, help="requests decoded together (batch slots)")
+                       help="allow browser calls from ORIGIN (repeatable; '*' for any; default: none)")
+    serve.add_argument("--max-running", type=int, default=16,
+                       help="requests decoded together (batch slots; default %(default)s)")
     serve.add_argument("--max-len", type=int, help="positions per request, prompt and audio together (default 8192, "
                                                    "at most the model's)")
-    serve.add_argument("--max-queued", type=int, default=256, help="requests that may wait for a slot (503 past --max-running plus this)")
-    serve.add_argument("--max-input-chars", type=int, default=4096)
-    serve.add_argument("--max-voice-seconds", type=float, default=60.0, help="longest reference audio")
-    serve.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body (uploads)")
-    serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is stopped")
+    serve.add_argument("--max-queued", type=int, default=256,
+                       help="requests that may wait for a slot (503 past --max-running plus this; default %(default)s)")
+    serve.add_argument("--max-input-chars", type=int, default=4096,
+                       help="longest text per request field, in characters (default %(default)s)")
+    serve.add_argument("--max-voice-seconds", type=float, default=60.0,
+                       help="longest reference audio, in seconds (default %(default)s)")
+    serve.add_argument("--max-body-mb", type=float, default=25.0,
+                       help="largest request body, uploads included, in MB (default %(default)s)")
+    serve.add_argument("--request-timeout", type=float, default=300.0,
+                       help="seconds before a request is stopped (default %(default)s)")
     serve.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S,
-                       help="seconds open requests may take to finish after a stop signal")
+                       help="seconds open requests may take to finish after a stop signal (default %(default)s)")
     serve.add_argument("--ray", action="store_true", help="replicas on Ray Serve, one address (docs/deployment.md)")
     scale = serve.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, help="with --ray: engine replicas (default 1)")
@@ -156,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--voice-service", action="store_true",
                        help="with --ray: one replica on the head node owns --data-dir and every replica reaches "
                             "it through Ray (replicas on several machines)")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="the server's log detail (default %(default)s)")
     serve.add_argument("--no-playground", dest="playground", action="store_false",
-                       help="do not serve the web playground at /")
+                       help="do not serve the web playground at / (by default it is served)")
     serve.set_defaults(run=run_serve)
     return parser
 
@@ -166,11 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the bundled demo checkpoint)")
     parser.add_argument("--codec", help="codec directory or hub id (default: the model's own)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    add_device_arg(parser)
+    add_dtype_arg(parser)
     parser.add_argument("--task", choices=list(PRESETS),
                         help="which MOSS-TTS Delay model the checkpoint is, when its name does not say (MOSS-TTSD: "
                              "dialogue, -VoiceGenerator: voice_design, -SoundEffect: sound_effect; default tts)")
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default %(default)s)")
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                        help="weights' precision (default %(default)s; auto: bfloat16 where the device runs it natively, else float32)")
 
 
 def load_tts(args: argparse.Namespace):
@@ -194,9 +244,9 @@ def body_bytes(megabytes: float) -> int:
     return int(megabytes * 1024 * 1024)
 
 
-def build_prompts(tts, args: argparse.Namespace) -> list:
-    """The prompt(s) a command's input describes."""
-    from .speech_request import SpeechRequest, read_npy
+def build_prompts(tts, args: argparse.Namespace, request: SpeechRequest | None) -> list:
+    """The prompt(s) a command's input describes; `request`: read_request's."""
+    from .speech_request import read_npy
     from .text.conversation import load_conversations
 
     if getattr(args, "prompt_matrix", None) is not None:
@@ -210,20 +260,34 @@ def build_prompts(tts, args: argparse.Namespace) -> list:
         return [tts.talker.prompt_from_conversation(c, args.mode or default_mode(c)) for c in conversations]
     if args.request is not None and _is_session_script(args.request):
         return [session_first_turn(tts, args.request)]
+    if request is None:
+        raise InvalidRequestError("give TEXT, --request, --conversation or --prompt-matrix")
+    if (args.request is None and tts.talker.voice_needs_transcript and request.voice is not None
+            and not (request.reference_text or "").strip()):
+        raise InvalidRequestError("this model clones a voice from its audio and what it says, together: give "
+                                  "--reference-text (what --voice says)")
+    return [tts.prompt(request)]
+
+
+def read_request(args: argparse.Namespace) -> SpeechRequest | None:
+    """The request of --request (not a session script) or of TEXT, parsed and checked before a model
+    loads for it (bad JSON, an unknown field, a missing --voice, a blank TEXT cost the whole model
+    load, minutes for a large one); None for the other inputs."""
+    from .speech_request import SpeechRequest
+
     if args.request is not None:
+        if _is_session_script(args.request):
+            return None
         request = SpeechRequest.from_json(args.request)
         check_request_depth(request, getattr(args, "depth", None), str(args.request))
-    else:
-        text = getattr(args, "text", None)
-        if text is None:
-            raise InvalidRequestError("give TEXT, --request, --conversation or --prompt-matrix")
-        voice, transcript = getattr(args, "voice", None), getattr(args, "reference_text", None)
-        if tts.talker.voice_needs_transcript and voice is not None and not (transcript or "").strip():
-            raise InvalidRequestError("this model clones a voice from its audio and what it says, together: give "
-                                      "--reference-text (what --voice says)")
-        request = SpeechRequest(input=text, voice=voice, reference_text=transcript,
-                                instructions=getattr(args, "instructions", None))
-    return [tts.prompt(request)]
+        return request
+    text = getattr(args, "text", None)
+    if text is None:
+        return None
+    if not text.strip():
+        raise InvalidRequestError("input is empty: there is nothing to say")
+    return SpeechRequest(input=text, voice=args.voice, reference_text=args.reference_text,
+                         instructions=args.instructions)
 
 
 def default_mode(conversation: list) -> str:
@@ -242,9 +306,10 @@ def run_prompt(args: argparse.Namespace) -> None:
     check_mode(args)
     check_inputs_exist(args)
     check_output(args.output)
+    request = read_request(args)
     tts = load_tts(args)
     try:
-        prompts = build_prompts(tts, args)
+        prompts = build_prompts(tts, args, request)
     finally:
         tts.close()
     if len(prompts) != 1:
@@ -264,12 +329,14 @@ def run_say(args: argparse.Namespace) -> int:
     if given and args.text is None and args.text_file is None:
         go, them = ("go", "them") if len(given) > 1 else ("goes", "it")
         raise InvalidRequestError(f"{' and '.join(given)} {go} with TEXT or --text-file; put {them} inside the request")
-    if args.batch is None and (args.out_dir is not None or args.format is not None):
-        raise InvalidRequestError("--out-dir and --format go with --batch (-o's extension picks its format)")
+    if args.batch is None and (args.out_dir is not None or args.format is not None and args.output != STDIO):
+        raise InvalidRequestError("--out-dir and --format go with --batch (-o's extension picks its format; "
+                                  "-o - takes --format)")
     check_mode(args)
     check_inputs_exist(args)
     if args.greedy and args.temperature not in (None, 0):
         raise InvalidRequestError("--greedy is temperature 0; give one of --greedy and --temperature")
+    check_sampling(args)
     if args.batch is not None:
         if args.out_dir is None or args.output is not None or args.codes_out is not None:
             raise InvalidRequestError("--batch writes into --out-dir (not -o / --codes-out)")
@@ -277,7 +344,10 @@ def run_say(args: argparse.Namespace) -> int:
         args.format = batch_format(args.format or "wav")
     elif args.output is None and args.codes_out is None:
         raise InvalidRequestError("give -o OUT (audio) and/or --codes-out CODES.npy")
-    check_output(args.output, audio=True)
+    if args.output == STDIO:
+        args.format = EXTENSIONS[f".{audio_format(args.format or 'wav')}"]
+    else:
+        check_output(args.output, audio=True)
     check_output(args.codes_out)
     if args.output is not None and args.codes_out is not None and args.output.resolve() == args.codes_out.resolve():
         raise InvalidRequestError(f"-o and --codes-out both name {args.output}: the audio would overwrite the codes")
@@ -287,18 +357,60 @@ def run_say(args: argparse.Namespace) -> int:
     if args.max_running is not None and args.max_running < 1:
         raise InvalidRequestError("--max-running must be at least 1")
     check_max_len(args)
-    if args.text_file is not None:
-        try:
-            args.text = args.text_file.read_text(encoding="utf-8-sig").strip()  # a BOM is no text to speak
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidRequestError(f"cannot read {args.text_file}: {e}") from None
-        if not args.text:
-            raise InvalidRequestError(f"{args.text_file} is empty")
+    read_text(args)
+    from .speech_request import load_requests_jsonl
+
+    requests = load_requests_jsonl(args.batch) if args.batch is not None else None
+    request = read_request(args)
     tts = load_tts(args)
     try:
-        return say_batch(tts, args) if args.batch is not None else say_one(tts, args)
+        return say_batch(tts, args, requests) if requests is not None else say_one(tts, args, request)
     finally:
         tts.close()
+
+
+def read_text(args: argparse.Namespace) -> None:
+    """--text-file, or TEXT `-`: the text to speak read (stdin for `-`) as UTF-8, a BOM and the ends'
+    white space dropped, into args.text."""
+    source = args.text_file if args.text_file is not None else STDIO if args.text == str(STDIO) else None
+    if source is None:
+        return
+    name = "stdin" if source == STDIO else source
+    try:
+        if source == STDIO:
+            args.text = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig").read().strip()
+        else:
+            args.text = source.read_text(encoding="utf-8-sig").strip()  # a BOM is no text to speak
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"cannot read {name}: {e}") from None
+    if not args.text:
+        raise InvalidRequestError(f"{name} is empty")
+
+
+@contextmanager
+def flags_named(flags: dict[str, str]) -> Iterator[None]:
+    """A refusal that begins with a library field of `flags` (`audio_top_p must be ...`,
+    `EngineConfig.max_queued ...`) names the flag the user typed instead."""
+    try:
+        yield
+    except InvalidRequestError as e:
+        match = re.match(r"(?:EngineConfig\.)?([a-z_]+)\b", str(e))
+        if match is None or match.group(1) not in flags:
+            raise
+        raise InvalidRequestError(flags[match.group(1)] + str(e)[match.end():]) from None
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    return {"audio_temperature": args.temperature, "audio_top_p": args.top_p, "audio_top_k": args.top_k,
+            "audio_repetition_penalty": args.repetition_penalty, "seed": args.seed}
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """The sampling flags' ranges (SamplingParams' own rules) before a model loads for them."""
+    from .sampling import SamplingParams
+
+    with flags_named(SAMPLING_FLAGS):
+        SamplingParams().with_overrides(**sampling_overrides(args)).validate()
 
 
 def check_max_len(args: argparse.Namespace) -> None:
@@ -352,16 +464,25 @@ def check_mode(args: argparse.Namespace) -> None:
         raise InvalidRequestError("--mode goes with --conversation (a request says its own mode)")
 
 
-def say_one(tts, args: argparse.Namespace) -> int:
+def say_one(tts, args: argparse.Namespace, request: SpeechRequest | None) -> int:
     if args.request is not None and _is_session_script(args.request):
         return say_session(tts, args)
-    prompts = with_depth(tts, build_prompts(tts, args), args.depth)
+    prompts = with_depth(tts, build_prompts(tts, args, request), args.depth)
     if len(prompts) != 1:
         raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
     progress = Progress(1, args.progress)
-    generation, audio = tts.run(prompts, sampling_from_args(tts, args), args.max_frames,
-                                decode_audio=args.output is not None,
-                                on_chunk=lambda _, c: progress.update(_chunk_seconds(c), c.final))[0]
+    stdout = StdoutAudio(tts.codec, args.format, args.speed) if args.output == STDIO else None
+
+    def on_chunk(_, chunk) -> None:
+        progress.update(_chunk_seconds(chunk), chunk.final)
+        if stdout is not None:
+            stdout.write(chunk.audio, chunk.final)
+
+    try:
+        generation, audio = tts.run(prompts, sampling_from_args(tts, args), args.max_frames,
+                                    decode_audio=args.output is not None, on_chunk=on_chunk)[0]
+    except InvalidRequestError as e:
+        raise InvalidRequestError(with_length_hint(str(e))) from None
     progress.close()
     frames = generation.frames
     ended = ending(generation)
@@ -371,10 +492,50 @@ def say_one(tts, args: argparse.Namespace) -> int:
     if args.output is not None:
         if len(frames) == 0 or audio.samples.shape[-1] == 0:
             raise InvalidRequestError(no_audio(generation))
-        seconds = write_speech(args.output, audio.samples, audio.sample_rate, args.speed)
-        print(f"wrote {args.output}: {seconds:.2f} s at {written_rate(args.output, audio.sample_rate)} Hz "
-              f"({ended})", file=sys.stderr)
+        if stdout is None:
+            seconds = write_speech(args.output, audio.samples, audio.sample_rate, args.speed)
+            print(f"wrote {args.output}: {seconds:.2f} s at {written_rate(args.output, audio.sample_rate)} Hz "
+                  f"({ended})", file=sys.stderr)
+        else:
+            print(f"wrote stdout: {stdout.seconds:.2f} s of {stdout.encoder.format} at {stdout.encoder.sample_rate} Hz "
+                  f"({ended})", file=sys.stderr)
     return 0
+
+
+def with_length_hint(message: str) -> str:
+    """The engine's refusal of a prompt longer than --max-len, with what the user can do about it."""
+    if LONG_PROMPT.match(message) is None:
+        return message
+    return (f"{message}; split the text (--batch takes one request per line, e.g. one per paragraph) "
+            "or raise --max-len (up to the model's own limit)")
+
+
+class StdoutAudio:
+    """-o -: the audio (at --speed) encoded in --format and written to stdout chunk by chunk as it is
+    generated, so a player reading the pipe starts before the text is all spoken."""
+
+    def __init__(self, codec, format: str, speed: float):
+        from .audio import StreamEncoder
+        from .audio.tempo import TempoChange
+
+        self.encoder = StreamEncoder(format, codec.sample_rate, codec.channels)
+        self.tempo = TempoChange(speed, codec.sample_rate, codec.channels) if speed != 1.0 else None
+        self.channels, self.rate, self.seconds = codec.channels, codec.sample_rate, 0.0
+
+    def write(self, samples: np.ndarray | None, final: bool) -> None:
+        """`samples` (channels, n) float32, or None; `final`: the file ends after them."""
+        import numpy as np
+
+        if samples is None:
+            samples = np.zeros((self.channels, 0), np.float32)
+        if self.tempo is not None:
+            samples = self.tempo.write(samples)
+            if final:
+                samples = np.concatenate([samples, self.tempo.close()], axis=-1)
+        self.seconds += samples.shape[-1] / self.rate
+        data = self.encoder.write(samples) + (self.encoder.close() if final else b"")
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
 
 
 def say_session(tts, args: argparse.Namespace) -> int:
@@ -398,7 +559,12 @@ def say_session(tts, args: argparse.Namespace) -> int:
         if len(frames) == 0:
             raise InvalidRequestError(f"the model produced no audio frames ({ended})")
         samples = np.concatenate([audio.samples for _, audio in results], axis=-1)
-        seconds = write_speech(args.output, samples, results[0][1].sample_rate, args.speed)
+        if args.output == STDIO:  # whole, once every turn has run
+            stdout = StdoutAudio(tts.codec, args.format, args.speed)
+            stdout.write(samples, final=True)
+            seconds = stdout.seconds
+        else:
+            seconds = write_speech(args.output, samples, results[0][1].sample_rate, args.speed)
         print(f"wrote {args.output}: {seconds:.2f} s ({ended})", file=sys.stderr)
     return 0
 
@@ -452,17 +618,14 @@ def _chunk_seconds(chunk) -> float:
 
 
 def sampling_from_args(tts, args: argparse.Namespace):
-    return tts.sampling(args.greedy, audio_temperature=args.temperature, audio_top_p=args.top_p,
-                        audio_top_k=args.top_k, audio_repetition_penalty=args.repetition_penalty, seed=args.seed)
+    with flags_named(SAMPLING_FLAGS):
+        return tts.sampling(args.greedy, **sampling_overrides(args))
 
 
-def say_batch(tts, args: argparse.Namespace) -> int:
+def say_batch(tts, args: argparse.Namespace, requests: list) -> int:
     """Every line of --batch through continuous batching; NNNN.<format> and NNNN.npy per request, in
     the file's order. A request the model cannot run, or that fails, is reported (by its line) and
     skipped; the others are written."""
-    from .speech_request import load_requests_jsonl
-
-    requests = load_requests_jsonl(args.batch)
     if args.depth is not None:
         check_depth(tts, args.depth)
     failed = []
@@ -508,11 +671,18 @@ def say_batch(tts, args: argparse.Namespace) -> int:
 
 def batch_format(name: str) -> str:
     """--batch's audio format as an extension (`-o`'s names: wav, flac, mp3, opus, ogg, aac, pcm, raw)."""
+    if name.lower().lstrip(".") == "npy":
+        names = ", ".join(e.lstrip(".") for e in AUDIO_EXTENSIONS)
+        raise InvalidRequestError(f"--batch writes each request's codes as NNNN.npy; give an audio --format ({names})")
+    return audio_format(name)
+
+
+def audio_format(name: str) -> str:
+    """--format as an extension of -o's audio names (wav, flac, mp3, opus, ogg, aac, pcm, raw)."""
     extension = name.lower().lstrip(".")
     if f".{extension}" not in AUDIO_EXTENSIONS:
         names = ", ".join(e.lstrip(".") for e in AUDIO_EXTENSIONS)
-        raise InvalidRequestError(f"--batch writes each request's codes as NNNN.npy; give an audio --format ({names})"
-                                  if extension == "npy" else f"--format {name}: not an audio format; use one of {names}")
+        raise InvalidRequestError(f"--format {name}: not an audio format; use one of {names}")
     return extension
 
 
@@ -535,19 +705,20 @@ def check_output(path: Path | None, audio: bool = False) -> None:
         raise InvalidRequestError(f"cannot write {path}: permission denied (or a read-only file system)")
 
 
-def check_out_dir(path: Path) -> None:
-    """--out-dir: a directory the run can write into, or one it can make there, checked before any
-    model work (a run that found out at its first file lost every request in flight)."""
+def check_out_dir(path: Path, flag: str = "--out-dir") -> None:
+    """--out-dir (`serve --data-dir`): a directory the run can write into, or one it can make there,
+    checked before any model work (a run that found out at its first file lost every request in
+    flight; a server, after its model had loaded)."""
     existing = path
     while not existing.exists():  # the nearest part of the path there is; "." and "/" always are
         if existing.is_symlink():
-            raise InvalidRequestError(f"--out-dir {path}: {existing} is a link to nothing ({os.readlink(existing)})")
+            raise InvalidRequestError(f"{flag} {path}: {existing} is a link to nothing ({os.readlink(existing)})")
         existing = existing.parent
     if not existing.is_dir():
         where = "" if existing == path else f": {existing}"
-        raise InvalidRequestError(f"--out-dir {path}{where} is a file, not a directory")
+        raise InvalidRequestError(f"{flag} {path}{where} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise InvalidRequestError(f"cannot write into --out-dir {path}: permission denied on {existing} "
+        raise InvalidRequestError(f"cannot write into {flag} {path}: permission denied on {existing} "
                                   f"(or a read-only file system)")
 
 
@@ -701,7 +872,8 @@ def run_serve(args: argparse.Namespace) -> None:
         cors_origins=tuple(args.cors_origin), max_input_chars=args.max_input_chars,
         max_body_bytes=body_bytes(args.max_body_mb), max_voice_seconds=args.max_voice_seconds,
         request_timeout_s=args.request_timeout, playground=args.playground, engine=engine)
-    settings.validate()
+    with flags_named(SERVE_FLAGS):
+        settings.validate()
     if args.model is None:
         print("note: no --model given; serving the bundled tiny random-weight demo checkpoint "
               "(it produces noise, not speech)", file=sys.stderr)
@@ -711,6 +883,7 @@ def run_serve(args: argparse.Namespace) -> None:
         return run_ray(args, settings)
     if args.replicas is not None or args.autoscale or args.ray_address or args.voice_service:
         raise MossServeError("--replicas, --autoscale, --ray-address and --voice-service go with --ray")
+    check_out_dir(Path(settings.data_dir), "--data-dir")
     serve(settings, log_level=args.log_level, shutdown_timeout_s=args.shutdown_timeout)
 
 

@@ -135,7 +135,12 @@ def test_codec_decode_without_codec_uses_the_demos(tmp_path: Path, capsys) -> No
     (["say", "   ", "--codes-out", "c.npy"], "input"),
     (["say", "Hi."], "give -o OUT"),
     (["say", "Hi.", "--max-frames", "0", "--codes-out", "c.npy"], "--max-frames"),
-    (["say", "Hi.", "--top-p", "1.5", "--codes-out", "c.npy"], "top_p"),
+    (["say", "Hi.", "--top-p", "1.5", "--codes-out", "c.npy"], "--top-p must be in (0, 1]"),
+    # the flag typed, not the library's field (audio_temperature, request_timeout_s, EngineConfig.max_queued)
+    (["say", "Hi.", "--temperature", "0.0001", "--codes-out", "c.npy"], "--temperature must be 0 (greedy) or in"),
+    (["say", "Hi.", "--top-k", "-1", "--codes-out", "c.npy"], "--top-k must be a non-negative integer"),
+    (["serve", "--request-timeout", "0"], "--request-timeout must be a positive number of seconds, got 0.0"),
+    (["serve", "--max-queued", "-1"], "--max-queued must be an integer >= 0, got -1"),
     (["say", "--request", "missing.json", "--codes-out", "c.npy"], "--request: file not found: missing.json"),
     (["say", "--batch", "missing.jsonl", "--out-dir", "o"], "--batch: file not found: missing.jsonl"),
     (["say", "Hi.", "--voice", "", "--codes-out", "c.npy"], "voice is an empty path"),
@@ -166,8 +171,8 @@ def test_codec_decode_without_codec_uses_the_demos(tmp_path: Path, capsys) -> No
      "--voice and --instructions go with TEXT or --text-file; put them inside the request"),
     (["bench", "codec", "--seconds", "nan"], "--seconds in (0, 3600]"),
     (["serve", "--port", "70000"], "port must lie in 0..65535"),
-    (["serve", "--request-timeout", "-1"], "request_timeout_s must be a positive number"),
-    (["serve", "--max-input-chars", "0"], "max_input_chars must be at least 1"),
+    (["serve", "--request-timeout", "-1"], "--request-timeout must be a positive number"),
+    (["serve", "--max-input-chars", "0"], "--max-input-chars must be at least 1"),
     (["serve", "--max-body-mb", "0"], "body limit must be positive"),
     (["serve", "--api-key", ""], "the API key (--api-key, else $MOSSSERVE_API_KEY) must be non-empty"),
     (["prompt", "--request", "latin1.json", "-o", "p.wav"], "p.wav names an audio file, but this output is a .npy array"),
@@ -471,7 +476,7 @@ REALTIME = Path(__file__).parent / "fixtures" / "moss_tts_realtime"
     (["Hi.", "--mode", "continuation"], "--mode goes with --conversation"),
     (["Hi.", "--format", "flac"], "--out-dir and --format go with --batch"),
     (["Hi.", "--greedy", "--temperature", "0.7"], "give one of --greedy and --temperature"),
-    (["Hi.", "--temperature", "-1"], "audio_temperature must be 0 (greedy) or in"),
+    (["Hi.", "--temperature", "-1"], "--temperature must be 0 (greedy) or in"),
     (["Hi.", "--codec", "{fish}"], "does not fit the realtime model"),
 ])
 def test_options_that_would_be_ignored_or_fail_late_are_refused(tmp_path: Path, capsys, extra, needle) -> None:
@@ -531,3 +536,64 @@ def test_greedy_with_temperature_0_is_greedy(tmp_path: Path, capsys) -> None:
         assert code == 0, err
         outputs.append(np.load(out))
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["say", "   ", "-o", "x.wav"], "input is empty: there is nothing to say"),
+    (["say", "Hi.", "--voice", "missing.wav", "-o", "x.wav"], "voice: audio file not found: missing.wav"),
+    (["say", "Hi.", "--voice", ".", "-o", "x.wav"], "voice: audio file is not a regular file (a directory"),
+    (["say", "--request", "bad.json", "-o", "x.wav"], "bad.json is not valid JSON"),
+    (["say", "--request", "unknown.json", "-o", "x.wav"], "unknown request field(s): speed"),
+    (["prompt", "--request", "unknown.json", "-o", "p.npy"], "unknown request field(s): speed"),
+    (["say", "--batch", "bad.jsonl", "--out-dir", "out"], "bad.jsonl:2 is not valid JSON"),
+    (["say", "Hi.", "--top-p", "0", "-o", "x.wav"], "--top-p must be in (0, 1], got 0.0"),
+    (["serve", "--data-dir", "bad.json"], "--data-dir bad.json is a file, not a directory"),
+])
+def test_errors_that_need_no_model_come_before_it_loads(args, message, capsys, tmp_path: Path, monkeypatch) -> None:
+    """A missing checkpoint shows the order: each of these was reported only after the model had
+    loaded (minutes for an 8B one)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.json").write_text('{"input": "x",}')
+    (tmp_path / "unknown.json").write_text('{"input": "x", "speed": 1.2}')
+    (tmp_path / "bad.jsonl").write_text('{"input": "one"}\nnot json\n')
+    code, err = run([*args, "--model", "/nonexistent/model"], capsys)
+    assert code == 2 and message in err, err
+
+
+def test_serve_refuses_a_taken_port_before_the_model_loads(capsys, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run(["serve", "--port", str(port), "--model", "/nonexistent/model", "--data-dir", tmp_path],
+                        capsys)
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in err, err
+
+
+def test_unquoted_words_after_say_text_ask_for_quotes(capsys) -> None:
+    """The shell split the text: argparse's own error showed the top-level usage, without a hint."""
+    with pytest.raises(SystemExit) as exit:
+        main(["say", "Hello", "big", "world", "-o", "x.wav"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "usage: mossserve say" in err
+    assert 'unrecognized arguments: big world; quote a text of several words: mossserve say "Hello big world"' in err
+
+
+def test_every_option_has_help_and_states_its_default() -> None:
+    import argparse
+
+    from mossserve.cli import build_parser
+
+    def options(parser: argparse.ArgumentParser, name: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, sub in action.choices.items():
+                    yield from options(sub, f"{name} {command}")
+            elif action.dest != "help":
+                yield name, action
+
+    missing = [f"{name}: {action.option_strings or action.dest}" for name, action in options(build_parser(), "mossserve")
+               if not action.help or action.default not in (None, False) and "default" not in action.help]
+    assert missing == []

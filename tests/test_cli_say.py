@@ -1,8 +1,10 @@
 """`mossserve say` on the engine: a text file, `--batch requests.jsonl --out-dir DIR`, the progress bar."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +268,49 @@ def test_request_files_with_a_byte_order_mark_are_read(delay_model_dirs, tmp_pat
     code, err = run(["say", "--request", tmp_path / "req.json", "--codes-out", tmp_path / "one.npy", *common], capsys)
     assert code == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "one.npy"), np.load(tmp_path / "out" / "0000.npy"))
+
+
+class Stdout(io.TextIOWrapper):
+    """sys.stdout whose bytes are kept, write by write."""
+
+    def __init__(self) -> None:
+        super().__init__(io.BytesIO())
+        self.writes: list[bytes] = []
+        self.buffer.write = self.writes.append
+
+
+def stdin_of(text: str) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.BytesIO(text.encode("utf-8")))
+
+
+@pytest.mark.parametrize("source", [["-"], ["--text-file", "-"]])
+def test_say_reads_stdin_and_streams_audio_to_stdout(source, tmp_path: Path, capsys, monkeypatch) -> None:
+    """`echo Hello | mossserve say - -o - | player`: the text from stdin (a BOM dropped, as from a
+    file), the audio on stdout chunk by chunk as it is generated, the same samples as -o x.wav."""
+    stdout = Stdout()
+    monkeypatch.setattr(sys, "stdin", stdin_of("\ufeffHello from stdin.\n"))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    code, err = run(["say", *source, "--greedy", "-o", "-"], capsys)
+    assert code == 0 and "wrote stdout: " in err, err
+    code, err = run(["say", "Hello from stdin.", "--greedy", "-o", tmp_path / "x.wav"], capsys)
+    assert code == 0, err
+    streamed, rate = sf.read(io.BytesIO(b"".join(stdout.writes)), dtype="int16")
+    written, written_rate = sf.read(tmp_path / "x.wav", dtype="int16")
+    assert rate == written_rate and np.array_equal(streamed, written)
+    assert len([w for w in stdout.writes if w]) > 1  # the first chunk went out before the last was made
+
+
+def test_say_to_stdout_writes_the_format_asked(capsys, monkeypatch) -> None:
+    stdout = Stdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    code, err = run(["say", "Hello.", "--greedy", "-o", "-", "--format", "flac"], capsys)
+    assert code == 0, err
+    assert b"".join(stdout.writes).startswith(b"fLaC")
+
+
+def test_a_text_too_long_for_the_engine_says_what_to_do(tmp_path: Path, capsys) -> None:
+    (tmp_path / "long.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    code, err = run(["say", "--text-file", tmp_path / "long.txt", "--max-len", "64", "--codes-out",
+                     tmp_path / "c.npy"], capsys)
+    assert code == 2 and "this engine allows 64" in err, err
+    assert "split the text (--batch takes one request per line" in err and "raise --max-len" in err

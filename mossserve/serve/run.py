@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import copy
 import logging.config
+import socket
 import sys
 
 import uvicorn
 
+from ..errors import MossServeError
 from .app import create_app
 from .settings import ServerSettings
 
@@ -29,12 +31,25 @@ def log_config(log_level: str) -> dict:
     return config
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Bind the address as uvicorn will, and let it go: a port already taken (or a host this machine
+    does not have) is reported before the model loads, which takes minutes for a large one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # uvicorn's choice
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closing port is free
+            probe.bind((host, port))
+    except OSError as e:
+        raise MossServeError(f"cannot listen on {host}:{port}: {e.strerror or e} (--host, --port)") from None
+
+
 def serve(settings: ServerSettings, log_level: str, shutdown_timeout_s: float) -> None:
+    check_can_listen(settings.host, settings.port)
     logging_config = log_config(log_level)
     logging.config.dictConfig(logging_config)  # now: loading the model logs too
     app = create_app(settings)  # loads the model first: a bad --model fails before the port opens
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                                            log_config=logging_config, timeout_graceful_shutdown=shutdown_timeout_s))
     server.run()
-    if not server.started:  # the port could not be bound (uvicorn.run's own rule)
+    if not server.started:  # the port was taken after check_can_listen (uvicorn.run's own rule)
         sys.exit(3)
