@@ -5,6 +5,7 @@ import argparse
 import io
 import os
 import re
+import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except MossServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # -o -: the reader (a player) quit; as a pipe's writer, stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141
     except OSError as e:  # a file the run reads or writes: not there, a directory, no permission, full disk
         print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 2
@@ -62,9 +66,9 @@ def refuse_extra(parser: argparse.ArgumentParser, args: argparse.Namespace, extr
     not joined into TEXT: the shell has already changed such text (spaces, quotes, `?` and `*`)."""
     parser = getattr(args, "command_parser", parser)
     message = f"unrecognized arguments: {' '.join(extra)}"
-    words = [word for word in extra if not word.startswith("-")]
-    if getattr(args, "text", None) is not None and words:
-        message += f"; quote a text of several words: mossserve say \"{' '.join([args.text, *words])}\" ..."
+    if getattr(args, "text", None) is not None and not any(word.startswith("-") for word in extra):
+        # bare words only: after an unknown option they would be its value, not text
+        message += f"; quote a text of several words: mossserve say {shlex.quote(' '.join([args.text, *extra]))} ..."
     parser.error(message)
 
 
@@ -345,6 +349,8 @@ def run_say(args: argparse.Namespace) -> int:
     elif args.output is None and args.codes_out is None:
         raise InvalidRequestError("give -o OUT (audio) and/or --codes-out CODES.npy")
     if args.output == STDIO:
+        if sys.stdout is None:
+            raise InvalidRequestError("-o -: stdout is closed")
         args.format = EXTENSIONS[f".{audio_format(args.format or 'wav')}"]
     else:
         check_output(args.output, audio=True)
@@ -376,6 +382,8 @@ def read_text(args: argparse.Namespace) -> None:
     if source is None:
         return
     name = "stdin" if source == STDIO else source
+    if source == STDIO and sys.stdin is None:
+        raise InvalidRequestError("cannot read stdin: it is closed")
     try:
         if source == STDIO:
             args.text = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig").read().strip()
@@ -691,6 +699,8 @@ def check_output(path: Path | None, audio: bool = False) -> None:
     must give a format; the file's directory must exist, and the name must not be a directory."""
     if path is None:
         return
+    if path == STDIO:
+        raise InvalidRequestError("'-' (stdout) is for say's -o audio only; give this output a file name")
     if path.is_dir():
         raise InvalidRequestError(f"{path} is a directory; give a file name")
     if not audio and path.suffix.lower() in AUDIO_EXTENSIONS:

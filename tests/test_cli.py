@@ -578,7 +578,32 @@ def test_unquoted_words_after_say_text_ask_for_quotes(capsys) -> None:
         main(["say", "Hello", "big", "world", "-o", "x.wav"])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "usage: mossserve say" in err
-    assert 'unrecognized arguments: big world; quote a text of several words: mossserve say "Hello big world"' in err
+    assert "unrecognized arguments: big world; quote a text of several words: mossserve say 'Hello big world'" in err
+
+
+@pytest.mark.parametrize("args", [["--sped", "1.5"], ["--voise", "ref.wav"]])
+def test_a_mistyped_option_with_its_value_is_no_text_to_quote(args: list[str], capsys) -> None:
+    """The option's value was taken for a word of the text: `quote ... say "Hello. 1.5"`."""
+    with pytest.raises(SystemExit):
+        main(["say", "Hello.", *args, "-o", "x.wav"])
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {' '.join(args)}" in err and "quote" not in err
+
+
+@pytest.mark.parametrize("args", [["prompt", "--request", "r.json", "-o", "-"],
+                                  ["say", "Hi.", "--codes-out", "-"]])
+def test_stdout_is_refused_for_npy_outputs(args: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
+    """`-` means stdout for say's audio; here it silently wrote (and overwrote) a file named '-'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.json").write_text('{"input": "Hi."}')
+    code, err = run(args, capsys)
+    assert code == 2 and "'-' (stdout) is for say's -o audio only" in err and not (tmp_path / "-").exists()
+
+
+def test_a_closed_stdin_is_an_error_not_a_traceback(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "stdin", None)
+    code, err = run(["say", "-", "-o", "x.wav"], capsys)
+    assert code == 2 and "cannot read stdin: it is closed" in err
 
 
 def test_every_option_has_help_and_states_its_default() -> None:

@@ -314,3 +314,16 @@ def test_a_text_too_long_for_the_engine_says_what_to_do(tmp_path: Path, capsys) 
                      tmp_path / "c.npy"], capsys)
     assert code == 2 and "this engine allows 64" in err, err
     assert "split the text (--batch takes one request per line" in err and "raise --max-len" in err
+
+
+def test_a_reader_that_quits_stops_the_audio_quietly() -> None:
+    """`say ... -o - | head -c 10` (or a player that quits): "error: Broken pipe" and exit 2."""
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-m", "mossserve", "say", "Hello there, a longer text to speak.",
+                                "--greedy", "--max-frames", "400", "-o", "-"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.read(10)[:4] == b"RIFF"
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and "error" not in err and "Traceback" not in err, err

@@ -197,20 +197,29 @@ def test_a_product_autograd_records_takes_torch(fresh_kernel):
         assert cpu_gemv.bf16_rows(layer.weight, x) is not None
 
 
-def test_without_a_home_directory_the_kernels_build_in_the_temporary_directory(monkeypatch) -> None:
+def test_without_a_home_directory_the_kernels_build_in_a_private_temporary_directory(tmp_path, monkeypatch) -> None:
     """A container's user with no $HOME and no passwd entry: Path.home() raises RuntimeError, which
-    escaped the kernels' lookup and failed every request."""
+    escaped the kernels' lookup and failed every request. The directory must be ours alone: a kernel
+    found there is loaded into the process."""
     import tempfile
     from pathlib import Path
 
-    from mossserve.cache import cache_root
+    from mossserve import cache
 
     def no_home():
         raise RuntimeError("Could not determine home directory.")
 
     monkeypatch.delenv("MOSSSERVE_CACHE", raising=False)
     monkeypatch.setattr(Path, "home", no_home)
-    assert cache_root() == Path(tempfile.gettempdir()) / f"mossserve-{os.getuid()}"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cache.private_temp_dir.cache_clear()
+    ours = tmp_path / f"mossserve-{os.getuid()}"
+    assert cache.cache_root() == ours and stat.S_IMODE(ours.stat().st_mode) == 0o700
+    ours.chmod(0o777)  # as another user could have made it, to plant a kernel
+    cache.private_temp_dir.cache_clear()
+    elsewhere = cache.cache_root()
+    assert elsewhere != ours and elsewhere.parent == tmp_path and stat.S_IMODE(elsewhere.stat().st_mode) == 0o700
+    cache.private_temp_dir.cache_clear()
 
 
 def test_a_kernel_whose_build_raises_anything_leaves_torchs_ops(monkeypatch) -> None:

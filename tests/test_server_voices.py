@@ -398,3 +398,6 @@ def test_a_voice_sent_as_json_is_told_to_use_a_form(server):
     assert r.status_code == 422 and "multipart/form-data" in r.json()["error"]["message"], r.text
     r = server.post(VOICES, files={"file": ("a.wav", b"RIFF", "audio/wav")})  # a form without its name
     assert r.status_code == 422 and r.json()["error"]["param"] == "name", r.text
+    form = b'--XX\r\nContent-Disposition: form-data; name="transcript"\r\n\r\nhi\r\n--XX--\r\n'
+    r = server.post(VOICES, content=form, headers={"content-type": "Multipart/Form-Data; boundary=XX"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "name", r.text  # media types ignore case

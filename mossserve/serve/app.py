@@ -178,7 +178,7 @@ def _install_errors(app: FastAPI, state: ServerState) -> None:
         count(request, 422)
         route = request.scope.get("route")
         if getattr(route, "endpoint", None) is voice_routes.upload_voice and \
-                not request.headers.get("content-type", "").startswith("multipart/form-data"):
+                not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             # its fields are a form's: a JSON body read as none of them was told "name is required"
             return errors.error_response(422, "a voice is uploaded as multipart/form-data: name, file (the audio) "
                                               "and an optional transcript")
