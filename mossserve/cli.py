@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from .audio.formats import EXTENSIONS
-from .errors import InvalidRequestError, MossServeError
+from .errors import InvalidRequestError, MossServeError, PromptTooLongError
 from .models.presets import PRESETS
 from .progress import Progress
 
@@ -34,7 +34,6 @@ SAMPLING_FLAGS = {"audio_temperature": "--temperature", "audio_top_p": "--top-p"
 SERVE_FLAGS = {"port": "--port", "max_input_chars": "--max-input-chars", "max_voice_seconds": "--max-voice-seconds",
                "request_timeout_s": "--request-timeout", "max_running": "--max-running", "max_queued": "--max-queued",
                "max_len": "--max-len"}
-LONG_PROMPT = re.compile(r"the prompt has \d+ positions; this engine allows \d+")  # engine.py's refusal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,8 +488,9 @@ def say_one(tts, args: argparse.Namespace, request: SpeechRequest | None) -> int
     try:
         generation, audio = tts.run(prompts, sampling_from_args(tts, args), args.max_frames,
                                     decode_audio=args.output is not None, on_chunk=on_chunk)[0]
-    except InvalidRequestError as e:
-        raise InvalidRequestError(with_length_hint(str(e))) from None
+    except PromptTooLongError as e:  # with what the user can do about it
+        raise PromptTooLongError(f"{e}; split the text (--batch takes one request per line, e.g. one per paragraph) "
+                                 "or raise --max-len (up to the model's own limit)") from None
     progress.close()
     frames = generation.frames
     ended = ending(generation)
@@ -508,14 +508,6 @@ def say_one(tts, args: argparse.Namespace, request: SpeechRequest | None) -> int
             print(f"wrote stdout: {stdout.seconds:.2f} s of {stdout.encoder.format} at {stdout.encoder.sample_rate} Hz "
                   f"({ended})", file=sys.stderr)
     return 0
-
-
-def with_length_hint(message: str) -> str:
-    """The engine's refusal of a prompt longer than --max-len, with what the user can do about it."""
-    if LONG_PROMPT.match(message) is None:
-        return message
-    return (f"{message}; split the text (--batch takes one request per line, e.g. one per paragraph) "
-            "or raise --max-len (up to the model's own limit)")
 
 
 class StdoutAudio:

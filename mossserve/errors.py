@@ -12,6 +12,10 @@ class InvalidRequestError(MossServeError, ValueError):
     """A request (text, voice, codes, options) that cannot be served as given."""
 
 
+class PromptTooLongError(InvalidRequestError):
+    """A prompt longer than the engine's length (`max_len`) allows."""
+
+
 class CheckpointError(MossServeError):
     """A checkpoint directory or file that does not match what its config promises."""
 
@@ -31,6 +35,10 @@ class SessionLimitError(EngineFullError):
 
 class EngineClosedError(MossServeError):
     """The engine has shut down and takes no more requests (HTTP 503)."""
+
+
+class EngineBrokenError(EngineClosedError):
+    """The engine, not shut down, can run no request: its thread has ended (HTTP 503, not a shutdown)."""
 
 
 class RequestAborted(MossServeError):

@@ -184,7 +184,7 @@ def test_requests_that_fail_on_their_own_input_do_not_make_the_server_unready(se
 
 
 def test_check_health_of_a_ray_replica_fails_with_the_engine(server_app, fresh_tts) -> None:
-    pytest.importorskip("ray")
+    pytest.importorskip("ray", reason="Ray Serve is the optional [ray] extra")
     from mossserve.distributed.deployment import SpeechServer
 
     with TestClient(server_app(tts=fresh_tts)) as client:
@@ -196,7 +196,7 @@ def test_check_health_of_a_ray_replica_fails_with_the_engine(server_app, fresh_t
 
 
 def test_a_ray_replica_logs_mossserve_lines_through_serve() -> None:
-    pytest.importorskip("ray")
+    pytest.importorskip("ray", reason="Ray Serve is the optional [ray] extra")
     from mossserve.distributed.deployment import log_through_serve
 
     serve_log, ours = logging.getLogger("ray.serve"), logging.getLogger("mossserve")

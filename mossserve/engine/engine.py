@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import ChunkSchedule, EngineConfig
-from ..errors import EngineClosedError, InvalidRequestError, MossServeError
+from ..errors import EngineBrokenError, EngineClosedError, InvalidRequestError, MossServeError, PromptTooLongError
 from ..models.codecs.base import Codec
 from ..models.family import Prompt, TalkerFamily
 from ..sampling import SamplingParams
@@ -122,7 +122,7 @@ class Engine:
         self.family.check_prompt(prompt)  # shape, ids and codes the model can embed
         length = len(prompt.rows) + prompt.later_rows
         if length >= self.max_len:
-            raise InvalidRequestError(f"the prompt has {length} positions; this engine allows {self.max_len} "
+            raise PromptTooLongError(f"the prompt has {length} positions; this engine allows {self.max_len} "
                                       "(prompt and generated audio together)")
         if max_new_frames is None:  # a session's turn has no step cap: the runaway guard and the cache bound it
             max_new_frames = self.max_len if prompt.info.get("uncapped") else self.family.max_new_frames
@@ -144,7 +144,7 @@ class Engine:
             if self._closing:
                 raise EngineClosedError("the engine has shut down")
             if (stopped := self._thread_problem()) is not None:  # nothing would ever run the request
-                raise EngineClosedError(stopped)
+                raise EngineBrokenError(stopped)
             if request.id in self._live:
                 raise InvalidRequestError(f"request id {request.id!r} is already in use")
             new_session = session is not None and session not in self.sessions.by_id

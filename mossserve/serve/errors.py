@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import AudioError, EngineClosedError, EngineFullError, InvalidRequestError
+from ..errors import AudioError, EngineBrokenError, EngineClosedError, EngineFullError, InvalidRequestError
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -55,6 +55,8 @@ def from_mossserve(e: Exception, retry_after_s: int) -> APIError:
     if isinstance(e, EngineFullError):
         return APIError(503, f"the server is at capacity ({e}); retry shortly", code="queue_full",
                         headers={"Retry-After": str(retry_after_s)})
+    if isinstance(e, EngineBrokenError):
+        return APIError(503, f"the engine cannot serve requests: {e}", code="engine_unavailable")
     if isinstance(e, EngineClosedError):
         return APIError(503, "the server is shutting down", code="shutting_down",
                         headers={"Retry-After": str(retry_after_s)})

@@ -38,7 +38,7 @@ from pydantic import Field, ValidationError
 from ..audio import StreamEncoder
 from ..errors import InvalidRequestError, MossServeError, SessionLimitError
 from ..text.realtime_session import RealtimeTurn
-from .errors import APIError, describe_validation
+from .errors import APIError, describe_validation, from_mossserve
 from .schemas import (
     Body,
     FirstChunkFrames,
@@ -50,8 +50,7 @@ from .schemas import (
     TopK,
     TopP,
 )
-from .speech import (at_speed, check_text_length, outcome_for, refusal, sampling_for, schedule_for, shutting_down,
-                     tempo_for)
+from .speech import at_speed, check_text_length, outcome_for, sampling_for, schedule_for, shutting_down, tempo_for
 from .state import ServerState
 
 router = APIRouter()
@@ -160,7 +159,7 @@ class RealtimeSession:
                                            f"({self.state.tts.engine.config.max_sessions}): retry the turn when "
                                            "another socket has closed", "queue_full"))
                 except MossServeError as e:
-                    error = refusal(self.state, e)  # an engine whose thread died says so, not 'shutting down'
+                    error = from_mossserve(e, self.state.settings.retry_after_s)
                     self.count(outcome_for(error.status_code))
                     await self.send(_error(error.message, error.code))
         except (WebSocketDisconnect, RuntimeError):

@@ -23,7 +23,7 @@ from ..audio.tempo import TempoChange
 from ..config import ChunkSchedule
 from ..engine.async_engine import RequestStream
 from ..engine.request import AudioChunk
-from ..errors import EngineClosedError, MossServeError
+from ..errors import MossServeError
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
 from .errors import APIError, error_event, from_mossserve, naming_field
@@ -75,16 +75,7 @@ async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
                                      schedule=schedule_for(state, body))
         return await stream
     except MossServeError as e:
-        raise naming_field(refusal(state, e), SpeechBody.model_fields) from None
-
-
-def refusal(state: ServerState, error: MossServeError) -> APIError:
-    """What a refused request is told: an engine that cannot run it (its thread died) says so, as the
-    engine refuses such requests as it refuses them once shut down."""
-    problem = state.engine.problem() if isinstance(error, EngineClosedError) else None
-    if problem is not None:
-        return APIError(503, f"the engine cannot serve requests: {problem}", code="engine_unavailable")
-    return from_mossserve(error, state.settings.retry_after_s)
+        raise naming_field(from_mossserve(e, state.settings.retry_after_s), SpeechBody.model_fields) from None
 
 
 def shutting_down(state: ServerState) -> APIError:
