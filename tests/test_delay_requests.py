@@ -242,12 +242,31 @@ V16 = np.zeros((3, 16), dtype=np.int64)
         ({"input": "[S1] a", "speakers": [{}], "mode": "continuation"}, None, "at least one speaker with a voice"),
         ({"input": "[S1] a", "speakers": [{"voice": str(WAV), "reference_text": "x"}]}, None, "codec"),
         ({"input": "[S1] a", "speakers": [{"voice": np.zeros((3, 32), dtype=int), "reference_text": "x"}]}, None, "32 codebooks"),
+        # speaker tags: [S1]..[Sn] exactly, and a transcript holds its own speaker's tag only
+        ({"input": "[S0] a [S1] b"}, "dialogue", r"input uses \[S0\], which is not a speaker tag"),
+        ({"input": "[S01] a"}, "dialogue", r"input uses \[S01\].*\[S1\]\.\.\[S5\]"),
+        ({"input": "[S1] a [S2] b", "speakers": [{}, {"voice": V16, "reference_text": "[S1] Hello there."}]}, None,
+         r"speakers\[1\].reference_text is speaker 2's transcript but holds \[S1\]"),
+        ({"input": "[S1] a [S2] b", "speakers": [{"voice": V16, "reference_text": "Hi. [S2] yo"}, {}]}, None,
+         r"speakers\[0\].reference_text is speaker 1's transcript but holds \[S2\]"),
+        ({"input": "[S1] a", "speakers": [{"voice": V16, "reference_text": "Hi. [S4] yo"}]}, None,
+         r"speakers\[0\].reference_text uses \[S4\].*its tags: \[S1\]\)"),
+        ({"input": "[S1] a", "speakers": [{"voice": V16, "reference_text": "[S01] Hi."}]}, None,
+         r"speakers\[0\].reference_text uses \[S01\]"),
     ],
 )
 def test_bad_requests(request_fields, task, match):
     request = SpeechRequest(**request_fields)  # valid for every family; refused by the Delay mapping
     with pytest.raises(InvalidRequestError, match=match):
         delay_conversation(request, n_vq=16, audio_vocab_size=1024, task=task)
+
+
+def test_a_transcript_may_hold_its_own_tag():
+    """Speaker k's transcript with [Sk] (at its start or inside) is not tagged again."""
+    speakers = [Speaker(), Speaker(V16, "[S2] Hello there. [S2] Bye.")]
+    conversation, _ = delay_conversation(SpeechRequest(input="[S1] Hi.", speakers=speakers), n_vq=16,
+                                         audio_vocab_size=1024)
+    assert conversation[0].text == "[S2] Hello there. [S2] Bye. [S1] Hi."
 
 
 def test_codec_output_is_checked():

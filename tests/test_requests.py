@@ -42,6 +42,14 @@ def test_bad_request(fields, message, delay_tts) -> None:
         delay_tts("tiny_nvq32").prompt(SpeechRequest(**fields))
 
 
+@pytest.mark.parametrize("seconds, tokens", [
+    (2.32, 29), (4.56, 57), (9.2, 115), (16.4, 205),  # whole frame counts the float product falls short of
+    (np.float32(2.32), 29), (3, 37), (26.0, 325), (0.079, 1), (3600, 45000),
+])
+def test_duration_seconds_is_int_of_seconds_times_12_5(seconds, tokens) -> None:
+    assert SpeechRequest(input="Hi.", duration_seconds=seconds).expected_frames == tokens
+
+
 def test_unknown_json_field(tmp_path) -> None:
     (tmp_path / "r.json").write_text(json.dumps({"input": "Hi.", "speed": 2}))
     with pytest.raises(InvalidRequestError, match="unknown request field.*speed"):

@@ -13,7 +13,9 @@ follow them per task:
   either side of the join is a CJK or full-width character, as upstream's Local example joins them.
   Without `mode`, a voice with `reference_text` means continuation, a voice alone cloning.
 * `dialogue` (MOSS-TTSD, `clis/moss_ttsd_app.py` and its model card): the input needs `[Sk]`
-  tags for speakers 1..len(speakers) (1..5 without speakers). A speaker gives a voice and its
+  tags for speakers 1..len(speakers) (1..5 without speakers); a look-alike (`[S0]`, `[S01]`) or a
+  tag past the speakers is refused, in the input and in transcripts, and a speaker's transcript
+  may hold its own tag only (another would label its audio as that speaker's). A speaker gives a voice and its
   transcript together or neither. With at least one voice: `reference` is indexed by speaker
   (None where no voice), each cloned speaker's transcript (prefixed `[Sk] ` unless it starts
   with its tag) goes before the dialogue, joined by spaces as in the model card, and the
@@ -24,7 +26,8 @@ follow them per task:
   folding, merging same-speaker turns), and
   the app encodes the concatenated waveforms as one clip where we concatenate codes.
 * `voice_design` (MOSS-VoiceGenerator, `clis/moss_voice_generator_app.py`): text +
-  instruction, both required; generation.
+  instruction, both required; generation. Only the text is normalized, as in the reference
+  processor (the model card's `normalize_inputs=True` has no counterpart there).
 * `sound_effect` (MOSS-SoundEffect, its app and model card): the input is the `ambient_sound`
   description (not normalized, `text` stays None), optional duration as `tokens`; generation.
 
@@ -51,6 +54,8 @@ from .delay_prompt import (
 TASKS = ("tts", "dialogue", "voice_design", "sound_effect")
 MAX_SPEAKERS = 5
 # Written without spaces around them: CJK punctuation, kana, CJK ideographs, full-width forms.
+# What a user may mean as a dialogue speaker tag; only [S1]..[S<speakers>] are ones.
+_TAG_LIKE = re.compile(r"\[S\d+\]")
 _UNSPACED = re.compile("[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 
 # Request fields each task reads (besides `input` and `mode`, which every task reads).
@@ -128,14 +133,11 @@ def _continued(transcript: str, text: str, normalize: bool) -> str:
 def _dialogue(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> tuple[Conversation, str]:
     text = _one_line(_required(request.input, "input"))
     speakers = request.speakers or []
-    tags = [int(k) for k in re.findall(r"\[S(\d+)\]", text)]
-    if not tags:
-        raise InvalidRequestError("a dialogue needs speaker tags such as [S1], [S2] in input")
     if len(speakers) > MAX_SPEAKERS:
         raise InvalidRequestError(f"a dialogue has at most {MAX_SPEAKERS} speakers, got {len(speakers)}")
     limit = len(speakers) or MAX_SPEAKERS
-    if max(tags) > limit:
-        raise InvalidRequestError(f"input uses [S{max(tags)}] but there are only {limit} speakers")
+    if not _speaker_tags(text, "input", limit):
+        raise InvalidRequestError("a dialogue needs speaker tags such as [S1], [S2] in input")
     transcripts = []
     for k, speaker in enumerate(speakers, 1):
         transcript = _stripped(speaker.reference_text)
@@ -143,7 +145,7 @@ def _dialogue(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> 
         if (speaker.voice is None) != (transcript is None):
             raise InvalidRequestError(f"speakers[{k - 1}]: give voice and reference_text together (or neither)")
         if transcript is not None:
-            transcripts.append(transcript if transcript.startswith(f"[S{k}]") else f"[S{k}] {transcript}")
+            transcripts.append(_tagged_transcript(transcript, k, limit))
     if not transcripts:
         if request.mode == "continuation":
             raise InvalidRequestError("dialogue continuation needs at least one speaker with a voice")
@@ -154,6 +156,31 @@ def _dialogue(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> 
     user = _user(" ".join(transcripts + [text]), normalize, reference=reference)
     prefix = np.concatenate([v for v in reference if v is not None])
     return [user, build_assistant_message([prefix])], "continuation"
+
+
+def _speaker_tags(text: str, name: str, limit: int) -> set[int]:
+    """The speakers `text` tags. A tag is [S1]..[S{limit}]; a look-alike ([S0], [S01]) or a tag past the
+    speakers is refused rather than read as text or as a speaker no one gave: the model knows [S1]..[S5]."""
+    tags = {f"[S{k}]": k for k in range(1, limit + 1)}
+    used = set()
+    for tag in _TAG_LIKE.findall(text):
+        if tag not in tags:
+            allowed = "[S1]" if limit == 1 else f"[S1]..[S{limit}]"
+            raise InvalidRequestError(f"{name} uses {tag}, which is not a speaker tag of this dialogue "
+                                      f"(its tags: {allowed})")
+        used.add(tags[tag])
+    return used
+
+
+def _tagged_transcript(transcript: str, k: int, limit: int) -> str:
+    """Speaker k's transcript as it goes before the dialogue: `[Sk] ...`. Another speaker's tag in it
+    would label k's audio as that speaker's, so it is refused (a transcript copied from a dialogue)."""
+    name = f"speakers[{k - 1}].reference_text"
+    others = _speaker_tags(transcript, name, limit) - {k}
+    if others:
+        raise InvalidRequestError(f"{name} is speaker {k}'s transcript but holds [S{min(others)}]; "
+                                  f"tag it [S{k}] or not at all")
+    return transcript if transcript.startswith(f"[S{k}]") else f"[S{k}] {transcript}"
 
 
 def _voice_design(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> tuple[Conversation, str]:
