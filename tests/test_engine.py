@@ -426,6 +426,20 @@ def test_runaway_guard_ends_a_generation_past_its_text_bound() -> None:
     assert RunawayGuard(enabled=False).frame_bound(10, None) is None
 
 
+def test_a_sound_effect_is_not_guarded_from_a_conversation_file_either(delay_tts) -> None:
+    """`say --conversation` builds the prompt from messages, not a request: an ambient sound there is
+    as free of the runaway guard as a sound-effect request, and a text to speak is not."""
+    from mossserve.speech_request import SpeechRequest
+    from mossserve.text.delay_prompt import build_user_message
+
+    fam = delay_tts("tiny_nvq16").talker
+    sound = fam.prompt_from_conversation([build_user_message(ambient_sound="雷声隆隆。", tokens=125)], "generation")
+    speech = fam.prompt_from_conversation([build_user_message(text="Hello.")], "generation")
+    request = fam.build_prompt(SpeechRequest(input="雷声隆隆。", task="sound_effect"))
+    assert sound.info["runaway_guard"] is False and request.info["runaway_guard"] is False
+    assert speech.info["runaway_guard"] is True
+
+
 def test_runaway_guard_means_the_same_seconds_at_another_frame_rate() -> None:
     """Fish S2 Pro runs at 44100 / 2048 = 21.5 frames/s: the default guard's 4 s loop and 10 s floor."""
     fish = RunawayGuard().at_frame_rate(44100 / 2048)

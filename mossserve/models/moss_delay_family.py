@@ -122,8 +122,6 @@ class MossDelayFamily(TalkerFamily):
         )
         check_joined_fields(conversation, self.tokenizer)
         prompt = self.prompt_from_conversation(conversation, mode)
-        # What the engine's runaway guard bounds a generation by (sound effects have no text to go by).
-        prompt.info["runaway_guard"] = task != "sound_effect"
         prompt.info["text_tokens"] = len(self.tokenizer.encode(request.input or ""))
         prompt.info["duration_frames"] = request.expected_frames
         prompt.info["pauses"] = pause_seconds(self.typed_form(request.input or ""))  # as the model reads them
@@ -137,7 +135,11 @@ class MossDelayFamily(TalkerFamily):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model was loaded without a tokenizer; give a prompt matrix")
             self._builder = DelayPromptBuilder(self.tokenizer, self.config)
-        return self.prompt_from_rows(self._builder.build(conversation, mode))
+        prompt = self.prompt_from_rows(self._builder.build(conversation, mode))
+        # The engine's runaway guard goes by the text and repeated frames; a sound effect has no text and
+        # may repeat frames by nature, from a request or a conversation file alike.
+        prompt.info["runaway_guard"] = not _asks_for_sound_effect(conversation)
+        return prompt
 
     @property
     def row_limits(self) -> tuple[int, int]:
@@ -557,3 +559,9 @@ class MossDelayFamily(TalkerFamily):
                   cfg.audio_end_token_id]] = True
             self._text_masks[device] = mask
         return self._text_masks[device]
+
+
+def _asks_for_sound_effect(conversation: list) -> bool:
+    """Whether the turn to answer describes a sound (`ambient_sound`) rather than text to speak."""
+    last = next((m for m in reversed(conversation) if getattr(m, "role", None) == "user"), None)
+    return last is not None and last.ambient_sound is not None and last.text is None
