@@ -789,6 +789,12 @@ def run_codec_decode(args: argparse.Namespace) -> None:
     check_output(args.output, audio=True)
     codec = load_codec_arg(args)
     codes = load_codes(args.codes, "codes")
+    if codes.shape[0] == codec.num_quantizers and codes.shape[1] < codes.shape[0]:
+        # (n_q, frames), the codec's own layout, reads as n_q frames of fewer codebooks: not an
+        # error (a short clip of a few codebooks has this shape too), but worth a word.
+        print(f"note: {args.codes} has shape {codes.shape}, which looks transposed (expected (frames, "
+              f"{codec.num_quantizers}) for this codec); decoding it as {codes.shape[0]} frames of "
+              f"{codes.shape[1]} codebooks", file=sys.stderr)
     if codes.shape[1] > codec.num_quantizers:
         raise InvalidRequestError(f"{args.codes} has {codes.shape[1]} codebooks; the codec has {codec.num_quantizers}")
     if codes.min() < 0 or codes.max() >= codec.codebook_size:

@@ -467,6 +467,20 @@ def test_codec_decode_rejects_codes_that_do_not_fit(tmp_path: Path, capsys) -> N
         assert code == 2 and message in err and "Traceback" not in err
 
 
+def test_codec_decode_notes_codes_that_look_transposed(tmp_path: Path, capsys) -> None:
+    """(n_q, frames), the codec's own layout, is also a valid (frames, n_q) file of fewer
+    codebooks: it decodes, with a note; the time-first layout gets none."""
+    codes = np.arange(320, dtype=np.int64).reshape(32, 10)
+    np.save(tmp_path / "t.npy", codes)
+    np.save(tmp_path / "ok.npy", codes.T.copy())
+    code, err = run(["codec", "decode", tmp_path / "t.npy", "--codec", CODEC_DIR / "tiny", "-o", tmp_path / "t.wav"], capsys)
+    assert code == 0, err
+    assert "has shape (32, 10), which looks transposed (expected (frames, 32) for this codec)" in err
+    assert "decoding it as 32 frames of 10 codebooks" in err
+    code, err = run(["codec", "decode", tmp_path / "ok.npy", "--codec", CODEC_DIR / "tiny", "-o", tmp_path / "o.wav"], capsys)
+    assert code == 0 and "transposed" not in err
+
+
 REALTIME = Path(__file__).parent / "fixtures" / "moss_tts_realtime"
 
 

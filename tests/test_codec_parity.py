@@ -171,6 +171,18 @@ def test_batch_decode_checks_as_decode_does(codec_models, codec_goldens, change,
         m.decode_batch(change(codes), n_quantizers=n_quantizers)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_encode_refuses_nan_and_infinite_audio(codec_models, bad):
+    """Every encode entry point: the encoder would turn such samples into codes without complaint."""
+    m = codec_models["tiny"]
+    wave = torch.zeros(1, 2000)
+    wave[0, 1234] = bad
+    for encode in (lambda: m.encode(wave), lambda: m.encode(wave, chunk_duration=m.config.context_duration),
+                   lambda: m.encode_batch([torch.zeros(1, 500), wave])):
+        with pytest.raises(InvalidRequestError, match=r"audio contains invalid samples \(NaN or infinity\)"):
+            encode()
+
+
 # --------------------------------------------------------------------- intermediates (README 4g)
 
 

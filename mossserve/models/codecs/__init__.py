@@ -1,4 +1,4 @@
-"""Audio codecs behind one seam (base.Codec): MOSS-Audio-Tokenizer now, Fish's DAC later."""
+"""Audio codecs behind one seam (base.Codec): MOSS-Audio-Tokenizer, and Fish's modded DAC (fish_dac)."""
 from .base import Codec, StreamingDecoder
 from .moss_audio_tokenizer import DecodeOutput, EncodeOutput, MossAudioTokenizer
 from .moss_audio_tokenizer_config import MossAudioTokenizerConfig

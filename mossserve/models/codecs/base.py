@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ...errors import InvalidRequestError
+
 
 @runtime_checkable
 class StreamingDecoder(Protocol):
@@ -56,3 +58,11 @@ class Codec(Protocol):
     def streaming_decoder(self, max_streams: int, max_chunk_frames: int,
                           n_quantizers: int | None = None) -> StreamingDecoder:
         """A multi-stream decoder for at most max_streams streams and chunks of max_chunk_frames."""
+
+
+def finite_audio(wave: torch.Tensor) -> torch.Tensor:
+    """`wave` itself, or a clear error: an encoder turns NaN or infinite samples into codes
+    without complaint (the same check as load_audio's, for audio that did not come through it)."""
+    if not bool(torch.isfinite(wave).all()):
+        raise InvalidRequestError("audio contains invalid samples (NaN or infinity)")
+    return wave

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from ...errors import InvalidRequestError
+from .base import finite_audio
 from .fish_dac_config import FishDacConfig, WindowTransformerConfig
 from .fish_dac_modules import CausalConv, Sequence, Snake, Streamable, StreamStep, decoder_block, encoder_block
 from .fish_dac_quantizer import DownsampleQuantizer
@@ -219,4 +220,4 @@ class FishDac(nn.Module):
             raise InvalidRequestError(f"expected mono audio (samples,) or (1, samples), got {tuple(wave.shape)}")
         if wave.shape[1] == 0:
             raise InvalidRequestError("audio is empty")
-        return wave.to(self.device, torch.float32)
+        return finite_audio(wave.to(self.device, torch.float32))

@@ -46,12 +46,26 @@ class Streamable(nn.Module):
         return {}
 
 
+class Conv1d(nn.Conv1d):
+    """nn.Conv1d that convolves half-precision input on a CPU in float32 and rounds the result
+    back: torch's CPU bf16 conv1d returns garbage for some shapes (torch 2.13: 16 -> 32 channels,
+    kernel 16, stride 8, the fixture encoder's strided conv; which shapes is not predictable), so
+    every Conv1d of the codec takes this path there (transposed convs measured fine). float32 and
+    other devices run nn.Conv1d as is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.float()
+        return self._conv_forward(x.float(), self.weight.float(), bias).to(x.dtype)
+
+
 class CausalConv(Streamable):
     """Left-pads K - stride zeros (K the dilated kernel) and right-pads to whole stride windows."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1, groups: int = 1):
         super().__init__()
-        self.conv = nn.Conv1d(cin, cout, kernel, stride=stride, dilation=dilation, groups=groups)
+        self.conv = Conv1d(cin, cout, kernel, stride=stride, dilation=dilation, groups=groups)
         self.stride = stride
         self.pad = (kernel - 1) * dilation + 1 - stride
 

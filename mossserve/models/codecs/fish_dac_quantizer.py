@@ -18,15 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fish_dac_config import FishDacConfig
-from .fish_dac_modules import CausalConv, CausalTransposedConv, ConvNeXt, Sequence, StreamStep
+from .fish_dac_modules import CausalConv, CausalTransposedConv, Conv1d, ConvNeXt, Sequence, StreamStep
 from .fish_dac_transformer import WindowTransformer
 
 
 class VectorQuantizer(nn.Module):
     def __init__(self, dim: int, codebook_size: int, codebook_dim: int):
         super().__init__()
-        self.in_proj = nn.Conv1d(dim, codebook_dim, 1)
-        self.out_proj = nn.Conv1d(codebook_dim, dim, 1)
+        self.in_proj = Conv1d(dim, codebook_dim, 1)
+        self.out_proj = Conv1d(codebook_dim, dim, 1)
         self.codebook = nn.Embedding(codebook_size, codebook_dim, _weight=torch.empty(codebook_size, codebook_dim))
 
     def forward(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import InvalidRequestError
+from .base import finite_audio
 from .moss_audio_tokenizer_config import MossAudioTokenizerConfig, PatchSpec
 from .moss_quantizer import ResidualQuantizer
 from .moss_transformer import Patch, ProjectedTransformer, StageState
@@ -248,7 +249,7 @@ class MossAudioTokenizer(nn.Module):
             raise InvalidRequestError(f"expected audio {want}, got {tuple(wave.shape)}")
         if wave.shape[1] == 0:
             raise InvalidRequestError("audio is empty")
-        return wave.to(self.device, torch.float32)
+        return finite_audio(wave.to(self.device, torch.float32))
 
     def quantizers_to_use(self, n: int | None, available: int) -> int:
         """n checked against the quantizers available; None or 0 = all of them."""
