@@ -887,11 +887,12 @@ def run_serve(args: argparse.Namespace) -> None:
               "(it produces noise, not speech)", file=sys.stderr)
     if args.api_key is None and os.environ.get("MOSSSERVE_API_KEY") == "":
         print("note: $MOSSSERVE_API_KEY is set but empty; /v1 is served without an API key", file=sys.stderr)
+    if not args.ray_address:  # a cluster's path may name its nodes' disks, not this machine's
+        check_out_dir(Path(settings.data_dir), "--data-dir")
     if args.ray:
         return run_ray(args, settings)
     if args.replicas is not None or args.autoscale or args.ray_address or args.voice_service:
         raise MossServeError("--replicas, --autoscale, --ray-address and --voice-service go with --ray")
-    check_out_dir(Path(settings.data_dir), "--data-dir")
     serve(settings, log_level=args.log_level, shutdown_timeout_s=args.shutdown_timeout)
 
 

@@ -273,3 +273,59 @@ async def board_died() -> bytes:
 def test_a_scrape_without_the_board_is_this_replicas_metrics(render, monkeypatch) -> None:
     monkeypatch.setattr(deployment, "BOARD_TIMEOUT_S", 0.01)
     assert scrape("/metrics", "", render) == labelled({"r1": LOCAL})
+
+
+def test_serve_ray_checks_its_data_dir_before_ray_starts(tmp_path, capsys, monkeypatch) -> None:
+    """A --data-dir that is a file was found by every replica after Ray and the model had started."""
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("mossserve.distributed.run.serve_on_ray", started)
+    (tmp_path / "file").write_text("x")
+    assert main(["serve", "--ray", "--data-dir", str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+class _FakeRay(SimpleNamespace):
+    """What serve_on_ray calls on `ray`, without a cluster."""
+
+    def __init__(self) -> None:
+        super().__init__(init=lambda address=None: None, shutdown=lambda: None,
+                         cluster_resources=lambda: {"CPU": 64.0})
+
+
+def test_serve_ray_reports_a_taken_port_before_serve_starts(monkeypatch) -> None:
+    """Serve's proxy failed to bind in a task, ending the command with a Ray traceback after ~45 s."""
+    import socket
+    import sys
+
+    from mossserve.distributed import run
+    from mossserve.errors import MossServeError
+
+    monkeypatch.setitem(sys.modules, "ray", _FakeRay())
+    monkeypatch.setattr(run, "_started_here", lambda address: True)
+    monkeypatch.setattr(run, "build_app", lambda settings, options: "app")
+    monkeypatch.setattr(run, "_serve_until_stopped", lambda *a: pytest.fail("Serve was started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = ServerSettings(host="127.0.0.1", port=taken.getsockname()[1])
+        with pytest.raises(MossServeError, match="cannot listen on 127.0.0.1"):
+            run.serve_on_ray(settings, deployment.RayOptions())
+
+
+def test_joining_a_cluster_whose_serve_listens_elsewhere_says_where(monkeypatch, capsys) -> None:
+    """--port is ignored where Serve already runs (serve.start only logs it): the command says where
+    the application answers instead of leaving the user at a refused port."""
+    from ray import serve
+
+    from mossserve.distributed import run
+
+    monkeypatch.setattr(serve, "start", lambda **kwargs: None)
+    monkeypatch.setattr(serve, "run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(serve, "delete", lambda name: None)
+    monkeypatch.setattr(run, "serving_address", lambda: ("127.0.0.1", 18440))
+    run._serve_until_stopped("app", ServerSettings(host="127.0.0.1", port=18441), owned=False)
+    assert "answers at 127.0.0.1:18440" in capsys.readouterr().err
+    run._serve_until_stopped("app", ServerSettings(host="127.0.0.1", port=18440), owned=False)
+    assert "answers at" not in capsys.readouterr().err

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MossServeError
+from ..serve.run import check_can_listen
 from ..serve.settings import ServerSettings
 from .deployment import APP_NAME, RayOptions, build_app, replica_resources
 
@@ -32,6 +33,8 @@ def serve_on_ray(settings: ServerSettings, options: RayOptions, address: str | N
         if problem:
             print(f"warning: {problem}; the deploy waits until the cluster has them (an autoscaling "
                   "cluster adds nodes)", file=sys.stderr)
+        if owned:  # Serve's proxy will bind here: a taken port is told now, not as a task's traceback
+            check_can_listen(settings.host, settings.port)
         _serve_until_stopped(app, settings, owned)
     finally:
         ray.shutdown()  # on a cluster it joined, only this driver disconnects
@@ -41,6 +44,10 @@ def _serve_until_stopped(app, settings: ServerSettings, owned: bool) -> None:
     from ray import serve
 
     serve.start(http_options={"host": settings.host, "port": settings.port})
+    if (running := serving_address()) != (settings.host, settings.port):
+        print(f"note: Serve already runs on this cluster and answers at {running[0]}:{running[1]}, so this "
+              f"application does too (--host/--port apply only where Serve starts; `serve shutdown` stops "
+              f"it)", file=sys.stderr)
     # After ray.init, whose own SIGTERM handlers (Python's and its core worker's) exit at once.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -55,6 +62,15 @@ def _serve_until_stopped(app, settings: ServerSettings, owned: bool) -> None:
         else:  # other applications on a shared cluster keep running
             serve.delete(APP_NAME)
         signal.signal(signal.SIGTERM, previous)
+
+
+def serving_address() -> tuple[str, int]:
+    """Where the cluster's Serve proxies listen: set by whoever started Serve there, which a later
+    serve.start (a second command joining the cluster) only logs as not applied."""
+    from ray.serve.context import _get_global_client
+
+    config = _get_global_client().http_config
+    return config.host, config.port
 
 
 def _started_here(address: str | None) -> bool:
