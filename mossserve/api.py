@@ -5,6 +5,7 @@
     audio = tts.synthesize(SpeechRequest(input="Hello.", voice="me.wav"))
     for chunk in tts.stream(SpeechRequest(input="Hello.")): ...    # audio while the talker runs
     audios = tts.synthesize_batch([SpeechRequest(input=t) for t in texts])
+    with TTS.from_pretrained(...) as tts: ...                       # closed on leaving the block
 
 One request and many take one code path: every call submits to the engine (continuous
 batching, streaming decode), which starts on first use. The codec loads lazily: generating
@@ -18,7 +19,7 @@ import queue
 import threading
 import uuid
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -147,11 +148,23 @@ class TTS:
         return stats
 
     def wait_idle(self) -> None:
-        """Block until the engine and speaker threads are between rounds with nothing to do."""
-        if self._engine is not None:
-            self._engine.wait_idle()
+        """Block until the engine and speaker threads are between rounds with nothing to do. An
+        unthreaded engine is stepped here until nothing can progress: nothing else would process
+        what is queued (the abort of a stream left early, say)."""
+        engine = self._engine
+        if engine is not None and self.engine_config.threaded:
+            engine.wait_idle()
+        elif engine is not None:
+            while self.step_until(lambda: False):  # never done: step while anything can progress
+                pass
         if self._speakers is not None:
             self._speakers.wait_idle()
+
+    def __enter__(self) -> "TTS":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Stop the engine's threads (a script need not call this: every TTS still open is closed at
@@ -246,16 +259,21 @@ class TTS:
         return [] if on_result is not None else [self._result(c, decode_audio, raise_errors) for c in chunks]
 
     def _wait_for_room(self) -> None:
-        """The engine is full of requests that are not this call's: an unthreaded engine is stepped
-        (they may be aborted requests of an interrupted call, which a step clears; with nothing to
-        step, nothing will make room, and the call fails); a threaded one is waited on."""
+        """The engine refused a request, full of requests that are not this call's; return when the
+        caller should ask again. A threaded engine is waited on. An unthreaded one is stepped (they
+        may be aborted requests of an interrupted call, which a step clears), unless another caller's
+        step made room since the refusal; full with nothing to step, nothing will make room, and the
+        call fails."""
         if self.engine_config.threaded:
             threading.Event().wait(0.02)  # other callers' requests end on the engine's threads
             return
+        engine = self.engine
         with self._stepping:
-            if not self.engine.has_work():
+            if not engine.is_full():
+                return
+            if not engine.has_work():
                 raise EngineFullError("the engine is full of requests that nothing runs")
-            self.engine.step()
+            engine.step()
 
     def _refused(self, index: int, message: str) -> AudioChunk:
         """The final chunk of prompt `index`, which the engine refused (`run(..., raise_errors=False)`)."""
@@ -304,7 +322,8 @@ class TTS:
     def stream(self, request: SpeechRequest | Prompt, sampling: SamplingParams | None = None,
                max_new_frames: int | None = None, schedule: ChunkSchedule | None = None) -> Iterator[AudioChunk]:
         """Audio chunks of one request as the codec produces them; the last one is `final`.
-        Leaving the loop early aborts the request. A request aborted from elsewhere
+        Leaving a `for` loop over it early aborts the request; a generator kept in a variable
+        aborts it when closed (`.close()`) or collected. A request aborted from elsewhere
         (`tts.engine.abort(id)` on another thread) raises RequestAborted, so that a loop collecting
         audio never takes a cut result for a whole one; an AsyncEngine stream ends with an "aborted"
         final chunk instead (docs/engine.md, "A request's life")."""
@@ -343,6 +362,10 @@ class TTS:
         `overrides` (SamplingParams fields; None keeps the model's); `greedy`: argmax on every head,
         the model's other rules (repetition penalty and window) kept, so a temperature other than 0
         beside it is refused (it would be ignored). `SamplingParams()` itself holds MOSS-TTS's card, not the loaded model's."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(SamplingParams)})
+        if unknown:
+            raise InvalidRequestError(f"unknown sampling setting(s) {', '.join(unknown)}; SamplingParams has "
+                                      f"{', '.join(f.name for f in fields(SamplingParams))}")
         sampling = self.talker.default_sampling()
         if greedy:
             given = [name for name in ("text_temperature", "audio_temperature") if not _all_zero(overrides.get(name))]

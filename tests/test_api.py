@@ -121,3 +121,13 @@ def test_run_session_takes_a_script_its_json_or_its_file(tmp_path: Path) -> None
                 tts.run_session(path)
     finally:
         tts.close()
+
+
+def test_a_tts_used_in_a_with_block_is_closed_on_leaving(delay_model_dirs) -> None:
+    from mossserve import EngineClosedError
+
+    with TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny") as tts:
+        assert tts.generate_codes("Hi.", SamplingParams.greedy(), 5).shape[1] == 16
+    assert tts.closed
+    with pytest.raises(EngineClosedError):
+        tts.stats()

@@ -672,3 +672,119 @@ def test_a_codec_that_does_not_fit_raises_at_the_call(delay_model_dirs) -> None:
         assert tts.stats()["live"] == 0
     finally:
         tts.close()
+
+
+class StepsToTheEndFirst:
+    """A TTS's stepping lock that another caller takes first, stepping the engine until nothing is left."""
+
+    def __init__(self, tts: TTS) -> None:
+        self._lock, self._engine, self._first = tts._stepping, tts.engine, True
+
+    def __enter__(self) -> bool:
+        if self._first:
+            self._first = False
+            self._engine.run_until_idle()
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.__exit__(*exc_info)
+
+
+def test_a_caller_refused_while_another_empties_an_unthreaded_engine_asks_again(delay_model_dirs) -> None:
+    """One request at a time, two callers: refused while the other's request was in, the call waited
+    for the stepping lock, whose holder stepped that request to its end; it then saw nothing to step
+    and raised EngineFullError('the engine is full of requests that nothing runs'), with room free."""
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                              engine_config=EngineConfig(threaded=False, max_running=1, max_queued=0))
+    try:
+        prompt = tts.prompt("Two callers.")
+        theirs: list = []
+        tts.engine.add_request(prompt, SamplingParams.greedy(), theirs.append, max_new_frames=6, decode_audio=False)
+        tts._stepping = StepsToTheEndFirst(tts)
+        ours = tts.generate([prompt], SamplingParams.greedy(), 6)
+        assert theirs[-1].final and np.array_equal(ours[0].frames, theirs[-1].generation.frames)
+    finally:
+        tts.close()
+
+
+def test_wait_idle_steps_an_unthreaded_engine_through_the_abort_of_a_stream_left_early(delay_model_dirs) -> None:
+    """Nothing processed the abort until a later call stepped the engine: after wait_idle the request
+    still held its slot and codec stream."""
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                              engine_config=EngineConfig(threaded=False))
+    try:
+        stream = tts.stream("Stop listening after the first chunk.", SamplingParams.greedy(), 60)
+        assert not next(stream).final
+        stream.close()
+        tts.wait_idle()
+        stats = tts.stats()
+        assert stats["aborted"] == 1 and stats["finished"] == 0
+        assert [stats[k] for k in ("live", "running", "cache_slots_used", "codec_streams_open")] == [0, 0, 0, 0]
+    finally:
+        tts.close()
+
+
+def test_leaving_an_async_with_block_aborts_its_stream_and_closes_its_engine(delay_model_dirs) -> None:
+    """`break` out of `async for` over a stream still held closes nothing (the README's
+    `stream = await engine.submit(...)` ran on to its cap): `async with` aborts the request on leaving,
+    awaited first or not, and an AsyncEngine used so is closed on leaving."""
+    request = SpeechRequest(input="Stop listening after the first chunk.")
+
+    async def main() -> tuple[AsyncEngine, list, dict]:
+        held = []  # so that no stream is collected: only leaving the block aborts
+        async with AsyncEngine.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny") as engine:
+            async with engine.submit(request, SamplingParams.greedy(), max_new_frames=200) as stream:
+                async for _ in stream:
+                    break
+            held.append(stream)
+            async with await engine.submit(request, SamplingParams.greedy(), max_new_frames=200) as stream:
+                async for _ in stream:
+                    break
+            held.append(stream)
+            await asyncio.to_thread(engine.tts.wait_idle)
+            stats = engine.stats()
+        return engine, held, stats
+
+    engine, held, stats = asyncio.run(main())
+    assert stats["aborted"] == 2 and stats["finished"] == 0 and stats["live"] == 0
+    assert engine.tts.closed
+
+
+def test_a_schedule_that_is_not_a_chunk_schedule_is_refused(delay_tts) -> None:
+    """A dict failed in the engine with AttributeError ('dict' object has no attribute 'validate')."""
+    tts = delay_tts("tiny_nvq16")
+    refused = r"schedule must be a ChunkSchedule, got dict; write ChunkSchedule\(\*\*\.\.\.\)"
+
+    async def submitted() -> None:
+        await AsyncEngine(tts).submit("Hi.", schedule={"first": 2})
+
+    with pytest.raises(InvalidRequestError, match=refused):
+        tts.run([tts.prompt("Hi.")], schedule={"first": 2, "rest": 4})
+    with pytest.raises(InvalidRequestError, match=refused):
+        next(tts.stream("Hi.", schedule={"first": 2}))
+    with pytest.raises(InvalidRequestError, match=refused):
+        asyncio.run(submitted())
+    with pytest.raises(InvalidRequestError, match="schedule must be a ChunkSchedule, got str$"):
+        tts.run([tts.prompt("Hi.")], schedule="fast")
+    assert tts.stats()["live"] == 0
+
+
+def test_a_sampling_override_that_is_no_setting_is_named(delay_tts) -> None:
+    """It raised a plain TypeError from dataclasses.replace."""
+    with pytest.raises(InvalidRequestError, match=r"unknown sampling setting\(s\) foo, topk; SamplingParams has "
+                                                  r"text_temperature, "):
+        delay_tts("tiny_nvq16").sampling(topk=5, foo=1)
+
+
+def test_submit_outside_an_event_loop_says_where_to_call_it(delay_tts) -> None:
+    """It raised asyncio's own error (or made a loop nobody ran) and warned that a coroutine was never awaited."""
+    import gc
+    import warnings
+
+    engine = AsyncEngine(delay_tts("tiny_nvq16"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="AsyncEngine.submit must be called from a running event loop"):
+            engine.submit("Hi.")
+        gc.collect()
+    assert [str(w.message) for w in caught] == []

@@ -1,13 +1,18 @@
 """`AsyncEngine`: the engine for asyncio callers (the HTTP server, voice agents).
 
     engine = AsyncEngine.from_pretrained("OpenMOSS-Team/MOSS-TTS", device="cuda", dtype="bfloat16")
-    async for chunk in engine.submit(SpeechRequest(input="Hello.", voice="me.wav")):
-        ...     # AudioChunk: audio, sample_rate, frame range, codes; the last one is `final`
+    async with engine.submit(SpeechRequest(input="Hello.", voice="me.wav")) as stream:
+        async for chunk in stream:
+            ...     # AudioChunk: audio, sample_rate, frame range, codes; the last one is `final`
 
-`await engine.submit(...)` returns the stream once the request is queued, so bad input and a
-full queue raise there (before a server has sent a byte); reference voices are encoded through the speaker cache first, where
-concurrent requests with the same voice share one encode and cold voices arriving together are
-encoded in one batch. Leaving the loop early (or `stream.aclose()`) aborts the request.
+`await engine.submit(...)` (or entering `async with`) returns the stream once the request is
+queued, so bad input and a full queue raise there (before a server has sent a byte); reference
+voices are encoded through the speaker cache first, where concurrent requests with the same voice
+share one encode and cold voices arriving together are encoded in one batch. Leaving the `async
+with` block, or `stream.aclose()`, aborts a request that has not ended. A `break` out of `async for`
+alone does not: a stream is an async iterator, not a generator, so nothing closes it, and its
+request runs on until the stream is collected (at once for `async for chunk in engine.submit(...)`,
+whose stream nothing else holds).
 """
 from __future__ import annotations
 
@@ -29,8 +34,9 @@ class RequestStream:
     request (`AsyncEngine.abort`, `close_session`) is no failure here: its final chunk says "aborted"
     and carries the generation so far (`TTS.stream` raises RequestAborted instead; docs/engine.md).
 
-    Both `async for chunk in engine.submit(...)` and `stream = await engine.submit(...)` work;
-    awaiting first raises bad input or a full queue before any chunk is read."""
+    `async for chunk in engine.submit(...)`, `stream = await engine.submit(...)` and `async with
+    engine.submit(...) as stream` all work; awaiting (or entering) first raises bad input or a full
+    queue before any chunk is read, and leaving the `async with` block aborts the request."""
 
     def __init__(self, engine: "AsyncEngine") -> None:
         self.request_id: str | None = None
@@ -44,6 +50,13 @@ class RequestStream:
 
     def __aiter__(self) -> "RequestStream":
         return self
+
+    async def __aenter__(self) -> "RequestStream":
+        """`async with engine.submit(...) as stream:` (`await` before it is optional): queued on entry."""
+        return await self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()  # a request left before its end is aborted
 
     async def __anext__(self) -> AudioChunk:
         await self._started
@@ -97,9 +110,14 @@ class AsyncEngine:
                session: str | None = None) -> RequestStream:
         """Queue a request (from a running event loop); iterate the result for its chunks. With
         `session`, the request is that session's next turn (docs/engine.md, "Sessions")."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("AsyncEngine.submit must be called from a running event loop (async code); "
+                               "synchronous code calls TTS.stream or TTS.synthesize") from None
         stream = RequestStream(self)
-        stream._started = asyncio.ensure_future(self._start(stream, request, sampling, request_id, max_new_frames,
-                                                            schedule, decode_audio, session))
+        stream._started = loop.create_task(self._start(stream, request, sampling, request_id, max_new_frames,
+                                                       schedule, decode_audio, session))
         # A refused request raises when the stream is iterated; one never iterated logs nothing.
         stream._started.add_done_callback(lambda task: task.cancelled() or task.exception())
         return stream
@@ -180,6 +198,12 @@ class AsyncEngine:
 
     def close(self) -> None:
         self.tts.close()
+
+    async def __aenter__(self) -> "AsyncEngine":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await asyncio.to_thread(self.close)  # joining the engine's threads must not stall the event loop
 
 
 def voice_paths(request: SpeechRequest) -> list[Path]:

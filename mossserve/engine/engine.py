@@ -176,6 +176,9 @@ class Engine:
                 raise InvalidRequestError(f"max_new_frames must be an integer, got {max_new_frames!r}")
             if max_new_frames < 1:
                 raise InvalidRequestError(f"max_new_frames must be at least 1, got {max_new_frames}")
+        if schedule is not None and not isinstance(schedule, ChunkSchedule):
+            raise InvalidRequestError(f"schedule must be a ChunkSchedule, got {type(schedule).__name__}"
+                                      + ("; write ChunkSchedule(**...)" if isinstance(schedule, dict) else ""))
         (schedule or self.config.chunk_schedule).validate(self.config.max_chunk_frames)
         if session is not None and not self.family.supports_sessions:
             raise InvalidRequestError("this model does not keep sessions (multi-turn contexts)")
@@ -372,6 +375,12 @@ class Engine:
                 and self._codec_room() > 0):
             return True
         return any(self._can_progress(r) for r in self.scheduler.running)
+
+    def is_full(self) -> bool:
+        """Whether `add_request` would refuse a request now for want of room (EngineFullError): a caller
+        that was refused asks again before it concludes that nothing will make room."""
+        with self._lock:
+            return self.scheduler.full
 
     def _codec_room(self) -> int:
         """How many more finished requests the codec may have to drain. With the codec on a thread of

@@ -18,10 +18,15 @@ class Scheduler:
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []  # admission order
 
+    @property
+    def full(self) -> bool:
+        """Whether `add` would refuse a request now."""
+        return len(self.waiting) + len(self.running) >= self.max_running + self.max_queued
+
     def add(self, request: EngineRequest) -> None:
         """Queue a request; refused once `max_running + max_queued` are in (every request waits here
         until the next step, also one that a free slot will start at once)."""
-        if len(self.waiting) + len(self.running) >= self.max_running + self.max_queued:
+        if self.full:
             raise EngineFullError(f"the engine is full: {len(self.running)} running and {len(self.waiting)} "
                                   f"queued (max_running={self.max_running}, max_queued={self.max_queued}); "
                                   "retry later")
