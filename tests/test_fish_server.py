@@ -16,6 +16,7 @@ from fish_cases import FISH_DIR
 from server_harness import serve_model
 
 from mossserve.api import TTS
+from mossserve.audio import read_audio
 from mossserve.audio.load import load_audio
 from mossserve.speech_request import SpeechRequest
 
@@ -49,6 +50,22 @@ def test_models_and_plain_speech(fish) -> None:
     response = httpx.post(url + "/v1/audio/speech", json={"input": "Hello world.", "response_format": "pcm",
                                                           "temperature": 0}, timeout=120)
     assert_pcm_equals(pcm(response), tts.synthesize(SpeechRequest(input="Hello world."), greedy(tts)).samples)
+
+
+@pytest.mark.parametrize("format, body, rate", [
+    ("pcm", {}, "44100"), ("pcm", {"stream": True}, "44100"), ("pcm", {"stream_format": "sse"}, "44100"),
+    ("opus", {}, "48000"),  # Ogg Opus stores no 44.1 kHz: resampled
+], ids=["pcm", "pcm-stream", "pcm-sse", "opus"])
+def test_every_audio_response_says_its_sample_rate(fish, format: str, body: dict, rate: str) -> None:
+    """pcm says nothing of its rate, and OpenAI's clients play it at 24 kHz: Fish S2 Pro's 44.1 kHz
+    speech came out almost twice as slow."""
+    _, url = fish
+    request = {"input": "Hi.", "response_format": format, "max_new_tokens": 3, **body}
+    with httpx.stream("POST", url + "/v1/audio/speech", json=request, timeout=120) as response:
+        data = response.read()
+    assert response.status_code == 200 and response.headers["x-sample-rate"] == rate
+    if format == "opus":
+        assert str(read_audio(data)[1]) == rate
 
 
 def test_an_uploaded_voice_is_encoded_as_is_and_used_with_its_transcript(fish) -> None:

@@ -23,7 +23,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from mossserve.api import TTS
-from mossserve.serve.playground_routes import PLAYGROUND_DIR
+from mossserve.serve.playground_routes import PLAYGROUND_DIR, model_capabilities
+from mossserve.serve.schemas import body_fields
 from mossserve.text.delay_requests import TASK_FIELDS
 
 SEED = 7
@@ -317,7 +318,8 @@ def test_models_lists_the_capabilities_the_page_reads(demo_url, realtime_url) ->
     demo = httpx.get(f"{demo_url}/v1/models").json()["data"][0]
     assert demo["id"] == "moss-tts-demo" and demo["object"] == "model"
     assert demo["mossserve"] == {"family": "delay", "task": "tts", "sessions": False, "codebooks": 32,
-                                 "task_fields": ["duration", "language", "reference_text", "voice"],
+                                 "task_fields": ["duration_seconds", "duration_tokens", "language", "ref_audio",
+                                                 "ref_text", "voice"],
                                  "sample_rate": 24000, "channels": 1}
     realtime = httpx.get(f"{realtime_url}/v1/models").json()["data"][0]["mossserve"]
     assert realtime["family"] == "realtime" and realtime["sessions"] is True and realtime["codebooks"] == 16
@@ -329,16 +331,31 @@ def test_speech_offers_only_the_fields_the_task_reads(browser, demo_url) -> None
     browser.open(demo_url)
     offered = browser.js(
         "return [...document.querySelectorAll('[data-field]')].map(el => [el.dataset.field, !el.hidden])")
-    assert dict(offered) == {field: field in TASK_FIELDS["tts"] for field in set().union(*TASK_FIELDS.values())}
+    assert dict(offered) == {field: field in body_fields(TASK_FIELDS["tts"]) for field in marked_fields()}
     assert not browser.el("#instructions").is_displayed() and not browser.el("#add-speaker").is_displayed()
     assert browser.el("#voice").is_displayed() and browser.el("#duration").is_displayed()
 
 
+def marked_fields() -> list[str]:
+    """The body fields the page marks its Delay options with (`data-field`)."""
+    return re.findall(r'data-field="([^"]+)"', (PLAYGROUND_DIR / "index.html").read_text())
+
+
 def test_the_pages_fields_are_the_prompt_builders() -> None:
-    """The page marks each Delay option with the field name /v1/models' `task_fields` uses (the prompt
-    builder's table): every name is one of the table's, and every field of the table is offered."""
-    marked = re.findall(r'data-field="([^"]+)"', (PLAYGROUND_DIR / "index.html").read_text())
-    assert sorted(marked) == sorted(set().union(*TASK_FIELDS.values()))
+    """The page marks each Delay option with the body field it sends, as /v1/models' `task_fields` names
+    them (the prompt builder's table in the API's names): every name is one of those, and every field
+    of the table has an option (a duration in seconds only)."""
+    assert set(marked_fields()) == set(body_fields(set().union(*TASK_FIELDS.values()))) - {"duration_tokens"}
+
+
+@pytest.mark.parametrize("task", sorted(TASK_FIELDS))
+def test_task_fields_are_fields_a_speech_request_takes(task: str) -> None:
+    """They were the prompt builder's names (duration, reference_text), which the API refuses as unknown."""
+    from mossserve.serve.schemas import SpeechBody
+
+    with closing(TTS.from_pretrained(None, task=task)) as tts:
+        fields = model_capabilities(tts)["task_fields"]
+    assert fields and set(fields) <= set(SpeechBody.model_fields)
 
 
 def test_page_and_assets_are_served_and_self_contained(demo_url) -> None:

@@ -91,6 +91,29 @@ def test_openai_client_streaming_response(served, reference_audio, format) -> No
         np.testing.assert_allclose(samples, np.clip(reference_audio.samples, -1, 1), atol=2 / 32768)
 
 
+def test_stream_format_audio_streams_as_stream_true_does(served) -> None:
+    """OpenAI's stream_format "audio" asks for the audio in chunks as it is made: it was accepted and
+    the whole file sent at the end."""
+    body = {"input": TEXT, "seed": SEED, "response_format": "pcm"}
+    with httpx.stream("POST", served + "/v1/audio/speech", json={**body, "stream_format": "audio"},
+                      timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers.get("transfer-encoding") == "chunked" and "x-finish-reason" not in response.headers
+        streamed = response.read()
+    whole = httpx.post(served + "/v1/audio/speech", json=body, timeout=60)  # neither: one whole file
+    assert "content-length" in whole.headers and whole.headers["x-finish-reason"] == "stop"
+    assert streamed == whole.content
+
+
+@pytest.mark.parametrize("body", [{}, {"stream": True}, {"stream_format": "sse"}], ids=["whole", "stream", "sse"])
+def test_every_audio_response_says_its_sample_rate(served, body) -> None:
+    """pcm has no header to say it, and OpenAI's clients assume 24 kHz whatever the model's rate."""
+    with httpx.stream("POST", served + "/v1/audio/speech", json={"input": TEXT, "response_format": "pcm", **body},
+                      timeout=60) as response:
+        assert response.status_code == 200 and response.read()
+        assert response.headers["x-sample-rate"] == "24000"
+
+
 def sse_events(url: str, body: dict, headers: dict | None = None) -> list[dict]:
     with httpx.stream("POST", url + "/v1/audio/speech", json=body, headers=headers, timeout=60) as response:
         assert response.status_code == 200, response.read()
@@ -289,7 +312,7 @@ def test_a_full_queue_answers_503_with_retry_after(server_app, tmp_path) -> None
                         assert queued.status_code == 200 and tts.stats()["queued"] == 1
                         refused = http.post("/v1/audio/speech", json=body)
                         assert refused.status_code == 503
-                        assert refused.headers["retry-after"] == "1"
+                        assert refused.headers["retry-after"] == "1" and "x-should-retry" not in refused.headers
                         assert "capacity" in refused.json()["error"]["message"]
                         with pytest.raises(openai.InternalServerError):
                             client(url).audio.speech.create(model="tts-1", voice="alloy", input=TEXT)
@@ -310,6 +333,7 @@ def test_a_request_past_its_timeout_is_stopped(demo_tts, server_app, gate) -> No
         gate.release()
     assert response.status_code == 504
     assert "timeout" in response.json()["error"]["message"]
+    assert response.headers["x-should-retry"] == "false"  # OpenAI's clients would run it twice more
     demo_tts.wait_idle()
     assert demo_tts.stats()["live"] == 0
 
@@ -383,14 +407,35 @@ def test_api_key(server_app) -> None:
             assert httpx_client.status_code == 401
             raise openai.AuthenticationError(httpx_client.json()["error"]["message"], response=httpx_client,
                                              body=httpx_client.json())
-        with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+        with pytest.raises(openai.AuthenticationError, match="invalid API key") as refused:
             client(url, api_key="wrong").audio.speech.create(model="tts-1", voice="alloy", input=TEXT)
+        assert refused.value.body == {"message": "invalid API key", "type": "invalid_request_error", "param": None,
+                                      "code": "invalid_api_key"}  # as OpenAI's
         with pytest.raises(openai.AuthenticationError):
             client(url, api_key="wrong").models.list()
         assert client(url, api_key="s3cret").audio.speech.create(model="tts-1", voice="alloy", input=TEXT).content
         assert httpx.get(url + "/health").status_code == 200  # probes need no key
     with live_server(server_app()) as url:  # no key configured: open
         assert client(url, api_key="anything").models.list().data
+
+
+def test_openai_clients_raise_bad_request_and_do_not_retry_what_a_retry_cannot_fix(demo_tts, server_app, gate) -> None:
+    """A body that fails the schema was a 422 (UnprocessableEntityError where OpenAI answers 400), and
+    a request that timed out ran three times: the client retries every 5xx unless told not to."""
+    with live_server(server_app(request_timeout_s=0.5)) as url:
+        sent: list[httpx.Request] = []
+        with httpx.Client(event_hooks={"request": [sent.append]}) as http:
+            retrying = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=2, http_client=http)
+            with pytest.raises(openai.BadRequestError, match="speed"):
+                retrying.audio.speech.create(model="tts-1", voice="alloy", input=TEXT, speed=9)
+            gate.armed.set()
+            with pytest.raises(openai.APIStatusError) as timed_out:
+                retrying.audio.speech.create(model="tts-1", voice="alloy", input=TEXT,
+                                             extra_body={"initial_chunk_frames": 1})
+            gate.release()
+    assert timed_out.value.status_code == 504
+    assert len(sent) == 2  # each once
+    demo_tts.wait_idle()
 
 
 def test_cors(server_app) -> None:
@@ -574,7 +619,7 @@ def test_past_its_deadline_a_stream_still_sends_what_was_made(ready: bool) -> No
     async def read() -> int:
         watcher = asyncio.create_task(asyncio.Event().wait())
         run = Run(state, _MadeStream([chunk(0, False), chunk(1, False), chunk(2, True)], ready),
-                  time.monotonic() - 1, clock, watcher, None)
+                  time.monotonic() - 1, clock, watcher, None, "pcm")
         return len([c async for c in run.chunks()])
 
     if ready:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from typing import Any, NamedTuple
 from unittest.mock import ANY
 
@@ -21,7 +22,7 @@ MAX_INPUT_CHARS = 200
 MAX_BODY_BYTES = 200_000
 JSON = {"content-type": "application/json"}
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-               413: "request_too_large", 422: "invalid_request_error"}
+               413: "request_too_large"}
 
 
 @pytest.fixture(scope="module")
@@ -74,24 +75,24 @@ SILENCE = wav_b64(np.zeros(24000, np.float32))
 
 CASES = [
     # the body itself
-    bad("invalid-json", 422, "not valid JSON", raw=b'{"input": "hi",', param=None),
-    bad("invalid-utf8", 422, "JSON", raw=b'{"input": "\xff\xfe"}'),
-    bad("json-array", 422, "must be a JSON object", [1, 2], param=None),
-    bad("deeply-nested", 422, "nested too deeply", raw=b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}", param=None),
-    bad("json-string", 422, "must be a JSON object", "say hi", param=None),
+    bad("invalid-json", 400, "not valid JSON", raw=b'{"input": "hi",', param=None),
+    bad("invalid-utf8", 400, "JSON", raw=b'{"input": "\xff\xfe"}'),
+    bad("json-array", 400, "must be a JSON object", [1, 2], param=None),
+    bad("deeply-nested", 400, "nested too deeply", raw=b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}", param=None),
+    bad("json-string", 400, "must be a JSON object", "say hi", param=None),
     # past Python's limit on int() of a string: FastAPI answered its generic 400 "error parsing the body"
-    bad("integer-of-5000-digits", 422, "has more than 4300 digits", raw=b'{"input": "hi", "seed": 1' + b"0" * 5000 + b"}",
+    bad("integer-of-5000-digits", 400, "has more than 4300 digits", raw=b'{"input": "hi", "seed": 1' + b"0" * 5000 + b"}",
         param=None),
-    bad("empty-body", 422, "body", raw=b"", param=None),
+    bad("empty-body", 400, "body", raw=b"", param=None),
     bad("too-big-content-length", 413, f"limit of {MAX_BODY_BYTES} bytes", raw=BIG, code="body_too_large"),
     bad("too-big-chunked", 413, f"limit of {MAX_BODY_BYTES} bytes", chunked(BIG), code="body_too_large"),
     # input
-    bad("missing-input", 422, "input is required", raw=b'{"voice": "alloy"}', param="input"),
-    bad("empty-input", 422, "at least 1 character", {"input": ""}, param="input"),
+    bad("missing-input", 400, "input is required", raw=b'{"voice": "alloy"}', param="input"),
+    bad("empty-input", 400, "at least 1 character", {"input": ""}, param="input"),
     bad("blank-input", 400, "input is empty", {"input": "   "}),
-    bad("input-int", 422, "valid string", {"input": 5}, param="input"),
-    bad("input-null", 422, "input is required", {"input": None}, param="input"),  # null is omitted: a required field
-    bad("unknown-null", 422, "colour", {"colour": None}, param="colour"),  # null does not excuse an unknown field
+    bad("input-int", 400, "valid string", {"input": 5}, param="input"),
+    bad("input-null", 400, "input is required", {"input": None}, param="input"),  # null is omitted: a required field
+    bad("unknown-null", 400, "colour", {"colour": None}, param="colour"),  # null does not excuse an unknown field
     bad("input-too-long", 400, f"at most {MAX_INPUT_CHARS}", {"input": "a" * (MAX_INPUT_CHARS + 1)},
         param="input", code="input_too_long"),
     # a model's refusal names the API's field, not SpeechRequest's reference_text
@@ -104,19 +105,19 @@ CASES = [
     bad("speaker-ref-text-too-long", 400, f"at most {MAX_INPUT_CHARS}",
         {"speakers": [{"voice": "x"}, {"voice": "y", "ref_text": "a" * (MAX_INPUT_CHARS + 1)}]},
         param="speakers[1].ref_text", code="text_too_long"),
-    bad("unknown-field", 422, "unknown field 'foo'", {"foo": 1}, param="foo"),
+    bad("unknown-field", 400, "unknown field 'foo'", {"foo": 1}, param="foo"),
     bad("unknown-model", 404, "model 'nope' is not served", {"model": "nope"}, param="model",
         code="model_not_found"),
     # OpenAI options
-    bad("speed-0.1", 422, "greater than or equal to 0.25", {"speed": 0.1}, param="speed"),
-    bad("speed-fast", 422, "valid number", {"speed": "fast"}, param="speed"),
-    bad("speed-5", 422, "less than or equal to 4", {"speed": 5}, param="speed"),
-    bad("format-ogg", 422, "'ogg'", {"response_format": "ogg"}, param="response_format"),
-    bad("stream-format-chunks", 422, "'chunks'", {"stream_format": "chunks"}, param="stream_format"),
-    bad("stream-yes", 422, "valid boolean", {"stream": "yes"}, param="stream"),
+    bad("speed-0.1", 400, "greater than or equal to 0.25", {"speed": 0.1}, param="speed"),
+    bad("speed-fast", 400, "valid number", {"speed": "fast"}, param="speed"),
+    bad("speed-5", 400, "less than or equal to 4", {"speed": 5}, param="speed"),
+    bad("format-ogg", 400, "'ogg'", {"response_format": "ogg"}, param="response_format"),
+    bad("stream-format-chunks", 400, "'chunks'", {"stream_format": "chunks"}, param="stream_format"),
+    bad("stream-yes", 400, "valid boolean", {"stream": "yes"}, param="stream"),
     # voices and references
-    bad("voice-int", 422, "valid string", {"voice": 123}, param="voice"),
-    bad("voice-empty", 422, "at least 1 character", {"voice": ""}, param="voice"),
+    bad("voice-int", 400, "valid string", {"voice": 123}, param="voice"),
+    bad("voice-empty", 400, "at least 1 character", {"voice": ""}, param="voice"),
     bad("voice-unknown", 400, "'nobody' is not a stored voice", {"voice": "nobody"}, param="voice",
         code="voice_not_found"),
     bad("voice-object-unknown", 400, "'nobody' is not a stored voice", {"voice": {"id": "nobody"}},
@@ -134,30 +135,30 @@ CASES = [
     bad("ref-audio-silence", 400, "silent", {"ref_audio": SILENCE}, code="invalid_audio"),
     bad("ref-text-without-voice", 400, "give the voice too", {"ref_text": "Hello."}),
     # sampling and generation controls
-    bad("seed-negative", 422, "greater than or equal to 0", {"seed": -1}, param="seed"),
-    bad("seed-bool", 422, "valid integer", {"seed": True}, param="seed"),
-    bad("seed-2**63", 422, "less than 9223372036854775808", {"seed": 2**63}, param="seed"),
-    bad("temperature-negative", 422, "greater than or equal to 0", {"temperature": -1}, param="temperature"),
-    bad("temperature-string", 422, "valid number", {"temperature": "0.5"}, param="temperature"),
-    bad("temperature-nan", 422, "temperature", raw=b'{"input": "hi", "temperature": NaN}', param="temperature"),
-    bad("top-p-0", 422, "greater than 0", {"top_p": 0}, param="top_p"),
-    bad("top-p-1.5", 422, "less than or equal to 1", {"top_p": 1.5}, param="top_p"),
-    bad("top-k-negative", 422, "greater than or equal to 0", {"top_k": -3}, param="top_k"),
-    bad("top-k-float", 422, "valid integer", {"top_k": 2.5}, param="top_k"),
-    bad("repetition-penalty-0", 422, "greater than or equal to 0.001", {"repetition_penalty": 0},
+    bad("seed-negative", 400, "greater than or equal to 0", {"seed": -1}, param="seed"),
+    bad("seed-bool", 400, "valid integer", {"seed": True}, param="seed"),
+    bad("seed-2**63", 400, "less than 9223372036854775808", {"seed": 2**63}, param="seed"),
+    bad("temperature-negative", 400, "greater than or equal to 0", {"temperature": -1}, param="temperature"),
+    bad("temperature-string", 400, "valid number", {"temperature": "0.5"}, param="temperature"),
+    bad("temperature-nan", 400, "temperature", raw=b'{"input": "hi", "temperature": NaN}', param="temperature"),
+    bad("top-p-0", 400, "greater than 0", {"top_p": 0}, param="top_p"),
+    bad("top-p-1.5", 400, "less than or equal to 1", {"top_p": 1.5}, param="top_p"),
+    bad("top-k-negative", 400, "greater than or equal to 0", {"top_k": -3}, param="top_k"),
+    bad("top-k-float", 400, "valid integer", {"top_k": 2.5}, param="top_k"),
+    bad("repetition-penalty-0", 400, "greater than or equal to 0.001", {"repetition_penalty": 0},
         param="repetition_penalty"),
     # divisors this small made a row's logits infinite, and the batch's step fail
-    bad("repetition-penalty-tiny", 422, "greater than or equal to 0.001", {"repetition_penalty": 1e-40},
+    bad("repetition-penalty-tiny", 400, "greater than or equal to 0.001", {"repetition_penalty": 1e-40},
         param="repetition_penalty"),
     # refused by the sampler as audio_temperature, outside the API's own range, without a param
-    bad("temperature-tiny", 422, "temperature: Input should be 0 (greedy) or at least 0.001 (got 1e-39)",
+    bad("temperature-tiny", 400, "temperature: Input should be 0 (greedy) or at least 0.001 (got 1e-39)",
         {"temperature": 1e-39}, param="temperature"),
-    bad("max-new-tokens-0", 422, "greater than or equal to 1", {"max_new_tokens": 0}, param="max_new_tokens"),
-    bad("initial-chunk-frames-0", 422, "greater than or equal to 1", {"initial_chunk_frames": 0},
+    bad("max-new-tokens-0", 400, "greater than or equal to 1", {"max_new_tokens": 0}, param="max_new_tokens"),
+    bad("initial-chunk-frames-0", 400, "greater than or equal to 1", {"initial_chunk_frames": 0},
         param="initial_chunk_frames"),
     bad("initial-chunk-frames-1000", 400, "initial_chunk_frames must lie in 1..", {"initial_chunk_frames": 1000}),
-    bad("duration-seconds-negative", 422, "greater than 0", {"duration_seconds": -1}, param="duration_seconds"),
-    bad("duration-tokens-0", 422, "greater than 0", {"duration_tokens": 0}, param="duration_tokens"),
+    bad("duration-seconds-negative", 400, "greater than 0", {"duration_seconds": -1}, param="duration_seconds"),
+    bad("duration-tokens-0", 400, "greater than 0", {"duration_tokens": 0}, param="duration_tokens"),
     bad("both-durations", 400, "not both", {"duration_seconds": 1.0, "duration_tokens": 10}),
     # what the tts task does not take
     bad("instructions", 400, "instructions is not used by the tts task", {"instructions": "Whisper."},
@@ -180,10 +181,8 @@ CASES = [
     bad("input-audio-placeholder-control-char", 400, "input contains <|audio|>", {"input": "a <|au\x07dio|>"},
         param="input"),
     bad("speakers-1", 400, "speakers is not used by the tts task", {"speakers": [{}]}),
-    bad("speakers-0", 422, "at least 1", {"speakers": []}, param="speakers"),
-    bad("speakers-unknown-field", 422, "unknown field", {"speakers": [{"name": "a"}]}, param="speakers.0.name"),
-    bad("speaker-voice-and-ref-audio", 400, "give voice or ref_audio, not both",
-        {"speakers": [{"voice": "alice", "ref_audio": SILENCE}]}),
+    bad("speakers-0", 400, "at least 1", {"speakers": []}, param="speakers"),
+    bad("speakers-unknown-field", 400, "unknown field", {"speakers": [{"name": "a"}]}, param="speakers.0.name"),
     # other routes
     bad("get-voice-dotfile", 400, "invalid voice name '.hidden'", method="GET", path=f"{VOICES}/.hidden",
         param="name", code="invalid_voice_name"),
@@ -215,6 +214,7 @@ def test_bad_request(server, case: Case):
     r = server.request(case.method, case.path, **request)
     assert r.status_code == case.status, r.text
     assert_error(r.json(), case.status, case.needle, case.param, case.code)
+    assert r.headers["x-should-retry"] == "false"  # no refusal here is mended by sending it again
     if case.path == SPEECH and case.status != 413:
         counted.append(case)
 
@@ -235,6 +235,14 @@ def test_null_means_the_default(server):
     r = server.post(SPEECH, json=body)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "audio/mpeg"  # the default format, mp3
+
+
+@pytest.mark.parametrize("instructions", ["", " \n"])
+def test_blank_instructions_are_unset(server, instructions):
+    """OpenAI clients send instructions="" for none: the tts model refused it as an instruction it
+    does not use."""
+    r = server.post(SPEECH, json={"input": "hi", "instructions": instructions, "response_format": "wav"})
+    assert r.status_code == 200, r.text
 
 
 def test_server_still_serves_after_bad_requests(server):
@@ -261,12 +269,44 @@ def test_server_still_serves_after_bad_requests(server):
 ])
 def test_a_field_the_models_task_needs_is_named_as_missing(server_app, task: str, body: dict, param: str) -> None:
     """The refusal began with the task's name, so `param` was null."""
-    from contextlib import closing
+    with task_client(server_app, task) as client:
+        r = client.post("/v1/audio/speech", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
+
+@contextmanager
+def task_client(server_app, task: str) -> Iterator:
+    """A test client of a server on the demo checkpoint loaded as the model of `task`."""
     from starlette.testclient import TestClient
 
     from mossserve.api import TTS
 
     with closing(TTS.from_pretrained(None, task=task)) as tts, TestClient(server_app(tts=tts)) as client:
-        r = client.post("/v1/audio/speech", json=body)
-        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        yield client
+
+
+@pytest.mark.parametrize("task, body, param", [
+    ("voice_design", {"instructions": "A calm voice.", "ref_audio": NOT_AUDIO}, "ref_audio"),
+    ("voice_design", {"instructions": "A calm voice.", "duration_seconds": 2.0}, "duration_seconds"),
+    ("sound_effect", {"ref_audio": NOT_AUDIO}, "ref_audio"),
+    ("sound_effect", {"voice": "alloy", "ref_text": "Rain."}, "ref_text"),
+    ("dialogue", {"input": "[S1] Hi.", "ref_audio": NOT_AUDIO}, "ref_audio"),
+])
+def test_a_field_the_models_task_does_not_read_is_named_as_sent(server_app, task: str, body: dict, param: str):
+    """The prompt builder's refusal spoke of SpeechRequest's fields ("voice" for ref_audio,
+    duration_tokens for duration_seconds), after ref_audio had been decoded and encoded: here it is
+    not audio at all, and the refusal is about the field, not its content. An OpenAI preset voice
+    means no voice, so it is no field a task refuses."""
+    with task_client(server_app, task) as client:
+        r = client.post(SPEECH, json={"input": "Hello.", **body})
+    assert r.status_code == 400, r.text
+    hint = " (give voices per speaker in speakers)" if task == "dialogue" else ""
+    assert r.json()["error"]["message"] == f"{param} is not used by the {task} task{hint}"
+    assert r.json()["error"]["param"] == param
+
+
+def test_a_speaker_with_voice_and_ref_audio_is_refused(server_app):
+    with task_client(server_app, "dialogue") as client:
+        r = client.post(SPEECH, json={"input": "[S1] Hi.", "speakers": [{"voice": "alice", "ref_audio": SILENCE}]})
+    assert r.status_code == 400
+    assert_error(r.json(), 400, "speakers[0]: give voice or ref_audio, not both", param="speakers[0].voice")

@@ -30,7 +30,8 @@ from .state import ServerState, stats_while_open
 from .voices import VoiceStore
 
 _log = logging.getLogger("mossserve.serve")
-EXPOSED_HEADERS = ["X-Request-Id", "X-Finish-Reason", "X-Audio-Seconds", "Retry-After"]
+EXPOSED_HEADERS = ["X-Request-Id", "X-Finish-Reason", "X-Audio-Seconds", "X-Sample-Rate", "Retry-After",
+                   "x-should-retry"]
 
 
 def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, voices: VoiceStore | None = None
@@ -156,18 +157,10 @@ def _install_errors(app: FastAPI, state: ServerState) -> None:
         if isinstance(cause, ClientDisconnect):  # the client left while sending it: nobody reads a reply
             count(request, 499)
             return errors.error_response(400, "the client disconnected while sending the request body")
-        if isinstance(cause, UnicodeDecodeError):
-            count(request, 422)
-            return errors.error_response(422, f"the request body is not valid JSON: it is not UTF-8 text "
-                                              f"({cause.reason} at byte {cause.start})")
-        if isinstance(cause, RecursionError):
-            count(request, 422)
-            return errors.error_response(422, "the request body is not valid JSON for this API: it is nested "
-                                              "too deeply")
-        if isinstance(cause, ValueError) and "digits" in str(cause):  # Python's limit on int() of a string
-            count(request, 422)
-            return errors.error_response(422, f"the request body is not valid JSON for this API: a number in it "
-                                              f"has more than {sys.get_int_max_str_digits()} digits")
+        unreadable = _unreadable_body(cause)
+        if unreadable is not None:
+            count(request, 400)
+            return errors.error_response(400, unreadable)
         count(request, e.status_code)
         if isinstance(e, APIError):
             return errors.error_response(e.status_code, e.message, e.param, e.code, e.headers)
@@ -175,14 +168,29 @@ def _install_errors(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        count(request, 422)
+        """A body that fails the schema: 400 invalid_request_error, as OpenAI answers a bad parameter
+        (FastAPI's 422 makes OpenAI's clients raise UnprocessableEntityError)."""
+        count(request, 400)
         route = request.scope.get("route")
         if getattr(route, "endpoint", None) is voice_routes.upload_voice and \
                 not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             # its fields are a form's: a JSON body read as none of them was told "name is required"
-            return errors.error_response(422, "a voice is uploaded as multipart/form-data: name, file (the audio) "
+            return errors.error_response(400, "a voice is uploaded as multipart/form-data: name, file (the audio) "
                                               "and an optional transcript")
-        return errors.error_response(422, *errors.describe_validation(e.errors()))
+        return errors.error_response(400, *errors.describe_validation(e.errors()))
+
+
+def _unreadable_body(cause: BaseException | None) -> str | None:
+    """Why a body that is not JSON this API reads failed to parse (None: another failure); a 400, as
+    OpenAI answers a bad body, so its clients raise BadRequestError."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid JSON: it is not UTF-8 text ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON for this API: it is nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):  # Python's limit on int() of a string
+        return (f"the request body is not valid JSON for this API: a number in it has more than "
+                f"{sys.get_int_max_str_digits()} digits")
+    return None
 
 
 class InternalErrors:

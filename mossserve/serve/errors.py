@@ -15,11 +15,10 @@ from ..errors import AudioError, EngineBrokenError, EngineClosedError, EngineFul
 
 ERROR_TYPES = {
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",  # OpenAI's, with code invalid_api_key
     404: "not_found_error",
     409: "conflict_error",
     413: "request_too_large",
-    422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_overloaded",
@@ -39,8 +38,13 @@ class APIError(HTTPException):
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error body; `x-should-retry: false` unless it says when to retry (Retry-After): OpenAI's
+    clients otherwise retry every 409 and 5xx, so a timed-out request would run three times."""
     body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
+    headers = dict(headers or {})
+    if not any(name.lower() == "retry-after" for name in headers):
+        headers["x-should-retry"] = "false"
     return JSONResponse(body, status_code=status, headers=headers)
 
 

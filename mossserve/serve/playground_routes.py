@@ -17,6 +17,7 @@ from starlette.types import Scope
 
 from ..api import TTS
 from ..text.delay_requests import TASK_FIELDS
+from .schemas import body_fields
 
 PLAYGROUND_DIR = Path(__file__).parent / "playground"
 NO_CACHE = {"Cache-Control": "no-cache"}
@@ -44,11 +45,11 @@ def mount_playground(app: FastAPI) -> None:
 
 def model_capabilities(tts: TTS) -> dict:
     """What a client needs to offer the right options: the family (delay, local, realtime, fish), its
-    default task and the request fields that task reads (the Delay prompt builder's own table, so the
-    page cannot offer a field the task refuses), whether it has realtime sessions, and the audio it
-    returns."""
+    default task and the body fields that task reads (the Delay prompt builder's own table in the
+    API's names, so the page cannot offer a field the task refuses), whether it has realtime
+    sessions, and the audio it returns."""
     talker = tts.talker
     task = getattr(talker, "default_task", None)
     return {"family": talker.name, "task": task,
-            "task_fields": sorted(TASK_FIELDS[task]) if task else None, "sessions": talker.supports_sessions,
+            "task_fields": body_fields(TASK_FIELDS[task]) if task else None, "sessions": talker.supports_sessions,
             "codebooks": talker.codebooks, "sample_rate": tts.codec.sample_rate, "channels": tts.codec.channels}

@@ -1,9 +1,10 @@
 """The request bodies of the speech API: OpenAI's fields plus the MOSS extensions.
 
-Strict: a field of the wrong type, an unknown field or an out-of-range number is a 422 naming
+Strict: a field of the wrong type, an unknown field or an out-of-range number is a 400 naming
 the field, never silently coerced or ignored. What a model cannot do (instructions on a model
 without voice design, speakers on a single-speaker model) is refused later by the model's own
-prompt builder with a message that says so.
+prompt builder with a message that says so (a Delay model's task, by `speech.refuse_unused`,
+in these fields' names).
 """
 from __future__ import annotations
 
@@ -50,9 +51,31 @@ class SamplingFields(Protocol):
     initial_chunk_frames: int | None
 
 
+# The body fields that carry each field of a Delay task's table (text/delay_requests.py TASK_FIELDS).
+BODY_FIELDS = {
+    "voice": ("voice", "ref_audio"),
+    "reference_text": ("ref_text",),
+    "duration": ("duration_seconds", "duration_tokens"),
+    "instructions": ("instructions",),
+    "speakers": ("speakers",),
+    "language": ("language",),
+}
+
+
+def body_fields(task_fields: set[str]) -> list[str]:
+    """The body fields that carry `task_fields` (a Delay task's table entry), sorted."""
+    return sorted(name for field in task_fields for name in BODY_FIELDS[field])
+
+
 def _voice_id(value: object) -> object:
     """OpenAI's newer object form of `voice`, `{"id": name}`, is the name."""
     return value["id"] if isinstance(value, dict) and set(value) == {"id"} else value
+
+
+def _blank_is_unset(value: str) -> str | None:
+    """OpenAI clients may send `instructions: ""`; it asks for nothing, so it is no instruction a model
+    without voice design must refuse."""
+    return value if value.strip() else None
 
 
 class SpeakerBody(Body):
@@ -78,7 +101,7 @@ class SpeechBody(Body):
     voice: Annotated[str, Field(min_length=1, max_length=64), BeforeValidator(_voice_id)] | None = None
     response_format: ResponseFormat = "mp3"
     speed: Speed = 1.0
-    instructions: str | None = None
+    instructions: Annotated[str, AfterValidator(_blank_is_unset)] | None = None
     stream: bool = False
     stream_format: Literal["audio", "sse"] | None = None
     # MOSS extensions
@@ -97,3 +120,9 @@ class SpeechBody(Body):
     initial_chunk_frames: FirstChunkFrames | None = None
     depth: Annotated[int, Field(ge=1)] | None = None  # Local: codebooks per frame (1..n_vq)
     chunk_length: Annotated[int, Field(ge=1, le=100000)] | None = None  # Fish S2 Pro: UTF-8 bytes per text batch
+
+    @property
+    def streamed(self) -> bool:
+        """OpenAI's `stream_format` ("audio": raw audio chunks, "sse": events) streams; so does `stream`
+        (audio). A body with neither gets the whole file at once."""
+        return self.stream or self.stream_format is not None

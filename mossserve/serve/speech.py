@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio
+from ..audio import MEDIA_TYPES, StreamEncoder, encode_audio, output_rate
 from ..audio.tempo import TempoChange
 from ..config import ChunkSchedule
 from ..engine.async_engine import RequestStream
@@ -26,9 +26,11 @@ from ..engine.request import AudioChunk
 from ..errors import MossServeError
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
+from ..text.delay_requests import TASK_FIELDS
 from .errors import APIError, error_event, from_mossserve, naming_field
 from .metrics import StreamClock
-from .schemas import SamplingFields, SpeechBody
+from .references import PRESET_VOICES
+from .schemas import BODY_FIELDS, SamplingFields, SpeechBody
 from .state import ServerState
 
 log = logging.getLogger("mossserve")
@@ -44,18 +46,18 @@ class ClientGone(Exception):
 @router.post(ENDPOINT)
 async def speech(body: SpeechBody, request: Request) -> Response:
     state: ServerState = request.app.state.server
-    clock = StreamClock(state.metrics, streamed=body.stream or body.stream_format == "sse")
+    clock = StreamClock(state.metrics, streamed=body.streamed)
     deadline = time.monotonic() + state.settings.request_timeout_s
     tempo = tempo_for(state, body.speed)
     stream = await submit(state, body)
-    run = Run(state, stream, deadline, clock, watch_disconnect(request, state, stream), tempo)
+    run = Run(state, stream, deadline, clock, watch_disconnect(request, state, stream), tempo, body.response_format)
     if body.stream_format == "sse":
-        return StreamingResponse(run.sse(body.response_format), media_type="text/event-stream",
-                                 headers={**run.headers(), "Cache-Control": "no-cache"})
-    if body.stream:
-        return StreamingResponse(run.audio(body.response_format), media_type=MEDIA_TYPES[body.response_format],
-                                 headers=run.headers())
-    return await run.whole(body.response_format)
+        return StreamingResponse(run.sse(), media_type="text/event-stream",
+                                 headers={**run.audio_headers(), "Cache-Control": "no-cache"})
+    if body.streamed:
+        return StreamingResponse(run.audio(), media_type=MEDIA_TYPES[body.response_format],
+                                 headers=run.audio_headers())
+    return await run.whole()
 
 
 async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
@@ -69,6 +71,7 @@ async def submit(state: ServerState, body: SpeechBody) -> RequestStream:
     texts += [(f"speakers[{i}].ref_text", s.ref_text) for i, s in enumerate(body.speakers or [])]
     for name, text in texts:  # before any tokenizing: a huge text holds the interpreter for seconds
         check_text_length(state, name, text)
+    refuse_unused(state, body)
     try:
         speech_request = await to_speech_request(state, body)
         stream = state.engine.submit(speech_request, sampling_for(state, body), max_new_frames=body.max_new_tokens,
@@ -91,6 +94,24 @@ def check_text_length(state: ServerState, name: str, text: str | None) -> None:
         raise APIError(400, f"{name} has {len(text)} characters; this server takes at most {limit} per field"
                             + (" (split longer text)" if name == "input" else ""),
                        param=name, code="input_too_long" if name == "input" else "text_too_long")
+
+
+def refuse_unused(state: ServerState, body: SpeechBody) -> None:
+    """A field the Delay model's task does not read, refused in the body's own name (the prompt builder
+    speaks of SpeechRequest's: `voice` for ref_audio, `duration_tokens` for duration_seconds) and
+    before any voice is resolved (ref_audio would go through the codec first). An OpenAI preset voice
+    name means no voice, so every task takes it."""
+    task = getattr(state.tts.talker, "default_task", None)
+    if task is None:  # not a Delay model: its prompt builder names the fields it refuses
+        return
+    for field, names in BODY_FIELDS.items():
+        if field in TASK_FIELDS[task]:
+            continue
+        for name in names:
+            if getattr(body, name) is not None and not (name == "voice" and body.voice in PRESET_VOICES):
+                per_speaker = task == "dialogue" and field in ("voice", "reference_text")
+                hint = " (give voices per speaker in speakers)" if per_speaker else ""
+                raise APIError(400, f"{name} is not used by the {task} task{hint}", param=name)
 
 
 async def to_speech_request(state: ServerState, body: SpeechBody) -> SpeechRequest:
@@ -158,11 +179,18 @@ class Run:
     clock: StreamClock
     watcher: asyncio.Task
     tempo: TempoChange | None  # `speed` other than 1
+    format: str  # the response_format
     counted: bool = False  # its outcome is in the metrics
     final: AudioChunk | None = None  # its final chunk, once it came
 
     def headers(self) -> dict[str, str]:
         return {"X-Request-Id": self.stream.request_id}
+
+    def audio_headers(self) -> dict[str, str]:
+        """An audio response's headers: X-Sample-Rate, which raw pcm has no other way to say (OpenAI's
+        clients assume 24 kHz; Fish S2 Pro's is 44.1 kHz)."""
+        rate = output_rate(self.format, self.state.tts.codec.sample_rate)
+        return {**self.headers(), "X-Sample-Rate": str(rate)}
 
     async def chunks(self):
         """The request's chunks until the final one; raises ClientGone, or APIError on timeout or failure."""
@@ -221,7 +249,7 @@ class Run:
             self.counted = True
             self.state.metrics.requests.labels(ENDPOINT, outcome).inc()
 
-    async def whole(self, format: str) -> Response:
+    async def whole(self) -> Response:
         pieces = []
         try:
             async for chunk in self.chunks():
@@ -230,7 +258,7 @@ class Run:
             final = self.final
             channels = self.state.tts.codec.channels
             samples = np.concatenate(pieces, axis=-1) if pieces else np.zeros((channels, 0), np.float32)
-            data = await asyncio.to_thread(encode_audio, samples, final.sample_rate, format)
+            data = await asyncio.to_thread(encode_audio, samples, final.sample_rate, self.format)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
         except APIError:
@@ -240,15 +268,15 @@ class Run:
         seconds = samples.shape[-1] / final.sample_rate
         self.clock.sent(data, seconds)  # the body goes out as this returns
         self.clock.finish()
-        return Response(data, media_type=MEDIA_TYPES[format],
-                        headers={**self.headers(), "X-Finish-Reason": final.finish_reason or "stop",
+        return Response(data, media_type=MEDIA_TYPES[self.format],
+                        headers={**self.audio_headers(), "X-Finish-Reason": final.finish_reason or "stop",
                                  "X-Audio-Seconds": f"{seconds:.3f}"})
 
-    async def audio(self, format: str):
+    async def audio(self):
         """Encoded bytes as they are produced; a failure mid-stream ends the connection without
         the final chunk, so the client sees an incomplete body rather than a short file."""
         try:
-            async for data in self.encoded(format):
+            async for data in self.encoded():
                 yield data
         except ClientGone:
             return
@@ -259,12 +287,12 @@ class Run:
             raise StreamCut(self.ended_by(e).message) from None
         self.clock.finish()
 
-    async def encoded(self, format: str):
+    async def encoded(self):
         """The request's audio encoded as it comes (off the event loop), then the encoder's tail; each
         piece is sent as it is yielded, so it is timed and counted then (an encoder may hold audio back)."""
         encoder = None
         async for chunk in self.chunks():
-            encoder = encoder or StreamEncoder(format, chunk.sample_rate, self.state.tts.codec.channels)
+            encoder = encoder or StreamEncoder(self.format, chunk.sample_rate, self.state.tts.codec.channels)
             if chunk.audio is not None and chunk.audio.shape[-1]:
                 data = await asyncio.to_thread(encoder.write, chunk.audio)
                 self.clock.sent(data, chunk.audio.shape[-1] / chunk.sample_rate)
@@ -274,10 +302,10 @@ class Run:
             self.clock.sent(tail, 0.0)
             yield tail
 
-    async def sse(self, format: str):
+    async def sse(self):
         """OpenAI's `speech.audio.delta` events (base64 of the encoded bytes), then `speech.audio.done`."""
         try:
-            async for data in self.encoded(format):
+            async for data in self.encoded():
                 yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         except ClientGone:
             return
