@@ -389,3 +389,51 @@ def test_a_stream_cut_short_counts_the_audio_it_sent(demo_tts, server_app, gate)
     assert sent == pytest.approx(received / 2 / demo_tts.codec.sample_rate)  # s16 mono
     assert metrics.registry.get_sample_value("mossserve_real_time_factor_count") == 0  # finished requests only
     demo_tts.wait_idle()
+
+
+def test_a_whole_request_cancelled_by_its_front_counts_as_disconnected(demo_tts, server_app, gate) -> None:
+    """Ray's proxy cancels the replica's call when its client leaves, and no http.disconnect comes:
+    the cancellation ended a whole response's handler uncounted (streams counted it)."""
+    app = server_app()
+
+    async def leave_mid_request() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mossserve") as client:
+            gate.armed.set()
+            call = asyncio.ensure_future(client.post(SPEECH, json={"input": TEXT, "initial_chunk_frames": 1}))
+            await asyncio.to_thread(gate.held.wait, 60)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    asyncio.run(leave_mid_request())
+    gate.release()
+    assert counted(app.state.server.metrics, "disconnected") == 1
+    demo_tts.wait_idle()
+
+
+def test_a_ray_replica_logs_a_cut_stream_once() -> None:
+    """Serve logs a request's exception with its traceback ("Request failed."); a cut stream's, already
+    logged in one line by mossserve, came out as a ~90-line traceback on Ray (uvicorn's was quieted)."""
+    pytest.importorskip("ray", reason="Ray Serve is the optional [ray] extra")
+    from mossserve.distributed.deployment import log_through_serve
+    from mossserve.serve.speech import StreamCut
+
+    serve_log, ours = logging.getLogger("ray.serve"), logging.getLogger("mossserve")
+    saved = [(log, log.handlers[:], log.filters[:], log.level, log.propagate) for log in (serve_log, ours)]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    try:
+        serve_log.handlers = [handler]
+        log_through_serve()
+        for error in (StreamCut("the request ran past the server's 3 s timeout"), ValueError("a bug")):
+            try:
+                raise error
+            except Exception:
+                serve_log.exception("Request failed.")
+    finally:
+        for log, handlers, filters, level, propagate in saved:
+            log.handlers, log.filters, log.propagate = handlers, filters, propagate
+            log.setLevel(level)
+    assert [type(r.exc_info[1]) for r in records] == [ValueError]

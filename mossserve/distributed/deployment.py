@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ..serve.app import create_app
 from ..serve.settings import ServerSettings
+from ..serve.speech import quiet_stream_cuts
 from ..serve.state import ServerState
 from .metrics_board import PUSH_INTERVAL_S, MetricsBoard, labelled
 from .voice_service import RemoteVoiceStore, VoiceService
@@ -109,6 +110,7 @@ def log_through_serve() -> None:
     ours.handlers = [_ToServe()]
     ours.setLevel(logger.getEffectiveLevel())
     ours.propagate = False
+    quiet_stream_cuts(logger.name)  # Serve logs a request's exception, a cut stream's too, as "Request failed."
 
 
 class ReplicaFront:

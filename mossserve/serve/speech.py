@@ -261,6 +261,9 @@ class Run:
             data = await asyncio.to_thread(encode_audio, samples, final.sample_rate, self.format)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
+        except asyncio.CancelledError:  # a front that cancels when its client leaves (Ray's proxy)
+            self.count("disconnected")
+            raise
         except APIError:
             raise
         except Exception as e:
@@ -341,8 +344,10 @@ class _NoStreamCuts(logging.Filter):
         return error is None
 
 
-def quiet_stream_cuts() -> None:
-    server_log = logging.getLogger("uvicorn.error")
+def quiet_stream_cuts(server_logger: str = "uvicorn.error") -> None:
+    """The server's logger (uvicorn's; a Ray replica's is Serve's) leaves out a StreamCut's traceback:
+    the cut request has its own line in the mossserve log."""
+    server_log = logging.getLogger(server_logger)
     if not any(isinstance(f, _NoStreamCuts) for f in server_log.filters):
         server_log.addFilter(_NoStreamCuts())
 
