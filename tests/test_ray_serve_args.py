@@ -329,3 +329,17 @@ def test_joining_a_cluster_whose_serve_listens_elsewhere_says_where(monkeypatch,
     assert "answers at 127.0.0.1:18440" in capsys.readouterr().err
     run._serve_until_stopped("app", ServerSettings(host="127.0.0.1", port=18440), owned=False)
     assert "answers at" not in capsys.readouterr().err
+
+
+def test_the_remote_voice_store_takes_what_the_voice_store_takes() -> None:
+    """The replicas call a RemoteVoiceStore as they would a VoiceStore (--voice-service): a method whose
+    arguments drifted apart failed only on Ray, at the first request that used a voice."""
+    import inspect
+
+    from mossserve.distributed.voice_service import RemoteVoiceStore
+    from mossserve.serve.voices import VoiceStore
+
+    public = [name for name, _ in inspect.getmembers(VoiceStore, inspect.isfunction) if not name.startswith("_")]
+    for name in public:
+        local, remote = inspect.signature(getattr(VoiceStore, name)), inspect.signature(getattr(RemoteVoiceStore, name))
+        assert list(local.parameters.items()) == list(remote.parameters.items()), name

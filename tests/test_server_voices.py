@@ -187,6 +187,7 @@ def test_a_stored_voice_past_a_restarted_servers_limit_is_refused_by_name(demo_t
         store = stricter.state.server.voices
         stale = store.get("long")
         monkeypatch.setattr(store, "get", lambda name: replace(stale, codec="another codec", duration_s=0.5))
+        monkeypatch.setattr(store, "codes", lambda name, codec=None: None)  # none of this server's codec
         r = client.post(SPEECH, json={"input": "Hello.", "voice": "long"})  # re-encoded: its audio is too long
         message = r.json()["error"]["message"]
         assert r.status_code == 400 and message.startswith("the stored voice 'long': ") and "too long" in message
@@ -314,6 +315,7 @@ def test_a_voice_deleted_while_it_is_read_is_not_found_or_still_used(demo_tts, t
 
         assert upload(client, "dora", SHORT).status_code == 201
         monkeypatch.setattr(store, "get", lambda name: replace(stale, codec="another codec"))
+        monkeypatch.setattr(store, "codes", lambda name, codec=None: None)  # none of this server's codec
         error = error_of(client.post(SPEECH, json={"input": "Hi.", "voice": "dora"}), 400)
         assert error["code"] == "voice_not_found"
         monkeypatch.undo()
@@ -329,6 +331,7 @@ def test_a_voice_deleted_while_it_is_read_is_not_found_or_still_used(demo_tts, t
             return await encode(audio)
 
         monkeypatch.setattr(store, "get", lambda name: replace(stale, codec="another codec"))
+        monkeypatch.setattr(store, "codes", lambda name, codec=None: None)
         monkeypatch.setattr(app.state.server.engine, "encode_voice", deleted_meanwhile)
         assert client.post(SPEECH, json={"input": "Hi.", "voice": "dora", "response_format": "wav"}).status_code == 200
 

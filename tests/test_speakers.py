@@ -63,6 +63,20 @@ def test_one_batch_of_different_lengths_equals_single_encodes(codec_models, vari
     assert cache.run_pending() == 0
 
 
+def test_a_round_takes_voices_up_to_max_round_seconds_of_padded_audio(codec, monkeypatch) -> None:
+    """Every queued voice went into one encode_batch (47 clips, 141 s of audio, on the device at once)."""
+    monkeypatch.setattr("mossserve.engine.speakers.MAX_ROUND_SECONDS", 8.0)
+    cache = SpeakerCache(codec, K, start_worker=False)
+    futures = [cache.request(AUDIO_DIR / f) for f in FILES]  # 3.0, 6.6, 7.8 and 6.6 s
+    assert cache.run_pending() == 2  # 2 x 6.6 s padded: past 8 s, so the round stops there
+    assert [f.done() for f in futures] == [True, True, False, False]
+    assert cache.run_pending() == 2
+    assert cache.run_pending() == 0
+    for name, future in zip(FILES, futures):
+        assert np.array_equal(future.result(), direct(codec, AUDIO_DIR / name)), name
+    assert cache.stats() == {"entries": 4, "hits": 0, "misses": 4, "encodes": 4, "batches": 2}
+
+
 def test_same_content_under_another_name_or_as_bytes_is_a_hit(codec, tmp_path) -> None:
     copy = tmp_path / "someone_else.wav"
     shutil.copyfile(AUDIO_DIR / "reference_en_3.mp3", copy)  # an mp3 named .wav: content decides

@@ -148,15 +148,22 @@ def test_concurrent_adds_of_one_name_have_exactly_one_winner(store, tmp_path) ->
     assert sorted(p.name for p in (tmp_path / "voices" / "alice").iterdir()) == ["codes.npy", "reference.wav"]
 
 
-def test_replace_codes_updates_codes_and_codec(store, tmp_path) -> None:
-    voice, audio, _ = add(store, "alice")
+def test_replace_codes_updates_codes_and_codec_and_keeps_each_codecs_codes(store, tmp_path) -> None:
+    voice, audio, codes = add(store, "alice")
     new = np.arange(30, dtype=np.int16).reshape(10, 3)
     updated = store.replace_codes("ALICE", new, codec="codec-v2")
     assert updated.name == "alice" and (updated.frames, updated.codebooks, updated.codec) == (10, 3, "codec-v2")
     assert updated.created_at == voice.created_at and updated.sha256 == voice.sha256
     assert store.get("alice") == updated
     assert_stored(store, "alice", audio, new)
-    assert sorted(p.name for p in (tmp_path / "voices" / "alice").iterdir()) == ["codes.npy", "reference.wav"]
+    assert np.array_equal(store.codes("alice", "codec-v2"), new)
+    assert store.codes("alice", "codec-v3") is None
+    assert store.codes("alice", voice.codec) is None  # codes.npy is no longer the recorded codec's
+    store.replace_codes("alice", codes, codec=voice.codec)  # that codec's server re-encodes it once
+    for codec, expected in ((voice.codec, codes), ("codec-v2", new)):  # and then each server reads its own
+        assert np.array_equal(store.codes("alice", codec), expected)
+    updated = store.replace_codes("alice", new, codec="codec-v2")
+    assert not list((tmp_path / "voices" / "alice").glob("*.tmp"))
     store.close()
     reopened = VoiceStore(tmp_path)
     try:
@@ -241,8 +248,8 @@ def test_a_stored_voice_of_another_codec_is_re_encoded_once(store) -> None:
     add(store, "alice", seed=0)  # stored with codec "codec-0"
     encoder = Encoder()
     resolver = VoiceResolver(store, encoder, "server-codec", 3)
-    codes, transcript, name = asyncio.run(resolver.stored("alice", "voice"))
-    assert encoder.calls == 1 and transcript == "transcript 0" and name == "alice"
+    codes, transcript, name, param = asyncio.run(resolver.stored("alice", "voice"))
+    assert encoder.calls == 1 and transcript == "transcript 0" and name == "alice" and param == "voice"
     assert store.get("alice").codec == "server-codec"
     assert np.array_equal(store.codes("alice"), codes)
     again = asyncio.run(resolver.stored("alice", "voice")).codes
@@ -265,3 +272,74 @@ def test_a_voice_uploaded_again_during_its_re_encode_keeps_its_own_codes(store) 
     asyncio.run(resolver.stored("alice", "voice"))
     assert store.get("alice") == replaced["voice"]
     assert np.array_equal(store.codes("alice"), replaced["codes"])
+
+
+@pytest.mark.parametrize("damage", ["garbage database", "database is a directory", "voices is a file"])
+def test_a_damaged_voice_library_is_an_error_that_names_the_file(tmp_path, damage) -> None:
+    """These were raw sqlite3 / FileExistsError tracebacks from `serve`."""
+    from mossserve.errors import MossServeError
+    from mossserve.serve.voices import VoiceLibraryError
+
+    culprit = tmp_path / ("voices" if damage == "voices is a file" else "mossserve.db")
+    if damage == "database is a directory":
+        culprit.mkdir()
+    else:
+        culprit.write_text("garbage, not a SQLite database " * 10)
+    with pytest.raises(VoiceLibraryError, match="move it aside") as error:
+        VoiceStore(tmp_path)
+    assert str(culprit) in str(error.value) and isinstance(error.value, MossServeError)  # the CLI's `error: ...`
+
+
+@pytest.mark.parametrize("stray", ["file", "link to a directory", "dangling link"])
+def test_whatever_is_where_a_voices_directory_goes_without_a_row_is_replaced(store, tmp_path, stray) -> None:
+    """A stray file there made the upload a 500 (NotADirectoryError)."""
+    path, elsewhere = tmp_path / "voices" / "alice", tmp_path / "elsewhere"
+    if stray == "file":
+        path.write_text("not a voice")
+    else:
+        elsewhere.mkdir()
+        (elsewhere / "keep.txt").write_text("not ours")
+        path.symlink_to(elsewhere if stray == "link to a directory" else tmp_path / "missing")
+    voice, audio, codes = add(store, "alice")
+    assert store.list() == [voice] and path.is_dir() and not path.is_symlink()
+    assert_stored(store, "alice", audio, codes)
+    assert stray == "file" or (elsewhere / "keep.txt").exists()  # a link is removed, not followed
+
+
+def test_a_stored_transcript_is_checked_by_this_server_where_it_is_used(store) -> None:
+    """It was checked by the server that stored it (another model, another --max-input-chars); the
+    model then refused it as `ref_text`, a field the client never sent."""
+    import asyncio
+
+    from mossserve.serve.errors import APIError
+    from mossserve.serve.references import VoiceResolver
+    from mossserve.serve.schemas import SpeakerBody, SpeechBody
+
+    add(store, "alice")  # "transcript 0", codec "codec-0"
+    audio, codes = sample(1)
+    store.add("bea", audio, SR, codes, "hi <|bad|>", codec="codec-0", sha256="1" * 64)
+
+    def check_text(text: str, name: str) -> None:
+        if "<|bad|>" in text:
+            raise InvalidRequestError(f"{name} contains <|bad|>")
+
+    def resolver(needs_transcript: bool) -> VoiceResolver:
+        return VoiceResolver(store, Encoder(), "codec-0", 4, needs_transcript, check_text=check_text, max_chars=11)
+
+    def refusal(call) -> APIError:
+        with pytest.raises(APIError) as error:
+            asyncio.run(call)
+        return error.value
+
+    error = refusal(resolver(True).main_voice(SpeechBody(input="Hi.", voice="alice")))
+    assert (error.param, error.code) == ("voice", "text_too_long")
+    assert error.message.startswith("the transcript of the stored voice 'alice' has 12 characters; this server "
+                                    "takes at most 11 per field (--max-input-chars): give ref_text, or store")
+    error = refusal(resolver(False).speakers([SpeakerBody(ref_audio="bea")]))
+    assert error.param == "speakers[0].ref_audio" and error.code is None
+    assert error.message.startswith("the transcript of the stored voice 'bea' contains <|bad|>; "
+                                    "give speakers[0].ref_text")
+    # not used, so not refused: a model that clones from audio alone, and a transcript given instead
+    assert asyncio.run(resolver(False).main_voice(SpeechBody(input="Hi.", voice="bea")))[1] == "hi <|bad|>"
+    asyncio.run(resolver(True).main_voice(SpeechBody(input="Hi.", voice="bea", ref_text="Hello.")))
+    asyncio.run(resolver(False).speakers([SpeakerBody(voice="bea", ref_text="Hello.")]))

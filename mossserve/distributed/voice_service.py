@@ -49,8 +49,8 @@ class RemoteVoiceStore:
     def list(self) -> list[Voice]:
         return self._call("list")
 
-    def codes(self, name: str) -> np.ndarray:
-        return self._call("codes", name)
+    def codes(self, name: str, codec: str | None = None) -> np.ndarray | None:
+        return self._call("codes", name, codec)
 
     def replace_codes(self, name: str, codes: np.ndarray, codec: str, sha256: str | None = None) -> Voice:
         return self._call("replace_codes", name, codes, codec, sha256)

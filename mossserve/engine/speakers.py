@@ -3,7 +3,8 @@
 Servers see the same few voices over and over, often under different file names and often many
 requests at once. Keying by the sha256 of the file's bytes (and the quantizer count) makes a
 repeated voice free; requests for a voice already being encoded share that one encode; and cold
-voices that arrive together are encoded in one `codec.encode_batch` call by a worker thread.
+voices that arrive together are encoded together, in `codec.encode_batch` calls of up to about a
+minute of padded audio, by a worker thread.
 
     cache = SpeakerCache(codec, n_quantizers=32)
     codes = cache.encode("me.wav")                       # (frames, 32) int64, read-only
@@ -30,6 +31,9 @@ from .worker import Worker
 
 VoiceSource = str | PathLike | bytes | bytearray | memoryview
 Key = tuple[str, int]  # (sha256 of the file's bytes, n_quantizers)
+# A round's encode_batch pads every clip to the longest and runs them at once: clips x longest is what the
+# codec holds on the device, so a round stops taking queued voices there (the first always goes).
+MAX_ROUND_SECONDS = 60.0
 
 
 @dataclass
@@ -109,14 +113,12 @@ class SpeakerCache:
         return self.request(source).result()
 
     def run_pending(self) -> int:
-        """One round: take every queued voice, decode each, encode them in one batch and resolve
-        their futures. Returns how many clips were encoded."""
-        with self._cond:
-            jobs, self._pending = self._pending, []
-        if not jobs:
-            return 0
+        """One round: take queued voices in order, decoding each, until they make MAX_ROUND_SECONDS of
+        padded audio, encode them in one batch and resolve their futures; the rest wait for the next
+        round. Returns how many clips were encoded."""
+        jobs: list[_Job] = []
         try:
-            return self._run(jobs)
+            return self._run(self._take(jobs))
         except BaseException as e:  # never leave a waiter hanging
             for job in jobs:
                 if not job.future.done():
@@ -154,13 +156,27 @@ class SpeakerCache:
     def _round_failed(self, error: Exception) -> None:
         """Nothing to do: `run_pending` has already handed the error to that round's futures."""
 
-    def _run(self, jobs: list[_Job]) -> int:
+    def _take(self, taken: list[_Job]) -> list[tuple[_Job, np.ndarray]]:
+        """Queued voices, each decoded as it is taken (a bad file fails alone and early), up to
+        MAX_ROUND_SECONDS of padded audio; `taken` gets every job taken, for the caller's clean-up."""
         ready: list[tuple[_Job, np.ndarray]] = []
-        for job in jobs:  # decode first, so a bad file fails alone and early
+        longest = 0
+        while len(ready) * longest < MAX_ROUND_SECONDS * self.codec.sample_rate:
+            with self._cond:
+                if not self._pending:
+                    break
+                job = self._pending.pop(0)
+            taken.append(job)
             try:
-                ready.append((job, self._prepare(job)))
+                samples = self._prepare(job)
             except Exception as e:  # noqa: BLE001 - reported to that request only
                 self._finish(job, error=e)
+                continue
+            ready.append((job, samples))
+            longest = max(longest, samples.shape[-1])
+        return ready
+
+    def _run(self, ready: list[tuple[_Job, np.ndarray]]) -> int:
         if not ready:
             return 0
         try:

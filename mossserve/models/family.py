@@ -127,7 +127,8 @@ class TalkerFamily(ABC):
 
     def check_transcript(self, text: str, name: str) -> None:
         """Raise InvalidRequestError for a voice's transcript this model would refuse in a request
-        (checked when a voice is stored with it, not at each later use)."""
+        (checked when a voice is stored with it, and again by each server that uses a stored voice's
+        transcript as a reference text: VoiceResolver.check_stored_transcript)."""
         self.check_typed(text, name)
 
     def check_typed_text(self, request: SpeechRequest) -> None:

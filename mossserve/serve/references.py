@@ -9,12 +9,13 @@ import asyncio
 import base64
 import binascii
 import re
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
 from ..audio.read import ENCODER_PADDING_S
-from ..errors import AudioError
+from ..errors import AudioError, InvalidRequestError
 from ..speech_request import Speaker
 from .errors import APIError
 from .schemas import SpeakerBody, SpeechBody
@@ -34,20 +35,22 @@ class Reference(NamedTuple):
     codes: np.ndarray
     transcript: str | None  # a stored voice's
     stored: str | None = None  # the stored voice's name
-
-
-SMALLEST_AUDIO_FILE = 44  # bytes: a wav header alone; a voice name that decodes as base64 gives fewer
+    param: str | None = None  # the field that named the stored voice
 
 
 class VoiceResolver:
     """Turns names and inline audio into codes, re-encoding stored voices made by another codec.
     `needs_transcript`: the model clones from audio and transcript together (Fish S2 Pro), so a
-    voice without one is refused here, naming where it came from."""
+    voice without one is refused here, naming where it came from. `check_text` (the model's
+    `check_transcript`) and `max_chars` (--max-input-chars) judge a stored transcript used as a
+    reference text: it was judged by the server that stored it, which may have run another model."""
 
     def __init__(self, voices: VoiceStore, engine, codec_id: str, codebooks: int, needs_transcript: bool = False,
-                 max_seconds: float | None = None) -> None:
+                 max_seconds: float | None = None, check_text: Callable[[str, str], None] | None = None,
+                 max_chars: int | None = None) -> None:
         self.voices, self.engine, self.codec_id, self.codebooks = voices, engine, codec_id, codebooks
         self.needs_transcript, self.max_seconds = needs_transcript, max_seconds
+        self.check_text, self.max_chars = check_text, max_chars
 
     async def main_voice(self, body: SpeechBody) -> tuple[np.ndarray | None, str | None]:
         """(codes, transcript of the stored voice) for `voice` / `ref_audio`."""
@@ -63,6 +66,8 @@ class VoiceResolver:
         if reference is None:
             return None, None
         self.check_transcript(reference, body.ref_text, "")
+        if self.needs_transcript and body.ref_text is None:  # the model's reference text (speech.py)
+            self.check_stored_transcript(reference, "")
         return reference.codes, reference.transcript
 
     async def speakers(self, bodies: list[SpeakerBody]) -> list[Speaker]:
@@ -82,6 +87,8 @@ class VoiceResolver:
         if reference is None:
             return Speaker(voice=None, reference_text=body.ref_text)
         self.check_transcript(reference, body.ref_text, f"{where}.")
+        if body.ref_text is None:
+            self.check_stored_transcript(reference, f"{where}.")
         return Speaker(voice=reference.codes,
                        reference_text=body.ref_text if body.ref_text is not None else reference.transcript)
 
@@ -97,6 +104,24 @@ class VoiceResolver:
         raise APIError(400, f"{why}: this model clones a voice from its audio and what it says, together; give "
                             f"{prefix}ref_text (or store the voice with its transcript)", param=f"{prefix}ref_text")
 
+    def check_stored_transcript(self, reference: Reference, prefix: str) -> None:
+        """A stored voice's transcript about to be its reference text, refused naming the voice (the
+        model would name `ref_text`, which the client never sent)."""
+        transcript, name = reference.transcript, reference.stored
+        if name is None or transcript is None:
+            return
+        what = f"the transcript of the stored voice {name!r}"
+        instead = f"give {prefix}ref_text, or store the voice again with a transcript this server takes"
+        if self.max_chars is not None and len(transcript) > self.max_chars:
+            raise APIError(400, f"{what} has {len(transcript)} characters; this server takes at most {self.max_chars} "
+                                f"per field (--max-input-chars): {instead}", param=reference.param,
+                           code="text_too_long")
+        if self.check_text is not None:
+            try:
+                self.check_text(transcript, what)
+            except InvalidRequestError as e:
+                raise APIError(400, f"{e}; {instead}", param=reference.param) from None
+
     async def stored(self, name: str, param: str) -> Reference | None:
         """A stored voice's codes (re-encoded once if another codec made them) and transcript."""
         if not _is_voice_name(name):
@@ -108,9 +133,10 @@ class VoiceResolver:
             raise APIError(400, f"the stored voice {name!r} is {voice.duration_s:.2f} s long; this server takes "
                                 f"voices up to {self.max_seconds:g} s (--max-voice-seconds)", param=param,
                            code="invalid_audio")
-        try:
-            if voice.codec == self.codec_id and voice.codebooks == self.codebooks:
-                return Reference(await asyncio.to_thread(self.voices.codes, name), voice.transcript, name)
+        try:  # this codec's codes, read in one call: another server may store its own codec's meanwhile
+            codes = await asyncio.to_thread(self.voices.codes, name, self.codec_id)
+            if codes is not None and codes.shape[1] == self.codebooks:
+                return Reference(codes, voice.transcript, name, param)
             audio = await asyncio.to_thread(self.voices.audio, name)
         except VoiceNotFoundError:  # deleted since `get`
             return None
@@ -123,18 +149,19 @@ class VoiceResolver:
             await asyncio.to_thread(self.voices.replace_codes, name, codes, self.codec_id, voice.sha256)
         except VoiceNotFoundError:  # deleted: this request, which read it first, still speaks with it
             pass
-        return Reference(codes, voice.transcript, name)
+        return Reference(codes, voice.transcript, name, param)
 
     async def audio(self, value: str, param: str) -> Reference:
-        """`ref_audio`: a stored voice's name (with its transcript), a data URL or base64 of an audio file."""
+        """`ref_audio`: a stored voice's name (with its transcript), a data URL or base64 of an audio file.
+        A voice name that is not stored is refused as one: as base64 ("anna", "x" * 64) it is at most
+        48 bytes without '+' or '/', which no audio file a voice can be made of is."""
         stored = await self.stored(value, param)
         if stored is not None:
             return stored
-        audio = decode_audio_field(value, param)
-        if len(audio) < SMALLEST_AUDIO_FILE and _is_voice_name(value):  # "anna" is base64 too (3 bytes)
+        if _is_voice_name(value):
             raise self.not_found(value, param)
         try:
-            return Reference(await self.engine.encode_voice(audio), None)
+            return Reference(await self.engine.encode_voice(decode_audio_field(value, param)), None)
         except AudioError as e:
             raise APIError(400, f"{param}: {e}", param=param, code="invalid_audio") from None
 

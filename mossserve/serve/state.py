@@ -32,22 +32,23 @@ class ServerState:
 
     @classmethod
     def create(cls, settings: ServerSettings, tts: TTS | None = None, voices: VoiceStore | None = None) -> ServerState:
-        """Load the model (unless given one) and bring up the codec, speaker cache and engine
-        now, so the first request pays for none of it."""
+        """Open the voice library (a damaged one is reported before minutes of model loading), load
+        the model (unless given one) and bring up the codec, speaker cache and engine now, so the first
+        request pays for none of it."""
+        voices = VoiceStore(Path(settings.data_dir)) if voices is None else voices
         owns_tts = tts is None
         if tts is None:
             tts = TTS.from_pretrained(settings.model, settings.codec, device=settings.device, dtype=settings.dtype,
                                       engine_config=settings.engine, task=settings.task)
         tts.speakers.max_seconds = settings.max_voice_seconds
         tts.engine  # noqa: B018 - starts the engine threads
-        voices = VoiceStore(Path(settings.data_dir)) if voices is None else voices
         engine = AsyncEngine(tts)
-        codec_id = f"{tts.codec_source}@{tts.talker.codebooks}"
+        talker = tts.talker
+        resolver = VoiceResolver(voices, engine, f"{tts.codec_source}@{talker.codebooks}", talker.codebooks,
+                                 talker.voice_needs_transcript, settings.max_voice_seconds, talker.check_transcript,
+                                 settings.max_input_chars)
         metrics = Metrics(functools.partial(stats_while_open, tts))
-        return cls(settings, tts, engine, voices, metrics, VoiceResolver(voices, engine, codec_id, tts.talker.codebooks,
-                                                                                 tts.talker.voice_needs_transcript,
-                                                                                 settings.max_voice_seconds),
-                   served_name(settings, tts), owns_tts)
+        return cls(settings, tts, engine, voices, metrics, resolver, served_name(settings, tts), owns_tts)
 
     def accepts_model(self, name: str | None) -> bool:
         return name is None or name == self.model_name or name in OPENAI_MODELS
