@@ -187,8 +187,11 @@ def test_models_health_ready_and_metrics(served) -> None:
     assert client(served).models.list().data[0].id == "moss-tts-demo"
     assert client(served).models.retrieve("moss-tts-demo").id == "moss-tts-demo"
     assert client(served).models.retrieve("tts-1").id == "tts-1"  # an alias a speech request may name
-    with pytest.raises(openai.NotFoundError):
-        client(served).models.retrieve("whisper-1")
+    for snapshot in ("gpt-4o-mini-tts-2025-03-20", "tts-1-1106", "tts-1-hd-1106"):  # OpenAI's dated ids too
+        assert client(served).models.retrieve(snapshot).id == snapshot
+    for other in ("whisper-1", "tts-1-mini", "tts-10"):
+        with pytest.raises(openai.NotFoundError):
+            client(served).models.retrieve(other)
     assert httpx.get(served + "/health").json() == {"status": "ok"}
     ready = httpx.get(served + "/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from .settings import ServerSettings
 from .voices import VoiceStore
 
 DEMO_MODEL_NAME = "moss-tts-demo"
-# Model ids OpenAI clients send; they mean the loaded model, so unmodified clients work.
-OPENAI_MODELS = frozenset({"tts-1", "tts-1-hd", "gpt-4o-mini-tts"})
+# Model ids OpenAI clients send, with or without a snapshot's date or number (gpt-4o-mini-tts-2025-03-20,
+# tts-1-1106); they mean the loaded model, so unmodified clients work.
+OPENAI_MODELS = re.compile(r"(tts-1|tts-1-hd|gpt-4o-mini-tts)(-[0-9]+)*")
 
 
 @dataclass
@@ -51,7 +53,7 @@ class ServerState:
         return cls(settings, tts, engine, voices, metrics, resolver, served_name(settings, tts), owns_tts)
 
     def accepts_model(self, name: str | None) -> bool:
-        return name is None or name == self.model_name or name in OPENAI_MODELS
+        return name is None or name == self.model_name or OPENAI_MODELS.fullmatch(name) is not None
 
     def close(self) -> None:
         self.closing = True
