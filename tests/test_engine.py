@@ -436,8 +436,9 @@ def test_a_sound_effect_is_not_guarded_from_a_conversation_file_either(delay_tts
     sound = fam.prompt_from_conversation([build_user_message(ambient_sound="雷声隆隆。", tokens=125)], "generation")
     speech = fam.prompt_from_conversation([build_user_message(text="Hello.")], "generation")
     request = fam.build_prompt(SpeechRequest(input="雷声隆隆。", task="sound_effect"))
+    as_dict = fam.prompt_from_conversation([{"role": "user", "ambient_sound": "雷声隆隆。", "tokens": 125}], "generation")
     assert sound.info["runaway_guard"] is False and request.info["runaway_guard"] is False
-    assert speech.info["runaway_guard"] is True
+    assert as_dict.info["runaway_guard"] is False and speech.info["runaway_guard"] is True
 
 
 def test_runaway_guard_means_the_same_seconds_at_another_frame_rate() -> None:

@@ -64,17 +64,29 @@ def test_one_batch_of_different_lengths_equals_single_encodes(codec_models, vari
 
 
 def test_a_round_takes_voices_up_to_max_round_seconds_of_padded_audio(codec, monkeypatch) -> None:
-    """Every queued voice went into one encode_batch (47 clips, 141 s of audio, on the device at once)."""
-    monkeypatch.setattr("mossserve.engine.speakers.MAX_ROUND_SECONDS", 8.0)
+    """Every queued voice went into one encode_batch (47 clips, 141 s of audio, on the device at once);
+    then a round's last clip went in whatever its length (59 short clips and a minute-long one: an hour
+    of padded audio). A clip longer than the cap goes alone."""
+    monkeypatch.setattr("mossserve.engine.speakers.MAX_ROUND_SECONDS", 16.0)
     cache = SpeakerCache(codec, K, start_worker=False)
+    batches = []
+    encode = cache._encode
+    monkeypatch.setattr(cache, "_encode", lambda clips: batches.append([c.shape[-1] for c in clips]) or encode(clips))
     futures = [cache.request(AUDIO_DIR / f) for f in FILES]  # 3.0, 6.6, 7.8 and 6.6 s
-    assert cache.run_pending() == 2  # 2 x 6.6 s padded: past 8 s, so the round stops there
+    assert cache.run_pending() == 2  # 2 x 6.6 s padded; a third clip would make 3 x 7.8 s
     assert [f.done() for f in futures] == [True, True, False, False]
-    assert cache.run_pending() == 2
+    assert cache.run_pending() == 2  # 2 x 7.8 s
     assert cache.run_pending() == 0
+    rate = codec.sample_rate
+    assert all(len(b) * max(b) <= 16.0 * rate for b in batches) and [len(b) for b in batches] == [2, 2]
     for name, future in zip(FILES, futures):
         assert np.array_equal(future.result(), direct(codec, AUDIO_DIR / name)), name
     assert cache.stats() == {"entries": 4, "hits": 0, "misses": 4, "encodes": 4, "batches": 2}
+    monkeypatch.setattr("mossserve.engine.speakers.MAX_ROUND_SECONDS", 5.0)
+    alone = SpeakerCache(codec, K, start_worker=False)
+    futures = [alone.request(AUDIO_DIR / f) for f in (FILES[2], FILES[0])]  # 7.8 s, past the cap; 3.0 s
+    assert alone.run_pending() == 1 and futures[0].done() and not futures[1].done()
+    assert alone.run_pending() == 1 and futures[1].done()
 
 
 def test_same_content_under_another_name_or_as_bytes_is_a_hit(codec, tmp_path) -> None:

@@ -343,3 +343,18 @@ def test_a_stored_transcript_is_checked_by_this_server_where_it_is_used(store) -
     assert asyncio.run(resolver(False).main_voice(SpeechBody(input="Hi.", voice="bea")))[1] == "hi <|bad|>"
     asyncio.run(resolver(True).main_voice(SpeechBody(input="Hi.", voice="bea", ref_text="Hello.")))
     asyncio.run(resolver(False).speakers([SpeakerBody(voice="bea", ref_text="Hello.")]))
+
+
+def test_a_stored_transcripts_dialogue_label_is_not_a_speakers(store) -> None:
+    """A voice stored with its TTSD label ("[S1] Hello.") used as speaker 2 was refused as speaker 2's
+    transcript holding [S1], naming speakers[1].ref_text, a field the client never sent."""
+    import asyncio
+
+    from mossserve.serve.references import VoiceResolver
+    from mossserve.serve.schemas import SpeakerBody
+
+    audio, codes = sample(1)
+    store.add("bob", audio, SR, codes, " [S1] Hello [S1] there.", codec="codec-0", sha256="1" * 64)
+    resolver = VoiceResolver(store, Encoder(), "codec-0", 4)
+    speakers = asyncio.run(resolver.speakers([SpeakerBody(voice="bob"), SpeakerBody(voice="bob", ref_text="[S2] Hi.")]))
+    assert [s.reference_text for s in speakers] == ["Hello [S1] there.", "[S2] Hi."]  # only a stored label goes

@@ -116,6 +116,24 @@ def test_a_delete_that_never_committed_keeps_its_files(tmp_path) -> None:
         reopened.close()
 
 
+def test_a_start_while_another_process_removes_a_deleted_voice_starts(tmp_path, monkeypatch) -> None:
+    """A committed delete's moved-aside directory is removed by its process after the commit; a store
+    opening meanwhile removed it too, and losing that race failed the server's start."""
+    trash = tmp_path / "voices" / ".trash-89abcdef-gone"
+    (trash / "inner").mkdir(parents=True)
+    (trash / "inner" / "codes.npy").write_bytes(b"x")
+    rmtree = shutil.rmtree
+
+    def the_deleter_first(path, *args, **kwargs):
+        if os.path.exists(trash / "inner"):
+            rmtree(trash / "inner")  # the other process got there first
+            raise FileNotFoundError(2, "No such file or directory", str(trash / "inner" / "codes.npy"))
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(voices_module.shutil, "rmtree", the_deleter_first)
+    VoiceStore(tmp_path).close()
+
+
 class FailingCommit:
     """The store's connection, with one COMMIT that fails (a full disk)."""
 
@@ -244,6 +262,7 @@ def test_a_voice_without_its_files_is_not_found_not_a_server_error(server, tmp_p
     shutil.rmtree(tmp_path / "voices" / "x")
     r = server.post(SPEECH, json={"input": "Hi.", "voice": "x", "response_format": "wav"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "voice_not_found", r.text
+    assert "delete it and upload it again" in r.json()["error"]["message"]  # not "upload it": that is a 409
     r = server.get(VOICES + "/x/audio")
     assert r.status_code == 404 and str(tmp_path) not in r.text, r.text
     assert server.delete(VOICES + "/x").status_code == 200

@@ -42,6 +42,7 @@ class _Job:
     data: bytes
     label: str  # names the file in error messages
     future: Future
+    samples: np.ndarray | None = None  # decoded, when a round left it for the next
 
 
 class SpeakerCache:
@@ -160,18 +161,24 @@ class SpeakerCache:
         """Queued voices, each decoded as it is taken (a bad file fails alone and early), up to
         MAX_ROUND_SECONDS of padded audio; `taken` gets every job taken, for the caller's clean-up."""
         ready: list[tuple[_Job, np.ndarray]] = []
-        longest = 0
-        while len(ready) * longest < MAX_ROUND_SECONDS * self.codec.sample_rate:
+        longest, cap = 0, MAX_ROUND_SECONDS * self.codec.sample_rate
+        while True:
             with self._cond:
                 if not self._pending:
                     break
                 job = self._pending.pop(0)
             taken.append(job)
             try:
-                samples = self._prepare(job)
+                samples = job.samples if job.samples is not None else self._prepare(job)
             except Exception as e:  # noqa: BLE001 - reported to that request only
                 self._finish(job, error=e)
                 continue
+            if ready and (len(ready) + 1) * max(longest, samples.shape[-1]) > cap:  # first in the next round
+                job.samples = samples
+                taken.pop()
+                with self._cond:
+                    self._pending.insert(0, job)
+                break
             ready.append((job, samples))
             longest = max(longest, samples.shape[-1])
         return ready

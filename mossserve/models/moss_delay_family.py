@@ -562,6 +562,10 @@ class MossDelayFamily(TalkerFamily):
 
 
 def _asks_for_sound_effect(conversation: list) -> bool:
-    """Whether the turn to answer describes a sound (`ambient_sound`) rather than text to speak."""
-    last = next((m for m in reversed(conversation) if getattr(m, "role", None) == "user"), None)
-    return last is not None and last.ambient_sound is not None and last.text is None
+    """Whether the turn to answer describes a sound (`ambient_sound`) rather than text to speak; a
+    message is a UserMessage or its dict form, as the prompt builder takes both."""
+    def field(message, name: str):
+        return message.get(name) if isinstance(message, dict) else getattr(message, name, None)
+
+    last = next((m for m in reversed(conversation) if field(m, "role") == "user"), None)
+    return last is not None and field(last, "ambient_sound") is not None and field(last, "text") is None

@@ -31,6 +31,9 @@ PRESET_VOICES = frozenset({
 _DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL | re.IGNORECASE)
 
 
+_SPEAKER_LABEL = re.compile(r"^\s*\[S[0-9]+\]\s*")
+
+
 class Reference(NamedTuple):
     codes: np.ndarray
     transcript: str | None  # a stored voice's
@@ -90,7 +93,7 @@ class VoiceResolver:
         if body.ref_text is None:
             self.check_stored_transcript(reference, f"{where}.")
         return Speaker(voice=reference.codes,
-                       reference_text=body.ref_text if body.ref_text is not None else reference.transcript)
+                       reference_text=body.ref_text if body.ref_text is not None else unlabelled(reference.transcript))
 
     def check_transcript(self, reference: Reference, ref_text: str | None, prefix: str) -> None:
         """A voice with no transcript (none given, none stored) on a model that clones with one."""
@@ -138,8 +141,10 @@ class VoiceResolver:
             if codes is not None and codes.shape[1] == self.codebooks:
                 return Reference(codes, voice.transcript, name, param)
             audio = await asyncio.to_thread(self.voices.audio, name)
-        except VoiceNotFoundError:  # deleted since `get`
-            return None
+        except VoiceNotFoundError as e:  # deleted since `get`, or its files removed by hand (the store says how to mend it)
+            if await asyncio.to_thread(self.voices.get, name) is None:
+                return None
+            raise APIError(400, str(e), param=param, code="voice_not_found") from None
         try:
             codes = await self.engine.encode_voice(audio)
         except AudioError as e:  # its stored audio, re-encoded for this codec: name the voice, not a hash
@@ -169,6 +174,12 @@ class VoiceResolver:
         return APIError(400, f"voice {name!r} is not a stored voice (upload it to /v1/audio/voices first; "
                              f"the OpenAI preset names mean the model's default voice)", param=param,
                         code="voice_not_found")
+
+
+def unlabelled(transcript: str | None) -> str | None:
+    """A stored transcript as a speaker's: without a leading dialogue label ("[S1] Hello." stored from
+    where the clip was recorded), since the request decides which speaker the voice is."""
+    return None if transcript is None else _SPEAKER_LABEL.sub("", transcript, count=1)
 
 
 def _is_voice_name(value: str) -> bool:

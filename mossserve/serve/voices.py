@@ -16,6 +16,7 @@ moved aside, which the next start puts back: never a row whose files are lost.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -258,8 +259,9 @@ class VoiceStore:
             voice = self._get(path.name.removeprefix(_TRASH_PREFIX).partition("-")[2])
             if voice is not None and not os.path.lexists(self._dir(voice)):
                 path.rename(self._dir(voice))
-            else:
-                _remove(path)
+            else:  # a committed delete's, which its process may be removing this very moment
+                with contextlib.suppress(FileNotFoundError):
+                    _remove(path)
 
     def _get(self, name: str) -> Voice | None:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM voices WHERE name = ?", (name,)).fetchone()
