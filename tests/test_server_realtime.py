@@ -3,6 +3,7 @@ goldens over the socket, audio before the text has finished, cancel, two session
 bad messages answered with errors while the session goes on."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
@@ -493,6 +494,33 @@ def test_a_turn_whose_text_stops_coming_is_ended(tmp_path) -> None:
         assert tts.engine.stats()["live"] == 0
         metrics = httpx.get(base + "/metrics").text
         assert 'mossserve_requests_total{endpoint="/v1/realtime/speech",outcome="timeout"} 1.0' in metrics
+
+
+def test_a_turns_watchdog_ends_with_its_turn(url: str, monkeypatch) -> None:
+    """Each turn's no-text watchdog slept out the whole --request-timeout (300 s) after its turn had
+    ended, holding the session (and its socket) that long after the client left; thousands piled up
+    on a busy server."""
+    from mossserve.serve.realtime import RealtimeSession
+
+    watchdogs, running = [], threading.Event()
+    watch = RealtimeSession.end_if_text_stops
+
+    async def recorded(self, *args):
+        watchdogs.append(asyncio.current_task())
+        running.set()  # the watchdog's first wait follows in this same step of the server's loop
+        await watch(self, *args)
+
+    monkeypatch.setattr(RealtimeSession, "end_if_text_stops", recorded)
+    with Client(url, voice_codes=codes("voice")) as client:
+        for end in ("text.done", "turn.cancel"):
+            running.clear()
+            client.send({"type": "text.delta", "delta": "A turn whose text comes and then ends."})
+            assert running.wait(60)
+            client.send({"type": end})
+            client.until_done()
+            ended = threading.Event()
+            watchdogs[-1].get_loop().call_soon_threadsafe(lambda: watchdogs[-1].add_done_callback(lambda _: ended.set()))
+            assert ended.wait(30), f"the watchdog of a turn ended by {end} still waits"
 
 
 def test_a_model_without_sessions_says_so(server_app) -> None:

@@ -274,6 +274,8 @@ class RealtimeSession:
         self.last_input = time.monotonic()
         await self.send({"type": "turn.started", "turn_id": self.turn_id})
         self.sender = asyncio.create_task(self.send_audio(stream, self.turn_id))
+        if self.watchdog is not None:  # the last turn's, over by now
+            self.watchdog.cancel()
         self.watchdog = asyncio.create_task(self.end_if_text_stops(self.turn_id, self.request_id, self.client_ended))
 
     async def end_if_text_stops(self, turn_id: str, request_id: str, client_ended: asyncio.Event) -> None:
@@ -281,7 +283,7 @@ class RealtimeSession:
         seconds without text (and no text.done) it is ended, as an HTTP request would be (`client_ended`:
         this turn's, which the next turn's replaces while the error is being sent)."""
         timeout = self.state.settings.request_timeout_s
-        while self.turn_id == turn_id and not self.text_done:
+        while self.turn_id == turn_id and not client_ended.is_set():  # text.done, turn.cancel
             wait = self.last_input + timeout - time.monotonic()
             if wait <= 0:
                 self.ended_by = "timeout"
@@ -289,7 +291,10 @@ class RealtimeSession:
                 self.state.engine.abort(request_id)
                 client_ended.set()
                 return
-            await asyncio.sleep(wait)
+            try:  # woken by the client's end of the turn: each turn's watchdog ends with its turn
+                await asyncio.wait_for(client_ended.wait(), wait)
+            except TimeoutError:
+                pass
 
     async def text(self, message: TextDelta) -> None:
         if (message.delta is None) == (message.tokens is None):
