@@ -299,6 +299,8 @@ class TTS:
         if not self.talker.supports_sessions:
             raise InvalidRequestError("this model does not run session scripts (multi-turn contexts)")
         script = as_session_script(script)
+        if decode_audio:
+            self.codec  # noqa: B018 - loaded before the turns: a codec that cannot load is no turn's failure
         engine, results, session = self.engine, [], None
         try:
             for index, turn in enumerate(script.turns):

@@ -30,7 +30,8 @@ SHUTDOWN_TIMEOUT_S = 30.0  # `serve`: a TTS request may run tens of seconds; Kub
 STDIO = Path("-")  # TEXT and --text-file: read stdin; -o: write stdout
 # The library's field names in its refusals, as the flags that set them (flags_named)
 SAMPLING_FLAGS = {"audio_temperature": "--temperature", "audio_top_p": "--top-p", "audio_top_k": "--top-k",
-                  "audio_repetition_penalty": "--repetition-penalty", "seed": "--seed"}
+                  "audio_repetition_penalty": "--repetition-penalty", "seed": "--seed",
+                  "repetition_penalty": "--repetition-penalty"}  # Fish's refusal, in the HTTP field's name
 SERVE_FLAGS = {"port": "--port", "max_input_chars": "--max-input-chars", "max_voice_seconds": "--max-voice-seconds",
                "request_timeout_s": "--request-timeout", "max_running": "--max-running", "max_queued": "--max-queued",
                "max_len": "--max-len"}
@@ -619,7 +620,9 @@ def _chunk_seconds(chunk) -> float:
 
 def sampling_from_args(tts, args: argparse.Namespace):
     with flags_named(SAMPLING_FLAGS):
-        return tts.sampling(args.greedy, **sampling_overrides(args))
+        sampling = tts.sampling(args.greedy, **sampling_overrides(args))
+        tts.talker.check_sampling(sampling)  # the model's own rules (Fish: no repetition penalty), as flags
+        return sampling
 
 
 def say_batch(tts, args: argparse.Namespace, requests: list) -> int:

@@ -14,7 +14,7 @@ import torch
 
 from conftest import CODEC_DIR, DELAY_DIR, STREAMED_VS_WHOLE_ATOL, TOKENIZER_DIR
 from delay_cases import generation_cases
-from mossserve import InvalidRequestError, SamplingParams, SessionScript, SpeechRequest
+from mossserve import InvalidRequestError, MossServeError, SamplingParams, SessionScript, SpeechRequest
 from mossserve.api import DEFAULT_MOSS_CODEC, TTS, default_codec
 
 
@@ -121,6 +121,16 @@ def test_run_session_takes_a_script_its_json_or_its_file(tmp_path: Path) -> None
                 tts.run_session(path)
     finally:
         tts.close()
+
+
+def test_a_codec_that_cannot_load_is_no_turns_failure(tmp_path: Path) -> None:
+    """It loads as the first turn's audio is decoded, and its error was reported as `turns[0]: ...`."""
+    from realtime_cases import REALTIME_DIR
+
+    with TTS.from_pretrained(REALTIME_DIR, codec=tmp_path / "no-codec") as tts:
+        with pytest.raises(MossServeError) as error:
+            tts.run_session({"turns": [{"input": "Hello there."}]}, tts.sampling(greedy=True), 4)
+    assert "no-codec" in str(error.value) and not str(error.value).startswith("turns[")
 
 
 def test_a_tts_used_in_a_with_block_is_closed_on_leaving(delay_model_dirs) -> None:

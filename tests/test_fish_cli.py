@@ -103,5 +103,9 @@ def test_batch_settings_the_model_refuses_make_no_output_directory(tmp_path: Pat
     (tmp_path / "r.jsonl").write_text(json.dumps({"input": "Hi."}) + "\n", encoding="utf-8")
     code = main(["say", "--model", str(FISH_DIR), "--batch", str(tmp_path / "r.jsonl"), "--out-dir", str(tmp_path / "out"),
                  "--repetition-penalty", "1.2"])
-    assert code == 2 and "Fish S2 Pro applies no repetition penalty" in capsys.readouterr().err
+    assert code == 2 and "error: --repetition-penalty 1.2: Fish S2 Pro applies no repetition penalty" in \
+        capsys.readouterr().err  # the flag typed, not the library's field
     assert not (tmp_path / "out").exists()
+    code = main(["say", "Hi.", "--model", str(FISH_DIR), "-o", str(tmp_path / "x.wav"), "--repetition-penalty", "1.2"])
+    assert code == 2 and "error: --repetition-penalty 1.2: Fish S2 Pro" in capsys.readouterr().err
+    assert not (tmp_path / "x.wav").exists()

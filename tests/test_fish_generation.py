@@ -206,3 +206,12 @@ def test_streamed_audio_equals_the_references_decode(name: str) -> None:
     wav = npz("codec_decode")[f"{name}__wav"]
     assert generation.frames.shape[0] * tts.codec.samples_per_frame == wav.shape[-1]
     assert np.abs(audio.samples.reshape(-1) - wav.reshape(-1)).max() <= 2e-5
+
+
+def test_the_runaway_guard_reads_the_words_not_the_speaker_tags() -> None:
+    """Each <|speaker:N|> is 7 text tokens: twenty tagged one-word turns gave the guard the bound of
+    200 tokens (250 s), past the request's step cap, so it could never fire."""
+    fam = family()
+    words = fam.build_prompt(SpeechRequest(input="Yes. " * 20)).info["text_tokens"]
+    turns = fam.build_prompt(SpeechRequest(input="".join(f"<|speaker:{i % 2}|>Yes. " for i in range(20))))
+    assert turns.info["text_tokens"] <= words + 2  # the words, give or take the joins

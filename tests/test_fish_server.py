@@ -155,6 +155,12 @@ def test_a_transcript_the_model_refuses_is_refused_at_upload(fish) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "transcript", r.text
     assert "transcript contains the special token(s) <|im_end|>" in r.json()["error"]["message"]
     assert httpx.get(url + "/v1/audio/voices/dora").status_code == 404
+    with REFERENCE.open("rb") as f:  # a transcript that is speaker tags alone says nothing
+        r = httpx.post(url + "/v1/audio/voices", data={"name": "dora", "transcript": "<|speaker:0|> <|speaker:1|>"},
+                       files={"file": ("v.wav", f, "audio/wav")}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "transcript", r.text
+    assert "transcript is speaker tags alone" in r.json()["error"]["message"]
+    assert httpx.get(url + "/v1/audio/voices/dora").status_code == 404
 
 
 def test_sse_stream_carries_the_whole_responses_audio(fish) -> None:

@@ -38,6 +38,7 @@ from ..layers.heads import project_float32
 from ..loader import build_on_meta, load_weights, weight_files
 from ..sampling import SamplingParams
 from ..speech_request import SpeechRequest
+from ..text.fish_turns import SPEAKER_TAG
 from .config_utils import read_json
 from .family import EncodeVoice, Prompt, StepOutput, TalkerFamily
 from .fish_s2 import FishS2Model
@@ -122,8 +123,14 @@ class FishS2Family(TalkerFamily):
         rows = builder.prompt(plan, 0)
         tails = [builder.next_batch_rows(plan, b) for b in range(1, plan.num_batches)]
         prompt = self.prompt_from_rows(rows, tails)
-        prompt.info["text_tokens"] = sum(len(self.tokenizer.encode(text)) for text in plan.batches)
+        # what the runaway guard bounds the audio by: the words, not the speaker tags (7 tokens each)
+        prompt.info["text_tokens"] = sum(len(self.tokenizer.encode(SPEAKER_TAG.sub("", text))) for text in plan.batches)
         return prompt
+
+    def check_transcript(self, text: str, name: str) -> None:
+        super().check_transcript(text, name)
+        if not SPEAKER_TAG.sub("", text).strip():  # what the prompt builder refuses at every use of the voice
+            raise InvalidRequestError(f"{name} is speaker tags alone: voice cloning needs what the voice says")
 
     def builder(self):
         from ..text.fish_prompt import FishPromptBuilder
