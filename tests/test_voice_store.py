@@ -345,6 +345,23 @@ def test_a_stored_transcript_is_checked_by_this_server_where_it_is_used(store) -
     asyncio.run(resolver(False).speakers([SpeakerBody(voice="bea", ref_text="Hello.")]))
 
 
+def test_a_preset_voice_name_means_the_default_voice_for_a_speaker_too(store) -> None:
+    """`voice: "alloy"` means the model's own voice; a speaker's was refused as "not a stored voice (...
+    the OpenAI preset names mean the model's default voice)", which contradicted itself."""
+    import asyncio
+
+    from mossserve.serve.errors import APIError
+    from mossserve.serve.references import VoiceResolver
+    from mossserve.serve.schemas import SpeakerBody
+
+    resolver = VoiceResolver(store, Encoder(), "codec-0", 4)
+    speaker, = asyncio.run(resolver.speakers([SpeakerBody(voice="alloy")]))
+    assert speaker.voice is None and speaker.reference_text is None
+    with pytest.raises(APIError) as error:
+        asyncio.run(resolver.speakers([SpeakerBody(voice="nobody")]))
+    assert error.value.code == "voice_not_found" and error.value.param == "speakers[0].voice"
+
+
 def test_a_stored_transcripts_dialogue_label_is_not_a_speakers(store) -> None:
     """A voice stored with its TTSD label ("[S1] Hello.") used as speaker 2 was refused as speaker 2's
     transcript holding [S1], naming speakers[1].ref_text, a field the client never sent."""

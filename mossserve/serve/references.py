@@ -83,7 +83,7 @@ class VoiceResolver:
         reference = None
         if body.voice is not None:
             reference = await self.stored(body.voice, f"{where}.voice")
-            if reference is None:
+            if reference is None and body.voice not in PRESET_VOICES:  # a preset: the default voice, as for `voice`
                 raise self.not_found(body.voice, f"{where}.voice")
         elif body.ref_audio is not None:
             reference = await self.audio(body.ref_audio, f"{where}.ref_audio")
