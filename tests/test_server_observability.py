@@ -126,6 +126,7 @@ def test_rounds_that_all_fail_make_the_server_unready_and_one_failure_does_not(s
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
+    demo_tts.wait_idle()  # another test's request still decoding would succeed a round between the failures
     with TestClient(server_app()) as client, mossserve_log() as records:
         assert client.post(SPEECH, json=body).status_code == 200  # no failing rounds left by other tests
         monkeypatch.setattr(engine.runner, "prefill", broken)
@@ -156,6 +157,7 @@ def test_a_sticky_device_error_where_requests_are_admitted_makes_the_server_unre
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
+    demo_tts.wait_idle()  # another test's request still decoding would succeed a round between the failures
     with TestClient(server_app()) as client:
         assert client.post(SPEECH, json=body).status_code == 200  # no failing rounds left by other tests
         monkeypatch.setattr(demo_tts.engine.family, "admit", broken)
