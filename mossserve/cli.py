@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--voice", help="reference voice: an audio file or a .npy of codes (frames, codebooks)")
     say.add_argument("--reference-text", help="what --voice says: Fish S2 Pro clones with it; for MOSS-TTS it "
                                               "means continuation (the speech goes on from the reference)")
-    say.add_argument("--instructions", help="the voice to design, in words (MOSS-VoiceGenerator)")
+    say.add_argument("--instructions", help="the voice to design, in words (MOSS-VoiceGenerator); the template's "
+                                            "Instruction field (MOSS-TTS-Local)")
     say.add_argument("--greedy", action="store_true", help="argmax decoding (the model's other rules kept)")
     say.add_argument("--seed", type=int, help="seed for reproducible sampling")
     say.add_argument("--max-frames", type=int, help="cap on generated steps")
