@@ -78,9 +78,8 @@ class SpeechRequest:
             if not 0 < self.duration_seconds <= MAX_DURATION_SECONDS:
                 raise InvalidRequestError(f"duration_seconds must lie in (0, {MAX_DURATION_SECONDS}], got "
                                           f"{self.duration_seconds}")
-        if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, (int, np.integer))
-                                       or self.depth < 1):
-            raise InvalidRequestError(f"depth must be a positive integer, got {self.depth!r}")
+        if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, (int, np.integer))):
+            raise InvalidRequestError(f"depth must be an integer, got {self.depth!r}")  # its range: the model's
         if self.chunk_length is not None and (isinstance(self.chunk_length, bool)
                                               or not isinstance(self.chunk_length, (int, np.integer))
                                               or self.chunk_length < 1):

@@ -100,6 +100,14 @@ def test_say_batch_depth_is_checked_once_and_against_each_line(delay_model_dirs,
                      "--codec", CODEC_DIR / "tiny", "--depth", "4", "--max-frames", "6"], capsys)
     assert code == 1 and "requests.jsonl:2: skipped: the line asks for depth 2 and --depth for 4" in err
     assert np.load(tmp_path / "local" / "0000.npy").shape[1] == 4 and not (tmp_path / "local" / "0001.npy").exists()
+    # a depth outside 1..32 is a line the model cannot run, whichever side: depth 0 refused the whole file
+    batch.write_text('{"input": "One."}\n{"input": "Two.", "depth": 0}\n{"input": "Three.", "depth": 40}\n',
+                     encoding="utf-8")
+    code, err = run(["say", "--batch", batch, "--out-dir", tmp_path / "ranges", "--model", tmp_path / "m",
+                     "--codec", CODEC_DIR / "tiny", "--max-frames", "6"], capsys)
+    assert code == 1 and (tmp_path / "ranges" / "0000.npy").exists(), err
+    for line, depth in ((2, 0), (3, 40)):
+        assert f"requests.jsonl:{line}: skipped: depth must be an integer in 1..32 (codebooks per frame), got {depth}" in err
 
 
 def test_say_batch_skips_a_request_that_gave_no_frames(delay_model_dirs, tmp_path: Path, capsys) -> None:

@@ -131,8 +131,11 @@ def test_delay_requests_refuse_depth() -> None:
 
     with pytest.raises(InvalidRequestError, match="depth is used only by the Local model"):
         delay_conversation(SpeechRequest(input="x", depth=4), n_vq=32, audio_vocab_size=1024)
-    with pytest.raises(InvalidRequestError, match="depth must be a positive integer"):
-        SpeechRequest(input="x", depth=0)
+    with pytest.raises(InvalidRequestError, match="depth must be an integer, got 2.5"):
+        SpeechRequest(input="x", depth=2.5)
+    for depth in (0, -1, 33):  # the range is the model's: one message whatever side of it
+        with pytest.raises(InvalidRequestError, match=f"depth must be an integer in 1..32 .*got {depth}"):
+            local_family(with_tokenizer=True).build_prompt(SpeechRequest(input="x", depth=depth))
 
 
 def test_moss_families_refuse_fish_chunk_length() -> None:

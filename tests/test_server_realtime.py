@@ -578,8 +578,9 @@ def test_plain_speech_requests_on_the_realtime_and_local_models(url: str, tmp_pa
                                       .with_overrides(audio_temperature=0.0, text_temperature=0.0)).samples[0]
             assert len(samples) == len(expected)
             np.testing.assert_allclose(samples, np.clip(expected, -1, 1), atol=2 / 32768)
-            deep = httpx.post(local + "/v1/audio/speech", json={"input": "Hello there.", "depth": 99}, timeout=60)
-            assert deep.status_code == 400 and "depth must be an integer in 1..32" in deep.json()["error"]["message"]
+            for depth in (99, 0):  # one message either side of the range (0 was pydantic's "greater than or equal")
+                deep = httpx.post(local + "/v1/audio/speech", json={"input": "Hello there.", "depth": depth}, timeout=60)
+                assert deep.status_code == 400 and "depth must be an integer in 1..32" in deep.json()["error"]["message"]
             fish_only = httpx.post(local + "/v1/audio/speech", json={"input": "Hello.", "chunk_length": 40}, timeout=60)
             assert fish_only.status_code == 400 and "chunk_length" in fish_only.json()["error"]["message"]
     finally:

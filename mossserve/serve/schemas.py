@@ -118,7 +118,7 @@ class SpeechBody(Body):
     repetition_penalty: RepetitionPenalty | None = None
     max_new_tokens: Annotated[int, Field(ge=1)] | None = None
     initial_chunk_frames: FirstChunkFrames | None = None
-    depth: Annotated[int, Field(ge=1)] | None = None  # Local: codebooks per frame (1..n_vq)
+    depth: int | None = None  # Local: codebooks per frame, 1..n_vq (the model checks it: one message for any value)
     chunk_length: Annotated[int, Field(ge=1, le=100000)] | None = None  # Fish S2 Pro: UTF-8 bytes per text batch
 
     @property
