@@ -30,8 +30,7 @@ SHUTDOWN_TIMEOUT_S = 30.0  # `serve`: a TTS request may run tens of seconds; Kub
 STDIO = Path("-")  # TEXT and --text-file: read stdin; -o: write stdout
 # The library's field names in its refusals, as the flags that set them (flags_named)
 SAMPLING_FLAGS = {"audio_temperature": "--temperature", "audio_top_p": "--top-p", "audio_top_k": "--top-k",
-                  "audio_repetition_penalty": "--repetition-penalty", "seed": "--seed",
-                  "repetition_penalty": "--repetition-penalty"}  # Fish's refusal, in the HTTP field's name
+                  "audio_repetition_penalty": "--repetition-penalty", "seed": "--seed"}
 SERVE_FLAGS = {"port": "--port", "max_input_chars": "--max-input-chars", "max_voice_seconds": "--max-voice-seconds",
                "request_timeout_s": "--request-timeout", "max_running": "--max-running", "max_queued": "--max-queued",
                "max_len": "--max-len"}

@@ -178,8 +178,8 @@ class FishS2Family(TalkerFamily):
         super().check_sampling(sampling)
         fish_settings(sampling)
         if sampling.audio_repetition_penalty != 1.0:  # refused rather than ignored
-            raise InvalidRequestError(f"repetition_penalty {sampling.audio_repetition_penalty!r}: Fish S2 Pro applies no "
-                                      "repetition penalty (the reference's S2 sampling has none); give 1")
+            raise InvalidRequestError(f"audio_repetition_penalty {sampling.audio_repetition_penalty!r}: Fish S2 Pro "
+                                      "applies no repetition penalty (the reference's S2 sampling has none); give 1")
 
     def admit(self, state: FishState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
         sampling.validate()

@@ -81,8 +81,10 @@ def naming_field(error: APIError, fields: Iterable[str]) -> APIError:
 
 
 def _api_names(message: str) -> str:
-    """A model's refusal speaks of SpeechRequest's fields; the API spells one of them otherwise."""
-    return re.sub(r"\breference_text\b", "ref_text", message)
+    """A model's refusal speaks of SpeechRequest's and SamplingParams' fields; the API spells some of
+    them otherwise (`ref_text`; `temperature` etc. set the audio heads')."""
+    message = re.sub(r"\breference_text\b", "ref_text", message)
+    return re.sub(r"\baudio_(temperature|top_p|top_k|repetition_penalty)\b", r"\1", message)
 
 
 def describe_validation(errors: list[dict]) -> tuple[str, str | None]:
