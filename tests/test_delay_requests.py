@@ -253,6 +253,25 @@ V16 = np.zeros((3, 16), dtype=np.int64)
          r"speakers\[0\].reference_text uses \[S4\].*its tags: \[S1\]\)"),
         ({"input": "[S1] a", "speakers": [{"voice": V16, "reference_text": "[S01] Hi."}]}, None,
          r"speakers\[0\].reference_text uses \[S01\]"),
+        # look-alikes in another case, spacing or width, beside a real tag or alone
+        ({"input": "[S1] hi [s2] yo"}, "dialogue", r"input uses \[s2\], which is not a speaker tag"),
+        ({"input": "[s1] hi [s2] yo"}, "dialogue", r"input uses \[s1\], which is not a speaker tag"),
+        ({"input": "[S1] hi [S 2] yo"}, "dialogue", r"input uses \[S 2\], which is not a speaker tag"),
+        ({"input": "[S1] hi [ S2 ] yo"}, "dialogue", r"input uses \[ S2 \], which is not a speaker tag"),
+        ({"input": "[S1]你好［S2］好"}, "dialogue", "input uses ［S2］, which is not a speaker tag"),
+        ({"input": "[S2] a", "speakers": [{}, {"voice": V16, "reference_text": "[s2] Hi."}]}, None,
+         r"speakers\[1\].reference_text uses \[s2\]"),
+        # tags as the normalizer leaves them: a format character inside does not hide one
+        ({"input": "[S1] a [S\u200b6] b"}, "dialogue", r"input uses \[S6\]"),
+        ({"input": "[S1] a [S\u200b2] b", "speakers": [{"voice": V16, "reference_text": "x"}]}, None,
+         r"input uses \[S2\].*its tags: \[S1\]\)"),
+        ({"input": "[S1] a [S2] b", "speakers": [{"voice": V16, "reference_text": "hi [S\u00ad2] yo"}, {}]}, None,
+         r"speakers\[0\].reference_text is speaker 1's transcript but holds \[S2\]"),
+        # a transcript that is its speaker's tag and nothing else
+        ({"input": "[S1] a", "speakers": [{"voice": V16, "reference_text": "[S1]"}]}, None,
+         r"speakers\[0\].reference_text is empty \(speaker tags aside\)"),
+        ({"input": "[S1] a", "speakers": [{"voice": V16, "reference_text": " [S1] \u200b[S1]\n"}]}, None,
+         r"speakers\[0\].reference_text is empty \(speaker tags aside\)"),
     ],
 )
 def test_bad_requests(request_fields, task, match):
@@ -267,6 +286,17 @@ def test_a_transcript_may_hold_its_own_tag():
     conversation, _ = delay_conversation(SpeechRequest(input="[S1] Hi.", speakers=speakers), n_vq=16,
                                          audio_vocab_size=1024)
     assert conversation[0].text == "[S2] Hello there. [S2] Bye. [S1] Hi."
+
+
+def test_speaker_tags_are_judged_as_the_prompt_reads_them():
+    """The Delay normalizer unwraps a Markdown link, so "[S6](url)" is no tag in the prompt; the Local
+    processor takes text as given, so a tag with a zero-width space inside stays text there."""
+    request = SpeechRequest(input="[S1] Hi, see [S6](http://x.com) now.")
+    conversation, _ = delay_conversation(request, n_vq=16, audio_vocab_size=1024, task="dialogue")
+    assert conversation[0].text == "[S1] Hi, see S6 http://x.com now."
+    request = SpeechRequest(input="[S1] a [S\u200b6] b")
+    conversation, _ = delay_conversation(request, n_vq=16, audio_vocab_size=1024, task="dialogue", normalize=False)
+    assert conversation[0].text == "[S1] a [S\u200b6] b"
 
 
 def test_codec_output_is_checked():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import AUDIO_DIR
-from server_harness import live_server
+from fish_cases import FISH_DIR
+from server_harness import live_server, serve_model
 
 VOICES = "/v1/audio/voices"
 SPEECH = "/v1/audio/speech"
@@ -31,6 +33,7 @@ def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
 _samples, _rate = sf.read(io.BytesIO(REFERENCE), dtype="float32")
 SHORT = wav_bytes(_samples[:_rate], _rate)  # the first second, 96 KB
 TOO_BIG = wav_bytes(np.tile(_samples, 3), _rate)  # 896 KB: over the body limit
+TONE = wav_bytes(0.3 * np.sin(2 * np.pi * 220 * np.arange(7200) / 24000), 24000)  # 0.3 s
 
 
 def make_app(demo_tts, data_dir):
@@ -408,3 +411,83 @@ def test_a_voice_sent_as_json_is_told_to_use_a_form(server):
     form = b'--XX\r\nContent-Disposition: form-data; name="transcript"\r\n\r\nhi\r\n--XX--\r\n'
     r = server.post(VOICES, content=form, headers={"content-type": "Multipart/Form-Data; boundary=XX"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "name", r.text  # media types ignore case
+
+
+@pytest.fixture(scope="module")
+def dialogue_server(tmp_path_factory):
+    """A server on the demo checkpoint loaded as MOSS-TTSD (speakers tagged [S1]..[S5])."""
+    from mossserve.api import TTS
+
+    with closing(TTS.from_pretrained(None, task="dialogue")) as tts, \
+            serve_model(tts, tmp_path_factory.mktemp("dialogue")) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def fish_server(tmp_path_factory):
+    """(tts, client) of a server on the Fish S2 Pro fixture (speakers labelled <|speaker:i|>)."""
+    from mossserve.api import TTS
+
+    with closing(TTS.from_pretrained(FISH_DIR)) as tts, serve_model(tts, tmp_path_factory.mktemp("fish")) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        yield tts, client
+
+
+@pytest.mark.parametrize("name, transcript, refusal", [
+    ("dia", "[S1] Hi there [S2] hello", "is speaker 1's transcript but holds [S2]"),
+    ("hidden", "Hi [S\u00ad2] there", "is speaker 1's transcript but holds [S2]"),
+    ("tagonly", "[S1]", "is empty (speaker tags aside)"),
+])
+def test_a_stored_transcripts_speaker_tags_are_refused_naming_the_voice(dialogue_server, name, transcript, refusal):
+    """The model refused them as speakers[0].ref_text, a field the client never sent (or, for a
+    transcript that is only its label, as voice and ref_text not given together)."""
+    assert upload(dialogue_server, name, TONE, transcript).status_code == 201
+    r = dialogue_server.post(SPEECH, json={"input": "[S1] a [S2] b", "speakers": [{"voice": name}, {}]})
+    error = error_of(r, 400)
+    assert error["param"] == "speakers[0].voice"
+    assert error["message"].startswith(f"the transcript of the stored voice {name!r} {refusal}"), error
+    assert error["message"].endswith("give speakers[0].ref_text, or store the voice again with a transcript "
+                                     "this server takes")
+
+
+def test_a_preset_name_with_a_transcript_is_refused_as_no_voice(dialogue_server):
+    """It was refused as "give voice and ref_text together (or neither)", though both were given."""
+    body = {"input": "[S1] a [S2] b", "response_format": "wav"}
+    r = dialogue_server.post(SPEECH, json={**body, "speakers": [{"voice": "alloy", "ref_text": "hey"}, {}]})
+    error = error_of(r, 400)
+    assert error["param"] == "speakers[0].ref_text"
+    assert error["message"] == ("speakers[0].voice 'alloy' is an OpenAI preset name, which means no voice, so "
+                                "speakers[0].ref_text (a voice's transcript) has no voice to go with: name a stored "
+                                "voice or give speakers[0].ref_audio, or leave speakers[0].ref_text out")
+    r = dialogue_server.post(SPEECH, json={**body, "speakers": [{"voice": "alloy"}, {}]})
+    assert r.status_code == 200, r.text  # a preset alone: the default voice
+
+
+def test_a_preset_name_is_no_voice_for_a_fish_speaker(fish_server):
+    """Fish S2 Pro clones every speaker: the refusal said speakers[0].voice was missing, though it was sent."""
+    _, client = fish_server
+    r = client.post(SPEECH, json={"input": "<|speaker:0|>Hi.", "speakers": [{"voice": "alloy"}]})
+    error = error_of(r, 400)
+    assert error["param"] == "speakers[0].voice"
+    assert error["message"] == ("speakers[0].voice 'alloy' is an OpenAI preset name, which means no voice; this model "
+                                "clones each speaker from a voice and its transcript: name a stored voice or give "
+                                "speakers[0].ref_audio, with speakers[0].ref_text")
+
+
+def test_a_stored_fish_speaker_label_is_not_the_speakers(fish_server, monkeypatch):
+    """A voice stored with its Fish label ("<|speaker:1|>I am Bob.") used as speaker 0 kept it, so the
+    prompt labelled speaker 0's reference as speaker 1's; only a leading [S1] was dropped."""
+    tts, client = fish_server
+    assert upload(client, "bob", TONE, "<|speaker:1|>I am Bob.").status_code == 201
+    build, given = tts.talker.build_prompt, []
+
+    def spy(request, encode_voice=None):
+        given.extend(speaker.reference_text for speaker in request.speakers)
+        return build(request, encode_voice)
+
+    monkeypatch.setattr(tts.talker, "build_prompt", spy)
+    r = client.post(SPEECH, json={"input": "<|speaker:0|>Hi.", "speakers": [{"voice": "bob"}], "max_new_tokens": 2,
+                                  "response_format": "wav"})
+    assert r.status_code == 200, r.text
+    assert given == ["I am Bob."]

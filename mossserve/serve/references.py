@@ -17,6 +17,8 @@ import numpy as np
 from ..audio.read import ENCODER_PADDING_S
 from ..errors import AudioError, InvalidRequestError
 from ..speech_request import Speaker
+from ..text.delay_requests import check_speaker_transcript
+from ..text.fish_turns import SPEAKER_TAG
 from .errors import APIError
 from .schemas import SpeakerBody, SpeechBody
 from .voices import VoiceNotFoundError, VoiceStore, validate_voice_name
@@ -31,7 +33,8 @@ PRESET_VOICES = frozenset({
 _DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL | re.IGNORECASE)
 
 
-_SPEAKER_LABEL = re.compile(r"^\s*\[S[0-9]+\]\s*")
+# A dialogue label a stored transcript may start with: MOSS-TTSD's [S1] or Fish S2 Pro's <|speaker:0|>.
+_SPEAKER_LABEL = re.compile(rf"^\s*(?:\[S[0-9]+\]|{SPEAKER_TAG.pattern})\s*")
 
 
 class Reference(NamedTuple):
@@ -46,14 +49,17 @@ class VoiceResolver:
     `needs_transcript`: the model clones from audio and transcript together (Fish S2 Pro), so a
     voice without one is refused here, naming where it came from. `check_text` (the model's
     `check_transcript`) and `max_chars` (--max-input-chars) judge a stored transcript used as a
-    reference text: it was judged by the server that stored it, which may have run another model."""
+    reference text: it was judged by the server that stored it, which may have run another model.
+    `dialogue` (a MOSS-TTSD model): a stored transcript used as a speaker's is also judged for speaker
+    tags, as the model judges a speaker's `ref_text`."""
 
     def __init__(self, voices: VoiceStore, engine, codec_id: str, codebooks: int, needs_transcript: bool = False,
                  max_seconds: float | None = None, check_text: Callable[[str, str], None] | None = None,
-                 max_chars: int | None = None) -> None:
+                 max_chars: int | None = None, dialogue: bool = False) -> None:
         self.voices, self.engine, self.codec_id, self.codebooks = voices, engine, codec_id, codebooks
         self.needs_transcript, self.max_seconds = needs_transcript, max_seconds
         self.check_text, self.max_chars = check_text, max_chars
+        self.dialogue = dialogue
 
     async def main_voice(self, body: SpeechBody) -> tuple[np.ndarray | None, str | None]:
         """(codes, transcript of the stored voice) for `voice` / `ref_audio`."""
@@ -75,23 +81,27 @@ class VoiceResolver:
 
     async def speakers(self, bodies: list[SpeakerBody]) -> list[Speaker]:
         """Dialogue speakers; a stored voice's transcript is its reference_text unless one is given."""
-        return list(await asyncio.gather(*(self._speaker(s, f"speakers[{i}]") for i, s in enumerate(bodies))))
+        return list(await asyncio.gather(*(self._speaker(s, k, len(bodies)) for k, s in enumerate(bodies, 1))))
 
-    async def _speaker(self, body: SpeakerBody, where: str) -> Speaker:
+    async def _speaker(self, body: SpeakerBody, k: int, count: int) -> Speaker:
+        """Speaker k (1-based) of `count`."""
+        where = f"speakers[{k - 1}]"
         if body.voice is not None and body.ref_audio is not None:
             raise APIError(400, f"{where}: give voice or ref_audio, not both", param=f"{where}.voice")
         reference = None
         if body.voice is not None:
             reference = await self.stored(body.voice, f"{where}.voice")
-            if reference is None and body.voice not in PRESET_VOICES:  # a preset: the default voice, as for `voice`
+            if reference is None and body.voice not in PRESET_VOICES:
                 raise self.not_found(body.voice, f"{where}.voice")
+            if reference is None:  # a preset: the default voice, as for `voice`
+                self.check_preset_speaker(body, where)
         elif body.ref_audio is not None:
             reference = await self.audio(body.ref_audio, f"{where}.ref_audio")
         if reference is None:
             return Speaker(voice=None, reference_text=body.ref_text)
         self.check_transcript(reference, body.ref_text, f"{where}.")
         if body.ref_text is None:
-            self.check_stored_transcript(reference, f"{where}.")
+            self.check_stored_transcript(reference, f"{where}.", (k, count))
         return Speaker(voice=reference.codes,
                        reference_text=body.ref_text if body.ref_text is not None else unlabelled(reference.transcript))
 
@@ -107,9 +117,24 @@ class VoiceResolver:
         raise APIError(400, f"{why}: this model clones a voice from its audio and what it says, together; give "
                             f"{prefix}ref_text (or store the voice with its transcript)", param=f"{prefix}ref_text")
 
-    def check_stored_transcript(self, reference: Reference, prefix: str) -> None:
+    def check_preset_speaker(self, body: SpeakerBody, where: str) -> None:
+        """A speaker's preset `voice` name means no voice, as at the top level: refused as such where the
+        speaker needs one (the model would call the voice missing, or say to give it with `ref_text`)."""
+        preset = f"{where}.voice {body.voice!r} is an OpenAI preset name, which means no voice"
+        if self.needs_transcript:
+            raise APIError(400, f"{preset}; this model clones each speaker from a voice and its transcript: name a "
+                                f"stored voice or give {where}.ref_audio, with {where}.ref_text",
+                           param=f"{where}.voice")
+        if body.ref_text is not None:
+            raise APIError(400, f"{preset}, so {where}.ref_text (a voice's transcript) has no voice to go with: name "
+                                f"a stored voice or give {where}.ref_audio, or leave {where}.ref_text out",
+                           param=f"{where}.ref_text")
+
+    def check_stored_transcript(self, reference: Reference, prefix: str,
+                                speaker: tuple[int, int] | None = None) -> None:
         """A stored voice's transcript about to be its reference text, refused naming the voice (the
-        model would name `ref_text`, which the client never sent)."""
+        model would name `ref_text`, which the client never sent). `speaker`: (k, count) where it is
+        speaker k's of a dialogue of `count`, whose tags a MOSS-TTSD model judges too."""
         transcript, name = reference.transcript, reference.stored
         if name is None or transcript is None:
             return
@@ -119,11 +144,13 @@ class VoiceResolver:
             raise APIError(400, f"{what} has {len(transcript)} characters; this server takes at most {self.max_chars} "
                                 f"per field (--max-input-chars): {instead}", param=reference.param,
                            code="text_too_long")
-        if self.check_text is not None:
-            try:
+        try:
+            if self.check_text is not None:
                 self.check_text(transcript, what)
-            except InvalidRequestError as e:
-                raise APIError(400, f"{e}; {instead}", param=reference.param) from None
+            if speaker is not None and self.dialogue:
+                check_speaker_transcript(unlabelled(transcript), *speaker, what)
+        except InvalidRequestError as e:
+            raise APIError(400, f"{e}; {instead}", param=reference.param) from None
 
     async def stored(self, name: str, param: str) -> Reference | None:
         """A stored voice's codes (re-encoded once if another codec made them) and transcript."""
@@ -177,8 +204,9 @@ class VoiceResolver:
 
 
 def unlabelled(transcript: str | None) -> str | None:
-    """A stored transcript as a speaker's: without a leading dialogue label ("[S1] Hello." stored from
-    where the clip was recorded), since the request decides which speaker the voice is."""
+    """A stored transcript as a speaker's: without a leading dialogue label ("[S1] Hello." or
+    "<|speaker:1|>Hello." stored from where the clip was recorded), since the request decides which
+    speaker the voice is."""
     return None if transcript is None else _SPEAKER_LABEL.sub("", transcript, count=1)
 
 

@@ -48,7 +48,8 @@ class ServerState:
         talker = tts.talker
         resolver = VoiceResolver(voices, engine, f"{tts.codec_source}@{talker.codebooks}", talker.codebooks,
                                  talker.voice_needs_transcript, settings.max_voice_seconds, talker.check_transcript,
-                                 settings.max_input_chars)
+                                 settings.max_input_chars,
+                                 dialogue=getattr(talker, "default_task", None) == "dialogue")
         metrics = Metrics(functools.partial(stats_while_open, tts))
         return cls(settings, tts, engine, voices, metrics, resolver, served_name(settings, tts), owns_tts)
 

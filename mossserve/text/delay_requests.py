@@ -13,10 +13,12 @@ follow them per task:
   either side of the join is a CJK or full-width character, as upstream's Local example joins them.
   Without `mode`, a voice with `reference_text` means continuation, a voice alone cloning.
 * `dialogue` (MOSS-TTSD, `clis/moss_ttsd_app.py` and its model card): the input needs `[Sk]`
-  tags for speakers 1..len(speakers) (1..5 without speakers); a look-alike (`[S0]`, `[S01]`) or a
-  tag past the speakers is refused, in the input and in transcripts, and a speaker's transcript
-  may hold its own tag only (another would label its audio as that speaker's). A speaker gives a voice and its
-  transcript together or neither. With at least one voice: `reference` is indexed by speaker
+  tags for speakers 1..len(speakers) (1..5 without speakers); a look-alike (`[S0]`, `[S01]`, `[s2]`,
+  `[S 2]`, `［S2］`) or a tag past the speakers is refused, in the input and in transcripts, as the
+  prompt will read them (after the normalizer, which deletes format characters: `[S6]` with a
+  zero-width space inside is `[S6]` there); a speaker's transcript may hold its own tag only
+  (another would label its audio as that speaker's) and must say something besides it. A speaker
+  gives a voice and its transcript together or neither. With at least one voice: `reference` is indexed by speaker
   (None where no voice), each cloned speaker's transcript (prefixed `[Sk] ` unless it starts
   with its tag) goes before the dialogue, joined by spaces as in the model card, and the
   assistant prefix is the cloned speakers' codes concatenated in time; mode continuation.
@@ -50,12 +52,14 @@ from .delay_prompt import (
     build_assistant_message,
     build_user_message,
 )
+from .normalizer import normalize_tts_text
 
 TASKS = ("tts", "dialogue", "voice_design", "sound_effect")
 MAX_SPEAKERS = 5
+# What a user may mean as a dialogue speaker tag (in either case, spaced, full-width); only
+# [S1]..[S<speakers>] are ones. The normalizer keeps all of these as typed (NFC folds no width).
+_TAG_LIKE = re.compile(r"[\[［]\s*[SsＳｓ]\s*\d+\s*[\]］]")
 # Written without spaces around them: CJK punctuation, kana, CJK ideographs, full-width forms.
-# What a user may mean as a dialogue speaker tag; only [S1]..[S<speakers>] are ones.
-_TAG_LIKE = re.compile(r"\[S\d+\]")
 _UNSPACED = re.compile("[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 
 # Request fields each task reads (besides `input` and `mode`, which every task reads).
@@ -136,16 +140,15 @@ def _dialogue(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> 
     if len(speakers) > MAX_SPEAKERS:
         raise InvalidRequestError(f"a dialogue has at most {MAX_SPEAKERS} speakers, got {len(speakers)}")
     limit = len(speakers) or MAX_SPEAKERS
-    if not _speaker_tags(text, "input", limit):
+    if not _speaker_tags(_as_read(text, normalize), "input", limit):
         raise InvalidRequestError("a dialogue needs speaker tags such as [S1], [S2] in input")
     transcripts = []
     for k, speaker in enumerate(speakers, 1):
         transcript = _stripped(speaker.reference_text)
-        transcript = None if transcript is None else _one_line(transcript)
         if (speaker.voice is None) != (transcript is None):
             raise InvalidRequestError(f"speakers[{k - 1}]: give voice and reference_text together (or neither)")
         if transcript is not None:
-            transcripts.append(_tagged_transcript(transcript, k, limit))
+            transcripts.append(_tagged_transcript(transcript, k, limit, normalize))
     if not transcripts:
         if request.mode == "continuation":
             raise InvalidRequestError("dialogue continuation needs at least one speaker with a voice")
@@ -159,8 +162,9 @@ def _dialogue(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> 
 
 
 def _speaker_tags(text: str, name: str, limit: int) -> set[int]:
-    """The speakers `text` tags. A tag is [S1]..[S{limit}]; a look-alike ([S0], [S01]) or a tag past the
-    speakers is refused rather than read as text or as a speaker no one gave: the model knows [S1]..[S5]."""
+    """The speakers `text` tags. A tag is [S1]..[S{limit}]; a look-alike ([S0], [S01], [s2], [S 2], ［S2］) or
+    a tag past the speakers is refused rather than read as text or as a speaker no one gave: the model knows
+    [S1]..[S5]."""
     tags = {f"[S{k}]": k for k in range(1, limit + 1)}
     used = set()
     for tag in _TAG_LIKE.findall(text):
@@ -172,15 +176,32 @@ def _speaker_tags(text: str, name: str, limit: int) -> set[int]:
     return used
 
 
-def _tagged_transcript(transcript: str, k: int, limit: int) -> str:
-    """Speaker k's transcript as it goes before the dialogue: `[Sk] ...`. Another speaker's tag in it
-    would label k's audio as that speaker's, so it is refused (a transcript copied from a dialogue)."""
-    name = f"speakers[{k - 1}].reference_text"
-    others = _speaker_tags(transcript, name, limit) - {k}
+def check_speaker_transcript(transcript: str, k: int, speakers: int, name: str, normalize: bool = True) -> str:
+    """Refuse speaker k's transcript (field `name`, in a dialogue of `speakers`) where the prompt would
+    read in it a tag other than [Sk] (it would label k's audio as that speaker's: a transcript copied
+    from a dialogue) or nothing but tags; returns it as the prompt reads it (`_as_read`). Shared with
+    the server, which checks a stored voice's transcript so, naming the voice."""
+    form = _as_read(_one_line(transcript), normalize)
+    others = _speaker_tags(form, name, speakers) - {k}
     if others:
         raise InvalidRequestError(f"{name} is speaker {k}'s transcript but holds [S{min(others)}]; "
                                   f"tag it [S{k}] or not at all")
-    return transcript if transcript.startswith(f"[S{k}]") else f"[S{k}] {transcript}"
+    if not _TAG_LIKE.sub("", form).strip():
+        raise InvalidRequestError(f"{name} is empty (speaker tags aside): voice cloning needs what the voice says")
+    return form
+
+
+def _tagged_transcript(transcript: str, k: int, limit: int, normalize: bool) -> str:
+    """Speaker k's transcript, checked, as it goes before the dialogue: `[Sk] ...`."""
+    transcript = _one_line(transcript)
+    form = check_speaker_transcript(transcript, k, limit, f"speakers[{k - 1}].reference_text", normalize)
+    return transcript if form.startswith(f"[S{k}]") else f"[S{k}] {transcript}"
+
+
+def _as_read(text: str, normalize: bool) -> str:
+    """User text as the prompt will hold it, where speaker tags are judged: normalized (which deletes
+    format characters: [S2] with a soft hyphen inside becomes [S2]) unless the processor takes it as given."""
+    return normalize_tts_text(text) if normalize else text
 
 
 def _voice_design(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> tuple[Conversation, str]:
