@@ -33,7 +33,7 @@ SAMPLING_FLAGS = {"audio_temperature": "--temperature", "audio_top_p": "--top-p"
                   "audio_repetition_penalty": "--repetition-penalty", "seed": "--seed"}
 SERVE_FLAGS = {"port": "--port", "max_input_chars": "--max-input-chars", "max_voice_seconds": "--max-voice-seconds",
                "request_timeout_s": "--request-timeout", "max_running": "--max-running", "max_queued": "--max-queued",
-               "max_len": "--max-len"}
+               "max_len": "--max-len", "max_sessions": "--max-sessions"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "at most the model's)")
     serve.add_argument("--max-queued", type=int, default=256,
                        help="requests that may wait for a slot (503 past --max-running plus this; default %(default)s)")
+    serve.add_argument("--max-sessions", type=int, default=64,
+                       help="realtime sessions (websocket contexts) held at once (default %(default)s)")
     serve.add_argument("--max-input-chars", type=int, default=4096,
                        help="longest text per request field, in characters (default %(default)s)")
     serve.add_argument("--max-voice-seconds", type=float, default=60.0,
@@ -875,7 +877,7 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.ray and args.shutdown_timeout != SHUTDOWN_TIMEOUT_S:
         raise InvalidRequestError("--shutdown-timeout is the single-process server's; on Ray, Serve drains replicas")
     engine = EngineConfig(max_running=args.max_running, max_queued=args.max_queued,
-                          max_len=args.max_len or EngineConfig.max_len)
+                          max_len=args.max_len or EngineConfig.max_len, max_sessions=args.max_sessions)
     settings = ServerSettings(
         model=args.model, codec=args.codec, device=args.device, dtype=args.dtype, task=args.task,
         model_name=args.model_name,

@@ -16,6 +16,16 @@ class PromptTooLongError(InvalidRequestError):
     """A prompt longer than the engine's length (`max_len`) allows."""
 
 
+class ContextFullError(InvalidRequestError):
+    """A session's context (its earlier turns: `held` positions) leaves no room for its next turn's
+    prompt (`rows`) within `max_len`: only a new session (a fresh context) runs it."""
+
+    def __init__(self, held: int, rows: int, max_len: int) -> None:
+        self.held, self.rows, self.max_len = held, rows, max_len
+        super().__init__(f"the prompt needs {held + rows} positions (its session's {held} and its own {rows}); "
+                         f"this engine allows {max_len}: start a new session, or send less text")
+
+
 class CheckpointError(MossServeError):
     """A checkpoint directory or file that does not match what its config promises."""
 

@@ -302,8 +302,7 @@ def test_text_still_coming_when_the_model_stops_goes_with_its_turn(tmp_path, mon
                 assert done["turn_id"] == "turn-2" and done["finish_reason"] == "stop", done
             return context, turn_codes(deltas)
 
-        rest = [{"type": "text.delta", "delta": " Start at the Louvre, then cross the river."},
-                {"type": "text.delta", "tokens": [2000, 2001]}]
+        rest = [{"type": "text.delta", "tokens": [2000, 2001]}, {"type": "text.delta", "tokens": [2002]}]
         (context, after), (alone, after_alone), (cancelled, after_cancel) = \
             session(rest), session([]), session(rest, "turn.cancel")
         turn_input = tts.talker.open_turn_prompt(RealtimeTurn(), True, None).rows
@@ -411,6 +410,7 @@ def test_a_socket_past_the_session_limit_is_told_to_retry(tmp_path) -> None:
             second.send({"type": "text.delta", "delta": "Me too."})
             event = second.receive()
             assert event["type"] == "error" and event["error"]["code"] == "queue_full", event
+            assert event["error"]["type"] == "server_overloaded"  # as HTTP's 503 (was invalid_request_error)
             assert "as many realtime sessions as it takes (1)" in event["error"]["message"]
             assert "close_session" not in event["error"]["message"]
         metrics = httpx.get(base + "/metrics").text
@@ -488,6 +488,7 @@ def test_a_turn_whose_text_stops_coming_is_ended(tmp_path) -> None:
                 events.append(client.receive())
             errors = [e["error"] for e in events if e["type"] == "error"]
             assert [e["code"] for e in errors] == ["turn_timeout"] and "no text for 1 s" in errors[0]["message"]
+            assert errors[0]["type"] == "timeout_error"
             assert events[-1]["finish_reason"] == "aborted"
             deltas, done = play_turn(client, [{"op": "push_text", "arg": "A turn after it."}], None)
             assert done["finish_reason"] == "stop" and deltas

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from ..config import ChunkSchedule, EngineConfig
-from ..errors import EngineBrokenError, EngineClosedError, InvalidRequestError, MossServeError, PromptTooLongError
+from ..errors import (
+    ContextFullError,
+    EngineBrokenError,
+    EngineClosedError,
+    InvalidRequestError,
+    MossServeError,
+    PromptTooLongError,
+)
 from ..models.codecs.base import Codec
 from ..models.family import Prompt, TalkerFamily
 from ..sampling import SamplingParams
@@ -243,10 +250,11 @@ class Engine:
         step (a session's turn as it joins, and whenever pushed input adds prompt rows); its step cap
         is what room is left."""
         used = fed + request.prompt_length
+        if used >= self.max_len and fed:
+            raise ContextFullError(fed, request.prompt_length, self.max_len)
         if used >= self.max_len:
-            held = f"its session's {fed} and " if fed else ""
-            raise InvalidRequestError(f"the prompt needs {used} positions ({held}its own {request.prompt_length}); "
-                                      f"this engine allows {self.max_len}: start a new session, or send less text")
+            raise InvalidRequestError(f"the prompt needs {used} positions; this engine allows {self.max_len}: "
+                                      "send less text")
         if self.max_len - used < request.max_new_frames:
             request.max_new_frames, request.length_limit = self.max_len - used, self.max_len
 

@@ -23,6 +23,7 @@ _ENGINE_GAUGES = {
     "prompt_rows_reused": ("mossserve_prompt_rows_reused",
                            "prompt rows started from keys and values already in the cache since start"),
     "codec_streams_open": ("mossserve_codec_streams_open", "streaming codec decoders in use"),
+    "sessions": ("mossserve_sessions", "open realtime sessions (contexts); new ones are refused at --max-sessions"),
 }
 
 

@@ -8,7 +8,8 @@ client -> server
   session.update  {"session": {voice | voice_codes, response_format, speed, seed, temperature, top_p,
                    top_k, repetition_penalty, initial_chunk_frames, include_codes}, "new_context"}
   turn.start      {user_text, user_audio (base64 / data URL / stored voice) | user_audio_codes}
-  text.delta      {"delta": "..."} or {"tokens": [ids]}  (starts a turn with no user turn if none is open)
+  text.delta      {"delta": "..."} or {"tokens": [ids]}  (starts a turn with no user turn if none is open;
+                  a turn's text is all deltas or all tokens; an empty one changes nothing)
   text.done       the turn's text is complete (more text before its audio.done: turn_in_progress)
   turn.cancel     stop the turn now (the session goes on; the next message may follow at once)
 server -> client
@@ -17,7 +18,7 @@ server -> client
   audio.delta     {turn_id, audio: base64 bytes of response_format[, codes]}
   audio.done      {turn_id, finish_reason, frames}  (the turn is over: after its text.done or turn.cancel
                   once it has text, even when the model stopped first)
-  error           {error: {message, type, code}}  (the session goes on)
+  error           {error: {message, type, code}}  (the session goes on; `type` as the HTTP status's)
 
 Sessions on one model are batched together by the engine like any other requests.
 """
@@ -36,9 +37,10 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import Field, ValidationError
 
 from ..audio import StreamEncoder
-from ..errors import InvalidRequestError, MossServeError, SessionLimitError
+from ..errors import ContextFullError, InvalidRequestError, MossServeError, SessionLimitError
 from ..text.realtime_session import RealtimeTurn
-from .errors import APIError, describe_validation, from_mossserve
+from .errors import APIError, describe_validation, error_event, from_mossserve
+from .references import PRESET_VOICES
 from .schemas import (
     Body,
     FirstChunkFrames,
@@ -52,6 +54,7 @@ from .schemas import (
 )
 from .speech import at_speed, check_text_length, outcome_for, sampling_for, schedule_for, shutting_down, tempo_for
 from .state import ServerState
+from .voices import validate_voice_name
 
 router = APIRouter()
 Codes = list[list[int]]
@@ -124,13 +127,14 @@ class RealtimeSession:
         self.state, self.ws = state, websocket
         self.settings = SessionSettings()
         self.voice = None  # (T, 16) codes of the session's voice
-        self.id = f"ws-{uuid.uuid4().hex}"
+        self.id = f"ws-{uuid.uuid4().hex}"  # the engine session's, kept by new_context (a fresh one of the same id)
         self.first = True  # the next turn opens the context (system prompt, voice)
         self.turn_id: str | None = None  # the open turn
         self.request_id: str | None = None
         self.sender: asyncio.Task | None = None
         self.turns = 0
         self.pushed = 0  # characters (or ids) of text the turn has been given
+        self.tokens = False  # the turn's text came as ids (text.delta tokens), not as text
         self.text_done = False  # the turn's text is complete
         self.client_ended = asyncio.Event()  # the client is done with the turn: text.done, turn.cancel or timeout
         self.last_input = 0.0  # monotonic time of the turn's latest text
@@ -150,18 +154,15 @@ class RealtimeSession:
                     if message.get("text") is None:
                         raise APIError(400, "messages are JSON text frames, not binary ones", code="bad_message")
                     await self.handle(_json(message["text"]))
-                except APIError as e:
-                    self.count(outcome_for(e.status_code))
-                    await self.send(_error(e.message, e.code))
                 except SessionLimitError:  # the engine's message names a Python call a socket cannot make
-                    self.count("rejected")
-                    await self.send(_error(f"the server holds as many realtime sessions as it takes "
-                                           f"({self.state.tts.engine.config.max_sessions}): retry the turn when "
-                                           "another socket has closed", "queue_full"))
+                    await self.refused(APIError(503, f"the server holds as many realtime sessions as it takes "
+                                                     f"({self.state.tts.engine.config.max_sessions}): "
+                                                     "retry the turn when another socket has closed",
+                                                code="queue_full"))
                 except MossServeError as e:
-                    error = from_mossserve(e, self.state.settings.retry_after_s)
-                    self.count(outcome_for(error.status_code))
-                    await self.send(_error(error.message, error.code))
+                    await self.refused(from_mossserve(e, self.state.settings.retry_after_s))
+                except APIError as e:
+                    await self.refused(e)
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client left (RuntimeError: a send after the close)
         finally:
@@ -169,6 +170,11 @@ class RealtimeSession:
                 if task is not None:
                     task.cancel()
             self.state.engine.close_session(self.id)
+
+    async def refused(self, error: APIError) -> None:
+        """A message refused: counted by its status and answered with an error event."""
+        self.count(outcome_for(error.status_code))
+        await self.send(_error(error.message, error.code, error.status_code))
 
     async def handle(self, data: object) -> None:
         kind = data.get("type") if isinstance(data, dict) else None
@@ -231,9 +237,9 @@ class RealtimeSession:
             voice = await self.codes(settings.voice, settings.voice_codes, "voice")
             if voice is not None:
                 await self.check_voice_fits(voice, "voice_codes" if "voice_codes" in given else "voice")
-        if message.new_context:
+        if message.new_context:  # the next turn opens the id's session afresh (engine.close_session)
             self.state.engine.close_session(self.id)
-            self.id, self.first = f"ws-{uuid.uuid4().hex}", True
+            self.first = True
         self.voice, self.settings = voice, updated
 
     async def check_voice_fits(self, voice: np.ndarray, name: str) -> None:
@@ -266,8 +272,14 @@ class RealtimeSession:
         talker, s = self.state.tts.talker, self.settings
         prompt = await asyncio.to_thread(talker.open_turn_prompt, turn, self.first,
                                          None if self.voice is None else self.voice.T)
-        stream = await self.state.engine.submit(prompt, sampling_for(self.state, s),
-                                                schedule=schedule_for(self.state, s, code="bad_message"), session=self.id)
+        try:
+            stream = await self.state.engine.submit(prompt, sampling_for(self.state, s), session=self.id,
+                                                    schedule=schedule_for(self.state, s, code="bad_message"))
+        except ContextFullError as e:  # the engine's words are a Python caller's: a socket starts a fresh context
+            raise APIError(400, f"the context is full: it holds {e.held} of the {e.max_len} positions this engine "
+                                f"allows, and this turn needs {e.rows} more before its text; send session.update "
+                                '{"new_context": true} to start a fresh one (the settings and voice stay)',
+                           code="context_full") from None
         self.first, self.turns, self.pushed, self.text_done = False, self.turns + 1, 0, False
         self.turn_id, self.request_id, self.ended_by = f"turn-{self.turns}", stream.request_id, None
         self.client_ended = asyncio.Event()
@@ -287,7 +299,7 @@ class RealtimeSession:
             wait = self.last_input + timeout - time.monotonic()
             if wait <= 0:
                 self.ended_by = "timeout"
-                await self.send(_error(f"no text for {timeout:g} s: the turn is ended", "turn_timeout"))
+                await self.send(_error(f"no text for {timeout:g} s: the turn is ended", "turn_timeout", 504))
                 self.state.engine.abort(request_id)
                 client_ended.set()
                 return
@@ -300,6 +312,8 @@ class RealtimeSession:
         if (message.delta is None) == (message.tokens is None):
             raise APIError(400, "text.delta carries delta (text) or tokens (ids), one of them", code="bad_message")
         piece = message.delta if message.delta is not None else message.tokens
+        if not piece:  # no text: opens no turn (an LLM's stream often begins with an empty delta)
+            return
         await self.settle()
         self.refuse_after_text_done()
         limit = self.state.settings.max_input_chars
@@ -310,10 +324,23 @@ class RealtimeSession:
             self.state.tts.talker.check_input(piece)
         except InvalidRequestError as e:
             raise APIError(400, str(e), code="bad_message") from None
+        self.refuse_mixed(message)
         if self.turn_id is None:
             await self.start_turn(None)
         self.push(piece, end=False)  # the engine checks the seam with the turn's earlier text
         self.pushed, self.last_input = self.pushed + len(piece), time.monotonic()
+        self.tokens = message.tokens is not None
+
+    def refuse_mixed(self, message: TextDelta) -> None:
+        """A turn's text comes as text or as ids, not both: the family holds text back until its
+        segmenter cuts it and appends ids at once (the reference's push_text_tokens), so ids after
+        text would be spoken before it."""
+        if self.turn_id is None or not self.pushed or self.tokens == (message.tokens is not None):
+            return
+        given, other = ("tokens", "delta") if self.tokens else ("delta", "tokens")
+        raise APIError(400, f"this turn's text came as {given}: a turn's text is all delta (text) or all tokens "
+                            "(ids), since ids sent after text would be spoken before the text the segmenter still "
+                            f"holds; send the rest as {given}, or {other} in the next turn", code="mixed_text")
 
     def push(self, piece, end: bool) -> None:
         """Text for the open turn; once the engine has ended it (until_client_ends) the engine takes
@@ -364,7 +391,7 @@ class RealtimeSession:
         except MossServeError as e:
             outcome = "error"
             self.count(outcome)
-            await self.send(_error(str(e), "generation_failed"))
+            await self.send(_error(str(e), "generation_failed", 500))
             await self.until_client_ends()
             await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": "error", "frames": 0})
         finally:
@@ -406,7 +433,26 @@ class RealtimeSession:
             return self.state.tts.talker.builder.check_codes(array, name)
         if audio is None:
             return None
+        if _is_voice_name(audio):  # a name, never base64 audio (VoiceResolver.audio)
+            return await self.stored_codes(audio, name)
         return (await self.state.resolver.audio(audio, name)).codes  # a realtime voice has no transcript
+
+    async def stored_codes(self, audio: str, name: str) -> np.ndarray | None:
+        """A stored voice's codes; an OpenAI preset `voice` name that is not stored means the model's
+        own voice (None), as on /v1/audio/speech."""
+        stored = await self.state.resolver.stored(audio, name)
+        if stored is not None:
+            return stored.codes
+        if name == "voice" and audio in PRESET_VOICES:
+            return None
+        if name == "voice":
+            message = (f"voice {audio!r} is not a stored voice: upload it to /v1/audio/voices first, or send the "
+                       "audio as base64 or a data URL (an OpenAI preset name such as 'alloy' means the model's "
+                       "own voice)")
+        else:
+            message = (f"{name} {audio!r} names no stored voice: send the user's audio as base64 or a data URL, "
+                       "or the name of a voice stored at /v1/audio/voices")
+        raise APIError(400, message, code="voice_not_found")
 
     def count(self, outcome: str) -> None:
         """A turn's outcome, or a refused message's, in `mossserve_requests_total`."""
@@ -416,6 +462,14 @@ class RealtimeSession:
         await self.ws.send_json(event)
 
 
+def _is_voice_name(value: str) -> bool:
+    try:
+        validate_voice_name(value)
+    except InvalidRequestError:
+        return False
+    return True
+
+
 def _json(text: str) -> object:
     try:
         return json.loads(text)
@@ -423,11 +477,11 @@ def _json(text: str) -> object:
         raise APIError(400, "a message must be one JSON object per text frame", code="bad_message") from None
 
 
-def _error(message: str, code: str | None) -> dict:
-    """An error event; always with a code a client can switch on (bad_message when the refusal has
-    none of its own: codes out of range, an unknown voice, ...)."""
-    return {"type": "error", "error": {"message": message, "type": "invalid_request_error",
-                                       "code": code or "bad_message"}}
+def _error(message: str, code: str | None, status: int = 400) -> dict:
+    """An error event, its type the one an HTTP response of `status` has (a server's failure is no
+    invalid request); always with a code a client can switch on (bad_message when the refusal has
+    none of its own: codes out of range, ...)."""
+    return error_event(status, message, code or "bad_message")
 
 
 def _key_protocol(websocket: WebSocket) -> str | None:
