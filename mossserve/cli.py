@@ -281,6 +281,8 @@ def read_request(args: argparse.Namespace) -> SpeechRequest | None:
     load, minutes for a large one); None for the other inputs."""
     from .speech_request import SpeechRequest
 
+    if getattr(args, "conversation", None) is not None:
+        check_one_conversation(args.conversation)
     if args.request is not None:
         if _is_session_script(args.request):
             return None
@@ -294,6 +296,18 @@ def read_request(args: argparse.Namespace) -> SpeechRequest | None:
         raise InvalidRequestError("input is empty: there is nothing to say")
     return SpeechRequest(input=text, voice=args.voice, reference_text=args.reference_text,
                          instructions=args.instructions)
+
+
+def check_one_conversation(path: str) -> None:
+    """`prompt` and `say` write one prompt's output: a file holding a batch of several conversations
+    is refused before the model loads (and its voices are encoded)."""
+    from .json_files import read_json_file
+    from .text.conversation import is_batch
+
+    data = read_json_file(path, "conversation file")
+    if isinstance(data, list) and data and is_batch(data) and len(data) > 1:
+        raise InvalidRequestError(f"{path} holds {len(data)} conversations; prompt and say take one (a list of "
+                                  "messages, or a list holding one such list)")
 
 
 def default_mode(conversation: list) -> str:
@@ -318,8 +332,6 @@ def run_prompt(args: argparse.Namespace) -> None:
         prompts = build_prompts(tts, args, request)
     finally:
         tts.close()
-    if len(prompts) != 1:
-        raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
     rows = prompts[0].info.get("matrix", prompts[0].rows)  # the processor's matrix (a family may run a variant)
     save_npy(args.output, rows)
     print(f"wrote {args.output}: prompt matrix {rows.shape}", file=sys.stderr)
@@ -478,8 +490,6 @@ def say_one(tts, args: argparse.Namespace, request: SpeechRequest | None) -> int
     if args.request is not None and _is_session_script(args.request):
         return say_session(tts, args)
     prompts = with_depth(tts, build_prompts(tts, args, request), args.depth)
-    if len(prompts) != 1:
-        raise InvalidRequestError(f"{args.conversation} holds {len(prompts)} conversations; give one")
     progress = Progress(1, args.progress)
     stdout = StdoutAudio(tts.codec, args.format, args.speed) if args.output == STDIO else None
 

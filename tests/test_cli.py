@@ -219,6 +219,18 @@ def test_errors_are_clear(args, message, capsys, tmp_path: Path, monkeypatch) ->
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", [["prompt", "-o", "p.npy"], ["say", "--codes-out", "c.npy"]])
+def test_a_file_of_several_conversations_is_refused_before_the_model_loads(command, capsys, tmp_path,
+                                                                          monkeypatch) -> None:
+    """prompt and say write one prompt's output; the refusal came after the model loaded and every
+    conversation's voices were encoded (a model that cannot load shows which comes first)."""
+    monkeypatch.chdir(tmp_path)
+    conversation = [{"role": "user", "text": "Hi."}]
+    (tmp_path / "two.json").write_text(json.dumps([conversation, conversation]))
+    code, err = run([*command, "--conversation", "two.json", "--model", "/nonexistent/model"], capsys)
+    assert code == 2 and "two.json holds 2 conversations; prompt and say take one" in err, err
+
+
 def test_an_out_dir_that_cannot_be_written_is_refused_before_the_model_loads(capsys, tmp_path, monkeypatch) -> None:
     """It was found at the first request's files, after every request had been generated."""
     import mossserve.cli

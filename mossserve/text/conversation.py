@@ -43,13 +43,18 @@ def load_conversations(path: str | Path, encode_voice: EncodeVoice | None = None
     return parse_conversations(read_json_file(path, "conversation file"), path.parent, encode_voice)
 
 
+def is_batch(data: list) -> bool:
+    """A conversation file's list holds conversations (lists of messages), not messages."""
+    return all(isinstance(c, list) for c in data)
+
+
 def parse_conversations(
     data: Any, base_dir: Path | None = None, encode_voice: EncodeVoice | None = None
 ) -> list[Conversation]:
     """One conversation (a list of messages) or a batch (a list of such lists) -> a batch."""
     if not isinstance(data, list) or not data:
         raise InvalidRequestError("a conversation must be a non-empty list of messages (or a list of conversations)")
-    batch = data if all(isinstance(c, list) for c in data) else [data]
+    batch = data if is_batch(data) else [data]
 
     def codes(entry: Any, where: str) -> np.ndarray | None:
         return _codes(entry, where, base_dir, encode_voice)
