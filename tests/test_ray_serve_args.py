@@ -23,11 +23,12 @@ from mossserve.serve.settings import ServerSettings  # noqa: E402
 def test_config_file_arguments_are_typed_by_their_fields() -> None:
     settings, options = parse_args({"model": "OpenMOSS-Team/MOSS-TTS", "device": "cuda", "request_timeout_s": "90",
                                     "data_dir": "/mnt/voices", "max_running": 8, "max_queued": "32", "max_len": "4096",
-                                    "autoscale": "1:4", "torch_threads": "2", "cors_origins": "a.com, b.com",
+                                    "max_sessions": "12", "autoscale": "1:4", "torch_threads": "2", "cors_origins": "a.com, b.com",
                                     "voice_service": "true"})
     assert settings.model == "OpenMOSS-Team/MOSS-TTS" and settings.device == "cuda" and settings.request_timeout_s == 90.0
     assert settings.data_dir == Path("/mnt/voices") and settings.cors_origins == ("a.com", "b.com")
     assert (settings.engine.max_running, settings.engine.max_queued, settings.engine.max_len) == (8, 32, 4096)
+    assert settings.engine.max_sessions == 12
     assert options.autoscale == (1, 4) and options.torch_threads == 2 and options.replicas == 1
     assert options.voice_service
     settings, options = parse_args({"cors_origins": ["https://a.example", "https://b.example"], "voice_service": "off",

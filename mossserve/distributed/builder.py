@@ -21,7 +21,7 @@ from ..config import EngineConfig
 from ..serve.settings import ServerSettings
 from .deployment import RayOptions, build_app
 
-_ENGINE_KEYS = ("max_running", "max_queued", "max_len")
+_ENGINE_KEYS = ("max_running", "max_queued", "max_len", "max_sessions")
 _SERVE_HTTP_KEYS = ("host", "port")  # Serve's http_options decide where the one address listens
 _PATH_KEYS = ("model", "codec")  # a checkpoint directory, or a hub id
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
