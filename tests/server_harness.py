@@ -12,12 +12,15 @@ import uvicorn
 
 @contextmanager
 def live_server(app) -> Iterator[str]:
-    """Serve `app` until the block ends; yields its base URL."""
+    """Serve `app` until the block ends, with the uvicorn settings `mossserve serve` gives it
+    (serve/run.py: server_config); yields its base URL."""
+    from mossserve.serve.run import server_config
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(server_config(app, app.state.server.settings, "warning", shutdown_timeout_s=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 
@@ -17,6 +15,7 @@ import pytest
 import soundfile as sf
 from conftest import CODEC_DIR
 from realtime_cases import REALTIME_DIR
+from server_harness import serve_model
 from test_server_realtime import Client, play_turn, turn_codes
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -38,24 +37,9 @@ def tts():
 
 @contextmanager
 def served(tts, data_dir, **settings) -> Iterator[str]:
-    """`tts` behind the uvicorn that `mossserve serve` configures (serve/run.py:server_config; the
-    tests' live_server has its own), on a socket bound before it starts. Yields the socket's URL."""
-    from mossserve.serve import ServerSettings, create_app
-    from mossserve.serve.run import DrainingServer, server_config
-
-    settings = ServerSettings(data_dir=data_dir, **settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    server = DrainingServer(server_config(create_app(settings, tts=tts), settings, "warning", 5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield f"ws://127.0.0.1:{sock.getsockname()[1]}/v1/realtime/speech"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    """`tts` behind the uvicorn that `mossserve serve` configures (server_harness); yields the socket's URL."""
+    with serve_model(tts, data_dir, **settings) as url:
+        yield url.replace("http://", "ws://") + "/v1/realtime/speech"
 
 
 def wav_of(megabytes: float) -> str:
