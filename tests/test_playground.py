@@ -13,6 +13,7 @@ from contextlib import closing
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import soundfile as sf
 from browser import chromium
@@ -42,6 +43,9 @@ const message = rt.message.bind(rt); rt.message = (event) => { window.sent.push(
 RECORD_ERRORS = """window.shown = []; const box = document.getElementById('error');
 new MutationObserver(() => box.textContent && window.shown.push(box.textContent))
   .observe(box, {childList: true, characterData: true, subtree: true});"""
+# The object URLs the page releases, in order, kept in window.revoked.
+RECORD_REVOKED = """window.revoked = []; const revoke = URL.revokeObjectURL;
+URL.revokeObjectURL = (url) => { window.revoked.push(url); revoke(url); };"""
 BASE64_KEY = "Zm9v/YmFy+cXV4=="  # `openssl rand -base64`: '/', '+', '=' are not allowed in a subprotocol
 
 
@@ -334,6 +338,8 @@ def test_speech_offers_only_the_fields_the_task_reads(browser, demo_url) -> None
     assert dict(offered) == {field: field in body_fields(TASK_FIELDS["tts"]) for field in marked_fields()}
     assert not browser.el("#instructions").is_displayed() and not browser.el("#add-speaker").is_displayed()
     assert browser.el("#voice").is_displayed() and browser.el("#duration").is_displayed()
+    browser.click("details summary")
+    assert browser.el("#repetition-penalty").is_displayed()  # Fish alone refuses one
 
 
 def marked_fields() -> list[str]:
@@ -610,3 +616,180 @@ def test_speak_again_while_streaming_leaves_the_new_request_alone(browser, demo_
     browser.wait("window.playground.speech.status !== 'generating'")
     assert browser.js("return window.seen") == ["generating", "generating", "done"], browser.errors()
     assert page_pcm(browser, "speech") == api_pcm(demo_url, input=TEXT, seed=SEED)
+
+
+@pytest.fixture
+def stored_voice(demo_url):
+    """A voice in the demo server's library for one test (the others expect the library empty)."""
+    with VOICE_FILE.open("rb") as audio:
+        response = httpx.post(f"{demo_url}/v1/audio/voices", data={"name": "bob"}, timeout=60,
+                              files={"file": (VOICE_FILE.name, audio, "audio/wav")})
+    assert response.status_code == 201, response.text
+    yield "bob"
+    assert httpx.delete(f"{demo_url}/v1/audio/voices/bob").status_code == 200
+
+
+# The stored voice and whether reference audio the Speech tab would send.
+SPEECH_VOICE_JS = "return window.playground.speech.body().then((b) => [b.voice ?? null, 'ref_audio' in b])"
+
+
+def test_speech_voice_and_reference_audio_exclude_each_other(browser, demo_url, stored_voice) -> None:
+    """The form reads "Voice or reference audio" and the server refuses both: picking one drops the
+    other (a file, a recording), and Clear drops the reference."""
+    browser.open(demo_url)
+    browser.el("#ref-file").send_keys(str(VOICE_FILE.resolve()))
+    assert browser.js(SPEECH_VOICE_JS) == [None, True]
+    browser.select("#voice", stored_voice)
+    assert browser.js(SPEECH_VOICE_JS) == [stored_voice, False]
+    assert browser.el("#ref-file").get_attribute("value") == ""
+    browser.click("#ref-record")
+    browser.wait("document.getElementById('ref-status').textContent === 'recording…'")
+    browser.click("#ref-record")
+    browser.wait("document.getElementById('ref-status').textContent.startsWith('recorded')")
+    assert browser.js(SPEECH_VOICE_JS) == [None, True]
+    browser.click("#ref-clear")
+    assert browser.js(SPEECH_VOICE_JS) == [None, False]
+    assert browser.text("#ref-status") == ""
+
+
+def test_playing_a_voice_again_releases_the_audio_before(browser, demo_url, stored_voice) -> None:
+    browser.open(demo_url)
+    browser.js(RECORD_REVOKED)
+    browser.click('nav button[data-tab="voices"]')
+    play = f'#voice-list tr[data-voice="{stored_voice}"] button.play'
+    browser.click(play)
+    browser.wait("document.getElementById('voice-audio').duration > 0")
+    first = browser.js("return document.getElementById('voice-audio').src")
+    browser.click(play)
+    browser.wait(f"document.getElementById('voice-audio').src !== {json.dumps(first)}")
+    assert browser.js("return window.revoked") == [first]
+
+
+PEAK_BLOCK = 64  # frames per min/max pair the player keeps for the waveform (player.js BLOCK)
+# Waveform updates in one task, then the draws two animation frames later.
+COALESCED_DRAWS_JS = """const wave = window.playground.speech.wave; let draws = 0;
+const draw = wave.draw.bind(wave); wave.draw = () => { draws += 1; draw(); };
+for (let i = 0; i < 10; i++) wave.update();
+return new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(() => done(draws))));"""
+
+
+def test_waveform_is_drawn_from_kept_peaks_once_per_frame(browser, demo_url) -> None:
+    """A redraw per delta from a copy of every sample so far fell behind real time on long outputs:
+    streaming copies no PCM, the min/max per block are kept as chunks arrive, and the updates of one
+    animation frame draw once."""
+    browser.open(demo_url)
+    browser.js("""const player = window.playground.speech.player; window.copies = 0;
+        const pcm = player.pcm.bind(player); player.pcm = () => { window.copies += 1; return pcm(); };""")
+    speak(browser, TEXT, SEED)
+    assert browser.js("return window.playground.speech.status") == "done", browser.errors()
+    assert browser.js("return window.copies") == 0
+    samples = np.frombuffer(page_pcm(browser, "speech"), np.int16)
+    blocks = [samples[i:i + PEAK_BLOCK] for i in range(0, len(samples), PEAK_BLOCK)]
+    assert browser.js("return window.playground.speech.player.lows") == [int(b.min()) for b in blocks]
+    assert browser.js("return window.playground.speech.player.highs") == [int(b.max()) for b in blocks]
+    assert browser.js(COALESCED_DRAWS_JS) == 1
+    assert browser.js("""const c = document.getElementById('wave');
+        return c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v)""")
+
+
+def test_fish_offers_no_repetition_penalty_and_asks_for_each_speakers_voice(browser, fish_url) -> None:
+    """Fish S2 Pro refuses a repetition penalty other than 1, and clones every speaker from a voice
+    (it has no own voice per speaker)."""
+    browser.open(fish_url)
+    browser.click("details summary")
+    assert not browser.el("#repetition-penalty").is_displayed()
+    browser.js("document.getElementById('repetition-penalty').value = '1.2'")
+    assert "repetition_penalty" not in browser.js("return window.playground.speech.body()")
+    browser.click("#add-speaker")
+    assert browser.js("return document.querySelector('#speakers .speaker-voice option').text") == \
+        "choose a voice (required)"
+
+
+# Every AudioBufferSourceNode start (time, seconds) and the number of stops, in window.starts, window.stops.
+RECORD_PLAYBACK = """window.starts = []; window.stops = 0; const node = AudioBufferSourceNode.prototype;
+const start = node.start, stop = node.stop;
+node.start = function (when, ...rest) {
+  window.starts.push([when, this.buffer.duration]); return start.call(this, when, ...rest); };
+node.stop = function (...rest) { window.stops += 1; return stop.apply(this, rest); };"""
+
+
+def test_realtime_next_turn_plays_after_the_audio_before(browser, realtime_url) -> None:
+    """Generation outruns playback: a new turn, and one the server refuses, leave the audio of the turn
+    before playing, and the new turn's audio starts after it (only Cancel and New context stop audio)."""
+    open_realtime(browser, realtime_url)
+    browser.js(RECORD_PLAYBACK)
+    browser.fill("#rt-text", "The first turn.")
+    browser.click("#rt-send")
+    browser.wait("window.playground.realtime.turns.length === 1")
+    browser.fill("#rt-text", "Say <|im_end|> please.")
+    browser.click("#rt-send")
+    browser.wait("!document.getElementById('error').hidden")
+    assert browser.js("return window.stops") == 0
+    browser.fill("#rt-text", "The second turn.")
+    browser.click("#rt-send")
+    browser.wait("window.playground.realtime.turns.length === 2")
+    assert realtime(browser, "status") == "done", browser.errors()
+    assert browser.js("return window.stops") == 0
+    starts = browser.js("return window.starts")
+    assert all(later >= when + seconds - 1e-6 for (when, seconds), (later, _) in zip(starts, starts[1:]))
+    assert len(page_pcm(browser, "realtime")) // 2 == realtime(browser, "turns[1].samples") > 0  # its own audio
+
+
+def test_realtime_text_typed_after_cancel_starts_the_next_turn(browser, realtime_url) -> None:
+    """Keys typed after Cancel, before the cancelled turn's audio.done, are not that turn's: they stay
+    in the box and open the next turn."""
+    from selenium.webdriver.common.keys import Keys
+
+    open_realtime(browser, realtime_url)
+    browser.js(RECORD_MESSAGES)
+    browser.click("#rt-live")
+    browser.el("#rt-text").send_keys("Hello there")
+    browser.wait("window.playground.realtime.turnOpen")
+    browser.js("""document.getElementById('rt-cancel').click(); const box = document.getElementById('rt-text');
+        for (const key of ' world') { box.value += key; box.dispatchEvent(new Event('input')); }""")
+    browser.wait("window.playground.realtime.turns.length === 1 && window.playground.realtime.turnOpen")
+    assert [realtime(browser, f"turns[0].{x}") for x in ("text", "finish")] == ["Hello there", "aborted"]
+    assert browser.el("#rt-text").get_attribute("value") == " world"
+    browser.el("#rt-text").send_keys(Keys.ENTER)
+    browser.wait("window.playground.realtime.turns.length === 2")
+    assert [realtime(browser, x) for x in ("status", "turns[1].text")] == ["done", " world"], browser.errors()
+    sent = browser.js("return window.sent")
+    after_cancel = sent[[m["type"] for m in sent].index("turn.cancel") + 1:]
+    assert [(m["type"], m.get("delta")) for m in after_cancel] == [
+        ("session.update", None), ("text.delta", " world"), ("text.done", None)]
+
+
+# At the first turn.started, the text arguments[0] added to the box and Send clicked: the turn's text
+# is done and its audio.done not yet here. The statuses shown go to window.seen.
+SEND_AT_TURN_STARTED = """const rt = window.playground.realtime, more = arguments[0]; window.seen = [];
+const set = rt.setStatus.bind(rt); rt.setStatus = (s) => { window.seen.push(s); set(s); };
+const on = rt.onEvent.bind(rt); let once = true;
+rt.onEvent = (event) => { on(event); if (event.type === 'turn.started' && once) { once = false;
+  document.getElementById('rt-text').value += more; document.getElementById('rt-send').click(); } };"""
+
+
+def test_realtime_send_while_a_turn_speaks_queues_the_next(browser, realtime_url) -> None:
+    """The server takes no more text for a turn after its text.done: Send says the next turn is queued
+    and sends it at the turn's audio.done."""
+    open_realtime(browser, realtime_url)
+    browser.js(RECORD_MESSAGES)
+    browser.js(SEND_AT_TURN_STARTED, " And the next one.")
+    browser.fill("#rt-text", "The first turn.")
+    browser.click("#rt-send")
+    browser.wait("window.playground.realtime.turns.length === 2")
+    assert [realtime(browser, f"turns[{n}].text") for n in (0, 1)] == ["The first turn.", " And the next one."]
+    assert realtime(browser, "status") == "done", browser.errors()
+    assert "next turn queued" in browser.js("return window.seen")
+    assert [m["type"] for m in browser.js("return window.sent")] == [
+        "session.update", "text.delta", "text.done", "session.update", "text.delta", "text.done"]
+
+
+def test_realtime_new_context_releases_the_historys_audio(browser, realtime_url) -> None:
+    open_realtime(browser, realtime_url)
+    browser.js(RECORD_REVOKED)
+    browser.fill("#rt-text", "Hello there.")
+    browser.click("#rt-send")
+    browser.wait("window.playground.realtime.turns.length === 1")
+    url = browser.js("return document.querySelector('#rt-history audio').src")
+    browser.click("#rt-new")
+    assert browser.js("return window.revoked") == [url]

@@ -6,9 +6,13 @@
 // refused (a special token, past --max-input-chars, no free session), and then there is no turn to
 // add text to, end or cancel. Until turn.started the rest of the turn's text, its text.done and a
 // Cancel wait; an error in that time means the turn did not open.
+//
+// Once its text is done or it is cancelled, a turn takes no more text: what is typed meanwhile
+// stays in the box for the next turn, which opens at the turn's audio.done (with "send while
+// typing", or when Send was clicked meanwhile). Its audio plays after the turn's before it.
 
 import { apiKey, clearError, fromBase64, showError, toBase64 } from "./api.js";
-import { drawWave, StreamPlayer, wavBlob } from "./player.js";
+import { StreamPlayer, Waveform, wavBlob } from "./player.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -24,12 +28,14 @@ export class RealtimeTab {
     this.ws = null;
     this.ready = null; // resolves once session.created arrived
     this.player = new StreamPlayer();
+    this.wave = new Waveform($("rt-wave"), this.player);
     this.sampleRate = model.mossserve.sample_rate;
     this.channels = model.mossserve.channels;
     this.fresh = true; // the next turn opens the context: the voice may still be set
     this.status = "idle";
     this.ttfaMs = null;
     this.turns = []; // {text, frames, finish, samples}
+    this.urls = []; // the history's audio (object URLs), released by New context
     this.resetTurn();
     $("rt-send").addEventListener("click", () => this.send(true));
     $("rt-cancel").addEventListener("click", () => this.cancel());
@@ -53,7 +59,8 @@ export class RealtimeTab {
     this.pending = false; // its first text is sent, turn.started not here yet
     this.turnId = null; // set by turn.started; audio of any other turn is not this page's
     this.ended = false; // its text is complete (text.done sent, or due at turn.started)
-    this.cancelled = false; // Cancel was clicked before turn.started
+    this.cancelled = false; // Cancel was clicked (turn.cancel is sent, or due at turn.started)
+    this.queued = false; // Send was clicked while the turn took no more text: the next turn is due
   }
 
   setStatus(status) {
@@ -104,7 +111,7 @@ export class RealtimeTab {
   async send(end) {
     try {
       clearError();
-      if (this.ended || (!this.pending && !this.turnOpen && !$("rt-text").value)) return;
+      if (!this.pending && !this.turnOpen && !$("rt-text").value) return;
       await this.connect();
       this.flush(end);
     } catch (error) {
@@ -114,12 +121,18 @@ export class RealtimeTab {
 
   // What the turn has not had yet: its first text opens it; later text and text.done once it is open.
   flush(end) {
-    if (this.cancelled) return;
-    if (this.pending) {
-      this.ended ||= end; // text.done goes out at turn.started
+    if (this.ended || this.cancelled) {
+      // It takes no more text: a Send with more in the box asks for the next turn, due at audio.done.
+      if (end && this.rest()) {
+        this.queued = true;
+        this.setStatus("next turn queued");
+      }
       return;
     }
-    if (this.ended) return; // text.done is sent
+    if (this.pending) {
+      this.ended = end; // text.done goes out at turn.started
+      return;
+    }
     // Read the text now, not before an await: keys typed meanwhile belong to this delta.
     const text = $("rt-text").value;
     if (!text.startsWith(this.sent)) {
@@ -138,6 +151,12 @@ export class RealtimeTab {
     }
   }
 
+  // The box's text that is not the turn's: what was typed after it (all of it, if it was edited away).
+  rest() {
+    const text = $("rt-text").value;
+    return text.startsWith(this.sent) ? text.slice(this.sent.length) : text;
+  }
+
   openTurn(text, end) {
     const session = { response_format: "pcm" };
     // Every turn, cleared fields too (null: the server's default again), since the session keeps them.
@@ -152,7 +171,8 @@ export class RealtimeTab {
     this.ended = end;
     this.started = performance.now();
     this.ttfaMs = null;
-    this.player.reset(this.sampleRate, this.channels);
+    this.player.begin(this.sampleRate, this.channels); // after the audio of the turn before, still playing
+    this.wave.update();
     $("rt-ttfa").textContent = "–";
     $("rt-samples").textContent = "0";
     $("rt-frames").textContent = "–";
@@ -170,7 +190,7 @@ export class RealtimeTab {
       }
       this.player.push(fromBase64(event.audio));
       $("rt-samples").textContent = this.player.samples;
-      drawWave($("rt-wave"), this.player.pcm(), this.channels);
+      this.wave.update();
     } else if (event.type === "audio.done" && event.turn_id === this.turnId) {
       this.finishTurn(event);
     } else if (event.type === "error") {
@@ -214,21 +234,24 @@ export class RealtimeTab {
     const audio = document.createElement("audio");
     audio.controls = true;
     audio.src = URL.createObjectURL(wavBlob(this.player.pcm(), this.sampleRate, this.channels));
+    this.urls.push(audio.src);
     item.append(`${turn.text} — ${turn.frames} frames, ${turn.finish} `, audio);
     $("rt-history").append(item);
-    $("rt-text").value = $("rt-text").value.slice(this.sent.length); // keep what was typed after the turn's text
+    $("rt-text").value = this.rest();
+    const queued = this.queued;
     this.resetTurn();
     this.setStatus(event.finish_reason === "stop" ? "done" : event.finish_reason);
+    // The text typed meanwhile is the next turn's: sent now when live, or when Send was clicked.
+    if ((queued || $("rt-live").checked) && $("rt-text").value) this.send(queued);
   }
 
-  // Stop the audio (also a finished turn's, still playing) and the turn, once the server opened it.
+  // Stop the audio (also a finished turn's, still playing), the turn (once the server opened it) and
+  // a next turn queued; the text in the box stays for the next Send.
   cancel() {
     this.player.stop();
-    if (this.pending) {
-      this.cancelled = true;
-    } else if (this.turnOpen) {
-      this.message({ type: "turn.cancel" });
-    }
+    this.queued = false;
+    if (this.turnOpen && !this.cancelled) this.message({ type: "turn.cancel" });
+    this.cancelled = this.pending || this.turnOpen;
   }
 
   // A fresh session: the socket closes, also in the middle of a turn, which the server then aborts.
@@ -239,6 +262,8 @@ export class RealtimeTab {
     ws?.close();
     this.resetTurn();
     this.turns = [];
+    this.urls.forEach((url) => URL.revokeObjectURL(url));
+    this.urls = [];
     $("rt-history").replaceChildren();
     this.setStatus("idle");
   }

@@ -1,6 +1,7 @@
 // Microphone capture for a reference voice: the first click starts recording, the second stops
 // it and hands the recording (webm/ogg, which the server decodes with FFmpeg) to `done`.
-// `audioInput` pairs a file input with a record button: whichever was used last is the audio.
+// `audioInput` pairs a file input with a record button: whichever was used last is the audio, and
+// `changed` hears of each new one.
 
 import { showError } from "./api.js";
 
@@ -34,15 +35,17 @@ export function recordButton(button, status, done) {
   });
 }
 
-export function audioInput(fileInput, button, status) {
+export function audioInput(fileInput, button, status, changed = () => {}) {
   let recorded = null;
   fileInput.addEventListener("change", () => {
     recorded = null;
     status.textContent = "";
+    if (fileInput.files.length) changed();
   });
   recordButton(button, status, (blob) => {
     recorded = blob;
     fileInput.value = "";
+    changed();
   });
   return {
     audio: () => recorded || fileInput.files[0],

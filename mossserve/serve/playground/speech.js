@@ -3,7 +3,7 @@
 
 import { ApiError, clearError, dataUrl, fromBase64, postJson, showError, sseEvents } from "./api.js";
 import { audioInput } from "./recorder.js";
-import { drawWave, StreamPlayer, wavBlob } from "./player.js";
+import { StreamPlayer, Waveform, wavBlob } from "./player.js";
 import { voiceOptions } from "./voices.js";
 
 const $ = (id) => document.getElementById(id);
@@ -13,7 +13,9 @@ export class SpeechTab {
   constructor(model) {
     this.model = model; // {id, mossserve: {sample_rate, channels, ...}}
     this.player = new StreamPlayer();
-    this.reference = audioInput($("ref-file"), $("ref-record"), $("ref-status")); // file or recording
+    this.wave = new Waveform($("wave"), this.player);
+    // A stored voice or reference audio (a file or a recording), never both: choosing one drops the other.
+    this.reference = audioInput($("ref-file"), $("ref-record"), $("ref-status"), () => ($("voice").value = ""));
     this.lastBody = null; // the request behind the audio on screen (with its seed), for downloads
     this.abort = null;
     this.status = "idle";
@@ -23,6 +25,8 @@ export class SpeechTab {
     $("stop").addEventListener("click", () => this.stop());
     $("download").addEventListener("click", () => this.download());
     $("add-speaker").addEventListener("click", () => this.addSpeaker());
+    $("voice").addEventListener("change", () => $("voice").value && this.reference.clear());
+    $("ref-clear").addEventListener("click", () => this.reference.clear());
   }
 
   // The tag speaker i is named by in the text: the loaded family's spelling.
@@ -40,6 +44,10 @@ export class SpeechTab {
       <label>transcript <input class="speaker-text" size="40"></label>
       <button type="button" class="remove">×</button>`;
     row.firstElementChild.textContent = this.speakerTag(box.children.length);
+    // Fish S2 Pro clones every speaker from a voice; it has no own voice per speaker to fall back on.
+    if (this.model.mossserve.family === "fish") {
+      row.querySelector("select").dataset.blank = "choose a voice (required)";
+    }
     row.querySelector(".remove").addEventListener("click", () => {
       row.remove();
       [...box.children].forEach((r, i) => (r.firstElementChild.textContent = this.speakerTag(i)));
@@ -80,7 +88,7 @@ export class SpeechTab {
     body.temperature = number("temperature");
     body.top_p = number("top-p");
     body.top_k = number("top-k");
-    body.repetition_penalty = number("repetition-penalty");
+    if (offered("repetition-penalty")) body.repetition_penalty = number("repetition-penalty");
     body.max_new_tokens = number("max-frames");
     body.speed = number("speed");
     return Object.fromEntries(Object.entries(body).filter(([, v]) => v !== undefined));
@@ -97,12 +105,12 @@ export class SpeechTab {
     const abort = (this.abort = new AbortController());
     const { sample_rate: rate, channels } = this.model.mossserve;
     this.player.reset(rate, channels);
+    this.wave.update();
     this.ttfaMs = this.rtf = null;
     for (const id of ["stat-ttfa", "stat-rtf", "stat-duration", "stat-finish"]) $(id).textContent = "–";
     $("stat-samples").textContent = "0";
     $("stat-gaps").textContent = "0";
     $("download").disabled = true;
-    drawWave($("wave"), new Int16Array(0), 1);
     this.setStatus("generating");
     try {
       const body = await this.body();
@@ -121,7 +129,7 @@ export class SpeechTab {
           $("stat-samples").textContent = this.player.samples;
           $("stat-gaps").textContent = this.player.underruns;
           $("stat-duration").textContent = this.player.seconds().toFixed(2);
-          drawWave($("wave"), this.player.pcm(), channels);
+          this.wave.update();
         } else if (event.type === "speech.audio.done") {
           finish = event.finish_reason;
         } else if (event.type === "error") {

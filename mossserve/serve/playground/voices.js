@@ -7,10 +7,12 @@ import { audioInput } from "./recorder.js";
 const $ = (id) => document.getElementById(id);
 let voices = [];
 
-// Fill a <select> with "the model's own voice" and the stored voices, keeping its choice.
+// Fill a <select> with "no stored voice" (labelled "model's own voice" unless `data-blank` says
+// otherwise) and the stored voices, keeping its choice.
 export function voiceOptions(select) {
   const chosen = select.value;
-  select.replaceChildren(new Option("model's own voice", ""), ...voices.map((v) => new Option(v.id, v.id)));
+  const blank = select.dataset.blank || "model's own voice";
+  select.replaceChildren(new Option(blank, ""), ...voices.map((v) => new Option(v.id, v.id)));
   select.value = voices.some((v) => v.id === chosen) ? chosen : "";
 }
 
@@ -55,6 +57,7 @@ export class VoicesTab {
       const blob = await (await call(`/v1/audio/voices/${encodeURIComponent(name)}/audio`)).blob();
       const audio = $("voice-audio");
       audio.hidden = false;
+      if (audio.src) URL.revokeObjectURL(audio.src); // the voice played before
       audio.src = URL.createObjectURL(blob);
       await audio.play();
     } catch (error) {
