@@ -848,13 +848,13 @@ def run_bench(args: argparse.Namespace) -> None:
         print(json.dumps(result) if args.json else format_table(result))
         return
     from .bench.codec import run_codec_bench
-    from .loader import parse_dtype
+    from .loader import parse_device, parse_dtype
 
     _refuse_bench_options(args, "bench codec", BENCH_ENGINE_OPTIONS)
     if args.streams < 1 or not 0 < args.seconds <= 3600:
         raise InvalidRequestError("--streams must be >= 1 and --seconds in (0, 3600]")
     result = run_codec_bench(streams=args.streams, seconds=args.seconds, checkpoint=args.codec,
-                             device=args.device, dtype=parse_dtype(args.dtype, args.device))
+                             device=args.device, dtype=parse_dtype(args.dtype, parse_device(args.device)))
     if args.json:
         print(json.dumps(result))
         return

@@ -81,7 +81,7 @@ def test_first_audio_rounds_start_16_requests_whatever_requests(requests, monkey
         return real(engine, submit, prompts, steps)
 
     monkeypatch.setattr(bench_engine, "_time_first_audio_together", together)
-    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "1", "--requests", str(requests),
+    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "2", "--requests", str(requests),
                  "--ttfa-runs", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(rounds) == 2 and out["ttfa_16_requests"] == 16 and out["requests"] == requests
@@ -104,7 +104,7 @@ def test_ttfa_runs_take_a_new_text_whatever_requests(requests, monkeypatch, caps
         return real(self, prompt, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "add_request", add_request)
-    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "1", "--requests", str(requests),
+    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "2", "--requests", str(requests),
                  "--ttfa-runs", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(submitted) == 1 + requests + 2  # the warm-up, the throughput run, the TTFA runs
@@ -134,6 +134,12 @@ def test_bench_target_is_optional_and_codec_stays() -> None:
     (["bench", "--compare-upstream", "nowhere", "--family", "local"], "--family: not used by --compare-upstream"),
     (["bench", "--frames", "0", "--streams", "3"], "--streams: not used by the engine bench"),
     (["bench", "codec", "--streams", "0", "--requests", "3"], "--requests: not used by bench codec"),
+    # TTFA and its floor time the first 2-frame chunk, which a 1-frame request never fills
+    (["bench", "--model", str(DEMO_MODEL), "--frames", "1"], "--frames must be at least 2"),
+    # checked as the engine bench does, also where the bench builds its own random codec
+    (["bench", "codec", "--device", "bogus"], "unknown device 'bogus'"),
+    (["bench", "codec", "--device", "cuda:99"], "device 'cuda:99'"),
+    (["bench", "codec", "--device", "bogus", "--dtype", "auto"], "unknown device 'bogus'"),
 ])
 def test_bench_errors_are_clear(args, message, capsys) -> None:
     code = main(args)
@@ -197,6 +203,29 @@ def test_checkpoint_is_deterministic_loads_and_stays_in_audio(tmp_path: Path) ->
     assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
+def test_checkpoint_directory_has_the_mode_of_a_directory_made_under_the_umask(tmp_path, monkeypatch) -> None:
+    """A shared $MOSSSERVE_CACHE is read by its other users: the built directory is not mkdtemp's 0700."""
+    import os
+
+    import mossserve.bench.checkpoint as checkpoint
+
+    def build(family: str, directory: Path, seed: int = 0, **sizes) -> Path:  # the files is_complete looks for
+        (directory / "codec").mkdir()
+        for name in ("model.safetensors", "codec/model.safetensors"):
+            (directory / name).write_bytes(b"")
+        return directory
+
+    monkeypatch.setattr(checkpoint, "build_checkpoint", build)
+    umask = os.umask(0o022)
+    try:
+        built = checkpoint.bench_checkpoint(root=tmp_path, **SMALL)
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(umask)
+    assert checkpoint.is_complete(built)
+    assert built.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
+
+
 def test_machine_info_says_whether_bf16_runs_the_cpu_kernel(monkeypatch) -> None:
     from mossserve.bench.machine import machine_info
     from mossserve.layers import cpu_kernels
@@ -222,7 +251,7 @@ def test_every_request_is_queued_at_once_whatever_the_default_queue(monkeypatch,
     small = dataclasses.make_dataclass("SmallQueue", [("max_queued", int, dataclasses.field(default=1))],
                                        bases=(config.EngineConfig,))
     monkeypatch.setattr(config, "EngineConfig", small)
-    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "1", "--requests", "4", "--ttfa-runs", "1",
+    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "2", "--requests", "4", "--ttfa-runs", "1",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["requests"] == 4
 
@@ -234,7 +263,7 @@ def test_fewer_requests_than_streams_are_reported_and_floored_at_the_batch_run(m
     batches = []
     real = bench_engine.count_step
     monkeypatch.setattr(bench_engine, "count_step", lambda *args: batches.append(args[-1]) or real(*args))
-    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "1", "--requests", "2", "--ttfa-runs", "1"]) == 0
+    assert main(["bench", "--model", str(DEMO_MODEL), "--frames", "2", "--requests", "2", "--ttfa-runs", "1"]) == 0
     table = capsys.readouterr().out
     assert batches == [1, 2]
     assert "(2 streams: --requests 2)" in table and "step at 16 (2 streams" in table

@@ -181,11 +181,34 @@ def test_engine_bench_reports_floors_for_every_family(family, tiny_checkpoints) 
         assert out["text_to_first_audio_s"] is None
 
 
+def test_warm_ups_after_the_first_run_the_measured_lead(tiny_checkpoints, monkeypatch) -> None:
+    """Only the first warm-up leaves room for n_vq = 32 steps before frame 0; the later ones run the lead
+    it measured (0 for Local) + the first 2-frame chunk + 2 frames. Each of the three took n_vq + 4 steps
+    before: minutes of Local depth loops on a loaded 2-core host for a 2-frame bench."""
+    from mossserve.bench.engine import run_engine_bench
+    from mossserve.engine.engine import Engine
+
+    engines, caps = [], []  # each engine and the step cap of its first request, its warm-up
+    real = Engine.add_request
+
+    def add_request(self, *args, **kwargs):
+        if not any(engine is self for engine in engines):
+            engines.append(self)
+            caps.append(kwargs["max_new_frames"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "add_request", add_request)
+    out = run_engine_bench(family="local", model=tiny_checkpoints["local"], codec=TINY_CODEC, frames=2, requests=1,
+                           ttfa_runs=1, bandwidth_mb=8)
+    assert out["ttfa_lead_steps"] == 0
+    assert caps == [32 + 2 + 2, 2 + 2, 2 + 2]
+
+
 def test_engine_bench_refuses_a_checkpoint_of_another_family() -> None:
     from mossserve.bench.engine import run_engine_bench
 
     with pytest.raises(InvalidRequestError, match="pass --family delay"):
-        run_engine_bench(family="local", model=DEMO_MODEL, frames=1, requests=1, ttfa_runs=1)
+        run_engine_bench(family="local", model=DEMO_MODEL, frames=2, requests=1, ttfa_runs=1)
 
 
 def test_fish_step_count_reads_the_allowed_rows_of_the_slow_head() -> None:

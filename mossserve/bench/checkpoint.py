@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -201,12 +201,15 @@ def is_complete(path: Path) -> bool:
 def bench_checkpoint(seed: int = 0, root: Path | None = None, family: str = "delay", **sizes) -> Path:
     """The bench checkpoint under the cache (`$MOSSSERVE_CACHE` or ~/.cache/mossserve), built once.
 
-    Built into a temporary sibling and renamed into place, so an interrupted build is never used."""
+    Built into a temporary sibling and renamed into place, so an interrupted build is never used. The
+    sibling is made like any directory (the umask's mode, not mkdtemp's 0700), so that a shared
+    cache can be read by its other users."""
     target = checkpoint_path(seed, root, family, **sizes)
     if is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = target.parent / f".{target.name}-{uuid.uuid4().hex}"
+    tmp.mkdir()
     try:
         build_checkpoint(family, tmp, seed, **sizes)
         try:

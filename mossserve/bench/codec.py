@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..loader import parse_device
 from ..models.codecs.moss_audio_tokenizer import MossAudioTokenizer
 from ..models.codecs.moss_audio_tokenizer_config import MossAudioTokenizerConfig
 from ..models.codecs.moss_audio_tokenizer_loader import checkpoint_layout
@@ -133,6 +134,7 @@ def run_codec_bench(streams: int = 32, seconds: float = 4.0, checkpoint: str | P
                     device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                     repeats: int = 3) -> dict:
     """Decode `streams` random code streams of `seconds` each, batched and one at a time."""
+    parse_device(device)  # a wrong device fails with a sentence, before the random codec is built
     with tempfile.TemporaryDirectory() as tmp:
         if checkpoint is None:
             source = write_random_checkpoint(Path(tmp) / "codec", bench_config(), seed)

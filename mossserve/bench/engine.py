@@ -48,7 +48,9 @@ never to stop by itself. Every request is greedy, submitted with `guard=False` a
 cap, so every request generates the same number of frames; the frames each request actually
 produced are reported. The steps before frame 0 (Delay: n_vq, Local and Realtime: 0) are read
 from the first warm-up (rows - frames) and added to the cap. Each engine is warmed up with one
-short request before it is timed. Thread settings are left as they are.
+short request before it is timed: the lead, the first chunk and 2 frames (the first warm-up, before
+the lead is known, leaves room for n_vq lead steps). `frames` is at least the first chunk's frames
+(2), the chunk TTFA times. Thread settings are left as they are.
 """
 from __future__ import annotations
 
@@ -149,8 +151,10 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
     if family not in SUPPORTED_FAMILIES:
         raise InvalidRequestError(f"unknown model family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
     parse_device(device)  # before a bench checkpoint is built
-    if frames < 1 or requests < 1 or ttfa_runs < 1:
-        raise InvalidRequestError("frames, requests and ttfa_runs must be >= 1")
+    if requests < 1 or ttfa_runs < 1:
+        raise InvalidRequestError("requests and ttfa_runs must be >= 1")
+    defaults = EngineConfig()
+    _check_frames(frames, defaults.chunk_schedule.first)
     if not set(CONCURRENCY) <= set(concurrency):
         raise InvalidRequestError(f"concurrency must include {CONCURRENCY}")
     say = log or (lambda message: None)
@@ -167,10 +171,7 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
     n_vq = talker.codebooks
     # Rows generated before frame 0 completes: taken from the warm-up (rows - frames of a request
     # that ran to its cap). Delay: n_vq (the audio-start row, then n_vq - 1 rows of the delay
-    # pattern); Local and Realtime: 0 (every step yields a frame). The warm-up's cap leaves room
-    # for n_vq of them and a few frames.
-    defaults = EngineConfig()
-    warm_steps = n_vq + defaults.chunk_schedule.first + 2
+    # pattern); Local and Realtime: 0 (every step yields a frame).
     lead: int | None = None  # set by the first warm-up
     steps = frames
 
@@ -192,7 +193,8 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
 
     def warm_up(engine) -> tuple[int, int, str]:
         collector = _Collector(1)
-        submit(engine, prompts[0], warm_steps, collector.sink(0))
+        submit(engine, prompts[0], _warm_up_steps(n_vq if lead is None else lead, defaults.chunk_schedule.first),
+               collector.sink(0))
         collector.wait(1)
         generation = collector.results[0].chunks[-1].generation
         if generation.error:
@@ -350,6 +352,22 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
         "bench_wall_s": time.perf_counter() - started,
     }
     return result
+
+
+def _check_frames(frames: int, first: int) -> None:
+    """TTFA and its floor time the first chunk of the default schedule: a request of fewer frames
+    never fills it (its first audio would be a shorter last chunk, timed against the full chunk's floor)."""
+    if frames < first:
+        raise InvalidRequestError(f"--frames must be at least {first}, the frames of the first streaming chunk "
+                                  f"that TTFA times; got {frames}")
+
+
+def _warm_up_steps(lead: int, first: int) -> int:
+    """Steps of a warm-up request: `lead` steps before frame 0 (n_vq, the most any family takes, until
+    the first warm-up has measured it), the first chunk and a 2-frame last chunk. A timed request
+    has at least the first chunk's frames; it runs the same one-row decode step and codec decode,
+    and the shapes of a batch or a longer chunk are met only in the runs themselves."""
+    return lead + first + 2
 
 
 def _ttfa_texts(requests: int, runs: int) -> list[str]:
