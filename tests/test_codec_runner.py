@@ -166,3 +166,47 @@ def test_a_round_that_fails_outside_the_decode_fails_its_requests(where: str) ->
     assert sorted(name for name, _ in ends.errors) == ["first", "second"]
     assert all(message.startswith("codec stage failed: ") for _, message in ends.errors)
     assert codec.queued == 0 and codec.open_streams == 0 and not codec.run_once()
+
+
+
+@pytest.mark.parametrize("fault", ["transient", "sticky"])
+def test_a_call_that_fails_on_a_full_pool_is_retried_exactly(codec_models, monkeypatch, fault: str) -> None:
+    """With every stream in the call the real codec decodes in place, stage by stage: a fault in its
+    last stage left the earlier stages advanced, and the one-chunk retry then failed every request
+    (or decoded a chunk twice). Transient (the call fails once): both requests' audio equals their
+    decode. Sticky (b's middle chunk fails whenever decoded): b alone fails, a's audio is right."""
+    from mossserve.models.codecs.moss_transformer import Patch
+
+    m = codec_models["tiny_ctx"]  # windows of 3..30 tokens: the 14-frame streams wrap their rings
+    last = max(i for i, s in enumerate(m.decoder) if not isinstance(s, Patch))
+    tokens = int(np.prod([s.patch_size for s in m.decoder[:last] if isinstance(s, Patch)]))
+    step, armed = m.decoder[last].step, {"calls": 0}
+
+    def faulty(h, state, lengths, ring=False):
+        if armed["calls"] > 0 and (fault == "transient" or int(lengths.max()) == 8 * tokens):
+            armed["calls"] -= fault == "transient"
+            raise RuntimeError("injected fault")
+        return step(h, state, lengths, ring)
+
+    monkeypatch.setattr(m.decoder[last], "step", faulty)
+    ends = Ends()
+    codec = CodecRunner(lambda: m, 2, 8, m.num_quantizers, ends.finals.append,
+                        lambda r, message: ends.errors.append((r.id, message)))
+    gen = torch.Generator().manual_seed(0)
+    codes = {"a": torch.randint(0, 1024, (32, 14), generator=gen), "b": torch.randint(0, 1024, (32, 14), generator=gen)}
+    for name, sizes in (("a", (5, 3, 6)), ("b", (2, 8, 4))):
+        r, start = request(name, ends), 0
+        for n, size in enumerate(sizes):
+            chunk = codes[name][:, start: start + size].T.numpy()
+            codec.submit(CodecWork(r, segment=0, codes=chunk, frame_start=start, trim=0, final=n == 2))
+            start += size
+    for round_ in range(3):  # the fault is armed in the second round
+        armed["calls"] = int(round_ == 1)
+        codec.run_once()
+    failed = ["b"] if fault == "sticky" else []
+    assert [name for name, _ in ends.errors] == failed
+    assert all("injected fault" in message for _, message in ends.errors)
+    for name in sorted(set(codes) - set(failed)):
+        audio = np.concatenate([c.audio for c in ends.chunks if c.request_id == name], axis=-1)
+        expected = m.decode(codes[name]).numpy()
+        assert audio.shape == expected.shape and np.abs(audio - expected).max() <= 1e-3, name

@@ -20,6 +20,7 @@ import torch
 
 from mossserve.errors import InvalidRequestError
 from mossserve.models.codecs import MossAudioTokenizer
+from mossserve.models.codecs.moss_transformer import Patch
 
 FIXTURES = Path(__file__).parent / "fixtures" / "moss_audio_tokenizer"
 WAVE_TOL = 1e-3
@@ -158,6 +159,40 @@ def test_multistream_equals_offline(codec_models, seed):
     assert mixed_calls > 0 and idle_max >= 3  # the scenario really mixed chunk sizes and idled
     assert decoder.num_open == 0 and decoder.state_bytes() == state_bytes
     assert shapes == [t.shape for s in decoder._pool.values() for t in (s.offset, *s.keys, *s.values)]
+
+
+
+@pytest.mark.parametrize("streams", [2, 3])  # every slot in the call (in place) / a gathered copy
+def test_a_failed_call_leaves_the_streams_as_they_were(codec_models, monkeypatch, streams):
+    """A call that raises in the last stage (earlier stages already ran), then again: the streams'
+    outputs are bit for bit those of a decoder whose calls never failed, across ring wrap-arounds."""
+    m = codec_models["tiny_ctx"]
+    last = max(i for i, s in enumerate(m.decoder) if not isinstance(s, Patch))
+    step, fail = m.decoder[last].step, {"now": False}
+
+    def faulty(*args, **kwargs):
+        if fail["now"]:
+            fail["now"] = False
+            raise RuntimeError("injected fault")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(m.decoder[last], "step", faulty)
+    gen = torch.Generator().manual_seed(4)
+    codes = [torch.randint(0, 1024, (32, 40), generator=gen) for _ in range(2)]
+    clean, faulted = (m.streaming_decoder(max_streams=streams, max_chunk_frames=6) for _ in range(2))
+    ids = {d: [d.open(), d.open()] for d in (clean, faulted)}
+    sizes = [(5, 2), (3, 6), (6, 1), (1, 4), (4, 4), (6, 6), (2, 3), (6, 6), (5, 5), (2, 3)]
+    starts = [0, 0]
+    for n, pair in enumerate(sizes):
+        chunks = [c[:, s: s + t] for c, s, t in zip(codes, starts, pair)]
+        if n % 2:
+            fail["now"] = True
+            with pytest.raises(RuntimeError, match="injected"):
+                faulted.decode(ids[faulted], chunks)
+        assert all(torch.equal(a, b) for a, b in zip(clean.decode(ids[clean], chunks),
+                                                     faulted.decode(ids[faulted], chunks))), n
+        starts = [s + t for s, t in zip(starts, pair)]
+    assert min(starts) == 40
 
 
 def test_state_does_not_grow_with_length(codec_models):

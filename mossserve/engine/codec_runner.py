@@ -147,7 +147,8 @@ class CodecRunner:
         """request id -> audio (channels, samples) as numpy, or an error message; `ids`: the batch's
         decoder streams. One decode call per codebook count in the round (a request at reduced depth
         is decoded with that many quantizers); a call that fails is retried one chunk at a time to
-        find the culprit, and no chunk is decoded twice."""
+        find the culprit (a decoder call that raises leaves its streams as they were), and no chunk
+        is decoded twice."""
         chunks = [torch.from_numpy(w.codes.T.copy()) for w in batch]
         full = getattr(self._decoder, "n_quantizers", None)
         rows = [int(c.shape[0]) if full is None else min(int(c.shape[0]), full) for c in chunks]

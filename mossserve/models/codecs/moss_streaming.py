@@ -5,7 +5,8 @@ plus one chunk (`context - 1 + max chunk tokens`), and each stream's position (`
 of a fixed pool). A call decodes the chunks of the streams it lists as one right-padded batch
 (chunk lengths may differ within a call and across calls): when every slot takes part it works
 on the pool in place, otherwise on a gathered copy of the listed rows whose new entries are then
-written back. Unlisted streams are not touched. Streams open and close at any call.
+written back. Unlisted streams are not touched. Streams open and close at any call. A call that
+raises leaves every stream as it was before it, so its chunks can be decoded again.
 
 window="exact" (default): every query sees its full offline window, so a stream's concatenated
 output equals its offline decode for any length and chunking. window="ring" reproduces the
@@ -75,26 +76,44 @@ class MossStreamingDecoder:
         codes = pad_sequence([c[:k].T.to(device, torch.long) for c in chunks], batch_first=True).permute(2, 0, 1)
         if bool(((codes < 0) | (codes >= self.codec.codebook_size)).any()):
             raise InvalidRequestError(f"codes must be integers in [0, {self.codec.codebook_size})")
-        lengths = torch.tensor(frames, device=device)
-        done = max(self._frames[r] for r in rows)
-        if len(stream_ids) == self.max_streams:  # every slot: decode in place, in slot order
-            order = sorted(range(len(frames)), key=lambda b: rows[b])
-            for i, pool in self._pool.items():
-                pool.max_offset = done * self._tokens_per_frame[i]
-            audio = self.codec.decode_step(codes[:, order].long(), lengths[order], self._pool, self.ring)
-            audio = audio[torch.tensor(order, device=device).argsort()]
-        else:
-            slots = torch.tensor(rows, device=device)
-            states = {i: _gather(pool, slots, done * self._tokens_per_frame[i], codes.shape[2] * self._tokens_per_frame[i])
-                      for i, pool in self._pool.items()}
-            starts = {i: state.offset.clone() for i, state in states.items()}
-            audio = self.codec.decode_step(codes.long(), lengths, states, self.ring)
-            for i, pool in self._pool.items():
-                _write_back(pool, slots, states[i], starts[i], codes.shape[2] * self._tokens_per_frame[i])
+        try:
+            audio = self._decode_rows(codes, torch.tensor(frames, device=device), rows)
+        except BaseException:
+            self._rewind()
+            raise
         for r, t in zip(rows, frames):
             self._frames[r] += t
         n = self.samples_per_frame
         return [audio[b, :, : t * n] for b, t in enumerate(frames)]
+
+    def _decode_rows(self, codes: torch.Tensor, lengths: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Audio (B, channels, T * samples_per_frame) of one call; advances the rows' offsets and rings."""
+        done = max(self._frames[r] for r in rows)
+        if len(rows) == self.max_streams:  # every slot: decode in place, in slot order
+            order = sorted(range(len(rows)), key=lambda b: rows[b])
+            for i, pool in self._pool.items():
+                pool.max_offset = done * self._tokens_per_frame[i]
+            audio = self.codec.decode_step(codes[:, order], lengths[order], self._pool, self.ring)
+            return audio[torch.tensor(order, device=codes.device).argsort()]
+        slots = torch.tensor(rows, device=codes.device)
+        states = {i: _gather(pool, slots, done * self._tokens_per_frame[i], codes.shape[2] * self._tokens_per_frame[i])
+                  for i, pool in self._pool.items()}
+        starts = {i: state.offset.clone() for i, state in states.items()}
+        audio = self.codec.decode_step(codes, lengths, states, self.ring)
+        for i, pool in self._pool.items():
+            _write_back(pool, slots, states[i], starts[i], codes.shape[2] * self._tokens_per_frame[i])
+        return audio
+
+    def _rewind(self) -> None:
+        """Every stream back to where it was before a call that raised, so that retrying its chunks
+        is exact: an in-place call (or a write-back) may have advanced some stages, and not others.
+        Only the offsets need restoring (no copy on the happy path): a chunk's keys went into the
+        ring from its stream's offset, over entries at least a window behind any later query (a
+        chunk fits `capacity - context + 1` tokens), which the retry rewrites or the mask hides,
+        as it hides a chunk's padding."""
+        frames = torch.tensor(self._frames, device=self.codec.device)
+        for i, pool in self._pool.items():
+            pool.offset.copy_(frames * self._tokens_per_frame[i])
 
     def _check_ring_fits(self) -> None:
         tokens_per_frame = 1
