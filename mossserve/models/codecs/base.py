@@ -32,7 +32,8 @@ class StreamingDecoder(Protocol):
 
     def decode(self, stream_ids: list[int], chunks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Next chunk (n_q, t_i) of each listed stream (t_i may differ) -> audio
-        (channels, t_i * samples_per_frame) each. Streams not listed are untouched."""
+        (channels, t_i * samples_per_frame) each. Streams not listed are untouched; a call that raises
+        leaves every stream as it was, so the engine can retry its chunks one at a time."""
 
 
 @runtime_checkable
