@@ -516,6 +516,9 @@ def default_codec(model_dir: Path | None) -> str | Path:
         nested = config.get("audio_tokenizer")
         named = (nested.get("audio_tokenizer_name_or_path") if isinstance(nested, dict) else None) or config.get(
             "audio_tokenizer_name_or_path")
+        if named is not None and not isinstance(named, str):
+            raise CheckpointError(f"{processor}: audio_tokenizer_name_or_path must be a codec directory or hub id, "
+                                  f"got {named!r}")
         if named:
             return named
     return DEFAULT_MOSS_CODEC

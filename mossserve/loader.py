@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +25,8 @@ Layout = dict[str, tuple[str, int]]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_FLOATS = {"F64", "F32", "F16", "BF16"}
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # a block of a layer stack: ...layers.N.<tensor>
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")  # org/name[@revision]
 
 
@@ -104,11 +107,7 @@ def weight_files(model_dir: Path, stem: str = "model") -> list[Path]:
     """`model.safetensors`, or the shards listed by `model.safetensors.index.json`."""
     index = model_dir / f"{stem}.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        files = [model_dir / name for name in _indexed_files(index)]
         for file in files:
             if not file.is_file():
                 raise CheckpointError(f"{index} lists {file.name}, which is missing")
@@ -117,6 +116,49 @@ def weight_files(model_dir: Path, stem: str = "model") -> list[Path]:
     if single.is_file():
         return [single]
     raise CheckpointError(f"{model_dir}: no {stem}.safetensors or {stem}.safetensors.index.json")
+
+
+def _indexed_files(index: Path) -> list[str]:
+    """The shard names an index's `weight_map` (tensor name -> file name) lists, sorted."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid safetensors index (weight_map must map tensor names to "
+                              "file names)")
+    return sorted(set(weight_map.values()))
+
+
+def require_float(where: str | Path, name: str, dtype: str | torch.dtype) -> None:
+    """Refuse a tensor that is not floating point (a safetensors dtype name such as "I32", or a torch
+    dtype): copied into a float parameter it would load as garbage weights that still synthesize."""
+    is_float = dtype.is_floating_point if isinstance(dtype, torch.dtype) else dtype in SAFETENSORS_FLOATS
+    if not is_float:
+        raise CheckpointError(f"{where}: tensor {name} has dtype {dtype}, expected a float type")
+
+
+@contextmanager
+def _reading(file: Path) -> Iterator[None]:
+    """A damaged or unreadable safetensors file as a CheckpointError naming it."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e})") from None
+
+
+def layer_depth(files: list[Path]) -> int:
+    """Blocks in the deepest `...layers.N.` stack the files hold, from their headers alone (cheap):
+    what bounds a config's layer counts before modules are built for them."""
+    depth = 0
+    for file in files:
+        with _reading(file), safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if (match := LAYER_INDEX.search(name)) is not None:
+                    depth = max(depth, int(match[1]) + 1)
+    return depth
 
 
 def build_on_meta(factory: Callable[[], ModuleT], dtype: torch.dtype, device: torch.device | str) -> ModuleT:
@@ -133,27 +175,24 @@ def load_weights(module: nn.Module, files: list[Path], layout: Layout) -> None:
     filled: set[str] = set()
     unexpected: list[str] = []
     for file in files:
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name not in layout:
-                        unexpected.append(name)
-                        continue
-                    param_name, row = layout[name]
-                    expected = segments[name]
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if shape != expected:
-                        raise CheckpointError(f"{file.name}: tensor {name} has shape {list(shape)}, expected {list(expected)}")
-                    if name in filled:
-                        raise CheckpointError(f"tensor {name} appears in more than one file")
-                    target = params[param_name].data
-                    with torch.no_grad():
-                        target[row : row + shape[0]].copy_(f.get_tensor(name))
-                    filled.add(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-        except OSError as e:
-            raise CheckpointError(f"{file}: cannot read ({e})") from None
+        with _reading(file), safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name not in layout:
+                    unexpected.append(name)
+                    continue
+                param_name, row = layout[name]
+                expected = segments[name]
+                header = f.get_slice(name)
+                shape = tuple(header.get_shape())
+                if shape != expected:
+                    raise CheckpointError(f"{file.name}: tensor {name} has shape {list(shape)}, expected {list(expected)}")
+                require_float(file, name, header.get_dtype())
+                if name in filled:
+                    raise CheckpointError(f"tensor {name} appears in more than one file")
+                target = params[param_name].data
+                with torch.no_grad():
+                    target[row : row + shape[0]].copy_(f.get_tensor(name))
+                filled.add(name)
     if unexpected:
         raise CheckpointError(f"unexpected tensor(s) in checkpoint: {_names(unexpected)}")
     missing = sorted(set(layout) - filled)

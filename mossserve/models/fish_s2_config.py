@@ -44,13 +44,16 @@ class FishS2Config:
                 raise CheckpointError(f"{where}: {name}: use_moe=true is not supported")
         slow = _transformer(text, {}, text, f"{where}: text_config")
         inherited = {**text, "intermediate_size": slow.intermediate_size}  # README 2.2: the slow value, formula or not
+        eos = int(require(config, "eos_token_id", where))
+        if not 0 <= eos < slow.vocab_size:  # the sampler's mask unmasks it: 10^6 fails, -1 frees the last token
+            raise CheckpointError(f"{where}: eos_token_id {eos} is outside the vocabulary (0..{slow.vocab_size - 1})")
         return cls(
             slow=slow,
             fast=_transformer(audio, inherited, text, f"{where}: audio_decoder_config"),
             tie_word_embeddings=bool(text.get("tie_word_embeddings", True)),
             codebook_size=int(require(audio, "vocab_size", f"{where}: audio_decoder_config")),
             num_codebooks=int(require(audio, "num_codebooks", f"{where}: audio_decoder_config")),
-            eos_token_id=int(require(config, "eos_token_id", where)),
+            eos_token_id=eos,
             semantic_start=int(require(config, "semantic_start_token_id", where)),
             semantic_end=int(require(config, "semantic_end_token_id", where)),
         )

@@ -378,11 +378,9 @@ def load_fish(model_dir: Path, config: dict, device: torch.device, dtype: torch.
     from ..text.fish_tokenizer import FishTokenizer
 
     fish_config = FishS2Config.from_dict(config, str(model_dir / "config.json"))
-    tokenizer = None
-    if (model_dir / "tokenizer.json").is_file():
-        tokenizer = FishTokenizer.from_dir(model_dir, semantic_fallback=(fish_config.semantic_start,
-                                                                          fish_config.semantic_end))
-        fish_config = fish_config.with_semantic_range(tokenizer.semantic_start, tokenizer.semantic_end)
+    tokenizer = FishTokenizer.from_dir(model_dir, semantic_fallback=(fish_config.semantic_start,
+                                                                      fish_config.semantic_end))
+    fish_config = fish_config.with_semantic_range(tokenizer.semantic_start, tokenizer.semantic_end)
     model = build_on_meta(lambda: FishS2Model(fish_config), dtype, device)
     load_weights(model, weight_files(model_dir), model.checkpoint_layout())
     model.to_rotate_half()

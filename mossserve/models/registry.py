@@ -10,14 +10,21 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, InvalidRequestError, MossServeError
-from ..loader import (build_on_meta, load_weights, native_bf16, parse_device, parse_dtype, resolve_model_dir,
-                      weight_files)
+from ..loader import (build_on_meta, layer_depth, load_weights, native_bf16, parse_device, parse_dtype,
+                      resolve_model_dir, weight_files)
 from .config_utils import read_json
 from .family import TalkerFamily
 
 log = logging.getLogger("mossserve")
 # codec.pth: Fish S2 Pro publishes its codec beside the model only in that form (the MOSS repos have none).
 TALKER_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "codec.pth"]
+# Each family's layer counts in config.json (key paths), checked against the checkpoint before building.
+LAYER_COUNTS = {
+    "delay": [("language_config", "num_hidden_layers")],
+    "local": [("language_config", "num_hidden_layers"), ("local_num_layers",)],
+    "realtime": [("language_config", "num_hidden_layers"), ("local_config", "num_hidden_layers")],
+    "fish": [("text_config", "n_layer"), ("audio_decoder_config", "n_layer")],
+}
 
 
 def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
@@ -39,7 +46,7 @@ def load_talker(model: str | Path, device: str | torch.device = "cpu", dtype: st
         return _load_talker(model_dir, str(model), config, kind, device, dtype, task)
 
 
-def _name(model: str | Path, model_dir: Path) -> str:
+def checkpoint_name(model: str | Path, model_dir: Path) -> str:
     """A checkpoint's own name, which says which Delay model it is: a hub id's repository, a local
     directory's last component (`.` stands for the directory it is), or for a snapshot in the hub's
     cache (models--org--name/snapshots/<commit>) its repository. The folders above a local copy
@@ -86,7 +93,7 @@ def _checkpoint_errors(directory: Path, what: str):
 def talker_kind(config: dict, model_dir: Path) -> str:
     """Which family a config.json describes: delay, local, realtime or fish; anything else is refused."""
     model_type = config.get("model_type")
-    architectures = config.get("architectures") or []
+    architectures = architectures_of(config, model_dir / "config.json")
     if model_type == "moss_tts_delay" or "MossTTSDelayModel" in architectures:
         from .moss_local_config import is_local_config
 
@@ -104,8 +111,39 @@ def talker_kind(config: dict, model_dir: Path) -> str:
         "is not supported; supported: moss_tts_delay (Delay and Local), moss_tts_realtime, fish_qwen3_omni")
 
 
+def architectures_of(config: dict, path: Path) -> list[str]:
+    """config.json's `architectures`: a list of class names (none when absent)."""
+    architectures = config.get("architectures")
+    if architectures is None:
+        return []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise CheckpointError(f"{path}: architectures must be a list of class names, got {architectures!r}")
+    return architectures
+
+
+def check_layer_counts(config: dict, kind: str, model_dir: Path) -> None:
+    """A layer count beyond any stack the checkpoint holds (10^12) would build modules for hours before
+    the weights were found missing: refused first, against the safetensors headers."""
+    depth = layer_depth(weight_files(model_dir))
+    for path in LAYER_COUNTS[kind]:
+        try:
+            count = int(_lookup(config, path))
+        except (TypeError, ValueError, OverflowError):
+            continue  # not a number: the family's config parser names it
+        if count > depth:
+            raise CheckpointError(f"{model_dir / 'config.json'}: {'.'.join(path)} is {count}, but the checkpoint's "
+                                  f"deepest layer stack has {depth} layer(s)")
+
+
+def _lookup(config: dict, path: tuple[str, ...]) -> object:
+    for key in path:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
 def _load_talker(model_dir: Path, name: str, config: dict, kind: str, device: torch.device, dtype: torch.dtype,
                  task: str | None) -> TalkerFamily:
+    check_layer_counts(config, kind, model_dir)
     if kind == "delay":
         talker = _load_delay(model_dir, name, config, device, dtype, task)
     elif kind == "local":
@@ -143,7 +181,7 @@ def _load_delay(model_dir: Path, name: str, config: dict, device: torch.device, 
     tokenizer = TextTokenizer.from_dir(model_dir)
     model = build_on_meta(lambda: MossDelayModel(delay_config), dtype, device)
     load_weights(model, files, model.checkpoint_layout())
-    own_name = _name(name, model_dir)
+    own_name = checkpoint_name(name, model_dir)
     preset = preset_for(model_dir, own_name, delay_config.n_vq, task=task)
     family = MossDelayFamily(model.eval().requires_grad_(False), tokenizer, default_task=preset.task,
                              sampling_defaults=preset.sampling, max_new_frames=preset.max_new_frames)
@@ -194,6 +232,7 @@ def load_codec(name_or_path: str | Path, device: str | torch.device = "cpu", dty
     holding `codec.safetensors` / `codec.pth` (a Fish S2 Pro model) is the Fish modded DAC."""
     from .codecs.fish_dac_loader import CODEC_FILES, is_fish_codec_dir, load_fish_dac
     from .codecs.moss_audio_tokenizer import MossAudioTokenizer
+    from .codecs.moss_audio_tokenizer_config import MODEL_TYPES, names_moss_audio_tokenizer
 
     device = parse_device(device)
     codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", *CODEC_FILES])
@@ -202,13 +241,13 @@ def load_codec(name_or_path: str | Path, device: str | torch.device = "cpu", dty
             return load_fish_dac(codec_dir, device=device, dtype=None if dtype is None else parse_dtype(dtype, device))
     config = read_json(codec_dir / "config.json")
     model_type = config.get("model_type")
-    if model_type not in ("speech_tokenizer", "moss-audio-tokenizer", "moss_audio_tokenizer") and (
-            "MossAudioTokenizerModel" not in (config.get("architectures") or [])):  # refused before its weights come down
+    # refused before its weights come down
+    if not names_moss_audio_tokenizer(model_type, architectures_of(config, codec_dir / "config.json")):
         inside = (f" (a model directory: its codec is {codec_dir / 'codec'})"
                   if (codec_dir / "codec" / "config.json").is_file() else "")
         raise CheckpointError(f"{codec_dir / 'config.json'}: codec type {model_type!r} is not supported{inside}; "
-                              "supported: MOSS-Audio-Tokenizer, or a Fish S2 Pro directory with codec.pth / "
-                              "codec.safetensors")
+                              f"supported: MOSS-Audio-Tokenizer (model_type {' or '.join(MODEL_TYPES)}), or a "
+                              "Fish S2 Pro directory with codec.pth / codec.safetensors")
     codec_dir = resolve_model_dir(name_or_path, allow_patterns=["*.json", "*.safetensors"])
     with _checkpoint_errors(codec_dir, "codec"):
         return MossAudioTokenizer.from_pretrained(codec_dir, device=device,

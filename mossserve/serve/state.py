@@ -9,6 +9,7 @@ from pathlib import Path
 from ..api import TTS
 from ..engine.async_engine import AsyncEngine
 from ..errors import EngineClosedError
+from ..models.registry import checkpoint_name
 from .metrics import Metrics
 from .references import VoiceResolver
 from .settings import ServerSettings
@@ -64,13 +65,16 @@ class ServerState:
 
 
 def served_name(settings: ServerSettings, tts: TTS) -> str:
-    """`--model-name`, else the model's hub id (without an @revision) or directory name."""
+    """`--model-name`, else the model's hub id (without an @revision), else the checkpoint the model was
+    loaded from as the registry names it (a snapshot in the hub's cache: its repository)."""
     if settings.model_name:
         return settings.model_name
-    if settings.model is None or tts.is_demo:
+    if tts.is_demo:
         return DEMO_MODEL_NAME
-    return str(settings.model).rstrip("/").split("@")[0] if "/" in str(settings.model) and not Path(settings.model).exists() \
-        else Path(settings.model).name
+    if settings.model is not None and not Path(settings.model).expanduser().is_dir():  # loaded, so a hub id
+        return str(settings.model).split("@")[0]
+    source = tts.talker.source
+    return tts.talker.name if source is None else checkpoint_name(source, source)
 
 
 def stats_while_open(tts: TTS) -> dict | None:

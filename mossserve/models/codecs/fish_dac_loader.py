@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from ...errors import CheckpointError
 from ...layers.rotary_rounded import permute_heads
-from ...loader import build_on_meta, resolve_model_dir
+from ...loader import build_on_meta, require_float, resolve_model_dir
 from ..config_utils import read_json
 from .fish_dac import FishDac
 from .fish_dac_config import FishDacConfig
@@ -93,8 +93,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     for name, value in tensors.items():
         if not isinstance(name, str) or not torch.is_tensor(value):
             raise CheckpointError(f"{path}: entry {name!r} is not a named tensor")
-        if not value.is_floating_point():
-            raise CheckpointError(f"{path}: tensor {name} has dtype {value.dtype}, expected a float type")
+        require_float(path, name, value.dtype)
     return tensors
 
 

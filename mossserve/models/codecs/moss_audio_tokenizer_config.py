@@ -17,9 +17,16 @@ from ...errors import CheckpointError
 from ..config_utils import require
 
 MODEL_TYPES = ("moss-audio-tokenizer", "speech_tokenizer")
+ARCHITECTURE = "MossAudioTokenizerModel"
 GATING_ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "silu", "mish", "softsign", "identity")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def names_moss_audio_tokenizer(model_type: object, architectures: list[str]) -> bool:
+    """Whether config.json's `model_type` (or, with none, its `architectures`) names this codec: the
+    loader's test before the weights come down, so it admits only what `from_dict` accepts."""
+    return model_type in MODEL_TYPES if model_type is not None else ARCHITECTURE in architectures
 
 
 @dataclass(frozen=True)

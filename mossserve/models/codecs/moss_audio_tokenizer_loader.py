@@ -16,12 +16,11 @@ import torch
 from safetensors import safe_open
 
 from ...errors import CheckpointError
-from ...loader import build_on_meta, resolve_model_dir, weight_files
+from ...loader import build_on_meta, require_float, resolve_model_dir, weight_files
 from ..config_utils import read_json
 from .moss_audio_tokenizer import MossAudioTokenizer
 from .moss_audio_tokenizer_config import MossAudioTokenizerConfig
 
-_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 _OLD_ATTENTION = [
     (re.compile(r"^(.*\.self_attn)\.(?:in_proj_weight|in_proj\.weight)$"), r"\1.in_projs.0.weight"),
     (re.compile(r"^(.*\.self_attn)\.out_proj\.weight$"), r"\1.out_projs.0.weight"),
@@ -103,8 +102,7 @@ def load_weights(model: MossAudioTokenizer, directory: Path) -> None:
         shape, dtype = tuple(info.get_shape()), info.get_dtype()
         if shape != slot.shape:
             raise CheckpointError(f"{directory}: tensor {name} has shape {list(shape)}, expected {list(slot.shape)}")
-        if dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"{directory}: tensor {name} has dtype {dtype}, expected a float type")
+        require_float(directory, name, dtype)
     pending: dict[tuple[int, int | None], dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for name, slot in layout.items():
