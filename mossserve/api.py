@@ -346,7 +346,7 @@ class TTS:
                 chunk = self._next(outbox)
                 done = chunk.final
                 if chunk.final and chunk.error is not None:
-                    raise MossServeError(f"request {chunk.request_id} failed: {chunk.error}")
+                    raise chunk.failure()
                 if chunk.final and chunk.finish_reason == "aborted":
                     raise RequestAborted(f"request {chunk.request_id} was aborted")
                 yield chunk
@@ -426,7 +426,7 @@ class TTS:
     def _result(self, chunks: list[AudioChunk], with_audio: bool, raise_errors: bool) -> tuple[Generation, Audio | None]:
         final = chunks[-1]
         if final.error is not None and raise_errors:
-            raise MossServeError(f"request {final.request_id} failed: {final.error}")
+            raise final.failure()
         generation = final.generation
         if not with_audio or final.error is not None:
             return generation, None

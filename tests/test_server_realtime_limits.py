@@ -128,6 +128,26 @@ def test_a_full_context_says_to_start_a_new_one_and_the_session_id_stays(tts, ur
         assert tts.engine.session_context(client.session_id) > 0  # the new context, under session.created's id
 
 
+def test_a_turn_whose_text_passes_the_context_is_context_full_too(tts, url, monkeypatch) -> None:
+    """A turn whose opening fits after the context but whose first text (its prefill rows) does not
+    failed as the server's (500 generation_failed) in the Python API's words; it is the client's."""
+    from mossserve.text.realtime_session import RealtimeTurn
+
+    with Client(url) as client:
+        play_turn(client, [{"op": "push_text", "arg": "Hello there."}], None)
+        opening = len(tts.talker.open_turn_prompt(RealtimeTurn(), False, None).rows)
+        monkeypatch.setattr(tts.engine, "max_len", tts.engine.session_context(client.session_id) + opening + 3)
+        client.send({"type": "text.delta", "delta": "Hello there, how are you doing today, my good friend?"})
+        client.send({"type": "text.done"})
+        events = [client.receive()]
+        while events[-1]["type"] != "audio.done":
+            events.append(client.receive())
+    errors = [e["error"] for e in events if e["type"] == "error"]
+    assert [(e["code"], e["type"]) for e in errors] == [("context_full", "invalid_request_error")], events
+    assert '"new_context": true' in errors[0]["message"] and "new session" not in errors[0]["message"]
+    assert events[-1]["finish_reason"] == "error"
+
+
 def test_a_preset_voice_name_means_the_models_own_voice(url) -> None:
     """`voice: "alloy"` was refused (voice_not_found) although /v1/audio/speech takes it as no voice."""
     def turn(**settings) -> np.ndarray:

@@ -70,7 +70,7 @@ class RequestStream:
         if chunk.final:
             self._done = True
             if chunk.error is not None:
-                raise MossServeError(f"request {chunk.request_id} failed: {chunk.error}")
+                raise chunk.failure()
         return chunk
 
     def ready(self) -> bool:

@@ -482,6 +482,8 @@ class Engine:
         state: where a sticky CUDA error fails every new request), which `failing` counts."""
         if not isinstance(error, MossServeError):
             self.failing.failed(_message(error))
+        if isinstance(error, InvalidRequestError):
+            request.refusal = error
         self._end(request, Status.FAILED, "error", _message(error))
 
     def _forward(self) -> tuple[list[EngineRequest], torch.Tensor | None]:
@@ -639,7 +641,7 @@ class Engine:
         n = len(request.frames)
         request.emit(AudioChunk(request.id, None, self.family.sample_rate, n, n,
                                 np.zeros((0, self.family.codebooks), dtype=np.int64), final=True,
-                                finish_reason=request.finish_reason, error=error,
+                                finish_reason=request.finish_reason, error=error, refusal=request.refusal,
                                 generation=request.generation(self.family.codebooks, self.family.columns)))
 
 

@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import ChunkSchedule
+from ..errors import InvalidRequestError, MossServeError
 from ..models.family import Prompt
 from ..sampling import SamplingParams
 
@@ -58,7 +59,14 @@ class AudioChunk:
     final: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    refusal: InvalidRequestError | None = None  # a failed request's own input at fault
     generation: Generation | None = None
+
+    def failure(self) -> MossServeError:
+        """What a caller raises for this failed final chunk: its own input's refusal as itself (text
+        pushed past the context, a piece its family refuses), so a front can tell the client's fault
+        from the engine's; anything else as a MossServeError naming the request."""
+        return self.refusal or MossServeError(f"request {self.request_id} failed: {self.error}")
 
 
 Sink = Callable[[AudioChunk], None]
@@ -86,6 +94,7 @@ class EngineRequest:
     repeats: int = 0  # how many times the newest frame repeats the one before it
     finish_reason: str | None = None
     error: str | None = None  # why it failed
+    refusal: InvalidRequestError | None = None  # the fault, where its own input (admission, a pushed piece) failed it
     dropped: bool = False  # the codec delivers nothing more for it
     closed: bool = False  # its final chunk went out
     sink_broken: bool = False  # its consumer raised (went away): abort it

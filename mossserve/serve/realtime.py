@@ -54,7 +54,7 @@ from .schemas import (
 )
 from .speech import at_speed, check_text_length, outcome_for, sampling_for, schedule_for, shutting_down, tempo_for
 from .state import ServerState
-from .voices import validate_voice_name
+from .voices import is_voice_name
 
 router = APIRouter()
 Codes = list[list[int]]
@@ -275,11 +275,8 @@ class RealtimeSession:
         try:
             stream = await self.state.engine.submit(prompt, sampling_for(self.state, s), session=self.id,
                                                     schedule=schedule_for(self.state, s, code="bad_message"))
-        except ContextFullError as e:  # the engine's words are a Python caller's: a socket starts a fresh context
-            raise APIError(400, f"the context is full: it holds {e.held} of the {e.max_len} positions this engine "
-                                f"allows, and this turn needs {e.rows} more before its text; send session.update "
-                                '{"new_context": true} to start a fresh one (the settings and voice stay)',
-                           code="context_full") from None
+        except ContextFullError as e:
+            raise _context_full(e) from None
         self.first, self.turns, self.pushed, self.text_done = False, self.turns + 1, 0, False
         self.turn_id, self.request_id, self.ended_by = f"turn-{self.turns}", stream.request_id, None
         self.client_ended = asyncio.Event()
@@ -389,9 +386,10 @@ class RealtimeSession:
             await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": final.finish_reason,
                              "frames": final.frame_end})
         except MossServeError as e:
-            outcome = "error"
+            error = _turn_failure(e, self.state.settings.retry_after_s)
+            outcome = outcome_for(error.status_code)
             self.count(outcome)
-            await self.send(_error(str(e), "generation_failed", 500))
+            await self.send(_error(error.message, error.code, error.status_code))
             await self.until_client_ends()
             await self.send({"type": "audio.done", "turn_id": turn_id, "finish_reason": "error", "frames": 0})
         finally:
@@ -433,7 +431,7 @@ class RealtimeSession:
             return self.state.tts.talker.builder.check_codes(array, name)
         if audio is None:
             return None
-        if _is_voice_name(audio):  # a name, never base64 audio (VoiceResolver.audio)
+        if is_voice_name(audio):  # a name, never base64 audio (VoiceResolver.audio)
             return await self.stored_codes(audio, name)
         return (await self.state.resolver.audio(audio, name)).codes  # a realtime voice has no transcript
 
@@ -446,13 +444,9 @@ class RealtimeSession:
         if name == "voice" and audio in PRESET_VOICES:
             return None
         if name == "voice":
-            message = (f"voice {audio!r} is not a stored voice: upload it to /v1/audio/voices first, or send the "
-                       "audio as base64 or a data URL (an OpenAI preset name such as 'alloy' means the model's "
-                       "own voice)")
-        else:
-            message = (f"{name} {audio!r} names no stored voice: send the user's audio as base64 or a data URL, "
-                       "or the name of a voice stored at /v1/audio/voices")
-        raise APIError(400, message, code="voice_not_found")
+            raise self.state.resolver.not_found(audio, name)
+        raise APIError(400, f"{name} {audio!r} names no stored voice: send the user's audio as base64 or a data "
+                            "URL, or the name of a voice stored at /v1/audio/voices", code="voice_not_found")
 
     def count(self, outcome: str) -> None:
         """A turn's outcome, or a refused message's, in `mossserve_requests_total`."""
@@ -462,12 +456,22 @@ class RealtimeSession:
         await self.ws.send_json(event)
 
 
-def _is_voice_name(value: str) -> bool:
-    try:
-        validate_voice_name(value)
-    except InvalidRequestError:
-        return False
-    return True
+def _context_full(e: ContextFullError) -> APIError:
+    """The engine's words are a Python caller's ("start a new session"); a socket starts a fresh context."""
+    return APIError(400, f"the context is full: it holds {e.held} of the {e.max_len} positions this engine allows, "
+                         f"and the turn needs {e.rows} more; send less text per turn, or session.update "
+                         '{"new_context": true} to start a fresh context (the settings and voice stay)',
+                    code="context_full")
+
+
+def _turn_failure(e: MossServeError, retry_after_s: int) -> APIError:
+    """A running turn's failure: its own input's fault (text pushed past the context) is the client's;
+    what the engine failed, the server's."""
+    if isinstance(e, ContextFullError):
+        return _context_full(e)
+    if isinstance(e, InvalidRequestError):
+        return from_mossserve(e, retry_after_s)
+    return APIError(500, str(e), code="generation_failed")
 
 
 def _json(text: str) -> object:

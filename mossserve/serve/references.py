@@ -21,7 +21,7 @@ from ..text.delay_requests import check_speaker_transcript
 from ..text.fish_turns import SPEAKER_TAG
 from .errors import APIError
 from .schemas import SpeakerBody, SpeechBody
-from .voices import VoiceNotFoundError, VoiceStore, validate_voice_name
+from .voices import VoiceNotFoundError, VoiceStore, is_voice_name
 
 # Voice names OpenAI clients send; they mean "no reference" unless a stored voice has that name.
 PRESET_VOICES = frozenset({
@@ -154,7 +154,7 @@ class VoiceResolver:
 
     async def stored(self, name: str, param: str) -> Reference | None:
         """A stored voice's codes (re-encoded once if another codec made them) and transcript."""
-        if not _is_voice_name(name):
+        if not is_voice_name(name):
             return None  # not a storable name (e.g. base64): the caller decides what it is
         voice = await asyncio.to_thread(self.voices.get, name)
         if voice is None:
@@ -190,7 +190,7 @@ class VoiceResolver:
         stored = await self.stored(value, param)
         if stored is not None:
             return stored
-        if _is_voice_name(value):
+        if is_voice_name(value):
             raise self.not_found(value, param)
         try:
             return Reference(await self.engine.encode_voice(decode_audio_field(value, param)), None)
@@ -210,12 +210,6 @@ def unlabelled(transcript: str | None) -> str | None:
     return None if transcript is None else _SPEAKER_LABEL.sub("", transcript, count=1)
 
 
-def _is_voice_name(value: str) -> bool:
-    try:
-        validate_voice_name(value)
-    except ValueError:
-        return False
-    return True
 
 
 def decode_audio_field(value: str, param: str) -> bytes:

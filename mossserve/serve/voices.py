@@ -53,6 +53,15 @@ def validate_voice_name(name: str) -> str:
     return name
 
 
+def is_voice_name(value: object) -> bool:
+    """Whether `value` could name a stored voice (not base64 audio, a path, a data URL)."""
+    try:
+        validate_voice_name(value)
+    except InvalidRequestError:
+        return False
+    return True
+
+
 class VoiceExistsError(InvalidRequestError):
     """A voice of that name is already stored (HTTP 409): delete it first or pick another name."""
 
