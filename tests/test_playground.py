@@ -784,6 +784,23 @@ def test_realtime_send_while_a_turn_speaks_queues_the_next(browser, realtime_url
         "session.update", "text.delta", "text.done", "session.update", "text.delta", "text.done"]
 
 
+def test_realtime_send_before_turn_started_queues_the_next(browser, realtime_url) -> None:
+    """Text added and sent while the turn waited for turn.started showed "next turn queued" but went
+    into that turn (at turn.started the page sent the whole box)."""
+    open_realtime(browser, realtime_url)
+    browser.js(RECORD_MESSAGES)
+    browser.js("""const rt = window.playground.realtime, on = rt.onEvent.bind(rt); let once = true;
+rt.onEvent = (event) => { if (event.type !== 'turn.started' || !once) return on(event); once = false;
+  document.getElementById('rt-text').value += ' And the next one.'; document.getElementById('rt-send').click();
+  setTimeout(() => on(event), 0); };""")  # the click's flush runs (microtasks) before turn.started is seen
+    browser.fill("#rt-text", "The first turn.")
+    browser.click("#rt-send")
+    browser.wait("window.playground.realtime.turns.length === 2")
+    assert [realtime(browser, f"turns[{n}].text") for n in (0, 1)] == ["The first turn.", " And the next one."]
+    assert [m.get("delta") for m in browser.js("return window.sent") if m["type"] == "text.delta"] == [
+        "The first turn.", " And the next one."]
+
+
 def test_realtime_new_context_releases_the_historys_audio(browser, realtime_url) -> None:
     open_realtime(browser, realtime_url)
     browser.js(RECORD_REVOKED)

@@ -59,6 +59,7 @@ export class RealtimeTab {
     this.pending = false; // its first text is sent, turn.started not here yet
     this.turnId = null; // set by turn.started; audio of any other turn is not this page's
     this.ended = false; // its text is complete (text.done sent, or due at turn.started)
+    this.final = null; // its whole text, when complete before turn.started (more typed is the next turn's)
     this.cancelled = false; // Cancel was clicked (turn.cancel is sent, or due at turn.started)
     this.queued = false; // Send was clicked while the turn took no more text: the next turn is due
   }
@@ -131,10 +132,11 @@ export class RealtimeTab {
     }
     if (this.pending) {
       this.ended = end; // text.done goes out at turn.started
+      if (end) this.final = $("rt-text").value;
       return;
     }
     // Read the text now, not before an await: keys typed meanwhile belong to this delta.
-    const text = $("rt-text").value;
+    const text = this.final ?? $("rt-text").value;
     if (!text.startsWith(this.sent)) {
       throw new Error("text already sent cannot be changed; finish or cancel the turn");
     }
@@ -169,6 +171,7 @@ export class RealtimeTab {
     this.sent = text;
     this.pending = true;
     this.ended = end;
+    this.final = end ? text : null;
     this.started = performance.now();
     this.ttfaMs = null;
     this.player.begin(this.sampleRate, this.channels); // after the audio of the turn before, still playing
