@@ -306,9 +306,10 @@ def test_a_stored_transcript_another_model_refuses_names_the_voice(tmp_path) -> 
 
     from mossserve.api import TTS
     from mossserve.serve import ServerSettings, create_app
+    from mossserve.serve.state import voice_codes_id
 
     with closing(TTS.from_pretrained(FISH_DIR)) as fish:
-        codec = f"{fish.codec_source}@{fish.talker.codebooks}"
+        codec = voice_codes_id(fish)
         store = VoiceStore(tmp_path)
         audio, _ = sample()
         for name, transcript in (("tokens", "hi <|audio_pad|> there"), ("long", "word " * 20)):
@@ -329,3 +330,30 @@ def test_a_stored_transcript_another_model_refuses_names_the_voice(tmp_path) -> 
             r = client.post(SPEECH, json={"input": "Hi.", "voice": "tokens", "ref_text": "Hello.", "max_new_tokens": 2,
                                           "response_format": "wav"})
             assert r.status_code == 200, r.text  # its own ref_text: the stored transcript is not used
+
+
+def test_servers_whose_references_differ_in_loudness_share_no_codes(tmp_path, delay_model_dirs) -> None:
+    """MOSS-TTSD and MOSS-TTS-Realtime share a codec and 16 codebooks, but only TTSD brings a
+    reference to -20 dBFS first: a voice uploaded on one served the other that model's codes."""
+    from contextlib import closing
+
+    from conftest import CODEC_DIR
+    from realtime_cases import REALTIME_DIR
+
+    from mossserve.api import TTS
+    from mossserve.serve import ServerSettings, create_app
+
+    quiet = io.BytesIO()  # -33 dBFS: the loudness step raises it 3 dB
+    sf.write(quiet, 0.03 * np.sin(np.linspace(0, 2000, 24000 * 2)).astype(np.float32), 24000, format="WAV")
+    with closing(TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny")) as ttsd, \
+            closing(TTS.from_pretrained(REALTIME_DIR, codec=CODEC_DIR / "tiny")) as realtime:
+        assert (ttsd.codec_source, ttsd.talker.codebooks) == (realtime.codec_source, realtime.talker.codebooks)
+        with live_server(create_app(ServerSettings(data_dir=tmp_path), tts=ttsd)) as url:
+            response = httpx.post(f"{url}/v1/audio/voices", data={"name": "anna"},
+                                  files={"file": ("anna.wav", quiet.getvalue(), "audio/wav")}, timeout=120)
+            assert response.status_code == 201, response.text
+        state = create_app(ServerSettings(data_dir=tmp_path), tts=realtime).state.server
+        stored = asyncio.run(state.resolver.stored("anna", "voice")).codes
+        state.voices.close()
+        assert np.array_equal(stored, realtime.encode_voice(quiet.getvalue()))
+        assert not np.array_equal(stored, ttsd.encode_voice(quiet.getvalue()))

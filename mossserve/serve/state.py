@@ -47,7 +47,7 @@ class ServerState:
         tts.engine  # noqa: B018 - starts the engine threads
         engine = AsyncEngine(tts)
         talker = tts.talker
-        resolver = VoiceResolver(voices, engine, f"{tts.codec_source}@{talker.codebooks}", talker.codebooks,
+        resolver = VoiceResolver(voices, engine, voice_codes_id(tts), talker.codebooks,
                                  talker.voice_needs_transcript, settings.max_voice_seconds, talker.check_transcript,
                                  settings.max_input_chars,
                                  dialogue=getattr(talker, "default_task", None) == "dialogue")
@@ -62,6 +62,14 @@ class ServerState:
         self.voices.close()
         if self.owns_tts:
             self.tts.close()
+
+
+def voice_codes_id(tts: TTS) -> str:
+    """What a stored voice's codes depend on, which servers sharing a data directory must agree on to
+    share them: the codec, the codebooks kept, and whether the reference was brought to -20 dBFS
+    first (the MOSS-TTS processors do; the Realtime and Fish references do not)."""
+    raw = "" if tts.talker.normalizes_reference_loudness else "+unnormalized"
+    return f"{tts.codec_source}@{tts.talker.codebooks}{raw}"
 
 
 def served_name(settings: ServerSettings, tts: TTS) -> str:
