@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import tracemalloc
 from pathlib import Path
 
 import av
@@ -242,12 +243,12 @@ def test_unmappable_channel_count_is_refused():
         load_audio(three, 24000, channels=2)
 
 
-def adts_aac(x: np.ndarray, rate: int) -> bytes:
-    """`x` (channels, n) as an ADTS AAC stream (one file of a broadcast capture)."""
+def encoded(x: np.ndarray, rate: int, format: str = "adts", codec: str = "aac") -> bytes:
+    """`x` (channels, n) as one raw stream (one file of a broadcast capture: ADTS AAC by default)."""
     layout = {1: "mono", 2: "stereo"}[len(x)]
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format="adts") as container:
-        stream = container.add_stream("aac", rate=rate, layout=layout)
+    with av.open(buffer, "w", format=format) as container:
+        stream = container.add_stream(codec, rate=rate, layout=layout)
         for start in range(0, x.shape[1], 1024):
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, start : start + 1024]), format="fltp",
                                                layout=layout)
@@ -269,7 +270,7 @@ def test_a_stream_that_changes_rate_or_layout_midway_keeps_the_first(second_rate
     (labelled with the last rate, the first part played at half speed; or the concatenation failed)."""
     first = sine(44100)[None]
     second = np.repeat(sine(second_rate, amplitude=0.25)[None], second_channels, axis=0)
-    x, rate = read_audio(adts_aac(first, 44100) + adts_aac(second, second_rate))
+    x, rate = read_audio(encoded(first, 44100) + encoded(second, second_rate))
     assert rate == 44100 and x.shape[0] == 1
     assert abs(x.shape[1] / rate - 2.0) < 0.15  # AAC adds priming and padding to each part (the bug: 3.2 s)
     half = rate // 2
@@ -277,6 +278,44 @@ def test_a_stream_that_changes_rate_or_layout_midway_keeps_the_first(second_rate
     assert dominant_frequency(x[0, -half:], rate) == pytest.approx(1000, abs=2)
     assert rms(x[0, 1000:half]) == pytest.approx(0.5 / np.sqrt(2), rel=0.05)
     assert rms(x[0, -half:-1000]) == pytest.approx(0.25 / np.sqrt(2), rel=0.05)
+
+
+def test_an_mp2_stream_that_changes_layout_midway_is_read():
+    """MP2 decodes to int16: FFmpeg's resampler, set up by the first (mono) frame, refused the first
+    stereo frame with a ValueError, a server error."""
+    first, second = sine(32000)[None], np.repeat(sine(32000, amplitude=0.25)[None], 2, axis=0)
+    x, rate = read_audio(encoded(first, 32000, "mp2", "mp2") + encoded(second, 32000, "mp2", "mp2"))
+    assert rate == 32000 and x.shape[0] == 1
+    assert abs(x.shape[1] / rate - 2.0) < 0.15
+    assert rms(x[0, -rate // 2 : -1000]) == pytest.approx(0.25 / np.sqrt(2), rel=0.05)
+
+
+def test_a_file_at_a_rate_far_past_real_recordings_is_refused_by_its_samples():
+    """A 655 kHz, 8-channel FLAC of 59 s is 337 KB and decoded to 3.4 GB: its seconds were within the
+    limit. Samples per channel past the limit's seconds at 192 kHz are refused."""
+    rate = 1_000_000
+    data = encode_audio(np.zeros((8, rate // 10), np.float32) + 0.25, rate, "wav")  # 0.1 s
+    with pytest.raises(AudioError, match="too many samples.*limit is 0.1 s at 192000 Hz"):
+        load_audio(data, 24000, max_seconds=0.1)
+    assert load_audio(data, 24000, max_seconds=0.5).shape == (1, 2400)
+
+
+def test_decoding_holds_the_wanted_channels_not_the_files(tmp_path):
+    """16 channels mixed to mono block by block: the file's channels are never all in memory (they
+    were, three times: the blocks, their concatenation, its transposed copy)."""
+    channels, n = 16, 48000 * 6
+    path = tmp_path / "many.wav"
+    sf.write(path, np.tile(sine(48000, seconds=6)[:, None], (1, channels)), 48000, subtype="PCM_16")
+    tracemalloc.start()
+    try:
+        x = load_audio(path, 48000, channels=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert x.shape == (1, n)
+    np.testing.assert_array_equal(x, read_audio(path)[0].mean(axis=0, keepdims=True, dtype=np.float64)
+                                  .astype(np.float32))
+    assert peak < channels * n * 4  # the file's channels as float32
 
 
 def test_a_chained_ogg_file_is_read_to_its_end():

@@ -217,13 +217,14 @@ def test_file_over_the_body_limit(server):
 ], ids=["random-bytes", "truncated-header", "header-only", "empty"])
 def test_corrupt_audio(server, audio, needle):
     error = error_of(upload(server, "corrupt", audio), 400)
-    assert error["code"] == "invalid_audio" and needle in error["message"]
+    assert error["code"] == "invalid_audio" and needle in error["message"] and error["param"] == "file"
     error_of(server.get(f"{VOICES}/corrupt"), 404)
 
 
 def test_audio_over_max_voice_seconds(server):
     error = error_of(upload(server, "long", TOO_LONG), 400)
     assert error["code"] == "invalid_audio" and "too long" in error["message"] and "5 s" in error["message"]
+    assert error["param"] == "file"
     # the same limit holds for inline reference audio
     r = server.post(SPEECH, json={"input": "Hi.", "ref_audio": base64.b64encode(TOO_LONG).decode()})
     assert "too long" in error_of(r, 400)["message"]

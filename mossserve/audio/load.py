@@ -20,25 +20,14 @@ def load_audio(
     no samples, NaN/inf samples, more than `max_seconds`, and silence: a peak below `min_peak`
     (default 1e-3, -60 dBFS, for a voice; 0 accepts any non-zero audio, None silence too).
     """
-    x, rate = read_audio(source, max_seconds=max_seconds)
+    x, rate = read_audio(source, max_seconds=max_seconds, channels=channels)
     if x.shape[1] == 0:
         raise AudioError("audio contains no samples")
     if not np.isfinite(x).all():
         raise AudioError("audio contains invalid samples (NaN or infinity)")
-    x = _map_channels(x, channels)
     x = resample(x, rate, sample_rate)
     peak = float(np.abs(x).max(initial=0.0))
     if min_peak is not None and (peak == 0.0 or peak < min_peak):
         raise AudioError(f"audio is silent (peak level {peak:.2g}, needs at least {min_peak:g})")
     return x
 
-
-def _map_channels(x: np.ndarray, channels: int) -> np.ndarray:
-    have = x.shape[0]
-    if have == channels:
-        return x
-    if channels == 1:
-        return x.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
-    if have == 1:
-        return np.repeat(x, channels, axis=0)
-    raise AudioError(f"cannot turn {have}-channel audio into {channels} channels")

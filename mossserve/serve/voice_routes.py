@@ -13,7 +13,7 @@ from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from ..audio import load_audio
-from ..errors import MossServeError
+from ..errors import AudioError, MossServeError
 from .errors import APIError, from_mossserve
 from .speech import check_text_length, shutting_down
 from .state import ServerState
@@ -66,7 +66,7 @@ async def upload_voice(request: Request, name: str = Form(...), file: UploadFile
     except VoiceExistsError as e:
         raise APIError(409, str(e), param="name", code="voice_exists") from None
     except MossServeError as e:
-        raise from_mossserve(e, state.settings.retry_after_s) from None
+        raise _upload_error(e, state.settings.retry_after_s) from None
     return JSONResponse(voice_json(voice), status_code=201)
 
 
@@ -120,6 +120,15 @@ def _checked_name(name: str) -> str:
 
 def _not_found(name: str) -> APIError:
     return APIError(404, f"no voice named {name!r}", param="name", code="voice_not_found")
+
+
+def _upload_error(e: MossServeError, retry_after_s: int) -> APIError:
+    """`from_mossserve`'s error, naming the `file` field where the audio is refused (the only field
+    decoded here), as the empty-file refusal does."""
+    error = from_mossserve(e, retry_after_s)
+    if isinstance(e, AudioError):
+        error.param = "file"
+    return error
 
 
 def _one_file(file: UploadFile | None, audio_sample: UploadFile | None) -> UploadFile:
