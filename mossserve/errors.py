@@ -25,6 +25,9 @@ class ContextFullError(InvalidRequestError):
         super().__init__(f"the prompt needs {held + rows} positions (its session's {held} and its own {rows}); "
                          f"this engine allows {max_len}: start a new session, or send less text")
 
+    def __reduce__(self):  # pickled (a final chunk crossing processes) with its own arguments
+        return type(self), (self.held, self.rows, self.max_len)
+
 
 class CheckpointError(MossServeError):
     """A checkpoint directory or file that does not match what its config promises."""

@@ -792,3 +792,14 @@ def test_submit_outside_an_event_loop_says_where_to_call_it(delay_tts) -> None:
             engine.submit("Hi.")
         gc.collect()
     assert [str(w.message) for w in caught] == []
+
+
+def test_a_context_full_refusal_pickles_with_its_figures() -> None:
+    """It carries its figures, not its message, as arguments: pickling (a final chunk's refusal
+    crossing processes) failed on its __init__."""
+    import pickle
+
+    from mossserve.errors import ContextFullError
+
+    error = pickle.loads(pickle.dumps(ContextFullError(5, 6, 10)))
+    assert (error.held, error.rows, error.max_len, str(error)) == (5, 6, 10, str(ContextFullError(5, 6, 10)))

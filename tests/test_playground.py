@@ -801,6 +801,25 @@ rt.onEvent = (event) => { if (event.type !== 'turn.started' || !once) return on(
         "The first turn.", " And the next one."]
 
 
+def test_realtime_a_refused_send_before_turn_started_leaves_send_working(browser, realtime_url) -> None:
+    """Sent text edited, then Send, while the turn waited for turn.started: refused at turn.started, as
+    it should be; but every later Send refused the same stale text, even once the box was mended."""
+    open_realtime(browser, realtime_url)
+    browser.js(RECORD_MESSAGES)
+    browser.js("""const rt = window.playground.realtime, on = rt.onEvent.bind(rt); let once = true;
+rt.onEvent = (event) => { if (event.type !== 'turn.started' || !once) return on(event); once = false;
+  document.getElementById('rt-text').value = 'Hullo there, friend'; rt.send(true);
+  setTimeout(() => on(event), 0); };
+document.getElementById('rt-text').value = 'Hello there'; rt.send(false);""")  # as typing does, live
+    browser.wait("document.getElementById('error').textContent.includes('cannot be changed')")
+    browser.fill("#rt-text", "Hello there, friend")
+    browser.click("#rt-send")
+    browser.wait("window.playground.realtime.turns.length === 1")
+    assert realtime(browser, "turns[0].text") == "Hello there, friend"
+    assert [m.get("delta") for m in browser.js("return window.sent") if m["type"] == "text.delta"] == [
+        "Hello there", ", friend"]
+
+
 def test_realtime_new_context_releases_the_historys_audio(browser, realtime_url) -> None:
     open_realtime(browser, realtime_url)
     browser.js(RECORD_REVOKED)

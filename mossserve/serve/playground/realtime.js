@@ -138,6 +138,7 @@ export class RealtimeTab {
     // Read the text now, not before an await: keys typed meanwhile belong to this delta.
     const text = this.final ?? $("rt-text").value;
     if (!text.startsWith(this.sent)) {
+      this.final = null; // the box, mended, is read again at the next Send
       throw new Error("text already sent cannot be changed; finish or cancel the turn");
     }
     if (!this.turnOpen) {
