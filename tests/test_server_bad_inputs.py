@@ -310,3 +310,37 @@ def test_a_speaker_with_voice_and_ref_audio_is_refused(server_app):
         r = client.post(SPEECH, json={"input": "[S1] Hi.", "speakers": [{"voice": "alice", "ref_audio": SILENCE}]})
     assert r.status_code == 400
     assert_error(r.json(), 400, "speakers[0]: give voice or ref_audio, not both", param="speakers[0].voice")
+
+
+def test_a_body_of_many_unknown_keys_builds_one_error() -> None:
+    """A million unknown keys made pydantic build a million errors (5 s holding the GIL, so the event
+    loop too): only the first is told, so only the first is built, and it is the one a single unknown
+    key gets."""
+    from pydantic import ValidationError
+
+    from mossserve.serve.schemas import SpeechBody
+
+    def errors(body: dict) -> list[dict]:
+        with pytest.raises(ValidationError) as caught:
+            SpeechBody.model_validate(body)
+        return caught.value.errors()
+
+    many = errors({"k0": 1, **{f"k{i}": None for i in range(1, 1000)}, "speed": "x"})
+    assert many == errors({"k0": 1, "speed": "x"})
+    assert [e["type"] for e in many] == ["missing", "float_type", "extra_forbidden"]
+
+
+def test_many_unknown_keys_are_refused_as_one(server) -> None:
+    r = server.post(SPEECH, json={"input": "hi", **{f"k{i}": 1 for i in range(1000)}})
+    assert r.status_code == 400
+    assert_error(r.json(), 400, "unknown field 'k0'", "k0")
+
+
+def test_a_list_of_speakers_past_the_bound_is_refused_by_its_length(server) -> None:
+    """Half a million speakers were each checked (and each refused: 2 s on the event loop)."""
+    from mossserve.serve.schemas import MAX_SPEAKER_ENTRIES
+
+    r = server.post(SPEECH, json={"input": "hi", "speakers": [{"voice": 1}] * 1000})
+    assert r.status_code == 400
+    assert_error(r.json(), 400, f"speakers: List should have at most {MAX_SPEAKER_ENTRIES} items", "speakers")
+    assert len(r.json()["error"]["message"]) < 300

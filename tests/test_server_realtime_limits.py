@@ -213,3 +213,24 @@ def test_a_turn_the_server_failed_is_a_server_error(tts, url, monkeypatch) -> No
             events.append(client.receive())
     errors = [e["error"] for e in events if e["type"] == "error"]
     assert [(e["code"], e["type"]) for e in errors] == [("generation_failed", "server_error")], events
+
+
+def test_voice_codes_past_the_limit_are_refused_before_they_are_checked(tts, url, monkeypatch) -> None:
+    """A million frames of voice_codes went through pydantic and numpy on the event loop (8 s, +700 MB)
+    before their length was refused: the frame count is looked at first."""
+    from mossserve.serve import realtime
+
+    validated, validate = [], realtime.SessionUpdate.model_validate
+
+    def spy(cls, data: dict) -> realtime.SessionUpdate:
+        validated.append(data)
+        return validate(data)
+
+    monkeypatch.setattr(realtime.SessionUpdate, "model_validate", classmethod(spy))
+    frames = int(60 * tts.talker.frame_rate) + 1  # the default --max-voice-seconds, 60
+    with Client(url) as client:
+        client.send({"type": "session.update", "session": {"voice_codes": [[0] * 16] * frames}})
+        event = client.receive()
+    assert event["error"]["message"] == (f"voice_codes: {frames / tts.talker.frame_rate:.1f} s of voice, more than "
+                                         "the 60 s this server takes (--max-voice-seconds)"), event
+    assert not any("voice_codes" in data.get("session", {}) for data in validated)

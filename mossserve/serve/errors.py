@@ -5,6 +5,7 @@ validation errors and mossserve's errors into the same shape, so a client sees o
 """
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable
 
@@ -105,6 +106,14 @@ def describe_validation(errors: list[dict]) -> tuple[str, str | None]:
         return "the request body must be a JSON object (Content-Type: application/json)", None
     if param is None:
         return f"invalid request body: {message}", None
-    shown = repr(first.get("input"))
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    shown = _shown(first.get("input"))
     return f"{param}: {message} (got {shown})", param
+
+
+def _shown(value: object) -> str:
+    """`value`'s repr cut to 80 characters; a long list or object is cut before its repr is made
+    (half a million speakers would take a second)."""
+    if isinstance(value, (list, dict)) and len(value) > 80:  # each item takes at least a character
+        value = value[:80] if isinstance(value, list) else dict(itertools.islice(value.items(), 80))
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."

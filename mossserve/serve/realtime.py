@@ -153,7 +153,7 @@ class RealtimeSession:
                 try:
                     if message.get("text") is None:
                         raise APIError(400, "messages are JSON text frames, not binary ones", code="bad_message")
-                    await self.handle(_json(message["text"]))
+                    await self.handle(await _parsed(message["text"]))
                 except SessionLimitError:  # the engine's message names a Python call a socket cannot make
                     await self.refused(APIError(503, f"the server holds as many realtime sessions as it takes "
                                                      f"({self.state.tts.engine.config.max_sessions}): "
@@ -180,6 +180,7 @@ class RealtimeSession:
         kind = data.get("type") if isinstance(data, dict) else None
         if kind not in KINDS:
             raise APIError(400, f"unknown message type {kind!r}; expected one of {', '.join(KINDS)}", code="bad_message")
+        self.refuse_long_codes(data)
         try:
             message = KINDS[kind].model_validate(data)
         except ValidationError as e:
@@ -411,7 +412,18 @@ class RealtimeSession:
         if self.pushed:
             await self.client_ended.wait()
 
-    def check_seconds(self, codes: np.ndarray, name: str, what: str) -> None:
+    def refuse_long_codes(self, data: dict) -> None:
+        """Codes past --max-voice-seconds refused by their frame count before pydantic and numpy turn
+        each of a million frames into objects (seconds on the event loop, and gigabytes)."""
+        session = data.get("session")
+        if data["type"] == "session.update" and isinstance(session, dict):
+            codes, name, what = session.get("voice_codes"), "voice_codes", "voice"
+        else:
+            codes, name, what = data.get("user_audio_codes"), "user_audio_codes", "audio"
+        if data["type"] in ("session.update", "turn.start") and isinstance(codes, list):
+            self.check_seconds(codes, name, what)
+
+    def check_seconds(self, codes: np.ndarray | list, name: str, what: str) -> None:
         """Codes given as codes past --max-voice-seconds."""
         limit = self.state.settings.max_voice_seconds
         if (seconds := len(codes) / self.state.tts.talker.frame_rate) > limit:
@@ -472,6 +484,15 @@ def _turn_failure(e: MossServeError, retry_after_s: int) -> APIError:
     if isinstance(e, InvalidRequestError):
         return from_mossserve(e, retry_after_s)
     return APIError(500, str(e), code="generation_failed")
+
+
+PARSED_ON_LOOP = 64 * 1024  # characters: a larger message is parsed in a worker thread
+
+
+async def _parsed(text: str) -> object:
+    """A message's JSON; a large one (voice codes, base64 audio) off the event loop, where a 30 MB one
+    would hold every session for a second."""
+    return _json(text) if len(text) <= PARSED_ON_LOOP else await asyncio.to_thread(_json, text)
 
 
 def _json(text: str) -> object:

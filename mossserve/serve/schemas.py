@@ -18,10 +18,29 @@ from ..sampling import MIN_DIVISOR
 from ..speech_request import FRAMES_PER_SECOND, MAX_DURATION_SECONDS
 
 ResponseFormat = Literal[FORMATS]  # wav, pcm, flac, mp3, opus, aac
+# More speakers than any model can voice apart (MOSS-TTSD takes 5); the bound keeps pydantic from
+# checking, and erring on, half a million of them.
+MAX_SPEAKER_ENTRIES = 64
 
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_unknown_only(cls, data: object) -> object:
+        return first_unknown_only(cls, data)
+
+
+def first_unknown_only(model: type[BaseModel], data: object) -> object:
+    """A body with more keys than `model` has fields, with its first unknown key alone: pydantic reports
+    field errors first and unknown keys in order, so the first error is the same, but it would build
+    one error per key (seconds, holding the GIL, for a million keys)."""
+    fields = model.model_fields  # a property: read once, not once per key
+    if not isinstance(data, dict) or len(data) <= len(fields):
+        return data
+    unknown = next(k for k in data if k not in fields)  # among the first len(fields) + 1 keys
+    return {**{k: data[k] for k in fields if k in data}, unknown: data[unknown]}
 
 
 def _greedy_or_divisor(value: float) -> float:
@@ -92,6 +111,7 @@ class SpeechBody(Body):
     def _null_is_omitted(cls, data: object) -> object:
         """OpenAI clients send null for a field they leave unset; it means the default (an unknown
         field is refused, null or not)."""
+        data = first_unknown_only(cls, data)  # this validator runs before Body's
         if not isinstance(data, dict):
             return data
         return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
@@ -107,7 +127,7 @@ class SpeechBody(Body):
     # MOSS extensions
     ref_audio: Annotated[str, Field(min_length=1)] | None = None
     ref_text: str | None = None
-    speakers: Annotated[list[SpeakerBody], Field(min_length=1)] | None = None
+    speakers: Annotated[list[SpeakerBody], Field(min_length=1, max_length=MAX_SPEAKER_ENTRIES)] | None = None
     language: Annotated[str, Field(min_length=1, max_length=32)] | None = None
     duration_seconds: Annotated[float, Field(gt=0, le=MAX_DURATION_SECONDS)] | None = None
     duration_tokens: Annotated[int, Field(gt=0, le=int(MAX_DURATION_SECONDS * FRAMES_PER_SECOND))] | None = None
