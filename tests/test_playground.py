@@ -784,15 +784,21 @@ def test_realtime_send_while_a_turn_speaks_queues_the_next(browser, realtime_url
         "session.update", "text.delta", "text.done", "session.update", "text.delta", "text.done"]
 
 
+# At the first turn.started, before the page sees it, window.beforeTurnStarted() runs; its Send's
+# flush (microtasks) is done by the time the page takes turn.started (a task).
+BEFORE_TURN_STARTED = """const rt = window.playground.realtime, on = rt.onEvent.bind(rt); let once = true;
+rt.onEvent = (event) => { if (event.type !== 'turn.started' || !once) return on(event); once = false;
+  window.beforeTurnStarted(); setTimeout(() => on(event), 0); };"""
+
+
 def test_realtime_send_before_turn_started_queues_the_next(browser, realtime_url) -> None:
     """Text added and sent while the turn waited for turn.started showed "next turn queued" but went
     into that turn (at turn.started the page sent the whole box)."""
     open_realtime(browser, realtime_url)
     browser.js(RECORD_MESSAGES)
-    browser.js("""const rt = window.playground.realtime, on = rt.onEvent.bind(rt); let once = true;
-rt.onEvent = (event) => { if (event.type !== 'turn.started' || !once) return on(event); once = false;
-  document.getElementById('rt-text').value += ' And the next one.'; document.getElementById('rt-send').click();
-  setTimeout(() => on(event), 0); };""")  # the click's flush runs (microtasks) before turn.started is seen
+    browser.js(BEFORE_TURN_STARTED)
+    browser.js("window.beforeTurnStarted = () => { document.getElementById('rt-text').value += ' And the next one.';"
+               "document.getElementById('rt-send').click(); };")
     browser.fill("#rt-text", "The first turn.")
     browser.click("#rt-send")
     browser.wait("window.playground.realtime.turns.length === 2")
@@ -806,11 +812,11 @@ def test_realtime_a_refused_send_before_turn_started_leaves_send_working(browser
     it should be; but every later Send refused the same stale text, even once the box was mended."""
     open_realtime(browser, realtime_url)
     browser.js(RECORD_MESSAGES)
-    browser.js("""const rt = window.playground.realtime, on = rt.onEvent.bind(rt); let once = true;
-rt.onEvent = (event) => { if (event.type !== 'turn.started' || !once) return on(event); once = false;
-  document.getElementById('rt-text').value = 'Hullo there, friend'; rt.send(true);
-  setTimeout(() => on(event), 0); };
-document.getElementById('rt-text').value = 'Hello there'; rt.send(false);""")  # as typing does, live
+    browser.js(BEFORE_TURN_STARTED)
+    browser.js("window.beforeTurnStarted = () => { document.getElementById('rt-text').value = 'Hullo there, friend';"
+               "window.playground.realtime.send(true); };")
+    browser.js("const rt = window.playground.realtime; document.getElementById('rt-text').value = 'Hello there';"
+               "rt.send(false);")  # as typing does, live
     browser.wait("document.getElementById('error').textContent.includes('cannot be changed')")
     browser.fill("#rt-text", "Hello there, friend")
     browser.click("#rt-send")
