@@ -17,7 +17,7 @@ from conftest import CODEC_DIR
 from realtime_cases import REALTIME_DIR
 from server_harness import serve_model
 from test_server_realtime import Client, play_turn, turn_codes
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from mossserve.cli import main
@@ -234,3 +234,25 @@ def test_voice_codes_past_the_limit_are_refused_before_they_are_checked(tts, url
     assert event["error"]["message"] == (f"voice_codes: {frames / tts.talker.frame_rate:.1f} s of voice, more than "
                                          "the 60 s this server takes (--max-voice-seconds)"), event
     assert not any("voice_codes" in data.get("session", {}) for data in validated)
+
+
+@pytest.mark.parametrize("origin,cors,opens", [
+    (None, (), True),  # not a browser
+    ("http://127.0.0.1:{port}", (), True),  # the server's own pages (the playground)
+    ("https://evil.example", (), False),  # any web page could drive a server on localhost
+    ("https://app.example", ("https://app.example",), True),
+    ("https://evil.example", ("https://app.example",), False),
+    ("null", ("*",), True),
+])
+def test_a_browser_socket_opens_from_the_origins_cors_allows(tts, tmp_path, origin, cors, opens) -> None:
+    """A websocket is not held to CORS: without an API key, a page of any site could open sessions."""
+    with serve_model(tts, tmp_path, cors_origins=cors) as base:
+        url = base.replace("http://", "ws://") + "/v1/realtime/speech"
+        origin = None if origin is None else origin.format(port=url.split(":")[2].split("/")[0])
+        if opens:
+            with connect(url, origin=origin, open_timeout=30) as ws:
+                assert json.loads(ws.recv())["type"] == "session.created"
+        else:
+            with pytest.raises(InvalidStatus) as refused:  # refused before the handshake ends, as a bad key is
+                connect(url, origin=origin, open_timeout=30)
+            assert refused.value.response.status_code == 403

@@ -31,6 +31,7 @@ import json
 import time
 import uuid
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -109,6 +110,10 @@ ENDPOINT = "/v1/realtime/speech"
 @router.websocket(ENDPOINT)
 async def realtime_speech(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.server
+    if not _origin_allowed(state, websocket):
+        await websocket.close(code=1008, reason=f"origin {websocket.headers['origin']!r} may not open a realtime "
+                                                "session here (--cors-origin)")
+        return
     if not _authorized(state, websocket):
         await websocket.close(code=1008, reason="missing or invalid API key (Authorization: Bearer <key>, "
                                                 f"or the subprotocol {KEY_PROTOCOL}<key>)")
@@ -516,6 +521,18 @@ def _key_protocol(websocket: WebSocket) -> str | None:
     `mossserve-api-key.<key>`. The server must select it back."""
     offered = (p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(","))
     return next((p for p in offered if p.startswith((KEY_PROTOCOL, KEY_B64_PROTOCOL))), None)
+
+
+def _origin_allowed(state: ServerState, websocket: WebSocket) -> bool:
+    """A browser names the site of the page opening a socket, and a socket is not held to CORS, so any
+    web page could use a server on localhost: a browser's socket opens from this server's own pages
+    (the playground) or an origin --cors-origin allows, as its HTTP calls would. Other clients send no
+    Origin."""
+    origin = websocket.headers.get("origin")
+    allowed = state.settings.cors_origins
+    if origin is None or "*" in allowed or origin in allowed:
+        return True
+    return urlsplit(origin).netloc == websocket.headers.get("host")
 
 
 def _authorized(state: ServerState, websocket: WebSocket) -> bool:
