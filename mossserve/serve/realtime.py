@@ -527,12 +527,14 @@ def _origin_allowed(state: ServerState, websocket: WebSocket) -> bool:
     """A browser names the site of the page opening a socket, and a socket is not held to CORS, so any
     web page could use a server on localhost: a browser's socket opens from this server's own pages
     (the playground) or an origin --cors-origin allows, as its HTTP calls would. Other clients send no
-    Origin."""
+    Origin. Behind a proxy, this server's host is the one the proxy names (X-Forwarded-Host, which a
+    page's script cannot set on a socket) or passes on (Host)."""
     origin = websocket.headers.get("origin")
     allowed = state.settings.cors_origins
     if origin is None or "*" in allowed or origin in allowed:
         return True
-    return urlsplit(origin).netloc == websocket.headers.get("host")
+    hosts = {websocket.headers.get("host"), *websocket.headers.get("x-forwarded-host", "").split(",")}
+    return urlsplit(origin).netloc in {h.strip() for h in hosts if h}
 
 
 def _authorized(state: ServerState, websocket: WebSocket) -> bool:
