@@ -290,6 +290,15 @@ def test_an_mp2_stream_that_changes_layout_midway_is_read():
     assert rms(x[0, -rate // 2 : -1000]) == pytest.approx(0.25 / np.sqrt(2), rel=0.05)
 
 
+def test_a_192_khz_file_exactly_at_the_limit_is_taken():
+    """The sample budget rounded (5.1 s x 192000 = 979199.99...) and refused the one file at exactly the
+    limit that the seconds check takes."""
+    data = io.BytesIO()
+    sf.write(data, np.full(979_200, 0.1, np.float32), 192_000, format="WAV", subtype="PCM_16")
+    x, rate = read_audio(data.getvalue(), max_seconds=5)
+    assert (x.shape, rate) == ((1, 979_200), 192_000)
+
+
 def test_a_file_at_a_rate_far_past_real_recordings_is_refused_by_its_samples():
     """A 655 kHz, 8-channel FLAC of 59 s is 337 KB and decoded to 3.4 GB: its seconds were within the
     limit. Samples per channel past the limit's seconds at 192 kHz are refused."""

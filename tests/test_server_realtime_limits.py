@@ -242,6 +242,7 @@ def test_voice_codes_past_the_limit_are_refused_before_they_are_checked(tts, url
     ("https://evil.example", (), False),  # any web page could drive a server on localhost
     ("https://app.example", ("https://app.example",), True),
     ("https://evil.example", ("https://app.example",), False),
+    ("https://app.example", ("https://app.example/",), True),  # as the flag may be written
     ("null", ("*",), True),
     ("https://tts.example", (), False),
 ])
@@ -250,9 +251,10 @@ def test_a_browser_socket_opens_from_the_origins_cors_allows(tts, tmp_path, orig
     with serve_model(tts, tmp_path, cors_origins=cors) as base:
         url = base.replace("http://", "ws://") + "/v1/realtime/speech"
         origin = None if origin is None else origin.format(port=url.split(":")[2].split("/")[0])
-        with connect(url, origin="https://tts.example", open_timeout=30,  # the playground behind a proxy
-                     additional_headers={"X-Forwarded-Host": "tts.example"}) as ws:
-            assert json.loads(ws.recv())["type"] == "session.created"
+        for forwarded in ("tts.example", "TTS.Example:443"):  # the playground behind a proxy
+            with connect(url, origin="https://tts.example", open_timeout=30,
+                         additional_headers={"X-Forwarded-Host": forwarded}) as ws:
+                assert json.loads(ws.recv())["type"] == "session.created"
         if opens:
             with connect(url, origin=origin, open_timeout=30) as ws:
                 assert json.loads(ws.recv())["type"] == "session.created"

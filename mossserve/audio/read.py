@@ -150,7 +150,7 @@ def _check_length(seconds: float, frames: int, max_seconds: float | None) -> Non
         return
     if seconds > max_seconds + ENCODER_PADDING_S:
         raise AudioError(f"audio is too long: {seconds:.2f} s or more, the limit is {max_seconds:g} s")
-    if frames > (max_seconds + ENCODER_PADDING_S) * _MAX_RATE:
+    if frames / _MAX_RATE > max_seconds + ENCODER_PADDING_S:  # as the seconds are compared: no rounding apart
         raise AudioError(f"audio has too many samples: {frames} or more per channel, the limit is "
                          f"{max_seconds:g} s at {_MAX_RATE} Hz (a higher rate allows fewer seconds)")
 

@@ -28,6 +28,7 @@ import asyncio
 import base64
 import hmac
 import json
+import logging
 import time
 import uuid
 from typing import Annotated, Literal
@@ -58,6 +59,7 @@ from .state import ServerState
 from .voices import is_voice_name
 
 router = APIRouter()
+log = logging.getLogger("mossserve")
 Codes = list[list[int]]
 
 
@@ -530,11 +532,24 @@ def _origin_allowed(state: ServerState, websocket: WebSocket) -> bool:
     Origin. Behind a proxy, this server's host is the one the proxy names (X-Forwarded-Host, which a
     page's script cannot set on a socket) or passes on (Host)."""
     origin = websocket.headers.get("origin")
-    allowed = state.settings.cors_origins
+    allowed = {o.rstrip("/") for o in state.settings.cors_origins}
     if origin is None or "*" in allowed or origin in allowed:
         return True
-    hosts = {websocket.headers.get("host"), *websocket.headers.get("x-forwarded-host", "").split(",")}
-    return urlsplit(origin).netloc in {h.strip() for h in hosts if h}
+    scheme = urlsplit(origin).scheme
+    hosts = [websocket.headers.get("host", ""), *websocket.headers.get("x-forwarded-host", "").split(",")]
+    if _host_port(urlsplit(origin).netloc, scheme) in {_host_port(h.strip(), scheme) for h in hosts if h.strip()}:
+        return True
+    log.warning("realtime socket refused: origin %r is not this server's (Host %r, X-Forwarded-Host %r) nor "
+                "one --cors-origin allows", origin, websocket.headers.get("host"),
+                websocket.headers.get("x-forwarded-host"))
+    return False
+
+
+def _host_port(netloc: str, scheme: str) -> str:
+    """`netloc` lower-cased, without the scheme's default port (tts.example:443 is tts.example)."""
+    default = {"https": ":443", "http": ":80"}.get(scheme, "")
+    netloc = netloc.lower()
+    return netloc.removesuffix(default) if default else netloc
 
 
 def _authorized(state: ServerState, websocket: WebSocket) -> bool:
