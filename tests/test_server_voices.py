@@ -154,6 +154,20 @@ def test_delete(server):
     assert upload(server, "bob", SHORT).status_code == 201
 
 
+def test_a_page_of_another_site_cannot_store_a_voice(demo_tts, tmp_path):
+    """A multipart POST is a "simple" request any web page may send without CORS's leave: without an
+    API key, a page of any site stored voices on a server on localhost."""
+    with live_server(make_app(demo_tts, tmp_path)) as url:
+        def post(name: str, origin: str) -> httpx.Response:
+            return httpx.post(url + VOICES, data={"name": name}, headers={"Origin": origin},
+                              files={"file": ("v.wav", SHORT, "audio/wav")})
+
+        refused = post("mallory", "https://evil.example")
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "origin_not_allowed"
+        assert post("own", url).status_code == 201  # the playground, served here
+        assert [v["name"] for v in httpx.get(url + VOICES).json()["data"]] == ["own"]
+
+
 def test_voices_survive_a_restart(demo_tts, tmp_path):
     with live_server(make_app(demo_tts, tmp_path)) as url:
         r = httpx.post(url + VOICES, data={"name": "carol"}, files={"file": ("c.wav", SHORT, "audio/wav")})

@@ -28,11 +28,9 @@ import asyncio
 import base64
 import hmac
 import json
-import logging
 import time
 import uuid
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -42,6 +40,7 @@ from ..audio import StreamEncoder
 from ..errors import ContextFullError, InvalidRequestError, MossServeError, SessionLimitError
 from ..text.realtime_session import RealtimeTurn
 from .errors import APIError, describe_validation, error_event, from_mossserve
+from .origins import origin_allowed
 from .references import PRESET_VOICES
 from .schemas import (
     Body,
@@ -59,7 +58,6 @@ from .state import ServerState
 from .voices import is_voice_name
 
 router = APIRouter()
-log = logging.getLogger("mossserve")
 Codes = list[list[int]]
 
 
@@ -112,7 +110,7 @@ ENDPOINT = "/v1/realtime/speech"
 @router.websocket(ENDPOINT)
 async def realtime_speech(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.server
-    if not _origin_allowed(state, websocket):
+    if not origin_allowed(websocket.headers, state.settings.cors_origins, "a realtime socket"):
         await websocket.close(code=1008, reason=f"origin {websocket.headers['origin']!r} may not open a realtime "
                                                 "session here (--cors-origin)")
         return
@@ -523,33 +521,6 @@ def _key_protocol(websocket: WebSocket) -> str | None:
     `mossserve-api-key.<key>`. The server must select it back."""
     offered = (p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(","))
     return next((p for p in offered if p.startswith((KEY_PROTOCOL, KEY_B64_PROTOCOL))), None)
-
-
-def _origin_allowed(state: ServerState, websocket: WebSocket) -> bool:
-    """A browser names the site of the page opening a socket, and a socket is not held to CORS, so any
-    web page could use a server on localhost: a browser's socket opens from this server's own pages
-    (the playground) or an origin --cors-origin allows, as its HTTP calls would. Other clients send no
-    Origin. Behind a proxy, this server's host is the one the proxy names (X-Forwarded-Host, which a
-    page's script cannot set on a socket) or passes on (Host)."""
-    origin = websocket.headers.get("origin")
-    allowed = {o.rstrip("/") for o in state.settings.cors_origins}
-    if origin is None or "*" in allowed or origin in allowed:
-        return True
-    scheme = urlsplit(origin).scheme
-    hosts = [websocket.headers.get("host", ""), *websocket.headers.get("x-forwarded-host", "").split(",")]
-    if _host_port(urlsplit(origin).netloc, scheme) in {_host_port(h.strip(), scheme) for h in hosts if h.strip()}:
-        return True
-    log.warning("realtime socket refused: origin %r is not this server's (Host %r, X-Forwarded-Host %r) nor "
-                "one --cors-origin allows", origin, websocket.headers.get("host"),
-                websocket.headers.get("x-forwarded-host"))
-    return False
-
-
-def _host_port(netloc: str, scheme: str) -> str:
-    """`netloc` lower-cased, without the scheme's default port (tts.example:443 is tts.example)."""
-    default = {"https": ":443", "http": ":80"}.get(scheme, "")
-    netloc = netloc.lower()
-    return netloc.removesuffix(default) if default else netloc
 
 
 def _authorized(state: ServerState, websocket: WebSocket) -> bool:

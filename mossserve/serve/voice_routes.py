@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from ..audio import load_audio
 from ..errors import AudioError, MossServeError
 from .errors import APIError, from_mossserve
+from .origins import origin_allowed
 from .speech import check_text_length, shutting_down
 from .state import ServerState
 from .voices import Voice, VoiceExistsError, VoiceNotFoundError, validate_voice_name
@@ -34,6 +35,9 @@ async def upload_voice(request: Request, name: str = Form(...), file: UploadFile
                        audio_sample: UploadFile | None = None, transcript: str | None = Form(None)) -> JSONResponse:
     """multipart: `name`, the audio as `file` (or `audio_sample`, OpenAI's field name), `transcript`."""
     state: ServerState = request.app.state.server
+    if not origin_allowed(request.headers, state.settings.cors_origins, "a voice upload"):
+        raise APIError(403, f"a page of {request.headers['origin']} may not store voices here (--cors-origin)",
+                       code="origin_not_allowed")
     if state.closing:
         raise shutting_down(state)
     form = await request.form()  # the form FastAPI parsed: it keeps only the last of repeated fields
