@@ -103,6 +103,16 @@ def test_the_sessions_gauge_counts_open_sessions(tts, tmp_path) -> None:
             assert sessions_gauge(base) == 2
 
 
+def turn_events(client: Client, text: str) -> list[dict]:
+    """A turn of `text`, whole: every event up to its audio.done, errors included."""
+    client.send({"type": "text.delta", "delta": text})
+    client.send({"type": "text.done"})
+    events = [client.receive()]
+    while events[-1]["type"] != "audio.done":
+        events.append(client.receive())
+    return events
+
+
 @pytest.fixture(scope="module")
 def url(tts, tmp_path_factory):
     from server_harness import serve_model
@@ -137,11 +147,7 @@ def test_a_turn_whose_text_passes_the_context_is_context_full_too(tts, url, monk
         play_turn(client, [{"op": "push_text", "arg": "Hello there."}], None)
         opening = len(tts.talker.open_turn_prompt(RealtimeTurn(), False, None).rows)
         monkeypatch.setattr(tts.engine, "max_len", tts.engine.session_context(client.session_id) + opening + 3)
-        client.send({"type": "text.delta", "delta": "Hello there, how are you doing today, my good friend?"})
-        client.send({"type": "text.done"})
-        events = [client.receive()]
-        while events[-1]["type"] != "audio.done":
-            events.append(client.receive())
+        events = turn_events(client, "Hello there, how are you doing today, my good friend?")
     errors = [e["error"] for e in events if e["type"] == "error"]
     assert [(e["code"], e["type"]) for e in errors] == [("context_full", "invalid_request_error")], events
     assert '"new_context": true' in errors[0]["message"] and "new session" not in errors[0]["message"]
@@ -206,11 +212,7 @@ def test_a_turn_the_server_failed_is_a_server_error(tts, url, monkeypatch) -> No
 
     monkeypatch.setattr(tts.talker, "depth_loop", broken)
     with Client(url) as client:
-        client.send({"type": "text.delta", "delta": "Hello there."})
-        client.send({"type": "text.done"})
-        events = [client.receive()]
-        while events[-1]["type"] != "audio.done":
-            events.append(client.receive())
+        events = turn_events(client, "Hello there.")
     errors = [e["error"] for e in events if e["type"] == "error"]
     assert [(e["code"], e["type"]) for e in errors] == [("generation_failed", "server_error")], events
 

@@ -164,9 +164,7 @@ def _check_channels(have: int, channels: int | None) -> None:
 def _shrink(x: np.ndarray, channels: int | None) -> np.ndarray:
     """A decoded block (c, n), mixed to mono at once where mono is wanted: memory then follows the
     result. The mean over channels is per sample, so block by block equals the whole."""
-    if channels == 1 and x.shape[0] > 1:
-        return _mono(x)
-    return x
+    return _map_channels(x, 1) if channels == 1 else x
 
 
 def _mono(x: np.ndarray) -> np.ndarray:
@@ -258,7 +256,7 @@ def _read_av(
 class _Runs:
     """Decoded frames as planar float32, in runs of one rate and channel layout. FFmpeg's resampler
     locks onto its first frame's format, layout and rate, so a change gets a new one. A frame with
-    other channels than the first run's is mixed to mono at once (`_with_channels` spreads it), and
+    other channels than the first run's is mixed to mono at once (`joined` spreads it), and
     every frame is where mono is wanted, so memory follows what is kept."""
 
     def __init__(self, channels: int | None) -> None:
@@ -296,14 +294,6 @@ class _Runs:
     def joined(self) -> tuple[np.ndarray, int]:
         """All runs at the first one's rate and channels."""
         rate, channels = self.runs[0][0], self.runs[0][2][0].shape[0]
-        pieces = [resample(_with_channels(np.concatenate(chunks, axis=1), channels), r, rate)
+        pieces = [resample(_map_channels(np.concatenate(chunks, axis=1), channels), r, rate)
                   for r, _, chunks in self.runs]
         return np.concatenate(pieces, axis=1).astype(np.float32, copy=False), rate
-
-
-def _with_channels(x: np.ndarray, channels: int) -> np.ndarray:
-    """`x` (c, n) as `channels` channels: a run whose layout differs from the first was mixed down to
-    mono, and is spread over them."""
-    if x.shape[0] == channels:
-        return x
-    return np.repeat(x, channels, axis=0)
