@@ -213,7 +213,7 @@ class TTS:
                                           "for every prompt, or one for all")
             samplings = [self.talker.default_sampling() if s is None else s for s in sampling]  # None: the model's
         else:
-            samplings = [sampling or self.talker.default_sampling()] * len(prompts)
+            samplings = [self.talker.default_sampling() if sampling is None else sampling] * len(prompts)
         outbox: queue.Queue = queue.Queue()
         engine, ids = self.engine, []
         for params in {id(s): s for s in samplings}.values():  # the call's own mistakes raise, whatever raise_errors
@@ -335,7 +335,7 @@ class TTS:
         self.codec  # loaded (and checked against the model) here: a codec that does not fit raises now
         while True:  # a full engine is waited on, as `run` waits
             try:
-                handle = engine.add_request(prompt, sampling or self.talker.default_sampling(), outbox.put,
+                handle = engine.add_request(prompt, self.talker.default_sampling() if sampling is None else sampling, outbox.put,
                                             max_new_frames=max_new_frames, schedule=schedule)
                 break
             except EngineFullError:

@@ -803,3 +803,41 @@ def test_a_context_full_refusal_pickles_with_its_figures() -> None:
 
     error = pickle.loads(pickle.dumps(ContextFullError(5, 6, 10)))
     assert (error.held, error.rows, error.max_len, str(error)) == (5, 6, 10, str(ContextFullError(5, 6, 10)))
+
+
+def test_a_stream_read_in_another_event_loop_says_so(delay_tts) -> None:
+    """Its chunks go to the loop that submitted it: read in another, it waited forever (and, that
+    loop closed, the engine aborted the request without a word)."""
+    engine = AsyncEngine(delay_tts("tiny_nvq16"))
+
+    async def submit():
+        return await engine.submit("Read me elsewhere.", SamplingParams.greedy(), max_new_frames=40)
+
+    async def read(stream) -> None:
+        async for _ in stream:
+            pass
+
+    stream = asyncio.run(submit())
+    with pytest.raises(RuntimeError, match="read in the event loop that submitted it"):
+        asyncio.run(asyncio.wait_for(read(stream), 60))
+    del stream
+    engine.tts.wait_idle()
+    assert engine.stats()["live"] == 0
+
+
+@pytest.mark.parametrize("empty", [0, "", {}, []])
+def test_an_empty_sampling_that_is_no_sampling_params_is_refused(delay_tts, empty) -> None:
+    """`sampling or default` took any falsy value (an empty settings dict from a config) for the default."""
+    tts = delay_tts("tiny_nvq16")
+    message = "sampling must be a SamplingParams"
+    with pytest.raises(InvalidRequestError, match=f"{message}|0 sampling settings for 1 prompts"):  # [] is a list of them
+        tts.generate_codes("Hi.", empty)
+    with pytest.raises(InvalidRequestError, match=message):
+        list(tts.stream("Hi.", empty))
+
+    async def submit() -> None:
+        await AsyncEngine(tts).submit("Hi.", empty)
+
+    with pytest.raises(InvalidRequestError, match=message):
+        asyncio.run(submit())
+    assert tts.stats()["live"] == 0

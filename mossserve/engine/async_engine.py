@@ -38,10 +38,11 @@ class RequestStream:
     engine.submit(...) as stream` all work; awaiting (or entering) first raises bad input or a full
     queue before any chunk is read, and leaving the `async with` block aborts the request."""
 
-    def __init__(self, engine: "AsyncEngine") -> None:
+    def __init__(self, engine: "AsyncEngine", loop: asyncio.AbstractEventLoop) -> None:
         self.request_id: str | None = None
         self.prompt: Prompt | None = None  # set once the request is queued
         self._engine, self._chunks, self._done = engine, asyncio.Queue(), False
+        self._loop = loop  # the engine's threads hand chunks to this loop only
         self._started: asyncio.Future | None = None
 
     def __await__(self):
@@ -59,6 +60,8 @@ class RequestStream:
         await self.aclose()  # a request left before its end is aborted
 
     async def __anext__(self) -> AudioChunk:
+        if asyncio.get_running_loop() is not self._loop:  # its chunks would never come: not a silent hang
+            raise RuntimeError("a stream is read in the event loop that submitted it (this one is another)")
         await self._started
         if self._done:
             raise StopAsyncIteration
@@ -115,7 +118,7 @@ class AsyncEngine:
         except RuntimeError:
             raise RuntimeError("AsyncEngine.submit must be called from a running event loop (async code); "
                                "synchronous code calls TTS.stream or TTS.synthesize") from None
-        stream = RequestStream(self)
+        stream = RequestStream(self, loop)
         stream._started = loop.create_task(self._start(stream, request, sampling, request_id, max_new_frames,
                                                        schedule, decode_audio, session))
         # A refused request raises when the stream is iterated; one never iterated logs nothing.
@@ -127,12 +130,13 @@ class AsyncEngine:
                      decode_audio: bool, session: str | None) -> None:
         prompt = request if isinstance(request, Prompt) else await self.prompt(request)
         stream.prompt = prompt
-        loop, chunks = asyncio.get_running_loop(), stream._chunks
+        loop, chunks = stream._loop, stream._chunks
 
         def sink(chunk: AudioChunk) -> None:  # called on an engine thread
             loop.call_soon_threadsafe(chunks.put_nowait, chunk)
 
-        handle = self.tts.engine.add_request(prompt, sampling or self.tts.talker.default_sampling(), sink,
+        default = self.tts.talker.default_sampling()
+        handle = self.tts.engine.add_request(prompt, default if sampling is None else sampling, sink,
                                              request_id=request_id, max_new_frames=max_new_frames,
                                              schedule=schedule, decode_audio=decode_audio, session=session)
         stream.request_id = handle.id
