@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import os
 import re
@@ -31,6 +32,8 @@ STDIO = Path("-")  # TEXT and --text-file: read stdin; -o: write stdout
 # The library's field names in its refusals, as the flags that set them (flags_named)
 SAMPLING_FLAGS = {"audio_temperature": "--temperature", "audio_top_p": "--top-p", "audio_top_k": "--top-k",
                   "audio_repetition_penalty": "--repetition-penalty", "seed": "--seed"}
+CODEC_FLAGS = {"n_quantizers": "--n-quantizers"}
+REQUEST_FLAGS = {"instructions": "--instructions", "reference_text": "--reference-text"}  # TEXT's, not --request's
 SERVE_FLAGS = {"port": "--port", "max_input_chars": "--max-input-chars", "max_voice_seconds": "--max-voice-seconds",
                "request_timeout_s": "--request-timeout", "max_running": "--max-running", "max_queued": "--max-queued",
                "max_len": "--max-len", "max_sessions": "--max-sessions"}
@@ -53,10 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 141
     except OSError as e:  # a file the run reads or writes: not there, a directory, no permission, full disk
-        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        print(f"error: {os_error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def os_error_text(e: OSError) -> str:
+    """`Is a directory: out.wav`, not Python's `[Errno 21] Is a directory: 'out.wav'`."""
+    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
 
 
 def refuse_extra(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
@@ -272,7 +280,8 @@ def build_prompts(tts, args: argparse.Namespace, request: SpeechRequest | None) 
             and not (request.reference_text or "").strip()):
         raise InvalidRequestError("this model clones a voice from its audio and what it says, together: give "
                                   "--reference-text (what --voice says)")
-    return [tts.prompt(request)]
+    with flags_named(REQUEST_FLAGS if args.request is None else {}):
+        return [tts.prompt(request)]
 
 
 def read_request(args: argparse.Namespace) -> SpeechRequest | None:
@@ -472,7 +481,8 @@ def check_depth(tts, depth: int) -> None:
     if not hasattr(tts.talker, "check_depth"):
         raise InvalidRequestError("--depth is for the Local model (MOSS-TTS-Local-Transformer); "
                                   "this model always generates all its codebooks")
-    tts.talker.check_depth(depth)
+    with flags_named({"depth": "--depth"}):
+        tts.talker.check_depth(depth)
 
 
 def check_request_depth(request, depth: int | None, where: str) -> None:
@@ -665,10 +675,19 @@ def say_batch(tts, args: argparse.Namespace, requests: list) -> int:
         if generation.finish_reason == "error" or len(generation.frames) == 0 or audio.samples.shape[-1] == 0:
             failed.append((line, generation.error or no_audio(generation)))
             return
+        codes = args.out_dir / f"{index:04d}.npy"
+        try:
+            save_npy(codes, generation.frames)
+            total += write_speech(args.out_dir / f"{index:04d}.{args.format}", audio.samples, audio.sample_rate,
+                                  args.speed)
+        except (OSError, MossServeError) as e:  # this request's files only (a name taken by a directory)
+            codes.unlink(missing_ok=True)  # codes without their audio would pass for a request written
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a full disk: every request after it would fail too
+            failed.append((line, f"cannot write its files: {os_error_text(e) if isinstance(e, OSError) else e}"))
+            return
         if generation.finish_reason != "stop":  # the step cap, the engine's length or the runaway guard
             cut.append((line, ending(generation)))
-        save_npy(args.out_dir / f"{index:04d}.npy", generation.frames)
-        total += write_speech(args.out_dir / f"{index:04d}.{args.format}", audio.samples, audio.sample_rate, args.speed)
 
     try:
         tts.run([prompt for _, _, prompt in runnable], sampling, args.max_frames, raise_errors=False,
@@ -716,9 +735,10 @@ def check_output(path: Path | None, audio: bool = False) -> None:
         from .audio.formats import format_from_path
 
         format_from_path(path)
-    if not path.parent.is_dir():
-        raise InvalidRequestError(f"cannot write {path}: no directory {path.parent}")
-    if not os.access(path, os.W_OK) if path.exists() else not os.access(path.parent, os.W_OK | os.X_OK):
+    target = path.resolve() if path.is_symlink() else path  # a link is written through, to its target
+    if not target.parent.is_dir():
+        raise InvalidRequestError(f"cannot write {path}: no directory {target.parent}")
+    if not os.access(target, os.W_OK) if target.exists() else not os.access(target.parent, os.W_OK | os.X_OK):
         raise InvalidRequestError(f"cannot write {path}: permission denied (or a read-only file system)")
 
 
@@ -785,7 +805,7 @@ def run_codec_encode(args: argparse.Namespace) -> None:
         samples = load_audio(args.audio, codec.sample_rate, channels=codec.channels, min_peak=None)
     except AudioError as e:
         raise AudioError(f"{args.audio}: {e}") from None
-    with torch.inference_mode():
+    with torch.inference_mode(), flags_named(CODEC_FLAGS):
         codes = codec.encode(torch.from_numpy(samples).to(codec.device), n_quantizers=args.n_quantizers)
     out = codes.T.cpu().numpy()
     if len(out) == 0:
@@ -814,7 +834,7 @@ def run_codec_decode(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"{args.codes} has {codes.shape[1]} codebooks; the codec has {codec.num_quantizers}")
     if codes.min() < 0 or codes.max() >= codec.codebook_size:
         raise InvalidRequestError(f"{args.codes}: codes must lie in 0..{codec.codebook_size - 1}")
-    with torch.inference_mode():
+    with torch.inference_mode(), flags_named(CODEC_FLAGS):
         wave = codec.decode(torch.from_numpy(codes.T.copy()).to(codec.device), n_quantizers=args.n_quantizers)
     samples = wave.float().cpu().numpy()
     write_audio(args.output, samples, codec.sample_rate)

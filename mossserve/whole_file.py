@@ -22,7 +22,11 @@ def whole_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         return
     partial = path.with_name(f".{path.name}.partial")
     try:
-        with open(partial, "wb") as f:
+        f = open(partial, "wb")
+    except OSError as e:  # named as the caller named it, not by the temporary name
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    try:
+        with f:
             yield f
         os.replace(partial, path)
     except BaseException:

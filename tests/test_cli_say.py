@@ -335,3 +335,42 @@ def test_a_reader_that_quits_stops_the_audio_quietly() -> None:
     process.stdout.close()
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141 and "error" not in err and "Traceback" not in err, err
+
+
+def test_say_batch_skips_a_request_whose_files_cannot_be_written(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """A name taken by a directory ended the whole run (exit 2): requests after it were never written,
+    and it left its codes without their audio."""
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps({"input": t}) + "\n" for t in ("One.", "Two.", "Three.")),
+                                            encoding="utf-8")
+    (tmp_path / "out" / "0001.wav").mkdir(parents=True)
+    code, err = run(["say", "--batch", tmp_path / "requests.jsonl", "--out-dir", tmp_path / "out", "--model",
+                     delay_model_dirs["tiny_nvq16"], "--codec", CODEC_DIR / "tiny", "--max-frames", "20",
+                     "--max-running", "1"], capsys)
+    assert code == 1, err
+    assert f"requests.jsonl:2: skipped: cannot write its files: Is a directory: {tmp_path / 'out' / '0001.wav'}" in err
+    assert "wrote 2 of 3 requests" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000.npy", "0000.wav", "0001.wav", "0002.npy",
+                                                                    "0002.wav"]
+
+
+def test_flag_refusals_name_the_flag(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """--depth, --n-quantizers and --instructions were refused by the library's field names."""
+    from fish_cases import FISH_DIR
+    from local_cases import make_model_dir
+
+    code, err = run(["say", "Hi.", "--model", make_model_dir(tmp_path / "local"), "--codec", CODEC_DIR / "tiny",
+                     "--depth", "99", "--codes-out", tmp_path / "c.npy"], capsys)
+    assert code == 2 and "error: --depth must be an integer in 1..32" in err, err
+    code, err = run(["say", "Hi.", "--model", FISH_DIR, "--instructions", "warm",
+                     "--codes-out", tmp_path / "c.npy"], capsys)
+    assert code == 2 and "error: --instructions is not used by Fish S2 Pro" in err, err
+    code, err = run(["codec", "encode", AUDIO_DIR / "reference_zh.wav", "--codec", CODEC_DIR / "tiny",
+                     "--n-quantizers", "999", "-o", tmp_path / "e.npy"], capsys)
+    assert code == 2 and "error: --n-quantizers must be in 1..32, got 999" in err, err
+
+
+def test_an_output_through_a_link_to_a_missing_directory_is_refused_before_the_run(tmp_path: Path, capsys) -> None:
+    """A dangling symlink passed the check (it does not exist) and failed after the whole synthesis."""
+    (tmp_path / "out.wav").symlink_to(tmp_path / "missing" / "out.wav")
+    code, err = run(["say", "Hi.", "--model", "/nonexistent/model", "-o", tmp_path / "out.wav"], capsys)
+    assert code == 2 and f"cannot write {tmp_path / 'out.wav'}: no directory {tmp_path / 'missing'}" in err, err

@@ -70,3 +70,16 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_run(tmp_path: Pa
     for name in ("x.wav", "old.wav"):
         assert cli.main(["say", "Hi.", "--model", "/nonexistent/model", "-o", str(locked / name)]) == 2
         assert f"cannot write {locked / name}: permission denied" in capsys.readouterr().err
+
+
+def test_a_file_that_cannot_be_made_is_named_as_asked(tmp_path: Path, monkeypatch) -> None:
+    """A directory that the access check passes but that takes no new file (/proc) named the temporary
+    `.x.wav.partial` in the error."""
+    import mossserve.whole_file as module
+
+    monkeypatch.setattr(module.os, "access", lambda path, mode: True)
+    path = tmp_path / "missing" / "x.wav"
+    with pytest.raises(FileNotFoundError) as caught:
+        with whole_file(path):
+            pass
+    assert caught.value.filename == str(path)
