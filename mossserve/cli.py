@@ -588,7 +588,7 @@ def say_session(tts, args: argparse.Namespace) -> int:
             seconds = stdout.seconds
         else:
             seconds = write_speech(args.output, samples, results[0][1].sample_rate, args.speed)
-        print(f"wrote {args.output}: {seconds:.2f} s ({ended})", file=sys.stderr)
+        print(f"wrote {'stdout' if args.output == STDIO else args.output}: {seconds:.2f} s ({ended})", file=sys.stderr)
     return 0
 
 

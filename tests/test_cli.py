@@ -648,3 +648,12 @@ def test_every_option_has_help_and_states_its_default() -> None:
     missing = [f"{name}: {action.option_strings or action.dest}" for name, action in options(build_parser(), "mossserve")
                if not action.help or action.default not in (None, False) and "default" not in action.help]
     assert missing == []
+
+
+def test_a_session_script_to_stdout_says_stdout(tmp_path: Path, capsysbinary) -> None:
+    """Its note read `wrote -: ...` where one request's reads `wrote stdout: ...`."""
+    (tmp_path / "script.json").write_text(json.dumps({"turns": [{"input": "Hello there."}, {"input": "And again."}]}))
+    code = main(["say", "--model", str(REALTIME), "--codec", str(CODEC_DIR / "tiny"), "--request",
+                 str(tmp_path / "script.json"), "--greedy", "--max-frames", "6", "-o", "-"])
+    out, err = capsysbinary.readouterr()
+    assert code == 0 and out[:4] == b"RIFF" and b"wrote stdout: " in err, err

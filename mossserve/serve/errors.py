@@ -58,7 +58,7 @@ def error_event(status: int, message: str, code: str | None = None) -> dict:
 def from_mossserve(e: Exception, retry_after_s: int) -> APIError:
     """mossserve's own errors -> the status a client should see."""
     if isinstance(e, EngineFullError):
-        return APIError(503, f"the server is at capacity ({e}); retry shortly", code="queue_full",
+        return APIError(503, f"the server is at capacity ({e})", code="queue_full",
                         headers={"Retry-After": str(retry_after_s)})
     if isinstance(e, EngineBrokenError):
         return APIError(503, f"the engine cannot serve requests: {e}", code="engine_unavailable")
