@@ -209,6 +209,10 @@ def test_engine_bench_refuses_a_checkpoint_of_another_family() -> None:
 
     with pytest.raises(InvalidRequestError, match="pass --family delay"):
         run_engine_bench(family="local", model=DEMO_MODEL, frames=2, requests=1, ttfa_runs=1)
+    # a checkpoint that names no codec of its own: refused before the codec's hub fetch failed offline
+    realtime = Path(__file__).parent / "fixtures" / "moss_tts_realtime"
+    with pytest.raises(InvalidRequestError, match="pass --family realtime"):
+        run_engine_bench(family="fish", model=realtime, frames=2, requests=1, ttfa_runs=1)
 
 
 def test_fish_step_count_reads_the_allowed_rows_of_the_slow_head() -> None:

@@ -163,9 +163,10 @@ def run_engine_bench(family: str = "delay", model: str | Path | None = None, cod
     model_dir = model if model is not None else _bench_checkpoint(seed, say, family)
     say(f"loading {model_dir}")
     tts = TTS.from_pretrained(model_dir, codec=codec, device=device, dtype=dtype)
-    talker, codec_model = tts.talker, tts.codec
-    if talker.name != family:
+    talker = tts.talker
+    if talker.name != family:  # before the codec loads (a hub fetch, when the checkpoint names none)
         raise InvalidRequestError(f"{model_dir} is a {talker.name} checkpoint; pass --family {talker.name}")
+    codec_model = tts.codec
     prompts = [tts.prompt(SpeechRequest(input=TEXTS[i % len(TEXTS)])) for i in range(requests)]
     sampling = SamplingParams.greedy()
     n_vq = talker.codebooks
