@@ -724,3 +724,13 @@ def test_a_bug_in_a_round_fails_the_requests_in_flight_and_serving_goes_on(monke
         assert stats["live"] == stats["cache_slots_used"] == stats["codec_streams_open"] == stats["outputs_open"] == 0
     finally:
         engine.shutdown()
+
+
+def test_a_kv_cache_too_large_counts_its_slots_not_requests() -> None:
+    """With CUDA graphs it said "the KV cache for 17 requests" for --max-running 16: the scratch slot
+    that padded rows write into is no request."""
+    from mossserve.engine.kv_cache import SlotKVCache
+    from mossserve.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match=r"the KV cache of 17 slots \(one a running request, plus a scratch"):
+        SlotKVCache(1, 17, 2**40, 1, 1, torch.float32, "cpu")
