@@ -71,6 +71,20 @@ def load_delay_model(path: Path):
     return _delay_models[path]
 
 
+def fixed_shape_engine(fam, max_running: int, mode: str, batch_sizes: tuple[int, ...]):
+    """An unthreaded engine whose runner decodes at fixed shapes: `mode` "graphs" captures them as CUDA
+    graphs (a GPU only), "static" runs the same padded shapes eagerly (any device)."""
+    from mossserve.config import EngineConfig
+    from mossserve.engine.engine import Engine
+    from mossserve.engine.talker_runner import TalkerRunner
+
+    config = EngineConfig(threaded=False, max_running=max_running)
+    engine = Engine(fam, None, config)
+    runner = TalkerRunner(fam, max_running, engine.max_len, config.prefill_tokens, mode=mode, batch_sizes=batch_sizes)
+    engine.runner = engine.sessions.runner = engine.prefixes.runner = runner  # the engine and its parts share one
+    return engine
+
+
 @pytest.fixture(scope="session")
 def delay_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """The Delay fixture checkpoints as published directories: config, weights and tokenizer."""

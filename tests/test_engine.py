@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CODEC_DIR, DELAY_DIR, load_delay_model
+from conftest import CODEC_DIR, DELAY_DIR, fixed_shape_engine, load_delay_model
 from delay_cases import generation_cases
 from mossserve.config import ChunkSchedule, EngineConfig, RunawayGuard
 from mossserve.engine.engine import Engine
-from mossserve.engine.talker_runner import TalkerRunner
 from mossserve.errors import EngineFullError, InvalidRequestError
 from mossserve.models.codecs import MossAudioTokenizer
 from mossserve.models.family import Prompt
@@ -139,9 +138,7 @@ def test_continuous_batching_reproduces_every_greedy_golden(checkpoint: str, pre
 def test_static_shape_decode_steps_match_the_goldens() -> None:
     """The fixed-shape decode (padded batch, bucketed key length: what CUDA graphs capture) gives the goldens."""
     fam = family("tiny_nvq32")
-    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=6))
-    runner = TalkerRunner(fam, 6, engine.max_len, 512, mode="static", batch_sizes=(1, 2, 4, 8))
-    engine.runner = engine.sessions.runner = engine.prefixes.runner = runner  # the engine and its parts share one
+    engine = fixed_shape_engine(fam, 6, "static", (1, 2, 4, 8))
     run_greedy_goldens(engine, "tiny_nvq32")
     assert {size for size, _ in engine.runner._steps} >= {4, 6}  # padded up to a captured size
     assert engine.runner.slots_in_use == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import fixed_shape_engine
 from fish_cases import FISH_DIR, GEN_CASES, GREEDY, family, gen_case, npz
 
 from mossserve.config import EngineConfig
@@ -56,6 +57,35 @@ def test_all_cases_in_one_engine_batch() -> None:
     names = list(GEN_CASES) * 2  # the seeded case twice: each request has its own generator
     for name, generation in zip(names, run([request(n) for n in names], max_running=len(names))):
         check(name, generation)
+
+
+def fixed_shape_cases(fam, mode: str) -> None:
+    """Every case at once through a runner that pads the slow backbone's step to 1, 4 or 6 rows (6:
+    max_running), as the cases end (`mode` static runs that eagerly; graphs replays CUDA graphs)."""
+    names = list(GEN_CASES)
+    engine = fixed_shape_engine(fam, len(names), mode, (1, 4))
+    finals = {}
+    for name in names:
+        case = gen_case(name)
+        engine.add_request(fam.prompt_from_rows(case.prompts[0], case.tails()), case.sampling,
+                           lambda chunk: finals.update({chunk.request_id: chunk.generation} if chunk.final else {}),
+                           request_id=name, max_new_frames=case.cap, decode_audio=False, guard=False)
+    engine.run_until_idle()
+    for name in names:
+        check(name, finals[name])
+    assert {size for size, _ in engine.runner._steps} >= {4, 6}  # padded up to a fixed size
+
+
+def test_static_shape_decode_gives_every_case() -> None:
+    fixed_shape_cases(family(), "static")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_gives_every_case() -> None:
+    from mossserve.models.registry import load_talker
+
+    fam = load_talker(FISH_DIR, device="cuda")
+    fixed_shape_cases(fam, "graphs")
 
 
 def test_later_batch_prompt_is_the_earlier_prompt_its_frames_and_a_tail() -> None:

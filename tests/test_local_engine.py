@@ -8,12 +8,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import fixed_shape_engine
 from local_cases import CODEC_DIR, generation_runs, get_run, make_model_dir
 
 from mossserve.api import TTS
-from mossserve.config import EngineConfig
-from mossserve.engine.engine import Engine
-from mossserve.engine.talker_runner import TalkerRunner
 from mossserve.models.moss_local_family import LOCAL_SAMPLING, MossLocalFamily
 from mossserve.sampling import SamplingParams
 from mossserve.speech_request import SpeechRequest
@@ -146,9 +144,7 @@ def fixed_shape_run(fam, requests, mode: str) -> list:
     """Every request in one engine whose runner decodes at fixed shapes (`mode` static or graphs):
     the backbone step and the depth loop padded to 1, 2, 4, 8 or 12 rows."""
     slots = len(requests) + 2
-    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=slots))
-    runner = TalkerRunner(fam, slots, engine.max_len, 512, mode=mode, batch_sizes=(1, 2, 4, 8))
-    engine.runner = engine.sessions.runner = engine.prefixes.runner = runner  # the engine and its parts share one
+    engine = fixed_shape_engine(fam, slots, mode, (1, 2, 4, 8))
     finals = {}
     for i, (prompt, sampling, cap, *_) in enumerate(requests):
         engine.add_request(prompt, sampling, lambda chunk: finals.update({chunk.request_id: chunk} if chunk.final else {}),

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import fixed_shape_engine
 from realtime_cases import REALTIME_DIR, golden, golden_json, realtime_family
 
 from mossserve.api import TTS
 from mossserve.config import EngineConfig
 from mossserve.engine.engine import Engine
-from mossserve.engine.talker_runner import TalkerRunner
 from mossserve.speech_request import SpeechRequest
 
 CASES = {"offline_batch": None, "offline_batch_max_length3": 4}  # the engine's cap counts frames: max_length + 1
@@ -106,9 +106,7 @@ def test_goldens_among_staggered_sampled_decoys_and_pieced_prefill() -> None:
 def fixed_shape_goldens(fam, mode: str) -> None:
     """The backbone step and the local transformer's 16 positions at fixed shapes (2 rows padded to 4)
     give the goldens; `mode` static runs them eagerly, graphs replays CUDA graphs."""
-    engine = Engine(fam, None, EngineConfig(threaded=False, max_running=4))
-    runner = TalkerRunner(fam, 4, engine.max_len, 512, mode=mode, batch_sizes=(1, 4))
-    engine.runner = engine.sessions.runner = engine.prefixes.runner = runner  # the engine and its parts share one
+    engine = fixed_shape_engine(fam, 4, mode, (1, 4))
     outbox = run(engine, "offline_batch")
     for b in range(2):
         check("offline_batch", b, outbox.generation(f"offline_batch/{b}"))
