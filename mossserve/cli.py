@@ -675,13 +675,15 @@ def say_batch(tts, args: argparse.Namespace, requests: list) -> int:
         if generation.finish_reason == "error" or len(generation.frames) == 0 or audio.samples.shape[-1] == 0:
             failed.append((line, generation.error or no_audio(generation)))
             return
-        codes = args.out_dir / f"{index:04d}.npy"
+        codes, saved = args.out_dir / f"{index:04d}.npy", False
         try:
             save_npy(codes, generation.frames)
+            saved = True
             total += write_speech(args.out_dir / f"{index:04d}.{args.format}", audio.samples, audio.sample_rate,
                                   args.speed)
         except (OSError, MossServeError) as e:  # this request's files only (a name taken by a directory)
-            codes.unlink(missing_ok=True)  # codes without their audio would pass for a request written
+            if saved:
+                codes.unlink()  # codes without their audio would pass for a request written
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise  # a full disk: every request after it would fail too
             failed.append((line, f"cannot write its files: {os_error_text(e) if isinstance(e, OSError) else e}"))
@@ -735,7 +737,10 @@ def check_output(path: Path | None, audio: bool = False) -> None:
         from .audio.formats import format_from_path
 
         format_from_path(path)
-    target = path.resolve() if path.is_symlink() else path  # a link is written through, to its target
+    try:
+        target = path.resolve() if path.is_symlink() else path  # a link is written through, to its target
+    except (RuntimeError, OSError):  # a link that leads back to itself
+        raise InvalidRequestError(f"cannot write {path}: its symlinks form a loop") from None
     if not target.parent.is_dir():
         raise InvalidRequestError(f"cannot write {path}: no directory {target.parent}")
     if not os.access(target, os.W_OK) if target.exists() else not os.access(target.parent, os.W_OK | os.X_OK):

@@ -343,14 +343,15 @@ def test_say_batch_skips_a_request_whose_files_cannot_be_written(delay_model_dir
     (tmp_path / "requests.jsonl").write_text("".join(json.dumps({"input": t}) + "\n" for t in ("One.", "Two.", "Three.")),
                                             encoding="utf-8")
     (tmp_path / "out" / "0001.wav").mkdir(parents=True)
+    (tmp_path / "out" / "0002.npy").mkdir()  # the codes' name: the handler's clean-up raised in turn
     code, err = run(["say", "--batch", tmp_path / "requests.jsonl", "--out-dir", tmp_path / "out", "--model",
                      delay_model_dirs["tiny_nvq16"], "--codec", CODEC_DIR / "tiny", "--max-frames", "20",
                      "--max-running", "1"], capsys)
     assert code == 1, err
     assert f"requests.jsonl:2: skipped: cannot write its files: Is a directory: {tmp_path / 'out' / '0001.wav'}" in err
-    assert "wrote 2 of 3 requests" in err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000.npy", "0000.wav", "0001.wav", "0002.npy",
-                                                                    "0002.wav"]
+    assert f"requests.jsonl:3: skipped: cannot write its files: Is a directory: {tmp_path / 'out' / '0002.npy'}" in err
+    assert "wrote 1 of 3 requests" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000.npy", "0000.wav", "0001.wav", "0002.npy"]
 
 
 def test_flag_refusals_name_the_flag(delay_model_dirs, tmp_path: Path, capsys) -> None:
@@ -374,3 +375,7 @@ def test_an_output_through_a_link_to_a_missing_directory_is_refused_before_the_r
     (tmp_path / "out.wav").symlink_to(tmp_path / "missing" / "out.wav")
     code, err = run(["say", "Hi.", "--model", "/nonexistent/model", "-o", tmp_path / "out.wav"], capsys)
     assert code == 2 and f"cannot write {tmp_path / 'out.wav'}: no directory {tmp_path / 'missing'}" in err, err
+    (tmp_path / "a.wav").symlink_to(tmp_path / "b.wav")
+    (tmp_path / "b.wav").symlink_to(tmp_path / "a.wav")
+    code, err = run(["say", "Hi.", "--model", "/nonexistent/model", "-o", tmp_path / "a.wav"], capsys)
+    assert code == 2 and f"cannot write {tmp_path / 'a.wav'}: its symlinks form a loop" in err, err
