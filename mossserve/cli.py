@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        default_device(args)
         return args.run(args) or 0
     except MossServeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -229,7 +230,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default %(default)s)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
+
+
+def default_device(args: argparse.Namespace) -> None:
+    """No --device: the CPU (`note_gpu_unused` says so where a model loads and a GPU is visible)."""
+    if getattr(args, "device", "") is None:
+        args.device, args.device_defaulted = "cpu", True
+
+
+def note_gpu_unused(args: argparse.Namespace) -> None:
+    """A model loading on the CPU by default while a CUDA GPU is visible: said, since a user who
+    forgot --device would only see a run many times slower."""
+    import torch
+
+    if getattr(args, "device_defaulted", False) and torch.cuda.is_available():
+        print("note: running on the CPU (no --device given), though a CUDA GPU is visible: --device cuda "
+              "--dtype bfloat16 runs there", file=sys.stderr)
 
 
 def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
@@ -243,6 +260,7 @@ def load_tts(args: argparse.Namespace):
 
     config = EngineConfig(max_running=getattr(args, "max_running", None) or EngineConfig.max_running,
                           max_len=getattr(args, "max_len", None) or EngineConfig.max_len)
+    note_gpu_unused(args)
     tts = TTS.from_pretrained(args.model, codec=args.codec, device=args.device, dtype=args.dtype, engine_config=config,
                               task=args.task)
     if tts.is_demo:
@@ -925,6 +943,7 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.model is None:
         print("note: no --model given; serving the bundled tiny random-weight demo checkpoint "
               "(it produces noise, not speech)", file=sys.stderr)
+    note_gpu_unused(args)
     if args.api_key is None and os.environ.get("MOSSSERVE_API_KEY") == "":
         print("note: $MOSSSERVE_API_KEY is set but empty; /v1 is served without an API key", file=sys.stderr)
     if not args.ray_address:  # a cluster's path may name its nodes' disks, not this machine's

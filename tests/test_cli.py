@@ -657,3 +657,14 @@ def test_a_session_script_to_stdout_says_stdout(tmp_path: Path, capsysbinary) ->
                  str(tmp_path / "script.json"), "--greedy", "--max-frames", "6", "-o", "-"])
     out, err = capsysbinary.readouterr()
     assert code == 0 and out[:4] == b"RIFF" and b"wrote stdout: " in err, err
+
+
+def test_a_model_on_the_cpu_by_default_says_so_where_a_gpu_is_visible(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A user who forgot --device on a GPU machine only saw a run many times slower."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    note = "note: running on the CPU (no --device given), though a CUDA GPU is visible"
+    code, err = run(["say", "Hi.", "--greedy", "--max-frames", "34", "--codes-out", tmp_path / "c.npy"], capsys)
+    assert code == 0 and note in err, err
+    code, err = run(["say", "Hi.", "--device", "cpu", "--greedy", "--max-frames", "34", "--codes-out",
+                     tmp_path / "c.npy"], capsys)
+    assert code == 0 and note not in err, err
