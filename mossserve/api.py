@@ -333,10 +333,12 @@ class TTS:
         outbox: queue.Queue = queue.Queue()
         engine = self.engine
         self.codec  # loaded (and checked against the model) here: a codec that does not fit raises now
+        if sampling is None:
+            sampling = self.talker.default_sampling()
         while True:  # a full engine is waited on, as `run` waits
             try:
-                handle = engine.add_request(prompt, self.talker.default_sampling() if sampling is None else sampling, outbox.put,
-                                            max_new_frames=max_new_frames, schedule=schedule)
+                handle = engine.add_request(prompt, sampling, outbox.put, max_new_frames=max_new_frames,
+                                            schedule=schedule)
                 break
             except EngineFullError:
                 self._wait_for_room()

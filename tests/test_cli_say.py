@@ -340,8 +340,8 @@ def test_a_reader_that_quits_stops_the_audio_quietly() -> None:
 def test_say_batch_skips_a_request_whose_files_cannot_be_written(delay_model_dirs, tmp_path: Path, capsys) -> None:
     """A name taken by a directory ended the whole run (exit 2): requests after it were never written,
     and it left its codes without their audio."""
-    (tmp_path / "requests.jsonl").write_text("".join(json.dumps({"input": t}) + "\n" for t in ("One.", "Two.", "Three.")),
-                                            encoding="utf-8")
+    lines = "".join(json.dumps({"input": text}) + "\n" for text in ("One.", "Two.", "Three."))
+    (tmp_path / "requests.jsonl").write_text(lines, encoding="utf-8")
     (tmp_path / "out" / "0001.wav").mkdir(parents=True)
     (tmp_path / "out" / "0002.npy").mkdir()  # the codes' name: the handler's clean-up raised in turn
     code, err = run(["say", "--batch", tmp_path / "requests.jsonl", "--out-dir", tmp_path / "out", "--model",

@@ -830,7 +830,8 @@ def test_an_empty_sampling_that_is_no_sampling_params_is_refused(delay_tts, empt
     """`sampling or default` took any falsy value (an empty settings dict from a config) for the default."""
     tts = delay_tts("tiny_nvq16")
     message = "sampling must be a SamplingParams"
-    with pytest.raises(InvalidRequestError, match=f"{message}|0 sampling settings for 1 prompts"):  # [] is a list of them
+    # [] is a list of settings: refused by its count
+    with pytest.raises(InvalidRequestError, match=f"{message}|0 sampling settings for 1 prompts"):
         tts.generate_codes("Hi.", empty)
     with pytest.raises(InvalidRequestError, match=message):
         list(tts.stream("Hi.", empty))

@@ -34,8 +34,8 @@ class SlotKVCache:
             self.v = torch.zeros(shape, dtype=dtype, device=device)
         except RuntimeError as e:  # out of memory (torch.OutOfMemoryError on CUDA is one)
             size = 2 * int(np.prod(shape, dtype=object)) * torch.empty((), dtype=dtype).element_size()
-            raise InvalidRequestError(f"the KV cache of {num_slots} slots (one a running request, plus a scratch slot in "
-                                      f"the fixed-shape modes) of {max_len} positions needs "
+            raise InvalidRequestError(f"the KV cache of {num_slots} slots (one a running request, plus a scratch "
+                                      f"slot in the fixed-shape modes) of {max_len} positions needs "
                                       f"{size / 2**30:.1f} GiB on {device}, which could not be allocated; lower "
                                       f"max_running (--max-running), max_len or prefill_tokens (an engine's "
                                       f"positions are max_len + prefill_tokens)") from e
