@@ -727,7 +727,6 @@ def test_a_kv_cache_too_large_counts_its_slots_not_requests() -> None:
     """With CUDA graphs it said "the KV cache for 17 requests" for --max-running 16: the scratch slot
     that padded rows write into is no request."""
     from mossserve.engine.kv_cache import SlotKVCache
-    from mossserve.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match=r"the KV cache of 17 slots \(one a running request, plus a scratch"):
         SlotKVCache(1, 17, 2**40, 1, 1, torch.float32, "cpu")

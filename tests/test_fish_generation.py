@@ -17,9 +17,10 @@ from mossserve.errors import InvalidRequestError
 from mossserve.speech_request import SpeechRequest
 
 
-def run(requests: list[tuple], max_running: int = 8) -> list[Generation]:
-    """(prompt, sampling, cap) each -> generations, all submitted before the first step."""
-    engine = Engine(family(), None, EngineConfig(threaded=False, max_running=max_running))
+def run(requests: list[tuple], max_running: int = 8, engine: Engine | None = None) -> list[Generation]:
+    """(prompt, sampling, cap) each -> generations, all submitted before the first step (to `engine`,
+    else a new unthreaded one)."""
+    engine = engine or Engine(family(), None, EngineConfig(threaded=False, max_running=max_running))
     results: dict[int, Generation] = {}
     for i, (prompt, sampling, cap) in enumerate(requests):
         def sink(chunk, i=i):
@@ -64,15 +65,8 @@ def fixed_shape_cases(fam, mode: str) -> None:
     max_running), as the cases end (`mode` static runs that eagerly; graphs replays CUDA graphs)."""
     names = list(GEN_CASES)
     engine = fixed_shape_engine(fam, len(names), mode, (1, 4))
-    finals = {}
-    for name in names:
-        case = gen_case(name)
-        engine.add_request(fam.prompt_from_rows(case.prompts[0], case.tails()), case.sampling,
-                           lambda chunk: finals.update({chunk.request_id: chunk.generation} if chunk.final else {}),
-                           request_id=name, max_new_frames=case.cap, decode_audio=False, guard=False)
-    engine.run_until_idle()
-    for name in names:
-        check(name, finals[name])
+    for name, generation in zip(names, run([request(n) for n in names], engine=engine)):
+        check(name, generation)
     assert {size for size, _ in engine.runner._steps} >= {4, 6}  # padded up to a fixed size
 
 

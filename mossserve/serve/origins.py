@@ -20,9 +20,9 @@ def origin_allowed(headers: Mapping[str, str], cors_origins: Iterable[str], what
     allowed = {o.rstrip("/") for o in cors_origins}
     if origin is None or "*" in allowed or origin in allowed:
         return True
-    scheme = urlsplit(origin).scheme
+    page = urlsplit(origin)
     hosts = [headers.get("host", ""), *headers.get("x-forwarded-host", "").split(",")]
-    if _host_port(urlsplit(origin).netloc, scheme) in {_host_port(h.strip(), scheme) for h in hosts if h.strip()}:
+    if _host_port(page.netloc, page.scheme) in {_host_port(h.strip(), page.scheme) for h in hosts if h.strip()}:
         return True
     log.warning("%s refused: origin %r is not this server's (Host %r, X-Forwarded-Host %r) nor one --cors-origin "
                 "allows", what, origin, headers.get("host"), headers.get("x-forwarded-host"))
