@@ -149,6 +149,12 @@ def test_request_chunk_length_batches(builder: FishPromptBuilder) -> None:
         [b["batch_text"] for b in PROMPTS["multi_speaker_one_batch"]["batches"]]
 
 
+def test_default_chunk_length_is_the_reference_servers(builder: FishPromptBuilder) -> None:
+    """200 bytes (README 7.4, the HTTP request model), with the server's sampling defaults; not the CLI's 300."""
+    turns = [f"<|speaker:{i % 2}|>" + "x" * 72 for i in range(3)]  # 85 bytes each: 255 in all
+    assert builder.plan(SpeechRequest(input="".join(turns))).batches == ["\n".join(turns[:2]), turns[2]]
+
+
 # ---- turns and batches ---------------------------------------------------------------------
 
 def test_turns_drop_lead_in_and_strip() -> None:

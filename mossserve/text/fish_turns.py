@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 SPEAKER_TAG = re.compile(r"<\|speaker:\d+\|>")
-DEFAULT_CHUNK_LENGTH = 300  # bytes per batch (the reference CLI's and server's default)
+DEFAULT_CHUNK_LENGTH = 200  # bytes per batch: the reference server's default, as its sampling defaults are ours (its CLI's is 300)
 MAX_TURNS_PER_BATCH = 5  # the reference's generate_long overrides its helper's default of 3
 
 
