@@ -125,7 +125,7 @@ def test_sessions_run_batched_together() -> None:
 
 
 def test_a_session_turn_has_no_offline_step_cap(monkeypatch) -> None:
-    """The reference's session runs a turn to its EOS; the offline cap (1001 frames) cut a session
+    """The reference's session runs a turn to its EOS; the offline step cap cut a session
     script's long turn at it. Here the family's cap is far below the golden turn's length."""
     turns = Turns()
     expected = turn_frames("stream_multiturn")[0][:-1]

@@ -35,7 +35,9 @@ from .moss_realtime_sampling import sample_codes
 # The reference's generation defaults (inferencer.py, the model card); window 50 frames.
 DEFAULT_SAMPLING = SamplingParams(audio_temperature=0.8, audio_top_p=0.6, audio_top_k=30,
                                   audio_repetition_penalty=1.1, audio_repetition_window=50)
-DEFAULT_MAX_LENGTH = 1000  # inferencer.py's max_length: steps after the first frame, so 1001 frames at most
+# The model card's and infer.py's max_length (the inferencer class's own default is 1000): steps after the
+# first frame, so 5001 frames (400 s) at most.
+DEFAULT_MAX_LENGTH = 5000
 UNSUPPORTED_FIELDS = ("reference_text", "instructions", "duration_tokens", "duration_seconds", "speakers", "depth",
                       "chunk_length")
 
