@@ -102,7 +102,7 @@ class TTS:
     @property
     def codec_source(self) -> str | Path:
         """Where the codec comes from: the one given, else `default_codec`."""
-        return self._codec_source or default_codec(self.talker.source)
+        return self._codec_source or default_codec(self.talker.source, self.talker.name)
 
     @property
     def codec(self):
@@ -498,17 +498,21 @@ def check_codec_fits(talker, codec, source: str | Path) -> None:
             f"{talker.name} model ({talker.sample_rate} Hz, {talker.codebooks} codebooks); give the model's own codec")
 
 
-def default_codec(model_dir: Path | None) -> str | Path:
+def default_codec(model_dir: Path | None, family: str | None = None) -> str | Path:
     """A `codec/` directory inside the model, else the codec its processor_config.json names
     (`audio_tokenizer_name_or_path`, top level or under `audio_tokenizer`, as the reference
     processor reads it), else the published MOSS-Audio-Tokenizer. A Fish S2 Pro directory
-    (codec.pth / codec.safetensors beside the model) is its own codec source."""
-    from .models.codecs.fish_dac_loader import is_fish_codec_dir
+    (codec.pth / codec.safetensors beside the model) is its own codec source; a Fish model without
+    one is refused here, not given the MOSS codec to fetch (7 GB) and then refuse."""
+    from .models.codecs.fish_dac_loader import CODEC_FILES, is_fish_codec_dir
 
     if model_dir is None:
         return DEFAULT_MOSS_CODEC
     if is_fish_codec_dir(model_dir):
         return Path(model_dir)
+    if family == "fish":
+        raise CheckpointError(f"{model_dir}: no {' or '.join(CODEC_FILES)} beside the model (Fish S2 Pro ships its "
+                              "codec as codec.pth): download it too, or give the codec (--codec)")
     bundled = Path(model_dir) / "codec"
     if (bundled / "config.json").is_file():
         return bundled

@@ -209,6 +209,13 @@ def test_registry_and_default_codec_take_a_fish_model_directory() -> None:
     assert Path(default_codec(FISH_DIR)) == FISH_DIR
 
 
+def test_a_fish_model_without_its_codec_file_is_refused_naming_it(tmp_path: Path) -> None:
+    """It fell back to the MOSS codec: a 7 GB download for a codec the model then refused."""
+    with pytest.raises(CheckpointError, match=r"no codec\.safetensors or codec\.pth beside the model"):
+        default_codec(tmp_path, "fish")
+    assert Path(default_codec(FISH_DIR, "fish")) == FISH_DIR
+
+
 @pytest.mark.parametrize("error", [MemoryError(), RecursionError(),
                                    RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't "
                                                 "allocate memory: you tried to allocate 1073741824 bytes.")])
