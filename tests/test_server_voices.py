@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def alice(server) -> dict:
 
 
 def test_upload_returns_the_voice(alice, demo_tts):
-    assert alice["id"] == alice["name"] == "alice" and alice["object"] == "voice"
+    assert alice["id"] == alice["name"] == "alice"
+    assert alice["object"] == "audio.voice" and alice["type"] == "audio_sample"  # OpenAI's custom voice object
+    assert isinstance(alice["created_at"], int) and abs(alice["created_at"] - time.time()) < 600
     assert alice["transcript"] == "A Chinese reference."
     assert alice["duration_s"] == pytest.approx(3.112, abs=0.01)
     assert alice["sample_rate"] == 24000
@@ -144,7 +147,7 @@ def test_name_taken(server, alice, name):
 def test_delete(server):
     assert upload(server, "bob", SHORT).status_code == 201
     r = server.delete(f"{VOICES}/BOB")  # names match whatever their case; the answer gives the stored one
-    assert r.status_code == 200 and r.json() == {"id": "bob", "object": "voice.deleted", "deleted": True}
+    assert r.status_code == 200 and r.json() == {"id": "bob", "object": "audio.voice.deleted", "deleted": True}
     for method, path in [("GET", "bob"), ("GET", "bob/audio"), ("DELETE", "bob")]:
         assert error_of(server.request(method, f"{VOICES}/{path}"), 404)["code"] == "voice_not_found"
     assert "bob" not in [v["name"] for v in server.get(VOICES).json()["data"]]

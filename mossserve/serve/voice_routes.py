@@ -24,10 +24,12 @@ router = APIRouter()
 
 
 def voice_json(voice: Voice) -> dict:
-    """A voice as clients see it: not the codec's identity, which is a path on the server."""
+    """A voice as clients see it: OpenAI's `audio.voice` (made from an audio sample, created_at in whole
+    seconds) with our fields; not the codec's identity, which is a path on the server."""
     fields = voice.to_json()
     del fields["codec"]
-    return {"id": voice.name, "object": "voice", **fields}
+    return {"id": voice.name, "object": "audio.voice", "type": "audio_sample", **fields,
+            "created_at": int(voice.created_at)}
 
 
 @router.post("/v1/audio/voices", status_code=201)
@@ -104,7 +106,7 @@ async def delete_voice(name: str, request: Request) -> dict:
     deleted = await asyncio.to_thread(state.voices.delete, _checked_name(name))
     if deleted is None:
         raise _not_found(name)
-    return {"id": deleted, "object": "voice.deleted", "deleted": True}
+    return {"id": deleted, "object": "audio.voice.deleted", "deleted": True}
 
 
 async def _stored(request: Request, name: str) -> Voice:
