@@ -33,7 +33,8 @@ STDIO = Path("-")  # TEXT and --text-file: read stdin; -o: write stdout
 SAMPLING_FLAGS = {"audio_temperature": "--temperature", "audio_top_p": "--top-p", "audio_top_k": "--top-k",
                   "audio_repetition_penalty": "--repetition-penalty", "seed": "--seed"}
 CODEC_FLAGS = {"n_quantizers": "--n-quantizers"}
-REQUEST_FLAGS = {"instructions": "--instructions", "reference_text": "--reference-text"}  # TEXT's, not --request's
+REQUEST_FLAGS = {"voice": "--voice", "instructions": "--instructions",  # TEXT's, not --request's
+                 "reference_text": "--reference-text"}
 SERVE_FLAGS = {"port": "--port", "max_input_chars": "--max-input-chars", "max_voice_seconds": "--max-voice-seconds",
                "request_timeout_s": "--request-timeout", "max_running": "--max-running", "max_queued": "--max-queued",
                "max_len": "--max-len", "max_sessions": "--max-sessions"}

@@ -46,7 +46,7 @@ class SpeechRequest:
     language: str | None = None
     task: str | None = None
     depth: int | None = None  # Local family: codebooks generated per frame (1..n_vq; None = all)
-    chunk_length: int | None = None  # Fish S2 Pro: UTF-8 bytes of speaker turns per text batch (None = 300)
+    chunk_length: int | None = None  # Fish S2 Pro: UTF-8 bytes of speaker turns per text batch (None = 200)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,6 +61,9 @@ class SpeechRequest:
             self.speakers = [_speaker(s, i) for i, s in enumerate(self.speakers)]
         for name in ("input", "reference_text", "instructions", "language", "task"):
             check_text(getattr(self, name), name)
+        for name in ("instructions", "language"):  # a blank one asks for nothing (OpenAI clients send instructions: "")
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                setattr(self, name, None)
         if self.mode is not None and self.mode not in MODES:
             raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.duration_tokens is not None and self.duration_seconds is not None:

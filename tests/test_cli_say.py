@@ -365,6 +365,11 @@ def test_flag_refusals_name_the_flag(delay_model_dirs, tmp_path: Path, capsys) -
     code, err = run(["say", "Hi.", "--model", FISH_DIR, "--instructions", "warm",
                      "--codes-out", tmp_path / "c.npy"], capsys)
     assert code == 2 and "error: --instructions is not used by Fish S2 Pro" in err, err
+    np.save(tmp_path / "v.npy", np.zeros((3, 32), dtype=np.int64))
+    code, err = run(["say", "[S1] Hi.", "--model", delay_model_dirs["tiny_nvq32"], "--task", "dialogue",
+                     "--voice", tmp_path / "v.npy", "--reference-text", "Hello.", "--codes-out", tmp_path / "c.npy"],
+                    capsys)
+    assert code == 2 and "error: --voice is not used by the dialogue task" in err, err
     code, err = run(["codec", "encode", AUDIO_DIR / "reference_zh.wav", "--codec", CODEC_DIR / "tiny",
                      "--n-quantizers", "999", "-o", tmp_path / "e.npy"], capsys)
     assert code == 2 and "error: --n-quantizers must be in 1..32, got 999" in err, err

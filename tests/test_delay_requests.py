@@ -219,7 +219,7 @@ V16 = np.zeros((3, 16), dtype=np.int64)
         ({"input": "  ", "speakers": [{"voice": None}]}, None, "input"),
         # voice design
         ({"input": "a"}, "voice_design", "needs instructions"),
-        ({"input": "a", "instructions": "  "}, None, "needs instructions"),
+        ({"input": "a", "instructions": "  "}, "voice_design", "needs instructions"),  # blank is none
         ({"input": "a", "instructions": "x", "mode": "continuation"}, None, "only generation"),
         ({"input": "a", "mode": "continuation"}, "sound_effect", "only generation"),
         # tts modes and voices
@@ -264,7 +264,7 @@ V16 = np.zeros((3, 16), dtype=np.int64)
         # tags as the normalizer leaves them: a format character inside does not hide one
         ({"input": "[S1] a [S\u200b6] b"}, "dialogue", r"input uses \[S6\]"),
         ({"input": "[S1] a [S\u200b2] b", "speakers": [{"voice": V16, "reference_text": "x"}]}, None,
-         r"input uses \[S2\].*its tags: \[S1\]\)"),
+         r"input uses \[S2\].*its tags: \[S1\]; speakers holds one entry per speaker, \{\} for one without a voice\)"),
         ({"input": "[S1] a [S2] b", "speakers": [{"voice": V16, "reference_text": "hi [S\u00ad2] yo"}, {}]}, None,
          r"speakers\[0\].reference_text is speaker 1's transcript but holds \[S2\]"),
         # a transcript that is its speaker's tag and nothing else
@@ -278,6 +278,15 @@ def test_bad_requests(request_fields, task, match):
     request = SpeechRequest(**request_fields)  # valid for every family; refused by the Delay mapping
     with pytest.raises(InvalidRequestError, match=match):
         delay_conversation(request, n_vq=16, audio_vocab_size=1024, task=task)
+
+
+def test_blank_instructions_and_language_ask_for_nothing():
+    """As the server reads an OpenAI client's `instructions: ""`; the library refused them on models without them."""
+    request = SpeechRequest(input="Hi.", instructions=" ", language="")
+    assert request.instructions is None and request.language is None
+    conversation, _ = delay_conversation(request, n_vq=16, audio_vocab_size=1024, task="sound_effect")
+    assert conversation == delay_conversation(SpeechRequest(input="Hi."), n_vq=16, audio_vocab_size=1024,
+                                              task="sound_effect")[0]
 
 
 def test_a_transcript_may_hold_its_own_tag():

@@ -237,11 +237,12 @@ def test_null_means_the_default(server):
     assert r.headers["content-type"] == "audio/mpeg"  # the default format, mp3
 
 
-@pytest.mark.parametrize("instructions", ["", " \n"])
-def test_blank_instructions_are_unset(server, instructions):
+@pytest.mark.parametrize("field", ["instructions", "language"])
+@pytest.mark.parametrize("blank", ["", " \n"])
+def test_blank_instructions_and_language_are_unset(server, field, blank):
     """OpenAI clients send instructions="" for none: the tts model refused it as an instruction it
-    does not use."""
-    r = server.post(SPEECH, json={"input": "hi", "instructions": instructions, "response_format": "wav"})
+    does not use. A blank language is none too, as the Python API reads both."""
+    r = server.post(SPEECH, json={"input": "hi", field: blank, "response_format": "wav"})
     assert r.status_code == 200, r.text
 
 

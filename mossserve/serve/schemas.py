@@ -93,7 +93,7 @@ def _voice_id(value: object) -> object:
 
 def _blank_is_unset(value: str) -> str | None:
     """OpenAI clients may send `instructions: ""`; it asks for nothing, so it is no instruction a model
-    without voice design must refuse."""
+    without voice design must refuse (as SpeechRequest reads a blank `instructions` or `language`)."""
     return value if value.strip() else None
 
 
@@ -128,7 +128,7 @@ class SpeechBody(Body):
     ref_audio: Annotated[str, Field(min_length=1)] | None = None
     ref_text: str | None = None
     speakers: Annotated[list[SpeakerBody], Field(min_length=1, max_length=MAX_SPEAKER_ENTRIES)] | None = None
-    language: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    language: Annotated[str, Field(max_length=32), AfterValidator(_blank_is_unset)] | None = None
     duration_seconds: Annotated[float, Field(gt=0, le=MAX_DURATION_SECONDS)] | None = None
     duration_tokens: Annotated[int, Field(gt=0, le=int(MAX_DURATION_SECONDS * FRAMES_PER_SECOND))] | None = None
     seed: Seed | None = None

@@ -140,7 +140,8 @@ def _dialogue(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> 
     if len(speakers) > MAX_SPEAKERS:
         raise InvalidRequestError(f"a dialogue has at most {MAX_SPEAKERS} speakers, got {len(speakers)}")
     limit = len(speakers) or MAX_SPEAKERS
-    if not _speaker_tags(_as_read(text, normalize), "input", limit):
+    hint = "; speakers holds one entry per speaker, {} for one without a voice" if limit < MAX_SPEAKERS else ""
+    if not _speaker_tags(_as_read(text, normalize), "input", limit, hint):
         raise InvalidRequestError("a dialogue needs speaker tags such as [S1], [S2] in input")
     transcripts = []
     for k, speaker in enumerate(speakers, 1):
@@ -161,17 +162,17 @@ def _dialogue(request: SpeechRequest, codes: "_VoiceCodes", normalize: bool) -> 
     return [user, build_assistant_message([prefix])], "continuation"
 
 
-def _speaker_tags(text: str, name: str, limit: int) -> set[int]:
+def _speaker_tags(text: str, name: str, limit: int, hint: str = "") -> set[int]:
     """The speakers `text` tags. A tag is [S1]..[S{limit}]; a look-alike ([S0], [S01], [s2], [S 2], ［S2］) or
-    a tag past the speakers is refused rather than read as text or as a speaker no one gave: the model knows
-    [S1]..[S5]."""
+    a tag past the speakers is refused (its message ending with `hint`) rather than read as text or as a
+    speaker no one gave: the model knows [S1]..[S5]."""
     tags = {f"[S{k}]": k for k in range(1, limit + 1)}
     used = set()
     for tag in _TAG_LIKE.findall(text):
         if tag not in tags:
             allowed = "[S1]" if limit == 1 else f"[S1]..[S{limit}]"
             raise InvalidRequestError(f"{name} uses {tag}, which is not a speaker tag of this dialogue "
-                                      f"(its tags: {allowed})")
+                                      f"(its tags: {allowed}{hint})")
         used.add(tags[tag])
     return used
 
