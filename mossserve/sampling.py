@@ -22,6 +22,9 @@ MIN_DIVISOR = 1e-3
 # Larger values would only overflow float32 arithmetic (logits / temperature, a top-k as a C int);
 # at 100 a temperature already flattens any logits a model gives to near-uniform.
 MAX_TEMPERATURE = 100.0
+# A repetition penalty multiplies negative logits: past this (the inverse of MIN_DIVISOR) it only drives
+# them toward float32's infinity, where a row of seen tokens becomes NaN.
+MAX_REPETITION_PENALTY = 1 / MIN_DIVISOR
 MAX_TOP_K = 2**31 - 1
 
 
@@ -104,5 +107,5 @@ class SamplingParams:
                 if f.name.endswith("top_k") and (v < 0 or int(v) != v or v > MAX_TOP_K):
                     raise InvalidRequestError(f"{f.name} must be a non-negative integer (0 = off) up to "
                                               f"{MAX_TOP_K}, got {v}")
-                if f.name.endswith("repetition_penalty") and v < MIN_DIVISOR:
-                    raise InvalidRequestError(f"{f.name} must be at least {MIN_DIVISOR}, got {v}")
+                if f.name.endswith("repetition_penalty") and not MIN_DIVISOR <= v <= MAX_REPETITION_PENALTY:
+                    raise InvalidRequestError(f"{f.name} must be in {MIN_DIVISOR}..{MAX_REPETITION_PENALTY:g}, got {v}")

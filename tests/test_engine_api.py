@@ -547,6 +547,14 @@ def test_numpy_numbers_are_numbers() -> None:
         SamplingParams(seed=np.bool_(True)).validate()
 
 
+def test_a_repetition_penalty_past_float32s_reach_is_refused() -> None:
+    """1e39 is finite in Python and infinite in the engine's float32 state: a row of seen tokens became NaN."""
+    SamplingParams(audio_repetition_penalty=1000).validate()
+    for value in (1e39, 1001):
+        with pytest.raises(InvalidRequestError, match=r"audio_repetition_penalty must be in 0.001..1000"):
+            SamplingParams(audio_repetition_penalty=value).validate()
+
+
 @pytest.mark.parametrize("config, message", [
     (dict(max_running="4"), "EngineConfig.max_running must be an integer >= 1, got '4'"),
     (dict(max_chunk_frames=0), "EngineConfig.max_chunk_frames must be an integer >= 1, got 0"),

@@ -167,6 +167,19 @@ def test_race_over_the_candidates_is_the_whole_race(seed: int, monkeypatch) -> N
                        sample(logits, temperature, top_k, top_p, noise=real(bits, torch.device("cpu"))))
 
 
+def test_a_row_of_nan_takes_its_top_candidate_not_an_id_past_the_vocabulary() -> None:
+    """A request whose logits were not finite gave id `vocab` (1025), whose lookup then failed every
+    request in the batch."""
+    logits, top_k, top_p, bits = candidates_case(2)
+    filtered, candidates = top_k_candidates(logits, top_k)
+    probs = torch.softmax(filtered, dim=-1)
+    probs[3] = float("nan")
+    got = race(probs, bits, candidates)
+    assert got[3] == candidates[3, 0]
+    others = torch.arange(len(logits)) != 3
+    assert torch.equal(got[others], torch.argmax(probs / noise_from_bits(bits, torch.device("cpu")), dim=-1)[others])
+
+
 def test_race_ties_and_zero_bits_as_the_whole_race() -> None:
     """Equal quotients go to the smaller index (candidates list it second), and a zero among the
     bits (a noise of -0.0: NaN and -inf quotients) sends the row to the whole race."""

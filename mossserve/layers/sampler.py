@@ -135,7 +135,10 @@ def race(probs: torch.Tensor, noise: torch.Tensor, candidates: torch.Tensor | No
         if candidates is not None and int(noise.numpy().min()) > 0:  # numpy's min: 4x torch's reduction here
             quotients = probs.gather(-1, candidates) / noise_from_bits(noise.gather(-1, candidates), probs.device)
             best = quotients.amax(dim=-1, keepdim=True)
-            return torch.where(quotients == best, candidates, probs.shape[-1]).amin(dim=-1)
+            winners = torch.where(quotients == best, candidates, probs.shape[-1]).amin(dim=-1)
+            # None equals the best only in a row of NaN (its logits were not finite): that row takes its top
+            # candidate, an id inside the vocabulary, so that it cannot break the rest of the batch.
+            return torch.where(winners < probs.shape[-1], winners, candidates[..., 0])
         noise = noise_from_bits(noise, probs.device)
     return argmax_rows(probs / noise)
 
