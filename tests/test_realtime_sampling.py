@@ -76,6 +76,16 @@ def test_history_counts_follow_the_window(window: int) -> None:
         assert torch.equal(state.counts[2] > 0, window_seen(history, window, 1027))
 
 
+def test_a_window_longer_than_any_turn_is_the_whole_history() -> None:
+    """A window of 3,000,000 grew every slot's frame ring to it (6 GB) for the engine's life; no turn has
+    more frames than the model has positions, so such a window is the whole history (0)."""
+    fam = realtime_family()
+    state = fam.new_state(3, torch.device("cpu"))
+    window = fam.backbone_config.max_position_embeddings
+    fam.admit(state, 2, Prompt(rows=np.zeros((1, 17), dtype=np.int64)), SamplingParams(audio_repetition_window=window))
+    assert state.window[2] == 0 and state.ring.shape[1] < window
+
+
 def test_window_must_be_a_non_negative_integer() -> None:
     for bad in (-1, 2.5, True):
         with pytest.raises(InvalidRequestError):

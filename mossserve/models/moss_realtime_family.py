@@ -231,6 +231,8 @@ class MossRealtimeFamily(TalkerFamily):
         state.ended[slot] = state.prefilled[slot] = not streaming
         state.texts[slot] = TextSegmentStream(self.tokenizer.encode) if streaming else None
         window = int(sampling.audio_repetition_window)
+        if window >= self.backbone_config.max_position_embeddings:  # longer than any turn: the whole history,
+            window = 0  # without a ring of that many frames for every slot
         if window > state.ring.shape[1]:
             state.ring = _grow(state.ring, 1, window, 0)
         state.window[slot] = window
