@@ -183,6 +183,17 @@ def test_encode_refuses_nan_and_infinite_audio(codec_models, bad):
             encode()
 
 
+def test_encode_refuses_audio_that_overflows_the_encoder(codec_models):
+    """Finite samples of 1e20 (a damaged float file) overflowed the encoder to NaN, which quantized
+    to codes of 0 without complaint."""
+    m = codec_models["tiny"]
+    wave = torch.full((1, 2000), 1e20)
+    for encode in (lambda: m.encode(wave), lambda: m.encode(wave, chunk_duration=m.config.context_duration),
+                   lambda: m.encode_batch([torch.zeros(1, 500), wave])):
+        with pytest.raises(InvalidRequestError, match="the codec's encoder overflowed on this audio"):
+            encode()
+
+
 # --------------------------------------------------------------------- intermediates (README 4g)
 
 

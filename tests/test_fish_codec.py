@@ -186,6 +186,7 @@ def test_bad_codes(codec, codes, message) -> None:
     (torch.tensor([0.1, float("nan"), 0.2]), r"invalid samples \(NaN or infinity\)"),
     (torch.tensor([0.1, float("-inf")]), r"invalid samples \(NaN or infinity\)"),
     (torch.tensor([1e39], dtype=torch.float64), r"invalid samples \(NaN or infinity\)"),  # inf in float32
+    (torch.full((4096,), 1e38), "the codec's encoder overflowed on this audio"),  # finite, but far past [-1, 1]
 ])
 def test_bad_audio(codec, wave, message) -> None:
     with pytest.raises(InvalidRequestError, match=message):

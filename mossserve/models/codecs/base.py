@@ -61,6 +61,15 @@ class Codec(Protocol):
         """A multi-stream decoder for at most max_streams streams and chunks of max_chunk_frames."""
 
 
+def finite_latents(latents: torch.Tensor) -> torch.Tensor:
+    """`latents` itself, or a clear error: an encoder that overflowed (finite samples far outside
+    [-1, 1]) gives NaN, which the quantizer turns into codes of 0 without complaint."""
+    if not bool(torch.isfinite(latents).all()):
+        raise InvalidRequestError("the codec's encoder overflowed on this audio: its samples lie far outside "
+                                  "[-1, 1] (a damaged float file?)")
+    return latents
+
+
 def finite_audio(wave: torch.Tensor) -> torch.Tensor:
     """`wave` itself, or a clear error: an encoder turns NaN or infinite samples into codes
     without complaint (the same check as load_audio's, for audio that did not come through it)."""

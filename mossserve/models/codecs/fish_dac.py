@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from ...errors import InvalidRequestError
-from .base import finite_audio
+from .base import finite_audio, finite_latents
 from .fish_dac_config import FishDacConfig, WindowTransformerConfig
 from .fish_dac_modules import CausalConv, Sequence, Snake, Streamable, StreamStep, decoder_block, encoder_block
 from .fish_dac_quantizer import DownsampleQuantizer
@@ -109,7 +109,7 @@ class FishDac(nn.Module):
         k = self.quantizers_to_use(n_quantizers)
         clips = [self._as_clip(w)[0] for w in waves]
         lengths = torch.tensor([-(-c.shape[0] // self.samples_per_frame) for c in clips], device=self.device)
-        z = self.quantizer.prequant(self.encoder(self._padded(clips)))
+        z = self.quantizer.prequant(finite_latents(self.encoder(self._padded(clips))))
         return EncodeOutput(self.quantizer.encode(z, k).transpose(0, 1), lengths, z.float())
 
     @torch.inference_mode()

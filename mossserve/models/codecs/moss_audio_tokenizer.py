@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import InvalidRequestError
-from .base import finite_audio
+from .base import finite_audio, finite_latents
 from .moss_audio_tokenizer_config import MossAudioTokenizerConfig, PatchSpec
 from .moss_quantizer import ResidualQuantizer
 from .moss_transformer import Patch, ProjectedTransformer, StageState
@@ -102,6 +102,7 @@ class MossAudioTokenizer(nn.Module):
         h, h_lengths = self._to_stream(x.to(self.device), lengths.to(self.device))
         for stage in self.encoder:
             h, h_lengths = stage(h, h_lengths)
+        finite_latents(h)
         return EncodeOutput(self.quantizer.encode(h, h_lengths, n_q), h_lengths, h.float())
 
     @torch.inference_mode()
@@ -122,6 +123,7 @@ class MossAudioTokenizer(nn.Module):
             n = torch.tensor([x.shape[-1]], device=self.device)
             h, h_len = self._to_stream(x, n)
             h, h_len = self._run_streaming(self.encoder, h, h_len, states, ring=True, all_real=True)
+            finite_latents(h)
             frames = int(h_len[0])
             codes.append(self.quantizer.encode(h, h_len, n_q)[:, :, :frames])
             hidden.append(h[:, :, :frames].float())
