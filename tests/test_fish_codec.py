@@ -86,6 +86,18 @@ def test_decode_generated_codes(codec, case) -> None:
     assert torch.equal(codes, before)
 
 
+def test_long_encode_runs_in_chunks(codec, wav, codes, monkeypatch) -> None:
+    """Past ENCODE_CHUNK_FRAMES the encode streams internally (its memory grew with the audio: ~65 MB a
+    second for the published codec): the goldens' codes and quantizer input, alone and in a batch."""
+    whole = codec.encode_batch([wav, wav[:100_000]])
+    monkeypatch.setattr("mossserve.models.codecs.fish_dac.ENCODE_CHUNK_FRAMES", 40)  # 143 frames: 40, 40, 40, 23
+    robust = ENCODE["vq_margin"].min(axis=0) >= 1e-4
+    assert np.array_equal(codec.encode(wav).numpy()[:, robust], ENCODE["codes"][:, robust])
+    np.testing.assert_allclose(codec.encode_batch([wav]).hidden[0].numpy(), ENCODE["prequant"], rtol=0, atol=LATENT_ATOL)
+    chunked = codec.encode_batch([wav, wav[:100_000]])
+    assert torch.equal(chunked.codes, whole.codes) and torch.equal(chunked.lengths, whole.lengths)
+
+
 def test_long_decode_runs_in_chunks(codec, monkeypatch) -> None:
     """Past DECODE_CHUNK_FRAMES the offline decode streams internally: the same waveform."""
     monkeypatch.setattr("mossserve.models.codecs.fish_dac.DECODE_CHUNK_FRAMES", 40)

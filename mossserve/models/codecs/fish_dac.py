@@ -5,7 +5,8 @@ transformer in the last block) -> quantizer (downsample x4, pre transformer, sem
 residual codebooks) -> codes (10, F). Codes -> clamp -> summed code embeddings -> post
 transformer -> upsample x4 -> decoder (transposed convs, residual units) -> tanh -> 2048 F
 samples. Every stage is causal, so `streaming_decoder()` decodes chunk by chunk with carried
-state and equals the offline decode (fish_dac_streaming.py).
+state and equals the offline decode (fish_dac_streaming.py), and long inputs encode and decode
+in chunks the same way.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .fish_dac_transformer import WindowTransformer
 from .moss_audio_tokenizer import EncodeOutput
 
 DECODE_CHUNK_FRAMES = 256  # offline decodes longer than this (~12 s) go through the streaming step
+ENCODE_CHUNK_FRAMES = 256  # and encodes: the encoder's 44.1 kHz layers hold ~65 MB per second of audio
 
 
 class Encoder(nn.Module):
@@ -40,8 +42,8 @@ class Encoder(nn.Module):
             blocks.append(encoder_block(width, stride, transformer))
         self.block = Sequence(CausalConv(1, config.encoder_dim, 7), *blocks, Snake(width), CausalConv(width, width, 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+    def forward(self, x: torch.Tensor, step: StreamStep | None = None) -> torch.Tensor:
+        return self.block(x, step)
 
 
 class Decoder(nn.Module):
@@ -109,8 +111,24 @@ class FishDac(nn.Module):
         k = self.quantizers_to_use(n_quantizers)
         clips = [self._as_clip(w)[0] for w in waves]
         lengths = torch.tensor([-(-c.shape[0] // self.samples_per_frame) for c in clips], device=self.device)
-        z = self.quantizer.prequant(finite_latents(self.encoder(self._padded(clips))))
+        z = self._prequant(self._padded(clips))
         return EncodeOutput(self.quantizer.encode(z, k).transpose(0, 1), lengths, z.float())
+
+    def _prequant(self, x: torch.Tensor) -> torch.Tensor:
+        """Padded audio (B, 1, N), whole frames -> the quantizer's input (B, latent, frames). Inputs
+        longer than ENCODE_CHUNK_FRAMES run through the streaming step in chunks of that many frames
+        (every stage is causal: the same result up to float rounding, with activations bounded)."""
+        chunk = ENCODE_CHUNK_FRAMES * self.samples_per_frame
+        if x.shape[-1] <= chunk:
+            return self.quantizer.prequant(finite_latents(self.encoder(x)))
+        state = self._zero_state(x.shape[0], (self.encoder, self.quantizer.downsample, self.quantizer.pre_module))
+        pieces = []
+        for start in range(0, x.shape[-1], chunk):
+            piece = x[:, :, start: start + chunk]
+            frames = piece.shape[-1] // self.samples_per_frame
+            step = StreamStep(torch.full((x.shape[0],), frames, device=self.device), frames, state)
+            pieces.append(self.quantizer.prequant(finite_latents(self.encoder(piece, step)), step))
+        return torch.cat(pieces, dim=-1)
 
     @torch.inference_mode()
     def encoder_out(self, wave: torch.Tensor) -> torch.Tensor:
@@ -171,8 +189,11 @@ class FishDac(nn.Module):
 
     def stream_state(self, batch: int) -> dict[str, torch.Tensor]:
         """Zero streaming state of `batch` rows for the decode path."""
+        return self._zero_state(batch, (self.quantizer.post_module, self.quantizer.upsample, self.decoder))
+
+    def _zero_state(self, batch: int, parts: tuple[nn.Module, ...]) -> dict[str, torch.Tensor]:
         state = {}
-        for part in (self.quantizer.post_module, self.quantizer.upsample, self.decoder):
+        for part in parts:
             for module in part.modules():
                 if isinstance(module, Streamable):
                     for key, (shape, dtype) in module.state_shapes().items():

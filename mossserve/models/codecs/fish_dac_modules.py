@@ -1,7 +1,7 @@
 """The modded DAC's convolutional building blocks, offline and streaming (fixture README 8.1).
 
-Every block is causal, so a decoder can run chunk by chunk if each convolution keeps the last
-inputs it needs as left context. Streaming blocks read and write that context in a `StreamStep`:
+Every block is causal, so the encoder and decoder can run chunk by chunk if each convolution keeps
+the last inputs it needs as left context. Streaming blocks read and write that context in a `StreamStep`:
 one dict of per-row state tensors (batch first) for a whole decode path, keyed by module name,
 which the multi-stream decoder gathers and scatters by row. Chunks of one call may differ in
 length (right-padded to the longest): causality keeps padding out of real outputs, and each
@@ -70,8 +70,7 @@ class CausalConv(Streamable):
         self.pad = (kernel - 1) * dilation + 1 - stride
 
     def state_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-        if self.stride != 1:
-            return {}  # strided convolutions sit in the encoder only, which does not stream
+        # A strided one (the encoder's) streams chunks of whole stride windows, as whole frames are.
         return {self.key: ((self.conv.in_channels, self.pad), None)} if self.pad else {}
 
     def forward(self, x: torch.Tensor, step: StreamStep | None = None) -> torch.Tensor:

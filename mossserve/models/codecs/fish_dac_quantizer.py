@@ -67,9 +67,10 @@ class DownsampleQuantizer(nn.Module):
     def stages(self) -> list[VectorQuantizer]:
         return [*self.semantic_quantizer.quantizers, *self.quantizer.quantizers]
 
-    def prequant(self, z: torch.Tensor) -> torch.Tensor:
-        """Encoder output (B, latent, T) -> the quantizer's input (B, latent, T / 4)."""
-        return self.pre_module(self.downsample(z))
+    def prequant(self, z: torch.Tensor, step: StreamStep | None = None) -> torch.Tensor:
+        """Encoder output (B, latent, T) -> the quantizer's input (B, latent, T / 4); offline or one
+        streaming chunk."""
+        return self.pre_module(self.downsample(z, step), step)
 
     def encode(self, z: torch.Tensor, n_quantizers: int) -> torch.Tensor:
         """Quantizer input (B, latent, F) -> codes (B, n_quantizers, F)."""
