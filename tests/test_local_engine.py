@@ -124,6 +124,20 @@ def test_speech_request_with_depth(tts) -> None:
     assert shallow.shape[1] == 8 and np.array_equal(shallow, tts.generate([prompt], SamplingParams.greedy())[0].frames)
 
 
+def test_every_chunk_of_a_reduced_depth_holds_k_codebooks(tts) -> None:
+    """The final chunk (and an empty Generation) said n_vq wide at depth K: a stream's codes did not join."""
+    request = SpeechRequest(input="Hello world", depth=8)
+    chunks = list(tts.stream(request, SamplingParams.greedy()))
+    assert len(chunks) > 1 and {c.codes.shape[1] for c in chunks} == {8}
+    assert np.array_equal(np.concatenate([c.codes for c in chunks]), tts.generate_codes(request, SamplingParams.greedy()))
+    ended = []
+    handle = tts.engine.add_request(tts.prompt(request), SamplingParams.greedy(), ended.append)
+    tts.engine.abort(handle.id)  # before its first frame
+    tts.engine.wait_idle()
+    final = next(c for c in ended if c.final)
+    assert final.codes.shape == (0, 8) and final.generation.frames.shape == (0, 8)
+
+
 def test_a_prompt_at_a_reduced_depth_is_checked_below_it_and_skipped_above_it(tts) -> None:
     """The engine checks prompts it is given; a depth-K prompt holds SKIPPED above channel K."""
     from mossserve.errors import InvalidRequestError

@@ -638,11 +638,11 @@ class Engine:
             self._live.pop(request.id, None)
             self._lock.notify()  # room for a request the codec's backlog held back
             self.counts[{"aborted": "aborted", "error": "failed"}.get(request.finish_reason, "finished")] += 1
-        n = len(request.frames)
+        n, width = len(request.frames), frame_width(request) or self.family.codebooks  # a reduced depth's K
         request.emit(AudioChunk(request.id, None, self.family.sample_rate, n, n,
-                                np.zeros((0, self.family.codebooks), dtype=np.int64), final=True,
+                                np.zeros((0, width), dtype=np.int64), final=True,
                                 finish_reason=request.finish_reason, error=error, refusal=request.refusal,
-                                generation=request.generation(self.family.codebooks, self.family.columns)))
+                                generation=request.generation(width, self.family.columns)))
 
 
 def _message(error: Exception) -> str:
