@@ -322,6 +322,11 @@ def test_a_text_too_long_for_the_engine_says_what_to_do(tmp_path: Path, capsys) 
                      tmp_path / "c.npy"], capsys)
     assert code == 2 and "this engine allows 64" in err, err
     assert "split the text (--batch takes one request per line" in err and "raise --max-len" in err
+    assert "voice" not in err
+    np.save(tmp_path / "long_voice.npy", np.zeros((80, 32), dtype=np.int64))  # the voice is what does not fit
+    code, err = run(["say", "Hi.", "--voice", tmp_path / "long_voice.npy", "--max-len", "64", "--codes-out",
+                     tmp_path / "c.npy"], capsys)
+    assert code == 2 and "this engine allows 64" in err and "use a shorter voice reference" in err, err
 
 
 def test_a_reader_that_quits_stops_the_audio_quietly() -> None:
