@@ -162,6 +162,15 @@ def test_what_was_written_is_sent_without_waiting_for_close(format):
     encoder.close()
 
 
+def test_a_streamed_flacs_first_small_chunk_is_audio_not_only_its_header():
+    """Two Fish frames (4096 samples at 44.1 kHz) sent only the header: FFmpeg's 4608-sample block held them."""
+    encoder = StreamEncoder("flac", 44100)
+    assert not encoder.audio_out
+    sent = encoder.write(tone(44100)[0, :4096])
+    assert encoder.audio_out and decode_ffmpeg(sent)[0].shape[1] >= 3 * 1152
+    encoder.close()
+
+
 def test_unknown_stream_format_names_the_supported_ones():
     with pytest.raises(AudioError, match="unknown audio format 'm4a'.*wav, pcm, flac, mp3, opus, aac"):
         StreamEncoder("m4a", 24000)

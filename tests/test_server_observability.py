@@ -373,6 +373,40 @@ def test_time_to_first_audio_of_a_stream_ends_at_its_first_bytes(server_app, mon
     assert ttfa(app.state.server.metrics) == (1.0, 2.0)
 
 
+def test_time_to_first_audio_of_a_stream_does_not_end_at_a_header(server_app, monkeypatch) -> None:
+    """A container's header alone (flac's, sent before its first block was full) ended the clock."""
+    import mossserve.serve.metrics as metrics_module
+    import mossserve.serve.speech as speech
+
+    clock = FakeClock()
+
+    class HeaderFirstEncoder(speech.StreamEncoder):
+        """Its first chunk gives bytes that hold no audio yet; each chunk takes it a (fake) second."""
+
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self.writes = 0
+
+        def write(self, audio) -> bytes:
+            clock.now += 1.0
+            self.writes += 1
+            return super().write(audio)
+
+        @property
+        def audio_out(self) -> bool:
+            return self.writes > 1
+
+    monkeypatch.setattr(metrics_module, "time", clock)
+    monkeypatch.setattr(speech, "StreamEncoder", HeaderFirstEncoder)
+    app = server_app()
+    body = {"input": TEXT, "response_format": "pcm", "stream": True, "initial_chunk_frames": 1}
+    with TestClient(app) as client:
+        response = client.post(SPEECH, json=body)
+    assert response.status_code == 200 and response.content
+    assert clock.now >= 2
+    assert ttfa(app.state.server.metrics) == (1.0, 2.0)
+
+
 def test_a_stream_cut_short_counts_the_audio_it_sent(demo_tts, server_app, gate) -> None:
     """A stream that timed out (or whose client left) counted none of the audio it had sent."""
     app = server_app(request_timeout_s=0.5)

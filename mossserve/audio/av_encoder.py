@@ -18,7 +18,9 @@ encoder's 1024-sample priming, fewer samples make two frames, which it often tak
 format and refuses.
 
 What stays inside the encoders between writes: under 20 ms for opus (plus the page above), one
-flac block (2304 samples at 24 kHz), and about 3000 samples inside LAME for mp3 (0.13 s at 24 kHz).
+flac block (1152 samples when streamed, 26 ms at 44.1 kHz: FFmpeg's default block, 4608 samples at
+44.1 kHz, was more than a first chunk of two Fish frames, which then sent only the header), and about
+3000 samples inside LAME for mp3 (0.13 s at 24 kHz).
 """
 
 import io
@@ -41,6 +43,7 @@ _CODECS = {
 }
 _LAYOUTS = {1: "mono", 2: "stereo"}
 _AAC_MIN_SAMPLES = 1025  # with the encoder's 1024 samples of priming: three ADTS frames
+_FLAC_STREAM_BLOCK = 1152  # samples per flac block of a stream (see above)
 
 
 class _Pipe:
@@ -79,12 +82,15 @@ class AVEncoder:
         if format == "opus" and not seekable:
             options["page_duration"] = "20000"  # µs: one 20 ms packet per page
         self._container = av.open(self._out, mode="w", format=container_format, container_options=options)
-        self._stream = self._container.add_stream(codec, rate=self.sample_rate, layout=_LAYOUTS[channels])
+        codec_options = {"frame_size": str(_FLAC_STREAM_BLOCK)} if format == "flac" and not seekable else None
+        self._stream = self._container.add_stream(codec, rate=self.sample_rate, layout=_LAYOUTS[channels],
+                                                  options=codec_options)
         self._stream.codec_context.format = self._sample_format
         if bit_rate:
             self._stream.codec_context.bit_rate = bit_rate * channels
         self._container.start_encoding()  # headers now, so even an empty stream is a valid file
         self._pts = 0
+        self.packets = 0  # audio packets muxed: until there is one, what was written is headers only
 
     def write(self, chunk: np.ndarray) -> bytes:
         """Encode `(channels, n)` or `(n,)`; return the bytes the muxer has written so far."""
@@ -126,6 +132,7 @@ class AVEncoder:
     def _mux(self, packets) -> None:
         for packet in packets:
             self._container.mux(packet)
+            self.packets += 1
 
     def _take(self) -> bytes:
         # A seekable buffer is only read at close: the muxer may still go back and patch headers.

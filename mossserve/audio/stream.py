@@ -55,6 +55,11 @@ class StreamEncoder:
         data, self._pending = self._pending + to_s16(x).T.astype("<i2").tobytes(), b""
         return data
 
+    @property
+    def audio_out(self) -> bool:
+        """Whether the bytes written so far hold audio, not only a container's headers."""
+        return self._encoder is None or self._encoder.packets > 0
+
     def close(self) -> bytes:
         """The tail of the file (the wav header too, when nothing was written)."""
         if self._encoder is not None:

@@ -76,10 +76,11 @@ class StreamClock:
         self.first: float | None = None
         self.audio_s = 0.0
 
-    def sent(self, data: bytes, seconds: float) -> None:
-        """`data` goes to the client now, with `seconds` more audio in it or held by its encoder."""
+    def sent(self, data: bytes, seconds: float, audible: bool = True) -> None:
+        """`data` goes to the client now, with `seconds` more audio in it or held by its encoder;
+        `audible`: whether what was sent so far holds audio (a container's headers alone do not)."""
         now = time.perf_counter()
-        if data and self.first is None:
+        if data and audible and self.first is None:
             self.first = now
             self.metrics.ttfa.observe(now - self.start)
         elif seconds and self.first is not None and self.streamed and now - self.first > self.audio_s:

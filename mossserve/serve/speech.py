@@ -298,11 +298,11 @@ class Run:
             encoder = encoder or StreamEncoder(self.format, chunk.sample_rate, self.state.tts.codec.channels)
             if chunk.audio is not None and chunk.audio.shape[-1]:
                 data = await asyncio.to_thread(encoder.write, chunk.audio)
-                self.clock.sent(data, chunk.audio.shape[-1] / chunk.sample_rate)
+                self.clock.sent(data, chunk.audio.shape[-1] / chunk.sample_rate, encoder.audio_out)
                 if data:
                     yield data
         if encoder is not None and (tail := await asyncio.to_thread(encoder.close)):
-            self.clock.sent(tail, 0.0)
+            self.clock.sent(tail, 0.0, encoder.audio_out)
             yield tail
 
     async def sse(self):
