@@ -171,6 +171,17 @@ def test_a_streamed_flacs_first_small_chunk_is_audio_not_only_its_header():
     encoder.close()
 
 
+def test_an_ogg_page_held_back_is_not_audio_out():
+    """ogg keeps its newest page back: a first 20 ms chunk sends only the two header pages, though the
+    muxer has its packet (audio_out counted packets and said True)."""
+    encoder = StreamEncoder("opus", 24000)
+    first = encoder.write(tone(24000)[0, :480])
+    assert first and not encoder.audio_out
+    encoder.write(tone(24000)[0, 480:2400])
+    assert encoder.audio_out
+    encoder.close()
+
+
 def test_unknown_stream_format_names_the_supported_ones():
     with pytest.raises(AudioError, match="unknown audio format 'm4a'.*wav, pcm, flac, mp3, opus, aac"):
         StreamEncoder("m4a", 24000)

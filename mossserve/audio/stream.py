@@ -58,7 +58,7 @@ class StreamEncoder:
     @property
     def audio_out(self) -> bool:
         """Whether the bytes written so far hold audio, not only a container's headers."""
-        return self._encoder is None or self._encoder.packets > 0
+        return self._encoder is None or self._encoder.audio_out
 
     def close(self) -> bytes:
         """The tail of the file (the wav header too, when nothing was written)."""
