@@ -532,9 +532,12 @@ def say_one(tts, args: argparse.Namespace, request: SpeechRequest | None) -> int
                                     decode_audio=args.output is not None, on_chunk=on_chunk)[0]
     except PromptTooLongError as e:  # with what the user can do about it
         voiced = request is not None and (request.voice is not None or request.speakers is not None)
-        shorter = ", use a shorter voice reference" if voiced else ""
-        raise PromptTooLongError(f"{e}; split the text (--batch takes one request per line, e.g. one per paragraph)"
-                                 f"{shorter} or raise --max-len (up to the model's own limit)") from None
+        if getattr(args, "conversation", None) is not None:
+            shorten = "shorten the conversation or its voice references"
+        else:
+            shorten = ("split the text (--batch takes one request per line, e.g. one per paragraph)"
+                       + (", use a shorter voice reference" if voiced else ""))
+        raise PromptTooLongError(f"{e}; {shorten} or raise --max-len (up to the model's own limit)") from None
     progress.close()
     frames = generation.frames
     ended = ending(generation)

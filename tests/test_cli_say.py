@@ -327,6 +327,11 @@ def test_a_text_too_long_for_the_engine_says_what_to_do(tmp_path: Path, capsys) 
     code, err = run(["say", "Hi.", "--voice", tmp_path / "long_voice.npy", "--max-len", "64", "--codes-out",
                      tmp_path / "c.npy"], capsys)
     assert code == 2 and "this engine allows 64" in err and "use a shorter voice reference" in err, err
+    conversation = [{"role": "user", "text": "Hi.", "reference": [str(tmp_path / "long_voice.npy")]}]
+    (tmp_path / "conv.json").write_text(json.dumps(conversation), encoding="utf-8")
+    code, err = run(["say", "--conversation", tmp_path / "conv.json", "--max-len", "64", "--codes-out",
+                     tmp_path / "c.npy"], capsys)
+    assert code == 2 and "shorten the conversation or its voice references" in err and "--batch" not in err, err
 
 
 def test_a_reader_that_quits_stops_the_audio_quietly() -> None:
