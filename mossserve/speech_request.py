@@ -46,7 +46,7 @@ class SpeechRequest:
     language: str | None = None
     task: str | None = None
     depth: int | None = None  # Local family: codebooks generated per frame (1..n_vq; None = all)
-    chunk_length: int | None = None  # Fish S2 Pro: UTF-8 bytes of speaker turns per text batch (None = 200)
+    chunk_length: int | None = None  # Fish S2 Pro: UTF-8 bytes of speaker turns per text batch (None = 300)
 
     def __post_init__(self) -> None:
         self.validate()

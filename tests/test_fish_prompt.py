@@ -149,10 +149,10 @@ def test_request_chunk_length_batches(builder: FishPromptBuilder) -> None:
         [b["batch_text"] for b in PROMPTS["multi_speaker_one_batch"]["batches"]]
 
 
-def test_default_chunk_length_is_the_reference_servers(builder: FishPromptBuilder) -> None:
-    """200 bytes (README 7.4, the HTTP request model), with the server's sampling defaults; not the CLI's 300."""
-    turns = [f"<|speaker:{i % 2}|>" + "x" * 72 for i in range(3)]  # 85 bytes each: 255 in all
-    assert builder.plan(SpeechRequest(input="".join(turns))).batches == ["\n".join(turns[:2]), turns[2]]
+def test_default_chunk_length_is_the_reference_clis() -> None:
+    """300 bytes (README 7.4, the CLI's; CONTRACTS.md), not its HTTP request model's 200."""
+    turns = [f"<|speaker:{i % 2}|>" + "x" * 72 for i in range(4)]  # 85 bytes each: 255 fit, 340 do not
+    assert batch_texts("".join(turns)) == ["\n".join(turns[:3]), turns[3]]
 
 
 # ---- turns and batches ---------------------------------------------------------------------

@@ -80,7 +80,7 @@ class FishPromptBuilder:
     # ---- plans ---------------------------------------------------------------------------
     def plan(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> FishPlan:
         """A `SpeechRequest` as a plan: `input` (may hold `<|speaker:N|>` tags), `voice` +
-        `reference_text` (one reference) or `speakers` (several), `chunk_length` (default 200).
+        `reference_text` (one reference) or `speakers` (several), `chunk_length` (default 300).
         Voices are codes (F, N) or audio paths that `encode_voice` (the codec) turns into codes."""
         _reject_unused(request)
         if request.input is None or not request.input.strip():

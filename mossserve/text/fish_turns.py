@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 
 SPEAKER_TAG = re.compile(r"<\|speaker:\d+\|>")
-# Bytes per batch: the reference server's default, as its sampling defaults are ours (its CLI's is 300).
-DEFAULT_CHUNK_LENGTH = 200
+# Bytes per batch: the reference CLI's default, which CONTRACTS.md fixes for `say` (its server's is 200).
+DEFAULT_CHUNK_LENGTH = 300
 MAX_TURNS_PER_BATCH = 5  # the reference's generate_long overrides its helper's default of 3
 
 
