@@ -337,9 +337,25 @@ def test_time_to_first_audio_of_a_whole_response_ends_when_its_body_is_sent(serv
     assert ttfa(app.state.server.metrics) == (1.0, 1.0)
 
 
+def stream_ttfa(server_app, monkeypatch, clock: FakeClock, encoder: type) -> tuple[float, float]:
+    """(count, sum) of time to first audio for one pcm stream of a frame a chunk through `encoder`, whose
+    writes each take a (fake) second of `clock`."""
+    import mossserve.serve.metrics as metrics_module
+    import mossserve.serve.speech as speech
+
+    monkeypatch.setattr(metrics_module, "time", clock)
+    monkeypatch.setattr(speech, "StreamEncoder", encoder)
+    app = server_app()
+    body = {"input": TEXT, "response_format": "pcm", "stream": True, "initial_chunk_frames": 1}
+    with TestClient(app) as client:
+        response = client.post(SPEECH, json=body)
+    assert response.status_code == 200 and response.content
+    assert clock.now >= 2  # a chunk came after the first
+    return ttfa(app.state.server.metrics)
+
+
 def test_time_to_first_audio_of_a_stream_ends_at_its_first_bytes(server_app, monkeypatch) -> None:
     """An encoder that holds audio back (AAC does) delays the first bytes past the first chunk."""
-    import mossserve.serve.metrics as metrics_module
     import mossserve.serve.speech as speech
 
     clock = FakeClock()
@@ -362,20 +378,11 @@ def test_time_to_first_audio_of_a_stream_ends_at_its_first_bytes(server_app, mon
             data, self.held = self.held + data, None
             return data
 
-    monkeypatch.setattr(metrics_module, "time", clock)
-    monkeypatch.setattr(speech, "StreamEncoder", HoldingEncoder)
-    app = server_app()
-    body = {"input": TEXT, "response_format": "pcm", "stream": True, "initial_chunk_frames": 1}
-    with TestClient(app) as client:
-        response = client.post(SPEECH, json=body)
-    assert response.status_code == 200 and response.content
-    assert clock.now >= 2  # a chunk came after the one held back
-    assert ttfa(app.state.server.metrics) == (1.0, 2.0)
+    assert stream_ttfa(server_app, monkeypatch, clock, HoldingEncoder) == (1.0, 2.0)
 
 
 def test_time_to_first_audio_of_a_stream_does_not_end_at_a_header(server_app, monkeypatch) -> None:
     """A container's header alone (flac's, sent before its first block was full) ended the clock."""
-    import mossserve.serve.metrics as metrics_module
     import mossserve.serve.speech as speech
 
     clock = FakeClock()
@@ -396,15 +403,7 @@ def test_time_to_first_audio_of_a_stream_does_not_end_at_a_header(server_app, mo
         def audio_out(self) -> bool:
             return self.writes > 1
 
-    monkeypatch.setattr(metrics_module, "time", clock)
-    monkeypatch.setattr(speech, "StreamEncoder", HeaderFirstEncoder)
-    app = server_app()
-    body = {"input": TEXT, "response_format": "pcm", "stream": True, "initial_chunk_frames": 1}
-    with TestClient(app) as client:
-        response = client.post(SPEECH, json=body)
-    assert response.status_code == 200 and response.content
-    assert clock.now >= 2
-    assert ttfa(app.state.server.metrics) == (1.0, 2.0)
+    assert stream_ttfa(server_app, monkeypatch, clock, HeaderFirstEncoder) == (1.0, 2.0)
 
 
 def test_a_stream_cut_short_counts_the_audio_it_sent(demo_tts, server_app, gate) -> None:
