@@ -665,6 +665,9 @@ def _chunk_seconds(chunk) -> float:
 
 
 def sampling_from_args(tts, args: argparse.Namespace):
+    if args.greedy and args.repetition_penalty is not None and not tts.talker.greedy_penalty:
+        raise InvalidRequestError(f"--repetition-penalty has no effect with --greedy on a {tts.talker.name} model "
+                                  "(its greedy decoding applies no penalty, as the reference's)")
     with flags_named(SAMPLING_FLAGS):
         sampling = tts.sampling(args.greedy, **sampling_overrides(args))
         tts.talker.check_sampling(sampling)  # the model's own rules (Fish: no repetition penalty), as flags

@@ -127,6 +127,16 @@ def test_depth_out_of_range_is_a_clear_error(model: Path, tmp_path: Path, capsys
     assert code == 2 and "depth must be an integer in 1..32" in err
 
 
+def test_a_repetition_penalty_with_greedy_is_refused_on_local(model: Path, tmp_path: Path, capsys) -> None:
+    """Local's greedy decoding applies no penalty (as the reference's): the flag ran and was ignored."""
+    code, err = run(["say", "Hello.", "--model", model, "--greedy", "--repetition-penalty", "3.0",
+                     "--codes-out", tmp_path / "c.npy"], capsys)
+    assert code == 2 and "--repetition-penalty has no effect with --greedy on a local model" in err, err
+    code, err = run(["say", "Hello.", "--model", model, "--repetition-penalty", "3.0", "--max-frames", "2",
+                     "--codes-out", tmp_path / "c.npy"], capsys)
+    assert code == 0, err  # sampled, the penalty applies
+
+
 def test_depth_on_a_delay_model_is_refused(delay_model_dirs, tmp_path: Path, capsys) -> None:
     code, err = run(["say", "Hello.", "--model", delay_model_dirs["tiny_nvq16"], "--depth", "4",
                      "--codes-out", tmp_path / "c.npy"], capsys)

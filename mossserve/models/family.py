@@ -84,6 +84,7 @@ class TalkerFamily(ABC):
     normalizes_reference_loudness: ClassVar[bool] = True  # the MOSS processors bring a reference to -20 dBFS
     reserved_text: ClassVar[tuple[str, ...]] = ()  # markers the prompt builder reads in text (`check_typed`)
     repetition_window: ClassVar[bool] = False  # the penalty's history can be limited (audio_repetition_window)
+    greedy_penalty: ClassVar[bool] = True  # greedy decoding still applies the repetition penalty (not Local's)
     model: nn.Module
     backbone_config: Qwen3Config  # sizes of the KV cache
     columns: int  # width of a prompt row: text column + one per codebook

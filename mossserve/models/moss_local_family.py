@@ -57,6 +57,7 @@ class LocalState:
 class MossLocalFamily(TalkerFamily):
     name = "local"
     reserved_text = (AUDIO_PLACEHOLDER,)
+    greedy_penalty = False  # upstream's greedy mode runs no logits processor at all
 
     def __init__(self, model: MossLocalModel, tokenizer, sampling_defaults: SamplingParams | None = None,
                  max_new_frames: int = 4096) -> None:
