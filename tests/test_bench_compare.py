@@ -64,6 +64,18 @@ def test_the_first_divergence_is_reported(tmp_path: Path) -> None:
     assert result["first_divergence"]["reference"] == result["first_divergence"]["mossserve"] + 1
 
 
+def test_rows_of_another_length_report_the_step_where_they_part(tmp_path: Path) -> None:
+    """CONTRACTS.md: first_divergence is (request, step); rows of another shape gave no step."""
+    root = upstream_dir(tmp_path)
+    with np.load(root / "upstream_generation.npz") as data:
+        rows = {k: data[k].copy() for k in data.files}
+    rows["01"] = rows["01"][:2]  # the reference stopped after two steps; mossserve runs all of them
+    np.savez(root / "upstream_generation.npz", **rows)
+    divergence = run_compare_upstream(root)["first_divergence"]
+    assert (divergence["request"], divergence["step"], divergence["column"]) == (1, 2, None)
+    assert divergence["reference_shape"][0] == 2 and divergence["shape"][0] > 2
+
+
 def test_a_directory_without_the_reference_files_is_refused(tmp_path: Path) -> None:
     root = upstream_dir(tmp_path)
     (root / "upstream_generation.npz").unlink()

@@ -162,11 +162,17 @@ def _generate(engine, prompts: list, sampling, steps: int) -> list:
 
 
 def _first_divergence(ours: list[np.ndarray], reference: list[np.ndarray]) -> dict | None:
-    """The first request, step and column where mossserve's rows differ from the reference's."""
+    """The first request, step and column where mossserve's rows differ from the reference's; rows of
+    different lengths first differ where the shorter ends, if not before (the column is then None)."""
     for request, (a, b) in enumerate(zip(ours, reference)):
         a = np.asarray(a)
         if a.shape != b.shape:
-            return {"request": request, "shape": list(a.shape), "reference_shape": list(b.shape)}
+            n = min(len(a), len(b))
+            same_width = a.ndim == b.ndim == 2 and a.shape[1] == b.shape[1]
+            diff = np.argwhere(a[:n] != b[:n]) if same_width else np.zeros((0, 2), dtype=int)
+            step, column = (int(diff[0, 0]), int(diff[0, 1])) if len(diff) else (n if same_width else 0, None)
+            return {"request": request, "step": step, "column": column, "shape": list(a.shape),
+                    "reference_shape": list(b.shape)}
         diff = np.argwhere(a != b)
         if len(diff):
             step, column = (int(v) for v in diff[0])
