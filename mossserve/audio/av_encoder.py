@@ -92,7 +92,7 @@ class AVEncoder:
             self._stream.codec_context.bit_rate = bit_rate * channels
         self._container.start_encoding()  # headers now, so even an empty stream is a valid file
         self._pts = 0
-        self._header_bytes = self._out.tell() if seekable else self._out.written
+        self._header_bytes = self._written()
 
     def write(self, chunk: np.ndarray) -> bytes:
         """Encode `(channels, n)` or `(n,)`; return the bytes the muxer has written so far."""
@@ -108,8 +108,7 @@ class AVEncoder:
     def audio_out(self) -> bool:
         """Whether the muxer has written more than the container's headers: an audio packet it has been
         given may still be held (ogg keeps its newest page back), so packets are not counted."""
-        written = self._out.tell() if isinstance(self._out, io.BytesIO) else self._out.written
-        return written > self._header_bytes
+        return self._written() > self._header_bytes
 
     def close(self) -> bytes:
         """Flush the resampler, the encoder and the muxer; return the rest of the file."""
@@ -141,6 +140,9 @@ class AVEncoder:
     def _mux(self, packets) -> None:
         for packet in packets:
             self._container.mux(packet)
+
+    def _written(self) -> int:
+        return self._out.tell() if isinstance(self._out, io.BytesIO) else self._out.written
 
     def _take(self) -> bytes:
         # A seekable buffer is only read at close: the muxer may still go back and patch headers.
