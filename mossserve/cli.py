@@ -279,18 +279,15 @@ def body_bytes(megabytes: float) -> int:
 
 def build_prompts(tts, args: argparse.Namespace, request: SpeechRequest | None) -> list:
     """The prompt(s) a command's input describes; `request`: read_request's."""
+    from .json_files import read_json_file
     from .speech_request import read_npy
-    from .text.conversation import load_conversations
 
     if getattr(args, "prompt_matrix", None) is not None:
         rows = read_npy(args.prompt_matrix, "prompt matrix: ")
         return [tts.talker.prompt_from_rows(rows)]
     if args.conversation is not None:
-        if not hasattr(tts.talker, "prompt_from_conversation"):
-            raise InvalidRequestError(f"--conversation is the MOSS-TTS processor's message list (Delay and Local models); "
-                                      f"this {tts.talker.name} model takes --request")
-        conversations = load_conversations(args.conversation, encode_voice=tts.encode_voice)
-        return [tts.talker.prompt_from_conversation(c, args.mode or default_mode(c)) for c in conversations]
+        data = read_json_file(args.conversation, "conversation file")
+        return tts.talker.conversation_prompts(data, args.conversation.parent, args.mode, tts.encode_voice)
     if args.request is not None and _is_session_script(args.request):
         return [session_first_turn(tts, args.request)]
     if request is None:
@@ -331,15 +328,12 @@ def check_one_conversation(path: str) -> None:
     is refused before the model loads (and its voices are encoded)."""
     from .json_files import read_json_file
     from .text.conversation import is_batch
+    from .text.realtime_conversation import is_conversation_batch
 
     data = read_json_file(path, "conversation file")
-    if isinstance(data, list) and data and is_batch(data) and len(data) > 1:
+    if isinstance(data, list) and len(data) > 1 and (is_batch(data) or is_conversation_batch(data)):
         raise InvalidRequestError(f"{path} holds {len(data)} conversations; prompt and say take one (a list of "
                                   "messages, or a list holding one such list)")
-
-
-def default_mode(conversation: list) -> str:
-    return "continuation" if conversation[-1].role == "assistant" else "generation"
 
 
 def check_inputs_exist(args: argparse.Namespace) -> None:

@@ -497,7 +497,7 @@ REALTIME = Path(__file__).parent / "fixtures" / "moss_tts_realtime"
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--conversation", "{conv}"], "this realtime model takes --request"),
+    (["--conversation", "{conv}"], "a conversation ends with the assistant's message"),
     (["--request", "{script}", "--depth", "4"], "--depth is for the Local model"),
     (["Hi.", "--mode", "continuation"], "--mode goes with --conversation"),
     (["Hi.", "--format", "flac"], "--out-dir and --format go with --batch"),

@@ -126,6 +126,12 @@ class TalkerFamily(ABC):
     def release(self, state: object, slot: int) -> None:
         """Forget the request in `slot`."""
 
+    def conversation_prompts(self, data: object, base_dir: Path | None, mode: str | None,
+                             encode_voice: EncodeVoice | None = None) -> list[Prompt]:
+        """`--conversation`: the prompts of a conversation file's JSON (`data`; relative paths from
+        `base_dir`), in the family's own message form and `mode` (None: the form's default)."""
+        raise InvalidRequestError(f"this {self.name} model takes no --conversation; give --request")
+
     def check_transcript(self, text: str, name: str) -> None:
         """Raise InvalidRequestError for a voice's transcript this model would refuse in a request
         (checked when a voice is stored with it, and again by each server that uses a stored voice's

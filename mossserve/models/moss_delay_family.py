@@ -15,6 +15,7 @@ repetition history serve the whole batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,6 +127,12 @@ class MossDelayFamily(TalkerFamily):
         prompt.info["duration_frames"] = request.expected_frames
         prompt.info["pauses"] = pause_seconds(self.typed_form(request.input or ""))  # as the model reads them
         return prompt
+
+    def conversation_prompts(self, data: object, base_dir: Path | None, mode: str | None,
+                             encode_voice: EncodeVoice | None = None) -> list[Prompt]:
+        from ..text.conversation import message_prompts
+
+        return message_prompts(self, data, base_dir, mode, encode_voice)
 
     def prompt_from_conversation(self, conversation: list, mode: str) -> Prompt:
         """A conversation as the reference processor takes it (text/delay_prompt.py)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,6 +87,12 @@ class MossLocalFamily(TalkerFamily):
         prompt.info["text_tokens"] = len(self.tokenizer.encode(request.input or ""))
         prompt.info["duration_frames"] = request.expected_frames
         return prompt if request.depth is None else self.with_depth(prompt, request.depth)
+
+    def conversation_prompts(self, data: object, base_dir: Path | None, mode: str | None,
+                             encode_voice: EncodeVoice | None = None) -> list[Prompt]:
+        from ..text.conversation import message_prompts
+
+        return message_prompts(self, data, base_dir, mode, encode_voice)
 
     def prompt_from_conversation(self, conversation: list, mode: str) -> Prompt:
         """A conversation as upstream's processor takes it (text/local_prompt.py)."""

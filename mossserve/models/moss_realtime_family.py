@@ -121,6 +121,13 @@ class MossRealtimeFamily(TalkerFamily):
         """A session turn whose text is all known (a session script, docs/cli.md): the turn's input,
         the prefill rows the reference's session feeds for the turn's pushes, and the rest of its
         text, one id per step."""
+        rows, prefill, rest = self._turn_rows(turn, first, voice)
+        prompt = self.prompt_from_rows(rows, rest, text_tokens=len(prefill) + len(rest))
+        prompt.info["uncapped"] = True  # the reference's session runs a turn to its EOS: no step cap
+        return prompt
+
+    def _turn_rows(self, turn, first: bool, voice: np.ndarray | None) -> tuple[np.ndarray, list[int], list[int]]:
+        """(the turn's input + its prefill rows, the prefilled text ids, the ids fed one per step after them)."""
         from ..text.realtime_session import split_text
 
         if turn.pieces:
@@ -128,9 +135,43 @@ class MossRealtimeFamily(TalkerFamily):
         for chunk in turn.token_chunks:
             self.check_input(chunk)
         prefill, rest = split_text(turn, self.tokenizer.encode)
-        rows = np.concatenate([self.turn_input(turn, first, voice), self.builder.prefill(prefill)])
-        prompt = self.prompt_from_rows(rows, rest, text_tokens=len(prefill) + len(rest))
-        prompt.info["uncapped"] = True  # the reference's session runs a turn to its EOS: no step cap
+        return np.concatenate([self.turn_input(turn, first, voice), self.builder.prefill(prefill)]), prefill, rest
+
+    def conversation_prompts(self, data: object, base_dir: Path | None, mode: str | None,
+                             encode_voice: EncodeVoice | None = None) -> list[Prompt]:
+        """`--conversation`: upstream's fine-tuning record (text/realtime_conversation.py)."""
+        from ..text.realtime_conversation import parse_realtime_conversation
+
+        return [self.prompt_from_conversation(parse_realtime_conversation(data, base_dir, encode_voice), mode)]
+
+    def prompt_from_conversation(self, conversation, mode: str | None = None) -> Prompt:
+        """The last turn with the earlier ones as context: the rows a session's cache would hold had it
+        spoken their audio itself (README §5.7: each turn's input and prefill, then one step row per
+        frame; no EOS frame), then the last turn's input and prefill. In continuation the last turn's
+        audio is fed the same way; it starts the returned codes (decoded as context, cut from the audio)
+        and the repetition history, as if generated."""
+        from ..text.realtime_prompt import orient_codes
+
+        mode = mode or conversation.default_mode
+        given = conversation.turns[-1].audio is not None
+        if mode == "continuation" and not given:
+            raise InvalidRequestError("continuation goes on from the last assistant message's audio; it has none")
+        if mode == "generation" and given:
+            raise InvalidRequestError("the last assistant message has audio, so it is a continuation; generation "
+                                      "speaks a last message without audio")
+        if mode not in ("generation", "continuation"):
+            raise InvalidRequestError(f"mode must be generation or continuation, got {mode!r}")
+        pieces = []
+        for index, turn in enumerate(conversation.turns):
+            rows, prefill, rest = self._turn_rows(turn, index == 0, conversation.voice)
+            frames = np.zeros((0, self.codebooks), dtype=np.int64)
+            if turn.audio is not None:
+                frames = self.builder.check_codes(orient_codes(turn.audio), f"assistant message {index}'s audio")
+            pieces += [rows, self.builder.steps(rest, frames)]
+        prompt = self.prompt_from_rows(np.concatenate(pieces), rest[len(frames):],
+                                       text_tokens=len(prefill) + len(rest))
+        if given:
+            prompt.start_length, prompt.info["history"] = len(frames), frames
         return prompt
 
     def open_turn_prompt(self, turn, first: bool, voice: np.ndarray | None = None) -> Prompt:
@@ -210,9 +251,14 @@ class MossRealtimeFamily(TalkerFamily):
         )
 
     def admit(self, state: RealtimeState, slot: int, prompt: Prompt, sampling: SamplingParams) -> list[np.ndarray]:
+        """A continuation's given frames (`info["history"]`) are its first clip and its repetition history."""
         self.continue_session(state, slot, prompt, sampling)
         state.generators[slot] = sampling.generator()
-        return []
+        history = prompt.info.get("history")
+        if history is None:
+            return []
+        self._remember_all(state, slot, torch.as_tensor(history, device=state.text.device))
+        return [history]
 
     # ---- sessions (README §5.6-5.7): later turns keep the cache and the random stream --------
     supports_sessions = True
@@ -383,6 +429,17 @@ class MossRealtimeFamily(TalkerFamily):
                device: torch.device) -> torch.Tensor:
         """A frame's exponential noise (B, codebooks, vocab), each request's from its own generator."""
         return noise_by_request(drawing, [state.generators[slot] for slot in slots.tolist()], vocab, device)
+
+    def _remember_all(self, state: RealtimeState, slot: int, frames: torch.Tensor) -> None:
+        """The history after `frames` (F, 16) in one go: what F calls of `_remember` leave."""
+        count, window = len(frames), int(state.window[slot])
+        kept = frames if window == 0 else frames[-window:]
+        counts = torch.zeros_like(state.counts[slot])
+        counts.scatter_add_(1, kept.T.contiguous(), torch.ones_like(kept.T, dtype=counts.dtype))
+        state.counts[slot] = counts
+        if window:
+            state.ring[slot, torch.arange(count - len(kept), count, device=frames.device) % window] = kept
+        state.frames[slot] = count
 
     def _remember(self, state: RealtimeState, slots: torch.Tensor, frames: torch.Tensor) -> None:
         """Add this frame to each row's history; the frame `window` frames back leaves it."""

@@ -43,6 +43,14 @@ def load_conversations(path: str | Path, encode_voice: EncodeVoice | None = None
     return parse_conversations(read_json_file(path, "conversation file"), path.parent, encode_voice)
 
 
+def message_prompts(family, data: Any, base_dir: Path | None, mode: str | None,
+                    encode_voice: EncodeVoice | None = None) -> list:
+    """`--conversation` for the families of the MOSS-TTS processor (Delay, Local): a prompt per
+    conversation, in `mode` or by its last role (assistant: continuation)."""
+    return [family.prompt_from_conversation(c, mode or ("continuation" if c[-1].role == "assistant" else "generation"))
+            for c in parse_conversations(data, base_dir, encode_voice)]
+
+
 def is_batch(data: list) -> bool:
     """A conversation file's list holds conversations (lists of messages), not messages."""
     return all(isinstance(c, list) for c in data)

@@ -133,6 +133,16 @@ class RealtimePromptBuilder:
         return out
 
 
+    def steps(self, text_ids: list[int] | np.ndarray, frames: np.ndarray) -> np.ndarray:
+        """The step rows that fed `frames` (F, 16) back: `[x_k, frame_{k-1}]` for k = 1..F, x_k the k-th
+        text id after the prefill or `<|text_pad|>` once they are used up (README §5.5)."""
+        out = np.full((len(frames), 1 + self.channels), self.config.text_pad_id, dtype=np.int64)
+        fed = min(len(text_ids), len(frames))
+        out[:fed, 0] = np.asarray(text_ids[:fed], dtype=np.int64)
+        out[:, 1:] = frames
+        return out
+
+
 def prefill_length(pending: int, ended: bool) -> int:
     """Text ids the streaming session prefills: all pending once the text has ended (even more than 12),
     else min(pending, 12). The offline path's P = min(n, 12) is `prefill_length(n, ended=False)`."""

@@ -31,6 +31,7 @@ class RealtimeTurn:
     user_text: str | None = None
     user_audio: np.ndarray | None = None
     new_context: bool = False
+    audio: np.ndarray | None = None  # the assistant's speech, given (a conversation's): codes (16, F)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class SessionScript:
         turns = data.get("turns")
         if not isinstance(turns, list) or not turns:
             raise InvalidRequestError("a session script needs a non-empty list of turns")
-        return cls(_codes(data.get("voice"), "voice", base_dir), [_turn(t, i, base_dir) for i, t in enumerate(turns)])
+        return cls(read_codes(data.get("voice"), "voice", base_dir), [_turn(t, i, base_dir) for i, t in enumerate(turns)])
 
     @classmethod
     def from_json(cls, path: str | Path) -> SessionScript:
@@ -84,36 +85,44 @@ def _turn(value: Any, index: int, base_dir: Path | None) -> RealtimeTurn:
     unknown = sorted(set(value) - {"user_text", "user_audio", "input", "input_tokens", "new_context"})
     if unknown:
         raise InvalidRequestError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    if ("input" in value) == ("input_tokens" in value):
-        raise InvalidRequestError(f"{where}: give input (text or its pieces) or input_tokens, not both or neither")
     new_context = value.get("new_context", False)
     if not isinstance(new_context, bool):
         raise InvalidRequestError(f"{where}.new_context must be true or false, got {new_context!r}")
     turn = RealtimeTurn(user_text=value.get("user_text"), new_context=new_context,
-                        user_audio=_codes(value.get("user_audio"), f"{where}.user_audio", base_dir))
+                        user_audio=read_codes(value.get("user_audio"), f"{where}.user_audio", base_dir))
     if turn.user_text is not None and not isinstance(turn.user_text, str):
         raise InvalidRequestError(f"{where}.user_text must be a string")
     if turn.user_audio is not None and turn.user_text is None:
         raise InvalidRequestError(f"{where}: user_audio needs user_text (the user turn layout has both)")
-    text = value.get("input")
+    read_assistant_text(turn, value, f"{where}.", ("input", "input_tokens"))
+    return turn
+
+
+def read_assistant_text(turn: RealtimeTurn, value: dict, where: str, names: tuple[str, str]) -> None:
+    """The assistant's text into `turn`: `names[0]` the text whole or as the pieces a streaming client
+    pushed, or `names[1]` token-id chunks; exactly one of them."""
+    text_name, tokens_name = names
+    if (text_name in value) == (tokens_name in value):
+        raise InvalidRequestError(f"{where.rstrip('.')}: give {text_name} (text or its pieces) or {tokens_name}, "
+                                  "not both or neither")
+    text = value.get(text_name)
     if text is not None:
         pieces = [text] if isinstance(text, str) else text
         if not isinstance(pieces, list) or not all(isinstance(p, str) for p in pieces):
-            raise InvalidRequestError(f"{where}.input must be a string or a list of strings")
+            raise InvalidRequestError(f"{where}{text_name} must be a string or a list of strings")
         turn.pieces = pieces
     else:
-        chunks = value["input_tokens"]
+        chunks = value[tokens_name]
         if not isinstance(chunks, list) or not all(
                 isinstance(c, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in c) for c in chunks):
-            raise InvalidRequestError(f"{where}.input_tokens must be a list of token-id lists")
+            raise InvalidRequestError(f"{where}{tokens_name} must be a list of token-id lists")
         turn.token_chunks = chunks
-    return turn
 
 
 CODEC_QUANTIZERS = 32  # MOSS-Audio-Tokenizer's: a code file has no more codebooks (more is a transposed file)
 
 
-def _codes(value: Any, name: str, base_dir: Path | None) -> np.ndarray | None:
+def read_codes(value: Any, name: str, base_dir: Path | None) -> np.ndarray | None:
     """Codes as nested lists or a `.npy` path (relative to the script), handed on as `(16, T)`, which the
     turn layouts' orientation rule reads back without its 16-frame ambiguity. A `.npy` file is a code
     file, time-major `(T, K)` (K >= 16; the first 16 codebooks are used) whatever its shape (a 16-frame

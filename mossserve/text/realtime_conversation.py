@@ -1,0 +1,133 @@
+"""A Realtime conversation (`mossserve prompt|say --conversation CONV.json`): the record of upstream's
+fine-tuning data (`moss_tts_realtime/finetuning/README.md`), read as the context of the turn to speak.
+
+    {"ref_audio_codes": "voice.npy",                                  (or "ref_wav": "voice.wav"; optional)
+     "conversations": [
+        {"role": "user", "text": "Any ideas for six hours?", "audio_codes": "user0.npy"},
+        {"role": "assistant", "text": "Nice, welcome to Paris!", "wav": "answer0.wav"},
+        {"role": "user", "text": "Just a backpack."},                 (no audio: the text-only user turn)
+        {"role": "assistant", "text": "Then start near the Seine."}]}
+
+A bare list is the `conversations` list without a voice. Each assistant message is a turn, with the
+user message just before it, if any; every turn but the last has the assistant's audio, which the
+model then conditions on exactly as a session would had it spoken that audio itself (README §5.7).
+The last message is the text to speak; with audio too, that audio is the start of its speech and
+generation goes on from it (continuation). An assistant's `text` may also be the list of pieces in
+which a streaming client pushed it, or `text_tokens` its token-id chunks, because the session cuts
+and tokenises text by its pushes (§5.6). Codes are nested lists or `.npy` files read as session
+scripts read them (`read_codes`); `wav` and `ref_wav` are audio, encoded by the codec.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidRequestError
+from ..speech_request import EncodeVoice, normalize_voice, resolve_path_or_codes
+from .realtime_prompt import CODEBOOKS
+from .realtime_session import RealtimeTurn, read_assistant_text, read_codes
+
+_RECORD_FIELDS = {"id", "conversations", "ref_audio_codes", "ref_wav"}
+_MESSAGE_FIELDS = {"user": {"role", "text", "audio_codes", "wav"},
+                   "assistant": {"role", "text", "text_tokens", "audio_codes", "wav"}}
+
+
+@dataclass
+class RealtimeConversation:
+    voice: np.ndarray | None  # codes (16, T), as a session script's
+    turns: list[RealtimeTurn]  # every turn but the last has the assistant's audio
+
+    @property
+    def default_mode(self) -> str:
+        return "continuation" if self.turns[-1].audio is not None else "generation"
+
+
+def is_conversation_batch(data: Any) -> bool:
+    """A file of several records (a list of them), which `prompt` and `say` refuse."""
+    return isinstance(data, list) and len(data) > 1 and all(isinstance(r, dict) and "conversations" in r for r in data)
+
+
+def parse_realtime_conversation(data: Any, base_dir: Path | None = None,
+                                encode_voice: EncodeVoice | None = None) -> RealtimeConversation:
+    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) and "conversations" in data[0]:
+        data = data[0]  # a list holding one record
+    record = {"conversations": data} if isinstance(data, list) else data
+    if not isinstance(record, dict):
+        raise InvalidRequestError("a Realtime conversation is an object with `conversations` (a list of messages) "
+                                  f"or that list; got {type(data).__name__}")
+    unknown = sorted(set(record) - _RECORD_FIELDS)
+    if unknown:
+        raise InvalidRequestError(f"unknown conversation field(s): {', '.join(unknown)}")
+    messages = record.get("conversations")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("a conversation needs a non-empty list of messages (`conversations`)")
+    voice = _audio(record, "ref_audio_codes", "ref_wav", "", base_dir, encode_voice)
+    turns, user = [], None
+    for index, message in enumerate(messages):
+        where = f"conversations[{index}]"
+        role = _role(message, where)
+        if role == "user":
+            if user is not None:
+                raise InvalidRequestError(f"{where}: two user messages in a row; the assistant answers each one")
+            user = _user(message, where, base_dir, encode_voice)
+        else:
+            turns.append(_assistant(message, where, user, base_dir, encode_voice))
+            user = None
+    if user is not None or not turns:
+        raise InvalidRequestError("a conversation ends with the assistant's message: the text to speak")
+    for index, turn in enumerate(turns[:-1]):
+        if turn.audio is None:
+            raise InvalidRequestError(f"assistant message {index} needs its audio (audio_codes or wav): the "
+                                      "context holds what the assistant said; only the last one may have none")
+    return RealtimeConversation(voice, turns)
+
+
+def _role(message: Any, where: str) -> str:
+    if not isinstance(message, dict):
+        raise InvalidRequestError(f"{where} must be an object with a role")
+    role = message.get("role")
+    if role not in _MESSAGE_FIELDS:
+        raise InvalidRequestError(f"{where}.role must be 'user' or 'assistant', got {role!r}")
+    unknown = sorted(set(message) - _MESSAGE_FIELDS[role])
+    if unknown:
+        raise InvalidRequestError(f"{where}: unknown {role} field(s) {', '.join(unknown)}")
+    return role
+
+
+def _user(message: dict, where: str, base_dir: Path | None, encode_voice: EncodeVoice | None) -> RealtimeTurn:
+    text = message.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequestError(f"{where}.text must be the user's words (a non-empty string)")
+    audio = _audio(message, "audio_codes", "wav", f"{where}.", base_dir, encode_voice)
+    return RealtimeTurn(user_text=text, user_audio=audio)
+
+
+def _assistant(message: dict, where: str, user: RealtimeTurn | None, base_dir: Path | None,
+               encode_voice: EncodeVoice | None) -> RealtimeTurn:
+    turn = user or RealtimeTurn()
+    read_assistant_text(turn, message, f"{where}.", ("text", "text_tokens"))
+    if not turn.token_chunks and not "".join(turn.pieces).strip():
+        raise InvalidRequestError(f"{where}.text is empty: the assistant says nothing")
+    turn.audio = _audio(message, "audio_codes", "wav", f"{where}.", base_dir, encode_voice)
+    return turn
+
+
+def _audio(fields: dict, codes_name: str, audio_name: str, where: str, base_dir: Path | None,
+           encode_voice: EncodeVoice | None) -> np.ndarray | None:
+    """Codes (16, T) from `codes_name` (codes or a `.npy`) or `audio_name` (an audio file); at most one."""
+    if fields.get(codes_name) is not None and fields.get(audio_name) is not None:
+        raise InvalidRequestError(f"{where}{codes_name} and {where}{audio_name}: give one")
+    if fields.get(audio_name) is None:
+        return read_codes(fields.get(codes_name), f"{where}{codes_name}", base_dir)
+    value = fields[audio_name]
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{where}{audio_name} must be the path of an audio file")
+    path = normalize_voice(resolve_path_or_codes(value, base_dir), f"{where}{audio_name}")
+    if not isinstance(path, Path):  # a .npy path: codes, which belong in codes_name
+        raise InvalidRequestError(f"{where}{audio_name} is audio; give codes in {where}{codes_name}")
+    if encode_voice is None:
+        raise InvalidRequestError(f"{where}{audio_name}: {path} is audio; encoding it needs the codec (or give codes)")
+    return np.asarray(encode_voice(path))[:, :CODEBOOKS].astype(np.int64).T
