@@ -118,13 +118,34 @@ class FishS2Family(TalkerFamily):
     # ---- prompts -------------------------------------------------------------------------
     def build_prompt(self, request: SpeechRequest, encode_voice: EncodeVoice | None = None) -> Prompt:
         self.check_typed_text(request)  # each field by its own name, before the builder joins the transcripts
-        builder = self.builder()
-        plan = builder.plan(request, encode_voice)
-        rows = builder.prompt(plan, 0)
-        tails = [builder.next_batch_rows(plan, b) for b in range(1, plan.num_batches)]
+        return self._plan_prompt(self.builder().plan(request, encode_voice))
+
+    def conversation_prompts(self, data: object, base_dir: Path | None, mode: str | None,
+                             encode_voice: EncodeVoice | None = None) -> list[Prompt]:
+        """`--conversation`: the batches of the reference's growing conversation given up to the text
+        to speak (text/fish_conversation.py); generation only."""
+        from ..text.fish_conversation import parse_fish_conversation
+
+        if mode == "continuation":
+            raise InvalidRequestError("Fish S2 Pro speaks a conversation's last user message; it does not continue "
+                                      "an assistant's speech (mode continuation)")
+        conversation = parse_fish_conversation(data, base_dir, encode_voice)
+        for index, (text, _) in enumerate(conversation.references):
+            self.check_typed(text, f"references[{index}].text")
+        for index, (text, _) in enumerate(conversation.earlier):
+            self.check_typed(text, f"user message {index}")
+        self.check_typed(conversation.text, "the last user message")
+        return [self._plan_prompt(*self.builder().plan_conversation(conversation, encode_voice))]
+
+    def _plan_prompt(self, plan, earlier_codes: list[np.ndarray] = ()) -> Prompt:
+        """The prompt of the plan's first batch to generate, with the later batches' tails."""
+        builder, first = self.builder(), plan.given
+        rows = builder.prompt(plan, first, earlier_codes)
+        tails = [builder.next_batch_rows(plan, b) for b in range(first + 1, plan.num_batches)]
         prompt = self.prompt_from_rows(rows, tails)
         # what the runaway guard bounds the audio by: the words, not the speaker tags (7 tokens each)
-        prompt.info["text_tokens"] = sum(len(self.tokenizer.encode(SPEAKER_TAG.sub("", text))) for text in plan.batches)
+        prompt.info["text_tokens"] = sum(len(self.tokenizer.encode(SPEAKER_TAG.sub("", text)))
+                                         for text in plan.batches[first:])
         return prompt
 
     def check_transcript(self, text: str, name: str) -> None:

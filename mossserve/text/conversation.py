@@ -65,7 +65,7 @@ def parse_conversations(
     batch = data if is_batch(data) else [data]
 
     def codes(entry: Any, where: str) -> np.ndarray | None:
-        return _codes(entry, where, base_dir, encode_voice)
+        return read_voice_codes(entry, where, base_dir, encode_voice)
 
     conversations = []
     for c, conversation in enumerate(batch):
@@ -138,7 +138,9 @@ def _is_codes(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(r, list) and all(map(is_number, r)) for r in value)
 
 
-def _codes(entry: Any, where: str, base_dir: Path | None, encode_voice: EncodeVoice | None) -> np.ndarray | None:
+def read_voice_codes(entry: Any, where: str, base_dir: Path | None,
+                     encode_voice: EncodeVoice | None) -> np.ndarray | None:
+    """Codes (frames, codebooks) from nested lists, a `.npy` path, or an audio path (encoded); None as is."""
     if entry is None:
         return None
     if not isinstance(entry, str) and not _is_codes(entry):

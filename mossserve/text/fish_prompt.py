@@ -18,7 +18,7 @@ so a talker that fed those codes back keeps its cache and prefills only the new 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -62,6 +62,7 @@ class FishPlan:
     batches: list[str]
     system: list[Segment]  # the system message (reference codes included)
     users: list[list[Segment]]  # per batch: its user message
+    given: int = 0  # earlier batches whose codes are given (a conversation's); batch `given` is generated first
 
     @property
     def num_batches(self) -> int:
@@ -83,11 +84,7 @@ class FishPromptBuilder:
         `reference_text` (one reference) or `speakers` (several), `chunk_length` (default 300).
         Voices are codes (F, N) or audio paths that `encode_voice` (the codec) turns into codes."""
         _reject_unused(request)
-        if request.input is None or not request.input.strip():
-            raise InvalidRequestError("input is empty: there is nothing to say")
-        if not any(SPEAKER_TAG.sub("", turn).strip() for turn in split_turns(request.input) or [request.input]):
-            raise InvalidRequestError("input holds speaker tags and no text after them: there is nothing to say "
-                                      "(text before the first tag is not spoken, as in the reference)")
+        _check_spoken(request.input, "input")
         if request.speakers is not None and (request.voice is not None or request.reference_text is not None):
             raise InvalidRequestError("give one voice (voice + reference_text) or several (speakers), not both")
         if request.speakers is not None:
@@ -99,6 +96,20 @@ class FishPromptBuilder:
         references = [self._reference(voice, text, name, encode_voice) for voice, text, name in given]
         return self.plan_text(request.input, references, request.chunk_length or DEFAULT_CHUNK_LENGTH)
 
+    def plan_conversation(self, conversation, encode_voice: EncodeVoice | None = None) -> tuple[FishPlan, list[np.ndarray]]:
+        """A conversation (text/fish_conversation.py) as a plan whose first `given` batches are its
+        earlier ones, and their codes: batch `given` is the first to generate."""
+        _check_spoken(conversation.text, "the last user message")
+        references = [self._reference(codes, text, f"references[{i}]", encode_voice)
+                      for i, (text, codes) in enumerate(conversation.references)]
+        for index, (_, codes) in enumerate(conversation.earlier):
+            self._check_reference_codes(codes, f"assistant message {index}'s audio")
+        plan = self.plan_text(conversation.text, references, conversation.chunk_length)
+        earlier = [self._user(text, f"user message {i}") for i, (text, _) in enumerate(conversation.earlier)]
+        plan = replace(plan, batches=[text for text, _ in conversation.earlier] + plan.batches,
+                       users=earlier + plan.users, given=len(earlier))
+        return plan, [codes for _, codes in conversation.earlier]
+
     def plan_text(self, text: str, references: Sequence[FishReference] = (),
                   chunk_length: int = DEFAULT_CHUNK_LENGTH) -> FishPlan:
         """The plan of a text and its references: batches tokenized, reference codes checked, and
@@ -107,7 +118,7 @@ class FishPromptBuilder:
         for i, reference in enumerate(references):
             self._check_reference_codes(reference.codes, f"references[{i}]")
         batches = batch_texts(text, chunk_length)
-        users = [[self._text("<|im_start|>user\n"), self._user_text(batch, "input"), self._im_end] for batch in batches]
+        users = [self._user(batch, "input") for batch in batches]
         plan = FishPlan(references, batches, self._system(references), users)
         self.check_length(sum(len(s.ids) for s in self.segments(plan, 0)), "batch 0")
         if len(batches) > 1:  # the last batch's prompt holds at least every text row of the conversation
@@ -160,6 +171,9 @@ class FishPromptBuilder:
         codes = np.concatenate([r.codes for r in references])
         return [header, self._text(SYSTEM_REFERENCE), self._user_text("\n".join(texts), "reference_text"),
                 self._text(SPEECH_HEADER), self._vq(codes), end]
+
+    def _user(self, text: str, name: str) -> list[Segment]:
+        return [self._text("<|im_start|>user\n"), self._user_text(text, name), self._im_end]
 
     def _text(self, text: str) -> Segment:
         return Segment(np.asarray(self.tokenizer.encode(text), dtype=np.int64), text=text)
@@ -215,6 +229,14 @@ class FishPromptBuilder:
         if codes.ndim != 2 or codes.shape[1] != self.num_codebooks:
             raise ValueError(f"generated codes must have shape (frames, {self.num_codebooks}), got {tuple(codes.shape)}")
         return codes
+
+
+def _check_spoken(text: str | None, name: str) -> None:
+    if text is None or not text.strip():
+        raise InvalidRequestError(f"{name} is empty: there is nothing to say")
+    if not any(SPEAKER_TAG.sub("", turn).strip() for turn in split_turns(text) or [text]):
+        raise InvalidRequestError(f"{name} holds speaker tags and no text after them: there is nothing to say "
+                                  "(text before the first tag is not spoken, as in the reference)")
 
 
 def _reject_unused(request: SpeechRequest) -> None:
