@@ -328,10 +328,10 @@ def check_one_conversation(path: str) -> None:
     is refused before the model loads (and its voices are encoded)."""
     from .json_files import read_json_file
     from .text.conversation import is_batch
-    from .text.realtime_conversation import is_conversation_batch
+    from .text.conversation_record import is_record_batch
 
     data = read_json_file(path, "conversation file")
-    if isinstance(data, list) and len(data) > 1 and (is_batch(data) or is_conversation_batch(data)):
+    if isinstance(data, list) and len(data) > 1 and (is_batch(data) or is_record_batch(data)):
         raise InvalidRequestError(f"{path} holds {len(data)} conversations; prompt and say take one (a list of "
                                   "messages, or a list holding one such list)")
 

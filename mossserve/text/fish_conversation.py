@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import InvalidRequestError
 from ..speech_request import EncodeVoice
 from .conversation import read_voice_codes
+from .conversation_record import message_role, read_record
 from .fish_turns import DEFAULT_CHUNK_LENGTH
 
 _RECORD_FIELDS = {"id", "references", "conversations", "chunk_length"}
@@ -43,22 +44,11 @@ class FishConversation:
 
 def parse_fish_conversation(data: Any, base_dir: Path | None = None,
                             encode_voice: EncodeVoice | None = None) -> FishConversation:
-    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) and "conversations" in data[0]:
-        data = data[0]  # a list holding one record
-    record = {"conversations": data} if isinstance(data, list) else data
-    if not isinstance(record, dict):
-        raise InvalidRequestError("a Fish S2 Pro conversation is an object with `conversations` (a list of "
-                                  f"messages) or that list; got {type(data).__name__}")
-    unknown = sorted(set(record) - _RECORD_FIELDS)
-    if unknown:
-        raise InvalidRequestError(f"unknown conversation field(s): {', '.join(unknown)}")
+    record, messages = read_record(data, _RECORD_FIELDS, "Fish S2 Pro")
     chunk_length = record.get("chunk_length", DEFAULT_CHUNK_LENGTH)
     if isinstance(chunk_length, bool) or not isinstance(chunk_length, int) or chunk_length < 1:
         raise InvalidRequestError(f"chunk_length must be a positive integer (UTF-8 bytes), got {chunk_length!r}")
-    messages = record.get("conversations")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("a conversation needs a non-empty list of messages (`conversations`)")
-    roles = [_role(m, f"conversations[{i}]") for i, m in enumerate(messages)]
+    roles = [message_role(m, f"conversations[{i}]", _MESSAGE_FIELDS) for i, m in enumerate(messages)]
     for index, role in enumerate(roles):
         if role != ("user" if index % 2 == 0 else "assistant"):
             raise InvalidRequestError(f"conversations[{index}]: messages alternate user, assistant, ..., starting "
@@ -71,18 +61,6 @@ def parse_fish_conversation(data: Any, base_dir: Path | None = None,
              if m["role"] == "assistant"]
     return FishConversation(_references(record.get("references"), base_dir, encode_voice),
                             list(zip(texts, codes)), texts[-1], chunk_length)
-
-
-def _role(message: Any, where: str) -> str:
-    if not isinstance(message, dict):
-        raise InvalidRequestError(f"{where} must be an object with a role")
-    role = message.get("role")
-    if role not in _MESSAGE_FIELDS:
-        raise InvalidRequestError(f"{where}.role must be 'user' or 'assistant', got {role!r}")
-    unknown = sorted(set(message) - _MESSAGE_FIELDS[role])
-    if unknown:
-        raise InvalidRequestError(f"{where}: unknown {role} field(s) {', '.join(unknown)}")
-    return role
 
 
 def _text(fields: dict, where: str) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import InvalidRequestError
 from ..speech_request import EncodeVoice, normalize_voice, resolve_path_or_codes
+from .conversation_record import message_role, read_record
 from .realtime_prompt import CODEBOOKS
 from .realtime_session import RealtimeTurn, read_assistant_text, read_codes
 
@@ -45,30 +46,14 @@ class RealtimeConversation:
         return "continuation" if self.turns[-1].audio is not None else "generation"
 
 
-def is_conversation_batch(data: Any) -> bool:
-    """A file of several records (a list of them), which `prompt` and `say` refuse."""
-    return isinstance(data, list) and len(data) > 1 and all(isinstance(r, dict) and "conversations" in r for r in data)
-
-
 def parse_realtime_conversation(data: Any, base_dir: Path | None = None,
                                 encode_voice: EncodeVoice | None = None) -> RealtimeConversation:
-    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) and "conversations" in data[0]:
-        data = data[0]  # a list holding one record
-    record = {"conversations": data} if isinstance(data, list) else data
-    if not isinstance(record, dict):
-        raise InvalidRequestError("a Realtime conversation is an object with `conversations` (a list of messages) "
-                                  f"or that list; got {type(data).__name__}")
-    unknown = sorted(set(record) - _RECORD_FIELDS)
-    if unknown:
-        raise InvalidRequestError(f"unknown conversation field(s): {', '.join(unknown)}")
-    messages = record.get("conversations")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("a conversation needs a non-empty list of messages (`conversations`)")
+    record, messages = read_record(data, _RECORD_FIELDS, "Realtime")
     voice = _audio(record, "ref_audio_codes", "ref_wav", "", base_dir, encode_voice)
     turns, user = [], None
     for index, message in enumerate(messages):
         where = f"conversations[{index}]"
-        role = _role(message, where)
+        role = message_role(message, where, _MESSAGE_FIELDS)
         if role == "user":
             if user is not None:
                 raise InvalidRequestError(f"{where}: two user messages in a row; the assistant answers each one")
@@ -83,18 +68,6 @@ def parse_realtime_conversation(data: Any, base_dir: Path | None = None,
             raise InvalidRequestError(f"assistant message {index} needs its audio (audio_codes or wav): the "
                                       "context holds what the assistant said; only the last one may have none")
     return RealtimeConversation(voice, turns)
-
-
-def _role(message: Any, where: str) -> str:
-    if not isinstance(message, dict):
-        raise InvalidRequestError(f"{where} must be an object with a role")
-    role = message.get("role")
-    if role not in _MESSAGE_FIELDS:
-        raise InvalidRequestError(f"{where}.role must be 'user' or 'assistant', got {role!r}")
-    unknown = sorted(set(message) - _MESSAGE_FIELDS[role])
-    if unknown:
-        raise InvalidRequestError(f"{where}: unknown {role} field(s) {', '.join(unknown)}")
-    return role
 
 
 def _user(message: dict, where: str, base_dir: Path | None, encode_voice: EncodeVoice | None) -> RealtimeTurn:
