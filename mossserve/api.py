@@ -30,6 +30,7 @@ from .engine.engine import Engine
 from .engine.request import AudioChunk, Generation
 from .errors import (CheckpointError, EngineClosedError, EngineFullError, InvalidRequestError, MossServeError,
                      RequestAborted, SessionLimitError)
+from .json_files import read_json_file
 from .loader import parse_device, parse_dtype
 from .models.config_utils import read_json
 from .models.family import Prompt, TalkerFamily
@@ -184,6 +185,21 @@ class TTS:
         if isinstance(request, Prompt):
             return request
         return self.talker.build_prompt(as_speech_request(request), encode_voice=self.encode_voice)
+
+    def conversation_prompts(self, conversation: dict | list | str | Path, mode: str | None = None) -> list[Prompt]:
+        """The prompts of a conversation in this model's form (docs/cli.md, `--conversation`): its
+        JSON as a dict or list, or the path of its file (relative paths in it are tried beside it
+        too); audio in it is encoded by the codec. `mode`: generation or continuation, None for
+        the form's default."""
+        if isinstance(conversation, (str, Path)):
+            path = Path(conversation)
+            data, base_dir = read_json_file(path, "conversation file"), path.parent
+        elif isinstance(conversation, (dict, list)):
+            data, base_dir = conversation, None
+        else:
+            raise InvalidRequestError(f"expected a conversation's JSON (a dict or list) or a JSON file path, "
+                                      f"got {type(conversation).__name__}")
+        return self.talker.conversation_prompts(data, base_dir, mode, self.encode_voice)
 
     def encode_voice(self, path: Path) -> np.ndarray:
         """Reference audio file -> codes (frames, codebooks), prepared as the reference prepares it."""

@@ -279,15 +279,13 @@ def body_bytes(megabytes: float) -> int:
 
 def build_prompts(tts, args: argparse.Namespace, request: SpeechRequest | None) -> list:
     """The prompt(s) a command's input describes; `request`: read_request's."""
-    from .json_files import read_json_file
     from .speech_request import read_npy
 
     if getattr(args, "prompt_matrix", None) is not None:
         rows = read_npy(args.prompt_matrix, "prompt matrix: ")
         return [tts.talker.prompt_from_rows(rows)]
     if args.conversation is not None:
-        data = read_json_file(args.conversation, "conversation file")
-        return tts.talker.conversation_prompts(data, args.conversation.parent, args.mode, tts.encode_voice)
+        return tts.conversation_prompts(args.conversation, args.mode)
     if args.request is not None and _is_session_script(args.request):
         return [session_first_turn(tts, args.request)]
     if request is None:

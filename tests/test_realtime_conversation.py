@@ -181,3 +181,17 @@ def test_a_file_of_several_records_is_refused_before_the_model_loads(tmp_path: P
     assert main(["say", "--model", str(tmp_path / "missing"), "--conversation", str(path),
                  "--codes-out", str(tmp_path / "c.npy")]) == 2
     assert "holds 2 conversations" in capsys.readouterr().err
+
+
+def test_tts_takes_a_conversation_as_json_or_as_its_file(tmp_path: Path) -> None:
+    """`TTS.conversation_prompts`: the dict, or its file with a voice `.npy` named beside it."""
+    data = conversation("stream_multiturn")
+    np.save(tmp_path / "voice.npy", np.asarray(data["ref_audio_codes"]).T)  # a .npy is time first
+    on_disk = {**data, "ref_audio_codes": "voice.npy"}
+    with TTS.from_pretrained(REALTIME_DIR) as tts:
+        [from_dict] = tts.conversation_prompts(data)
+        [from_file] = tts.conversation_prompts(write(tmp_path, on_disk))
+        assert np.array_equal(from_dict.rows, context("stream_multiturn"))
+        assert np.array_equal(from_file.rows, from_dict.rows)
+        with pytest.raises(InvalidRequestError, match="expected a conversation's JSON"):
+            tts.conversation_prompts(3)
