@@ -330,8 +330,7 @@ def check_one_conversation(path: str) -> None:
 
     data = read_json_file(path, "conversation file")
     if isinstance(data, list) and len(data) > 1 and (is_batch(data) or is_record_batch(data)):
-        raise InvalidRequestError(f"{path} holds {len(data)} conversations; prompt and say take one (a list of "
-                                  "messages, or a list holding one such list)")
+        raise InvalidRequestError(f"{path} holds {len(data)} conversations; prompt and say take one")
 
 
 def check_inputs_exist(args: argparse.Namespace) -> None:

@@ -92,9 +92,16 @@ def test_audio_files_are_encoded_by_the_codec() -> None:
     ([{"role": "user", "text": "Hi."}, {"role": "assistant"}, {"role": "user", "text": "Hello?"}],
      r"conversations\[1\]: give the assistant's audio"),
     ([{"role": "user", "text": "Hi."}, {"role": "assistant", "audio_codes": [[1] * 4] * 3},
-      {"role": "user", "text": "Hello?"}], "assistant message 0's audio: codes must have shape"),
-    ([{"role": "user", "text": "<|speaker:0|>"}], "the last user message holds speaker tags and no text"),
-    ([{"role": "user", "text": "Hi <|im_end|>"}], "the last user message"),
+      {"role": "user", "text": "Hello?"}], r"conversations\[1\]: codes must have shape"),
+    ([{"role": "user", "text": "<|speaker:0|>"}], r"conversations\[0\].text holds speaker tags and no text"),
+    ([{"role": "user", "text": "Hi."}, {"role": "assistant", "audio_codes": [[1] * 10] * 3},
+      {"role": "user", "text": "Hi <|im_end|>"}], r"conversations\[2\].text"),
+    ({"conversations": [{"role": "user", "text": "Hi."}], "references": [{"text": "<|speaker:0|> ",
+                                                                          "audio_codes": [[1] * 10] * 3}]},
+     r"references\[0\].text is speaker tags alone"),
+    ({"conversations": [{"role": "user", "text": "Hi."}], "references": [{"text": "Hello.",
+                                                                          "audio_codes": [[1] + [9999] * 9] * 3}]},
+     r"references\[0\]: codes must lie in"),
     ([{"role": "user", "text": "Hi.", "voice": "a.wav"}], "unknown user field"),
     ({"conversations": [{"role": "user", "text": "Hi."}], "chunk_length": 0}, "chunk_length must be a positive"),
     ({"conversations": [{"role": "user", "text": "Hi."}], "references": [{"audio_codes": [[1] * 10] * 3}]},
@@ -108,3 +115,24 @@ def test_bad_conversations_are_refused_clearly(data, message: str) -> None:
 def test_continuation_is_refused() -> None:
     with pytest.raises(InvalidRequestError, match="does not continue"):
         family().conversation_prompts([{"role": "user", "text": "Hi."}], None, "continuation")
+
+
+def test_a_conversation_too_long_for_its_last_batch_is_refused_before_it_runs() -> None:
+    """Earlier codes fill most of the prompt; the first batch to generate fits, but the last one's
+    prompt would exceed the limit before any audio of its own (as the request path refuses)."""
+    limit = family().builder().prompt_limit
+    codes = np.ones((limit - 100, 10), dtype=np.int64).tolist()
+    text = "".join(f"<|speaker:{i % 2}|>Sentence number {i} is here." for i in range(12))
+    data = {"conversations": [{"role": "user", "text": "Hi."}, {"role": "assistant", "audio_codes": codes},
+                              {"role": "user", "text": text}], "chunk_length": 40}
+    with pytest.raises(InvalidRequestError, match=r"batch \d+ \(text alone, before any generated audio\).*"
+                                                  "shorten the conversation, the text"):
+        family().conversation_prompts(data, None, None)
+    first_only = {**data, "conversations": data["conversations"][:2] + [{"role": "user", "text": "Bye."}]}
+    assert family().conversation_prompts(first_only, None, None)[0].rows.shape[0] < limit
+
+
+def test_a_list_holding_one_list_of_messages_is_that_list() -> None:
+    messages = multi_speaker_conversation()
+    [a] = family().conversation_prompts([messages], None, None)
+    assert np.array_equal(a.rows, gen_case("multi_speaker").prompts[1])

@@ -132,10 +132,9 @@ class FishS2Family(TalkerFamily):
         conversation = parse_fish_conversation(data, base_dir, encode_voice)
         for index, (text, _) in enumerate(conversation.references):
             self.check_typed(text, f"references[{index}].text")
-        for index, (text, _) in enumerate(conversation.earlier):
-            self.check_typed(text, f"user message {index}")
-        self.check_typed(conversation.text, "the last user message")
-        return [self._plan_prompt(*self.builder().plan_conversation(conversation, encode_voice))]
+        for index, text in enumerate([text for text, _ in conversation.earlier] + [conversation.text]):
+            self.check_typed(text, f"conversations[{2 * index}].text")
+        return [self._plan_prompt(*self.builder().plan_conversation(conversation))]
 
     def _plan_prompt(self, plan, earlier_codes: list[np.ndarray] = ()) -> Prompt:
         """The prompt of the plan's first batch to generate, with the later batches' tails."""

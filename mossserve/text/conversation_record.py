@@ -1,6 +1,6 @@
 """The record form of a Realtime or Fish S2 Pro conversation file: an object holding a
 `conversations` list of messages (upstream's fine-tuning record) plus its family's fields, or
-that list alone. A list holding one record is that record."""
+that list alone. A list holding one record (or one list) is that record (that list)."""
 from __future__ import annotations
 
 from typing import Any
@@ -15,8 +15,9 @@ def is_record_batch(data: Any) -> bool:
 
 def read_record(data: Any, fields: set[str], model: str) -> tuple[dict, list]:
     """(the record, its non-empty message list); unknown record fields are refused."""
-    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) and "conversations" in data[0]:
-        data = data[0]
+    if isinstance(data, list) and len(data) == 1 and (isinstance(data[0], list) or
+                                                      isinstance(data[0], dict) and "conversations" in data[0]):
+        data = data[0]  # a list holding one record, or one list of messages
     record = {"conversations": data} if isinstance(data, list) else data
     if not isinstance(record, dict):
         raise InvalidRequestError(f"a {model} conversation is an object with `conversations` (a list of messages) "

@@ -18,7 +18,7 @@ so a talker that fed those codes back keeps its cache and prefills only the new 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -96,35 +96,40 @@ class FishPromptBuilder:
         references = [self._reference(voice, text, name, encode_voice) for voice, text, name in given]
         return self.plan_text(request.input, references, request.chunk_length or DEFAULT_CHUNK_LENGTH)
 
-    def plan_conversation(self, conversation, encode_voice: EncodeVoice | None = None) -> tuple[FishPlan, list[np.ndarray]]:
+    def plan_conversation(self, conversation) -> tuple[FishPlan, list[np.ndarray]]:
         """A conversation (text/fish_conversation.py) as a plan whose first `given` batches are its
-        earlier ones, and their codes: batch `given` is the first to generate."""
-        _check_spoken(conversation.text, "the last user message")
-        references = [self._reference(codes, text, f"references[{i}]", encode_voice)
-                      for i, (text, codes) in enumerate(conversation.references)]
+        earlier ones, and their codes: batch `given` is the first to generate. Errors name the
+        conversation's fields."""
+        _check_spoken(conversation.text, f"conversations[{2 * len(conversation.earlier)}].text")
+        for index, (text, _) in enumerate(conversation.references):
+            if not SPEAKER_TAG.sub("", text).strip():
+                raise InvalidRequestError(f"references[{index}].text is speaker tags alone: voice cloning needs "
+                                          "what the voice says")
         for index, (_, codes) in enumerate(conversation.earlier):
-            self._check_reference_codes(codes, f"assistant message {index}'s audio")
-        plan = self.plan_text(conversation.text, references, conversation.chunk_length)
-        earlier = [self._user(text, f"user message {i}") for i, (text, _) in enumerate(conversation.earlier)]
-        plan = replace(plan, batches=[text for text, _ in conversation.earlier] + plan.batches,
-                       users=earlier + plan.users, given=len(earlier))
+            self._check_reference_codes(codes, f"conversations[{2 * index + 1}]")
+        references = [FishReference(text, codes) for text, codes in conversation.references]
+        plan = self.plan_text(conversation.text, references, conversation.chunk_length, conversation.earlier)
         return plan, [codes for _, codes in conversation.earlier]
 
     def plan_text(self, text: str, references: Sequence[FishReference] = (),
-                  chunk_length: int = DEFAULT_CHUNK_LENGTH) -> FishPlan:
-        """The plan of a text and its references: batches tokenized, reference codes checked, and
-        the prompt lengths that are known before generation checked against the limit."""
+                  chunk_length: int = DEFAULT_CHUNK_LENGTH, earlier: Sequence[tuple[str, np.ndarray]] = ()) -> FishPlan:
+        """The plan of a text and its references (after `earlier` batches given with their codes, a
+        conversation's): batches tokenized, reference codes checked, and the prompt lengths that are
+        known before generation checked against the limit."""
         references = list(references)
         for i, reference in enumerate(references):
             self._check_reference_codes(reference.codes, f"references[{i}]")
         batches = batch_texts(text, chunk_length)
-        users = [self._user(batch, "input") for batch in batches]
-        plan = FishPlan(references, batches, self._system(references), users)
-        self.check_length(sum(len(s.ids) for s in self.segments(plan, 0)), "batch 0")
-        if len(batches) > 1:  # the last batch's prompt holds at least every text row of the conversation
-            known = sum(len(s.ids) for s in plan.system) + sum(len(s.ids) for user in users for s in user)
-            known += len(batches) * len(self._assistant.ids) + (len(batches) - 1) * len(self._im_end.ids)
-            self.check_length(known, f"batch {len(batches) - 1} (text alone, before any generated audio)")
+        users = [self._user(given, f"conversations[{2 * i}].text") for i, (given, _) in enumerate(earlier)]
+        users += [self._user(batch, "input") for batch in batches]
+        plan = FishPlan(references, [given for given, _ in earlier] + batches, self._system(references), users,
+                        given=len(earlier))
+        first = sum(len(s.ids) for s in self.segments(plan, plan.given, [codes for _, codes in earlier]))
+        self.check_length(first, f"batch {plan.given}", plan)
+        if len(batches) > 1:  # the last batch's prompt holds at least every text row of the batches before it
+            known = first + sum(len(s.ids) for user in users[plan.given + 1:] for s in user)
+            known += (len(batches) - 1) * (len(self._im_end.ids) + len(self._assistant.ids))
+            self.check_length(known, f"batch {plan.num_batches - 1} (text alone, before any generated audio)", plan)
         return plan
 
     # ---- prompts -------------------------------------------------------------------------
@@ -142,7 +147,7 @@ class FishPromptBuilder:
     def prompt(self, plan: FishPlan, batch: int = 0, earlier_codes: Sequence[np.ndarray] = ()) -> np.ndarray:
         """Batch `batch`'s whole prompt matrix (T, 1 + N); longer than `prompt_limit` is an error."""
         rows = self._rows(self.segments(plan, batch, earlier_codes))
-        self.check_length(len(rows), f"batch {batch}")
+        self.check_length(len(rows), f"batch {batch}", plan)
         return rows
 
     def next_batch_rows(self, plan: FishPlan, batch: int) -> np.ndarray:
@@ -156,11 +161,12 @@ class FishPromptBuilder:
         """The rows of a VQ part: token `semantic_start + c0`, then the frame's codes."""
         return self._rows([self._vq(np.asarray(codes, dtype=np.int64))])
 
-    def check_length(self, length: int, what: str = "the prompt") -> None:
+    def check_length(self, length: int, what: str = "the prompt", plan: FishPlan | None = None) -> None:
         if length > self.prompt_limit:
+            shorten = "the conversation, " if plan is not None and plan.given else ""
             raise InvalidRequestError(f"{what}: the prompt holds {length} positions, more than this model allows "
-                                      f"({self.prompt_limit} = max_seq_len - {PROMPT_HEADROOM}); shorten the text "
-                                      "or the reference audio")
+                                      f"({self.prompt_limit} = max_seq_len - {PROMPT_HEADROOM}); shorten {shorten}the "
+                                      "text or the reference audio")
 
     # ---- parts ---------------------------------------------------------------------------
     def _system(self, references: list[FishReference]) -> list[Segment]:
