@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = prompt.add_mutually_exclusive_group(required=True)
     source.add_argument("--request", type=Path, help="a SpeechRequest as JSON")
     source.add_argument("--conversation", type=Path, help="a conversation as JSON (the reference processor's messages)")
-    prompt.add_argument("--mode", choices=["generation", "continuation"], help="conversation mode (default: by the last role)")
+    prompt.add_argument("--mode", choices=["generation", "continuation"], help="conversation mode (default: by the conversation; docs/cli.md)")
     prompt.add_argument("-o", "--output", type=Path, required=True, help="the prompt matrix .npy to write")
     prompt.set_defaults(run=run_prompt)
 
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "at most the model's; the KV cache holds max-running of them)")
     say.add_argument("--request", type=Path, help="a SpeechRequest as JSON")
     say.add_argument("--conversation", type=Path, help="a conversation as JSON")
-    say.add_argument("--mode", choices=["generation", "continuation"], help="conversation mode (default: by the last role)")
+    say.add_argument("--mode", choices=["generation", "continuation"], help="conversation mode (default: by the conversation; docs/cli.md)")
     say.add_argument("--prompt-matrix", type=Path, help="a prompt matrix .npy (T, 1 + codebooks)")
     say.add_argument("--voice", help="reference voice: an audio file or a .npy of codes (frames, codebooks)")
     say.add_argument("--reference-text", help="what --voice says: Fish S2 Pro clones with it; for MOSS-TTS it "

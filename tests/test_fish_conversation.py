@@ -90,7 +90,7 @@ def test_audio_files_are_encoded_by_the_codec() -> None:
      r"conversations\[0\]: messages alternate user, assistant"),
     ([{"role": "user", "text": "Hi."}, {"role": "user", "text": "Hello?"}], "this one is the user's"),
     ([{"role": "user", "text": "Hi."}, {"role": "assistant"}, {"role": "user", "text": "Hello?"}],
-     r"conversations\[1\]: give the assistant's audio"),
+     r"conversations\[1\]: give the audio as audio_codes"),
     ([{"role": "user", "text": "Hi."}, {"role": "assistant", "audio_codes": [[1] * 4] * 3},
       {"role": "user", "text": "Hello?"}], r"conversations\[1\]: codes must have shape"),
     ([{"role": "user", "text": "<|speaker:0|>"}], r"conversations\[0\].text holds speaker tags and no text"),

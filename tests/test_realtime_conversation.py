@@ -156,8 +156,6 @@ def test_the_history_of_given_frames_is_what_stepping_them_leaves() -> None:
     ([{"role": "system", "text": "One."}], "role must be 'user' or 'assistant'"),
     ([{"role": "assistant", "text": "One.", "voice": "x"}], "unknown assistant field"),
     ({"conversations": [{"role": "assistant", "text": "One."}], "speaker": 1}, "unknown conversation field"),
-    ({"conversations": [{"role": "assistant", "text": "One."}], "ref_audio_codes": [[1] * 16] * 4,
-      "ref_wav": "a.wav"}, "ref_audio_codes and ref_wav: give one"),
     ([{"role": "assistant", "text": "One.", "audio_codes": [[1] * 8] * 4}], "codes need 16 to 32 codebooks"),
 ])
 def test_bad_conversations_are_refused_clearly(data, message: str) -> None:
@@ -195,3 +193,14 @@ def test_tts_takes_a_conversation_as_json_or_as_its_file(tmp_path: Path) -> None
         assert np.array_equal(from_file.rows, from_dict.rows)
         with pytest.raises(InvalidRequestError, match="expected a conversation's JSON"):
             tts.conversation_prompts(3)
+
+
+def test_a_prepared_record_is_read_by_its_codes(tmp_path: Path) -> None:
+    """Upstream's prepare_data.py adds `ref_audio_codes` / `audio_codes` beside the audio paths and
+    dataset.py reads only the codes: such a record runs without a codec, whatever the paths hold."""
+    data = conversation("stream_multiturn")
+    prepared = {"id": "000003", "ref_wav": "missing.wav", **data,
+                "conversations": [{**m, "wav": "missing.wav"} if "audio_codes" in m else m
+                                  for m in data["conversations"]]}
+    [prompt] = realtime_family().conversation_prompts(prepared, tmp_path, None)
+    assert np.array_equal(prompt.rows, context("stream_multiturn"))

@@ -71,10 +71,11 @@ def _text(fields: dict, where: str) -> str:
 
 
 def _audio(fields: dict, where: str, base_dir: Path | None, encode_voice: EncodeVoice | None) -> np.ndarray:
-    given = [name for name in ("audio_codes", "wav") if fields.get(name) is not None]
-    if len(given) != 1:
-        raise InvalidRequestError(f"{where}: give the assistant's audio as audio_codes (codes) or wav (audio), one")
-    return read_voice_codes(fields[given[0]], f"{where}.{given[0]}", base_dir, encode_voice)
+    """Codes from `audio_codes`, else from `wav` (the Realtime record's rule: codes first)."""
+    name = "audio_codes" if fields.get("audio_codes") is not None else "wav"
+    if fields.get(name) is None:
+        raise InvalidRequestError(f"{where}: give the audio as audio_codes (codes) or wav (an audio file)")
+    return read_voice_codes(fields[name], f"{where}.{name}", base_dir, encode_voice)
 
 
 def _references(value: Any, base_dir: Path | None, encode_voice: EncodeVoice | None) -> list[tuple[str, np.ndarray]]:

@@ -90,10 +90,9 @@ def _assistant(message: dict, where: str, user: RealtimeTurn | None, base_dir: P
 
 def _audio(fields: dict, codes_name: str, audio_name: str, where: str, base_dir: Path | None,
            encode_voice: EncodeVoice | None) -> np.ndarray | None:
-    """Codes (16, T) from `codes_name` (codes or a `.npy`) or `audio_name` (an audio file); at most one."""
-    if fields.get(codes_name) is not None and fields.get(audio_name) is not None:
-        raise InvalidRequestError(f"{where}{codes_name} and {where}{audio_name}: give one")
-    if fields.get(audio_name) is None:
+    """Codes (16, T) from `codes_name` (codes or a `.npy`), else from `audio_name` (an audio file).
+    Upstream's prepare_data.py writes the codes beside the path and dataset.py reads only the codes."""
+    if fields.get(codes_name) is not None or fields.get(audio_name) is None:
         return read_codes(fields.get(codes_name), f"{where}{codes_name}", base_dir)
     value = fields[audio_name]
     if not isinstance(value, str):
