@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 
@@ -633,3 +634,23 @@ def test_turns_and_refusals_are_counted_in_the_metrics(url: str) -> None:
     assert grew.pop("audio_seconds") > 0
     assert grew == {"ok": 1, "cancelled": 1, "client_error": 1} | {k: 0 for k in grew if k not in
                                                                    ("ok", "cancelled", "client_error")}
+
+
+def test_a_turn_whose_socket_closes_at_once_is_counted_disconnected(url: str) -> None:
+    """The socket closes right after the text that opened a turn, before the turn's audio sender has
+    run: a task cancelled before its first step never runs its `finally`, which counted the turn, so
+    such turns were never counted at all."""
+    metrics_url = url.replace("ws://", "http://").removesuffix("/v1/realtime/speech") + "/metrics"
+
+    def disconnected() -> float:
+        line = 'mossserve_requests_total{endpoint="/v1/realtime/speech",outcome="disconnected"}'
+        return sum(float(row.split()[-1]) for row in httpx.get(metrics_url).text.splitlines() if row.startswith(line))
+
+    before = disconnected()
+    for _ in range(3):
+        with Client(url) as client:
+            client.send({"type": "text.delta", "delta": "Hello there, how are you today?"})
+    deadline = time.monotonic() + 60
+    while disconnected() < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)  # polls the server's count (the socket's end runs on the server's loop)
+    assert disconnected() == before + 3

@@ -137,6 +137,7 @@ class RealtimeSession:
         self.turn_id: str | None = None  # the open turn
         self.request_id: str | None = None
         self.sender: asyncio.Task | None = None
+        self.sending: str | None = None  # the turn whose sender has started (it counts its turn's outcome)
         self.turns = 0
         self.pushed = 0  # characters (or ids) of text the turn has been given
         self.tokens = False  # the turn's text came as ids (text.delta tokens), not as text
@@ -171,6 +172,8 @@ class RealtimeSession:
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client left (RuntimeError: a send after the close)
         finally:
+            if self.turn_id is not None and self.sending != self.turn_id:
+                self.count("disconnected")  # the socket left before the turn's sender ever ran: it counts none
             for task in (self.sender, self.watchdog):
                 if task is not None:
                     task.cancel()
@@ -365,6 +368,7 @@ class RealtimeSession:
     async def send_audio(self, stream, turn_id: str) -> None:
         """The turn's audio as it is produced, then audio.done once the client is done with the turn too;
         the session is then free for the next turn."""
+        self.sending = turn_id
         encoder, final, outcome = None, None, None  # outcome: once the engine has ended the turn
         tempo = tempo_for(self.state, self.settings.speed)
         try:
