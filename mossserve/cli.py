@@ -678,7 +678,7 @@ def say_batch(tts, args: argparse.Namespace, requests: list) -> int:
             check_request_depth(request, args.depth, "the line")
             runnable.append((index, line, with_depth(tts, [tts.prompt(request)], args.depth)[0]))
         except InvalidRequestError as e:
-            failed.append((line, str(e)))
+            failed.append((line, str(e) + stale_outputs_removed(args, index)))
     sampling = sampling_from_args(tts, args)
     tts.engine.check_settings(sampling, args.max_frames)  # settings the model refuses: before the directory is made
     tts.codec  # noqa: B018 - loaded (and checked against the model) before the output directory is made
@@ -691,7 +691,7 @@ def say_batch(tts, args: argparse.Namespace, requests: list) -> int:
         nonlocal total
         index, line, _ = runnable[i]
         if generation.finish_reason == "error" or len(generation.frames) == 0 or audio.samples.shape[-1] == 0:
-            failed.append((line, generation.error or no_audio(generation)))
+            failed.append((line, (generation.error or no_audio(generation)) + stale_outputs_removed(args, index)))
             return
         codes, saved = args.out_dir / f"{index:04d}.npy", False
         try:
@@ -704,7 +704,8 @@ def say_batch(tts, args: argparse.Namespace, requests: list) -> int:
                 codes.unlink()  # codes without their audio would pass for a request written
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise  # a full disk: every request after it would fail too
-            failed.append((line, f"cannot write its files: {os_error_text(e) if isinstance(e, OSError) else e}"))
+            failed.append((line, f"cannot write its files: {os_error_text(e) if isinstance(e, OSError) else e}"
+                                 + stale_outputs_removed(args, index)))
             return
         if generation.finish_reason != "stop":  # the step cap, the engine's length or the runaway guard
             cut.append((line, ending(generation)))
@@ -720,7 +721,23 @@ def say_batch(tts, args: argparse.Namespace, requests: list) -> int:
         print(f"{args.batch}:{line}: skipped: {error}", file=sys.stderr)
     print(f"wrote {len(requests) - len(failed)} of {len(requests)} requests to {args.out_dir} ({total:.1f} s of audio)",
           file=sys.stderr)
+    later = sorted(path.name for path in args.out_dir.glob("[0-9][0-9][0-9][0-9].*")
+                   if path.stem.isdigit() and int(path.stem) >= len(requests))
+    if later:
+        print(f"note: {args.out_dir} also holds {', '.join(later[:4])}{', ...' if len(later) > 4 else ''} from an "
+              f"earlier run: this batch has {len(requests)} requests (0000 to {len(requests) - 1:04d})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def stale_outputs_removed(args: argparse.Namespace, index: int) -> str:
+    """A skipped request's number may hold an earlier run's files, which would pass for this run's
+    output (a script joining NNNN.wav would join old audio): they are removed; said in the skip line."""
+    removed = []
+    for path in (args.out_dir / f"{index:04d}.npy", args.out_dir / f"{index:04d}.{args.format}"):
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    return f" (removed an earlier run's {' and '.join(removed)})" if removed else ""
 
 
 def batch_format(name: str) -> str:

@@ -88,6 +88,26 @@ def test_say_batch_skips_a_request_the_model_cannot_run(delay_model_dirs, tmp_pa
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000.npy", "0000.wav", "0003.npy", "0003.wav"]
 
 
+def test_a_rerun_leaves_no_earlier_files_under_a_skipped_number(delay_model_dirs, tmp_path: Path, capsys) -> None:
+    """Run again into the same --out-dir, a line that now fails (at its prompt, or with no frames) had
+    its earlier run's NNNN files left there, which a script joining NNNN.wav took for this run's."""
+    batch, out = tmp_path / "requests.jsonl", tmp_path / "out"
+    common = ["--out-dir", out, "--model", delay_model_dirs["tiny_nvq16"], "--codec", CODEC_DIR / "tiny"]
+    batch.write_text('{"input": "One."}\n{"input": "Two."}\n{"input": "Three."}\n', encoding="utf-8")
+    code, err = run(["say", "--batch", batch, *common, "--max-frames", "20"], capsys)
+    assert code == 0 and len(list(out.iterdir())) == 6, err
+    batch.write_text('{"input": "One."}\n{"input": "Two.", "instructions": "whisper"}\n', encoding="utf-8")
+    code, err = run(["say", "--batch", batch, *common, "--max-frames", "20"], capsys)
+    assert code == 1 and "requests.jsonl:2: skipped: instructions" in err
+    assert "(removed an earlier run's 0001.npy and 0001.wav)" in err
+    assert "note: " in err and "also holds 0002.npy, 0002.wav from an earlier run" in err  # named, not removed
+    assert sorted(p.name for p in out.iterdir()) == ["0000.npy", "0000.wav", "0002.npy", "0002.wav"]
+    code, err = run(["say", "--batch", batch, *common, "--max-frames", "5"], capsys)  # no frames: all skipped
+    assert code == 1 and "skipped: the model produced no audio frames (hit the step cap after 5 steps) " \
+                         "(removed an earlier run's 0000.npy and 0000.wav)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["0002.npy", "0002.wav"]
+
+
 def test_say_batch_depth_is_checked_once_and_against_each_line(delay_model_dirs, tmp_path: Path, capsys) -> None:
     from local_cases import make_model_dir
 
