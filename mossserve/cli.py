@@ -671,18 +671,18 @@ def say_batch(tts, args: argparse.Namespace, requests: list) -> int:
     skipped; the others are written."""
     if args.depth is not None:
         check_depth(tts, args.depth)
-    failed = []
-    runnable = []  # (index, line, prompt)
+    refused, runnable = [], []  # (index, line, error), (index, line, prompt)
     for index, (line, request) in enumerate(requests):
         try:
             check_request_depth(request, args.depth, "the line")
             runnable.append((index, line, with_depth(tts, [tts.prompt(request)], args.depth)[0]))
         except InvalidRequestError as e:
-            failed.append((line, str(e) + stale_outputs_removed(args, index)))
+            refused.append((index, line, str(e)))
     sampling = sampling_from_args(tts, args)
     tts.engine.check_settings(sampling, args.max_frames)  # settings the model refuses: before the directory is made
     tts.codec  # noqa: B018 - loaded (and checked against the model) before the output directory is made
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    failed = [(line, error + stale_outputs_removed(args, index)) for index, line, error in refused]
     progress = Progress(len(runnable), args.progress)
     total, cut = 0.0, []
 
@@ -732,12 +732,16 @@ def say_batch(tts, args: argparse.Namespace, requests: list) -> int:
 def stale_outputs_removed(args: argparse.Namespace, index: int) -> str:
     """A skipped request's number may hold an earlier run's files, which would pass for this run's
     output (a script joining NNNN.wav would join old audio): they are removed; said in the skip line."""
-    removed = []
+    removed, kept = [], []
     for path in (args.out_dir / f"{index:04d}.npy", args.out_dir / f"{index:04d}.{args.format}"):
         if path.is_file():
-            path.unlink()
-            removed.append(path.name)
-    return f" (removed an earlier run's {' and '.join(removed)})" if removed else ""
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except OSError as e:  # this line's note, not the batch's end
+                kept.append(f"could not remove an earlier run's {path.name}: {os_error_text(e)}")
+    return "".join(f" ({note})" for note in ([f"removed an earlier run's {' and '.join(removed)}"] if removed else [])
+                   + kept)
 
 
 def batch_format(name: str) -> str:

@@ -108,6 +108,33 @@ def test_a_rerun_leaves_no_earlier_files_under_a_skipped_number(delay_model_dirs
     assert sorted(p.name for p in out.iterdir()) == ["0002.npy", "0002.wav"]
 
 
+def test_a_refused_rerun_leaves_the_out_dir_alone_and_a_stuck_file_skips_its_line_only(
+        delay_model_dirs, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A run refused after its lines were read (a codec that does not fit the model) removed earlier
+    files under the numbers of lines it would have skipped; a file it cannot remove ended the batch."""
+    batch, out = tmp_path / "requests.jsonl", tmp_path / "out"
+    model = ["--out-dir", out, "--model", delay_model_dirs["tiny_nvq16"], "--max-frames", "20"]
+    common = [*model, "--codec", CODEC_DIR / "tiny"]
+    batch.write_text('{"input": "One."}\n{"input": "Two."}\n', encoding="utf-8")
+    assert run(["say", "--batch", batch, *common], capsys)[0] == 0
+    batch.write_text('{"input": "One."}\n{"input": "Two.", "instructions": "whisper"}\n', encoding="utf-8")
+    fish_codec = Path(__file__).parent / "fixtures" / "fish_s2_pro"
+    code, err = run(["say", "--batch", batch, *model, "--codec", fish_codec], capsys)
+    assert code == 2 and "does not fit" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["0000.npy", "0000.wav", "0001.npy", "0001.wav"]
+    unlink = Path.unlink
+
+    def refused(path: Path, *args, **kwargs) -> None:
+        if path.name == "0001.wav":
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    code, err = run(["say", "--batch", batch, *common], capsys)
+    assert code == 1 and "wrote 1 of 2 requests" in err, err
+    assert "(removed an earlier run's 0001.npy) (could not remove an earlier run's 0001.wav: " in err
+
+
 def test_say_batch_depth_is_checked_once_and_against_each_line(delay_model_dirs, tmp_path: Path, capsys) -> None:
     from local_cases import make_model_dir
 
