@@ -288,6 +288,8 @@ class TTS:
             if not engine.is_full():
                 return
             if not engine.has_work():
+                if self.closed:  # closed since the refusal: its stranded requests fill the scheduler
+                    raise EngineClosedError("this TTS is closed")
                 raise EngineFullError("the engine is full of requests that nothing runs")
             engine.step()
 

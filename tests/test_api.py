@@ -141,3 +141,27 @@ def test_a_tts_used_in_a_with_block_is_closed_on_leaving(delay_model_dirs) -> No
     assert tts.closed
     with pytest.raises(EngineClosedError):
         tts.stats()
+
+
+def test_a_close_while_an_unthreaded_call_waits_for_room_is_a_closed_engine(delay_model_dirs, monkeypatch) -> None:
+    """Closed between a refusal and the wait's check, an unthreaded engine is left full of the requests
+    its shutdown stranded, with nothing to step: that was EngineFullError (back-pressure, which a
+    caller retries), not EngineClosedError."""
+    from mossserve import EngineClosedError
+    from mossserve.config import EngineConfig
+
+    tts = TTS.from_pretrained(delay_model_dirs["tiny_nvq16"], codec=CODEC_DIR / "tiny",
+                              engine_config=EngineConfig(threaded=False, max_running=1, max_queued=0))
+    engine = tts.engine
+    engine.add_request(tts.prompt("Hello."), SamplingParams.greedy(), lambda chunk: None, max_new_frames=4)
+    engine.step()  # admitted: running, in the one slot
+    assert engine.is_full() and engine.scheduler.running
+    full = engine.is_full
+
+    def closed_first() -> bool:  # another thread's close lands here
+        tts.close()
+        return full()
+
+    monkeypatch.setattr(engine, "is_full", closed_first)
+    with pytest.raises(EngineClosedError):
+        tts._wait_for_room()

@@ -153,6 +153,7 @@ def test_the_history_of_given_frames_is_what_stepping_them_leaves() -> None:
     ([{"role": "assistant", "text": "One."}, {"role": "assistant", "text": "Two."}], "assistant message 0 needs its audio"),
     ([{"role": "assistant", "text": "One.", "text_tokens": [[3]]}], "give text .* or text_tokens, not both"),
     ([{"role": "assistant", "text": "  "}], "the assistant says nothing"),
+    ([{"role": "assistant", "text": None}], r"conversations\[0\].text must be a string or a list of strings"),
     ([{"role": "system", "text": "One."}], "role must be 'user' or 'assistant'"),
     ([{"role": "assistant", "text": "One.", "voice": "x"}], "unknown assistant field"),
     ({"conversations": [{"role": "assistant", "text": "One."}], "speaker": 1}, "unknown conversation field"),

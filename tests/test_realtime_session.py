@@ -668,3 +668,14 @@ def test_an_unthreaded_async_engine_waits_for_a_turns_text(monkeypatch) -> None:
         assert len(dry_spells) >= 5
     finally:
         tts.close()
+
+
+@pytest.mark.parametrize("turn, message", [
+    ({"input": None}, r"turns\[0\].input must be a string or a list of strings"),
+    ({"input_tokens": None}, r"turns\[0\].input_tokens must be a list of token-id lists"),
+    ({"input": "Hi.", "input_tokens": [[3]]}, r"turns\[0\]: give input \(text or its pieces\) or input_tokens"),
+])
+def test_a_null_text_in_a_script_is_refused_clearly(turn: dict, message: str) -> None:
+    """`"input": null` went on to read input_tokens, which was absent: a KeyError (a CLI traceback)."""
+    with pytest.raises(InvalidRequestError, match=message):
+        SessionScript.from_dict({"turns": [turn]})

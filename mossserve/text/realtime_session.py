@@ -105,8 +105,8 @@ def read_assistant_text(turn: RealtimeTurn, value: dict, where: str, names: tupl
     if (text_name in value) == (tokens_name in value):
         raise InvalidRequestError(f"{where.rstrip('.')}: give {text_name} (text or its pieces) or {tokens_name}, "
                                   "not both or neither")
-    text = value.get(text_name)
-    if text is not None:
+    if text_name in value:  # null included: refused below, as any other non-text
+        text = value[text_name]
         pieces = [text] if isinstance(text, str) else text
         if not isinstance(pieces, list) or not all(isinstance(p, str) for p in pieces):
             raise InvalidRequestError(f"{where}{text_name} must be a string or a list of strings")
