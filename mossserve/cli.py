@@ -561,7 +561,9 @@ class StdoutAudio:
         self.channels, self.rate, self.seconds = codec.channels, codec.sample_rate, 0.0
 
     def write(self, samples: np.ndarray | None, final: bool) -> None:
-        """`samples` (channels, n) float32, or None; `final`: the file ends after them."""
+        """`samples` (channels, n) float32, or None; `final`: the file ends after them. Nothing is
+        written before the first samples: a run that gives no audio (an error) leaves stdout empty,
+        not a header of an empty file."""
         import numpy as np
 
         if samples is None:
@@ -570,6 +572,8 @@ class StdoutAudio:
             samples = self.tempo.write(samples)
             if final:
                 samples = np.concatenate([samples, self.tempo.close()], axis=-1)
+        if not samples.shape[-1] and not self.seconds:
+            return
         self.seconds += samples.shape[-1] / self.rate
         data = self.encoder.write(samples) + (self.encoder.close() if final else b"")
         sys.stdout.buffer.write(data)

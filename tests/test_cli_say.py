@@ -363,6 +363,17 @@ def test_say_to_stdout_writes_the_format_asked(capsys, monkeypatch) -> None:
     assert b"".join(stdout.writes).startswith(b"fLaC")
 
 
+def test_a_run_with_no_audio_writes_nothing_to_stdout(delay_model_dirs, capsys, monkeypatch) -> None:
+    """No frames (a 16-codebook model's first one comes after 17 steps): the error, and an empty
+    stdout; a player used to get the header of an empty wav."""
+    stdout = Stdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    code, err = run(["say", "Hello.", "--model", delay_model_dirs["tiny_nvq16"], "--codec", CODEC_DIR / "tiny",
+                     "--greedy", "--max-frames", "5", "-o", "-"], capsys)
+    assert code == 2 and "the model produced no audio frames" in err, err
+    assert b"".join(stdout.writes) == b""
+
+
 def test_a_text_too_long_for_the_engine_says_what_to_do(tmp_path: Path, capsys) -> None:
     (tmp_path / "long.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
     code, err = run(["say", "--text-file", tmp_path / "long.txt", "--max-len", "64", "--codes-out",
