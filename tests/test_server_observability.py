@@ -271,6 +271,24 @@ def test_a_bug_after_the_headers_counts_as_error_and_is_logged(demo_tts, server_
     demo_tts.wait_idle()
 
 
+def test_a_whole_response_whose_body_fails_is_counted_once_as_error(demo_tts, server_app, monkeypatch) -> None:
+    """Its generation ended well and was counted ok before the body was encoded; the encoder's failure
+    then counted it again, as error: one request, two outcomes."""
+    import mossserve.serve.speech as speech
+
+    def broken(*args):
+        raise ValueError("an encoder bug")
+
+    monkeypatch.setattr(speech, "encode_audio", broken)
+    app = server_app()
+    with TestClient(app) as client, mossserve_log():
+        response = client.post(SPEECH, json={"input": TEXT, "response_format": "wav"})
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert counted(app.state.server.metrics, "error") == 1
+    assert sum(counted(app.state.server.metrics, outcome) for outcome in ("ok", "disconnected")) == 0
+    demo_tts.wait_idle()
+
+
 def test_serve_configures_the_mossserve_logger_at_the_log_level(monkeypatch, capsys) -> None:
     """Its lines had no level and --log-level did not apply to them."""
     import mossserve.serve.run as run_module

@@ -192,8 +192,9 @@ class Run:
         rate = output_rate(self.format, self.state.tts.codec.sample_rate)
         return {**self.headers(), "X-Sample-Rate": str(rate)}
 
-    async def chunks(self):
-        """The request's chunks until the final one; raises ClientGone, or APIError on timeout or failure."""
+    async def chunks(self, count_ok: bool = True):
+        """The request's chunks until the final one; raises ClientGone, or APIError on timeout or failure.
+        Without `count_ok` a request that ends well is left for the caller to count (its body may still fail)."""
         try:
             while True:
                 left = self.deadline - time.monotonic()
@@ -219,7 +220,8 @@ class Run:
                             log.warning("request %s: aborted by the server", self.stream.request_id)
                         self.count("disconnected" if self.watcher.done() else "error")
                         raise ClientGone()
-                    self.count("ok")
+                    if count_ok:
+                        self.count("ok")
                     return
         finally:
             self.watcher.cancel()
@@ -252,13 +254,14 @@ class Run:
     async def whole(self) -> Response:
         pieces = []
         try:
-            async for chunk in self.chunks():
+            async for chunk in self.chunks(count_ok=False):  # counted once its body is made: that may fail
                 if chunk.audio is not None:
                     pieces.append(chunk.audio)
             final = self.final
             channels = self.state.tts.codec.channels
             samples = np.concatenate(pieces, axis=-1) if pieces else np.zeros((channels, 0), np.float32)
             data = await asyncio.to_thread(encode_audio, samples, final.sample_rate, self.format)
+            self.count("ok")
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
         except asyncio.CancelledError:  # a front that cancels when its client leaves (Ray's proxy)
