@@ -14,7 +14,7 @@ from conftest import CODEC_DIR, STREAMED_VS_WHOLE_ATOL
 from realtime_cases import REALTIME_DIR, golden, realtime_family
 from test_realtime_session import script
 
-from mossserve import TTS
+from mossserve import TTS, SessionScript
 from mossserve.cli import main
 from mossserve.errors import InvalidRequestError
 from mossserve.sampling import SamplingParams
@@ -205,3 +205,20 @@ def test_a_prepared_record_is_read_by_its_codes(tmp_path: Path) -> None:
                                   for m in data["conversations"]]}
     [prompt] = realtime_family().conversation_prompts(prepared, tmp_path, None)
     assert np.array_equal(prompt.rows, context("stream_multiturn"))
+
+
+@pytest.mark.parametrize("family", ["realtime", "fish"])
+def test_text_utf8_cannot_hold_is_refused_by_name(family: str) -> None:
+    """A lone surrogate (JSON "\\ud800") reached the tokenizer, whose TypeError was a CLI traceback."""
+    from fish_cases import family as fish_family
+
+    if family == "realtime":
+        fam, data, name = realtime_family(), [{"role": "assistant", "text": ["Hello ", "\ud800 there."]}], "input"
+    else:
+        fam, data, name = fish_family(), [{"role": "user", "text": "Hello \ud800 there."}], r"conversations\[0\].text"
+    with pytest.raises(InvalidRequestError, match=f"{name} is not valid UTF-8 text"):
+        fam.conversation_prompts(data, None, None)
+    if family == "realtime":
+        script = SessionScript.from_dict({"turns": [{"user_text": "\ud800", "input": "Hi."}]})
+        with pytest.raises(InvalidRequestError, match="user_text is not valid UTF-8 text"):
+            fam.turn_prompt(script.turns[0], first=True)

@@ -17,6 +17,7 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from ..errors import CheckpointError, InvalidRequestError
+from ..speech_request import check_text
 
 
 class TextTokenizer:
@@ -59,7 +60,9 @@ class TextTokenizer:
         """Text a user typed (`name` says which field), tokenized; InvalidRequestError if it spells a
         special token other than `allowed`. The reference would read the spelling as the control id
         (`<|im_end|>` closes the turn early); read as plain text, the markup would be spoken. No user
-        text needs those ids."""
+        text needs those ids. Text UTF-8 cannot hold (a lone surrogate) is refused by name too: the
+        tokenizer's own error is a bare TypeError."""
+        check_text(text, name)
         ids = self.encode(text)
         spelled = sorted({self.special[i] for i in ids if i in self.special} - set(allowed))
         if spelled:
