@@ -422,6 +422,39 @@ def test_api_key(server_app) -> None:
         assert client(url, api_key="anything").models.list().data
 
 
+def test_a_request_without_the_key_is_refused_before_its_body_is_read(server_app) -> None:
+    """FastAPI reads and parses a body before a route's dependencies run: a keyless client's body
+    (here one nested past the parser's depth) was parsed, on the event loop, and answered 400."""
+    app = server_app(api_key="s3cret")
+    deep = b'{"input": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with live_server(app) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = httpx.post(url + "/v1/audio/speech", content=deep,
+                                 headers={"Content-Type": "application/json", **headers})
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", refused.text
+        upload = httpx.post(url + "/v1/audio/voices", data={"name": "v"},
+                            files={"file": ("v.wav", b"RIFF" + b"0" * 100_000, "audio/wav")})
+        assert upload.status_code == 401 and upload.json()["error"]["code"] == "missing_api_key"
+        assert httpx.post(url + "/v1/audio/speech", content=deep, headers={
+            "Content-Type": "application/json", "Authorization": "Bearer s3cret"}).status_code == 400
+    metrics = app.state.server.metrics.registry  # refused before routing, as a body over the limit is
+    assert metrics.get_sample_value("mossserve_requests_total", {"endpoint": "other", "outcome": "client_error"}) == 3
+
+
+def test_a_body_that_trickles_past_the_request_timeout_is_refused(server_app) -> None:
+    """A client that sent its headers and a few bytes of body held its connection for ever: the
+    request timeout started only once the whole body was in."""
+    import socket
+
+    with live_server(server_app(request_timeout_s=1)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"input\": ")
+            reply = sock.recv(65536).decode()  # the server's answer: nothing more is sent
+        assert reply.startswith("HTTP/1.1 408") and "body_timeout" in reply, reply
+
+
 def test_openai_clients_raise_bad_request_and_do_not_retry_what_a_retry_cannot_fix(demo_tts, server_app, gate) -> None:
     """A body that fails the schema was a 422 (UnprocessableEntityError where OpenAI answers 400), and
     a request that timed out ran three times: the client retries every 5xx unless told not to."""

@@ -7,9 +7,11 @@ listens) and closed when it shuts down.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import sys
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -17,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
@@ -52,14 +55,16 @@ def create_app(settings: ServerSettings | None = None, tts: TTS | None = None, v
     _install_errors(app, state)
     app.add_middleware(InternalErrors, failed=lambda scope: state.metrics.requests.labels(endpoint_of(scope),
                                                                                              "error").inc())
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.request_timeout_s,
                        refused=lambda: state.metrics.requests.labels("other", "client_error").inc())
+    if settings.api_key:  # outermost: a request without the key is answered before its body is read
+        app.add_middleware(KeyFirst, check=api_key_problem(settings.api_key),  # before routing: endpoint "other"
+                           refused=lambda: state.metrics.requests.labels("other", "client_error").inc())
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=EXPOSED_HEADERS)
-    authorized = [Depends(api_key_check(settings.api_key))]
-    counted = [*authorized, Depends(ok_counter(state))]  # speech counts its own outcomes (a stream may fail late)
-    app.include_router(speech.router, dependencies=authorized)
+    counted = [Depends(ok_counter(state))]  # speech counts its own outcomes (a stream may fail late)
+    app.include_router(speech.router)  # every /v1 route's key: KeyFirst
     app.include_router(voice_routes.router, dependencies=counted)
     app.include_router(realtime.router)  # checks the key itself (a websocket has no error responses)
 
@@ -113,22 +118,39 @@ def unavailable(problem: str) -> JSONResponse:
                         status_code=503)
 
 
-def api_key_check(api_key: str | None):
-    """A dependency that wants `Authorization: Bearer <api_key>` (nothing when no key is set)."""
-    expected = api_key.encode() if api_key else None
+def api_key_problem(api_key: str):
+    """headers -> the 401 for a request without `Authorization: Bearer <api_key>`, or None."""
+    expected = api_key.encode()
 
-    async def check(request: Request) -> None:
-        if expected is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+    def problem(headers: Headers) -> APIError | None:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                           code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                            code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(token.strip().encode(), expected):
-            raise APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return None
 
-    return check
+    return problem
+
+
+class KeyFirst:
+    """The API key of every HTTP `/v1` route, checked from the headers before anything reads the body
+    (FastAPI reads and parses a body before it runs a route's dependencies: a client without the key
+    could make the server parse 16 MB of JSON on its event loop). Websockets check their own."""
+
+    def __init__(self, app, check, refused) -> None:
+        self.app, self.check, self.refused = app, check, refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            error = self.check(Headers(scope=scope))
+            if error is not None:
+                self.refused()
+                response = errors.error_response(error.status_code, error.message, code=error.code,
+                                                 headers=error.headers)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def ok_counter(state: ServerState):
@@ -224,10 +246,11 @@ class InternalErrors:
 
 class BodyLimit:
     """Refuse bodies over `limit` bytes with 413: at once when Content-Length says so, else as
-    soon as a chunked body passes the limit."""
+    soon as a chunked body passes the limit. A body still arriving `timeout` seconds after its
+    request came is refused with 408: a client trickling a body held its connection for ever."""
 
-    def __init__(self, app, limit: int, refused) -> None:
-        self.app, self.limit, self.refused = app, limit, refused
+    def __init__(self, app, limit: int, refused, timeout: float) -> None:
+        self.app, self.limit, self.refused, self.timeout = app, limit, refused, timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -236,15 +259,24 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             self.refused()  # before routing: counted under endpoint "other"
             return await errors.error_response(413, self._message(), code="body_too_large")(scope, receive, send)
-        seen = 0
+        seen, deadline = 0, time.monotonic() + self.timeout
 
         async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, deadline
+            if deadline is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+                except (TimeoutError, asyncio.TimeoutError):
+                    raise APIError(408, f"the request body did not arrive within this server's {self.timeout:g} s "
+                                        "request timeout", code="body_timeout") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise APIError(413, self._message(), code="body_too_large")
+                if not message.get("more_body", False):
+                    deadline = None  # all in: later receives wait for the client's disconnect, untimed
             return message
 
         await self.app(scope, limited, send)
