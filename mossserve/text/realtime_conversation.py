@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidRequestError
-from ..speech_request import EncodeVoice, normalize_voice, resolve_path_or_codes
+from ..speech_request import EncodeVoice
+from .conversation import read_voice_codes
 from .conversation_record import message_role, read_record
 from .realtime_prompt import CODEBOOKS
 from .realtime_session import RealtimeTurn, read_assistant_text, read_codes
@@ -95,11 +96,8 @@ def _audio(fields: dict, codes_name: str, audio_name: str, where: str, base_dir:
     if fields.get(codes_name) is not None or fields.get(audio_name) is None:
         return read_codes(fields.get(codes_name), f"{where}{codes_name}", base_dir)
     value = fields[audio_name]
-    if not isinstance(value, str):
-        raise InvalidRequestError(f"{where}{audio_name} must be the path of an audio file")
-    path = normalize_voice(resolve_path_or_codes(value, base_dir), f"{where}{audio_name}")
-    if not isinstance(path, Path):  # a .npy path: codes, which belong in codes_name
-        raise InvalidRequestError(f"{where}{audio_name} is audio; give codes in {where}{codes_name}")
-    if encode_voice is None:
-        raise InvalidRequestError(f"{where}{audio_name}: {path} is audio; encoding it needs the codec (or give codes)")
-    return np.asarray(encode_voice(path))[:, :CODEBOOKS].astype(np.int64).T
+    if not isinstance(value, str) or Path(value).suffix.lower() == ".npy":  # codes belong in codes_name
+        raise InvalidRequestError(f"{where}{audio_name} must be the path of an audio file; give codes in "
+                                  f"{where}{codes_name}")
+    codes = read_voice_codes(value, f"{where}{audio_name}", base_dir, encode_voice)
+    return codes[:, :CODEBOOKS].astype(np.int64).T

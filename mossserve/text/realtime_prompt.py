@@ -132,7 +132,6 @@ class RealtimePromptBuilder:
         out[-1, 1] = self.config.audio_bos_code
         return out
 
-
     def steps(self, text_ids: list[int] | np.ndarray, frames: np.ndarray) -> np.ndarray:
         """The step rows that fed `frames` (F, 16) back: `[x_k, frame_{k-1}]` for k = 1..F, x_k the k-th
         text id after the prefill or `<|text_pad|>` once they are used up (README §5.5)."""
